@@ -1,0 +1,140 @@
+// cortex-bench: the project's own measurements. Subcommands:
+//   throughput  tasks/s through a running cortexd (clients submitting with --wait)
+//   score       routing throughput and single-decision latency of the router in-process
+#include <CLI/CLI.hpp>
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <random>
+#include <thread>
+
+#include "cortex/client.h"
+#include "cortex/paths.h"
+#include "cortex/router.h"
+
+namespace {
+
+using json = nlohmann::json;
+using Clock = std::chrono::steady_clock;
+
+double Percentile(std::vector<double> v, double p) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  size_t i = static_cast<size_t>(p * static_cast<double>(v.size() - 1) + 0.5);
+  return v[std::min(i, v.size() - 1)];
+}
+
+void WriteJson(const std::string& path, const json& j) {
+  if (path.empty()) return;
+  std::ofstream(path) << j.dump(2) << "\n";
+}
+
+int Throughput(const std::string& socket, int clients, int tasks, const std::string& text,
+               const std::string& json_out) {
+  std::atomic<int> next{0}, ok{0}, failed{0}, errors{0};
+  std::vector<std::vector<double>> lat(static_cast<size_t>(clients));
+  auto t0 = Clock::now();
+  std::vector<std::thread> ts;
+  for (int c = 0; c < clients; ++c)
+    ts.emplace_back([&, c] {
+      cortex::Client cl;
+      if (!cl.Connect(socket).ok()) {
+        errors += tasks;
+        return;
+      }
+      while (next.fetch_add(1) < tasks) {
+        auto s = Clock::now();
+        json resp;
+        cortex::Status st = cl.Call({{"op", "submit"}, {"text", text}, {"wait", true}}, &resp);
+        lat[static_cast<size_t>(c)].push_back(std::chrono::duration<double, std::milli>(Clock::now() - s).count());
+        if (!st.ok() || !resp.value("ok", false)) ++errors;
+        else if (resp["result"].value("state", "") == "succeeded") ++ok;
+        else ++failed;
+      }
+    });
+  for (auto& t : ts) t.join();
+  double secs = std::chrono::duration<double>(Clock::now() - t0).count();
+  std::vector<double> all;
+  for (auto& v : lat) all.insert(all.end(), v.begin(), v.end());
+  json j = {{"clients", clients}, {"tasks", tasks}, {"seconds", secs},
+            {"tasks_per_s", tasks / secs}, {"succeeded", ok.load()}, {"failed", failed.load()},
+            {"errors", errors.load()}, {"p50_ms", Percentile(all, 0.5)},
+            {"p99_ms", Percentile(all, 0.99)}};
+  std::printf("throughput: %d tasks from %d clients in %.2fs = %.0f tasks/s (submit+wait, end to end)\n"
+              "  succeeded %d, failed %d, errors %d; latency p50 %.2f ms, p99 %.2f ms\n",
+              tasks, clients, secs, tasks / secs, ok.load(), failed.load(), errors.load(),
+              Percentile(all, 0.5), Percentile(all, 0.99));
+  WriteJson(json_out, j);
+  return errors.load() == 0 ? 0 : 1;
+}
+
+int Score(int experts, int batch, int rounds, const std::string& json_out) {
+  using namespace cortex;
+  std::mt19937 rng(7);
+  const char* words[] = {"fix", "login", "bug", "add", "feature", "docs", "update", "build",
+                         "release", "refactor", "parser", "test", "flaky", "perf", "cache",
+                         "security", "token", "deps", "bump", "ci", "pipeline", "render"};
+  auto sentence = [&](int n) {
+    std::string s;
+    for (int i = 0; i < n; ++i) s += std::string(i ? " " : "") + words[rng() % 22];
+    return s;
+  };
+  Router router(RouterOptions{}, RuleSet(), MakeManifestPriorScorer());
+  std::vector<ExpertSlot> slots;
+  for (int e = 0; e < experts; ++e)
+    slots.push_back({{"expert" + std::to_string(e),
+                      router.hasher().Manifest({"expert" + std::to_string(e), sentence(12),
+                                                {sentence(1), sentence(1), sentence(2)},
+                                                {sentence(6), sentence(6)}})},
+                     0.0});
+  std::vector<RouteRequest> reqs;
+  for (int i = 0; i < batch; ++i) reqs.push_back({sentence(7), {}});
+  std::vector<Decision> out;
+  auto t0 = Clock::now();
+  for (int r = 0; r < rounds; ++r) (void)router.Route(reqs, slots, true, 0, &out);
+  double secs = std::chrono::duration<double>(Clock::now() - t0).count();
+  double rate = static_cast<double>(batch) * rounds / secs;
+  std::vector<double> single;
+  for (int i = 0; i < 2000; ++i) {
+    auto s = Clock::now();
+    (void)router.Route({reqs[static_cast<size_t>(i) % reqs.size()]}, slots, true, 0, &out);
+    single.push_back(std::chrono::duration<double, std::micro>(Clock::now() - s).count());
+  }
+  json j = {{"experts", experts}, {"batch", batch}, {"backend", router.backend()},
+            {"model", router.model_version()}, {"tasks_per_s", rate},
+            {"single_p50_us", Percentile(single, 0.5)}, {"single_p99_us", Percentile(single, 0.99)}};
+  std::printf("score (%s, %s): %d experts, batch %d: %.0f tasks/s; single decision p50 %.1f us, p99 %.1f us\n",
+              router.backend().c_str(), router.model_version().c_str(), experts, batch, rate,
+              Percentile(single, 0.5), Percentile(single, 0.99));
+  WriteJson(json_out, j);
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"cortex-bench: Cortex's own benchmarks"};
+  app.require_subcommand(1);
+  std::string json_out, socket = cortex::DefaultSocketPath(), text = "run the no-op command";
+  int clients = 4, tasks = 2000, experts = 16, batch = 1024, rounds = 20;
+  auto* tp = app.add_subcommand("throughput", "tasks/s through a running cortexd (submit --wait)");
+  tp->add_option("--socket", socket);
+  tp->add_option("--clients", clients)->check(CLI::Range(1, 512));
+  tp->add_option("--tasks", tasks)->check(CLI::Range(1, 10000000));
+  tp->add_option("--text", text);
+  tp->add_option("--json", json_out, "write the figures to this file");
+  auto* sc = app.add_subcommand("score", "router throughput and single-decision latency");
+  sc->add_option("--experts", experts)->check(CLI::Range(1, 4096));
+  sc->add_option("--batch", batch)->check(CLI::Range(1, 1 << 20));
+  sc->add_option("--rounds", rounds)->check(CLI::Range(1, 100000));
+  sc->add_option("--json", json_out, "write the figures to this file");
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e) == 0 ? 0 : 2;
+  }
+  if (tp->parsed()) return Throughput(socket, clients, tasks, text, json_out);
+  return Score(experts, batch, rounds, json_out);
+}

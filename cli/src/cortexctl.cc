@@ -1,0 +1,492 @@
+// cortexctl [--socket PATH] [--json] COMMAND ...
+// Exit codes: 0 ok, 1 the request failed, 2 usage error, 3 daemon unreachable.
+#include <CLI/CLI.hpp>
+#include <cmath>
+#include <cstdio>
+#include <ctime>
+#include <iostream>
+
+#include "cortex/client.h"
+#include "cortex/config.h"
+#include "cortex/paths.h"
+
+namespace {
+
+using json = nlohmann::json;
+
+constexpr int kOk = 0, kFailed = 1, kUsage = 2, kUnreachable = 3;
+
+struct Ctx {
+  std::string socket;
+  bool json_out = false;
+};
+
+std::string Str(const json& j, const char* k, const std::string& def = "") {
+  return j.contains(k) && j[k].is_string() ? j[k].get<std::string>() : def;
+}
+std::string Num(const json& v, const char* fmt = "%.2f") {
+  if (!v.is_number()) return "-";
+  char b[32];
+  std::snprintf(b, sizeof b, fmt, v.get<double>());
+  return b;
+}
+std::string Pct(const json& v) {
+  if (!v.is_number()) return "-";
+  char b[32];
+  std::snprintf(b, sizeof b, "%.0f%%", 100 * v.get<double>());
+  return b;
+}
+// Shortens to `w` display columns (counting UTF-8 code points), with an ellipsis.
+std::string Fit(const std::string& s, size_t w) {
+  std::string out;
+  size_t cols = 0;
+  for (size_t i = 0; i < s.size();) {
+    unsigned char c = static_cast<unsigned char>(s[i]);
+    size_t len = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : 4;
+    if (cols + 1 > w || (cols + 1 == w && i + len < s.size())) {
+      out += "…";
+      return out;
+    }
+    std::string ch = s.substr(i, len);
+    for (char& x : ch)
+      if (x == '\n' || x == '\t') x = ' ';
+    out += ch;
+    ++cols;
+    i += len;
+  }
+  return out;
+}
+std::string LocalTime(const std::string& iso) {
+  // "2026-11-22T16:02:03.123Z" -> "2026-11-22 16:02:03" in local time.
+  struct tm tm {};
+  if (iso.size() < 19 || !strptime(iso.c_str(), "%Y-%m-%dT%H:%M:%S", &tm)) return iso;
+  time_t t = timegm(&tm);
+  struct tm lt;
+  localtime_r(&t, &lt);
+  char b[32];
+  std::strftime(b, sizeof b, "%Y-%m-%d %H:%M:%S", &lt);
+  return b;
+}
+
+// --since: unix seconds, an ISO date or time, or a duration ago ("30m", "2h", "7d").
+bool ParseSince(const std::string& s, double* out, std::string* err) {
+  if (s.empty()) return true;
+  if (s.find_first_not_of("0123456789.") == std::string::npos) {
+    *out = std::stod(s);
+    return true;
+  }
+  struct tm tm {};
+  for (const char* f : {"%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M", "%Y-%m-%d"}) {
+    tm = {};
+    const char* end = strptime(s.c_str(), f, &tm);
+    if (end && (*end == 0 || ((*end == 'Z' || *end == '.') ))) {
+      bool utc = s.back() == 'Z';
+      tm.tm_isdst = -1;
+      *out = static_cast<double>(utc ? timegm(&tm) : mktime(&tm));
+      return true;
+    }
+  }
+  auto d = cortex::ParseDuration(s);
+  if (d.ok()) {
+    *out = static_cast<double>(std::time(nullptr)) - d.value();
+    return true;
+  }
+  *err = "--since: '" + s + "' is not a time (use 2026-11-22, 2026-11-22T10:00:00, a unix time, or 2h / 7d for a while ago)";
+  return false;
+}
+
+// Sends one request; prints errors; returns the exit code (and the result in *result).
+int Call(const Ctx& ctx, const json& req, json* result,
+         const std::function<void(const json&)>& on_row = nullptr) {
+  cortex::Client c;
+  cortex::Status st = c.Connect(ctx.socket);
+  if (!st.ok()) {
+    std::fprintf(stderr,
+                 "cortexctl: %s\n  is cortexd running? Start it with `cortexd` (or point --socket / "
+                 "CORTEX_SOCKET at the socket of a running one).\n",
+                 st.message().c_str());
+    if (ctx.json_out)
+      std::cout << json{{"error", {{"code", "unreachable"}, {"message", st.message()}}}}.dump(2) << "\n";
+    return kUnreachable;
+  }
+  json resp;
+  st = c.Call(req, &resp, on_row);
+  if (!st.ok()) {
+    std::fprintf(stderr, "cortexctl: %s\n", st.message().c_str());
+    if (ctx.json_out)
+      std::cout << json{{"error", {{"code", st.code_name()}, {"message", st.message()}}}}.dump(2) << "\n";
+    return st.code() == cortex::Status::Code::kUnavailable ? kUnreachable : kFailed;
+  }
+  if (!resp.value("ok", false)) {
+    json e = resp.value("error", json::object());
+    std::fprintf(stderr, "cortexctl: %s\n", Str(e, "message", "request failed").c_str());
+    if (ctx.json_out) std::cout << json{{"error", e}}.dump(2) << "\n";
+    return kFailed;
+  }
+  *result = resp.value("result", json());
+  return kOk;
+}
+
+void PrintJson(const json& j) { std::cout << j.dump(2) << "\n"; }
+
+void PrintCandidates(const json& cands) {
+  std::printf("  %-2s %-16s %7s %7s %7s %7s %6s  %s\n", "#", "EXPERT", "RULE", "MODEL", "LOAD",
+              "SCORE", "CONF", "RULES");
+  int i = 0;
+  for (const auto& c : cands) {
+    std::string rules;
+    for (const auto& r : c.value("rules", json::array())) rules += (rules.empty() ? "" : ",") + r.get<std::string>();
+    std::printf("  %-2d %-16s %7s %7s %7s %7s %6s  %s\n", ++i, Fit(Str(c, "expert"), 16).c_str(),
+                Num(c["rule_score"], "%.3f").c_str(), Num(c["model_score"], "%.3f").c_str(),
+                Num(c["load_bias"], "%.3f").c_str(), Num(c["score"], "%.3f").c_str(),
+                Pct(c["confidence"]).c_str(), rules.c_str());
+  }
+}
+
+std::string DecisionMode(const json& d) {
+  if (d.value("forced", false)) return "forced by a rule";
+  if (d.value("explored", false)) return "explored";
+  return "greedy";
+}
+
+void PrintTask(const json& t, bool full_output) {
+  std::printf("task %s  %s\n", Str(t, "id").c_str(), Str(t, "state").c_str());
+  std::printf("  text:     %s\n", Str(t, "text").c_str());
+  std::string tags;
+  const json tag_obj = t.value("tags", json::object());  // items() must not outlive it
+  for (const auto& [k, v] : tag_obj.items())
+    tags += (tags.empty() ? "" : " ") + k + "=" + v.get<std::string>();
+  if (!tags.empty()) std::printf("  tags:     %s\n", tags.c_str());
+  std::printf("  created:  %s\n", LocalTime(Str(t, "created_at")).c_str());
+  const json& d = t["decision"];
+  if (d.is_object()) {
+    std::printf("\ndecision: %s (model %s, propensity %.3f, %s)\n", Str(d, "chosen").c_str(),
+                Str(d, "model_version").c_str(), d.value("propensity", 0.0), DecisionMode(d).c_str());
+    PrintCandidates(d["candidates"]);
+  } else {
+    std::printf("\ndecision: not routed yet\n");
+  }
+  const json& attempts = t["attempts"];
+  if (!attempts.empty()) std::printf("\nattempts:\n");
+  for (const auto& a : attempts) {
+    const json& o = a["outcome"];
+    if (!o.is_object()) {
+      std::printf("  %d. %-16s running since %s\n", a.value("n", 0), Str(a, "expert").c_str(),
+                  LocalTime(Str(a, "started_at")).c_str());
+      continue;
+    }
+    std::printf("  %d. %-16s %-11s quality %.2f  %.3fs%s%s\n", a.value("n", 0),
+                Str(a, "expert").c_str(), Str(o, "kind").c_str(), o.value("quality", 0.0),
+                o.value("duration_s", 0.0), Str(o, "error").empty() ? "" : "  — ",
+                Str(o, "error").c_str());
+    std::string out = Str(o, "output");
+    if (out.empty()) continue;
+    size_t lines = 0, pos = 0, limit = full_output ? SIZE_MAX : 12;
+    while (pos < out.size() && lines < limit) {
+      size_t e = out.find('\n', pos);
+      if (e == std::string::npos) e = out.size();
+      std::printf("     | %s\n", out.substr(pos, e - pos).c_str());
+      pos = e + 1;
+      ++lines;
+    }
+    if (pos < out.size()) std::printf("     | … (%zu more bytes; `cortexctl show %s --json` has all)\n",
+                                      out.size() - pos, Str(t, "id").c_str());
+  }
+  for (const auto& f : t.value("feedback", json::array()))
+    std::printf("\nfeedback: quality %.2f at %s%s%s\n", f.value("quality", 0.0),
+                LocalTime(Str(f, "time")).c_str(), Str(f, "note").empty() ? "" : ": ",
+                Str(f, "note").c_str());
+}
+
+std::string CsvField(std::string s) {
+  bool quote = s.find_first_of(",\"\n\r") != std::string::npos;
+  std::string out;
+  for (char c : s) {
+    if (c == '"') out += '"';
+    out += c;
+  }
+  return quote ? "\"" + out + "\"" : out;
+}
+
+int ParseTagsArg(const std::vector<std::string>& in, json* tags) {
+  *tags = json::object();
+  for (const auto& t : in) {
+    size_t eq = t.find('=');
+    if (eq == std::string::npos || eq == 0) {
+      std::fprintf(stderr, "cortexctl: --tag '%s' must look like key=value\n", t.c_str());
+      return kUsage;
+    }
+    (*tags)[t.substr(0, eq)] = t.substr(eq + 1);
+  }
+  return kOk;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"cortexctl: talk to cortexd — submit tasks and audit its routing decisions"};
+  app.require_subcommand(1);
+  Ctx ctx;
+  ctx.socket = cortex::DefaultSocketPath();
+  app.add_option("--socket", ctx.socket, "cortexd socket (default: $CORTEX_SOCKET or XDG runtime dir)");
+  app.add_flag("--json", ctx.json_out, "print exactly one JSON document");
+  auto json_flag = [&](CLI::App* s) { s->add_flag("--json", ctx.json_out, "print exactly one JSON document"); };
+
+  // submit
+  std::string text;
+  std::vector<std::string> tag_args;
+  bool wait = false;
+  double timeout = 300;
+  auto* submit = app.add_subcommand("submit", "queue a task; prints its id");
+  submit->add_option("text", text, "the task, one line of text")->required();
+  submit->add_option("--tag", tag_args, "key=value (repeatable)");
+  submit->add_flag("--wait", wait, "wait for the outcome");
+  submit->add_option("--timeout", timeout, "seconds to wait with --wait (default 300)")
+      ->check(CLI::Range(0.0, 86400.0));
+  json_flag(submit);
+  // route
+  auto* route = app.add_subcommand("route", "dry run: rank every expert for a task; runs nothing");
+  route->add_option("text", text, "the task")->required();
+  route->add_option("--tag", tag_args, "key=value (repeatable)");
+  json_flag(route);
+  // show
+  std::string id;
+  bool full = false;
+  auto* show = app.add_subcommand("show", "one task: decision, attempts, outcome, feedback");
+  show->add_option("id", id, "task id")->required();
+  show->add_flag("--full", full, "print the experts' whole output");
+  json_flag(show);
+  // history
+  int limit = 20;
+  std::string expert, since, outcome;
+  auto* history = app.add_subcommand("history", "the audit log, newest first");
+  history->add_option("--limit", limit, "rows (default 20)")->check(CLI::Range(1, 100000));
+  history->add_option("--expert", expert, "only tasks routed to this expert");
+  history->add_option("--since", since, "only tasks since TIME (ISO date/time, unix time, or 2h/7d ago)");
+  history->add_option("--outcome", outcome, "success or failure")->check(CLI::IsMember({"success", "failure"}));
+  json_flag(history);
+  // experts
+  auto* experts = app.add_subcommand("experts", "loaded experts and how they have done");
+  json_flag(experts);
+  // events
+  auto* events = app.add_subcommand("events", "expert registrations: loads, refusals, removals");
+  events->add_option("--limit", limit, "rows (default 20)")->check(CLI::Range(1, 10000));
+  json_flag(events);
+  // confidence
+  auto* confidence = app.add_subcommand("confidence", "how confident the router is, and how well that matched outcomes");
+  confidence->add_option("--expert", expert, "one expert only");
+  json_flag(confidence);
+  // feedback
+  bool good = false, bad = false;
+  double quality = -1;
+  std::string note;
+  auto* feedback = app.add_subcommand("feedback", "a person's verdict on a task's outcome (training signal)");
+  feedback->add_option("id", id, "task id")->required();
+  auto* g = feedback->add_flag("--good", good, "the outcome was good (quality 1)");
+  auto* b = feedback->add_flag("--bad", bad, "the outcome was bad (quality 0)");
+  auto* q = feedback->add_option("--quality", quality, "quality in [0,1]")->check(CLI::Range(0.0, 1.0));
+  g->excludes(b)->excludes(q);
+  b->excludes(q);
+  feedback->add_option("--note", note, "why");
+  json_flag(feedback);
+  // reload, status
+  auto* reload = app.add_subcommand("reload", "rescan the plugin folder and re-read the config");
+  json_flag(reload);
+  auto* status = app.add_subcommand("status", "daemon health");
+  json_flag(status);
+  // export
+  std::string format = "jsonl";
+  auto* exp = app.add_subcommand("export", "stream the audit log: one decision with its outcome per line");
+  exp->add_option("--format", format, "jsonl or csv")->check(CLI::IsMember({"jsonl", "csv"}));
+  exp->add_option("--since", since, "only tasks since TIME");
+  json_flag(exp);
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    int rc = app.exit(e);
+    return rc == 0 ? kOk : kUsage;
+  }
+
+  json result;
+  int rc;
+  if (submit->parsed() || route->parsed()) {
+    json tags;
+    if ((rc = ParseTagsArg(tag_args, &tags)) != kOk) return rc;
+    json req = {{"op", submit->parsed() ? "submit" : "route"}, {"text", text}, {"tags", tags}};
+    if (submit->parsed() && wait) req["wait"] = true, req["timeout_s"] = timeout;
+    if ((rc = Call(ctx, req, &result)) != kOk) return rc;
+    if (route->parsed()) {
+      if (ctx.json_out) return PrintJson(result), kOk;
+      std::printf("route: %s\n  would choose %s (model %s; dry run, nothing recorded)\n",
+                  text.c_str(), Str(result, "chosen").c_str(), Str(result, "model_version").c_str());
+      PrintCandidates(result["candidates"]);
+      return kOk;
+    }
+    if (!wait) {
+      if (ctx.json_out) PrintJson(result);
+      else std::printf("%s\n", Str(result, "id").c_str());
+      return kOk;
+    }
+    if (ctx.json_out) PrintJson(result);
+    const std::string state = Str(result, "state");
+    if (result.contains("waited")) {
+      std::fprintf(stderr, "cortexctl: task %s is still %s after %gs; follow it with `cortexctl show %s`\n",
+                   Str(result, "id").c_str(), state.c_str(), timeout, Str(result, "id").c_str());
+      return kFailed;
+    }
+    const json& o = result["outcome"];
+    if (!ctx.json_out) {
+      std::printf("%s %s: %s (confidence %s, quality %s, %ss, %zu attempt%s)\n",
+                  Str(result, "id").c_str(), state.c_str(), Str(result, "expert").c_str(),
+                  Pct(result["confidence"]).c_str(), o.is_object() ? Num(o["quality"]).c_str() : "-",
+                  o.is_object() ? Num(o["duration_s"], "%.3f").c_str() : "-",
+                  result["attempts"].size(), result["attempts"].size() == 1 ? "" : "s");
+      if (!result["attempts"].empty()) {
+        const json& last = result["attempts"].back()["outcome"];
+        if (last.is_object() && !Str(last, "output").empty())
+          std::printf("%s%s", Str(last, "output").c_str(), Str(last, "output").back() == '\n' ? "" : "\n");
+      }
+    }
+    if (state != "succeeded") {
+      std::fprintf(stderr, "cortexctl: task %s %s: %s\n", Str(result, "id").c_str(), state.c_str(),
+                   o.is_object() ? (Str(o, "kind") + (Str(o, "error").empty() ? "" : " — " + Str(o, "error"))).c_str() : "no outcome");
+      return kFailed;
+    }
+    return kOk;
+  }
+  if (show->parsed()) {
+    if ((rc = Call(ctx, {{"op", "show"}, {"id", id}}, &result)) != kOk) return rc;
+    if (ctx.json_out) PrintJson(result);
+    else PrintTask(result, full);
+    return kOk;
+  }
+  if (history->parsed() || exp->parsed()) {
+    double since_t = 0;
+    std::string err;
+    if (!ParseSince(since, &since_t, &err)) {
+      std::fprintf(stderr, "cortexctl: %s\n", err.c_str());
+      return kUsage;
+    }
+    if (exp->parsed()) {
+      json rows = json::array();
+      bool header = false;
+      auto on_row = [&](const json& r) {
+        if (ctx.json_out) return rows.push_back(r);
+        if (format == "jsonl") return (void)std::printf("%s\n", r.dump().c_str());
+        if (!header) {
+          std::printf("id,time,expert,confidence,propensity,explored,outcome,quality,feedback_quality,text\n");
+          header = true;
+        }
+        const json& o = r["outcome"];
+        std::printf("%s,%s,%s,%s,%s,%s,%s,%s,%s,%s\n", Str(r, "id").c_str(), Str(r, "time").c_str(),
+                    CsvField(Str(r, "expert")).c_str(), Num(r.value("confidence", json()), "%.4f").c_str(),
+                    Num(r.value("propensity", json()), "%.4f").c_str(),
+                    r.value("explored", false) ? "true" : "false",
+                    o.is_object() ? Str(o, "kind").c_str() : "",
+                    o.is_object() ? Num(o["quality"], "%.3f").c_str() : "",
+                    Num(r["feedback_quality"], "%.3f").c_str(), CsvField(Str(r, "text")).c_str());
+      };
+      json req = {{"op", "export"}};
+      if (since_t > 0) req["since"] = since_t;
+      if ((rc = Call(ctx, req, &result, on_row)) != kOk) return rc;
+      if (ctx.json_out) PrintJson(rows);
+      return kOk;
+    }
+    json req = {{"op", "history"}, {"limit", limit}};
+    if (!expert.empty()) req["expert"] = expert;
+    if (since_t > 0) req["since"] = since_t;
+    if (!outcome.empty()) req["outcome"] = outcome;
+    if ((rc = Call(ctx, req, &result)) != kOk) return rc;
+    if (ctx.json_out) return PrintJson(result), kOk;
+    std::printf("%-19s  %-12s  %-14s %5s  %-11s  %s\n", "TIME", "ID", "EXPERT", "CONF", "OUTCOME", "TEXT");
+    for (const auto& r : result) {
+      std::string oc = r["outcome"].is_string() ? r["outcome"].get<std::string>() : Str(r, "state");
+      if (r.value("explored", false)) oc += "*";
+      std::printf("%-19s  %-12s  %-14s %5s  %-11s  %s\n", LocalTime(Str(r, "time")).c_str(),
+                  Str(r, "id").c_str(), Fit(Str(r, "expert", "-"), 14).c_str(),
+                  Pct(r["confidence"]).c_str(), oc.c_str(), Fit(Str(r, "text"), 60).c_str());
+    }
+    if (result.empty()) std::printf("(no tasks match)\n");
+    else std::printf("(%zu shown, newest first; * = exploration)\n", result.size());
+    return kOk;
+  }
+  if (experts->parsed()) {
+    if ((rc = Call(ctx, {{"op", "experts"}}, &result)) != kOk) return rc;
+    if (ctx.json_out) return PrintJson(result), kOk;
+    std::printf("%-14s %-8s %-8s %6s %7s %8s %8s  %s\n", "NAME", "VERSION", "STATE", "LOAD", "ROUTED",
+                "SUCCESS", "QUALITY", "FILE");
+    for (const auto& e : result) {
+      std::string load = std::to_string(e.value("inflight", 0)) + "/" + std::to_string(e.value("capacity", 0));
+      std::printf("%-14s %-8s %-8s %6s %7ld %8s %8s  %s\n", Fit(Str(e, "name"), 14).c_str(),
+                  Fit(Str(e, "version", "-"), 8).c_str(), Str(e, "state").c_str(), load.c_str(),
+                  e.value("routed", 0L), Pct(e["success_rate"]).c_str(), Num(e["mean_quality"]).c_str(),
+                  Str(e, "file").c_str());
+    }
+    return kOk;
+  }
+  if (events->parsed()) {
+    if ((rc = Call(ctx, {{"op", "events"}, {"limit", limit}}, &result)) != kOk) return rc;
+    if (ctx.json_out) return PrintJson(result), kOk;
+    for (const auto& e : result)
+      std::printf("%s  %-9s %-12s %s%s%s\n", LocalTime(Str(e, "time")).c_str(), Str(e, "event").c_str(),
+                  Str(e, "expert", "-").c_str(), Str(e, "file").c_str(),
+                  Str(e, "detail").empty() ? "" : ": ", Str(e, "detail").c_str());
+    return kOk;
+  }
+  if (confidence->parsed()) {
+    json req = {{"op", "confidence"}};
+    if (!expert.empty()) req["expert"] = expert;
+    if ((rc = Call(ctx, req, &result)) != kOk) return rc;
+    if (ctx.json_out) return PrintJson(result), kOk;
+    std::printf("%-14s %9s %9s %9s %8s %7s\n", "EXPERT", "DECISIONS", "MEAN CONF", "SUCCESS", "GAP", "BRIER");
+    for (const auto& e : result)
+      std::printf("%-14s %9ld %9s %9s %8s %7s\n", Fit(Str(e, "expert"), 14).c_str(),
+                  e.value("decisions", 0L), Pct(e["mean_confidence"]).c_str(),
+                  Pct(e["success_rate"]).c_str(), Num(e["gap"], "%+.2f").c_str(), Num(e["brier"], "%.3f").c_str());
+    std::printf("(confidence of the chosen expert vs. the outcome of its first attempt; "
+                "gap > 0 means over-confident)\n");
+    return kOk;
+  }
+  if (feedback->parsed()) {
+    if (!good && !bad && quality < 0) {
+      std::fprintf(stderr, "cortexctl: feedback needs one of --good, --bad or --quality Q\n");
+      return kUsage;
+    }
+    double qv = good ? 1.0 : bad ? 0.0 : quality;
+    json req = {{"op", "feedback"}, {"id", id}, {"quality", qv}};
+    if (!note.empty()) req["note"] = note;
+    if ((rc = Call(ctx, req, &result)) != kOk) return rc;
+    if (ctx.json_out) PrintJson(result);
+    else std::printf("feedback recorded for %s: quality %.2f\n", id.c_str(), qv);
+    return kOk;
+  }
+  if (reload->parsed()) {
+    if ((rc = Call(ctx, {{"op", "reload"}}, &result)) != kOk) return rc;
+    if (ctx.json_out) return PrintJson(result), kOk;
+    std::printf("reloaded %s: %d experts, %d rules\n", Str(result, "config").c_str(),
+                result.value("experts", 0), result.value("rules", 0));
+    for (const auto& k : result.value("needs_restart", json::array()))
+      std::printf("  %s changed: restart cortexd for it to take effect\n", k.get<std::string>().c_str());
+    return kOk;
+  }
+  if (status->parsed()) {
+    if ((rc = Call(ctx, {{"op", "status"}}, &result)) != kOk) return rc;
+    if (ctx.json_out) return PrintJson(result), kOk;
+    std::printf("cortexd %s (pid %d), up %.0fs\n", Str(result, "version").c_str(), result.value("pid", 0),
+                result.value("uptime_s", 0.0));
+    std::printf("  backend:   %s, model %s\n", Str(result, "backend").c_str(), Str(result, "model_version").c_str());
+    std::printf("  queue:     %d waiting, %d running on %d workers\n", result.value("queue_depth", 0),
+                result.value("inflight", 0), result.value("workers", 0));
+    std::printf("  experts:   %d loaded, %d rules\n", result.value("experts", 0), result.value("rules", 0));
+    std::string tasks;
+    const json by_state = result.value("tasks", json::object());  // items() must not outlive it
+    for (const auto& [k, v] : by_state.items())
+      tasks += (tasks.empty() ? "" : ", ") + k + " " + std::to_string(v.get<long>());
+    std::printf("  tasks:     %s\n", tasks.empty() ? "none yet" : tasks.c_str());
+    std::printf("  store:     %s (schema v%d)\n", Str(result, "store_path").c_str(), result.value("schema_version", 0));
+    std::printf("  socket:    %s\n  config:    %s\n", Str(result, "socket").c_str(), Str(result, "config").c_str());
+    return kOk;
+  }
+  return kUsage;
+}

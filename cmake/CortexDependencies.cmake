@@ -1,0 +1,45 @@
+# Every required dependency comes from Debian packages; CUDA is probed and optional.
+find_package(PkgConfig REQUIRED)
+find_package(Threads REQUIRED)
+find_package(SQLite3 REQUIRED)
+find_package(yaml-cpp REQUIRED)
+find_package(fmt REQUIRED)
+find_package(nlohmann_json 3.10 REQUIRED)
+find_package(CLI11 REQUIRED)
+find_package(Boost 1.74 REQUIRED)  # Boost.DLL is header-only; we use it with std::filesystem
+find_package(BLAS REQUIRED)         # OpenBLAS on Debian: CPU matrix work
+
+# yaml-cpp 0.7 on Debian exports the plain `yaml-cpp` target.
+if(TARGET yaml-cpp::yaml-cpp)
+  set(CORTEX_YAML_TARGET yaml-cpp::yaml-cpp)
+else()
+  set(CORTEX_YAML_TARGET yaml-cpp)
+endif()
+
+# --- CUDA: probe the toolkit, never require a GPU -----------------------------------
+set(CORTEX_HAVE_CUDA OFF)
+if(NOT CORTEX_CUDA STREQUAL "OFF")
+  if(NOT CMAKE_CUDA_COMPILER AND EXISTS /usr/local/cuda/bin/nvcc)
+    set(CMAKE_CUDA_COMPILER /usr/local/cuda/bin/nvcc)
+  endif()
+  include(CheckLanguage)
+  check_language(CUDA)
+  if(CMAKE_CUDA_COMPILER)
+    enable_language(CUDA)
+    find_package(CUDAToolkit)
+  endif()
+  if(CMAKE_CUDA_COMPILER AND CUDAToolkit_FOUND AND TARGET CUDA::cublas)
+    set(CORTEX_HAVE_CUDA ON)
+    if(NOT DEFINED CMAKE_CUDA_ARCHITECTURES OR CMAKE_CUDA_ARCHITECTURES STREQUAL "52")
+      # Hopper (the lent H100/H200) plus a PTX fallback for other cards.
+      set(CMAKE_CUDA_ARCHITECTURES 90 CACHE STRING "" FORCE)
+    endif()
+    message(STATUS "cortex: CUDA backend ON (toolkit ${CUDAToolkit_VERSION})")
+  elseif(CORTEX_CUDA STREQUAL "ON")
+    message(FATAL_ERROR "cortex: CORTEX_CUDA=ON but no CUDA toolkit with cuBLAS was found")
+  else()
+    message(STATUS "cortex: CUDA toolkit not found, CPU backend only")
+  endif()
+else()
+  message(STATUS "cortex: CUDA backend disabled (CORTEX_CUDA=OFF)")
+endif()

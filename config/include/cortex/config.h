@@ -1,0 +1,99 @@
+// The YAML configuration: its schema, the embedded defaults and a strict loader.
+// Every error names the file, the line and the key; unknown keys are errors.
+#pragma once
+
+#include <map>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "cortex/status.h"
+
+namespace cortex {
+
+struct DaemonConfig {
+  std::string socket;  // empty: $XDG_RUNTIME_DIR/cortex/cortexd.sock
+  int workers = 4;
+  int max_connections = 64;
+  size_t max_request_bytes = 1 << 20;
+  size_t max_text_bytes = 16 << 10;
+  int max_tags = 32;
+  double shutdown_grace_s = 10;
+};
+
+struct StoreConfig {
+  std::string path;  // empty: $XDG_DATA_HOME/cortex/cortex.db
+};
+
+struct PluginsConfig {
+  std::string dir;      // empty: $XDG_DATA_HOME/cortex/plugins
+  bool watch = true;    // inotify: changes take effect without a restart
+  bool bundled = true;  // also load the experts shipped with cortexd
+};
+
+struct RouterConfig {
+  std::string backend = "auto";  // auto | cpu | cuda
+  double exploration = 0.05;
+  double load_bias = 0.2;
+  int max_attempts = 2;
+  uint64_t seed = 0;  // 0: seeded from the clock
+};
+
+struct TrainingConfig {
+  double interval_s = 600;
+  int min_new_outcomes = 200;
+};
+
+struct RuleConfig {
+  std::string name;
+  std::vector<std::string> match;  // case-insensitive substrings, or /regex/
+  std::string expert;
+  double boost = 0;
+  bool force = false;
+  int line = 0;
+};
+
+// One instance of a (possibly configurable) plugin.
+struct ExpertConfig {
+  std::string name;
+  std::string plugin;
+  std::optional<std::string> description;
+  std::optional<std::vector<std::string>> keywords;
+  std::optional<std::vector<std::string>> examples;
+  std::optional<int> capacity;
+  std::optional<double> timeout_s;
+  nlohmann::json settings = nlohmann::json::object();  // plugin-specific keys
+  std::map<std::string, int> key_lines;                 // settings key -> line
+  int line = 0;
+};
+
+struct Config {
+  std::string source = "<embedded defaults>";  // file name used in error messages
+  DaemonConfig daemon;
+  StoreConfig store;
+  PluginsConfig plugins;
+  RouterConfig router;
+  TrainingConfig training;
+  std::vector<RuleConfig> rules;
+  std::vector<ExpertConfig> experts;
+
+  // "file:line" for messages about something defined at `line`.
+  std::string Where(int line) const;
+};
+
+// The YAML text of the embedded defaults (also what `cortexd --print-config` shows).
+const char* EmbeddedDefaultsYaml();
+
+Result<Config> LoadConfigFile(const std::string& path);
+Result<Config> LoadConfigString(const std::string& yaml, const std::string& source_name);
+// The embedded defaults, with empty paths resolved from the environment.
+Config DefaultConfig();
+
+// Fills empty socket/store/plugin paths with the XDG defaults.
+void ResolveDefaultPaths(Config* config);
+
+// "10m", "30s", "1h", "250ms", "2d" or a plain number of seconds.
+Result<double> ParseDuration(const std::string& text);
+
+}  // namespace cortex

@@ -1,0 +1,58 @@
+// The process's view of the outside world (after leveldb's Env): clock, files and
+// ownership. Production code goes through Env so tests can inject faults and time.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "cortex/status.h"
+
+namespace cortex {
+
+struct FileInfo {
+  bool exists = false;
+  bool is_dir = false;
+  bool is_regular = false;
+  uint32_t uid = 0;
+  uint32_t mode = 0;  // permission bits (st_mode & 07777)
+  uint64_t size = 0;
+  uint64_t inode = 0;
+  int64_t mtime_ns = 0;
+};
+
+class Env {
+ public:
+  virtual ~Env() = default;
+  // The process-wide real environment.
+  static Env* Default();
+
+  virtual double NowUnix() = 0;          // wall clock, seconds since the epoch
+  virtual int64_t MonotonicMicros() = 0;  // for durations and deadlines
+  virtual Status Stat(const std::string& path, FileInfo* info) = 0;
+  virtual Status ListDir(const std::string& dir, std::vector<std::string>* names) = 0;
+  virtual Status ReadFile(const std::string& path, std::string* out) = 0;
+  // Creates the directory (and parents) with `mode`; an existing one is left as is.
+  virtual Status CreateDirs(const std::string& path, uint32_t mode) = 0;
+  virtual uint32_t CurrentUid() = 0;
+};
+
+// An Env that forwards to another; tests override single methods (leveldb's EnvWrapper).
+class EnvWrapper : public Env {
+ public:
+  explicit EnvWrapper(Env* target) : target_(target) {}
+  double NowUnix() override { return target_->NowUnix(); }
+  int64_t MonotonicMicros() override { return target_->MonotonicMicros(); }
+  Status Stat(const std::string& p, FileInfo* i) override { return target_->Stat(p, i); }
+  Status ListDir(const std::string& d, std::vector<std::string>* n) override {
+    return target_->ListDir(d, n);
+  }
+  Status ReadFile(const std::string& p, std::string* o) override { return target_->ReadFile(p, o); }
+  Status CreateDirs(const std::string& p, uint32_t m) override { return target_->CreateDirs(p, m); }
+  uint32_t CurrentUid() override { return target_->CurrentUid(); }
+
+ private:
+  Env* target_;
+};
+
+}  // namespace cortex

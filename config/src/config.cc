@@ -1,0 +1,408 @@
+#include "cortex/config.h"
+
+#include <yaml-cpp/yaml.h>
+
+#include <cmath>
+#include <fstream>
+#include <set>
+#include <sstream>
+
+#include "cortex/paths.h"
+
+namespace cortex {
+namespace {
+
+const char kDefaults[] = R"(# cortexd embedded defaults: bundled experts, XDG paths, rules for them.
+daemon:
+  workers: 4
+plugins:
+  watch: true
+  bundled: true
+router:
+  backend: auto
+  exploration: 0.05
+  load_bias: 0.2
+  max_attempts: 2
+training:
+  interval: 10m
+  min_new_outcomes: 200
+rules:
+  - name: security-terms
+    match: ["cve", "vulnerab", "xss", "injection", "secret", "credential", "private key",
+            "/\\bcsrf\\b/", "/\\btokens?\\b/", "permission"]
+    expert: security
+    boost: 0.3
+  - name: inventory-terms
+    match: ["inventory", "catalog", "/\\blanguages?\\b/", "dependenc", "manifest"]
+    expert: inventory
+    boost: 0.2
+)";
+
+// Walks a YAML document with the file name at hand, so each error says where it is.
+class Parser {
+ public:
+  explicit Parser(std::string source) : source_(std::move(source)) {}
+
+  Status Error(const YAML::Node& node, const std::string& key, const std::string& msg) const {
+    return Status::InvalidArgument(
+        source_ + ":" + std::to_string(Line(node)) + ": " + key + ": " + msg);
+  }
+  static int Line(const YAML::Node& n) { return n.Mark().line >= 0 ? n.Mark().line + 1 : 0; }
+
+  // Rejects keys outside `allowed`.
+  Status CheckKeys(const YAML::Node& map, const std::string& path,
+                   const std::set<std::string>& allowed) const {
+    if (!map.IsMap()) return Error(map, path, "expected a mapping");
+    std::set<std::string> seen;
+    for (const auto& kv : map) {
+      std::string k = kv.first.as<std::string>();
+      if (!seen.insert(k).second)
+        return Error(kv.first, Join(path, k), "duplicate key (the first one would be ignored)");
+      if (!allowed.count(k)) {
+        std::string list;
+        for (const auto& a : allowed) list += (list.empty() ? "" : ", ") + a;
+        return Error(kv.first, Join(path, k), "unknown key (expected one of: " + list + ")");
+      }
+    }
+    return Status::OK();
+  }
+
+  static std::string Join(const std::string& path, const std::string& key) {
+    return path.empty() ? key : path + "." + key;
+  }
+
+  Status Str(const YAML::Node& n, const std::string& key, std::string* out) const {
+    if (!n.IsScalar()) return Error(n, key, "expected a string");
+    *out = n.as<std::string>();
+    return Status::OK();
+  }
+  Status Bool(const YAML::Node& n, const std::string& key, bool* out) const {
+    if (!n.IsScalar()) return Error(n, key, "expected true or false");
+    try {
+      *out = n.as<bool>();
+    } catch (const YAML::Exception&) {
+      return Error(n, key, "expected true or false, got '" + n.Scalar() + "'");
+    }
+    return Status::OK();
+  }
+  Status Double(const YAML::Node& n, const std::string& key, double lo, double hi,
+                double* out) const {
+    if (!n.IsScalar()) return Error(n, key, "expected a number");
+    try {
+      *out = n.as<double>();
+    } catch (const YAML::Exception&) {
+      return Error(n, key, "expected a number, got '" + n.Scalar() + "'");
+    }
+    if (!std::isfinite(*out) || *out < lo || *out > hi)
+      return Error(n, key, "must be between " + Fmt(lo) + " and " + Fmt(hi));
+    return Status::OK();
+  }
+  Status Int(const YAML::Node& n, const std::string& key, long lo, long hi, long* out) const {
+    if (!n.IsScalar()) return Error(n, key, "expected an integer");
+    try {
+      *out = n.as<long>();
+    } catch (const YAML::Exception&) {
+      return Error(n, key, "expected an integer, got '" + n.Scalar() + "'");
+    }
+    if (*out < lo || *out > hi)
+      return Error(n, key, "must be between " + std::to_string(lo) + " and " + std::to_string(hi));
+    return Status::OK();
+  }
+  Status Duration(const YAML::Node& n, const std::string& key, double* out) const {
+    if (!n.IsScalar()) return Error(n, key, "expected a duration such as 30s, 10m or 1h");
+    Result<double> d = ParseDuration(n.Scalar());
+    if (!d.ok()) return Error(n, key, d.status().message());
+    *out = d.value();
+    return Status::OK();
+  }
+  Status StrList(const YAML::Node& n, const std::string& key, std::vector<std::string>* out) const {
+    if (!n.IsSequence()) return Error(n, key, "expected a list of strings");
+    out->clear();
+    for (size_t i = 0; i < n.size(); ++i) {
+      std::string s;
+      CORTEX_RETURN_IF_ERROR(Str(n[i], key + "[" + std::to_string(i) + "]", &s));
+      out->push_back(s);
+    }
+    return Status::OK();
+  }
+
+ private:
+  static std::string Fmt(double v) {
+    std::ostringstream ss;
+    ss << v;
+    return ss.str();
+  }
+  std::string source_;
+};
+
+// Every key of `map`: CheckKeys with it finds duplicates without restricting names.
+std::set<std::string> AllKeys(const YAML::Node& map) {
+  std::set<std::string> keys;
+  if (map.IsMap())
+    for (const auto& kv : map) keys.insert(kv.first.as<std::string>());
+  return keys;
+}
+
+// Converts plugin-specific YAML settings to JSON for the plugin's create().
+nlohmann::json ToJson(const YAML::Node& n) {
+  if (n.IsSequence()) {
+    nlohmann::json a = nlohmann::json::array();
+    for (const auto& e : n) a.push_back(ToJson(e));
+    return a;
+  }
+  if (n.IsMap()) {
+    nlohmann::json o = nlohmann::json::object();
+    for (const auto& kv : n) o[kv.first.as<std::string>()] = ToJson(kv.second);
+    return o;
+  }
+  if (n.IsNull()) return nullptr;
+  return n.Scalar();  // plugins convert scalars themselves
+}
+
+Status ParseDaemon(const Parser& p, const YAML::Node& n, DaemonConfig* c) {
+  CORTEX_RETURN_IF_ERROR(p.CheckKeys(n, "daemon",
+                                     {"socket", "workers", "max_connections", "max_request_bytes",
+                                      "max_text_bytes", "max_tags", "shutdown_grace"}));
+  long v;
+  if (n["socket"]) CORTEX_RETURN_IF_ERROR(p.Str(n["socket"], "daemon.socket", &c->socket));
+  if (n["workers"]) {
+    CORTEX_RETURN_IF_ERROR(p.Int(n["workers"], "daemon.workers", 1, 256, &v));
+    c->workers = static_cast<int>(v);
+  }
+  if (n["max_connections"]) {
+    CORTEX_RETURN_IF_ERROR(p.Int(n["max_connections"], "daemon.max_connections", 1, 4096, &v));
+    c->max_connections = static_cast<int>(v);
+  }
+  if (n["max_request_bytes"]) {
+    CORTEX_RETURN_IF_ERROR(
+        p.Int(n["max_request_bytes"], "daemon.max_request_bytes", 1024, 64 << 20, &v));
+    c->max_request_bytes = static_cast<size_t>(v);
+  }
+  if (n["max_text_bytes"]) {
+    CORTEX_RETURN_IF_ERROR(p.Int(n["max_text_bytes"], "daemon.max_text_bytes", 16, 1 << 20, &v));
+    c->max_text_bytes = static_cast<size_t>(v);
+  }
+  if (n["max_tags"]) {
+    CORTEX_RETURN_IF_ERROR(p.Int(n["max_tags"], "daemon.max_tags", 0, 1024, &v));
+    c->max_tags = static_cast<int>(v);
+  }
+  if (n["shutdown_grace"])
+    CORTEX_RETURN_IF_ERROR(
+        p.Duration(n["shutdown_grace"], "daemon.shutdown_grace", &c->shutdown_grace_s));
+  return Status::OK();
+}
+
+Status ParseRouter(const Parser& p, const YAML::Node& n, RouterConfig* c) {
+  CORTEX_RETURN_IF_ERROR(p.CheckKeys(
+      n, "router", {"backend", "exploration", "load_bias", "max_attempts", "seed"}));
+  if (n["backend"]) {
+    CORTEX_RETURN_IF_ERROR(p.Str(n["backend"], "router.backend", &c->backend));
+    if (c->backend != "auto" && c->backend != "cpu" && c->backend != "cuda")
+      return p.Error(n["backend"], "router.backend", "must be auto, cpu or cuda");
+  }
+  if (n["exploration"])
+    CORTEX_RETURN_IF_ERROR(p.Double(n["exploration"], "router.exploration", 0, 1, &c->exploration));
+  if (n["load_bias"])
+    CORTEX_RETURN_IF_ERROR(p.Double(n["load_bias"], "router.load_bias", 0, 100, &c->load_bias));
+  long v;
+  if (n["max_attempts"]) {
+    CORTEX_RETURN_IF_ERROR(p.Int(n["max_attempts"], "router.max_attempts", 1, 32, &v));
+    c->max_attempts = static_cast<int>(v);
+  }
+  if (n["seed"]) {
+    CORTEX_RETURN_IF_ERROR(p.Int(n["seed"], "router.seed", 0, (1L << 62), &v));
+    c->seed = static_cast<uint64_t>(v);
+  }
+  return Status::OK();
+}
+
+Status ParseRules(const Parser& p, const YAML::Node& n, std::vector<RuleConfig>* rules) {
+  if (!n.IsSequence()) return p.Error(n, "rules", "expected a list of rules");
+  std::set<std::string> names;
+  for (size_t i = 0; i < n.size(); ++i) {
+    const YAML::Node& r = n[i];
+    std::string path = "rules[" + std::to_string(i) + "]";
+    CORTEX_RETURN_IF_ERROR(p.CheckKeys(r, path, {"name", "match", "expert", "boost", "force"}));
+    RuleConfig rc;
+    rc.line = Parser::Line(r);
+    for (const char* req : {"name", "match", "expert"})
+      if (!r[req]) return p.Error(r, path + "." + req, "is required");
+    CORTEX_RETURN_IF_ERROR(p.Str(r["name"], path + ".name", &rc.name));
+    if (!names.insert(rc.name).second)
+      return p.Error(r["name"], path + ".name", "duplicate rule name '" + rc.name + "'");
+    CORTEX_RETURN_IF_ERROR(p.StrList(r["match"], path + ".match", &rc.match));
+    if (rc.match.empty()) return p.Error(r["match"], path + ".match", "must not be empty");
+    for (size_t j = 0; j < rc.match.size(); ++j) {
+      const std::string& m = rc.match[j];
+      if (m.empty() || m == "/" || (m.size() >= 2 && m.front() == '/' && m.back() == '/' &&
+                                    m.size() == 2))
+        return p.Error(r["match"][j], path + ".match[" + std::to_string(j) + "]",
+                       "empty pattern");
+    }
+    CORTEX_RETURN_IF_ERROR(p.Str(r["expert"], path + ".expert", &rc.expert));
+    if (r["boost"]) CORTEX_RETURN_IF_ERROR(p.Double(r["boost"], path + ".boost", -10, 10, &rc.boost));
+    if (r["force"]) CORTEX_RETURN_IF_ERROR(p.Bool(r["force"], path + ".force", &rc.force));
+    if (!r["boost"] && !rc.force)
+      return p.Error(r, path, "needs a boost, or force: true");
+    rules->push_back(std::move(rc));
+  }
+  return Status::OK();
+}
+
+Status ParseExperts(const Parser& p, const YAML::Node& n, std::vector<ExpertConfig>* experts) {
+  if (!n.IsSequence()) return p.Error(n, "experts", "expected a list of experts");
+  std::set<std::string> names;
+  static const std::set<std::string> kCommon = {"name",     "plugin",   "description", "keywords",
+                                                "examples", "capacity", "timeout"};
+  for (size_t i = 0; i < n.size(); ++i) {
+    const YAML::Node& e = n[i];
+    std::string path = "experts[" + std::to_string(i) + "]";
+    CORTEX_RETURN_IF_ERROR(p.CheckKeys(e, path, AllKeys(e)));  // duplicates only
+    ExpertConfig ec;
+    ec.line = Parser::Line(e);
+    for (const char* req : {"name", "plugin"})
+      if (!e[req]) return p.Error(e, path + "." + req, "is required");
+    CORTEX_RETURN_IF_ERROR(p.Str(e["name"], path + ".name", &ec.name));
+    if (ec.name.empty() || ec.name.size() > 64 ||
+        ec.name.find_first_not_of("abcdefghijklmnopqrstuvwxyz0123456789-_.") != std::string::npos)
+      return p.Error(e["name"], path + ".name",
+                     "must be 1-64 characters of a-z, 0-9, '-', '_' or '.'");
+    if (!names.insert(ec.name).second)
+      return p.Error(e["name"], path + ".name", "duplicate expert name '" + ec.name + "'");
+    CORTEX_RETURN_IF_ERROR(p.Str(e["plugin"], path + ".plugin", &ec.plugin));
+    for (const auto& kv : e) {
+      std::string k = kv.first.as<std::string>();
+      std::string kp = path + "." + k;
+      if (k == "description") {
+        std::string s;
+        CORTEX_RETURN_IF_ERROR(p.Str(kv.second, kp, &s));
+        ec.description = s;
+      } else if (k == "keywords" || k == "examples") {
+        std::vector<std::string> l;
+        CORTEX_RETURN_IF_ERROR(p.StrList(kv.second, kp, &l));
+        (k == "keywords" ? ec.keywords : ec.examples) = l;
+      } else if (k == "capacity") {
+        long v;
+        CORTEX_RETURN_IF_ERROR(p.Int(kv.second, kp, 1, 1024, &v));
+        ec.capacity = static_cast<int>(v);
+      } else if (k == "timeout") {
+        double d;
+        CORTEX_RETURN_IF_ERROR(p.Duration(kv.second, kp, &d));
+        if (d <= 0) return p.Error(kv.second, kp, "must be positive");
+        ec.timeout_s = d;
+      } else if (!kCommon.count(k)) {
+        // Plugin-specific: validated against the plugin's manifest when it is instantiated.
+        ec.settings[k] = ToJson(kv.second);
+        ec.key_lines[k] = Parser::Line(kv.first);
+      }
+    }
+    experts->push_back(std::move(ec));
+  }
+  return Status::OK();
+}
+
+Result<Config> Parse(const YAML::Node& root, const std::string& source) {
+  Config c;
+  c.source = source;
+  Parser p(source);
+  if (root.IsNull()) return c;  // empty file: all defaults
+  CORTEX_RETURN_IF_ERROR(p.CheckKeys(
+      root, "", {"daemon", "store", "plugins", "router", "training", "rules", "experts"}));
+  if (root["daemon"]) CORTEX_RETURN_IF_ERROR(ParseDaemon(p, root["daemon"], &c.daemon));
+  if (const YAML::Node& s = root["store"]) {
+    CORTEX_RETURN_IF_ERROR(p.CheckKeys(s, "store", {"path"}));
+    if (s["path"]) CORTEX_RETURN_IF_ERROR(p.Str(s["path"], "store.path", &c.store.path));
+  }
+  if (const YAML::Node& s = root["plugins"]) {
+    CORTEX_RETURN_IF_ERROR(p.CheckKeys(s, "plugins", {"dir", "watch", "bundled"}));
+    if (s["dir"]) CORTEX_RETURN_IF_ERROR(p.Str(s["dir"], "plugins.dir", &c.plugins.dir));
+    if (s["watch"]) CORTEX_RETURN_IF_ERROR(p.Bool(s["watch"], "plugins.watch", &c.plugins.watch));
+    if (s["bundled"])
+      CORTEX_RETURN_IF_ERROR(p.Bool(s["bundled"], "plugins.bundled", &c.plugins.bundled));
+  }
+  if (root["router"]) CORTEX_RETURN_IF_ERROR(ParseRouter(p, root["router"], &c.router));
+  if (const YAML::Node& t = root["training"]) {
+    CORTEX_RETURN_IF_ERROR(p.CheckKeys(t, "training", {"interval", "min_new_outcomes"}));
+    if (t["interval"])
+      CORTEX_RETURN_IF_ERROR(p.Duration(t["interval"], "training.interval", &c.training.interval_s));
+    long v;
+    if (t["min_new_outcomes"]) {
+      CORTEX_RETURN_IF_ERROR(
+          p.Int(t["min_new_outcomes"], "training.min_new_outcomes", 1, 100000000, &v));
+      c.training.min_new_outcomes = static_cast<int>(v);
+    }
+  }
+  if (root["rules"]) CORTEX_RETURN_IF_ERROR(ParseRules(p, root["rules"], &c.rules));
+  if (root["experts"]) CORTEX_RETURN_IF_ERROR(ParseExperts(p, root["experts"], &c.experts));
+  return c;
+}
+
+}  // namespace
+
+std::string Config::Where(int line) const { return source + ":" + std::to_string(line); }
+
+const char* EmbeddedDefaultsYaml() { return kDefaults; }
+
+Result<Config> LoadConfigString(const std::string& yaml, const std::string& source_name) {
+  YAML::Node root;
+  try {
+    root = YAML::Load(yaml);
+  } catch (const YAML::ParserException& e) {
+    return Status::InvalidArgument(source_name + ":" + std::to_string(e.mark.line + 1) +
+                                   ": YAML syntax error: " + e.msg);
+  } catch (const YAML::Exception& e) {
+    return Status::InvalidArgument(source_name + ": " + e.what());
+  }
+  try {
+    return Parse(root, source_name);
+  } catch (const YAML::Exception& e) {
+    return Status::InvalidArgument(source_name + ":" + std::to_string(e.mark.line + 1) + ": " +
+                                   e.msg);
+  }
+}
+
+Result<Config> LoadConfigFile(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return Status::NotFound("cannot read config file " + path);
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  Result<Config> c = LoadConfigString(ss.str(), path);
+  if (c.ok()) ResolveDefaultPaths(&c.value());
+  return c;
+}
+
+Config DefaultConfig() {
+  Result<Config> c = LoadConfigString(kDefaults, "<embedded defaults>");
+  Config out = c.ok() ? std::move(c).value() : Config{};  // the defaults are tested to parse
+  ResolveDefaultPaths(&out);
+  return out;
+}
+
+void ResolveDefaultPaths(Config* config) {
+  if (config->daemon.socket.empty()) config->daemon.socket = DefaultSocketPath();
+  if (config->store.path.empty()) config->store.path = DefaultStorePath();
+  if (config->plugins.dir.empty()) config->plugins.dir = DefaultPluginDir();
+}
+
+Result<double> ParseDuration(const std::string& text) {
+  if (text.empty()) return Status::InvalidArgument("empty duration");
+  size_t pos = 0;
+  double v;
+  try {
+    v = std::stod(text, &pos);
+  } catch (...) {
+    return Status::InvalidArgument("not a duration: '" + text + "' (use e.g. 30s, 10m, 1h)");
+  }
+  std::string unit = text.substr(pos);
+  double mul;
+  if (unit.empty() || unit == "s") mul = 1;
+  else if (unit == "ms") mul = 0.001;
+  else if (unit == "m") mul = 60;
+  else if (unit == "h") mul = 3600;
+  else if (unit == "d") mul = 86400;
+  else return Status::InvalidArgument("unknown unit in duration '" + text + "' (ms, s, m, h, d)");
+  if (!std::isfinite(v) || v < 0) return Status::InvalidArgument("duration must be >= 0: " + text);
+  return v * mul;
+}
+
+}  // namespace cortex

@@ -1,0 +1,31 @@
+// The JSON shapes of the wire protocol (SPEC.md "JSON field names"), one place for all.
+#pragma once
+
+#include <nlohmann/json.hpp>
+#include <string>
+
+#include "cortex/experts.h"
+#include "cortex/types.h"
+
+namespace cortex::wire {
+
+using json = nlohmann::json;
+
+std::string IsoTime(double unix_seconds);
+json ToJson(const Candidate& c);
+json ToJson(const Decision& d);
+json ToJson(const Task& t);        // show, submit --wait
+json ToJson(const HistoryRow& r);  // history
+json ToJson(const ExpertEvent& e);
+json ExportRow(const Task& t);     // export: one decision with its outcome
+json Error(const Status& s);
+json Ok(json result);
+
+// The outcome that counts for a finished task: its last attempt, quality overridden by
+// the latest feedback.
+json FinalOutcome(const Task& t);
+
+// Byte offset of the first invalid UTF-8 sequence, or npos when `s` is valid.
+size_t InvalidUtf8At(const std::string& s);
+
+}  // namespace cortex::wire

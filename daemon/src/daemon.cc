@@ -1,0 +1,617 @@
+#include "cortex/daemon.h"
+
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/file.h>
+#include <sys/inotify.h>
+#include <sys/signalfd.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <deque>
+#include <filesystem>
+#include <map>
+#include <mutex>
+#include <random>
+#include <thread>
+
+#include "cortex/experts.h"
+#include "cortex/log.h"
+#include "cortex/paths.h"
+#include "cortex/router.h"
+#include "cortex/store.h"
+#include "cortex/wire.h"
+#include "server.h"
+
+namespace cortex {
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+std::string BundledPluginDir() {
+  std::error_code ec;
+  fs::path exe = fs::read_symlink("/proc/self/exe", ec);
+  if (ec) return "";
+  fs::path dir = exe.parent_path().parent_path() / "lib" / "cortex" / "plugins";
+  return fs::is_directory(dir, ec) ? dir.lexically_normal().string() : "";
+}
+
+namespace {
+
+struct Waiter {
+  std::mutex mu;
+  std::condition_variable cv;
+  bool done = false;
+};
+
+struct Job {
+  Task task;
+  Decision decision;
+};
+
+class DaemonImpl : public Daemon, public RequestHandler {
+ public:
+  DaemonImpl(Config config, DaemonOptions options)
+      : config_(std::move(config)), options_(std::move(options)), env_(Env::Default()) {}
+
+  ~DaemonImpl() override {
+    if (lock_fd_ >= 0) close(lock_fd_);
+    if (inotify_fd_ >= 0) close(inotify_fd_);
+    if (signal_fd_ >= 0) close(signal_fd_);
+  }
+
+  Status Start() override {
+    start_mono_ = env_->MonotonicMicros();
+    CORTEX_RETURN_IF_ERROR(PrepareStore());
+    CORTEX_RETURN_IF_ERROR(PrepareRouting());
+    CORTEX_RETURN_IF_ERROR(Recover());
+    server_ = std::make_unique<Server>(this, ServerLimits{config_.daemon.max_connections,
+                                                          config_.daemon.max_request_bytes});
+    CORTEX_RETURN_IF_ERROR(server_->Listen(config_.daemon.socket));
+    SetupInotify();
+    dispatcher_ = std::thread([this] { DispatchLoop(); });
+    for (int i = 0; i < config_.daemon.workers; ++i) workers_.emplace_back([this] { WorkerLoop(); });
+    LogInfo("cortexd ready: socket {}, store {}, {} experts, {} workers, backend {}",
+            config_.daemon.socket, config_.store.path, registry_->Active().size(),
+            config_.daemon.workers, CurrentRouter()->backend());
+    return Status::OK();
+  }
+
+  Status Run() override {
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGTERM);
+    sigaddset(&set, SIGINT);
+    sigaddset(&set, SIGHUP);
+    signal_fd_ = signalfd(-1, &set, SFD_CLOEXEC | SFD_NONBLOCK);
+    int64_t rescan_at = 0;  // debounced inotify rescan, monotonic micros
+    while (!stop_.load()) {
+      struct pollfd p[3];
+      int n = 0;
+      p[n++] = {server_->listen_fd(), POLLIN, 0};
+      if (signal_fd_ >= 0) p[n++] = {signal_fd_, POLLIN, 0};
+      if (inotify_fd_ >= 0) p[n++] = {inotify_fd_, POLLIN, 0};
+      int timeout = 250;
+      if (rescan_at) timeout = static_cast<int>(
+          std::clamp<int64_t>((rescan_at - env_->MonotonicMicros()) / 1000, 0, 250));
+      int r = poll(p, static_cast<nfds_t>(n), timeout);
+      if (r < 0 && errno != EINTR) return Status::IOError(std::string("poll: ") + strerror(errno));
+      for (int i = 0; i < n && r > 0; ++i) {
+        if (!p[i].revents) continue;
+        if (p[i].fd == server_->listen_fd()) server_->AcceptOne();
+        else if (p[i].fd == signal_fd_) HandleSignal();
+        else if (p[i].fd == inotify_fd_) {
+          char buf[4096];
+          while (read(inotify_fd_, buf, sizeof buf) > 0) {
+          }
+          if (!rescan_at) rescan_at = env_->MonotonicMicros() + 200000;
+        }
+      }
+      if (rescan_at && env_->MonotonicMicros() >= rescan_at) {
+        rescan_at = 0;
+        registry_->Rescan();
+        queue_cv_.notify_all();  // a new expert may unblock queued tasks
+      }
+    }
+    Shutdown();
+    return Status::OK();
+  }
+
+  void RequestStop() override {
+    stop_ = true;
+    queue_cv_.notify_all();
+  }
+
+  // ---- RequestHandler (called from connection threads) -----------------------------
+
+  const DaemonConfig& limits() const override { return config_.daemon; }
+
+  Status Submit(const std::string& text, const Tags& tags, std::string* id) override {
+    if (stop_.load()) return Status::Unavailable("cortexd is stopping; submit again after restart");
+    Task t;
+    t.text = text;
+    t.tags = tags;
+    t.state = TaskState::kQueued;
+    t.created_at = t.updated_at = env_->NowUnix();
+    for (int tries = 0;; ++tries) {
+      t.id = NewId();
+      Status st = store_->InsertTask(t);
+      if (st.ok()) break;
+      if (tries >= 3) return st.WithContext("storing the task");
+    }
+    *id = t.id;
+    {
+      std::lock_guard<std::mutex> l(queue_mu_);
+      queue_.push_back(std::move(t));
+    }
+    queue_cv_.notify_one();
+    return Status::OK();
+  }
+
+  Status Route(const std::string& text, const Tags& tags, Decision* d) override {
+    std::vector<ExpertSlot> slots = Slots(nullptr);
+    std::vector<Decision> out;
+    CORTEX_RETURN_IF_ERROR(
+        CurrentRouter()->Route({{text, tags}}, slots, /*explore=*/false, env_->NowUnix(), &out));
+    *d = std::move(out.front());
+    return Status::OK();
+  }
+
+  bool WaitDone(const std::string& id, double timeout_s) override {
+    auto w = std::make_shared<Waiter>();
+    {
+      std::lock_guard<std::mutex> l(waiters_mu_);
+      waiters_[id].push_back(w);
+    }
+    Task t;
+    bool done = store_->GetTask(id, &t).ok() && IsFinal(t.state);
+    auto deadline = std::chrono::steady_clock::now() +
+                    std::chrono::milliseconds(static_cast<int64_t>(timeout_s * 1000));
+    {
+      std::unique_lock<std::mutex> l(w->mu);
+      while (!done && !w->done && !stop_.load() && std::chrono::steady_clock::now() < deadline)
+        w->cv.wait_for(l, std::chrono::milliseconds(200));
+      done = done || w->done;
+    }
+    std::lock_guard<std::mutex> l(waiters_mu_);
+    auto& v = waiters_[id];
+    v.erase(std::remove(v.begin(), v.end(), w), v.end());
+    if (v.empty()) waiters_.erase(id);
+    return done;
+  }
+
+  Store* store() override { return store_.get(); }
+  ExpertRegistry* registry() override { return registry_.get(); }
+
+  json Status_() override {
+    std::vector<std::pair<std::string, long>> counts;
+    (void)store_->CountByState(&counts);
+    json by_state = json::object();
+    for (const auto& [s, c] : counts) by_state[s] = c;
+    size_t queued;
+    {
+      std::lock_guard<std::mutex> l(queue_mu_);
+      queued = queue_.size() + ready_.size();
+    }
+    auto router = CurrentRouter();
+    int inflight = 0;
+    auto active = registry_->Active();
+    for (const auto& e : active) inflight += e->inflight();
+    return {{"version", "0.1.0"},
+            {"pid", getpid()},
+            {"uptime_s", (env_->MonotonicMicros() - start_mono_) / 1e6},
+            {"queue_depth", queued},
+            {"inflight", inflight},
+            {"backend", router->backend()},
+            {"backend_device", nullptr},
+            {"model_version", router->model_version()},
+            {"store_path", store_->Path()},
+            {"schema_version", store_->SchemaVersion()},
+            {"socket", config_.daemon.socket},
+            {"config", options_.config_path.empty() ? "<embedded defaults>" : options_.config_path},
+            {"experts", active.size()},
+            {"rules", router->rules().size()},
+            {"workers", config_.daemon.workers},
+            {"exploration", router->options().exploration},
+            {"tasks", by_state}};
+  }
+
+  Status Reload(json* summary) override {
+    Result<Config> next = options_.config_path.empty() ? Result<Config>(DefaultConfig())
+                                                       : LoadConfigFile(options_.config_path);
+    if (!next.ok()) return next.status().WithContext("reload refused, keeping the running config");
+    Config& c = next.value();
+    Result<RuleSet> rules = RuleSet::Compile(c.rules, c.source);
+    if (!rules.ok()) return rules.status().WithContext("reload refused, keeping the running config");
+    registry_->Rescan();
+    CORTEX_RETURN_IF_ERROR(
+        registry_->Configure(c).WithContext("reload refused, keeping the running config"));
+    std::vector<std::string> restart;
+    if (c.daemon.socket != config_.daemon.socket) restart.push_back("daemon.socket");
+    if (c.daemon.workers != config_.daemon.workers) restart.push_back("daemon.workers");
+    if (c.store.path != config_.store.path) restart.push_back("store.path");
+    if (c.plugins.dir != config_.plugins.dir) restart.push_back("plugins.dir");
+    for (const auto& k : restart) LogWarn("reload: {} changed; it takes effect after a restart", k);
+    {
+      std::lock_guard<std::mutex> l(router_mu_);
+      router_ = std::make_shared<Router>(RouterOptionsFrom(c.router), std::move(rules).value(),
+                                         MakeManifestPriorScorer());
+      max_attempts_ = c.router.max_attempts;
+    }
+    WarnUnknownRuleExperts();
+    queue_cv_.notify_all();
+    LogInfo("reloaded {}: {} experts, {} rules", c.source, registry_->Active().size(),
+            c.rules.size());
+    *summary = {{"config", c.source},
+                {"experts", registry_->Active().size()},
+                {"rules", c.rules.size()},
+                {"needs_restart", restart}};
+    return Status::OK();
+  }
+
+ private:
+  // ---- start-up ------------------------------------------------------------------
+
+  Status PrepareStore() {
+    const std::string& path = config_.store.path;
+    if (path != ":memory:") {
+      std::string dir = fs::path(path).parent_path().string();
+      if (!dir.empty()) CORTEX_RETURN_IF_ERROR(env_->CreateDirs(dir, 0700));
+      // One daemon per store: a second one would interleave recovery with live work.
+      std::string lock = path + ".lock";
+      lock_fd_ = open(lock.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+      if (lock_fd_ < 0) return Status::IOError("cannot open " + lock + ": " + strerror(errno));
+      if (flock(lock_fd_, LOCK_EX | LOCK_NB) != 0)
+        return Status::FailedPrecondition("another cortexd is using the store " + path +
+                                          " (lock " + lock + " is held)");
+    }
+    Result<std::unique_ptr<Store>> s = OpenStore(path);
+    if (!s.ok()) return s.status();
+    store_ = std::move(s).value();
+    return Status::OK();
+  }
+
+  static RouterOptions RouterOptionsFrom(const RouterConfig& r) {
+    RouterOptions o;
+    o.exploration = r.exploration;
+    o.load_bias = r.load_bias;
+    o.seed = r.seed ? r.seed : std::random_device{}();
+    return o;
+  }
+
+  Status PrepareRouting() {
+    Result<RuleSet> rules = RuleSet::Compile(config_.rules, config_.source);
+    if (!rules.ok()) return rules.status();
+    if (config_.router.backend == "cuda")
+      return Status::FailedPrecondition(
+          config_.source + ": router.backend: cuda was asked for, but this build scores with the "
+          "manifest prior on the CPU only; use auto or cpu");
+    router_ = std::make_shared<Router>(RouterOptionsFrom(config_.router), std::move(rules).value(),
+                                       MakeManifestPriorScorer());
+    max_attempts_ = config_.router.max_attempts;
+
+    ExpertRegistry::Options ro;
+    std::string bundled =
+        options_.bundled_plugin_dir.empty() ? BundledPluginDir() : options_.bundled_plugin_dir;
+    if (config_.plugins.bundled) {
+      if (bundled.empty()) LogWarn("no bundled plugin folder next to the executable");
+      else ro.dirs.push_back(bundled);
+    }
+    (void)env_->CreateDirs(config_.plugins.dir, 0700);
+    ro.dirs.push_back(config_.plugins.dir);
+    watch_dirs_ = ro.dirs;
+    ro.cache_dir = fs::path(config_.daemon.socket).parent_path().string() + "/plugin-cache." +
+                   std::to_string(getpid());
+    ro.env = env_;
+    ro.audit = [this](const ExpertEvent& e) {
+      Status st = store_->RecordExpertEvent(e);
+      if (!st.ok()) LogWarn("audit: {}", st.ToString());
+    };
+    registry_ = std::make_unique<ExpertRegistry>(ro);
+    registry_->Rescan();
+    CORTEX_RETURN_IF_ERROR(registry_->Configure(config_));
+    if (registry_->Active().empty())
+      LogWarn("no experts are loaded: tasks stay queued until one is (drop a plugin into {})",
+              config_.plugins.dir);
+    WarnUnknownRuleExperts();
+    return Status::OK();
+  }
+
+  void WarnUnknownRuleExperts() {
+    auto router = CurrentRouter();
+    for (const auto& name : router->rules().Experts())
+      if (!registry_->Find(name))
+        LogWarn("a rule names expert '{}', which is not loaded; it fires once it is", name);
+  }
+
+  Status Recover() {
+    std::vector<Task> requeue;
+    int interrupted = 0;
+    CORTEX_RETURN_IF_ERROR(store_->Recover(env_->NowUnix(), &requeue, &interrupted));
+    if (interrupted) LogWarn("{} task(s) were running when cortexd stopped: marked interrupted",
+                             interrupted);
+    if (!requeue.empty()) LogInfo("resuming {} queued task(s) from the store", requeue.size());
+    std::lock_guard<std::mutex> l(queue_mu_);
+    for (auto& t : requeue) queue_.push_back(std::move(t));
+    return Status::OK();
+  }
+
+  void SetupInotify() {
+    if (!config_.plugins.watch) return;
+    inotify_fd_ = inotify_init1(IN_NONBLOCK | IN_CLOEXEC);
+    if (inotify_fd_ < 0) {
+      LogWarn("inotify unavailable ({}): plugin changes need `cortexctl reload`", strerror(errno));
+      return;
+    }
+    for (const auto& d : watch_dirs_)
+      if (inotify_add_watch(inotify_fd_, d.c_str(),
+                            IN_CLOSE_WRITE | IN_MOVED_TO | IN_MOVED_FROM | IN_DELETE | IN_CREATE |
+                                IN_ATTRIB) < 0)
+        LogWarn("cannot watch {}: {}", d, strerror(errno));
+  }
+
+  void HandleSignal() {
+    struct signalfd_siginfo si;
+    while (read(signal_fd_, &si, sizeof si) == sizeof si) {
+      if (si.ssi_signo == SIGHUP) {
+        LogInfo("SIGHUP: reloading");
+        json summary;
+        Status st = Reload(&summary);
+        if (!st.ok()) LogError("{}", st.message());
+      } else {
+        LogInfo("signal {}: stopping", si.ssi_signo == SIGTERM ? "SIGTERM" : "SIGINT");
+        RequestStop();
+      }
+    }
+  }
+
+  void Shutdown() {
+    server_->StopAccepting();
+    queue_cv_.notify_all();
+    if (dispatcher_.joinable()) dispatcher_.join();
+    // Workers finish the attempts they are running, up to the grace period; whatever
+    // still runs after it is cancelled and marked interrupted.
+    auto deadline = std::chrono::steady_clock::now() +
+                    std::chrono::milliseconds(static_cast<int64_t>(config_.daemon.shutdown_grace_s * 1000));
+    {
+      std::unique_lock<std::mutex> l(queue_mu_);
+      while (busy_workers_ > 0 && std::chrono::steady_clock::now() < deadline)
+        queue_cv_.wait_for(l, std::chrono::milliseconds(50));
+    }
+    abort_ = true;
+    queue_cv_.notify_all();
+    for (auto& w : workers_) w.join();
+    server_->CloseConnections();
+    size_t left;
+    {
+      std::lock_guard<std::mutex> l(queue_mu_);
+      left = queue_.size() + ready_.size();
+    }
+    LogInfo("cortexd stopped; {} task(s) stay queued in the store for the next start", left);
+  }
+
+  // ---- routing and execution ------------------------------------------------------
+
+  std::shared_ptr<Router> CurrentRouter() {
+    std::lock_guard<std::mutex> l(router_mu_);
+    return router_;
+  }
+
+  // Profiles of the active experts (manifest features cached per registry generation).
+  std::vector<ExpertSlot> Slots(std::vector<std::shared_ptr<Expert>>* experts_out) {
+    auto experts = registry_->Active();
+    auto router = CurrentRouter();
+    std::lock_guard<std::mutex> l(profiles_mu_);
+    if (profiles_generation_ != registry_->generation() || profiles_.size() != experts.size()) {
+      profiles_.clear();
+      for (const auto& e : experts) {
+        const Manifest& m = e->manifest();
+        profiles_[e->name()] = router->hasher().Manifest({m.name, m.description, m.keywords, m.examples});
+      }
+      profiles_generation_ = registry_->generation();
+    }
+    std::vector<ExpertSlot> slots;
+    for (const auto& e : experts) {
+      auto it = profiles_.find(e->name());
+      if (it == profiles_.end()) {
+        const Manifest& m = e->manifest();
+        it = profiles_.emplace(e->name(), router->hasher().Manifest(
+                                              {m.name, m.description, m.keywords, m.examples}))
+                 .first;
+      }
+      slots.push_back({{e->name(), it->second}, e->load()});
+    }
+    if (experts_out) *experts_out = std::move(experts);
+    return slots;
+  }
+
+  void DispatchLoop() {
+    const size_t max_ready = static_cast<size_t>(config_.daemon.workers) * 2;
+    while (true) {
+      std::vector<Task> batch;
+      {
+        std::unique_lock<std::mutex> l(queue_mu_);
+        queue_cv_.wait_for(l, std::chrono::milliseconds(500), [&] {
+          return stop_.load() || (!queue_.empty() && ready_.size() < max_ready);
+        });
+        if (stop_.load()) return;
+        if (queue_.empty() || ready_.size() >= max_ready) continue;
+        size_t n = std::min(queue_.size(), max_ready - ready_.size());
+        for (size_t i = 0; i < n; ++i) {
+          batch.push_back(std::move(queue_.front()));
+          queue_.pop_front();
+        }
+      }
+      std::vector<ExpertSlot> slots = Slots(nullptr);
+      std::vector<RouteRequest> reqs;
+      for (const auto& t : batch) reqs.push_back({t.text, t.tags});
+      std::vector<Decision> decisions;
+      Status st = slots.empty() ? Status::Unavailable("no experts are loaded")
+                                : CurrentRouter()->Route(reqs, slots, true, env_->NowUnix(),
+                                                         &decisions);
+      if (!st.ok()) {
+        // Nothing to route to: put the batch back and wait for an expert to appear.
+        std::unique_lock<std::mutex> l(queue_mu_);
+        for (auto it = batch.rbegin(); it != batch.rend(); ++it) queue_.push_front(std::move(*it));
+        queue_cv_.wait_for(l, std::chrono::seconds(1), [&] { return stop_.load(); });
+        continue;
+      }
+      std::vector<Job> jobs;
+      for (size_t i = 0; i < batch.size(); ++i) {
+        Status rs = store_->RecordDecision(batch[i].id, decisions[i]);
+        if (!rs.ok()) {
+          LogError("task {}: cannot record its decision ({}); it stays queued in the store",
+                   batch[i].id, rs.ToString());
+          continue;
+        }
+        jobs.push_back({std::move(batch[i]), std::move(decisions[i])});
+      }
+      {
+        std::lock_guard<std::mutex> l(queue_mu_);
+        for (auto& j : jobs) ready_.push_back(std::move(j));
+      }
+      queue_cv_.notify_all();
+    }
+  }
+
+  void WorkerLoop() {
+    while (true) {
+      Job job;
+      {
+        std::unique_lock<std::mutex> l(queue_mu_);
+        queue_cv_.wait(l, [&] { return abort_.load() || (!ready_.empty() && !stop_.load()); });
+        if (abort_.load() || stop_.load()) return;
+        job = std::move(ready_.front());
+        ready_.pop_front();
+        ++busy_workers_;
+      }
+      queue_cv_.notify_all();  // room in ready_ for the dispatcher
+      Execute(job);
+      {
+        std::lock_guard<std::mutex> l(queue_mu_);
+        --busy_workers_;
+      }
+      queue_cv_.notify_all();
+    }
+  }
+
+  void Execute(const Job& job) {
+    const std::string& id = job.task.id;
+    int n = 0, max_attempts;
+    {
+      std::lock_guard<std::mutex> l(router_mu_);
+      max_attempts = max_attempts_;
+    }
+    std::string last_expert;
+    TaskState final_state = TaskState::kFailed;
+    for (const Candidate& c : job.decision.candidates) {
+      if (n >= max_attempts) break;
+      std::shared_ptr<Expert> expert = registry_->Find(c.expert);
+      if (!expert) continue;  // removed since the decision: not an attempt
+      ++n;
+      last_expert = c.expert;
+      Status st = store_->StartAttempt(id, n, c.expert, env_->NowUnix());
+      if (!st.ok()) {
+        LogError("task {}: cannot record attempt {}: {}", id, n, st.ToString());
+        break;
+      }
+      Outcome o = expert->Run(job.task, &abort_);
+      if (abort_.load() && o.kind != OutcomeKind::kSuccess) {
+        o.kind = OutcomeKind::kInterrupted;
+        o.error = "cortexd stopped before the attempt finished";
+      }
+      st = store_->FinishAttempt(id, n, o, env_->NowUnix());
+      if (!st.ok()) LogError("task {}: cannot record outcome: {}", id, st.ToString());
+      if (o.kind == OutcomeKind::kSuccess) {
+        final_state = TaskState::kSucceeded;
+        break;
+      }
+      if (o.kind == OutcomeKind::kInterrupted) {
+        final_state = TaskState::kInterrupted;
+        break;
+      }
+      LogDebug("task {}: {} on {} ({}), falling back", id, ToString(o.kind), c.expert, o.error);
+    }
+    if (n == 0) {
+      // Every candidate vanished between routing and running: route it again.
+      std::lock_guard<std::mutex> l(queue_mu_);
+      queue_.push_back(job.task);
+      return;
+    }
+    Status st = store_->FinishTask(id, final_state, last_expert, env_->NowUnix());
+    if (!st.ok()) LogError("task {}: cannot record its end: {}", id, st.ToString());
+    NotifyDone(id);
+  }
+
+  void NotifyDone(const std::string& id) {
+    std::vector<std::shared_ptr<Waiter>> ws;
+    {
+      std::lock_guard<std::mutex> l(waiters_mu_);
+      auto it = waiters_.find(id);
+      if (it != waiters_.end()) ws = it->second;
+    }
+    for (auto& w : ws) {
+      {
+        std::lock_guard<std::mutex> l(w->mu);
+        w->done = true;
+      }
+      w->cv.notify_all();
+    }
+  }
+
+  std::string NewId() {
+    std::lock_guard<std::mutex> l(id_mu_);
+    static const char* hex = "0123456789abcdef";
+    std::string s(12, '0');
+    uint64_t r = id_rng_();
+    for (char& c : s) c = hex[(r >>= 4) & 0xF];
+    return s;
+  }
+
+  Config config_;
+  DaemonOptions options_;
+  Env* env_;
+  int64_t start_mono_ = 0;
+  int lock_fd_ = -1, inotify_fd_ = -1, signal_fd_ = -1;
+  std::vector<std::string> watch_dirs_;
+
+  std::unique_ptr<Store> store_;
+  std::unique_ptr<ExpertRegistry> registry_;
+  std::unique_ptr<Server> server_;
+  std::mutex router_mu_;
+  std::shared_ptr<Router> router_;
+  int max_attempts_ = 2;
+
+  std::mutex profiles_mu_;
+  std::map<std::string, SparseVector> profiles_;
+  uint64_t profiles_generation_ = ~0ULL;
+
+  std::mutex queue_mu_;
+  std::condition_variable queue_cv_;
+  std::deque<Task> queue_;  // stored, not yet routed
+  std::deque<Job> ready_;   // routed, waiting for a worker
+  int busy_workers_ = 0;
+  std::thread dispatcher_;
+  std::vector<std::thread> workers_;
+  std::atomic<bool> stop_{false};   // no new work
+  std::atomic<bool> abort_{false};  // grace period over: cancel running attempts
+
+  std::mutex waiters_mu_;
+  std::map<std::string, std::vector<std::shared_ptr<Waiter>>> waiters_;
+
+  std::mutex id_mu_;
+  std::mt19937_64 id_rng_{std::random_device{}()};
+};
+
+}  // namespace
+
+Result<std::unique_ptr<Daemon>> Daemon::Create(Config config, DaemonOptions options) {
+  return std::unique_ptr<Daemon>(new DaemonImpl(std::move(config), std::move(options)));
+}
+
+}  // namespace cortex

@@ -1,0 +1,136 @@
+// cortexd [--config FILE] [--foreground]
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <CLI/CLI.hpp>
+#include <cstdio>
+#include <iostream>
+
+#include "cortex/config.h"
+#include "cortex/daemon.h"
+#include "cortex/env.h"
+#include "cortex/log.h"
+#include "cortex/paths.h"
+
+namespace {
+
+// Forks into the background. The parent returns only once the child reports that it
+// is serving (exit 0) or why it could not start (exit 1), so `cortexd && cortexctl ...`
+// never races the socket.
+int Detach(int* ready_fd) {
+  int p[2];
+  if (pipe(p) != 0) return -1;
+  pid_t pid = fork();
+  if (pid < 0) return -1;
+  if (pid > 0) {
+    close(p[1]);
+    std::string msg;
+    char buf[512];
+    ssize_t n;
+    while ((n = read(p[0], buf, sizeof buf)) > 0) msg.append(buf, static_cast<size_t>(n));
+    if (msg.rfind("ok", 0) == 0) {
+      std::printf("cortexd started (pid %s)\n", msg.substr(3).c_str());
+      _exit(0);
+    }
+    std::fprintf(stderr, "cortexd: %s\n", msg.empty() ? "failed to start" : msg.c_str());
+    _exit(1);
+  }
+  close(p[0]);
+  setsid();
+  int null = open("/dev/null", O_RDWR);
+  if (null >= 0) {
+    dup2(null, 0);
+    dup2(null, 1);
+    dup2(null, 2);
+    if (null > 2) close(null);
+  }
+  *ready_fd = p[1];
+  return 0;
+}
+
+void Report(int fd, const std::string& msg) {
+  if (fd < 0) return;
+  (void)!write(fd, msg.data(), msg.size());
+  close(fd);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"cortexd: routes tasks to expert plugins and learns which expert to pick"};
+  std::string config_path, log_level = "info", log_file;
+  bool foreground = false, print_config = false, check_config = false;
+  app.add_option("--config", config_path, "YAML config file (default: embedded defaults)");
+  app.add_flag("--foreground", foreground, "stay attached and log to stderr");
+  app.add_option("--log-level", log_level, "debug, info, warn or error")
+      ->check(CLI::IsMember({"debug", "info", "warn", "error"}));
+  app.add_option("--log-file", log_file, "log file when detached (default: DATA_DIR/cortexd.log)");
+  app.add_flag("--print-config", print_config, "print the embedded default config and exit");
+  app.add_flag("--check-config", check_config, "validate the config and exit");
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    int rc = app.exit(e);
+    return rc == 0 ? 0 : 2;
+  }
+  if (print_config) {
+    std::fputs(cortex::EmbeddedDefaultsYaml(), stdout);
+    return 0;
+  }
+  cortex::SetLogLevel(log_level == "debug"  ? cortex::LogLevel::kDebug
+                      : log_level == "warn" ? cortex::LogLevel::kWarn
+                      : log_level == "error" ? cortex::LogLevel::kError
+                                             : cortex::LogLevel::kInfo);
+
+  cortex::Result<cortex::Config> cfg = config_path.empty()
+                                           ? cortex::Result<cortex::Config>(cortex::DefaultConfig())
+                                           : cortex::LoadConfigFile(config_path);
+  if (!cfg.ok()) {
+    std::fprintf(stderr, "cortexd: %s\n", cfg.status().message().c_str());
+    return 1;
+  }
+  if (check_config) {
+    std::printf("%s: ok\n", cfg->source.c_str());
+    return 0;
+  }
+
+  int ready_fd = -1;
+  if (!foreground) {
+    if (Detach(&ready_fd) != 0) {
+      std::perror("cortexd: fork");
+      return 1;
+    }
+    std::string lf = log_file.empty() ? cortex::DataDir() + "/cortexd.log" : log_file;
+    (void)cortex::Env::Default()->CreateDirs(cortex::DataDir(), 0700);
+    cortex::SetLogFile(lf);
+  }
+
+  // Signals are taken synchronously by the main loop (signalfd); every thread started
+  // from here on inherits the mask. Broken pipes surface as write errors instead.
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGTERM);
+  sigaddset(&set, SIGINT);
+  sigaddset(&set, SIGHUP);
+  pthread_sigmask(SIG_BLOCK, &set, nullptr);
+  signal(SIGPIPE, SIG_IGN);
+
+  cortex::DaemonOptions opts;
+  opts.config_path = config_path;
+  auto d = cortex::Daemon::Create(std::move(cfg).value(), opts);
+  cortex::Status st = d.ok() ? d.value()->Start() : d.status();
+  if (!st.ok()) {
+    cortex::LogError("cannot start: {}", st.message());
+    Report(ready_fd, st.message());
+    return 1;
+  }
+  Report(ready_fd, "ok " + std::to_string(getpid()));
+  st = d.value()->Run();
+  if (!st.ok()) {
+    cortex::LogError("{}", st.ToString());
+    return 1;
+  }
+  return 0;
+}

@@ -1,0 +1,442 @@
+#include "server.h"
+
+#include <fcntl.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <cmath>
+#include <filesystem>
+#include <thread>
+
+#include "cortex/log.h"
+#include "cortex/wire.h"
+
+namespace cortex {
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+namespace {
+
+bool WriteAll(int fd, const std::string& s) {
+  size_t off = 0;
+  while (off < s.size()) {
+    ssize_t w = send(fd, s.data() + off, s.size() - off, MSG_NOSIGNAL);
+    if (w < 0 && errno == EINTR) continue;
+    if (w <= 0) return false;
+    off += static_cast<size_t>(w);
+  }
+  return true;
+}
+
+Status Bad(const std::string& m) { return Status::InvalidArgument(m); }
+
+// Field access with the request's own vocabulary in every error message.
+class Request {
+ public:
+  Request(const json& j, std::string op) : j_(j), op_(std::move(op)) {}
+  Status Allow(std::initializer_list<const char*> fields) const {
+    for (const auto& [k, _] : j_.items()) {
+      bool ok = k == "op";
+      for (const char* f : fields) ok = ok || k == f;
+      if (!ok) {
+        std::string list;
+        for (const char* f : fields) list += (list.empty() ? "" : ", ") + std::string(f);
+        return Bad("unknown field '" + k + "' for op " + op_ +
+                   (list.empty() ? " (it takes none)" : " (expected: " + list + ")"));
+      }
+    }
+    return Status::OK();
+  }
+  bool Has(const char* k) const { return j_.contains(k) && !j_[k].is_null(); }
+  Status String(const char* k, bool required, std::string* out) const {
+    if (!Has(k)) return required ? Bad("missing field '" + std::string(k) + "' for op " + op_) : Status::OK();
+    if (!j_[k].is_string()) return Bad("field '" + std::string(k) + "' must be a string");
+    *out = j_[k].get<std::string>();
+    return Status::OK();
+  }
+  Status Number(const char* k, double lo, double hi, double* out) const {
+    if (!Has(k)) return Status::OK();
+    if (!j_[k].is_number()) return Bad("field '" + std::string(k) + "' must be a number");
+    double v = j_[k].get<double>();
+    if (!std::isfinite(v) || v < lo || v > hi)
+      return Bad("field '" + std::string(k) + "' must be between " + fmt::format("{:g}", lo) +
+                 " and " + fmt::format("{:g}", hi) + ", got " + fmt::format("{:g}", v));
+    *out = v;
+    return Status::OK();
+  }
+  Status Bool(const char* k, bool* out) const {
+    if (!Has(k)) return Status::OK();
+    if (!j_[k].is_boolean()) return Bad("field '" + std::string(k) + "' must be true or false");
+    *out = j_[k].get<bool>();
+    return Status::OK();
+  }
+  const json& raw() const { return j_; }
+
+ private:
+  const json& j_;
+  std::string op_;
+};
+
+Status CheckText(const std::string& text, const DaemonConfig& lim) {
+  if (text.find_first_not_of(" \t\r\n") == std::string::npos)
+    return Bad("field 'text' is empty: a task needs a line of text");
+  if (text.size() > lim.max_text_bytes)
+    return Status::ResourceExhausted("task text is " + std::to_string(text.size()) +
+                                     " bytes; the limit is " + std::to_string(lim.max_text_bytes) +
+                                     " (daemon.max_text_bytes)");
+  return Status::OK();
+}
+
+Status ParseTags(const Request& r, const DaemonConfig& lim, Tags* tags) {
+  if (!r.Has("tags")) return Status::OK();
+  const json& t = r.raw()["tags"];
+  if (!t.is_object()) return Bad("field 'tags' must be an object of string values");
+  if (static_cast<int>(t.size()) > lim.max_tags)
+    return Status::ResourceExhausted(std::to_string(t.size()) + " tags; the limit is " +
+                                     std::to_string(lim.max_tags) + " (daemon.max_tags)");
+  for (const auto& [k, v] : t.items()) {
+    if (k.empty() || k.size() > 64 ||
+        k.find_first_not_of("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-") !=
+            std::string::npos)
+      return Bad("tag key '" + k + "' must be 1-64 characters of letters, digits, '_', '.', '-'");
+    if (!v.is_string()) return Bad("tag '" + k + "' must have a string value");
+    if (v.get<std::string>().size() > 4096) return Bad("tag '" + k + "' is longer than 4096 bytes");
+    tags->emplace_back(k, v.get<std::string>());
+  }
+  return Status::OK();
+}
+
+const char* const kOps[] = {"submit", "route",    "show",   "history", "experts", "events",
+                            "confidence", "feedback", "reload", "status", "export"};
+
+}  // namespace
+
+Server::~Server() {
+  StopAccepting();
+  CloseConnections();
+}
+
+Status Server::Listen(const std::string& path) {
+  sockaddr_un addr{};
+  if (path.size() >= sizeof(addr.sun_path))
+    return Status::InvalidArgument("socket path is too long (" + std::to_string(path.size()) +
+                                   " bytes, at most " + std::to_string(sizeof(addr.sun_path) - 1) +
+                                   "): " + path);
+  std::string dir = fs::path(path).parent_path().string();
+  if (dir.empty()) dir = ".";
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  struct stat st {};
+  if (stat(dir.c_str(), &st) != 0) return Status::IOError("cannot create " + dir + ": " + strerror(errno));
+  if (st.st_uid != geteuid())
+    return Status::FailedPrecondition("socket folder " + dir + " belongs to another user (uid " +
+                                      std::to_string(st.st_uid) + "); choose daemon.socket elsewhere");
+  if ((st.st_mode & 077) != 0 && chmod(dir.c_str(), 0700) != 0)
+    return Status::IOError("cannot make " + dir + " private (0700): " + strerror(errno));
+
+  // A live daemon answers on the socket; a stale file from a crash is removed.
+  std::strncpy(addr.sun_path, path.c_str(), sizeof(addr.sun_path) - 1);
+  addr.sun_family = AF_UNIX;
+  int probe = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (probe >= 0) {
+    bool live = connect(probe, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0;
+    close(probe);
+    if (live) return Status::AlreadyExists("another cortexd is already listening on " + path);
+  }
+  unlink(path.c_str());
+
+  listen_fd_ = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (listen_fd_ < 0) return Status::IOError(std::string("socket: ") + strerror(errno));
+  mode_t old = umask(077);
+  int rc = bind(listen_fd_, reinterpret_cast<sockaddr*>(&addr), sizeof addr);
+  umask(old);
+  if (rc != 0) return Status::IOError("cannot bind " + path + ": " + strerror(errno));
+  chmod(path.c_str(), 0600);
+  if (listen(listen_fd_, 128) != 0) return Status::IOError(std::string("listen: ") + strerror(errno));
+  fcntl(listen_fd_, F_SETFL, O_NONBLOCK);
+  path_ = path;
+  return Status::OK();
+}
+
+void Server::AcceptOne() {
+  int fd = accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
+  if (fd < 0) return;
+  std::unique_lock<std::mutex> l(mu_);
+  if (active_ >= limits_.max_connections) {
+    l.unlock();
+    WriteAll(fd, wire::Error(Status::ResourceExhausted(
+                                 "too many connections (" + std::to_string(limits_.max_connections) +
+                                 ", daemon.max_connections); try again shortly"))
+                         .dump() +
+                     "\n");
+    close(fd);
+    return;
+  }
+  ++active_;
+  conns_.insert(fd);
+  l.unlock();
+  try {
+    std::thread([this, fd] { Serve(fd); }).detach();
+  } catch (const std::system_error&) {
+    std::lock_guard<std::mutex> g(mu_);
+    conns_.erase(fd);
+    --active_;
+    close(fd);
+  }
+}
+
+void Server::StopAccepting() {
+  if (listen_fd_ >= 0) {
+    close(listen_fd_);
+    listen_fd_ = -1;
+    unlink(path_.c_str());
+  }
+}
+
+void Server::CloseConnections() {
+  std::unique_lock<std::mutex> l(mu_);
+  for (int fd : conns_) shutdown(fd, SHUT_RDWR);
+  cv_.wait_for(l, std::chrono::seconds(5), [&] { return active_ == 0; });
+}
+
+Status Server::TooLarge() const {
+  return Status::ResourceExhausted("request is larger than " +
+                                   std::to_string(limits_.max_request_bytes) +
+                                   " bytes (daemon.max_request_bytes)");
+}
+
+void Server::Serve(int fd) {
+  std::string buf;
+  bool discarding = false;  // inside an oversized line: skip to its end
+  char chunk[65536];
+  auto write_line = [fd](const std::string& s) { return WriteAll(fd, s + "\n"); };
+  for (;;) {
+    ssize_t n = recv(fd, chunk, sizeof chunk, 0);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) break;
+    buf.append(chunk, static_cast<size_t>(n));
+    size_t pos;
+    bool alive = true;
+    while (alive && (pos = buf.find('\n')) != std::string::npos) {
+      std::string line = buf.substr(0, pos);
+      buf.erase(0, pos + 1);
+      if (discarding) {
+        discarding = false;
+        continue;
+      }
+      if (line.size() > limits_.max_request_bytes) {
+        alive = write_line(wire::Error(TooLarge()).dump());
+        continue;
+      }
+      if (!line.empty() && line.back() == '\r') line.pop_back();
+      if (line.find_first_not_of(" \t") == std::string::npos) continue;
+      alive = write_line(HandleLine(line, write_line).dump());
+    }
+    if (!alive) break;
+    if (!discarding && buf.size() > limits_.max_request_bytes) {
+      write_line(wire::Error(TooLarge()).dump());
+      buf.clear();
+      discarding = true;
+    } else if (discarding) {
+      buf.clear();
+    }
+  }
+  close(fd);
+  std::lock_guard<std::mutex> l(mu_);
+  conns_.erase(fd);
+  --active_;
+  cv_.notify_all();
+}
+
+json Server::HandleLine(const std::string& line,
+                        const std::function<bool(const std::string&)>& write_line) {
+  if (size_t bad = wire::InvalidUtf8At(line); bad != std::string::npos)
+    return wire::Error(Bad(fmt::format(
+        "request is not valid UTF-8 (byte 0x{:02x} at offset {}); text must be UTF-8",
+        static_cast<unsigned char>(line[bad]), bad)));
+  json req = json::parse(line, nullptr, false);
+  if (req.is_discarded()) {
+    try {
+      (void)json::parse(line);
+    } catch (const json::parse_error& e) {
+      return wire::Error(Bad(fmt::format("malformed JSON at byte {}: {}", e.byte,
+                                         std::string(e.what()).substr(std::string(e.what()).find(':') + 2))));
+    }
+    return wire::Error(Bad("malformed JSON"));
+  }
+  if (!req.is_object()) return wire::Error(Bad("a request must be a JSON object with an \"op\""));
+  if (!req.contains("op") || !req["op"].is_string())
+    return wire::Error(Bad("missing field 'op' (a string: one of submit, route, show, history, "
+                           "experts, events, confidence, feedback, reload, status, export)"));
+  try {
+    return Dispatch(req, write_line);
+  } catch (const std::exception& e) {
+    LogError("request {} failed: {}", req["op"].get<std::string>(), e.what());
+    return wire::Error(Status::Internal(e.what()));
+  }
+}
+
+json Server::Dispatch(const json& j, const std::function<bool(const std::string&)>& write_line) {
+  const std::string op = j["op"].get<std::string>();
+  Request r(j, op);
+  const DaemonConfig& lim = h_->limits();
+  auto fail = [](const Status& s) { return wire::Error(s); };
+#define CHECK(expr)                    \
+  do {                                 \
+    Status _s = (expr);                \
+    if (!_s.ok()) return fail(_s);     \
+  } while (0)
+
+  if (op == "submit" || op == "route") {
+    if (op == "submit") CHECK(r.Allow({"text", "tags", "wait", "timeout_s"}));
+    else CHECK(r.Allow({"text", "tags"}));
+    std::string text;
+    Tags tags;
+    CHECK(r.String("text", true, &text));
+    CHECK(CheckText(text, lim));
+    CHECK(ParseTags(r, lim, &tags));
+    if (op == "route") {
+      Decision d;
+      CHECK(h_->Route(text, tags, &d));
+      json out = wire::ToJson(d);
+      out["text"] = text;
+      return wire::Ok(out);
+    }
+    bool wait = false;
+    double timeout = 300;
+    CHECK(r.Bool("wait", &wait));
+    CHECK(r.Number("timeout_s", 0, 86400, &timeout));
+    std::string id;
+    CHECK(h_->Submit(text, tags, &id));
+    if (!wait) return wire::Ok({{"id", id}, {"state", "queued"}});
+    bool done = h_->WaitDone(id, timeout);
+    Task t;
+    CHECK(h_->store()->GetTask(id, &t));
+    json out = wire::ToJson(t);
+    if (!done) out["waited"] = "timeout";
+    return wire::Ok(out);
+  }
+  if (op == "show") {
+    CHECK(r.Allow({"id"}));
+    std::string id;
+    CHECK(r.String("id", true, &id));
+    Task t;
+    CHECK(h_->store()->GetTask(id, &t));
+    return wire::Ok(wire::ToJson(t));
+  }
+  if (op == "history") {
+    CHECK(r.Allow({"limit", "expert", "since", "outcome"}));
+    HistoryQuery q;
+    double limit = 20;
+    CHECK(r.Number("limit", 1, 100000, &limit));
+    q.limit = static_cast<int>(limit);
+    CHECK(r.String("expert", false, &q.expert));
+    CHECK(r.Number("since", 0, 1e11, &q.since));
+    CHECK(r.String("outcome", false, &q.outcome));
+    if (!q.outcome.empty() && q.outcome != "success" && q.outcome != "failure")
+      return fail(Bad("field 'outcome' must be success or failure"));
+    std::vector<HistoryRow> rows;
+    CHECK(h_->store()->History(q, &rows));
+    json a = json::array();
+    for (const auto& row : rows) a.push_back(wire::ToJson(row));
+    return wire::Ok(a);
+  }
+  if (op == "experts" || op == "confidence") {
+    if (op == "experts") CHECK(r.Allow({}));
+    else CHECK(r.Allow({"expert"}));
+    std::string only;
+    CHECK(r.String("expert", false, &only));
+    std::vector<ExpertStats> stats;
+    CHECK(h_->store()->Stats(&stats));
+    std::map<std::string, ExpertStats> by;
+    for (const auto& s : stats) by[s.expert] = s;
+    json a = json::array();
+    if (op == "experts") {
+      for (const auto& e : h_->registry()->List()) {
+        const ExpertStats& s = by[e.name];
+        a.push_back({{"name", e.name}, {"version", e.version}, {"state", e.state},
+                     {"file", e.file}, {"plugin", e.plugin}, {"description", e.description},
+                     {"keywords", e.keywords}, {"inflight", e.inflight},
+                     {"capacity", e.capacity}, {"timeout_s", e.timeout_s},
+                     {"routed", s.routed}, {"attempts", s.attempts},
+                     {"success_rate", s.attempts ? json(double(s.successes) / s.attempts) : json(nullptr)},
+                     {"mean_quality", s.attempts ? json(s.mean_quality) : json(nullptr)}});
+      }
+      return wire::Ok(a);
+    }
+    std::set<std::string> names;
+    for (const auto& e : h_->registry()->List()) names.insert(e.name);
+    for (const auto& s : stats) names.insert(s.expert);
+    if (!only.empty() && !names.count(only))
+      return fail(Status::NotFound("no expert named '" + only + "' is loaded or in the history"));
+    for (const auto& n : names) {
+      if (!only.empty() && n != only) continue;
+      const ExpertStats& s = by[n];
+      a.push_back({{"expert", n}, {"decisions", s.routed}, {"calibrated", s.calibrated},
+                   {"mean_confidence", s.calibrated ? json(s.mean_confidence) : json(nullptr)},
+                   {"success_rate", s.calibrated ? json(s.first_success_rate) : json(nullptr)},
+                   {"gap", s.calibrated ? json(s.mean_confidence - s.first_success_rate) : json(nullptr)},
+                   {"brier", s.calibrated ? json(s.brier) : json(nullptr)}});
+    }
+    return wire::Ok(a);
+  }
+  if (op == "events") {
+    CHECK(r.Allow({"limit"}));
+    double limit = 50;
+    CHECK(r.Number("limit", 1, 10000, &limit));
+    std::vector<ExpertEvent> ev;
+    CHECK(h_->store()->ExpertEvents(static_cast<int>(limit), &ev));
+    json a = json::array();
+    for (const auto& e : ev) a.push_back(wire::ToJson(e));
+    return wire::Ok(a);
+  }
+  if (op == "feedback") {
+    CHECK(r.Allow({"id", "quality", "note"}));
+    std::string id, note;
+    CHECK(r.String("id", true, &id));
+    if (!r.Has("quality")) return fail(Bad("missing field 'quality' (0..1) for op feedback"));
+    double q = -1;
+    CHECK(r.Number("quality", 0, 1, &q));
+    CHECK(r.String("note", false, &note));
+    if (note.size() > 4096) return fail(Bad("field 'note' is longer than 4096 bytes"));
+    Task t;
+    CHECK(h_->store()->GetTask(id, &t));
+    if (!IsFinal(t.state))
+      return fail(Status::FailedPrecondition("task " + id + " is " + ToString(t.state) +
+                                             "; feedback applies to a finished task"));
+    CHECK(h_->store()->AddFeedback(id, {Env::Default()->NowUnix(), q, note}));
+    return wire::Ok({{"id", id}, {"quality", q}});
+  }
+  if (op == "reload") {
+    CHECK(r.Allow({}));
+    json summary;
+    CHECK(h_->Reload(&summary));
+    return wire::Ok(summary);
+  }
+  if (op == "status") {
+    CHECK(r.Allow({}));
+    return wire::Ok(h_->Status_());
+  }
+  if (op == "export") {
+    CHECK(r.Allow({"since"}));
+    double since = 0;
+    CHECK(r.Number("since", 0, 1e11, &since));
+    long count = 0;
+    bool alive = true;
+    CHECK(h_->store()->ForEachTask(since, [&](const Task& t) {
+      alive = write_line(json{{"row", wire::ExportRow(t)}}.dump());
+      ++count;
+      return alive;
+    }));
+    return wire::Ok({{"count", count}});
+  }
+#undef CHECK
+  std::string list;
+  for (const char* o : kOps) list += (list.empty() ? "" : ", ") + std::string(o);
+  return wire::Error(Bad("unknown op '" + op + "' (expected one of: " + list + ")"));
+}
+
+}  // namespace cortex

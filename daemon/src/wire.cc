@@ -1,0 +1,156 @@
+#include "cortex/wire.h"
+
+#include <cmath>
+#include <ctime>
+
+namespace cortex::wire {
+
+std::string IsoTime(double t) {
+  if (t <= 0) return "";
+  time_t secs = static_cast<time_t>(t);
+  int ms = static_cast<int>(std::lround((t - static_cast<double>(secs)) * 1000));
+  if (ms >= 1000) secs += 1, ms -= 1000;
+  struct tm tm;
+  gmtime_r(&secs, &tm);
+  char buf[40];
+  std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%S", &tm);
+  char out[48];
+  std::snprintf(out, sizeof out, "%s.%03dZ", buf, ms);
+  return out;
+}
+
+json ToJson(const Candidate& c) {
+  return {{"expert", c.expert},   {"rule_score", c.rule_score}, {"model_score", c.model_score},
+          {"load_bias", c.load_bias}, {"score", c.score},       {"confidence", c.confidence},
+          {"rules", c.rules}};
+}
+
+json ToJson(const Decision& d) {
+  json cands = json::array();
+  for (const auto& c : d.candidates) cands.push_back(ToJson(c));
+  return {{"time", IsoTime(d.time)}, {"model_version", d.model_version}, {"chosen", d.chosen},
+          {"propensity", d.propensity}, {"explored", d.explored}, {"forced", d.forced},
+          {"candidates", cands}};
+}
+
+json FinalOutcome(const Task& t) {
+  if (!IsFinal(t.state) || t.attempts.empty() || !t.attempts.back().outcome) return nullptr;
+  const Outcome& o = *t.attempts.back().outcome;
+  double q = t.feedback.empty() ? o.quality : t.feedback.back().quality;
+  return {{"kind", ToString(o.kind)}, {"quality", q}, {"duration_s", o.duration_s},
+          {"error", o.error}};
+}
+
+json ToJson(const Task& t) {
+  json tags = json::object();
+  for (const auto& [k, v] : t.tags) tags[k] = v;
+  json attempts = json::array();
+  for (const auto& a : t.attempts) {
+    json o = nullptr;
+    if (a.outcome)
+      o = {{"kind", ToString(a.outcome->kind)}, {"quality", a.outcome->quality},
+           {"duration_s", a.outcome->duration_s}, {"error", a.outcome->error},
+           {"output", a.outcome->output}};
+    attempts.push_back({{"n", a.n}, {"expert", a.expert}, {"started_at", IsoTime(a.started_at)},
+                        {"finished_at", IsoTime(a.finished_at)}, {"outcome", o}});
+  }
+  json fb = json::array();
+  for (const auto& f : t.feedback)
+    fb.push_back({{"time", IsoTime(f.time)}, {"quality", f.quality}, {"note", f.note}});
+  json j = {{"id", t.id},
+            {"text", t.text},
+            {"tags", tags},
+            {"state", ToString(t.state)},
+            {"created_at", IsoTime(t.created_at)},
+            {"updated_at", IsoTime(t.updated_at)},
+            {"expert", t.expert.empty() && t.decision ? t.decision->chosen : t.expert},
+            {"decision", t.decision ? ToJson(*t.decision) : json(nullptr)},
+            {"attempts", attempts},
+            {"feedback", fb},
+            {"outcome", FinalOutcome(t)}};
+  const Candidate* c = t.decision ? t.decision->Find(t.decision->chosen) : nullptr;
+  j["confidence"] = c ? json(c->confidence) : json(nullptr);
+  return j;
+}
+
+json ToJson(const HistoryRow& r) {
+  return {{"id", r.id},
+          {"time", IsoTime(r.time)},
+          {"text", r.text},
+          {"state", r.state},
+          {"expert", r.expert},
+          {"confidence", r.confidence},
+          {"outcome", r.outcome.empty() ? json(nullptr) : json(r.outcome)},
+          {"quality", r.quality < 0 ? json(nullptr) : json(r.quality)},
+          {"explored", r.explored}};
+}
+
+json ToJson(const ExpertEvent& e) {
+  return {{"time", IsoTime(e.time)}, {"expert", e.expert}, {"file", e.file},
+          {"event", e.event}, {"detail", e.detail}};
+}
+
+json ExportRow(const Task& t) {
+  json j = {{"id", t.id}, {"time", IsoTime(t.created_at)}, {"text", t.text},
+            {"state", ToString(t.state)}};
+  json tags = json::object();
+  for (const auto& [k, v] : t.tags) tags[k] = v;
+  j["tags"] = tags;
+  if (t.decision) {
+    j["expert"] = t.decision->chosen;
+    j["model_version"] = t.decision->model_version;
+    j["propensity"] = t.decision->propensity;
+    j["explored"] = t.decision->explored;
+    const Candidate* c = t.decision->Find(t.decision->chosen);
+    j["confidence"] = c ? c->confidence : 0.0;
+    json cands = json::array();
+    for (const auto& x : t.decision->candidates) cands.push_back(ToJson(x));
+    j["candidates"] = cands;
+  }
+  j["attempts"] = t.attempts.size();
+  j["final_expert"] = t.expert;
+  j["outcome"] = FinalOutcome(t);
+  j["feedback_quality"] = t.feedback.empty() ? json(nullptr) : json(t.feedback.back().quality);
+  return j;
+}
+
+json Error(const Status& s) {
+  return {{"ok", false}, {"error", {{"code", s.code_name()}, {"message", s.message()}}}};
+}
+
+json Ok(json result) { return {{"ok", true}, {"result", std::move(result)}}; }
+
+size_t InvalidUtf8At(const std::string& s) {
+  size_t i = 0, n = s.size();
+  while (i < n) {
+    unsigned char c = static_cast<unsigned char>(s[i]);
+    size_t len;
+    uint32_t cp;
+    if (c < 0x80) {
+      ++i;
+      continue;
+    } else if ((c & 0xE0) == 0xC0) {
+      len = 2, cp = c & 0x1F;
+    } else if ((c & 0xF0) == 0xE0) {
+      len = 3, cp = c & 0x0F;
+    } else if ((c & 0xF8) == 0xF0) {
+      len = 4, cp = c & 0x07;
+    } else {
+      return i;
+    }
+    if (i + len > n) return i;
+    for (size_t k = 1; k < len; ++k) {
+      unsigned char cc = static_cast<unsigned char>(s[i + k]);
+      if ((cc & 0xC0) != 0x80) return i;
+      cp = (cp << 6) | (cc & 0x3F);
+    }
+    // Overlong forms, surrogates and values past U+10FFFF are not UTF-8.
+    if ((len == 2 && cp < 0x80) || (len == 3 && cp < 0x800) || (len == 4 && cp < 0x10000) ||
+        (cp >= 0xD800 && cp <= 0xDFFF) || cp > 0x10FFFF)
+      return i;
+    i += len;
+  }
+  return std::string::npos;
+}
+
+}  // namespace cortex::wire

@@ -1,0 +1,54 @@
+// The audit store: tasks, decisions, attempts, feedback and expert events. One
+// implementation (SQLite, WAL) behind an interface so tests can use ":memory:".
+#pragma once
+
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "cortex/status.h"
+#include "cortex/types.h"
+
+namespace cortex {
+
+class Store {
+ public:
+  virtual ~Store() = default;
+
+  // Durable when it returns OK: the task survives a kill -9 of the process.
+  virtual Status InsertTask(const Task& task) = 0;
+  // Records the decision and moves the task to `routed`.
+  virtual Status RecordDecision(const std::string& id, const Decision& d) = 0;
+  virtual Status StartAttempt(const std::string& id, int n, const std::string& expert,
+                              double time) = 0;
+  virtual Status FinishAttempt(const std::string& id, int n, const Outcome& o, double time) = 0;
+  // Sets the task's final state and the expert whose attempt ended it.
+  virtual Status FinishTask(const std::string& id, TaskState state, const std::string& expert,
+                            double time) = 0;
+  virtual Status SetState(const std::string& id, TaskState state, double time) = 0;
+  // NotFound for an unknown id.
+  virtual Status AddFeedback(const std::string& id, const Feedback& f) = 0;
+
+  virtual Status GetTask(const std::string& id, Task* task) = 0;
+  virtual Status History(const HistoryQuery& q, std::vector<HistoryRow>* rows) = 0;
+  virtual Status Stats(std::vector<ExpertStats>* stats) = 0;
+  virtual Status RecordExpertEvent(const ExpertEvent& e) = 0;
+  virtual Status ExpertEvents(int limit, std::vector<ExpertEvent>* events) = 0;
+  // Tasks created at or after `since`, oldest first, in pages; `fn` returns false to stop.
+  virtual Status ForEachTask(double since, const std::function<bool(const Task&)>& fn) = 0;
+
+  // After a restart: tasks still `queued`/`routed` (no attempt started) are returned, oldest
+  // first, to be run again; `running` ones are marked `interrupted` with their open attempt.
+  virtual Status Recover(double time, std::vector<Task>* requeue, int* interrupted) = 0;
+  virtual Status CountByState(std::vector<std::pair<std::string, long>>* counts) = 0;
+  virtual int SchemaVersion() = 0;
+  virtual std::string Path() const = 0;
+};
+
+// Opens (creating if needed) the store at `path`; ":memory:" gives a private in-memory
+// store. A file that is not a Cortex database, or is newer than this build, is refused
+// and left untouched.
+Result<std::unique_ptr<Store>> OpenStore(const std::string& path);
+
+}  // namespace cortex

@@ -1,0 +1,127 @@
+// The task data model shared by the store, router, daemon and wire protocol.
+#pragma once
+
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace cortex {
+
+using Tags = std::vector<std::pair<std::string, std::string>>;
+
+enum class TaskState { kQueued, kRouted, kRunning, kSucceeded, kFailed, kCancelled, kInterrupted };
+enum class OutcomeKind { kSuccess, kFailure, kTimeout, kCrash, kRejected, kInterrupted };
+
+const char* ToString(TaskState s);
+const char* ToString(OutcomeKind k);
+std::optional<TaskState> ParseTaskState(const std::string& s);
+std::optional<OutcomeKind> ParseOutcomeKind(const std::string& s);
+inline bool IsFinal(TaskState s) {
+  return s == TaskState::kSucceeded || s == TaskState::kFailed || s == TaskState::kCancelled ||
+         s == TaskState::kInterrupted;
+}
+
+struct Outcome {
+  OutcomeKind kind = OutcomeKind::kFailure;
+  double quality = 0;  // [0,1]
+  double duration_s = 0;
+  std::string output;  // bounded by the executor
+  std::string error;   // short reason for a non-success, from the host
+};
+
+struct Candidate {
+  std::string expert;
+  double rule_score = 0;
+  double model_score = 0;
+  double load_bias = 0;  // selection only; `score` excludes it
+  double score = 0;      // rule_score + model_score
+  double confidence = 0;
+  std::vector<std::string> rules;  // names of the rules that fired for this expert
+};
+
+struct Decision {
+  double time = 0;
+  std::string model_version;
+  std::string chosen;
+  double propensity = 1;  // probability with which `chosen` was picked
+  bool explored = false;
+  bool forced = false;
+  std::vector<Candidate> candidates;  // best first (by score + load bias)
+
+  const Candidate* Find(const std::string& expert) const {
+    for (const auto& c : candidates)
+      if (c.expert == expert) return &c;
+    return nullptr;
+  }
+};
+
+struct Attempt {
+  int n = 0;  // 1-based
+  std::string expert;
+  double started_at = 0;
+  double finished_at = 0;
+  std::optional<Outcome> outcome;  // empty while running
+};
+
+struct Feedback {
+  double time = 0;
+  double quality = 0;
+  std::string note;
+};
+
+struct Task {
+  std::string id;
+  std::string text;
+  Tags tags;
+  TaskState state = TaskState::kQueued;
+  double created_at = 0;
+  double updated_at = 0;
+  std::string expert;  // the expert whose attempt ended the task
+  std::optional<Decision> decision;
+  std::vector<Attempt> attempts;
+  std::vector<Feedback> feedback;
+};
+
+struct HistoryQuery {
+  int limit = 20;
+  std::string expert;       // empty: any
+  double since = 0;         // unix time; 0: any
+  std::string outcome;      // "", "success" or "failure" (any non-success)
+};
+
+struct HistoryRow {
+  std::string id;
+  double time = 0;
+  std::string text;
+  std::string state;
+  std::string expert;      // chosen by the decision
+  double confidence = 0;   // of the chosen expert
+  std::string outcome;     // final outcome kind, empty while unfinished
+  double quality = -1;     // effective quality (feedback overrides), -1 if none
+  bool explored = false;
+};
+
+struct ExpertStats {
+  std::string expert;
+  long routed = 0;        // decisions that chose it
+  long attempts = 0;      // finished attempts it ran
+  long successes = 0;
+  double mean_quality = 0;  // over finished attempts, feedback overriding
+  // Calibration of the router's confidence when it chose this expert, against the
+  // outcome of that first attempt.
+  long calibrated = 0;
+  double mean_confidence = 0;
+  double first_success_rate = 0;
+  double brier = 0;
+};
+
+struct ExpertEvent {
+  double time = 0;
+  std::string expert;  // may be empty when a file was refused before its name was known
+  std::string file;
+  std::string event;   // loaded, replaced, removed, refused, configured
+  std::string detail;
+};
+
+}  // namespace cortex

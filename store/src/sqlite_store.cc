@@ -1,0 +1,602 @@
+// SQLite backend of Store: one connection in WAL mode with synchronous=FULL, serialized
+// by a mutex. Every statement binds its parameters; no SQL is built from input.
+#include <sqlite3.h>
+
+#include <map>
+#include <mutex>
+#include <nlohmann/json.hpp>
+
+#include "cortex/store.h"
+
+namespace cortex {
+namespace {
+
+using json = nlohmann::json;
+
+// 'CRTX': marks a file as ours so a foreign SQLite database is never written to.
+constexpr int kApplicationId = 0x43525458;
+
+// Each entry moves the schema one version up; never edit a released one, append.
+const char* const kMigrations[] = {
+    // v1
+    R"sql(
+CREATE TABLE tasks(
+  id TEXT PRIMARY KEY,
+  text TEXT NOT NULL,
+  tags TEXT NOT NULL,
+  state TEXT NOT NULL,
+  created_at REAL NOT NULL,
+  updated_at REAL NOT NULL,
+  expert TEXT,
+  feedback_quality REAL
+);
+CREATE INDEX tasks_created ON tasks(created_at);
+CREATE INDEX tasks_state ON tasks(state);
+CREATE TABLE decisions(
+  task_id TEXT PRIMARY KEY REFERENCES tasks(id),
+  time REAL NOT NULL,
+  model_version TEXT NOT NULL,
+  chosen TEXT NOT NULL,
+  chosen_confidence REAL NOT NULL,
+  propensity REAL NOT NULL,
+  explored INTEGER NOT NULL,
+  forced INTEGER NOT NULL,
+  candidates TEXT NOT NULL
+);
+CREATE INDEX decisions_chosen ON decisions(chosen);
+CREATE TABLE attempts(
+  task_id TEXT NOT NULL REFERENCES tasks(id),
+  n INTEGER NOT NULL,
+  expert TEXT NOT NULL,
+  started_at REAL NOT NULL,
+  finished_at REAL,
+  outcome TEXT,
+  quality REAL,
+  duration_s REAL,
+  output TEXT,
+  error TEXT,
+  PRIMARY KEY(task_id, n)
+);
+CREATE INDEX attempts_expert ON attempts(expert);
+CREATE TABLE feedback(
+  id INTEGER PRIMARY KEY,
+  task_id TEXT NOT NULL REFERENCES tasks(id),
+  time REAL NOT NULL,
+  quality REAL NOT NULL,
+  note TEXT NOT NULL
+);
+CREATE INDEX feedback_task ON feedback(task_id);
+CREATE TABLE expert_events(
+  id INTEGER PRIMARY KEY,
+  time REAL NOT NULL,
+  expert TEXT NOT NULL,
+  file TEXT NOT NULL,
+  event TEXT NOT NULL,
+  detail TEXT NOT NULL
+);
+)sql",
+};
+constexpr int kSchemaVersion = sizeof(kMigrations) / sizeof(kMigrations[0]);
+
+// A prepared statement, reset on destruction so the cached handle can be reused.
+class Stmt {
+ public:
+  Stmt(sqlite3_stmt* s) : s_(s) {}
+  ~Stmt() {
+    if (s_) {
+      sqlite3_reset(s_);
+      sqlite3_clear_bindings(s_);
+    }
+  }
+  Stmt& Bind(int i, const std::string& v) {
+    sqlite3_bind_text(s_, i, v.data(), static_cast<int>(v.size()), SQLITE_TRANSIENT);
+    return *this;
+  }
+  Stmt& Bind(int i, const char* v) { return Bind(i, std::string(v)); }
+  Stmt& Bind(int i, double v) {
+    sqlite3_bind_double(s_, i, v);
+    return *this;
+  }
+  Stmt& Bind(int i, int v) {
+    sqlite3_bind_int64(s_, i, v);
+    return *this;
+  }
+  Stmt& Bind(int i, long v) {
+    sqlite3_bind_int64(s_, i, v);
+    return *this;
+  }
+  Stmt& BindNull(int i) {
+    sqlite3_bind_null(s_, i);
+    return *this;
+  }
+  // SQLITE_ROW, SQLITE_DONE or an error code.
+  int Step() { return sqlite3_step(s_); }
+  std::string Text(int c) {
+    const unsigned char* t = sqlite3_column_text(s_, c);
+    return t ? std::string(reinterpret_cast<const char*>(t),
+                           static_cast<size_t>(sqlite3_column_bytes(s_, c)))
+             : std::string();
+  }
+  double Double(int c) { return sqlite3_column_double(s_, c); }
+  long Long(int c) { return static_cast<long>(sqlite3_column_int64(s_, c)); }
+  bool IsNull(int c) { return sqlite3_column_type(s_, c) == SQLITE_NULL; }
+  bool ok() const { return s_ != nullptr; }
+
+ private:
+  sqlite3_stmt* s_;
+};
+
+class SqliteStore : public Store {
+ public:
+  explicit SqliteStore(std::string path) : path_(std::move(path)) {}
+  ~SqliteStore() override {
+    for (auto& [sql, s] : cache_) sqlite3_finalize(s);
+    if (db_) sqlite3_close(db_);
+  }
+
+  Status Open() {
+    int flags = SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_FULLMUTEX;
+    if (sqlite3_open_v2(path_.c_str(), &db_, flags, nullptr) != SQLITE_OK)
+      return Status::IOError("cannot open store " + path_ + ": " + Err());
+    sqlite3_busy_timeout(db_, 5000);
+    sqlite3_extended_result_codes(db_, 1);
+
+    // Refuse anything that is not an empty file or a Cortex store before writing a byte.
+    long app_id = 0, user_version = 0, objects = 0;
+    Status st = QueryLong("PRAGMA application_id", &app_id);
+    if (!st.ok()) return NotOurs(st.message());
+    CORTEX_RETURN_IF_ERROR(QueryLong("PRAGMA user_version", &user_version));
+    CORTEX_RETURN_IF_ERROR(QueryLong("SELECT count(*) FROM sqlite_master", &objects));
+    if (app_id != kApplicationId && (objects > 0 || user_version != 0))
+      return NotOurs("it holds another application's tables");
+    if (user_version > kSchemaVersion)
+      return Status::FailedPrecondition(
+          "store " + path_ + " has schema version " + std::to_string(user_version) +
+          ", newer than this cortexd understands (" + std::to_string(kSchemaVersion) +
+          "); upgrade cortexd");
+
+    if (path_ != ":memory:") {
+      std::string mode;
+      CORTEX_RETURN_IF_ERROR(QueryText("PRAGMA journal_mode=WAL", &mode));
+      if (mode != "wal") return Status::IOError("store " + path_ + ": cannot enable WAL mode");
+    }
+    CORTEX_RETURN_IF_ERROR(Exec("PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;"));
+    return Migrate(static_cast<int>(user_version));
+  }
+
+  Status InsertTask(const Task& t) override {
+    std::lock_guard<std::mutex> l(mu_);
+    Stmt s = Prepare(
+        "INSERT INTO tasks(id,text,tags,state,created_at,updated_at) VALUES(?,?,?,?,?,?)");
+    s.Bind(1, t.id).Bind(2, t.text).Bind(3, TagsJson(t.tags).dump()).Bind(4, ToString(t.state));
+    s.Bind(5, t.created_at).Bind(6, t.created_at);
+    return Done(s, "insert task " + t.id);
+  }
+
+  Status RecordDecision(const std::string& id, const Decision& d) override {
+    std::lock_guard<std::mutex> l(mu_);
+    CORTEX_RETURN_IF_ERROR(Exec("BEGIN IMMEDIATE"));
+    const Candidate* chosen = d.Find(d.chosen);
+    Stmt s = Prepare(
+        "INSERT OR REPLACE INTO decisions(task_id,time,model_version,chosen,chosen_confidence,"
+        "propensity,explored,forced,candidates) VALUES(?,?,?,?,?,?,?,?,?)");
+    s.Bind(1, id).Bind(2, d.time).Bind(3, d.model_version).Bind(4, d.chosen);
+    s.Bind(5, chosen ? chosen->confidence : 0.0).Bind(6, d.propensity);
+    s.Bind(7, d.explored ? 1 : 0).Bind(8, d.forced ? 1 : 0).Bind(9, CandidatesJson(d).dump());
+    Status st = Done(s, "record decision for " + id);
+    if (st.ok()) st = UpdateState(id, TaskState::kRouted, d.time);
+    return Finish(st);
+  }
+
+  Status StartAttempt(const std::string& id, int n, const std::string& expert,
+                      double time) override {
+    std::lock_guard<std::mutex> l(mu_);
+    CORTEX_RETURN_IF_ERROR(Exec("BEGIN IMMEDIATE"));
+    Stmt s = Prepare("INSERT INTO attempts(task_id,n,expert,started_at) VALUES(?,?,?,?)");
+    s.Bind(1, id).Bind(2, n).Bind(3, expert).Bind(4, time);
+    Status st = Done(s, "start attempt");
+    if (st.ok()) st = UpdateState(id, TaskState::kRunning, time);
+    return Finish(st);
+  }
+
+  Status FinishAttempt(const std::string& id, int n, const Outcome& o, double time) override {
+    std::lock_guard<std::mutex> l(mu_);
+    Stmt s = Prepare(
+        "UPDATE attempts SET finished_at=?,outcome=?,quality=?,duration_s=?,output=?,error=? "
+        "WHERE task_id=? AND n=?");
+    s.Bind(1, time).Bind(2, ToString(o.kind)).Bind(3, o.quality).Bind(4, o.duration_s);
+    s.Bind(5, o.output).Bind(6, o.error).Bind(7, id).Bind(8, n);
+    CORTEX_RETURN_IF_ERROR(Done(s, "finish attempt"));
+    return Changed("attempt " + std::to_string(n) + " of task " + id);
+  }
+
+  Status FinishTask(const std::string& id, TaskState state, const std::string& expert,
+                    double time) override {
+    std::lock_guard<std::mutex> l(mu_);
+    Stmt s = Prepare("UPDATE tasks SET state=?,expert=?,updated_at=? WHERE id=?");
+    s.Bind(1, ToString(state)).Bind(2, expert).Bind(3, time).Bind(4, id);
+    CORTEX_RETURN_IF_ERROR(Done(s, "finish task"));
+    return Changed("task " + id);
+  }
+
+  Status SetState(const std::string& id, TaskState state, double time) override {
+    std::lock_guard<std::mutex> l(mu_);
+    return UpdateState(id, state, time);
+  }
+
+  Status AddFeedback(const std::string& id, const Feedback& f) override {
+    std::lock_guard<std::mutex> l(mu_);
+    CORTEX_RETURN_IF_ERROR(Exec("BEGIN IMMEDIATE"));
+    Stmt u = Prepare("UPDATE tasks SET feedback_quality=? WHERE id=?");
+    u.Bind(1, f.quality).Bind(2, id);
+    Status st = Done(u, "feedback");
+    if (st.ok() && sqlite3_changes(db_) == 0) st = Status::NotFound("no task with id '" + id + "'");
+    if (st.ok()) {
+      Stmt s = Prepare("INSERT INTO feedback(task_id,time,quality,note) VALUES(?,?,?,?)");
+      s.Bind(1, id).Bind(2, f.time).Bind(3, f.quality).Bind(4, f.note);
+      st = Done(s, "feedback");
+    }
+    return Finish(st);
+  }
+
+  Status GetTask(const std::string& id, Task* t) override {
+    std::lock_guard<std::mutex> l(mu_);
+    return LoadTask(id, t);
+  }
+
+  Status History(const HistoryQuery& q, std::vector<HistoryRow>* rows) override {
+    std::lock_guard<std::mutex> l(mu_);
+    rows->clear();
+    Stmt s = Prepare(
+        "SELECT t.id,t.created_at,t.text,t.state,COALESCE(d.chosen,''),"
+        "COALESCE(d.chosen_confidence,0),COALESCE(d.explored,0),"
+        "(SELECT outcome FROM attempts a WHERE a.task_id=t.id ORDER BY n DESC LIMIT 1),"
+        "COALESCE(t.feedback_quality,(SELECT quality FROM attempts a WHERE a.task_id=t.id "
+        "ORDER BY n DESC LIMIT 1)) "
+        "FROM tasks t LEFT JOIN decisions d ON d.task_id=t.id "
+        "WHERE (?1='' OR d.chosen=?1 OR t.expert=?1) AND t.created_at>=?2 "
+        "AND (?3='' OR (?3='success' AND t.state='succeeded') OR "
+        "(?3='failure' AND t.state IN ('failed','interrupted'))) "
+        "ORDER BY t.created_at DESC, t.rowid DESC LIMIT ?4");
+    s.Bind(1, q.expert).Bind(2, q.since).Bind(3, q.outcome).Bind(4, q.limit);
+    int rc;
+    while ((rc = s.Step()) == SQLITE_ROW) {
+      HistoryRow r;
+      r.id = s.Text(0);
+      r.time = s.Double(1);
+      r.text = s.Text(2);
+      r.state = s.Text(3);
+      r.expert = s.Text(4);
+      r.confidence = s.Double(5);
+      r.explored = s.Long(6) != 0;
+      TaskState st = ParseTaskState(r.state).value_or(TaskState::kQueued);
+      r.outcome = IsFinal(st) ? s.Text(7) : "";
+      r.quality = s.IsNull(8) || !IsFinal(st) ? -1 : s.Double(8);
+      rows->push_back(std::move(r));
+    }
+    return rc == SQLITE_DONE ? Status::OK() : Fail("history");
+  }
+
+  Status Stats(std::vector<ExpertStats>* out) override {
+    std::lock_guard<std::mutex> l(mu_);
+    std::map<std::string, ExpertStats> m;
+    {
+      Stmt s = Prepare("SELECT chosen,count(*) FROM decisions GROUP BY chosen");
+      while (s.Step() == SQLITE_ROW) m[s.Text(0)].routed = s.Long(1);
+    }
+    {
+      // Feedback overrides the quality of the attempt that ended the task.
+      Stmt s = Prepare(
+          "SELECT a.expert,count(*),sum(a.outcome='success'),avg(CASE WHEN "
+          "t.feedback_quality IS NOT NULL AND a.n=(SELECT max(n) FROM attempts b WHERE "
+          "b.task_id=a.task_id) THEN t.feedback_quality ELSE a.quality END) "
+          "FROM attempts a JOIN tasks t ON t.id=a.task_id "
+          "WHERE a.outcome IS NOT NULL AND a.outcome!='interrupted' GROUP BY a.expert");
+      while (s.Step() == SQLITE_ROW) {
+        ExpertStats& e = m[s.Text(0)];
+        e.attempts = s.Long(1);
+        e.successes = s.Long(2);
+        e.mean_quality = s.Double(3);
+      }
+    }
+    {
+      Stmt s = Prepare(
+          "SELECT d.chosen,count(*),avg(d.chosen_confidence),avg(a.outcome='success'),"
+          "avg((d.chosen_confidence-(a.outcome='success'))*(d.chosen_confidence-"
+          "(a.outcome='success'))) FROM decisions d JOIN attempts a ON a.task_id=d.task_id "
+          "AND a.n=1 WHERE a.outcome IS NOT NULL AND a.outcome!='interrupted' GROUP BY d.chosen");
+      while (s.Step() == SQLITE_ROW) {
+        ExpertStats& e = m[s.Text(0)];
+        e.calibrated = s.Long(1);
+        e.mean_confidence = s.Double(2);
+        e.first_success_rate = s.Double(3);
+        e.brier = s.Double(4);
+      }
+    }
+    out->clear();
+    for (auto& [name, e] : m) {
+      e.expert = name;
+      out->push_back(e);
+    }
+    return Status::OK();
+  }
+
+  Status RecordExpertEvent(const ExpertEvent& e) override {
+    std::lock_guard<std::mutex> l(mu_);
+    Stmt s = Prepare("INSERT INTO expert_events(time,expert,file,event,detail) VALUES(?,?,?,?,?)");
+    s.Bind(1, e.time).Bind(2, e.expert).Bind(3, e.file).Bind(4, e.event).Bind(5, e.detail);
+    return Done(s, "expert event");
+  }
+
+  Status ExpertEvents(int limit, std::vector<ExpertEvent>* out) override {
+    std::lock_guard<std::mutex> l(mu_);
+    out->clear();
+    Stmt s = Prepare(
+        "SELECT time,expert,file,event,detail FROM expert_events ORDER BY id DESC LIMIT ?");
+    s.Bind(1, limit);
+    while (s.Step() == SQLITE_ROW)
+      out->push_back({s.Double(0), s.Text(1), s.Text(2), s.Text(3), s.Text(4)});
+    return Status::OK();
+  }
+
+  Status ForEachTask(double since, const std::function<bool(const Task&)>& fn) override {
+    long after = 0;
+    for (;;) {
+      std::vector<std::pair<long, std::string>> page;
+      {
+        std::lock_guard<std::mutex> l(mu_);
+        Stmt s = Prepare(
+            "SELECT rowid,id FROM tasks WHERE rowid>? AND created_at>=? ORDER BY rowid LIMIT 256");
+        s.Bind(1, after).Bind(2, since);
+        while (s.Step() == SQLITE_ROW) page.emplace_back(s.Long(0), s.Text(1));
+      }
+      if (page.empty()) return Status::OK();
+      for (const auto& [rowid, id] : page) {
+        Task t;
+        {
+          std::lock_guard<std::mutex> l(mu_);
+          CORTEX_RETURN_IF_ERROR(LoadTask(id, &t));
+        }
+        if (!fn(t)) return Status::OK();
+        after = rowid;
+      }
+    }
+  }
+
+  Status Recover(double time, std::vector<Task>* requeue, int* interrupted) override {
+    std::lock_guard<std::mutex> l(mu_);
+    requeue->clear();
+    *interrupted = 0;
+    CORTEX_RETURN_IF_ERROR(Exec("BEGIN IMMEDIATE"));
+    Stmt a = Prepare(
+        "UPDATE attempts SET outcome='interrupted',finished_at=?,quality=0,error='cortexd stopped "
+        "while this attempt ran' WHERE outcome IS NULL");
+    a.Bind(1, time);
+    Status st = Done(a, "recover attempts");
+    if (st.ok()) {
+      Stmt t = Prepare("UPDATE tasks SET state='interrupted',updated_at=? WHERE state='running'");
+      t.Bind(1, time);
+      st = Done(t, "recover tasks");
+      *interrupted = sqlite3_changes(db_);
+    }
+    CORTEX_RETURN_IF_ERROR(Finish(st));
+    std::vector<std::string> ids;
+    {
+      Stmt s = Prepare(
+          "SELECT id FROM tasks WHERE state IN ('queued','routed') ORDER BY created_at, rowid");
+      while (s.Step() == SQLITE_ROW) ids.push_back(s.Text(0));
+    }
+    for (const auto& id : ids) {
+      Task t;
+      CORTEX_RETURN_IF_ERROR(LoadTask(id, &t));
+      requeue->push_back(std::move(t));
+    }
+    return Status::OK();
+  }
+
+  Status CountByState(std::vector<std::pair<std::string, long>>* counts) override {
+    std::lock_guard<std::mutex> l(mu_);
+    counts->clear();
+    Stmt s = Prepare("SELECT state,count(*) FROM tasks GROUP BY state ORDER BY state");
+    while (s.Step() == SQLITE_ROW) counts->emplace_back(s.Text(0), s.Long(1));
+    return Status::OK();
+  }
+
+  int SchemaVersion() override {
+    std::lock_guard<std::mutex> l(mu_);
+    long v = 0;
+    (void)QueryLong("PRAGMA user_version", &v);
+    return static_cast<int>(v);
+  }
+  std::string Path() const override { return path_; }
+
+ private:
+  std::string Err() const { return db_ ? sqlite3_errmsg(db_) : "out of memory"; }
+  Status Fail(const std::string& what) { return Status::IOError(what + ": " + Err()); }
+  Status NotOurs(const std::string& why) {
+    return Status::Corruption("refusing to use " + path_ +
+                              ": not a Cortex store (" + why +
+                              "); move it away or set store.path to another file");
+  }
+
+  Status Exec(const char* sql) {
+    char* err = nullptr;
+    if (sqlite3_exec(db_, sql, nullptr, nullptr, &err) != SQLITE_OK) {
+      std::string m = err ? err : Err();
+      sqlite3_free(err);
+      return Status::IOError(std::string("store: ") + m);
+    }
+    return Status::OK();
+  }
+  // Commits on success, rolls back otherwise, and returns the first error.
+  Status Finish(const Status& st) {
+    if (!st.ok()) {
+      (void)Exec("ROLLBACK");
+      return st;
+    }
+    return Exec("COMMIT");
+  }
+  Status QueryLong(const char* sql, long* out) {
+    sqlite3_stmt* s = nullptr;
+    if (sqlite3_prepare_v2(db_, sql, -1, &s, nullptr) != SQLITE_OK) return Fail(sql);
+    int rc = sqlite3_step(s);
+    if (rc == SQLITE_ROW) *out = static_cast<long>(sqlite3_column_int64(s, 0));
+    sqlite3_finalize(s);
+    return rc == SQLITE_ROW || rc == SQLITE_DONE ? Status::OK() : Fail(sql);
+  }
+  Status QueryText(const char* sql, std::string* out) {
+    sqlite3_stmt* s = nullptr;
+    if (sqlite3_prepare_v2(db_, sql, -1, &s, nullptr) != SQLITE_OK) return Fail(sql);
+    int rc = sqlite3_step(s);
+    if (rc == SQLITE_ROW) {
+      const unsigned char* t = sqlite3_column_text(s, 0);
+      *out = t ? reinterpret_cast<const char*>(t) : "";
+    }
+    sqlite3_finalize(s);
+    return rc == SQLITE_ROW || rc == SQLITE_DONE ? Status::OK() : Fail(sql);
+  }
+
+  Status Migrate(int from) {
+    for (int v = from; v < kSchemaVersion; ++v) {
+      CORTEX_RETURN_IF_ERROR(Exec("BEGIN IMMEDIATE"));
+      Status st = Exec(kMigrations[v]);
+      if (st.ok()) {
+        std::string pragmas = "PRAGMA application_id=" + std::to_string(kApplicationId) +
+                              "; PRAGMA user_version=" + std::to_string(v + 1) + ";";
+        st = Exec(pragmas.c_str());
+      }
+      CORTEX_RETURN_IF_ERROR(Finish(st).WithContext("migrating store to v" + std::to_string(v + 1)));
+    }
+    return Status::OK();
+  }
+
+  Stmt Prepare(const char* sql) {
+    auto it = cache_.find(sql);
+    if (it != cache_.end()) return Stmt(it->second);
+    sqlite3_stmt* s = nullptr;
+    if (sqlite3_prepare_v2(db_, sql, -1, &s, nullptr) != SQLITE_OK) return Stmt(nullptr);
+    cache_[sql] = s;
+    return Stmt(s);
+  }
+  Status Done(Stmt& s, const std::string& what) {
+    if (!s.ok()) return Fail("prepare " + what);
+    int rc = s.Step();
+    return rc == SQLITE_DONE || rc == SQLITE_ROW ? Status::OK() : Fail(what);
+  }
+  Status Changed(const std::string& what) {
+    return sqlite3_changes(db_) > 0 ? Status::OK() : Status::NotFound("no " + what);
+  }
+  Status UpdateState(const std::string& id, TaskState state, double time) {
+    Stmt s = Prepare("UPDATE tasks SET state=?,updated_at=? WHERE id=?");
+    s.Bind(1, ToString(state)).Bind(2, time).Bind(3, id);
+    CORTEX_RETURN_IF_ERROR(Done(s, "update task state"));
+    return Changed("task with id '" + id + "'");
+  }
+
+  static json TagsJson(const Tags& tags) {
+    json a = json::array();
+    for (const auto& [k, v] : tags) a.push_back({k, v});
+    return a;
+  }
+  static json CandidatesJson(const Decision& d) {
+    json a = json::array();
+    for (const auto& c : d.candidates)
+      a.push_back({{"expert", c.expert}, {"rule_score", c.rule_score},
+                   {"model_score", c.model_score}, {"load_bias", c.load_bias},
+                   {"score", c.score}, {"confidence", c.confidence}, {"rules", c.rules}});
+    return a;
+  }
+
+  Status LoadTask(const std::string& id, Task* t) {
+    *t = Task{};
+    {
+      Stmt s = Prepare(
+          "SELECT id,text,tags,state,created_at,updated_at,COALESCE(expert,'') FROM tasks "
+          "WHERE id=?");
+      s.Bind(1, id);
+      if (s.Step() != SQLITE_ROW) return Status::NotFound("no task with id '" + id + "'");
+      t->id = s.Text(0);
+      t->text = s.Text(1);
+      for (const auto& kv : json::parse(s.Text(2), nullptr, false))
+        if (kv.is_array() && kv.size() == 2) t->tags.emplace_back(kv[0], kv[1]);
+      t->state = ParseTaskState(s.Text(3)).value_or(TaskState::kQueued);
+      t->created_at = s.Double(4);
+      t->updated_at = s.Double(5);
+      t->expert = s.Text(6);
+    }
+    {
+      Stmt s = Prepare(
+          "SELECT time,model_version,chosen,propensity,explored,forced,candidates FROM "
+          "decisions WHERE task_id=?");
+      s.Bind(1, id);
+      if (s.Step() == SQLITE_ROW) {
+        Decision d;
+        d.time = s.Double(0);
+        d.model_version = s.Text(1);
+        d.chosen = s.Text(2);
+        d.propensity = s.Double(3);
+        d.explored = s.Long(4) != 0;
+        d.forced = s.Long(5) != 0;
+        for (const auto& c : json::parse(s.Text(6), nullptr, false)) {
+          if (!c.is_object()) continue;
+          Candidate x;
+          x.expert = c.value("expert", "");
+          x.rule_score = c.value("rule_score", 0.0);
+          x.model_score = c.value("model_score", 0.0);
+          x.load_bias = c.value("load_bias", 0.0);
+          x.score = c.value("score", 0.0);
+          x.confidence = c.value("confidence", 0.0);
+          x.rules = c.value("rules", std::vector<std::string>{});
+          d.candidates.push_back(std::move(x));
+        }
+        t->decision = std::move(d);
+      }
+    }
+    {
+      Stmt s = Prepare(
+          "SELECT n,expert,started_at,COALESCE(finished_at,0),outcome,COALESCE(quality,0),"
+          "COALESCE(duration_s,0),COALESCE(output,''),COALESCE(error,'') FROM attempts "
+          "WHERE task_id=? ORDER BY n");
+      s.Bind(1, id);
+      while (s.Step() == SQLITE_ROW) {
+        Attempt a;
+        a.n = static_cast<int>(s.Long(0));
+        a.expert = s.Text(1);
+        a.started_at = s.Double(2);
+        a.finished_at = s.Double(3);
+        if (!s.IsNull(4)) {
+          Outcome o;
+          o.kind = ParseOutcomeKind(s.Text(4)).value_or(OutcomeKind::kFailure);
+          o.quality = s.Double(5);
+          o.duration_s = s.Double(6);
+          o.output = s.Text(7);
+          o.error = s.Text(8);
+          a.outcome = std::move(o);
+        }
+        t->attempts.push_back(std::move(a));
+      }
+    }
+    {
+      Stmt s = Prepare("SELECT time,quality,note FROM feedback WHERE task_id=? ORDER BY id");
+      s.Bind(1, id);
+      while (s.Step() == SQLITE_ROW) t->feedback.push_back({s.Double(0), s.Double(1), s.Text(2)});
+    }
+    return Status::OK();
+  }
+
+  std::string path_;
+  sqlite3* db_ = nullptr;
+  std::mutex mu_;
+  std::map<std::string, sqlite3_stmt*> cache_;
+};
+
+}  // namespace
+
+Result<std::unique_ptr<Store>> OpenStore(const std::string& path) {
+  auto s = std::make_unique<SqliteStore>(path);
+  Status st = s->Open();
+  if (!st.ok()) return st;
+  return std::unique_ptr<Store>(std::move(s));
+}
+
+}  // namespace cortex

@@ -1,0 +1,122 @@
+#include <gtest/gtest.h>
+
+#include "cortex/config.h"
+#include "cortex/rules.h"
+
+namespace cortex {
+namespace {
+
+TEST(ConfigTest, EmbeddedDefaultsParseAndResolvePaths) {
+  Result<Config> c = LoadConfigString(EmbeddedDefaultsYaml(), "<embedded defaults>");
+  ASSERT_TRUE(c.ok()) << c.status().ToString();
+  EXPECT_EQ(c->router.backend, "auto");
+  EXPECT_DOUBLE_EQ(c->router.exploration, 0.05);
+  EXPECT_EQ(c->training.interval_s, 600);
+  EXPECT_GE(c->rules.size(), 2u);
+  Config d = DefaultConfig();
+  EXPECT_FALSE(d.daemon.socket.empty());
+  EXPECT_NE(d.store.path.find("cortex.db"), std::string::npos);
+}
+
+TEST(ConfigTest, FullExampleFromSpecParses) {
+  const char* yaml = R"(daemon:   { socket: /tmp/x.sock, workers: 4 }
+store:    { path: /tmp/x.db }
+plugins:  { dir: /tmp/p, watch: true }
+router:
+  backend: auto
+  exploration: 0.05
+  load_bias: 0.2
+  max_attempts: 2
+training:
+  interval: 10m
+  min_new_outcomes: 200
+rules:
+  - name: security-terms
+    match: ["cve", "vulnerab", "xss", "injection"]
+    expert: security
+    boost: 0.3
+  - name: compliance
+    match: ["/\\bgdpr\\b/"]
+    expert: security
+    force: true
+experts:
+  - name: cicd
+    plugin: command
+    run: ["ctest", "--test-dir", "build"]
+    keywords: ["ci", "build", "pipeline", "release"]
+    timeout: 10m
+)";
+  Result<Config> c = LoadConfigString(yaml, "spec.yaml");
+  ASSERT_TRUE(c.ok()) << c.status().ToString();
+  ASSERT_EQ(c->experts.size(), 1u);
+  EXPECT_EQ(c->experts[0].plugin, "command");
+  EXPECT_EQ(c->experts[0].timeout_s.value(), 600);
+  EXPECT_EQ(c->experts[0].settings["run"].size(), 3u);
+  EXPECT_EQ(c->experts[0].key_lines.at("run"), 24);
+  EXPECT_TRUE(c->rules[1].force);
+  EXPECT_EQ(c->daemon.socket, "/tmp/x.sock");
+}
+
+struct BadCase {
+  const char* yaml;
+  const char* expect;  // substring of the error, which always starts with file:line
+};
+
+class ConfigErrorTest : public ::testing::TestWithParam<BadCase> {};
+
+TEST_P(ConfigErrorTest, NamesFileLineAndKey) {
+  Result<Config> c = LoadConfigString(GetParam().yaml, "bad.yaml");
+  ASSERT_FALSE(c.ok());
+  EXPECT_EQ(c.status().code(), Status::Code::kInvalidArgument);
+  EXPECT_NE(c.status().message().find(GetParam().expect), std::string::npos) << c.status().message();
+  EXPECT_EQ(c.status().message().rfind("bad.yaml:", 0), 0u) << c.status().message();
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Cases, ConfigErrorTest,
+    ::testing::Values(
+        BadCase{"daemon:\n  workerz: 4\n", "bad.yaml:2: daemon.workerz: unknown key"},
+        BadCase{"daemon:\n  workers: many\n", "bad.yaml:2: daemon.workers: expected an integer"},
+        BadCase{"router:\n  exploration: 2\n", "router.exploration: must be between 0 and 1"},
+        BadCase{"router:\n  backend: tpu\n", "router.backend: must be auto, cpu or cuda"},
+        BadCase{"training:\n  interval: soon\n", "bad.yaml:2: training.interval: not a duration"},
+        BadCase{"rules:\n  - name: r\n    match: cve\n    expert: s\n    boost: 1\n",
+                "bad.yaml:3: rules[0].match: expected a list"},
+        BadCase{"rules:\n  - name: r\n    match: [x]\n    boost: 1\n", "rules[0].expert: is required"},
+        BadCase{"rules:\n  - name: r\n    match: [x]\n    expert: e\n", "needs a boost, or force"},
+        BadCase{"experts:\n  - name: A B\n    plugin: command\n", "experts[0].name: must be"},
+        BadCase{"experts:\n  - name: a\n    plugin: command\n  - name: a\n    plugin: command\n",
+                "bad.yaml:4: experts[1].name: duplicate"},
+        BadCase{"experts:\n  - name: a\n    plugin: command\n    timeout: -3s\n", "experts[0].timeout"},
+        BadCase{"nonsense: 1\n", "bad.yaml:1: nonsense: unknown key"},
+        BadCase{"plugins: {dir: /a}\nplugins: {bundled: false}\n", "bad.yaml:2: plugins: duplicate key"},
+        BadCase{"experts:\n  - name: a\n    plugin: x\n    run: [a]\n    run: [b]\n",
+                "bad.yaml:5: experts[0].run: duplicate key"},
+        BadCase{"daemon: [1, 2\n", "YAML syntax error"}));
+
+TEST(ConfigTest, MissingFileIsNotFound) {
+  Result<Config> c = LoadConfigFile("/nonexistent/cortex.yaml");
+  ASSERT_FALSE(c.ok());
+  EXPECT_EQ(c.status().code(), Status::Code::kNotFound);
+}
+
+TEST(ConfigTest, Durations) {
+  EXPECT_DOUBLE_EQ(ParseDuration("10m").value(), 600);
+  EXPECT_DOUBLE_EQ(ParseDuration("250ms").value(), 0.25);
+  EXPECT_DOUBLE_EQ(ParseDuration("2h").value(), 7200);
+  EXPECT_DOUBLE_EQ(ParseDuration("1.5").value(), 1.5);
+  EXPECT_FALSE(ParseDuration("5 parsecs").ok());
+  EXPECT_FALSE(ParseDuration("").ok());
+}
+
+TEST(RulesTest, BadRegexNamesTheRuleAndLine) {
+  Result<Config> c = LoadConfigString("rules:\n  - name: r1\n    match: [\"/([a-z/\"]\n    expert: e\n    boost: 1\n", "r.yaml");
+  ASSERT_TRUE(c.ok()) << c.status().ToString();
+  Result<RuleSet> rs = RuleSet::Compile(c->rules, c->source);
+  ASSERT_FALSE(rs.ok());
+  EXPECT_NE(rs.status().message().find("r.yaml:2: rules.r1.match: bad regular expression"), std::string::npos)
+      << rs.status().message();
+}
+
+}  // namespace
+}  // namespace cortex

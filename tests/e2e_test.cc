@@ -1,0 +1,429 @@
+// End to end: the real cortexd, driven by the real cortexctl (and raw socket clients
+// for protocol abuse), as a user would run them.
+#include <gtest/gtest.h>
+#include <sys/stat.h>
+
+#include <set>
+#include <thread>
+
+#include "cortex/client.h"
+#include "testutil.h"
+
+namespace cortex {
+namespace {
+
+using test::Daemon;
+using test::TempDir;
+using json = nlohmann::json;
+namespace fs = std::filesystem;
+
+const char* kCommandExperts = R"(experts:
+  - name: ok
+    plugin: command
+    run: ["/bin/sh", "-c", "cat >/dev/null; echo done; echo '{\"quality\": 0.8}'"]
+    keywords: ["deploy", "release", "ship"]
+  - name: flaky
+    plugin: command
+    run: ["/bin/sh", "-c", "echo broken >&2; exit 4"]
+    keywords: ["flaky", "broken", "unstable"]
+  - name: slow
+    plugin: command
+    run: ["sleep", "30"]
+    keywords: ["sleepy", "slow"]
+    timeout: 500ms
+rules:
+  - name: policy
+    match: ["/\\bgdpr\\b/"]
+    expert: ok
+    force: true
+)";
+
+TEST(E2E, SubmitWaitShowHistoryExpertsStatusFeedbackExport) {
+  TempDir dir;
+  Daemon d(dir, kCommandExperts);
+  ASSERT_TRUE(d.Start()) << d.Log();
+
+  // submit without --wait prints the id; the task runs in the background.
+  test::Run r = d.Ctl({"submit", "ship the deploy"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  std::string id1 = r.out.substr(0, r.out.find('\n'));
+  EXPECT_EQ(id1.size(), 12u);
+
+  json w = d.CtlJson({"submit", "ship the release", "--tag", "team=infra", "--wait"});
+  ASSERT_TRUE(w.is_object()) << w;
+  EXPECT_EQ(w["state"], "succeeded");
+  EXPECT_EQ(w["expert"], "ok");
+  EXPECT_GT(w["confidence"].get<double>(), 0.3);
+  EXPECT_EQ(w["outcome"]["kind"], "success");
+  EXPECT_DOUBLE_EQ(w["outcome"]["quality"].get<double>(), 0.8);
+  std::string id2 = w["id"];
+
+  json s = d.CtlJson({"show", id2});
+  EXPECT_EQ(s["text"], "ship the release");
+  EXPECT_EQ(s["tags"]["team"], "infra");
+  EXPECT_EQ(s["decision"]["model_version"], "prior-v1");
+  EXPECT_DOUBLE_EQ(s["decision"]["propensity"].get<double>(), 1.0);
+  EXPECT_EQ(s["decision"]["explored"], false);
+  ASSERT_EQ(s["decision"]["candidates"].size(), 5u);  // three configured, two bundled
+  for (const char* k : {"expert", "rule_score", "model_score", "load_bias", "score", "confidence", "rules"})
+    EXPECT_TRUE(s["decision"]["candidates"][0].contains(k)) << k;
+  ASSERT_EQ(s["attempts"].size(), 1u);
+  EXPECT_EQ(s["attempts"][0]["expert"], "ok");
+  EXPECT_EQ(s["attempts"][0]["outcome"]["kind"], "success");
+  EXPECT_NE(s["attempts"][0]["outcome"]["output"].get<std::string>().find("done"), std::string::npos);
+
+  // Human output of show names the chosen expert and the attempt.
+  r = d.Ctl({"show", id2});
+  EXPECT_EQ(r.code, 0);
+  EXPECT_NE(r.out.find("decision: ok"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("1. ok"), std::string::npos) << r.out;
+
+  ASSERT_TRUE(test::Eventually([&] { return d.CtlJson({"show", id1})["state"] == "succeeded"; }));
+  json h = d.CtlJson({"history"});
+  ASSERT_EQ(h.size(), 2u);
+  EXPECT_EQ(h[0]["id"], id2);  // newest first
+  for (const char* k : {"id", "time", "text", "expert", "confidence", "outcome"}) EXPECT_TRUE(h[0].contains(k)) << k;
+  EXPECT_EQ(d.CtlJson({"history", "--expert", "flaky"}).size(), 0u);
+  EXPECT_EQ(d.CtlJson({"history", "--outcome", "success", "--limit", "1"}).size(), 1u);
+  EXPECT_EQ(d.CtlJson({"history", "--since", "1h"}).size(), 2u);
+  EXPECT_EQ(d.CtlJson({"history", "--since", "2099-01-01"}).size(), 0u);
+
+  json ex = d.CtlJson({"experts"});
+  ASSERT_TRUE(ex.is_array());
+  std::map<std::string, json> by;
+  for (const auto& e : ex) by[e["name"]] = e;
+  ASSERT_TRUE(by.count("ok") && by.count("inventory") && by.count("security"));
+  EXPECT_EQ(by["ok"]["state"], "active");
+  EXPECT_EQ(by["ok"]["routed"], 2);
+  EXPECT_DOUBLE_EQ(by["ok"]["success_rate"].get<double>(), 1.0);
+  EXPECT_NE(by["ok"]["file"].get<std::string>().find("command.so"), std::string::npos);
+
+  json st = d.CtlJson({"status"});
+  EXPECT_EQ(st["backend"], "cpu");
+  EXPECT_EQ(st["model_version"], "prior-v1");
+  EXPECT_EQ(st["queue_depth"], 0);
+  EXPECT_GE(st["uptime_s"].get<double>(), 0.0);
+  EXPECT_EQ(st["store_path"], d.store);
+
+  r = d.Ctl({"feedback", id2, "--quality", "0.3", "--note", "partly right"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  json s2 = d.CtlJson({"show", id2});
+  EXPECT_DOUBLE_EQ(s2["outcome"]["quality"].get<double>(), 0.3) << "feedback overrides quality";
+  EXPECT_EQ(s2["feedback"][0]["note"], "partly right");
+
+  json conf = d.CtlJson({"confidence", "--expert", "ok"});
+  ASSERT_EQ(conf.size(), 1u);
+  EXPECT_EQ(conf[0]["decisions"], 2);
+  EXPECT_DOUBLE_EQ(conf[0]["success_rate"].get<double>(), 1.0);
+
+  r = d.Ctl({"export"});
+  ASSERT_EQ(r.code, 0);
+  int lines = 0;
+  for (size_t p = 0; (p = r.out.find('\n', p)) != std::string::npos; ++p) ++lines;
+  EXPECT_EQ(lines, 2);
+  json first = json::parse(r.out.substr(0, r.out.find('\n')));
+  EXPECT_EQ(first["id"], id1);
+  EXPECT_EQ(first["outcome"]["kind"], "success");
+  r = d.Ctl({"export", "--format", "csv"});
+  EXPECT_EQ(r.out.rfind("id,time,expert,", 0), 0u) << r.out;
+  json arr = d.CtlJson({"export"});
+  EXPECT_EQ(arr.size(), 2u);
+
+  EXPECT_EQ(d.Stop(SIGTERM), 0) << d.Log();
+}
+
+TEST(E2E, FallbackTimeoutRejectionAndForcedPolicy) {
+  TempDir dir;
+  Daemon d(dir, kCommandExperts);  // bundled inventory and security too: they reject without repo=
+  ASSERT_TRUE(d.Start()) << d.Log();
+  // flaky fails (exit 4), the runner-up takes over (ok: the task names its keywords too).
+  json w = d.CtlJson({"submit", "the flaky broken unstable deploy", "--wait"});
+  EXPECT_EQ(w["state"], "succeeded") << w;
+  ASSERT_EQ(w["attempts"].size(), 2u);
+  EXPECT_EQ(w["attempts"][0]["expert"], "flaky");
+  EXPECT_EQ(w["attempts"][0]["outcome"]["kind"], "failure");
+  EXPECT_EQ(w["attempts"][0]["outcome"]["error"], "exit status 4");
+  EXPECT_NE(w["attempts"][0]["outcome"]["output"].get<std::string>().find("broken"), std::string::npos);
+  EXPECT_EQ(w["decision"]["chosen"], "flaky");
+  EXPECT_NE(w["expert"], "flaky");
+
+  // slow times out after 500ms, then the fallback runs.
+  w = d.CtlJson({"submit", "sleepy slow job", "--wait"});
+  EXPECT_EQ(w["attempts"][0]["expert"], "slow");
+  EXPECT_EQ(w["attempts"][0]["outcome"]["kind"], "timeout");
+  EXPECT_LT(w["attempts"][0]["outcome"]["duration_s"].get<double>(), 3.0);
+
+  // Without a repo tag, inventory rejects; with max_attempts 2 the chain stops there.
+  w = d.CtlJson({"submit", "inventory catalog of languages", "--wait"});
+  EXPECT_EQ(w["attempts"][0]["expert"], "inventory");
+  EXPECT_EQ(w["attempts"][0]["outcome"]["kind"], "rejected");
+  EXPECT_LE(w["attempts"].size(), 2u);
+
+  // A force rule wins regardless of scores.
+  w = d.CtlJson({"submit", "GDPR: flaky broken unstable", "--wait"});
+  EXPECT_EQ(w["decision"]["chosen"], "ok");
+  EXPECT_EQ(w["decision"]["forced"], true);
+
+  // route is a dry run: it ranks every expert and records nothing.
+  size_t before = d.CtlJson({"history", "--limit", "1000"}).size();
+  json rt = d.CtlJson({"route", "ship the release"});
+  EXPECT_EQ(rt["candidates"][0]["expert"], "ok");
+  EXPECT_EQ(rt["candidates"].size(), 5u);
+  EXPECT_EQ(d.CtlJson({"history", "--limit", "1000"}).size(), before);
+
+  // A task whose every attempt fails makes submit --wait exit 1 with the reason.
+  test::Run r = d.Ctl({"submit", "sleepy slow flaky broken unstable", "--wait"});
+  EXPECT_EQ(r.code, 1) << r.out;
+  EXPECT_NE(r.err.find("failed"), std::string::npos) << r.err;
+  EXPECT_EQ(d.Stop(), 0);
+}
+
+TEST(E2E, CapacityIsHonoured) {
+  TempDir dir;
+  std::string lock = dir / "lockdir";
+  Daemon d(dir, "experts:\n  - name: solo\n    plugin: command\n    capacity: 1\n    keywords: [solo]\n"
+                "    run: [\"/bin/sh\", \"-c\", \"mkdir " + lock + " || exit 9; sleep 0.15; rmdir " + lock + "\"]\n",
+           "router: {exploration: 0, max_attempts: 1}\n");
+  ASSERT_TRUE(d.Start()) << d.Log();
+  std::vector<std::thread> ts;
+  std::vector<json> results(6);
+  for (int i = 0; i < 6; ++i)
+    ts.emplace_back([&, i] { results[static_cast<size_t>(i)] = d.CtlJson({"submit", "solo job", "--wait"}); });
+  for (auto& t : ts) t.join();
+  for (const auto& w : results) EXPECT_EQ(w["state"], "succeeded") << "two ran at once: " << w;
+}
+
+TEST(E2E, BadRequestsGetPreciseErrorsAndChangeNothing) {
+  TempDir dir;
+  Daemon d(dir, kCommandExperts);
+  ASSERT_TRUE(d.Start()) << d.Log();
+  json w = d.CtlJson({"submit", "ship it", "--wait"});
+  std::string id = w["id"];
+
+  Client c;
+  ASSERT_TRUE(c.Connect(d.socket).ok());
+  auto raw = [&](const std::string& line) {
+    EXPECT_TRUE(c.SendRaw(line + "\n").ok());
+    std::string resp;
+    EXPECT_TRUE(c.ReadLine(&resp).ok());
+    return json::parse(resp);
+  };
+  auto expect_err = [&](const std::string& line, const std::string& code, const std::string& msg) {
+    json j = raw(line);
+    EXPECT_EQ(j["ok"], false) << line;
+    EXPECT_EQ(j["error"]["code"], code) << line << " -> " << j;
+    EXPECT_NE(j["error"]["message"].get<std::string>().find(msg), std::string::npos) << line << " -> " << j;
+  };
+  expect_err("{\"op\": \"submit\", \"text\": ", "invalid_argument", "malformed JSON at byte");
+  expect_err("[1,2]", "invalid_argument", "must be a JSON object");
+  expect_err("{\"text\": \"x\"}", "invalid_argument", "missing field 'op'");
+  expect_err("{\"op\": \"launch\"}", "invalid_argument", "unknown op 'launch'");
+  expect_err("{\"op\": \"submit\"}", "invalid_argument", "missing field 'text'");
+  expect_err("{\"op\": \"submit\", \"text\": 7}", "invalid_argument", "'text' must be a string");
+  expect_err("{\"op\": \"submit\", \"text\": \"   \"}", "invalid_argument", "is empty");
+  expect_err("{\"op\": \"submit\", \"text\": \"x\", \"colour\": 1}", "invalid_argument", "unknown field 'colour'");
+  expect_err("{\"op\": \"submit\", \"text\": \"" + std::string(20000, 'a') + "\"}", "resource_exhausted",
+             "task text is 20000 bytes; the limit is 16384");
+  expect_err("{\"op\": \"submit\", \"text\": \"bad \xff\xfe bytes\"}", "invalid_argument",
+             "not valid UTF-8 (byte 0xff at offset");
+  expect_err("{\"op\": \"submit\", \"text\": \"x\", \"tags\": {\"k\": 1}}", "invalid_argument", "string value");
+  expect_err("{\"op\": \"submit\", \"text\": \"x\", \"tags\": {\"bad key\": \"v\"}}", "invalid_argument", "tag key");
+  expect_err("{\"op\": \"show\", \"id\": \"nosuchid\"}", "not_found", "no task with id 'nosuchid'");
+  expect_err("{\"op\": \"feedback\", \"id\": \"" + id + "\", \"quality\": 1.5}", "invalid_argument",
+             "between 0 and 1");
+  expect_err("{\"op\": \"feedback\", \"id\": \"nosuchid\", \"quality\": 0.5}", "not_found", "no task");
+  expect_err("{\"op\": \"history\", \"outcome\": \"meh\"}", "invalid_argument", "success or failure");
+  // An oversized request is refused and the connection stays usable.
+  expect_err(std::string(1100000, ' ') + "x", "resource_exhausted", "larger than");
+  EXPECT_EQ(raw("{\"op\": \"status\"}")["ok"], true);
+
+  // The same through cortexctl: exit 1 with the message on stderr, JSON on stdout.
+  test::Run r = d.Ctl({"show", "nosuchid"});
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find("no task with id"), std::string::npos);
+  r = d.Ctl({"show", "nosuchid", "--json"});
+  EXPECT_EQ(r.code, 1);
+  EXPECT_EQ(r.Json()["error"]["code"], "not_found");
+  r = d.Ctl({"feedback", id});
+  EXPECT_EQ(r.code, 2) << "needs --good, --bad or --quality";
+  r = d.Ctl({"feedback", id, "--quality", "7"});
+  EXPECT_EQ(r.code, 2);
+  r = d.Ctl({"frobnicate"});
+  EXPECT_EQ(r.code, 2);
+  r = d.Ctl({"submit", "x", "--tag", "novalue"});
+  EXPECT_EQ(r.code, 2);
+
+  // Nothing stored changed, and the daemon is alive.
+  EXPECT_TRUE(d.Alive());
+  json h = d.CtlJson({"history"});
+  ASSERT_EQ(h.size(), 1u);
+  EXPECT_EQ(h[0]["id"], id);
+  EXPECT_EQ(d.CtlJson({"show", id})["feedback"].size(), 0u);
+}
+
+TEST(E2E, UnreachableDaemonAndUsageExitCodes) {
+  TempDir dir;
+  test::Run r = test::Ctl(dir / "none.sock", {"status"});
+  EXPECT_EQ(r.code, 3);
+  EXPECT_NE(r.err.find("is cortexd running?"), std::string::npos) << r.err;
+  r = test::Ctl(dir / "none.sock", {"status", "--json"});
+  EXPECT_EQ(r.code, 3);
+  EXPECT_EQ(r.Json()["error"]["code"], "unreachable");
+  r = test::RunCmd({test::BinDir() + "/cortexctl"});
+  EXPECT_EQ(r.code, 2);
+}
+
+TEST(E2E, SocketIsPrivate) {
+  TempDir dir;
+  Daemon d(dir);
+  ASSERT_TRUE(d.Start()) << d.Log();
+  struct stat s {}, dd {};
+  ASSERT_EQ(stat(d.socket.c_str(), &s), 0);
+  ASSERT_EQ(stat(fs::path(d.socket).parent_path().c_str(), &dd), 0);
+  EXPECT_EQ(s.st_mode & 0777, 0600u);
+  EXPECT_EQ(dd.st_mode & 0777, 0700u);
+  // A second daemon on the same socket or store refuses to start.
+  Daemon d2(dir);
+  EXPECT_FALSE(d2.Start());
+  EXPECT_EQ(d2.exit_status, 1);
+  EXPECT_NE(d2.Log().find("another cortexd"), std::string::npos) << d2.Log();
+  EXPECT_TRUE(d.Alive());
+}
+
+TEST(E2E, BadConfigRefusesToStartAndReloadKeepsTheOld) {
+  TempDir dir;
+  Daemon bad(dir, "router:\n  exploraton: 0.1\n", "");
+  EXPECT_FALSE(bad.Start());
+  EXPECT_EQ(bad.exit_status, 1);
+  EXPECT_NE(bad.Log().find("cortex.yaml:5: router.exploraton: unknown key"), std::string::npos) << bad.Log();
+
+  TempDir dir2;
+  Daemon badplugin(dir2, "experts:\n  - name: x\n    plugin: command\n    runn: [true]\n");
+  EXPECT_FALSE(badplugin.Start());
+  EXPECT_NE(badplugin.Log().find("experts[0].runn: unknown key for plugin 'command'"), std::string::npos)
+      << badplugin.Log();
+
+  TempDir dir3;
+  Daemon d(dir3, kCommandExperts);
+  ASSERT_TRUE(d.Start()) << d.Log();
+  std::string good = test::ReadFile(d.config);
+  // A broken edit: reload refuses it and the running config stays.
+  test::WriteFile(d.config, good + "rules: [oops\n");
+  test::Run r = d.Ctl({"reload"});
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find("reload refused"), std::string::npos) << r.err;
+  EXPECT_EQ(d.CtlJson({"route", "deploy"})["candidates"][0]["expert"], "ok");
+  // A good edit through SIGHUP: a new rule sends "deploy" to flaky.
+  std::string next = good;
+  next.replace(next.find("rules:\n"), 7, "rules:\n  - name: to-flaky\n    match: [deploy]\n    expert: flaky\n    boost: 5\n");
+  test::WriteFile(d.config, next);
+  kill(d.pid, SIGHUP);
+  EXPECT_TRUE(test::Eventually([&] { return d.CtlJson({"route", "deploy"})["candidates"][0]["expert"] == "flaky"; }));
+  json rt = d.CtlJson({"route", "deploy"});
+  EXPECT_EQ(rt["candidates"][0]["rules"][0], "to-flaky");
+}
+
+TEST(E2E, PluginsDroppedReplacedRemovedAndRefusedLive) {
+  TempDir dir;
+  Daemon d(dir);
+  ASSERT_TRUE(d.Start()) << d.Log();
+  auto state_of = [&](const std::string& name) -> json {
+    for (const auto& e : d.CtlJson({"experts"}))
+      if (e["name"] == name) return e;
+    return json();
+  };
+  auto copy = [&](const std::string& from, const std::string& to) {
+    // Write beside and rename in, as a package manager would.
+    std::string tmp = d.plugin_dir + "/.tmp-" + to;
+    fs::copy_file(test::TestPluginDir() + "/" + from, tmp, fs::copy_options::overwrite_existing);
+    fs::permissions(tmp, fs::perms(0755), fs::perm_options::replace);
+    fs::rename(tmp, d.plugin_dir + "/" + to);
+  };
+  copy("echo.so", "echo.so");
+  ASSERT_TRUE(test::Eventually([&] { return state_of("echo").is_object(); }, 2.0)) << "within 2 seconds";
+  EXPECT_EQ(state_of("echo")["version"], "1.0.0");
+  json w = d.CtlJson({"submit", "echo parrot repeat", "--wait"});
+  EXPECT_EQ(w["expert"], "echo");
+  EXPECT_NE(w["attempts"][0]["outcome"]["output"].get<std::string>().find("1.0.0: echo parrot"), std::string::npos);
+
+  copy("echo_v2.so", "echo.so");
+  ASSERT_TRUE(test::Eventually([&] { return state_of("echo")["version"] == "2.0.0"; }, 2.0));
+
+  copy("echo_bad_abi.so", "bad.so");
+  copy("noentry.so", "foreign.so");
+  test::WriteFile(d.plugin_dir + "/junk.so", "not a library");
+  std::string gw = d.plugin_dir + "/gw.so";
+  fs::copy_file(test::TestPluginDir() + "/echo.so", gw);
+  fs::permissions(gw, fs::perms(0775), fs::perm_options::replace);
+  ASSERT_TRUE(test::Eventually([&] {
+    std::set<std::string> refused;
+    for (const auto& e : d.CtlJson({"events", "--limit", "100"}))
+      if (e["event"] == "refused") refused.insert(fs::path(e["file"].get<std::string>()).filename());
+    return refused.count("bad.so") && refused.count("foreign.so") && refused.count("junk.so") && refused.count("gw.so");
+  }, 3.0)) << d.CtlJson({"events"}).dump(2);
+  EXPECT_NE(d.Log().find("built for plugin ABI v999"), std::string::npos);
+  EXPECT_TRUE(d.Alive());
+  EXPECT_EQ(d.CtlJson({"submit", "echo parrot", "--wait"})["state"], "succeeded");
+
+  fs::remove(d.plugin_dir + "/echo.so");
+  ASSERT_TRUE(test::Eventually([&] { return state_of("echo")["state"] == "removed"; }, 2.0));
+  EXPECT_NE(d.CtlJson({"submit", "echo parrot", "--wait"})["expert"], "echo");
+}
+
+// Every task goes to the one slow expert (no load bias, no exploration), so work piles up.
+const char* kNoBias = "router: {exploration: 0, load_bias: 0}\n";
+
+TEST(E2E, KillNineLosesNoAcknowledgedTask) {
+  TempDir dir;
+  const char* cfg = "experts:\n  - name: slow\n    plugin: command\n    run: [sleep, '0.2']\n    capacity: 2\n    keywords: [job]\n";
+  std::set<std::string> acked;
+  for (int cycle = 0; cycle < 3; ++cycle) {
+    Daemon d(dir, cfg, kNoBias);
+    ASSERT_TRUE(d.Start()) << d.Log();
+    for (int i = 0; i < 15; ++i) {
+      test::Run r = d.Ctl({"submit", "job " + std::to_string(i)});
+      ASSERT_EQ(r.code, 0);
+      acked.insert(r.out.substr(0, r.out.find('\n')));
+    }
+    usleep(300000);  // some running, most queued
+    d.Stop(SIGKILL);
+  }
+  Daemon d(dir, cfg, kNoBias);
+  ASSERT_TRUE(d.Start()) << d.Log();
+  EXPECT_NE(d.Log().find("resuming"), std::string::npos) << d.Log();
+  std::map<std::string, int> states;
+  ASSERT_TRUE(test::Eventually([&] {
+    states.clear();
+    for (const auto& id : acked) {
+      json s = d.CtlJson({"show", id});
+      if (!s.is_object() || !s.contains("state")) return false;
+      ++states[s["state"]];
+    }
+    return states["succeeded"] + states["interrupted"] == static_cast<int>(acked.size());
+  }, 30)) << "states: " << json(states).dump();
+  EXPECT_EQ(acked.size(), 45u);
+  EXPECT_GT(states["succeeded"], 0);
+  EXPECT_EQ(states["failed"], 0);
+  EXPECT_EQ(d.Stop(SIGTERM), 0);
+}
+
+TEST(E2E, SigtermFinishesRunningWorkAndKeepsTheQueue) {
+  TempDir dir;
+  const char* cfg = "experts:\n  - name: slow\n    plugin: command\n    run: [sleep, '0.5']\n    capacity: 1\n    keywords: [job]\n";
+  Daemon d(dir, cfg, kNoBias);
+  ASSERT_TRUE(d.Start()) << d.Log();
+  std::vector<std::string> ids;
+  for (int i = 0; i < 5; ++i) ids.push_back(d.Ctl({"submit", "job"}).out.substr(0, 12));
+  usleep(200000);
+  EXPECT_EQ(d.Stop(SIGTERM), 0) << d.Log();
+  EXPECT_FALSE(fs::exists(d.socket)) << "socket removed on exit";
+  Daemon again(dir, cfg, kNoBias);
+  ASSERT_TRUE(again.Start()) << again.Log();
+  json first = again.CtlJson({"show", ids[0]});
+  EXPECT_EQ(first["state"], "succeeded") << "the running attempt finished before exit";
+  for (const auto& id : ids)
+    EXPECT_TRUE(test::Eventually([&] { return again.CtlJson({"show", id})["state"] == "succeeded"; }, 10)) << id;
+}
+
+}  // namespace
+}  // namespace cortex

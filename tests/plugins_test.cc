@@ -1,0 +1,303 @@
+// The registry and the bundled experts, in-process against the real .so files.
+#include <gtest/gtest.h>
+#include <sys/stat.h>
+
+#include "cortex/experts.h"
+#include "testutil.h"
+
+namespace cortex {
+namespace {
+
+using test::TempDir;
+namespace fs = std::filesystem;
+
+class RegistryTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    plugins_ = dir_ / "plugins";
+    fs::create_directories(plugins_);
+    fs::permissions(plugins_, fs::perms::owner_all, fs::perm_options::replace);
+  }
+  std::unique_ptr<ExpertRegistry> Make(bool bundled = false) {
+    ExpertRegistry::Options o;
+    if (bundled) o.dirs.push_back(test::BundledDir());
+    o.dirs.push_back(plugins_);
+    o.cache_dir = dir_ / "cache";
+    o.audit = [this](const ExpertEvent& e) { events_.push_back(e); };
+    return std::make_unique<ExpertRegistry>(o);
+  }
+  void Drop(const std::string& name, const std::string& as, fs::perms perms = fs::perms(0755)) {
+    fs::copy_file(test::TestPluginDir() + "/" + name, plugins_ + "/" + as,
+                  fs::copy_options::overwrite_existing);
+    fs::permissions(plugins_ + "/" + as, perms, fs::perm_options::replace);
+  }
+  std::string LastRefusal() {
+    for (auto it = events_.rbegin(); it != events_.rend(); ++it)
+      if (it->event == "refused") return it->detail;
+    return "";
+  }
+  Task MakeTask(const std::string& text, Tags tags = {}) {
+    Task t;
+    t.id = "t1";
+    t.text = text;
+    t.tags = std::move(tags);
+    return t;
+  }
+
+  TempDir dir_;
+  std::string plugins_;
+  std::vector<ExpertEvent> events_;
+};
+
+TEST_F(RegistryTest, LoadsBundledExpertsWithManifests) {
+  auto reg = Make(true);
+  reg->Rescan();
+  ASSERT_TRUE(reg->Configure(Config{}).ok());
+  auto inv = reg->Find("inventory");
+  ASSERT_TRUE(inv);
+  EXPECT_EQ(inv->manifest().version, "1.0.0");
+  EXPECT_FALSE(inv->manifest().keywords.empty());
+  EXPECT_FALSE(inv->manifest().examples.empty());
+  EXPECT_TRUE(reg->Find("security"));
+  EXPECT_FALSE(reg->Find("command")) << "command needs configuration: no default instance";
+}
+
+TEST_F(RegistryTest, RefusesWrongAbiForeignAndGarbageFiles) {
+  Drop("echo_bad_abi.so", "badabi.so");
+  Drop("noentry.so", "noentry.so");
+  test::WriteFile(plugins_ + "/garbage.so", "this is not an ELF file");
+  fs::permissions(plugins_ + "/garbage.so", fs::perms(0644), fs::perm_options::replace);
+  auto reg = Make();
+  reg->Rescan();
+  EXPECT_TRUE(reg->Active().empty());
+  std::map<std::string, std::string> why;
+  for (const auto& e : events_)
+    if (e.event == "refused") why[fs::path(e.file).filename()] = e.detail;
+  ASSERT_EQ(why.size(), 3u);
+  EXPECT_NE(why["badabi.so"].find("built for plugin ABI v999, this cortexd speaks v1"), std::string::npos)
+      << why["badabi.so"];
+  EXPECT_NE(why["noentry.so"].find("not a Cortex plugin: no cortex_plugin_entry"), std::string::npos)
+      << why["noentry.so"];
+  EXPECT_NE(why["garbage.so"].find("cannot load shared library"), std::string::npos) << why["garbage.so"];
+  EXPECT_NE(why["garbage.so"].find(plugins_ + "/garbage.so"), std::string::npos)
+      << "the message names the user's file, not the private copy";
+  // Refusals are reported once, not on every rescan.
+  size_t n = events_.size();
+  reg->Rescan();
+  EXPECT_EQ(events_.size(), n);
+}
+
+TEST_F(RegistryTest, RefusesGroupOrWorldWritableFilesAndFolders) {
+  Drop("echo.so", "echo.so", fs::perms(0775));
+  auto reg = Make();
+  reg->Rescan();
+  EXPECT_FALSE(reg->Find("echo"));
+  EXPECT_NE(LastRefusal().find("unsafe permissions"), std::string::npos) << LastRefusal();
+  EXPECT_NE(LastRefusal().find("its group"), std::string::npos);
+  fs::permissions(plugins_ + "/echo.so", fs::perms(0755), fs::perm_options::replace);
+  reg->Rescan();
+  EXPECT_TRUE(reg->Find("echo"));
+  fs::permissions(plugins_, fs::perms(0777), fs::perm_options::replace);
+  reg->Rescan();
+  EXPECT_FALSE(reg->Find("echo")) << "a world-writable folder disables everything in it";
+  EXPECT_NE(LastRefusal().find("writable by others"), std::string::npos) << LastRefusal();
+}
+
+TEST_F(RegistryTest, ReplaceAndRemoveTakeEffectOnRescan) {
+  Drop("echo.so", "echo.so");
+  auto reg = Make();
+  reg->Rescan();
+  auto v1 = reg->Find("echo");
+  ASSERT_TRUE(v1);
+  EXPECT_EQ(v1->manifest().version, "1.0.0");
+  uint64_t gen = reg->generation();
+  Drop("echo_v2.so", "echo.so");
+  reg->Rescan();
+  auto v2 = reg->Find("echo");
+  ASSERT_TRUE(v2);
+  EXPECT_EQ(v2->manifest().version, "2.0.0");
+  EXPECT_GT(reg->generation(), gen);
+  // The old instance still works for whoever holds it (an in-flight task).
+  Outcome o = v1->Run(MakeTask("hi"), nullptr);
+  EXPECT_EQ(o.kind, OutcomeKind::kSuccess);
+  EXPECT_NE(o.output.find("1.0.0: hi"), std::string::npos);
+  fs::remove(plugins_ + "/echo.so");
+  reg->Rescan();
+  EXPECT_FALSE(reg->Find("echo"));
+  auto list = reg->List();
+  ASSERT_EQ(list.size(), 1u);
+  EXPECT_EQ(list[0].state, "removed");
+}
+
+TEST_F(RegistryTest, DuplicateNamesAreRefused) {
+  Drop("echo.so", "a.so");
+  Drop("echo_v2.so", "b.so");
+  auto reg = Make();
+  reg->Rescan();
+  EXPECT_EQ(reg->Active().size(), 1u);
+  EXPECT_NE(LastRefusal().find("already loaded"), std::string::npos);
+}
+
+TEST_F(RegistryTest, ConfiguredInstancesAreValidatedWithFileLineAndKey) {
+  Drop("echo.so", "echo.so");
+  auto reg = Make(true);
+  reg->Rescan();
+  auto cfg = [](const std::string& yaml) { return LoadConfigString(yaml, "x.yaml").value(); };
+  Status st = reg->Configure(cfg("experts:\n  - name: e2\n    plugin: nosuch\n"));
+  EXPECT_NE(st.message().find("x.yaml:2: experts[0].plugin: no plugin named 'nosuch'"), std::string::npos) << st.message();
+  st = reg->Configure(cfg("experts:\n  - name: e2\n    plugin: echo\n    colour: red\n"));
+  EXPECT_NE(st.message().find("x.yaml:4: experts[0].colour: unknown key for plugin 'echo'"), std::string::npos) << st.message();
+  st = reg->Configure(cfg("experts:\n  - name: e2\n    plugin: echo\n    prefix: [1]\n"));
+  EXPECT_NE(st.message().find("x.yaml:4: experts[0].prefix: expected a string"), std::string::npos) << st.message();
+  st = reg->Configure(cfg("experts:\n  - name: c\n    plugin: command\n"));
+  EXPECT_NE(st.message().find("experts[0]: run: is required"), std::string::npos) << st.message();
+  EXPECT_FALSE(reg->Find("e2")) << "a refused config changes nothing";
+  ASSERT_TRUE(reg->Configure(cfg("experts:\n  - name: e2\n    plugin: echo\n    prefix: 'P '\n    capacity: 3\n")).ok());
+  auto e2 = reg->Find("e2");
+  ASSERT_TRUE(e2);
+  EXPECT_EQ(e2->manifest().capacity, 3);
+  EXPECT_NE(e2->Run(MakeTask("x"), nullptr).output.find("P 1.0.0: x"), std::string::npos);
+  EXPECT_TRUE(reg->Find("echo")) << "the default instance stays";
+}
+
+TEST_F(RegistryTest, TimeoutAbandonsAHungPluginAndKeepsItsSlot) {
+  Drop("echo.so", "echo.so");
+  auto reg = Make();
+  reg->Rescan();
+  ASSERT_TRUE(reg->Configure(LoadConfigString("experts:\n  - name: slow\n    plugin: echo\n    capacity: 1\n    timeout: 300ms\n", "x").value()).ok());
+  auto e = reg->Find("slow");
+  ASSERT_TRUE(e);
+  Outcome o = e->Run(MakeTask("please hang"), nullptr);
+  EXPECT_EQ(o.kind, OutcomeKind::kTimeout);
+  EXPECT_GE(o.duration_s, 0.29);
+  EXPECT_LT(o.duration_s, 2.0);
+  // The plugin honours cancellation, so its slot comes back shortly after.
+  EXPECT_TRUE(test::Eventually([&] { return e->inflight() == 0; }, 3));
+  EXPECT_EQ(e->Run(MakeTask("please fail"), nullptr).kind, OutcomeKind::kFailure);
+  EXPECT_EQ(e->Run(MakeTask("please reject"), nullptr).kind, OutcomeKind::kRejected);
+  Outcome ok = e->Run(MakeTask("hello"), nullptr);
+  EXPECT_EQ(ok.kind, OutcomeKind::kSuccess);
+  EXPECT_DOUBLE_EQ(ok.quality, 0.75);
+}
+
+// ---- the command expert -----------------------------------------------------------
+
+class CommandTest : public RegistryTest {
+ protected:
+  std::shared_ptr<Expert> Command(const std::string& settings_yaml) {
+    reg_ = Make(true);
+    reg_->Rescan();
+    Status st = reg_->Configure(LoadConfigString("experts:\n  - name: c\n    plugin: command\n" + settings_yaml, "x").value());
+    EXPECT_TRUE(st.ok()) << st.ToString();
+    return reg_->Find("c");
+  }
+  std::unique_ptr<ExpertRegistry> reg_;
+};
+
+TEST_F(CommandTest, PassesTextOnStdinAndEnvironmentNeverThroughAShell) {
+  auto e = Command("    run: [\"/bin/sh\", \"-c\", \"cat; echo; echo \\\"$CORTEX_TASK_TEXT|$CORTEX_TAG_REPO|$SECRET_FROM_DAEMON\\\"\"]\n");
+  ASSERT_TRUE(e);
+  setenv("SECRET_FROM_DAEMON", "leak", 1);
+  Outcome o = e->Run(MakeTask("hello $(touch /tmp/pwned) world", {{"repo", "/r"}}), nullptr);
+  unsetenv("SECRET_FROM_DAEMON");
+  EXPECT_EQ(o.kind, OutcomeKind::kSuccess) << o.error;
+  EXPECT_NE(o.output.find("hello $(touch /tmp/pwned) world\nhello $(touch /tmp/pwned) world|/r|\n"), std::string::npos) << o.output;
+  // argv is passed as given: a program name with shell syntax is just a missing program.
+  auto e2 = Command("    run: [\"true; touch /tmp/cortex-pwned\"]\n");
+  Outcome o2 = e2->Run(MakeTask("x"), nullptr);
+  EXPECT_EQ(o2.kind, OutcomeKind::kFailure);
+  EXPECT_FALSE(fs::exists("/tmp/cortex-pwned"));
+}
+
+TEST_F(CommandTest, ExitCodeQualityLineTimeoutAndCrash) {
+  EXPECT_EQ(Command("    run: [\"true\"]\n")->Run(MakeTask("x"), nullptr).kind, OutcomeKind::kSuccess);
+  Outcome f = Command("    run: [\"/bin/sh\", \"-c\", \"exit 3\"]\n")->Run(MakeTask("x"), nullptr);
+  EXPECT_EQ(f.kind, OutcomeKind::kFailure);
+  EXPECT_EQ(f.error, "exit status 3");
+  Outcome q = Command("    run: [\"/bin/sh\", \"-c\", \"echo working; echo '{\\\"quality\\\": 0.4}'\"]\n")->Run(MakeTask("x"), nullptr);
+  EXPECT_EQ(q.kind, OutcomeKind::kSuccess);
+  EXPECT_DOUBLE_EQ(q.quality, 0.4);
+  Outcome t = Command("    run: [\"sleep\", \"30\"]\n    timeout: 300ms\n")->Run(MakeTask("x"), nullptr);
+  EXPECT_EQ(t.kind, OutcomeKind::kTimeout);
+  EXPECT_LT(t.duration_s, 3.0);
+  Outcome c = Command("    run: [\"/bin/sh\", \"-c\", \"kill -SEGV $$\"]\n")->Run(MakeTask("x"), nullptr);
+  EXPECT_EQ(c.kind, OutcomeKind::kCrash);
+  EXPECT_EQ(c.error, "killed by SIGSEGV");
+  Outcome big = Command("    run: [\"head\", \"-c\", \"1000000\", \"/dev/zero\"]\n")->Run(MakeTask("x"), nullptr);
+  EXPECT_EQ(big.kind, OutcomeKind::kSuccess);
+  EXPECT_LE(big.output.size(), kMaxExpertOutputBytes + 64) << "output is bounded";
+}
+
+// ---- the repository experts on a real git repository -------------------------------
+
+class RepoExpertTest : public RegistryTest {
+ protected:
+  void SetUp() override {
+    RegistryTest::SetUp();
+    repo_ = dir_ / "repo";
+    fs::create_directories(repo_ + "/src");
+    test::WriteFile(repo_ + "/CMakeLists.txt", "project(x)\n");
+    test::WriteFile(repo_ + "/package.json", "{}\n");
+    test::WriteFile(repo_ + "/src/main.cc", "int main() {\n  return 0;\n}\n");
+    test::WriteFile(repo_ + "/src/util.py", "print(1)\n");
+    // Secrets assembled at run time so this source file holds none.
+    test::WriteFile(repo_ + "/deploy/key.txt", std::string("-----BEGIN RSA ") + "PRIVATE KEY-----\nMIIB\n");
+    test::WriteFile(repo_ + "/src/config.js", std::string("const k = '") + "AKIA" + "ABCDEFGHIJKLMNOP';\n");
+    test::WriteFile(repo_ + "/open.sh", "echo hi\n");
+    chmod((repo_ + "/open.sh").c_str(), 0666);
+    test::WriteFile(repo_ + "/build/ignored.cc", std::string("// ") + "AKIA" + "ZZZZZZZZZZZZZZZZ\n");
+    test::WriteFile(repo_ + "/.gitignore", "build/\n");
+    ASSERT_EQ(test::RunCmd({"git", "-C", repo_, "init", "-q"}).code, 0);
+    ASSERT_EQ(test::RunCmd({"git", "-C", repo_, "-c", "safe.directory=*", "add", "-A"}).code, 0);
+    reg_ = Make(true);
+    reg_->Rescan();
+    ASSERT_TRUE(reg_->Configure(Config{}).ok());
+  }
+  std::string repo_;
+  std::unique_ptr<ExpertRegistry> reg_;
+};
+
+TEST_F(RepoExpertTest, InventoryCatalogsLanguagesAndManifests) {
+  Outcome o = reg_->Find("inventory")->Run(MakeTask("what is in this repo", {{"repo", repo_}}), nullptr);
+  ASSERT_EQ(o.kind, OutcomeKind::kSuccess) << o.error;
+  std::string last = o.output.substr(o.output.rfind('\n', o.output.size() - 2) + 1);
+  auto j = nlohmann::json::parse(last);
+  EXPECT_EQ(j["listing"], "git ls-files");
+  EXPECT_EQ(j["files"], 8) << o.output;  // build/ is ignored by git
+  EXPECT_EQ(j["languages"]["C++"]["lines"], 3);
+  EXPECT_EQ(j["languages"]["Python"]["files"], 1);
+  std::set<std::string> manifests;
+  for (const auto& m : j["manifests"]) manifests.insert(m["path"].get<std::string>());
+  EXPECT_TRUE(manifests.count("CMakeLists.txt"));
+  EXPECT_TRUE(manifests.count("package.json"));
+}
+
+TEST_F(RepoExpertTest, SecurityFindsKeysTokensAndUnsafeModes) {
+  Outcome o = reg_->Find("security")->Run(MakeTask("scan for secrets", {{"repo", repo_}}), nullptr);
+  ASSERT_EQ(o.kind, OutcomeKind::kSuccess) << o.error;
+  EXPECT_NE(o.output.find("private key at deploy/key.txt:1"), std::string::npos) << o.output;
+  EXPECT_NE(o.output.find("AWS access key id at src/config.js:1"), std::string::npos) << o.output;
+  EXPECT_NE(o.output.find("world-writable file at open.sh"), std::string::npos) << o.output;
+  EXPECT_EQ(o.output.find("ignored.cc"), std::string::npos) << "untracked build output is not scanned";
+  EXPECT_EQ(o.output.find("ABCDEFGHIJKLMNOP"), std::string::npos) << "matches are redacted";
+}
+
+TEST_F(RepoExpertTest, WithoutARepoTheyRejectAndOnAMissingPathTheyFail) {
+  Outcome o = reg_->Find("security")->Run(MakeTask("scan"), nullptr);
+  EXPECT_EQ(o.kind, OutcomeKind::kRejected);
+  EXPECT_NE(o.error.find("repo=PATH"), std::string::npos);
+  o = reg_->Find("inventory")->Run(MakeTask("x", {{"repo", dir_ / "missing"}}), nullptr);
+  EXPECT_EQ(o.kind, OutcomeKind::kFailure);
+  EXPECT_NE(o.error.find("not a directory"), std::string::npos);
+}
+
+TEST_F(RepoExpertTest, WalksAFolderThatIsNotAGitCheckout) {
+  fs::remove_all(repo_ + "/.git");
+  Outcome o = reg_->Find("inventory")->Run(MakeTask("x", {{"repo", repo_}}), nullptr);
+  ASSERT_EQ(o.kind, OutcomeKind::kSuccess);
+  EXPECT_NE(o.output.find("directory walk"), std::string::npos);
+  EXPECT_NE(o.output.find("\"files\":9"), std::string::npos) << o.output;
+}
+
+}  // namespace
+}  // namespace cortex

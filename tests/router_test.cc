@@ -1,0 +1,158 @@
+#include <gtest/gtest.h>
+
+#include <map>
+
+#include "cortex/router.h"
+
+namespace cortex {
+namespace {
+
+ExpertSlot Slot(const FeatureHasher& h, const std::string& name, std::vector<std::string> keywords,
+                double load = 0) {
+  return {{name, h.Manifest({name, "", keywords, {}})}, load};
+}
+
+RuleSet Rules(const std::string& yaml_like_name, const std::vector<std::string>& match,
+              const std::string& expert, double boost, bool force) {
+  RuleConfig r;
+  r.name = yaml_like_name;
+  r.match = match;
+  r.expert = expert;
+  r.boost = boost;
+  r.force = force;
+  return RuleSet::Compile({r}, "t.yaml").value();
+}
+
+TEST(FeaturesTest, NormalisedSortedAndSharedByPrefixes) {
+  FeatureHasher h;
+  SparseVector a = h.Task("Found a vulnerability in the parser", {});
+  SparseVector b = h.Manifest({"sec", "", {"vulnerab"}, {}});
+  SparseVector c = h.Manifest({"docs", "", {"documentation", "readme"}, {}});
+  ASSERT_TRUE(std::is_sorted(a.idx.begin(), a.idx.end()));
+  EXPECT_NEAR(Dot(a, a), 1.0, 1e-5);
+  EXPECT_GT(Dot(a, b), 0.05);  // character n-grams carry "vulnerab" into "vulnerability"
+  EXPECT_LT(Dot(a, c), Dot(a, b));
+  EXPECT_TRUE(h.Task("", {}).idx.empty());
+  EXPECT_EQ(FeatureHasher::Words("Fix the LOGIN-bug!"), (std::vector<std::string>{"fix", "login", "bug"}));
+}
+
+TEST(FeaturesTest, TagsBecomeFeatures) {
+  FeatureHasher h;
+  EXPECT_LT(Dot(h.Task("x", {{"team", "a"}}), h.Task("x", {{"team", "b"}})), 0.99);
+}
+
+TEST(RouterTest, ManifestPriorPrefersTheMatchingExpert) {
+  Router r(RouterOptions{0, 0.2, 1}, RuleSet(), MakeManifestPriorScorer());
+  std::vector<ExpertSlot> ex = {Slot(r.hasher(), "docs", {"documentation", "readme", "typo"}),
+                                Slot(r.hasher(), "perf", {"performance", "faster", "slow"})};
+  std::vector<Decision> d;
+  ASSERT_TRUE(r.Route({{"fix typo in readme", {}}, {"make the parser faster", {}}}, ex, true, 0, &d).ok());
+  ASSERT_EQ(d.size(), 2u);
+  EXPECT_EQ(d[0].chosen, "docs");
+  EXPECT_EQ(d[1].chosen, "perf");
+  EXPECT_EQ(d[0].model_version, "prior-v1");
+  double total = 0;
+  for (const auto& c : d[0].candidates) total += c.confidence;
+  EXPECT_NEAR(total, 1.0, 1e-9);
+  EXPECT_DOUBLE_EQ(d[0].propensity, 1.0);
+}
+
+TEST(RouterTest, BatchEqualsOneByOne) {
+  Router r(RouterOptions{0, 0.2, 1}, RuleSet(), MakeManifestPriorScorer());
+  std::vector<ExpertSlot> ex = {Slot(r.hasher(), "a", {"alpha", "login"}),
+                                Slot(r.hasher(), "b", {"beta", "bug"}),
+                                Slot(r.hasher(), "c", {"gamma"})};
+  std::vector<RouteRequest> reqs = {{"login bug", {}}, {"alpha beta", {}}, {"nothing", {}}};
+  std::vector<Decision> batch;
+  ASSERT_TRUE(r.Route(reqs, ex, false, 0, &batch).ok());
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    std::vector<Decision> one;
+    ASSERT_TRUE(r.Route({reqs[i]}, ex, false, 0, &one).ok());
+    ASSERT_EQ(one[0].candidates.size(), batch[i].candidates.size());
+    for (size_t j = 0; j < one[0].candidates.size(); ++j) {
+      EXPECT_EQ(one[0].candidates[j].expert, batch[i].candidates[j].expert);
+      EXPECT_DOUBLE_EQ(one[0].candidates[j].score, batch[i].candidates[j].score);
+    }
+  }
+}
+
+TEST(RouterTest, RuleBoostAndRecordsFiredRules) {
+  Router r(RouterOptions{0, 0.2, 1}, Rules("sec", {"cve", "/\\bxss\\b/"}, "security", 2.0, false),
+           MakeManifestPriorScorer());
+  std::vector<ExpertSlot> ex = {Slot(r.hasher(), "docs", {"xss docs"}), Slot(r.hasher(), "security", {"audit"})};
+  std::vector<Decision> d;
+  ASSERT_TRUE(r.Route({{"XSS in the docs page", {}}}, ex, true, 0, &d).ok());
+  EXPECT_EQ(d[0].chosen, "security");
+  const Candidate* c = d[0].Find("security");
+  EXPECT_DOUBLE_EQ(c->rule_score, 2.0);
+  EXPECT_EQ(c->rules, std::vector<std::string>{"sec"});
+  EXPECT_DOUBLE_EQ(c->score, c->rule_score + c->model_score);
+  ASSERT_TRUE(r.Route({{"xssfoo docs", {}}}, ex, true, 0, &d).ok());  // \b keeps it from firing
+  EXPECT_TRUE(d[0].Find("security")->rules.empty());
+}
+
+TEST(RouterTest, ForceRuleWinsEvenAgainstExploration) {
+  Router r(RouterOptions{1.0, 0.2, 1}, Rules("gdpr", {"/\\bgdpr\\b/"}, "security", 0, true),
+           MakeManifestPriorScorer());
+  std::vector<ExpertSlot> ex = {Slot(r.hasher(), "docs", {"gdpr docs", "gdpr"}), Slot(r.hasher(), "security", {})};
+  for (int i = 0; i < 20; ++i) {
+    std::vector<Decision> d;
+    ASSERT_TRUE(r.Route({{"GDPR request for the docs", {}}}, ex, true, 0, &d).ok());
+    EXPECT_EQ(d[0].chosen, "security");
+    EXPECT_TRUE(d[0].forced);
+    EXPECT_EQ(d[0].candidates[0].expert, "security");
+    EXPECT_DOUBLE_EQ(d[0].propensity, 1.0);
+  }
+}
+
+TEST(RouterTest, LoadBiasChangesSelectionButNotScores) {
+  Router r(RouterOptions{0, 1.0, 1}, RuleSet(), MakeManifestPriorScorer());
+  std::vector<ExpertSlot> idle = {Slot(r.hasher(), "a", {"login bug"}), Slot(r.hasher(), "b", {"login"})};
+  std::vector<ExpertSlot> busy = idle;
+  busy[0].load = 1.0;
+  std::vector<Decision> d1, d2;
+  ASSERT_TRUE(r.Route({{"login bug", {}}}, idle, true, 0, &d1).ok());
+  ASSERT_TRUE(r.Route({{"login bug", {}}}, busy, true, 0, &d2).ok());
+  EXPECT_EQ(d1[0].chosen, "a");
+  EXPECT_EQ(d2[0].chosen, "b");  // the busy expert is passed over
+  EXPECT_DOUBLE_EQ(d1[0].Find("a")->score, d2[0].Find("a")->score);
+  EXPECT_DOUBLE_EQ(d1[0].Find("a")->confidence, d2[0].Find("a")->confidence);
+  EXPECT_DOUBLE_EQ(d2[0].Find("a")->load_bias, -1.0);
+  EXPECT_DOUBLE_EQ(d2[0].propensity, 1.0);  // what actually happened, not what scores said
+}
+
+TEST(RouterTest, ExplorationRateAndPropensitiesAreConsistent) {
+  const double eps = 0.3;
+  Router r(RouterOptions{eps, 0.2, 42}, RuleSet(), MakeManifestPriorScorer());
+  std::vector<ExpertSlot> ex = {Slot(r.hasher(), "a", {"login"}), Slot(r.hasher(), "b", {"x"}),
+                                Slot(r.hasher(), "c", {"y"}), Slot(r.hasher(), "d", {"z"})};
+  std::map<std::string, int> counts;
+  int explored = 0;
+  const int n = 20000;
+  for (int i = 0; i < n; ++i) {
+    std::vector<Decision> d;
+    ASSERT_TRUE(r.Route({{"login", {}}}, ex, true, 0, &d).ok());
+    ++counts[d[0].chosen];
+    explored += d[0].explored;
+    double expect = d[0].chosen == "a" ? 1 - eps + eps / 4 : eps / 4;
+    ASSERT_DOUBLE_EQ(d[0].propensity, expect);
+    ASSERT_EQ(d[0].candidates[0].expert, d[0].chosen);  // the chosen one is tried first
+  }
+  EXPECT_NEAR(explored / double(n), eps, 0.02);
+  EXPECT_NEAR(counts["a"] / double(n), 1 - eps + eps / 4, 0.02);
+  EXPECT_NEAR(counts["d"] / double(n), eps / 4, 0.01);
+  // A dry run never explores.
+  std::vector<Decision> d;
+  ASSERT_TRUE(r.Route({{"login", {}}}, ex, false, 0, &d).ok());
+  EXPECT_FALSE(d[0].explored);
+  EXPECT_EQ(d[0].chosen, "a");
+}
+
+TEST(RouterTest, NoExpertsIsUnavailable) {
+  Router r(RouterOptions{}, RuleSet(), MakeManifestPriorScorer());
+  std::vector<Decision> d;
+  EXPECT_EQ(r.Route({{"x", {}}}, {}, true, 0, &d).code(), Status::Code::kUnavailable);
+}
+
+}  // namespace
+}  // namespace cortex

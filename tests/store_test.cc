@@ -1,0 +1,274 @@
+// The same suite runs against every store backend: in memory and a real WAL file.
+#include <gtest/gtest.h>
+#include <sqlite3.h>
+
+#include "cortex/store.h"
+#include "testutil.h"
+
+namespace cortex {
+namespace {
+
+class StoreTest : public ::testing::TestWithParam<std::string> {
+ protected:
+  void SetUp() override {
+    path_ = GetParam() == ":memory:" ? ":memory:" : dir_ / "cortex.db";
+    Result<std::unique_ptr<Store>> s = OpenStore(path_);
+    ASSERT_TRUE(s.ok()) << s.status().ToString();
+    store_ = std::move(s).value();
+  }
+  Task NewTask(const std::string& id, double t, const std::string& text = "fix the login bug") {
+    Task task;
+    task.id = id;
+    task.text = text;
+    task.tags = {{"repo", "/tmp/r"}};
+    task.created_at = t;
+    EXPECT_TRUE(store_->InsertTask(task).ok());
+    return task;
+  }
+  Decision NewDecision(const std::string& chosen, double conf) {
+    Decision d;
+    d.time = 1;
+    d.model_version = "prior-v1";
+    d.chosen = chosen;
+    d.propensity = 0.9;
+    d.explored = false;
+    Candidate a{chosen, 0.3, 0.2, -0.1, 0.5, conf, {"r1"}};
+    Candidate b{"other", 0, 0.1, 0, 0.1, 1 - conf, {}};
+    d.candidates = {a, b};
+    return d;
+  }
+  void Run(const std::string& id, int n, const std::string& expert, OutcomeKind k, double q) {
+    ASSERT_TRUE(store_->StartAttempt(id, n, expert, 2).ok());
+    Outcome o;
+    o.kind = k;
+    o.quality = q;
+    o.output = "out";
+    ASSERT_TRUE(store_->FinishAttempt(id, n, o, 3).ok());
+  }
+
+  test::TempDir dir_;
+  std::string path_;
+  std::unique_ptr<Store> store_;
+};
+
+TEST_P(StoreTest, RoundTripsTaskDecisionAttemptsFeedback) {
+  NewTask("t1", 100);
+  ASSERT_TRUE(store_->RecordDecision("t1", NewDecision("security", 0.8)).ok());
+  Run("t1", 1, "security", OutcomeKind::kFailure, 0);
+  Run("t1", 2, "other", OutcomeKind::kSuccess, 0.9);
+  ASSERT_TRUE(store_->FinishTask("t1", TaskState::kSucceeded, "other", 4).ok());
+  ASSERT_TRUE(store_->AddFeedback("t1", {5, 0.25, "meh"}).ok());
+
+  Task t;
+  ASSERT_TRUE(store_->GetTask("t1", &t).ok());
+  EXPECT_EQ(t.text, "fix the login bug");
+  ASSERT_EQ(t.tags.size(), 1u);
+  EXPECT_EQ(t.tags[0].second, "/tmp/r");
+  EXPECT_EQ(t.state, TaskState::kSucceeded);
+  EXPECT_EQ(t.expert, "other");
+  ASSERT_TRUE(t.decision);
+  EXPECT_EQ(t.decision->chosen, "security");
+  EXPECT_DOUBLE_EQ(t.decision->propensity, 0.9);
+  ASSERT_EQ(t.decision->candidates.size(), 2u);
+  EXPECT_EQ(t.decision->candidates[0].rules, std::vector<std::string>{"r1"});
+  EXPECT_DOUBLE_EQ(t.decision->candidates[0].load_bias, -0.1);
+  ASSERT_EQ(t.attempts.size(), 2u);
+  EXPECT_EQ(t.attempts[0].outcome->kind, OutcomeKind::kFailure);
+  EXPECT_EQ(t.attempts[1].outcome->kind, OutcomeKind::kSuccess);
+  ASSERT_EQ(t.feedback.size(), 1u);
+  EXPECT_DOUBLE_EQ(t.feedback[0].quality, 0.25);
+}
+
+TEST_P(StoreTest, UnknownIdsAreNotFoundAndChangeNothing) {
+  Task t;
+  EXPECT_EQ(store_->GetTask("nope", &t).code(), Status::Code::kNotFound);
+  EXPECT_EQ(store_->AddFeedback("nope", {1, 1, ""}).code(), Status::Code::kNotFound);
+  EXPECT_EQ(store_->FinishTask("nope", TaskState::kFailed, "x", 1).code(), Status::Code::kNotFound);
+  std::vector<std::pair<std::string, long>> counts;
+  ASSERT_TRUE(store_->CountByState(&counts).ok());
+  EXPECT_TRUE(counts.empty());
+}
+
+TEST_P(StoreTest, DuplicateIdIsRefused) {
+  NewTask("dup", 1);
+  Task t;
+  t.id = "dup";
+  t.text = "again";
+  EXPECT_FALSE(store_->InsertTask(t).ok());
+}
+
+TEST_P(StoreTest, HistoryFiltersAndOrdersNewestFirst) {
+  for (int i = 0; i < 5; ++i) {
+    std::string id = "h" + std::to_string(i);
+    NewTask(id, 100 + i, "task " + std::to_string(i));
+    ASSERT_TRUE(store_->RecordDecision(id, NewDecision(i % 2 ? "a" : "b", 0.6)).ok());
+    Run(id, 1, i % 2 ? "a" : "b", i < 3 ? OutcomeKind::kSuccess : OutcomeKind::kTimeout, 1);
+    ASSERT_TRUE(store_->FinishTask(id, i < 3 ? TaskState::kSucceeded : TaskState::kFailed,
+                                   i % 2 ? "a" : "b", 5).ok());
+  }
+  std::vector<HistoryRow> rows;
+  ASSERT_TRUE(store_->History({}, &rows).ok());
+  ASSERT_EQ(rows.size(), 5u);
+  EXPECT_EQ(rows[0].id, "h4");
+  EXPECT_EQ(rows[0].outcome, "timeout");
+  HistoryQuery q;
+  q.expert = "a";
+  ASSERT_TRUE(store_->History(q, &rows).ok());
+  EXPECT_EQ(rows.size(), 2u);
+  q = {};
+  q.outcome = "failure";
+  ASSERT_TRUE(store_->History(q, &rows).ok());
+  EXPECT_EQ(rows.size(), 2u);
+  q = {};
+  q.since = 103;
+  ASSERT_TRUE(store_->History(q, &rows).ok());
+  EXPECT_EQ(rows.size(), 2u);
+  q = {};
+  q.limit = 1;
+  ASSERT_TRUE(store_->History(q, &rows).ok());
+  EXPECT_EQ(rows.size(), 1u);
+}
+
+TEST_P(StoreTest, StatsCountRoutingSuccessAndCalibration) {
+  for (int i = 0; i < 4; ++i) {
+    std::string id = "s" + std::to_string(i);
+    NewTask(id, i);
+    ASSERT_TRUE(store_->RecordDecision(id, NewDecision("a", 0.75)).ok());
+    Run(id, 1, "a", i == 0 ? OutcomeKind::kFailure : OutcomeKind::kSuccess, i == 0 ? 0 : 1);
+    ASSERT_TRUE(store_->FinishTask(id, i == 0 ? TaskState::kFailed : TaskState::kSucceeded, "a", 1).ok());
+  }
+  ASSERT_TRUE(store_->AddFeedback("s1", {1, 0.0, "wrong"}).ok());  // overrides quality 1
+  std::vector<ExpertStats> stats;
+  ASSERT_TRUE(store_->Stats(&stats).ok());
+  ASSERT_EQ(stats.size(), 1u);
+  EXPECT_EQ(stats[0].routed, 4);
+  EXPECT_EQ(stats[0].attempts, 4);
+  EXPECT_EQ(stats[0].successes, 3);
+  EXPECT_DOUBLE_EQ(stats[0].mean_quality, 0.5);  // (0 + 0[feedback] + 1 + 1) / 4
+  EXPECT_DOUBLE_EQ(stats[0].mean_confidence, 0.75);
+  EXPECT_DOUBLE_EQ(stats[0].first_success_rate, 0.75);
+  EXPECT_NEAR(stats[0].brier, (0.75 * 0.75 + 3 * 0.25 * 0.25) / 4, 1e-12);
+}
+
+TEST_P(StoreTest, RecoverRequeuesUnstartedAndInterruptsRunning) {
+  NewTask("q", 1);
+  NewTask("r", 2);
+  ASSERT_TRUE(store_->RecordDecision("r", NewDecision("a", 0.5)).ok());
+  NewTask("run", 3);
+  ASSERT_TRUE(store_->RecordDecision("run", NewDecision("a", 0.5)).ok());
+  ASSERT_TRUE(store_->StartAttempt("run", 1, "a", 4).ok());
+  NewTask("done", 4);
+  ASSERT_TRUE(store_->FinishTask("done", TaskState::kSucceeded, "a", 5).ok());
+
+  std::vector<Task> requeue;
+  int interrupted = 0;
+  ASSERT_TRUE(store_->Recover(10, &requeue, &interrupted).ok());
+  EXPECT_EQ(interrupted, 1);
+  ASSERT_EQ(requeue.size(), 2u);
+  EXPECT_EQ(requeue[0].id, "q");
+  EXPECT_EQ(requeue[1].id, "r");
+  Task t;
+  ASSERT_TRUE(store_->GetTask("run", &t).ok());
+  EXPECT_EQ(t.state, TaskState::kInterrupted);
+  ASSERT_EQ(t.attempts.size(), 1u);
+  EXPECT_EQ(t.attempts[0].outcome->kind, OutcomeKind::kInterrupted);
+}
+
+TEST_P(StoreTest, ExportVisitsEveryTaskInOrder) {
+  for (int i = 0; i < 600; ++i) NewTask("e" + std::to_string(i), i);
+  std::vector<std::string> ids;
+  ASSERT_TRUE(store_->ForEachTask(0, [&](const Task& t) {
+    ids.push_back(t.id);
+    return true;
+  }).ok());
+  ASSERT_EQ(ids.size(), 600u);
+  EXPECT_EQ(ids.front(), "e0");
+  EXPECT_EQ(ids.back(), "e599");
+  ids.clear();
+  ASSERT_TRUE(store_->ForEachTask(590, [&](const Task& t) {
+    ids.push_back(t.id);
+    return true;
+  }).ok());
+  EXPECT_EQ(ids.size(), 10u);
+}
+
+TEST_P(StoreTest, ExpertEventsAreKeptNewestFirst) {
+  ASSERT_TRUE(store_->RecordExpertEvent({1, "a", "/p/a.so", "loaded", "v1"}).ok());
+  ASSERT_TRUE(store_->RecordExpertEvent({2, "", "/p/b.so", "refused", "bad ABI"}).ok());
+  std::vector<ExpertEvent> ev;
+  ASSERT_TRUE(store_->ExpertEvents(10, &ev).ok());
+  ASSERT_EQ(ev.size(), 2u);
+  EXPECT_EQ(ev[0].event, "refused");
+  EXPECT_EQ(store_->SchemaVersion(), 1);
+}
+
+INSTANTIATE_TEST_SUITE_P(Backends, StoreTest, ::testing::Values(":memory:", "file"),
+                         [](const auto& info) { return info.param == ":memory:" ? "Memory" : "WalFile"; });
+
+TEST(StoreFileTest, UsesWalAndReopensWithData) {
+  test::TempDir dir;
+  std::string path = dir / "c.db";
+  {
+    auto s = OpenStore(path);
+    ASSERT_TRUE(s.ok());
+    Task t;
+    t.id = "x";
+    t.text = "persist me";
+    ASSERT_TRUE(s.value()->InsertTask(t).ok());
+  }
+  auto s = OpenStore(path);
+  ASSERT_TRUE(s.ok()) << s.status().ToString();
+  Task t;
+  ASSERT_TRUE(s.value()->GetTask("x", &t).ok());
+  EXPECT_EQ(t.text, "persist me");
+  sqlite3* db;
+  ASSERT_EQ(sqlite3_open(path.c_str(), &db), SQLITE_OK);
+  sqlite3_stmt* st;
+  sqlite3_prepare_v2(db, "PRAGMA journal_mode", -1, &st, nullptr);
+  ASSERT_EQ(sqlite3_step(st), SQLITE_ROW);
+  EXPECT_STREQ(reinterpret_cast<const char*>(sqlite3_column_text(st, 0)), "wal");
+  sqlite3_finalize(st);
+  sqlite3_close(db);
+}
+
+TEST(StoreFileTest, ForeignDatabaseIsRefusedAndUntouched) {
+  test::TempDir dir;
+  std::string path = dir / "other.db";
+  sqlite3* db;
+  ASSERT_EQ(sqlite3_open(path.c_str(), &db), SQLITE_OK);
+  ASSERT_EQ(sqlite3_exec(db, "CREATE TABLE invoices(id INTEGER); INSERT INTO invoices VALUES(7);", nullptr, nullptr, nullptr), SQLITE_OK);
+  sqlite3_close(db);
+  std::string before = test::ReadFile(path);
+  auto s = OpenStore(path);
+  ASSERT_FALSE(s.ok());
+  EXPECT_EQ(s.status().code(), Status::Code::kCorruption);
+  EXPECT_NE(s.status().message().find("not a Cortex store"), std::string::npos) << s.status().message();
+  EXPECT_EQ(test::ReadFile(path), before);
+}
+
+TEST(StoreFileTest, GarbageFileIsRefusedAndUntouched) {
+  test::TempDir dir;
+  std::string path = dir / "junk.db";
+  std::string junk(8192, 'x');
+  test::WriteFile(path, junk);
+  auto s = OpenStore(path);
+  ASSERT_FALSE(s.ok());
+  EXPECT_NE(s.status().message().find("not a Cortex store"), std::string::npos) << s.status().message();
+  EXPECT_EQ(test::ReadFile(path), junk);
+}
+
+TEST(StoreFileTest, NewerSchemaIsRefused) {
+  test::TempDir dir;
+  std::string path = dir / "new.db";
+  { ASSERT_TRUE(OpenStore(path).ok()); }
+  sqlite3* db;
+  ASSERT_EQ(sqlite3_open(path.c_str(), &db), SQLITE_OK);
+  ASSERT_EQ(sqlite3_exec(db, "PRAGMA user_version=99", nullptr, nullptr, nullptr), SQLITE_OK);
+  sqlite3_close(db);
+  auto s = OpenStore(path);
+  ASSERT_FALSE(s.ok());
+  EXPECT_NE(s.status().message().find("newer than this cortexd"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace cortex
