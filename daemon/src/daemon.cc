@@ -149,7 +149,7 @@ class DaemonImpl : public Daemon, public RequestHandler {
       std::lock_guard<std::mutex> l(queue_mu_);
       queue_.push_back(std::move(t));
     }
-    queue_cv_.notify_one();
+    queue_cv_.notify_all();  // the dispatcher and the workers share this condition
     return Status::OK();
   }
 

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Installs the Debian packages Cortex builds with, only those missing (runs as root, or
+# through sudo when available). The CUDA toolkit is optional and never installed here.
+set -euo pipefail
+pkgs=(build-essential cmake pkg-config git sqlite3 libsqlite3-dev libboost-dev
+      libyaml-cpp-dev libfmt-dev nlohmann-json3-dev libcli11-dev libopenblas-dev
+      libgtest-dev libgmock-dev)
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+echo "installing: ${missing[*]}"
+SUDO=""
+[ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null && SUDO=sudo
+$SUDO apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
