@@ -48,24 +48,34 @@ int Throughput(const std::string& socket, int clients, int tasks, const std::str
         auto s = Clock::now();
         json resp;
         cortex::Status st = cl.Call({{"op", "submit"}, {"text", text}, {"wait", true}}, &resp);
-        lat[static_cast<size_t>(c)].push_back(std::chrono::duration<double, std::milli>(Clock::now() - s).count());
-        if (!st.ok() || !resp.value("ok", false)) ++errors;
-        else if (resp["result"].value("state", "") == "succeeded") ++ok;
-        else ++failed;
+        lat[static_cast<size_t>(c)].push_back(
+            std::chrono::duration<double, std::milli>(Clock::now() - s).count());
+        if (!st.ok() || !resp.value("ok", false))
+          ++errors;
+        else if (resp["result"].value("state", "") == "succeeded")
+          ++ok;
+        else
+          ++failed;
       }
     });
   for (auto& t : ts) t.join();
   double secs = std::chrono::duration<double>(Clock::now() - t0).count();
   std::vector<double> all;
   for (auto& v : lat) all.insert(all.end(), v.begin(), v.end());
-  json j = {{"clients", clients}, {"tasks", tasks}, {"seconds", secs},
-            {"tasks_per_s", tasks / secs}, {"succeeded", ok.load()}, {"failed", failed.load()},
-            {"errors", errors.load()}, {"p50_ms", Percentile(all, 0.5)},
+  json j = {{"clients", clients},
+            {"tasks", tasks},
+            {"seconds", secs},
+            {"tasks_per_s", tasks / secs},
+            {"succeeded", ok.load()},
+            {"failed", failed.load()},
+            {"errors", errors.load()},
+            {"p50_ms", Percentile(all, 0.5)},
             {"p99_ms", Percentile(all, 0.99)}};
-  std::printf("throughput: %d tasks from %d clients in %.2fs = %.0f tasks/s (submit+wait, end to end)\n"
-              "  succeeded %d, failed %d, errors %d; latency p50 %.2f ms, p99 %.2f ms\n",
-              tasks, clients, secs, tasks / secs, ok.load(), failed.load(), errors.load(),
-              Percentile(all, 0.5), Percentile(all, 0.99));
+  std::printf(
+      "throughput: %d tasks from %d clients in %.2fs = %.0f tasks/s (submit+wait, end to end)\n"
+      "  succeeded %d, failed %d, errors %d; latency p50 %.2f ms, p99 %.2f ms\n",
+      tasks, clients, secs, tasks / secs, ok.load(), failed.load(), errors.load(),
+      Percentile(all, 0.5), Percentile(all, 0.99));
   WriteJson(json_out, j);
   return errors.load() == 0 ? 0 : 1;
 }
@@ -73,9 +83,10 @@ int Throughput(const std::string& socket, int clients, int tasks, const std::str
 int Score(int experts, int batch, int rounds, const std::string& json_out) {
   using namespace cortex;
   std::mt19937 rng(7);
-  const char* words[] = {"fix", "login", "bug", "add", "feature", "docs", "update", "build",
-                         "release", "refactor", "parser", "test", "flaky", "perf", "cache",
-                         "security", "token", "deps", "bump", "ci", "pipeline", "render"};
+  const char* words[] = {"fix",    "login", "bug",      "add",      "feature", "docs",
+                         "update", "build", "release",  "refactor", "parser",  "test",
+                         "flaky",  "perf",  "cache",    "security", "token",   "deps",
+                         "bump",   "ci",    "pipeline", "render"};
   auto sentence = [&](int n) {
     std::string s;
     for (int i = 0; i < n; ++i) s += std::string(i ? " " : "") + words[rng() % 22];
@@ -85,7 +96,8 @@ int Score(int experts, int batch, int rounds, const std::string& json_out) {
   std::vector<ExpertSlot> slots;
   for (int e = 0; e < experts; ++e)
     slots.push_back({{"expert" + std::to_string(e),
-                      router.hasher().Manifest({"expert" + std::to_string(e), sentence(12),
+                      router.hasher().Manifest({"expert" + std::to_string(e),
+                                                sentence(12),
                                                 {sentence(1), sentence(1), sentence(2)},
                                                 {sentence(6), sentence(6)}})},
                      0.0});
@@ -102,12 +114,18 @@ int Score(int experts, int batch, int rounds, const std::string& json_out) {
     (void)router.Route({reqs[static_cast<size_t>(i) % reqs.size()]}, slots, true, 0, &out);
     single.push_back(std::chrono::duration<double, std::micro>(Clock::now() - s).count());
   }
-  json j = {{"experts", experts}, {"batch", batch}, {"backend", router.backend()},
-            {"model", router.model_version()}, {"tasks_per_s", rate},
-            {"single_p50_us", Percentile(single, 0.5)}, {"single_p99_us", Percentile(single, 0.99)}};
-  std::printf("score (%s, %s): %d experts, batch %d: %.0f tasks/s; single decision p50 %.1f us, p99 %.1f us\n",
-              router.backend().c_str(), router.model_version().c_str(), experts, batch, rate,
-              Percentile(single, 0.5), Percentile(single, 0.99));
+  json j = {{"experts", experts},
+            {"batch", batch},
+            {"backend", router.backend()},
+            {"model", router.model_version()},
+            {"tasks_per_s", rate},
+            {"single_p50_us", Percentile(single, 0.5)},
+            {"single_p99_us", Percentile(single, 0.99)}};
+  std::printf(
+      "score (%s, %s): %d experts, batch %d: %.0f tasks/s; single decision p50 %.1f us, p99 %.1f "
+      "us\n",
+      router.backend().c_str(), router.model_version().c_str(), experts, batch, rate,
+      Percentile(single, 0.5), Percentile(single, 0.99));
   WriteJson(json_out, j);
   return 0;
 }

@@ -68,7 +68,8 @@ TEST_P(ConfigErrorTest, NamesFileLineAndKey) {
   Result<Config> c = LoadConfigString(GetParam().yaml, "bad.yaml");
   ASSERT_FALSE(c.ok());
   EXPECT_EQ(c.status().code(), Status::Code::kInvalidArgument);
-  EXPECT_NE(c.status().message().find(GetParam().expect), std::string::npos) << c.status().message();
+  EXPECT_NE(c.status().message().find(GetParam().expect), std::string::npos)
+      << c.status().message();
   EXPECT_EQ(c.status().message().rfind("bad.yaml:", 0), 0u) << c.status().message();
 }
 
@@ -82,14 +83,17 @@ INSTANTIATE_TEST_SUITE_P(
         BadCase{"training:\n  interval: soon\n", "bad.yaml:2: training.interval: not a duration"},
         BadCase{"rules:\n  - name: r\n    match: cve\n    expert: s\n    boost: 1\n",
                 "bad.yaml:3: rules[0].match: expected a list"},
-        BadCase{"rules:\n  - name: r\n    match: [x]\n    boost: 1\n", "rules[0].expert: is required"},
+        BadCase{"rules:\n  - name: r\n    match: [x]\n    boost: 1\n",
+                "rules[0].expert: is required"},
         BadCase{"rules:\n  - name: r\n    match: [x]\n    expert: e\n", "needs a boost, or force"},
         BadCase{"experts:\n  - name: A B\n    plugin: command\n", "experts[0].name: must be"},
         BadCase{"experts:\n  - name: a\n    plugin: command\n  - name: a\n    plugin: command\n",
                 "bad.yaml:4: experts[1].name: duplicate"},
-        BadCase{"experts:\n  - name: a\n    plugin: command\n    timeout: -3s\n", "experts[0].timeout"},
+        BadCase{"experts:\n  - name: a\n    plugin: command\n    timeout: -3s\n",
+                "experts[0].timeout"},
         BadCase{"nonsense: 1\n", "bad.yaml:1: nonsense: unknown key"},
-        BadCase{"plugins: {dir: /a}\nplugins: {bundled: false}\n", "bad.yaml:2: plugins: duplicate key"},
+        BadCase{"plugins: {dir: /a}\nplugins: {bundled: false}\n",
+                "bad.yaml:2: plugins: duplicate key"},
         BadCase{"experts:\n  - name: a\n    plugin: x\n    run: [a]\n    run: [b]\n",
                 "bad.yaml:5: experts[0].run: duplicate key"},
         BadCase{"daemon: [1, 2\n", "YAML syntax error"}));
@@ -110,11 +114,13 @@ TEST(ConfigTest, Durations) {
 }
 
 TEST(RulesTest, BadRegexNamesTheRuleAndLine) {
-  Result<Config> c = LoadConfigString("rules:\n  - name: r1\n    match: [\"/([a-z/\"]\n    expert: e\n    boost: 1\n", "r.yaml");
+  Result<Config> c = LoadConfigString(
+      "rules:\n  - name: r1\n    match: [\"/([a-z/\"]\n    expert: e\n    boost: 1\n", "r.yaml");
   ASSERT_TRUE(c.ok()) << c.status().ToString();
   Result<RuleSet> rs = RuleSet::Compile(c->rules, c->source);
   ASSERT_FALSE(rs.ok());
-  EXPECT_NE(rs.status().message().find("r.yaml:2: rules.r1.match: bad regular expression"), std::string::npos)
+  EXPECT_NE(rs.status().message().find("r.yaml:2: rules.r1.match: bad regular expression"),
+            std::string::npos)
       << rs.status().message();
 }
 

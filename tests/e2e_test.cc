@@ -65,12 +65,14 @@ TEST(E2E, SubmitWaitShowHistoryExpertsStatusFeedbackExport) {
   EXPECT_DOUBLE_EQ(s["decision"]["propensity"].get<double>(), 1.0);
   EXPECT_EQ(s["decision"]["explored"], false);
   ASSERT_EQ(s["decision"]["candidates"].size(), 5u);  // three configured, two bundled
-  for (const char* k : {"expert", "rule_score", "model_score", "load_bias", "score", "confidence", "rules"})
+  for (const char* k :
+       {"expert", "rule_score", "model_score", "load_bias", "score", "confidence", "rules"})
     EXPECT_TRUE(s["decision"]["candidates"][0].contains(k)) << k;
   ASSERT_EQ(s["attempts"].size(), 1u);
   EXPECT_EQ(s["attempts"][0]["expert"], "ok");
   EXPECT_EQ(s["attempts"][0]["outcome"]["kind"], "success");
-  EXPECT_NE(s["attempts"][0]["outcome"]["output"].get<std::string>().find("done"), std::string::npos);
+  EXPECT_NE(s["attempts"][0]["outcome"]["output"].get<std::string>().find("done"),
+            std::string::npos);
 
   // Human output of show names the chosen expert and the attempt.
   r = d.Ctl({"show", id2});
@@ -82,7 +84,8 @@ TEST(E2E, SubmitWaitShowHistoryExpertsStatusFeedbackExport) {
   json h = d.CtlJson({"history"});
   ASSERT_EQ(h.size(), 2u);
   EXPECT_EQ(h[0]["id"], id2);  // newest first
-  for (const char* k : {"id", "time", "text", "expert", "confidence", "outcome"}) EXPECT_TRUE(h[0].contains(k)) << k;
+  for (const char* k : {"id", "time", "text", "expert", "confidence", "outcome"})
+    EXPECT_TRUE(h[0].contains(k)) << k;
   EXPECT_EQ(d.CtlJson({"history", "--expert", "flaky"}).size(), 0u);
   EXPECT_EQ(d.CtlJson({"history", "--outcome", "success", "--limit", "1"}).size(), 1u);
   EXPECT_EQ(d.CtlJson({"history", "--since", "1h"}).size(), 2u);
@@ -143,7 +146,8 @@ TEST(E2E, FallbackTimeoutRejectionAndForcedPolicy) {
   EXPECT_EQ(w["attempts"][0]["expert"], "flaky");
   EXPECT_EQ(w["attempts"][0]["outcome"]["kind"], "failure");
   EXPECT_EQ(w["attempts"][0]["outcome"]["error"], "exit status 4");
-  EXPECT_NE(w["attempts"][0]["outcome"]["output"].get<std::string>().find("broken"), std::string::npos);
+  EXPECT_NE(w["attempts"][0]["outcome"]["output"].get<std::string>().find("broken"),
+            std::string::npos);
   EXPECT_EQ(w["decision"]["chosen"], "flaky");
   EXPECT_NE(w["expert"], "flaky");
 
@@ -181,14 +185,18 @@ TEST(E2E, FallbackTimeoutRejectionAndForcedPolicy) {
 TEST(E2E, CapacityIsHonoured) {
   TempDir dir;
   std::string lock = dir / "lockdir";
-  Daemon d(dir, "experts:\n  - name: solo\n    plugin: command\n    capacity: 1\n    keywords: [solo]\n"
-                "    run: [\"/bin/sh\", \"-c\", \"mkdir " + lock + " || exit 9; sleep 0.15; rmdir " + lock + "\"]\n",
+  Daemon d(dir,
+           "experts:\n  - name: solo\n    plugin: command\n    capacity: 1\n    keywords: [solo]\n"
+           "    run: [\"/bin/sh\", \"-c\", \"mkdir " +
+               lock + " || exit 9; sleep 0.15; rmdir " + lock + "\"]\n",
            "router: {exploration: 0, max_attempts: 1}\n");
   ASSERT_TRUE(d.Start()) << d.Log();
   std::vector<std::thread> ts;
   std::vector<json> results(6);
   for (int i = 0; i < 6; ++i)
-    ts.emplace_back([&, i] { results[static_cast<size_t>(i)] = d.CtlJson({"submit", "solo job", "--wait"}); });
+    ts.emplace_back([&, i] {
+      results[static_cast<size_t>(i)] = d.CtlJson({"submit", "solo job", "--wait"});
+    });
   for (auto& t : ts) t.join();
   for (const auto& w : results) EXPECT_EQ(w["state"], "succeeded") << "two ran at once: " << w;
 }
@@ -212,7 +220,8 @@ TEST(E2E, BadRequestsGetPreciseErrorsAndChangeNothing) {
     json j = raw(line);
     EXPECT_EQ(j["ok"], false) << line;
     EXPECT_EQ(j["error"]["code"], code) << line << " -> " << j;
-    EXPECT_NE(j["error"]["message"].get<std::string>().find(msg), std::string::npos) << line << " -> " << j;
+    EXPECT_NE(j["error"]["message"].get<std::string>().find(msg), std::string::npos)
+        << line << " -> " << j;
   };
   expect_err("{\"op\": \"submit\", \"text\": ", "invalid_argument", "malformed JSON at byte");
   expect_err("[1,2]", "invalid_argument", "must be a JSON object");
@@ -221,18 +230,23 @@ TEST(E2E, BadRequestsGetPreciseErrorsAndChangeNothing) {
   expect_err("{\"op\": \"submit\"}", "invalid_argument", "missing field 'text'");
   expect_err("{\"op\": \"submit\", \"text\": 7}", "invalid_argument", "'text' must be a string");
   expect_err("{\"op\": \"submit\", \"text\": \"   \"}", "invalid_argument", "is empty");
-  expect_err("{\"op\": \"submit\", \"text\": \"x\", \"colour\": 1}", "invalid_argument", "unknown field 'colour'");
-  expect_err("{\"op\": \"submit\", \"text\": \"" + std::string(20000, 'a') + "\"}", "resource_exhausted",
-             "task text is 20000 bytes; the limit is 16384");
+  expect_err("{\"op\": \"submit\", \"text\": \"x\", \"colour\": 1}", "invalid_argument",
+             "unknown field 'colour'");
+  expect_err("{\"op\": \"submit\", \"text\": \"" + std::string(20000, 'a') + "\"}",
+             "resource_exhausted", "task text is 20000 bytes; the limit is 16384");
   expect_err("{\"op\": \"submit\", \"text\": \"bad \xff\xfe bytes\"}", "invalid_argument",
              "not valid UTF-8 (byte 0xff at offset");
-  expect_err("{\"op\": \"submit\", \"text\": \"x\", \"tags\": {\"k\": 1}}", "invalid_argument", "string value");
-  expect_err("{\"op\": \"submit\", \"text\": \"x\", \"tags\": {\"bad key\": \"v\"}}", "invalid_argument", "tag key");
+  expect_err("{\"op\": \"submit\", \"text\": \"x\", \"tags\": {\"k\": 1}}", "invalid_argument",
+             "string value");
+  expect_err("{\"op\": \"submit\", \"text\": \"x\", \"tags\": {\"bad key\": \"v\"}}",
+             "invalid_argument", "tag key");
   expect_err("{\"op\": \"show\", \"id\": \"nosuchid\"}", "not_found", "no task with id 'nosuchid'");
   expect_err("{\"op\": \"feedback\", \"id\": \"" + id + "\", \"quality\": 1.5}", "invalid_argument",
              "between 0 and 1");
-  expect_err("{\"op\": \"feedback\", \"id\": \"nosuchid\", \"quality\": 0.5}", "not_found", "no task");
-  expect_err("{\"op\": \"history\", \"outcome\": \"meh\"}", "invalid_argument", "success or failure");
+  expect_err("{\"op\": \"feedback\", \"id\": \"nosuchid\", \"quality\": 0.5}", "not_found",
+             "no task");
+  expect_err("{\"op\": \"history\", \"outcome\": \"meh\"}", "invalid_argument",
+             "success or failure");
   // An oversized request is refused and the connection stays usable.
   expect_err(std::string(1100000, ' ') + "x", "resource_exhausted", "larger than");
   EXPECT_EQ(raw("{\"op\": \"status\"}")["ok"], true);
@@ -277,7 +291,8 @@ TEST(E2E, SocketIsPrivate) {
   TempDir dir;
   Daemon d(dir);
   ASSERT_TRUE(d.Start()) << d.Log();
-  struct stat s {}, dd {};
+  struct stat s {
+  }, dd{};
   ASSERT_EQ(stat(d.socket.c_str(), &s), 0);
   ASSERT_EQ(stat(fs::path(d.socket).parent_path().c_str(), &dd), 0);
   EXPECT_EQ(s.st_mode & 0777, 0600u);
@@ -295,12 +310,14 @@ TEST(E2E, BadConfigRefusesToStartAndReloadKeepsTheOld) {
   Daemon bad(dir, "router:\n  exploraton: 0.1\n", "");
   EXPECT_FALSE(bad.Start());
   EXPECT_EQ(bad.exit_status, 1);
-  EXPECT_NE(bad.Log().find("cortex.yaml:5: router.exploraton: unknown key"), std::string::npos) << bad.Log();
+  EXPECT_NE(bad.Log().find("cortex.yaml:5: router.exploraton: unknown key"), std::string::npos)
+      << bad.Log();
 
   TempDir dir2;
   Daemon badplugin(dir2, "experts:\n  - name: x\n    plugin: command\n    runn: [true]\n");
   EXPECT_FALSE(badplugin.Start());
-  EXPECT_NE(badplugin.Log().find("experts[0].runn: unknown key for plugin 'command'"), std::string::npos)
+  EXPECT_NE(badplugin.Log().find("experts[0].runn: unknown key for plugin 'command'"),
+            std::string::npos)
       << badplugin.Log();
 
   TempDir dir3;
@@ -315,10 +332,14 @@ TEST(E2E, BadConfigRefusesToStartAndReloadKeepsTheOld) {
   EXPECT_EQ(d.CtlJson({"route", "deploy"})["candidates"][0]["expert"], "ok");
   // A good edit through SIGHUP: a new rule sends "deploy" to flaky.
   std::string next = good;
-  next.replace(next.find("rules:\n"), 7, "rules:\n  - name: to-flaky\n    match: [deploy]\n    expert: flaky\n    boost: 5\n");
+  next.replace(
+      next.find("rules:\n"), 7,
+      "rules:\n  - name: to-flaky\n    match: [deploy]\n    expert: flaky\n    boost: 5\n");
   test::WriteFile(d.config, next);
   kill(d.pid, SIGHUP);
-  EXPECT_TRUE(test::Eventually([&] { return d.CtlJson({"route", "deploy"})["candidates"][0]["expert"] == "flaky"; }));
+  EXPECT_TRUE(test::Eventually([&] {
+    return d.CtlJson({"route", "deploy"})["candidates"][0]["expert"] == "flaky";
+  }));
   json rt = d.CtlJson({"route", "deploy"});
   EXPECT_EQ(rt["candidates"][0]["rules"][0], "to-flaky");
 }
@@ -340,11 +361,13 @@ TEST(E2E, PluginsDroppedReplacedRemovedAndRefusedLive) {
     fs::rename(tmp, d.plugin_dir + "/" + to);
   };
   copy("echo.so", "echo.so");
-  ASSERT_TRUE(test::Eventually([&] { return state_of("echo").is_object(); }, 2.0)) << "within 2 seconds";
+  ASSERT_TRUE(test::Eventually([&] { return state_of("echo").is_object(); }, 2.0))
+      << "within 2 seconds";
   EXPECT_EQ(state_of("echo")["version"], "1.0.0");
   json w = d.CtlJson({"submit", "echo parrot repeat", "--wait"});
   EXPECT_EQ(w["expert"], "echo");
-  EXPECT_NE(w["attempts"][0]["outcome"]["output"].get<std::string>().find("1.0.0: echo parrot"), std::string::npos);
+  EXPECT_NE(w["attempts"][0]["outcome"]["output"].get<std::string>().find("1.0.0: echo parrot"),
+            std::string::npos);
 
   copy("echo_v2.so", "echo.so");
   ASSERT_TRUE(test::Eventually([&] { return state_of("echo")["version"] == "2.0.0"; }, 2.0));
@@ -355,12 +378,17 @@ TEST(E2E, PluginsDroppedReplacedRemovedAndRefusedLive) {
   std::string gw = d.plugin_dir + "/gw.so";
   fs::copy_file(test::TestPluginDir() + "/echo.so", gw);
   fs::permissions(gw, fs::perms(0775), fs::perm_options::replace);
-  ASSERT_TRUE(test::Eventually([&] {
-    std::set<std::string> refused;
-    for (const auto& e : d.CtlJson({"events", "--limit", "100"}))
-      if (e["event"] == "refused") refused.insert(fs::path(e["file"].get<std::string>()).filename());
-    return refused.count("bad.so") && refused.count("foreign.so") && refused.count("junk.so") && refused.count("gw.so");
-  }, 3.0)) << d.CtlJson({"events"}).dump(2);
+  ASSERT_TRUE(test::Eventually(
+      [&] {
+        std::set<std::string> refused;
+        for (const auto& e : d.CtlJson({"events", "--limit", "100"}))
+          if (e["event"] == "refused")
+            refused.insert(fs::path(e["file"].get<std::string>()).filename());
+        return refused.count("bad.so") && refused.count("foreign.so") && refused.count("junk.so") &&
+               refused.count("gw.so");
+      },
+      3.0))
+      << d.CtlJson({"events"}).dump(2);
   EXPECT_NE(d.Log().find("built for plugin ABI v999"), std::string::npos);
   EXPECT_TRUE(d.Alive());
   EXPECT_EQ(d.CtlJson({"submit", "echo parrot", "--wait"})["state"], "succeeded");
@@ -375,7 +403,9 @@ const char* kNoBias = "router: {exploration: 0, load_bias: 0}\n";
 
 TEST(E2E, KillNineLosesNoAcknowledgedTask) {
   TempDir dir;
-  const char* cfg = "experts:\n  - name: slow\n    plugin: command\n    run: [sleep, '0.2']\n    capacity: 2\n    keywords: [job]\n";
+  const char* cfg =
+      "experts:\n  - name: slow\n    plugin: command\n    run: [sleep, '0.2']\n    capacity: 2\n   "
+      " keywords: [job]\n";
   std::set<std::string> acked;
   for (int cycle = 0; cycle < 3; ++cycle) {
     Daemon d(dir, cfg, kNoBias);
@@ -392,15 +422,18 @@ TEST(E2E, KillNineLosesNoAcknowledgedTask) {
   ASSERT_TRUE(d.Start()) << d.Log();
   EXPECT_NE(d.Log().find("resuming"), std::string::npos) << d.Log();
   std::map<std::string, int> states;
-  ASSERT_TRUE(test::Eventually([&] {
-    states.clear();
-    for (const auto& id : acked) {
-      json s = d.CtlJson({"show", id});
-      if (!s.is_object() || !s.contains("state")) return false;
-      ++states[s["state"]];
-    }
-    return states["succeeded"] + states["interrupted"] == static_cast<int>(acked.size());
-  }, 30)) << "states: " << json(states).dump();
+  ASSERT_TRUE(test::Eventually(
+      [&] {
+        states.clear();
+        for (const auto& id : acked) {
+          json s = d.CtlJson({"show", id});
+          if (!s.is_object() || !s.contains("state")) return false;
+          ++states[s["state"]];
+        }
+        return states["succeeded"] + states["interrupted"] == static_cast<int>(acked.size());
+      },
+      30))
+      << "states: " << json(states).dump();
   EXPECT_EQ(acked.size(), 45u);
   EXPECT_GT(states["succeeded"], 0);
   EXPECT_EQ(states["failed"], 0);
@@ -409,7 +442,9 @@ TEST(E2E, KillNineLosesNoAcknowledgedTask) {
 
 TEST(E2E, SigtermFinishesRunningWorkAndKeepsTheQueue) {
   TempDir dir;
-  const char* cfg = "experts:\n  - name: slow\n    plugin: command\n    run: [sleep, '0.5']\n    capacity: 1\n    keywords: [job]\n";
+  const char* cfg =
+      "experts:\n  - name: slow\n    plugin: command\n    run: [sleep, '0.5']\n    capacity: 1\n   "
+      " keywords: [job]\n";
   Daemon d(dir, cfg, kNoBias);
   ASSERT_TRUE(d.Start()) << d.Log();
   std::vector<std::string> ids;
@@ -422,7 +457,12 @@ TEST(E2E, SigtermFinishesRunningWorkAndKeepsTheQueue) {
   json first = again.CtlJson({"show", ids[0]});
   EXPECT_EQ(first["state"], "succeeded") << "the running attempt finished before exit";
   for (const auto& id : ids)
-    EXPECT_TRUE(test::Eventually([&] { return again.CtlJson({"show", id})["state"] == "succeeded"; }, 10)) << id;
+    EXPECT_TRUE(test::Eventually(
+        [&] {
+          return again.CtlJson({"show", id})["state"] == "succeeded";
+        },
+        10))
+        << id;
 }
 
 }  // namespace

@@ -74,11 +74,14 @@ TEST_F(RegistryTest, RefusesWrongAbiForeignAndGarbageFiles) {
   for (const auto& e : events_)
     if (e.event == "refused") why[fs::path(e.file).filename()] = e.detail;
   ASSERT_EQ(why.size(), 3u);
-  EXPECT_NE(why["badabi.so"].find("built for plugin ABI v999, this cortexd speaks v1"), std::string::npos)
+  EXPECT_NE(why["badabi.so"].find("built for plugin ABI v999, this cortexd speaks v1"),
+            std::string::npos)
       << why["badabi.so"];
-  EXPECT_NE(why["noentry.so"].find("not a Cortex plugin: no cortex_plugin_entry"), std::string::npos)
+  EXPECT_NE(why["noentry.so"].find("not a Cortex plugin: no cortex_plugin_entry"),
+            std::string::npos)
       << why["noentry.so"];
-  EXPECT_NE(why["garbage.so"].find("cannot load shared library"), std::string::npos) << why["garbage.so"];
+  EXPECT_NE(why["garbage.so"].find("cannot load shared library"), std::string::npos)
+      << why["garbage.so"];
   EXPECT_NE(why["garbage.so"].find(plugins_ + "/garbage.so"), std::string::npos)
       << "the message names the user's file, not the private copy";
   // Refusals are reported once, not on every rescan.
@@ -144,15 +147,23 @@ TEST_F(RegistryTest, ConfiguredInstancesAreValidatedWithFileLineAndKey) {
   reg->Rescan();
   auto cfg = [](const std::string& yaml) { return LoadConfigString(yaml, "x.yaml").value(); };
   Status st = reg->Configure(cfg("experts:\n  - name: e2\n    plugin: nosuch\n"));
-  EXPECT_NE(st.message().find("x.yaml:2: experts[0].plugin: no plugin named 'nosuch'"), std::string::npos) << st.message();
+  EXPECT_NE(st.message().find("x.yaml:2: experts[0].plugin: no plugin named 'nosuch'"),
+            std::string::npos)
+      << st.message();
   st = reg->Configure(cfg("experts:\n  - name: e2\n    plugin: echo\n    colour: red\n"));
-  EXPECT_NE(st.message().find("x.yaml:4: experts[0].colour: unknown key for plugin 'echo'"), std::string::npos) << st.message();
+  EXPECT_NE(st.message().find("x.yaml:4: experts[0].colour: unknown key for plugin 'echo'"),
+            std::string::npos)
+      << st.message();
   st = reg->Configure(cfg("experts:\n  - name: e2\n    plugin: echo\n    prefix: [1]\n"));
-  EXPECT_NE(st.message().find("x.yaml:4: experts[0].prefix: expected a string"), std::string::npos) << st.message();
+  EXPECT_NE(st.message().find("x.yaml:4: experts[0].prefix: expected a string"), std::string::npos)
+      << st.message();
   st = reg->Configure(cfg("experts:\n  - name: c\n    plugin: command\n"));
   EXPECT_NE(st.message().find("experts[0]: run: is required"), std::string::npos) << st.message();
   EXPECT_FALSE(reg->Find("e2")) << "a refused config changes nothing";
-  ASSERT_TRUE(reg->Configure(cfg("experts:\n  - name: e2\n    plugin: echo\n    prefix: 'P '\n    capacity: 3\n")).ok());
+  ASSERT_TRUE(
+      reg->Configure(
+             cfg("experts:\n  - name: e2\n    plugin: echo\n    prefix: 'P '\n    capacity: 3\n"))
+          .ok());
   auto e2 = reg->Find("e2");
   ASSERT_TRUE(e2);
   EXPECT_EQ(e2->manifest().capacity, 3);
@@ -164,7 +175,11 @@ TEST_F(RegistryTest, TimeoutAbandonsAHungPluginAndKeepsItsSlot) {
   Drop("echo.so", "echo.so");
   auto reg = Make();
   reg->Rescan();
-  ASSERT_TRUE(reg->Configure(LoadConfigString("experts:\n  - name: slow\n    plugin: echo\n    capacity: 1\n    timeout: 300ms\n", "x").value()).ok());
+  ASSERT_TRUE(reg->Configure(LoadConfigString("experts:\n  - name: slow\n    plugin: echo\n    "
+                                              "capacity: 1\n    timeout: 300ms\n",
+                                              "x")
+                                 .value())
+                  .ok());
   auto e = reg->Find("slow");
   ASSERT_TRUE(e);
   Outcome o = e->Run(MakeTask("please hang"), nullptr);
@@ -187,7 +202,9 @@ class CommandTest : public RegistryTest {
   std::shared_ptr<Expert> Command(const std::string& settings_yaml) {
     reg_ = Make(true);
     reg_->Rescan();
-    Status st = reg_->Configure(LoadConfigString("experts:\n  - name: c\n    plugin: command\n" + settings_yaml, "x").value());
+    Status st = reg_->Configure(
+        LoadConfigString("experts:\n  - name: c\n    plugin: command\n" + settings_yaml, "x")
+            .value());
     EXPECT_TRUE(st.ok()) << st.ToString();
     return reg_->Find("c");
   }
@@ -195,13 +212,17 @@ class CommandTest : public RegistryTest {
 };
 
 TEST_F(CommandTest, PassesTextOnStdinAndEnvironmentNeverThroughAShell) {
-  auto e = Command("    run: [\"/bin/sh\", \"-c\", \"cat; echo; echo \\\"$CORTEX_TASK_TEXT|$CORTEX_TAG_REPO|$SECRET_FROM_DAEMON\\\"\"]\n");
+  auto e = Command(
+      "    run: [\"/bin/sh\", \"-c\", \"cat; echo; echo "
+      "\\\"$CORTEX_TASK_TEXT|$CORTEX_TAG_REPO|$SECRET_FROM_DAEMON\\\"\"]\n");
   ASSERT_TRUE(e);
   setenv("SECRET_FROM_DAEMON", "leak", 1);
   Outcome o = e->Run(MakeTask("hello $(touch /tmp/pwned) world", {{"repo", "/r"}}), nullptr);
   unsetenv("SECRET_FROM_DAEMON");
   EXPECT_EQ(o.kind, OutcomeKind::kSuccess) << o.error;
-  EXPECT_NE(o.output.find("hello $(touch /tmp/pwned) world\nhello $(touch /tmp/pwned) world|/r|\n"), std::string::npos) << o.output;
+  EXPECT_NE(o.output.find("hello $(touch /tmp/pwned) world\nhello $(touch /tmp/pwned) world|/r|\n"),
+            std::string::npos)
+      << o.output;
   // argv is passed as given: a program name with shell syntax is just a missing program.
   auto e2 = Command("    run: [\"true; touch /tmp/cortex-pwned\"]\n");
   Outcome o2 = e2->Run(MakeTask("x"), nullptr);
@@ -210,20 +231,26 @@ TEST_F(CommandTest, PassesTextOnStdinAndEnvironmentNeverThroughAShell) {
 }
 
 TEST_F(CommandTest, ExitCodeQualityLineTimeoutAndCrash) {
-  EXPECT_EQ(Command("    run: [\"true\"]\n")->Run(MakeTask("x"), nullptr).kind, OutcomeKind::kSuccess);
+  EXPECT_EQ(Command("    run: [\"true\"]\n")->Run(MakeTask("x"), nullptr).kind,
+            OutcomeKind::kSuccess);
   Outcome f = Command("    run: [\"/bin/sh\", \"-c\", \"exit 3\"]\n")->Run(MakeTask("x"), nullptr);
   EXPECT_EQ(f.kind, OutcomeKind::kFailure);
   EXPECT_EQ(f.error, "exit status 3");
-  Outcome q = Command("    run: [\"/bin/sh\", \"-c\", \"echo working; echo '{\\\"quality\\\": 0.4}'\"]\n")->Run(MakeTask("x"), nullptr);
+  Outcome q =
+      Command("    run: [\"/bin/sh\", \"-c\", \"echo working; echo '{\\\"quality\\\": 0.4}'\"]\n")
+          ->Run(MakeTask("x"), nullptr);
   EXPECT_EQ(q.kind, OutcomeKind::kSuccess);
   EXPECT_DOUBLE_EQ(q.quality, 0.4);
-  Outcome t = Command("    run: [\"sleep\", \"30\"]\n    timeout: 300ms\n")->Run(MakeTask("x"), nullptr);
+  Outcome t =
+      Command("    run: [\"sleep\", \"30\"]\n    timeout: 300ms\n")->Run(MakeTask("x"), nullptr);
   EXPECT_EQ(t.kind, OutcomeKind::kTimeout);
   EXPECT_LT(t.duration_s, 3.0);
-  Outcome c = Command("    run: [\"/bin/sh\", \"-c\", \"kill -SEGV $$\"]\n")->Run(MakeTask("x"), nullptr);
+  Outcome c =
+      Command("    run: [\"/bin/sh\", \"-c\", \"kill -SEGV $$\"]\n")->Run(MakeTask("x"), nullptr);
   EXPECT_EQ(c.kind, OutcomeKind::kCrash);
   EXPECT_EQ(c.error, "killed by SIGSEGV");
-  Outcome big = Command("    run: [\"head\", \"-c\", \"1000000\", \"/dev/zero\"]\n")->Run(MakeTask("x"), nullptr);
+  Outcome big = Command("    run: [\"head\", \"-c\", \"1000000\", \"/dev/zero\"]\n")
+                    ->Run(MakeTask("x"), nullptr);
   EXPECT_EQ(big.kind, OutcomeKind::kSuccess);
   EXPECT_LE(big.output.size(), kMaxExpertOutputBytes + 64) << "output is bounded";
 }
@@ -241,11 +268,14 @@ class RepoExpertTest : public RegistryTest {
     test::WriteFile(repo_ + "/src/main.cc", "int main() {\n  return 0;\n}\n");
     test::WriteFile(repo_ + "/src/util.py", "print(1)\n");
     // Secrets assembled at run time so this source file holds none.
-    test::WriteFile(repo_ + "/deploy/key.txt", std::string("-----BEGIN RSA ") + "PRIVATE KEY-----\nMIIB\n");
-    test::WriteFile(repo_ + "/src/config.js", std::string("const k = '") + "AKIA" + "ABCDEFGHIJKLMNOP';\n");
+    test::WriteFile(repo_ + "/deploy/key.txt",
+                    std::string("-----BEGIN RSA ") + "PRIVATE KEY-----\nMIIB\n");
+    test::WriteFile(repo_ + "/src/config.js",
+                    std::string("const k = '") + "AKIA" + "ABCDEFGHIJKLMNOP';\n");
     test::WriteFile(repo_ + "/open.sh", "echo hi\n");
     chmod((repo_ + "/open.sh").c_str(), 0666);
-    test::WriteFile(repo_ + "/build/ignored.cc", std::string("// ") + "AKIA" + "ZZZZZZZZZZZZZZZZ\n");
+    test::WriteFile(repo_ + "/build/ignored.cc",
+                    std::string("// ") + "AKIA" + "ZZZZZZZZZZZZZZZZ\n");
     test::WriteFile(repo_ + "/.gitignore", "build/\n");
     ASSERT_EQ(test::RunCmd({"git", "-C", repo_, "init", "-q"}).code, 0);
     ASSERT_EQ(test::RunCmd({"git", "-C", repo_, "-c", "safe.directory=*", "add", "-A"}).code, 0);
@@ -258,7 +288,8 @@ class RepoExpertTest : public RegistryTest {
 };
 
 TEST_F(RepoExpertTest, InventoryCatalogsLanguagesAndManifests) {
-  Outcome o = reg_->Find("inventory")->Run(MakeTask("what is in this repo", {{"repo", repo_}}), nullptr);
+  Outcome o =
+      reg_->Find("inventory")->Run(MakeTask("what is in this repo", {{"repo", repo_}}), nullptr);
   ASSERT_EQ(o.kind, OutcomeKind::kSuccess) << o.error;
   std::string last = o.output.substr(o.output.rfind('\n', o.output.size() - 2) + 1);
   auto j = nlohmann::json::parse(last);
@@ -278,7 +309,8 @@ TEST_F(RepoExpertTest, SecurityFindsKeysTokensAndUnsafeModes) {
   EXPECT_NE(o.output.find("private key at deploy/key.txt:1"), std::string::npos) << o.output;
   EXPECT_NE(o.output.find("AWS access key id at src/config.js:1"), std::string::npos) << o.output;
   EXPECT_NE(o.output.find("world-writable file at open.sh"), std::string::npos) << o.output;
-  EXPECT_EQ(o.output.find("ignored.cc"), std::string::npos) << "untracked build output is not scanned";
+  EXPECT_EQ(o.output.find("ignored.cc"), std::string::npos)
+      << "untracked build output is not scanned";
   EXPECT_EQ(o.output.find("ABCDEFGHIJKLMNOP"), std::string::npos) << "matches are redacted";
 }
 

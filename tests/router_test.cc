@@ -33,7 +33,8 @@ TEST(FeaturesTest, NormalisedSortedAndSharedByPrefixes) {
   EXPECT_GT(Dot(a, b), 0.05);  // character n-grams carry "vulnerab" into "vulnerability"
   EXPECT_LT(Dot(a, c), Dot(a, b));
   EXPECT_TRUE(h.Task("", {}).idx.empty());
-  EXPECT_EQ(FeatureHasher::Words("Fix the LOGIN-bug!"), (std::vector<std::string>{"fix", "login", "bug"}));
+  EXPECT_EQ(FeatureHasher::Words("Fix the LOGIN-bug!"),
+            (std::vector<std::string>{"fix", "login", "bug"}));
 }
 
 TEST(FeaturesTest, TagsBecomeFeatures) {
@@ -46,7 +47,8 @@ TEST(RouterTest, ManifestPriorPrefersTheMatchingExpert) {
   std::vector<ExpertSlot> ex = {Slot(r.hasher(), "docs", {"documentation", "readme", "typo"}),
                                 Slot(r.hasher(), "perf", {"performance", "faster", "slow"})};
   std::vector<Decision> d;
-  ASSERT_TRUE(r.Route({{"fix typo in readme", {}}, {"make the parser faster", {}}}, ex, true, 0, &d).ok());
+  ASSERT_TRUE(
+      r.Route({{"fix typo in readme", {}}, {"make the parser faster", {}}}, ex, true, 0, &d).ok());
   ASSERT_EQ(d.size(), 2u);
   EXPECT_EQ(d[0].chosen, "docs");
   EXPECT_EQ(d[1].chosen, "perf");
@@ -79,7 +81,8 @@ TEST(RouterTest, BatchEqualsOneByOne) {
 TEST(RouterTest, RuleBoostAndRecordsFiredRules) {
   Router r(RouterOptions{0, 0.2, 1}, Rules("sec", {"cve", "/\\bxss\\b/"}, "security", 2.0, false),
            MakeManifestPriorScorer());
-  std::vector<ExpertSlot> ex = {Slot(r.hasher(), "docs", {"xss docs"}), Slot(r.hasher(), "security", {"audit"})};
+  std::vector<ExpertSlot> ex = {Slot(r.hasher(), "docs", {"xss docs"}),
+                                Slot(r.hasher(), "security", {"audit"})};
   std::vector<Decision> d;
   ASSERT_TRUE(r.Route({{"XSS in the docs page", {}}}, ex, true, 0, &d).ok());
   EXPECT_EQ(d[0].chosen, "security");
@@ -94,7 +97,8 @@ TEST(RouterTest, RuleBoostAndRecordsFiredRules) {
 TEST(RouterTest, ForceRuleWinsEvenAgainstExploration) {
   Router r(RouterOptions{1.0, 0.2, 1}, Rules("gdpr", {"/\\bgdpr\\b/"}, "security", 0, true),
            MakeManifestPriorScorer());
-  std::vector<ExpertSlot> ex = {Slot(r.hasher(), "docs", {"gdpr docs", "gdpr"}), Slot(r.hasher(), "security", {})};
+  std::vector<ExpertSlot> ex = {Slot(r.hasher(), "docs", {"gdpr docs", "gdpr"}),
+                                Slot(r.hasher(), "security", {})};
   for (int i = 0; i < 20; ++i) {
     std::vector<Decision> d;
     ASSERT_TRUE(r.Route({{"GDPR request for the docs", {}}}, ex, true, 0, &d).ok());
@@ -107,7 +111,8 @@ TEST(RouterTest, ForceRuleWinsEvenAgainstExploration) {
 
 TEST(RouterTest, LoadBiasChangesSelectionButNotScores) {
   Router r(RouterOptions{0, 1.0, 1}, RuleSet(), MakeManifestPriorScorer());
-  std::vector<ExpertSlot> idle = {Slot(r.hasher(), "a", {"login bug"}), Slot(r.hasher(), "b", {"login"})};
+  std::vector<ExpertSlot> idle = {Slot(r.hasher(), "a", {"login bug"}),
+                                  Slot(r.hasher(), "b", {"login"})};
   std::vector<ExpertSlot> busy = idle;
   busy[0].load = 1.0;
   std::vector<Decision> d1, d2;

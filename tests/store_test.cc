@@ -103,8 +103,10 @@ TEST_P(StoreTest, HistoryFiltersAndOrdersNewestFirst) {
     NewTask(id, 100 + i, "task " + std::to_string(i));
     ASSERT_TRUE(store_->RecordDecision(id, NewDecision(i % 2 ? "a" : "b", 0.6)).ok());
     Run(id, 1, i % 2 ? "a" : "b", i < 3 ? OutcomeKind::kSuccess : OutcomeKind::kTimeout, 1);
-    ASSERT_TRUE(store_->FinishTask(id, i < 3 ? TaskState::kSucceeded : TaskState::kFailed,
-                                   i % 2 ? "a" : "b", 5).ok());
+    ASSERT_TRUE(store_
+                    ->FinishTask(id, i < 3 ? TaskState::kSucceeded : TaskState::kFailed,
+                                 i % 2 ? "a" : "b", 5)
+                    .ok());
   }
   std::vector<HistoryRow> rows;
   ASSERT_TRUE(store_->History({}, &rows).ok());
@@ -135,7 +137,8 @@ TEST_P(StoreTest, StatsCountRoutingSuccessAndCalibration) {
     NewTask(id, i);
     ASSERT_TRUE(store_->RecordDecision(id, NewDecision("a", 0.75)).ok());
     Run(id, 1, "a", i == 0 ? OutcomeKind::kFailure : OutcomeKind::kSuccess, i == 0 ? 0 : 1);
-    ASSERT_TRUE(store_->FinishTask(id, i == 0 ? TaskState::kFailed : TaskState::kSucceeded, "a", 1).ok());
+    ASSERT_TRUE(
+        store_->FinishTask(id, i == 0 ? TaskState::kFailed : TaskState::kSucceeded, "a", 1).ok());
   }
   ASSERT_TRUE(store_->AddFeedback("s1", {1, 0.0, "wrong"}).ok());  // overrides quality 1
   std::vector<ExpertStats> stats;
@@ -177,18 +180,24 @@ TEST_P(StoreTest, RecoverRequeuesUnstartedAndInterruptsRunning) {
 TEST_P(StoreTest, ExportVisitsEveryTaskInOrder) {
   for (int i = 0; i < 600; ++i) NewTask("e" + std::to_string(i), i);
   std::vector<std::string> ids;
-  ASSERT_TRUE(store_->ForEachTask(0, [&](const Task& t) {
-    ids.push_back(t.id);
-    return true;
-  }).ok());
+  ASSERT_TRUE(store_
+                  ->ForEachTask(0,
+                                [&](const Task& t) {
+                                  ids.push_back(t.id);
+                                  return true;
+                                })
+                  .ok());
   ASSERT_EQ(ids.size(), 600u);
   EXPECT_EQ(ids.front(), "e0");
   EXPECT_EQ(ids.back(), "e599");
   ids.clear();
-  ASSERT_TRUE(store_->ForEachTask(590, [&](const Task& t) {
-    ids.push_back(t.id);
-    return true;
-  }).ok());
+  ASSERT_TRUE(store_
+                  ->ForEachTask(590,
+                                [&](const Task& t) {
+                                  ids.push_back(t.id);
+                                  return true;
+                                })
+                  .ok());
   EXPECT_EQ(ids.size(), 10u);
 }
 
@@ -203,7 +212,9 @@ TEST_P(StoreTest, ExpertEventsAreKeptNewestFirst) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Backends, StoreTest, ::testing::Values(":memory:", "file"),
-                         [](const auto& info) { return info.param == ":memory:" ? "Memory" : "WalFile"; });
+                         [](const auto& info) {
+                           return info.param == ":memory:" ? "Memory" : "WalFile";
+                         });
 
 TEST(StoreFileTest, UsesWalAndReopensWithData) {
   test::TempDir dir;
@@ -236,13 +247,16 @@ TEST(StoreFileTest, ForeignDatabaseIsRefusedAndUntouched) {
   std::string path = dir / "other.db";
   sqlite3* db;
   ASSERT_EQ(sqlite3_open(path.c_str(), &db), SQLITE_OK);
-  ASSERT_EQ(sqlite3_exec(db, "CREATE TABLE invoices(id INTEGER); INSERT INTO invoices VALUES(7);", nullptr, nullptr, nullptr), SQLITE_OK);
+  ASSERT_EQ(sqlite3_exec(db, "CREATE TABLE invoices(id INTEGER); INSERT INTO invoices VALUES(7);",
+                         nullptr, nullptr, nullptr),
+            SQLITE_OK);
   sqlite3_close(db);
   std::string before = test::ReadFile(path);
   auto s = OpenStore(path);
   ASSERT_FALSE(s.ok());
   EXPECT_EQ(s.status().code(), Status::Code::kCorruption);
-  EXPECT_NE(s.status().message().find("not a Cortex store"), std::string::npos) << s.status().message();
+  EXPECT_NE(s.status().message().find("not a Cortex store"), std::string::npos)
+      << s.status().message();
   EXPECT_EQ(test::ReadFile(path), before);
 }
 
@@ -253,7 +267,8 @@ TEST(StoreFileTest, GarbageFileIsRefusedAndUntouched) {
   test::WriteFile(path, junk);
   auto s = OpenStore(path);
   ASSERT_FALSE(s.ok());
-  EXPECT_NE(s.status().message().find("not a Cortex store"), std::string::npos) << s.status().message();
+  EXPECT_NE(s.status().message().find("not a Cortex store"), std::string::npos)
+      << s.status().message();
   EXPECT_EQ(test::ReadFile(path), junk);
 }
 

@@ -96,7 +96,8 @@ class Daemon {
   // `extra_yaml` is appended to a config that sets socket, store and plugin folder under
   // `dir` and turns exploration off so routing is deterministic.
   Daemon(const TempDir& dir, const std::string& extra_yaml = "",
-         const std::string& router_yaml = "router: {exploration: 0, seed: 1}\n", bool bundled = true)
+         const std::string& router_yaml = "router: {exploration: 0, seed: 1}\n",
+         bool bundled = true)
       : socket(dir / "run/cortexd.sock"),
         store(dir / "data/cortex.db"),
         plugin_dir(dir / "plugins"),
@@ -104,9 +105,10 @@ class Daemon {
         log(dir / "cortexd.log") {
     fs::create_directories(plugin_dir);
     fs::permissions(plugin_dir, fs::perms::owner_all, fs::perm_options::replace);
-    WriteFile(config, "daemon: {socket: " + socket + ", workers: 4, shutdown_grace: 2s}\nstore: {path: " +
-                          store + "}\nplugins: {dir: " + plugin_dir + ", bundled: " + (bundled ? "true" : "false") +
-                          "}\n" + router_yaml + extra_yaml);
+    WriteFile(config, "daemon: {socket: " + socket +
+                          ", workers: 4, shutdown_grace: 2s}\nstore: {path: " + store +
+                          "}\nplugins: {dir: " + plugin_dir + ", bundled: " +
+                          (bundled ? "true" : "false") + "}\n" + router_yaml + extra_yaml);
   }
   ~Daemon() {
     if (pid > 0) {

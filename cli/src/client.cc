@@ -35,7 +35,9 @@ Status Client::SendRaw(const std::string& bytes) {
   while (off < bytes.size()) {
     ssize_t w = send(fd_, bytes.data() + off, bytes.size() - off, MSG_NOSIGNAL);
     if (w < 0 && errno == EINTR) continue;
-    if (w <= 0) return Status::Unavailable(std::string("lost connection to cortexd: ") + std::strerror(errno));
+    if (w <= 0)
+      return Status::Unavailable(std::string("lost connection to cortexd: ") +
+                                 std::strerror(errno));
     off += static_cast<size_t>(w);
   }
   return Status::OK();

@@ -79,7 +79,7 @@ bool ParseSince(const std::string& s, double* out, std::string* err) {
   for (const char* f : {"%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M", "%Y-%m-%d"}) {
     tm = {};
     const char* end = strptime(s.c_str(), f, &tm);
-    if (end && (*end == 0 || ((*end == 'Z' || *end == '.') ))) {
+    if (end && (*end == 0 || ((*end == 'Z' || *end == '.')))) {
       bool utc = s.back() == 'Z';
       tm.tm_isdst = -1;
       *out = static_cast<double>(utc ? timegm(&tm) : mktime(&tm));
@@ -91,7 +91,9 @@ bool ParseSince(const std::string& s, double* out, std::string* err) {
     *out = static_cast<double>(std::time(nullptr)) - d.value();
     return true;
   }
-  *err = "--since: '" + s + "' is not a time (use 2026-11-22, 2026-11-22T10:00:00, a unix time, or 2h / 7d for a while ago)";
+  *err = "--since: '" + s +
+         "' is not a time (use 2026-11-22, 2026-11-22T10:00:00, a unix time, or 2h / 7d for a "
+         "while ago)";
   return false;
 }
 
@@ -101,12 +103,14 @@ int Call(const Ctx& ctx, const json& req, json* result,
   cortex::Client c;
   cortex::Status st = c.Connect(ctx.socket);
   if (!st.ok()) {
-    std::fprintf(stderr,
-                 "cortexctl: %s\n  is cortexd running? Start it with `cortexd` (or point --socket / "
-                 "CORTEX_SOCKET at the socket of a running one).\n",
-                 st.message().c_str());
+    std::fprintf(
+        stderr,
+        "cortexctl: %s\n  is cortexd running? Start it with `cortexd` (or point --socket / "
+        "CORTEX_SOCKET at the socket of a running one).\n",
+        st.message().c_str());
     if (ctx.json_out)
-      std::cout << json{{"error", {{"code", "unreachable"}, {"message", st.message()}}}}.dump(2) << "\n";
+      std::cout << json{{"error", {{"code", "unreachable"}, {"message", st.message()}}}}.dump(2)
+                << "\n";
     return kUnreachable;
   }
   json resp;
@@ -114,7 +118,8 @@ int Call(const Ctx& ctx, const json& req, json* result,
   if (!st.ok()) {
     std::fprintf(stderr, "cortexctl: %s\n", st.message().c_str());
     if (ctx.json_out)
-      std::cout << json{{"error", {{"code", st.code_name()}, {"message", st.message()}}}}.dump(2) << "\n";
+      std::cout << json{{"error", {{"code", st.code_name()}, {"message", st.message()}}}}.dump(2)
+                << "\n";
     return st.code() == cortex::Status::Code::kUnavailable ? kUnreachable : kFailed;
   }
   if (!resp.value("ok", false)) {
@@ -135,7 +140,8 @@ void PrintCandidates(const json& cands) {
   int i = 0;
   for (const auto& c : cands) {
     std::string rules;
-    for (const auto& r : c.value("rules", json::array())) rules += (rules.empty() ? "" : ",") + r.get<std::string>();
+    for (const auto& r : c.value("rules", json::array()))
+      rules += (rules.empty() ? "" : ",") + r.get<std::string>();
     std::printf("  %-2d %-16s %7s %7s %7s %7s %6s  %s\n", ++i, Fit(Str(c, "expert"), 16).c_str(),
                 Num(c["rule_score"], "%.3f").c_str(), Num(c["model_score"], "%.3f").c_str(),
                 Num(c["load_bias"], "%.3f").c_str(), Num(c["score"], "%.3f").c_str(),
@@ -161,7 +167,8 @@ void PrintTask(const json& t, bool full_output) {
   const json& d = t["decision"];
   if (d.is_object()) {
     std::printf("\ndecision: %s (model %s, propensity %.3f, %s)\n", Str(d, "chosen").c_str(),
-                Str(d, "model_version").c_str(), d.value("propensity", 0.0), DecisionMode(d).c_str());
+                Str(d, "model_version").c_str(), d.value("propensity", 0.0),
+                DecisionMode(d).c_str());
     PrintCandidates(d["candidates"]);
   } else {
     std::printf("\ndecision: not routed yet\n");
@@ -189,8 +196,9 @@ void PrintTask(const json& t, bool full_output) {
       pos = e + 1;
       ++lines;
     }
-    if (pos < out.size()) std::printf("     | … (%zu more bytes; `cortexctl show %s --json` has all)\n",
-                                      out.size() - pos, Str(t, "id").c_str());
+    if (pos < out.size())
+      std::printf("     | … (%zu more bytes; `cortexctl show %s --json` has all)\n",
+                  out.size() - pos, Str(t, "id").c_str());
   }
   for (const auto& f : t.value("feedback", json::array()))
     std::printf("\nfeedback: quality %.2f at %s%s%s\n", f.value("quality", 0.0),
@@ -228,9 +236,12 @@ int main(int argc, char** argv) {
   app.require_subcommand(1);
   Ctx ctx;
   ctx.socket = cortex::DefaultSocketPath();
-  app.add_option("--socket", ctx.socket, "cortexd socket (default: $CORTEX_SOCKET or XDG runtime dir)");
+  app.add_option("--socket", ctx.socket,
+                 "cortexd socket (default: $CORTEX_SOCKET or XDG runtime dir)");
   app.add_flag("--json", ctx.json_out, "print exactly one JSON document");
-  auto json_flag = [&](CLI::App* s) { s->add_flag("--json", ctx.json_out, "print exactly one JSON document"); };
+  auto json_flag = [&](CLI::App* s) {
+    s->add_flag("--json", ctx.json_out, "print exactly one JSON document");
+  };
 
   // submit
   std::string text;
@@ -262,8 +273,10 @@ int main(int argc, char** argv) {
   auto* history = app.add_subcommand("history", "the audit log, newest first");
   history->add_option("--limit", limit, "rows (default 20)")->check(CLI::Range(1, 100000));
   history->add_option("--expert", expert, "only tasks routed to this expert");
-  history->add_option("--since", since, "only tasks since TIME (ISO date/time, unix time, or 2h/7d ago)");
-  history->add_option("--outcome", outcome, "success or failure")->check(CLI::IsMember({"success", "failure"}));
+  history->add_option("--since", since,
+                      "only tasks since TIME (ISO date/time, unix time, or 2h/7d ago)");
+  history->add_option("--outcome", outcome, "success or failure")
+      ->check(CLI::IsMember({"success", "failure"}));
   json_flag(history);
   // experts
   auto* experts = app.add_subcommand("experts", "loaded experts and how they have done");
@@ -273,18 +286,21 @@ int main(int argc, char** argv) {
   events->add_option("--limit", limit, "rows (default 20)")->check(CLI::Range(1, 10000));
   json_flag(events);
   // confidence
-  auto* confidence = app.add_subcommand("confidence", "how confident the router is, and how well that matched outcomes");
+  auto* confidence = app.add_subcommand(
+      "confidence", "how confident the router is, and how well that matched outcomes");
   confidence->add_option("--expert", expert, "one expert only");
   json_flag(confidence);
   // feedback
   bool good = false, bad = false;
   double quality = -1;
   std::string note;
-  auto* feedback = app.add_subcommand("feedback", "a person's verdict on a task's outcome (training signal)");
+  auto* feedback =
+      app.add_subcommand("feedback", "a person's verdict on a task's outcome (training signal)");
   feedback->add_option("id", id, "task id")->required();
   auto* g = feedback->add_flag("--good", good, "the outcome was good (quality 1)");
   auto* b = feedback->add_flag("--bad", bad, "the outcome was bad (quality 0)");
-  auto* q = feedback->add_option("--quality", quality, "quality in [0,1]")->check(CLI::Range(0.0, 1.0));
+  auto* q =
+      feedback->add_option("--quality", quality, "quality in [0,1]")->check(CLI::Range(0.0, 1.0));
   g->excludes(b)->excludes(q);
   b->excludes(q);
   feedback->add_option("--note", note, "why");
@@ -296,7 +312,8 @@ int main(int argc, char** argv) {
   json_flag(status);
   // export
   std::string format = "jsonl";
-  auto* exp = app.add_subcommand("export", "stream the audit log: one decision with its outcome per line");
+  auto* exp =
+      app.add_subcommand("export", "stream the audit log: one decision with its outcome per line");
   exp->add_option("--format", format, "jsonl or csv")->check(CLI::IsMember({"jsonl", "csv"}));
   exp->add_option("--since", since, "only tasks since TIME");
   json_flag(exp);
@@ -319,19 +336,23 @@ int main(int argc, char** argv) {
     if (route->parsed()) {
       if (ctx.json_out) return PrintJson(result), kOk;
       std::printf("route: %s\n  would choose %s (model %s; dry run, nothing recorded)\n",
-                  text.c_str(), Str(result, "chosen").c_str(), Str(result, "model_version").c_str());
+                  text.c_str(), Str(result, "chosen").c_str(),
+                  Str(result, "model_version").c_str());
       PrintCandidates(result["candidates"]);
       return kOk;
     }
     if (!wait) {
-      if (ctx.json_out) PrintJson(result);
-      else std::printf("%s\n", Str(result, "id").c_str());
+      if (ctx.json_out)
+        PrintJson(result);
+      else
+        std::printf("%s\n", Str(result, "id").c_str());
       return kOk;
     }
     if (ctx.json_out) PrintJson(result);
     const std::string state = Str(result, "state");
     if (result.contains("waited")) {
-      std::fprintf(stderr, "cortexctl: task %s is still %s after %gs; follow it with `cortexctl show %s`\n",
+      std::fprintf(stderr,
+                   "cortexctl: task %s is still %s after %gs; follow it with `cortexctl show %s`\n",
                    Str(result, "id").c_str(), state.c_str(), timeout, Str(result, "id").c_str());
       return kFailed;
     }
@@ -339,26 +360,33 @@ int main(int argc, char** argv) {
     if (!ctx.json_out) {
       std::printf("%s %s: %s (confidence %s, quality %s, %ss, %zu attempt%s)\n",
                   Str(result, "id").c_str(), state.c_str(), Str(result, "expert").c_str(),
-                  Pct(result["confidence"]).c_str(), o.is_object() ? Num(o["quality"]).c_str() : "-",
+                  Pct(result["confidence"]).c_str(),
+                  o.is_object() ? Num(o["quality"]).c_str() : "-",
                   o.is_object() ? Num(o["duration_s"], "%.3f").c_str() : "-",
                   result["attempts"].size(), result["attempts"].size() == 1 ? "" : "s");
       if (!result["attempts"].empty()) {
         const json& last = result["attempts"].back()["outcome"];
         if (last.is_object() && !Str(last, "output").empty())
-          std::printf("%s%s", Str(last, "output").c_str(), Str(last, "output").back() == '\n' ? "" : "\n");
+          std::printf("%s%s", Str(last, "output").c_str(),
+                      Str(last, "output").back() == '\n' ? "" : "\n");
       }
     }
     if (state != "succeeded") {
-      std::fprintf(stderr, "cortexctl: task %s %s: %s\n", Str(result, "id").c_str(), state.c_str(),
-                   o.is_object() ? (Str(o, "kind") + (Str(o, "error").empty() ? "" : " — " + Str(o, "error"))).c_str() : "no outcome");
+      std::fprintf(
+          stderr, "cortexctl: task %s %s: %s\n", Str(result, "id").c_str(), state.c_str(),
+          o.is_object()
+              ? (Str(o, "kind") + (Str(o, "error").empty() ? "" : " — " + Str(o, "error"))).c_str()
+              : "no outcome");
       return kFailed;
     }
     return kOk;
   }
   if (show->parsed()) {
     if ((rc = Call(ctx, {{"op", "show"}, {"id", id}}, &result)) != kOk) return rc;
-    if (ctx.json_out) PrintJson(result);
-    else PrintTask(result, full);
+    if (ctx.json_out)
+      PrintJson(result);
+    else
+      PrintTask(result, full);
     return kOk;
   }
   if (history->parsed() || exp->parsed()) {
@@ -375,12 +403,15 @@ int main(int argc, char** argv) {
         if (ctx.json_out) return rows.push_back(r);
         if (format == "jsonl") return (void)std::printf("%s\n", r.dump().c_str());
         if (!header) {
-          std::printf("id,time,expert,confidence,propensity,explored,outcome,quality,feedback_quality,text\n");
+          std::printf(
+              "id,time,expert,confidence,propensity,explored,outcome,quality,feedback_quality,"
+              "text\n");
           header = true;
         }
         const json& o = r["outcome"];
         std::printf("%s,%s,%s,%s,%s,%s,%s,%s,%s,%s\n", Str(r, "id").c_str(), Str(r, "time").c_str(),
-                    CsvField(Str(r, "expert")).c_str(), Num(r.value("confidence", json()), "%.4f").c_str(),
+                    CsvField(Str(r, "expert")).c_str(),
+                    Num(r.value("confidence", json()), "%.4f").c_str(),
                     Num(r.value("propensity", json()), "%.4f").c_str(),
                     r.value("explored", false) ? "true" : "false",
                     o.is_object() ? Str(o, "kind").c_str() : "",
@@ -399,7 +430,8 @@ int main(int argc, char** argv) {
     if (!outcome.empty()) req["outcome"] = outcome;
     if ((rc = Call(ctx, req, &result)) != kOk) return rc;
     if (ctx.json_out) return PrintJson(result), kOk;
-    std::printf("%-19s  %-12s  %-14s %5s  %-11s  %s\n", "TIME", "ID", "EXPERT", "CONF", "OUTCOME", "TEXT");
+    std::printf("%-19s  %-12s  %-14s %5s  %-11s  %s\n", "TIME", "ID", "EXPERT", "CONF", "OUTCOME",
+                "TEXT");
     for (const auto& r : result) {
       std::string oc = r["outcome"].is_string() ? r["outcome"].get<std::string>() : Str(r, "state");
       if (r.value("explored", false)) oc += "*";
@@ -407,21 +439,24 @@ int main(int argc, char** argv) {
                   Str(r, "id").c_str(), Fit(Str(r, "expert", "-"), 14).c_str(),
                   Pct(r["confidence"]).c_str(), oc.c_str(), Fit(Str(r, "text"), 60).c_str());
     }
-    if (result.empty()) std::printf("(no tasks match)\n");
-    else std::printf("(%zu shown, newest first; * = exploration)\n", result.size());
+    if (result.empty())
+      std::printf("(no tasks match)\n");
+    else
+      std::printf("(%zu shown, newest first; * = exploration)\n", result.size());
     return kOk;
   }
   if (experts->parsed()) {
     if ((rc = Call(ctx, {{"op", "experts"}}, &result)) != kOk) return rc;
     if (ctx.json_out) return PrintJson(result), kOk;
-    std::printf("%-14s %-8s %-8s %6s %7s %8s %8s  %s\n", "NAME", "VERSION", "STATE", "LOAD", "ROUTED",
-                "SUCCESS", "QUALITY", "FILE");
+    std::printf("%-14s %-8s %-8s %6s %7s %8s %8s  %s\n", "NAME", "VERSION", "STATE", "LOAD",
+                "ROUTED", "SUCCESS", "QUALITY", "FILE");
     for (const auto& e : result) {
-      std::string load = std::to_string(e.value("inflight", 0)) + "/" + std::to_string(e.value("capacity", 0));
+      std::string load =
+          std::to_string(e.value("inflight", 0)) + "/" + std::to_string(e.value("capacity", 0));
       std::printf("%-14s %-8s %-8s %6s %7ld %8s %8s  %s\n", Fit(Str(e, "name"), 14).c_str(),
                   Fit(Str(e, "version", "-"), 8).c_str(), Str(e, "state").c_str(), load.c_str(),
-                  e.value("routed", 0L), Pct(e["success_rate"]).c_str(), Num(e["mean_quality"]).c_str(),
-                  Str(e, "file").c_str());
+                  e.value("routed", 0L), Pct(e["success_rate"]).c_str(),
+                  Num(e["mean_quality"]).c_str(), Str(e, "file").c_str());
     }
     return kOk;
   }
@@ -429,8 +464,8 @@ int main(int argc, char** argv) {
     if ((rc = Call(ctx, {{"op", "events"}, {"limit", limit}}, &result)) != kOk) return rc;
     if (ctx.json_out) return PrintJson(result), kOk;
     for (const auto& e : result)
-      std::printf("%s  %-9s %-12s %s%s%s\n", LocalTime(Str(e, "time")).c_str(), Str(e, "event").c_str(),
-                  Str(e, "expert", "-").c_str(), Str(e, "file").c_str(),
+      std::printf("%s  %-9s %-12s %s%s%s\n", LocalTime(Str(e, "time")).c_str(),
+                  Str(e, "event").c_str(), Str(e, "expert", "-").c_str(), Str(e, "file").c_str(),
                   Str(e, "detail").empty() ? "" : ": ", Str(e, "detail").c_str());
     return kOk;
   }
@@ -439,13 +474,16 @@ int main(int argc, char** argv) {
     if (!expert.empty()) req["expert"] = expert;
     if ((rc = Call(ctx, req, &result)) != kOk) return rc;
     if (ctx.json_out) return PrintJson(result), kOk;
-    std::printf("%-14s %9s %9s %9s %8s %7s\n", "EXPERT", "DECISIONS", "MEAN CONF", "SUCCESS", "GAP", "BRIER");
+    std::printf("%-14s %9s %9s %9s %8s %7s\n", "EXPERT", "DECISIONS", "MEAN CONF", "SUCCESS", "GAP",
+                "BRIER");
     for (const auto& e : result)
       std::printf("%-14s %9ld %9s %9s %8s %7s\n", Fit(Str(e, "expert"), 14).c_str(),
                   e.value("decisions", 0L), Pct(e["mean_confidence"]).c_str(),
-                  Pct(e["success_rate"]).c_str(), Num(e["gap"], "%+.2f").c_str(), Num(e["brier"], "%.3f").c_str());
-    std::printf("(confidence of the chosen expert vs. the outcome of its first attempt; "
-                "gap > 0 means over-confident)\n");
+                  Pct(e["success_rate"]).c_str(), Num(e["gap"], "%+.2f").c_str(),
+                  Num(e["brier"], "%.3f").c_str());
+    std::printf(
+        "(confidence of the chosen expert vs. the outcome of its first attempt; "
+        "gap > 0 means over-confident)\n");
     return kOk;
   }
   if (feedback->parsed()) {
@@ -457,8 +495,10 @@ int main(int argc, char** argv) {
     json req = {{"op", "feedback"}, {"id", id}, {"quality", qv}};
     if (!note.empty()) req["note"] = note;
     if ((rc = Call(ctx, req, &result)) != kOk) return rc;
-    if (ctx.json_out) PrintJson(result);
-    else std::printf("feedback recorded for %s: quality %.2f\n", id.c_str(), qv);
+    if (ctx.json_out)
+      PrintJson(result);
+    else
+      std::printf("feedback recorded for %s: quality %.2f\n", id.c_str(), qv);
     return kOk;
   }
   if (reload->parsed()) {
@@ -467,25 +507,31 @@ int main(int argc, char** argv) {
     std::printf("reloaded %s: %d experts, %d rules\n", Str(result, "config").c_str(),
                 result.value("experts", 0), result.value("rules", 0));
     for (const auto& k : result.value("needs_restart", json::array()))
-      std::printf("  %s changed: restart cortexd for it to take effect\n", k.get<std::string>().c_str());
+      std::printf("  %s changed: restart cortexd for it to take effect\n",
+                  k.get<std::string>().c_str());
     return kOk;
   }
   if (status->parsed()) {
     if ((rc = Call(ctx, {{"op", "status"}}, &result)) != kOk) return rc;
     if (ctx.json_out) return PrintJson(result), kOk;
-    std::printf("cortexd %s (pid %d), up %.0fs\n", Str(result, "version").c_str(), result.value("pid", 0),
-                result.value("uptime_s", 0.0));
-    std::printf("  backend:   %s, model %s\n", Str(result, "backend").c_str(), Str(result, "model_version").c_str());
-    std::printf("  queue:     %d waiting, %d running on %d workers\n", result.value("queue_depth", 0),
-                result.value("inflight", 0), result.value("workers", 0));
-    std::printf("  experts:   %d loaded, %d rules\n", result.value("experts", 0), result.value("rules", 0));
+    std::printf("cortexd %s (pid %d), up %.0fs\n", Str(result, "version").c_str(),
+                result.value("pid", 0), result.value("uptime_s", 0.0));
+    std::printf("  backend:   %s, model %s\n", Str(result, "backend").c_str(),
+                Str(result, "model_version").c_str());
+    std::printf("  queue:     %d waiting, %d running on %d workers\n",
+                result.value("queue_depth", 0), result.value("inflight", 0),
+                result.value("workers", 0));
+    std::printf("  experts:   %d loaded, %d rules\n", result.value("experts", 0),
+                result.value("rules", 0));
     std::string tasks;
     const json by_state = result.value("tasks", json::object());  // items() must not outlive it
     for (const auto& [k, v] : by_state.items())
       tasks += (tasks.empty() ? "" : ", ") + k + " " + std::to_string(v.get<long>());
     std::printf("  tasks:     %s\n", tasks.empty() ? "none yet" : tasks.c_str());
-    std::printf("  store:     %s (schema v%d)\n", Str(result, "store_path").c_str(), result.value("schema_version", 0));
-    std::printf("  socket:    %s\n  config:    %s\n", Str(result, "socket").c_str(), Str(result, "config").c_str());
+    std::printf("  store:     %s (schema v%d)\n", Str(result, "store_path").c_str(),
+                result.value("schema_version", 0));
+    std::printf("  socket:    %s\n  config:    %s\n", Str(result, "socket").c_str(),
+                Str(result, "config").c_str());
     return kOk;
   }
   return kUsage;

@@ -44,8 +44,8 @@ class Parser {
   explicit Parser(std::string source) : source_(std::move(source)) {}
 
   Status Error(const YAML::Node& node, const std::string& key, const std::string& msg) const {
-    return Status::InvalidArgument(
-        source_ + ":" + std::to_string(Line(node)) + ": " + key + ": " + msg);
+    return Status::InvalidArgument(source_ + ":" + std::to_string(Line(node)) + ": " + key + ": " +
+                                   msg);
   }
   static int Line(const YAML::Node& n) { return n.Mark().line >= 0 ? n.Mark().line + 1 : 0; }
 
@@ -193,8 +193,8 @@ Status ParseDaemon(const Parser& p, const YAML::Node& n, DaemonConfig* c) {
 }
 
 Status ParseRouter(const Parser& p, const YAML::Node& n, RouterConfig* c) {
-  CORTEX_RETURN_IF_ERROR(p.CheckKeys(
-      n, "router", {"backend", "exploration", "load_bias", "max_attempts", "seed"}));
+  CORTEX_RETURN_IF_ERROR(
+      p.CheckKeys(n, "router", {"backend", "exploration", "load_bias", "max_attempts", "seed"}));
   if (n["backend"]) {
     CORTEX_RETURN_IF_ERROR(p.Str(n["backend"], "router.backend", &c->backend));
     if (c->backend != "auto" && c->backend != "cpu" && c->backend != "cuda")
@@ -234,16 +234,15 @@ Status ParseRules(const Parser& p, const YAML::Node& n, std::vector<RuleConfig>*
     if (rc.match.empty()) return p.Error(r["match"], path + ".match", "must not be empty");
     for (size_t j = 0; j < rc.match.size(); ++j) {
       const std::string& m = rc.match[j];
-      if (m.empty() || m == "/" || (m.size() >= 2 && m.front() == '/' && m.back() == '/' &&
-                                    m.size() == 2))
-        return p.Error(r["match"][j], path + ".match[" + std::to_string(j) + "]",
-                       "empty pattern");
+      if (m.empty() || m == "/" ||
+          (m.size() >= 2 && m.front() == '/' && m.back() == '/' && m.size() == 2))
+        return p.Error(r["match"][j], path + ".match[" + std::to_string(j) + "]", "empty pattern");
     }
     CORTEX_RETURN_IF_ERROR(p.Str(r["expert"], path + ".expert", &rc.expert));
-    if (r["boost"]) CORTEX_RETURN_IF_ERROR(p.Double(r["boost"], path + ".boost", -10, 10, &rc.boost));
+    if (r["boost"])
+      CORTEX_RETURN_IF_ERROR(p.Double(r["boost"], path + ".boost", -10, 10, &rc.boost));
     if (r["force"]) CORTEX_RETURN_IF_ERROR(p.Bool(r["force"], path + ".force", &rc.force));
-    if (!r["boost"] && !rc.force)
-      return p.Error(r, path, "needs a boost, or force: true");
+    if (!r["boost"] && !rc.force) return p.Error(r, path, "needs a boost, or force: true");
     rules->push_back(std::move(rc));
   }
   return Status::OK();
@@ -324,7 +323,8 @@ Result<Config> Parse(const YAML::Node& root, const std::string& source) {
   if (const YAML::Node& t = root["training"]) {
     CORTEX_RETURN_IF_ERROR(p.CheckKeys(t, "training", {"interval", "min_new_outcomes"}));
     if (t["interval"])
-      CORTEX_RETURN_IF_ERROR(p.Duration(t["interval"], "training.interval", &c.training.interval_s));
+      CORTEX_RETURN_IF_ERROR(
+          p.Duration(t["interval"], "training.interval", &c.training.interval_s));
     long v;
     if (t["min_new_outcomes"]) {
       CORTEX_RETURN_IF_ERROR(
@@ -395,12 +395,18 @@ Result<double> ParseDuration(const std::string& text) {
   }
   std::string unit = text.substr(pos);
   double mul;
-  if (unit.empty() || unit == "s") mul = 1;
-  else if (unit == "ms") mul = 0.001;
-  else if (unit == "m") mul = 60;
-  else if (unit == "h") mul = 3600;
-  else if (unit == "d") mul = 86400;
-  else return Status::InvalidArgument("unknown unit in duration '" + text + "' (ms, s, m, h, d)");
+  if (unit.empty() || unit == "s")
+    mul = 1;
+  else if (unit == "ms")
+    mul = 0.001;
+  else if (unit == "m")
+    mul = 60;
+  else if (unit == "h")
+    mul = 3600;
+  else if (unit == "d")
+    mul = 86400;
+  else
+    return Status::InvalidArgument("unknown unit in duration '" + text + "' (ms, s, m, h, d)");
   if (!std::isfinite(v) || v < 0) return Status::InvalidArgument("duration must be >= 0: " + text);
   return v * mul;
 }

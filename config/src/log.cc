@@ -1,10 +1,10 @@
 #include "cortex/log.h"
 
+#include <sys/time.h>
 #include <atomic>
 #include <cstdio>
 #include <ctime>
 #include <mutex>
-#include <sys/time.h>
 
 namespace cortex {
 namespace {
@@ -13,10 +13,14 @@ std::mutex g_mu;
 FILE* g_out = nullptr;  // nullptr means stderr
 const char* Name(LogLevel l) {
   switch (l) {
-    case LogLevel::kDebug: return "debug";
-    case LogLevel::kInfo: return "info";
-    case LogLevel::kWarn: return "warn";
-    case LogLevel::kError: return "error";
+    case LogLevel::kDebug:
+      return "debug";
+    case LogLevel::kInfo:
+      return "info";
+    case LogLevel::kWarn:
+      return "warn";
+    case LogLevel::kError:
+      return "error";
   }
   return "?";
 }

@@ -70,12 +70,13 @@ class DaemonImpl : public Daemon, public RequestHandler {
     CORTEX_RETURN_IF_ERROR(PrepareStore());
     CORTEX_RETURN_IF_ERROR(PrepareRouting());
     CORTEX_RETURN_IF_ERROR(Recover());
-    server_ = std::make_unique<Server>(this, ServerLimits{config_.daemon.max_connections,
-                                                          config_.daemon.max_request_bytes});
+    server_ = std::make_unique<Server>(
+        this, ServerLimits{config_.daemon.max_connections, config_.daemon.max_request_bytes});
     CORTEX_RETURN_IF_ERROR(server_->Listen(config_.daemon.socket));
     SetupInotify();
     dispatcher_ = std::thread([this] { DispatchLoop(); });
-    for (int i = 0; i < config_.daemon.workers; ++i) workers_.emplace_back([this] { WorkerLoop(); });
+    for (int i = 0; i < config_.daemon.workers; ++i)
+      workers_.emplace_back([this] { WorkerLoop(); });
     LogInfo("cortexd ready: socket {}, store {}, {} experts, {} workers, backend {}",
             config_.daemon.socket, config_.store.path, registry_->Active().size(),
             config_.daemon.workers, CurrentRouter()->backend());
@@ -97,14 +98,17 @@ class DaemonImpl : public Daemon, public RequestHandler {
       if (signal_fd_ >= 0) p[n++] = {signal_fd_, POLLIN, 0};
       if (inotify_fd_ >= 0) p[n++] = {inotify_fd_, POLLIN, 0};
       int timeout = 250;
-      if (rescan_at) timeout = static_cast<int>(
-          std::clamp<int64_t>((rescan_at - env_->MonotonicMicros()) / 1000, 0, 250));
+      if (rescan_at)
+        timeout = static_cast<int>(
+            std::clamp<int64_t>((rescan_at - env_->MonotonicMicros()) / 1000, 0, 250));
       int r = poll(p, static_cast<nfds_t>(n), timeout);
       if (r < 0 && errno != EINTR) return Status::IOError(std::string("poll: ") + strerror(errno));
       for (int i = 0; i < n && r > 0; ++i) {
         if (!p[i].revents) continue;
-        if (p[i].fd == server_->listen_fd()) server_->AcceptOne();
-        else if (p[i].fd == signal_fd_) HandleSignal();
+        if (p[i].fd == server_->listen_fd())
+          server_->AcceptOne();
+        else if (p[i].fd == signal_fd_)
+          HandleSignal();
         else if (p[i].fd == inotify_fd_) {
           char buf[4096];
           while (read(inotify_fd_, buf, sizeof buf) > 0) {
@@ -227,7 +231,8 @@ class DaemonImpl : public Daemon, public RequestHandler {
     if (!next.ok()) return next.status().WithContext("reload refused, keeping the running config");
     Config& c = next.value();
     Result<RuleSet> rules = RuleSet::Compile(c.rules, c.source);
-    if (!rules.ok()) return rules.status().WithContext("reload refused, keeping the running config");
+    if (!rules.ok())
+      return rules.status().WithContext("reload refused, keeping the running config");
     registry_->Rescan();
     CORTEX_RETURN_IF_ERROR(
         registry_->Configure(c).WithContext("reload refused, keeping the running config"));
@@ -267,8 +272,8 @@ class DaemonImpl : public Daemon, public RequestHandler {
       lock_fd_ = open(lock.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
       if (lock_fd_ < 0) return Status::IOError("cannot open " + lock + ": " + strerror(errno));
       if (flock(lock_fd_, LOCK_EX | LOCK_NB) != 0)
-        return Status::FailedPrecondition("another cortexd is using the store " + path +
-                                          " (lock " + lock + " is held)");
+        return Status::FailedPrecondition("another cortexd is using the store " + path + " (lock " +
+                                          lock + " is held)");
     }
     Result<std::unique_ptr<Store>> s = OpenStore(path);
     if (!s.ok()) return s.status();
@@ -289,7 +294,8 @@ class DaemonImpl : public Daemon, public RequestHandler {
     if (!rules.ok()) return rules.status();
     if (config_.router.backend == "cuda")
       return Status::FailedPrecondition(
-          config_.source + ": router.backend: cuda was asked for, but this build scores with the "
+          config_.source +
+          ": router.backend: cuda was asked for, but this build scores with the "
           "manifest prior on the CPU only; use auto or cpu");
     router_ = std::make_shared<Router>(RouterOptionsFrom(config_.router), std::move(rules).value(),
                                        MakeManifestPriorScorer());
@@ -299,8 +305,10 @@ class DaemonImpl : public Daemon, public RequestHandler {
     std::string bundled =
         options_.bundled_plugin_dir.empty() ? BundledPluginDir() : options_.bundled_plugin_dir;
     if (config_.plugins.bundled) {
-      if (bundled.empty()) LogWarn("no bundled plugin folder next to the executable");
-      else ro.dirs.push_back(bundled);
+      if (bundled.empty())
+        LogWarn("no bundled plugin folder next to the executable");
+      else
+        ro.dirs.push_back(bundled);
     }
     (void)env_->CreateDirs(config_.plugins.dir, 0700);
     ro.dirs.push_back(config_.plugins.dir);
@@ -333,8 +341,8 @@ class DaemonImpl : public Daemon, public RequestHandler {
     std::vector<Task> requeue;
     int interrupted = 0;
     CORTEX_RETURN_IF_ERROR(store_->Recover(env_->NowUnix(), &requeue, &interrupted));
-    if (interrupted) LogWarn("{} task(s) were running when cortexd stopped: marked interrupted",
-                             interrupted);
+    if (interrupted)
+      LogWarn("{} task(s) were running when cortexd stopped: marked interrupted", interrupted);
     if (!requeue.empty()) LogInfo("resuming {} queued task(s) from the store", requeue.size());
     std::lock_guard<std::mutex> l(queue_mu_);
     for (auto& t : requeue) queue_.push_back(std::move(t));
@@ -349,9 +357,9 @@ class DaemonImpl : public Daemon, public RequestHandler {
       return;
     }
     for (const auto& d : watch_dirs_)
-      if (inotify_add_watch(inotify_fd_, d.c_str(),
-                            IN_CLOSE_WRITE | IN_MOVED_TO | IN_MOVED_FROM | IN_DELETE | IN_CREATE |
-                                IN_ATTRIB) < 0)
+      if (inotify_add_watch(
+              inotify_fd_, d.c_str(),
+              IN_CLOSE_WRITE | IN_MOVED_TO | IN_MOVED_FROM | IN_DELETE | IN_CREATE | IN_ATTRIB) < 0)
         LogWarn("cannot watch {}: {}", d, strerror(errno));
   }
 
@@ -376,8 +384,9 @@ class DaemonImpl : public Daemon, public RequestHandler {
     if (dispatcher_.joinable()) dispatcher_.join();
     // Workers finish the attempts they are running, up to the grace period; whatever
     // still runs after it is cancelled and marked interrupted.
-    auto deadline = std::chrono::steady_clock::now() +
-                    std::chrono::milliseconds(static_cast<int64_t>(config_.daemon.shutdown_grace_s * 1000));
+    auto deadline =
+        std::chrono::steady_clock::now() +
+        std::chrono::milliseconds(static_cast<int64_t>(config_.daemon.shutdown_grace_s * 1000));
     {
       std::unique_lock<std::mutex> l(queue_mu_);
       while (busy_workers_ > 0 && std::chrono::steady_clock::now() < deadline)
@@ -411,7 +420,8 @@ class DaemonImpl : public Daemon, public RequestHandler {
       profiles_.clear();
       for (const auto& e : experts) {
         const Manifest& m = e->manifest();
-        profiles_[e->name()] = router->hasher().Manifest({m.name, m.description, m.keywords, m.examples});
+        profiles_[e->name()] =
+            router->hasher().Manifest({m.name, m.description, m.keywords, m.examples});
       }
       profiles_generation_ = registry_->generation();
     }
@@ -420,9 +430,11 @@ class DaemonImpl : public Daemon, public RequestHandler {
       auto it = profiles_.find(e->name());
       if (it == profiles_.end()) {
         const Manifest& m = e->manifest();
-        it = profiles_.emplace(e->name(), router->hasher().Manifest(
-                                              {m.name, m.description, m.keywords, m.examples}))
-                 .first;
+        it =
+            profiles_
+                .emplace(e->name(),
+                         router->hasher().Manifest({m.name, m.description, m.keywords, m.examples}))
+                .first;
       }
       slots.push_back({{e->name(), it->second}, e->load()});
     }
@@ -451,9 +463,9 @@ class DaemonImpl : public Daemon, public RequestHandler {
       std::vector<RouteRequest> reqs;
       for (const auto& t : batch) reqs.push_back({t.text, t.tags});
       std::vector<Decision> decisions;
-      Status st = slots.empty() ? Status::Unavailable("no experts are loaded")
-                                : CurrentRouter()->Route(reqs, slots, true, env_->NowUnix(),
-                                                         &decisions);
+      Status st = slots.empty()
+                      ? Status::Unavailable("no experts are loaded")
+                      : CurrentRouter()->Route(reqs, slots, true, env_->NowUnix(), &decisions);
       if (!st.ok()) {
         // Nothing to route to: put the batch back and wait for an expert to appear.
         std::unique_lock<std::mutex> l(queue_mu_);

@@ -79,8 +79,8 @@ int main(int argc, char** argv) {
     std::fputs(cortex::EmbeddedDefaultsYaml(), stdout);
     return 0;
   }
-  cortex::SetLogLevel(log_level == "debug"  ? cortex::LogLevel::kDebug
-                      : log_level == "warn" ? cortex::LogLevel::kWarn
+  cortex::SetLogLevel(log_level == "debug"   ? cortex::LogLevel::kDebug
+                      : log_level == "warn"  ? cortex::LogLevel::kWarn
                       : log_level == "error" ? cortex::LogLevel::kError
                                              : cortex::LogLevel::kInfo);
 

@@ -52,7 +52,8 @@ class Request {
   }
   bool Has(const char* k) const { return j_.contains(k) && !j_[k].is_null(); }
   Status String(const char* k, bool required, std::string* out) const {
-    if (!Has(k)) return required ? Bad("missing field '" + std::string(k) + "' for op " + op_) : Status::OK();
+    if (!Has(k))
+      return required ? Bad("missing field '" + std::string(k) + "' for op " + op_) : Status::OK();
     if (!j_[k].is_string()) return Bad("field '" + std::string(k) + "' must be a string");
     *out = j_[k].get<std::string>();
     return Status::OK();
@@ -109,8 +110,8 @@ Status ParseTags(const Request& r, const DaemonConfig& lim, Tags* tags) {
   return Status::OK();
 }
 
-const char* const kOps[] = {"submit", "route",    "show",   "history", "experts", "events",
-                            "confidence", "feedback", "reload", "status", "export"};
+const char* const kOps[] = {"submit",     "route",    "show",   "history", "experts", "events",
+                            "confidence", "feedback", "reload", "status",  "export"};
 
 }  // namespace
 
@@ -130,10 +131,12 @@ Status Server::Listen(const std::string& path) {
   std::error_code ec;
   fs::create_directories(dir, ec);
   struct stat st {};
-  if (stat(dir.c_str(), &st) != 0) return Status::IOError("cannot create " + dir + ": " + strerror(errno));
+  if (stat(dir.c_str(), &st) != 0)
+    return Status::IOError("cannot create " + dir + ": " + strerror(errno));
   if (st.st_uid != geteuid())
     return Status::FailedPrecondition("socket folder " + dir + " belongs to another user (uid " +
-                                      std::to_string(st.st_uid) + "); choose daemon.socket elsewhere");
+                                      std::to_string(st.st_uid) +
+                                      "); choose daemon.socket elsewhere");
   if ((st.st_mode & 077) != 0 && chmod(dir.c_str(), 0700) != 0)
     return Status::IOError("cannot make " + dir + " private (0700): " + strerror(errno));
 
@@ -155,7 +158,8 @@ Status Server::Listen(const std::string& path) {
   umask(old);
   if (rc != 0) return Status::IOError("cannot bind " + path + ": " + strerror(errno));
   chmod(path.c_str(), 0600);
-  if (listen(listen_fd_, 128) != 0) return Status::IOError(std::string("listen: ") + strerror(errno));
+  if (listen(listen_fd_, 128) != 0)
+    return Status::IOError(std::string("listen: ") + strerror(errno));
   fcntl(listen_fd_, F_SETFL, O_NONBLOCK);
   path_ = path;
   return Status::OK();
@@ -167,11 +171,12 @@ void Server::AcceptOne() {
   std::unique_lock<std::mutex> l(mu_);
   if (active_ >= limits_.max_connections) {
     l.unlock();
-    WriteAll(fd, wire::Error(Status::ResourceExhausted(
-                                 "too many connections (" + std::to_string(limits_.max_connections) +
-                                 ", daemon.max_connections); try again shortly"))
-                         .dump() +
-                     "\n");
+    WriteAll(fd,
+             wire::Error(Status::ResourceExhausted("too many connections (" +
+                                                   std::to_string(limits_.max_connections) +
+                                                   ", daemon.max_connections); try again shortly"))
+                     .dump() +
+                 "\n");
     close(fd);
     return;
   }
@@ -254,23 +259,25 @@ void Server::Serve(int fd) {
 json Server::HandleLine(const std::string& line,
                         const std::function<bool(const std::string&)>& write_line) {
   if (size_t bad = wire::InvalidUtf8At(line); bad != std::string::npos)
-    return wire::Error(Bad(fmt::format(
-        "request is not valid UTF-8 (byte 0x{:02x} at offset {}); text must be UTF-8",
-        static_cast<unsigned char>(line[bad]), bad)));
+    return wire::Error(Bad(
+        fmt::format("request is not valid UTF-8 (byte 0x{:02x} at offset {}); text must be UTF-8",
+                    static_cast<unsigned char>(line[bad]), bad)));
   json req = json::parse(line, nullptr, false);
   if (req.is_discarded()) {
     try {
       (void)json::parse(line);
     } catch (const json::parse_error& e) {
-      return wire::Error(Bad(fmt::format("malformed JSON at byte {}: {}", e.byte,
-                                         std::string(e.what()).substr(std::string(e.what()).find(':') + 2))));
+      return wire::Error(
+          Bad(fmt::format("malformed JSON at byte {}: {}", e.byte,
+                          std::string(e.what()).substr(std::string(e.what()).find(':') + 2))));
     }
     return wire::Error(Bad("malformed JSON"));
   }
   if (!req.is_object()) return wire::Error(Bad("a request must be a JSON object with an \"op\""));
   if (!req.contains("op") || !req["op"].is_string())
-    return wire::Error(Bad("missing field 'op' (a string: one of submit, route, show, history, "
-                           "experts, events, confidence, feedback, reload, status, export)"));
+    return wire::Error(
+        Bad("missing field 'op' (a string: one of submit, route, show, history, "
+            "experts, events, confidence, feedback, reload, status, export)"));
   try {
     return Dispatch(req, write_line);
   } catch (const std::exception& e) {
@@ -284,15 +291,17 @@ json Server::Dispatch(const json& j, const std::function<bool(const std::string&
   Request r(j, op);
   const DaemonConfig& lim = h_->limits();
   auto fail = [](const Status& s) { return wire::Error(s); };
-#define CHECK(expr)                    \
-  do {                                 \
-    Status _s = (expr);                \
-    if (!_s.ok()) return fail(_s);     \
+#define CHECK(expr)                \
+  do {                             \
+    Status _s = (expr);            \
+    if (!_s.ok()) return fail(_s); \
   } while (0)
 
   if (op == "submit" || op == "route") {
-    if (op == "submit") CHECK(r.Allow({"text", "tags", "wait", "timeout_s"}));
-    else CHECK(r.Allow({"text", "tags"}));
+    if (op == "submit")
+      CHECK(r.Allow({"text", "tags", "wait", "timeout_s"}));
+    else
+      CHECK(r.Allow({"text", "tags"}));
     std::string text;
     Tags tags;
     CHECK(r.String("text", true, &text));
@@ -345,8 +354,10 @@ json Server::Dispatch(const json& j, const std::function<bool(const std::string&
     return wire::Ok(a);
   }
   if (op == "experts" || op == "confidence") {
-    if (op == "experts") CHECK(r.Allow({}));
-    else CHECK(r.Allow({"expert"}));
+    if (op == "experts")
+      CHECK(r.Allow({}));
+    else
+      CHECK(r.Allow({"expert"}));
     std::string only;
     CHECK(r.String("expert", false, &only));
     std::vector<ExpertStats> stats;
@@ -357,13 +368,21 @@ json Server::Dispatch(const json& j, const std::function<bool(const std::string&
     if (op == "experts") {
       for (const auto& e : h_->registry()->List()) {
         const ExpertStats& s = by[e.name];
-        a.push_back({{"name", e.name}, {"version", e.version}, {"state", e.state},
-                     {"file", e.file}, {"plugin", e.plugin}, {"description", e.description},
-                     {"keywords", e.keywords}, {"inflight", e.inflight},
-                     {"capacity", e.capacity}, {"timeout_s", e.timeout_s},
-                     {"routed", s.routed}, {"attempts", s.attempts},
-                     {"success_rate", s.attempts ? json(double(s.successes) / s.attempts) : json(nullptr)},
-                     {"mean_quality", s.attempts ? json(s.mean_quality) : json(nullptr)}});
+        a.push_back(
+            {{"name", e.name},
+             {"version", e.version},
+             {"state", e.state},
+             {"file", e.file},
+             {"plugin", e.plugin},
+             {"description", e.description},
+             {"keywords", e.keywords},
+             {"inflight", e.inflight},
+             {"capacity", e.capacity},
+             {"timeout_s", e.timeout_s},
+             {"routed", s.routed},
+             {"attempts", s.attempts},
+             {"success_rate", s.attempts ? json(double(s.successes) / s.attempts) : json(nullptr)},
+             {"mean_quality", s.attempts ? json(s.mean_quality) : json(nullptr)}});
       }
       return wire::Ok(a);
     }
@@ -375,11 +394,14 @@ json Server::Dispatch(const json& j, const std::function<bool(const std::string&
     for (const auto& n : names) {
       if (!only.empty() && n != only) continue;
       const ExpertStats& s = by[n];
-      a.push_back({{"expert", n}, {"decisions", s.routed}, {"calibrated", s.calibrated},
-                   {"mean_confidence", s.calibrated ? json(s.mean_confidence) : json(nullptr)},
-                   {"success_rate", s.calibrated ? json(s.first_success_rate) : json(nullptr)},
-                   {"gap", s.calibrated ? json(s.mean_confidence - s.first_success_rate) : json(nullptr)},
-                   {"brier", s.calibrated ? json(s.brier) : json(nullptr)}});
+      a.push_back(
+          {{"expert", n},
+           {"decisions", s.routed},
+           {"calibrated", s.calibrated},
+           {"mean_confidence", s.calibrated ? json(s.mean_confidence) : json(nullptr)},
+           {"success_rate", s.calibrated ? json(s.first_success_rate) : json(nullptr)},
+           {"gap", s.calibrated ? json(s.mean_confidence - s.first_success_rate) : json(nullptr)},
+           {"brier", s.calibrated ? json(s.brier) : json(nullptr)}});
     }
     return wire::Ok(a);
   }

@@ -20,16 +20,16 @@ std::string IsoTime(double t) {
 }
 
 json ToJson(const Candidate& c) {
-  return {{"expert", c.expert},   {"rule_score", c.rule_score}, {"model_score", c.model_score},
-          {"load_bias", c.load_bias}, {"score", c.score},       {"confidence", c.confidence},
+  return {{"expert", c.expert},       {"rule_score", c.rule_score}, {"model_score", c.model_score},
+          {"load_bias", c.load_bias}, {"score", c.score},           {"confidence", c.confidence},
           {"rules", c.rules}};
 }
 
 json ToJson(const Decision& d) {
   json cands = json::array();
   for (const auto& c : d.candidates) cands.push_back(ToJson(c));
-  return {{"time", IsoTime(d.time)}, {"model_version", d.model_version}, {"chosen", d.chosen},
-          {"propensity", d.propensity}, {"explored", d.explored}, {"forced", d.forced},
+  return {{"time", IsoTime(d.time)},    {"model_version", d.model_version}, {"chosen", d.chosen},
+          {"propensity", d.propensity}, {"explored", d.explored},           {"forced", d.forced},
           {"candidates", cands}};
 }
 
@@ -37,8 +37,8 @@ json FinalOutcome(const Task& t) {
   if (!IsFinal(t.state) || t.attempts.empty() || !t.attempts.back().outcome) return nullptr;
   const Outcome& o = *t.attempts.back().outcome;
   double q = t.feedback.empty() ? o.quality : t.feedback.back().quality;
-  return {{"kind", ToString(o.kind)}, {"quality", q}, {"duration_s", o.duration_s},
-          {"error", o.error}};
+  return {
+      {"kind", ToString(o.kind)}, {"quality", q}, {"duration_s", o.duration_s}, {"error", o.error}};
 }
 
 json ToJson(const Task& t) {
@@ -48,11 +48,16 @@ json ToJson(const Task& t) {
   for (const auto& a : t.attempts) {
     json o = nullptr;
     if (a.outcome)
-      o = {{"kind", ToString(a.outcome->kind)}, {"quality", a.outcome->quality},
-           {"duration_s", a.outcome->duration_s}, {"error", a.outcome->error},
+      o = {{"kind", ToString(a.outcome->kind)},
+           {"quality", a.outcome->quality},
+           {"duration_s", a.outcome->duration_s},
+           {"error", a.outcome->error},
            {"output", a.outcome->output}};
-    attempts.push_back({{"n", a.n}, {"expert", a.expert}, {"started_at", IsoTime(a.started_at)},
-                        {"finished_at", IsoTime(a.finished_at)}, {"outcome", o}});
+    attempts.push_back({{"n", a.n},
+                        {"expert", a.expert},
+                        {"started_at", IsoTime(a.started_at)},
+                        {"finished_at", IsoTime(a.finished_at)},
+                        {"outcome", o}});
   }
   json fb = json::array();
   for (const auto& f : t.feedback)
@@ -86,12 +91,17 @@ json ToJson(const HistoryRow& r) {
 }
 
 json ToJson(const ExpertEvent& e) {
-  return {{"time", IsoTime(e.time)}, {"expert", e.expert}, {"file", e.file},
-          {"event", e.event}, {"detail", e.detail}};
+  return {{"time", IsoTime(e.time)},
+          {"expert", e.expert},
+          {"file", e.file},
+          {"event", e.event},
+          {"detail", e.detail}};
 }
 
 json ExportRow(const Task& t) {
-  json j = {{"id", t.id}, {"time", IsoTime(t.created_at)}, {"text", t.text},
+  json j = {{"id", t.id},
+            {"time", IsoTime(t.created_at)},
+            {"text", t.text},
             {"state", ToString(t.state)}};
   json tags = json::object();
   for (const auto& [k, v] : t.tags) tags[k] = v;

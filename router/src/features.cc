@@ -9,8 +9,8 @@ namespace {
 
 const std::unordered_set<std::string>& StopWords() {
   static const std::unordered_set<std::string> k = {
-      "a",  "an", "the", "to", "of",  "and", "or",   "in",   "on",  "for", "with", "is",
-      "be", "as", "at",  "by", "it",  "its", "this", "that", "from", "into", "when", "if"};
+      "a",  "an", "the", "to", "of", "and", "or",   "in",   "on",   "for",  "with", "is",
+      "be", "as", "at",  "by", "it", "its", "this", "that", "from", "into", "when", "if"};
   return k;
 }
 
@@ -28,9 +28,12 @@ float Dot(const SparseVector& a, const SparseVector& b) {
   float s = 0;
   size_t i = 0, j = 0;
   while (i < a.idx.size() && j < b.idx.size()) {
-    if (a.idx[i] < b.idx[j]) ++i;
-    else if (a.idx[i] > b.idx[j]) ++j;
-    else s += a.val[i++] * b.val[j++];
+    if (a.idx[i] < b.idx[j])
+      ++i;
+    else if (a.idx[i] > b.idx[j])
+      ++j;
+    else
+      s += a.val[i++] * b.val[j++];
   }
   return s;
 }
@@ -43,9 +46,12 @@ std::vector<std::string> FeatureHasher::Words(const std::string& text) {
     cur.clear();
   };
   for (unsigned char c : text) {
-    if (std::isalnum(c)) cur.push_back(static_cast<char>(std::tolower(c)));
-    else if (c >= 0x80) cur.push_back(static_cast<char>(c));  // keep UTF-8 letters whole
-    else flush();
+    if (std::isalnum(c))
+      cur.push_back(static_cast<char>(std::tolower(c)));
+    else if (c >= 0x80)
+      cur.push_back(static_cast<char>(c));  // keep UTF-8 letters whole
+    else
+      flush();
   }
   flush();
   return words;
@@ -73,7 +79,8 @@ SparseVector FeatureHasher::Finish(std::vector<std::pair<uint32_t, float>>* acc)
   std::sort(acc->begin(), acc->end());
   SparseVector v;
   for (const auto& [i, w] : *acc) {
-    if (!v.idx.empty() && v.idx.back() == i) v.val.back() += w;
+    if (!v.idx.empty() && v.idx.back() == i)
+      v.val.back() += w;
     else {
       v.idx.push_back(i);
       v.val.push_back(w);

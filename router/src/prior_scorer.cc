@@ -22,6 +22,8 @@ class ManifestPriorScorer : public Scorer {
 
 }  // namespace
 
-std::unique_ptr<Scorer> MakeManifestPriorScorer() { return std::make_unique<ManifestPriorScorer>(); }
+std::unique_ptr<Scorer> MakeManifestPriorScorer() {
+  return std::make_unique<ManifestPriorScorer>();
+}
 
 }  // namespace cortex

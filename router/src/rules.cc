@@ -44,8 +44,9 @@ std::vector<RuleMatch> RuleSet::Evaluate(const std::string& text) const {
   if (rules_.empty()) return out;
   const std::string lower = Lower(text);
   for (const auto& r : rules_) {
-    bool hit = std::any_of(r.substrings.begin(), r.substrings.end(),
-                           [&](const std::string& s) { return lower.find(s) != std::string::npos; });
+    bool hit = std::any_of(r.substrings.begin(), r.substrings.end(), [&](const std::string& s) {
+      return lower.find(s) != std::string::npos;
+    });
     if (!hit)
       hit = std::any_of(r.regexes.begin(), r.regexes.end(),
                         [&](const std::regex& re) { return std::regex_search(text, re); });

@@ -150,10 +150,10 @@ class SqliteStore : public Store {
     if (app_id != kApplicationId && (objects > 0 || user_version != 0))
       return NotOurs("it holds another application's tables");
     if (user_version > kSchemaVersion)
-      return Status::FailedPrecondition(
-          "store " + path_ + " has schema version " + std::to_string(user_version) +
-          ", newer than this cortexd understands (" + std::to_string(kSchemaVersion) +
-          "); upgrade cortexd");
+      return Status::FailedPrecondition("store " + path_ + " has schema version " +
+                                        std::to_string(user_version) +
+                                        ", newer than this cortexd understands (" +
+                                        std::to_string(kSchemaVersion) + "); upgrade cortexd");
 
     if (path_ != ":memory:") {
       std::string mode;
@@ -166,8 +166,8 @@ class SqliteStore : public Store {
 
   Status InsertTask(const Task& t) override {
     std::lock_guard<std::mutex> l(mu_);
-    Stmt s = Prepare(
-        "INSERT INTO tasks(id,text,tags,state,created_at,updated_at) VALUES(?,?,?,?,?,?)");
+    Stmt s =
+        Prepare("INSERT INTO tasks(id,text,tags,state,created_at,updated_at) VALUES(?,?,?,?,?,?)");
     s.Bind(1, t.id).Bind(2, t.text).Bind(3, TagsJson(t.tags).dump()).Bind(4, ToString(t.state));
     s.Bind(5, t.created_at).Bind(6, t.created_at);
     return Done(s, "insert task " + t.id);
@@ -331,8 +331,8 @@ class SqliteStore : public Store {
   Status ExpertEvents(int limit, std::vector<ExpertEvent>* out) override {
     std::lock_guard<std::mutex> l(mu_);
     out->clear();
-    Stmt s = Prepare(
-        "SELECT time,expert,file,event,detail FROM expert_events ORDER BY id DESC LIMIT ?");
+    Stmt s =
+        Prepare("SELECT time,expert,file,event,detail FROM expert_events ORDER BY id DESC LIMIT ?");
     s.Bind(1, limit);
     while (s.Step() == SQLITE_ROW)
       out->push_back({s.Double(0), s.Text(1), s.Text(2), s.Text(3), s.Text(4)});
@@ -414,8 +414,7 @@ class SqliteStore : public Store {
   std::string Err() const { return db_ ? sqlite3_errmsg(db_) : "out of memory"; }
   Status Fail(const std::string& what) { return Status::IOError(what + ": " + Err()); }
   Status NotOurs(const std::string& why) {
-    return Status::Corruption("refusing to use " + path_ +
-                              ": not a Cortex store (" + why +
+    return Status::Corruption("refusing to use " + path_ + ": not a Cortex store (" + why +
                               "); move it away or set store.path to another file");
   }
 
@@ -465,7 +464,8 @@ class SqliteStore : public Store {
                               "; PRAGMA user_version=" + std::to_string(v + 1) + ";";
         st = Exec(pragmas.c_str());
       }
-      CORTEX_RETURN_IF_ERROR(Finish(st).WithContext("migrating store to v" + std::to_string(v + 1)));
+      CORTEX_RETURN_IF_ERROR(
+          Finish(st).WithContext("migrating store to v" + std::to_string(v + 1)));
     }
     return Status::OK();
   }
@@ -501,9 +501,13 @@ class SqliteStore : public Store {
   static json CandidatesJson(const Decision& d) {
     json a = json::array();
     for (const auto& c : d.candidates)
-      a.push_back({{"expert", c.expert}, {"rule_score", c.rule_score},
-                   {"model_score", c.model_score}, {"load_bias", c.load_bias},
-                   {"score", c.score}, {"confidence", c.confidence}, {"rules", c.rules}});
+      a.push_back({{"expert", c.expert},
+                   {"rule_score", c.rule_score},
+                   {"model_score", c.model_score},
+                   {"load_bias", c.load_bias},
+                   {"score", c.score},
+                   {"confidence", c.confidence},
+                   {"rules", c.rules}});
     return a;
   }
 

@@ -22,8 +22,10 @@ namespace {
 const char* const kKeywords[] = {"echo", "repeat", "parrot", nullptr};
 const char* const kExamples[] = {"echo this back to me", nullptr};
 const char* const kKeys[] = {"prefix", nullptr};
-const cortex_manifest kManifest = {ECHO_NAME, ECHO_VERSION, "Echoes the task text back (test expert).",
-                                   kKeywords, kExamples, kKeys, 2, 5000, 0};
+const cortex_manifest kManifest = {
+    ECHO_NAME, ECHO_VERSION, "Echoes the task text back (test expert).",
+    kKeywords, kExamples,    kKeys,
+    2,         5000,         0};
 
 class Echo {
  public:

@@ -64,7 +64,7 @@ struct ExpertConfig {
   std::optional<int> capacity;
   std::optional<double> timeout_s;
   nlohmann::json settings = nlohmann::json::object();  // plugin-specific keys
-  std::map<std::string, int> key_lines;                 // settings key -> line
+  std::map<std::string, int> key_lines;                // settings key -> line
   int line = 0;
 };
 

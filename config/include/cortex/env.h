@@ -27,7 +27,7 @@ class Env {
   // The process-wide real environment.
   static Env* Default();
 
-  virtual double NowUnix() = 0;          // wall clock, seconds since the epoch
+  virtual double NowUnix() = 0;           // wall clock, seconds since the epoch
   virtual int64_t MonotonicMicros() = 0;  // for durations and deadlines
   virtual Status Stat(const std::string& path, FileInfo* info) = 0;
   virtual Status ListDir(const std::string& dir, std::vector<std::string>* names) = 0;

@@ -17,11 +17,13 @@ bool LogEnabled(LogLevel level);
 
 template <typename... Args>
 void LogInfo(fmt::format_string<Args...> f, Args&&... a) {
-  if (LogEnabled(LogLevel::kInfo)) LogLine(LogLevel::kInfo, fmt::format(f, std::forward<Args>(a)...));
+  if (LogEnabled(LogLevel::kInfo))
+    LogLine(LogLevel::kInfo, fmt::format(f, std::forward<Args>(a)...));
 }
 template <typename... Args>
 void LogWarn(fmt::format_string<Args...> f, Args&&... a) {
-  if (LogEnabled(LogLevel::kWarn)) LogLine(LogLevel::kWarn, fmt::format(f, std::forward<Args>(a)...));
+  if (LogEnabled(LogLevel::kWarn))
+    LogLine(LogLevel::kWarn, fmt::format(f, std::forward<Args>(a)...));
 }
 template <typename... Args>
 void LogError(fmt::format_string<Args...> f, Args&&... a) {
@@ -29,7 +31,8 @@ void LogError(fmt::format_string<Args...> f, Args&&... a) {
 }
 template <typename... Args>
 void LogDebug(fmt::format_string<Args...> f, Args&&... a) {
-  if (LogEnabled(LogLevel::kDebug)) LogLine(LogLevel::kDebug, fmt::format(f, std::forward<Args>(a)...));
+  if (LogEnabled(LogLevel::kDebug))
+    LogLine(LogLevel::kDebug, fmt::format(f, std::forward<Args>(a)...));
 }
 
 }  // namespace cortex

@@ -80,10 +80,10 @@ class Result {
   std::variant<T, Status> v_;
 };
 
-#define CORTEX_RETURN_IF_ERROR(expr)        \
-  do {                                      \
-    ::cortex::Status _st = (expr);          \
-    if (!_st.ok()) return _st;              \
+#define CORTEX_RETURN_IF_ERROR(expr) \
+  do {                               \
+    ::cortex::Status _st = (expr);   \
+    if (!_st.ok()) return _st;       \
   } while (0)
 
 }  // namespace cortex

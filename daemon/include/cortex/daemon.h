@@ -12,7 +12,7 @@
 namespace cortex {
 
 struct DaemonOptions {
-  std::string config_path;  // empty: embedded defaults (reload re-reads the same)
+  std::string config_path;         // empty: embedded defaults (reload re-reads the same)
   std::string bundled_plugin_dir;  // empty: next to the executable (../lib/cortex/plugins)
 };
 

@@ -16,13 +16,20 @@ using cortex::experts::ProcessSpec;
 const char* const kKeywords[] = {nullptr};
 const char* const kConfigKeys[] = {"run", "cwd", "env", nullptr};
 const cortex_manifest kManifest = {
-    "command", "1.0.0",
+    "command",
+    "1.0.0",
     "Runs a configured program with the task text on stdin; exit status decides the outcome.",
-    kKeywords, nullptr, kConfigKeys, 4, 600000, CORTEX_MANIFEST_REQUIRES_CONFIG};
+    kKeywords,
+    nullptr,
+    kConfigKeys,
+    4,
+    600000,
+    CORTEX_MANIFEST_REQUIRES_CONFIG};
 
 std::string EnvName(const std::string& key) {
   std::string out;
-  for (unsigned char c : key) out.push_back(std::isalnum(c) ? static_cast<char>(std::toupper(c)) : '_');
+  for (unsigned char c : key)
+    out.push_back(std::isalnum(c) ? static_cast<char>(std::toupper(c)) : '_');
   return out;
 }
 
@@ -92,11 +99,13 @@ class CommandExpert {
 
     ProcessResult r = cortex::experts::RunProcess(spec);
     cortex::sdk::Write(host, r.out);
-    if (!r.err.empty()) cortex::sdk::Write(host, (r.out.empty() ? "" : "\n") + std::string("[stderr]\n") + r.err);
+    if (!r.err.empty())
+      cortex::sdk::Write(host, (r.out.empty() ? "" : "\n") + std::string("[stderr]\n") + r.err);
     if (!r.started) return Fail(CORTEX_OUTCOME_FAILURE, r.error);
     if (r.timed_out) return Fail(CORTEX_OUTCOME_TIMEOUT, "killed at its deadline");
     if (r.cancelled) return Fail(CORTEX_OUTCOME_TIMEOUT, "stopped: the host cancelled the task");
-    if (r.signal) return Fail(CORTEX_OUTCOME_CRASH, "killed by " + cortex::experts::SignalName(r.signal));
+    if (r.signal)
+      return Fail(CORTEX_OUTCOME_CRASH, "killed by " + cortex::experts::SignalName(r.signal));
     double quality = LastLineQuality(r.out);
     if (r.exit_code != 0)
       return Fail(CORTEX_OUTCOME_FAILURE, "exit status " + std::to_string(r.exit_code), quality);

@@ -11,6 +11,7 @@
 #include <chrono>
 #include <cstring>
 #include <filesystem>
+#include <string_view>
 
 namespace cortex::experts {
 
@@ -86,8 +87,8 @@ ProcessResult RunProcess(const ProcessSpec& spec) {
   posix_spawnattr_setsigmask(&attr, &none);
   posix_spawnattr_setsigdefault(&attr, &all);
   posix_spawnattr_setpgroup(&attr, 0);
-  posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF |
-                                      POSIX_SPAWN_SETPGROUP);
+  posix_spawnattr_setflags(&attr,
+                           POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF | POSIX_SPAWN_SETPGROUP);
 
   std::vector<char*> argv, envp;
   for (const auto& a : spec.argv) argv.push_back(const_cast<char*>(a.c_str()));
@@ -124,8 +125,10 @@ ProcessResult RunProcess(const ProcessSpec& spec) {
     int64_t now = NowUnixMs();
     bool stop_now = false;
     if (!term_sent) {
-      if (spec.deadline_ms && now >= spec.deadline_ms) r.timed_out = stop_now = true;
-      else if (spec.cancelled && spec.cancelled()) r.cancelled = stop_now = true;
+      if (spec.deadline_ms && now >= spec.deadline_ms)
+        r.timed_out = stop_now = true;
+      else if (spec.cancelled && spec.cancelled())
+        r.cancelled = stop_now = true;
     }
     if (stop_now) {
       kill(-pid, SIGTERM);
@@ -147,7 +150,8 @@ ProcessResult RunProcess(const ProcessSpec& spec) {
     for (int k = 0; k < n && pr > 0; ++k) {
       if (!p[k].revents) continue;
       if (map[k] == 2) {
-        ssize_t w = write(in_fd, spec.stdin_data.data() + written, spec.stdin_data.size() - written);
+        ssize_t w =
+            write(in_fd, spec.stdin_data.data() + written, spec.stdin_data.size() - written);
         if (w > 0) written += static_cast<size_t>(w);
         if (w < 0 && errno != EAGAIN) written = spec.stdin_data.size();  // EPIPE: it won't read
         if (written >= spec.stdin_data.size()) {
@@ -176,8 +180,8 @@ ProcessResult RunProcess(const ProcessSpec& spec) {
     if (w == pid) break;
     if (w < 0 && errno != EINTR) break;
     int64_t now = NowUnixMs();
-    if (!term_sent && ((spec.deadline_ms && now >= spec.deadline_ms) ||
-                       (spec.cancelled && spec.cancelled()))) {
+    if (!term_sent &&
+        ((spec.deadline_ms && now >= spec.deadline_ms) || (spec.cancelled && spec.cancelled()))) {
       (spec.deadline_ms && now >= spec.deadline_ms ? r.timed_out : r.cancelled) = true;
       kill(-pid, SIGTERM);
       term_sent = true;
@@ -189,13 +193,16 @@ ProcessResult RunProcess(const ProcessSpec& spec) {
     }
     usleep(5000);
   }
-  if (WIFEXITED(status)) r.exit_code = WEXITSTATUS(status);
-  else if (WIFSIGNALED(status)) r.signal = WTERMSIG(status);
+  if (WIFEXITED(status))
+    r.exit_code = WEXITSTATUS(status);
+  else if (WIFSIGNALED(status))
+    r.signal = WTERMSIG(status);
   return r;
 }
 
-bool ListRepoFiles(const std::string& root, size_t max_files, const std::function<bool()>& cancelled,
-                   std::vector<std::string>* files, std::string* how, std::string* error) {
+bool ListRepoFiles(const std::string& root, size_t max_files,
+                   const std::function<bool()>& cancelled, std::vector<std::string>* files,
+                   std::string* how, std::string* error) {
   files->clear();
   std::error_code ec;
   if (!fs::is_directory(root, ec)) {
@@ -242,6 +249,24 @@ bool ListRepoFiles(const std::string& root, size_t max_files, const std::functio
     if (!it->is_regular_file(ec) || it->is_symlink(ec)) continue;
     files->push_back(fs::relative(it->path(), root, ec).string());
     if (files->size() >= max_files) break;
+  }
+  return true;
+}
+
+bool ListTaskRepo(const cortex_task& task, const cortex_host& host, size_t max_files,
+                  TaskRepo* repo, cortex_result* stop) {
+  repo->path.clear();
+  for (size_t i = 0; i < task.n_tags; ++i)
+    if (std::string_view("repo") == task.tags[i].key) repo->path = task.tags[i].value;
+  if (repo->path.empty()) {
+    *stop = {CORTEX_OUTCOME_REJECTED, 0, "needs a repository: tag repo=PATH"};
+    return false;
+  }
+  auto cancelled = [&host] { return host.cancelled(host.ctx) != 0; };
+  thread_local std::string error;  // returned to the host, which copies it at once
+  if (!ListRepoFiles(repo->path, max_files, cancelled, &repo->files, &repo->how, &error)) {
+    *stop = {CORTEX_OUTCOME_FAILURE, 0, error.c_str()};
+    return false;
   }
   return true;
 }

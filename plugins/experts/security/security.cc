@@ -16,18 +16,23 @@ namespace {
 
 namespace fs = std::filesystem;
 
-const char* const kKeywords[] = {"security", "secret", "secrets", "leak", "credential", "token",
-                                 "private key", "vulnerability", "permissions", "audit",
-                                 "cve", nullptr};
-const char* const kExamples[] = {"scan the repository for leaked secrets",
-                                 "check for committed private keys or api tokens",
-                                 "audit file permissions for security problems",
-                                 "security review before release", nullptr};
+const char* const kKeywords[] = {"security",    "secret", "secrets",     "leak",
+                                 "credential",  "token",  "private key", "vulnerability",
+                                 "permissions", "audit",  "cve",         nullptr};
+const char* const kExamples[] = {
+    "scan the repository for leaked secrets", "check for committed private keys or api tokens",
+    "audit file permissions for security problems", "security review before release", nullptr};
 const char* const kConfigKeys[] = {nullptr};
 const cortex_manifest kManifest = {
-    "security", "1.0.0",
+    "security",
+    "1.0.0",
     "Scans a repository (tag repo=PATH) for committed secrets and unsafe file permissions.",
-    kKeywords, kExamples, kConfigKeys, 2, 300000, 0};
+    kKeywords,
+    kExamples,
+    kConfigKeys,
+    2,
+    300000,
+    0};
 
 struct Pattern {
   const char* kind;
@@ -55,11 +60,12 @@ const std::vector<Pattern>& Patterns() {
 }
 
 bool KeyLikeName(const std::string& name) {
-  static const std::set<std::string> names = {"id_rsa", "id_dsa", "id_ecdsa", "id_ed25519",
-                                              ".env", ".npmrc", ".pypirc", ".netrc", "credentials"};
+  static const std::set<std::string> names = {"id_rsa", "id_dsa",  "id_ecdsa", "id_ed25519", ".env",
+                                              ".npmrc", ".pypirc", ".netrc",   "credentials"};
   if (names.count(name)) return true;
   for (const char* ext : {".pem", ".key", ".p12", ".pfx", ".keystore", ".jks"})
-    if (name.size() > std::strlen(ext) && name.compare(name.size() - std::strlen(ext), std::string::npos, ext) == 0)
+    if (name.size() > std::strlen(ext) &&
+        name.compare(name.size() - std::strlen(ext), std::string::npos, ext) == 0)
       return true;
   return false;
 }
@@ -75,20 +81,18 @@ struct Finding {
 
 class SecurityExpert {
  public:
-  static SecurityExpert* Create(const nlohmann::json&, std::string*) { return new SecurityExpert(); }
+  static SecurityExpert* Create(const nlohmann::json&, std::string*) {
+    return new SecurityExpert();
+  }
 
   cortex_result Execute(const cortex_task& task, const cortex_host& host) {
-    std::string repo(cortex::sdk::Tag(task, "repo"));
-    if (repo.empty())
-      return cortex::sdk::Result(CORTEX_OUTCOME_REJECTED, 0, "needs a repository: tag repo=PATH");
+    cortex::experts::TaskRepo tr;
+    cortex_result stop;
+    if (!cortex::experts::ListTaskRepo(task, host, 500000, &tr, &stop)) return stop;
     auto cancelled = [&host] { return host.cancelled(host.ctx) != 0; };
-    std::vector<std::string> files;
-    std::string how, error;
-    if (!cortex::experts::ListRepoFiles(repo, 500000, cancelled, &files, &how, &error)) {
-      thread_local std::string buf;
-      buf = error;
-      return cortex::sdk::Result(CORTEX_OUTCOME_FAILURE, 0, buf.c_str());
-    }
+    const std::string& repo = tr.path;
+    const std::vector<std::string>& files = tr.files;
+    const std::string& how = tr.how;
     std::vector<Finding> findings;
     std::set<std::string> dirs_checked;
     long scanned = 0;
@@ -110,14 +114,15 @@ class SecurityExpert {
       ++scanned;
       ScanContent(p, rel, &findings);
     }
-    std::string out = "security scan of " + repo + ": " + std::to_string(files.size()) + " files (" +
-                      how + "), " + std::to_string(scanned) + " scanned for secrets, " +
-                      std::to_string(findings.size()) + " finding(s)\n";
-    nlohmann::json js = {{"repo", repo}, {"files", files.size()}, {"findings", nlohmann::json::array()}};
+    std::string out = "security scan of " + repo + ": " + std::to_string(files.size()) +
+                      " files (" + how + "), " + std::to_string(scanned) +
+                      " scanned for secrets, " + std::to_string(findings.size()) + " finding(s)\n";
+    nlohmann::json js = {
+        {"repo", repo}, {"files", files.size()}, {"findings", nlohmann::json::array()}};
     for (const auto& f : findings) {
       out += "  [" + f.severity + "] " + f.kind + " at " + f.where + ": " + f.detail + "\n";
-      js["findings"].push_back({{"severity", f.severity}, {"kind", f.kind}, {"where", f.where},
-                                {"detail", f.detail}});
+      js["findings"].push_back(
+          {{"severity", f.severity}, {"kind", f.kind}, {"where", f.where}, {"detail", f.detail}});
     }
     out += js.dump() + "\n";
     cortex::sdk::Write(host, out);
@@ -129,7 +134,8 @@ class SecurityExpert {
     char m[8];
     std::snprintf(m, sizeof m, "%04o", static_cast<unsigned>(mode & 07777));
     if (mode & S_IWOTH)
-      out->push_back({"high", "world-writable file", rel, std::string("mode ") + m + ": anyone can change it"});
+      out->push_back({"high", "world-writable file", rel,
+                      std::string("mode ") + m + ": anyone can change it"});
     if (mode & (S_ISUID | S_ISGID))
       out->push_back({"high", "setuid/setgid file", rel, std::string("mode ") + m});
     std::string name = fs::path(rel).filename().string();
@@ -147,7 +153,8 @@ class SecurityExpert {
     std::string content((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
     if (content.find('\0') != std::string::npos) return;  // binary
     bool any = false;
-    for (const auto& pat : Patterns()) any = any || content.find(pat.prefilter) != std::string::npos;
+    for (const auto& pat : Patterns())
+      any = any || content.find(pat.prefilter) != std::string::npos;
     if (!any) return;
     size_t line_no = 0, start = 0;
     while (start <= content.size()) {

@@ -55,8 +55,8 @@ bool SameFile(const FileInfo& a, const FileInfo& b) {
 }
 
 std::string Octal(uint32_t mode) {
-  char buf[8];
-  std::snprintf(buf, sizeof buf, "%04o", mode);
+  char buf[16];
+  std::snprintf(buf, sizeof buf, "%04o", mode & 07777);
   return buf;
 }
 
@@ -103,6 +103,21 @@ void WriteCb(void* ctx, const char* data, size_t len) {
 }
 
 int64_t NowMicros() { return Env::Default()->MonotonicMicros(); }
+
+ExpertInfo InfoOf(const Expert& e, const std::string& state) {
+  ExpertInfo i;
+  i.name = e.name();
+  i.version = e.manifest().version;
+  i.plugin = e.plugin();
+  i.file = e.file();
+  i.state = state;
+  i.description = e.manifest().description;
+  i.keywords = e.manifest().keywords;
+  i.inflight = e.inflight();
+  i.capacity = e.manifest().capacity;
+  i.timeout_s = e.manifest().timeout_s;
+  return i;
+}
 
 }  // namespace
 
@@ -205,16 +220,26 @@ Outcome Expert::Run(const Task& task, const std::atomic<bool>* stopping) {
   if (st->truncated) out.output += "\n[output truncated]";
   if (!st->done) {
     st->cancelled = 1;
-    return finish(OutcomeKind::kTimeout, "no result within " +
-                                             fmt::format("{:g}", manifest_.timeout_s) + "s");
+    return finish(OutcomeKind::kTimeout,
+                  "no result within " + fmt::format("{:g}", manifest_.timeout_s) + "s");
   }
   out.duration_s = (NowMicros() - start) / 1e6;
   switch (st->result.kind) {
-    case CORTEX_OUTCOME_SUCCESS: out.kind = OutcomeKind::kSuccess; break;
-    case CORTEX_OUTCOME_FAILURE: out.kind = OutcomeKind::kFailure; break;
-    case CORTEX_OUTCOME_TIMEOUT: out.kind = OutcomeKind::kTimeout; break;
-    case CORTEX_OUTCOME_CRASH: out.kind = OutcomeKind::kCrash; break;
-    case CORTEX_OUTCOME_REJECTED: out.kind = OutcomeKind::kRejected; break;
+    case CORTEX_OUTCOME_SUCCESS:
+      out.kind = OutcomeKind::kSuccess;
+      break;
+    case CORTEX_OUTCOME_FAILURE:
+      out.kind = OutcomeKind::kFailure;
+      break;
+    case CORTEX_OUTCOME_TIMEOUT:
+      out.kind = OutcomeKind::kTimeout;
+      break;
+    case CORTEX_OUTCOME_CRASH:
+      out.kind = OutcomeKind::kCrash;
+      break;
+    case CORTEX_OUTCOME_REJECTED:
+      out.kind = OutcomeKind::kRejected;
+      break;
     default:
       out.kind = OutcomeKind::kFailure;
       st->error = "the expert returned an unknown outcome kind " + std::to_string(st->result.kind);
@@ -237,9 +262,11 @@ ExpertRegistry::~ExpertRegistry() = default;
 
 void ExpertRegistry::Audit(const std::string& expert, const std::string& file,
                            const std::string& event, const std::string& detail) {
-  if (event == "refused") LogWarn("plugin {}: refused: {}", file, detail);
-  else LogInfo("expert {} {} ({}){}", expert.empty() ? "?" : expert, event, file,
-               detail.empty() ? "" : ": " + detail);
+  if (event == "refused")
+    LogWarn("plugin {}: refused: {}", file, detail);
+  else
+    LogInfo("expert {} {} ({}){}", expert.empty() ? "?" : expert, event, file,
+            detail.empty() ? "" : ": " + detail);
   if (options_.audit) options_.audit({options_.env->NowUnix(), expert, file, event, detail});
 }
 
@@ -248,7 +275,8 @@ Status ExpertRegistry::CheckSafe(const std::string& path, bool is_dir) {
   CORTEX_RETURN_IF_ERROR(options_.env->Stat(path, &fi));
   if (!fi.exists) return Status::NotFound(path + " does not exist");
   if (is_dir ? !fi.is_dir : !fi.is_regular)
-    return Status::FailedPrecondition(path + (is_dir ? " is not a directory" : " is not a regular file"));
+    return Status::FailedPrecondition(path +
+                                      (is_dir ? " is not a directory" : " is not a regular file"));
   uint32_t me = options_.env->CurrentUid();
   if (fi.uid != me && fi.uid != 0)
     return Status::FailedPrecondition("unsafe ownership: " + path + " is owned by uid " +
@@ -286,10 +314,9 @@ Status ExpertRegistry::LoadFile(const std::string& path, std::shared_ptr<PluginL
   const cortex_plugin_api* api = entry();
   if (!api) return Status::FailedPrecondition("the plugin's entry point returned no API table");
   if (api->abi_version != CORTEX_PLUGIN_ABI_VERSION)
-    return Status::FailedPrecondition("built for plugin ABI v" + std::to_string(api->abi_version) +
-                                      ", this cortexd speaks v" +
-                                      std::to_string(CORTEX_PLUGIN_ABI_VERSION) +
-                                      "; rebuild it against this SDK");
+    return Status::FailedPrecondition(
+        "built for plugin ABI v" + std::to_string(api->abi_version) + ", this cortexd speaks v" +
+        std::to_string(CORTEX_PLUGIN_ABI_VERSION) + "; rebuild it against this SDK");
   if (api->struct_size < sizeof(cortex_plugin_api) || !api->manifest || !api->create ||
       !api->destroy || !api->execute)
     return Status::FailedPrecondition("incomplete API table (missing manifest or functions)");
@@ -397,9 +424,9 @@ Status ExpertRegistry::BuildInstances(const std::vector<ExpertConfig>& instances
     if (pit == plugins_.end()) {
       std::string have;
       for (const auto& [n, _] : plugins_) have += (have.empty() ? "" : ", ") + n;
-      return Status::InvalidArgument(where(ec.line) + path + ".plugin: no plugin named '" +
-                                     ec.plugin + "' is loaded (loaded: " +
-                                     (have.empty() ? "none" : have) + ")");
+      return Status::InvalidArgument(
+          where(ec.line) + path + ".plugin: no plugin named '" + ec.plugin +
+          "' is loaded (loaded: " + (have.empty() ? "none" : have) + ")");
     }
     const auto& lib = pit->second;
     std::set<std::string> accepted(lib->manifest.config_keys.begin(),
@@ -411,7 +438,8 @@ Status ExpertRegistry::BuildInstances(const std::vector<ExpertConfig>& instances
       return Status::InvalidArgument(where(ec.key_lines.count(k) ? ec.key_lines.at(k) : ec.line) +
                                      path + "." + k + ": unknown key for plugin '" + ec.plugin +
                                      "' (accepted: name, plugin, description, keywords, examples, "
-                                     "capacity, timeout" + (list.empty() ? "" : ", " + list) + ")");
+                                     "capacity, timeout" +
+                                     (list.empty() ? "" : ", " + list) + ")");
     }
     // Reuse a live instance with identical settings, so in-flight counts carry over.
     auto cur = active_.find(ec.name);
@@ -423,10 +451,10 @@ Status ExpertRegistry::BuildInstances(const std::vector<ExpertConfig>& instances
     if (ec.capacity) man.capacity = *ec.capacity;
     if (ec.timeout_s) man.timeout_s = *ec.timeout_s;
     std::string settings = ec.settings.dump();
-    std::string fp = fmt::format("{}|{}|{}|{}|{}|{}|{}|{}", static_cast<const void*>(lib.get()),
-                                 settings, man.description, fmt::join(man.keywords, "\x1f"),
-                                 fmt::join(man.examples, "\x1f"), man.capacity, man.timeout_s,
-                                 ec.plugin);
+    std::string fp =
+        fmt::format("{}|{}|{}|{}|{}|{}|{}|{}", static_cast<const void*>(lib.get()), settings,
+                    man.description, fmt::join(man.keywords, "\x1f"),
+                    fmt::join(man.examples, "\x1f"), man.capacity, man.timeout_s, ec.plugin);
     if (cur != active_.end() && cur->second->fingerprint() == fp) {
       (*out)[ec.name] = cur->second;
       continue;
@@ -437,7 +465,8 @@ Status ExpertRegistry::BuildInstances(const std::vector<ExpertConfig>& instances
       std::string msg = err[0] ? err : "the plugin refused these settings";
       int line = ec.line;
       std::string key;
-      if (size_t c = msg.find(':'); c != std::string::npos && ec.key_lines.count(msg.substr(0, c))) {
+      if (size_t c = msg.find(':');
+          c != std::string::npos && ec.key_lines.count(msg.substr(0, c))) {
         key = msg.substr(0, c);
         line = ec.key_lines.at(key);
         msg = msg.substr(c + 1);
@@ -446,8 +475,7 @@ Status ExpertRegistry::BuildInstances(const std::vector<ExpertConfig>& instances
       return Status::InvalidArgument(where(line) + path + (key.empty() ? "" : "." + key) + ": " +
                                      msg);
     }
-    (*out)[ec.name] =
-        std::make_shared<Expert>(lib, inst, std::move(man), ec.plugin, lib->file, fp);
+    (*out)[ec.name] = std::make_shared<Expert>(lib, inst, std::move(man), ec.plugin, lib->file, fp);
   }
   return Status::OK();
 }
@@ -503,15 +531,7 @@ void ExpertRegistry::RebuildLocked() {
   for (const auto& [name, e] : active_) {
     auto it = next.find(name);
     if (it == next.end() || it->second != e) changed = true;
-    if (it == next.end()) {
-      ExpertInfo info;
-      info.name = name;
-      info.version = e->manifest().version;
-      info.plugin = e->plugin();
-      info.file = e->file();
-      info.state = "removed";
-      removed_[name] = info;
-    }
+    if (it == next.end()) removed_[name] = InfoOf(*e, "removed");
   }
   for (const auto& [name, _] : next) removed_.erase(name);
   active_ = std::move(next);
@@ -534,20 +554,7 @@ std::shared_ptr<Expert> ExpertRegistry::Find(const std::string& name) const {
 std::vector<ExpertInfo> ExpertRegistry::List() const {
   std::lock_guard<std::mutex> l(mu_);
   std::vector<ExpertInfo> out;
-  for (const auto& [name, e] : active_) {
-    ExpertInfo i;
-    i.name = name;
-    i.version = e->manifest().version;
-    i.plugin = e->plugin();
-    i.file = e->file();
-    i.state = "active";
-    i.description = e->manifest().description;
-    i.keywords = e->manifest().keywords;
-    i.inflight = e->inflight();
-    i.capacity = e->manifest().capacity;
-    i.timeout_s = e->manifest().timeout_s;
-    out.push_back(std::move(i));
-  }
+  for (const auto& [_, e] : active_) out.push_back(InfoOf(*e, "active"));
   for (const auto& [_, i] : removed_) out.push_back(i);
   return out;
 }

@@ -25,8 +25,7 @@ class Scorer {
   virtual std::string backend() const = 0;
   // Fills `scores` (row-major, tasks.size() x experts.size()) with values in [0,1].
   virtual Status Score(const std::vector<SparseVector>& tasks,
-                       const std::vector<ExpertProfile>& experts,
-                       std::vector<float>* scores) = 0;
+                       const std::vector<ExpertProfile>& experts, std::vector<float>* scores) = 0;
 };
 
 // Zero-shot score: cosine similarity between the task's and the manifest's features.

@@ -85,9 +85,9 @@ struct Task {
 
 struct HistoryQuery {
   int limit = 20;
-  std::string expert;       // empty: any
-  double since = 0;         // unix time; 0: any
-  std::string outcome;      // "", "success" or "failure" (any non-success)
+  std::string expert;   // empty: any
+  double since = 0;     // unix time; 0: any
+  std::string outcome;  // "", "success" or "failure" (any non-success)
 };
 
 struct HistoryRow {
@@ -95,17 +95,17 @@ struct HistoryRow {
   double time = 0;
   std::string text;
   std::string state;
-  std::string expert;      // chosen by the decision
-  double confidence = 0;   // of the chosen expert
-  std::string outcome;     // final outcome kind, empty while unfinished
-  double quality = -1;     // effective quality (feedback overrides), -1 if none
+  std::string expert;     // chosen by the decision
+  double confidence = 0;  // of the chosen expert
+  std::string outcome;    // final outcome kind, empty while unfinished
+  double quality = -1;    // effective quality (feedback overrides), -1 if none
   bool explored = false;
 };
 
 struct ExpertStats {
   std::string expert;
-  long routed = 0;        // decisions that chose it
-  long attempts = 0;      // finished attempts it ran
+  long routed = 0;    // decisions that chose it
+  long attempts = 0;  // finished attempts it ran
   long successes = 0;
   double mean_quality = 0;  // over finished attempts, feedback overriding
   // Calibration of the router's confidence when it chose this expert, against the
@@ -120,7 +120,7 @@ struct ExpertEvent {
   double time = 0;
   std::string expert;  // may be empty when a file was refused before its name was known
   std::string file;
-  std::string event;   // loaded, replaced, removed, refused, configured
+  std::string event;  // loaded, replaced, removed, refused, configured
   std::string detail;
 };
 

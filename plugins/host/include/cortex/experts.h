@@ -124,7 +124,7 @@ class ExpertRegistry {
 
   Options options_;
   mutable std::mutex mu_;
-  std::map<std::string, std::unique_ptr<FileRecord>> files_;  // by path
+  std::map<std::string, std::unique_ptr<FileRecord>> files_;       // by path
   std::map<std::string, std::shared_ptr<PluginLibrary>> plugins_;  // by plugin name
   std::vector<ExpertConfig> instances_;
   std::string instances_source_;

@@ -20,10 +20,10 @@ extern "C" {
 
 typedef enum cortex_outcome_kind {
   CORTEX_OUTCOME_SUCCESS = 0,
-  CORTEX_OUTCOME_FAILURE = 1,  /* the expert tried and failed */
-  CORTEX_OUTCOME_TIMEOUT = 2,  /* the expert gave up at its deadline */
-  CORTEX_OUTCOME_CRASH = 3,    /* something the expert ran died */
-  CORTEX_OUTCOME_REJECTED = 4  /* the expert declined: not its kind of task */
+  CORTEX_OUTCOME_FAILURE = 1, /* the expert tried and failed */
+  CORTEX_OUTCOME_TIMEOUT = 2, /* the expert gave up at its deadline */
+  CORTEX_OUTCOME_CRASH = 3,   /* something the expert ran died */
+  CORTEX_OUTCOME_REJECTED = 4 /* the expert declined: not its kind of task */
 } cortex_outcome_kind;
 
 /* The plugin cannot run without instance configuration (e.g. `command` needs `run`),
@@ -31,15 +31,15 @@ typedef enum cortex_outcome_kind {
 #define CORTEX_MANIFEST_REQUIRES_CONFIG 1u
 
 typedef struct cortex_manifest {
-  const char* name;        /* [a-z0-9._-]{1,64}; the default instance's name */
+  const char* name; /* [a-z0-9._-]{1,64}; the default instance's name */
   const char* version;
   const char* description;
-  const char* const* keywords;     /* NULL-terminated, may be NULL */
-  const char* const* examples;     /* example tasks, NULL-terminated, may be NULL */
-  const char* const* config_keys;  /* instance settings it accepts, NULL-terminated */
-  uint32_t capacity;               /* tasks it runs at once (>= 1) */
-  uint32_t timeout_ms;             /* default per-task timeout */
-  uint32_t flags;                  /* CORTEX_MANIFEST_* */
+  const char* const* keywords;    /* NULL-terminated, may be NULL */
+  const char* const* examples;    /* example tasks, NULL-terminated, may be NULL */
+  const char* const* config_keys; /* instance settings it accepts, NULL-terminated */
+  uint32_t capacity;              /* tasks it runs at once (>= 1) */
+  uint32_t timeout_ms;            /* default per-task timeout */
+  uint32_t flags;                 /* CORTEX_MANIFEST_* */
 } cortex_manifest;
 
 typedef struct cortex_tag {
@@ -65,8 +65,8 @@ typedef struct cortex_host {
 } cortex_host;
 
 typedef struct cortex_result {
-  int32_t kind;    /* cortex_outcome_kind */
-  double quality;  /* [0,1]; negative: the host's default (1 on success, 0 otherwise) */
+  int32_t kind;   /* cortex_outcome_kind */
+  double quality; /* [0,1]; negative: the host's default (1 on success, 0 otherwise) */
   /* Short reason for a non-success, owned by the plugin, valid until destroy(). */
   const char* error;
 } cortex_result;

@@ -78,9 +78,11 @@ cortex_result ExecuteThunk(void* instance, const cortex_task* task,
 
 #define CORTEX_EXPORT_PLUGIN(Class, manifest_ptr)                                     \
   extern "C" BOOST_SYMBOL_EXPORT const cortex_plugin_api* cortex_plugin_entry(void) { \
-    static const cortex_plugin_api api = {                                            \
-        CORTEX_PLUGIN_ABI_VERSION,        sizeof(cortex_plugin_api),                   \
-        (manifest_ptr),                   &::cortex::sdk::CreateThunk<Class>,          \
-        &::cortex::sdk::DestroyThunk<Class>, &::cortex::sdk::ExecuteThunk<Class>};     \
+    static const cortex_plugin_api api = {CORTEX_PLUGIN_ABI_VERSION,                  \
+                                          sizeof(cortex_plugin_api),                  \
+                                          (manifest_ptr),                             \
+                                          &::cortex::sdk::CreateThunk<Class>,         \
+                                          &::cortex::sdk::DestroyThunk<Class>,        \
+                                          &::cortex::sdk::ExecuteThunk<Class>};       \
     return &api;                                                                      \
   }
