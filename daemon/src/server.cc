@@ -262,16 +262,14 @@ json Server::HandleLine(const std::string& line,
     return wire::Error(Bad(
         fmt::format("request is not valid UTF-8 (byte 0x{:02x} at offset {}); text must be UTF-8",
                     static_cast<unsigned char>(line[bad]), bad)));
-  json req = json::parse(line, nullptr, false);
-  if (req.is_discarded()) {
-    try {
-      (void)json::parse(line);
-    } catch (const json::parse_error& e) {
-      return wire::Error(
-          Bad(fmt::format("malformed JSON at byte {}: {}", e.byte,
-                          std::string(e.what()).substr(std::string(e.what()).find(':') + 2))));
-    }
-    return wire::Error(Bad("malformed JSON"));
+  json req;
+  try {
+    req = json::parse(line);
+  } catch (const json::parse_error& e) {
+    std::string what = e.what();  // "[json.exception.parse_error.101] parse error at ...: why"
+    size_t colon = what.find(": ");
+    return wire::Error(Bad(fmt::format("malformed JSON at byte {}: {}", e.byte,
+                                       colon == std::string::npos ? what : what.substr(colon + 2))));
   }
   if (!req.is_object()) return wire::Error(Bad("a request must be a JSON object with an \"op\""));
   if (!req.contains("op") || !req["op"].is_string())

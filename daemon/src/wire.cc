@@ -14,7 +14,7 @@ std::string IsoTime(double t) {
   gmtime_r(&secs, &tm);
   char buf[40];
   std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%S", &tm);
-  char out[48];
+  char out[64];
   std::snprintf(out, sizeof out, "%s.%03dZ", buf, ms);
   return out;
 }
