@@ -413,17 +413,15 @@ class DaemonImpl : public Daemon, public RequestHandler {
 
   // Profiles of the active experts (manifest features cached per registry generation).
   std::vector<ExpertSlot> Slots(std::vector<std::shared_ptr<Expert>>* experts_out) {
+    // The generation is read before the experts, so a rescan in between only causes
+    // one more clear on the next call, never a stale profile under a new generation.
+    const uint64_t generation = registry_->generation();
     auto experts = registry_->Active();
     auto router = CurrentRouter();
     std::lock_guard<std::mutex> l(profiles_mu_);
-    if (profiles_generation_ != registry_->generation() || profiles_.size() != experts.size()) {
+    if (profiles_generation_ != generation) {  // manifests may have changed: refill on demand
       profiles_.clear();
-      for (const auto& e : experts) {
-        const Manifest& m = e->manifest();
-        profiles_[e->name()] =
-            router->hasher().Manifest({m.name, m.description, m.keywords, m.examples});
-      }
-      profiles_generation_ = registry_->generation();
+      profiles_generation_ = generation;
     }
     std::vector<ExpertSlot> slots;
     for (const auto& e : experts) {
