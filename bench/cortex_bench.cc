@@ -10,12 +10,14 @@
 #include <random>
 #include <thread>
 
+#include "bench.h"
 #include "cortex/client.h"
 #include "cortex/paths.h"
 #include "cortex/router.h"
 
 namespace {
 
+using cortex::bench::WriteJson;
 using json = nlohmann::json;
 using Clock = std::chrono::steady_clock;
 
@@ -26,10 +28,6 @@ double Percentile(std::vector<double> v, double p) {
   return v[std::min(i, v.size() - 1)];
 }
 
-void WriteJson(const std::string& path, const json& j) {
-  if (path.empty()) return;
-  std::ofstream(path) << j.dump(2) << "\n";
-}
 
 int Throughput(const std::string& socket, int clients, int tasks, const std::string& text,
                const std::string& json_out) {
@@ -148,10 +146,33 @@ int main(int argc, char** argv) {
   sc->add_option("--batch", batch)->check(CLI::Range(1, 1 << 20));
   sc->add_option("--rounds", rounds)->check(CLI::Range(1, 100000));
   sc->add_option("--json", json_out, "write the figures to this file");
+  cortex::bench::ReplayOptions ro;
+  auto* rp = app.add_subcommand("replay", "learning quality on a real task stream");
+  rp->add_option("--corpus", ro.corpus, "TSV corpus (id, unix_time, type, scope, text)")->required();
+  rp->add_option("--late-expert", ro.late_expert, "withhold this expert until --at");
+  rp->add_option("--at", ro.late_at, "fraction of the stream at which the late expert appears")
+      ->check(CLI::Range(0.0, 0.79));
+  rp->add_option("--config", ro.config, "take router, training and rules from this config");
+  rp->add_option("--seed", ro.seed);
+  rp->add_option("--epochs", ro.learner.train.epochs)->check(CLI::Range(1, 100));
+  rp->add_option("--hidden", ro.learner.shape.hidden)->check(CLI::Range(1, 1024));
+  rp->add_option("--ips-clip", ro.learner.ips_clip)->check(CLI::Range(1.0, 1e6));
+  rp->add_option("--lr", ro.learner.train.lr);
+  rp->add_option("--lr-wide", ro.learner.train.lr_wide);
+  rp->add_option("--online-lr", ro.learner.online.lr);
+  rp->add_option("--online-lr-wide", ro.learner.online.lr_wide);
+  rp->add_option("--online-replay", ro.learner.online_replay);
+  rp->add_flag("--no-online", [&](int64_t) { ro.learner.online_updates = false; },
+               "learn only at retrains");
+  rp->add_flag("-v,--verbose", ro.verbose, "print each retrain");
+  rp->add_option("--json", ro.json_out, "write the figures to this file");
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
     return app.exit(e) == 0 ? 0 : 2;
+  }
+  if (rp->parsed()) {
+    return cortex::bench::Replay(ro);
   }
   if (tp->parsed()) return Throughput(socket, clients, tasks, text, json_out);
   return Score(experts, batch, rounds, json_out);

@@ -64,6 +64,9 @@ uint32_t FeatureHasher::Hash(const std::string& ns, const std::string& s) const 
 void FeatureHasher::AddText(const std::string& text, float weight, bool pairs,
                             std::vector<std::pair<uint32_t, float>>* acc) const {
   std::vector<std::string> words = Words(text);
+  // The leading word of a task is usually its verb ("fix", "add", "bump"): worth its own
+  // feature besides the plain word.
+  if (!words.empty()) acc->emplace_back(Hash("f", words[0]), weight);
   for (size_t i = 0; i < words.size(); ++i) {
     const std::string& w = words[i];
     acc->emplace_back(Hash("w", w), weight);

@@ -5,6 +5,10 @@
 #include <numeric>
 
 namespace cortex {
+namespace {
+constexpr double kExploreTemp = 0.1;     // softmax temperature over scores when exploring
+constexpr double kExploreUniform = 0.1;  // share of the exploration spread uniformly
+}  // namespace
 
 Router::Router(RouterOptions options, RuleSet rules, std::unique_ptr<Scorer> scorer,
                FeatureHasher hasher)
@@ -27,15 +31,16 @@ Status Router::Route(const std::vector<RouteRequest>& batch, const std::vector<E
   profiles.reserve(E);
   for (const auto& e : experts) profiles.push_back(e.profile);
   std::vector<float> scores;
+  std::string version;
   {
     std::lock_guard<std::mutex> l(score_mu_);
-    CORTEX_RETURN_IF_ERROR(scorer_->Score(feats, profiles, &scores));
+    CORTEX_RETURN_IF_ERROR(scorer_->Score(feats, profiles, &scores, &version));
   }
 
   for (size_t b = 0; b < batch.size(); ++b) {
     Decision d;
     d.time = now;
-    d.model_version = scorer_->version();
+    d.model_version = version;
     std::vector<Candidate> cands(E);
     std::vector<RuleMatch> fired = rules_.Evaluate(batch[b].text);
     std::string forced;
@@ -52,11 +57,9 @@ Status Router::Route(const std::vector<RouteRequest>& batch, const std::vector<E
       c.score = c.model_score + c.rule_score;
       c.load_bias = -options_.load_bias * std::clamp(experts[j].load, 0.0, 1.0);
     }
-    // Confidence: the router's belief that each expert is the best, from unbiased scores.
-    double mx = -1e300, z = 0;
-    for (const auto& c : cands) mx = std::max(mx, c.score);
-    for (auto& c : cands) z += (c.confidence = std::exp((c.score - mx) / options_.temperature));
-    for (auto& c : cands) c.confidence /= z;
+    // Confidence: the model's estimate of this expert's reward for the task (calibrated
+    // against logged outcomes by training); rules and load do not change it.
+    for (auto& c : cands) c.confidence = std::clamp(c.model_score, 0.0, 1.0);
 
     // Selection order: score plus the load bias; ties by name for determinism.
     std::sort(cands.begin(), cands.end(), [](const Candidate& a, const Candidate& c) {
@@ -74,15 +77,25 @@ Status Router::Route(const std::vector<RouteRequest>& batch, const std::vector<E
       d.propensity = 1.0;
     } else {
       const double eps = explore ? options_.exploration : 0.0;
-      d.chosen = greedy;
+      // Exploration draws from a mix of uniform and a softmax of the scores, so every
+      // expert keeps a known, non-zero propensity while plausible runners-up are tried
+      // more often than hopeless ones.
+      std::vector<double> pe(E);
+      double mx = -1e300, z = 0;
+      for (const auto& c : cands) mx = std::max(mx, c.score);
+      for (size_t j = 0; j < E; ++j) z += (pe[j] = std::exp((cands[j].score - mx) / kExploreTemp));
+      for (size_t j = 0; j < E; ++j)
+        pe[j] = kExploreUniform / static_cast<double>(E) + (1 - kExploreUniform) * pe[j] / z;
+      size_t pick = 0;
       if (eps > 0) {
         std::lock_guard<std::mutex> l(rng_mu_);
         if (std::uniform_real_distribution<double>(0, 1)(rng_) < eps) {
           d.explored = true;
-          d.chosen = cands[std::uniform_int_distribution<size_t>(0, E - 1)(rng_)].expert;
+          pick = std::discrete_distribution<size_t>(pe.begin(), pe.end())(rng_);
         }
       }
-      d.propensity = eps / static_cast<double>(E) + (d.chosen == greedy ? 1.0 - eps : 0.0);
+      d.chosen = cands[pick].expert;
+      d.propensity = eps * pe[pick] + (pick == 0 ? 1.0 - eps : 0.0);
       if (d.chosen != greedy) {
         auto it = std::find_if(cands.begin(), cands.end(),
                                [&](const Candidate& c) { return c.expert == d.chosen; });

@@ -19,7 +19,6 @@ struct RouterOptions {
   double exploration = 0.05;
   double load_bias = 0.2;
   uint64_t seed = 1;
-  double temperature = 0.1;  // softmax temperature for the confidence shown to users
 };
 
 struct RouteRequest {

@@ -1,5 +1,5 @@
 // The batched scoring interface: B tasks x E experts -> a score matrix. The manifest
-// prior implements it today; the learned gating model (CPU or cuBLAS) slots in beside it.
+// prior and the learned gating model (CPU or cuBLAS, see learner.h) implement it.
 #pragma once
 
 #include <memory>
@@ -23,9 +23,11 @@ class Scorer {
   virtual std::string version() const = 0;
   // "cpu", or "cuda:<device>".
   virtual std::string backend() const = 0;
-  // Fills `scores` (row-major, tasks.size() x experts.size()) with values in [0,1].
+  // Fills `scores` (row-major, tasks.size() x experts.size()) with values in [0,1], and
+  // `version` with the model version that produced them (it can change between calls).
   virtual Status Score(const std::vector<SparseVector>& tasks,
-                       const std::vector<ExpertProfile>& experts, std::vector<float>* scores) = 0;
+                       const std::vector<ExpertProfile>& experts, std::vector<float>* scores,
+                       std::string* version) = 0;
 };
 
 // Zero-shot score: cosine similarity between the task's and the manifest's features.

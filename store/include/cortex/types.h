@@ -124,4 +124,34 @@ struct ExpertEvent {
   std::string detail;
 };
 
+// One finished attempt as training data: what the router saw, what it chose, how likely
+// that choice was, and the reward (feedback overrides the expert's own quality).
+struct LoggedOutcome {
+  long seq = 0;  // increasing with the attempt's insertion; training resumes after one
+  std::string task_id;
+  double time = 0;
+  std::string text;
+  Tags tags;
+  std::string expert;
+  int attempt = 1;
+  double reward = 0;      // quality of a success, 0 otherwise; feedback overrides
+  double propensity = 1;  // of the decision (first attempts); 1 for fallbacks
+  bool forced = false;
+  // The decision's candidates (name, rule score) and its greedy pick, for off-policy
+  // evaluation of other policies on the same task.
+  std::vector<std::pair<std::string, double>> candidates;
+  std::string greedy;
+};
+
+// A trained model version. `metrics` is JSON written by the trainer.
+struct ModelRecord {
+  int version = 0;
+  double created = 0;
+  std::string status;  // promoted, refused
+  bool live = false;
+  long trained_through = 0;  // LoggedOutcome::seq of the newest outcome it learned from
+  std::string metrics;
+  std::string weights;  // empty in listings
+};
+
 }  // namespace cortex

@@ -1,0 +1,330 @@
+// cortex-bench replay: a real task stream through the real Router and Learner, in time order,
+// with simulated experts that succeed exactly when they are the task's mapped label. The
+// router never sees the label; it learns only from the chosen expert's outcome, retraining
+// on the daemon's cadence (training.interval on the corpus clock, training.min_new_outcomes).
+#include <cstdio>
+#include <fstream>
+#include <map>
+#include <sstream>
+
+#include "bench.h"
+#include "cortex/config.h"
+#include "cortex/learner.h"
+#include "cortex/router.h"
+
+namespace cortex::bench {
+namespace {
+
+struct Row {
+  std::string id;
+  double time = 0;
+  std::string text;
+  std::string label;  // expert name
+};
+
+// The corpus README's mapping; style and revert are dropped.
+const std::map<std::string, std::string>& LabelMap() {
+  static const std::map<std::string, std::string> k = {
+      {"fix", "bugfix"},     {"feat", "feature"},    {"docs", "docs"},
+      {"build", "cicd"},     {"ci", "cicd"},         {"test", "testing"},
+      {"perf", "performance"}, {"refactor", "refactor"}, {"chore", "maintenance"}};
+  return k;
+}
+
+// Generic manifests, written from the role of each expert (not from any corpus): what a
+// plugin author would put in its manifest.
+std::vector<ManifestText> SimulatedExperts() {
+  return {
+      {"bugfix", "Diagnoses and fixes bugs: errors, crashes, regressions, wrong behaviour",
+       {"fix", "bug", "error", "crash", "regression", "broken", "incorrect", "fails"},
+       {"fix crash when the config file is missing", "handle null values correctly"}},
+      {"feature", "Implements new features, options and capabilities",
+       {"feature", "add", "support", "new", "implement", "introduce", "allow", "option"},
+       {"add support for custom themes", "allow users to configure the timeout"}},
+      {"docs", "Writes and corrects documentation, guides, comments and changelogs",
+       {"docs", "documentation", "readme", "guide", "typo", "comment", "changelog", "example"},
+       {"document the new option in the readme", "fix typo in the guide"}},
+      {"cicd", "Build system, packaging, dependencies, release and CI pipelines",
+       {"build", "ci", "pipeline", "workflow", "release", "package", "dependency", "bump"},
+       {"bump dependency versions", "run the test workflow on pull requests"}},
+      {"testing", "Writes and repairs automated tests",
+       {"test", "tests", "spec", "coverage", "unit", "e2e", "flaky", "mock"},
+       {"add unit tests for the parser", "fix flaky e2e test"}},
+      {"performance", "Makes code faster or leaner",
+       {"performance", "perf", "faster", "speed", "optimize", "memory", "cache", "slow"},
+       {"avoid repeated allocations in the hot loop", "cache computed results"}},
+      {"refactor", "Restructures code without changing behaviour",
+       {"refactor", "cleanup", "simplify", "rename", "restructure", "move", "extract", "reuse"},
+       {"extract helper into its own module", "simplify the resolver logic"}},
+      {"maintenance", "Routine upkeep: chores, tooling, configuration and housekeeping",
+       {"chore", "maintenance", "update", "upgrade", "lint", "format", "tooling", "config"},
+       {"update lint configuration", "remove unused files"}},
+  };
+}
+
+Result<std::vector<Row>> ReadCorpus(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) return Status::NotFound("cannot read corpus " + path);
+  std::vector<Row> rows;
+  std::string line;
+  std::getline(in, line);  // header
+  long lineno = 1;
+  while (std::getline(in, line)) {
+    ++lineno;
+    std::vector<std::string> cols;
+    std::stringstream ss(line);
+    std::string c;
+    while (std::getline(ss, c, '\t')) cols.push_back(c);
+    if (cols.size() < 5)
+      return Status::InvalidArgument(path + ":" + std::to_string(lineno) + ": expected 5 columns");
+    auto it = LabelMap().find(cols[2]);
+    if (it == LabelMap().end()) continue;
+    Row r;
+    r.id = cols[0];
+    r.time = std::strtod(cols[1].c_str(), nullptr);
+    r.text = cols[4];
+    r.label = it->second;
+    rows.push_back(std::move(r));
+  }
+  return rows;
+}
+
+struct Policy {
+  std::shared_ptr<Learner> learner;
+  std::unique_ptr<Router> router;
+};
+
+Policy MakePolicy(const Config& cfg, const LearnerOptions& lo, uint64_t seed) {
+  Policy p;
+  p.learner = std::make_shared<Learner>(lo, FeatureHasher(lo.shape.bits), MakeCpuEngine(),
+                                        MakeCpuEngine());
+  RouterOptions ro;
+  ro.exploration = cfg.router.exploration;
+  ro.load_bias = cfg.router.load_bias;
+  ro.seed = seed;
+  p.router = std::make_unique<Router>(ro, RuleSet::Compile(cfg.rules, "replay").value(),
+                                      MakeGatingScorer(p.learner), FeatureHasher(lo.shape.bits));
+  return p;
+}
+
+// Greedy success rate of `p` on rows [begin, end).
+double GreedyRate(Policy& p, const std::vector<Row>& rows, size_t begin, size_t end,
+                  const std::vector<ExpertSlot>& slots) {
+  long ok = 0;
+  const size_t chunk = 256;
+  for (size_t b = begin; b < end; b += chunk) {
+    std::vector<RouteRequest> reqs;
+    for (size_t i = b; i < std::min(end, b + chunk); ++i) reqs.push_back({rows[i].text, {}});
+    std::vector<Decision> ds;
+    if (!p.router->Route(reqs, slots, false, 0, &ds).ok()) return 0;
+    for (size_t k = 0; k < ds.size(); ++k) ok += ds[k].chosen == rows[b + k].label;
+  }
+  return end > begin ? static_cast<double>(ok) / static_cast<double>(end - begin) : 0;
+}
+
+}  // namespace
+
+int Replay(const ReplayOptions& opt) {
+  auto corpus = ReadCorpus(opt.corpus);
+  if (!corpus.ok()) {
+    std::fprintf(stderr, "cortex-bench: %s\n", corpus.status().message().c_str());
+    return 1;
+  }
+  const std::vector<Row>& rows = corpus.value();
+  const size_t N = rows.size();
+  if (N < 100) {
+    std::fprintf(stderr, "cortex-bench: corpus too small (%zu usable rows)\n", N);
+    return 1;
+  }
+  Config cfg = DefaultConfig();
+  if (!opt.config.empty()) {
+    auto c = LoadConfigFile(opt.config);
+    if (!c.ok()) {
+      std::fprintf(stderr, "cortex-bench: %s\n", c.status().message().c_str());
+      return 2;
+    }
+    cfg = std::move(c).value();
+  }
+  LearnerOptions lo = opt.learner;
+  const size_t split80 = N * 8 / 10;
+  const size_t late_at = opt.late_expert.empty() ? 0 : static_cast<size_t>(opt.late_at * N);
+
+  // Experts (the late one withheld until its time).
+  FeatureHasher hasher(lo.shape.bits);
+  std::vector<ExpertSlot> all;
+  for (const auto& m : SimulatedExperts()) all.push_back({{m.name, hasher.Manifest(m)}, 0.0});
+  bool late_known = opt.late_expert.empty();
+  for (const auto& s : all) late_known |= s.profile.name == opt.late_expert;
+  if (!late_known) {
+    std::fprintf(stderr, "cortex-bench: --late-expert %s is not one of the simulated experts\n",
+                 opt.late_expert.c_str());
+    return 2;
+  }
+  auto slots_at = [&](size_t i) {
+    std::vector<ExpertSlot> s;
+    for (const auto& e : all)
+      if (e.profile.name != opt.late_expert || i >= late_at) s.push_back(e);
+    return s;
+  };
+
+  Policy live = MakePolicy(cfg, lo, opt.seed);
+  RetrainSchedule schedule(cfg.training.interval_s, cfg.training.min_new_outcomes);
+  std::vector<LoggedOutcome> history;
+  long online_ok = 0, retrains = 0, promotions = 0, new_outcomes = 0;
+  std::vector<int> to_late(N, 0), success_at(N, 0);
+  double train_seconds = 0;
+  for (size_t i = 0; i < N; ++i) {
+    const Row& r = rows[i];
+    std::vector<Decision> ds;
+    std::vector<ExpertSlot> slots = slots_at(i);
+    Status st = live.router->Route({{r.text, {}}}, slots, true, r.time, &ds);
+    if (!st.ok()) {
+      std::fprintf(stderr, "cortex-bench: route: %s\n", st.message().c_str());
+      return 1;
+    }
+    const Decision& d = ds[0];
+    const bool success = d.chosen == r.label;
+    online_ok += success;
+    success_at[i] = success;
+    to_late[i] = d.chosen == opt.late_expert;
+    LoggedOutcome o;
+    o.seq = static_cast<long>(i) + 1;
+    o.task_id = r.id;
+    o.time = r.time;
+    o.text = r.text;
+    o.expert = d.chosen;
+    o.reward = success ? 1.0 : 0.0;
+    o.propensity = d.propensity;
+    o.forced = d.forced;
+    for (const auto& c : d.candidates) o.candidates.emplace_back(c.expert, c.rule_score);
+    // The greedy pick: best by score (load is zero here), ties by name, as the router does.
+    std::string greedy;
+    double best = -1e300;
+    for (const auto& c : d.candidates)
+      if (c.score > best || (c.score == best && c.expert < greedy)) best = c.score, greedy = c.expert;
+    o.greedy = greedy;
+    live.learner->Observe(o);
+    history.push_back(std::move(o));
+    ++new_outcomes;
+    if (schedule.Due(new_outcomes, r.time)) {
+      schedule.Done(r.time);
+      new_outcomes = 0;
+      auto res = live.learner->Retrain(history, static_cast<int>(retrains) + 1, r.time);
+      ++retrains;
+      if (!res.ok()) {
+        std::fprintf(stderr, "cortex-bench: retrain: %s\n", res.status().message().c_str());
+        return 1;
+      }
+      train_seconds += res->seconds;
+      if (opt.verbose)
+        std::fprintf(stderr, "  [%zu] v%d: %s (cand %.3f live %.3f diff %+.3f±%.3f)\n", i + 1,
+                     res->record.version, res->promoted ? "promoted" : "refused",
+                     res->candidate.value, res->live.value, res->diff.value, res->diff.ci);
+      if (res->promoted) {
+        ++promotions;
+        std::vector<LoggedOutcome> newer;
+        for (const auto& h : history)
+          if (h.seq > res->record.trained_through) newer.push_back(h);
+        live.learner->Install(std::move(res->model), res->record.version,
+                              res->record.trained_through, newer);
+      }
+    }
+  }
+  const double online = static_cast<double>(online_ok) / N;
+  std::vector<double> deciles;
+  for (int k = 0; k < 10; ++k) {
+    size_t a = N * k / 10, b = N * (k + 1) / 10;
+    long ok = 0;
+    for (size_t i = a; i < b; ++i) ok += success_at[i];
+    deciles.push_back(static_cast<double>(ok) / static_cast<double>(b - a));
+  }
+  const double policy20 = GreedyRate(live, rows, split80, N, slots_at(N));
+
+  // Baselines, in the same run.
+  std::map<std::string, long> counts;
+  for (size_t i = 0; i < split80; ++i) ++counts[rows[i].label];
+  std::string majority;
+  for (const auto& [k, v] : counts)
+    if (majority.empty() || v > counts[majority]) majority = k;
+  long maj_ok = 0;
+  for (size_t i = split80; i < N; ++i) maj_ok += rows[i].label == majority;
+  const double majority20 = static_cast<double>(maj_ok) / (N - split80);
+  Policy prior = MakePolicy(cfg, lo, opt.seed);
+  const double prior20 = GreedyRate(prior, rows, split80, N, slots_at(N));
+  // Full information: every expert's reward known for the first 80%.
+  Policy full = MakePolicy(cfg, lo, opt.seed);
+  {
+    std::vector<LoggedOutcome> labelled;
+    for (size_t i = 0; i < split80; ++i)
+      for (const auto& e : all) {
+        LoggedOutcome o;
+        o.seq = static_cast<long>(labelled.size()) + 1;
+        o.text = rows[i].text;
+        o.expert = e.profile.name;
+        o.reward = e.profile.name == rows[i].label;
+        o.forced = true;  // weight 1: no propensity to correct for
+        labelled.push_back(std::move(o));
+      }
+    for (const auto& e : all) full.learner->SetManifest(e.profile.name, e.profile.manifest);
+    TrainSet set = full.learner->MakeTrainSet(labelled, 0, labelled.size());
+    GatingModel m(lo.shape);
+    (void)MakeCpuEngine()->Train(&m, set, lo.train);
+    full.learner->Install(std::move(m), 1, static_cast<long>(labelled.size()), {});
+  }
+  const double full20 = GreedyRate(full, rows, split80, N, slots_at(N));
+
+  nlohmann::json j = {{"corpus", opt.corpus},
+                      {"rows", N},
+                      {"online_success", online},
+                      {"policy_last20", policy20},
+                      {"baselines",
+                       {{"majority_last20", majority20},
+                        {"majority_expert", majority},
+                        {"prior_last20", prior20},
+                        {"full_info_last20", full20}}},
+                      {"online_success_by_decile", deciles},
+                      {"retrains", retrains},
+                      {"promotions", promotions},
+                      {"live_version", live.learner->live_version()},
+                      {"train_seconds", train_seconds},
+                      {"exploration", cfg.router.exploration},
+                      {"training", {{"interval_s", cfg.training.interval_s},
+                                    {"min_new_outcomes", cfg.training.min_new_outcomes}}}};
+  std::printf("replay %s: %zu tasks, %ld retrains (%ld promoted, live v%d)\n",
+              opt.corpus.c_str(), N, retrains, promotions, live.learner->live_version());
+  std::printf("  online success (exploration included): %.3f\n", online);
+  std::printf("  by tenth of the stream:");
+  for (double d : deciles) std::printf(" %.3f", d);
+  std::printf("\n");
+  std::printf("  final greedy policy, last 20%%:        %.3f\n", policy20);
+  std::printf("  baselines, last 20%%: majority (%s) %.3f, rules+prior %.3f, full-information %.3f\n",
+              majority.c_str(), majority20, prior20, full20);
+  if (!opt.late_expert.empty()) {
+    double final_share = 0;
+    for (size_t i = split80; i < N; ++i) final_share += to_late[i];
+    final_share /= (N - split80);
+    const size_t W = 100;
+    long tasks_to = -1;
+    for (size_t k = W; late_at + k <= N; ++k) {
+      double s = 0;
+      for (size_t i = late_at + k - W; i < late_at + k; ++i) s += to_late[i];
+      if (s / W >= 0.8 * final_share) {
+        tasks_to = static_cast<long>(k);
+        break;
+      }
+    }
+    j["late_expert"] = {{"name", opt.late_expert},
+                        {"at", opt.late_at},
+                        {"introduced_at_task", late_at},
+                        {"final_share", final_share},
+                        {"window", W},
+                        {"tasks_to_80pct", tasks_to}};
+    std::printf("  late expert %s from task %zu: final share %.3f, 80%% of it reached after %ld tasks"
+                " (rolling window of %zu)\n",
+                opt.late_expert.c_str(), late_at, final_share, tasks_to, W);
+  }
+  WriteJson(opt.json_out, j);
+  return 0;
+}
+
+}  // namespace cortex::bench

@@ -1,0 +1,126 @@
+// The learning loop around the gating model: scores with the live version, learns from
+// each outcome as it arrives (one small step), retrains a candidate from logged history,
+// validates it off-policy on the most recent decisions and promotes it only when it is not
+// worse. The daemon and the replay benchmark drive the same Learner.
+#pragma once
+
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "cortex/gating.h"
+#include "cortex/scorer.h"
+#include "cortex/types.h"
+
+namespace cortex {
+
+struct LearnerOptions {
+  GatingShape shape;
+  TrainOptions train;                   // retraining from history
+  TrainOptions online{1, 1, 0.05f, 1.0f, false};  // one step per outcome between retrains
+  bool online_updates = true;
+  int online_replay = 8;                 // past outcomes revisited with each new one
+  int replay_buffer = 2000;              // ... drawn from this many most recent
+  float ips_clip = 2;                    // importance weights are min(1/propensity, clip)
+  double holdout_fraction = 0.2;         // most recent share of decisions held out
+  int max_holdout = 2000;
+  int max_examples = 50000;              // most recent outcomes a retrain learns from
+};
+
+// Off-policy estimate (doubly robust) of a policy's mean reward, with a 95% interval.
+struct PolicyEstimate {
+  double value = 0;
+  double ci = 0;  // half-width
+};
+
+struct RetrainResult {
+  GatingModel model;
+  ModelRecord record;  // version, status, trained_through, metrics JSON (no weights)
+  bool promoted = false;
+  std::string reason;
+  long train_rows = 0, holdout_rows = 0;
+  PolicyEstimate candidate, live, diff;
+  double seconds = 0;
+};
+
+class Learner {
+ public:
+  Learner(LearnerOptions options, FeatureHasher hasher, std::unique_ptr<GatingEngine> score_engine,
+          std::unique_ptr<GatingEngine> train_engine);
+
+  const FeatureHasher& hasher() const { return hasher_; }
+  const LearnerOptions& options() const { return options_; }
+  std::string backend() const { return score_engine_->backend(); }
+  int live_version() const;
+  static std::string VersionName(int version) { return "v" + std::to_string(version); }
+
+  // Expected rewards of `experts` for `tasks` under the live model (row-major B x E).
+  // Not reentrant: the router serialises calls.
+  Status Score(const std::vector<SparseVector>& tasks, const std::vector<ExpertProfile>& experts,
+               std::vector<float>* out, std::string* version);
+
+  // One online step on the live model for an outcome it has not learned from yet.
+  void Observe(const LoggedOutcome& o);
+
+  // Trains candidate `version` on `history` (oldest first, all outcomes known now) minus the
+  // holdout, estimates it and the logged greedy policy on the holdout, and says whether it
+  // should be promoted. Runs without blocking Score or Observe.
+  Result<RetrainResult> Retrain(const std::vector<LoggedOutcome>& history, int version,
+                                double now,
+                                const std::function<void(const std::string&)>& progress = {});
+
+  // Makes `model` live and brings it up to date with `newer` (outcomes after its cutoff).
+  void Install(GatingModel model, int version, long trained_through,
+               const std::vector<LoggedOutcome>& newer);
+  long trained_through() const;
+
+  // A copy of the live model (for saving, or a final-policy evaluation).
+  GatingModel Snapshot() const;
+
+  // Builds training rows (features, priors, importance weights) from logged outcomes.
+  TrainSet MakeTrainSet(const std::vector<LoggedOutcome>& outcomes, size_t begin, size_t end);
+  // Cosine between task features and the manifest of `expert` (0 if never seen).
+  float Prior(const SparseVector& x, const std::string& expert) const;
+  void SetManifest(const std::string& expert, const SparseVector& manifest);
+
+ private:
+  LearnerOptions options_;
+  FeatureHasher hasher_;
+  std::unique_ptr<GatingEngine> score_engine_, train_engine_, online_engine_;
+  mutable std::mutex mu_;  // live model, version, manifests
+  GatingModel live_;
+  int version_ = 0;
+  long trained_through_ = 0;
+  std::map<std::string, SparseVector> manifests_;
+  std::vector<LoggedOutcome> recent_;  // ring buffer for online replay
+  size_t recent_next_ = 0;
+  uint64_t replay_rng_ = 0;
+  std::mutex train_mu_;  // one retrain at a time
+};
+
+// A Scorer over the learner's live model.
+std::unique_ptr<Scorer> MakeGatingScorer(std::shared_ptr<Learner> learner);
+
+// Opens the engine `backend` asks for: "cpu", "cuda", or "auto" (cuda when a working GPU
+// is present, else cpu). `why` says what auto decided, or why cuda failed.
+Result<std::unique_ptr<GatingEngine>> MakeEngine(const std::string& backend, std::string* why);
+
+// Decides when to retrain: at least `min_new` new outcomes and `interval_s` since the last.
+class RetrainSchedule {
+ public:
+  RetrainSchedule(double interval_s, long min_new) : interval_s_(interval_s), min_new_(min_new) {}
+  bool Due(long new_outcomes, double now) const {
+    return new_outcomes >= min_new_ && now - last_ >= interval_s_;
+  }
+  void Done(double now) { last_ = now; }
+
+ private:
+  double interval_s_;
+  long min_new_;
+  double last_ = -1e300;
+};
+
+}  // namespace cortex

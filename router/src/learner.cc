@@ -1,0 +1,296 @@
+#include "cortex/learner.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <nlohmann/json.hpp>
+#include <set>
+
+namespace cortex {
+namespace {
+
+PolicyEstimate MeanCi(const std::vector<double>& v) {
+  PolicyEstimate e;
+  if (v.empty()) return e;
+  double s = 0, ss = 0;
+  for (double x : v) s += x;
+  e.value = s / v.size();
+  for (double x : v) ss += (x - e.value) * (x - e.value);
+  if (v.size() > 1) e.ci = 1.96 * std::sqrt(ss / (v.size() - 1) / v.size());
+  return e;
+}
+
+nlohmann::json EstimateJson(const PolicyEstimate& e) { return {{"value", e.value}, {"ci", e.ci}}; }
+
+}  // namespace
+
+Learner::Learner(LearnerOptions options, FeatureHasher hasher,
+                 std::unique_ptr<GatingEngine> score_engine,
+                 std::unique_ptr<GatingEngine> train_engine)
+    : options_(options),
+      hasher_(hasher),
+      score_engine_(std::move(score_engine)),
+      train_engine_(std::move(train_engine)),
+      online_engine_(MakeCpuEngine()),
+      live_(options.shape) {}
+
+int Learner::live_version() const {
+  std::lock_guard<std::mutex> l(mu_);
+  return version_;
+}
+
+long Learner::trained_through() const {
+  std::lock_guard<std::mutex> l(mu_);
+  return trained_through_;
+}
+
+float Learner::Prior(const SparseVector& x, const std::string& expert) const {
+  auto it = manifests_.find(expert);
+  return it == manifests_.end() ? 0.0f : std::max(0.0f, Dot(x, it->second));
+}
+
+void Learner::SetManifest(const std::string& expert, const SparseVector& manifest) {
+  std::lock_guard<std::mutex> l(mu_);
+  manifests_[expert] = manifest;
+}
+
+Status Learner::Score(const std::vector<SparseVector>& tasks,
+                      const std::vector<ExpertProfile>& experts, std::vector<float>* out,
+                      std::string* version) {
+  std::lock_guard<std::mutex> l(mu_);
+  const uint32_t mask = static_cast<uint32_t>(live_.rows() - 1);
+  std::vector<std::string> names;
+  names.reserve(experts.size());
+  for (const auto& e : experts) {
+    names.push_back(e.name);
+    auto it = manifests_.find(e.name);
+    if (it == manifests_.end() || it->second.idx != e.manifest.idx) manifests_[e.name] = e.manifest;
+  }
+  SparseBatch x;
+  std::vector<float> prior(tasks.size() * experts.size());
+  for (size_t b = 0; b < tasks.size(); ++b) {
+    x.Add(tasks[b], mask);
+    for (size_t e = 0; e < experts.size(); ++e)
+      prior[b * experts.size() + e] = std::max(0.0f, Dot(tasks[b], experts[e].manifest));
+  }
+  *version = VersionName(version_);
+  return score_engine_->Score(live_, x, names, prior, out);
+}
+
+TrainSet Learner::MakeTrainSet(const std::vector<LoggedOutcome>& outcomes, size_t begin,
+                               size_t end) {
+  TrainSet set;
+  std::map<std::string, int> cols;
+  const uint32_t mask = static_cast<uint32_t>((size_t{1} << options_.shape.bits) - 1);
+  std::lock_guard<std::mutex> l(mu_);
+  for (size_t i = begin; i < end; ++i) {
+    const LoggedOutcome& o = outcomes[i];
+    SparseVector v = hasher_.Task(o.text, o.tags);
+    auto [it, added] = cols.emplace(o.expert, static_cast<int>(set.experts.size()));
+    if (added) set.experts.push_back(o.expert);
+    TrainRow r;
+    r.x = set.x.rows();
+    r.expert = it->second;
+    r.prior = Prior(v, o.expert);
+    r.reward = static_cast<float>(std::clamp(o.reward, 0.0, 1.0));
+    // Only a first attempt's expert was drawn with the logged propensity; fallbacks and
+    // forced choices were deterministic.
+    const bool drawn = o.attempt == 1 && !o.forced && o.propensity > 0;
+    r.weight = drawn ? std::min(options_.ips_clip, static_cast<float>(1.0 / o.propensity)) : 1.0f;
+    set.x.Add(v, mask);
+    set.rows.push_back(r);
+  }
+  return set;
+}
+
+void Learner::Observe(const LoggedOutcome& o) {
+  if (!options_.online_updates) return;
+  // The new outcome plus a few recent ones drawn at random (seeded): each online step
+  // revisits the recent past, which learns faster than a single pass.
+  std::vector<LoggedOutcome> batch;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    if (o.seq <= trained_through_) return;
+    for (int k = 0; k < options_.online_replay && !recent_.empty(); ++k) {
+      replay_rng_ = replay_rng_ * 6364136223846793005ULL + 1442695040888963407ULL +
+                    options_.shape.seed;
+      batch.push_back(recent_[(replay_rng_ >> 33) % recent_.size()]);
+    }
+    if (static_cast<int>(recent_.size()) < options_.replay_buffer)
+      recent_.push_back(o);
+    else if (options_.replay_buffer > 0)
+      recent_[recent_next_++ % recent_.size()] = o;
+  }
+  batch.push_back(o);
+  TrainSet set = MakeTrainSet(batch, 0, batch.size());
+  std::lock_guard<std::mutex> l(mu_);
+  (void)online_engine_->Train(&live_, set, options_.online);
+  trained_through_ = o.seq;
+}
+
+void Learner::Install(GatingModel model, int version, long trained_through,
+                      const std::vector<LoggedOutcome>& newer) {
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    live_ = std::move(model);
+    version_ = version;
+    trained_through_ = trained_through;
+  }
+  for (const auto& o : newer)
+    if (o.seq > trained_through) Observe(o);
+}
+
+GatingModel Learner::Snapshot() const {
+  std::lock_guard<std::mutex> l(mu_);
+  return live_;
+}
+
+Result<RetrainResult> Learner::Retrain(const std::vector<LoggedOutcome>& history, int version,
+                                       double now,
+                                       const std::function<void(const std::string&)>& progress) {
+  std::lock_guard<std::mutex> one_at_a_time(train_mu_);
+  const auto t0 = std::chrono::steady_clock::now();
+  auto say = [&](const std::string& s) {
+    if (progress) progress(s);
+  };
+  RetrainResult res;
+  const size_t n = history.size();
+  const size_t holdout = std::min<size_t>(options_.max_holdout,
+                                          static_cast<size_t>(std::llround(n * options_.holdout_fraction)));
+  const size_t split = n - holdout;
+  const size_t begin = split > static_cast<size_t>(options_.max_examples)
+                           ? split - options_.max_examples
+                           : 0;
+  if (split == 0) return Status::FailedPrecondition("no logged outcomes to train on");
+
+  say("featurizing " + std::to_string(split - begin) + " outcomes");
+  TrainSet set = MakeTrainSet(history, begin, split);
+  res.train_rows = static_cast<long>(set.rows.size());
+  res.model = GatingModel(options_.shape);
+  say("training on " + train_engine_->backend() + ", " + std::to_string(options_.train.epochs) +
+      " epochs");
+  CORTEX_RETURN_IF_ERROR(train_engine_->Train(&res.model, set, options_.train));
+
+  // Off-policy validation on the held-out, most recent decisions: the candidate's greedy
+  // policy against the live system's logged greedy choices, both estimated doubly robustly
+  // with the candidate as reward model (it never saw these rows).
+  say("validating on " + std::to_string(holdout) + " held-out outcomes");
+  std::vector<size_t> eval;
+  for (size_t i = split; i < n; ++i) {
+    const LoggedOutcome& o = history[i];
+    if (o.attempt == 1 && !o.forced && o.propensity > 0 && !o.candidates.empty()) eval.push_back(i);
+  }
+  std::set<std::string> name_set;
+  for (size_t i : eval)
+    for (const auto& [name, rule] : history[i].candidates) name_set.insert(name);
+  std::vector<std::string> names(name_set.begin(), name_set.end());
+  std::map<std::string, int> col;
+  for (size_t e = 0; e < names.size(); ++e) col[names[e]] = static_cast<int>(e);
+  SparseBatch x;
+  std::vector<float> prior;
+  const uint32_t mask = static_cast<uint32_t>(res.model.rows() - 1);
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    for (size_t i : eval) {
+      SparseVector v = hasher_.Task(history[i].text, history[i].tags);
+      x.Add(v, mask);
+      for (const auto& name : names) prior.push_back(Prior(v, name));
+    }
+  }
+  std::vector<float> q;
+  CORTEX_RETURN_IF_ERROR(train_engine_->Score(res.model, x, names, prior, &q));
+  std::vector<double> dr_cand, dr_live, dr_diff;
+  const size_t E = names.size();
+  for (size_t k = 0; k < eval.size(); ++k) {
+    const LoggedOutcome& o = history[eval[k]];
+    auto qv = [&](const std::string& e) {
+      auto it = col.find(e);
+      return it == col.end() ? 0.0 : static_cast<double>(q[k * E + it->second]);
+    };
+    std::string best;
+    double best_s = -1e300;
+    for (const auto& [name, rule] : o.candidates) {
+      double s = qv(name) + rule;
+      if (s > best_s || (s == best_s && name < best)) best_s = s, best = name;
+    }
+    const double correction = (o.reward - qv(o.expert)) / o.propensity;
+    auto dr = [&](const std::string& a) { return qv(a) + (a == o.expert ? correction : 0.0); };
+    dr_cand.push_back(dr(best));
+    dr_live.push_back(dr(o.greedy));
+    dr_diff.push_back(dr_cand.back() - dr_live.back());
+  }
+  res.holdout_rows = static_cast<long>(eval.size());
+  res.candidate = MeanCi(dr_cand);
+  res.live = MeanCi(dr_live);
+  res.diff = MeanCi(dr_diff);
+  if (eval.size() < 20) {
+    res.reason = "too few held-out decisions to validate (" + std::to_string(eval.size()) + ")";
+  } else if (res.diff.value < 0) {
+    res.reason = "candidate estimated worse than the live policy";
+  } else {
+    res.promoted = true;
+    res.reason = "candidate estimated not worse than the live policy";
+  }
+  res.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+
+  ModelRecord& rec = res.record;
+  rec.version = version;
+  rec.created = now;
+  rec.status = res.promoted ? "promoted" : "refused";
+  rec.trained_through = history[split - 1].seq;
+  nlohmann::json m = {{"train_rows", res.train_rows},
+                      {"holdout_rows", res.holdout_rows},
+                      {"estimator", "doubly robust, 95% interval"},
+                      {"candidate", EstimateJson(res.candidate)},
+                      {"live", EstimateJson(res.live)},
+                      {"diff", EstimateJson(res.diff)},
+                      {"promoted", res.promoted},
+                      {"reason", res.reason},
+                      {"backend", train_engine_->backend()},
+                      {"epochs", options_.train.epochs},
+                      {"seconds", res.seconds},
+                      {"live_version_at_training", live_version()}};
+  rec.metrics = m.dump();
+  say(res.reason);
+  return res;
+}
+
+Result<std::unique_ptr<GatingEngine>> MakeEngine(const std::string& backend, std::string* why) {
+  if (backend == "cpu") {
+    *why = "cpu (configured)";
+    return MakeCpuEngine();
+  }
+  auto cuda = MakeCudaEngine();
+  if (cuda.ok()) {
+    *why = cuda.value()->backend();
+    return std::move(cuda).value();
+  }
+  if (backend == "cuda")
+    return Status::FailedPrecondition("router.backend: cuda: " + cuda.status().message());
+  *why = "cpu (auto: " + cuda.status().message() + ")";
+  return MakeCpuEngine();
+}
+
+namespace {
+
+class GatingScorer : public Scorer {
+ public:
+  explicit GatingScorer(std::shared_ptr<Learner> l) : learner_(std::move(l)) {}
+  std::string version() const override { return Learner::VersionName(learner_->live_version()); }
+  std::string backend() const override { return learner_->backend(); }
+  Status Score(const std::vector<SparseVector>& tasks, const std::vector<ExpertProfile>& experts,
+               std::vector<float>* scores, std::string* version) override {
+    return learner_->Score(tasks, experts, scores, version);
+  }
+
+ private:
+  std::shared_ptr<Learner> learner_;
+};
+
+}  // namespace
+
+std::unique_ptr<Scorer> MakeGatingScorer(std::shared_ptr<Learner> learner) {
+  return std::make_unique<GatingScorer>(std::move(learner));
+}
+
+}  // namespace cortex
