@@ -146,6 +146,7 @@ int Replay(const ReplayOptions& opt) {
     cfg = std::move(c).value();
   }
   LearnerOptions lo = opt.learner;
+  lo.online_updates = lo.online_updates && cfg.training.online;
   const size_t split80 = N * 8 / 10;
   const size_t late_at = opt.late_expert.empty() ? 0 : static_cast<size_t>(opt.late_at * N);
 

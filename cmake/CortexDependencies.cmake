@@ -30,6 +30,9 @@ if(NOT CORTEX_CUDA STREQUAL "OFF")
   endif()
   if(CMAKE_CUDA_COMPILER AND CUDAToolkit_FOUND AND TARGET CUDA::cublas)
     set(CORTEX_HAVE_CUDA ON)
+    # CMake does not know nvcc's C++20 flag for every toolkit; the .cu files need only 17.
+    set(CMAKE_CUDA_STANDARD 17)
+    set(CMAKE_CUDA_STANDARD_REQUIRED ON)
     if(NOT DEFINED CMAKE_CUDA_ARCHITECTURES OR CMAKE_CUDA_ARCHITECTURES STREQUAL "52")
       # Hopper (the lent H100/H200) plus a PTX fallback for other cards.
       set(CMAKE_CUDA_ARCHITECTURES 90 CACHE STRING "" FORCE)

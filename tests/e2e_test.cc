@@ -61,7 +61,7 @@ TEST(E2E, SubmitWaitShowHistoryExpertsStatusFeedbackExport) {
   json s = d.CtlJson({"show", id2});
   EXPECT_EQ(s["text"], "ship the release");
   EXPECT_EQ(s["tags"]["team"], "infra");
-  EXPECT_EQ(s["decision"]["model_version"], "prior-v1");
+  EXPECT_EQ(s["decision"]["model_version"], "v0");
   EXPECT_DOUBLE_EQ(s["decision"]["propensity"].get<double>(), 1.0);
   EXPECT_EQ(s["decision"]["explored"], false);
   ASSERT_EQ(s["decision"]["candidates"].size(), 5u);  // three configured, two bundled
@@ -103,7 +103,7 @@ TEST(E2E, SubmitWaitShowHistoryExpertsStatusFeedbackExport) {
 
   json st = d.CtlJson({"status"});
   EXPECT_EQ(st["backend"], "cpu");
-  EXPECT_EQ(st["model_version"], "prior-v1");
+  EXPECT_EQ(st["model_version"], "v0");
   EXPECT_EQ(st["queue_depth"], 0);
   EXPECT_GE(st["uptime_s"].get<double>(), 0.0);
   EXPECT_EQ(st["store_path"], d.store);

@@ -208,7 +208,80 @@ TEST_P(StoreTest, ExpertEventsAreKeptNewestFirst) {
   ASSERT_TRUE(store_->ExpertEvents(10, &ev).ok());
   ASSERT_EQ(ev.size(), 2u);
   EXPECT_EQ(ev[0].event, "refused");
-  EXPECT_EQ(store_->SchemaVersion(), 1);
+  EXPECT_EQ(store_->SchemaVersion(), 2);
+}
+
+TEST_P(StoreTest, LoggedOutcomesFeedTrainingWithFeedbackOverriding) {
+  NewTask("t1", 100, "fix the login bug");
+  Decision d = NewDecision("security", 0.8);
+  d.greedy = "other";
+  d.explored = true;
+  ASSERT_TRUE(store_->RecordDecision("t1", d).ok());
+  Run("t1", 1, "security", OutcomeKind::kFailure, 0.7);  // a failure's quality is no reward
+  Run("t1", 2, "other", OutcomeKind::kSuccess, 0.9);
+  ASSERT_TRUE(store_->FinishTask("t1", TaskState::kSucceeded, "other", 4).ok());
+  ASSERT_TRUE(store_->AddFeedback("t1", {5, 0.25, "meh"}).ok());
+  NewTask("t2", 101, "still running");
+  ASSERT_TRUE(store_->RecordDecision("t2", NewDecision("other", 0.5)).ok());
+  ASSERT_TRUE(store_->StartAttempt("t2", 1, "other", 2).ok());  // unfinished: not training data
+
+  std::vector<LoggedOutcome> out;
+  ASSERT_TRUE(store_->ForEachOutcome(0, [&](const LoggedOutcome& o) {
+    out.push_back(o);
+    return true;
+  }).ok());
+  ASSERT_EQ(out.size(), 2u);
+  EXPECT_EQ(out[0].expert, "security");
+  EXPECT_EQ(out[0].attempt, 1);
+  EXPECT_DOUBLE_EQ(out[0].reward, 0.0);
+  EXPECT_DOUBLE_EQ(out[0].propensity, 0.9);
+  EXPECT_EQ(out[0].greedy, "other");
+  EXPECT_EQ(out[0].text, "fix the login bug");
+  ASSERT_EQ(out[0].candidates.size(), 2u);
+  EXPECT_DOUBLE_EQ(out[0].candidates[0].second, 0.3);
+  EXPECT_EQ(out[1].expert, "other");
+  EXPECT_DOUBLE_EQ(out[1].reward, 0.25);     // the person's verdict beats the expert's 0.9
+  EXPECT_DOUBLE_EQ(out[1].propensity, 1.0);  // a fallback was not drawn
+  EXPECT_LT(out[0].seq, out[1].seq);
+  std::vector<LoggedOutcome> after;
+  ASSERT_TRUE(store_->ForEachOutcome(out[0].seq, [&](const LoggedOutcome& o) {
+    after.push_back(o);
+    return true;
+  }).ok());
+  ASSERT_EQ(after.size(), 1u);
+  EXPECT_EQ(after[0].seq, out[1].seq);
+}
+
+TEST_P(StoreTest, ModelVersionsAreKeptAndOneIsLive) {
+  ModelRecord a{1, 10, "refused", false, 5, R"({"x":1})", std::string("w1\0w", 4)};
+  ModelRecord b{2, 20, "promoted", false, 9, R"({"x":2})", "weights-2"};
+  ASSERT_TRUE(store_->SaveModel(a).ok());
+  ASSERT_TRUE(store_->SaveModel(b).ok());
+  EXPECT_FALSE(store_->SaveModel(b).ok());  // versions are never overwritten
+  ASSERT_TRUE(store_->SetLiveModel(2).ok());
+  std::vector<ModelRecord> ms;
+  ASSERT_TRUE(store_->ListModels(&ms).ok());
+  ASSERT_EQ(ms.size(), 2u);
+  EXPECT_FALSE(ms[0].live);
+  EXPECT_TRUE(ms[1].live);
+  EXPECT_TRUE(ms[1].weights.empty());  // listings leave the weights out
+  EXPECT_EQ(ms[1].weights_bytes, 9);
+  EXPECT_EQ(ms[0].metrics, R"({"x":1})");
+  ModelRecord got;
+  ASSERT_TRUE(store_->LoadModel(1, &got).ok());
+  EXPECT_EQ(got.weights, a.weights);
+  EXPECT_EQ(got.trained_through, 5);
+  EXPECT_EQ(store_->LoadModel(7, &got).code(), Status::Code::kNotFound);
+  EXPECT_EQ(store_->SetLiveModel(7).code(), Status::Code::kNotFound);
+  ASSERT_TRUE(store_->ListModels(&ms).ok());
+  EXPECT_TRUE(ms[1].live);  // a refused rollback changes nothing
+  ASSERT_TRUE(store_->SetLiveModel(1).ok());
+  ASSERT_TRUE(store_->ListModels(&ms).ok());
+  EXPECT_TRUE(ms[0].live);
+  EXPECT_FALSE(ms[1].live);
+  ASSERT_TRUE(store_->SetLiveModel(0).ok());  // back to the untrained model: none live
+  ASSERT_TRUE(store_->ListModels(&ms).ok());
+  EXPECT_FALSE(ms[0].live || ms[1].live);
 }
 
 INSTANTIATE_TEST_SUITE_P(Backends, StoreTest, ::testing::Values(":memory:", "file"),

@@ -96,7 +96,8 @@ class Daemon {
   // `extra_yaml` is appended to a config that sets socket, store and plugin folder under
   // `dir` and turns exploration off so routing is deterministic.
   Daemon(const TempDir& dir, const std::string& extra_yaml = "",
-         const std::string& router_yaml = "router: {exploration: 0, seed: 1}\n",
+         const std::string& router_yaml =
+             "router: {exploration: 0, seed: 1}\ntraining: {online: false}\n",
          bool bundled = true)
       : socket(dir / "run/cortexd.sock"),
         store(dir / "data/cortex.db"),

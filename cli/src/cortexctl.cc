@@ -1,6 +1,7 @@
 // cortexctl [--socket PATH] [--json] COMMAND ...
 // Exit codes: 0 ok, 1 the request failed, 2 usage error, 3 daemon unreachable.
 #include <CLI/CLI.hpp>
+#include <fmt/format.h>
 #include <cmath>
 #include <cstdio>
 #include <ctime>
@@ -310,6 +311,21 @@ int main(int argc, char** argv) {
   json_flag(reload);
   auto* status = app.add_subcommand("status", "daemon health");
   json_flag(status);
+  // retrain, models
+  bool retrain_wait = false;
+  auto* retrain = app.add_subcommand(
+      "retrain", "train a candidate model now; with --wait, its offline metrics and verdict");
+  retrain->add_flag("--wait", retrain_wait, "wait for the candidate and print its metrics");
+  json_flag(retrain);
+  auto* models = app.add_subcommand("models", "model versions with their metrics");
+  json_flag(models);
+  int rollback_version = -1;
+  auto* rollback = models->add_subcommand("rollback", "make an older model version live again");
+  rollback->add_option("VERSION", rollback_version, "version number (e.g. 3 or v3)")
+      ->required()
+      ->transform([](std::string v) { return !v.empty() && v[0] == 'v' ? v.substr(1) : v; })
+      ->check(CLI::NonNegativeNumber);
+  json_flag(rollback);
   // export
   std::string format = "jsonl";
   auto* exp =
@@ -511,13 +527,77 @@ int main(int argc, char** argv) {
                   k.get<std::string>().c_str());
     return kOk;
   }
+  if (retrain->parsed()) {
+    json req = {{"op", "retrain"}, {"wait", retrain_wait}};
+    auto on_row = [&](const json& row) {
+      if (!ctx.json_out) std::printf("  ... %s\n", Str(row, "progress").c_str());
+    };
+    if ((rc = Call(ctx, req, &result, on_row)) != kOk) return rc;
+    if (ctx.json_out) return PrintJson(result), kOk;
+    if (!retrain_wait) {
+      std::printf("retrain queued; `cortexctl models` shows the candidate when it is done\n");
+      return kOk;
+    }
+    const json m = result.value("metrics", json::object());
+    auto est = [&](const char* k) {
+      const json e = m.value(k, json::object());
+      return fmt::format("{:.3f} ± {:.3f}", e.value("value", 0.0), e.value("ci", 0.0));
+    };
+    std::printf("candidate %s: %s\n", Str(result, "name").c_str(),
+                result.value("live", false) ? "PROMOTED (now live)" : "refused");
+    std::printf("  trained on %ld outcomes, validated on %ld held-out decisions (%s)\n",
+                m.value("train_rows", 0L), m.value("holdout_rows", 0L),
+                Str(m, "estimator").c_str());
+    std::printf("  candidate policy %s\n  live policy      %s\n  difference       %s\n",
+                est("candidate").c_str(), est("live").c_str(), est("diff").c_str());
+    std::printf("  %s; %.2fs on %s\n", Str(m, "reason").c_str(), m.value("seconds", 0.0),
+                Str(m, "backend").c_str());
+    return kOk;
+  }
+  if (rollback->parsed()) {
+    if ((rc = Call(ctx, {{"op", "rollback"}, {"version", rollback_version}}, &result)) != kOk)
+      return rc;
+    if (ctx.json_out) return PrintJson(result), kOk;
+    std::printf("model v%d is live (was v%d)\n", result.value("live_version", 0),
+                result.value("previous", 0));
+    return kOk;
+  }
+  if (models->parsed()) {
+    if ((rc = Call(ctx, {{"op", "models"}}, &result)) != kOk) return rc;
+    if (ctx.json_out) return PrintJson(result), kOk;
+    std::printf("%-4s %-5s %-9s %-20s %7s %7s %-15s %-15s %s\n", "", "model", "status", "created",
+                "train", "holdout", "candidate", "live then", "diff");
+    for (const auto& m : result.value("models", json::array())) {
+      const json x = m.value("metrics", json::object());
+      auto est = [&](const char* k) {
+        if (!x.contains(k)) return std::string("-");
+        return fmt::format("{:.3f}±{:.3f}", x[k].value("value", 0.0), x[k].value("ci", 0.0));
+      };
+      std::printf("%-4s %-5s %-9s %-20s %7s %7s %-15s %-15s %s\n", m.value("live", false) ? "*" : "",
+                  Str(m, "name").c_str(), Str(m, "status").c_str(), Str(m, "created", "-").c_str(),
+                  x.contains("train_rows") ? std::to_string(x.value("train_rows", 0L)).c_str() : "-",
+                  x.contains("holdout_rows") ? std::to_string(x.value("holdout_rows", 0L)).c_str()
+                                             : "-",
+                  est("candidate").c_str(), est("live").c_str(), est("diff").c_str());
+    }
+    std::printf("(* live; estimates are doubly robust on held-out logged decisions, 95%% interval)\n");
+    return kOk;
+  }
   if (status->parsed()) {
     if ((rc = Call(ctx, {{"op", "status"}}, &result)) != kOk) return rc;
     if (ctx.json_out) return PrintJson(result), kOk;
     std::printf("cortexd %s (pid %d), up %.0fs\n", Str(result, "version").c_str(),
                 result.value("pid", 0), result.value("uptime_s", 0.0));
-    std::printf("  backend:   %s, model %s\n", Str(result, "backend").c_str(),
-                Str(result, "model_version").c_str());
+    std::printf("  backend:   %s (%s), model %s\n", Str(result, "backend").c_str(),
+                Str(result, "backend_choice").c_str(), Str(result, "model_version").c_str());
+    const json tr = result.value("training", json::object());
+    const json last = tr.value("last_retrain", json());
+    std::printf("  training:  %ld new outcomes since the last retrain (every %.0fs once %d are new)%s\n",
+                tr.value("new_outcomes", 0L), tr.value("interval_s", 0.0),
+                tr.value("min_new_outcomes", 0),
+                last.is_object() && last.contains("name")
+                    ? fmt::format("; last: {} {}", Str(last, "name"), Str(last, "status")).c_str()
+                    : "");
     std::printf("  queue:     %d waiting, %d running on %d workers\n",
                 result.value("queue_depth", 0), result.value("inflight", 0),
                 result.value("workers", 0));

@@ -26,6 +26,8 @@ router:
 training:
   interval: 10m
   min_new_outcomes: 200
+  online: true
+  epochs: 4
 rules:
   - name: security-terms
     match: ["cve", "vulnerab", "xss", "injection", "secret", "credential", "private key",
@@ -321,7 +323,10 @@ Result<Config> Parse(const YAML::Node& root, const std::string& source) {
   }
   if (root["router"]) CORTEX_RETURN_IF_ERROR(ParseRouter(p, root["router"], &c.router));
   if (const YAML::Node& t = root["training"]) {
-    CORTEX_RETURN_IF_ERROR(p.CheckKeys(t, "training", {"interval", "min_new_outcomes"}));
+    CORTEX_RETURN_IF_ERROR(
+        p.CheckKeys(t, "training", {"interval", "min_new_outcomes", "online", "epochs"}));
+    if (t["online"])
+      CORTEX_RETURN_IF_ERROR(p.Bool(t["online"], "training.online", &c.training.online));
     if (t["interval"])
       CORTEX_RETURN_IF_ERROR(
           p.Duration(t["interval"], "training.interval", &c.training.interval_s));
@@ -330,6 +335,10 @@ Result<Config> Parse(const YAML::Node& root, const std::string& source) {
       CORTEX_RETURN_IF_ERROR(
           p.Int(t["min_new_outcomes"], "training.min_new_outcomes", 1, 100000000, &v));
       c.training.min_new_outcomes = static_cast<int>(v);
+    }
+    if (t["epochs"]) {
+      CORTEX_RETURN_IF_ERROR(p.Int(t["epochs"], "training.epochs", 1, 100, &v));
+      c.training.epochs = static_cast<int>(v);
     }
   }
   if (root["rules"]) CORTEX_RETURN_IF_ERROR(ParseRules(p, root["rules"], &c.rules));

@@ -21,6 +21,7 @@
 #include <thread>
 
 #include "cortex/experts.h"
+#include "cortex/learner.h"
 #include "cortex/log.h"
 #include "cortex/paths.h"
 #include "cortex/router.h"
@@ -75,6 +76,7 @@ class DaemonImpl : public Daemon, public RequestHandler {
     CORTEX_RETURN_IF_ERROR(server_->Listen(config_.daemon.socket));
     SetupInotify();
     dispatcher_ = std::thread([this] { DispatchLoop(); });
+    trainer_ = std::thread([this] { TrainLoop(); });
     for (int i = 0; i < config_.daemon.workers; ++i)
       workers_.emplace_back([this] { WorkerLoop(); });
     LogInfo("cortexd ready: socket {}, store {}, {} experts, {} workers, backend {}",
@@ -129,6 +131,7 @@ class DaemonImpl : public Daemon, public RequestHandler {
   void RequestStop() override {
     stop_ = true;
     queue_cv_.notify_all();
+    train_cv_.notify_all();
   }
 
   // ---- RequestHandler (called from connection threads) -----------------------------
@@ -211,9 +214,11 @@ class DaemonImpl : public Daemon, public RequestHandler {
             {"uptime_s", (env_->MonotonicMicros() - start_mono_) / 1e6},
             {"queue_depth", queued},
             {"inflight", inflight},
-            {"backend", router->backend()},
-            {"backend_device", nullptr},
+            {"backend", router->backend().rfind("cuda", 0) == 0 ? "cuda" : "cpu"},
+            {"backend_device", router->backend()},
+            {"backend_choice", backend_why_},
             {"model_version", router->model_version()},
+            {"training", TrainingStatus()},
             {"store_path", store_->Path()},
             {"schema_version", store_->SchemaVersion()},
             {"socket", config_.daemon.socket},
@@ -240,13 +245,18 @@ class DaemonImpl : public Daemon, public RequestHandler {
     if (c.daemon.socket != config_.daemon.socket) restart.push_back("daemon.socket");
     if (c.daemon.workers != config_.daemon.workers) restart.push_back("daemon.workers");
     if (c.store.path != config_.store.path) restart.push_back("store.path");
+    if (c.router.backend != config_.router.backend) restart.push_back("router.backend");
     if (c.plugins.dir != config_.plugins.dir) restart.push_back("plugins.dir");
     for (const auto& k : restart) LogWarn("reload: {} changed; it takes effect after a restart", k);
     {
       std::lock_guard<std::mutex> l(router_mu_);
       router_ = std::make_shared<Router>(RouterOptionsFrom(c.router), std::move(rules).value(),
-                                         MakeManifestPriorScorer());
+                                         MakeGatingScorer(learner_), learner_->hasher());
       max_attempts_ = c.router.max_attempts;
+    }
+    {
+      std::lock_guard<std::mutex> l(train_mu_);
+      schedule_ = RetrainSchedule(c.training.interval_s, c.training.min_new_outcomes);
     }
     WarnUnknownRuleExperts();
     queue_cv_.notify_all();
@@ -292,13 +302,23 @@ class DaemonImpl : public Daemon, public RequestHandler {
   Status PrepareRouting() {
     Result<RuleSet> rules = RuleSet::Compile(config_.rules, config_.source);
     if (!rules.ok()) return rules.status();
-    if (config_.router.backend == "cuda")
-      return Status::FailedPrecondition(
-          config_.source +
-          ": router.backend: cuda was asked for, but this build scores with the "
-          "manifest prior on the CPU only; use auto or cpu");
+    // The gating model's engines: one scores, one trains in the background.
+    auto score_engine = MakeEngine(config_.router.backend, &backend_why_);
+    if (!score_engine.ok()) return score_engine.status().WithContext(config_.source);
+    std::string ignored;
+    auto train_engine = MakeEngine(config_.router.backend, &ignored);
+    if (!train_engine.ok()) return train_engine.status().WithContext(config_.source);
+    LearnerOptions lo;
+    lo.shape.seed = config_.router.seed ? config_.router.seed : 1;
+    lo.online_updates = config_.training.online;
+    lo.train.epochs = config_.training.epochs;
+    learner_ = std::make_shared<Learner>(lo, FeatureHasher(lo.shape.bits),
+                                         std::move(score_engine).value(),
+                                         std::move(train_engine).value());
+    CORTEX_RETURN_IF_ERROR(LoadLiveModel());
+    schedule_ = RetrainSchedule(config_.training.interval_s, config_.training.min_new_outcomes);
     router_ = std::make_shared<Router>(RouterOptionsFrom(config_.router), std::move(rules).value(),
-                                       MakeManifestPriorScorer());
+                                       MakeGatingScorer(learner_), learner_->hasher());
     max_attempts_ = config_.router.max_attempts;
 
     ExpertRegistry::Options ro;
@@ -382,6 +402,8 @@ class DaemonImpl : public Daemon, public RequestHandler {
     server_->StopAccepting();
     queue_cv_.notify_all();
     if (dispatcher_.joinable()) dispatcher_.join();
+    train_cv_.notify_all();
+    if (trainer_.joinable()) trainer_.join();
     // Workers finish the attempts they are running, up to the grace period; whatever
     // still runs after it is cancelled and marked interrupted.
     auto deadline =
@@ -537,6 +559,7 @@ class DaemonImpl : public Daemon, public RequestHandler {
       }
       st = store_->FinishAttempt(id, n, o, env_->NowUnix());
       if (!st.ok()) LogError("task {}: cannot record outcome: {}", id, st.ToString());
+      train_cv_.notify_all();  // the learner reads the new outcome from the store
       if (o.kind == OutcomeKind::kSuccess) {
         final_state = TaskState::kSucceeded;
         break;
@@ -574,6 +597,205 @@ class DaemonImpl : public Daemon, public RequestHandler {
     }
   }
 
+  // ---- learning -------------------------------------------------------------------
+
+  std::vector<LoggedOutcome> OutcomesAfter(long seq) {
+    std::vector<LoggedOutcome> out;
+    Status st = store_->ForEachOutcome(seq, [&](const LoggedOutcome& o) {
+      out.push_back(o);
+      return true;
+    });
+    if (!st.ok()) LogError("reading outcomes: {}", st.ToString());
+    return out;
+  }
+
+  // The live version from the store, brought up to date with the outcomes logged since it
+  // was trained (the same online steps it took while it was running).
+  Status LoadLiveModel() {
+    std::vector<ModelRecord> models;
+    CORTEX_RETURN_IF_ERROR(store_->ListModels(&models));
+    for (const auto& m : models) {
+      if (!m.live) continue;
+      ModelRecord full;
+      CORTEX_RETURN_IF_ERROR(store_->LoadModel(m.version, &full));
+      auto model = GatingModel::Deserialize(full.weights);
+      if (!model.ok())
+        return model.status().WithContext("live model v" + std::to_string(m.version));
+      learner_->Install(std::move(model).value(), m.version, m.trained_through,
+                        OutcomesAfter(m.trained_through));
+      LogInfo("model v{} is live (trained through outcome {})", m.version, m.trained_through);
+      return Status::OK();
+    }
+    learner_->Install(GatingModel(learner_->options().shape), 0, 0, OutcomesAfter(0));
+    return Status::OK();
+  }
+
+  json TrainingStatus() {
+    std::lock_guard<std::mutex> l(train_mu_);
+    return {{"new_outcomes", new_outcomes_},
+            {"interval_s", config_.training.interval_s},
+            {"min_new_outcomes", config_.training.min_new_outcomes},
+            {"in_progress", retrain_progress_.empty() ? json(nullptr) : json(retrain_progress_)},
+            {"last_retrain", last_retrain_}};
+  }
+
+  void TrainLoop() {
+    while (!stop_.load()) {
+      bool requested;
+      {
+        std::unique_lock<std::mutex> l(train_mu_);
+        train_cv_.wait_for(l, std::chrono::seconds(1));
+        if (stop_.load()) return;
+        requested = retrain_requests_ > retrains_done_;
+      }
+      // Online: every outcome the live model has not learned from yet, in log order.
+      std::vector<LoggedOutcome> fresh = OutcomesAfter(learner_->trained_through());
+      for (const auto& o : fresh) learner_->Observe(o);
+      bool due;
+      {
+        std::lock_guard<std::mutex> l(train_mu_);
+        new_outcomes_ += static_cast<long>(fresh.size());
+        due = requested || schedule_.Due(new_outcomes_, env_->NowUnix());
+      }
+      if (due) RunRetrain();
+    }
+  }
+
+  void RunRetrain() {
+    const double now = env_->NowUnix();
+    long target;
+    {
+      std::lock_guard<std::mutex> l(train_mu_);
+      schedule_.Done(now);
+      new_outcomes_ = 0;
+      target = retrain_requests_;
+      retrain_progress_ = "reading logged outcomes";
+    }
+    train_cv_.notify_all();
+    json summary;
+    Status st = RetrainOnce(now, &summary);
+    if (!st.ok()) {
+      LogWarn("retrain: {}", st.message());
+      summary = {{"error", st.message()}, {"promoted", false}};
+    }
+    {
+      std::lock_guard<std::mutex> l(train_mu_);
+      last_retrain_ = summary;
+      retrain_progress_.clear();
+      retrains_done_ = std::max(retrains_done_ + 1, target);
+    }
+    train_cv_.notify_all();
+  }
+
+  Status RetrainOnce(double now, json* summary) {
+    std::vector<LoggedOutcome> history = OutcomesAfter(0);
+    std::vector<ModelRecord> models;
+    CORTEX_RETURN_IF_ERROR(store_->ListModels(&models));
+    const int version = models.empty() ? 1 : models.back().version + 1;
+    auto res = learner_->Retrain(history, version, now, [this](const std::string& msg) {
+      {
+        std::lock_guard<std::mutex> l(train_mu_);
+        retrain_progress_ = msg;
+      }
+      train_cv_.notify_all();
+    });
+    if (!res.ok()) return res.status();
+    ModelRecord rec = res->record;
+    rec.weights = res->model.Serialize();
+    CORTEX_RETURN_IF_ERROR(store_->SaveModel(rec));
+    if (res->promoted) {
+      CORTEX_RETURN_IF_ERROR(store_->SetLiveModel(version));
+      learner_->Install(std::move(res->model), version, rec.trained_through,
+                        OutcomesAfter(rec.trained_through));
+    }
+    LogInfo("retrain v{}: {} ({} train, {} held out; candidate {:.3f}, live {:.3f}, diff {:+.3f} "
+            "± {:.3f})",
+            version, res->promoted ? "promoted" : "refused", res->train_rows, res->holdout_rows,
+            res->candidate.value, res->live.value, res->diff.value, res->diff.ci);
+    *summary = ModelJson(rec);
+    (*summary)["live"] = res->promoted;
+    return Status::OK();
+  }
+
+  static json ModelJson(const ModelRecord& m) {
+    json metrics = json::parse(m.metrics, nullptr, false);
+    return {{"version", m.version},
+            {"name", Learner::VersionName(m.version)},
+            {"created", wire::IsoTime(m.created)},
+            {"status", m.status},
+            {"live", m.live},
+            {"trained_through", m.trained_through},
+            {"weights_bytes", m.weights_bytes ? m.weights_bytes : static_cast<long>(m.weights.size())},
+            {"metrics", metrics.is_discarded() ? json::object() : metrics}};
+  }
+
+  Status Retrain(bool wait, const std::function<bool(const std::string&)>& progress,
+                 json* result) override {
+    long ticket;
+    {
+      std::lock_guard<std::mutex> l(train_mu_);
+      ticket = ++retrain_requests_;
+    }
+    train_cv_.notify_all();
+    if (!wait) {
+      *result = {{"queued", true}};
+      return Status::OK();
+    }
+    std::string last;
+    std::unique_lock<std::mutex> l(train_mu_);
+    while (retrains_done_ < ticket) {
+      if (stop_.load()) return Status::Unavailable("cortexd is stopping; the retrain did not finish");
+      if (retrain_progress_ != last && !retrain_progress_.empty()) {
+        last = retrain_progress_;
+        l.unlock();
+        bool alive = progress(last);
+        l.lock();
+        if (!alive) return Status::Unavailable("client went away");
+      }
+      train_cv_.wait_for(l, std::chrono::milliseconds(200));
+    }
+    *result = last_retrain_;
+    if (result->contains("error"))
+      return Status::FailedPrecondition("retrain failed: " + (*result)["error"].get<std::string>());
+    return Status::OK();
+  }
+
+  Status Models(json* result) override {
+    std::vector<ModelRecord> models;
+    CORTEX_RETURN_IF_ERROR(store_->ListModels(&models));
+    json a = json::array();
+    bool any_live = false;
+    for (const auto& m : models) any_live |= m.live;
+    // v0 is the untrained model: the calibrated manifest prior, before any retrain.
+    a.push_back({{"version", 0},
+                 {"name", "v0"},
+                 {"status", "initial"},
+                 {"live", !any_live},
+                 {"metrics", {{"note", "untrained: manifest prior plus online updates"}}}});
+    for (const auto& m : models) a.push_back(ModelJson(m));
+    *result = {{"models", a}, {"live_version", learner_->live_version()}};
+    return Status::OK();
+  }
+
+  Status Rollback(int version, json* result) override {
+    GatingModel model(learner_->options().shape);
+    long through = 0;
+    if (version != 0) {
+      ModelRecord rec;
+      CORTEX_RETURN_IF_ERROR(store_->LoadModel(version, &rec));
+      auto m = GatingModel::Deserialize(rec.weights);
+      if (!m.ok()) return m.status().WithContext("model v" + std::to_string(version));
+      model = std::move(m).value();
+      through = rec.trained_through;
+    }
+    const int previous = learner_->live_version();
+    CORTEX_RETURN_IF_ERROR(store_->SetLiveModel(version));
+    learner_->Install(std::move(model), version, through, OutcomesAfter(through));
+    LogInfo("rollback: model v{} is live again (was v{})", version, previous);
+    *result = {{"live_version", version}, {"previous", previous}};
+    return Status::OK();
+  }
+
   std::string NewId() {
     std::lock_guard<std::mutex> l(id_mu_);
     static const char* hex = "0123456789abcdef";
@@ -596,6 +818,18 @@ class DaemonImpl : public Daemon, public RequestHandler {
   std::mutex router_mu_;
   std::shared_ptr<Router> router_;
   int max_attempts_ = 2;
+
+  std::shared_ptr<Learner> learner_;
+  std::string backend_why_;
+  std::thread trainer_;
+  std::mutex train_mu_;  // guards the fields below
+  std::condition_variable train_cv_;
+  RetrainSchedule schedule_{600, 200};
+  long new_outcomes_ = 0;       // since the last retrain
+  long retrain_requests_ = 0;   // asked for by `cortexctl retrain`
+  long retrains_done_ = 0;      // finished (promoted, refused or failed)
+  std::string retrain_progress_;
+  json last_retrain_;
 
   std::mutex profiles_mu_;
   std::map<std::string, SparseVector> profiles_;

@@ -1,5 +1,6 @@
 // cortexd [--config FILE] [--foreground]
 #include <fcntl.h>
+#include <pthread.h>
 #include <signal.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -15,6 +16,9 @@
 #include "cortex/paths.h"
 
 namespace {
+
+pthread_t g_main_thread;
+void ForwardToMain(int sig) { pthread_kill(g_main_thread, sig); }
 
 // Forks into the background. The parent returns only once the child reports that it
 // is serving (exit 0) or why it could not start (exit 1), so `cortexd && cortexctl ...`
@@ -116,6 +120,14 @@ int main(int argc, char** argv) {
   sigaddset(&set, SIGHUP);
   pthread_sigmask(SIG_BLOCK, &set, nullptr);
   signal(SIGPIPE, SIG_IGN);
+  // Threads that libraries started before main (OpenBLAS's pool) do not have the mask; a
+  // signal the kernel hands to one of them is passed on to the main thread, where it stays
+  // pending for the signalfd instead of killing the process.
+  g_main_thread = pthread_self();
+  struct sigaction sa = {};
+  sa.sa_handler = ForwardToMain;
+  sigemptyset(&sa.sa_mask);
+  for (int sig : {SIGTERM, SIGINT, SIGHUP}) sigaction(sig, &sa, nullptr);
 
   cortex::DaemonOptions opts;
   opts.config_path = config_path;

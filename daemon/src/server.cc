@@ -110,8 +110,9 @@ Status ParseTags(const Request& r, const DaemonConfig& lim, Tags* tags) {
   return Status::OK();
 }
 
-const char* const kOps[] = {"submit",     "route",    "show",   "history", "experts", "events",
-                            "confidence", "feedback", "reload", "status",  "export"};
+const char* const kOps[] = {"submit",   "route",  "show",   "history", "experts",
+                            "events",   "confidence", "feedback", "reload", "status",
+                            "export",   "retrain", "models",   "rollback"};
 
 }  // namespace
 
@@ -435,6 +436,36 @@ json Server::Dispatch(const json& j, const std::function<bool(const std::string&
     json summary;
     CHECK(h_->Reload(&summary));
     return wire::Ok(summary);
+  }
+  if (op == "retrain") {
+    CHECK(r.Allow({"wait"}));
+    bool wait = false;
+    if (r.Has("wait")) {
+      if (!j["wait"].is_boolean()) return fail(Bad("field 'wait' must be true or false"));
+      wait = j["wait"].get<bool>();
+    }
+    json result;
+    CHECK(h_->Retrain(
+        wait,
+        [&](const std::string& msg) { return write_line(json{{"row", {{"progress", msg}}}}.dump()); },
+        &result));
+    return wire::Ok(result);
+  }
+  if (op == "models") {
+    CHECK(r.Allow({}));
+    json result;
+    CHECK(h_->Models(&result));
+    return wire::Ok(result);
+  }
+  if (op == "rollback") {
+    CHECK(r.Allow({"version"}));
+    if (!r.Has("version")) return fail(Bad("missing field 'version' for op rollback"));
+    double v = 0;
+    CHECK(r.Number("version", 0, 1e9, &v));
+    if (v != static_cast<int>(v)) return fail(Bad("field 'version' must be a whole number"));
+    json result;
+    CHECK(h_->Rollback(static_cast<int>(v), &result));
+    return wire::Ok(result);
   }
   if (op == "status") {
     CHECK(r.Allow({}));

@@ -29,6 +29,12 @@ class RequestHandler {
   virtual ExpertRegistry* registry() = 0;
   virtual nlohmann::json Status_() = 0;
   virtual Status Reload(nlohmann::json* summary) = 0;
+  // Trains a candidate now. With `wait`, streams progress lines through `progress` and
+  // fills `result` with the candidate's metrics; without, only queues the request.
+  virtual Status Retrain(bool wait, const std::function<bool(const std::string&)>& progress,
+                         nlohmann::json* result) = 0;
+  virtual Status Models(nlohmann::json* result) = 0;
+  virtual Status Rollback(int version, nlohmann::json* result) = 0;
 };
 
 struct ServerLimits {

@@ -216,7 +216,7 @@ class CpuEngine : public GatingEngine {
         }
       }
     }
-    ++m->stamp;
+    m->stamp = GatingModel::NextStamp();
     return Status::OK();
   }
 

@@ -1,3 +1,4 @@
+#include <atomic>
 #include <cstring>
 #include <numeric>
 #include <random>
@@ -76,6 +77,11 @@ class Reader {
 
 }  // namespace
 
+uint64_t GatingModel::NextStamp() {
+  static std::atomic<uint64_t> counter{0};
+  return ++counter;
+}
+
 GatingModel::GatingModel(const GatingShape& shape) : shape_(shape) {
   emb.resize(rows() * shape_.hidden);
   for (size_t r = 0; r < rows(); ++r) InitRow(shape_, r, &emb[r * shape_.hidden]);
@@ -91,7 +97,7 @@ void GatingModel::InitState() {
   g_wide.assign(wide.size(), 0.1f);
   g_heads.clear();
   g_prior_w = g_prior_b = 0.1f;
-  ++stamp;
+  stamp = NextStamp();
 }
 
 const ExpertHead* GatingModel::Head(const std::string& expert) const {
@@ -217,7 +223,7 @@ Result<GatingModel> GatingModel::Deserialize(const std::string& blob) {
     m.g_heads[name].assign(hidden + 1, 0.1f);
   }
   if (!r.done()) return bad("trailing bytes");
-  ++m.stamp;
+  m.stamp = NextStamp();
   return m;
 }
 

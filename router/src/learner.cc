@@ -82,7 +82,18 @@ TrainSet Learner::MakeTrainSet(const std::vector<LoggedOutcome>& outcomes, size_
   TrainSet set;
   std::map<std::string, int> cols;
   const uint32_t mask = static_cast<uint32_t>((size_t{1} << options_.shape.bits) - 1);
-  std::lock_guard<std::mutex> l(mu_);
+  std::map<std::string, SparseVector> manifests;
+  {
+    std::lock_guard<std::mutex> l(mu_);  // copied so featurizing never blocks scoring
+    for (size_t i = begin; i < end; ++i) {
+      auto it = manifests_.find(outcomes[i].expert);
+      if (it != manifests_.end()) manifests.insert(*it);
+    }
+  }
+  auto prior = [&](const SparseVector& x, const std::string& e) {
+    auto it = manifests.find(e);
+    return it == manifests.end() ? 0.0f : std::max(0.0f, Dot(x, it->second));
+  };
   for (size_t i = begin; i < end; ++i) {
     const LoggedOutcome& o = outcomes[i];
     SparseVector v = hasher_.Task(o.text, o.tags);
@@ -91,7 +102,7 @@ TrainSet Learner::MakeTrainSet(const std::vector<LoggedOutcome>& outcomes, size_
     TrainRow r;
     r.x = set.x.rows();
     r.expert = it->second;
-    r.prior = Prior(v, o.expert);
+    r.prior = prior(v, o.expert);
     r.reward = static_cast<float>(std::clamp(o.reward, 0.0, 1.0));
     // Only a first attempt's expert was drawn with the logged propensity; fallbacks and
     // forced choices were deterministic.

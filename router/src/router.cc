@@ -67,6 +67,7 @@ Status Router::Route(const std::vector<RouteRequest>& batch, const std::vector<E
       return x != y ? x > y : a.expert < c.expert;
     });
     const std::string greedy = cands.front().expert;
+    d.greedy = greedy;
     if (!forced.empty()) {
       // A forced expert leads; the rest keep their order as the fallback chain.
       auto it = std::find_if(cands.begin(), cands.end(),

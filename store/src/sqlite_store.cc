@@ -75,6 +75,20 @@ CREATE TABLE expert_events(
   detail TEXT NOT NULL
 );
 )sql",
+    // v2: the learning router. Decisions keep their greedy pick (for off-policy
+    // evaluation); every trained model version is kept with its metrics and weights.
+    R"sql(
+ALTER TABLE decisions ADD COLUMN greedy TEXT;
+CREATE TABLE models(
+  version INTEGER PRIMARY KEY,
+  created REAL NOT NULL,
+  status TEXT NOT NULL,
+  live INTEGER NOT NULL DEFAULT 0,
+  trained_through INTEGER NOT NULL,
+  metrics TEXT NOT NULL,
+  weights BLOB NOT NULL
+);
+)sql",
 };
 constexpr int kSchemaVersion = sizeof(kMigrations) / sizeof(kMigrations[0]);
 
@@ -104,6 +118,15 @@ class Stmt {
   Stmt& Bind(int i, long v) {
     sqlite3_bind_int64(s_, i, v);
     return *this;
+  }
+  Stmt& BindBlob(int i, const std::string& v) {
+    sqlite3_bind_blob(s_, i, v.data(), static_cast<int>(v.size()), SQLITE_TRANSIENT);
+    return *this;
+  }
+  std::string Blob(int c) {
+    const void* p = sqlite3_column_blob(s_, c);
+    return p ? std::string(static_cast<const char*>(p), static_cast<size_t>(sqlite3_column_bytes(s_, c)))
+             : std::string();
   }
   Stmt& BindNull(int i) {
     sqlite3_bind_null(s_, i);
@@ -179,10 +202,11 @@ class SqliteStore : public Store {
     const Candidate* chosen = d.Find(d.chosen);
     Stmt s = Prepare(
         "INSERT OR REPLACE INTO decisions(task_id,time,model_version,chosen,chosen_confidence,"
-        "propensity,explored,forced,candidates) VALUES(?,?,?,?,?,?,?,?,?)");
+        "propensity,explored,forced,candidates,greedy) VALUES(?,?,?,?,?,?,?,?,?,?)");
     s.Bind(1, id).Bind(2, d.time).Bind(3, d.model_version).Bind(4, d.chosen);
     s.Bind(5, chosen ? chosen->confidence : 0.0).Bind(6, d.propensity);
     s.Bind(7, d.explored ? 1 : 0).Bind(8, d.forced ? 1 : 0).Bind(9, CandidatesJson(d).dump());
+    s.Bind(10, d.greedy);
     Status st = Done(s, "record decision for " + id);
     if (st.ok()) st = UpdateState(id, TaskState::kRouted, d.time);
     return Finish(st);
@@ -363,6 +387,109 @@ class SqliteStore : public Store {
     }
   }
 
+  Status ForEachOutcome(long after_seq,
+                        const std::function<bool(const LoggedOutcome&)>& fn) override {
+    std::lock_guard<std::mutex> l(mu_);
+    Stmt s = Prepare(
+        "SELECT a.rowid,a.task_id,t.created_at,t.text,t.tags,a.expert,a.n,a.outcome,a.quality,"
+        "d.propensity,d.forced,d.candidates,d.greedy,d.explored,d.chosen,t.expert,"
+        "(SELECT quality FROM feedback f WHERE f.task_id=a.task_id ORDER BY f.id DESC LIMIT 1) "
+        "FROM attempts a JOIN tasks t ON t.id=a.task_id JOIN decisions d ON d.task_id=a.task_id "
+        "WHERE a.rowid>? AND a.outcome IS NOT NULL AND a.outcome!='interrupted' ORDER BY a.rowid");
+    s.Bind(1, after_seq);
+    int rc;
+    while ((rc = s.Step()) == SQLITE_ROW) {
+      LoggedOutcome o;
+      o.seq = s.Long(0);
+      o.task_id = s.Text(1);
+      o.time = s.Double(2);
+      o.text = s.Text(3);
+      o.tags = ParseTags(s.Text(4));
+      o.expert = s.Text(5);
+      o.attempt = static_cast<int>(s.Long(6));
+      const bool success = s.Text(7) == "success";
+      o.reward = success ? s.Double(8) : 0.0;
+      // A person's verdict is about the attempt that ended the task.
+      if (!s.IsNull(16) && s.Text(15) == o.expert) o.reward = s.Double(16);
+      o.propensity = o.attempt == 1 ? s.Double(9) : 1.0;
+      o.forced = s.Long(10) != 0;
+      json cands = json::parse(s.Text(11), nullptr, false);
+      if (cands.is_array())
+        for (const auto& c : cands)
+          if (c.is_object())
+            o.candidates.emplace_back(c.value("expert", ""), c.value("rule_score", 0.0));
+      o.greedy = s.IsNull(12) ? (s.Long(13) ? "" : s.Text(14)) : s.Text(12);
+      if (!fn(o)) return Status::OK();
+    }
+    return rc == SQLITE_DONE ? Status::OK() : Status::IOError("read outcomes: " + Err());
+  }
+
+  Status SaveModel(const ModelRecord& m) override {
+    std::lock_guard<std::mutex> l(mu_);
+    Stmt s = Prepare(
+        "INSERT INTO models(version,created,status,live,trained_through,metrics,weights) "
+        "VALUES(?,?,?,0,?,?,?)");
+    s.Bind(1, m.version).Bind(2, m.created).Bind(3, m.status).Bind(4, m.trained_through);
+    s.Bind(5, m.metrics).BindBlob(6, m.weights);
+    return Done(s, "save model v" + std::to_string(m.version));
+  }
+
+  Status SetLiveModel(int version) override {
+    std::lock_guard<std::mutex> l(mu_);
+    CORTEX_RETURN_IF_ERROR(Exec("BEGIN IMMEDIATE"));
+    Stmt a = Prepare("UPDATE models SET live=0 WHERE live=1");
+    Status st = Done(a, "set live model");
+    if (st.ok() && version != 0) {  // 0: the untrained model, which has no row
+      Stmt b = Prepare("UPDATE models SET live=1 WHERE version=?");
+      b.Bind(1, version);
+      st = Done(b, "set live model");
+      if (st.ok() && sqlite3_changes(db_) == 0)
+        st = Status::NotFound("no model version " + std::to_string(version));
+    }
+    return Finish(st);
+  }
+
+  Status ListModels(std::vector<ModelRecord>* out) override {
+    std::lock_guard<std::mutex> l(mu_);
+    out->clear();
+    Stmt s = Prepare(
+        "SELECT version,created,status,live,trained_through,metrics,length(weights) FROM models "
+        "ORDER BY version");
+    int rc;
+    while ((rc = s.Step()) == SQLITE_ROW) {
+      ModelRecord m;
+      m.version = static_cast<int>(s.Long(0));
+      m.created = s.Double(1);
+      m.status = s.Text(2);
+      m.live = s.Long(3) != 0;
+      m.trained_through = s.Long(4);
+      m.metrics = s.Text(5);
+      m.weights_bytes = s.Long(6);
+      out->push_back(std::move(m));
+    }
+    return rc == SQLITE_DONE ? Status::OK() : Status::IOError("list models: " + Err());
+  }
+
+  Status LoadModel(int version, ModelRecord* m) override {
+    std::lock_guard<std::mutex> l(mu_);
+    Stmt s = Prepare(
+        "SELECT version,created,status,live,trained_through,metrics,weights FROM models "
+        "WHERE version=?");
+    s.Bind(1, version);
+    int rc = s.Step();
+    if (rc == SQLITE_DONE) return Status::NotFound("no model version " + std::to_string(version));
+    if (rc != SQLITE_ROW) return Status::IOError("load model: " + Err());
+    m->version = static_cast<int>(s.Long(0));
+    m->created = s.Double(1);
+    m->status = s.Text(2);
+    m->live = s.Long(3) != 0;
+    m->trained_through = s.Long(4);
+    m->metrics = s.Text(5);
+    m->weights = s.Blob(6);
+    m->weights_bytes = static_cast<long>(m->weights.size());
+    return Status::OK();
+  }
+
   Status Recover(double time, std::vector<Task>* requeue, int* interrupted) override {
     std::lock_guard<std::mutex> l(mu_);
     requeue->clear();
@@ -498,6 +625,15 @@ class SqliteStore : public Store {
     for (const auto& [k, v] : tags) a.push_back({k, v});
     return a;
   }
+  static Tags ParseTags(const std::string& text) {
+    Tags tags;
+    json j = json::parse(text, nullptr, false);
+    if (j.is_array())
+      for (const auto& kv : j)
+        if (kv.is_array() && kv.size() == 2 && kv[0].is_string() && kv[1].is_string())
+          tags.emplace_back(kv[0], kv[1]);
+    return tags;
+  }
   static json CandidatesJson(const Decision& d) {
     json a = json::array();
     for (const auto& c : d.candidates)
@@ -521,8 +657,7 @@ class SqliteStore : public Store {
       if (s.Step() != SQLITE_ROW) return Status::NotFound("no task with id '" + id + "'");
       t->id = s.Text(0);
       t->text = s.Text(1);
-      for (const auto& kv : json::parse(s.Text(2), nullptr, false))
-        if (kv.is_array() && kv.size() == 2) t->tags.emplace_back(kv[0], kv[1]);
+      t->tags = ParseTags(s.Text(2));
       t->state = ParseTaskState(s.Text(3)).value_or(TaskState::kQueued);
       t->created_at = s.Double(4);
       t->updated_at = s.Double(5);

@@ -43,6 +43,8 @@ struct RouterConfig {
 struct TrainingConfig {
   double interval_s = 600;
   int min_new_outcomes = 200;
+  bool online = true;  // learn from each outcome between retrains
+  int epochs = 4;      // passes over the history per retrain
 };
 
 struct RuleConfig {

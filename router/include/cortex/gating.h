@@ -59,8 +59,10 @@ class GatingModel {
   std::map<std::string, std::vector<float>> g_heads;  // hidden + 1 (bias last)
   float g_prior_w = 0, g_prior_b = 0;
 
-  // Bumped on every change so an engine holding a device copy knows to refresh it.
+  // Unique per state (process-wide counter), so an engine holding a device copy knows
+  // when to refresh it, even when another model is moved into the same object.
   uint64_t stamp = 0;
+  static uint64_t NextStamp();
 
   // Head of `expert`, or nullptr if it has never been trained.
   const ExpertHead* Head(const std::string& expert) const;

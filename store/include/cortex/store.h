@@ -38,6 +38,16 @@ class Store {
   // Tasks created at or after `since`, oldest first, in pages; `fn` returns false to stop.
   virtual Status ForEachTask(double since, const std::function<bool(const Task&)>& fn) = 0;
 
+  // Finished attempts (not interrupted) with seq > `after_seq`, oldest first, as training
+  // data; `fn` returns false to stop.
+  virtual Status ForEachOutcome(long after_seq,
+                                const std::function<bool(const LoggedOutcome&)>& fn) = 0;
+  // Model versions: saved once, listed without weights, one of them live.
+  virtual Status SaveModel(const ModelRecord& m) = 0;
+  virtual Status SetLiveModel(int version) = 0;  // NotFound for an unknown version
+  virtual Status ListModels(std::vector<ModelRecord>* out) = 0;
+  virtual Status LoadModel(int version, ModelRecord* m) = 0;
+
   // After a restart: tasks still `queued`/`routed` (no attempt started) are returned, oldest
   // first, to be run again; `running` ones are marked `interrupted` with their open attempt.
   virtual Status Recover(double time, std::vector<Task>* requeue, int* interrupted) = 0;

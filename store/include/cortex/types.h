@@ -47,6 +47,7 @@ struct Decision {
   double propensity = 1;  // probability with which `chosen` was picked
   bool explored = false;
   bool forced = false;
+  std::string greedy;  // the best-scoring expert, whether or not it was chosen
   std::vector<Candidate> candidates;  // best first (by score + load bias)
 
   const Candidate* Find(const std::string& expert) const {
@@ -152,6 +153,7 @@ struct ModelRecord {
   long trained_through = 0;  // LoggedOutcome::seq of the newest outcome it learned from
   std::string metrics;
   std::string weights;  // empty in listings
+  long weights_bytes = 0;
 };
 
 }  // namespace cortex
