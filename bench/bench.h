@@ -27,4 +27,18 @@ struct ReplayOptions {
 
 int Replay(const ReplayOptions& opt);
 
+struct SpeedOptions {
+  std::string backend = "cpu";
+  int experts = 16;
+  int batch = 1024;
+  std::vector<int> batches;  // several batch sizes in one run
+  int min_tasks = 200000;    // per batch size, for the scoring figure
+  int examples = 100000;     // training
+  int epochs = 2;
+  std::string json_out;
+};
+
+int Score(const SpeedOptions& opt);
+int Train(const SpeedOptions& opt);
+
 }  // namespace cortex::bench

@@ -1,6 +1,8 @@
 // cortex-bench: the project's own measurements. Subcommands:
 //   throughput  tasks/s through a running cortexd (clients submitting with --wait)
-//   score       routing throughput and single-decision latency of the router in-process
+//   score       routing throughput and single-decision latency (gating model, cpu or cuda)
+//   train       training throughput (cpu or cuda)
+//   replay      learning quality on a real task stream (replay.cc)
 #include <CLI/CLI.hpp>
 #include <algorithm>
 #include <atomic>
@@ -78,74 +80,35 @@ int Throughput(const std::string& socket, int clients, int tasks, const std::str
   return errors.load() == 0 ? 0 : 1;
 }
 
-int Score(int experts, int batch, int rounds, const std::string& json_out) {
-  using namespace cortex;
-  std::mt19937 rng(7);
-  const char* words[] = {"fix",    "login", "bug",      "add",      "feature", "docs",
-                         "update", "build", "release",  "refactor", "parser",  "test",
-                         "flaky",  "perf",  "cache",    "security", "token",   "deps",
-                         "bump",   "ci",    "pipeline", "render"};
-  auto sentence = [&](int n) {
-    std::string s;
-    for (int i = 0; i < n; ++i) s += std::string(i ? " " : "") + words[rng() % 22];
-    return s;
-  };
-  Router router(RouterOptions{}, RuleSet(), MakeManifestPriorScorer());
-  std::vector<ExpertSlot> slots;
-  for (int e = 0; e < experts; ++e)
-    slots.push_back({{"expert" + std::to_string(e),
-                      router.hasher().Manifest({"expert" + std::to_string(e),
-                                                sentence(12),
-                                                {sentence(1), sentence(1), sentence(2)},
-                                                {sentence(6), sentence(6)}})},
-                     0.0});
-  std::vector<RouteRequest> reqs;
-  for (int i = 0; i < batch; ++i) reqs.push_back({sentence(7), {}});
-  std::vector<Decision> out;
-  auto t0 = Clock::now();
-  for (int r = 0; r < rounds; ++r) (void)router.Route(reqs, slots, true, 0, &out);
-  double secs = std::chrono::duration<double>(Clock::now() - t0).count();
-  double rate = static_cast<double>(batch) * rounds / secs;
-  std::vector<double> single;
-  for (int i = 0; i < 2000; ++i) {
-    auto s = Clock::now();
-    (void)router.Route({reqs[static_cast<size_t>(i) % reqs.size()]}, slots, true, 0, &out);
-    single.push_back(std::chrono::duration<double, std::micro>(Clock::now() - s).count());
-  }
-  json j = {{"experts", experts},
-            {"batch", batch},
-            {"backend", router.backend()},
-            {"model", router.model_version()},
-            {"tasks_per_s", rate},
-            {"single_p50_us", Percentile(single, 0.5)},
-            {"single_p99_us", Percentile(single, 0.99)}};
-  std::printf(
-      "score (%s, %s): %d experts, batch %d: %.0f tasks/s; single decision p50 %.1f us, p99 %.1f "
-      "us\n",
-      router.backend().c_str(), router.model_version().c_str(), experts, batch, rate,
-      Percentile(single, 0.5), Percentile(single, 0.99));
-  WriteJson(json_out, j);
-  return 0;
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
   CLI::App app{"cortex-bench: Cortex's own benchmarks"};
   app.require_subcommand(1);
   std::string json_out, socket = cortex::DefaultSocketPath(), text = "run the no-op command";
-  int clients = 4, tasks = 2000, experts = 16, batch = 1024, rounds = 20;
+  int clients = 4, tasks = 2000;
   auto* tp = app.add_subcommand("throughput", "tasks/s through a running cortexd (submit --wait)");
   tp->add_option("--socket", socket);
   tp->add_option("--clients", clients)->check(CLI::Range(1, 512));
   tp->add_option("--tasks", tasks)->check(CLI::Range(1, 10000000));
   tp->add_option("--text", text);
   tp->add_option("--json", json_out, "write the figures to this file");
-  auto* sc = app.add_subcommand("score", "router throughput and single-decision latency");
-  sc->add_option("--experts", experts)->check(CLI::Range(1, 4096));
-  sc->add_option("--batch", batch)->check(CLI::Range(1, 1 << 20));
-  sc->add_option("--rounds", rounds)->check(CLI::Range(1, 100000));
-  sc->add_option("--json", json_out, "write the figures to this file");
+  cortex::bench::SpeedOptions so;
+  auto* sc = app.add_subcommand("score", "routing throughput and single-decision latency");
+  sc->add_option("--experts", so.experts)->check(CLI::Range(1, 4096));
+  sc->add_option("--batch", so.batches, "batch size(s), e.g. --batch 1 64 1024 65536")
+      ->check(CLI::Range(1, 1 << 20));
+  sc->add_option("--backend", so.backend)->check(CLI::IsMember({"cpu", "cuda", "auto"}));
+  sc->add_option("--min-tasks", so.min_tasks, "tasks scored per batch size")
+      ->check(CLI::Range(1, 100000000));
+  sc->add_option("--json", so.json_out, "write the figures to this file");
+  auto* tr = app.add_subcommand("train", "training throughput");
+  tr->add_option("--examples", so.examples)->check(CLI::Range(100, 100000000));
+  tr->add_option("--epochs", so.epochs)->check(CLI::Range(1, 100));
+  tr->add_option("--experts", so.experts)->check(CLI::Range(1, 4096));
+  tr->add_option("--batch", so.batches, "minibatch size(s)")->check(CLI::Range(1, 1 << 20));
+  tr->add_option("--backend", so.backend)->check(CLI::IsMember({"cpu", "cuda", "auto"}));
+  tr->add_option("--json", so.json_out, "write the figures to this file");
   cortex::bench::ReplayOptions ro;
   auto* rp = app.add_subcommand("replay", "learning quality on a real task stream");
   rp->add_option("--corpus", ro.corpus, "TSV corpus (id, unix_time, type, scope, text)")->required();
@@ -175,5 +138,6 @@ int main(int argc, char** argv) {
     return cortex::bench::Replay(ro);
   }
   if (tp->parsed()) return Throughput(socket, clients, tasks, text, json_out);
-  return Score(experts, batch, rounds, json_out);
+  if (tr->parsed()) return cortex::bench::Train(so);
+  return cortex::bench::Score(so);
 }

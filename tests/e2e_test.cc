@@ -465,5 +465,84 @@ TEST(E2E, SigtermFinishesRunningWorkAndKeepsTheQueue) {
         << id;
 }
 
+// The learning loop through a live cortexd: online steps turn the router around, scheduled
+// retrains validate candidates, `retrain --wait` reports metrics, and rollback persists.
+TEST(E2E, LearnsFromOutcomesRetrainsAndRollsBack) {
+  TempDir dir;
+  // The manifest prior favours `bad` for deploy tasks; only `good` ever succeeds.
+  const std::string experts = R"(experts:
+  - name: bad
+    plugin: command
+    run: ["/bin/sh", "-c", "exit 3"]
+    keywords: ["deploy", "release", "ship", "rollout"]
+  - name: good
+    plugin: command
+    run: ["/bin/sh", "-c", "cat >/dev/null"]
+    keywords: ["maintenance"]
+training:
+  interval: 0s
+  min_new_outcomes: 40
+)";
+  Daemon d(dir, experts, "router: {exploration: 0.1, seed: 3, max_attempts: 1}\n");
+  ASSERT_TRUE(d.Start()) << d.Log();
+  json before = d.CtlJson({"route", "deploy the release"});
+  EXPECT_EQ(before["candidates"][0]["expert"], "bad");
+
+  for (int i = 0; i < 80; ++i) {
+    test::Run r = d.Ctl({"submit", "deploy the release " + std::to_string(i % 7), "--wait"});
+    ASSERT_TRUE(r.code == 0 || r.code == 1) << r.err;
+  }
+  // Online learning: the failures of `bad` have turned the ranking around.
+  EXPECT_TRUE(test::Eventually([&] {
+    return d.CtlJson({"route", "deploy the release"})["candidates"][0]["expert"] == "good";
+  }));
+  json after = d.CtlJson({"route", "deploy the release"});
+  EXPECT_GT(after["candidates"][0]["confidence"].get<double>(),
+            after["candidates"][1]["confidence"].get<double>());
+
+  // The schedule (40 new outcomes, no interval) has trained at least one candidate.
+  ASSERT_TRUE(test::Eventually([&] { return d.CtlJson({"models"})["models"].size() >= 2; }, 20))
+      << d.Log();
+  json models = d.CtlJson({"models"})["models"];
+  EXPECT_EQ(models[0]["name"], "v0");
+  const json& v1 = models[1];
+  EXPECT_EQ(v1["name"], "v1");
+  EXPECT_TRUE(v1["status"] == "promoted" || v1["status"] == "refused") << v1;
+  EXPECT_GT(v1["metrics"]["holdout_rows"].get<long>(), 0);
+  EXPECT_GT(v1["metrics"]["train_rows"].get<long>(), 0);
+  EXPECT_TRUE(v1["metrics"]["diff"].contains("ci"));
+  EXPECT_GT(v1["weights_bytes"].get<long>(), 0);
+
+  // On demand, with progress and the verdict.
+  test::Run r = d.Ctl({"retrain", "--wait"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_NE(r.out.find("training on cpu"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("validated on"), std::string::npos) << r.out;
+  json rj = d.CtlJson({"retrain", "--wait"});
+  EXPECT_TRUE(rj["metrics"]["candidate"].contains("value")) << rj;
+  const int newest = rj["version"].get<int>();
+  EXPECT_GE(newest, 3);
+  r = d.Ctl({"models"});
+  EXPECT_NE(r.out.find("v" + std::to_string(newest)), std::string::npos) << r.out;
+
+  // Rollback: any kept version can be made live, unknown ones are refused.
+  r = d.Ctl({"models", "rollback", "v99"});
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find("no model version 99"), std::string::npos) << r.err;
+  r = d.Ctl({"models", "rollback", "1"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(d.CtlJson({"status"})["model_version"], "v1");
+  json w = d.CtlJson({"submit", "deploy the release", "--wait"});
+  EXPECT_EQ(w["decision"]["model_version"], "v1") << w;
+  // The live version survives a restart.
+  EXPECT_EQ(d.Stop(), 0);
+  ASSERT_TRUE(d.Start()) << d.Log();
+  EXPECT_EQ(d.CtlJson({"status"})["model_version"], "v1");
+  EXPECT_EQ(d.CtlJson({"models"})["live_version"], 1);
+  ASSERT_EQ(d.Ctl({"models", "rollback", "0"}).code, 0);
+  EXPECT_EQ(d.CtlJson({"status"})["model_version"], "v0");
+  EXPECT_EQ(d.CtlJson({"models"})["models"][0]["live"], true);
+}
+
 }  // namespace
 }  // namespace cortex

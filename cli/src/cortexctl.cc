@@ -323,7 +323,10 @@ int main(int argc, char** argv) {
   auto* rollback = models->add_subcommand("rollback", "make an older model version live again");
   rollback->add_option("VERSION", rollback_version, "version number (e.g. 3 or v3)")
       ->required()
-      ->transform([](std::string v) { return !v.empty() && v[0] == 'v' ? v.substr(1) : v; })
+      ->transform([](std::string v) {
+        if (!v.empty() && v.front() == 'v') v.erase(0, 1);
+        return v;
+      })
       ->check(CLI::NonNegativeNumber);
   json_flag(rollback);
   // export
@@ -588,8 +591,9 @@ int main(int argc, char** argv) {
     if (ctx.json_out) return PrintJson(result), kOk;
     std::printf("cortexd %s (pid %d), up %.0fs\n", Str(result, "version").c_str(),
                 result.value("pid", 0), result.value("uptime_s", 0.0));
-    std::printf("  backend:   %s (%s), model %s\n", Str(result, "backend").c_str(),
-                Str(result, "backend_choice").c_str(), Str(result, "model_version").c_str());
+    std::printf("  backend:   %s (%s; %s), model %s\n", Str(result, "backend").c_str(),
+                Str(result, "backend_device").c_str(), Str(result, "backend_choice").c_str(),
+                Str(result, "model_version").c_str());
     const json tr = result.value("training", json::object());
     const json last = tr.value("last_retrain", json());
     std::printf("  training:  %ld new outcomes since the last retrain (every %.0fs once %d are new)%s\n",

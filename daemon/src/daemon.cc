@@ -646,7 +646,7 @@ class DaemonImpl : public Daemon, public RequestHandler {
         std::unique_lock<std::mutex> l(train_mu_);
         train_cv_.wait_for(l, std::chrono::seconds(1));
         if (stop_.load()) return;
-        requested = retrain_requests_ > retrains_done_;
+        requested = retrain_requests_ > requests_served_;
       }
       // Online: every outcome the live model has not learned from yet, in log order.
       std::vector<LoggedOutcome> fresh = OutcomesAfter(learner_->trained_through());
@@ -682,7 +682,7 @@ class DaemonImpl : public Daemon, public RequestHandler {
       std::lock_guard<std::mutex> l(train_mu_);
       last_retrain_ = summary;
       retrain_progress_.clear();
-      retrains_done_ = std::max(retrains_done_ + 1, target);
+      requests_served_ = std::max(requests_served_, target);
     }
     train_cv_.notify_all();
   }
@@ -743,7 +743,7 @@ class DaemonImpl : public Daemon, public RequestHandler {
     }
     std::string last;
     std::unique_lock<std::mutex> l(train_mu_);
-    while (retrains_done_ < ticket) {
+    while (requests_served_ < ticket) {
       if (stop_.load()) return Status::Unavailable("cortexd is stopping; the retrain did not finish");
       if (retrain_progress_ != last && !retrain_progress_.empty()) {
         last = retrain_progress_;
@@ -827,7 +827,7 @@ class DaemonImpl : public Daemon, public RequestHandler {
   RetrainSchedule schedule_{600, 200};
   long new_outcomes_ = 0;       // since the last retrain
   long retrain_requests_ = 0;   // asked for by `cortexctl retrain`
-  long retrains_done_ = 0;      // finished (promoted, refused or failed)
+  long requests_served_ = 0;    // requests made before a retrain that has since finished
   std::string retrain_progress_;
   json last_retrain_;
 

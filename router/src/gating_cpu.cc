@@ -62,6 +62,16 @@ namespace {
 
 using internal::Sigmoid;
 
+}  // namespace
+}  // namespace cortex
+
+// OpenBLAS's pthread build spins its pool on every call; our products are small, so one
+// thread is faster. Weak: other BLAS builds do not have it.
+extern "C" void openblas_set_num_threads(int) __attribute__((weak));
+
+namespace cortex {
+namespace {
+
 inline void Adagrad(float* theta, float* acc, float g, float lr) {
   *acc += g * g;
   *theta -= lr * g / std::sqrt(*acc);
@@ -79,6 +89,9 @@ void ParallelRows(int n, Fn fn) {
 
 class CpuEngine : public GatingEngine {
  public:
+  CpuEngine() {
+    if (openblas_set_num_threads) openblas_set_num_threads(1);
+  }
   std::string backend() const override { return "cpu"; }
 
   Status Score(const GatingModel& m, const SparseBatch& x, const std::vector<std::string>& experts,
@@ -112,14 +125,20 @@ class CpuEngine : public GatingEngine {
     float* Z = out->data();
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, B, E, H, 1.0f, hid_.data(), H, U.data(),
                 H, 0.0f, Z, E);
+    const int wbits = m.shape().wide_bits;
     ParallelRows(B, [&](int lo, int hi) {
-      for (int b = lo; b < hi; ++b)
+      std::vector<uint64_t> mix;
+      for (int b = lo; b < hi; ++b) {
+        mix.clear();
+        for (int j = x.offsets[b]; j < x.offsets[b + 1]; ++j)
+          mix.push_back(GatingModel::FeatureMix(x.idx[j] & mask));
         for (int e = 0; e < E; ++e) {
           float z = Z[b * E + e] + bias[e] + m.prior_b + m.prior_w * prior[b * E + e];
-          for (int j = x.offsets[b]; j < x.offsets[b + 1]; ++j)
-            z += x.val[j] * m.wide[m.WideIndex(x.idx[j] & mask, keys[e])];
+          for (int j = x.offsets[b], k = 0; j < x.offsets[b + 1]; ++j, ++k)
+            z += x.val[j] * m.wide[GatingModel::WideSlot(mix[k], keys[e], wbits)];
           Z[b * E + e] = Sigmoid(z);
         }
+      }
     });
     return Status::OK();
   }

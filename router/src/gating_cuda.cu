@@ -61,10 +61,9 @@ __device__ __forceinline__ uint64_t SplitMixD(uint64_t x) {
   return x ^ (x >> 31);
 }
 
-// Must match GatingModel::WideIndex.
-__device__ __forceinline__ uint32_t WideIndexD(uint32_t i, uint64_t key, uint64_t mask) {
-  return static_cast<uint32_t>(SplitMixD(key ^ (static_cast<uint64_t>(i) * 0x9E3779B97F4A7C15ULL)) &
-                               mask);
+// Must match GatingModel::WideIndex (FeatureMix, then WideSlot).
+__device__ __forceinline__ uint32_t WideIndexD(uint32_t i, uint64_t key, int wide_bits) {
+  return static_cast<uint32_t>(((SplitMixD(i) ^ key) * 0x9E3779B97F4A7C15ULL) >> (64 - wide_bits));
 }
 
 __device__ __forceinline__ float SigmoidD(float z) { return 1.0f / (1.0f + expf(-z)); }
@@ -82,13 +81,13 @@ __global__ void GatherTanh(const int* off, const uint32_t* idx, const float* val
 
 // Scores: out[b][e] = sigmoid(Z + bias + prior terms + wide part), in place on Z.
 __global__ void FinishScores(int B, int E, const int* off, const uint32_t* idx, const float* val,
-                             const float* wide, uint64_t wmask, uint32_t mask, const uint64_t* keys,
+                             const float* wide, int wide_bits, uint32_t mask, const uint64_t* keys,
                              const float* bias, const float* prior, float pw, float pb, float* Z) {
   const int t = blockIdx.x * blockDim.x + threadIdx.x;
   if (t >= B * E) return;
   const int b = t / E, e = t % E;
   float z = Z[t] + bias[e] + pb + pw * prior[t];
-  for (int j = off[b]; j < off[b + 1]; ++j) z += val[j] * wide[WideIndexD(idx[j] & mask, keys[e], wmask)];
+  for (int j = off[b]; j < off[b + 1]; ++j) z += val[j] * wide[WideIndexD(idx[j] & mask, keys[e], wide_bits)];
   Z[t] = SigmoidD(z);
 }
 
@@ -225,7 +224,7 @@ class CudaEngine : public GatingEngine {
     CX_CUBLAS(cublasSgemm(handle_, CUBLAS_OP_T, CUBLAS_OP_N, E, B, H, &one, U_.p, H, H_.p, H, &zero,
                           Z_.p, E));
     FinishScores<<<Blocks(static_cast<size_t>(B) * E, 256), 256>>>(
-        B, E, off_.p, idx_.p, val_.p, wide_.p, m.wide_size() - 1, mask, keys_.p, bias_.p, prior_.p,
+        B, E, off_.p, idx_.p, val_.p, wide_.p, m.shape().wide_bits, mask, keys_.p, bias_.p, prior_.p,
         m.prior_w, m.prior_b, Z_.p);
     CX_CUDA(cudaGetLastError());
     return Z_.Get(out, static_cast<size_t>(B) * E);
@@ -383,6 +382,48 @@ class CudaEngine : public GatingEngine {
 }  // namespace
 
 bool CudaBuilt() { return true; }
+
+Result<GemmReport> CudaGemmProbe(int B, int H, int E) {
+  cublasHandle_t h;
+  CX_CUBLAS(cublasCreate(&h));
+  CX_CUBLAS(cublasSetMathMode(h, CUBLAS_PEDANTIC_MATH));
+  auto timed = [&](int m, int n, int k, int reps, double* secs) -> Status {
+    DevBuf<float> a, b, c;
+    CORTEX_RETURN_IF_ERROR(a.Fit(static_cast<size_t>(m) * k));
+    CORTEX_RETURN_IF_ERROR(b.Fit(static_cast<size_t>(k) * n));
+    CORTEX_RETURN_IF_ERROR(c.Fit(static_cast<size_t>(m) * n));
+    CX_CUDA(cudaMemset(a.p, 0, a.cap * sizeof(float)));
+    CX_CUDA(cudaMemset(b.p, 0, b.cap * sizeof(float)));
+    const float one = 1.0f, zero = 0.0f;
+    CX_CUBLAS(cublasSgemm(h, CUBLAS_OP_T, CUBLAS_OP_N, m, n, k, &one, a.p, k, b.p, k, &zero, c.p, m));
+    cudaEvent_t e0, e1;
+    cudaEventCreate(&e0);
+    cudaEventCreate(&e1);
+    cudaEventRecord(e0);
+    for (int r = 0; r < reps; ++r)
+      CX_CUBLAS(cublasSgemm(h, CUBLAS_OP_T, CUBLAS_OP_N, m, n, k, &one, a.p, k, b.p, k, &zero, c.p, m));
+    cudaEventRecord(e1);
+    CX_CUDA(cudaEventSynchronize(e1));
+    float ms = 0;
+    cudaEventElapsedTime(&ms, e0, e1);
+    cudaEventDestroy(e0);
+    cudaEventDestroy(e1);
+    *secs = ms / 1000.0 / reps;
+    return Status::OK();
+  };
+  GemmReport r;
+  double ours = 0, peak = 0;
+  Status st = timed(E, B, H, 200, &ours);  // the scoring product, as Score issues it
+  if (st.ok()) st = timed(8192, 8192, 8192, 5, &peak);
+  cublasDestroy(h);
+  CORTEX_RETURN_IF_ERROR(st);
+  r.shape = std::to_string(B) + "x" + std::to_string(H) + " * " + std::to_string(H) + "x" +
+            std::to_string(E);
+  r.ours_gflops = 2.0 * B * H * E / ours / 1e9;
+  r.ours_gbytes = 4.0 * (static_cast<double>(B) * H + H * E + static_cast<double>(B) * E) / ours / 1e9;
+  r.peak_gflops = 2.0 * 8192.0 * 8192.0 * 8192.0 / peak / 1e9;
+  return r;
+}
 
 Result<std::unique_ptr<GatingEngine>> MakeCudaEngine() {
   int n = 0;

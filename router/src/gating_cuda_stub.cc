@@ -9,4 +9,8 @@ Result<std::unique_ptr<GatingEngine>> MakeCudaEngine() {
   return Status::FailedPrecondition("this build has no CUDA backend (toolkit not found at build time)");
 }
 
+Result<GemmReport> CudaGemmProbe(int, int, int) {
+  return Status::FailedPrecondition("this build has no CUDA backend");
+}
+
 }  // namespace cortex

@@ -120,8 +120,10 @@ uint64_t GatingModel::ExpertKey(const std::string& name) {
   return SplitMix(h);
 }
 
+uint64_t GatingModel::FeatureMix(uint32_t i) { return SplitMix(i); }
+
 size_t GatingModel::WideIndex(uint32_t i, uint64_t ekey) const {
-  return SplitMix(ekey ^ (static_cast<uint64_t>(i) * 0x9E3779B97F4A7C15ULL)) & (wide_size() - 1);
+  return WideSlot(FeatureMix(i), ekey, shape_.wide_bits);
 }
 
 size_t GatingModel::TouchedRows() const {

@@ -60,18 +60,37 @@ Status Learner::Score(const std::vector<SparseVector>& tasks,
   std::lock_guard<std::mutex> l(mu_);
   const uint32_t mask = static_cast<uint32_t>(live_.rows() - 1);
   std::vector<std::string> names;
+  std::vector<size_t> sizes;
   names.reserve(experts.size());
   for (const auto& e : experts) {
     names.push_back(e.name);
-    auto it = manifests_.find(e.name);
-    if (it == manifests_.end() || it->second.idx != e.manifest.idx) manifests_[e.name] = e.manifest;
+    size_t sig = e.manifest.size();  // size plus an index checksum: a replaced manifest
+    for (uint32_t i : e.manifest.idx) sig = sig * 31 + i;
+    sizes.push_back(sig);
   }
+  if (names != prior_names_ || sizes != prior_sizes_) {
+    prior_index_.clear();
+    for (size_t e = 0; e < experts.size(); ++e) {
+      const SparseVector& m = experts[e].manifest;
+      manifests_[experts[e].name] = m;
+      for (size_t k = 0; k < m.size(); ++k)
+        prior_index_[m.idx[k]].emplace_back(static_cast<int>(e), m.val[k]);
+    }
+    prior_names_ = names;
+    prior_sizes_ = sizes;
+  }
+  const size_t E = experts.size();
   SparseBatch x;
-  std::vector<float> prior(tasks.size() * experts.size());
+  std::vector<float> prior(tasks.size() * E, 0.0f);
   for (size_t b = 0; b < tasks.size(); ++b) {
     x.Add(tasks[b], mask);
-    for (size_t e = 0; e < experts.size(); ++e)
-      prior[b * experts.size() + e] = std::max(0.0f, Dot(tasks[b], experts[e].manifest));
+    float* row = &prior[b * E];
+    for (size_t k = 0; k < tasks[b].size(); ++k) {
+      auto it = prior_index_.find(tasks[b].idx[k]);
+      if (it == prior_index_.end()) continue;
+      for (const auto& [e, w] : it->second) row[e] += tasks[b].val[k] * w;
+    }
+    for (size_t e = 0; e < E; ++e) row[e] = std::max(0.0f, row[e]);
   }
   *version = VersionName(version_);
   return score_engine_->Score(live_, x, names, prior, out);
@@ -268,17 +287,17 @@ Result<RetrainResult> Learner::Retrain(const std::vector<LoggedOutcome>& history
 
 Result<std::unique_ptr<GatingEngine>> MakeEngine(const std::string& backend, std::string* why) {
   if (backend == "cpu") {
-    *why = "cpu (configured)";
+    *why = "configured";
     return MakeCpuEngine();
   }
   auto cuda = MakeCudaEngine();
   if (cuda.ok()) {
-    *why = cuda.value()->backend();
+    *why = backend == "cuda" ? "configured" : "auto: a working GPU was found";
     return std::move(cuda).value();
   }
   if (backend == "cuda")
     return Status::FailedPrecondition("router.backend: cuda: " + cuda.status().message());
-  *why = "cpu (auto: " + cuda.status().message() + ")";
+  *why = "auto: " + cuda.status().message();
   return MakeCpuEngine();
 }
 

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <numeric>
+#include <thread>
 
 namespace cortex {
 namespace {
@@ -24,9 +25,18 @@ Status Router::Route(const std::vector<RouteRequest>& batch, const std::vector<E
   if (experts.empty()) return Status::Unavailable("no experts are loaded");
   const size_t E = experts.size();
 
-  std::vector<SparseVector> feats;
-  feats.reserve(batch.size());
-  for (const auto& r : batch) feats.push_back(hasher_.Task(r.text, r.tags));
+  // Featurizing is the largest serial cost of a big batch: split it over two threads.
+  std::vector<SparseVector> feats(batch.size());
+  auto featurize = [&](size_t lo, size_t hi) {
+    for (size_t i = lo; i < hi; ++i) feats[i] = hasher_.Task(batch[i].text, batch[i].tags);
+  };
+  if (batch.size() >= 256 && std::thread::hardware_concurrency() > 1) {
+    std::thread t(featurize, batch.size() / 2, batch.size());
+    featurize(0, batch.size() / 2);
+    t.join();
+  } else {
+    featurize(0, batch.size());
+  }
   std::vector<ExpertProfile> profiles;
   profiles.reserve(E);
   for (const auto& e : experts) profiles.push_back(e.profile);

@@ -67,8 +67,13 @@ class GatingModel {
   // Head of `expert`, or nullptr if it has never been trained.
   const ExpertHead* Head(const std::string& expert) const;
   ExpertHead* MutableHead(const std::string& expert);
-  // Index into `wide` for feature `i` of the expert with key `ekey`.
+  // Index into `wide` for feature `i` of the expert with key `ekey`: a multiplicative hash
+  // of the feature's mix and the expert key, so a scorer mixes each feature once per task.
   size_t WideIndex(uint32_t i, uint64_t ekey) const;
+  static uint64_t FeatureMix(uint32_t i);
+  static size_t WideSlot(uint64_t feature_mix, uint64_t ekey, int wide_bits) {
+    return static_cast<size_t>(((feature_mix ^ ekey) * 0x9E3779B97F4A7C15ULL) >> (64 - wide_bits));
+  }
   static uint64_t ExpertKey(const std::string& name);
 
   // Compact binary form: only Emb rows that differ from their seeded initial value.
@@ -131,6 +136,13 @@ std::unique_ptr<GatingEngine> MakeCpuEngine();
 Result<std::unique_ptr<GatingEngine>> MakeCudaEngine();
 // Whether this binary was built with the CUDA backend.
 bool CudaBuilt();
+
+// How the scoring GEMM (B x H times H x E) does against cuBLAS's own SGEMM peak on this card.
+struct GemmReport {
+  std::string shape;
+  double ours_gflops = 0, ours_gbytes = 0, peak_gflops = 0;
+};
+Result<GemmReport> CudaGemmProbe(int B, int H, int E);
 
 // Shared by both engines: the deterministic per-epoch order of `n` rows.
 std::vector<int> EpochOrder(size_t n, uint64_t seed, int epoch, bool shuffle);

@@ -9,6 +9,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "cortex/gating.h"
@@ -95,6 +96,11 @@ class Learner {
   int version_ = 0;
   long trained_through_ = 0;
   std::map<std::string, SparseVector> manifests_;
+  // Inverted index of the current experts' manifests: feature -> (expert column, weight),
+  // rebuilt when the expert list changes; makes the prior cosines one lookup per feature.
+  std::vector<std::string> prior_names_;
+  std::vector<size_t> prior_sizes_;
+  std::unordered_map<uint32_t, std::vector<std::pair<int, float>>> prior_index_;
   std::vector<LoggedOutcome> recent_;  // ring buffer for online replay
   size_t recent_next_ = 0;
   uint64_t replay_rng_ = 0;

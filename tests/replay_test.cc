@@ -1,0 +1,101 @@
+// cortex-bench replay as a user runs it: its accounting on a corpus whose answers we know.
+#include <gtest/gtest.h>
+
+#include <random>
+
+#include "testutil.h"
+
+namespace cortex {
+namespace {
+
+using test::json;
+using test::TempDir;
+
+// Each label has its own words, so a learner can reach near-perfect accuracy, and the
+// majority label's share of the last 20% is known exactly.
+std::string Corpus(int rows, int* fix_last20) {
+  const std::vector<std::pair<std::string, std::string>> kinds = {
+      {"fix", "crash null pointer wrong value"},
+      {"docs", "readme guide typo wording"},
+      {"perf", "faster allocation cache speed"}};
+  std::mt19937 rng(4);
+  std::string s = "id\tunix_time\ttype\tscope\ttext\n";
+  *fix_last20 = 0;
+  for (int i = 0; i < rows; ++i) {
+    // 60% fix, 20% docs, 20% perf.
+    int k = (rng() % 10) < 6 ? 0 : 1 + static_cast<int>(rng() % 2);
+    std::string words = kinds[k].second;
+    std::string text;
+    for (int w = 0; w < 4; ++w) {
+      size_t a = 0, n = rng() % 4;
+      for (size_t j = 0; j < n; ++j) a = words.find(' ', a) + 1;
+      text += words.substr(a, words.find(' ', a) - a) + " ";
+    }
+    text += "module" + std::to_string(rng() % 50);
+    s += "abc" + std::to_string(i) + "\t" + std::to_string(1600000000 + i * 3600) + "\t" +
+         kinds[k].first + "\tcore\t" + text + "\n";
+    if (i >= rows - rows / 5) *fix_last20 += k == 0;
+    if (i % 50 == 0) s += "zz" + std::to_string(i) + "\t1600000000\tstyle\t\tformat code\n";
+  }
+  return s;
+}
+
+TEST(Replay, ReportsOnlinePolicyAndBaselinesOnAKnownCorpus) {
+  TempDir dir;
+  int fix_last20;
+  const std::string corpus = dir / "c.tsv";
+  test::WriteFile(corpus, Corpus(1000, &fix_last20));
+  const std::string out = dir / "r.json";
+  test::Run r = test::RunCmd(
+      {test::BinDir() + "/cortex-bench", "replay", "--corpus", corpus, "--json", out}, 120);
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_NE(r.out.find("online success"), std::string::npos) << r.out;
+  json j = json::parse(test::ReadFile(out));
+  EXPECT_EQ(j["rows"], 1000);  // style rows are dropped
+  EXPECT_DOUBLE_EQ(j["baselines"]["majority_last20"].get<double>(), fix_last20 / 200.0);
+  EXPECT_EQ(j["baselines"]["majority_expert"], "bugfix");
+  for (const char* k : {"prior_last20", "full_info_last20"}) {
+    double v = j["baselines"][k].get<double>();
+    EXPECT_GE(v, 0);
+    EXPECT_LE(v, 1);
+  }
+  // Separable labels: the ceiling and the learned policy are both near perfect, and the
+  // online figure (exploration included) is well above the majority.
+  EXPECT_GT(j["baselines"]["full_info_last20"].get<double>(), 0.95);
+  EXPECT_GT(j["policy_last20"].get<double>(), 0.95);
+  EXPECT_GT(j["online_success"].get<double>(), 0.8);
+  EXPECT_LT(j["online_success"].get<double>(), 1.0);  // exploration costs something
+  EXPECT_GE(j["retrains"].get<int>(), 1);
+  EXPECT_EQ(j["online_success_by_decile"].size(), 10u);
+}
+
+TEST(Replay, LateExpertIsCountedFromItsArrival) {
+  TempDir dir;
+  int unused;
+  const std::string corpus = dir / "c.tsv";
+  test::WriteFile(corpus, Corpus(1000, &unused));
+  const std::string out = dir / "r.json";
+  test::Run r = test::RunCmd({test::BinDir() + "/cortex-bench", "replay", "--corpus", corpus,
+                              "--late-expert", "docs", "--at", "0.4", "--json", out},
+                             120);
+  ASSERT_EQ(r.code, 0) << r.err;
+  json j = json::parse(test::ReadFile(out));
+  EXPECT_EQ(j["late_expert"]["name"], "docs");
+  EXPECT_EQ(j["late_expert"]["introduced_at_task"], 400);
+  EXPECT_GT(j["late_expert"]["final_share"].get<double>(), 0.1);
+  const long n = j["late_expert"]["tasks_to_80pct"].get<long>();
+  EXPECT_GE(n, 100);  // the rolling window's length is the least it can report
+  EXPECT_LE(n, 500);
+
+  r = test::RunCmd({test::BinDir() + "/cortex-bench", "replay", "--corpus", corpus,
+                    "--late-expert", "nobody"});
+  EXPECT_EQ(r.code, 2);
+  EXPECT_NE(r.err.find("not one of the simulated experts"), std::string::npos) << r.err;
+  test::WriteFile(dir / "bad.tsv", "id\tunix_time\ttype\tscope\ttext\nabc\t1\tfix\n");
+  r = test::RunCmd({test::BinDir() + "/cortex-bench", "replay", "--corpus", dir / "bad.tsv"});
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find("bad.tsv:2: expected 5 columns"), std::string::npos) << r.err;
+}
+
+}  // namespace
+}  // namespace cortex
