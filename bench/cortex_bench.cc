@@ -30,7 +30,6 @@ double Percentile(std::vector<double> v, double p) {
   return v[std::min(i, v.size() - 1)];
 }
 
-
 int Throughput(const std::string& socket, int clients, int tasks, const std::string& text,
                const std::string& json_out) {
   std::atomic<int> next{0}, ok{0}, failed{0}, errors{0};
@@ -111,7 +110,8 @@ int main(int argc, char** argv) {
   tr->add_option("--json", so.json_out, "write the figures to this file");
   cortex::bench::ReplayOptions ro;
   auto* rp = app.add_subcommand("replay", "learning quality on a real task stream");
-  rp->add_option("--corpus", ro.corpus, "TSV corpus (id, unix_time, type, scope, text)")->required();
+  rp->add_option("--corpus", ro.corpus, "TSV corpus (id, unix_time, type, scope, text)")
+      ->required();
   rp->add_option("--late-expert", ro.late_expert, "withhold this expert until --at");
   rp->add_option("--at", ro.late_at, "fraction of the stream at which the late expert appears")
       ->check(CLI::Range(0.0, 0.79));
@@ -125,8 +125,8 @@ int main(int argc, char** argv) {
   rp->add_option("--online-lr", ro.learner.online.lr);
   rp->add_option("--online-lr-wide", ro.learner.online.lr_wide);
   rp->add_option("--online-replay", ro.learner.online_replay);
-  rp->add_flag("--no-online", [&](int64_t) { ro.learner.online_updates = false; },
-               "learn only at retrains");
+  rp->add_flag(
+      "--no-online", [&](int64_t) { ro.learner.online_updates = false; }, "learn only at retrains");
   rp->add_flag("-v,--verbose", ro.verbose, "print each retrain");
   rp->add_option("--json", ro.json_out, "write the figures to this file");
   try {

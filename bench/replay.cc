@@ -25,8 +25,8 @@ struct Row {
 // The corpus README's mapping; style and revert are dropped.
 const std::map<std::string, std::string>& LabelMap() {
   static const std::map<std::string, std::string> k = {
-      {"fix", "bugfix"},     {"feat", "feature"},    {"docs", "docs"},
-      {"build", "cicd"},     {"ci", "cicd"},         {"test", "testing"},
+      {"fix", "bugfix"},       {"feat", "feature"},      {"docs", "docs"},
+      {"build", "cicd"},       {"ci", "cicd"},           {"test", "testing"},
       {"perf", "performance"}, {"refactor", "refactor"}, {"chore", "maintenance"}};
   return k;
 }
@@ -35,28 +35,36 @@ const std::map<std::string, std::string>& LabelMap() {
 // plugin author would put in its manifest.
 std::vector<ManifestText> SimulatedExperts() {
   return {
-      {"bugfix", "Diagnoses and fixes bugs: errors, crashes, regressions, wrong behaviour",
+      {"bugfix",
+       "Diagnoses and fixes bugs: errors, crashes, regressions, wrong behaviour",
        {"fix", "bug", "error", "crash", "regression", "broken", "incorrect", "fails"},
        {"fix crash when the config file is missing", "handle null values correctly"}},
-      {"feature", "Implements new features, options and capabilities",
+      {"feature",
+       "Implements new features, options and capabilities",
        {"feature", "add", "support", "new", "implement", "introduce", "allow", "option"},
        {"add support for custom themes", "allow users to configure the timeout"}},
-      {"docs", "Writes and corrects documentation, guides, comments and changelogs",
+      {"docs",
+       "Writes and corrects documentation, guides, comments and changelogs",
        {"docs", "documentation", "readme", "guide", "typo", "comment", "changelog", "example"},
        {"document the new option in the readme", "fix typo in the guide"}},
-      {"cicd", "Build system, packaging, dependencies, release and CI pipelines",
+      {"cicd",
+       "Build system, packaging, dependencies, release and CI pipelines",
        {"build", "ci", "pipeline", "workflow", "release", "package", "dependency", "bump"},
        {"bump dependency versions", "run the test workflow on pull requests"}},
-      {"testing", "Writes and repairs automated tests",
+      {"testing",
+       "Writes and repairs automated tests",
        {"test", "tests", "spec", "coverage", "unit", "e2e", "flaky", "mock"},
        {"add unit tests for the parser", "fix flaky e2e test"}},
-      {"performance", "Makes code faster or leaner",
+      {"performance",
+       "Makes code faster or leaner",
        {"performance", "perf", "faster", "speed", "optimize", "memory", "cache", "slow"},
        {"avoid repeated allocations in the hot loop", "cache computed results"}},
-      {"refactor", "Restructures code without changing behaviour",
+      {"refactor",
+       "Restructures code without changing behaviour",
        {"refactor", "cleanup", "simplify", "rename", "restructure", "move", "extract", "reuse"},
        {"extract helper into its own module", "simplify the resolver logic"}},
-      {"maintenance", "Routine upkeep: chores, tooling, configuration and housekeeping",
+      {"maintenance",
+       "Routine upkeep: chores, tooling, configuration and housekeeping",
        {"chore", "maintenance", "update", "upgrade", "lint", "format", "tooling", "config"},
        {"update lint configuration", "remove unused files"}},
   };
@@ -96,8 +104,8 @@ struct Policy {
 
 Policy MakePolicy(const Config& cfg, const LearnerOptions& lo, uint64_t seed) {
   Policy p;
-  p.learner = std::make_shared<Learner>(lo, FeatureHasher(lo.shape.bits), MakeCpuEngine(),
-                                        MakeCpuEngine());
+  p.learner =
+      std::make_shared<Learner>(lo, FeatureHasher(lo.shape.bits), MakeCpuEngine(), MakeCpuEngine());
   RouterOptions ro;
   ro.exploration = cfg.router.exploration;
   ro.load_bias = cfg.router.load_bias;
@@ -202,7 +210,8 @@ int Replay(const ReplayOptions& opt) {
     std::string greedy;
     double best = -1e300;
     for (const auto& c : d.candidates)
-      if (c.score > best || (c.score == best && c.expert < greedy)) best = c.score, greedy = c.expert;
+      if (c.score > best || (c.score == best && c.expert < greedy))
+        best = c.score, greedy = c.expert;
     o.greedy = greedy;
     live.learner->Observe(o);
     history.push_back(std::move(o));
@@ -289,17 +298,19 @@ int Replay(const ReplayOptions& opt) {
                       {"live_version", live.learner->live_version()},
                       {"train_seconds", train_seconds},
                       {"exploration", cfg.router.exploration},
-                      {"training", {{"interval_s", cfg.training.interval_s},
-                                    {"min_new_outcomes", cfg.training.min_new_outcomes}}}};
-  std::printf("replay %s: %zu tasks, %ld retrains (%ld promoted, live v%d)\n",
-              opt.corpus.c_str(), N, retrains, promotions, live.learner->live_version());
+                      {"training",
+                       {{"interval_s", cfg.training.interval_s},
+                        {"min_new_outcomes", cfg.training.min_new_outcomes}}}};
+  std::printf("replay %s: %zu tasks, %ld retrains (%ld promoted, live v%d)\n", opt.corpus.c_str(),
+              N, retrains, promotions, live.learner->live_version());
   std::printf("  online success (exploration included): %.3f\n", online);
   std::printf("  by tenth of the stream:");
   for (double d : deciles) std::printf(" %.3f", d);
   std::printf("\n");
   std::printf("  final greedy policy, last 20%%:        %.3f\n", policy20);
-  std::printf("  baselines, last 20%%: majority (%s) %.3f, rules+prior %.3f, full-information %.3f\n",
-              majority.c_str(), majority20, prior20, full20);
+  std::printf(
+      "  baselines, last 20%%: majority (%s) %.3f, rules+prior %.3f, full-information %.3f\n",
+      majority.c_str(), majority20, prior20, full20);
   if (!opt.late_expert.empty()) {
     double final_share = 0;
     for (size_t i = split80; i < N; ++i) final_share += to_late[i];
@@ -314,15 +325,13 @@ int Replay(const ReplayOptions& opt) {
         break;
       }
     }
-    j["late_expert"] = {{"name", opt.late_expert},
-                        {"at", opt.late_at},
-                        {"introduced_at_task", late_at},
-                        {"final_share", final_share},
-                        {"window", W},
-                        {"tasks_to_80pct", tasks_to}};
-    std::printf("  late expert %s from task %zu: final share %.3f, 80%% of it reached after %ld tasks"
-                " (rolling window of %zu)\n",
-                opt.late_expert.c_str(), late_at, final_share, tasks_to, W);
+    j["late_expert"] = {
+        {"name", opt.late_expert},    {"at", opt.late_at}, {"introduced_at_task", late_at},
+        {"final_share", final_share}, {"window", W},       {"tasks_to_80pct", tasks_to}};
+    std::printf(
+        "  late expert %s from task %zu: final share %.3f, 80%% of it reached after %ld tasks"
+        " (rolling window of %zu)\n",
+        opt.late_expert.c_str(), late_at, final_share, tasks_to, W);
   }
   WriteJson(opt.json_out, j);
   return 0;

@@ -20,7 +20,8 @@ double Seconds(Clock::time_point t0) {
 double Percentile(std::vector<double> v, double p) {
   if (v.empty()) return 0;
   std::sort(v.begin(), v.end());
-  return v[std::min(v.size() - 1, static_cast<size_t>(p * static_cast<double>(v.size() - 1) + 0.5))];
+  return v[std::min(v.size() - 1,
+                    static_cast<size_t>(p * static_cast<double>(v.size() - 1) + 0.5))];
 }
 
 // Task-like sentences from a small vocabulary (the figures do not depend on meaning).
@@ -28,12 +29,11 @@ class Sentences {
  public:
   explicit Sentences(uint32_t seed) : rng_(seed) {}
   std::string Make(int n) {
-    static const char* words[] = {"fix",      "login",   "bug",     "add",      "feature",
-                                  "docs",     "update",  "build",   "release",  "refactor",
-                                  "parser",   "test",    "flaky",   "perf",     "cache",
-                                  "security", "token",   "deps",    "bump",     "ci",
-                                  "pipeline", "render",  "compiler", "hydration", "types",
-                                  "ssr",      "runtime", "reactive", "template", "warning"};
+    static const char* words[] = {
+        "fix",     "login",    "bug",     "add",      "feature",  "docs",   "update",   "build",
+        "release", "refactor", "parser",  "test",     "flaky",    "perf",   "cache",    "security",
+        "token",   "deps",     "bump",    "ci",       "pipeline", "render", "compiler", "hydration",
+        "types",   "ssr",      "runtime", "reactive", "template", "warning"};
     std::string s;
     for (int i = 0; i < n; ++i) s += std::string(i ? " " : "") + words[rng_() % 30];
     return s;
@@ -52,9 +52,11 @@ std::vector<ExpertSlot> MakeExperts(int n, const FeatureHasher& h, Sentences* s)
   std::vector<ExpertSlot> slots;
   for (int e = 0; e < n; ++e) {
     const std::string name = "expert" + std::to_string(e);
-    slots.push_back({{name, h.Manifest({name, s->Make(12), {s->Make(1), s->Make(1), s->Make(2)},
-                                        {s->Make(6), s->Make(6)}})},
-                     0.0});
+    slots.push_back(
+        {{name,
+          h.Manifest(
+              {name, s->Make(12), {s->Make(1), s->Make(1), s->Make(2)}, {s->Make(6), s->Make(6)}})},
+         0.0});
   }
   return slots;
 }
@@ -123,11 +125,12 @@ int Score(const SpeedOptions& opt) {
     t0 = Clock::now();
     for (int r = 0; r < rounds; ++r) (void)learner->Score(feats, profiles, &scores, &version);
     const double model_rate = static_cast<double>(batch) * rounds / Seconds(t0);
-    rows.push_back({{"batch", batch}, {"route_tasks_per_s", route_rate},
-                    {"model_tasks_per_s", model_rate}});
-    std::printf("score (%s): %d experts, batch %6d: %10.0f tasks/s end to end, %10.0f tasks/s "
-                "model only\n",
-                backend.c_str(), opt.experts, batch, route_rate, model_rate);
+    rows.push_back(
+        {{"batch", batch}, {"route_tasks_per_s", route_rate}, {"model_tasks_per_s", model_rate}});
+    std::printf(
+        "score (%s): %d experts, batch %6d: %10.0f tasks/s end to end, %10.0f tasks/s "
+        "model only\n",
+        backend.c_str(), opt.experts, batch, route_rate, model_rate);
   }
   // Single decisions, one task at a time, as a live daemon with one client sees them.
   std::vector<double> single;
@@ -152,9 +155,10 @@ int Score(const SpeedOptions& opt) {
                    {"ours_gbytes_per_s", g->ours_gbytes},
                    {"peak_sgemm_gflops", g->peak_gflops},
                    {"shape", g->shape}};
-      std::printf("gemm: ours %s %.0f GFLOP/s (%.0f GB/s); cuBLAS SGEMM 8192^3 on this card %.0f "
-                  "GFLOP/s\n",
-                  g->shape.c_str(), g->ours_gflops, g->ours_gbytes, g->peak_gflops);
+      std::printf(
+          "gemm: ours %s %.0f GFLOP/s (%.0f GB/s); cuBLAS SGEMM 8192^3 on this card %.0f "
+          "GFLOP/s\n",
+          g->shape.c_str(), g->ours_gflops, g->ours_gbytes, g->peak_gflops);
     }
   }
   WriteJson(opt.json_out, j);

@@ -49,6 +49,10 @@ say "cortexctl show (the newest task)"
 ctl show "$(ctl history --limit 1 --json | sed -n 's/.*"id": "\([0-9a-f]*\)".*/\1/p' | head -n1)"
 say "cortexctl route (dry run)"
 ctl route "fix XSS injection in the template compiler"
+say "cortexctl retrain --wait (a candidate from the outcomes so far, validated off-policy)"
+ctl retrain --wait
+say "cortexctl models"
+ctl models
 say "cortexctl confidence"
 ctl confidence
 say "cortexctl status"

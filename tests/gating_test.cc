@@ -10,8 +10,8 @@
 namespace cortex {
 namespace {
 
-const char* kWords[] = {"fix",     "login", "bug",    "docs",  "readme", "typo",   "faster",
-                        "cache",   "slow",  "add",    "new",   "option", "test",   "flaky",
+const char* kWords[] = {"fix",     "login", "bug",    "docs",  "readme", "typo",  "faster",
+                        "cache",   "slow",  "add",    "new",   "option", "test",  "flaky",
                         "release", "build", "deploy", "token", "parser", "render"};
 
 // Three experts; each succeeds on tasks containing its own word ("bug", "docs", "faster").
@@ -52,6 +52,14 @@ std::vector<LoggedOutcome> Logged(World* w, int n) {
     out.push_back(o);
   }
   return out;
+}
+
+// 3000 logged outcomes as a training set, in the small shape.
+TrainSet BanditSet(World* w, LearnerOptions* lo) {
+  std::vector<LoggedOutcome> logged = Logged(w, 3000);
+  lo->shape = SmallShape();
+  Learner learner(*lo, FeatureHasher(lo->shape.bits), MakeCpuEngine(), MakeCpuEngine());
+  return learner.MakeTrainSet(logged, 0, logged.size());
 }
 
 double GreedyAccuracy(GatingEngine* engine, const GatingModel& m, World* w, int n) {
@@ -109,11 +117,8 @@ TEST(GatingTest, UnseenExpertIsScoredByTheCalibratedPrior) {
 
 TEST(GatingTest, CpuTrainingLearnsFromBanditFeedbackDeterministically) {
   World w;
-  std::vector<LoggedOutcome> logged = Logged(&w, 3000);
   LearnerOptions lo;
-  lo.shape = SmallShape();
-  Learner learner(lo, FeatureHasher(lo.shape.bits), MakeCpuEngine(), MakeCpuEngine());
-  TrainSet set = learner.MakeTrainSet(logged, 0, logged.size());
+  TrainSet set = BanditSet(&w, &lo);
   EXPECT_EQ(set.rows.size(), 3000u);
   EXPECT_FLOAT_EQ(set.rows[0].weight, 2.0f);  // 1/propensity = 3, clipped at ips_clip 2
   auto cpu = MakeCpuEngine();
@@ -165,8 +170,8 @@ TEST(GatingTest, RetrainPromotesABetterCandidateAndRefusesAWorseOne) {
 TEST(GatingTest, OnlineStepsMoveTheLiveModelAndRecordTheVersion) {
   LearnerOptions lo;
   lo.shape = SmallShape();
-  auto learner = std::make_shared<Learner>(lo, FeatureHasher(lo.shape.bits), MakeCpuEngine(),
-                                           MakeCpuEngine());
+  auto learner =
+      std::make_shared<Learner>(lo, FeatureHasher(lo.shape.bits), MakeCpuEngine(), MakeCpuEngine());
   Router router(RouterOptions{0, 0, 1}, RuleSet(), MakeGatingScorer(learner),
                 FeatureHasher(lo.shape.bits));
   FeatureHasher h(lo.shape.bits);
@@ -250,11 +255,8 @@ TEST_F(CudaTest, ScoresMatchTheCpuWithin1e4AndPickTheSameExpert) {
 
 TEST_F(CudaTest, TrainingIsDeterministicAndAgreesWithTheCpu) {
   World w;
-  std::vector<LoggedOutcome> logged = Logged(&w, 3000);
   LearnerOptions lo;
-  lo.shape = SmallShape();
-  Learner learner(lo, FeatureHasher(lo.shape.bits), MakeCpuEngine(), MakeCpuEngine());
-  TrainSet set = learner.MakeTrainSet(logged, 0, logged.size());
+  TrainSet set = BanditSet(&w, &lo);
   GatingModel g1(lo.shape), g2(lo.shape), c(lo.shape);
   ASSERT_TRUE(cuda_->Train(&g1, set, lo.train).ok());
   ASSERT_TRUE(cuda_->Train(&g2, set, lo.train).ok());

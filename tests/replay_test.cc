@@ -87,8 +87,8 @@ TEST(Replay, LateExpertIsCountedFromItsArrival) {
   EXPECT_GE(n, 100);  // the rolling window's length is the least it can report
   EXPECT_LE(n, 500);
 
-  r = test::RunCmd({test::BinDir() + "/cortex-bench", "replay", "--corpus", corpus,
-                    "--late-expert", "nobody"});
+  r = test::RunCmd(
+      {test::BinDir() + "/cortex-bench", "replay", "--corpus", corpus, "--late-expert", "nobody"});
   EXPECT_EQ(r.code, 2);
   EXPECT_NE(r.err.find("not one of the simulated experts"), std::string::npos) << r.err;
   test::WriteFile(dir / "bad.tsv", "id\tunix_time\ttype\tscope\ttext\nabc\t1\tfix\n");

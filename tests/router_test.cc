@@ -141,7 +141,7 @@ TEST(RouterTest, ExplorationRateAndPropensitiesAreConsistent) {
     ++counts[d[0].chosen];
     explored += d[0].explored;
     auto [it, fresh] = propensity.emplace(d[0].chosen, d[0].propensity);
-    ASSERT_DOUBLE_EQ(it->second, d[0].propensity);  // same scores, same propensity
+    ASSERT_DOUBLE_EQ(it->second, d[0].propensity);      // same scores, same propensity
     ASSERT_EQ(d[0].candidates[0].expert, d[0].chosen);  // the chosen one is tried first
     ASSERT_EQ(d[0].greedy, "a");
   }
@@ -151,7 +151,7 @@ TEST(RouterTest, ExplorationRateAndPropensitiesAreConsistent) {
   for (const auto& [e, p] : propensity) {
     total += p;
     EXPECT_NEAR(counts[e] / double(n), p, 0.01) << e;  // logged propensities are the truth
-    EXPECT_GE(p, eps * 0.1 / 4) << e;                   // the uniform floor
+    EXPECT_GE(p, eps * 0.1 / 4) << e;                  // the uniform floor
   }
   EXPECT_NEAR(total, 1.0, 1e-9);
   EXPECT_GT(propensity["a"], 1 - eps);

@@ -226,10 +226,13 @@ TEST_P(StoreTest, LoggedOutcomesFeedTrainingWithFeedbackOverriding) {
   ASSERT_TRUE(store_->StartAttempt("t2", 1, "other", 2).ok());  // unfinished: not training data
 
   std::vector<LoggedOutcome> out;
-  ASSERT_TRUE(store_->ForEachOutcome(0, [&](const LoggedOutcome& o) {
-    out.push_back(o);
-    return true;
-  }).ok());
+  ASSERT_TRUE(store_
+                  ->ForEachOutcome(0,
+                                   [&](const LoggedOutcome& o) {
+                                     out.push_back(o);
+                                     return true;
+                                   })
+                  .ok());
   ASSERT_EQ(out.size(), 2u);
   EXPECT_EQ(out[0].expert, "security");
   EXPECT_EQ(out[0].attempt, 1);
@@ -244,10 +247,13 @@ TEST_P(StoreTest, LoggedOutcomesFeedTrainingWithFeedbackOverriding) {
   EXPECT_DOUBLE_EQ(out[1].propensity, 1.0);  // a fallback was not drawn
   EXPECT_LT(out[0].seq, out[1].seq);
   std::vector<LoggedOutcome> after;
-  ASSERT_TRUE(store_->ForEachOutcome(out[0].seq, [&](const LoggedOutcome& o) {
-    after.push_back(o);
-    return true;
-  }).ok());
+  ASSERT_TRUE(store_
+                  ->ForEachOutcome(out[0].seq,
+                                   [&](const LoggedOutcome& o) {
+                                     after.push_back(o);
+                                     return true;
+                                   })
+                  .ok());
   ASSERT_EQ(after.size(), 1u);
   EXPECT_EQ(after[0].seq, out[1].seq);
 }

@@ -1,7 +1,7 @@
 // cortexctl [--socket PATH] [--json] COMMAND ...
 // Exit codes: 0 ok, 1 the request failed, 2 usage error, 3 daemon unreachable.
-#include <CLI/CLI.hpp>
 #include <fmt/format.h>
+#include <CLI/CLI.hpp>
 #include <cmath>
 #include <cstdio>
 #include <ctime>
@@ -319,15 +319,9 @@ int main(int argc, char** argv) {
   json_flag(retrain);
   auto* models = app.add_subcommand("models", "model versions with their metrics");
   json_flag(models);
-  int rollback_version = -1;
+  std::string rollback_arg;
   auto* rollback = models->add_subcommand("rollback", "make an older model version live again");
-  rollback->add_option("VERSION", rollback_version, "version number (e.g. 3 or v3)")
-      ->required()
-      ->transform([](std::string v) {
-        if (!v.empty() && v.front() == 'v') v.erase(0, 1);
-        return v;
-      })
-      ->check(CLI::NonNegativeNumber);
+  rollback->add_option("VERSION", rollback_arg, "version number (e.g. 3 or v3)")->required();
   json_flag(rollback);
   // export
   std::string format = "jsonl";
@@ -558,6 +552,15 @@ int main(int argc, char** argv) {
     return kOk;
   }
   if (rollback->parsed()) {
+    const std::string digits =
+        rollback_arg.rfind('v', 0) == 0 ? rollback_arg.substr(1) : rollback_arg;
+    if (digits.empty() || digits.size() > 9 ||
+        digits.find_first_not_of("0123456789") != std::string::npos) {
+      std::fprintf(stderr, "cortexctl: '%s' is not a model version (use 3 or v3)\n",
+                   rollback_arg.c_str());
+      return kUsage;
+    }
+    const int rollback_version = std::stoi(digits);
     if ((rc = Call(ctx, {{"op", "rollback"}, {"version", rollback_version}}, &result)) != kOk)
       return rc;
     if (ctx.json_out) return PrintJson(result), kOk;
@@ -576,14 +579,15 @@ int main(int argc, char** argv) {
         if (!x.contains(k)) return std::string("-");
         return fmt::format("{:.3f}±{:.3f}", x[k].value("value", 0.0), x[k].value("ci", 0.0));
       };
-      std::printf("%-4s %-5s %-9s %-20s %7s %7s %-15s %-15s %s\n", m.value("live", false) ? "*" : "",
-                  Str(m, "name").c_str(), Str(m, "status").c_str(), Str(m, "created", "-").c_str(),
-                  x.contains("train_rows") ? std::to_string(x.value("train_rows", 0L)).c_str() : "-",
-                  x.contains("holdout_rows") ? std::to_string(x.value("holdout_rows", 0L)).c_str()
-                                             : "-",
-                  est("candidate").c_str(), est("live").c_str(), est("diff").c_str());
+      std::printf(
+          "%-4s %-5s %-9s %-20s %7s %7s %-15s %-15s %s\n", m.value("live", false) ? "*" : "",
+          Str(m, "name").c_str(), Str(m, "status").c_str(), Str(m, "created", "-").c_str(),
+          x.contains("train_rows") ? std::to_string(x.value("train_rows", 0L)).c_str() : "-",
+          x.contains("holdout_rows") ? std::to_string(x.value("holdout_rows", 0L)).c_str() : "-",
+          est("candidate").c_str(), est("live").c_str(), est("diff").c_str());
     }
-    std::printf("(* live; estimates are doubly robust on held-out logged decisions, 95%% interval)\n");
+    std::printf(
+        "(* live; estimates are doubly robust on held-out logged decisions, 95%% interval)\n");
     return kOk;
   }
   if (status->parsed()) {
@@ -596,12 +600,12 @@ int main(int argc, char** argv) {
                 Str(result, "model_version").c_str());
     const json tr = result.value("training", json::object());
     const json last = tr.value("last_retrain", json());
-    std::printf("  training:  %ld new outcomes since the last retrain (every %.0fs once %d are new)%s\n",
-                tr.value("new_outcomes", 0L), tr.value("interval_s", 0.0),
-                tr.value("min_new_outcomes", 0),
-                last.is_object() && last.contains("name")
-                    ? fmt::format("; last: {} {}", Str(last, "name"), Str(last, "status")).c_str()
-                    : "");
+    std::printf(
+        "  training:  %ld new outcomes since the last retrain (every %.0fs once %d are new)%s\n",
+        tr.value("new_outcomes", 0L), tr.value("interval_s", 0.0), tr.value("min_new_outcomes", 0),
+        last.is_object() && last.contains("name")
+            ? fmt::format("; last: {} {}", Str(last, "name"), Str(last, "status")).c_str()
+            : "");
     std::printf("  queue:     %d waiting, %d running on %d workers\n",
                 result.value("queue_depth", 0), result.value("inflight", 0),
                 result.value("workers", 0));

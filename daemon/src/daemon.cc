@@ -312,9 +312,9 @@ class DaemonImpl : public Daemon, public RequestHandler {
     lo.shape.seed = config_.router.seed ? config_.router.seed : 1;
     lo.online_updates = config_.training.online;
     lo.train.epochs = config_.training.epochs;
-    learner_ = std::make_shared<Learner>(lo, FeatureHasher(lo.shape.bits),
-                                         std::move(score_engine).value(),
-                                         std::move(train_engine).value());
+    learner_ =
+        std::make_shared<Learner>(lo, FeatureHasher(lo.shape.bits), std::move(score_engine).value(),
+                                  std::move(train_engine).value());
     CORTEX_RETURN_IF_ERROR(LoadLiveModel());
     schedule_ = RetrainSchedule(config_.training.interval_s, config_.training.min_new_outcomes);
     router_ = std::make_shared<Router>(RouterOptionsFrom(config_.router), std::move(rules).value(),
@@ -708,10 +708,11 @@ class DaemonImpl : public Daemon, public RequestHandler {
       learner_->Install(std::move(res->model), version, rec.trained_through,
                         OutcomesAfter(rec.trained_through));
     }
-    LogInfo("retrain v{}: {} ({} train, {} held out; candidate {:.3f}, live {:.3f}, diff {:+.3f} "
-            "± {:.3f})",
-            version, res->promoted ? "promoted" : "refused", res->train_rows, res->holdout_rows,
-            res->candidate.value, res->live.value, res->diff.value, res->diff.ci);
+    LogInfo(
+        "retrain v{}: {} ({} train, {} held out; candidate {:.3f}, live {:.3f}, diff {:+.3f} "
+        "± {:.3f})",
+        version, res->promoted ? "promoted" : "refused", res->train_rows, res->holdout_rows,
+        res->candidate.value, res->live.value, res->diff.value, res->diff.ci);
     *summary = ModelJson(rec);
     (*summary)["live"] = res->promoted;
     return Status::OK();
@@ -719,14 +720,15 @@ class DaemonImpl : public Daemon, public RequestHandler {
 
   static json ModelJson(const ModelRecord& m) {
     json metrics = json::parse(m.metrics, nullptr, false);
-    return {{"version", m.version},
-            {"name", Learner::VersionName(m.version)},
-            {"created", wire::IsoTime(m.created)},
-            {"status", m.status},
-            {"live", m.live},
-            {"trained_through", m.trained_through},
-            {"weights_bytes", m.weights_bytes ? m.weights_bytes : static_cast<long>(m.weights.size())},
-            {"metrics", metrics.is_discarded() ? json::object() : metrics}};
+    return {
+        {"version", m.version},
+        {"name", Learner::VersionName(m.version)},
+        {"created", wire::IsoTime(m.created)},
+        {"status", m.status},
+        {"live", m.live},
+        {"trained_through", m.trained_through},
+        {"weights_bytes", m.weights_bytes ? m.weights_bytes : static_cast<long>(m.weights.size())},
+        {"metrics", metrics.is_discarded() ? json::object() : metrics}};
   }
 
   Status Retrain(bool wait, const std::function<bool(const std::string&)>& progress,
@@ -744,7 +746,8 @@ class DaemonImpl : public Daemon, public RequestHandler {
     std::string last;
     std::unique_lock<std::mutex> l(train_mu_);
     while (requests_served_ < ticket) {
-      if (stop_.load()) return Status::Unavailable("cortexd is stopping; the retrain did not finish");
+      if (stop_.load())
+        return Status::Unavailable("cortexd is stopping; the retrain did not finish");
       if (retrain_progress_ != last && !retrain_progress_.empty()) {
         last = retrain_progress_;
         l.unlock();
@@ -825,9 +828,9 @@ class DaemonImpl : public Daemon, public RequestHandler {
   std::mutex train_mu_;  // guards the fields below
   std::condition_variable train_cv_;
   RetrainSchedule schedule_{600, 200};
-  long new_outcomes_ = 0;       // since the last retrain
-  long retrain_requests_ = 0;   // asked for by `cortexctl retrain`
-  long requests_served_ = 0;    // requests made before a retrain that has since finished
+  long new_outcomes_ = 0;      // since the last retrain
+  long retrain_requests_ = 0;  // asked for by `cortexctl retrain`
+  long requests_served_ = 0;   // requests made before a retrain that has since finished
   std::string retrain_progress_;
   json last_retrain_;
 

@@ -110,9 +110,9 @@ Status ParseTags(const Request& r, const DaemonConfig& lim, Tags* tags) {
   return Status::OK();
 }
 
-const char* const kOps[] = {"submit",   "route",  "show",   "history", "experts",
-                            "events",   "confidence", "feedback", "reload", "status",
-                            "export",   "retrain", "models",   "rollback"};
+const char* const kOps[] = {"submit", "route",      "show",     "history", "experts",
+                            "events", "confidence", "feedback", "reload",  "status",
+                            "export", "retrain",    "models",   "rollback"};
 
 }  // namespace
 
@@ -269,8 +269,9 @@ json Server::HandleLine(const std::string& line,
   } catch (const json::parse_error& e) {
     std::string what = e.what();  // "[json.exception.parse_error.101] parse error at ...: why"
     size_t colon = what.find(": ");
-    return wire::Error(Bad(fmt::format("malformed JSON at byte {}: {}", e.byte,
-                                       colon == std::string::npos ? what : what.substr(colon + 2))));
+    return wire::Error(
+        Bad(fmt::format("malformed JSON at byte {}: {}", e.byte,
+                        colon == std::string::npos ? what : what.substr(colon + 2))));
   }
   if (!req.is_object()) return wire::Error(Bad("a request must be a JSON object with an \"op\""));
   if (!req.contains("op") || !req["op"].is_string())
@@ -447,7 +448,9 @@ json Server::Dispatch(const json& j, const std::function<bool(const std::string&
     json result;
     CHECK(h_->Retrain(
         wait,
-        [&](const std::string& msg) { return write_line(json{{"row", {{"progress", msg}}}}.dump()); },
+        [&](const std::string& msg) {
+          return write_line(json{{"row", {{"progress", msg}}}}.dump());
+        },
         &result));
     return wire::Ok(result);
   }

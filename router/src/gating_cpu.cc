@@ -56,6 +56,20 @@ StepPlan MakeStepPlan(const GatingModel& m, const TrainSet& data, const std::vec
   return p;
 }
 
+HeadMatrix Heads(const GatingModel& m, const std::vector<std::string>& experts) {
+  const size_t E = experts.size(), H = static_cast<size_t>(m.hidden());
+  HeadMatrix hm{std::vector<float>(E * H, 0.0f), std::vector<float>(E, 0.0f),
+                std::vector<uint64_t>(E)};
+  for (size_t e = 0; e < E; ++e) {
+    hm.keys[e] = GatingModel::ExpertKey(experts[e]);
+    if (const ExpertHead* h = m.Head(experts[e])) {
+      std::copy(h->w.begin(), h->w.end(), hm.U.begin() + e * H);
+      hm.bias[e] = h->bias;
+    }
+  }
+  return hm;
+}
+
 }  // namespace internal
 
 namespace {
@@ -80,7 +94,8 @@ inline void Adagrad(float* theta, float* acc, float g, float lr) {
 // Splits [0, n) over up to two threads when the batch is large enough to pay for it.
 template <typename Fn>
 void ParallelRows(int n, Fn fn) {
-  const int threads = n >= 256 ? std::min(2u, std::max(1u, std::thread::hardware_concurrency())) : 1;
+  const int threads =
+      n >= 256 ? std::min(2u, std::max(1u, std::thread::hardware_concurrency())) : 1;
   if (threads == 1) return fn(0, n);
   std::thread t([&] { fn(n / 2, n); });
   fn(0, n / 2);
@@ -100,15 +115,9 @@ class CpuEngine : public GatingEngine {
     const uint32_t mask = static_cast<uint32_t>(m.rows() - 1);
     out->assign(static_cast<size_t>(B) * E, 0.0f);
     if (B == 0 || E == 0) return Status::OK();
-    std::vector<float> U(static_cast<size_t>(E) * H, 0.0f), bias(E, 0.0f);
-    std::vector<uint64_t> keys(E);
-    for (int e = 0; e < E; ++e) {
-      keys[e] = GatingModel::ExpertKey(experts[e]);
-      if (const ExpertHead* h = m.Head(experts[e])) {
-        std::copy(h->w.begin(), h->w.end(), U.begin() + static_cast<size_t>(e) * H);
-        bias[e] = h->bias;
-      }
-    }
+    const internal::HeadMatrix hm = internal::Heads(m, experts);
+    const std::vector<float>&U = hm.U, &bias = hm.bias;
+    const std::vector<uint64_t>& keys = hm.keys;
     hid_.resize(static_cast<size_t>(B) * H);
     ParallelRows(B, [&](int lo, int hi) {
       for (int b = lo; b < hi; ++b) {
@@ -123,8 +132,8 @@ class CpuEngine : public GatingEngine {
       }
     });
     float* Z = out->data();
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, B, E, H, 1.0f, hid_.data(), H, U.data(),
-                H, 0.0f, Z, E);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, B, E, H, 1.0f, hid_.data(), H, U.data(), H,
+                0.0f, Z, E);
     const int wbits = m.shape().wide_bits;
     ParallelRows(B, [&](int lo, int hi) {
       std::vector<uint64_t> mix;
@@ -154,8 +163,7 @@ class CpuEngine : public GatingEngine {
       heads[e] = m->MutableHead(data.experts[e]);
       gheads[e] = &m->g_heads[data.experts[e]];
     }
-    std::vector<float> U(static_cast<size_t>(E) * H), Hm, Z, dZ, dU(static_cast<size_t>(E) * H),
-        dH;
+    std::vector<float> U(static_cast<size_t>(E) * H), Hm, Z, dZ, dU(static_cast<size_t>(E) * H), dH;
     for (int epoch = 0; epoch < opt.epochs; ++epoch) {
       const std::vector<int> order =
           EpochOrder(data.rows.size(), m->shape().seed, epoch, opt.shuffle);
@@ -177,8 +185,8 @@ class CpuEngine : public GatingEngine {
           for (int c = 0; c < H; ++c) h[c] = std::tanh(h[c]);
         }
         Z.assign(static_cast<size_t>(n) * E, 0.0f);
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, E, H, 1.0f, Hm.data(), H,
-                    U.data(), H, 0.0f, Z.data(), E);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, E, H, 1.0f, Hm.data(), H, U.data(),
+                    H, 0.0f, Z.data(), E);
         dZ.assign(static_cast<size_t>(n) * E, 0.0f);
         float g_pw = 0, g_pb = 0;
         std::vector<float> g_bias(E, 0.0f);
@@ -194,8 +202,8 @@ class CpuEngine : public GatingEngine {
           g_pb += dz;
         }
         // Backward through the dense layers.
-        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, E, H, n, 1.0f, dZ.data(), E,
-                    Hm.data(), H, 0.0f, dU.data(), H);
+        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, E, H, n, 1.0f, dZ.data(), E, Hm.data(),
+                    H, 0.0f, dU.data(), H);
         dH.assign(static_cast<size_t>(n) * H, 0.0f);
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, H, E, 1.0f, dZ.data(), E,
                     U.data(), H, 0.0f, dH.data(), H);

@@ -12,16 +12,16 @@
 namespace cortex {
 namespace {
 
-#define CX_CUDA(call)                                                                   \
-  do {                                                                                  \
-    cudaError_t e_ = (call);                                                            \
-    if (e_ != cudaSuccess)                                                              \
+#define CX_CUDA(call)                                                                         \
+  do {                                                                                        \
+    cudaError_t e_ = (call);                                                                  \
+    if (e_ != cudaSuccess)                                                                    \
       return Status::Internal(std::string("CUDA: ") + #call + ": " + cudaGetErrorString(e_)); \
   } while (0)
-#define CX_CUBLAS(call)                                                                        \
-  do {                                                                                         \
-    cublasStatus_t s_ = (call);                                                                \
-    if (s_ != CUBLAS_STATUS_SUCCESS)                                                           \
+#define CX_CUBLAS(call)                                                                            \
+  do {                                                                                             \
+    cublasStatus_t s_ = (call);                                                                    \
+    if (s_ != CUBLAS_STATUS_SUCCESS)                                                               \
       return Status::Internal(std::string("cuBLAS: ") + #call + ": " + cublasGetStatusString(s_)); \
   } while (0)
 
@@ -74,7 +74,8 @@ __global__ void GatherTanh(const int* off, const uint32_t* idx, const float* val
   const int b = blockIdx.x;
   for (int c = threadIdx.x; c < H; c += blockDim.x) {
     float s = b1[c];
-    for (int j = off[b]; j < off[b + 1]; ++j) s += val[j] * emb[static_cast<size_t>(idx[j] & mask) * H + c];
+    for (int j = off[b]; j < off[b + 1]; ++j)
+      s += val[j] * emb[static_cast<size_t>(idx[j] & mask) * H + c];
     out[static_cast<size_t>(b) * H + c] = tanhf(s);
   }
 }
@@ -87,7 +88,8 @@ __global__ void FinishScores(int B, int E, const int* off, const uint32_t* idx, 
   if (t >= B * E) return;
   const int b = t / E, e = t % E;
   float z = Z[t] + bias[e] + pb + pw * prior[t];
-  for (int j = off[b]; j < off[b + 1]; ++j) z += val[j] * wide[WideIndexD(idx[j] & mask, keys[e], wide_bits)];
+  for (int j = off[b]; j < off[b + 1]; ++j)
+    z += val[j] * wide[WideIndexD(idx[j] & mask, keys[e], wide_bits)];
   Z[t] = SigmoidD(z);
 }
 
@@ -112,9 +114,9 @@ __device__ __forceinline__ void AdagradD(float* theta, float* acc, float g, floa
 }
 
 // Scalars and per-expert biases: one thread, sequential sums (n is a minibatch).
-__global__ void UpdateSmall(int n, int E, int H, const int* col, const float* dz, const float* prior,
-                            float lr, float* bias, float* acc_heads, float* pw, float* pb,
-                            float* acc_pw, float* acc_pb, float* g_bias_out) {
+__global__ void UpdateSmall(int n, int E, int H, const int* col, const float* dz,
+                            const float* prior, float lr, float* bias, float* acc_heads, float* pw,
+                            float* pb, float* acc_pw, float* acc_pb, float* g_bias_out) {
   if (threadIdx.x != 0 || blockIdx.x != 0) return;
   float g_pw = 0, g_pb = 0;
   for (int e = 0; e < E; ++e) g_bias_out[e] = 0;
@@ -174,6 +176,27 @@ __global__ void UpdateWide(int U, const uint32_t* idx, const int* off, const int
   AdagradD(&wide[idx[u]], &acc[idx[u]], g, lr);
 }
 
+// Lays several host arrays out in one buffer (256-byte aligned), for a single copy.
+struct Packer {
+  struct Part {
+    const void* p;
+    size_t bytes, at;
+  };
+  std::vector<Part> parts;
+  size_t size = 0;
+  template <typename T>
+  size_t Add(const std::vector<T>& v) {
+    const size_t at = size;
+    parts.push_back({v.data(), v.size() * sizeof(T), at});
+    size = (at + v.size() * sizeof(T) + 255) / 256 * 256;
+    return at;
+  }
+  void Write(char* dst) const {
+    for (const auto& p : parts)
+      if (p.bytes) std::memcpy(dst + p.at, p.p, p.bytes);
+  }
+};
+
 int Blocks(size_t n, int t) { return static_cast<int>((n + t - 1) / t); }
 
 class CudaEngine : public GatingEngine {
@@ -181,10 +204,15 @@ class CudaEngine : public GatingEngine {
   CudaEngine(int device, std::string name) : device_(device), name_(std::move(name)) {}
   ~CudaEngine() override {
     if (handle_) cublasDestroy(handle_);
+    if (pinned_) cudaFreeHost(pinned_);
+    if (stream_) cudaStreamDestroy(stream_);
   }
   Status Init() {
     CX_CUDA(cudaSetDevice(device_));
     CX_CUBLAS(cublasCreate(&handle_));
+    // A blocking stream: it stays ordered with the default-stream work of Train.
+    CX_CUDA(cudaStreamCreate(&stream_));
+    CX_CUBLAS(cublasSetStream(handle_, stream_));
     // Pedantic math: no TF32 shortcuts, so results stay within 1e-4 of the CPU engine.
     CX_CUBLAS(cublasSetMathMode(handle_, CUBLAS_PEDANTIC_MATH));
     return Status::OK();
@@ -198,36 +226,43 @@ class CudaEngine : public GatingEngine {
     if (B == 0 || E == 0) return Status::OK();
     CX_CUDA(cudaSetDevice(device_));
     CORTEX_RETURN_IF_ERROR(Upload(m));
-    std::vector<float> U(static_cast<size_t>(E) * H, 0.0f), bias(E, 0.0f);
-    std::vector<uint64_t> keys(E);
-    for (int e = 0; e < E; ++e) {
-      keys[e] = GatingModel::ExpertKey(experts[e]);
-      if (const ExpertHead* h = m.Head(experts[e])) {
-        std::copy(h->w.begin(), h->w.end(), U.begin() + static_cast<size_t>(e) * H);
-        bias[e] = h->bias;
-      }
-    }
-    CORTEX_RETURN_IF_ERROR(off_.Put(x.offsets));
-    CORTEX_RETURN_IF_ERROR(idx_.Put(x.idx));
-    CORTEX_RETURN_IF_ERROR(val_.Put(x.val));
-    CORTEX_RETURN_IF_ERROR(U_.Put(U));
-    CORTEX_RETURN_IF_ERROR(bias_.Put(bias));
-    CORTEX_RETURN_IF_ERROR(keys_.Put(keys));
-    CORTEX_RETURN_IF_ERROR(prior_.Put(prior));
+    const internal::HeadMatrix hm = internal::Heads(m, experts);
+    // One pinned staging buffer, one copy each way, all on one stream: a single decision
+    // costs a few launches instead of eight synchronous copies.
+    Packer pk;
+    const size_t o_off = pk.Add(x.offsets), o_idx = pk.Add(x.idx), o_val = pk.Add(x.val),
+                 o_U = pk.Add(hm.U), o_bias = pk.Add(hm.bias), o_keys = pk.Add(hm.keys),
+                 o_prior = pk.Add(prior);
+    CORTEX_RETURN_IF_ERROR(
+        FitPinned(std::max(pk.size, static_cast<size_t>(B) * E * sizeof(float))));
+    CORTEX_RETURN_IF_ERROR(pack_.Fit(pk.size));
+    pk.Write(pinned_);
+    CX_CUDA(cudaMemcpyAsync(pack_.p, pinned_, pk.size, cudaMemcpyHostToDevice, stream_));
+    auto at = [&](size_t o) { return pack_.p + o; };
+    const int* d_off = reinterpret_cast<const int*>(at(o_off));
+    const uint32_t* d_idx = reinterpret_cast<const uint32_t*>(at(o_idx));
+    const float* d_val = reinterpret_cast<const float*>(at(o_val));
+    const float* d_U = reinterpret_cast<const float*>(at(o_U));
     CORTEX_RETURN_IF_ERROR(H_.Fit(static_cast<size_t>(B) * H));
     CORTEX_RETURN_IF_ERROR(Z_.Fit(static_cast<size_t>(B) * E));
     const uint32_t mask = static_cast<uint32_t>(m.rows() - 1);
-    GatherTanh<<<B, std::min(H, 256)>>>(off_.p, idx_.p, val_.p, emb_.p, b1_.p, H, mask, H_.p);
+    GatherTanh<<<B, std::min(H, 256), 0, stream_>>>(d_off, d_idx, d_val, emb_.p, b1_.p, H, mask,
+                                                    H_.p);
     CX_CUDA(cudaGetLastError());
     const float one = 1.0f, zero = 0.0f;
     // Row-major Z[B x E] = Hm[B x H] * U^T, i.e. column-major Z^T = U^T(col) * Hm^T(col).
-    CX_CUBLAS(cublasSgemm(handle_, CUBLAS_OP_T, CUBLAS_OP_N, E, B, H, &one, U_.p, H, H_.p, H, &zero,
+    CX_CUBLAS(cublasSgemm(handle_, CUBLAS_OP_T, CUBLAS_OP_N, E, B, H, &one, d_U, H, H_.p, H, &zero,
                           Z_.p, E));
-    FinishScores<<<Blocks(static_cast<size_t>(B) * E, 256), 256>>>(
-        B, E, off_.p, idx_.p, val_.p, wide_.p, m.shape().wide_bits, mask, keys_.p, bias_.p, prior_.p,
-        m.prior_w, m.prior_b, Z_.p);
+    FinishScores<<<Blocks(static_cast<size_t>(B) * E, 256), 256, 0, stream_>>>(
+        B, E, d_off, d_idx, d_val, wide_.p, m.shape().wide_bits, mask,
+        reinterpret_cast<const uint64_t*>(at(o_keys)), reinterpret_cast<const float*>(at(o_bias)),
+        reinterpret_cast<const float*>(at(o_prior)), m.prior_w, m.prior_b, Z_.p);
     CX_CUDA(cudaGetLastError());
-    return Z_.Get(out, static_cast<size_t>(B) * E);
+    const size_t bytes = static_cast<size_t>(B) * E * sizeof(float);
+    CX_CUDA(cudaMemcpyAsync(pinned_, Z_.p, bytes, cudaMemcpyDeviceToHost, stream_));
+    CX_CUDA(cudaStreamSynchronize(stream_));
+    std::memcpy(out->data(), pinned_, bytes);
+    return Status::OK();
   }
 
   Status Train(GatingModel* m, const TrainSet& data, const TrainOptions& opt) override {
@@ -235,7 +270,8 @@ class CudaEngine : public GatingEngine {
     if (data.rows.empty() || E == 0) return Status::OK();
     CX_CUDA(cudaSetDevice(device_));
     std::vector<uint64_t> keys(E);
-    std::vector<float> U(static_cast<size_t>(E) * H), bias(E), accH(static_cast<size_t>(E) * (H + 1));
+    std::vector<float> U(static_cast<size_t>(E) * H), bias(E),
+        accH(static_cast<size_t>(E) * (H + 1));
     for (int e = 0; e < E; ++e) {
       keys[e] = GatingModel::ExpertKey(data.experts[e]);
       ExpertHead* h = m->MutableHead(data.experts[e]);
@@ -263,7 +299,8 @@ class CudaEngine : public GatingEngine {
     const uint32_t mask = static_cast<uint32_t>(m->rows() - 1);
     std::vector<float> prior, reward, weight;
     for (int epoch = 0; epoch < opt.epochs; ++epoch) {
-      const std::vector<int> order = EpochOrder(data.rows.size(), m->shape().seed, epoch, opt.shuffle);
+      const std::vector<int> order =
+          EpochOrder(data.rows.size(), m->shape().seed, epoch, opt.shuffle);
       for (size_t begin = 0; begin < order.size(); begin += opt.batch) {
         const size_t end = std::min(order.size(), begin + static_cast<size_t>(opt.batch));
         const int n = static_cast<int>(end - begin);
@@ -321,9 +358,9 @@ class CudaEngine : public GatingEngine {
           UpdateEmb<<<static_cast<int>(p.emb_rows.size()), std::min(H, 256)>>>(
               H, er_.p, eo_.p, ep_.p, ev_.p, dH_.p, opt.lr, emb_.p, g_emb_.p);
         if (!p.wide_idx.empty())
-          UpdateWide<<<Blocks(p.wide_idx.size(), 128), 128>>>(
-              static_cast<int>(p.wide_idx.size()), wi_.p, wo_.p, wp_.p, wv_.p, dz_.p, opt.lr_wide,
-              wide_.p, g_wide_.p);
+          UpdateWide<<<Blocks(p.wide_idx.size(), 128), 128>>>(static_cast<int>(p.wide_idx.size()),
+                                                              wi_.p, wo_.p, wp_.p, wv_.p, dz_.p,
+                                                              opt.lr_wide, wide_.p, g_wide_.p);
         CX_CUDA(cudaGetLastError());
       }
     }
@@ -356,6 +393,16 @@ class CudaEngine : public GatingEngine {
   }
 
  private:
+  Status FitPinned(size_t n) {
+    if (n <= pinned_cap_) return Status::OK();
+    if (pinned_) cudaFreeHost(pinned_);
+    pinned_ = nullptr;
+    pinned_cap_ = 0;
+    CX_CUDA(cudaMallocHost(&pinned_, n));
+    pinned_cap_ = n;
+    return Status::OK();
+  }
+
   // Scoring keeps a device copy of the model, refreshed when the model changes.
   Status Upload(const GatingModel& m) {
     if (loaded_ == &m && loaded_stamp_ == m.stamp) return Status::OK();
@@ -370,6 +417,10 @@ class CudaEngine : public GatingEngine {
   int device_;
   std::string name_;
   cublasHandle_t handle_ = nullptr;
+  cudaStream_t stream_ = nullptr;
+  char* pinned_ = nullptr;
+  size_t pinned_cap_ = 0;
+  DevBuf<char> pack_;
   const GatingModel* loaded_ = nullptr;
   uint64_t loaded_stamp_ = 0;
   DevBuf<float> emb_, b1_, wide_, g_emb_, g_b1_, g_wide_, U_, bias_, accH_, scal_, gbias_, dU_;
@@ -395,13 +446,15 @@ Result<GemmReport> CudaGemmProbe(int B, int H, int E) {
     CX_CUDA(cudaMemset(a.p, 0, a.cap * sizeof(float)));
     CX_CUDA(cudaMemset(b.p, 0, b.cap * sizeof(float)));
     const float one = 1.0f, zero = 0.0f;
-    CX_CUBLAS(cublasSgemm(h, CUBLAS_OP_T, CUBLAS_OP_N, m, n, k, &one, a.p, k, b.p, k, &zero, c.p, m));
+    CX_CUBLAS(
+        cublasSgemm(h, CUBLAS_OP_T, CUBLAS_OP_N, m, n, k, &one, a.p, k, b.p, k, &zero, c.p, m));
     cudaEvent_t e0, e1;
     cudaEventCreate(&e0);
     cudaEventCreate(&e1);
     cudaEventRecord(e0);
     for (int r = 0; r < reps; ++r)
-      CX_CUBLAS(cublasSgemm(h, CUBLAS_OP_T, CUBLAS_OP_N, m, n, k, &one, a.p, k, b.p, k, &zero, c.p, m));
+      CX_CUBLAS(
+          cublasSgemm(h, CUBLAS_OP_T, CUBLAS_OP_N, m, n, k, &one, a.p, k, b.p, k, &zero, c.p, m));
     cudaEventRecord(e1);
     CX_CUDA(cudaEventSynchronize(e1));
     float ms = 0;
@@ -420,7 +473,8 @@ Result<GemmReport> CudaGemmProbe(int B, int H, int E) {
   r.shape = std::to_string(B) + "x" + std::to_string(H) + " * " + std::to_string(H) + "x" +
             std::to_string(E);
   r.ours_gflops = 2.0 * B * H * E / ours / 1e9;
-  r.ours_gbytes = 4.0 * (static_cast<double>(B) * H + H * E + static_cast<double>(B) * E) / ours / 1e9;
+  r.ours_gbytes =
+      4.0 * (static_cast<double>(B) * H + H * E + static_cast<double>(B) * E) / ours / 1e9;
   r.peak_gflops = 2.0 * 8192.0 * 8192.0 * 8192.0 / peak / 1e9;
   return r;
 }
@@ -428,7 +482,8 @@ Result<GemmReport> CudaGemmProbe(int B, int H, int E) {
 Result<std::unique_ptr<GatingEngine>> MakeCudaEngine() {
   int n = 0;
   cudaError_t e = cudaGetDeviceCount(&n);
-  if (e != cudaSuccess) return Status::FailedPrecondition(std::string("no usable GPU: ") + cudaGetErrorString(e));
+  if (e != cudaSuccess)
+    return Status::FailedPrecondition(std::string("no usable GPU: ") + cudaGetErrorString(e));
   if (n == 0) return Status::FailedPrecondition("no GPU present");
   cudaDeviceProp prop;
   if (cudaGetDeviceProperties(&prop, 0) != cudaSuccess)

@@ -6,7 +6,8 @@ namespace cortex {
 bool CudaBuilt() { return false; }
 
 Result<std::unique_ptr<GatingEngine>> MakeCudaEngine() {
-  return Status::FailedPrecondition("this build has no CUDA backend (toolkit not found at build time)");
+  return Status::FailedPrecondition(
+      "this build has no CUDA backend (toolkit not found at build time)");
 }
 
 Result<GemmReport> CudaGemmProbe(int, int, int) {

@@ -10,8 +10,8 @@
 namespace cortex::internal {
 
 struct StepPlan {
-  std::vector<int> rows;     // TrainSet row numbers in this minibatch
-  std::vector<int> col;      // chosen expert column per batch position
+  std::vector<int> rows;  // TrainSet row numbers in this minibatch
+  std::vector<int> col;   // chosen expert column per batch position
   // Embedding gradient: for each unique Emb row, the (batch position, x value) pairs that
   // touch it, in ascending order. CSR: emb_rows[u] owns emb_src[emb_off[u]..emb_off[u+1]).
   std::vector<uint32_t> emb_rows;
@@ -32,6 +32,14 @@ struct StepPlan {
 
 StepPlan MakeStepPlan(const GatingModel& m, const TrainSet& data, const std::vector<int>& order,
                       size_t begin, size_t end, const std::vector<uint64_t>& expert_keys);
+
+// The scoring inputs per expert column: head weights (E x H, zero for an untrained
+// expert), head biases, and the keys of the hashed per-expert part.
+struct HeadMatrix {
+  std::vector<float> U, bias;
+  std::vector<uint64_t> keys;
+};
+HeadMatrix Heads(const GatingModel& m, const std::vector<std::string>& experts);
 
 inline float Sigmoid(float z) { return 1.0f / (1.0f + __builtin_expf(-z)); }
 

@@ -142,8 +142,8 @@ void Learner::Observe(const LoggedOutcome& o) {
     std::lock_guard<std::mutex> l(mu_);
     if (o.seq <= trained_through_) return;
     for (int k = 0; k < options_.online_replay && !recent_.empty(); ++k) {
-      replay_rng_ = replay_rng_ * 6364136223846793005ULL + 1442695040888963407ULL +
-                    options_.shape.seed;
+      replay_rng_ =
+          replay_rng_ * 6364136223846793005ULL + 1442695040888963407ULL + options_.shape.seed;
       batch.push_back(recent_[(replay_rng_ >> 33) % recent_.size()]);
     }
     if (static_cast<int>(recent_.size()) < options_.replay_buffer)
@@ -185,12 +185,11 @@ Result<RetrainResult> Learner::Retrain(const std::vector<LoggedOutcome>& history
   };
   RetrainResult res;
   const size_t n = history.size();
-  const size_t holdout = std::min<size_t>(options_.max_holdout,
-                                          static_cast<size_t>(std::llround(n * options_.holdout_fraction)));
+  const size_t holdout = std::min<size_t>(
+      options_.max_holdout, static_cast<size_t>(std::llround(n * options_.holdout_fraction)));
   const size_t split = n - holdout;
-  const size_t begin = split > static_cast<size_t>(options_.max_examples)
-                           ? split - options_.max_examples
-                           : 0;
+  const size_t begin =
+      split > static_cast<size_t>(options_.max_examples) ? split - options_.max_examples : 0;
   if (split == 0) return Status::FailedPrecondition("no logged outcomes to train on");
 
   say("featurizing " + std::to_string(split - begin) + " outcomes");

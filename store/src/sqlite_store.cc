@@ -125,7 +125,8 @@ class Stmt {
   }
   std::string Blob(int c) {
     const void* p = sqlite3_column_blob(s_, c);
-    return p ? std::string(static_cast<const char*>(p), static_cast<size_t>(sqlite3_column_bytes(s_, c)))
+    return p ? std::string(static_cast<const char*>(p),
+                           static_cast<size_t>(sqlite3_column_bytes(s_, c)))
              : std::string();
   }
   Stmt& BindNull(int i) {

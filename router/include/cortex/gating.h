@@ -97,11 +97,11 @@ struct SparseBatch {
 
 // One logged outcome, ready for training: the expert's column in the batch's expert list.
 struct TrainRow {
-  int x = 0;          // row of the SparseBatch
-  int expert = 0;     // column in TrainSet::experts
-  float prior = 0;    // cos(task, manifest of that expert)
-  float reward = 0;   // in [0,1]
-  float weight = 1;   // importance weight (clipped 1/propensity)
+  int x = 0;         // row of the SparseBatch
+  int expert = 0;    // column in TrainSet::experts
+  float prior = 0;   // cos(task, manifest of that expert)
+  float reward = 0;  // in [0,1]
+  float weight = 1;  // importance weight (clipped 1/propensity)
 };
 
 struct TrainSet {
@@ -113,9 +113,9 @@ struct TrainSet {
 struct TrainOptions {
   int epochs = 4;
   int batch = 32;
-  float lr = 0.2f;        // Adagrad step for the MLP
-  float lr_wide = 1.0f;   // Adagrad step for the hashed linear part
-  bool shuffle = true;    // seeded shuffle per epoch
+  float lr = 0.2f;       // Adagrad step for the MLP
+  float lr_wide = 1.0f;  // Adagrad step for the hashed linear part
+  bool shuffle = true;   // seeded shuffle per epoch
 };
 
 class GatingEngine {

@@ -20,15 +20,15 @@ namespace cortex {
 
 struct LearnerOptions {
   GatingShape shape;
-  TrainOptions train;                   // retraining from history
+  TrainOptions train;                             // retraining from history
   TrainOptions online{1, 1, 0.05f, 1.0f, false};  // one step per outcome between retrains
   bool online_updates = true;
-  int online_replay = 8;                 // past outcomes revisited with each new one
-  int replay_buffer = 2000;              // ... drawn from this many most recent
-  float ips_clip = 2;                    // importance weights are min(1/propensity, clip)
-  double holdout_fraction = 0.2;         // most recent share of decisions held out
+  int online_replay = 8;          // past outcomes revisited with each new one
+  int replay_buffer = 2000;       // ... drawn from this many most recent
+  float ips_clip = 2;             // importance weights are min(1/propensity, clip)
+  double holdout_fraction = 0.2;  // most recent share of decisions held out
   int max_holdout = 2000;
-  int max_examples = 50000;              // most recent outcomes a retrain learns from
+  int max_examples = 50000;  // most recent outcomes a retrain learns from
 };
 
 // Off-policy estimate (doubly robust) of a policy's mean reward, with a 95% interval.
@@ -69,8 +69,7 @@ class Learner {
   // Trains candidate `version` on `history` (oldest first, all outcomes known now) minus the
   // holdout, estimates it and the logged greedy policy on the holdout, and says whether it
   // should be promoted. Runs without blocking Score or Observe.
-  Result<RetrainResult> Retrain(const std::vector<LoggedOutcome>& history, int version,
-                                double now,
+  Result<RetrainResult> Retrain(const std::vector<LoggedOutcome>& history, int version, double now,
                                 const std::function<void(const std::string&)>& progress = {});
 
   // Makes `model` live and brings it up to date with `newer` (outcomes after its cutoff).

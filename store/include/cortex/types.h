@@ -47,7 +47,7 @@ struct Decision {
   double propensity = 1;  // probability with which `chosen` was picked
   bool explored = false;
   bool forced = false;
-  std::string greedy;  // the best-scoring expert, whether or not it was chosen
+  std::string greedy;                 // the best-scoring expert, whether or not it was chosen
   std::vector<Candidate> candidates;  // best first (by score + load bias)
 
   const Candidate* Find(const std::string& expert) const {
