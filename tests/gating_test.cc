@@ -89,6 +89,9 @@ TEST(GatingTest, SerializationRoundTripsAndRejectsGarbage) {
   m.wide[123] = -1.25f;
   m.MutableHead("docs")->w[2] = 0.75f;
   m.prior_w = 4.0f;
+  m.g_emb[17] = 9.0f;  // optimiser state travels too, so a reloaded model learns on as before
+  m.g_wide[123] = 2.0f;
+  m.g_heads["docs"][2] = 5.0f;
   std::string blob = m.Serialize();
   EXPECT_LT(blob.size(), 4096u);  // untouched rows are regenerated from the seed, not stored
   auto back = GatingModel::Deserialize(blob);
@@ -96,6 +99,9 @@ TEST(GatingTest, SerializationRoundTripsAndRejectsGarbage) {
   EXPECT_EQ(back->emb, m.emb);
   EXPECT_EQ(back->wide, m.wide);
   EXPECT_EQ(back->Head("docs")->w, m.Head("docs")->w);
+  EXPECT_EQ(back->g_emb, m.g_emb);
+  EXPECT_EQ(back->g_wide, m.g_wide);
+  EXPECT_EQ(back->g_heads.at("docs"), m.g_heads.at("docs"));
   EXPECT_FLOAT_EQ(back->prior_w, 4.0f);
   EXPECT_EQ(back->TouchedRows(), 1u);
   EXPECT_FALSE(GatingModel::Deserialize("nonsense").ok());

@@ -9,7 +9,7 @@ namespace cortex {
 namespace {
 
 constexpr char kMagic[4] = {'C', 'X', 'G', 'M'};
-constexpr uint32_t kFormat = 1;
+constexpr uint32_t kFormat = 2;  // 2: Adagrad state stored beside each parameter
 
 uint64_t SplitMix(uint64_t x) {
   x += 0x9E3779B97F4A7C15ULL;
@@ -146,7 +146,10 @@ std::string GatingModel::Serialize() const {
   w.Put(shape_.seed);
   w.Put(prior_w);
   w.Put(prior_b);
+  w.Put(g_prior_w);
+  w.Put(g_prior_b);
   w.PutFloats(b1.data(), b1.size());
+  w.PutFloats(g_b1.data(), g_b1.size());
   // Emb: changed rows only.
   std::vector<float> init(shape_.hidden);
   std::vector<uint32_t> touched;
@@ -159,6 +162,7 @@ std::string GatingModel::Serialize() const {
   for (uint32_t r : touched) {
     w.Put(r);
     w.PutFloats(&emb[size_t{r} * shape_.hidden], shape_.hidden);
+    w.PutFloats(&g_emb[size_t{r} * shape_.hidden], shape_.hidden);
   }
   // Wide: non-zero entries only.
   uint32_t nz = 0;
@@ -168,12 +172,16 @@ std::string GatingModel::Serialize() const {
     if (wide[i] != 0.0f) {
       w.Put(static_cast<uint32_t>(i));
       w.Put(wide[i]);
+      w.Put(g_wide[i]);
     }
   w.Put(static_cast<uint32_t>(heads.size()));
   for (const auto& [name, h] : heads) {
     w.PutString(name);
     w.Put(h.bias);
     w.PutFloats(h.w.data(), h.w.size());
+    const auto g = g_heads.find(name);
+    std::vector<float> acc = g != g_heads.end() ? g->second : std::vector<float>(h.w.size() + 1, 0.1f);
+    w.PutFloats(acc.data(), acc.size());
   }
   return std::move(w.out);
 }
@@ -198,21 +206,25 @@ Result<GatingModel> GatingModel::Deserialize(const std::string& blob) {
   s.hidden = hidden;
   s.wide_bits = wide_bits;
   GatingModel m(s);
-  if (!r.Get(&m.prior_w) || !r.Get(&m.prior_b) || !r.GetFloats(m.b1.data(), m.b1.size()))
+  if (!r.Get(&m.prior_w) || !r.Get(&m.prior_b) || !r.Get(&m.g_prior_w) || !r.Get(&m.g_prior_b) ||
+      !r.GetFloats(m.b1.data(), m.b1.size()) || !r.GetFloats(m.g_b1.data(), m.g_b1.size()))
     return bad("truncated");
   uint32_t n;
   if (!r.Get(&n)) return bad("truncated");
   for (uint32_t k = 0; k < n; ++k) {
     uint32_t row;
-    if (!r.Get(&row) || row >= m.rows() || !r.GetFloats(&m.emb[size_t{row} * hidden], hidden))
+    if (!r.Get(&row) || row >= m.rows() || !r.GetFloats(&m.emb[size_t{row} * hidden], hidden) ||
+        !r.GetFloats(&m.g_emb[size_t{row} * hidden], hidden))
       return bad("bad embedding row");
   }
   if (!r.Get(&n)) return bad("truncated");
   for (uint32_t k = 0; k < n; ++k) {
     uint32_t i;
     float v;
-    if (!r.Get(&i) || i >= m.wide.size() || !r.Get(&v)) return bad("bad wide entry");
+    float g;
+    if (!r.Get(&i) || i >= m.wide.size() || !r.Get(&v) || !r.Get(&g)) return bad("bad wide entry");
     m.wide[i] = v;
+    m.g_wide[i] = g;
   }
   if (!r.Get(&n)) return bad("truncated");
   for (uint32_t k = 0; k < n; ++k) {
@@ -222,7 +234,9 @@ Result<GatingModel> GatingModel::Deserialize(const std::string& blob) {
     if (!r.GetString(&name) || !r.Get(&h.bias) || !r.GetFloats(h.w.data(), h.w.size()))
       return bad("bad expert head");
     m.heads[name] = std::move(h);
-    m.g_heads[name].assign(hidden + 1, 0.1f);
+    std::vector<float>& acc = m.g_heads[name];
+    acc.resize(hidden + 1);
+    if (!r.GetFloats(acc.data(), acc.size())) return bad("bad expert head state");
   }
   if (!r.done()) return bad("trailing bytes");
   m.stamp = NextStamp();

@@ -54,7 +54,7 @@ class GatingModel {
   float prior_w = 6.0f;  // untrained guess: a perfect manifest match means ~0.5 reward
   float prior_b = -3.0f;
 
-  // Adagrad state; rebuilt (not stored) when a model is loaded.
+  // Adagrad state, saved with the model so a reloaded version learns on exactly as before.
   std::vector<float> g_emb, g_b1, g_wide;
   std::map<std::string, std::vector<float>> g_heads;  // hidden + 1 (bias last)
   float g_prior_w = 0, g_prior_b = 0;
