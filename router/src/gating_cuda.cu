@@ -482,6 +482,9 @@ Result<GemmReport> CudaGemmProbe(int B, int H, int E) {
 Result<std::unique_ptr<GatingEngine>> MakeCudaEngine() {
   int n = 0;
   cudaError_t e = cudaGetDeviceCount(&n);
+  if (e == cudaErrorInsufficientDriver)
+    return Status::FailedPrecondition("no NVIDIA driver new enough for this CUDA build");
+  if (e == cudaErrorNoDevice) return Status::FailedPrecondition("no GPU present");
   if (e != cudaSuccess)
     return Status::FailedPrecondition(std::string("no usable GPU: ") + cudaGetErrorString(e));
   if (n == 0) return Status::FailedPrecondition("no GPU present");

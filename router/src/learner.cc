@@ -9,6 +9,10 @@
 namespace cortex {
 namespace {
 
+// "Not worse" allows for rounding: a candidate that makes the same choices as the live
+// policy can land a hair below it through float noise in the reward model.
+constexpr double kNotWorseTolerance = 1e-3;
+
 PolicyEstimate MeanCi(const std::vector<double>& v) {
   PolicyEstimate e;
   if (v.empty()) return e;
@@ -254,7 +258,7 @@ Result<RetrainResult> Learner::Retrain(const std::vector<LoggedOutcome>& history
   res.diff = MeanCi(dr_diff);
   if (eval.size() < 20) {
     res.reason = "too few held-out decisions to validate (" + std::to_string(eval.size()) + ")";
-  } else if (res.diff.value < 0) {
+  } else if (res.diff.value < -kNotWorseTolerance) {
     res.reason = "candidate estimated worse than the live policy";
   } else {
     res.promoted = true;
