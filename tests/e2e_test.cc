@@ -1,7 +1,13 @@
 // End to end: the real cortexd, driven by the real cortexctl (and raw socket clients
 // for protocol abuse), as a user would run them.
+#include <grp.h>
 #include <gtest/gtest.h>
+#include <pwd.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <set>
 #include <thread>
@@ -303,6 +309,86 @@ TEST(E2E, SocketIsPrivate) {
   EXPECT_EQ(d2.exit_status, 1);
   EXPECT_NE(d2.Log().find("another cortexd"), std::string::npos) << d2.Log();
   EXPECT_TRUE(d.Alive());
+}
+
+// Connects as `uid`/`gid` (a forked child drops privileges), sends one status request and
+// returns the response line. Needs root.
+std::string StatusAs(const std::string& socket, uid_t uid, gid_t gid) {
+  int pipefd[2];
+  if (pipe(pipefd) != 0) return "pipe failed";
+  pid_t pid = fork();
+  if (pid == 0) {
+    close(pipefd[0]);
+    if (setgroups(0, nullptr) != 0 || setgid(gid) != 0 || setuid(uid) != 0) _exit(3);
+    int fd = ::socket(AF_UNIX, SOCK_STREAM, 0);
+    struct sockaddr_un a {};
+    a.sun_family = AF_UNIX;
+    std::snprintf(a.sun_path, sizeof a.sun_path, "%s", socket.c_str());
+    if (connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0) {
+      dprintf(pipefd[1], "connect: %s", strerror(errno));
+      _exit(0);
+    }
+    const char req[] = "{\"op\":\"status\"}\n";
+    if (write(fd, req, sizeof req - 1) < 0) _exit(4);
+    char buf[4096];
+    ssize_t n;
+    while ((n = read(fd, buf, sizeof buf)) > 0) {
+      if (write(pipefd[1], buf, static_cast<size_t>(n)) < 0) break;
+      if (memchr(buf, '\n', static_cast<size_t>(n))) break;
+    }
+    _exit(0);
+  }
+  close(pipefd[1]);
+  std::string out;
+  char buf[4096];
+  ssize_t n;
+  while ((n = read(pipefd[0], buf, sizeof buf)) > 0) out.append(buf, static_cast<size_t>(n));
+  close(pipefd[0]);
+  waitpid(pid, nullptr, 0);
+  return out;
+}
+
+TEST(E2E, OnlyTheOwnerOrTheAllowedGroupMayTalkToIt) {
+  if (geteuid() != 0) GTEST_SKIP() << "needs root to connect as another user";
+  struct passwd* nobody = getpwnam("nobody");
+  struct group* nogroup = getgrnam("nogroup");
+  if (!nobody || !nogroup) GTEST_SKIP() << "no 'nobody' user or 'nogroup' group here";
+  TempDir dir;
+  fs::permissions(dir.path(), fs::perms::all, fs::perm_options::replace);  // reachable
+  Daemon d(dir);
+  ASSERT_TRUE(d.Start()) << d.Log();
+  // Loosen the socket and its folder, as a careless admin might: the permission bits no
+  // longer stop another user, so the peer-credential check must.
+  fs::permissions(fs::path(d.socket).parent_path(), fs::perms::all, fs::perm_options::replace);
+  fs::permissions(d.socket, fs::perms::all, fs::perm_options::replace);
+  std::string r = StatusAs(d.socket, nobody->pw_uid, nogroup->gr_gid);
+  EXPECT_NE(r.find("permission_denied"), std::string::npos) << r;
+  EXPECT_NE(r.find("uid " + std::to_string(nobody->pw_uid) + " may not use this cortexd"),
+            std::string::npos)
+      << r;
+  EXPECT_EQ(r.find("\"pid\""), std::string::npos) << r;  // nothing about the daemon leaked
+  EXPECT_TRUE(
+      test::Eventually([&] { return d.Log().find("refused a connection") != std::string::npos; }));
+  EXPECT_EQ(d.Ctl({"status"}).code, 0);  // the owner still gets in
+  EXPECT_EQ(d.Stop(), 0);
+
+  // Admit the group: the same user now gets an answer.
+  std::string cfg = test::ReadFile(d.config);
+  cfg.replace(cfg.find("shutdown_grace: 2s}"), 19, "shutdown_grace: 2s, allow_group: nogroup}");
+  test::WriteFile(d.config, cfg);
+  ASSERT_TRUE(d.Start()) << d.Log();
+  fs::permissions(fs::path(d.socket).parent_path(), fs::perms::all, fs::perm_options::replace);
+  fs::permissions(d.socket, fs::perms::all, fs::perm_options::replace);
+  r = StatusAs(d.socket, nobody->pw_uid, nogroup->gr_gid);
+  EXPECT_NE(r.find("\"ok\":true"), std::string::npos) << r;
+
+  // An unknown group is a config error, not a silent open door.
+  cfg.replace(cfg.find("allow_group: nogroup"), 20, "allow_group: no-such-group-x");
+  test::WriteFile(d.config, cfg);
+  EXPECT_EQ(d.Stop(), 0);
+  EXPECT_FALSE(d.Start());
+  EXPECT_NE(d.Log().find("daemon.allow_group: no group named 'no-such-group-x'"), std::string::npos)
+      << d.Log();
 }
 
 TEST(E2E, BadConfigRefusesToStartAndReloadKeepsTheOld) {

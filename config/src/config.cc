@@ -1,5 +1,7 @@
 #include "cortex/config.h"
 
+#include <grp.h>
+
 #include <yaml-cpp/yaml.h>
 
 #include <cmath>
@@ -162,9 +164,16 @@ nlohmann::json ToJson(const YAML::Node& n) {
 }
 
 Status ParseDaemon(const Parser& p, const YAML::Node& n, DaemonConfig* c) {
-  CORTEX_RETURN_IF_ERROR(p.CheckKeys(n, "daemon",
-                                     {"socket", "workers", "max_connections", "max_request_bytes",
-                                      "max_text_bytes", "max_tags", "shutdown_grace"}));
+  CORTEX_RETURN_IF_ERROR(
+      p.CheckKeys(n, "daemon",
+                  {"socket", "workers", "max_connections", "max_request_bytes", "max_text_bytes",
+                   "max_tags", "shutdown_grace", "allow_group"}));
+  if (n["allow_group"]) {
+    CORTEX_RETURN_IF_ERROR(p.Str(n["allow_group"], "daemon.allow_group", &c->allow_group));
+    if (!getgrnam(c->allow_group.c_str()))
+      return p.Error(n["allow_group"], "daemon.allow_group",
+                     "no group named '" + c->allow_group + "' on this system");
+  }
   long v;
   if (n["socket"]) CORTEX_RETURN_IF_ERROR(p.Str(n["socket"], "daemon.socket", &c->socket));
   if (n["workers"]) {

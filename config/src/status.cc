@@ -18,6 +18,8 @@ const char* Status::code_name() const {
       return "unavailable";
     case Code::kTimeout:
       return "timeout";
+    case Code::kPermissionDenied:
+      return "permission_denied";
     case Code::kResourceExhausted:
       return "resource_exhausted";
     case Code::kCorruption:

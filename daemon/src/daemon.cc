@@ -72,7 +72,8 @@ class DaemonImpl : public Daemon, public RequestHandler {
     CORTEX_RETURN_IF_ERROR(PrepareRouting());
     CORTEX_RETURN_IF_ERROR(Recover());
     server_ = std::make_unique<Server>(
-        this, ServerLimits{config_.daemon.max_connections, config_.daemon.max_request_bytes});
+        this, ServerLimits{config_.daemon.max_connections, config_.daemon.max_request_bytes,
+                           config_.daemon.allow_group});
     CORTEX_RETURN_IF_ERROR(server_->Listen(config_.daemon.socket));
     SetupInotify();
     dispatcher_ = std::thread([this] { DispatchLoop(); });

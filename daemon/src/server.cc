@@ -1,12 +1,15 @@
 #include "server.h"
 
 #include <fcntl.h>
+#include <grp.h>
+#include <pwd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
 #include <unistd.h>
 
 #include <cmath>
+#include <cstring>
 #include <filesystem>
 #include <thread>
 
@@ -166,9 +169,46 @@ Status Server::Listen(const std::string& path) {
   return Status::OK();
 }
 
+Status Server::CheckPeer(int fd) const {
+  struct ucred cred;
+  socklen_t len = sizeof cred;
+  if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0)
+    return Status::PermissionDenied(std::string("cannot read peer credentials: ") +
+                                    strerror(errno));
+  if (cred.uid == geteuid() || cred.uid == 0) return Status::OK();
+  if (!limits_.allow_group.empty()) {
+    struct group* g = getgrnam(limits_.allow_group.c_str());
+    if (g && cred.gid == g->gr_gid) return Status::OK();
+    struct passwd* pw = getpwuid(cred.uid);
+    if (g && pw) {
+      std::vector<gid_t> groups(64);
+      int n = static_cast<int>(groups.size());
+      if (getgrouplist(pw->pw_name, cred.gid, groups.data(), &n) < 0 && n > 0) {
+        groups.resize(static_cast<size_t>(n));
+        getgrouplist(pw->pw_name, cred.gid, groups.data(), &n);
+      }
+      for (int i = 0; i < n && i < static_cast<int>(groups.size()); ++i)
+        if (groups[static_cast<size_t>(i)] == g->gr_gid) return Status::OK();
+    }
+  }
+  return Status::PermissionDenied(
+      "uid " + std::to_string(cred.uid) + " may not use this cortexd: only uid " +
+      std::to_string(geteuid()) +
+      (limits_.allow_group.empty() ? std::string(" (set daemon.allow_group to admit a group)")
+                                   : " and members of group '" + limits_.allow_group + "'"));
+}
+
 void Server::AcceptOne() {
   int fd = accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
   if (fd < 0) return;
+  // The socket's 0600/0700 permissions are the first gate; this is the second, for a
+  // socket whose folder was loosened or that was handed to someone else.
+  if (Status peer = CheckPeer(fd); !peer.ok()) {
+    LogWarn("refused a connection: {}", peer.message());
+    WriteAll(fd, wire::Error(peer).dump() + "\n");
+    close(fd);
+    return;
+  }
   std::unique_lock<std::mutex> l(mu_);
   if (active_ >= limits_.max_connections) {
     l.unlock();

@@ -40,6 +40,7 @@ class RequestHandler {
 struct ServerLimits {
   int max_connections = 64;
   size_t max_request_bytes = 1 << 20;
+  std::string allow_group;  // empty: only the daemon's own user (and root)
 };
 
 class Server {
@@ -60,6 +61,8 @@ class Server {
  private:
   void Serve(int fd);
   Status TooLarge() const;
+  // The peer-credential check: the daemon's user, root, or a member of allow_group.
+  Status CheckPeer(int fd) const;
   nlohmann::json Dispatch(const nlohmann::json& req,
                           const std::function<bool(const std::string&)>& write_line);
 

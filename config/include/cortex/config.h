@@ -20,6 +20,8 @@ struct DaemonConfig {
   size_t max_text_bytes = 16 << 10;
   int max_tags = 32;
   double shutdown_grace_s = 10;
+  // Besides the daemon's own user (and root), members of this group may use the socket.
+  std::string allow_group;
 };
 
 struct StoreConfig {

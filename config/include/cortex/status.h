@@ -24,6 +24,7 @@ class Status {
     kCorruption,
     kIOError,
     kInternal,
+    kPermissionDenied,
   };
 
   Status() = default;
@@ -38,6 +39,9 @@ class Status {
   static Status Timeout(std::string m) { return {Code::kTimeout, std::move(m)}; }
   static Status ResourceExhausted(std::string m) {
     return {Code::kResourceExhausted, std::move(m)};
+  }
+  static Status PermissionDenied(std::string m) {
+    return {Code::kPermissionDenied, std::move(m)};
   }
   static Status Corruption(std::string m) { return {Code::kCorruption, std::move(m)}; }
   static Status IOError(std::string m) { return {Code::kIOError, std::move(m)}; }
