@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The README's test command: install what is missing, build, run the whole suite; then
 # the whole suite again under AddressSanitizer + UndefinedBehaviorSanitizer, and the
-# daemon's concurrency tests under ThreadSanitizer (CORTEX_SANITIZERS=off skips both).
+# daemon's concurrency tests under ThreadSanitizer, then each libFuzzer target for
+# CORTEX_FUZZ_SECONDS (default 30). CORTEX_SANITIZERS=off skips all three.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 jobs="$(nproc)"
@@ -25,3 +26,18 @@ export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1"
 export TSAN_OPTIONS="halt_on_error=1:second_deadlock_stack=1"
 sanitized build-asan address,undefined
 sanitized build-tsan thread -R "E2E|StoreTest|Gating|Replay"
+
+# libFuzzer (clang): each target from its seed corpus, for a bounded time; a finding
+# fails the run and leaves its input in build-fuzz/.
+echo "== fuzzing, ${CORTEX_FUZZ_SECONDS:-30}s per target"
+CC=clang CXX=clang++ cmake -S "$root" -B "$root/build-fuzz" -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+  -DCORTEX_FUZZ=ON -DCORTEX_BUILD_TESTS=OFF -DCORTEX_CUDA=OFF >/dev/null
+targets=(wire config manifest features)
+cmake --build "$root/build-fuzz" -j "$jobs" --target "${targets[@]/#/fuzz_}"
+for t in "${targets[@]}"; do
+  work="$root/build-fuzz/corpus-$t"
+  mkdir -p "$work"
+  (cd "$root/build-fuzz" && "$root/build-fuzz/bin/fuzz_$t" -max_total_time="${CORTEX_FUZZ_SECONDS:-30}" \
+     -print_final_stats=1 "$work" "$root/tests/fuzz/corpus/$t" 2>&1 |
+     grep -E "^(stat::number_of_executed_units|Done|==|SUMMARY|artifact)" | sed "s/^/fuzz_$t: /")
+done

@@ -205,7 +205,7 @@ void Server::AcceptOne() {
   // socket whose folder was loosened or that was handed to someone else.
   if (Status peer = CheckPeer(fd); !peer.ok()) {
     LogWarn("refused a connection: {}", peer.message());
-    WriteAll(fd, wire::Error(peer).dump() + "\n");
+    WriteAll(fd, wire::Line(wire::Error(peer)) + "\n");
     close(fd);
     return;
   }
@@ -274,16 +274,16 @@ void Server::Serve(int fd) {
         continue;
       }
       if (line.size() > limits_.max_request_bytes) {
-        alive = write_line(wire::Error(TooLarge()).dump());
+        alive = write_line(wire::Line(wire::Error(TooLarge())));
         continue;
       }
       if (!line.empty() && line.back() == '\r') line.pop_back();
       if (line.find_first_not_of(" \t") == std::string::npos) continue;
-      alive = write_line(HandleLine(line, write_line).dump());
+      alive = write_line(wire::Line(HandleLine(line, write_line)));
     }
     if (!alive) break;
     if (!discarding && buf.size() > limits_.max_request_bytes) {
-      write_line(wire::Error(TooLarge()).dump());
+      write_line(wire::Line(wire::Error(TooLarge())));
       buf.clear();
       discarding = true;
     } else if (discarding) {
@@ -312,6 +312,11 @@ json Server::HandleLine(const std::string& line,
     return wire::Error(
         Bad(fmt::format("malformed JSON at byte {}: {}", e.byte,
                         colon == std::string::npos ? what : what.substr(colon + 2))));
+  } catch (const json::exception& e) {  // e.g. out_of_range: a number too large ("1e999")
+    std::string what = e.what();
+    size_t close = what.find("] ");
+    return wire::Error(
+        Bad("malformed JSON: " + (close == std::string::npos ? what : what.substr(close + 2))));
   }
   if (!req.is_object()) return wire::Error(Bad("a request must be a JSON object with an \"op\""));
   if (!req.contains("op") || !req["op"].is_string())
@@ -489,7 +494,7 @@ json Server::Dispatch(const json& j, const std::function<bool(const std::string&
     CHECK(h_->Retrain(
         wait,
         [&](const std::string& msg) {
-          return write_line(json{{"row", {{"progress", msg}}}}.dump());
+          return write_line(wire::Line(json{{"row", {{"progress", msg}}}}));
         },
         &result));
     return wire::Ok(result);
@@ -521,7 +526,7 @@ json Server::Dispatch(const json& j, const std::function<bool(const std::string&
     long count = 0;
     bool alive = true;
     CHECK(h_->store()->ForEachTask(since, [&](const Task& t) {
-      alive = write_line(json{{"row", wire::ExportRow(t)}}.dump());
+      alive = write_line(wire::Line(json{{"row", wire::ExportRow(t)}}));
       ++count;
       return alive;
     }));

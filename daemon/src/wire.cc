@@ -125,8 +125,16 @@ json ExportRow(const Task& t) {
 }
 
 json Error(const Status& s) {
-  return {{"ok", false}, {"error", {{"code", s.code_name()}, {"message", s.message()}}}};
+  // Messages may quote request bytes (a JSON parser's "last read: ..."): keep them UTF-8.
+  return {{"ok", false}, {"error", {{"code", s.code_name()}, {"message", ValidUtf8(s.message())}}}};
 }
+
+std::string ValidUtf8(std::string s) {
+  for (size_t at = InvalidUtf8At(s); at != std::string::npos; at = InvalidUtf8At(s)) s[at] = '?';
+  return s;
+}
+
+std::string Line(const json& j) { return j.dump(-1, ' ', false, json::error_handler_t::replace); }
 
 json Ok(json result) { return {{"ok", true}, {"result", std::move(result)}}; }
 

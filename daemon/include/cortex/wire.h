@@ -27,5 +27,9 @@ json FinalOutcome(const Task& t);
 
 // Byte offset of the first invalid UTF-8 sequence, or npos when `s` is valid.
 size_t InvalidUtf8At(const std::string& s);
+// `s` with every byte that breaks UTF-8 replaced by '?'.
+std::string ValidUtf8(std::string s);
+// One response line: serialising never throws (invalid UTF-8 becomes U+FFFD).
+std::string Line(const json& j);
 
 }  // namespace cortex::wire

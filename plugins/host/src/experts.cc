@@ -38,9 +38,11 @@ struct ExpertRegistry::FileRecord {
 
 namespace {
 
+// Plugin-supplied strings are read with bounds: 256 entries of up to 4 KiB each.
+std::string CStr(const char* s) { return s ? std::string(s, strnlen(s, 4096)) : std::string(); }
 std::vector<std::string> CStrList(const char* const* list) {
   std::vector<std::string> out;
-  for (; list && *list; ++list) out.emplace_back(*list);
+  for (; list && *list && out.size() < 256; ++list) out.push_back(CStr(*list));
   return out;
 }
 
@@ -320,15 +322,21 @@ Status ExpertRegistry::LoadFile(const std::string& path, std::shared_ptr<PluginL
   if (api->struct_size < sizeof(cortex_plugin_api) || !api->manifest || !api->create ||
       !api->destroy || !api->execute)
     return Status::FailedPrecondition("incomplete API table (missing manifest or functions)");
-  const cortex_manifest* m = api->manifest;
-  Manifest& man = lib->manifest;
-  man.name = m->name ? m->name : "";
+  CORTEX_RETURN_IF_ERROR(ManifestFromC(api->manifest, &lib->manifest));
+  lib->api = api;
+  *out = std::move(lib);
+  return Status::OK();
+}
+
+Status ManifestFromC(const cortex_manifest* m, Manifest* out) {
+  Manifest man;
+  man.name = CStr(m->name);
   if (!ValidName(man.name))
     return Status::FailedPrecondition("manifest name '" + man.name +
                                       "' is not 1-64 characters of a-z, 0-9, '-', '_', '.'");
-  man.version = m->version ? m->version : "";
+  man.version = CStr(m->version);
   if (man.version.empty()) return Status::FailedPrecondition("manifest has no version");
-  man.description = m->description ? m->description : "";
+  man.description = CStr(m->description);
   man.keywords = CStrList(m->keywords);
   man.examples = CStrList(m->examples);
   man.config_keys = CStrList(m->config_keys);
@@ -337,8 +345,7 @@ Status ExpertRegistry::LoadFile(const std::string& path, std::shared_ptr<PluginL
   man.capacity = static_cast<int>(m->capacity);
   man.timeout_s = m->timeout_ms ? m->timeout_ms / 1000.0 : 60.0;
   man.requires_config = (m->flags & CORTEX_MANIFEST_REQUIRES_CONFIG) != 0;
-  lib->api = api;
-  *out = std::move(lib);
+  *out = std::move(man);
   return Status::OK();
 }
 

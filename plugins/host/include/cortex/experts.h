@@ -18,6 +18,8 @@
 #include "cortex/status.h"
 #include "cortex/types.h"
 
+struct cortex_manifest;  // plugins/sdk/include/cortex/plugin.h
+
 namespace cortex {
 
 constexpr size_t kMaxExpertOutputBytes = 64 << 10;
@@ -33,6 +35,10 @@ struct Manifest {
   double timeout_s = 60;
   bool requires_config = false;
 };
+
+// Validates a plugin's C manifest and copies it out; the only reader of plugin-supplied
+// manifest memory (fuzzed in tests/fuzz).
+Status ManifestFromC(const cortex_manifest* m, Manifest* out);
 
 class PluginLibrary;  // a loaded .so and its API table
 
