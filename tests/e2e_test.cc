@@ -3,12 +3,14 @@
 #include <grp.h>
 #include <gtest/gtest.h>
 #include <pwd.h>
+#include <sqlite3.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <random>
 #include <set>
 #include <thread>
 
@@ -528,6 +530,100 @@ TEST(E2E, KillNineLosesNoAcknowledgedTask) {
   EXPECT_GT(states["succeeded"], 0);
   EXPECT_EQ(states["failed"], 0);
   EXPECT_EQ(d.Stop(SIGTERM), 0);
+}
+
+// SQLite's own verdict on a store file, and whether it holds every id in `ids`.
+std::string IntegrityCheck(const std::string& path, const std::set<std::string>& ids,
+                           size_t* missing) {
+  sqlite3* db = nullptr;
+  std::string verdict = "cannot open";
+  *missing = ids.size();
+  if (sqlite3_open_v2(path.c_str(), &db, SQLITE_OPEN_READONLY, nullptr) == SQLITE_OK) {
+    sqlite3_stmt* st = nullptr;
+    if (sqlite3_prepare_v2(db, "PRAGMA integrity_check", -1, &st, nullptr) == SQLITE_OK &&
+        sqlite3_step(st) == SQLITE_ROW)
+      verdict = reinterpret_cast<const char*>(sqlite3_column_text(st, 0));
+    sqlite3_finalize(st);
+    *missing = 0;
+    sqlite3_prepare_v2(db, "SELECT 1 FROM tasks WHERE id=?", -1, &st, nullptr);
+    for (const auto& id : ids) {
+      sqlite3_bind_text(st, 1, id.c_str(), -1, SQLITE_TRANSIENT);
+      if (sqlite3_step(st) != SQLITE_ROW) ++*missing;
+      sqlite3_reset(st);
+    }
+    sqlite3_finalize(st);
+  }
+  sqlite3_close(db);
+  return verdict;
+}
+
+// Concurrent clients submit while cortexd is SIGKILLed at random moments, many times over.
+// After every kill the file passes PRAGMA integrity_check and holds every acknowledged id;
+// at the end every one of them is final or interrupted.
+TEST(E2E, KillNineAtRandomMomentsUnderConcurrentLoad) {
+  TempDir dir;
+  const char* cfg =
+      "experts:\n  - name: quick\n    plugin: command\n    run: ['true']\n    capacity: 4\n"
+      "    keywords: [job]\n";
+  const int kCycles = 10, kClients = 4;
+  std::mt19937 rng(20261122);
+  std::set<std::string> acked;
+  std::mutex mu;
+  for (int cycle = 0; cycle < kCycles; ++cycle) {
+    Daemon d(dir, cfg, kNoBias);
+    ASSERT_TRUE(d.Start()) << d.Log();
+    std::atomic<bool> stop{false};
+    std::vector<std::thread> clients;
+    for (int c = 0; c < kClients; ++c)
+      clients.emplace_back([&, c] {
+        Client cl;
+        if (!cl.Connect(d.socket).ok()) return;
+        for (int i = 0; !stop.load(); ++i) {
+          json resp;
+          json req = {{"op", "submit"},
+                      {"text", "job " + std::to_string(cycle) + "-" + std::to_string(c) + "-" +
+                                   std::to_string(i)}};
+          if (!cl.Call(req, &resp).ok()) return;  // the daemon is gone
+          if (resp.value("ok", false)) {
+            std::lock_guard<std::mutex> l(mu);
+            acked.insert(resp["result"]["id"].get<std::string>());
+          }
+          usleep(5000);  // ~200 submissions/s per client: enough to hit every phase
+        }
+      });
+    usleep(50000 + static_cast<useconds_t>(rng() % 400000));
+    d.Stop(SIGKILL);
+    stop = true;
+    for (auto& t : clients) t.join();
+    size_t missing = 0;
+    EXPECT_EQ(IntegrityCheck(d.store, acked, &missing), "ok") << "cycle " << cycle;
+    EXPECT_EQ(missing, 0u) << "cycle " << cycle << ": acknowledged tasks lost";
+  }
+  EXPECT_GT(acked.size(), static_cast<size_t>(kCycles * 10));
+  std::printf("%zu acknowledged tasks across %d SIGKILL cycles\n", acked.size(), kCycles);
+  Daemon d(dir, cfg, kNoBias);
+  ASSERT_TRUE(d.Start()) << d.Log();
+  std::map<std::string, long> by_state;
+  ASSERT_TRUE(test::Eventually(
+      [&] {
+        json st = d.CtlJson({"status"});
+        by_state.clear();
+        long final_or_interrupted = 0;
+        for (const auto& [k, v] : st["tasks"].items()) {
+          by_state[k] = v.get<long>();
+          if (k == "succeeded" || k == "failed" || k == "interrupted")
+            final_or_interrupted += v.get<long>();
+        }
+        return st["queue_depth"] == 0 && st["inflight"] == 0 &&
+               final_or_interrupted >= static_cast<long>(acked.size());
+      },
+      120))
+      << json(by_state).dump();
+  EXPECT_EQ(by_state["failed"], 0);
+  EXPECT_EQ(d.Stop(SIGTERM), 0);
+  size_t missing = 0;
+  EXPECT_EQ(IntegrityCheck(d.store, acked, &missing), "ok");
+  EXPECT_EQ(missing, 0u);
 }
 
 TEST(E2E, SigtermFinishesRunningWorkAndKeepsTheQueue) {
