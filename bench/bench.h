@@ -39,6 +39,15 @@ struct SpeedOptions {
 };
 
 int Score(const SpeedOptions& opt);
+
+struct SoakOptions {
+  int clients = 8;
+  double seconds = 30;
+  std::string cortexd;  // default: the cortexd beside cortex-bench
+  std::string json_out;
+};
+
+int Soak(const SoakOptions& opt);
 int Train(const SpeedOptions& opt);
 
 }  // namespace cortex::bench

@@ -3,6 +3,7 @@
 //   score       routing throughput and single-decision latency (gating model, cpu or cuda)
 //   train       training throughput (cpu or cuda)
 //   replay      learning quality on a real task stream (replay.cc)
+//   soak        a cortexd under load with misbehaving experts (soak.cc)
 #include <CLI/CLI.hpp>
 #include <algorithm>
 #include <atomic>
@@ -108,6 +109,13 @@ int main(int argc, char** argv) {
   tr->add_option("--batch", so.batches, "minibatch size(s)")->check(CLI::Range(1, 1 << 20));
   tr->add_option("--backend", so.backend)->check(CLI::IsMember({"cpu", "cuda", "auto"}));
   tr->add_option("--json", so.json_out, "write the figures to this file");
+  cortex::bench::SoakOptions sk;
+  auto* soak = app.add_subcommand(
+      "soak", "a cortexd of its own under load, with crashing, hanging and slow experts");
+  soak->add_option("--clients", sk.clients)->check(CLI::Range(1, 512));
+  soak->add_option("--seconds", sk.seconds)->check(CLI::Range(1.0, 86400.0));
+  soak->add_option("--cortexd", sk.cortexd, "the cortexd to run (default: beside this tool)");
+  soak->add_option("--json", sk.json_out, "write the figures to this file");
   cortex::bench::ReplayOptions ro;
   auto* rp = app.add_subcommand("replay", "learning quality on a real task stream");
   rp->add_option("--corpus", ro.corpus, "TSV corpus (id, unix_time, type, scope, text)")
@@ -139,5 +147,6 @@ int main(int argc, char** argv) {
   }
   if (tp->parsed()) return Throughput(socket, clients, tasks, text, json_out);
   if (tr->parsed()) return cortex::bench::Train(so);
+  if (soak->parsed()) return cortex::bench::Soak(sk);
   return cortex::bench::Score(so);
 }

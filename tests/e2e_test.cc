@@ -397,6 +397,32 @@ TEST(E2E, OnlyTheOwnerOrTheAllowedGroupMayTalkToIt) {
       << d.Log();
 }
 
+TEST(E2E, ConnectionLimitIsAnsweredWithAClearError) {
+  TempDir dir;
+  Daemon d(dir);
+  std::string cfg = test::ReadFile(d.config);
+  cfg.replace(cfg.find("shutdown_grace: 2s}"), 19, "shutdown_grace: 2s, max_connections: 2}");
+  test::WriteFile(d.config, cfg);
+  ASSERT_TRUE(d.Start()) << d.Log();
+  auto a = std::make_unique<Client>();
+  Client b, c;
+  ASSERT_TRUE(a->Connect(d.socket).ok());
+  ASSERT_TRUE(b.Connect(d.socket).ok());
+  json r;
+  ASSERT_TRUE(a->Call({{"op", "status"}}, &r).ok());  // both are being served
+  ASSERT_TRUE(b.Call({{"op", "status"}}, &r).ok());
+  ASSERT_TRUE(c.Connect(d.socket).ok());
+  std::string line;
+  ASSERT_TRUE(c.ReadLine(&line).ok());
+  json j = json::parse(line);
+  EXPECT_EQ(j["error"]["code"], "resource_exhausted") << j;
+  EXPECT_NE(j["error"]["message"].get<std::string>().find("too many connections (2"),
+            std::string::npos)
+      << j;
+  a.reset();  // closing one makes room again
+  EXPECT_TRUE(test::Eventually([&] { return d.Ctl({"status"}).code == 0; }));
+}
+
 TEST(E2E, BadConfigRefusesToStartAndReloadKeepsTheOld) {
   TempDir dir;
   Daemon bad(dir, "router:\n  exploraton: 0.1\n", "");
