@@ -25,7 +25,13 @@ sanitized() {  # folder, sanitizers, ctest arguments...
 export ASAN_OPTIONS="detect_leaks=1:abort_on_error=1:strict_string_checks=1"
 export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1"
 export TSAN_OPTIONS="halt_on_error=1:second_deadlock_stack=1"
-targets="" sanitized build-asan address,undefined
+# The in-process plugin tests leave a deliberately hung plugin thread behind; LSan's
+# stop-the-world tracer has crashed on such a thread at exit (its own fatal error, not a
+# leak), so those three suites run without leak checking and everything else with it.
+plugin_suites="^(RegistryTest|CommandTest|RepoExpertTest)\\."
+targets="" sanitized build-asan address,undefined -E "$plugin_suites"
+(cd "$root/build-asan" &&
+ ASAN_OPTIONS="$ASAN_OPTIONS:detect_leaks=0" ctest -j "$jobs" --output-on-failure --timeout 600 -R "$plugin_suites")
 # TSan: the tests where threads meet (daemon end to end, store, learner).
 targets="e2e_test store_test gating_test" sanitized build-tsan thread -R "E2E|StoreTest|Gating"
 
