@@ -1,13 +1,23 @@
 // Internal to cortex-bench: the subcommands that live in their own files.
 #pragma once
 
+#include <algorithm>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <vector>
 
 #include "cortex/learner.h"
 
 namespace cortex::bench {
+
+// The value at fraction `p` of the sorted samples (nearest rank).
+inline double Percentile(std::vector<double> v, double p) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  return v[std::min(v.size() - 1,
+                    static_cast<size_t>(p * static_cast<double>(v.size() - 1) + 0.5))];
+}
 
 inline void WriteJson(const std::string& path, const nlohmann::json& j) {
   if (path.empty()) return;

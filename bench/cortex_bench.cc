@@ -20,16 +20,10 @@
 
 namespace {
 
+using cortex::bench::Percentile;
 using cortex::bench::WriteJson;
 using json = nlohmann::json;
 using Clock = std::chrono::steady_clock;
-
-double Percentile(std::vector<double> v, double p) {
-  if (v.empty()) return 0;
-  std::sort(v.begin(), v.end());
-  size_t i = static_cast<size_t>(p * static_cast<double>(v.size() - 1) + 0.5);
-  return v[std::min(i, v.size() - 1)];
-}
 
 int Throughput(const std::string& socket, int clients, int tasks, const std::string& text,
                const std::string& json_out) {

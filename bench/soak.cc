@@ -34,13 +34,6 @@ long RssKiB(pid_t pid) {
   return 0;
 }
 
-double Percentile(std::vector<double> v, double p) {
-  if (v.empty()) return 0;
-  std::sort(v.begin(), v.end());
-  return v[std::min(v.size() - 1,
-                    static_cast<size_t>(p * static_cast<double>(v.size() - 1) + 0.5))];
-}
-
 }  // namespace
 
 int Soak(const SoakOptions& o) {

@@ -408,13 +408,24 @@ TEST(E2E, ConnectionLimitIsAnsweredWithAClearError) {
   cfg.replace(cfg.find("shutdown_grace: 2s}"), 19, "shutdown_grace: 2s, max_connections: 2}");
   test::WriteFile(d.config, cfg);
   ASSERT_TRUE(d.Start()) << d.Log();
-  auto a = std::make_unique<Client>();
-  Client b, c;
-  ASSERT_TRUE(a->Connect(d.socket).ok());
-  ASSERT_TRUE(b.Connect(d.socket).ok());
-  json r;
-  ASSERT_TRUE(a->Call({{"op", "status"}}, &r).ok());  // both are being served
-  ASSERT_TRUE(b.Call({{"op", "status"}}, &r).ok());
+  // Start()'s own status probes may still hold their slots for a moment: retry until
+  // two connections are being served.
+  auto served = [&] {
+    for (int i = 0; i < 100; ++i) {
+      auto cl = std::make_unique<Client>();
+      json r;
+      if (cl->Connect(d.socket).ok() && cl->Call({{"op", "status"}}, &r).ok() &&
+          r.value("ok", false))
+        return cl;
+      usleep(20000);
+    }
+    return std::unique_ptr<Client>();
+  };
+  auto a = served();
+  ASSERT_TRUE(a);
+  auto b = served();
+  ASSERT_TRUE(b);
+  Client c;
   ASSERT_TRUE(c.Connect(d.socket).ok());
   std::string line;
   ASSERT_TRUE(c.ReadLine(&line).ok());

@@ -164,85 +164,83 @@ class CpuEngine : public GatingEngine {
       gheads[e] = &m->g_heads[data.experts[e]];
     }
     std::vector<float> U(static_cast<size_t>(E) * H), Hm, Z, dZ, dU(static_cast<size_t>(E) * H), dH;
-    for (int epoch = 0; epoch < opt.epochs; ++epoch) {
-      const std::vector<int> order =
-          EpochOrder(data.rows.size(), m->shape().seed, epoch, opt.shuffle);
-      for (size_t begin = 0; begin < order.size(); begin += opt.batch) {
-        const size_t end = std::min(order.size(), begin + static_cast<size_t>(opt.batch));
-        const int n = static_cast<int>(end - begin);
-        internal::StepPlan p = internal::MakeStepPlan(*m, data, order, begin, end, keys);
-        for (int e = 0; e < E; ++e)
-          std::copy(heads[e]->w.begin(), heads[e]->w.end(), U.begin() + static_cast<size_t>(e) * H);
-        // Forward.
-        Hm.assign(static_cast<size_t>(n) * H, 0.0f);
-        for (int k = 0; k < n; ++k) {
-          float* h = &Hm[static_cast<size_t>(k) * H];
-          std::copy(m->b1.begin(), m->b1.end(), h);
-          for (int j = p.x_off[k]; j < p.x_off[k + 1]; ++j) {
-            const float* row = &m->emb[static_cast<size_t>(p.x_emb[j]) * H];
-            for (int c = 0; c < H; ++c) h[c] += p.x_val[j] * row[c];
+    CORTEX_RETURN_IF_ERROR(internal::ForEachMinibatch(
+        *m, data, opt, keys, [&](const internal::StepPlan& p, int n) -> Status {
+          for (int e = 0; e < E; ++e)
+            std::copy(heads[e]->w.begin(), heads[e]->w.end(),
+                      U.begin() + static_cast<size_t>(e) * H);
+          // Forward.
+          Hm.assign(static_cast<size_t>(n) * H, 0.0f);
+          for (int k = 0; k < n; ++k) {
+            float* h = &Hm[static_cast<size_t>(k) * H];
+            std::copy(m->b1.begin(), m->b1.end(), h);
+            for (int j = p.x_off[k]; j < p.x_off[k + 1]; ++j) {
+              const float* row = &m->emb[static_cast<size_t>(p.x_emb[j]) * H];
+              for (int c = 0; c < H; ++c) h[c] += p.x_val[j] * row[c];
+            }
+            for (int c = 0; c < H; ++c) h[c] = std::tanh(h[c]);
           }
-          for (int c = 0; c < H; ++c) h[c] = std::tanh(h[c]);
-        }
-        Z.assign(static_cast<size_t>(n) * E, 0.0f);
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, E, H, 1.0f, Hm.data(), H, U.data(),
-                    H, 0.0f, Z.data(), E);
-        dZ.assign(static_cast<size_t>(n) * E, 0.0f);
-        float g_pw = 0, g_pb = 0;
-        std::vector<float> g_bias(E, 0.0f);
-        for (int k = 0; k < n; ++k) {
-          const TrainRow& r = data.rows[p.rows[k]];
-          const int e = p.col[k];
-          float z = Z[k * E + e] + heads[e]->bias + m->prior_b + m->prior_w * r.prior;
-          for (int j = p.x_off[k]; j < p.x_off[k + 1]; ++j) z += p.x_val[j] * m->wide[p.x_wide[j]];
-          const float dz = r.weight * (Sigmoid(z) - r.reward) / static_cast<float>(n);
-          dZ[k * E + e] = dz;
-          g_bias[e] += dz;
-          g_pw += dz * r.prior;
-          g_pb += dz;
-        }
-        // Backward through the dense layers.
-        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, E, H, n, 1.0f, dZ.data(), E, Hm.data(),
-                    H, 0.0f, dU.data(), H);
-        dH.assign(static_cast<size_t>(n) * H, 0.0f);
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, H, E, 1.0f, dZ.data(), E,
-                    U.data(), H, 0.0f, dH.data(), H);
-        for (size_t i = 0; i < dH.size(); ++i) dH[i] *= 1.0f - Hm[i] * Hm[i];
-        // Updates.
-        for (int e = 0; e < E; ++e) {
-          if (g_bias[e] == 0.0f) continue;  // expert not in this minibatch
-          std::vector<float>& acc = *gheads[e];
-          for (int c = 0; c < H; ++c)
-            Adagrad(&heads[e]->w[c], &acc[c], dU[static_cast<size_t>(e) * H + c], opt.lr);
-          Adagrad(&heads[e]->bias, &acc[H], g_bias[e], opt.lr);
-        }
-        Adagrad(&m->prior_w, &m->g_prior_w, g_pw, opt.lr);
-        Adagrad(&m->prior_b, &m->g_prior_b, g_pb, opt.lr);
-        for (int c = 0; c < H; ++c) {
-          float g = 0;
-          for (int k = 0; k < n; ++k) g += dH[static_cast<size_t>(k) * H + c];
-          Adagrad(&m->b1[c], &m->g_b1[c], g, opt.lr);
-        }
-        std::vector<float> g(H);
-        for (size_t u = 0; u < p.emb_rows.size(); ++u) {
-          std::fill(g.begin(), g.end(), 0.0f);
-          for (int s = p.emb_off[u]; s < p.emb_off[u + 1]; ++s) {
-            const float* d = &dH[static_cast<size_t>(p.emb_pos[s]) * H];
-            for (int c = 0; c < H; ++c) g[c] += p.emb_val[s] * d[c];
+          Z.assign(static_cast<size_t>(n) * E, 0.0f);
+          cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, E, H, 1.0f, Hm.data(), H,
+                      U.data(), H, 0.0f, Z.data(), E);
+          dZ.assign(static_cast<size_t>(n) * E, 0.0f);
+          float g_pw = 0, g_pb = 0;
+          std::vector<float> g_bias(E, 0.0f);
+          for (int k = 0; k < n; ++k) {
+            const TrainRow& r = data.rows[p.rows[k]];
+            const int e = p.col[k];
+            float z = Z[k * E + e] + heads[e]->bias + m->prior_b + m->prior_w * r.prior;
+            for (int j = p.x_off[k]; j < p.x_off[k + 1]; ++j)
+              z += p.x_val[j] * m->wide[p.x_wide[j]];
+            const float dz = r.weight * (Sigmoid(z) - r.reward) / static_cast<float>(n);
+            dZ[k * E + e] = dz;
+            g_bias[e] += dz;
+            g_pw += dz * r.prior;
+            g_pb += dz;
           }
-          const size_t base = static_cast<size_t>(p.emb_rows[u]) * H;
-          for (int c = 0; c < H; ++c) Adagrad(&m->emb[base + c], &m->g_emb[base + c], g[c], opt.lr);
-        }
-        for (size_t u = 0; u < p.wide_idx.size(); ++u) {
-          float gw = 0;
-          for (int s = p.wide_off[u]; s < p.wide_off[u + 1]; ++s) {
-            const int k = p.wide_pos[s];
-            gw += p.wide_val[s] * dZ[k * E + p.col[k]];
+          // Backward through the dense layers.
+          cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, E, H, n, 1.0f, dZ.data(), E,
+                      Hm.data(), H, 0.0f, dU.data(), H);
+          dH.assign(static_cast<size_t>(n) * H, 0.0f);
+          cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, H, E, 1.0f, dZ.data(), E,
+                      U.data(), H, 0.0f, dH.data(), H);
+          for (size_t i = 0; i < dH.size(); ++i) dH[i] *= 1.0f - Hm[i] * Hm[i];
+          // Updates.
+          for (int e = 0; e < E; ++e) {
+            if (g_bias[e] == 0.0f) continue;  // expert not in this minibatch
+            std::vector<float>& acc = *gheads[e];
+            for (int c = 0; c < H; ++c)
+              Adagrad(&heads[e]->w[c], &acc[c], dU[static_cast<size_t>(e) * H + c], opt.lr);
+            Adagrad(&heads[e]->bias, &acc[H], g_bias[e], opt.lr);
           }
-          Adagrad(&m->wide[p.wide_idx[u]], &m->g_wide[p.wide_idx[u]], gw, opt.lr_wide);
-        }
-      }
-    }
+          Adagrad(&m->prior_w, &m->g_prior_w, g_pw, opt.lr);
+          Adagrad(&m->prior_b, &m->g_prior_b, g_pb, opt.lr);
+          for (int c = 0; c < H; ++c) {
+            float g = 0;
+            for (int k = 0; k < n; ++k) g += dH[static_cast<size_t>(k) * H + c];
+            Adagrad(&m->b1[c], &m->g_b1[c], g, opt.lr);
+          }
+          std::vector<float> g(H);
+          for (size_t u = 0; u < p.emb_rows.size(); ++u) {
+            std::fill(g.begin(), g.end(), 0.0f);
+            for (int s = p.emb_off[u]; s < p.emb_off[u + 1]; ++s) {
+              const float* d = &dH[static_cast<size_t>(p.emb_pos[s]) * H];
+              for (int c = 0; c < H; ++c) g[c] += p.emb_val[s] * d[c];
+            }
+            const size_t base = static_cast<size_t>(p.emb_rows[u]) * H;
+            for (int c = 0; c < H; ++c)
+              Adagrad(&m->emb[base + c], &m->g_emb[base + c], g[c], opt.lr);
+          }
+          for (size_t u = 0; u < p.wide_idx.size(); ++u) {
+            float gw = 0;
+            for (int s = p.wide_off[u]; s < p.wide_off[u + 1]; ++s) {
+              const int k = p.wide_pos[s];
+              gw += p.wide_val[s] * dZ[k * E + p.col[k]];
+            }
+            Adagrad(&m->wide[p.wide_idx[u]], &m->g_wide[p.wide_idx[u]], gw, opt.lr_wide);
+          }
+          return Status::OK();
+        }));
     m->stamp = GatingModel::NextStamp();
     return Status::OK();
   }

@@ -298,72 +298,67 @@ class CudaEngine : public GatingEngine {
     const float one = 1.0f, zero = 0.0f;
     const uint32_t mask = static_cast<uint32_t>(m->rows() - 1);
     std::vector<float> prior, reward, weight;
-    for (int epoch = 0; epoch < opt.epochs; ++epoch) {
-      const std::vector<int> order =
-          EpochOrder(data.rows.size(), m->shape().seed, epoch, opt.shuffle);
-      for (size_t begin = 0; begin < order.size(); begin += opt.batch) {
-        const size_t end = std::min(order.size(), begin + static_cast<size_t>(opt.batch));
-        const int n = static_cast<int>(end - begin);
-        internal::StepPlan p = internal::MakeStepPlan(*m, data, order, begin, end, keys);
-        prior.clear();
-        reward.clear();
-        weight.clear();
-        for (int r : p.rows) {
-          prior.push_back(data.rows[r].prior);
-          reward.push_back(data.rows[r].reward);
-          weight.push_back(data.rows[r].weight);
-        }
-        CORTEX_RETURN_IF_ERROR(off_.Put(p.x_off));
-        CORTEX_RETURN_IF_ERROR(idx_.Put(p.x_emb));
-        CORTEX_RETURN_IF_ERROR(xw_.Put(p.x_wide));
-        CORTEX_RETURN_IF_ERROR(val_.Put(p.x_val));
-        CORTEX_RETURN_IF_ERROR(col_.Put(p.col));
-        CORTEX_RETURN_IF_ERROR(prior_.Put(prior));
-        CORTEX_RETURN_IF_ERROR(reward_.Put(reward));
-        CORTEX_RETURN_IF_ERROR(weight_.Put(weight));
-        CORTEX_RETURN_IF_ERROR(er_.Put(p.emb_rows));
-        CORTEX_RETURN_IF_ERROR(eo_.Put(p.emb_off));
-        CORTEX_RETURN_IF_ERROR(ep_.Put(p.emb_pos));
-        CORTEX_RETURN_IF_ERROR(ev_.Put(p.emb_val));
-        CORTEX_RETURN_IF_ERROR(wi_.Put(p.wide_idx));
-        CORTEX_RETURN_IF_ERROR(wo_.Put(p.wide_off));
-        CORTEX_RETURN_IF_ERROR(wp_.Put(p.wide_pos));
-        CORTEX_RETURN_IF_ERROR(wv_.Put(p.wide_val));
-        CORTEX_RETURN_IF_ERROR(H_.Fit(static_cast<size_t>(n) * H));
-        CORTEX_RETURN_IF_ERROR(dH_.Fit(static_cast<size_t>(n) * H));
-        CORTEX_RETURN_IF_ERROR(Z_.Fit(static_cast<size_t>(n) * E));
-        CORTEX_RETURN_IF_ERROR(dZ_.Fit(static_cast<size_t>(n) * E));
-        CORTEX_RETURN_IF_ERROR(dz_.Fit(n));
-        CX_CUDA(cudaMemset(dZ_.p, 0, static_cast<size_t>(n) * E * sizeof(float)));
-        float pw_pb[2];
-        CX_CUDA(cudaMemcpy(pw_pb, scal_.p, 2 * sizeof(float), cudaMemcpyDeviceToHost));
+    CORTEX_RETURN_IF_ERROR(internal::ForEachMinibatch(
+        *m, data, opt, keys, [&](const internal::StepPlan& p, int n) -> Status {
+          prior.clear();
+          reward.clear();
+          weight.clear();
+          for (int r : p.rows) {
+            prior.push_back(data.rows[r].prior);
+            reward.push_back(data.rows[r].reward);
+            weight.push_back(data.rows[r].weight);
+          }
+          CORTEX_RETURN_IF_ERROR(off_.Put(p.x_off));
+          CORTEX_RETURN_IF_ERROR(idx_.Put(p.x_emb));
+          CORTEX_RETURN_IF_ERROR(xw_.Put(p.x_wide));
+          CORTEX_RETURN_IF_ERROR(val_.Put(p.x_val));
+          CORTEX_RETURN_IF_ERROR(col_.Put(p.col));
+          CORTEX_RETURN_IF_ERROR(prior_.Put(prior));
+          CORTEX_RETURN_IF_ERROR(reward_.Put(reward));
+          CORTEX_RETURN_IF_ERROR(weight_.Put(weight));
+          CORTEX_RETURN_IF_ERROR(er_.Put(p.emb_rows));
+          CORTEX_RETURN_IF_ERROR(eo_.Put(p.emb_off));
+          CORTEX_RETURN_IF_ERROR(ep_.Put(p.emb_pos));
+          CORTEX_RETURN_IF_ERROR(ev_.Put(p.emb_val));
+          CORTEX_RETURN_IF_ERROR(wi_.Put(p.wide_idx));
+          CORTEX_RETURN_IF_ERROR(wo_.Put(p.wide_off));
+          CORTEX_RETURN_IF_ERROR(wp_.Put(p.wide_pos));
+          CORTEX_RETURN_IF_ERROR(wv_.Put(p.wide_val));
+          CORTEX_RETURN_IF_ERROR(H_.Fit(static_cast<size_t>(n) * H));
+          CORTEX_RETURN_IF_ERROR(dH_.Fit(static_cast<size_t>(n) * H));
+          CORTEX_RETURN_IF_ERROR(Z_.Fit(static_cast<size_t>(n) * E));
+          CORTEX_RETURN_IF_ERROR(dZ_.Fit(static_cast<size_t>(n) * E));
+          CORTEX_RETURN_IF_ERROR(dz_.Fit(n));
+          CX_CUDA(cudaMemset(dZ_.p, 0, static_cast<size_t>(n) * E * sizeof(float)));
+          float pw_pb[2];
+          CX_CUDA(cudaMemcpy(pw_pb, scal_.p, 2 * sizeof(float), cudaMemcpyDeviceToHost));
 
-        GatherTanh<<<n, std::min(H, 256)>>>(off_.p, idx_.p, val_.p, emb_.p, b1_.p, H, mask, H_.p);
-        CX_CUBLAS(cublasSgemm(handle_, CUBLAS_OP_T, CUBLAS_OP_N, E, n, H, &one, U_.p, H, H_.p, H,
-                              &zero, Z_.p, E));
-        RowGrad<<<Blocks(n, 128), 128>>>(n, E, off_.p, xw_.p, val_.p, wide_.p, col_.p, prior_.p,
-                                         reward_.p, weight_.p, bias_.p, pw_pb[0], pw_pb[1], Z_.p,
-                                         dZ_.p, dz_.p);
-        // Row-major dU[E x H] = dZ^T * Hm  and  dH[n x H] = dZ * U.
-        CX_CUBLAS(cublasSgemm(handle_, CUBLAS_OP_N, CUBLAS_OP_T, H, E, n, &one, H_.p, H, dZ_.p, E,
-                              &zero, dU_.p, H));
-        CX_CUBLAS(cublasSgemm(handle_, CUBLAS_OP_N, CUBLAS_OP_N, H, n, E, &one, U_.p, H, dZ_.p, E,
-                              &zero, dH_.p, H));
-        UpdateSmall<<<1, 1>>>(n, E, H, col_.p, dz_.p, prior_.p, opt.lr, bias_.p, accH_.p, scal_.p,
-                              scal_.p + 1, scal_.p + 2, scal_.p + 3, gbias_.p);
-        UpdateHeads<<<Blocks(static_cast<size_t>(E) * H, 256), 256>>>(E, H, dU_.p, gbias_.p, opt.lr,
-                                                                      U_.p, accH_.p);
-        TanhBackB1<<<Blocks(H, 64), 64>>>(n, H, H_.p, dH_.p, opt.lr, b1_.p, g_b1_.p);
-        if (!p.emb_rows.empty())
-          UpdateEmb<<<static_cast<int>(p.emb_rows.size()), std::min(H, 256)>>>(
-              H, er_.p, eo_.p, ep_.p, ev_.p, dH_.p, opt.lr, emb_.p, g_emb_.p);
-        if (!p.wide_idx.empty())
-          UpdateWide<<<Blocks(p.wide_idx.size(), 128), 128>>>(static_cast<int>(p.wide_idx.size()),
-                                                              wi_.p, wo_.p, wp_.p, wv_.p, dz_.p,
-                                                              opt.lr_wide, wide_.p, g_wide_.p);
-        CX_CUDA(cudaGetLastError());
-      }
-    }
+          GatherTanh<<<n, std::min(H, 256)>>>(off_.p, idx_.p, val_.p, emb_.p, b1_.p, H, mask, H_.p);
+          CX_CUBLAS(cublasSgemm(handle_, CUBLAS_OP_T, CUBLAS_OP_N, E, n, H, &one, U_.p, H, H_.p, H,
+                                &zero, Z_.p, E));
+          RowGrad<<<Blocks(n, 128), 128>>>(n, E, off_.p, xw_.p, val_.p, wide_.p, col_.p, prior_.p,
+                                           reward_.p, weight_.p, bias_.p, pw_pb[0], pw_pb[1], Z_.p,
+                                           dZ_.p, dz_.p);
+          // Row-major dU[E x H] = dZ^T * Hm  and  dH[n x H] = dZ * U.
+          CX_CUBLAS(cublasSgemm(handle_, CUBLAS_OP_N, CUBLAS_OP_T, H, E, n, &one, H_.p, H, dZ_.p, E,
+                                &zero, dU_.p, H));
+          CX_CUBLAS(cublasSgemm(handle_, CUBLAS_OP_N, CUBLAS_OP_N, H, n, E, &one, U_.p, H, dZ_.p, E,
+                                &zero, dH_.p, H));
+          UpdateSmall<<<1, 1>>>(n, E, H, col_.p, dz_.p, prior_.p, opt.lr, bias_.p, accH_.p, scal_.p,
+                                scal_.p + 1, scal_.p + 2, scal_.p + 3, gbias_.p);
+          UpdateHeads<<<Blocks(static_cast<size_t>(E) * H, 256), 256>>>(E, H, dU_.p, gbias_.p,
+                                                                        opt.lr, U_.p, accH_.p);
+          TanhBackB1<<<Blocks(H, 64), 64>>>(n, H, H_.p, dH_.p, opt.lr, b1_.p, g_b1_.p);
+          if (!p.emb_rows.empty())
+            UpdateEmb<<<static_cast<int>(p.emb_rows.size()), std::min(H, 256)>>>(
+                H, er_.p, eo_.p, ep_.p, ev_.p, dH_.p, opt.lr, emb_.p, g_emb_.p);
+          if (!p.wide_idx.empty())
+            UpdateWide<<<Blocks(p.wide_idx.size(), 128), 128>>>(static_cast<int>(p.wide_idx.size()),
+                                                                wi_.p, wo_.p, wp_.p, wv_.p, dz_.p,
+                                                                opt.lr_wide, wide_.p, g_wide_.p);
+          CX_CUDA(cudaGetLastError());
+          return Status::OK();
+        }));
     // Back to the host model.
     CORTEX_RETURN_IF_ERROR(emb_.Get(&m->emb, m->emb.size()));
     CORTEX_RETURN_IF_ERROR(b1_.Get(&m->b1, m->b1.size()));

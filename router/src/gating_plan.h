@@ -2,6 +2,7 @@
 // CPU and CUDA engines so both apply the same sums in the same order (deterministic).
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -40,6 +41,22 @@ struct HeadMatrix {
   std::vector<uint64_t> keys;
 };
 HeadMatrix Heads(const GatingModel& m, const std::vector<std::string>& experts);
+
+// Runs fn(plan, n) for every minibatch of every epoch, in the seeded order both engines
+// share; stops at the first error.
+template <typename Fn>
+Status ForEachMinibatch(const GatingModel& m, const TrainSet& data, const TrainOptions& opt,
+                        const std::vector<uint64_t>& keys, Fn fn) {
+  for (int epoch = 0; epoch < opt.epochs; ++epoch) {
+    const std::vector<int> order = EpochOrder(data.rows.size(), m.shape().seed, epoch, opt.shuffle);
+    for (size_t begin = 0; begin < order.size(); begin += static_cast<size_t>(opt.batch)) {
+      const size_t end = std::min(order.size(), begin + static_cast<size_t>(opt.batch));
+      CORTEX_RETURN_IF_ERROR(
+          fn(MakeStepPlan(m, data, order, begin, end, keys), static_cast<int>(end - begin)));
+    }
+  }
+  return Status::OK();
+}
 
 inline float Sigmoid(float z) { return 1.0f / (1.0f + __builtin_expf(-z)); }
 
