@@ -282,7 +282,12 @@ class DaemonImpl : public Daemon, public RequestHandler {
       std::string lock = path + ".lock";
       lock_fd_ = open(lock.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
       if (lock_fd_ < 0) return Status::IOError("cannot open " + lock + ": " + strerror(errno));
-      if (flock(lock_fd_, LOCK_EX | LOCK_NB) != 0)
+      // A predecessor that was just killed can hold the lock a moment longer (its exit is
+      // not instant under load), so wait briefly before refusing; a live daemon keeps it.
+      bool locked = false;
+      for (int i = 0; i < 30 && !(locked = flock(lock_fd_, LOCK_EX | LOCK_NB) == 0); ++i)
+        usleep(100000);
+      if (!locked)
         return Status::FailedPrecondition("another cortexd is using the store " + path + " (lock " +
                                           lock + " is held)");
     }
