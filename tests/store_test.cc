@@ -256,6 +256,11 @@ TEST_P(StoreTest, LoggedOutcomesFeedTrainingWithFeedbackOverriding) {
                   .ok());
   ASSERT_EQ(after.size(), 1u);
   EXPECT_EQ(after[0].seq, out[1].seq);
+  long start = -1;
+  ASSERT_TRUE(store_->OutcomeWindowStart(1, &start).ok());  // the newest one only
+  EXPECT_EQ(start, out[0].seq);
+  ASSERT_TRUE(store_->OutcomeWindowStart(5, &start).ok());  // fewer than 5: everything
+  EXPECT_EQ(start, 0);
 }
 
 TEST_P(StoreTest, ModelVersionsAreKeptAndOneIsLive) {

@@ -694,7 +694,13 @@ class DaemonImpl : public Daemon, public RequestHandler {
   }
 
   Status RetrainOnce(double now, json* summary) {
-    std::vector<LoggedOutcome> history = OutcomesAfter(0);
+    // Only the window a retrain uses (training examples plus the holdout), so memory and
+    // time stay bounded however long the log grows.
+    const LearnerOptions& lo = learner_->options();
+    long after = 0;
+    CORTEX_RETURN_IF_ERROR(
+        store_->OutcomeWindowStart(static_cast<long>(lo.max_examples) + lo.max_holdout, &after));
+    std::vector<LoggedOutcome> history = OutcomesAfter(after);
     std::vector<ModelRecord> models;
     CORTEX_RETURN_IF_ERROR(store_->ListModels(&models));
     const int version = models.empty() ? 1 : models.back().version + 1;

@@ -425,6 +425,19 @@ class SqliteStore : public Store {
     return rc == SQLITE_DONE ? Status::OK() : Status::IOError("read outcomes: " + Err());
   }
 
+  Status OutcomeWindowStart(long n, long* after_seq) override {
+    std::lock_guard<std::mutex> l(mu_);
+    *after_seq = 0;
+    Stmt s = Prepare(
+        "SELECT rowid FROM attempts WHERE outcome IS NOT NULL AND outcome!='interrupted' "
+        "ORDER BY rowid DESC LIMIT 1 OFFSET ?");
+    s.Bind(1, n);
+    int rc = s.Step();
+    if (rc == SQLITE_ROW) *after_seq = s.Long(0);
+    return rc == SQLITE_ROW || rc == SQLITE_DONE ? Status::OK()
+                                                 : Status::IOError("outcome window: " + Err());
+  }
+
   Status SaveModel(const ModelRecord& m) override {
     std::lock_guard<std::mutex> l(mu_);
     Stmt s = Prepare(

@@ -42,6 +42,9 @@ class Store {
   // data; `fn` returns false to stop.
   virtual Status ForEachOutcome(long after_seq,
                                 const std::function<bool(const LoggedOutcome&)>& fn) = 0;
+  // The seq just before the `n` newest training outcomes (0 if there are fewer), so a
+  // retrain can read only the window it learns from.
+  virtual Status OutcomeWindowStart(long n, long* after_seq) = 0;
   // Model versions: saved once, listed without weights, one of them live.
   virtual Status SaveModel(const ModelRecord& m) = 0;
   virtual Status SetLiveModel(int version) = 0;  // NotFound for an unknown version
