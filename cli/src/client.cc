@@ -68,9 +68,13 @@ Status Client::Call(const nlohmann::json& request, nlohmann::json* response,
   } catch (const nlohmann::json::exception& e) {
     return Status::InvalidArgument(std::string("cannot encode the request: ") + e.what());
   }
-  CORTEX_RETURN_IF_ERROR(SendRaw(line));
-  for (;;) {
-    CORTEX_RETURN_IF_ERROR(ReadLine(&line));
+  // A daemon that refuses the connection (peer check, connection limit) answers and
+  // closes at once: its answer is still worth reading when sending failed.
+  Status sent = SendRaw(line);
+  for (bool first = true;; first = false) {
+    if (!sent.ok() && !first) return sent;
+    Status got = ReadLine(&line);
+    if (!got.ok()) return sent.ok() ? got : sent;
     nlohmann::json j = nlohmann::json::parse(line, nullptr, false);
     if (j.is_discarded()) return Status::Internal("cortexd sent a malformed response");
     if (j.contains("row")) {
