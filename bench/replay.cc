@@ -206,13 +206,7 @@ int Replay(const ReplayOptions& opt) {
     o.propensity = d.propensity;
     o.forced = d.forced;
     for (const auto& c : d.candidates) o.candidates.emplace_back(c.expert, c.rule_score);
-    // The greedy pick: best by score (load is zero here), ties by name, as the router does.
-    std::string greedy;
-    double best = -1e300;
-    for (const auto& c : d.candidates)
-      if (c.score > best || (c.score == best && c.expert < greedy))
-        best = c.score, greedy = c.expert;
-    o.greedy = greedy;
+    o.greedy = d.greedy;
     live.learner->Observe(o);
     history.push_back(std::move(o));
     ++new_outcomes;

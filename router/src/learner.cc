@@ -48,9 +48,19 @@ long Learner::trained_through() const {
   return trained_through_;
 }
 
-float Learner::Prior(const SparseVector& x, const std::string& expert) const {
-  auto it = manifests_.find(expert);
-  return it == manifests_.end() ? 0.0f : std::max(0.0f, Dot(x, it->second));
+std::map<std::string, SparseVector> Learner::ManifestsOf(
+    const std::vector<std::string>& experts) const {
+  std::lock_guard<std::mutex> l(mu_);  // a copy, so featurizing never blocks scoring
+  std::map<std::string, SparseVector> out;
+  for (const auto& e : experts)
+    if (auto it = manifests_.find(e); it != manifests_.end()) out.insert(*it);
+  return out;
+}
+
+float Learner::PriorOf(const std::map<std::string, SparseVector>& manifests, const SparseVector& x,
+                       const std::string& expert) {
+  auto it = manifests.find(expert);
+  return it == manifests.end() ? 0.0f : std::max(0.0f, Dot(x, it->second));
 }
 
 void Learner::SetManifest(const std::string& expert, const SparseVector& manifest) {
@@ -105,18 +115,9 @@ TrainSet Learner::MakeTrainSet(const std::vector<LoggedOutcome>& outcomes, size_
   TrainSet set;
   std::map<std::string, int> cols;
   const uint32_t mask = static_cast<uint32_t>((size_t{1} << options_.shape.bits) - 1);
-  std::map<std::string, SparseVector> manifests;
-  {
-    std::lock_guard<std::mutex> l(mu_);  // copied so featurizing never blocks scoring
-    for (size_t i = begin; i < end; ++i) {
-      auto it = manifests_.find(outcomes[i].expert);
-      if (it != manifests_.end()) manifests.insert(*it);
-    }
-  }
-  auto prior = [&](const SparseVector& x, const std::string& e) {
-    auto it = manifests.find(e);
-    return it == manifests.end() ? 0.0f : std::max(0.0f, Dot(x, it->second));
-  };
+  std::vector<std::string> experts;
+  for (size_t i = begin; i < end; ++i) experts.push_back(outcomes[i].expert);
+  const std::map<std::string, SparseVector> manifests = ManifestsOf(experts);
   for (size_t i = begin; i < end; ++i) {
     const LoggedOutcome& o = outcomes[i];
     SparseVector v = hasher_.Task(o.text, o.tags);
@@ -125,7 +126,7 @@ TrainSet Learner::MakeTrainSet(const std::vector<LoggedOutcome>& outcomes, size_
     TrainRow r;
     r.x = set.x.rows();
     r.expert = it->second;
-    r.prior = prior(v, o.expert);
+    r.prior = PriorOf(manifests, v, o.expert);
     r.reward = static_cast<float>(std::clamp(o.reward, 0.0, 1.0));
     // Only a first attempt's expert was drawn with the logged propensity; fallbacks and
     // forced choices were deterministic.
@@ -222,13 +223,11 @@ Result<RetrainResult> Learner::Retrain(const std::vector<LoggedOutcome>& history
   SparseBatch x;
   std::vector<float> prior;
   const uint32_t mask = static_cast<uint32_t>(res.model.rows() - 1);
-  {
-    std::lock_guard<std::mutex> l(mu_);
-    for (size_t i : eval) {
-      SparseVector v = hasher_.Task(history[i].text, history[i].tags);
-      x.Add(v, mask);
-      for (const auto& name : names) prior.push_back(Prior(v, name));
-    }
+  const std::map<std::string, SparseVector> manifests = ManifestsOf(names);
+  for (size_t i : eval) {
+    SparseVector v = hasher_.Task(history[i].text, history[i].tags);
+    x.Add(v, mask);
+    for (const auto& name : names) prior.push_back(PriorOf(manifests, v, name));
   }
   std::vector<float> q;
   CORTEX_RETURN_IF_ERROR(train_engine_->Score(res.model, x, names, prior, &q));

@@ -82,11 +82,15 @@ class Learner {
 
   // Builds training rows (features, priors, importance weights) from logged outcomes.
   TrainSet MakeTrainSet(const std::vector<LoggedOutcome>& outcomes, size_t begin, size_t end);
-  // Cosine between task features and the manifest of `expert` (0 if never seen).
-  float Prior(const SparseVector& x, const std::string& expert) const;
   void SetManifest(const std::string& expert, const SparseVector& manifest);
 
  private:
+  // Copies of the manifests of `experts` known so far (locks briefly).
+  std::map<std::string, SparseVector> ManifestsOf(const std::vector<std::string>& experts) const;
+  // Cosine between task features and the manifest of `expert` (0 if never seen).
+  static float PriorOf(const std::map<std::string, SparseVector>& manifests, const SparseVector& x,
+                       const std::string& expert);
+
   LearnerOptions options_;
   FeatureHasher hasher_;
   std::unique_ptr<GatingEngine> score_engine_, train_engine_, online_engine_;
