@@ -322,6 +322,7 @@ class DaemonImpl : public Daemon, public RequestHandler {
         std::make_shared<Learner>(lo, FeatureHasher(lo.shape.bits), std::move(score_engine).value(),
                                   std::move(train_engine).value());
     CORTEX_RETURN_IF_ERROR(LoadLiveModel());
+    newest_seq_ = learner_->trained_through();
     schedule_ = RetrainSchedule(config_.training.interval_s, config_.training.min_new_outcomes);
     router_ = std::make_shared<Router>(RouterOptionsFrom(config_.router), std::move(rules).value(),
                                        MakeGatingScorer(learner_), learner_->hasher());
@@ -655,12 +656,18 @@ class DaemonImpl : public Daemon, public RequestHandler {
         requested = retrain_requests_ > requests_served_;
       }
       // Online: every outcome the live model has not learned from yet, in log order.
+      // (After a rollback this also replays outcomes already counted once: only those
+      // past the newest one seen count as new.)
       std::vector<LoggedOutcome> fresh = OutcomesAfter(learner_->trained_through());
-      for (const auto& o : fresh) learner_->Observe(o);
+      long added = 0;
+      for (const auto& o : fresh) {
+        learner_->Observe(o);
+        if (o.seq > newest_seq_) ++added, newest_seq_ = o.seq;
+      }
       bool due;
       {
         std::lock_guard<std::mutex> l(train_mu_);
-        new_outcomes_ += static_cast<long>(fresh.size());
+        new_outcomes_ += added;
         due = requested || schedule_.Due(new_outcomes_, env_->NowUnix());
       }
       if (due) RunRetrain();
@@ -805,7 +812,10 @@ class DaemonImpl : public Daemon, public RequestHandler {
     }
     const int previous = learner_->live_version();
     CORTEX_RETURN_IF_ERROR(store_->SetLiveModel(version));
-    learner_->Install(std::move(model), version, through, OutcomesAfter(through));
+    // Outcomes after its cutoff are applied by the trainer thread, the only thread that
+    // feeds the learner, so none is skipped or applied twice by a concurrent catch-up.
+    learner_->Install(std::move(model), version, through, {});
+    train_cv_.notify_all();
     LogInfo("rollback: model v{} is live again (was v{})", version, previous);
     *result = {{"live_version", version}, {"previous", previous}};
     return Status::OK();
@@ -837,6 +847,7 @@ class DaemonImpl : public Daemon, public RequestHandler {
   std::shared_ptr<Learner> learner_;
   std::string backend_why_;
   std::thread trainer_;
+  long newest_seq_ = 0;  // newest outcome the trainer has seen (trainer thread only)
   std::mutex train_mu_;  // guards the fields below
   std::condition_variable train_cv_;
   RetrainSchedule schedule_{600, 200};
