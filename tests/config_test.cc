@@ -96,7 +96,33 @@ INSTANTIATE_TEST_SUITE_P(
                 "bad.yaml:2: plugins: duplicate key"},
         BadCase{"experts:\n  - name: a\n    plugin: x\n    run: [a]\n    run: [b]\n",
                 "bad.yaml:5: experts[0].run: duplicate key"},
+        BadCase{"plugins:\n  isolation: sandbox\n",
+                "bad.yaml:2: plugins.isolation: must be process or in-process"},
+        BadCase{"plugins:\n  memory_limit: lots\n", "bad.yaml:2: plugins.memory_limit: not a size"},
+        BadCase{"plugins:\n  memory_limit: 1MiB\n", "plugins.memory_limit: must be 0"},
+        BadCase{"plugins:\n  quarantine_after: 0\n", "plugins.quarantine_after: must be between"},
+        BadCase{"router:\n  health_bias: -1\n", "router.health_bias: must be between"},
         BadCase{"daemon: [1, 2\n", "YAML syntax error"}));
+
+TEST(ConfigTest, PluginSupervisionSettings) {
+  Config d = DefaultConfig();
+  EXPECT_EQ(d.plugins.isolation, "process") << "plugins run out of process unless asked";
+  EXPECT_EQ(d.plugins.memory_limit, size_t{1} << 30);
+  Result<Config> c = LoadConfigString(
+      "plugins: {isolation: in-process, memory_limit: 256MiB, quarantine_after: 2, "
+      "restart_backoff: 1s}\n",
+      "x");
+  ASSERT_TRUE(c.ok()) << c.status().ToString();
+  EXPECT_EQ(c->plugins.isolation, "in-process");
+  EXPECT_EQ(c->plugins.memory_limit, size_t{256} << 20);
+  EXPECT_EQ(c->plugins.quarantine_after, 2);
+  EXPECT_DOUBLE_EQ(c->plugins.restart_backoff_s, 1.0);
+  EXPECT_EQ(ParseSize("0").value(), 0u);
+  EXPECT_EQ(ParseSize("2G").value(), size_t{2} << 30);
+  EXPECT_EQ(ParseSize("64KiB").value(), size_t{64} << 10);
+  EXPECT_FALSE(ParseSize("-1MiB").ok());
+  EXPECT_FALSE(ParseSize("12 parsecs").ok());
+}
 
 TEST(ConfigTest, MissingFileIsNotFound) {
   Result<Config> c = LoadConfigFile("/nonexistent/cortex.yaml");

@@ -10,6 +10,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <fstream>
 #include <random>
 #include <set>
 #include <thread>
@@ -73,8 +74,8 @@ TEST(E2E, SubmitWaitShowHistoryExpertsStatusFeedbackExport) {
   EXPECT_DOUBLE_EQ(s["decision"]["propensity"].get<double>(), 1.0);
   EXPECT_EQ(s["decision"]["explored"], false);
   ASSERT_EQ(s["decision"]["candidates"].size(), 5u);  // three configured, two bundled
-  for (const char* k :
-       {"expert", "rule_score", "model_score", "load_bias", "score", "confidence", "rules"})
+  for (const char* k : {"expert", "rule_score", "model_score", "load_bias", "health_bias", "score",
+                        "confidence", "rules"})
     EXPECT_TRUE(s["decision"]["candidates"][0].contains(k)) << k;
   ASSERT_EQ(s["attempts"].size(), 1u);
   EXPECT_EQ(s["attempts"][0]["expert"], "ok");
@@ -531,6 +532,107 @@ TEST(E2E, PluginsDroppedReplacedRemovedAndRefusedLive) {
   fs::remove(d.plugin_dir + "/echo.so");
   ASSERT_TRUE(test::Eventually([&] { return state_of("echo")["state"] == "removed"; }, 2.0));
   EXPECT_NE(d.CtlJson({"submit", "echo parrot", "--wait"})["expert"], "echo");
+}
+
+// Whether `pid` has exited (a zombie nobody reaped counts: it runs no code).
+bool Gone(int pid) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
+  std::string stat;
+  if (!std::getline(in, stat)) return true;
+  size_t p = stat.rfind(')');
+  return p != std::string::npos && p + 2 < stat.size() && stat[p + 2] == 'Z';
+}
+
+TEST(E2E, PluginsRunInSupervisedHostsCrashesFallBackAndQuarantine) {
+  TempDir dir;
+  Daemon d(dir, R"(experts:
+  - name: crasher
+    plugin: misbehave
+    mode: crash
+    keywords: ["deploy"]
+  - name: steady
+    plugin: misbehave
+    keywords: ["maintenance"]
+rules:
+  - name: deploys
+    match: ["deploy"]
+    expert: crasher
+    force: true
+)",
+           "router: {exploration: 0, seed: 1, max_attempts: 2}\ntraining: {online: false}\n",
+           /*bundled=*/false, ", quarantine_after: 2, restart_backoff: 10ms");
+  fs::copy_file(test::BenchPluginDir() + "/misbehave.so", d.plugin_dir + "/misbehave.so");
+  fs::permissions(d.plugin_dir + "/misbehave.so", fs::perms(0755), fs::perm_options::replace);
+  ASSERT_TRUE(d.Start()) << d.Log();
+  EXPECT_EQ(d.CtlJson({"status"})["isolation"], "process");
+  auto expert = [&](const std::string& name) -> json {
+    for (const auto& e : d.CtlJson({"experts"}))
+      if (e["name"] == name) return e;
+    return json();
+  };
+
+  // The forced expert segfaults; the task falls back and succeeds, and cortexd lives.
+  json w = d.CtlJson({"submit", "deploy the api", "--wait"});
+  EXPECT_EQ(w["state"], "succeeded") << w;
+  EXPECT_NE(w["expert"], "crasher");
+  json s = d.CtlJson({"show", w["id"]});
+  ASSERT_EQ(s["attempts"].size(), 2u) << s;
+  EXPECT_EQ(s["attempts"][0]["expert"], "crasher");
+  EXPECT_EQ(s["attempts"][0]["outcome"]["kind"], "crash");
+  EXPECT_NE(s["attempts"][0]["outcome"]["error"].get<std::string>().find("killed by SIGSEGV"),
+            std::string::npos)
+      << s;
+  EXPECT_TRUE(d.Alive());
+  EXPECT_EQ(expert("crasher")["health"]["crashes"], 1);
+
+  // cortexd never mapped plugin code; each instance has a host process of its own.
+  std::ifstream maps("/proc/" + std::to_string(d.pid) + "/maps");
+  std::string m((std::istreambuf_iterator<char>(maps)), std::istreambuf_iterator<char>());
+  ASSERT_FALSE(m.empty());
+  EXPECT_EQ(m.find("misbehave"), std::string::npos);
+  EXPECT_EQ(m.find("plugin-cache"), std::string::npos);
+  EXPECT_EQ(m.find("lib/cortex/plugins"), std::string::npos);
+  json steady = expert("steady");
+  ASSERT_TRUE(steady["host_pid"].is_number()) << steady;
+  const int host = steady["host_pid"].get<int>();
+  EXPECT_NE(host, d.pid);
+  EXPECT_EQ(steady["isolation"], "process");
+  std::ifstream cmdline("/proc/" + std::to_string(host) + "/cmdline");
+  std::string cl((std::istreambuf_iterator<char>(cmdline)), std::istreambuf_iterator<char>());
+  EXPECT_NE(cl.find("cortex-plugin-host"), std::string::npos) << cl;
+
+  // A second crash in a row quarantines it: shown, audited, no longer attempted.
+  EXPECT_EQ(d.CtlJson({"submit", "deploy again", "--wait"})["state"], "succeeded");
+  ASSERT_TRUE(test::Eventually([&] { return expert("crasher")["state"] == "quarantined"; }));
+  test::Run r = d.Ctl({"experts"});
+  EXPECT_NE(r.out.find("crasher is quarantined since"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("cortexctl experts release crasher"), std::string::npos) << r.out;
+  bool audited = false;
+  for (const auto& e : d.CtlJson({"events", "--limit", "100"}))
+    audited |= e["event"] == "quarantined" && e["expert"] == "crasher";
+  EXPECT_TRUE(audited);
+  json w3 = d.CtlJson({"submit", "deploy three", "--wait"});
+  EXPECT_EQ(w3["state"], "succeeded");
+  json s3 = d.CtlJson({"show", w3["id"]});
+  ASSERT_EQ(s3["attempts"].size(), 1u) << "the quarantined expert is not attempted: " << s3;
+  EXPECT_NE(s3["attempts"][0]["expert"], "crasher");
+
+  // Released by command.
+  r = d.Ctl({"experts", "release", "crasher"});
+  EXPECT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(expert("crasher")["state"], "active");
+  r = d.Ctl({"experts", "release", "crasher"});
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find("not quarantined"), std::string::npos) << r.err;
+  r = d.Ctl({"experts", "release", "nosuch"});
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find("no expert named 'nosuch'"), std::string::npos) << r.err;
+
+  // kill -9 of cortexd takes its hosts with it: they see their socket close.
+  kill(d.pid, SIGKILL);
+  waitpid(d.pid, nullptr, 0);
+  d.pid = -1;
+  EXPECT_TRUE(test::Eventually([&] { return Gone(host); }, 5)) << "host " << host << " lingers";
 }
 
 // Every task goes to the one slow expert (no load bias, no exploration), so work piles up.

@@ -1,4 +1,6 @@
-// The registry and the bundled experts, in-process against the real .so files.
+// The registry and the bundled experts against the real .so files, once with each
+// plugin instance in its own host process (the default) and once in-process; then what
+// isolation adds: crashes, hangs and memory limits contained, restarts and quarantine.
 #include <gtest/gtest.h>
 #include <sys/stat.h>
 
@@ -11,24 +13,28 @@ namespace {
 using test::TempDir;
 namespace fs = std::filesystem;
 
-class RegistryTest : public ::testing::Test {
+class RegistryTest : public ::testing::TestWithParam<const char*> {
  protected:
   void SetUp() override {
     plugins_ = dir_ / "plugins";
     fs::create_directories(plugins_);
     fs::permissions(plugins_, fs::perms::owner_all, fs::perm_options::replace);
   }
-  std::unique_ptr<ExpertRegistry> Make(bool bundled = false) {
+  bool Isolated() const { return std::string(GetParam()) == "process"; }
+  std::unique_ptr<ExpertRegistry> Make(bool bundled = false, Supervision sup = Supervision()) {
     ExpertRegistry::Options o;
+    o.in_process = !Isolated();
+    o.host_exe = test::HostExe();
+    o.supervision = sup;
     if (bundled) o.dirs.push_back(test::BundledDir());
     o.dirs.push_back(plugins_);
     o.cache_dir = dir_ / "cache";
     o.audit = [this](const ExpertEvent& e) { events_.push_back(e); };
     return std::make_unique<ExpertRegistry>(o);
   }
-  void Drop(const std::string& name, const std::string& as, fs::perms perms = fs::perms(0755)) {
-    fs::copy_file(test::TestPluginDir() + "/" + name, plugins_ + "/" + as,
-                  fs::copy_options::overwrite_existing);
+  void Drop(const std::string& name, const std::string& as, fs::perms perms = fs::perms(0755),
+            const std::string& from = test::TestPluginDir()) {
+    fs::copy_file(from + "/" + name, plugins_ + "/" + as, fs::copy_options::overwrite_existing);
     fs::permissions(plugins_ + "/" + as, perms, fs::perm_options::replace);
   }
   std::string LastRefusal() {
@@ -49,7 +55,7 @@ class RegistryTest : public ::testing::Test {
   std::vector<ExpertEvent> events_;
 };
 
-TEST_F(RegistryTest, LoadsBundledExpertsWithManifests) {
+TEST_P(RegistryTest, LoadsBundledExpertsWithManifests) {
   auto reg = Make(true);
   reg->Rescan();
   ASSERT_TRUE(reg->Configure(Config{}).ok());
@@ -62,7 +68,7 @@ TEST_F(RegistryTest, LoadsBundledExpertsWithManifests) {
   EXPECT_FALSE(reg->Find("command")) << "command needs configuration: no default instance";
 }
 
-TEST_F(RegistryTest, RefusesWrongAbiForeignAndGarbageFiles) {
+TEST_P(RegistryTest, RefusesWrongAbiForeignAndGarbageFiles) {
   Drop("echo_bad_abi.so", "badabi.so");
   Drop("noentry.so", "noentry.so");
   test::WriteFile(plugins_ + "/garbage.so", "this is not an ELF file");
@@ -90,7 +96,7 @@ TEST_F(RegistryTest, RefusesWrongAbiForeignAndGarbageFiles) {
   EXPECT_EQ(events_.size(), n);
 }
 
-TEST_F(RegistryTest, RefusesGroupOrWorldWritableFilesAndFolders) {
+TEST_P(RegistryTest, RefusesGroupOrWorldWritableFilesAndFolders) {
   Drop("echo.so", "echo.so", fs::perms(0775));
   auto reg = Make();
   reg->Rescan();
@@ -106,7 +112,7 @@ TEST_F(RegistryTest, RefusesGroupOrWorldWritableFilesAndFolders) {
   EXPECT_NE(LastRefusal().find("writable by others"), std::string::npos) << LastRefusal();
 }
 
-TEST_F(RegistryTest, ReplaceAndRemoveTakeEffectOnRescan) {
+TEST_P(RegistryTest, ReplaceAndRemoveTakeEffectOnRescan) {
   Drop("echo.so", "echo.so");
   auto reg = Make();
   reg->Rescan();
@@ -132,7 +138,7 @@ TEST_F(RegistryTest, ReplaceAndRemoveTakeEffectOnRescan) {
   EXPECT_EQ(list[0].state, "removed");
 }
 
-TEST_F(RegistryTest, DuplicateNamesAreRefused) {
+TEST_P(RegistryTest, DuplicateNamesAreRefused) {
   Drop("echo.so", "a.so");
   Drop("echo_v2.so", "b.so");
   auto reg = Make();
@@ -141,7 +147,7 @@ TEST_F(RegistryTest, DuplicateNamesAreRefused) {
   EXPECT_NE(LastRefusal().find("already loaded"), std::string::npos);
 }
 
-TEST_F(RegistryTest, ConfiguredInstancesAreValidatedWithFileLineAndKey) {
+TEST_P(RegistryTest, ConfiguredInstancesAreValidatedWithFileLineAndKey) {
   Drop("echo.so", "echo.so");
   auto reg = Make(true);
   reg->Rescan();
@@ -171,7 +177,7 @@ TEST_F(RegistryTest, ConfiguredInstancesAreValidatedWithFileLineAndKey) {
   EXPECT_TRUE(reg->Find("echo")) << "the default instance stays";
 }
 
-TEST_F(RegistryTest, TimeoutAbandonsAHungPluginAndKeepsItsSlot) {
+TEST_P(RegistryTest, TimeoutAbandonsAHungPluginAndKeepsItsSlot) {
   Drop("echo.so", "echo.so");
   auto reg = Make();
   reg->Rescan();
@@ -211,7 +217,7 @@ class CommandTest : public RegistryTest {
   std::unique_ptr<ExpertRegistry> reg_;
 };
 
-TEST_F(CommandTest, PassesTextOnStdinAndEnvironmentNeverThroughAShell) {
+TEST_P(CommandTest, PassesTextOnStdinAndEnvironmentNeverThroughAShell) {
   auto e = Command(
       "    run: [\"/bin/sh\", \"-c\", \"cat; echo; echo "
       "\\\"$CORTEX_TASK_TEXT|$CORTEX_TAG_REPO|$SECRET_FROM_DAEMON\\\"\"]\n");
@@ -230,7 +236,7 @@ TEST_F(CommandTest, PassesTextOnStdinAndEnvironmentNeverThroughAShell) {
   EXPECT_FALSE(fs::exists("/tmp/cortex-pwned"));
 }
 
-TEST_F(CommandTest, ExitCodeQualityLineTimeoutAndCrash) {
+TEST_P(CommandTest, ExitCodeQualityLineTimeoutAndCrash) {
   EXPECT_EQ(Command("    run: [\"true\"]\n")->Run(MakeTask("x"), nullptr).kind,
             OutcomeKind::kSuccess);
   Outcome f = Command("    run: [\"/bin/sh\", \"-c\", \"exit 3\"]\n")->Run(MakeTask("x"), nullptr);
@@ -287,7 +293,7 @@ class RepoExpertTest : public RegistryTest {
   std::unique_ptr<ExpertRegistry> reg_;
 };
 
-TEST_F(RepoExpertTest, InventoryCatalogsLanguagesAndManifests) {
+TEST_P(RepoExpertTest, InventoryCatalogsLanguagesAndManifests) {
   Outcome o =
       reg_->Find("inventory")->Run(MakeTask("what is in this repo", {{"repo", repo_}}), nullptr);
   ASSERT_EQ(o.kind, OutcomeKind::kSuccess) << o.error;
@@ -303,7 +309,7 @@ TEST_F(RepoExpertTest, InventoryCatalogsLanguagesAndManifests) {
   EXPECT_TRUE(manifests.count("package.json"));
 }
 
-TEST_F(RepoExpertTest, SecurityFindsKeysTokensAndUnsafeModes) {
+TEST_P(RepoExpertTest, SecurityFindsKeysTokensAndUnsafeModes) {
   Outcome o = reg_->Find("security")->Run(MakeTask("scan for secrets", {{"repo", repo_}}), nullptr);
   ASSERT_EQ(o.kind, OutcomeKind::kSuccess) << o.error;
   EXPECT_NE(o.output.find("private key at deploy/key.txt:1"), std::string::npos) << o.output;
@@ -314,7 +320,7 @@ TEST_F(RepoExpertTest, SecurityFindsKeysTokensAndUnsafeModes) {
   EXPECT_EQ(o.output.find("ABCDEFGHIJKLMNOP"), std::string::npos) << "matches are redacted";
 }
 
-TEST_F(RepoExpertTest, WithoutARepoTheyRejectAndOnAMissingPathTheyFail) {
+TEST_P(RepoExpertTest, WithoutARepoTheyRejectAndOnAMissingPathTheyFail) {
   Outcome o = reg_->Find("security")->Run(MakeTask("scan"), nullptr);
   EXPECT_EQ(o.kind, OutcomeKind::kRejected);
   EXPECT_NE(o.error.find("repo=PATH"), std::string::npos);
@@ -323,13 +329,164 @@ TEST_F(RepoExpertTest, WithoutARepoTheyRejectAndOnAMissingPathTheyFail) {
   EXPECT_NE(o.error.find("not a directory"), std::string::npos);
 }
 
-TEST_F(RepoExpertTest, WalksAFolderThatIsNotAGitCheckout) {
+TEST_P(RepoExpertTest, WalksAFolderThatIsNotAGitCheckout) {
   fs::remove_all(repo_ + "/.git");
   Outcome o = reg_->Find("inventory")->Run(MakeTask("x", {{"repo", repo_}}), nullptr);
   ASSERT_EQ(o.kind, OutcomeKind::kSuccess);
   EXPECT_NE(o.output.find("directory walk"), std::string::npos);
   EXPECT_NE(o.output.find("\"files\":9"), std::string::npos) << o.output;
 }
+
+// ---- isolation: what a host process contains ---------------------------------------
+
+class IsolationTest : public RegistryTest {
+ protected:
+  std::shared_ptr<Expert> Misbehave(const std::string& settings_yaml, Supervision sup) {
+    Drop("misbehave.so", "misbehave.so", fs::perms(0755), test::BenchPluginDir());
+    reg_ = Make(false, sup);
+    reg_->Rescan();
+    Status st = reg_->Configure(
+        LoadConfigString("experts:\n  - name: m\n    plugin: misbehave\n" + settings_yaml, "x")
+            .value());
+    EXPECT_TRUE(st.ok()) << st.ToString();
+    return reg_->Find("m");
+  }
+  bool HasEvent(const std::string& event) {
+    for (const auto& e : events_)
+      if (e.event == event && e.expert == "m") return true;
+    return false;
+  }
+  std::unique_ptr<ExpertRegistry> reg_;
+};
+
+TEST_P(IsolationTest, SegfaultsAndAbortsAreCrashesAndTheHostComesBack) {
+  Supervision sup;
+  sup.backoff_s = 0.05;
+  auto e = Misbehave("    capacity: 2\n    delay_ms: 1500\n", sup);
+  ASSERT_TRUE(e);
+  const int pid1 = e->host_pid();
+  ASSERT_GT(pid1, 0);
+  EXPECT_NE(pid1, getpid()) << "the plugin runs in a process of its own";
+  // A slow task shares the host with the one that segfaults: both end as crashes, and
+  // the host's death counts as one crash event, not two.
+  Outcome slow;
+  std::thread t([&] { slow = e->Run(MakeTask("please be slow"), nullptr); });
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  Outcome o = e->Run(MakeTask("please segfault"), nullptr);
+  t.join();
+  EXPECT_EQ(o.kind, OutcomeKind::kCrash);
+  EXPECT_NE(o.error.find("killed by SIGSEGV"), std::string::npos) << o.error;
+  EXPECT_EQ(slow.kind, OutcomeKind::kCrash) << slow.error;
+  EXPECT_EQ(e->health().crashes, 1);
+  EXPECT_EQ(e->inflight(), 0) << "a dead host frees every slot it held";
+  EXPECT_EQ(e->host_pid(), 0);
+  // The next task starts a fresh host once the backoff has passed.
+  Outcome ok = e->Run(MakeTask("hello"), nullptr);
+  EXPECT_EQ(ok.kind, OutcomeKind::kSuccess) << ok.error;
+  EXPECT_NE(ok.output.find("done: hello"), std::string::npos);
+  EXPECT_GT(e->host_pid(), 0);
+  EXPECT_NE(e->host_pid(), pid1);
+  EXPECT_EQ(e->health().restarts, 1);
+  EXPECT_EQ(e->health().consecutive_crashes, 0) << "a success ends a run of crashes";
+  Outcome ab = e->Run(MakeTask("please abort"), nullptr);
+  EXPECT_EQ(ab.kind, OutcomeKind::kCrash);
+  EXPECT_NE(ab.error.find("SIGABRT"), std::string::npos) << ab.error;
+}
+
+TEST_P(IsolationTest, AHungPluginTimesOutAndItsHostIsReplacedNotCountedAsACrash) {
+  Supervision sup;
+  sup.hang_grace_s = 0.2;
+  auto e = Misbehave("    capacity: 1\n    timeout: 300ms\n", sup);
+  ASSERT_TRUE(e);
+  const int pid1 = e->host_pid();
+  Outcome o = e->Run(MakeTask("please hang hard"), nullptr);
+  EXPECT_EQ(o.kind, OutcomeKind::kTimeout);
+  EXPECT_LT(o.duration_s, 2.0);
+  // It ignores cancellation; its host is killed after the grace period, freeing the slot.
+  EXPECT_TRUE(test::Eventually([&] { return e->inflight() == 0; }, 5));
+  Outcome ok = e->Run(MakeTask("hello"), nullptr);
+  EXPECT_EQ(ok.kind, OutcomeKind::kSuccess) << ok.error;
+  EXPECT_NE(e->host_pid(), pid1);
+  EXPECT_EQ(e->health().crashes, 0);
+}
+
+TEST_P(IsolationTest, AMemoryHogHitsItsLimitInItsHostNotInCortexd) {
+  Supervision sup;
+  sup.memory_limit = 64 << 20;
+  sup.backoff_s = 0.01;
+  auto e = Misbehave("    memory_mb: 1024\n", sup);
+  ASSERT_TRUE(e);
+  if (e->memory_limit() == 0)
+    GTEST_SKIP() << "sanitizer build: the host cannot enforce a memory limit under a "
+                    "sanitizer runtime (it reserves terabytes of shadow memory)";
+  Outcome o = e->Run(MakeTask("please eat memory"), nullptr);
+  EXPECT_EQ(o.kind, OutcomeKind::kCrash);
+  EXPECT_NE(o.error.find("ran out of memory (limit 64 MiB)"), std::string::npos) << o.error;
+  EXPECT_EQ(e->Run(MakeTask("hello"), nullptr).kind, OutcomeKind::kSuccess);
+}
+
+TEST_P(IsolationTest, RepeatedCrashesQuarantineUntilReleasedOrReplaced) {
+  Supervision sup;
+  sup.quarantine_after = 3;
+  sup.backoff_s = 0.01;
+  auto e = Misbehave("", sup);
+  ASSERT_TRUE(e);
+  for (int i = 0; i < 3; ++i)
+    EXPECT_EQ(e->Run(MakeTask("please segfault"), nullptr).kind, OutcomeKind::kCrash);
+  EXPECT_TRUE(e->quarantined());
+  EXPECT_TRUE(HasEvent("quarantined"));
+  for (const auto& a : reg_->Active()) EXPECT_NE(a->name(), "m") << "not routed to";
+  EXPECT_FALSE(reg_->Find("misbehave")->quarantined()) << "its sibling instance is unaffected";
+  bool listed = false;
+  for (const auto& i : reg_->List()) {
+    if (i.name != "m") continue;
+    listed = true;
+    EXPECT_EQ(i.state, "quarantined");
+    EXPECT_EQ(i.health.consecutive_crashes, 3);
+  }
+  EXPECT_TRUE(listed);
+  Outcome refused = e->Run(MakeTask("hello"), nullptr);
+  EXPECT_EQ(refused.kind, OutcomeKind::kRejected);
+  EXPECT_NE(refused.error.find("quarantined"), std::string::npos);
+  // Released by command...
+  ASSERT_TRUE(reg_->Release("m").ok());
+  EXPECT_TRUE(HasEvent("released"));
+  EXPECT_EQ(e->Run(MakeTask("hello"), nullptr).kind, OutcomeKind::kSuccess);
+  EXPECT_EQ(reg_->Release("m").code(), Status::Code::kFailedPrecondition);
+  EXPECT_EQ(reg_->Release("nosuch").code(), Status::Code::kNotFound);
+  // ...or by a new file.
+  for (int i = 0; i < 3; ++i) e->Run(MakeTask("please segfault"), nullptr);
+  ASSERT_TRUE(e->quarantined());
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));  // a new mtime
+  Drop("misbehave.so", "misbehave.so", fs::perms(0755), test::BenchPluginDir());
+  reg_->Rescan();
+  auto fresh = reg_->Find("m");
+  ASSERT_TRUE(fresh);
+  EXPECT_FALSE(fresh->quarantined());
+  EXPECT_EQ(fresh->Run(MakeTask("hello"), nullptr).kind, OutcomeKind::kSuccess);
+}
+
+TEST_P(IsolationTest, APluginThatCrashesWhileLoadingIsRefused) {
+  Drop("misbehave_on_load.so", "bad.so", fs::perms(0755), test::BenchPluginDir());
+  Drop("echo.so", "echo.so");
+  auto reg = Make();
+  reg->Rescan();
+  EXPECT_NE(LastRefusal().find("killed by SIGSEGV"), std::string::npos) << LastRefusal();
+  auto echo = reg->Find("echo");
+  ASSERT_TRUE(echo);
+  EXPECT_EQ(echo->Run(MakeTask("hi"), nullptr).kind, OutcomeKind::kSuccess);
+}
+
+INSTANTIATE_TEST_SUITE_P(Process, IsolationTest, ::testing::Values("process"),
+                         [](const auto&) { return std::string("Isolated"); });
+
+const auto kModes = ::testing::Values("process", "in-process");
+auto ModeName = [](const ::testing::TestParamInfo<const char*>& i) {
+  return std::string(i.param) == "process" ? std::string("Isolated") : std::string("InProcess");
+};
+INSTANTIATE_TEST_SUITE_P(Both, RegistryTest, kModes, ModeName);
+INSTANTIATE_TEST_SUITE_P(Both, CommandTest, kModes, ModeName);
+INSTANTIATE_TEST_SUITE_P(Both, RepoExpertTest, kModes, ModeName);
 
 }  // namespace
 }  // namespace cortex

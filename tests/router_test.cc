@@ -126,6 +126,22 @@ TEST(RouterTest, LoadBiasChangesSelectionButNotScores) {
   EXPECT_DOUBLE_EQ(d2[0].propensity, 1.0);  // what actually happened, not what scores said
 }
 
+TEST(RouterTest, HealthBiasPassesOverACrashingExpertWithoutTouchingItsScore) {
+  Router r(RouterOptions{0, 0, 1, 0.5}, RuleSet(), MakeManifestPriorScorer());
+  std::vector<ExpertSlot> ex = {Slot(r.hasher(), "a", {"login bug"}),
+                                Slot(r.hasher(), "b", {"login"})};
+  std::vector<Decision> healthy, sick;
+  ASSERT_TRUE(r.Route({{"login bug", {}}}, ex, true, 0, &healthy).ok());
+  ex[0].health = 1.0;  // restarting after a crash
+  ASSERT_TRUE(r.Route({{"login bug", {}}}, ex, true, 0, &sick).ok());
+  EXPECT_EQ(healthy[0].chosen, "a");
+  EXPECT_EQ(sick[0].chosen, "b");
+  EXPECT_EQ(sick[0].candidates.back().expert, "a") << "still in the fallback chain, last";
+  EXPECT_DOUBLE_EQ(sick[0].Find("a")->health_bias, -0.5);
+  EXPECT_DOUBLE_EQ(sick[0].Find("a")->score, healthy[0].Find("a")->score);
+  EXPECT_DOUBLE_EQ(sick[0].Find("a")->confidence, healthy[0].Find("a")->confidence);
+}
+
 TEST(RouterTest, ExplorationRateAndPropensitiesAreConsistent) {
   const double eps = 0.3;
   Router r(RouterOptions{eps, 0.2, 42}, RuleSet(), MakeManifestPriorScorer());

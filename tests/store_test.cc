@@ -32,8 +32,8 @@ class StoreTest : public ::testing::TestWithParam<std::string> {
     d.chosen = chosen;
     d.propensity = 0.9;
     d.explored = false;
-    Candidate a{chosen, 0.3, 0.2, -0.1, 0.5, conf, {"r1"}};
-    Candidate b{"other", 0, 0.1, 0, 0.1, 1 - conf, {}};
+    Candidate a{chosen, 0.3, 0.2, -0.1, -0.05, 0.5, conf, {"r1"}};
+    Candidate b{"other", 0, 0.1, 0, 0, 0.1, 1 - conf, {}};
     d.candidates = {a, b};
     return d;
   }
@@ -72,6 +72,7 @@ TEST_P(StoreTest, RoundTripsTaskDecisionAttemptsFeedback) {
   ASSERT_EQ(t.decision->candidates.size(), 2u);
   EXPECT_EQ(t.decision->candidates[0].rules, std::vector<std::string>{"r1"});
   EXPECT_DOUBLE_EQ(t.decision->candidates[0].load_bias, -0.1);
+  EXPECT_DOUBLE_EQ(t.decision->candidates[0].health_bias, -0.05);
   ASSERT_EQ(t.attempts.size(), 2u);
   EXPECT_EQ(t.attempts[0].outcome->kind, OutcomeKind::kFailure);
   EXPECT_EQ(t.attempts[1].outcome->kind, OutcomeKind::kSuccess);
@@ -224,6 +225,9 @@ TEST_P(StoreTest, LoggedOutcomesFeedTrainingWithFeedbackOverriding) {
   NewTask("t2", 101, "still running");
   ASSERT_TRUE(store_->RecordDecision("t2", NewDecision("other", 0.5)).ok());
   ASSERT_TRUE(store_->StartAttempt("t2", 1, "other", 2).ok());  // unfinished: not training data
+  NewTask("t3", 102, "crashy");
+  ASSERT_TRUE(store_->RecordDecision("t3", NewDecision("other", 0.5)).ok());
+  Run("t3", 1, "other", OutcomeKind::kCrash, 0);  // a health signal, not training data
 
   std::vector<LoggedOutcome> out;
   ASSERT_TRUE(store_

@@ -20,6 +20,8 @@ using json = nlohmann::json;
 inline std::string BinDir() { return CORTEX_TEST_BIN_DIR; }
 inline std::string BundledDir() { return CORTEX_TEST_BUNDLED_DIR; }
 inline std::string TestPluginDir() { return CORTEX_TEST_PLUGIN_DIR; }
+inline std::string BenchPluginDir() { return CORTEX_TEST_BENCH_PLUGIN_DIR; }
+inline std::string HostExe() { return CORTEX_TEST_HOST_EXE; }
 
 class TempDir {
  public:
@@ -98,7 +100,7 @@ class Daemon {
   Daemon(const TempDir& dir, const std::string& extra_yaml = "",
          const std::string& router_yaml =
              "router: {exploration: 0, seed: 1}\ntraining: {online: false}\n",
-         bool bundled = true)
+         bool bundled = true, const std::string& plugins_extra = "")
       : socket(dir / "run/cortexd.sock"),
         store(dir / "data/cortex.db"),
         plugin_dir(dir / "plugins"),
@@ -109,7 +111,8 @@ class Daemon {
     WriteFile(config, "daemon: {socket: " + socket +
                           ", workers: 4, shutdown_grace: 2s}\nstore: {path: " + store +
                           "}\nplugins: {dir: " + plugin_dir + ", bundled: " +
-                          (bundled ? "true" : "false") + "}\n" + router_yaml + extra_yaml);
+                          (bundled ? "true" : "false") + plugins_extra + "}\n" + router_yaml +
+                          extra_yaml);
   }
   ~Daemon() {
     if (pid > 0) {

@@ -282,6 +282,11 @@ int main(int argc, char** argv) {
   // experts
   auto* experts = app.add_subcommand("experts", "loaded experts and how they have done");
   json_flag(experts);
+  std::string release_name;
+  auto* release =
+      experts->add_subcommand("release", "lift an expert's quarantine after repeated crashes");
+  release->add_option("NAME", release_name, "the quarantined expert")->required();
+  json_flag(release);
   // events
   auto* events = app.add_subcommand("events", "expert registrations: loads, refusals, removals");
   events->add_option("--limit", limit, "rows (default 20)")->check(CLI::Range(1, 10000));
@@ -458,19 +463,33 @@ int main(int argc, char** argv) {
       std::printf("(%zu shown, newest first; * = exploration)\n", result.size());
     return kOk;
   }
+  if (release->parsed()) {
+    if ((rc = Call(ctx, {{"op", "release"}, {"expert", release_name}}, &result)) != kOk) return rc;
+    if (ctx.json_out) return PrintJson(result), kOk;
+    std::printf("expert %s released from quarantine; its next task starts a fresh host\n",
+                release_name.c_str());
+    return kOk;
+  }
   if (experts->parsed()) {
     if ((rc = Call(ctx, {{"op", "experts"}}, &result)) != kOk) return rc;
     if (ctx.json_out) return PrintJson(result), kOk;
-    std::printf("%-14s %-8s %-8s %6s %7s %8s %8s  %s\n", "NAME", "VERSION", "STATE", "LOAD",
-                "ROUTED", "SUCCESS", "QUALITY", "FILE");
+    std::printf("%-14s %-8s %-11s %6s %7s %8s %8s %7s  %s\n", "NAME", "VERSION", "STATE", "LOAD",
+                "ROUTED", "SUCCESS", "QUALITY", "CRASHES", "FILE");
+    std::vector<std::string> notes;
     for (const auto& e : result) {
       std::string load =
           std::to_string(e.value("inflight", 0)) + "/" + std::to_string(e.value("capacity", 0));
-      std::printf("%-14s %-8s %-8s %6s %7ld %8s %8s  %s\n", Fit(Str(e, "name"), 14).c_str(),
+      const json h = e.value("health", json::object());
+      std::printf("%-14s %-8s %-11s %6s %7ld %8s %8s %7ld  %s\n", Fit(Str(e, "name"), 14).c_str(),
                   Fit(Str(e, "version", "-"), 8).c_str(), Str(e, "state").c_str(), load.c_str(),
                   e.value("routed", 0L), Pct(e["success_rate"]).c_str(),
-                  Num(e["mean_quality"]).c_str(), Str(e, "file").c_str());
+                  Num(e["mean_quality"]).c_str(), h.value("crashes", 0L), Str(e, "file").c_str());
+      if (Str(e, "state") == "quarantined")
+        notes.push_back(Str(e, "name") + " is quarantined since " + Str(h, "quarantined_since") +
+                        " (" + Str(h, "last_crash") + "); `cortexctl experts release " +
+                        Str(e, "name") + "` lifts it");
     }
+    for (const auto& n : notes) std::printf("%s\n", n.c_str());
     return kOk;
   }
   if (events->parsed()) {

@@ -20,10 +20,15 @@ daemon:
 plugins:
   watch: true
   bundled: true
+  isolation: process      # each expert in a supervised host process
+  memory_limit: 1GiB      # per host
+  quarantine_after: 5     # consecutive crashes
+  restart_backoff: 250ms  # doubling per consecutive crash, at most 30s
 router:
   backend: auto
   exploration: 0.05
   load_bias: 0.2
+  health_bias: 0.5
   max_attempts: 2
 training:
   interval: 10m
@@ -119,6 +124,13 @@ class Parser {
     *out = d.value();
     return Status::OK();
   }
+  Status Size(const YAML::Node& n, const std::string& key, size_t* out) const {
+    if (!n.IsScalar()) return Error(n, key, "expected a size such as 512MiB or 1GiB");
+    Result<size_t> s = ParseSize(n.Scalar());
+    if (!s.ok()) return Error(n, key, s.status().message());
+    *out = s.value();
+    return Status::OK();
+  }
   Status StrList(const YAML::Node& n, const std::string& key, std::vector<std::string>* out) const {
     if (!n.IsSequence()) return Error(n, key, "expected a list of strings");
     out->clear();
@@ -204,8 +216,8 @@ Status ParseDaemon(const Parser& p, const YAML::Node& n, DaemonConfig* c) {
 }
 
 Status ParseRouter(const Parser& p, const YAML::Node& n, RouterConfig* c) {
-  CORTEX_RETURN_IF_ERROR(
-      p.CheckKeys(n, "router", {"backend", "exploration", "load_bias", "max_attempts", "seed"}));
+  CORTEX_RETURN_IF_ERROR(p.CheckKeys(
+      n, "router", {"backend", "exploration", "load_bias", "health_bias", "max_attempts", "seed"}));
   if (n["backend"]) {
     CORTEX_RETURN_IF_ERROR(p.Str(n["backend"], "router.backend", &c->backend));
     if (c->backend != "auto" && c->backend != "cpu" && c->backend != "cuda")
@@ -215,6 +227,9 @@ Status ParseRouter(const Parser& p, const YAML::Node& n, RouterConfig* c) {
     CORTEX_RETURN_IF_ERROR(p.Double(n["exploration"], "router.exploration", 0, 1, &c->exploration));
   if (n["load_bias"])
     CORTEX_RETURN_IF_ERROR(p.Double(n["load_bias"], "router.load_bias", 0, 100, &c->load_bias));
+  if (n["health_bias"])
+    CORTEX_RETURN_IF_ERROR(
+        p.Double(n["health_bias"], "router.health_bias", 0, 100, &c->health_bias));
   long v;
   if (n["max_attempts"]) {
     CORTEX_RETURN_IF_ERROR(p.Int(n["max_attempts"], "router.max_attempts", 1, 32, &v));
@@ -324,11 +339,37 @@ Result<Config> Parse(const YAML::Node& root, const std::string& source) {
     if (s["path"]) CORTEX_RETURN_IF_ERROR(p.Str(s["path"], "store.path", &c.store.path));
   }
   if (const YAML::Node& s = root["plugins"]) {
-    CORTEX_RETURN_IF_ERROR(p.CheckKeys(s, "plugins", {"dir", "watch", "bundled"}));
+    CORTEX_RETURN_IF_ERROR(p.CheckKeys(s, "plugins",
+                                       {"dir", "watch", "bundled", "isolation", "memory_limit",
+                                        "quarantine_after", "restart_backoff"}));
     if (s["dir"]) CORTEX_RETURN_IF_ERROR(p.Str(s["dir"], "plugins.dir", &c.plugins.dir));
     if (s["watch"]) CORTEX_RETURN_IF_ERROR(p.Bool(s["watch"], "plugins.watch", &c.plugins.watch));
     if (s["bundled"])
       CORTEX_RETURN_IF_ERROR(p.Bool(s["bundled"], "plugins.bundled", &c.plugins.bundled));
+    if (s["isolation"]) {
+      CORTEX_RETURN_IF_ERROR(p.Str(s["isolation"], "plugins.isolation", &c.plugins.isolation));
+      if (c.plugins.isolation != "process" && c.plugins.isolation != "in-process")
+        return p.Error(s["isolation"], "plugins.isolation", "must be process or in-process");
+    }
+    if (s["memory_limit"]) {
+      CORTEX_RETURN_IF_ERROR(
+          p.Size(s["memory_limit"], "plugins.memory_limit", &c.plugins.memory_limit));
+      if (c.plugins.memory_limit && c.plugins.memory_limit < (16u << 20))
+        return p.Error(s["memory_limit"], "plugins.memory_limit",
+                       "must be 0 (no limit) or at least 16MiB");
+    }
+    long v;
+    if (s["quarantine_after"]) {
+      CORTEX_RETURN_IF_ERROR(
+          p.Int(s["quarantine_after"], "plugins.quarantine_after", 1, 1000000, &v));
+      c.plugins.quarantine_after = static_cast<int>(v);
+    }
+    if (s["restart_backoff"]) {
+      CORTEX_RETURN_IF_ERROR(p.Duration(s["restart_backoff"], "plugins.restart_backoff",
+                                        &c.plugins.restart_backoff_s));
+      if (c.plugins.restart_backoff_s > 30)
+        return p.Error(s["restart_backoff"], "plugins.restart_backoff", "must be at most 30s");
+    }
   }
   if (root["router"]) CORTEX_RETURN_IF_ERROR(ParseRouter(p, root["router"], &c.router));
   if (const YAML::Node& t = root["training"]) {
@@ -427,6 +468,36 @@ Result<double> ParseDuration(const std::string& text) {
     return Status::InvalidArgument("unknown unit in duration '" + text + "' (ms, s, m, h, d)");
   if (!std::isfinite(v) || v < 0) return Status::InvalidArgument("duration must be >= 0: " + text);
   return v * mul;
+}
+
+Result<size_t> ParseSize(const std::string& text) {
+  const std::string hint = " (use e.g. 512MiB, 1GiB or 0 for none)";
+  if (text.empty() || !std::isdigit(static_cast<unsigned char>(text[0])))
+    return Status::InvalidArgument("not a size: '" + text + "'" + hint);
+  size_t pos = 0;
+  double v;
+  try {
+    v = std::stod(text, &pos);
+  } catch (...) {
+    return Status::InvalidArgument("not a size: '" + text + "'" + hint);
+  }
+  std::string unit = text.substr(pos);
+  while (!unit.empty() && unit[0] == ' ') unit.erase(0, 1);
+  double mul;
+  if (unit.empty() || unit == "B")
+    mul = 1;
+  else if (unit == "K" || unit == "KiB" || unit == "k")
+    mul = 1024.0;
+  else if (unit == "M" || unit == "MiB")
+    mul = 1024.0 * 1024;
+  else if (unit == "G" || unit == "GiB")
+    mul = 1024.0 * 1024 * 1024;
+  else
+    return Status::InvalidArgument("unknown unit in size '" + text + "' (B, KiB, MiB, GiB)");
+  const double bytes = v * mul;
+  if (!std::isfinite(bytes) || bytes > 1e15)
+    return Status::InvalidArgument("size too large: " + text);
+  return static_cast<size_t>(bytes);
 }
 
 }  // namespace cortex

@@ -34,12 +34,39 @@ namespace cortex {
 namespace fs = std::filesystem;
 using json = nlohmann::json;
 
-std::string BundledPluginDir() {
+namespace {
+// lib/cortex/<name> of the install (or build) tree the running executable is in.
+fs::path BesideExe(const std::string& name) {
   std::error_code ec;
   fs::path exe = fs::read_symlink("/proc/self/exe", ec);
-  if (ec) return "";
-  fs::path dir = exe.parent_path().parent_path() / "lib" / "cortex" / "plugins";
-  return fs::is_directory(dir, ec) ? dir.lexically_normal().string() : "";
+  if (ec) return {};
+  return (exe.parent_path().parent_path() / "lib" / "cortex" / name).lexically_normal();
+}
+
+// Removes private plugin copies left by daemons that were killed (their pid is gone).
+void RemoveStalePluginCaches(const fs::path& dir) {
+  std::error_code ec;
+  for (const auto& d : fs::directory_iterator(dir, ec)) {
+    const std::string n = d.path().filename().string();
+    if (n.rfind("plugin-cache.", 0) != 0) continue;
+    const std::string pid = n.substr(13);
+    if (pid.empty() || pid.find_first_not_of("0123456789") != std::string::npos) continue;
+    if (fs::exists("/proc/" + pid, ec) || ::kill(std::stoi(pid), 0) == 0) continue;
+    fs::remove_all(d.path(), ec);
+  }
+}
+}  // namespace
+
+std::string BundledPluginDir() {
+  std::error_code ec;
+  fs::path dir = BesideExe("plugins");
+  return !dir.empty() && fs::is_directory(dir, ec) ? dir.string() : "";
+}
+
+std::string BundledPluginHost() {
+  std::error_code ec;
+  fs::path exe = BesideExe("cortex-plugin-host");
+  return !exe.empty() && fs::is_regular_file(exe, ec) ? exe.string() : "";
 }
 
 namespace {
@@ -225,6 +252,7 @@ class DaemonImpl : public Daemon, public RequestHandler {
             {"socket", config_.daemon.socket},
             {"config", options_.config_path.empty() ? "<embedded defaults>" : options_.config_path},
             {"experts", active.size()},
+            {"isolation", config_.plugins.isolation},
             {"rules", router->rules().size()},
             {"workers", config_.daemon.workers},
             {"exploration", router->options().exploration},
@@ -248,6 +276,13 @@ class DaemonImpl : public Daemon, public RequestHandler {
     if (c.store.path != config_.store.path) restart.push_back("store.path");
     if (c.router.backend != config_.router.backend) restart.push_back("router.backend");
     if (c.plugins.dir != config_.plugins.dir) restart.push_back("plugins.dir");
+    if (c.plugins.isolation != config_.plugins.isolation) restart.push_back("plugins.isolation");
+    if (c.plugins.memory_limit != config_.plugins.memory_limit)
+      restart.push_back("plugins.memory_limit");
+    if (c.plugins.quarantine_after != config_.plugins.quarantine_after)
+      restart.push_back("plugins.quarantine_after");
+    if (c.plugins.restart_backoff_s != config_.plugins.restart_backoff_s)
+      restart.push_back("plugins.restart_backoff");
     for (const auto& k : restart) LogWarn("reload: {} changed; it takes effect after a restart", k);
     {
       std::lock_guard<std::mutex> l(router_mu_);
@@ -301,6 +336,7 @@ class DaemonImpl : public Daemon, public RequestHandler {
     RouterOptions o;
     o.exploration = r.exploration;
     o.load_bias = r.load_bias;
+    o.health_bias = r.health_bias;
     o.seed = r.seed ? r.seed : std::random_device{}();
     return o;
   }
@@ -340,9 +376,22 @@ class DaemonImpl : public Daemon, public RequestHandler {
     (void)env_->CreateDirs(config_.plugins.dir, 0700);
     ro.dirs.push_back(config_.plugins.dir);
     watch_dirs_ = ro.dirs;
+    RemoveStalePluginCaches(fs::path(config_.daemon.socket).parent_path());
     ro.cache_dir = fs::path(config_.daemon.socket).parent_path().string() + "/plugin-cache." +
                    std::to_string(getpid());
     ro.env = env_;
+    ro.in_process = config_.plugins.isolation == "in-process";
+    ro.host_exe = options_.plugin_host.empty() ? BundledPluginHost() : options_.plugin_host;
+    if (!ro.in_process && ro.host_exe.empty())
+      return Status::FailedPrecondition(
+          "cannot find cortex-plugin-host next to cortexd (expected " +
+          BesideExe("cortex-plugin-host").string() +
+          "); reinstall Cortex, or set plugins.isolation: in-process to run trusted plugins "
+          "inside cortexd");
+    ro.supervision.quarantine_after = config_.plugins.quarantine_after;
+    ro.supervision.backoff_s = config_.plugins.restart_backoff_s;
+    ro.supervision.memory_limit = config_.plugins.memory_limit;
+    if (ro.in_process) LogWarn("plugins run inside cortexd (plugins.isolation: in-process)");
     ro.audit = [this](const ExpertEvent& e) {
       Status st = store_->RecordExpertEvent(e);
       if (!st.ok()) LogWarn("audit: {}", st.ToString());
@@ -463,7 +512,7 @@ class DaemonImpl : public Daemon, public RequestHandler {
                          router->hasher().Manifest({m.name, m.description, m.keywords, m.examples}))
                 .first;
       }
-      slots.push_back({{e->name(), it->second}, e->load()});
+      slots.push_back({{e->name(), it->second}, e->load(), e->health_penalty()});
     }
     if (experts_out) *experts_out = std::move(experts);
     return slots;
@@ -551,7 +600,8 @@ class DaemonImpl : public Daemon, public RequestHandler {
     for (const Candidate& c : job.decision.candidates) {
       if (n >= max_attempts) break;
       std::shared_ptr<Expert> expert = registry_->Find(c.expert);
-      if (!expert) continue;  // removed since the decision: not an attempt
+      // Removed or quarantined since the decision: not an attempt.
+      if (!expert || expert->quarantined()) continue;
       ++n;
       last_expert = c.expert;
       Status st = store_->StartAttempt(id, n, c.expert, env_->NowUnix());
@@ -683,6 +733,8 @@ class DaemonImpl : public Daemon, public RequestHandler {
       new_outcomes_ = 0;
       target = retrain_requests_;
       retrain_progress_ = "reading logged outcomes";
+      retrain_log_ = {retrain_progress_};
+      ++retrain_seq_;
     }
     train_cv_.notify_all();
     json summary;
@@ -715,6 +767,7 @@ class DaemonImpl : public Daemon, public RequestHandler {
       {
         std::lock_guard<std::mutex> l(train_mu_);
         retrain_progress_ = msg;
+        retrain_log_.push_back(msg);
       }
       train_cv_.notify_all();
     });
@@ -762,20 +815,31 @@ class DaemonImpl : public Daemon, public RequestHandler {
       *result = {{"queued", true}};
       return Status::OK();
     }
-    std::string last;
+    // Every progress line of the retrains that run while we wait, none skipped however
+    // fast they come.
+    long seq = -1;
+    size_t sent = 0;
     std::unique_lock<std::mutex> l(train_mu_);
+    if (retrain_progress_.empty()) seq = retrain_seq_, sent = retrain_log_.size();  // old news
+    auto forward = [&]() -> bool {
+      if (retrain_seq_ != seq) seq = retrain_seq_, sent = 0;
+      while (sent < retrain_log_.size()) {
+        std::string line = retrain_log_[sent++];
+        l.unlock();
+        bool alive = progress(line);
+        l.lock();
+        if (!alive) return false;
+        if (retrain_seq_ != seq) seq = retrain_seq_, sent = 0;
+      }
+      return true;
+    };
     while (requests_served_ < ticket) {
       if (stop_.load())
         return Status::Unavailable("cortexd is stopping; the retrain did not finish");
-      if (retrain_progress_ != last && !retrain_progress_.empty()) {
-        last = retrain_progress_;
-        l.unlock();
-        bool alive = progress(last);
-        l.lock();
-        if (!alive) return Status::Unavailable("client went away");
-      }
+      if (!forward()) return Status::Unavailable("client went away");
       train_cv_.wait_for(l, std::chrono::milliseconds(200));
     }
+    if (!forward()) return Status::Unavailable("client went away");
     *result = last_retrain_;
     if (result->contains("error"))
       return Status::FailedPrecondition("retrain failed: " + (*result)["error"].get<std::string>());
@@ -855,6 +919,8 @@ class DaemonImpl : public Daemon, public RequestHandler {
   long retrain_requests_ = 0;  // asked for by `cortexctl retrain`
   long requests_served_ = 0;   // requests made before a retrain that has since finished
   std::string retrain_progress_;
+  std::vector<std::string> retrain_log_;  // the current (or last) retrain's progress lines
+  long retrain_seq_ = 0;                  // bumped when a retrain starts
   json last_retrain_;
 
   std::mutex profiles_mu_;

@@ -113,9 +113,9 @@ Status ParseTags(const Request& r, const DaemonConfig& lim, Tags* tags) {
   return Status::OK();
 }
 
-const char* const kOps[] = {"submit", "route",      "show",     "history", "experts",
-                            "events", "confidence", "feedback", "reload",  "status",
-                            "export", "retrain",    "models",   "rollback"};
+const char* const kOps[] = {"submit", "route",      "show",     "history",  "experts",
+                            "events", "confidence", "feedback", "reload",   "status",
+                            "export", "retrain",    "models",   "rollback", "release"};
 
 }  // namespace
 
@@ -424,6 +424,23 @@ json Server::Dispatch(const json& j, const std::function<bool(const std::string&
              {"inflight", e.inflight},
              {"capacity", e.capacity},
              {"timeout_s", e.timeout_s},
+             {"isolation", e.isolation},
+             {"host_pid", e.host_pid ? json(e.host_pid) : json(nullptr)},
+             {"memory_limit", e.memory_limit ? json(e.memory_limit) : json(nullptr)},
+             {"health",
+              {{"crashes", e.health.crashes},
+               {"consecutive_crashes", e.health.consecutive_crashes},
+               {"restarts", e.health.restarts},
+               {"crash_rate", e.health.crash_rate},
+               {"last_crash",
+                e.health.last_crash.empty() ? json(nullptr) : json(e.health.last_crash)},
+               {"last_crash_at", e.health.last_crash_at
+                                     ? json(wire::IsoTime(e.health.last_crash_at))
+                                     : json(nullptr)},
+               {"quarantined_since", e.health.quarantined_at
+                                         ? json(wire::IsoTime(e.health.quarantined_at))
+                                         : json(nullptr)},
+               {"retry_in_s", e.health.retry_in_s}}},
              {"routed", s.routed},
              {"attempts", s.attempts},
              {"success_rate", s.attempts ? json(double(s.successes) / s.attempts) : json(nullptr)},
@@ -504,6 +521,13 @@ json Server::Dispatch(const json& j, const std::function<bool(const std::string&
     json result;
     CHECK(h_->Models(&result));
     return wire::Ok(result);
+  }
+  if (op == "release") {
+    CHECK(r.Allow({"expert"}));
+    std::string name;
+    CHECK(r.String("expert", true, &name));
+    CHECK(h_->registry()->Release(name));
+    return wire::Ok({{"expert", name}, {"state", "active"}});
   }
   if (op == "rollback") {
     CHECK(r.Allow({"version"}));

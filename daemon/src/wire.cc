@@ -20,9 +20,10 @@ std::string IsoTime(double t) {
 }
 
 json ToJson(const Candidate& c) {
-  return {{"expert", c.expert},       {"rule_score", c.rule_score}, {"model_score", c.model_score},
-          {"load_bias", c.load_bias}, {"score", c.score},           {"confidence", c.confidence},
-          {"rules", c.rules}};
+  return {{"expert", c.expert},           {"rule_score", c.rule_score},
+          {"model_score", c.model_score}, {"load_bias", c.load_bias},
+          {"health_bias", c.health_bias}, {"score", c.score},
+          {"confidence", c.confidence},   {"rules", c.rules}};
 }
 
 json ToJson(const Decision& d) {

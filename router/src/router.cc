@@ -66,14 +66,17 @@ Status Router::Route(const std::vector<RouteRequest>& batch, const std::vector<E
       }
       c.score = c.model_score + c.rule_score;
       c.load_bias = -options_.load_bias * std::clamp(experts[j].load, 0.0, 1.0);
+      c.health_bias = -options_.health_bias * std::clamp(experts[j].health, 0.0, 1.0);
     }
     // Confidence: the model's estimate of this expert's reward for the task (calibrated
     // against logged outcomes by training); rules and load do not change it.
     for (auto& c : cands) c.confidence = std::clamp(c.model_score, 0.0, 1.0);
 
-    // Selection order: score plus the load bias; ties by name for determinism.
+    // Selection order: score plus the load and health biases; ties by name for
+    // determinism. Crashes steer selection here instead of training the model: a crash
+    // says the expert is unwell, not that the task belonged elsewhere.
     std::sort(cands.begin(), cands.end(), [](const Candidate& a, const Candidate& c) {
-      double x = a.score + a.load_bias, y = c.score + c.load_bias;
+      double x = a.score + a.load_bias + a.health_bias, y = c.score + c.load_bias + c.health_bias;
       return x != y ? x > y : a.expert < c.expert;
     });
     const std::string greedy = cands.front().expert;

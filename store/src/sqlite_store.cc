@@ -396,7 +396,8 @@ class SqliteStore : public Store {
         "d.propensity,d.forced,d.candidates,d.greedy,d.explored,d.chosen,t.expert,"
         "(SELECT quality FROM feedback f WHERE f.task_id=a.task_id ORDER BY f.id DESC LIMIT 1) "
         "FROM attempts a JOIN tasks t ON t.id=a.task_id JOIN decisions d ON d.task_id=a.task_id "
-        "WHERE a.rowid>? AND a.outcome IS NOT NULL AND a.outcome!='interrupted' ORDER BY a.rowid");
+        "WHERE a.rowid>? AND a.outcome IS NOT NULL AND a.outcome NOT IN ('interrupted','crash') "
+        "ORDER BY a.rowid");
     s.Bind(1, after_seq);
     int rc;
     while ((rc = s.Step()) == SQLITE_ROW) {
@@ -429,7 +430,8 @@ class SqliteStore : public Store {
     std::lock_guard<std::mutex> l(mu_);
     *after_seq = 0;
     Stmt s = Prepare(
-        "SELECT rowid FROM attempts WHERE outcome IS NOT NULL AND outcome!='interrupted' "
+        "SELECT rowid FROM attempts WHERE outcome IS NOT NULL AND "
+        "outcome NOT IN ('interrupted','crash') "
         "ORDER BY rowid DESC LIMIT 1 OFFSET ?");
     s.Bind(1, n);
     int rc = s.Step();
@@ -655,6 +657,7 @@ class SqliteStore : public Store {
                    {"rule_score", c.rule_score},
                    {"model_score", c.model_score},
                    {"load_bias", c.load_bias},
+                   {"health_bias", c.health_bias},
                    {"score", c.score},
                    {"confidence", c.confidence},
                    {"rules", c.rules}});
@@ -697,6 +700,7 @@ class SqliteStore : public Store {
           x.rule_score = c.value("rule_score", 0.0);
           x.model_score = c.value("model_score", 0.0);
           x.load_bias = c.value("load_bias", 0.0);
+          x.health_bias = c.value("health_bias", 0.0);
           x.score = c.value("score", 0.0);
           x.confidence = c.value("confidence", 0.0);
           x.rules = c.value("rules", std::vector<std::string>{});

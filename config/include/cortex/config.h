@@ -32,12 +32,19 @@ struct PluginsConfig {
   std::string dir;      // empty: $XDG_DATA_HOME/cortex/plugins
   bool watch = true;    // inotify: changes take effect without a restart
   bool bundled = true;  // also load the experts shipped with cortexd
+  // process: each instance in a supervised cortex-plugin-host; in-process: on cortexd's
+  // threads (trusted plugins only: a crash in one takes cortexd down).
+  std::string isolation = "process";
+  size_t memory_limit = 1ull << 30;  // per plugin host (RLIMIT_DATA); 0: none
+  int quarantine_after = 5;          // consecutive crashes
+  double restart_backoff_s = 0.25;   // doubles with each consecutive crash, up to 30s
 };
 
 struct RouterConfig {
   std::string backend = "auto";  // auto | cpu | cuda
   double exploration = 0.05;
   double load_bias = 0.2;
+  double health_bias = 0.5;  // how strongly a crashing or restarting expert is passed over
   int max_attempts = 2;
   uint64_t seed = 0;  // 0: seeded from the clock
 };
@@ -99,5 +106,7 @@ void ResolveDefaultPaths(Config* config);
 
 // "10m", "30s", "1h", "250ms", "2d" or a plain number of seconds.
 Result<double> ParseDuration(const std::string& text);
+// "512MiB", "1GiB", "64KiB", "1G", "1000000" (bytes) or "0".
+Result<size_t> ParseSize(const std::string& text);
 
 }  // namespace cortex

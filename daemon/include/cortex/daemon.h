@@ -14,6 +14,7 @@ namespace cortex {
 struct DaemonOptions {
   std::string config_path;         // empty: embedded defaults (reload re-reads the same)
   std::string bundled_plugin_dir;  // empty: next to the executable (../lib/cortex/plugins)
+  std::string plugin_host;         // empty: ../lib/cortex/cortex-plugin-host beside it
 };
 
 class Daemon {
@@ -30,5 +31,7 @@ class Daemon {
 
 // The bundled plugin folder for the running executable, or "" if there is none.
 std::string BundledPluginDir();
+// The plugin host executable installed with the running executable, or "".
+std::string BundledPluginHost();
 
 }  // namespace cortex

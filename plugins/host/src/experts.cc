@@ -1,12 +1,9 @@
-#define BOOST_DLL_USE_STD_FS
 #include "cortex/experts.h"
 
-#include <dlfcn.h>
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include <boost/dll/shared_library.hpp>
 #include <chrono>
 #include <cmath>
 #include <filesystem>
@@ -17,17 +14,24 @@
 
 #include "cortex/log.h"
 #include "cortex/plugin.h"
+#include "host_process.h"
+#include "plugin_library.h"
 
 namespace cortex {
 
 namespace fs = std::filesystem;
 
-class PluginLibrary {
- public:
-  boost::dll::shared_library lib;
-  const cortex_plugin_api* api = nullptr;
+// A plugin file the registry accepted: its manifest and the private copy hosts load
+// (kept while any instance of it may restart). In-process, the library itself.
+struct PluginFile {
   Manifest manifest;
-  std::string file;
+  std::string file;                    // the user's file
+  std::string copy;                    // the private copy (isolated mode)
+  std::unique_ptr<PluginLibrary> lib;  // in-process mode only
+  std::string host_exe;
+  ~PluginFile() {
+    if (!copy.empty()) ::unlink(copy.c_str());
+  }
 };
 
 struct ExpertRegistry::FileRecord {
@@ -38,18 +42,8 @@ struct ExpertRegistry::FileRecord {
 
 namespace {
 
-// Plugin-supplied strings are read with bounds: 256 entries of up to 4 KiB each.
-std::string CStr(const char* s) { return s ? std::string(s, strnlen(s, 4096)) : std::string(); }
-std::vector<std::string> CStrList(const char* const* list) {
-  std::vector<std::string> out;
-  for (; list && *list && out.size() < 256; ++list) out.push_back(CStr(*list));
-  return out;
-}
-
-bool ValidName(const std::string& n) {
-  return !n.empty() && n.size() <= 64 &&
-         n.find_first_not_of("abcdefghijklmnopqrstuvwxyz0123456789-_.") == std::string::npos;
-}
+int64_t NowMicros() { return Env::Default()->MonotonicMicros(); }
+double NowUnix() { return Env::Default()->NowUnix(); }
 
 bool SameFile(const FileInfo& a, const FileInfo& b) {
   return a.inode == b.inode && a.mtime_ns == b.mtime_ns && a.size == b.size && a.mode == b.mode &&
@@ -71,185 +65,377 @@ Status CopyPrivate(const std::string& src, const std::string& dst) {
   return Status::OK();
 }
 
-// One running attempt's state, shared by the waiting caller and the plugin's thread.
-struct RunState {
-  std::mutex mu;
-  std::condition_variable cv;
-  bool done = false;
-  std::atomic<int> cancelled{0};
-  std::string output;
-  bool truncated = false;
-  cortex_result result{};
-  std::string error;
-  // Inputs the plugin sees, owned here so they outlive an abandoned wait.
-  std::string id, text;
-  std::vector<std::string> keys, values;
-  std::vector<cortex_tag> tags;
-  cortex_task task{};
-  cortex_host host{};
-};
-
-int CancelledCb(void* ctx) { return static_cast<RunState*>(ctx)->cancelled.load(); }
-
-void WriteCb(void* ctx, const char* data, size_t len) {
-  auto* s = static_cast<RunState*>(ctx);
-  if (!data || !len) return;
-  std::lock_guard<std::mutex> l(s->mu);
-  size_t room = kMaxExpertOutputBytes - std::min(kMaxExpertOutputBytes, s->output.size());
-  if (len > room) {
-    s->output.append(data, room);
-    s->truncated = true;
-  } else {
-    s->output.append(data, len);
-  }
-}
-
-int64_t NowMicros() { return Env::Default()->MonotonicMicros(); }
-
 ExpertInfo InfoOf(const Expert& e, const std::string& state) {
   ExpertInfo i;
   i.name = e.name();
   i.version = e.manifest().version;
   i.plugin = e.plugin();
   i.file = e.file();
-  i.state = state;
+  i.health = e.health();
+  i.state = state == "active" ? i.health.state : state;
   i.description = e.manifest().description;
   i.keywords = e.manifest().keywords;
   i.inflight = e.inflight();
   i.capacity = e.manifest().capacity;
   i.timeout_s = e.manifest().timeout_s;
+  i.isolation = e.isolated() ? "process" : "in-process";
+  i.host_pid = e.host_pid();
+  i.memory_limit = e.memory_limit();
   return i;
 }
 
 }  // namespace
 
 // ---------------------------------------------------------------------------------------
+// Health: crash events, backoff and quarantine. Shared with host death callbacks, which
+// may outlive a wait on the expert.
+
+class HealthState {
+ public:
+  HealthState(Supervision policy, std::function<void(const std::string&, const std::string&)> audit)
+      : policy_(policy), audit_(std::move(audit)) {}
+
+  // A crash event: a host died, or the plugin reported that what it ran crashed.
+  void Crash(const std::string& why) {
+    std::string event, detail;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      ++consecutive_;
+      ++crashes_;
+      last_crash_ = why;
+      last_crash_at_ = NowUnix();
+      if (consecutive_ >= policy_.quarantine_after && !quarantined_) {
+        quarantined_ = true;
+        quarantined_at_ = last_crash_at_;
+        event = "quarantined";
+        detail = fmt::format("{} consecutive crashes, the last: {}", consecutive_, why);
+      } else {
+        double backoff =
+            std::min(policy_.backoff_max_s,
+                     policy_.backoff_s * std::pow(2.0, std::min(consecutive_ - 1, 30)));
+        restart_at_ = NowMicros() + static_cast<int64_t>(backoff * 1e6);
+      }
+    }
+    if (!event.empty() && audit_) audit_(event, detail);
+  }
+  // Every finished attempt: keeps the recent crash rate; anything but a crash breaks a
+  // run of consecutive crashes.
+  void Completed(OutcomeKind kind) {
+    std::lock_guard<std::mutex> l(mu_);
+    crash_rate_ = 0.8 * crash_rate_ + 0.2 * (kind == OutcomeKind::kCrash ? 1.0 : 0.0);
+    if (kind != OutcomeKind::kCrash) consecutive_ = 0;
+  }
+  void Restarted() {
+    std::lock_guard<std::mutex> l(mu_);
+    ++restarts_;
+  }
+  Status Release() {
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      if (!quarantined_) return Status::FailedPrecondition("it is not quarantined");
+      quarantined_ = false;
+      consecutive_ = 0;
+      crash_rate_ = 0;
+      restart_at_ = 0;
+    }
+    if (audit_) audit_("released", "quarantine lifted by request");
+    return Status::OK();
+  }
+  bool quarantined() const {
+    std::lock_guard<std::mutex> l(mu_);
+    return quarantined_;
+  }
+  int64_t restart_at() const {
+    std::lock_guard<std::mutex> l(mu_);
+    return restart_at_;
+  }
+  ExpertHealth Get(bool restarting) const {
+    std::lock_guard<std::mutex> l(mu_);
+    ExpertHealth h;
+    const int64_t wait = restart_at_ - NowMicros();
+    h.state = quarantined_ ? "quarantined" : (restarting && wait > 0 ? "restarting" : "active");
+    h.retry_in_s = h.state == "restarting" ? wait / 1e6 : 0;
+    h.consecutive_crashes = consecutive_;
+    h.crashes = crashes_;
+    h.restarts = restarts_;
+    h.crash_rate = crash_rate_;
+    h.last_crash = last_crash_;
+    h.last_crash_at = last_crash_at_;
+    h.quarantined_at = quarantined_ ? quarantined_at_ : 0;
+    return h;
+  }
+  const Supervision& policy() const { return policy_; }
+
+ private:
+  const Supervision policy_;
+  const std::function<void(const std::string&, const std::string&)> audit_;
+  mutable std::mutex mu_;
+  int consecutive_ = 0;
+  long crashes_ = 0, restarts_ = 0;
+  double crash_rate_ = 0;
+  std::string last_crash_;
+  double last_crash_at_ = 0, quarantined_at_ = 0;
+  bool quarantined_ = false;
+  int64_t restart_at_ = 0;  // monotonic micros: no host start before this
+};
+
+// Capacity slots. Shared with a host's completion callbacks: a slot is freed when the
+// plugin is done with the task (or its host is gone), not when the caller stops waiting.
+struct Expert::Slots {
+  explicit Slots(int capacity) : capacity(capacity) {}
+  bool Acquire(int64_t deadline_us, const std::atomic<bool>* stopping) {
+    std::unique_lock<std::mutex> l(mu);
+    while (inflight.load() >= capacity) {
+      if (stopping && stopping->load()) return false;
+      int64_t left = deadline_us - NowMicros();
+      if (left <= 0) return false;
+      cv.wait_for(l, std::chrono::microseconds(std::min<int64_t>(left, 100000)));
+    }
+    ++inflight;
+    return true;
+  }
+  void Release() {
+    {
+      std::lock_guard<std::mutex> l(mu);
+      --inflight;
+    }
+    cv.notify_one();
+  }
+  const int capacity;
+  std::atomic<int> inflight{0};
+  std::mutex mu;
+  std::condition_variable cv;
+};
+
+// ---------------------------------------------------------------------------------------
 // Expert
 
-Expert::Expert(std::shared_ptr<PluginLibrary> lib, void* instance, Manifest manifest,
-               std::string plugin, std::string file, std::string fingerprint)
-    : lib_(std::move(lib)),
-      instance_(instance),
+Expert::Expert(std::shared_ptr<PluginFile> file, Manifest manifest, std::string plugin,
+               std::string settings, std::string fingerprint, Supervision supervision,
+               std::function<void(const std::string&, const std::string&)> audit)
+    : file_(std::move(file)),
       manifest_(std::move(manifest)),
       plugin_(std::move(plugin)),
-      file_(std::move(file)),
-      fingerprint_(std::move(fingerprint)) {}
+      settings_(std::move(settings)),
+      fingerprint_(std::move(fingerprint)),
+      slots_(std::make_shared<Slots>(manifest_.capacity)),
+      health_(std::make_shared<HealthState>(supervision, std::move(audit))) {}
 
 Expert::~Expert() {
-  if (instance_) lib_->api->destroy(instance_);
+  if (instance_) file_->lib->api()->destroy(instance_);
 }
+
+const std::string& Expert::file() const { return file_->file; }
+bool Expert::isolated() const { return !file_->lib; }
+int Expert::inflight() const { return slots_->inflight.load(); }
+bool Expert::quarantined() const { return health_->quarantined(); }
+Status Expert::Release() { return health_->Release(); }
 
 double Expert::load() const {
-  return std::min(1.0, static_cast<double>(inflight_.load()) / std::max(1, manifest_.capacity));
+  return std::min(1.0, static_cast<double>(inflight()) / std::max(1, manifest_.capacity));
 }
 
-bool Expert::AcquireSlot(int64_t deadline_us, const std::atomic<bool>* stopping) {
-  std::unique_lock<std::mutex> l(slot_mu_);
-  while (inflight_.load() >= manifest_.capacity) {
-    if (stopping && stopping->load()) return false;
-    int64_t left = deadline_us - NowMicros();
-    if (left <= 0) return false;
-    slot_cv_.wait_for(l, std::chrono::microseconds(std::min<int64_t>(left, 100000)));
-  }
-  ++inflight_;
-  return true;
+int Expert::host_pid() const {
+  std::lock_guard<std::mutex> l(host_mu_);
+  return host_ && host_->alive() ? host_->pid() : 0;
 }
 
-void Expert::ReleaseSlot() {
+size_t Expert::memory_limit() const {
+  std::lock_guard<std::mutex> l(host_mu_);
+  return host_ ? host_->memory_limit() : 0;
+}
+
+ExpertHealth Expert::health() const {
+  bool down;
   {
-    std::lock_guard<std::mutex> l(slot_mu_);
-    --inflight_;
+    std::lock_guard<std::mutex> l(host_mu_);
+    down = isolated() && (!host_ || !host_->alive());
   }
-  slot_cv_.notify_one();
+  return health_->Get(down);
+}
+
+double Expert::health_penalty() const {
+  ExpertHealth h = health();
+  return h.state == "restarting" ? 1.0 : h.crash_rate;
+}
+
+Status Expert::StartHost(std::shared_ptr<HostProcess>* out) {
+  HostOptions ho;
+  ho.exe = file_->host_exe;
+  ho.library = file_->copy;
+  ho.display = file_->file;
+  ho.memory_limit = health_->policy().memory_limit;
+  std::shared_ptr<HostProcess> host;
+  Manifest seen;
+  CORTEX_RETURN_IF_ERROR(HostProcess::Start(
+      ho, [h = health_](const std::string& why) { h->Crash(why); }, &host, &seen));
+  CORTEX_RETURN_IF_ERROR(host->Create(settings_, ho.start_timeout_s));
+  *out = std::move(host);
+  return Status::OK();
+}
+
+Status Expert::Start() {
+  if (!isolated()) {
+    char err[512] = {0};
+    instance_ = file_->lib->api()->create(settings_.c_str(), err, sizeof err);
+    if (!instance_)
+      return Status::InvalidArgument(err[0] ? err : "the plugin refused these settings");
+    return Status::OK();
+  }
+  std::shared_ptr<HostProcess> host;
+  CORTEX_RETURN_IF_ERROR(StartHost(&host));
+  std::lock_guard<std::mutex> l(host_mu_);
+  host_ = std::move(host);
+  started_once_ = true;
+  return Status::OK();
+}
+
+Status Expert::EnsureHost(int64_t deadline, const std::atomic<bool>* stopping,
+                          std::shared_ptr<HostProcess>* out, OutcomeKind* kind) {
+  std::unique_lock<std::mutex> l(host_mu_);  // one restart at a time
+  *kind = OutcomeKind::kRejected;
+  while (true) {
+    if (host_ && host_->alive()) {
+      *out = host_;
+      return Status::OK();
+    }
+    if (health_->quarantined())
+      return Status::Unavailable("quarantined after repeated crashes (cortexctl experts release " +
+                                 name() + ")");
+    if (stopping && stopping->load()) return Status::Unavailable("cortexd is stopping");
+    const int64_t now = NowMicros(), at = health_->restart_at();
+    if (at <= now) break;
+    if (at > deadline)
+      return Status::Unavailable(
+          fmt::format("restarting after a crash (next start in {:.1f}s)", (at - now) / 1e6));
+    l.unlock();
+    std::this_thread::sleep_for(std::chrono::microseconds(std::min<int64_t>(at - now, 100000)));
+    l.lock();
+  }
+  std::shared_ptr<HostProcess> host;
+  Status st = StartHost(&host);
+  if (!st.ok()) {
+    *kind = OutcomeKind::kCrash;
+    health_->Crash("restart failed: " + st.message());
+    return st.WithContext("restarting the plugin host");
+  }
+  if (started_once_) {
+    health_->Restarted();
+    LogInfo("expert {}: plugin host restarted (pid {})", name(), host->pid());
+  }
+  started_once_ = true;
+  host_ = host;
+  *out = std::move(host);
+  return Status::OK();
 }
 
 Outcome Expert::Run(const Task& task, const std::atomic<bool>* stopping) {
-  Outcome out;
   const int64_t start = NowMicros();
   const int64_t deadline = start + static_cast<int64_t>(manifest_.timeout_s * 1e6);
-  auto finish = [&](OutcomeKind k, std::string err) {
-    out.kind = k;
-    out.quality = 0;
-    out.error = std::move(err);
+  if (!slots_->Acquire(deadline, stopping)) {
+    Outcome out;
+    out.kind = OutcomeKind::kRejected;
+    out.error = stopping && stopping->load()
+                    ? "cortexd is stopping"
+                    : "busy: all " + std::to_string(manifest_.capacity) + " slots in use";
     out.duration_s = (NowMicros() - start) / 1e6;
     return out;
-  };
-  if (!AcquireSlot(deadline, stopping))
-    return finish(OutcomeKind::kRejected,
-                  stopping && stopping->load()
-                      ? "cortexd is stopping"
-                      : "busy: all " + std::to_string(manifest_.capacity) + " slots in use");
-
-  auto st = std::make_shared<RunState>();
-  st->id = task.id;
-  st->text = task.text;
-  for (const auto& [k, v] : task.tags) {
-    st->keys.push_back(k);
-    st->values.push_back(v);
   }
-  for (size_t i = 0; i < st->keys.size(); ++i)
-    st->tags.push_back({st->keys[i].c_str(), st->values[i].c_str()});
-  st->task = {st->id.c_str(), st->text.c_str(), st->tags.data(), st->tags.size(),
-              static_cast<int64_t>(Env::Default()->NowUnix() * 1000 + manifest_.timeout_s * 1000)};
-  st->host = {st.get(), &CancelledCb, &WriteCb};
+  return isolated() ? RunHosted(task, stopping, start, deadline)
+                    : RunInProcess(task, start, deadline);
+}
 
-  // The plugin runs on its own thread so a hung plugin cannot hold the caller past
-  // its deadline; the thread keeps the expert (and its library) alive until it returns.
+namespace {
+Outcome Finish(OutcomeKind k, std::string err, int64_t start, std::string output = "") {
+  Outcome out;
+  out.kind = k;
+  out.error = std::move(err);
+  out.output = std::move(output);
+  out.duration_s = (NowMicros() - start) / 1e6;
+  return out;
+}
+std::string TimeoutMessage(double timeout_s) {
+  return "no result within " + fmt::format("{:g}", timeout_s) + "s";
+}
+int64_t DeadlineUnixMs(double timeout_s) {
+  return static_cast<int64_t>(NowUnix() * 1000 + timeout_s * 1000);
+}
+}  // namespace
+
+Outcome Expert::RunHosted(const Task& task, const std::atomic<bool>* stopping, int64_t start,
+                          int64_t deadline) {
+  std::shared_ptr<HostProcess> host;
+  OutcomeKind kind;
+  Status st = EnsureHost(deadline, stopping, &host, &kind);
+  if (!st.ok()) {
+    slots_->Release();
+    if (kind == OutcomeKind::kCrash) health_->Completed(kind);
+    return Finish(kind, st.message(), start);
+  }
+  auto run = host->Submit(task, DeadlineUnixMs(manifest_.timeout_s),
+                          [slots = slots_] { slots->Release(); });
+  if (!run) {  // it died just now; its death is already counted
+    slots_->Release();
+    health_->Completed(OutcomeKind::kCrash);
+    return Finish(OutcomeKind::kCrash, "the plugin host died before the task started", start);
+  }
+  if (!host->WaitRun(*run, deadline, stopping)) {
+    host->Abandon(run, health_->policy().hang_grace_s);
+    if (stopping && stopping->load())
+      return Finish(OutcomeKind::kInterrupted, "cortexd is stopping", start);
+    health_->Completed(OutcomeKind::kTimeout);
+    return Finish(OutcomeKind::kTimeout, TimeoutMessage(manifest_.timeout_s), start);
+  }
+  Outcome out = run->outcome;
+  out.duration_s = (NowMicros() - start) / 1e6;
+  // A crash the plugin reports (say, a program it ran died) is an event of its own; a
+  // host death was counted once by the host's death callback, however many tasks it took.
+  if (out.kind == OutcomeKind::kCrash && !run->host_died) health_->Crash(out.error);
+  health_->Completed(out.kind);
+  return out;
+}
+
+Outcome Expert::RunInProcess(const Task& task, int64_t start, int64_t deadline) {
+  struct Shared {
+    std::mutex mu;
+    std::condition_variable cv;
+    bool done = false;
+    Execution exec;
+    Shared(const Task& t, int64_t d) : exec(t, d) {}
+  };
+  auto st = std::make_shared<Shared>(task, DeadlineUnixMs(manifest_.timeout_s));
+  // The plugin runs on its own thread so a hung plugin cannot hold the caller past its
+  // deadline; the thread keeps the expert (and its library) alive until it returns.
   try {
     std::thread([self = shared_from_this(), st] {
-      cortex_result r = self->lib_->api->execute(self->instance_, &st->task, &st->host);
+      st->exec.Run(self->file_->lib->api(), self->instance_);
       {
         std::lock_guard<std::mutex> l(st->mu);
-        st->result = r;
-        if (r.error) st->error = r.error;
         st->done = true;
       }
       st->cv.notify_all();
-      self->ReleaseSlot();
+      self->slots_->Release();
     }).detach();
   } catch (const std::system_error& e) {
-    ReleaseSlot();
-    return finish(OutcomeKind::kFailure, std::string("cannot start the expert: ") + e.what());
+    slots_->Release();
+    return Finish(OutcomeKind::kFailure, std::string("cannot start the expert: ") + e.what(),
+                  start);
   }
-
   std::unique_lock<std::mutex> l(st->mu);
   while (!st->done) {
     int64_t left = deadline - NowMicros();
     if (left <= 0) break;
     st->cv.wait_for(l, std::chrono::microseconds(std::min<int64_t>(left, 100000)));
   }
-  out.output = st->output;
-  if (st->truncated) out.output += "\n[output truncated]";
   if (!st->done) {
-    st->cancelled = 1;
-    return finish(OutcomeKind::kTimeout,
-                  "no result within " + fmt::format("{:g}", manifest_.timeout_s) + "s");
+    st->exec.Cancel();
+    health_->Completed(OutcomeKind::kTimeout);
+    return Finish(OutcomeKind::kTimeout, TimeoutMessage(manifest_.timeout_s), start);
   }
+  Outcome out = st->exec.TakeOutcome();
   out.duration_s = (NowMicros() - start) / 1e6;
-  switch (st->result.kind) {
-    case CORTEX_OUTCOME_SUCCESS:
-      out.kind = OutcomeKind::kSuccess;
-      break;
-    case CORTEX_OUTCOME_FAILURE:
-      out.kind = OutcomeKind::kFailure;
-      break;
-    case CORTEX_OUTCOME_TIMEOUT:
-      out.kind = OutcomeKind::kTimeout;
-      break;
-    case CORTEX_OUTCOME_CRASH:
-      out.kind = OutcomeKind::kCrash;
-      break;
-    case CORTEX_OUTCOME_REJECTED:
-      out.kind = OutcomeKind::kRejected;
-      break;
-    default:
-      out.kind = OutcomeKind::kFailure;
-      st->error = "the expert returned an unknown outcome kind " + std::to_string(st->result.kind);
-  }
-  double q = st->result.quality;
-  const bool ok = out.kind == OutcomeKind::kSuccess;
-  out.quality = (std::isnan(q) || q < 0) ? (ok ? 1.0 : 0.0) : std::min(1.0, q);
-  out.error = st->error.substr(0, 1024);
+  if (out.kind == OutcomeKind::kCrash) health_->Crash(out.error);
+  health_->Completed(out.kind);
   return out;
 }
 
@@ -291,61 +477,48 @@ Status ExpertRegistry::CheckSafe(const std::string& path, bool is_dir) {
   return Status::OK();
 }
 
-Status ExpertRegistry::LoadFile(const std::string& path, std::shared_ptr<PluginLibrary>* out) {
+Status ExpertRegistry::LoadFile(const std::string& path, std::shared_ptr<PluginFile>* out) {
   CORTEX_RETURN_IF_ERROR(CheckSafe(path, false));
-  auto lib = std::make_shared<PluginLibrary>();
-  lib->file = path;
+  auto pf = std::make_shared<PluginFile>();
+  pf->file = path;
+  pf->host_exe = options_.host_exe;
   // Load a private copy: the original may be replaced or rewritten while we run it.
   static std::atomic<uint64_t> counter{0};
   std::string copy = options_.cache_dir + "/" + fs::path(path).filename().string() + "." +
                      std::to_string(::getpid()) + "." + std::to_string(++counter);
   CORTEX_RETURN_IF_ERROR(CopyPrivate(path, copy));
-  std::error_code ec;
-  lib->lib.load(copy, boost::dll::load_mode::rtld_now | boost::dll::load_mode::rtld_local, ec);
-  const char* dlerr = ec ? ::dlerror() : nullptr;
-  ::unlink(copy.c_str());  // the mapping stays valid; nothing to clean up later
-  if (ec) {
-    std::string why = dlerr ? dlerr : ec.message();
-    if (size_t p = why.find(copy); p != std::string::npos) why.replace(p, copy.size(), path);
-    return Status::FailedPrecondition("cannot load shared library: " + why);
+  if (options_.in_process) {
+    Status st = PluginLibrary::Open(copy, path, &pf->lib);
+    ::unlink(copy.c_str());  // the mapping stays valid; nothing to clean up later
+    CORTEX_RETURN_IF_ERROR(st);
+    pf->manifest = pf->lib->manifest();
+  } else {
+    pf->copy = copy;  // hosts load it, now and at every restart; removed with pf
+    // A host of its own reads the manifest, so a plugin that crashes while loading
+    // is refused without touching cortexd.
+    HostOptions ho;
+    ho.exe = options_.host_exe;
+    ho.library = copy;
+    ho.display = path;
+    ho.memory_limit = options_.supervision.memory_limit;
+    std::shared_ptr<HostProcess> probe;
+    CORTEX_RETURN_IF_ERROR(HostProcess::Start(ho, nullptr, &probe, &pf->manifest));
   }
-  if (!lib->lib.has(CORTEX_PLUGIN_ENTRY_NAME))
-    return Status::FailedPrecondition(std::string("not a Cortex plugin: no ") +
-                                      CORTEX_PLUGIN_ENTRY_NAME + " entry point");
-  auto entry = lib->lib.get<const cortex_plugin_api*()>(CORTEX_PLUGIN_ENTRY_NAME);
-  const cortex_plugin_api* api = entry();
-  if (!api) return Status::FailedPrecondition("the plugin's entry point returned no API table");
-  if (api->abi_version != CORTEX_PLUGIN_ABI_VERSION)
-    return Status::FailedPrecondition(
-        "built for plugin ABI v" + std::to_string(api->abi_version) + ", this cortexd speaks v" +
-        std::to_string(CORTEX_PLUGIN_ABI_VERSION) + "; rebuild it against this SDK");
-  if (api->struct_size < sizeof(cortex_plugin_api) || !api->manifest || !api->create ||
-      !api->destroy || !api->execute)
-    return Status::FailedPrecondition("incomplete API table (missing manifest or functions)");
-  CORTEX_RETURN_IF_ERROR(ManifestFromC(api->manifest, &lib->manifest));
-  lib->api = api;
-  *out = std::move(lib);
+  *out = std::move(pf);
   return Status::OK();
 }
 
-Status ManifestFromC(const cortex_manifest* m, Manifest* out) {
-  Manifest man;
-  man.name = CStr(m->name);
-  if (!ValidName(man.name))
-    return Status::FailedPrecondition("manifest name '" + man.name +
-                                      "' is not 1-64 characters of a-z, 0-9, '-', '_', '.'");
-  man.version = CStr(m->version);
-  if (man.version.empty()) return Status::FailedPrecondition("manifest has no version");
-  man.description = CStr(m->description);
-  man.keywords = CStrList(m->keywords);
-  man.examples = CStrList(m->examples);
-  man.config_keys = CStrList(m->config_keys);
-  if (m->capacity < 1 || m->capacity > 1024)
-    return Status::FailedPrecondition("manifest capacity must be 1..1024");
-  man.capacity = static_cast<int>(m->capacity);
-  man.timeout_s = m->timeout_ms ? m->timeout_ms / 1000.0 : 60.0;
-  man.requires_config = (m->flags & CORTEX_MANIFEST_REQUIRES_CONFIG) != 0;
-  *out = std::move(man);
+Status ExpertRegistry::NewExpert(const std::shared_ptr<PluginFile>& file, Manifest man,
+                                 const std::string& plugin, const std::string& settings,
+                                 const std::string& fingerprint, std::shared_ptr<Expert>* out) {
+  const std::string name = man.name, path = file->file;
+  auto audit = [this, name, path](const std::string& event, const std::string& detail) {
+    Audit(name, path, event, detail);
+  };
+  auto e = std::make_shared<Expert>(file, std::move(man), plugin, settings, fingerprint,
+                                    options_.supervision, audit);
+  CORTEX_RETURN_IF_ERROR(e->Start());
+  *out = std::move(e);
   return Status::OK();
 }
 
@@ -386,7 +559,7 @@ void ExpertRegistry::Rescan() {
       rec = std::make_unique<FileRecord>();
       rec->sig = fi;
       changed = true;
-      std::shared_ptr<PluginLibrary> lib;
+      std::shared_ptr<PluginFile> lib;
       Status st = LoadFile(path, &lib);
       if (st.ok()) {
         auto dup = plugins_.find(lib->manifest.name);
@@ -466,14 +639,15 @@ Status ExpertRegistry::BuildInstances(const std::vector<ExpertConfig>& instances
       (*out)[ec.name] = cur->second;
       continue;
     }
-    char err[512] = {0};
-    void* inst = lib->api->create(settings.c_str(), err, sizeof err);
-    if (!inst) {
-      std::string msg = err[0] ? err : "the plugin refused these settings";
+    std::shared_ptr<Expert> e;
+    Status st = NewExpert(lib, std::move(man), ec.plugin, settings, fp, &e);
+    if (!st.ok()) {
+      std::string msg = st.message();
       int line = ec.line;
       std::string key;
-      if (size_t c = msg.find(':');
-          c != std::string::npos && ec.key_lines.count(msg.substr(0, c))) {
+      if (size_t c = msg.find(':'); st.code() == Status::Code::kInvalidArgument &&
+                                    c != std::string::npos &&
+                                    ec.key_lines.count(msg.substr(0, c))) {
         key = msg.substr(0, c);
         line = ec.key_lines.at(key);
         msg = msg.substr(c + 1);
@@ -482,7 +656,7 @@ Status ExpertRegistry::BuildInstances(const std::vector<ExpertConfig>& instances
       return Status::InvalidArgument(where(line) + path + (key.empty() ? "" : "." + key) + ": " +
                                      msg);
     }
-    (*out)[ec.name] = std::make_shared<Expert>(lib, inst, std::move(man), ec.plugin, lib->file, fp);
+    (*out)[ec.name] = std::move(e);
   }
   return Status::OK();
 }
@@ -493,11 +667,11 @@ Status ExpertRegistry::Configure(const Config& config) {
   CORTEX_RETURN_IF_ERROR(BuildInstances(config.experts, config.source, &trial));
   instances_ = config.experts;
   instances_source_ = config.source;
-  RebuildLocked();
+  RebuildLocked(&trial);
   return Status::OK();
 }
 
-void ExpertRegistry::RebuildLocked() {
+void ExpertRegistry::RebuildLocked(std::map<std::string, std::shared_ptr<Expert>>* prebuilt) {
   std::map<std::string, std::shared_ptr<Expert>> next;
   std::set<std::string> configured;
   for (const auto& ec : instances_) configured.insert(ec.name);
@@ -509,17 +683,21 @@ void ExpertRegistry::RebuildLocked() {
       next[name] = cur->second;
       continue;
     }
-    char err[512] = {0};
-    void* inst = lib->api->create("{}", err, sizeof err);
-    if (!inst) {
-      Audit(name, lib->file, "refused", std::string("default instance: ") + err);
+    std::shared_ptr<Expert> e;
+    Status st = NewExpert(lib, lib->manifest, name, "{}", fp, &e);
+    if (!st.ok()) {
+      Audit(name, lib->file, "refused", "default instance: " + st.message());
       continue;
     }
-    next[name] = std::make_shared<Expert>(lib, inst, lib->manifest, name, lib->file, fp);
+    next[name] = std::move(e);
   }
   // Configured instances one by one: one that no longer builds (its plugin vanished or
   // changed) is listed as removed without taking the others down.
   for (size_t i = 0; i < instances_.size(); ++i) {
+    if (prebuilt && prebuilt->count(instances_[i].name)) {  // just built by Configure
+      next[instances_[i].name] = (*prebuilt)[instances_[i].name];
+      continue;
+    }
     std::map<std::string, std::shared_ptr<Expert>> one;
     Status st = BuildInstances({instances_[i]}, instances_source_, &one);
     if (!st.ok()) {
@@ -548,8 +726,20 @@ void ExpertRegistry::RebuildLocked() {
 std::vector<std::shared_ptr<Expert>> ExpertRegistry::Active() const {
   std::lock_guard<std::mutex> l(mu_);
   std::vector<std::shared_ptr<Expert>> out;
-  for (const auto& [_, e] : active_) out.push_back(e);
+  for (const auto& [_, e] : active_)
+    if (!e->quarantined()) out.push_back(e);
   return out;
+}
+
+Status ExpertRegistry::Release(const std::string& name) {
+  std::shared_ptr<Expert> e;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    auto it = active_.find(name);
+    if (it == active_.end()) return Status::NotFound("no expert named '" + name + "' is loaded");
+    e = it->second;
+  }
+  return e->Release().WithContext("expert " + name);
 }
 
 std::shared_ptr<Expert> ExpertRegistry::Find(const std::string& name) const {

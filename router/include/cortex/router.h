@@ -1,5 +1,5 @@
-// Turns a batch of tasks into decisions: model score + rule score, a selection-only load
-// bias, forced rules, and epsilon-exploration whose propensity is recorded.
+// Turns a batch of tasks into decisions: model score + rule score, selection-only load
+// and health biases, forced rules, and epsilon-exploration whose propensity is recorded.
 #pragma once
 
 #include <memory>
@@ -19,6 +19,7 @@ struct RouterOptions {
   double exploration = 0.05;
   double load_bias = 0.2;
   uint64_t seed = 1;
+  double health_bias = 0.5;
 };
 
 struct RouteRequest {
@@ -28,7 +29,8 @@ struct RouteRequest {
 
 struct ExpertSlot {
   ExpertProfile profile;
-  double load = 0;  // in-flight / capacity, in [0,1]; only biases selection
+  double load = 0;    // in-flight / capacity, in [0,1]; only biases selection
+  double health = 0;  // 0 healthy .. 1 restarting after a crash; only biases selection
 };
 
 class Router {

@@ -38,8 +38,9 @@ class Store {
   // Tasks created at or after `since`, oldest first, in pages; `fn` returns false to stop.
   virtual Status ForEachTask(double since, const std::function<bool(const Task&)>& fn) = 0;
 
-  // Finished attempts (not interrupted) with seq > `after_seq`, oldest first, as training
-  // data; `fn` returns false to stop.
+  // Finished attempts with seq > `after_seq`, oldest first, as training data; `fn`
+  // returns false to stop. Interrupted attempts and crashes are left out: a crash is a
+  // health signal for routing, not evidence that the task belonged elsewhere.
   virtual Status ForEachOutcome(long after_seq,
                                 const std::function<bool(const LoggedOutcome&)>& fn) = 0;
   // The seq just before the `n` newest training outcomes (0 if there are fewer), so a

@@ -34,7 +34,8 @@ struct Candidate {
   std::string expert;
   double rule_score = 0;
   double model_score = 0;
-  double load_bias = 0;  // selection only; `score` excludes it
+  double load_bias = 0;    // selection only; `score` excludes it
+  double health_bias = 0;  // selection only: recent crashes, a restarting host
   double score = 0;      // rule_score + model_score
   double confidence = 0;
   std::vector<std::string> rules;  // names of the rules that fired for this expert

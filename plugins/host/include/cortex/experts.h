@@ -1,7 +1,9 @@
-// The live set of experts: plugins found in folders (loaded with Boost.DLL), their
-// default instances and the instances the config declares. Files are checked for safe
-// ownership and permissions, loaded from a private copy (so replacing a file in place
-// never disturbs a running task), and refused with an audit event when anything is off.
+// The live set of experts: plugins found in folders, their default instances and the
+// instances the config declares. Files are checked for safe ownership and permissions
+// and copied to a private folder (so replacing a file in place never disturbs a running
+// task). Each instance runs in a supervised cortex-plugin-host process that loads the
+// copy with Boost.DLL; cortexd itself never runs plugin code unless told to
+// (plugins.isolation: in-process). Anything off is refused with an audit event.
 #pragma once
 
 #include <atomic>
@@ -36,48 +38,100 @@ struct Manifest {
   bool requires_config = false;
 };
 
+bool ValidExpertName(const std::string& name);
+Status ValidateManifest(const Manifest& m);
 // Validates a plugin's C manifest and copies it out; the only reader of plugin-supplied
 // manifest memory (fuzzed in tests/fuzz).
 Status ManifestFromC(const cortex_manifest* m, Manifest* out);
 
-class PluginLibrary;  // a loaded .so and its API table
+// How a misbehaving expert is handled: a crashed host is restarted after a backoff that
+// doubles with each consecutive crash; after `quarantine_after` of them the expert is
+// quarantined (not routed to) until released or its file changes.
+struct Supervision {
+  int quarantine_after = 5;
+  double backoff_s = 0.25;
+  double backoff_max_s = 30;
+  double hang_grace_s = 1;  // after a timeout, how long a plugin may take to notice
+  size_t memory_limit = 1ull << 30;
+};
 
+struct ExpertHealth {
+  std::string state = "active";  // active, restarting, quarantined
+  int consecutive_crashes = 0;
+  long crashes = 0;       // crash events: a host death, or a crash the plugin reported
+  long restarts = 0;      // hosts started after the first
+  double crash_rate = 0;  // recent share of attempts that ended in `crash` (decaying)
+  std::string last_crash;
+  double last_crash_at = 0;   // unix seconds
+  double quarantined_at = 0;  // unix seconds, when quarantined
+  double retry_in_s = 0;      // while restarting: until the next start
+};
+
+struct PluginFile;  // a plugin file the registry accepted (experts.cc)
+class HealthState;  // crash bookkeeping, shared with host death callbacks (experts.cc)
+class HostProcess;  // a supervised cortex-plugin-host (host_process.h)
+
+// One expert instance. By default it runs in a cortex-plugin-host process of its own,
+// so its crashes, hangs and memory use stay there; in the opt-in in-process mode it
+// runs on a thread of cortexd.
 class Expert : public std::enable_shared_from_this<Expert> {
  public:
   // `fingerprint` identifies the library and instance settings, so a rescan can keep
   // an unchanged instance (and its in-flight count) instead of recreating it.
-  Expert(std::shared_ptr<PluginLibrary> lib, void* instance, Manifest manifest, std::string plugin,
-         std::string file, std::string fingerprint);
+  Expert(std::shared_ptr<PluginFile> file, Manifest manifest, std::string plugin,
+         std::string settings, std::string fingerprint, Supervision supervision,
+         std::function<void(const std::string&, const std::string&)> audit);
   ~Expert();
   Expert(const Expert&) = delete;
   Expert& operator=(const Expert&) = delete;
 
+  // Creates the instance: starts its host and calls create() there (or here, in-process).
+  // Errors from create() read "key: message".
+  Status Start();
+
   const std::string& name() const { return manifest_.name; }
   const Manifest& manifest() const { return manifest_; }
   const std::string& plugin() const { return plugin_; }
-  const std::string& file() const { return file_; }
+  const std::string& file() const;
   const std::string& fingerprint() const { return fingerprint_; }
-  int inflight() const { return inflight_.load(); }
+  bool isolated() const;  // runs in a host process
+  int inflight() const;
   double load() const;
+  ExpertHealth health() const;
+  bool quarantined() const;
+  // 0 (healthy) .. 1 (restarting): how much routing should avoid it.
+  double health_penalty() const;
+  int host_pid() const;         // 0 when none is running
+  size_t memory_limit() const;  // enforced on its host; 0: none
+  // Lifts a quarantine: the next task starts a fresh host.
+  Status Release();
 
   // Runs one task within its timeout. Waits for a free slot first (at most the timeout;
   // then the outcome is `rejected`). A plugin that overruns keeps its slot until it
-  // returns, but the caller gets `timeout` at the deadline. Never throws.
+  // returns or its host is killed, but the caller gets `timeout` at the deadline; a
+  // host that dies gives `crash`. Never throws.
   Outcome Run(const Task& task, const std::atomic<bool>* stopping);
 
  private:
-  bool AcquireSlot(int64_t deadline_us, const std::atomic<bool>* stopping);
-  void ReleaseSlot();
+  struct Slots;
+  Outcome RunInProcess(const Task& task, int64_t start, int64_t deadline);
+  Outcome RunHosted(const Task& task, const std::atomic<bool>* stopping, int64_t start,
+                    int64_t deadline);
+  Status EnsureHost(int64_t deadline, const std::atomic<bool>* stopping,
+                    std::shared_ptr<HostProcess>* out, OutcomeKind* kind);
+  Status StartHost(std::shared_ptr<HostProcess>* out);
 
-  std::shared_ptr<PluginLibrary> lib_;
-  void* instance_;
+  std::shared_ptr<PluginFile> file_;
   Manifest manifest_;
   std::string plugin_;
-  std::string file_;
+  std::string settings_;
   std::string fingerprint_;
-  std::atomic<int> inflight_{0};
-  std::mutex slot_mu_;
-  std::condition_variable slot_cv_;
+  std::shared_ptr<Slots> slots_;
+  std::shared_ptr<HealthState> health_;
+  void* instance_ = nullptr;  // in-process only
+  mutable std::mutex host_mu_;
+  std::shared_ptr<HostProcess> host_;
+  bool started_once_ = false;
 };
 
 struct ExpertInfo {
@@ -91,6 +145,10 @@ struct ExpertInfo {
   int inflight = 0;
   int capacity = 0;
   double timeout_s = 0;
+  std::string isolation;  // process, in-process
+  int host_pid = 0;
+  size_t memory_limit = 0;
+  ExpertHealth health;
 };
 
 class ExpertRegistry {
@@ -99,6 +157,9 @@ class ExpertRegistry {
     std::vector<std::string> dirs;  // scanned in order
     std::string cache_dir;          // private 0700 folder for load copies
     Env* env = Env::Default();
+    bool in_process = false;  // trusted plugins only: a crash takes cortexd down
+    std::string host_exe;     // cortex-plugin-host
+    Supervision supervision;
     std::function<void(const ExpertEvent&)> audit;  // every load, refusal and removal
   };
   explicit ExpertRegistry(Options options);
@@ -113,6 +174,8 @@ class ExpertRegistry {
 
   std::vector<std::shared_ptr<Expert>> Active() const;
   std::shared_ptr<Expert> Find(const std::string& name) const;
+  // Lifts an expert's quarantine (`cortexctl experts release NAME`).
+  Status Release(const std::string& name);
   std::vector<ExpertInfo> List() const;
   // Bumped whenever the set of active experts changes.
   uint64_t generation() const { return generation_.load(); }
@@ -120,18 +183,21 @@ class ExpertRegistry {
  private:
   struct FileRecord;
   struct Built;
-  Status LoadFile(const std::string& path, std::shared_ptr<PluginLibrary>* out);
+  Status LoadFile(const std::string& path, std::shared_ptr<PluginFile>* out);
+  Status NewExpert(const std::shared_ptr<PluginFile>& file, Manifest man, const std::string& plugin,
+                   const std::string& settings, const std::string& fingerprint,
+                   std::shared_ptr<Expert>* out);
   Status CheckSafe(const std::string& path, bool is_dir);
   Status BuildInstances(const std::vector<ExpertConfig>& instances, const std::string& source,
                         std::map<std::string, std::shared_ptr<Expert>>* out);
-  void RebuildLocked();
+  void RebuildLocked(std::map<std::string, std::shared_ptr<Expert>>* prebuilt = nullptr);
   void Audit(const std::string& expert, const std::string& file, const std::string& event,
              const std::string& detail);
 
   Options options_;
   mutable std::mutex mu_;
-  std::map<std::string, std::unique_ptr<FileRecord>> files_;       // by path
-  std::map<std::string, std::shared_ptr<PluginLibrary>> plugins_;  // by plugin name
+  std::map<std::string, std::unique_ptr<FileRecord>> files_;    // by path
+  std::map<std::string, std::shared_ptr<PluginFile>> plugins_;  // by plugin name
   std::vector<ExpertConfig> instances_;
   std::string instances_source_;
   std::map<std::string, std::shared_ptr<Expert>> active_;

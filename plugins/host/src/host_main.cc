@@ -1,0 +1,197 @@
+// cortex-plugin-host: runs one plugin instance for cortexd in a process of its own, so a
+// plugin that segfaults, aborts, hangs or runs out of memory takes down only this
+// process. cortexd spawns it with its end of a socket pair on fd 3 and supervises it
+// (plugins/host/src/host_process.cc); the protocol is in host_protocol.h.
+//
+//   cortex-plugin-host --library COPY --display FILE [--memory-limit BYTES]
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/resource.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <new>
+#include <string>
+#include <thread>
+
+#include "host_protocol.h"
+#include "plugin_library.h"
+
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+#define CORTEX_SANITIZED 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
+#define CORTEX_SANITIZED 1
+#endif
+#endif
+
+#ifdef CORTEX_SANITIZED
+// A plugin's segfault should end its host the way it does in a release build (killed by
+// SIGSEGV), not as a sanitizer report; the sanitizers still check the host's own code.
+extern "C" __attribute__((visibility("default"), used)) const char* __asan_default_options() {
+  return "handle_segv=0:handle_sigbus=0:handle_sigfpe=0:handle_sigill=0";
+}
+extern "C" __attribute__((visibility("default"), used)) const char* __tsan_default_options() {
+  return "handle_segv=0:handle_sigbus=0:handle_sigfpe=0:handle_sigill=0";
+}
+#endif
+
+namespace cortex {
+namespace {
+
+using json = nlohmann::json;
+constexpr int kFd = hostproto::kHostFd;
+
+std::mutex g_write_mu;
+char g_oom_frame[64];
+size_t g_oom_len = 0;
+
+void Send(const json& j) {
+  std::lock_guard<std::mutex> l(g_write_mu);
+  if (!hostproto::WriteFrame(kFd, j).ok()) _exit(0);  // cortexd is gone
+}
+
+// Runs when an allocation fails under the memory limit: tell cortexd why, then go.
+// Only write() and _exit(): the heap cannot be trusted any more.
+void OnOutOfMemory() {
+  ssize_t w = ::write(kFd, g_oom_frame, g_oom_len);
+  (void)w;
+  _exit(hostproto::kExitOutOfMemory);
+}
+
+void PrepareOomFrame() {
+  const char body[] = "{\"op\":\"oom\"}";
+  const uint32_t n = sizeof body - 1;
+  for (int i = 0; i < 4; ++i) g_oom_frame[i] = static_cast<char>((n >> (8 * i)) & 0xFF);
+  std::memcpy(g_oom_frame + 4, body, n);
+  g_oom_len = 4 + n;
+}
+
+// The memory limit is RLIMIT_DATA (heap and private writable mappings): it bounds what
+// the plugin allocates without counting reserved-but-unused address space. Sanitizer
+// runtimes reserve terabytes of shadow memory, so there it cannot be enforced.
+size_t ApplyLimits(size_t memory_limit) {
+  struct rlimit core = {0, 0};
+  setrlimit(RLIMIT_CORE, &core);  // a crashing plugin leaves no core files behind
+#ifdef CORTEX_SANITIZED
+  return 0;
+#else
+  if (memory_limit) {
+    struct rlimit data = {memory_limit, memory_limit};
+    if (setrlimit(RLIMIT_DATA, &data) != 0) return 0;
+  }
+  return memory_limit;
+#endif
+}
+
+int Serve(const std::string& library, const std::string& display, size_t memory_limit) {
+  const size_t enforced = ApplyLimits(memory_limit);
+  std::unique_ptr<PluginLibrary> lib;
+  Status st = PluginLibrary::Open(library, display, &lib);
+  if (!st.ok()) {
+    Send({{"op", "hello"}, {"error", st.message()}});
+    return 0;
+  }
+  Send({{"op", "hello"},
+        {"pid", getpid()},
+        {"memory_limit", enforced},
+        {"manifest", hostproto::ManifestToJson(lib->manifest())}});
+
+  const cortex_plugin_api* api = lib->api();
+  void* instance = nullptr;
+  std::mutex runs_mu;
+  std::map<uint64_t, std::shared_ptr<Execution>> runs;
+  hostproto::FrameReader reader;
+  char buf[65536];
+  while (true) {
+    ssize_t n = ::read(kFd, buf, sizeof buf);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) _exit(0);  // cortexd closed its end or died: nothing left to serve
+    std::vector<json> frames;
+    if (!reader.Feed(buf, static_cast<size_t>(n), &frames).ok()) _exit(2);
+    for (const json& f : frames) {
+      const std::string op = f["op"].get<std::string>();
+      if (op == "create" && !instance) {
+        std::string settings = f.value("settings", "{}");
+        char err[512] = {0};
+        instance = api->create(settings.c_str(), err, sizeof err);
+        if (instance)
+          Send({{"op", "created"}});
+        else
+          Send({{"op", "created"},
+                {"error", err[0] ? std::string(err, strnlen(err, sizeof err))
+                                 : "the plugin refused these settings"}});
+      } else if (op == "run" && instance && f.contains("id") && f["id"].is_number_unsigned()) {
+        const uint64_t id = f["id"].get<uint64_t>();
+        Task task;
+        int64_t deadline = 0;
+        if (!hostproto::TaskFromJson(f.value("task", json()), &task, &deadline).ok()) _exit(2);
+        auto exec = std::make_shared<Execution>(task, deadline);
+        {
+          std::lock_guard<std::mutex> l(runs_mu);
+          runs[id] = exec;
+        }
+        // Capacity is enforced by cortexd, which sends no more runs than slots.
+        std::thread([&, id, exec] {
+          exec->Run(api, instance);
+          {
+            std::lock_guard<std::mutex> l(runs_mu);
+            runs.erase(id);
+          }
+          Send({{"op", "result"},
+                {"id", id},
+                {"outcome", hostproto::OutcomeToJson(exec->TakeOutcome())}});
+        }).detach();
+      } else if (op == "cancel" && f.contains("id") && f["id"].is_number_unsigned()) {
+        std::lock_guard<std::mutex> l(runs_mu);
+        auto it = runs.find(f["id"].get<uint64_t>());
+        if (it != runs.end()) it->second->Cancel();
+      } else if (op == "exit") {
+        bool idle;
+        {
+          std::lock_guard<std::mutex> l(runs_mu);
+          idle = runs.empty();
+        }
+        // destroy() only when nothing runs: calling it under a running execute() would
+        // be the host's bug, not the plugin's.
+        if (idle && instance) api->destroy(instance);
+        _exit(0);
+      } else {
+        _exit(2);  // cortexd never sends anything else: the stream is not ours
+      }
+    }
+  }
+}
+
+}  // namespace
+}  // namespace cortex
+
+int main(int argc, char** argv) {
+  std::string library, display;
+  size_t memory_limit = 0;
+  for (int i = 1; i + 1 < argc; i += 2) {
+    std::string k = argv[i];
+    if (k == "--library")
+      library = argv[i + 1];
+    else if (k == "--display")
+      display = argv[i + 1];
+    else if (k == "--memory-limit")
+      memory_limit = std::strtoull(argv[i + 1], nullptr, 10);
+  }
+  if (library.empty() || fcntl(cortex::kFd, F_GETFD) < 0) {
+    std::fprintf(stderr,
+                 "cortex-plugin-host: runs a Cortex plugin for cortexd, which starts it with a "
+                 "socket on fd 3; it is not meant to be run by hand\n");
+    return 2;
+  }
+  fcntl(cortex::kFd, F_SETFD, FD_CLOEXEC);  // programs a plugin starts do not inherit it
+  signal(SIGPIPE, SIG_IGN);
+  cortex::PrepareOomFrame();
+  std::set_new_handler(cortex::OnOutOfMemory);
+  return cortex::Serve(library, display.empty() ? library : display, memory_limit);
+}

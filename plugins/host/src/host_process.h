@@ -1,0 +1,98 @@
+// cortexd's side of one plugin host: spawns cortex-plugin-host (no shell, its own
+// process group, stdin from /dev/null, a clean signal mask), reads its frames on a
+// thread of its own and turns its death into typed outcomes. Nothing here runs plugin
+// code; everything the host says is checked (host_protocol.h).
+#pragma once
+
+#include <sys/types.h>
+
+#include <condition_variable>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <thread>
+
+#include "cortex/experts.h"
+#include "cortex/status.h"
+#include "cortex/types.h"
+
+namespace cortex {
+
+struct HostOptions {
+  std::string exe;      // cortex-plugin-host
+  std::string library;  // the private copy it loads
+  std::string display;  // the user's file, for messages
+  size_t memory_limit = 0;
+  double start_timeout_s = 10;
+};
+
+class HostProcess {
+ public:
+  // Called once, on the reader thread, when the host dies of something cortexd did not
+  // do to it (a crash, an abort, running out of memory, a protocol violation).
+  using DeathFn = std::function<void(const std::string& why)>;
+
+  // Spawns the host and waits for its hello: the plugin's validated manifest, or why
+  // the library was refused.
+  static Status Start(const HostOptions& options, DeathFn on_death,
+                      std::shared_ptr<HostProcess>* out, Manifest* manifest);
+  ~HostProcess();  // asks the host to exit, kills it if it does not, reaps it
+
+  // Creates the plugin instance in the host ("key: message" errors come from the plugin).
+  Status Create(const std::string& settings_json, double timeout_s);
+
+  struct PendingRun {
+    uint64_t id = 0;
+    bool done = false;  // guarded by the host's mutex; wait with WaitRun
+    bool host_died = false;
+    Outcome outcome;
+    std::function<void()> on_end;  // runs once, when the host is done with the task
+  };
+  // Sends a task. Returns null if the host is gone (on_end is then not kept).
+  std::shared_ptr<PendingRun> Submit(const Task& task, int64_t deadline_unix_ms,
+                                     std::function<void()> on_end);
+  // Waits until the run is done, `deadline_us` (monotonic) passes or *stop is set.
+  bool WaitRun(const PendingRun& run, int64_t deadline_us, const std::atomic<bool>* stop);
+  // The caller stopped waiting: cancel the task; if it is still running `grace_s` later
+  // the host is killed (a hung plugin would hold its slot forever) and restarted on use.
+  void Abandon(const std::shared_ptr<PendingRun>& run, double grace_s);
+
+  pid_t pid() const { return pid_; }
+  bool alive() const;
+  size_t memory_limit() const { return memory_limit_; }  // 0: not enforced
+
+ private:
+  HostProcess() = default;
+  void ReadLoop();
+  void HandleFrame(const nlohmann::json& f);
+  void Die(std::string why);
+  Status Send(const nlohmann::json& f);
+
+  HostOptions options_;
+  DeathFn on_death_;
+  pid_t pid_ = -1;
+  int fd_ = -1;
+  size_t memory_limit_ = 0;
+  std::thread reader_;
+  std::mutex write_mu_;
+
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  bool hello_ = false, dead_ = false, ours_ = false;
+  std::string hello_error_;
+  nlohmann::json hello_manifest_;
+  bool created_ = false;
+  std::string create_error_;
+  std::string death_;
+  std::string violation_;  // set when the host broke the protocol
+  std::string hung_task_;  // set when cortexd killed it for hanging
+  bool oom_ = false;
+  uint64_t next_id_ = 1;
+  std::map<uint64_t, std::shared_ptr<PendingRun>> pending_;
+  std::map<uint64_t, int64_t> kill_at_;  // abandoned runs: monotonic micros
+};
+
+}  // namespace cortex

@@ -1,0 +1,53 @@
+// The cortexd <-> plugin host protocol, over a socket pair: frames of a 4-byte
+// little-endian length and a JSON object. cortexd treats every frame a host sends as
+// hostile input (the host runs plugin code): sizes are bounded, every field is checked.
+//
+//   host -> cortexd   {"op":"hello","pid":N,"memory_limit":B,"manifest":{...}}
+//                     {"op":"hello","error":"why the library was refused"}
+//   cortexd -> host   {"op":"create","settings":"{...}"}  -> {"op":"created"} or
+//   {"op":"created","error":".."}
+//                     {"op":"run","id":N,"task":{...}}     ->
+//                     {"op":"result","id":N,"outcome":{...}}
+//                     {"op":"cancel","id":N}
+//                     {"op":"exit"}
+//   host -> cortexd   {"op":"oom"} just before it exits for want of memory
+#pragma once
+
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "cortex/experts.h"
+#include "cortex/status.h"
+#include "cortex/types.h"
+
+namespace cortex::hostproto {
+
+constexpr size_t kMaxFrame = 4 << 20;
+constexpr int kHostFd = 3;            // where the host finds its end of the socket pair
+constexpr int kExitOutOfMemory = 86;  // the host's exit status when an allocation failed
+
+// Writes one frame (all of it; MSG_NOSIGNAL). Fails on a closed or stuck peer.
+Status WriteFrame(int fd, const nlohmann::json& frame);
+
+// Cuts a byte stream into frames.
+class FrameReader {
+ public:
+  // Appends bytes; whole frames go to `frames`. An oversize frame or one that is not a
+  // JSON object is an error (the stream cannot be trusted after it).
+  Status Feed(const char* data, size_t n, std::vector<nlohmann::json>* frames);
+
+ private:
+  std::string buf_;
+};
+
+nlohmann::json ManifestToJson(const Manifest& m);
+Status ManifestFromJson(const nlohmann::json& j, Manifest* out);  // validated like ManifestFromC
+nlohmann::json TaskToJson(const Task& t, int64_t deadline_unix_ms);
+Status TaskFromJson(const nlohmann::json& j, Task* t, int64_t* deadline_unix_ms);
+nlohmann::json OutcomeToJson(const Outcome& o);
+// Only what a plugin may report (success, failure, timeout, crash, rejected); quality is
+// clamped to [0,1], error and output are bounded.
+Status OutcomeFromJson(const nlohmann::json& j, Outcome* out);
+
+}  // namespace cortex::hostproto
