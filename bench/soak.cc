@@ -1,7 +1,9 @@
 // cortex-bench soak: N clients for T seconds against a cortexd of its own whose experts
-// include one that crashes (SIGSEGV), one that hangs past its timeout and a slow one.
-// Reports tasks/s, latency percentiles, acknowledged tasks lost (must be 0), crashes
-// survived and the daemon's resident memory over time (must stay flat).
+// (instances of bench/plugins/misbehave.cc, each in its own plugin host) include one
+// whose plugin segfaults, one that hangs past its timeout ignoring cancellation, one that
+// runs into its host's memory limit and a slow one. Quarantined experts are released as
+// an operator would. Reports tasks/s, latency percentiles, acknowledged tasks lost (must
+// be 0), crashes survived and cortexd's resident memory over time (must stay flat).
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -43,25 +45,37 @@ int Soak(const SoakOptions& o) {
   fs::create_directories(dir / "plugins");
   fs::permissions(dir / "plugins", fs::perms::owner_all, fs::perm_options::replace);
   const std::string socket = (dir / "run/cortexd.sock").string();
+  const fs::path exe_dir = fs::read_symlink("/proc/self/exe").parent_path();
+  const fs::path plugin = exe_dir.parent_path() / "lib/cortex/bench-plugins/misbehave.so";
+  std::error_code ec;
+  fs::copy_file(plugin, dir / "plugins/misbehave.so", ec);
+  if (ec) {
+    std::fprintf(stderr, "cortex-bench: cannot copy %s: %s\n", plugin.c_str(),
+                 ec.message().c_str());
+    return 1;
+  }
+  fs::permissions(dir / "plugins/misbehave.so", fs::perms(0755), fs::perm_options::replace);
   {
     std::ofstream cfg(dir / "cortex.yaml");
     cfg << "daemon: {socket: " << socket << ", workers: 8, shutdown_grace: 2s}\n"
         << "store: {path: " << (dir / "data/cortex.db").string() << "}\n"
-        << "plugins: {dir: " << (dir / "plugins").string() << "}\n"
+        << "plugins: {dir: " << (dir / "plugins").string()
+        << ", bundled: false, memory_limit: 256MiB, quarantine_after: 5, "
+           "restart_backoff: 50ms}\n"
         << "router: {exploration: 0.1, max_attempts: 3}\n"
         << "training: {interval: 5s, min_new_outcomes: 200}\n"
         << "experts:\n"
-        << "  - {name: crasher, plugin: command, run: [/bin/sh, -c, 'kill -SEGV $$'], "
+        << "  - {name: crasher, plugin: misbehave, mode: crash, rate: 0.3, "
            "keywords: [build, crash]}\n"
-        << "  - {name: hanger, plugin: command, run: [sleep, '3600'], timeout: 300ms, "
+        << "  - {name: hanger, plugin: misbehave, mode: hang, rate: 0.3, timeout: 300ms, "
            "keywords: [deploy, hang]}\n"
-        << "  - {name: slow, plugin: command, run: [sleep, '0.05'], keywords: [report, slow]}\n"
-        << "  - {name: steady, plugin: command, run: [/bin/sh, -c, 'cat >/dev/null'], "
-           "keywords: [fix, bug]}\n";
+        << "  - {name: hog, plugin: misbehave, mode: oom, rate: 0.2, memory_mb: 1024, "
+           "keywords: [memory, cache]}\n"
+        << "  - {name: slow, plugin: misbehave, mode: slow, delay_ms: 50, "
+           "keywords: [report, slow]}\n"
+        << "  - {name: steady, plugin: misbehave, keywords: [fix, bug]}\n";
   }
-  const std::string cortexd =
-      o.cortexd.empty() ? (fs::read_symlink("/proc/self/exe").parent_path() / "cortexd").string()
-                        : o.cortexd;
+  const std::string cortexd = o.cortexd.empty() ? (exe_dir / "cortexd").string() : o.cortexd;
   pid_t pid = fork();
   if (pid == 0) {
     FILE* f = freopen((dir / "cortexd.log").c_str(), "w", stderr);
@@ -87,7 +101,7 @@ int Soak(const SoakOptions& o) {
   const char* texts[] = {"fix the login bug",        "build the release artifacts",
                          "deploy the canary",        "write the weekly report",
                          "fix crash in the parser",  "slow report for finance",
-                         "hang detector for deploy", "bug in the cache"};
+                         "hang detector for deploy", "memory use of the cache"};
   std::atomic<bool> stop{false};
   std::mutex mu;
   std::vector<double> lat;
@@ -100,6 +114,23 @@ int Soak(const SoakOptions& o) {
     while (!stop.load()) {
       rss.emplace_back(secs(), RssKiB(pid));
       usleep(250000);
+    }
+  });
+  // An operator who releases quarantined experts (after 5 crashes in a row).
+  long released = 0;
+  std::thread releaser([&] {
+    Client c;
+    if (!c.Connect(socket).ok()) return;
+    while (!stop.load()) {
+      json r;
+      if (c.Call({{"op", "experts"}}, &r).ok() && r.value("ok", false))
+        for (const auto& e : r["result"])
+          if (e.value("state", "") == "quarantined") {
+            json x;
+            if (c.Call({{"op", "release"}, {"expert", e["name"]}}, &x).ok() && x.value("ok", false))
+              ++released;
+          }
+      usleep(500000);
     }
   });
   std::vector<std::thread> clients;
@@ -144,10 +175,20 @@ int Soak(const SoakOptions& o) {
   stop = true;
   for (auto& t : clients) t.join();
   sampler.join();
+  releaser.join();
   const double elapsed = secs();
 
   // Lost: acknowledged, yet not in a final state once the daemon has drained.
-  long lost = 0;
+  long lost = 0, host_crashes = 0, restarts = 0;
+  {
+    Client c;
+    json r;
+    if (c.Connect(socket).ok() && c.Call({{"op", "experts"}}, &r).ok() && r.value("ok", false))
+      for (const auto& e : r["result"]) {
+        host_crashes += e["health"].value("crashes", 0L);
+        restarts += e["health"].value("restarts", 0L);
+      }
+  }
   {
     Client c;
     if (c.Connect(socket).ok())
@@ -167,14 +208,18 @@ int Soak(const SoakOptions& o) {
   waitpid(pid, &status, 0);
   const int exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
 
-  // Flat memory: the peak of the last quarter against the peak of the second quarter
-  // (the first holds start-up).
-  long peak = 0, q2 = 0, q4 = 0;
+  // Flat memory: the steady level (median) of the last quarter against that of the second
+  // (the first holds start-up). Retrains every few seconds add short spikes (they read
+  // and featurize the retrain window, then give it back), so peaks are reported apart.
+  long peak = 0, q2_peak = 0, q4_peak = 0;
+  std::vector<double> q2s, q4s;
   for (const auto& [t, kib] : rss) {
     peak = std::max(peak, kib);
-    if (t >= elapsed * 0.25 && t < elapsed * 0.5) q2 = std::max(q2, kib);
-    if (t >= elapsed * 0.75) q4 = std::max(q4, kib);
+    if (t >= elapsed * 0.25 && t < elapsed * 0.5) q2s.push_back(kib), q2_peak = std::max(q2_peak, kib);
+    if (t >= elapsed * 0.75) q4s.push_back(kib), q4_peak = std::max(q4_peak, kib);
   }
+  const long q2 = static_cast<long>(Percentile(q2s, 0.5)), q4 = static_cast<long>(Percentile(q4s, 0.5));
+  const bool flat = q4 <= q2 + q2 / 5;  // within 20%
   json j = {{"clients", o.clients},
             {"seconds", elapsed},
             {"tasks", static_cast<long>(acked.size())},
@@ -186,24 +231,35 @@ int Soak(const SoakOptions& o) {
             {"request_errors", errors},
             {"lost", lost},
             {"crashes_survived", crashes},
+            {"host_crashes", host_crashes},
+            {"host_restarts", restarts},
+            {"quarantines_released", released},
             {"timeouts", timeouts},
             {"daemon_alive_at_end", alive},
             {"daemon_exit", exit_code},
             {"peak_rss_kib", peak},
-            {"rss_peak_q2_kib", q2},
-            {"rss_peak_q4_kib", q4}};
+            {"rss_median_q2_kib", q2},
+            {"rss_median_q4_kib", q4},
+            {"rss_peak_q2_kib", q2_peak},
+            {"rss_peak_q4_kib", q4_peak},
+            {"rss_flat", flat}};
+  json series = json::array();  // one sample a second: [seconds, KiB]
+  for (size_t i = 0; i < rss.size(); i += 4) series.push_back({rss[i].first, rss[i].second});
+  j["rss_kib_series"] = series;
   std::printf(
       "soak: %d clients, %.0fs: %zu tasks (%.0f/s), p50 %.1f ms, p99 %.1f ms; %ld succeeded, "
       "%ld failed, %ld request errors\n"
-      "  lost %ld; crashes survived %ld, timeouts %ld; daemon %s, exit %d\n"
-      "  peak RSS %ld KiB (2nd quarter %ld, last quarter %ld)\n",
+      "  lost %ld; crashes survived %ld (%ld plugin hosts died, %ld restarts, %ld quarantines "
+      "released), timeouts %ld; daemon %s, exit %d\n"
+      "  cortexd RSS: steady %ld -> %ld KiB (median of the 2nd -> last quarter: %s), peak %ld KiB "
+      "during retrains\n",
       o.clients, elapsed, acked.size(), acked.size() / elapsed, Percentile(lat, 0.5),
-      Percentile(lat, 0.99), succeeded, failed, errors, lost, crashes, timeouts,
-      alive ? "alive" : "DEAD", exit_code, peak, q2, q4);
+      Percentile(lat, 0.99), succeeded, failed, errors, lost, crashes, host_crashes, restarts,
+      released, timeouts,
+      alive ? "alive" : "DEAD", exit_code, q2, q4, flat ? "flat" : "GROWING", peak);
   WriteJson(o.json_out, j);
-  std::error_code ec;
   fs::remove_all(dir, ec);
-  return lost == 0 && alive && exit_code == 0 ? 0 : 1;
+  return lost == 0 && alive && exit_code == 0 && flat ? 0 : 1;
 }
 
 }  // namespace cortex::bench

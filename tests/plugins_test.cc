@@ -42,6 +42,20 @@ class RegistryTest : public ::testing::TestWithParam<const char*> {
       if (it->event == "refused") return it->detail;
     return "";
   }
+  // A registry (kept in reg_) with one configured instance of `plugin`, named `name`.
+  std::shared_ptr<Expert> Instance(const std::string& name, const std::string& plugin,
+                                   const std::string& settings_yaml, bool bundled,
+                                   Supervision sup = Supervision()) {
+    reg_ = Make(bundled, sup);
+    reg_->Rescan();
+    Status st = reg_->Configure(LoadConfigString("experts:\n  - name: " + name +
+                                                     "\n    plugin: " + plugin + "\n" +
+                                                     settings_yaml,
+                                                 "x")
+                                    .value());
+    EXPECT_TRUE(st.ok()) << st.ToString();
+    return reg_->Find(name);
+  }
   Task MakeTask(const std::string& text, Tags tags = {}) {
     Task t;
     t.id = "t1";
@@ -53,6 +67,7 @@ class RegistryTest : public ::testing::TestWithParam<const char*> {
   TempDir dir_;
   std::string plugins_;
   std::vector<ExpertEvent> events_;
+  std::unique_ptr<ExpertRegistry> reg_;
 };
 
 TEST_P(RegistryTest, LoadsBundledExpertsWithManifests) {
@@ -206,15 +221,8 @@ TEST_P(RegistryTest, TimeoutAbandonsAHungPluginAndKeepsItsSlot) {
 class CommandTest : public RegistryTest {
  protected:
   std::shared_ptr<Expert> Command(const std::string& settings_yaml) {
-    reg_ = Make(true);
-    reg_->Rescan();
-    Status st = reg_->Configure(
-        LoadConfigString("experts:\n  - name: c\n    plugin: command\n" + settings_yaml, "x")
-            .value());
-    EXPECT_TRUE(st.ok()) << st.ToString();
-    return reg_->Find("c");
+    return Instance("c", "command", settings_yaml, true);
   }
-  std::unique_ptr<ExpertRegistry> reg_;
 };
 
 TEST_P(CommandTest, PassesTextOnStdinAndEnvironmentNeverThroughAShell) {
@@ -290,7 +298,6 @@ class RepoExpertTest : public RegistryTest {
     ASSERT_TRUE(reg_->Configure(Config{}).ok());
   }
   std::string repo_;
-  std::unique_ptr<ExpertRegistry> reg_;
 };
 
 TEST_P(RepoExpertTest, InventoryCatalogsLanguagesAndManifests) {
@@ -343,20 +350,13 @@ class IsolationTest : public RegistryTest {
  protected:
   std::shared_ptr<Expert> Misbehave(const std::string& settings_yaml, Supervision sup) {
     Drop("misbehave.so", "misbehave.so", fs::perms(0755), test::BenchPluginDir());
-    reg_ = Make(false, sup);
-    reg_->Rescan();
-    Status st = reg_->Configure(
-        LoadConfigString("experts:\n  - name: m\n    plugin: misbehave\n" + settings_yaml, "x")
-            .value());
-    EXPECT_TRUE(st.ok()) << st.ToString();
-    return reg_->Find("m");
+    return Instance("m", "misbehave", settings_yaml, false, sup);
   }
   bool HasEvent(const std::string& event) {
     for (const auto& e : events_)
       if (e.event == event && e.expert == "m") return true;
     return false;
   }
-  std::unique_ptr<ExpertRegistry> reg_;
 };
 
 TEST_P(IsolationTest, SegfaultsAndAbortsAreCrashesAndTheHostComesBack) {

@@ -1,4 +1,5 @@
-// cortex-bench replay as a user runs it: its accounting on a corpus whose answers we know.
+// cortex-bench as a user runs it: replay's accounting on a corpus whose answers we know,
+// and soak's against its own cortexd with misbehaving experts.
 #include <gtest/gtest.h>
 
 #include <random>
@@ -95,6 +96,26 @@ TEST(Replay, LateExpertIsCountedFromItsArrival) {
   r = test::RunCmd({test::BinDir() + "/cortex-bench", "replay", "--corpus", dir / "bad.tsv"});
   EXPECT_EQ(r.code, 1);
   EXPECT_NE(r.err.find("bad.tsv:2: expected 5 columns"), std::string::npos) << r.err;
+}
+
+TEST(BenchTest, SoakSurvivesMisbehavingExpertsAndLosesNothing) {
+  TempDir dir;
+  const std::string out = dir / "soak.json";
+  test::Run r = test::RunCmd({test::BinDir() + "/cortex-bench", "soak", "--clients", "4",
+                              "--seconds", "6", "--json", out},
+                             120);
+  json j = json::parse(test::ReadFile(out), nullptr, false);
+  ASSERT_TRUE(j.is_object()) << r.out << r.err;
+  EXPECT_GT(j["tasks"].get<long>(), 50) << r.out;
+  EXPECT_EQ(j["lost"], 0) << r.out;
+  EXPECT_EQ(j["request_errors"], 0) << r.out;
+  EXPECT_EQ(j["daemon_alive_at_end"], true);
+  EXPECT_EQ(j["daemon_exit"], 0);
+  // Its plugin hosts crashed (segfaults, memory) and were restarted; cortexd did not.
+  EXPECT_GT(j["crashes_survived"].get<long>(), 0) << r.out;
+  EXPECT_GT(j["host_crashes"].get<long>(), 0) << r.out;
+  EXPECT_GT(j["host_restarts"].get<long>(), 0) << r.out;
+  EXPECT_GT(j["peak_rss_kib"].get<long>(), 0);
 }
 
 }  // namespace

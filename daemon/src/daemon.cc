@@ -1,6 +1,7 @@
 #include "cortex/daemon.h"
 
 #include <fcntl.h>
+#include <malloc.h>
 #include <poll.h>
 #include <signal.h>
 #include <sys/file.h>
@@ -739,6 +740,9 @@ class DaemonImpl : public Daemon, public RequestHandler {
     train_cv_.notify_all();
     json summary;
     Status st = RetrainOnce(now, &summary);
+    // A retrain reads and featurizes its whole window (tens of MB, freed by now); hand
+    // that back to the kernel, or glibc keeps it and cortexd's RSS ratchets upwards.
+    malloc_trim(0);
     if (!st.ok()) {
       LogWarn("retrain: {}", st.message());
       summary = {{"error", st.message()}, {"promoted", false}};

@@ -1,5 +1,7 @@
 // libFuzzer target: a plugin's manifest, built from arbitrary bytes (NUL-separated
-// strings, odd capacities and flags), is validated or refused, never trusted blindly.
+// strings, odd capacities and flags), is validated or refused, never trusted blindly;
+// and the same bytes as a stream from a plugin host (frames, hello manifest, outcomes),
+// which cortexd reads as hostile input.
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -8,8 +10,33 @@
 
 #include "cortex/experts.h"
 #include "cortex/plugin.h"
+#include "host_protocol.h"
+
+namespace {
+void HostStream(const uint8_t* data, size_t size) {
+  cortex::hostproto::FrameReader reader;
+  std::vector<nlohmann::json> frames;
+  // Split in two so frames that straddle reads are exercised.
+  const size_t half = size / 2;
+  (void)reader.Feed(reinterpret_cast<const char*>(data), half, &frames);
+  (void)reader.Feed(reinterpret_cast<const char*>(data) + half, size - half, &frames);
+  // Whole inputs as one JSON body too, so the decoders see well-formed frames often.
+  auto whole = nlohmann::json::parse(data, data + size, nullptr, false);
+  if (whole.is_object()) frames.push_back(whole);
+  for (const auto& f : frames) {
+    cortex::Manifest m;
+    (void)cortex::hostproto::ManifestFromJson(f.value("manifest", f), &m);
+    cortex::Outcome o;
+    (void)cortex::hostproto::OutcomeFromJson(f.value("outcome", f), &o);
+    cortex::Task t;
+    int64_t deadline = 0;
+    (void)cortex::hostproto::TaskFromJson(f.value("task", f), &t, &deadline);
+  }
+}
+}  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
+  HostStream(data, size);
   if (size < 12) return 0;
   cortex_manifest m{};
   std::memcpy(&m.capacity, data, 4);
