@@ -215,10 +215,12 @@ int Soak(const SoakOptions& o) {
   std::vector<double> q2s, q4s;
   for (const auto& [t, kib] : rss) {
     peak = std::max(peak, kib);
-    if (t >= elapsed * 0.25 && t < elapsed * 0.5) q2s.push_back(kib), q2_peak = std::max(q2_peak, kib);
+    if (t >= elapsed * 0.25 && t < elapsed * 0.5)
+      q2s.push_back(kib), q2_peak = std::max(q2_peak, kib);
     if (t >= elapsed * 0.75) q4s.push_back(kib), q4_peak = std::max(q4_peak, kib);
   }
-  const long q2 = static_cast<long>(Percentile(q2s, 0.5)), q4 = static_cast<long>(Percentile(q4s, 0.5));
+  const long q2 = static_cast<long>(Percentile(q2s, 0.5)),
+             q4 = static_cast<long>(Percentile(q4s, 0.5));
   const bool flat = q4 <= q2 + q2 / 5;  // within 20%
   json j = {{"clients", o.clients},
             {"seconds", elapsed},
@@ -255,8 +257,8 @@ int Soak(const SoakOptions& o) {
       "during retrains\n",
       o.clients, elapsed, acked.size(), acked.size() / elapsed, Percentile(lat, 0.5),
       Percentile(lat, 0.99), succeeded, failed, errors, lost, crashes, host_crashes, restarts,
-      released, timeouts,
-      alive ? "alive" : "DEAD", exit_code, q2, q4, flat ? "flat" : "GROWING", peak);
+      released, timeouts, alive ? "alive" : "DEAD", exit_code, q2, q4, flat ? "flat" : "GROWING",
+      peak);
   WriteJson(o.json_out, j);
   fs::remove_all(dir, ec);
   return lost == 0 && alive && exit_code == 0 && flat ? 0 : 1;

@@ -456,6 +456,17 @@ TEST(E2E, BadConfigRefusesToStartAndReloadKeepsTheOld) {
             std::string::npos)
       << badplugin.Log();
 
+  // A store file that is not ours is refused, and left as it was.
+  TempDir dir4;
+  Daemon foreign(dir4);
+  fs::create_directories(fs::path(foreign.store).parent_path());
+  const std::string junk(8192, 'x');
+  test::WriteFile(foreign.store, junk);
+  EXPECT_FALSE(foreign.Start());
+  EXPECT_EQ(foreign.exit_status, 1);
+  EXPECT_NE(foreign.Log().find("not a Cortex store"), std::string::npos) << foreign.Log();
+  EXPECT_EQ(test::ReadFile(foreign.store), junk);
+
   TempDir dir3;
   Daemon d(dir3, kCommandExperts);
   ASSERT_TRUE(d.Start()) << d.Log();

@@ -48,11 +48,10 @@ class RegistryTest : public ::testing::TestWithParam<const char*> {
                                    Supervision sup = Supervision()) {
     reg_ = Make(bundled, sup);
     reg_->Rescan();
-    Status st = reg_->Configure(LoadConfigString("experts:\n  - name: " + name +
-                                                     "\n    plugin: " + plugin + "\n" +
-                                                     settings_yaml,
-                                                 "x")
-                                    .value());
+    Status st = reg_->Configure(
+        LoadConfigString(
+            "experts:\n  - name: " + name + "\n    plugin: " + plugin + "\n" + settings_yaml, "x")
+            .value());
     EXPECT_TRUE(st.ok()) << st.ToString();
     return reg_->Find(name);
   }

@@ -101,9 +101,9 @@ TEST(Replay, LateExpertIsCountedFromItsArrival) {
 TEST(BenchTest, SoakSurvivesMisbehavingExpertsAndLosesNothing) {
   TempDir dir;
   const std::string out = dir / "soak.json";
-  test::Run r = test::RunCmd({test::BinDir() + "/cortex-bench", "soak", "--clients", "4",
-                              "--seconds", "6", "--json", out},
-                             120);
+  test::Run r = test::RunCmd(
+      {test::BinDir() + "/cortex-bench", "soak", "--clients", "4", "--seconds", "6", "--json", out},
+      120);
   json j = json::parse(test::ReadFile(out), nullptr, false);
   ASSERT_TRUE(j.is_object()) << r.out << r.err;
   EXPECT_GT(j["tasks"].get<long>(), 50) << r.out;

@@ -360,6 +360,32 @@ TEST(StoreFileTest, GarbageFileIsRefusedAndUntouched) {
   EXPECT_EQ(test::ReadFile(path), junk);
 }
 
+TEST(StoreFileTest, DamagedStoreIsRefusedAndUntouched) {
+  test::TempDir dir;
+  std::string path = dir / "cortex.db";
+  {
+    auto s = OpenStore(path);
+    ASSERT_TRUE(s.ok());
+    for (int i = 0; i < 400; ++i) {
+      Task t;
+      t.id = "t" + std::to_string(i);
+      t.text = std::string(200, 'a' + i % 26);
+      ASSERT_TRUE((*s)->InsertTask(t).ok());
+    }
+  }
+  std::string bytes = test::ReadFile(path);
+  ASSERT_GT(bytes.size(), 16u * 4096);
+  // Garbage over pages in the middle; the header (and so the application id) survives.
+  for (size_t i = 8 * 4096; i < 12 * 4096; ++i) bytes[i] = static_cast<char>(i * 7);
+  test::WriteFile(path, bytes);
+  auto s = OpenStore(path);
+  ASSERT_FALSE(s.ok());
+  EXPECT_EQ(s.status().code(), Status::Code::kCorruption);
+  EXPECT_NE(s.status().message().find("the store is damaged"), std::string::npos)
+      << s.status().message();
+  EXPECT_EQ(test::ReadFile(path), bytes) << "never written";
+}
+
 TEST(StoreFileTest, NewerSchemaIsRefused) {
   test::TempDir dir;
   std::string path = dir / "new.db";

@@ -110,9 +110,9 @@ class Daemon {
     fs::permissions(plugin_dir, fs::perms::owner_all, fs::perm_options::replace);
     WriteFile(config, "daemon: {socket: " + socket +
                           ", workers: 4, shutdown_grace: 2s}\nstore: {path: " + store +
-                          "}\nplugins: {dir: " + plugin_dir + ", bundled: " +
-                          (bundled ? "true" : "false") + plugins_extra + "}\n" + router_yaml +
-                          extra_yaml);
+                          "}\nplugins: {dir: " + plugin_dir +
+                          ", bundled: " + (bundled ? "true" : "false") + plugins_extra + "}\n" +
+                          router_yaml + extra_yaml);
   }
   ~Daemon() {
     if (pid > 0) {

@@ -20,6 +20,14 @@
 #include "cortex/plugin_sdk.hpp"
 
 namespace {
+
+// A real invalid write, hidden from the sanitizers' null checks so that it ends in
+// SIGSEGV in every build (UBSan would otherwise stop the process first, with exit 1).
+__attribute__((noinline, no_sanitize("undefined", "address"))) void Segfault() {
+  volatile int* volatile p = nullptr;
+  *p = 1;
+}
+
 const char* const kKeywords[] = {"misbehave", "crash", "hang", "memory", nullptr};
 const char* const kExamples[] = {"please segfault", nullptr};
 const char* const kKeys[] = {"mode", "rate", "delay_ms", "memory_mb", nullptr};
@@ -66,10 +74,7 @@ class Misbehave {
       mode = "slow";
     else if ((std::hash<std::string>{}(task.id) % 1000) < rate_ * 1000)
       mode = mode_;
-    if (mode == "crash") {
-      volatile int* volatile p = nullptr;
-      *p = 1;
-    }
+    if (mode == "crash") Segfault();
     if (mode == "abort") std::abort();
     if (mode == "hang")
       while (true) std::this_thread::sleep_for(std::chrono::milliseconds(100));
@@ -97,8 +102,7 @@ class Misbehave {
 
 #ifdef MISBEHAVE_ON_LOAD
 extern "C" BOOST_SYMBOL_EXPORT const cortex_plugin_api* cortex_plugin_entry(void) {
-  volatile int* volatile p = nullptr;
-  *p = 1;
+  Segfault();
   return nullptr;
 }
 #else

@@ -173,6 +173,20 @@ class SqliteStore : public Store {
     CORTEX_RETURN_IF_ERROR(QueryLong("SELECT count(*) FROM sqlite_master", &objects));
     if (app_id != kApplicationId && (objects > 0 || user_version != 0))
       return NotOurs("it holds another application's tables");
+    // One of ours: check its pages before using it, so a damaged file is refused with a
+    // clear message at start-up instead of failing writes later (and is never written).
+    if (objects > 0) {
+      std::string check;
+      Status qc = QueryText("PRAGMA quick_check(1)", &check);
+      if (!qc.ok() || check != "ok")
+        return Status::Corruption("refusing to use " + path_ + ": the store is damaged (" +
+                                  (qc.ok() ? check : qc.message()) +
+                                  "); cortexd leaves it as it is: restore a backup, or try "
+                                  "`sqlite3 " +
+                                  path_ +
+                                  " .recover`, or set store.path to a new "
+                                  "file");
+    }
     if (user_version > kSchemaVersion)
       return Status::FailedPrecondition("store " + path_ + " has schema version " +
                                         std::to_string(user_version) +

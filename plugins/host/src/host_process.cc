@@ -157,9 +157,10 @@ Status HostProcess::Create(const std::string& settings_json, double timeout_s) {
     if (create_error_.empty()) return Status::OK();
     return Status::InvalidArgument(create_error_);
   }
-  std::string why = dead_ ? death_ : fmt::format("create() did not return within {:g}s", timeout_s);
+  const bool dead = dead_;
+  std::string why = dead ? death_ : fmt::format("create() did not return within {:g}s", timeout_s);
   l.unlock();
-  if (!dead_) ::kill(pid_, SIGKILL);
+  if (!dead) ::kill(pid_, SIGKILL);
   return Status::FailedPrecondition("creating the instance failed: " + why);
 }
 
