@@ -9,6 +9,7 @@
 #include <filesystem>
 #include <set>
 #include <thread>
+#include <utility>
 
 #include <fmt/ranges.h>
 
@@ -235,23 +236,24 @@ double Expert::load() const {
   return std::min(1.0, static_cast<double>(inflight()) / std::max(1, manifest_.capacity));
 }
 
-int Expert::host_pid() const {
+std::shared_ptr<HostProcess> Expert::CurrentHost() const {
   std::lock_guard<std::mutex> l(host_mu_);
-  return host_ && host_->alive() ? host_->pid() : 0;
+  return host_;
+}
+
+int Expert::host_pid() const {
+  auto h = CurrentHost();
+  return h && h->alive() ? h->pid() : 0;
 }
 
 size_t Expert::memory_limit() const {
-  std::lock_guard<std::mutex> l(host_mu_);
-  return host_ ? host_->memory_limit() : 0;
+  auto h = CurrentHost();
+  return h ? h->memory_limit() : 0;
 }
 
 ExpertHealth Expert::health() const {
-  bool down;
-  {
-    std::lock_guard<std::mutex> l(host_mu_);
-    down = isolated() && (!host_ || !host_->alive());
-  }
-  return health_->Get(down);
+  auto h = CurrentHost();
+  return health_->Get(isolated() && (!h || !h->alive()));
 }
 
 double Expert::health_penalty() const {
@@ -284,6 +286,7 @@ Status Expert::Start() {
   }
   std::shared_ptr<HostProcess> host;
   CORTEX_RETURN_IF_ERROR(StartHost(&host));
+  std::lock_guard<std::mutex> r(restart_mu_);
   std::lock_guard<std::mutex> l(host_mu_);
   host_ = std::move(host);
   started_once_ = true;
@@ -292,11 +295,12 @@ Status Expert::Start() {
 
 Status Expert::EnsureHost(int64_t deadline, const std::atomic<bool>* stopping,
                           std::shared_ptr<HostProcess>* out, OutcomeKind* kind) {
-  std::unique_lock<std::mutex> l(host_mu_);  // one restart at a time
+  // One restart at a time; readers of host_ (routing, `experts`) never wait for one.
+  std::unique_lock<std::mutex> l(restart_mu_);
   *kind = OutcomeKind::kRejected;
   while (true) {
-    if (host_ && host_->alive()) {
-      *out = host_;
+    if (auto h = CurrentHost(); h && h->alive()) {
+      *out = std::move(h);
       return Status::OK();
     }
     if (health_->quarantined())
@@ -324,9 +328,13 @@ Status Expert::EnsureHost(int64_t deadline, const std::atomic<bool>* stopping,
     LogInfo("expert {}: plugin host restarted (pid {})", name(), host->pid());
   }
   started_once_ = true;
-  host_ = host;
+  std::shared_ptr<HostProcess> old;
+  {
+    std::lock_guard<std::mutex> h(host_mu_);
+    old = std::exchange(host_, host);
+  }
   *out = std::move(host);
-  return Status::OK();
+  return Status::OK();  // `old` (dead) is released here, outside host_mu_
 }
 
 Outcome Expert::Run(const Task& task, const std::atomic<bool>* stopping) {

@@ -129,7 +129,9 @@ class Expert : public std::enable_shared_from_this<Expert> {
   std::shared_ptr<Slots> slots_;
   std::shared_ptr<HealthState> health_;
   void* instance_ = nullptr;  // in-process only
-  mutable std::mutex host_mu_;
+  std::shared_ptr<HostProcess> CurrentHost() const;
+  std::mutex restart_mu_;       // held while a host starts; guards started_once_
+  mutable std::mutex host_mu_;  // guards host_ only, held briefly
   std::shared_ptr<HostProcess> host_;
   bool started_once_ = false;
 };
