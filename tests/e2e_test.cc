@@ -646,6 +646,22 @@ rules:
   EXPECT_TRUE(test::Eventually([&] { return Gone(host); }, 5)) << "host " << host << " lingers";
 }
 
+TEST(E2E, DetachedStartReturnsOnceServingEvenWithPluginHosts) {
+  TempDir dir;
+  Daemon d(dir);  // its config; started here the way a user would, without --foreground
+  const std::string log = dir / "detached.log";
+  test::Run r =
+      test::RunCmd({test::BinDir() + "/cortexd", "--config", d.config, "--log-file", log}, 30);
+  ASSERT_EQ(r.code, 0) << r.err;  // returns, although plugin hosts outlive the parent
+  ASSERT_EQ(r.out.rfind("cortexd started (pid ", 0), 0u) << r.out;
+  const int pid = std::stoi(r.out.substr(21));
+  json st = test::Ctl(d.socket, {"status", "--json"}).Json();
+  EXPECT_EQ(st.value("pid", -1), pid);
+  EXPECT_NE(test::ReadFile(log).find("cortexd ready"), std::string::npos);
+  kill(pid, SIGTERM);
+  EXPECT_TRUE(test::Eventually([&] { return kill(pid, 0) != 0; }, 10));
+}
+
 // Every task goes to the one slow expert (no load bias, no exploration), so work piles up.
 const char* kNoBias = "router: {exploration: 0, load_bias: 0}\n";
 

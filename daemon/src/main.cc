@@ -25,7 +25,9 @@ void ForwardToMain(int sig) { pthread_kill(g_main_thread, sig); }
 // never races the socket.
 int Detach(int* ready_fd) {
   int p[2];
-  if (pipe(p) != 0) return -1;
+  // Close-on-exec: a plugin host spawned later must not hold the write end, or the
+  // parent would wait for an end of file that never comes.
+  if (pipe2(p, O_CLOEXEC) != 0) return -1;
   pid_t pid = fork();
   if (pid < 0) return -1;
   if (pid > 0) {
@@ -36,9 +38,11 @@ int Detach(int* ready_fd) {
     while ((n = read(p[0], buf, sizeof buf)) > 0) msg.append(buf, static_cast<size_t>(n));
     if (msg.rfind("ok", 0) == 0) {
       std::printf("cortexd started (pid %s)\n", msg.substr(3).c_str());
+      std::fflush(stdout);  // _exit does not flush, and a pipe's stdout is buffered
       _exit(0);
     }
     std::fprintf(stderr, "cortexd: %s\n", msg.empty() ? "failed to start" : msg.c_str());
+    std::fflush(stderr);
     _exit(1);
   }
   close(p[0]);
@@ -109,6 +113,12 @@ int main(int argc, char** argv) {
     std::string lf = log_file.empty() ? cortex::DataDir() + "/cortexd.log" : log_file;
     (void)cortex::Env::Default()->CreateDirs(cortex::DataDir(), 0700);
     cortex::SetLogFile(lf);
+    // stderr too, so what plugin hosts (and anything else) print lands in the log.
+    int fd = open(lf.c_str(), O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0600);
+    if (fd >= 0) {
+      dup2(fd, 2);
+      close(fd);
+    }
   }
 
   // Signals are taken synchronously by the main loop (signalfd); every thread started

@@ -68,6 +68,11 @@ Status HostProcess::Start(const HostOptions& options, DeathFn on_death,
   posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
   posix_spawn_file_actions_adddup2(&fa, 2, 1);  // a plugin's stdout joins cortexd's log
   posix_spawn_file_actions_adddup2(&fa, child, hostproto::kHostFd);
+#if defined(__GLIBC__) && __GLIBC_PREREQ(2, 34)
+  // Nothing else of cortexd's reaches the plugin, even a descriptor opened without
+  // close-on-exec by a library.
+  posix_spawn_file_actions_addclosefrom_np(&fa, hostproto::kHostFd + 1);
+#endif
   posix_spawnattr_t attr;
   posix_spawnattr_init(&attr);
   sigset_t none, defaults;
