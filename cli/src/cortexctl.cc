@@ -136,17 +136,18 @@ int Call(const Ctx& ctx, const json& req, json* result,
 void PrintJson(const json& j) { std::cout << j.dump(2) << "\n"; }
 
 void PrintCandidates(const json& cands) {
-  std::printf("  %-2s %-16s %7s %7s %7s %7s %6s  %s\n", "#", "EXPERT", "RULE", "MODEL", "LOAD",
-              "SCORE", "CONF", "RULES");
+  std::printf("  %-2s %-16s %7s %7s %7s %7s %7s %6s  %s\n", "#", "EXPERT", "RULE", "MODEL", "LOAD",
+              "HEALTH", "SCORE", "CONF", "RULES");
   int i = 0;
   for (const auto& c : cands) {
     std::string rules;
     for (const auto& r : c.value("rules", json::array()))
       rules += (rules.empty() ? "" : ",") + r.get<std::string>();
-    std::printf("  %-2d %-16s %7s %7s %7s %7s %6s  %s\n", ++i, Fit(Str(c, "expert"), 16).c_str(),
-                Num(c["rule_score"], "%.3f").c_str(), Num(c["model_score"], "%.3f").c_str(),
-                Num(c["load_bias"], "%.3f").c_str(), Num(c["score"], "%.3f").c_str(),
-                Pct(c["confidence"]).c_str(), rules.c_str());
+    std::printf("  %-2d %-16s %7s %7s %7s %7s %7s %6s  %s\n", ++i,
+                Fit(Str(c, "expert"), 16).c_str(), Num(c["rule_score"], "%.3f").c_str(),
+                Num(c["model_score"], "%.3f").c_str(), Num(c["load_bias"], "%.3f").c_str(),
+                Num(c.value("health_bias", json(0.0)), "%.3f").c_str(),
+                Num(c["score"], "%.3f").c_str(), Pct(c["confidence"]).c_str(), rules.c_str());
   }
 }
 
