@@ -288,8 +288,7 @@ Status ParseExperts(const Parser& p, const YAML::Node& n, std::vector<ExpertConf
     for (const char* req : {"name", "plugin"})
       if (!e[req]) return p.Error(e, path + "." + req, "is required");
     CORTEX_RETURN_IF_ERROR(p.Str(e["name"], path + ".name", &ec.name));
-    if (ec.name.empty() || ec.name.size() > 64 ||
-        ec.name.find_first_not_of("abcdefghijklmnopqrstuvwxyz0123456789-_.") != std::string::npos)
+    if (!ValidExpertName(ec.name))
       return p.Error(e["name"], path + ".name",
                      "must be 1-64 characters of a-z, 0-9, '-', '_' or '.'");
     if (!names.insert(ec.name).second)
@@ -468,6 +467,11 @@ Result<double> ParseDuration(const std::string& text) {
     return Status::InvalidArgument("unknown unit in duration '" + text + "' (ms, s, m, h, d)");
   if (!std::isfinite(v) || v < 0) return Status::InvalidArgument("duration must be >= 0: " + text);
   return v * mul;
+}
+
+bool ValidExpertName(const std::string& n) {
+  return !n.empty() && n.size() <= 64 &&
+         n.find_first_not_of("abcdefghijklmnopqrstuvwxyz0123456789-_.") == std::string::npos;
 }
 
 Result<size_t> ParseSize(const std::string& text) {

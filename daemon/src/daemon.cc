@@ -52,7 +52,7 @@ void RemoveStalePluginCaches(const fs::path& dir) {
     if (n.rfind("plugin-cache.", 0) != 0) continue;
     const std::string pid = n.substr(13);
     if (pid.empty() || pid.find_first_not_of("0123456789") != std::string::npos) continue;
-    if (fs::exists("/proc/" + pid, ec) || ::kill(std::stoi(pid), 0) == 0) continue;
+    if (fs::exists("/proc/" + pid, ec)) continue;  // its daemon still runs
     fs::remove_all(d.path(), ec);
   }
 }
@@ -693,7 +693,7 @@ class DaemonImpl : public Daemon, public RequestHandler {
     return {{"new_outcomes", new_outcomes_},
             {"interval_s", config_.training.interval_s},
             {"min_new_outcomes", config_.training.min_new_outcomes},
-            {"in_progress", retrain_progress_.empty() ? json(nullptr) : json(retrain_progress_)},
+            {"in_progress", retraining_ ? json(retrain_log_.back()) : json(nullptr)},
             {"last_retrain", last_retrain_}};
   }
 
@@ -733,8 +733,8 @@ class DaemonImpl : public Daemon, public RequestHandler {
       schedule_.Done(now);
       new_outcomes_ = 0;
       target = retrain_requests_;
-      retrain_progress_ = "reading logged outcomes";
-      retrain_log_ = {retrain_progress_};
+      retraining_ = true;
+      retrain_log_ = {"reading logged outcomes"};
       ++retrain_seq_;
     }
     train_cv_.notify_all();
@@ -750,7 +750,7 @@ class DaemonImpl : public Daemon, public RequestHandler {
     {
       std::lock_guard<std::mutex> l(train_mu_);
       last_retrain_ = summary;
-      retrain_progress_.clear();
+      retraining_ = false;
       requests_served_ = std::max(requests_served_, target);
     }
     train_cv_.notify_all();
@@ -770,7 +770,6 @@ class DaemonImpl : public Daemon, public RequestHandler {
     auto res = learner_->Retrain(history, version, now, [this](const std::string& msg) {
       {
         std::lock_guard<std::mutex> l(train_mu_);
-        retrain_progress_ = msg;
         retrain_log_.push_back(msg);
       }
       train_cv_.notify_all();
@@ -824,7 +823,7 @@ class DaemonImpl : public Daemon, public RequestHandler {
     long seq = -1;
     size_t sent = 0;
     std::unique_lock<std::mutex> l(train_mu_);
-    if (retrain_progress_.empty()) seq = retrain_seq_, sent = retrain_log_.size();  // old news
+    if (!retraining_) seq = retrain_seq_, sent = retrain_log_.size();  // old news
     auto forward = [&]() -> bool {
       if (retrain_seq_ != seq) seq = retrain_seq_, sent = 0;
       while (sent < retrain_log_.size()) {
@@ -922,7 +921,7 @@ class DaemonImpl : public Daemon, public RequestHandler {
   long new_outcomes_ = 0;      // since the last retrain
   long retrain_requests_ = 0;  // asked for by `cortexctl retrain`
   long requests_served_ = 0;   // requests made before a retrain that has since finished
-  std::string retrain_progress_;
+  bool retraining_ = false;
   std::vector<std::string> retrain_log_;  // the current (or last) retrain's progress lines
   long retrain_seq_ = 0;                  // bumped when a retrain starts
   json last_retrain_;

@@ -16,6 +16,12 @@ using json = nlohmann::json;
 // 'CRTX': marks a file as ours so a foreign SQLite database is never written to.
 constexpr int kApplicationId = 0x43525458;
 
+// The attempts that are training data: finished, and neither interrupted (cortexd
+// stopped) nor a crash (a health signal, not a reward). `A` is the table prefix. Both the
+// outcome reader and the retrain window use it, so they always agree on what counts.
+#define CORTEX_TRAINING_ATTEMPT(A) \
+  A "outcome IS NOT NULL AND " A "outcome NOT IN ('interrupted','crash')"
+
 // Each entry moves the schema one version up; never edit a released one, append.
 const char* const kMigrations[] = {
     // v1
@@ -410,8 +416,7 @@ class SqliteStore : public Store {
         "d.propensity,d.forced,d.candidates,d.greedy,d.explored,d.chosen,t.expert,"
         "(SELECT quality FROM feedback f WHERE f.task_id=a.task_id ORDER BY f.id DESC LIMIT 1) "
         "FROM attempts a JOIN tasks t ON t.id=a.task_id JOIN decisions d ON d.task_id=a.task_id "
-        "WHERE a.rowid>? AND a.outcome IS NOT NULL AND a.outcome NOT IN ('interrupted','crash') "
-        "ORDER BY a.rowid");
+        "WHERE a.rowid>? AND " CORTEX_TRAINING_ATTEMPT("a.") " ORDER BY a.rowid");
     s.Bind(1, after_seq);
     int rc;
     while ((rc = s.Step()) == SQLITE_ROW) {
@@ -443,10 +448,8 @@ class SqliteStore : public Store {
   Status OutcomeWindowStart(long n, long* after_seq) override {
     std::lock_guard<std::mutex> l(mu_);
     *after_seq = 0;
-    Stmt s = Prepare(
-        "SELECT rowid FROM attempts WHERE outcome IS NOT NULL AND "
-        "outcome NOT IN ('interrupted','crash') "
-        "ORDER BY rowid DESC LIMIT 1 OFFSET ?");
+    Stmt s = Prepare("SELECT rowid FROM attempts WHERE " CORTEX_TRAINING_ATTEMPT(
+        "") " ORDER BY rowid DESC LIMIT 1 OFFSET ?");
     s.Bind(1, n);
     int rc = s.Step();
     if (rc == SQLITE_ROW) *after_seq = s.Long(0);

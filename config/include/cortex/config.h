@@ -104,6 +104,9 @@ Config DefaultConfig();
 // Fills empty socket/store/plugin paths with the XDG defaults.
 void ResolveDefaultPaths(Config* config);
 
+// An expert's name, from a manifest or the config: 1-64 characters of a-z, 0-9, - _ .
+bool ValidExpertName(const std::string& name);
+
 // "10m", "30s", "1h", "250ms", "2d" or a plain number of seconds.
 Result<double> ParseDuration(const std::string& text);
 // "512MiB", "1GiB", "64KiB", "1G", "1000000" (bytes) or "0".

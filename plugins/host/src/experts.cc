@@ -29,7 +29,7 @@ struct PluginFile {
   std::string file;                    // the user's file
   std::string copy;                    // the private copy (isolated mode)
   std::unique_ptr<PluginLibrary> lib;  // in-process mode only
-  std::string host_exe;
+  HostOptions host;                    // how its hosts start (isolated mode)
   ~PluginFile() {
     if (!copy.empty()) ::unlink(copy.c_str());
   }
@@ -262,11 +262,7 @@ double Expert::health_penalty() const {
 }
 
 Status Expert::StartHost(std::shared_ptr<HostProcess>* out) {
-  HostOptions ho;
-  ho.exe = file_->host_exe;
-  ho.library = file_->copy;
-  ho.display = file_->file;
-  ho.memory_limit = health_->policy().memory_limit;
+  const HostOptions& ho = file_->host;
   std::shared_ptr<HostProcess> host;
   Manifest seen;
   CORTEX_RETURN_IF_ERROR(HostProcess::Start(
@@ -489,7 +485,6 @@ Status ExpertRegistry::LoadFile(const std::string& path, std::shared_ptr<PluginF
   CORTEX_RETURN_IF_ERROR(CheckSafe(path, false));
   auto pf = std::make_shared<PluginFile>();
   pf->file = path;
-  pf->host_exe = options_.host_exe;
   // Load a private copy: the original may be replaced or rewritten while we run it.
   static std::atomic<uint64_t> counter{0};
   std::string copy = options_.cache_dir + "/" + fs::path(path).filename().string() + "." +
@@ -502,15 +497,14 @@ Status ExpertRegistry::LoadFile(const std::string& path, std::shared_ptr<PluginF
     pf->manifest = pf->lib->manifest();
   } else {
     pf->copy = copy;  // hosts load it, now and at every restart; removed with pf
+    pf->host.exe = options_.host_exe;
+    pf->host.library = copy;
+    pf->host.display = path;
+    pf->host.memory_limit = options_.supervision.memory_limit;
     // A host of its own reads the manifest, so a plugin that crashes while loading
     // is refused without touching cortexd.
-    HostOptions ho;
-    ho.exe = options_.host_exe;
-    ho.library = copy;
-    ho.display = path;
-    ho.memory_limit = options_.supervision.memory_limit;
     std::shared_ptr<HostProcess> probe;
-    CORTEX_RETURN_IF_ERROR(HostProcess::Start(ho, nullptr, &probe, &pf->manifest));
+    CORTEX_RETURN_IF_ERROR(HostProcess::Start(pf->host, nullptr, &probe, &pf->manifest));
   }
   *out = std::move(pf);
   return Status::OK();

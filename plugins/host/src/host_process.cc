@@ -105,10 +105,10 @@ Status HostProcess::Start(const HostOptions& options, DeathFn on_death,
   h->fd_ = sv[0];
   h->reader_ = std::thread([p = h.get()] { p->ReadLoop(); });
 
+  // The reader notifies cv_ after every frame and when the host dies.
   std::unique_lock<std::mutex> l(h->mu_);
-  const int64_t deadline = NowMicros() + static_cast<int64_t>(options.start_timeout_s * 1e6);
-  while (!h->hello_ && !h->dead_ && NowMicros() < deadline)
-    h->cv_.wait_for(l, std::chrono::milliseconds(50));
+  h->cv_.wait_for(l, std::chrono::duration<double>(options.start_timeout_s),
+                  [&] { return h->hello_ || h->dead_; });
   if (!h->hello_) {
     std::string why =
         h->dead_ ? h->death_ : fmt::format("no answer within {:g}s", options.start_timeout_s);
@@ -155,9 +155,7 @@ Status HostProcess::Send(const json& f) {
 Status HostProcess::Create(const std::string& settings_json, double timeout_s) {
   CORTEX_RETURN_IF_ERROR(Send({{"op", "create"}, {"settings", settings_json}}));
   std::unique_lock<std::mutex> l(mu_);
-  const int64_t deadline = NowMicros() + static_cast<int64_t>(timeout_s * 1e6);
-  while (!created_ && !dead_ && NowMicros() < deadline)
-    cv_.wait_for(l, std::chrono::milliseconds(50));
+  cv_.wait_for(l, std::chrono::duration<double>(timeout_s), [&] { return created_ || dead_; });
   if (created_) {
     if (create_error_.empty()) return Status::OK();
     return Status::InvalidArgument(create_error_);
@@ -282,13 +280,9 @@ void HostProcess::ReadLoop() {
       std::lock_guard<std::mutex> l(mu_);
       if (!violation_.empty()) break;
       const int64_t now = NowMicros();
-      bool hung = false;
       for (const auto& [id, at] : kill_at_)
-        if (now >= at && pending_.count(id)) {
-          hung = true;
-          hung_task_ = std::to_string(id);
-        }
-      if (hung) break;
+        if (now >= at && pending_.count(id)) hung_ = true;
+      if (hung_) break;
     }
     // A host that died while a process it forked still holds the socket gives no EOF.
     if (waitpid(pid_, &status, WNOHANG) == pid_) {
@@ -303,7 +297,7 @@ void HostProcess::ReadLoop() {
     std::lock_guard<std::mutex> l(mu_);
     if (!violation_.empty())
       why = "the plugin host broke the protocol (" + violation_ + ")";
-    else if (!hung_task_.empty())
+    else if (hung_)
       why = "the plugin host was restarted: another task hung past its timeout";
     else if (oom_)
       why = fmt::format("the plugin ran out of memory (limit {} MiB)", memory_limit_ >> 20);
@@ -319,7 +313,7 @@ void HostProcess::Die(std::string why) {
     std::lock_guard<std::mutex> l(mu_);
     dead_ = true;  // from here on Submit refuses, so pending_ only shrinks
     death_ = why;
-    report = !ours_ && hung_task_.empty();
+    report = !ours_ && !hung_;
   }
   // The crash is counted (and the restart backoff set) before any waiting caller learns
   // of it, so a caller's next task already sees the expert's new health.

@@ -88,7 +88,7 @@ class HostProcess {
   std::string create_error_;
   std::string death_;
   std::string violation_;  // set when the host broke the protocol
-  std::string hung_task_;  // set when cortexd killed it for hanging
+  bool hung_ = false;      // set when cortexd kills it for a hung task
   bool oom_ = false;
   uint64_t next_id_ = 1;
   std::map<uint64_t, std::shared_ptr<PendingRun>> pending_;

@@ -20,11 +20,6 @@ std::vector<std::string> CStrList(const char* const* list) {
 
 }  // namespace
 
-bool ValidExpertName(const std::string& n) {
-  return !n.empty() && n.size() <= 64 &&
-         n.find_first_not_of("abcdefghijklmnopqrstuvwxyz0123456789-_.") == std::string::npos;
-}
-
 Status ValidateManifest(const Manifest& m) {
   if (!ValidExpertName(m.name))
     return Status::FailedPrecondition("manifest name '" + m.name +

@@ -38,7 +38,6 @@ struct Manifest {
   bool requires_config = false;
 };
 
-bool ValidExpertName(const std::string& name);
 Status ValidateManifest(const Manifest& m);
 // Validates a plugin's C manifest and copies it out; the only reader of plugin-supplied
 // manifest memory (fuzzed in tests/fuzz).
