@@ -164,7 +164,8 @@ TEST(E2E, FallbackTimeoutRejectionAndForcedPolicy) {
   w = d.CtlJson({"submit", "sleepy slow job", "--wait"});
   EXPECT_EQ(w["attempts"][0]["expert"], "slow");
   EXPECT_EQ(w["attempts"][0]["outcome"]["kind"], "timeout");
-  EXPECT_LT(w["attempts"][0]["outcome"]["duration_s"].get<double>(), 3.0);
+  // Cut off well before the program's own 30 s (the bound allows for a slow machine).
+  EXPECT_LT(w["attempts"][0]["outcome"]["duration_s"].get<double>(), 20.0);
 
   // Without a repo tag, inventory rejects; with max_attempts 2 the chain stops there.
   w = d.CtlJson({"submit", "inventory catalog of languages", "--wait"});
@@ -508,8 +509,7 @@ TEST(E2E, PluginsDroppedReplacedRemovedAndRefusedLive) {
     fs::rename(tmp, d.plugin_dir + "/" + to);
   };
   copy("echo.so", "echo.so");
-  ASSERT_TRUE(test::Eventually([&] { return state_of("echo").is_object(); }, 2.0))
-      << "within 2 seconds";
+  ASSERT_TRUE(test::Eventually([&] { return state_of("echo").is_object(); }));
   EXPECT_EQ(state_of("echo")["version"], "1.0.0");
   json w = d.CtlJson({"submit", "echo parrot repeat", "--wait"});
   EXPECT_EQ(w["expert"], "echo");
@@ -517,7 +517,7 @@ TEST(E2E, PluginsDroppedReplacedRemovedAndRefusedLive) {
             std::string::npos);
 
   copy("echo_v2.so", "echo.so");
-  ASSERT_TRUE(test::Eventually([&] { return state_of("echo")["version"] == "2.0.0"; }, 2.0));
+  ASSERT_TRUE(test::Eventually([&] { return state_of("echo")["version"] == "2.0.0"; }));
 
   copy("echo_bad_abi.so", "bad.so");
   copy("noentry.so", "foreign.so");
@@ -533,15 +533,14 @@ TEST(E2E, PluginsDroppedReplacedRemovedAndRefusedLive) {
             refused.insert(fs::path(e["file"].get<std::string>()).filename());
         return refused.count("bad.so") && refused.count("foreign.so") && refused.count("junk.so") &&
                refused.count("gw.so");
-      },
-      3.0))
+      }))
       << d.CtlJson({"events"}).dump(2);
   EXPECT_NE(d.Log().find("built for plugin ABI v999"), std::string::npos);
   EXPECT_TRUE(d.Alive());
   EXPECT_EQ(d.CtlJson({"submit", "echo parrot", "--wait"})["state"], "succeeded");
 
   fs::remove(d.plugin_dir + "/echo.so");
-  ASSERT_TRUE(test::Eventually([&] { return state_of("echo")["state"] == "removed"; }, 2.0));
+  ASSERT_TRUE(test::Eventually([&] { return state_of("echo")["state"] == "removed"; }));
   EXPECT_NE(d.CtlJson({"submit", "echo parrot", "--wait"})["expert"], "echo");
 }
 
@@ -643,7 +642,7 @@ rules:
   kill(d.pid, SIGKILL);
   waitpid(d.pid, nullptr, 0);
   d.pid = -1;
-  EXPECT_TRUE(test::Eventually([&] { return Gone(host); }, 5)) << "host " << host << " lingers";
+  EXPECT_TRUE(test::Eventually([&] { return Gone(host); })) << "host " << host << " lingers";
 }
 
 TEST(E2E, DetachedStartReturnsOnceServingEvenWithPluginHosts) {
@@ -659,7 +658,7 @@ TEST(E2E, DetachedStartReturnsOnceServingEvenWithPluginHosts) {
   EXPECT_EQ(st.value("pid", -1), pid);
   EXPECT_NE(test::ReadFile(log).find("cortexd ready"), std::string::npos);
   kill(pid, SIGTERM);
-  EXPECT_TRUE(test::Eventually([&] { return kill(pid, 0) != 0; }, 10));
+  EXPECT_TRUE(test::Eventually([&] { return kill(pid, 0) != 0; }));
 }
 
 // Every task goes to the one slow expert (no load bias, no exploration), so work piles up.
@@ -667,9 +666,15 @@ const char* kNoBias = "router: {exploration: 0, load_bias: 0}\n";
 
 TEST(E2E, KillNineLosesNoAcknowledgedTask) {
   TempDir dir;
-  const char* cfg =
-      "experts:\n  - name: slow\n    plugin: command\n    run: [sleep, '0.2']\n    capacity: 2\n   "
-      " keywords: [job]\n";
+  // Tasks hold their slot until the gate file exists (at most 60 s, so a program that
+  // outlived its host cannot spin forever): each SIGKILL finds work both running and
+  // queued, however slow this machine is, and the last start lets everything through.
+  const std::string gate = dir / "gate";
+  const std::string cfg =
+      "experts:\n  - name: slow\n    plugin: command\n    run: [/bin/sh, -c, 'i=0; while [ ! -e " +
+      gate +
+      " ] && [ $i -lt 1200 ]; do sleep 0.05; i=$((i+1)); done']\n    capacity: 2\n"
+      "    timeout: 2m\n    keywords: [job]\n";
   std::set<std::string> acked;
   for (int cycle = 0; cycle < 3; ++cycle) {
     Daemon d(dir, cfg, kNoBias);
@@ -679,9 +684,13 @@ TEST(E2E, KillNineLosesNoAcknowledgedTask) {
       ASSERT_EQ(r.code, 0);
       acked.insert(r.out.substr(0, r.out.find('\n')));
     }
-    usleep(300000);  // some running, most queued
+    // Wait for the state the kill must hit: both slots running, the rest queued.
+    ASSERT_TRUE(d.WaitStatus([](const json& st) {
+      return st["inflight"] == 2 && st["queue_depth"].get<int>() >= 1;
+    })) << d.CtlJson({"status"}).dump();
     d.Stop(SIGKILL);
   }
+  test::WriteFile(gate, "");
   Daemon d(dir, cfg, kNoBias);
   ASSERT_TRUE(d.Start()) << d.Log();
   EXPECT_NE(d.Log().find("resuming"), std::string::npos) << d.Log();
@@ -696,10 +705,11 @@ TEST(E2E, KillNineLosesNoAcknowledgedTask) {
         }
         return states["succeeded"] + states["interrupted"] == static_cast<int>(acked.size());
       },
-      30))
+      60))
       << "states: " << json(states).dump();
   EXPECT_EQ(acked.size(), 45u);
   EXPECT_GT(states["succeeded"], 0);
+  EXPECT_GT(states["interrupted"], 0) << "the running attempts were cut off by the kill";
   EXPECT_EQ(states["failed"], 0);
   EXPECT_EQ(d.Stop(SIGTERM), 0);
 }
@@ -763,6 +773,15 @@ TEST(E2E, KillNineAtRandomMomentsUnderConcurrentLoad) {
           usleep(5000);  // ~200 submissions/s per client: enough to hit every phase
         }
       });
+    // Some submissions of this cycle are through, then a random moment later the kill.
+    const size_t before = [&] {
+      std::lock_guard<std::mutex> l(mu);
+      return acked.size();
+    }();
+    ASSERT_TRUE(test::Eventually([&] {
+      std::lock_guard<std::mutex> l(mu);
+      return acked.size() >= before + kClients;
+    }));
     usleep(50000 + static_cast<useconds_t>(rng() % 400000));
     d.Stop(SIGKILL);
     stop = true;
@@ -807,7 +826,11 @@ TEST(E2E, SigtermFinishesRunningWorkAndKeepsTheQueue) {
   ASSERT_TRUE(d.Start()) << d.Log();
   std::vector<std::string> ids;
   for (int i = 0; i < 5; ++i) ids.push_back(d.Ctl({"submit", "job"}).out.substr(0, 12));
-  usleep(200000);
+  // The stop must find the first task running (or already done): wait for that state.
+  ASSERT_TRUE(test::Eventually([&] {
+    json st = d.CtlJson({"show", ids[0]})["state"];
+    return st == "running" || st == "succeeded";
+  }));
   EXPECT_EQ(d.Stop(SIGTERM), 0) << d.Log();
   EXPECT_FALSE(fs::exists(d.socket)) << "socket removed on exit";
   Daemon again(dir, cfg, kNoBias);
@@ -818,8 +841,7 @@ TEST(E2E, SigtermFinishesRunningWorkAndKeepsTheQueue) {
     EXPECT_TRUE(test::Eventually(
         [&] {
           return again.CtlJson({"show", id})["state"] == "succeeded";
-        },
-        10))
+        }))
         << id;
 }
 
@@ -859,7 +881,7 @@ training:
             after["candidates"][1]["confidence"].get<double>());
 
   // The schedule (40 new outcomes, no interval) has trained at least one candidate.
-  ASSERT_TRUE(test::Eventually([&] { return d.CtlJson({"models"})["models"].size() >= 2; }, 20))
+  ASSERT_TRUE(test::Eventually([&] { return d.CtlJson({"models"})["models"].size() >= 2; }, 60))
       << d.Log();
   json models = d.CtlJson({"models"})["models"];
   EXPECT_EQ(models[0]["name"], "v0");

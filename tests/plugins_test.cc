@@ -205,9 +205,9 @@ TEST_P(RegistryTest, TimeoutAbandonsAHungPluginAndKeepsItsSlot) {
   Outcome o = e->Run(MakeTask("please hang"), nullptr);
   EXPECT_EQ(o.kind, OutcomeKind::kTimeout);
   EXPECT_GE(o.duration_s, 0.29);
-  EXPECT_LT(o.duration_s, 2.0);
-  // The plugin honours cancellation, so its slot comes back shortly after.
-  EXPECT_TRUE(test::Eventually([&] { return e->inflight() == 0; }, 3));
+  EXPECT_LT(o.duration_s, 20.0);  // cut off, not left hanging (bound allows a slow machine)
+  // The plugin honours cancellation, so its slot comes back.
+  EXPECT_TRUE(test::Eventually([&] { return e->inflight() == 0; }));
   EXPECT_EQ(e->Run(MakeTask("please fail"), nullptr).kind, OutcomeKind::kFailure);
   EXPECT_EQ(e->Run(MakeTask("please reject"), nullptr).kind, OutcomeKind::kRejected);
   Outcome ok = e->Run(MakeTask("hello"), nullptr);
@@ -257,7 +257,7 @@ TEST_P(CommandTest, ExitCodeQualityLineTimeoutAndCrash) {
   Outcome t =
       Command("    run: [\"sleep\", \"30\"]\n    timeout: 300ms\n")->Run(MakeTask("x"), nullptr);
   EXPECT_EQ(t.kind, OutcomeKind::kTimeout);
-  EXPECT_LT(t.duration_s, 3.0);
+  EXPECT_LT(t.duration_s, 20.0);  // well before the program's own 30 s
   Outcome c =
       Command("    run: [\"/bin/sh\", \"-c\", \"kill -SEGV $$\"]\n")->Run(MakeTask("x"), nullptr);
   EXPECT_EQ(c.kind, OutcomeKind::kCrash);
@@ -361,7 +361,8 @@ class IsolationTest : public RegistryTest {
 TEST_P(IsolationTest, SegfaultsAndAbortsAreCrashesAndTheHostComesBack) {
   Supervision sup;
   sup.backoff_s = 0.05;
-  auto e = Misbehave("    capacity: 2\n    delay_ms: 1500\n", sup);
+  const std::string started = dir_ / "slow-started";
+  auto e = Misbehave("    capacity: 2\n    delay_ms: 1500\n    started_file: " + started + "\n", sup);
   ASSERT_TRUE(e);
   const int pid1 = e->host_pid();
   ASSERT_GT(pid1, 0);
@@ -370,7 +371,8 @@ TEST_P(IsolationTest, SegfaultsAndAbortsAreCrashesAndTheHostComesBack) {
   // the host's death counts as one crash event, not two.
   Outcome slow;
   std::thread t([&] { slow = e->Run(MakeTask("please be slow"), nullptr); });
-  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  // The segfault must hit while the slow task runs in the same host: wait until it does.
+  ASSERT_TRUE(test::Eventually([&] { return fs::exists(started); }));
   Outcome o = e->Run(MakeTask("please segfault"), nullptr);
   t.join();
   EXPECT_EQ(o.kind, OutcomeKind::kCrash);
@@ -400,9 +402,9 @@ TEST_P(IsolationTest, AHungPluginTimesOutAndItsHostIsReplacedNotCountedAsACrash)
   const int pid1 = e->host_pid();
   Outcome o = e->Run(MakeTask("please hang hard"), nullptr);
   EXPECT_EQ(o.kind, OutcomeKind::kTimeout);
-  EXPECT_LT(o.duration_s, 2.0);
+  EXPECT_LT(o.duration_s, 20.0);
   // It ignores cancellation; its host is killed after the grace period, freeing the slot.
-  EXPECT_TRUE(test::Eventually([&] { return e->inflight() == 0; }, 5));
+  EXPECT_TRUE(test::Eventually([&] { return e->inflight() == 0; }));
   Outcome ok = e->Run(MakeTask("hello"), nullptr);
   EXPECT_EQ(ok.kind, OutcomeKind::kSuccess) << ok.error;
   EXPECT_NE(e->host_pid(), pid1);
@@ -456,8 +458,10 @@ TEST_P(IsolationTest, RepeatedCrashesQuarantineUntilReleasedOrReplaced) {
   // ...or by a new file.
   for (int i = 0; i < 3; ++i) e->Run(MakeTask("please segfault"), nullptr);
   ASSERT_TRUE(e->quarantined());
-  std::this_thread::sleep_for(std::chrono::milliseconds(20));  // a new mtime
   Drop("misbehave.so", "misbehave.so", fs::perms(0755), test::BenchPluginDir());
+  // The same bytes again: a distinct mtime is what makes it a new file (set, not slept for).
+  const std::string dropped = plugins_ + "/misbehave.so";
+  fs::last_write_time(dropped, fs::last_write_time(dropped) + std::chrono::seconds(5));
   reg_->Rescan();
   auto fresh = reg_->Find("m");
   ASSERT_TRUE(fresh);

@@ -92,6 +92,19 @@ inline std::string ReadFile(const std::string& path) {
   return s;
 }
 
+// Polls `pred` every 50 ms for up to `timeout_s`. Tests wait for the state they need
+// rather than sleeping a guessed time; the bound only ends a wait that would never
+// succeed, so it is generous (sanitizers and a loaded machine are many times slower).
+template <class F>
+bool Eventually(F pred, double timeout_s = 30) {
+  auto deadline = experts::NowUnixMs() + static_cast<int64_t>(timeout_s * 1000);
+  while (experts::NowUnixMs() < deadline) {
+    if (pred()) return true;
+    usleep(50000);
+  }
+  return pred();
+}
+
 // A cortexd child process in --foreground mode with stderr captured to `log`.
 class Daemon {
  public:
@@ -121,8 +134,9 @@ class Daemon {
     }
   }
 
-  // Starts cortexd and waits until its socket answers (or it exits).
-  bool Start(double timeout_s = 10) {
+  // Starts cortexd and waits until its socket answers (or it exits). The bound is only a
+  // backstop for a hung start: a sanitized build on a loaded machine is slow to come up.
+  bool Start(double timeout_s = 60) {
     std::string cmd = BinDir() + "/cortexd";
     pid = fork();
     if (pid == 0) {
@@ -175,22 +189,19 @@ class Daemon {
     args.push_back("--json");
     return Ctl(args).Json();
   }
+  // Waits until `status --json` satisfies `pred` (e.g. work running and queued).
+  template <class F>
+  bool WaitStatus(F pred, double timeout_s = 30) const {
+    return Eventually([&] {
+      json st = CtlJson({"status"});
+      return st.is_object() && pred(st);
+    }, timeout_s);
+  }
   std::string Log() const { return ReadFile(log); }
 
   std::string socket, store, plugin_dir, config, log;
   pid_t pid = -1;
   int exit_status = -1;
 };
-
-// Polls `pred` every 50 ms for up to `timeout_s`.
-template <class F>
-bool Eventually(F pred, double timeout_s = 5) {
-  auto deadline = experts::NowUnixMs() + static_cast<int64_t>(timeout_s * 1000);
-  while (experts::NowUnixMs() < deadline) {
-    if (pred()) return true;
-    usleep(50000);
-  }
-  return pred();
-}
 
 }  // namespace cortex::test

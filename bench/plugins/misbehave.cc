@@ -4,12 +4,14 @@
 //   abort ("please abort")      calls abort()
 //   hang  ("please hang hard")  sleeps and ignores cancellation
 //   oom   ("please eat memory") allocates (and touches) up to `memory_mb` MiB
-//   slow  ("please be slow")    sleeps `delay_ms`, then succeeds
+//   slow  ("please be slow")    sleeps `delay_ms`, then succeeds; with `started_file`
+//                               set, creates that file first (tests wait for it)
 //   ok                          succeeds at once
 // `rate` (0..1) is the share of tasks that misbehave (by a hash of the task id); the
 // rest succeed. Built with -DMISBEHAVE_ON_LOAD, its entry point itself segfaults.
 #include <chrono>
 #include <csignal>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <functional>
@@ -30,7 +32,7 @@ __attribute__((noinline, no_sanitize("undefined", "address"))) void Segfault() {
 
 const char* const kKeywords[] = {"misbehave", "crash", "hang", "memory", nullptr};
 const char* const kExamples[] = {"please segfault", nullptr};
-const char* const kKeys[] = {"mode", "rate", "delay_ms", "memory_mb", nullptr};
+const char* const kKeys[] = {"mode", "rate", "delay_ms", "memory_mb", "started_file", nullptr};
 const cortex_manifest kManifest = {
     "misbehave", "1.0.0",   "Misbehaves on purpose (soak benchmark and tests).",
     kKeywords,   kExamples, kKeys,
@@ -56,6 +58,7 @@ class Misbehave {
     m->rate_ = Num(s, "rate", 1.0);
     m->delay_ms_ = static_cast<long>(Num(s, "delay_ms", 50));
     m->memory_mb_ = static_cast<long>(Num(s, "memory_mb", 2048));
+    m->started_file_ = s.value("started_file", "");
     return m.release();
   }
 
@@ -87,7 +90,11 @@ class Misbehave {
       cortex::sdk::Write(host, "allocated " + std::to_string(memory_mb_) + " MiB: no limit hit");
       return cortex::sdk::Result(CORTEX_OUTCOME_SUCCESS, 0.5);
     }
-    if (mode == "slow") std::this_thread::sleep_for(std::chrono::milliseconds(delay_ms_));
+    if (mode == "slow") {
+      if (!started_file_.empty())
+        if (FILE* f = std::fopen(started_file_.c_str(), "w")) std::fclose(f);
+      std::this_thread::sleep_for(std::chrono::milliseconds(delay_ms_));
+    }
     cortex::sdk::Write(host, "done: " + text);
     return cortex::sdk::Result(CORTEX_OUTCOME_SUCCESS, 0.9);
   }
@@ -97,6 +104,7 @@ class Misbehave {
   double rate_ = 1;
   long delay_ms_ = 50;
   long memory_mb_ = 2048;
+  std::string started_file_;
 };
 }  // namespace
 
