@@ -8,6 +8,8 @@ find_package(nlohmann_json 3.10 REQUIRED)
 find_package(CLI11 REQUIRED)
 find_package(Boost 1.74 REQUIRED)  # Boost.DLL is header-only; we use it with std::filesystem
 find_package(BLAS REQUIRED)         # OpenBLAS on Debian: CPU matrix work
+# RE2: rule regexes run in time linear in the text (std::regex backtracks and recurses).
+pkg_check_modules(RE2 REQUIRED IMPORTED_TARGET re2)
 
 # yaml-cpp 0.7 on Debian exports the plain `yaml-cpp` target.
 if(TARGET yaml-cpp::yaml-cpp)

@@ -544,6 +544,43 @@ TEST(E2E, PluginsDroppedReplacedRemovedAndRefusedLive) {
   EXPECT_NE(d.CtlJson({"submit", "echo parrot", "--wait"})["expert"], "echo");
 }
 
+// Rule regexes run on RE2 (linear time, no recursion). With std::regex the first task
+// below overflowed the stack (SIGSEGV, again on every restart that resumed it) and the
+// second spun the dispatcher forever. A pattern RE2 cannot run is a config error.
+TEST(E2E, NoTaskTextCanHangOrCrashTheRuleMatcher) {
+  TempDir dir;
+  const std::string experts =
+      "experts:\n  - name: ok\n    plugin: command\n    run: [/bin/sh, -c, 'cat >/dev/null']\n"
+      "    keywords: [fix]\nrules:\n  - name: deep\n    match: [\"/(fix|bug)(.|\\\\s)*timeout/\"]\n"
+      "    expert: ok\n    boost: 1\n  - name: nested\n    match: [\"/^(\\\\w+\\\\s?)*$/\"]\n"
+      "    expert: ok\n    boost: 1\n";
+  Daemon d(dir, experts);
+  ASSERT_TRUE(d.Start()) << d.Log();
+  json w = d.CtlJson({"submit", "fix " + std::string(15000, 'a'), "--wait"});
+  EXPECT_EQ(w["state"], "succeeded") << w;
+  EXPECT_TRUE(d.Alive()) << d.Log();
+  w = d.CtlJson({"submit", std::string(40, 'a') + "!", "--wait"});  // 41 characters
+  EXPECT_EQ(w["state"], "succeeded") << w;
+  w = d.CtlJson({"submit", "fix the flaky timeout", "--wait"});
+  EXPECT_EQ(w["decision"]["candidates"][0]["rules"][0], "deep") << w;
+  EXPECT_EQ(d.Ctl({"status"}).code, 0);
+  EXPECT_EQ(d.Stop(), 0) << d.Log();
+
+  // A backreference is beyond RE2: refused by --check-config and by a start, naming the
+  // file, line, rule and pattern.
+  std::string cfg = test::ReadFile(d.config);
+  cfg.replace(cfg.find("\"/^(\\\\w+\\\\s?)*$/\""), 17, "\"/(a)\\\\1/\"");
+  test::WriteFile(d.config, cfg);
+  test::Run r = test::RunCmd({test::BinDir() + "/cortexd", "--check-config", "--config", d.config});
+  EXPECT_EQ(r.code, 1) << r.out;
+  EXPECT_NE(r.err.find("rules.nested.match: bad regular expression /(a)\\1/"), std::string::npos)
+      << r.err;
+  EXPECT_NE(r.err.find("cortex.yaml:"), std::string::npos) << r.err;
+  EXPECT_FALSE(d.Start());
+  EXPECT_NE(d.Log().find("rules.nested.match: bad regular expression"), std::string::npos)
+      << d.Log();
+}
+
 // Whether `pid` has exited (a zombie nobody reaped counts: it runs no code).
 bool Gone(int pid) {
   std::ifstream in("/proc/" + std::to_string(pid) + "/stat");

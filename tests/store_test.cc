@@ -164,18 +164,52 @@ TEST_P(StoreTest, RecoverRequeuesUnstartedAndInterruptsRunning) {
   NewTask("done", 4);
   ASSERT_TRUE(store_->FinishTask("done", TaskState::kSucceeded, "a", 5).ok());
 
-  std::vector<Task> requeue;
-  int interrupted = 0;
-  ASSERT_TRUE(store_->Recover(10, &requeue, &interrupted).ok());
-  EXPECT_EQ(interrupted, 1);
-  ASSERT_EQ(requeue.size(), 2u);
-  EXPECT_EQ(requeue[0].id, "q");
-  EXPECT_EQ(requeue[1].id, "r");
+  Store::Recovery rec;
+  ASSERT_TRUE(store_->Recover(10, &rec).ok());
+  EXPECT_EQ(rec.interrupted, 1);
+  EXPECT_TRUE(rec.poisoned.empty());
+  ASSERT_EQ(rec.requeue.size(), 2u);
+  EXPECT_EQ(rec.requeue[0].id, "q");
+  EXPECT_EQ(rec.requeue[1].id, "r");
+  EXPECT_EQ(rec.requeue[0].deaths, 0) << "merely queued: no death counted against it";
   Task t;
   ASSERT_TRUE(store_->GetTask("run", &t).ok());
   EXPECT_EQ(t.state, TaskState::kInterrupted);
   ASSERT_EQ(t.attempts.size(), 1u);
   EXPECT_EQ(t.attempts[0].outcome->kind, OutcomeKind::kInterrupted);
+}
+
+// A task that was being routed when cortexd died, twice, is failed with the reason on the
+// next start instead of being retried (and killing cortexd) forever.
+TEST_P(StoreTest, ATaskInFlightAtTwoDeathsIsFailedNotRetried) {
+  NewTask("poison", 1);
+  NewTask("mate", 2);
+  NewTask("bystander", 3);
+  Store::Recovery rec;
+  for (int start = 0; start < 2; ++start) {
+    // Routed alongside a batch mate the first time; alone (as a suspect) the second.
+    ASSERT_TRUE(store_->MarkRouting(start == 0 ? std::vector<std::string>{"poison", "mate"}
+                                               : std::vector<std::string>{"poison"})
+                    .ok());
+    ASSERT_TRUE(store_->Recover(10 + start, &rec).ok());  // cortexd died while routing
+  }
+  ASSERT_EQ(rec.poisoned, std::vector<std::string>{"poison"});
+  ASSERT_EQ(rec.requeue.size(), 2u);
+  EXPECT_EQ(rec.requeue[0].id, "mate");
+  EXPECT_EQ(rec.requeue[0].deaths, 1);
+  EXPECT_EQ(rec.requeue[1].deaths, 0);
+  Task t;
+  ASSERT_TRUE(store_->GetTask("poison", &t).ok());
+  EXPECT_EQ(t.state, TaskState::kFailed);
+  EXPECT_NE(t.error.find("poison-task guard"), std::string::npos) << t.error;
+  // A decision recorded clears the mark: a later death is not counted against it.
+  ASSERT_TRUE(store_->MarkRouting({"mate"}).ok());
+  ASSERT_TRUE(store_->RecordDecision("mate", NewDecision("a", 0.5)).ok());
+  ASSERT_TRUE(store_->Recover(20, &rec).ok());
+  EXPECT_TRUE(rec.poisoned.empty());
+  ASSERT_TRUE(store_->GetTask("mate", &t).ok());
+  EXPECT_EQ(t.deaths, 1);
+  EXPECT_EQ(t.state, TaskState::kRouted);
 }
 
 TEST_P(StoreTest, ExportVisitsEveryTaskInOrder) {
@@ -209,7 +243,7 @@ TEST_P(StoreTest, ExpertEventsAreKeptNewestFirst) {
   ASSERT_TRUE(store_->ExpertEvents(10, &ev).ok());
   ASSERT_EQ(ev.size(), 2u);
   EXPECT_EQ(ev[0].event, "refused");
-  EXPECT_EQ(store_->SchemaVersion(), 2);
+  EXPECT_EQ(store_->SchemaVersion(), 3);
 }
 
 TEST_P(StoreTest, LoggedOutcomesFeedTrainingWithFeedbackOverriding) {

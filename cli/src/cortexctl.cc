@@ -166,6 +166,7 @@ void PrintTask(const json& t, bool full_output) {
     tags += (tags.empty() ? "" : " ") + k + "=" + v.get<std::string>();
   if (!tags.empty()) std::printf("  tags:     %s\n", tags.c_str());
   std::printf("  created:  %s\n", LocalTime(Str(t, "created_at")).c_str());
+  if (!Str(t, "error").empty()) std::printf("  error:    %s\n", Str(t, "error").c_str());
   const json& d = t["decision"];
   if (d.is_object()) {
     std::printf("\ndecision: %s (model %s, propensity %.3f, %s)\n", Str(d, "chosen").c_str(),

@@ -415,14 +415,18 @@ class DaemonImpl : public Daemon, public RequestHandler {
   }
 
   Status Recover() {
-    std::vector<Task> requeue;
-    int interrupted = 0;
-    CORTEX_RETURN_IF_ERROR(store_->Recover(env_->NowUnix(), &requeue, &interrupted));
-    if (interrupted)
-      LogWarn("{} task(s) were running when cortexd stopped: marked interrupted", interrupted);
-    if (!requeue.empty()) LogInfo("resuming {} queued task(s) from the store", requeue.size());
+    Store::Recovery rec;
+    CORTEX_RETURN_IF_ERROR(store_->Recover(env_->NowUnix(), &rec));
+    if (rec.interrupted)
+      LogWarn("{} task(s) were running when cortexd stopped: marked interrupted", rec.interrupted);
+    for (const auto& id : rec.poisoned)
+      LogError("task {}: cortexd died {} times while routing or running it; marked failed "
+               "instead of retrying it (cortexctl show {})",
+               id, Store::kPoisonDeaths, id);
+    if (!rec.requeue.empty())
+      LogInfo("resuming {} queued task(s) from the store", rec.requeue.size());
     std::lock_guard<std::mutex> l(queue_mu_);
-    for (auto& t : requeue) queue_.push_back(std::move(t));
+    for (auto& t : rec.requeue) queue_.push_back(std::move(t));
     return Status::OK();
   }
 
@@ -530,11 +534,24 @@ class DaemonImpl : public Daemon, public RequestHandler {
         });
         if (stop_.load()) return;
         if (queue_.empty() || ready_.size() >= max_ready) continue;
+        // A task that was in flight when cortexd died is a suspect: it is routed alone,
+        // so a second death is counted against it and not against its batch mates.
         size_t n = std::min(queue_.size(), max_ready - ready_.size());
-        for (size_t i = 0; i < n; ++i) {
+        if (queue_.front().deaths > 0) n = 1;
+        for (size_t i = 0; i < n && (i == 0 || queue_.front().deaths == 0); ++i) {
           batch.push_back(std::move(queue_.front()));
           queue_.pop_front();
         }
+      }
+      std::vector<std::string> ids;
+      for (const auto& t : batch) ids.push_back(t.id);
+      if (Status ms = store_->MarkRouting(ids); !ms.ok()) {
+        // Without the mark a crash here could repeat on every start: wait for the store.
+        LogError("cannot mark {} task(s) as routing ({}); retrying", ids.size(), ms.ToString());
+        std::unique_lock<std::mutex> l(queue_mu_);
+        for (auto it = batch.rbegin(); it != batch.rend(); ++it) queue_.push_front(std::move(*it));
+        queue_cv_.wait_for(l, std::chrono::seconds(1), [&] { return stop_.load(); });
+        continue;
       }
       std::vector<ExpertSlot> slots = Slots(nullptr);
       std::vector<RouteRequest> reqs;

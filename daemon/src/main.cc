@@ -14,6 +14,7 @@
 #include "cortex/env.h"
 #include "cortex/log.h"
 #include "cortex/paths.h"
+#include "cortex/rules.h"
 
 namespace {
 
@@ -100,6 +101,13 @@ int main(int argc, char** argv) {
     return 1;
   }
   if (check_config) {
+    // The rules are compiled exactly as a start compiles them (a pattern RE2 refuses is
+    // an error here too, not only at start).
+    cortex::Result<cortex::RuleSet> rules = cortex::RuleSet::Compile(cfg->rules, cfg->source);
+    if (!rules.ok()) {
+      std::fprintf(stderr, "cortexd: %s\n", rules.status().message().c_str());
+      return 1;
+    }
     std::printf("%s: ok\n", cfg->source.c_str());
     return 0;
   }

@@ -74,6 +74,7 @@ json ToJson(const Task& t) {
             {"attempts", attempts},
             {"feedback", fb},
             {"outcome", FinalOutcome(t)}};
+  if (!t.error.empty()) j["error"] = t.error;
   const Candidate* c = t.decision ? t.decision->Find(t.decision->chosen) : nullptr;
   j["confidence"] = c ? json(c->confidence) : json(nullptr);
   return j;

@@ -1,5 +1,7 @@
 #include "cortex/rules.h"
 
+#include <re2/re2.h>
+
 #include <algorithm>
 #include <set>
 
@@ -20,14 +22,16 @@ Result<RuleSet> RuleSet::Compile(const std::vector<RuleConfig>& rules, const std
     c.cfg = r;
     for (const auto& m : r.match) {
       if (m.size() >= 2 && m.front() == '/' && m.back() == '/') {
-        try {
-          c.regexes.emplace_back(m.substr(1, m.size() - 2),
-                                 std::regex::ECMAScript | std::regex::icase | std::regex::optimize);
-        } catch (const std::regex_error& e) {
-          return Status::InvalidArgument(source + ":" + std::to_string(r.line) + ": rules." +
-                                         r.name + ".match: bad regular expression " + m + ": " +
-                                         e.what());
-        }
+        RE2::Options o;
+        o.set_case_sensitive(false);
+        o.set_log_errors(false);  // the error goes into the Status instead of stderr
+        auto re = std::make_shared<const RE2>(m.substr(1, m.size() - 2), o);
+        if (!re->ok())
+          return Status::InvalidArgument(
+              source + ":" + std::to_string(r.line) + ": rules." + r.name +
+              ".match: bad regular expression " + m + ": " + re->error() +
+              " (RE2 syntax: no backreferences or lookaround; matching is linear-time)");
+        c.regexes.push_back(std::move(re));
       } else {
         c.substrings.push_back(Lower(m));
       }
@@ -49,7 +53,7 @@ std::vector<RuleMatch> RuleSet::Evaluate(const std::string& text) const {
     });
     if (!hit)
       hit = std::any_of(r.regexes.begin(), r.regexes.end(),
-                        [&](const std::regex& re) { return std::regex_search(text, re); });
+                        [&](const auto& re) { return RE2::PartialMatch(text, *re); });
     if (hit) out.push_back({r.cfg.name, r.cfg.expert, r.cfg.boost, r.cfg.force});
   }
   return out;

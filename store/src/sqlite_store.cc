@@ -95,6 +95,14 @@ CREATE TABLE models(
   weights BLOB NOT NULL
 );
 )sql",
+    // v3: the poison-task guard. `routing` is set while a task is being routed; `deaths`
+    // counts the starts that found it routing or running; `error` says why a task ended
+    // without an attempt that says so.
+    R"sql(
+ALTER TABLE tasks ADD COLUMN routing INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE tasks ADD COLUMN deaths INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE tasks ADD COLUMN error TEXT;
+)sql",
 };
 constexpr int kSchemaVersion = sizeof(kMigrations) / sizeof(kMigrations[0]);
 
@@ -523,21 +531,53 @@ class SqliteStore : public Store {
     return Status::OK();
   }
 
-  Status Recover(double time, std::vector<Task>* requeue, int* interrupted) override {
+  Status MarkRouting(const std::vector<std::string>& ids) override {
     std::lock_guard<std::mutex> l(mu_);
-    requeue->clear();
-    *interrupted = 0;
     CORTEX_RETURN_IF_ERROR(Exec("BEGIN IMMEDIATE"));
+    Status st;
+    for (const auto& id : ids) {
+      Stmt s = Prepare("UPDATE tasks SET routing=1 WHERE id=?");
+      s.Bind(1, id);
+      if (!(st = Done(s, "mark task " + id + " as routing")).ok()) break;
+    }
+    return Finish(st);
+  }
+
+  Status Recover(double time, Recovery* out) override {
+    std::lock_guard<std::mutex> l(mu_);
+    *out = Recovery{};
+    CORTEX_RETURN_IF_ERROR(Exec("BEGIN IMMEDIATE"));
+    Status st;
+    {
+      Stmt d = Prepare(
+          "UPDATE tasks SET deaths=deaths+1,routing=0 WHERE routing=1 OR state='running'");
+      st = Done(d, "count deaths");
+    }
+    if (st.ok()) {
+      Stmt p = Prepare("SELECT id FROM tasks WHERE state IN ('queued','routed') AND deaths>=? "
+                       "ORDER BY created_at, rowid");
+      p.Bind(1, kPoisonDeaths);
+      while (p.Step() == SQLITE_ROW) out->poisoned.push_back(p.Text(0));
+      Stmt f = Prepare(
+          "UPDATE tasks SET state='failed',updated_at=?,error=? WHERE state IN "
+          "('queued','routed') AND deaths>=?");
+      f.Bind(1, time)
+          .Bind(2, "cortexd died " + std::to_string(kPoisonDeaths) +
+                       " times while routing or running this task; it is not retried "
+                       "(poison-task guard)")
+          .Bind(3, kPoisonDeaths);
+      st = Done(f, "fail poison tasks");
+    }
     Stmt a = Prepare(
         "UPDATE attempts SET outcome='interrupted',finished_at=?,quality=0,error='cortexd stopped "
         "while this attempt ran' WHERE outcome IS NULL");
     a.Bind(1, time);
-    Status st = Done(a, "recover attempts");
+    if (st.ok()) st = Done(a, "recover attempts");
     if (st.ok()) {
       Stmt t = Prepare("UPDATE tasks SET state='interrupted',updated_at=? WHERE state='running'");
       t.Bind(1, time);
       st = Done(t, "recover tasks");
-      *interrupted = sqlite3_changes(db_);
+      out->interrupted = sqlite3_changes(db_);
     }
     CORTEX_RETURN_IF_ERROR(Finish(st));
     std::vector<std::string> ids;
@@ -549,7 +589,7 @@ class SqliteStore : public Store {
     for (const auto& id : ids) {
       Task t;
       CORTEX_RETURN_IF_ERROR(LoadTask(id, &t));
-      requeue->push_back(std::move(t));
+      out->requeue.push_back(std::move(t));
     }
     return Status::OK();
   }
@@ -647,7 +687,7 @@ class SqliteStore : public Store {
     return sqlite3_changes(db_) > 0 ? Status::OK() : Status::NotFound("no " + what);
   }
   Status UpdateState(const std::string& id, TaskState state, double time) {
-    Stmt s = Prepare("UPDATE tasks SET state=?,updated_at=? WHERE id=?");
+    Stmt s = Prepare("UPDATE tasks SET state=?,updated_at=?,routing=0 WHERE id=?");
     s.Bind(1, ToString(state)).Bind(2, time).Bind(3, id);
     CORTEX_RETURN_IF_ERROR(Done(s, "update task state"));
     return Changed("task with id '" + id + "'");
@@ -685,8 +725,8 @@ class SqliteStore : public Store {
     *t = Task{};
     {
       Stmt s = Prepare(
-          "SELECT id,text,tags,state,created_at,updated_at,COALESCE(expert,'') FROM tasks "
-          "WHERE id=?");
+          "SELECT id,text,tags,state,created_at,updated_at,COALESCE(expert,''),deaths,"
+          "COALESCE(error,'') FROM tasks WHERE id=?");
       s.Bind(1, id);
       if (s.Step() != SQLITE_ROW) return Status::NotFound("no task with id '" + id + "'");
       t->id = s.Text(0);
@@ -696,6 +736,8 @@ class SqliteStore : public Store {
       t->created_at = s.Double(4);
       t->updated_at = s.Double(5);
       t->expert = s.Text(6);
+      t->deaths = static_cast<int>(s.Long(7));
+      t->error = s.Text(8);
     }
     {
       Stmt s = Prepare(

@@ -1,12 +1,13 @@
 // The `security` expert: scans a repository given as tag repo=PATH for committed private
 // keys and access tokens, and for unsafe permissions (world-writable, setuid/setgid,
 // readable key files). Findings are reported with file:line and a redacted match.
+#include <re2/re2.h>
 #include <sys/stat.h>
 
 #include <algorithm>
 #include <filesystem>
 #include <fstream>
-#include <regex>
+#include <memory>
 #include <set>
 
 #include "../common/expert_util.h"
@@ -37,14 +38,14 @@ const cortex_manifest kManifest = {
 struct Pattern {
   const char* kind;
   const char* prefilter;  // cheap substring test before the regex
-  std::regex re;
+  std::unique_ptr<RE2> re;  // linear-time: a minified megabyte line cannot blow the stack
 };
 
 const std::vector<Pattern>& Patterns() {
   static const std::vector<Pattern> k = [] {
     std::vector<Pattern> v;
     auto add = [&](const char* kind, const char* pre, const char* re) {
-      v.push_back({kind, pre, std::regex(re, std::regex::ECMAScript | std::regex::optimize)});
+      v.push_back({kind, pre, std::make_unique<RE2>(re)});
     };
     add("private key", "PRIVATE KEY",
         R"(-----BEGIN ((RSA|EC|DSA|OPENSSH|ENCRYPTED|PGP) )?PRIVATE KEY( BLOCK)?-----)");
@@ -164,10 +165,10 @@ class SecurityExpert {
       std::string line = content.substr(start, end - start);
       for (const auto& pat : Patterns()) {
         if (line.find(pat.prefilter) == std::string::npos) continue;
-        std::smatch m;
-        if (std::regex_search(line, m, pat.re))
+        re2::StringPiece m;
+        if (pat.re->Match(line, 0, line.size(), RE2::UNANCHORED, &m, 1))
           out->push_back({"critical", pat.kind, rel + ":" + std::to_string(line_no),
-                          "matched " + Redact(m.str(0))});
+                          "matched " + Redact(std::string(m.data(), m.size()))});
       }
       start = end + 1;
     }

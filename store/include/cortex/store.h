@@ -52,9 +52,22 @@ class Store {
   virtual Status ListModels(std::vector<ModelRecord>* out) = 0;
   virtual Status LoadModel(int version, ModelRecord* m) = 0;
 
+  // Marks tasks as being routed now: if cortexd dies before their decisions are recorded,
+  // the next start counts that death against each of them (see Recover).
+  virtual Status MarkRouting(const std::vector<std::string>& ids) = 0;
+
   // After a restart: tasks still `queued`/`routed` (no attempt started) are returned, oldest
   // first, to be run again; `running` ones are marked `interrupted` with their open attempt.
-  virtual Status Recover(double time, std::vector<Task>* requeue, int* interrupted) = 0;
+  // Every task that was being routed or run when cortexd died has that death counted; one
+  // that reaches kPoisonDeaths is failed with the reason instead of being retried, so a
+  // task that kills cortexd cannot do it on every start (a poison task).
+  struct Recovery {
+    std::vector<Task> requeue;
+    int interrupted = 0;
+    std::vector<std::string> poisoned;  // failed by the guard
+  };
+  static constexpr int kPoisonDeaths = 2;
+  virtual Status Recover(double time, Recovery* out) = 0;
   virtual Status CountByState(std::vector<std::pair<std::string, long>>* counts) = 0;
   virtual int SchemaVersion() = 0;
   virtual std::string Path() const = 0;

@@ -80,6 +80,8 @@ struct Task {
   double created_at = 0;
   double updated_at = 0;
   std::string expert;  // the expert whose attempt ended the task
+  std::string error;   // why it ended without an attempt saying so (e.g. the poison guard)
+  int deaths = 0;      // times cortexd died while routing or running it
   std::optional<Decision> decision;
   std::vector<Attempt> attempts;
   std::vector<Feedback> feedback;
