@@ -13,6 +13,7 @@
 #include <fstream>
 #include <random>
 #include <set>
+#include <sstream>
 #include <thread>
 
 #include "cortex/client.h"
@@ -386,7 +387,10 @@ TEST(E2E, OnlyTheOwnerOrTheAllowedGroupMayTalkToIt) {
   EXPECT_EQ(d.Ctl({"status"}).code, 0);  // the owner still gets in
   EXPECT_EQ(d.Stop(), 0);
 
-  // Admit the group: the same user now gets an answer.
+  // Admit the group: the same user now gets an answer. (A start refuses a socket folder
+  // others may write to, so the admin tightens it back first.)
+  fs::permissions(fs::path(d.socket).parent_path(), fs::perms::owner_all,
+                  fs::perm_options::replace);
   std::string cfg = test::ReadFile(d.config);
   cfg.replace(cfg.find("shutdown_grace: 2s}"), 19, "shutdown_grace: 2s, allow_group: nogroup}");
   test::WriteFile(d.config, cfg);
@@ -581,6 +585,116 @@ TEST(E2E, NoTaskTextCanHangOrCrashTheRuleMatcher) {
       << d.Log();
 }
 
+// Runs argv as the user 'nobody' (a real second user), through setpriv.
+test::Run AsNobody(std::vector<std::string> argv) {
+  argv.insert(argv.begin(),
+              {"setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"});
+  return test::RunCmd(argv);
+}
+
+mode_t ModeOf(const std::string& path) {
+  struct stat st {};
+  return lstat(path.c_str(), &st) == 0 ? st.st_mode & 07777 : 0;
+}
+
+// Found by an attack: a socket folder that another user made (0777) was accepted as it
+// was, after the plugin cache had been put in it and hosts started from it, so that user
+// could swap in a library of their own; planted symlinks redirected cortexd's chmod and
+// its store. Every private folder and file is now made or checked (not a symlink, ours,
+// not writable by others) before anything is put in it.
+TEST(E2E, PrivateFoldersAnotherUserMadeOrSymlinkedAreRefusedBeforeUse) {
+  if (geteuid() != 0 || !getpwnam("nobody") || !getgrnam("nogroup"))
+    GTEST_SKIP() << "needs root and the user 'nobody' to act as a second user";
+#if defined(__SANITIZE_THREAD__)
+  GTEST_SKIP() << "forks a setuid child; the plain and ASan runs cover this test";
+#endif
+  TempDir dir;
+  fs::permissions(dir.path(), fs::perms(0755), fs::perm_options::replace);
+  const std::string shared_tmp = dir / "tmp";  // plays /tmp: anyone may create in it
+  fs::create_directories(shared_tmp);
+  fs::permissions(shared_tmp, fs::perms(01777), fs::perm_options::replace);
+  const std::string evil = shared_tmp + "/cortex-0";
+  ASSERT_EQ(AsNobody({"mkdir", "-m", "0777", evil}).code, 0);
+  const uid_t nobody = getpwnam("nobody")->pw_uid;
+
+  Daemon d(dir);
+  std::string cfg = test::ReadFile(d.config);
+  cfg.replace(cfg.find(d.socket), d.socket.size(), evil + "/cortexd.sock");
+  test::WriteFile(d.config, cfg);
+  d.socket = evil + "/cortexd.sock";
+  EXPECT_FALSE(d.Start());
+  EXPECT_EQ(d.exit_status, 1);
+  EXPECT_NE(d.Log().find(evil + " belongs to uid " + std::to_string(nobody) + ", not to you"),
+            std::string::npos)
+      << d.Log();
+  EXPECT_EQ(d.Log().find("loaded"), std::string::npos) << "no plugin was loaded: " << d.Log();
+  EXPECT_TRUE(fs::is_empty(evil)) << "nothing was put in the other user's folder";
+
+  // Our own folder, but writable by others: refused too (others may have planted files).
+  ASSERT_EQ(test::RunCmd({"rm", "-rf", evil}).code, 0);
+  fs::create_directories(evil);
+  fs::permissions(evil, fs::perms(0777), fs::perm_options::replace);
+  EXPECT_FALSE(d.Start());
+  EXPECT_NE(d.Log().find("is writable by others (mode 0777)"), std::string::npos) << d.Log();
+  EXPECT_TRUE(fs::is_empty(evil));
+
+  // A symlink planted where the folder goes, pointing at a folder of the victim's: refused,
+  // and the victim's folder keeps its mode (it used to be chmod'ed 0700).
+  fs::remove(evil);
+  const std::string victim_dir = dir / "victim";
+  fs::create_directories(victim_dir);
+  fs::permissions(victim_dir, fs::perms(0755), fs::perm_options::replace);
+  fs::create_directory_symlink(victim_dir, evil);
+  EXPECT_FALSE(d.Start());
+  EXPECT_NE(d.Log().find(evil + " is a symbolic link"), std::string::npos) << d.Log();
+  EXPECT_EQ(ModeOf(victim_dir), 0755u);
+  EXPECT_TRUE(fs::is_empty(victim_dir));
+  fs::remove(evil);
+
+  // A symlink planted as the store file, pointing at a file of the victim's: refused, and
+  // the file is untouched.
+  const std::string victim_file = dir / "victim.txt";
+  test::WriteFile(victim_file, "precious");
+  fs::create_directories(fs::path(d.store).parent_path());
+  fs::create_symlink(victim_file, d.store);
+  EXPECT_FALSE(d.Start());
+  EXPECT_NE(d.Log().find(d.store + " is a symbolic link"), std::string::npos) << d.Log();
+  EXPECT_EQ(test::ReadFile(victim_file), "precious");
+  fs::remove(d.store);
+
+  // Made by cortexd itself: private folders 0700, store files 0600.
+  ASSERT_TRUE(d.Start()) << d.Log();
+  EXPECT_EQ(d.Ctl({"status"}).code, 0);
+  EXPECT_EQ(ModeOf(evil), 0700u);
+  EXPECT_EQ(ModeOf(evil + "/plugin-cache." + std::to_string(d.pid)), 0700u);
+  for (const char* f : {"", "-wal", "-shm", ".lock"})
+    EXPECT_EQ(ModeOf(d.store + f), 0600u) << d.store << f;
+  EXPECT_EQ(d.Stop(), 0);
+}
+
+// The same attack on the default location, /tmp/cortex-$UID without XDG_RUNTIME_DIR, when
+// that folder does not exist yet on this machine (the test makes it as 'nobody').
+TEST(E2E, DefaultSocketFolderMadeByAnotherUserIsRefused) {
+  if (geteuid() != 0 || !getpwnam("nobody") || !getgrnam("nogroup"))
+    GTEST_SKIP() << "needs root and the user 'nobody' to act as a second user";
+#if defined(__SANITIZE_THREAD__)
+  GTEST_SKIP() << "forks a setuid child; the plain and ASan runs cover this test";
+#endif
+  const std::string runtime = "/tmp/cortex-" + std::to_string(getuid());
+  if (fs::exists(runtime)) GTEST_SKIP() << runtime << " exists here already; left alone";
+  ASSERT_EQ(AsNobody({"mkdir", "-m", "0777", runtime}).code, 0);
+  TempDir home;
+  std::vector<std::string> env = {"PATH=/usr/bin:/bin", "HOME=" + home.path()};
+  test::Run r = test::RunCmd({test::BinDir() + "/cortexd", "--foreground"}, 60, "", env);
+  const bool empty = fs::is_empty(runtime);
+  test::RunCmd({"rm", "-rf", runtime});
+  EXPECT_EQ(r.code, 1) << r.err;
+  EXPECT_NE(r.err.find(runtime + " belongs to uid " + std::to_string(getpwnam("nobody")->pw_uid)),
+            std::string::npos)
+      << r.err;
+  EXPECT_TRUE(empty) << "nothing was put in the other user's folder";
+}
+
 // Whether `pid` has exited (a zombie nobody reaped counts: it runs no code).
 bool Gone(int pid) {
   std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
@@ -680,6 +794,51 @@ rules:
   waitpid(d.pid, nullptr, 0);
   d.pid = -1;
   EXPECT_TRUE(test::Eventually([&] { return Gone(host); })) << "host " << host << " lingers";
+}
+
+// Found by an attack: what a plugin forked, or a command expert's program started,
+// outlived its host's crash and cortexd's kill -9. Hosts now start a session of their own;
+// a host ends its whole session when cortexd goes, and cortexd ends a dead host's session.
+TEST(E2E, ProcessesAPluginStartedDieWithItsHostAndWithCortexd) {
+  TempDir dir;
+  const std::string forked = dir / "forked.pid", started = dir / "started.pid";
+  Daemon d(dir,
+           "experts:\n  - name: forker\n    plugin: misbehave\n    keywords: [fork]\n"
+           "    started_file: " + forked +
+               "\n  - name: runner\n    plugin: command\n    keywords: [background]\n"
+               "    timeout: 10m\n    run: [/bin/sh, -c, 'sleep 300 & echo $$ $! > " + started +
+               "; wait']\nrules:\n  - {name: f, match: [fork], expert: forker, force: true}\n"
+               "  - {name: b, match: [background], expert: runner, force: true}\n",
+           "router: {exploration: 0, seed: 1, max_attempts: 1}\ntraining: {online: false}\n",
+           /*bundled=*/true, ", restart_backoff: 10ms");
+  fs::copy_file(test::BenchPluginDir() + "/misbehave.so", d.plugin_dir + "/misbehave.so");
+  fs::permissions(d.plugin_dir + "/misbehave.so", fs::perms(0755), fs::perm_options::replace);
+  ASSERT_TRUE(d.Start()) << d.Log();
+  auto pids_in = [](const std::string& file) {
+    std::vector<int> pids;
+    std::istringstream in(test::ReadFile(file));
+    for (int p; in >> p;) pids.push_back(p);
+    return pids;
+  };
+
+  // The host crashes with a forked child alive in a process group of its own.
+  json w = d.CtlJson({"submit", "fork: please fork then segfault", "--wait"});
+  EXPECT_EQ(w["attempts"][0]["outcome"]["kind"], "crash") << w;
+  std::vector<int> child = pids_in(forked);
+  ASSERT_EQ(child.size(), 1u) << test::ReadFile(forked);
+  EXPECT_TRUE(test::Eventually([&] { return Gone(child[0]); }))
+      << "the crashed host's child " << child[0] << " lingers";
+
+  // A command expert's program and its background child, then kill -9 of cortexd.
+  ASSERT_EQ(d.Ctl({"submit", "a background job"}).code, 0);
+  std::vector<int> progs;
+  ASSERT_TRUE(test::Eventually([&] { return (progs = pids_in(started)).size() == 2; }));
+  EXPECT_FALSE(Gone(progs[0]));
+  EXPECT_FALSE(Gone(progs[1]));
+  kill(d.pid, SIGKILL);
+  waitpid(d.pid, nullptr, 0);
+  d.pid = -1;
+  for (int p : progs) EXPECT_TRUE(test::Eventually([&] { return Gone(p); })) << p << " lingers";
 }
 
 TEST(E2E, DetachedStartReturnsOnceServingEvenWithPluginHosts) {

@@ -2,7 +2,12 @@
 // plugin instance in its own host process (the default) and once in-process; then what
 // isolation adds: crashes, hangs and memory limits contained, restarts and quarantine.
 #include <gtest/gtest.h>
+#include <pwd.h>
 #include <sys/stat.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <thread>
 
 #include "cortex/experts.h"
 #include "testutil.h"
@@ -124,6 +129,50 @@ TEST_P(RegistryTest, RefusesGroupOrWorldWritableFilesAndFolders) {
   reg->Rescan();
   EXPECT_FALSE(reg->Find("echo")) << "a world-writable folder disables everything in it";
   EXPECT_NE(LastRefusal().find("writable by others"), std::string::npos) << LastRefusal();
+}
+
+// Found by an attack: the path was checked, then opened again to be copied, so a symlink
+// flipped in between loaded another user's library (its constructors ran as cortexd's
+// user). Now the file is opened once, and what was opened is judged and copied.
+TEST_P(RegistryTest, ASymlinkFlippedBetweenCheckAndCopyNeverLoadsAnotherUsersFile) {
+  if (geteuid() != 0) GTEST_SKIP() << "needs root to make a file owned by 'nobody'";
+  struct passwd* nobody = getpwnam("nobody");
+  if (!nobody) GTEST_SKIP() << "no user 'nobody' here";
+  const std::string mine = dir_ / "mine.so", theirs = dir_ / "theirs.so";
+  fs::copy_file(test::TestPluginDir() + "/echo.so", mine);
+  fs::copy_file(test::TestPluginDir() + "/echo_v2.so", theirs);  // says version 2.0.0
+  fs::permissions(mine, fs::perms(0755), fs::perm_options::replace);
+  fs::permissions(theirs, fs::perms(0755), fs::perm_options::replace);
+  ASSERT_EQ(chown(theirs.c_str(), nobody->pw_uid, nobody->pw_gid), 0);
+  const std::string link = plugins_ + "/echo.so", tmp = dir_ / "flip";
+  ASSERT_EQ(symlink(mine.c_str(), link.c_str()), 0);
+  std::atomic<bool> stop{false};
+  std::thread flipper([&] {
+    for (bool m = false; !stop.load(); m = !m) {
+      ::unlink(tmp.c_str());
+      if (::symlink((m ? mine : theirs).c_str(), tmp.c_str()) == 0)
+        (void)::rename(tmp.c_str(), link.c_str());
+    }
+  });
+  auto reg = Make();
+  int loads = 0;
+  for (int i = 0; i < 300 && !HasFailure(); ++i) {
+    reg->Rescan();
+    if (auto e = reg->Find("echo")) {
+      EXPECT_EQ(e->manifest().version, "1.0.0") << "another user's plugin was loaded";
+      ++loads;
+    }
+  }
+  stop = true;
+  flipper.join();
+  EXPECT_GT(loads, 0) << "our own file, behind the same link, still loads";
+  // A refusal names the link and the file it led to.
+  bool named = false;
+  for (const auto& e : events_)
+    named |= e.event == "refused" && e.detail.find(link + " (a symlink to " + theirs + ")") !=
+                                         std::string::npos &&
+             e.detail.find("owned by uid " + std::to_string(nobody->pw_uid)) != std::string::npos;
+  EXPECT_TRUE(named) << "no refusal named both the link and its target";
 }
 
 TEST_P(RegistryTest, ReplaceAndRemoveTakeEffectOnRescan) {

@@ -6,10 +6,14 @@
 //   oom   ("please eat memory") allocates (and touches) up to `memory_mb` MiB
 //   slow  ("please be slow")    sleeps `delay_ms`, then succeeds; with `started_file`
 //                               set, creates that file first (tests wait for it)
+//   fork  ("please fork then segfault")  forks a child that sleeps for 5 minutes (its
+//                               pid written to `started_file`), then segfaults
 //   ok                          succeeds at once
 // `rate` (0..1) is the share of tasks that misbehave (by a hash of the task id); the
 // rest succeed. Built with -DMISBEHAVE_ON_LOAD, its entry point itself segfaults.
 #include <chrono>
+#include <unistd.h>
+
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
@@ -67,6 +71,8 @@ class Misbehave {
     std::string mode = "ok";
     if (text.find("please segfault") != std::string::npos)
       mode = "crash";
+    else if (text.find("please fork then segfault") != std::string::npos)
+      mode = "fork";
     else if (text.find("please abort") != std::string::npos)
       mode = "abort";
     else if (text.find("please hang hard") != std::string::npos)
@@ -77,6 +83,20 @@ class Misbehave {
       mode = "slow";
     else if ((std::hash<std::string>{}(task.id) % 1000) < rate_ * 1000)
       mode = mode_;
+    if (mode == "fork") {
+      pid_t child = fork();
+      if (child == 0) {
+        setpgid(0, 0);  // a group of its own, as a program that manages jobs would do
+        sleep(300);
+        _exit(0);
+      }
+      if (!started_file_.empty())
+        if (FILE* f = std::fopen(started_file_.c_str(), "w")) {
+          std::fprintf(f, "%d\n", static_cast<int>(child));
+          std::fclose(f);
+        }
+      Segfault();
+    }
     if (mode == "crash") Segfault();
     if (mode == "abort") std::abort();
     if (mode == "hang")

@@ -4,6 +4,7 @@
 
 #include <yaml-cpp/yaml.h>
 
+#include <cctype>
 #include <cmath>
 #include <fstream>
 #include <set>
@@ -24,6 +25,7 @@ plugins:
   memory_limit: 1GiB      # per host
   quarantine_after: 5     # consecutive crashes
   restart_backoff: 250ms  # doubling per consecutive crash, at most 30s
+  env: [PATH, HOME, USER, LOGNAME, LANG, LC_ALL, TZ, TMPDIR]  # all a plugin sees of ours
 router:
   backend: auto
   exploration: 0.05
@@ -179,7 +181,7 @@ Status ParseDaemon(const Parser& p, const YAML::Node& n, DaemonConfig* c) {
   CORTEX_RETURN_IF_ERROR(
       p.CheckKeys(n, "daemon",
                   {"socket", "workers", "max_connections", "max_request_bytes", "max_text_bytes",
-                   "max_tags", "shutdown_grace", "allow_group"}));
+                   "max_tags", "shutdown_grace", "allow_group", "idle_timeout"}));
   if (n["allow_group"]) {
     CORTEX_RETURN_IF_ERROR(p.Str(n["allow_group"], "daemon.allow_group", &c->allow_group));
     if (!getgrnam(c->allow_group.c_str()))
@@ -209,6 +211,8 @@ Status ParseDaemon(const Parser& p, const YAML::Node& n, DaemonConfig* c) {
     CORTEX_RETURN_IF_ERROR(p.Int(n["max_tags"], "daemon.max_tags", 0, 1024, &v));
     c->max_tags = static_cast<int>(v);
   }
+  if (n["idle_timeout"])
+    CORTEX_RETURN_IF_ERROR(p.Duration(n["idle_timeout"], "daemon.idle_timeout", &c->idle_timeout_s));
   if (n["shutdown_grace"])
     CORTEX_RETURN_IF_ERROR(
         p.Duration(n["shutdown_grace"], "daemon.shutdown_grace", &c->shutdown_grace_s));
@@ -340,7 +344,7 @@ Result<Config> Parse(const YAML::Node& root, const std::string& source) {
   if (const YAML::Node& s = root["plugins"]) {
     CORTEX_RETURN_IF_ERROR(p.CheckKeys(s, "plugins",
                                        {"dir", "watch", "bundled", "isolation", "memory_limit",
-                                        "quarantine_after", "restart_backoff"}));
+                                        "quarantine_after", "restart_backoff", "env"}));
     if (s["dir"]) CORTEX_RETURN_IF_ERROR(p.Str(s["dir"], "plugins.dir", &c.plugins.dir));
     if (s["watch"]) CORTEX_RETURN_IF_ERROR(p.Bool(s["watch"], "plugins.watch", &c.plugins.watch));
     if (s["bundled"])
@@ -368,6 +372,17 @@ Result<Config> Parse(const YAML::Node& root, const std::string& source) {
                                         &c.plugins.restart_backoff_s));
       if (c.plugins.restart_backoff_s > 30)
         return p.Error(s["restart_backoff"], "plugins.restart_backoff", "must be at most 30s");
+    }
+    if (s["env"]) {
+      CORTEX_RETURN_IF_ERROR(p.StrList(s["env"], "plugins.env", &c.plugins.env));
+      for (size_t i = 0; i < c.plugins.env.size(); ++i) {
+        const std::string& n = c.plugins.env[i];
+        if (n.empty() || std::isdigit(static_cast<unsigned char>(n[0])) ||
+            n.find_first_not_of("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_") !=
+                std::string::npos)
+          return p.Error(s["env"][i], "plugins.env[" + std::to_string(i) + "]",
+                         "'" + n + "' is not an environment variable name");
+      }
     }
   }
   if (root["router"]) CORTEX_RETURN_IF_ERROR(ParseRouter(p, root["router"], &c.router));

@@ -1,11 +1,13 @@
 #include "cortex/env.h"
 
 #include <dirent.h>
+#include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
 #include <chrono>
+#include <cstdio>
 #include <cstring>
 #include <fstream>
 #include <sstream>
@@ -78,6 +80,76 @@ class PosixEnv : public Env {
     return Status::OK();
   }
   uint32_t CurrentUid() override { return ::geteuid(); }
+
+  Status MakePrivateDir(const std::string& path, bool tighten) override {
+    if (path.empty()) return Status::InvalidArgument("empty directory path");
+    const size_t slash = path.find_last_of('/');
+    if (slash != std::string::npos && slash > 0)
+      CORTEX_RETURN_IF_ERROR(CreateDirs(path.substr(0, slash), 0700));
+    if (::mkdir(path.c_str(), 0700) != 0 && errno != EEXIST) return ErrnoStatus(path, errno);
+    // Whether we just made it or it was there, judge what is there now, through a
+    // descriptor: a symlink or a folder swapped in between cannot be judged by path.
+    int fd = ::open(path.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0) {
+      if (errno == ELOOP || errno == ENOTDIR) {
+        struct stat ls {};
+        const bool link = ::lstat(path.c_str(), &ls) == 0 && S_ISLNK(ls.st_mode);
+        return Status::FailedPrecondition(
+            path + (link ? " is a symbolic link" : " is not a directory") +
+            "; refusing to use it as a private folder (someone may be trying to redirect "
+            "cortexd's files): remove it, or choose another location");
+      }
+      return ErrnoStatus(path, errno);
+    }
+    struct stat st {};
+    Status result;
+    if (::fstat(fd, &st) != 0) {
+      result = ErrnoStatus(path, errno);
+    } else if (st.st_uid != ::geteuid()) {
+      result = Status::FailedPrecondition(
+          path + " belongs to uid " + std::to_string(st.st_uid) + ", not to you (uid " +
+          std::to_string(::geteuid()) +
+          "): another user may have made it to take over cortexd's files; refusing to use "
+          "it. Remove it (it is not yours: ask its owner or root), or choose another location");
+    } else if (st.st_mode & 022) {
+      char mode[8];
+      std::snprintf(mode, sizeof mode, "%04o", st.st_mode & 07777);
+      result = Status::FailedPrecondition(
+          path + " is writable by " + ((st.st_mode & 002) ? "others" : "its group") + " (mode " +
+          mode +
+          "): others may have put files in it; refusing to use it. Remove it and let cortexd "
+          "make it again, or check its contents and chmod 700 it");
+    } else if (tighten && (st.st_mode & 077) && ::fchmod(fd, 0700) != 0) {
+      result = ErrnoStatus("cannot make " + path + " private (0700)", errno);
+    }
+    ::close(fd);
+    return result;
+  }
+
+  Status MakePrivateFile(const std::string& path) override {
+    int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0600);
+    if (fd < 0) {
+      if (errno == ELOOP)
+        return Status::FailedPrecondition(path +
+                                          " is a symbolic link; refusing to write through it: "
+                                          "remove it, or choose another location");
+      return ErrnoStatus(path, errno);
+    }
+    struct stat st {};
+    Status result;
+    if (::fstat(fd, &st) != 0)
+      result = ErrnoStatus(path, errno);
+    else if (!S_ISREG(st.st_mode))
+      result = Status::FailedPrecondition(path + " is not a regular file");
+    else if (st.st_uid != ::geteuid())
+      result = Status::FailedPrecondition(path + " belongs to uid " + std::to_string(st.st_uid) +
+                                          ", not to you (uid " + std::to_string(::geteuid()) +
+                                          "); refusing to use it");
+    else if ((st.st_mode & 077) && ::fchmod(fd, 0600) != 0)
+      result = ErrnoStatus("cannot make " + path + " private (0600)", errno);
+    ::close(fd);
+    return result;
+  }
 };
 
 }  // namespace

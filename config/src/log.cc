@@ -1,6 +1,9 @@
 #include "cortex/log.h"
 
+#include <fcntl.h>
 #include <sys/time.h>
+#include <unistd.h>
+
 #include <atomic>
 #include <cstdio>
 #include <ctime>
@@ -30,8 +33,14 @@ void SetLogLevel(LogLevel level) { g_level = static_cast<int>(level); }
 bool LogEnabled(LogLevel level) { return static_cast<int>(level) >= g_level.load(); }
 
 bool SetLogFile(const std::string& path) {
-  FILE* f = std::fopen(path.c_str(), "ae");
-  if (!f) return false;
+  // Never through a symlink: the log may sit in a folder others can reach.
+  int fd = ::open(path.c_str(), O_WRONLY | O_APPEND | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0600);
+  if (fd < 0) return false;
+  FILE* f = ::fdopen(fd, "a");
+  if (!f) {
+    ::close(fd);
+    return false;
+  }
   std::lock_guard<std::mutex> lock(g_mu);
   if (g_out) std::fclose(g_out);
   g_out = f;

@@ -96,12 +96,17 @@ class DaemonImpl : public Daemon, public RequestHandler {
 
   Status Start() override {
     start_mono_ = env_->MonotonicMicros();
+    // The socket folder also holds the plugin cache: it is made (or checked) private
+    // before anything is put in it, so no other user can plant or swap a file there.
+    CORTEX_RETURN_IF_ERROR(
+        env_->MakePrivateDir(fs::path(config_.daemon.socket).parent_path().string(), true)
+            .WithContext("daemon.socket"));
     CORTEX_RETURN_IF_ERROR(PrepareStore());
     CORTEX_RETURN_IF_ERROR(PrepareRouting());
     CORTEX_RETURN_IF_ERROR(Recover());
     server_ = std::make_unique<Server>(
         this, ServerLimits{config_.daemon.max_connections, config_.daemon.max_request_bytes,
-                           config_.daemon.allow_group});
+                           config_.daemon.allow_group, config_.daemon.idle_timeout_s});
     CORTEX_RETURN_IF_ERROR(server_->Listen(config_.daemon.socket));
     SetupInotify();
     dispatcher_ = std::thread([this] { DispatchLoop(); });
@@ -274,6 +279,8 @@ class DaemonImpl : public Daemon, public RequestHandler {
     std::vector<std::string> restart;
     if (c.daemon.socket != config_.daemon.socket) restart.push_back("daemon.socket");
     if (c.daemon.workers != config_.daemon.workers) restart.push_back("daemon.workers");
+    if (c.daemon.idle_timeout_s != config_.daemon.idle_timeout_s)
+      restart.push_back("daemon.idle_timeout");
     if (c.store.path != config_.store.path) restart.push_back("store.path");
     if (c.router.backend != config_.router.backend) restart.push_back("router.backend");
     if (c.plugins.dir != config_.plugins.dir) restart.push_back("plugins.dir");
@@ -284,6 +291,7 @@ class DaemonImpl : public Daemon, public RequestHandler {
       restart.push_back("plugins.quarantine_after");
     if (c.plugins.restart_backoff_s != config_.plugins.restart_backoff_s)
       restart.push_back("plugins.restart_backoff");
+    if (c.plugins.env != config_.plugins.env) restart.push_back("plugins.env");
     for (const auto& k : restart) LogWarn("reload: {} changed; it takes effect after a restart", k);
     {
       std::lock_guard<std::mutex> l(router_mu_);
@@ -313,10 +321,21 @@ class DaemonImpl : public Daemon, public RequestHandler {
     const std::string& path = config_.store.path;
     if (path != ":memory:") {
       std::string dir = fs::path(path).parent_path().string();
-      if (!dir.empty()) CORTEX_RETURN_IF_ERROR(env_->CreateDirs(dir, 0700));
+      // The folder is checked, not tightened: it may be one the user chose (a home).
+      if (!dir.empty())
+        CORTEX_RETURN_IF_ERROR(env_->MakePrivateDir(dir, false).WithContext("store.path"));
+      // Store files are 0600 and never symlinks (SQLite gives its -wal and -shm files the
+      // database file's mode).
+      CORTEX_RETURN_IF_ERROR(env_->MakePrivateFile(path).WithContext("store.path"));
+      for (const char* side : {"-wal", "-shm"}) {
+        FileInfo fi;
+        if (env_->Stat(path + side, &fi).ok() && fi.exists)
+          CORTEX_RETURN_IF_ERROR(env_->MakePrivateFile(path + side).WithContext("store.path"));
+      }
       // One daemon per store: a second one would interleave recovery with live work.
       std::string lock = path + ".lock";
-      lock_fd_ = open(lock.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+      CORTEX_RETURN_IF_ERROR(env_->MakePrivateFile(lock).WithContext("store.path"));
+      lock_fd_ = open(lock.c_str(), O_RDWR | O_NOFOLLOW | O_CLOEXEC);
       if (lock_fd_ < 0) return Status::IOError("cannot open " + lock + ": " + strerror(errno));
       // A predecessor that was just killed can hold the lock a moment longer (its exit is
       // not instant under load), so wait briefly before refusing; a live daemon keeps it.
@@ -380,6 +399,7 @@ class DaemonImpl : public Daemon, public RequestHandler {
     RemoveStalePluginCaches(fs::path(config_.daemon.socket).parent_path());
     ro.cache_dir = fs::path(config_.daemon.socket).parent_path().string() + "/plugin-cache." +
                    std::to_string(getpid());
+    CORTEX_RETURN_IF_ERROR(env_->MakePrivateDir(ro.cache_dir, true).WithContext("plugin cache"));
     ro.env = env_;
     ro.in_process = config_.plugins.isolation == "in-process";
     ro.host_exe = options_.plugin_host.empty() ? BundledPluginHost() : options_.plugin_host;
@@ -389,6 +409,7 @@ class DaemonImpl : public Daemon, public RequestHandler {
           BesideExe("cortex-plugin-host").string() +
           "); reinstall Cortex, or set plugins.isolation: in-process to run trusted plugins "
           "inside cortexd");
+    ro.host_env = config_.plugins.env;
     ro.supervision.quarantine_after = config_.plugins.quarantine_after;
     ro.supervision.backoff_s = config_.plugins.restart_backoff_s;
     ro.supervision.memory_limit = config_.plugins.memory_limit;

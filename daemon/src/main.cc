@@ -119,10 +119,10 @@ int main(int argc, char** argv) {
       return 1;
     }
     std::string lf = log_file.empty() ? cortex::DataDir() + "/cortexd.log" : log_file;
-    (void)cortex::Env::Default()->CreateDirs(cortex::DataDir(), 0700);
+    (void)cortex::Env::Default()->MakePrivateDir(cortex::DataDir(), true);
     cortex::SetLogFile(lf);
     // stderr too, so what plugin hosts (and anything else) print lands in the log.
-    int fd = open(lf.c_str(), O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0600);
+    int fd = open(lf.c_str(), O_WRONLY | O_APPEND | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0600);
     if (fd >= 0) {
       dup2(fd, 2);
       close(fd);

@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <grp.h>
+#include <poll.h>
 #include <pwd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -11,8 +12,11 @@
 #include <cmath>
 #include <cstring>
 #include <filesystem>
+#include <set>
 #include <thread>
+#include <utility>
 
+#include "cortex/env.h"
 #include "cortex/log.h"
 #include "cortex/wire.h"
 
@@ -22,6 +26,10 @@ namespace fs = std::filesystem;
 using json = nlohmann::json;
 
 namespace {
+
+int64_t NowUs() { return Env::Default()->MonotonicMicros(); }
+// A connection must be silent at least this long before a new one may take its place.
+constexpr double kEvictAfterSeconds = 1.0;
 
 bool WriteAll(int fd, const std::string& s) {
   size_t off = 0;
@@ -132,17 +140,7 @@ Status Server::Listen(const std::string& path) {
                                    "): " + path);
   std::string dir = fs::path(path).parent_path().string();
   if (dir.empty()) dir = ".";
-  std::error_code ec;
-  fs::create_directories(dir, ec);
-  struct stat st {};
-  if (stat(dir.c_str(), &st) != 0)
-    return Status::IOError("cannot create " + dir + ": " + strerror(errno));
-  if (st.st_uid != geteuid())
-    return Status::FailedPrecondition("socket folder " + dir + " belongs to another user (uid " +
-                                      std::to_string(st.st_uid) +
-                                      "); choose daemon.socket elsewhere");
-  if ((st.st_mode & 077) != 0 && chmod(dir.c_str(), 0700) != 0)
-    return Status::IOError("cannot make " + dir + " private (0700): " + strerror(errno));
+  CORTEX_RETURN_IF_ERROR(Env::Default()->MakePrivateDir(dir, true).WithContext("daemon.socket"));
 
   // A live daemon answers on the socket; a stale file from a crash is removed.
   std::strncpy(addr.sun_path, path.c_str(), sizeof(addr.sun_path) - 1);
@@ -210,7 +208,7 @@ void Server::AcceptOne() {
     return;
   }
   std::unique_lock<std::mutex> l(mu_);
-  if (active_ >= limits_.max_connections) {
+  if (active_ >= limits_.max_connections && !EvictIdleLocked()) {
     l.unlock();
     WriteAll(fd,
              wire::Error(Status::ResourceExhausted("too many connections (" +
@@ -222,7 +220,7 @@ void Server::AcceptOne() {
     return;
   }
   ++active_;
-  conns_.insert(fd);
+  conns_[fd] = Conn{NowUs(), false, false};
   l.unlock();
   try {
     std::thread([this, fd] { Serve(fd); }).detach();
@@ -244,7 +242,7 @@ void Server::StopAccepting() {
 
 void Server::CloseConnections() {
   std::unique_lock<std::mutex> l(mu_);
-  for (int fd : conns_) shutdown(fd, SHUT_RDWR);
+  for (const auto& [fd, c] : conns_) shutdown(fd, SHUT_RDWR);
   cv_.wait_for(l, std::chrono::seconds(5), [&] { return active_ == 0; });
 }
 
@@ -254,15 +252,64 @@ Status Server::TooLarge() const {
                                    " bytes (daemon.max_request_bytes)");
 }
 
+bool Server::EvictIdleLocked() {
+  const int64_t now = NowUs(), min_idle = static_cast<int64_t>(kEvictAfterSeconds * 1e6);
+  auto oldest = conns_.end();
+  for (auto it = conns_.begin(); it != conns_.end(); ++it) {
+    const Conn& c = it->second;
+    if (c.busy || c.evicted || now - c.last_active_us < min_idle) continue;
+    if (oldest == conns_.end() || c.last_active_us < oldest->second.last_active_us) oldest = it;
+  }
+  if (oldest == conns_.end()) return false;
+  // Its thread sees the end and leaves; the new connection is served meanwhile.
+  oldest->second.evicted = true;
+  LogInfo("connection limit ({}) reached: closing a connection silent for {:.1f}s",
+          limits_.max_connections, (now - oldest->second.last_active_us) / 1e6);
+  shutdown(oldest->first, SHUT_RDWR);
+  return true;
+}
+
 void Server::Serve(int fd) {
   std::string buf;
   bool discarding = false;  // inside an oversized line: skip to its end
   char chunk[65536];
   auto write_line = [fd](const std::string& s) { return WriteAll(fd, s + "\n"); };
+  auto mark = [&](bool busy) {
+    std::lock_guard<std::mutex> l(mu_);
+    Conn& c = conns_[fd];
+    c.busy = busy;
+    c.last_active_us = NowUs();
+  };
+  // Answers one complete request line; false once the peer is gone.
+  auto serve_line = [&](std::string line) {
+    if (line.size() > limits_.max_request_bytes) return write_line(wire::Line(wire::Error(TooLarge())));
+    if (!line.empty() && line.back() == '\r') line.pop_back();
+    if (line.find_first_not_of(" \t") == std::string::npos) return true;
+    mark(true);
+    bool alive = write_line(wire::Line(HandleLine(line, write_line)));
+    mark(false);
+    return alive;
+  };
+  const int idle_ms = static_cast<int>(std::min(limits_.idle_timeout_s * 1000, 2e9));
   for (;;) {
+    struct pollfd p = {fd, POLLIN, 0};
+    int r = poll(&p, 1, idle_ms > 0 ? idle_ms : -1);
+    if (r < 0 && errno == EINTR) continue;
+    if (r == 0) {  // silent too long: its slot is worth more to someone else
+      write_line(wire::Line(wire::Error(Status::Timeout(fmt::format(
+          "closing the connection: no complete request within {:g}s (daemon.idle_timeout)",
+          limits_.idle_timeout_s)))));
+      break;
+    }
     ssize_t n = recv(fd, chunk, sizeof chunk, 0);
     if (n < 0 && errno == EINTR) continue;
+    if (n == 0 && !discarding && !buf.empty()) {
+      // A last request without its newline before the peer closed its side: answer it.
+      serve_line(std::exchange(buf, std::string()));
+      break;
+    }
     if (n <= 0) break;
+    mark(false);
     buf.append(chunk, static_cast<size_t>(n));
     size_t pos;
     bool alive = true;
@@ -273,13 +320,7 @@ void Server::Serve(int fd) {
         discarding = false;
         continue;
       }
-      if (line.size() > limits_.max_request_bytes) {
-        alive = write_line(wire::Line(wire::Error(TooLarge())));
-        continue;
-      }
-      if (!line.empty() && line.back() == '\r') line.pop_back();
-      if (line.find_first_not_of(" \t") == std::string::npos) continue;
-      alive = write_line(wire::Line(HandleLine(line, write_line)));
+      alive = serve_line(std::move(line));
     }
     if (!alive) break;
     if (!discarding && buf.size() > limits_.max_request_bytes) {
@@ -304,8 +345,22 @@ json Server::HandleLine(const std::string& line,
         fmt::format("request is not valid UTF-8 (byte 0x{:02x} at offset {}); text must be UTF-8",
                     static_cast<unsigned char>(line[bad]), bad)));
   json req;
+  // Keys seen per open object: a repeated key is refused, not silently overwritten.
+  std::vector<std::set<std::string>> keys;
+  std::string duplicate;
+  auto check_keys = [&](int, json::parse_event_t ev, json& parsed) {
+    if (ev == json::parse_event_t::object_start) {
+      keys.emplace_back();
+    } else if (ev == json::parse_event_t::object_end) {
+      if (!keys.empty()) keys.pop_back();
+    } else if (ev == json::parse_event_t::key && !keys.empty() && duplicate.empty() &&
+               !keys.back().insert(parsed.get<std::string>()).second) {
+      duplicate = parsed.get<std::string>();
+    }
+    return true;
+  };
   try {
-    req = json::parse(line);
+    req = json::parse(line, check_keys);
   } catch (const json::parse_error& e) {
     std::string what = e.what();  // "[json.exception.parse_error.101] parse error at ...: why"
     size_t colon = what.find(": ");
@@ -318,6 +373,9 @@ json Server::HandleLine(const std::string& line,
     return wire::Error(
         Bad("malformed JSON: " + (close == std::string::npos ? what : what.substr(close + 2))));
   }
+  if (!duplicate.empty())
+    return wire::Error(Bad("duplicate key '" + duplicate.substr(0, 64) +
+                           "' in the request: each field may appear once"));
   if (!req.is_object()) return wire::Error(Bad("a request must be a JSON object with an \"op\""));
   if (!req.contains("op") || !req["op"].is_string())
     return wire::Error(

@@ -6,7 +6,7 @@
 #include <condition_variable>
 #include <mutex>
 #include <nlohmann/json.hpp>
-#include <set>
+#include <map>
 #include <string>
 
 #include "cortex/config.h"
@@ -40,7 +40,8 @@ class RequestHandler {
 struct ServerLimits {
   int max_connections = 64;
   size_t max_request_bytes = 1 << 20;
-  std::string allow_group;  // empty: only the daemon's own user (and root)
+  std::string allow_group;    // empty: only the daemon's own user (and root)
+  double idle_timeout_s = 30;  // a connection silent this long (not while served) is closed
 };
 
 class Server {
@@ -70,9 +71,18 @@ class Server {
   ServerLimits limits_;
   std::string path_;
   int listen_fd_ = -1;
+  // Evicts the connection silent longest (at least kEvictAfterSeconds, and not being
+  // served) to make room for a new one; false if there is none. Holds mu_.
+  bool EvictIdleLocked();
+
+  struct Conn {
+    int64_t last_active_us = 0;  // monotonic: the last byte read or answer written
+    bool busy = false;           // a request is being served (submit --wait is not idle)
+    bool evicted = false;
+  };
   std::mutex mu_;
   std::condition_variable cv_;
-  std::set<int> conns_;
+  std::map<int, Conn> conns_;
   int active_ = 0;
 };
 

@@ -20,6 +20,7 @@ struct DaemonConfig {
   size_t max_text_bytes = 16 << 10;
   int max_tags = 32;
   double shutdown_grace_s = 10;
+  double idle_timeout_s = 30;  // a connection silent this long is closed (0: never)
   // Besides the daemon's own user (and root), members of this group may use the socket.
   std::string allow_group;
 };
@@ -38,6 +39,9 @@ struct PluginsConfig {
   size_t memory_limit = 1ull << 30;  // per plugin host (RLIMIT_DATA); 0: none
   int quarantine_after = 5;          // consecutive crashes
   double restart_backoff_s = 0.25;   // doubles with each consecutive crash, up to 30s
+  // The only variables of cortexd's environment a plugin host (and so a plugin) sees.
+  std::vector<std::string> env = {"PATH", "HOME",   "USER",  "LOGNAME",
+                                  "LANG", "LC_ALL", "TZ",    "TMPDIR"};
 };
 
 struct RouterConfig {

@@ -34,6 +34,15 @@ class Env {
   virtual Status ReadFile(const std::string& path, std::string* out) = 0;
   // Creates the directory (and parents) with `mode`; an existing one is left as is.
   virtual Status CreateDirs(const std::string& path, uint32_t mode) = 0;
+  // A folder only this user may change (socket, plugin cache, store): created 0700
+  // (parents as needed), or, if it exists, checked through a descriptor opened without
+  // following a symlink: it must be a real directory owned by this user and not writable
+  // by anyone else; with `tighten`, one readable by others is made 0700. Anything else
+  // is refused with what to do, before anything is put in it.
+  virtual Status MakePrivateDir(const std::string& path, bool tighten) = 0;
+  // Creates `path` as an empty 0600 file if it does not exist; an existing one must be a
+  // regular file (not a symlink) owned by this user, and is tightened to 0600.
+  virtual Status MakePrivateFile(const std::string& path) = 0;
   virtual uint32_t CurrentUid() = 0;
 };
 
@@ -49,6 +58,10 @@ class EnvWrapper : public Env {
   }
   Status ReadFile(const std::string& p, std::string* o) override { return target_->ReadFile(p, o); }
   Status CreateDirs(const std::string& p, uint32_t m) override { return target_->CreateDirs(p, m); }
+  Status MakePrivateDir(const std::string& p, bool t) override {
+    return target_->MakePrivateDir(p, t);
+  }
+  Status MakePrivateFile(const std::string& p) override { return target_->MakePrivateFile(p); }
   uint32_t CurrentUid() override { return target_->CurrentUid(); }
 
  private:

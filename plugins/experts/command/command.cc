@@ -4,6 +4,8 @@
 #include <cctype>
 #include <cmath>
 #include <cstdlib>
+#include <map>
+#include <string>
 
 #include "../common/expert_util.h"
 #include "cortex/plugin_sdk.hpp"
@@ -25,6 +27,8 @@ const cortex_manifest kManifest = {
     4,
     600000,
     CORTEX_MANIFEST_REQUIRES_CONFIG};
+
+constexpr size_t kMaxEnvText = 64 << 10;
 
 std::string EnvName(const std::string& key) {
   std::string out;
@@ -89,12 +93,24 @@ class CommandExpert {
     spec.cancelled = [&host] { return host.cancelled(host.ctx) != 0; };
     // A clean environment: nothing of the daemon's leaks into the program.
     const char* path = std::getenv("PATH");
+    const std::string text = task.text;
     spec.env = {std::string("PATH=") + (path ? path : "/usr/local/bin:/usr/bin:/bin"),
                 "LANG=C.UTF-8", std::string("CORTEX_TASK_ID=") + task.id,
-                std::string("CORTEX_TASK_TEXT=") + task.text};
+                "CORTEX_TASK_TEXT_BYTES=" + std::to_string(text.size())};
+    // The kernel refuses a single variable over 128 KiB ("Argument list too long"): a
+    // longer text reaches the program on stdin only.
+    if (text.size() <= kMaxEnvText) spec.env.push_back("CORTEX_TASK_TEXT=" + text);
     if (const char* home = std::getenv("HOME")) spec.env.push_back(std::string("HOME=") + home);
-    for (size_t i = 0; i < task.n_tags; ++i)
-      spec.env.push_back("CORTEX_TAG_" + EnvName(task.tags[i].key) + "=" + task.tags[i].value);
+    std::map<std::string, std::string> tag_vars;  // variable -> the tag that made it
+    for (size_t i = 0; i < task.n_tags; ++i) {
+      const std::string key = task.tags[i].key, var = "CORTEX_TAG_" + EnvName(key);
+      auto [it, fresh] = tag_vars.emplace(var, key);
+      if (!fresh)
+        return Fail(CORTEX_OUTCOME_REJECTED, "tags '" + it->second + "' and '" + key +
+                                                 "' would both be " + var +
+                                                 "; rename one of them");
+      spec.env.push_back(var + "=" + task.tags[i].value);
+    }
     spec.env.insert(spec.env.end(), extra_env_.begin(), extra_env_.end());
 
     ProcessResult r = cortex::experts::RunProcess(spec);

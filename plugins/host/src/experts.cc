@@ -4,8 +4,10 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <chrono>
 #include <cmath>
+#include <cstring>
 #include <filesystem>
 #include <set>
 #include <thread>
@@ -57,13 +59,53 @@ std::string Octal(uint32_t mode) {
   return buf;
 }
 
-// Copies src to dst with mode 0700 so the loader maps a file nobody else can change.
-Status CopyPrivate(const std::string& src, const std::string& dst) {
-  std::error_code ec;
-  fs::copy_file(src, dst, fs::copy_options::overwrite_existing, ec);
-  if (ec) return Status::IOError("cannot copy " + src + ": " + ec.message());
-  ::chmod(dst.c_str(), 0700);
+// Whether a plugin file or folder may be trusted: a directory or regular file (as
+// expected), owned by this user or root, not writable by group or others. `name` is what
+// the message calls it.
+Status JudgeOwnership(const std::string& name, bool want_dir, const FileInfo& fi, uint32_t me) {
+  if (want_dir ? !fi.is_dir : !fi.is_regular)
+    return Status::FailedPrecondition(name +
+                                      (want_dir ? " is not a directory" : " is not a regular file"));
+  if (fi.uid != me && fi.uid != 0)
+    return Status::FailedPrecondition("unsafe ownership: " + name + " is owned by uid " +
+                                      std::to_string(fi.uid) + ", not by you (uid " +
+                                      std::to_string(me) + ") or root");
+  if (fi.mode & 022)
+    return Status::FailedPrecondition("unsafe permissions: " + name + " is writable by " +
+                                      ((fi.mode & 002) ? "others" : "its group") + " (mode " +
+                                      Octal(fi.mode) + "); chmod go-w it");
   return Status::OK();
+}
+
+// Copies `fd` (already judged) to a new file `dst`, mode 0700, that nobody else can change.
+Status CopyFromFd(int fd, const std::string& src, const std::string& dst) {
+  int out = ::open(dst.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0700);
+  if (out < 0) return Status::IOError("cannot create " + dst + ": " + std::strerror(errno));
+  char buf[1 << 16];
+  Status st;
+  while (true) {
+    ssize_t n = ::read(fd, buf, sizeof buf);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) {
+      st = Status::IOError("cannot read " + src + ": " + std::strerror(errno));
+      break;
+    }
+    if (n == 0) break;
+    for (ssize_t off = 0; off < n;) {
+      ssize_t w = ::write(out, buf + off, static_cast<size_t>(n - off));
+      if (w < 0 && errno == EINTR) continue;
+      if (w < 0) {
+        st = Status::IOError("cannot write " + dst + ": " + std::strerror(errno));
+        break;
+      }
+      off += w;
+    }
+    if (!st.ok()) break;
+  }
+  if (::close(out) != 0 && st.ok())
+    st = Status::IOError("cannot write " + dst + ": " + std::strerror(errno));
+  if (!st.ok()) ::unlink(dst.c_str());
+  return st;
 }
 
 ExpertInfo InfoOf(const Expert& e, const std::string& state) {
@@ -466,30 +508,51 @@ Status ExpertRegistry::CheckSafe(const std::string& path, bool is_dir) {
   FileInfo fi;
   CORTEX_RETURN_IF_ERROR(options_.env->Stat(path, &fi));
   if (!fi.exists) return Status::NotFound(path + " does not exist");
-  if (is_dir ? !fi.is_dir : !fi.is_regular)
-    return Status::FailedPrecondition(path +
-                                      (is_dir ? " is not a directory" : " is not a regular file"));
-  uint32_t me = options_.env->CurrentUid();
-  if (fi.uid != me && fi.uid != 0)
-    return Status::FailedPrecondition("unsafe ownership: " + path + " is owned by uid " +
-                                      std::to_string(fi.uid) + ", not by you (uid " +
-                                      std::to_string(me) + ") or root");
-  if (fi.mode & 022)
-    return Status::FailedPrecondition("unsafe permissions: " + path + " is writable by " +
-                                      ((fi.mode & 002) ? "others" : "its group") + " (mode " +
-                                      Octal(fi.mode) + "); chmod go-w it");
-  return Status::OK();
+  return JudgeOwnership(path, is_dir, fi, options_.env->CurrentUid());
+}
+
+// The file is opened once; what was opened is judged and copied. Checking the path and
+// then opening it again would let a symlink flipped in between load another user's file.
+Status ExpertRegistry::CopyChecked(const std::string& path, const std::string& dst) {
+  // O_NONBLOCK: a FIFO planted under a .so name must not hang the open.
+  int fd = ::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC);
+  if (fd < 0) return Status::IOError("cannot open " + path + ": " + std::strerror(errno));
+  std::string name = path;
+  struct stat ls {};
+  if (::lstat(path.c_str(), &ls) == 0 && S_ISLNK(ls.st_mode)) {
+    char target[4096];
+    ssize_t n = ::readlink(("/proc/self/fd/" + std::to_string(fd)).c_str(), target, sizeof target);
+    if (n > 0) name += " (a symlink to " + std::string(target, static_cast<size_t>(n)) + ")";
+  }
+  struct stat st {};
+  Status result;
+  if (::fstat(fd, &st) != 0) {
+    result = Status::IOError("cannot stat " + name + ": " + std::strerror(errno));
+  } else {
+    FileInfo fi;
+    fi.exists = true;
+    fi.is_dir = S_ISDIR(st.st_mode);
+    fi.is_regular = S_ISREG(st.st_mode);
+    fi.uid = st.st_uid;
+    fi.mode = st.st_mode & 07777;
+    result = JudgeOwnership(name, false, fi, options_.env->CurrentUid());
+  }
+  if (result.ok()) {
+    ::fcntl(fd, F_SETFL, ::fcntl(fd, F_GETFL) & ~O_NONBLOCK);
+    result = CopyFromFd(fd, name, dst);
+  }
+  ::close(fd);
+  return result;
 }
 
 Status ExpertRegistry::LoadFile(const std::string& path, std::shared_ptr<PluginFile>* out) {
-  CORTEX_RETURN_IF_ERROR(CheckSafe(path, false));
   auto pf = std::make_shared<PluginFile>();
   pf->file = path;
   // Load a private copy: the original may be replaced or rewritten while we run it.
   static std::atomic<uint64_t> counter{0};
   std::string copy = options_.cache_dir + "/" + fs::path(path).filename().string() + "." +
                      std::to_string(::getpid()) + "." + std::to_string(++counter);
-  CORTEX_RETURN_IF_ERROR(CopyPrivate(path, copy));
+  CORTEX_RETURN_IF_ERROR(CopyChecked(path, copy));
   if (options_.in_process) {
     Status st = PluginLibrary::Open(copy, path, &pf->lib);
     ::unlink(copy.c_str());  // the mapping stays valid; nothing to clean up later
@@ -501,6 +564,7 @@ Status ExpertRegistry::LoadFile(const std::string& path, std::shared_ptr<PluginF
     pf->host.library = copy;
     pf->host.display = path;
     pf->host.memory_limit = options_.supervision.memory_limit;
+    pf->host.env_names = options_.host_env;
     // A host of its own reads the manifest, so a plugin that crashes while loading
     // is refused without touching cortexd.
     std::shared_ptr<HostProcess> probe;

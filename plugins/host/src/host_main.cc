@@ -21,6 +21,7 @@
 
 #include "host_protocol.h"
 #include "plugin_library.h"
+#include "process_tree.h"
 
 #if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
 #define CORTEX_SANITIZED 1
@@ -51,9 +52,16 @@ std::mutex g_write_mu;
 char g_oom_frame[64];
 size_t g_oom_len = 0;
 
+// Every way out but running out of memory: first end everything the plugin started (it
+// all shares this host's session), so nothing outlives the host or cortexd.
+[[noreturn]] void Leave(int code) {
+  KillSession(getpid(), getpid());
+  _exit(code);
+}
+
 void Send(const json& j) {
   std::lock_guard<std::mutex> l(g_write_mu);
-  if (!hostproto::WriteFrame(kFd, j).ok()) _exit(0);  // cortexd is gone
+  if (!hostproto::WriteFrame(kFd, j).ok()) Leave(0);  // cortexd is gone
 }
 
 // Runs when an allocation fails under the memory limit: tell cortexd why, then go.
@@ -111,9 +119,9 @@ int Serve(const std::string& library, const std::string& display, size_t memory_
   while (true) {
     ssize_t n = ::read(kFd, buf, sizeof buf);
     if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) _exit(0);  // cortexd closed its end or died: nothing left to serve
+    if (n <= 0) Leave(0);  // cortexd closed its end or died: nothing left to serve
     std::vector<json> frames;
-    if (!reader.Feed(buf, static_cast<size_t>(n), &frames).ok()) _exit(2);
+    if (!reader.Feed(buf, static_cast<size_t>(n), &frames).ok()) Leave(2);
     for (const json& f : frames) {
       const std::string op = f["op"].get<std::string>();
       if (op == "create" && !instance) {
@@ -130,7 +138,7 @@ int Serve(const std::string& library, const std::string& display, size_t memory_
         const uint64_t id = f["id"].get<uint64_t>();
         Task task;
         int64_t deadline = 0;
-        if (!hostproto::TaskFromJson(f.value("task", json()), &task, &deadline).ok()) _exit(2);
+        if (!hostproto::TaskFromJson(f.value("task", json()), &task, &deadline).ok()) Leave(2);
         auto exec = std::make_shared<Execution>(task, deadline);
         {
           std::lock_guard<std::mutex> l(runs_mu);
@@ -160,9 +168,9 @@ int Serve(const std::string& library, const std::string& display, size_t memory_
         // destroy() only when nothing runs: calling it under a running execute() would
         // be the host's bug, not the plugin's.
         if (idle && instance) api->destroy(instance);
-        _exit(0);
+        Leave(0);
       } else {
-        _exit(2);  // cortexd never sends anything else: the stream is not ours
+        Leave(2);  // cortexd never sends anything else: the stream is not ours
       }
     }
   }

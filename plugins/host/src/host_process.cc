@@ -9,14 +9,17 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstring>
+#include <iterator>
 
 #include <fmt/format.h>
 
 #include "cortex/env.h"
 #include "cortex/log.h"
 #include "host_protocol.h"
+#include "process_tree.h"
 
 extern char** environ;
 
@@ -81,15 +84,32 @@ Status HostProcess::Start(const HostOptions& options, DeathFn on_death,
   for (int s : {SIGPIPE, SIGTERM, SIGINT, SIGHUP, SIGCHLD}) sigaddset(&defaults, s);
   posix_spawnattr_setsigmask(&attr, &none);  // cortexd blocks signals for its signalfd
   posix_spawnattr_setsigdefault(&attr, &defaults);
-  posix_spawnattr_setpgroup(&attr, 0);  // a terminal's ^C reaches cortexd, not its hosts
+  // A session of its own: a terminal's ^C reaches cortexd, not its hosts, and everything
+  // the plugin starts carries the host's session id, so it can all be ended together.
   posix_spawnattr_setflags(&attr,
-                           POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF | POSIX_SPAWN_SETPGROUP);
+                           POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF | POSIX_SPAWN_SETSID);
+  // A clean environment: only the allowed variables of cortexd's own (plugins.env), and
+  // the sanitizer runtimes' settings, which only a sanitized build reads.
+  std::vector<std::string> env;
+  for (char** e = environ; *e; ++e) {
+    const std::string kv = *e;
+    const std::string name = kv.substr(0, kv.find('='));
+    static const char* const kRuntime[] = {"ASAN_OPTIONS", "UBSAN_OPTIONS", "TSAN_OPTIONS",
+                                           "LSAN_OPTIONS"};
+    if (std::find(options.env_names.begin(), options.env_names.end(), name) !=
+            options.env_names.end() ||
+        std::find(std::begin(kRuntime), std::end(kRuntime), name) != std::end(kRuntime))
+      env.push_back(kv);
+  }
+  std::vector<char*> envp;
+  for (auto& kv : env) envp.push_back(kv.data());
+  envp.push_back(nullptr);
   std::string limit = std::to_string(options.memory_limit);
   const char* argv[] = {
       options.exe.c_str(),     "--library",      options.library.c_str(), "--display",
       options.display.c_str(), "--memory-limit", limit.c_str(),           nullptr};
   pid_t pid = -1;
-  int rc = posix_spawn(&pid, options.exe.c_str(), &fa, &attr, const_cast<char**>(argv), environ);
+  int rc = posix_spawn(&pid, options.exe.c_str(), &fa, &attr, const_cast<char**>(argv), envp.data());
   posix_spawn_file_actions_destroy(&fa);
   posix_spawnattr_destroy(&attr);
   close(child);
@@ -258,7 +278,6 @@ void HostProcess::ReadLoop() {
   hostproto::FrameReader reader;
   char buf[65536];
   int status = 0;
-  bool reaped = false;
   while (true) {
     struct pollfd p = {fd_, POLLIN, 0};
     int r = poll(&p, 1, 100);
@@ -285,13 +304,19 @@ void HostProcess::ReadLoop() {
       if (hung_) break;
     }
     // A host that died while a process it forked still holds the socket gives no EOF.
-    if (waitpid(pid_, &status, WNOHANG) == pid_) {
-      reaped = true;
-      break;
-    }
+    siginfo_t si{};
+    if (waitid(P_PID, pid_, &si, WEXITED | WNOHANG | WNOWAIT) == 0 && si.si_pid == pid_) break;
   }
   ::kill(pid_, SIGKILL);  // whatever the reason we stopped reading, the host goes now
-  if (!reaped) waitpid(pid_, &status, 0);
+  // Once it is a zombie (its pid, and so its session id, cannot be reused yet), end what
+  // it leaves behind: a crashed or killed host cannot do that itself. Then reap it.
+  siginfo_t si{};
+  while (waitid(P_PID, pid_, &si, WEXITED | WNOWAIT) != 0 && errno == EINTR) {
+  }
+  if (int n = KillSession(pid_, pid_))
+    LogInfo("plugin host {} ({}): ended {} process(es) it left behind", pid_, options_.display, n);
+  while (waitpid(pid_, &status, 0) < 0 && errno == EINTR) {
+  }
   std::string why;
   {
     std::lock_guard<std::mutex> l(mu_);

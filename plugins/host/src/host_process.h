@@ -27,6 +27,7 @@ struct HostOptions {
   std::string display;  // the user's file, for messages
   size_t memory_limit = 0;
   double start_timeout_s = 10;
+  std::vector<std::string> env_names;  // cortexd's variables the host may see
 };
 
 class HostProcess {

@@ -160,6 +160,7 @@ class ExpertRegistry {
     Env* env = Env::Default();
     bool in_process = false;  // trusted plugins only: a crash takes cortexd down
     std::string host_exe;     // cortex-plugin-host
+    std::vector<std::string> host_env;  // names of cortexd's variables hosts inherit
     Supervision supervision;
     std::function<void(const ExpertEvent&)> audit;  // every load, refusal and removal
   };
@@ -189,6 +190,7 @@ class ExpertRegistry {
                    const std::string& settings, const std::string& fingerprint,
                    std::shared_ptr<Expert>* out);
   Status CheckSafe(const std::string& path, bool is_dir);
+  Status CopyChecked(const std::string& path, const std::string& dst);
   Status BuildInstances(const std::vector<ExpertConfig>& instances, const std::string& source,
                         std::map<std::string, std::shared_ptr<Expert>>* out);
   void RebuildLocked(std::map<std::string, std::shared_ptr<Expert>>* prebuilt = nullptr);
