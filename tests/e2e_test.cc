@@ -446,6 +446,50 @@ TEST(E2E, ConnectionLimitIsAnsweredWithAClearError) {
   EXPECT_TRUE(test::Eventually([&] { return d.Ctl({"status"}).code == 0; }));
 }
 
+// Found by an attack: connections that send nothing filled daemon.max_connections and
+// locked everyone out for as long as they stayed. Now the longest-silent one makes room
+// for a new client, and a connection silent for daemon.idle_timeout is closed; a client
+// waiting on submit --wait is being served, not idle.
+TEST(E2E, SilentConnectionsCannotLockOthersOut) {
+  TempDir dir;
+  Daemon d(dir,
+           "experts:\n  - name: slow\n    plugin: command\n    run: [sleep, '2.5']\n"
+           "    keywords: [job]\n");
+  std::string cfg = test::ReadFile(d.config);
+  cfg.replace(cfg.find("shutdown_grace: 2s}"), 19,
+              "shutdown_grace: 2s, max_connections: 8, idle_timeout: 60s}");
+  test::WriteFile(d.config, cfg);
+  ASSERT_TRUE(d.Start()) << d.Log();
+  std::vector<std::unique_ptr<Client>> silent;
+  for (int i = 0; i < 8; ++i) {
+    silent.push_back(std::make_unique<Client>());
+    ASSERT_TRUE(silent.back()->Connect(d.socket).ok());
+  }
+  // Served long before the silent ones would expire (60 s).
+  EXPECT_TRUE(test::Eventually([&] { return d.Ctl({"status"}).code == 0; }, 30)) << d.Log();
+  EXPECT_NE(d.Log().find("closing a connection silent for"), std::string::npos) << d.Log();
+  EXPECT_EQ(d.Stop(), 0);
+
+  // A short idle timeout: a silent connection is told why and closed; a submit --wait
+  // that outlasts it is not cut off.
+  cfg.replace(cfg.find("idle_timeout: 60s"), 17, "idle_timeout: 1s");
+  test::WriteFile(d.config, cfg);
+  ASSERT_TRUE(d.Start()) << d.Log();
+  Client quiet;
+  ASSERT_TRUE(quiet.Connect(d.socket).ok());
+  ASSERT_TRUE(quiet.SendRaw("{\"op\": \"sta").ok());  // an unfinished request
+  std::string line;
+  ASSERT_TRUE(quiet.ReadLine(&line).ok());
+  json j = json::parse(line);
+  EXPECT_NE(j["error"]["message"].get<std::string>().find(
+                "no complete request within 1s (daemon.idle_timeout)"),
+            std::string::npos)
+      << j;
+  json w = d.CtlJson({"submit", "a slow job", "--wait"});
+  EXPECT_EQ(w["state"], "succeeded") << w;
+  EXPECT_EQ(d.Stop(), 0);
+}
+
 TEST(E2E, BadConfigRefusesToStartAndReloadKeepsTheOld) {
   TempDir dir;
   Daemon bad(dir, "router:\n  exploraton: 0.1\n", "");
@@ -693,6 +737,99 @@ TEST(E2E, DefaultSocketFolderMadeByAnotherUserIsRefused) {
             std::string::npos)
       << r.err;
   EXPECT_TRUE(empty) << "nothing was put in the other user's folder";
+}
+
+// Smaller holes an attack found, each closed: plugin hosts saw cortexd's whole
+// environment; a text over ~128 KiB could not reach a command expert; tags x.y and x_y
+// became the same variable; a repeated JSON key was silently taken; a last request
+// without its newline went unanswered; human output passed escape sequences through.
+TEST(E2E, SmallerHolesAreClosed) {
+  TempDir dir;
+  Daemon d(dir,
+           "experts:\n  - name: counter\n    plugin: command\n    keywords: [count]\n"
+           "    run: [/bin/sh, -c, 'printf \"stdin=%s env=%s \\\\033[31mred\\n\" $(wc -c) "
+           "\"${CORTEX_TASK_TEXT_BYTES}\"']\nrules:\n  - {name: c, match: [count], expert: "
+           "counter, force: true}\n");
+  std::string cfg = test::ReadFile(d.config);
+  cfg.replace(cfg.find("shutdown_grace: 2s}"), 19, "shutdown_grace: 2s, max_text_bytes: 300000}");
+  test::WriteFile(d.config, cfg);
+  setenv("SECRET_TOKEN", "hunter2", 1);
+  const bool started = d.Start();
+  unsetenv("SECRET_TOKEN");
+  ASSERT_TRUE(started) << d.Log();
+
+  // The host's environment holds what plugins.env allows, not cortexd's secrets.
+  int host = 0;
+  for (const auto& e : d.CtlJson({"experts"}))
+    if (e["name"] == "counter") host = e.value("host_pid", 0);
+  ASSERT_GT(host, 0);
+  std::string environ_ = test::ReadFile("/proc/" + std::to_string(host) + "/environ");
+  EXPECT_EQ(environ_.find("SECRET_TOKEN"), std::string::npos);
+  EXPECT_NE(environ_.find("PATH="), std::string::npos);
+
+  // 200,000 bytes of text: on stdin, its size in CORTEX_TASK_TEXT_BYTES.
+  Client c;
+  ASSERT_TRUE(c.Connect(d.socket).ok());
+  json resp;
+  ASSERT_TRUE(
+      c.Call({{"op", "submit"}, {"text", "count " + std::string(199994, 'x')}, {"wait", true}},
+             &resp)
+          .ok());
+  ASSERT_EQ(resp["result"]["state"], "succeeded") << resp.dump().substr(0, 2000);
+  EXPECT_NE(resp["result"]["attempts"][0]["outcome"]["output"].get<std::string>().find(
+                "stdin=200000 env=200000"),
+            std::string::npos)
+      << resp["result"]["attempts"][0]["outcome"];
+
+  // Two tags that would be one variable: the expert declines, saying which.
+  ASSERT_TRUE(c.Call({{"op", "submit"},
+                      {"text", "count tags"},
+                      {"tags", {{"x.y", "1"}, {"x_y", "2"}}},
+                      {"wait", true}},
+                     &resp)
+                  .ok());
+  EXPECT_EQ(resp["result"]["attempts"][0]["outcome"]["kind"], "rejected") << resp;
+  EXPECT_NE(resp["result"]["attempts"][0]["outcome"]["error"].get<std::string>().find(
+                "tags 'x.y' and 'x_y' would both be CORTEX_TAG_X_Y"),
+            std::string::npos)
+      << resp;
+
+  // A repeated key is refused.
+  ASSERT_TRUE(c.SendRaw("{\"op\": \"status\", \"op\": \"status\"}\n").ok());
+  std::string line;
+  ASSERT_TRUE(c.ReadLine(&line).ok());
+  EXPECT_NE(line.find("duplicate key 'op'"), std::string::npos) << line;
+
+  // The last request without a newline, then the client closes its side: answered.
+  int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  struct sockaddr_un a {};
+  a.sun_family = AF_UNIX;
+  std::snprintf(a.sun_path, sizeof a.sun_path, "%s", d.socket.c_str());
+  ASSERT_EQ(connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a), 0);
+  const char req[] = "{\"op\": \"status\"}";
+  ASSERT_EQ(send(fd, req, sizeof req - 1, MSG_NOSIGNAL), static_cast<ssize_t>(sizeof req - 1));
+  shutdown(fd, SHUT_WR);
+  std::string answer;
+  char buf[4096];
+  for (ssize_t n; (n = read(fd, buf, sizeof buf)) > 0;) answer.append(buf, static_cast<size_t>(n));
+  close(fd);
+  EXPECT_NE(answer.find("\"ok\":true"), std::string::npos) << answer;
+
+  // Escape sequences in task text and expert output reach the terminal escaped.
+  ASSERT_TRUE(c.Call({{"op", "submit"}, {"text", "count \x1b]0;owned\x07 \x1b[2J"}, {"wait", true}},
+                     &resp)
+                  .ok());
+  const std::string id = resp["result"]["id"];
+  for (const auto& args : std::vector<std::vector<std::string>>{
+           {"history"}, {"show", id}, {"submit", "count again \x1b[31m", "--wait"}}) {
+    test::Run r = d.Ctl(args);
+    EXPECT_EQ(r.out.find('\x1b'), std::string::npos) << args[0] << ": " << r.out;
+    EXPECT_EQ(r.out.find('\x07'), std::string::npos) << args[0] << ": " << r.out;
+    EXPECT_NE(r.out.find("\\x1b"), std::string::npos) << args[0] << ": " << r.out;
+  }
+  EXPECT_NE(d.CtlJson({"show", id})["text"].get<std::string>().find('\x1b'), std::string::npos)
+      << "--json keeps the exact text";
+  EXPECT_EQ(d.Stop(), 0);
 }
 
 // Whether `pid` has exited (a zombie nobody reaped counts: it runs no code).

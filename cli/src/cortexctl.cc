@@ -22,8 +22,34 @@ struct Ctx {
   bool json_out = false;
 };
 
-std::string Str(const json& j, const char* k, const std::string& def = "") {
+std::string Raw(const json& j, const char* k, const std::string& def = "") {
   return j.contains(k) && j[k].is_string() ? j[k].get<std::string>() : def;
+}
+// Text from tasks and experts is anyone's: for the terminal, control characters (an
+// escape sequence could recolour, retitle or rewrite the screen) are shown as \xNN, C1
+// controls as \u00NN. Newlines and tabs stay.
+std::string Terminal(const std::string& s) {
+  std::string out;
+  out.reserve(s.size());
+  for (size_t i = 0; i < s.size(); ++i) {
+    const unsigned char c = static_cast<unsigned char>(s[i]);
+    char esc[8];
+    if ((c < 0x20 && c != '\n' && c != '\t') || c == 0x7f) {
+      std::snprintf(esc, sizeof esc, "\\x%02x", c);
+      out += esc;
+    } else if (c == 0xc2 && i + 1 < s.size() && static_cast<unsigned char>(s[i + 1]) >= 0x80 &&
+               static_cast<unsigned char>(s[i + 1]) <= 0x9f) {
+      std::snprintf(esc, sizeof esc, "\\u%04x", static_cast<unsigned char>(s[++i]));
+      out += esc;
+    } else {
+      out += static_cast<char>(c);
+    }
+  }
+  return out;
+}
+// A string field for human output.
+std::string Str(const json& j, const char* k, const std::string& def = "") {
+  return Terminal(Raw(j, k, def));
 }
 std::string Num(const json& v, const char* fmt = "%.2f") {
   if (!v.is_number()) return "-";
@@ -163,7 +189,7 @@ void PrintTask(const json& t, bool full_output) {
   std::string tags;
   const json tag_obj = t.value("tags", json::object());  // items() must not outlive it
   for (const auto& [k, v] : tag_obj.items())
-    tags += (tags.empty() ? "" : " ") + k + "=" + v.get<std::string>();
+    tags += (tags.empty() ? "" : " ") + k + "=" + Terminal(v.get<std::string>());
   if (!tags.empty()) std::printf("  tags:     %s\n", tags.c_str());
   std::printf("  created:  %s\n", LocalTime(Str(t, "created_at")).c_str());
   if (!Str(t, "error").empty()) std::printf("  error:    %s\n", Str(t, "error").c_str());
@@ -436,7 +462,7 @@ int main(int argc, char** argv) {
                     r.value("explored", false) ? "true" : "false",
                     o.is_object() ? Str(o, "kind").c_str() : "",
                     o.is_object() ? Num(o["quality"], "%.3f").c_str() : "",
-                    Num(r["feedback_quality"], "%.3f").c_str(), CsvField(Str(r, "text")).c_str());
+                    Num(r["feedback_quality"], "%.3f").c_str(), CsvField(Raw(r, "text")).c_str());
       };
       json req = {{"op", "export"}};
       if (since_t > 0) req["since"] = since_t;
