@@ -5,6 +5,7 @@
 #include <pwd.h>
 #include <sqlite3.h>
 #include <sys/socket.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/un.h>
 #include <sys/wait.h>
@@ -829,6 +830,63 @@ TEST(E2E, SmallerHolesAreClosed) {
   }
   EXPECT_NE(d.CtlJson({"show", id})["text"].get<std::string>().find('\x1b'), std::string::npos)
       << "--json keeps the exact text";
+  EXPECT_EQ(d.Stop(), 0);
+}
+
+// Found by an attack: after `rm cortex.db*` under a running cortexd, submissions were
+// acknowledged into the unlinked file and lost at the restart. Now writes are refused with
+// the reason, and `status` says the store is failing.
+TEST(E2E, ADeletedStoreRefusesWritesInsteadOfLosingThem) {
+  TempDir dir;
+  Daemon d(dir, kCommandExperts);
+  ASSERT_TRUE(d.Start()) << d.Log();
+  ASSERT_EQ(d.Ctl({"submit", "ship it", "--wait"}).code, 0);
+  for (const char* f : {"", "-wal", "-shm"}) fs::remove(d.store + f);
+  test::Run r = d.Ctl({"submit", "ship it again"});
+  EXPECT_EQ(r.code, 1) << "acknowledged into a deleted file: " << r.out;
+  EXPECT_NE(r.err.find("was deleted while cortexd was running"), std::string::npos) << r.err;
+  json st = d.CtlJson({"status"});
+  ASSERT_TRUE(st["store_error"].is_string()) << st;
+  EXPECT_NE(st["store_error"].get<std::string>().find("deleted"), std::string::npos);
+  EXPECT_NE(d.Ctl({"status"}).out.find("deleted"), std::string::npos) << "human status says so";
+  EXPECT_EQ(d.Stop(), 0);
+  ASSERT_TRUE(d.Start()) << d.Log();  // a new store
+  EXPECT_TRUE(d.CtlJson({"status"})["store_error"].is_null());
+  EXPECT_EQ(d.Ctl({"submit", "ship it", "--wait"}).code, 0);
+}
+
+// Found by an attack: with the disk full, a task whose attempt could not be recorded was
+// dropped from memory until the next restart. Now the work waits for the store, `status`
+// says writes are failing, and once space returns every acknowledged task runs.
+// (A file-size limit on cortexd stands in for a full disk: its writes fail the same way.)
+TEST(E2E, AFullDiskHoldsTasksUntilSpaceReturns) {
+  TempDir dir;
+  const std::string gate = dir / "gate";
+  Daemon d(dir,
+           "experts:\n  - name: gated\n    plugin: command\n    capacity: 1\n    keywords: [job]\n"
+           "    timeout: 2m\n    run: [/bin/sh, -c, 'i=0; while [ ! -e " + gate +
+               " ] && [ $i -lt 1200 ]; do sleep 0.05; i=$((i+1)); done']\n",
+           "router: {exploration: 0, load_bias: 0}\n");
+  ASSERT_TRUE(d.Start()) << d.Log();
+  std::vector<std::string> ids;
+  for (int i = 0; i < 3; ++i) {
+    test::Run r = d.Ctl({"submit", "job " + std::to_string(i)});
+    ASSERT_EQ(r.code, 0) << r.err;
+    ids.push_back(r.out.substr(0, r.out.find('\n')));
+  }
+  ASSERT_TRUE(d.WaitStatus([](const json& st) { return st["inflight"] == 1; }));
+  struct rlimit full = {4096, RLIM_INFINITY}, open = {RLIM_INFINITY, RLIM_INFINITY};
+  ASSERT_EQ(prlimit(d.pid, RLIMIT_FSIZE, &full, nullptr), 0) << strerror(errno);
+  test::WriteFile(gate, "");  // the running task ends: its outcome cannot be written
+  EXPECT_TRUE(d.WaitStatus([](const json& st) { return st["store_error"].is_string(); }))
+      << d.Log();
+  EXPECT_TRUE(d.Alive());
+  EXPECT_NE(d.Ctl({"submit", "job while full"}).code, 0) << "not acknowledged while full";
+  ASSERT_EQ(prlimit(d.pid, RLIMIT_FSIZE, &open, nullptr), 0);
+  for (const auto& id : ids)
+    EXPECT_TRUE(test::Eventually([&] { return d.CtlJson({"show", id})["state"] == "succeeded"; }))
+        << id << ": " << d.CtlJson({"show", id}).dump();
+  EXPECT_TRUE(d.CtlJson({"status"})["store_error"].is_null());
   EXPECT_EQ(d.Stop(), 0);
 }
 

@@ -665,6 +665,8 @@ int main(int argc, char** argv) {
     std::printf("  tasks:     %s\n", tasks.empty() ? "none yet" : tasks.c_str());
     std::printf("  store:     %s (schema v%d)\n", Str(result, "store_path").c_str(),
                 result.value("schema_version", 0));
+    if (!Str(result, "store_error").empty())
+      std::printf("  STORE FAILING WRITES: %s\n", Str(result, "store_error").c_str());
     std::printf("  socket:    %s\n  config:    %s\n", Str(result, "socket").c_str(),
                 Str(result, "config").c_str());
     return kOk;

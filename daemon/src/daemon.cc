@@ -183,7 +183,10 @@ class DaemonImpl : public Daemon, public RequestHandler {
       t.id = NewId();
       Status st = store_->InsertTask(t);
       if (st.ok()) break;
-      if (tries >= 3) return st.WithContext("storing the task");
+      if (tries >= 3) {
+        NoteStoreFailure(st);
+        return st.WithContext("storing the task (not acknowledged)");
+      }
     }
     *id = t.id;
     {
@@ -254,6 +257,7 @@ class DaemonImpl : public Daemon, public RequestHandler {
             {"model_version", router->model_version()},
             {"training", TrainingStatus()},
             {"store_path", store_->Path()},
+            {"store_error", StoreError()},
             {"schema_version", store_->SchemaVersion()},
             {"socket", config_.daemon.socket},
             {"config", options_.config_path.empty() ? "<embedded defaults>" : options_.config_path},
@@ -589,18 +593,26 @@ class DaemonImpl : public Daemon, public RequestHandler {
         continue;
       }
       std::vector<Job> jobs;
+      std::vector<Task> unrecorded;  // routed again once the store takes writes
       for (size_t i = 0; i < batch.size(); ++i) {
         Status rs = store_->RecordDecision(batch[i].id, decisions[i]);
         if (!rs.ok()) {
-          LogError("task {}: cannot record its decision ({}); it stays queued in the store",
+          NoteStoreFailure(rs);
+          LogError("task {}: cannot record its decision ({}); routing it again shortly",
                    batch[i].id, rs.ToString());
+          unrecorded.push_back(std::move(batch[i]));
           continue;
         }
         jobs.push_back({std::move(batch[i]), std::move(decisions[i])});
       }
+      if (!jobs.empty()) NoteStoreSuccess();
       {
-        std::lock_guard<std::mutex> l(queue_mu_);
+        std::unique_lock<std::mutex> l(queue_mu_);
         for (auto& j : jobs) ready_.push_back(std::move(j));
+        for (auto it = unrecorded.rbegin(); it != unrecorded.rend(); ++it)
+          queue_.push_front(std::move(*it));
+        if (!unrecorded.empty())
+          queue_cv_.wait_for(l, std::chrono::seconds(1), [&] { return stop_.load(); });
       }
       queue_cv_.notify_all();
     }
@@ -643,18 +655,22 @@ class DaemonImpl : public Daemon, public RequestHandler {
       if (!expert || expert->quarantined()) continue;
       ++n;
       last_expert = c.expert;
-      Status st = store_->StartAttempt(id, n, c.expert, env_->NowUnix());
-      if (!st.ok()) {
-        LogError("task {}: cannot record attempt {}: {}", id, n, st.ToString());
-        break;
-      }
+      // An attempt is run only once it is recorded; a store that refuses writes (a full
+      // disk) holds the task here, in memory, until it takes them or cortexd stops (the
+      // task is then resumed from the store at the next start).
+      if (!Persist(fmt::format("task {}: recording attempt {}", id, n), [&] {
+            return store_->StartAttempt(id, n, c.expert, env_->NowUnix());
+          }))
+        return;
       Outcome o = expert->Run(job.task, &abort_);
       if (abort_.load() && o.kind != OutcomeKind::kSuccess) {
         o.kind = OutcomeKind::kInterrupted;
         o.error = "cortexd stopped before the attempt finished";
       }
-      st = store_->FinishAttempt(id, n, o, env_->NowUnix());
-      if (!st.ok()) LogError("task {}: cannot record outcome: {}", id, st.ToString());
+      const double finished = env_->NowUnix();
+      if (!Persist(fmt::format("task {}: recording the outcome of attempt {}", id, n),
+                   [&] { return store_->FinishAttempt(id, n, o, finished); }))
+        return;
       train_cv_.notify_all();  // the learner reads the new outcome from the store
       if (o.kind == OutcomeKind::kSuccess) {
         final_state = TaskState::kSucceeded;
@@ -672,9 +688,45 @@ class DaemonImpl : public Daemon, public RequestHandler {
       queue_.push_back(job.task);
       return;
     }
-    Status st = store_->FinishTask(id, final_state, last_expert, env_->NowUnix());
-    if (!st.ok()) LogError("task {}: cannot record its end: {}", id, st.ToString());
+    const double ended = env_->NowUnix();
+    if (!Persist(fmt::format("task {}: recording its end", id),
+                 [&] { return store_->FinishTask(id, final_state, last_expert, ended); }))
+      return;
     NotifyDone(id);
+  }
+
+  // Retries a store write every second until it succeeds (true) or the grace period is
+  // over (false): a full disk must not drop a task from memory. `status` shows the error
+  // meanwhile.
+  bool Persist(const std::string& what, const std::function<Status()>& write) {
+    for (int tries = 0;; ++tries) {
+      Status st = write();
+      if (st.ok()) {
+        if (tries) LogInfo("{}: the store takes writes again", what);
+        NoteStoreSuccess();
+        return true;
+      }
+      NoteStoreFailure(st);
+      if (tries == 0) LogError("{}: {}; retrying every second", what, st.ToString());
+      std::unique_lock<std::mutex> l(queue_mu_);
+      if (queue_cv_.wait_for(l, std::chrono::seconds(1), [&] { return abort_.load(); }))
+        return false;
+    }
+  }
+
+  void NoteStoreFailure(const Status& st) {
+    std::lock_guard<std::mutex> l(store_error_mu_);
+    store_error_ = st.message();
+  }
+  void NoteStoreSuccess() {
+    std::lock_guard<std::mutex> l(store_error_mu_);
+    store_error_.clear();
+  }
+  // Why writes fail now (the file gone or replaced, or the last write's error), or null.
+  json StoreError() {
+    if (Status h = store_->Health(); !h.ok()) return h.message();
+    std::lock_guard<std::mutex> l(store_error_mu_);
+    return store_error_.empty() ? json(nullptr) : json(store_error_);
   }
 
   void NotifyDone(const std::string& id) {
@@ -975,6 +1027,8 @@ class DaemonImpl : public Daemon, public RequestHandler {
   int busy_workers_ = 0;
   std::thread dispatcher_;
   std::vector<std::thread> workers_;
+  std::mutex store_error_mu_;
+  std::string store_error_;  // the last failed write's error, until one succeeds
   std::atomic<bool> stop_{false};   // no new work
   std::atomic<bool> abort_{false};  // grace period over: cancel running attempts
 

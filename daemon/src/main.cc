@@ -138,6 +138,8 @@ int main(int argc, char** argv) {
   sigaddset(&set, SIGHUP);
   pthread_sigmask(SIG_BLOCK, &set, nullptr);
   signal(SIGPIPE, SIG_IGN);
+  // Past a file-size limit a write fails (and is retried) instead of killing cortexd.
+  signal(SIGXFSZ, SIG_IGN);
   // Threads that libraries started before main (OpenBLAS's pool) do not have the mask; a
   // signal the kernel hands to one of them is passed on to the main thread, where it stays
   // pending for the signalfd instead of killing the process.

@@ -1,11 +1,13 @@
 // SQLite backend of Store: one connection in WAL mode with synchronous=FULL, serialized
 // by a mutex. Every statement binds its parameters; no SQL is built from input.
 #include <sqlite3.h>
+#include <sys/stat.h>
 
 #include <map>
 #include <mutex>
 #include <nlohmann/json.hpp>
 
+#include "cortex/log.h"
 #include "cortex/store.h"
 
 namespace cortex {
@@ -176,6 +178,10 @@ class SqliteStore : public Store {
     int flags = SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_FULLMUTEX;
     if (sqlite3_open_v2(path_.c_str(), &db_, flags, nullptr) != SQLITE_OK)
       return Status::IOError("cannot open store " + path_ + ": " + Err());
+    if (struct stat fst {}; path_ != ":memory:" && ::stat(path_.c_str(), &fst) == 0) {
+      dev_ = fst.st_dev;
+      ino_ = fst.st_ino;
+    }
     sqlite3_busy_timeout(db_, 5000);
     sqlite3_extended_result_codes(db_, 1);
 
@@ -218,6 +224,7 @@ class SqliteStore : public Store {
 
   Status InsertTask(const Task& t) override {
     std::lock_guard<std::mutex> l(mu_);
+    CORTEX_RETURN_IF_ERROR(StillOurFile());
     Stmt s =
         Prepare("INSERT INTO tasks(id,text,tags,state,created_at,updated_at) VALUES(?,?,?,?,?,?)");
     s.Bind(1, t.id).Bind(2, t.text).Bind(3, TagsJson(t.tags).dump()).Bind(4, ToString(t.state));
@@ -227,6 +234,7 @@ class SqliteStore : public Store {
 
   Status RecordDecision(const std::string& id, const Decision& d) override {
     std::lock_guard<std::mutex> l(mu_);
+    CORTEX_RETURN_IF_ERROR(StillOurFile());
     CORTEX_RETURN_IF_ERROR(Exec("BEGIN IMMEDIATE"));
     const Candidate* chosen = d.Find(d.chosen);
     Stmt s = Prepare(
@@ -244,6 +252,7 @@ class SqliteStore : public Store {
   Status StartAttempt(const std::string& id, int n, const std::string& expert,
                       double time) override {
     std::lock_guard<std::mutex> l(mu_);
+    CORTEX_RETURN_IF_ERROR(StillOurFile());
     CORTEX_RETURN_IF_ERROR(Exec("BEGIN IMMEDIATE"));
     Stmt s = Prepare("INSERT INTO attempts(task_id,n,expert,started_at) VALUES(?,?,?,?)");
     s.Bind(1, id).Bind(2, n).Bind(3, expert).Bind(4, time);
@@ -254,6 +263,7 @@ class SqliteStore : public Store {
 
   Status FinishAttempt(const std::string& id, int n, const Outcome& o, double time) override {
     std::lock_guard<std::mutex> l(mu_);
+    CORTEX_RETURN_IF_ERROR(StillOurFile());
     Stmt s = Prepare(
         "UPDATE attempts SET finished_at=?,outcome=?,quality=?,duration_s=?,output=?,error=? "
         "WHERE task_id=? AND n=?");
@@ -266,6 +276,7 @@ class SqliteStore : public Store {
   Status FinishTask(const std::string& id, TaskState state, const std::string& expert,
                     double time) override {
     std::lock_guard<std::mutex> l(mu_);
+    CORTEX_RETURN_IF_ERROR(StillOurFile());
     Stmt s = Prepare("UPDATE tasks SET state=?,expert=?,updated_at=? WHERE id=?");
     s.Bind(1, ToString(state)).Bind(2, expert).Bind(3, time).Bind(4, id);
     CORTEX_RETURN_IF_ERROR(Done(s, "finish task"));
@@ -274,11 +285,13 @@ class SqliteStore : public Store {
 
   Status SetState(const std::string& id, TaskState state, double time) override {
     std::lock_guard<std::mutex> l(mu_);
+    CORTEX_RETURN_IF_ERROR(StillOurFile());
     return UpdateState(id, state, time);
   }
 
   Status AddFeedback(const std::string& id, const Feedback& f) override {
     std::lock_guard<std::mutex> l(mu_);
+    CORTEX_RETURN_IF_ERROR(StillOurFile());
     CORTEX_RETURN_IF_ERROR(Exec("BEGIN IMMEDIATE"));
     Stmt u = Prepare("UPDATE tasks SET feedback_quality=? WHERE id=?");
     u.Bind(1, f.quality).Bind(2, id);
@@ -376,6 +389,7 @@ class SqliteStore : public Store {
 
   Status RecordExpertEvent(const ExpertEvent& e) override {
     std::lock_guard<std::mutex> l(mu_);
+    CORTEX_RETURN_IF_ERROR(StillOurFile());
     Stmt s = Prepare("INSERT INTO expert_events(time,expert,file,event,detail) VALUES(?,?,?,?,?)");
     s.Bind(1, e.time).Bind(2, e.expert).Bind(3, e.file).Bind(4, e.event).Bind(5, e.detail);
     return Done(s, "expert event");
@@ -467,6 +481,7 @@ class SqliteStore : public Store {
 
   Status SaveModel(const ModelRecord& m) override {
     std::lock_guard<std::mutex> l(mu_);
+    CORTEX_RETURN_IF_ERROR(StillOurFile());
     Stmt s = Prepare(
         "INSERT INTO models(version,created,status,live,trained_through,metrics,weights) "
         "VALUES(?,?,?,0,?,?,?)");
@@ -477,6 +492,7 @@ class SqliteStore : public Store {
 
   Status SetLiveModel(int version) override {
     std::lock_guard<std::mutex> l(mu_);
+    CORTEX_RETURN_IF_ERROR(StillOurFile());
     CORTEX_RETURN_IF_ERROR(Exec("BEGIN IMMEDIATE"));
     Stmt a = Prepare("UPDATE models SET live=0 WHERE live=1");
     Status st = Done(a, "set live model");
@@ -533,6 +549,7 @@ class SqliteStore : public Store {
 
   Status MarkRouting(const std::vector<std::string>& ids) override {
     std::lock_guard<std::mutex> l(mu_);
+    CORTEX_RETURN_IF_ERROR(StillOurFile());
     CORTEX_RETURN_IF_ERROR(Exec("BEGIN IMMEDIATE"));
     Status st;
     for (const auto& id : ids) {
@@ -602,6 +619,11 @@ class SqliteStore : public Store {
     return Status::OK();
   }
 
+  Status Health() override {
+    std::lock_guard<std::mutex> l(mu_);
+    return StillOurFile();
+  }
+
   int SchemaVersion() override {
     std::lock_guard<std::mutex> l(mu_);
     long v = 0;
@@ -612,10 +634,28 @@ class SqliteStore : public Store {
 
  private:
   std::string Err() const { return db_ ? sqlite3_errmsg(db_) : "out of memory"; }
+  dev_t dev_ = 0;
+  ino_t ino_ = 0;
   Status Fail(const std::string& what) { return Status::IOError(what + ": " + Err()); }
   Status NotOurs(const std::string& why) {
     return Status::Corruption("refusing to use " + path_ + ": not a Cortex store (" + why +
                               "); move it away or set store.path to another file");
+  }
+
+  // The file we opened must still be the one at our path: writes into a deleted or
+  // replaced file would be acknowledged and then lost, since nobody can find it again.
+  Status StillOurFile() const {
+    if (ino_ == 0) return Status::OK();  // :memory:
+    struct stat st {};
+    if (::stat(path_.c_str(), &st) != 0)
+      return Status::IOError("the store file " + path_ +
+                             " was deleted while cortexd was running; refusing writes that "
+                             "would be lost. Restart cortexd to make a new store (or restore it)");
+    if (st.st_ino != ino_ || st.st_dev != dev_)
+      return Status::IOError("the store file " + path_ +
+                             " was replaced while cortexd was running; refusing writes into the "
+                             "old one. Restart cortexd to use the file that is there now");
+    return Status::OK();
   }
 
   Status Exec(const char* sql) {
@@ -808,7 +848,26 @@ class SqliteStore : public Store {
 
 }  // namespace
 
+namespace {
+// SQLite's own notices (a WAL recovered, frames dropped at a damaged one, a file
+// that moved) go to cortexd's log: they are the only trace of data SQLite gave up on.
+void SqliteLog(void*, int code, const char* msg) {
+  const int primary = code & 0xff;
+  if (primary == SQLITE_NOTICE || primary == SQLITE_WARNING)
+    LogWarn("sqlite notice ({}): {}", code, msg);
+  else if (primary != SQLITE_SCHEMA && primary != SQLITE_BUSY && primary != SQLITE_CONSTRAINT)
+    LogWarn("sqlite error ({}): {}", code, msg);
+}
+}  // namespace
+
 Result<std::unique_ptr<Store>> OpenStore(const std::string& path) {
+  static std::once_flag logging;
+  std::call_once(logging, [] {
+    // Must precede SQLite's initialisation; if the process already used SQLite, it is
+    // refused and the notices go unlogged.
+    if (sqlite3_config(SQLITE_CONFIG_LOG, SqliteLog, nullptr) != SQLITE_OK)
+      LogWarn("cannot route SQLite's notices to the log");
+  });
   auto s = std::make_unique<SqliteStore>(path);
   Status st = s->Open();
   if (!st.ok()) return st;

@@ -69,6 +69,8 @@ class Store {
   static constexpr int kPoisonDeaths = 2;
   virtual Status Recover(double time, Recovery* out) = 0;
   virtual Status CountByState(std::vector<std::pair<std::string, long>>* counts) = 0;
+  // OK, or why every write is refused: the file was deleted or replaced under cortexd.
+  virtual Status Health() = 0;
   virtual int SchemaVersion() = 0;
   virtual std::string Path() const = 0;
 };
