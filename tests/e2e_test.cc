@@ -890,6 +890,47 @@ TEST(E2E, AFullDiskHoldsTasksUntilSpaceReturns) {
   EXPECT_EQ(d.Stop(), 0);
 }
 
+// Found by an attack: SIGTERM during a retrain waited for the whole retrain (past the
+// grace period) and still promoted its candidate afterwards. Now a stop cancels training
+// within a minibatch, and a cancelled retrain saves and promotes nothing.
+TEST(E2E, AStopCancelsARetrainWhichThenSavesNothing) {
+  TempDir dir;
+  Daemon d(dir,
+           "experts:\n  - name: a\n    plugin: misbehave\n    keywords: [alpha]\n"
+           "  - name: b\n    plugin: misbehave\n    keywords: [beta]\n",
+           "router: {exploration: 0.2, seed: 1}\n"
+           "training: {online: false, min_new_outcomes: 1000000, epochs: 100}\n",
+           /*bundled=*/false);
+  fs::copy_file(test::BenchPluginDir() + "/misbehave.so", d.plugin_dir + "/misbehave.so");
+  fs::permissions(d.plugin_dir + "/misbehave.so", fs::perms(0755), fs::perm_options::replace);
+  ASSERT_TRUE(d.Start()) << d.Log();
+  Client c;
+  ASSERT_TRUE(c.Connect(d.socket).ok());
+  const int kTasks = 1500;
+  for (int i = 0; i < kTasks; ++i) {
+    json resp;
+    ASSERT_TRUE(c.Call({{"op", "submit"},
+                        {"text", (i % 2 ? "alpha job " : "beta job ") + std::to_string(i % 37)}},
+                       &resp)
+                    .ok());
+    ASSERT_EQ(resp["ok"], true) << resp;
+  }
+  ASSERT_TRUE(d.WaitStatus(
+      [&](const json& st) { return st["tasks"].value("succeeded", 0L) == kTasks; }, 120));
+  ASSERT_EQ(d.Ctl({"retrain"}).code, 0);
+  ASSERT_TRUE(d.WaitStatus([](const json& st) {
+    const json& p = st["training"]["in_progress"];
+    return p.is_string() && p.get<std::string>().rfind("training on", 0) == 0;
+  })) << d.Log();
+  EXPECT_EQ(d.Stop(SIGTERM, 60), 0) << d.Log();
+  EXPECT_NE(d.Log().find("training was cancelled"), std::string::npos) << d.Log();
+  ASSERT_TRUE(d.Start()) << d.Log();
+  json models = d.CtlJson({"models"});
+  EXPECT_EQ(models["models"].size(), 1u) << "only v0: the cancelled candidate was not saved: "
+                                         << models;
+  EXPECT_EQ(d.CtlJson({"status"})["model_version"], "v0");
+}
+
 // Whether `pid` has exited (a zombie nobody reaped counts: it runs no code).
 bool Gone(int pid) {
   std::ifstream in("/proc/" + std::to_string(pid) + "/stat");

@@ -331,6 +331,19 @@ TEST_P(StoreTest, ModelVersionsAreKeptAndOneIsLive) {
   ASSERT_TRUE(store_->SetLiveModel(0).ok());  // back to the untrained model: none live
   ASSERT_TRUE(store_->ListModels(&ms).ok());
   EXPECT_FALSE(ms[0].live || ms[1].live);
+  // A promoted candidate is saved and made live in one step (one transaction), so no
+  // stop in between can list a version as promoted that never was live.
+  ModelRecord c{3, 30, "promoted", true, 12, R"({"x":3})", "weights-3"};
+  ASSERT_TRUE(store_->SaveModel(c).ok());
+  ASSERT_TRUE(store_->ListModels(&ms).ok());
+  ASSERT_EQ(ms.size(), 3u);
+  EXPECT_TRUE(ms[2].live);
+  EXPECT_FALSE(ms[0].live || ms[1].live);
+  // A failed save (a version that exists) leaves the live version as it was.
+  ModelRecord dup{3, 40, "promoted", true, 13, "{}", "w"};
+  EXPECT_FALSE(store_->SaveModel(dup).ok());
+  ASSERT_TRUE(store_->ListModels(&ms).ok());
+  EXPECT_TRUE(ms[2].live);
 }
 
 INSTANTIATE_TEST_SUITE_P(Backends, StoreTest, ::testing::Values(":memory:", "file"),

@@ -378,6 +378,7 @@ class DaemonImpl : public Daemon, public RequestHandler {
     lo.shape.seed = config_.router.seed ? config_.router.seed : 1;
     lo.online_updates = config_.training.online;
     lo.train.epochs = config_.training.epochs;
+    lo.train.cancel = &stop_;  // a stop ends a retrain within one minibatch
     learner_ =
         std::make_shared<Learner>(lo, FeatureHasher(lo.shape.bits), std::move(score_engine).value(),
                                   std::move(train_engine).value());
@@ -865,14 +866,15 @@ class DaemonImpl : public Daemon, public RequestHandler {
       train_cv_.notify_all();
     });
     if (!res.ok()) return res.status();
+    // A stop asked for while training ends the retrain here: nothing is saved or promoted.
+    if (stop_.load()) return Status::Unavailable("training was cancelled: cortexd is stopping");
     ModelRecord rec = res->record;
     rec.weights = res->model.Serialize();
+    rec.live = res->promoted;
     CORTEX_RETURN_IF_ERROR(store_->SaveModel(rec));
-    if (res->promoted) {
-      CORTEX_RETURN_IF_ERROR(store_->SetLiveModel(version));
+    if (res->promoted)
       learner_->Install(std::move(res->model), version, rec.trained_through,
                         OutcomesAfter(rec.trained_through));
-    }
     LogInfo(
         "retrain v{}: {} ({} train, {} held out; candidate {:.3f}, live {:.3f}, diff {:+.3f} "
         "± {:.3f})",

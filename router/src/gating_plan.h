@@ -50,6 +50,7 @@ Status ForEachMinibatch(const GatingModel& m, const TrainSet& data, const TrainO
   for (int epoch = 0; epoch < opt.epochs; ++epoch) {
     const std::vector<int> order = EpochOrder(data.rows.size(), m.shape().seed, epoch, opt.shuffle);
     for (size_t begin = 0; begin < order.size(); begin += static_cast<size_t>(opt.batch)) {
+      if (opt.cancel && opt.cancel->load()) return Status::Unavailable("training was cancelled");
       const size_t end = std::min(order.size(), begin + static_cast<size_t>(opt.batch));
       CORTEX_RETURN_IF_ERROR(
           fn(MakeStepPlan(m, data, order, begin, end, keys), static_cast<int>(end - begin)));

@@ -197,8 +197,10 @@ Result<RetrainResult> Learner::Retrain(const std::vector<LoggedOutcome>& history
       split > static_cast<size_t>(options_.max_examples) ? split - options_.max_examples : 0;
   if (split == 0) return Status::FailedPrecondition("no logged outcomes to train on");
 
+  auto cancelled = [&] { return options_.train.cancel && options_.train.cancel->load(); };
   say("featurizing " + std::to_string(split - begin) + " outcomes");
   TrainSet set = MakeTrainSet(history, begin, split);
+  if (cancelled()) return Status::Unavailable("training was cancelled");
   res.train_rows = static_cast<long>(set.rows.size());
   res.model = GatingModel(options_.shape);
   say("training on " + train_engine_->backend() + ", " + std::to_string(options_.train.epochs) +
@@ -208,6 +210,7 @@ Result<RetrainResult> Learner::Retrain(const std::vector<LoggedOutcome>& history
   // Off-policy validation on the held-out, most recent decisions: the candidate's greedy
   // policy against the live system's logged greedy choices, both estimated doubly robustly
   // with the candidate as reward model (it never saw these rows).
+  if (cancelled()) return Status::Unavailable("training was cancelled");
   say("validating on " + std::to_string(holdout) + " held-out outcomes");
   std::vector<size_t> eval;
   for (size_t i = split; i < n; ++i) {

@@ -482,12 +482,23 @@ class SqliteStore : public Store {
   Status SaveModel(const ModelRecord& m) override {
     std::lock_guard<std::mutex> l(mu_);
     CORTEX_RETURN_IF_ERROR(StillOurFile());
-    Stmt s = Prepare(
-        "INSERT INTO models(version,created,status,live,trained_through,metrics,weights) "
-        "VALUES(?,?,?,0,?,?,?)");
-    s.Bind(1, m.version).Bind(2, m.created).Bind(3, m.status).Bind(4, m.trained_through);
-    s.Bind(5, m.metrics).BindBlob(6, m.weights);
-    return Done(s, "save model v" + std::to_string(m.version));
+    // Saved and made live in one transaction: a stop in between cannot leave a version
+    // listed as promoted that never was live.
+    CORTEX_RETURN_IF_ERROR(Exec("BEGIN IMMEDIATE"));
+    Status st;
+    if (m.live) {
+      Stmt a = Prepare("UPDATE models SET live=0 WHERE live=1");
+      st = Done(a, "set live model");
+    }
+    if (st.ok()) {
+      Stmt s = Prepare(
+          "INSERT INTO models(version,created,status,live,trained_through,metrics,weights) "
+          "VALUES(?,?,?,?,?,?,?)");
+      s.Bind(1, m.version).Bind(2, m.created).Bind(3, m.status).Bind(4, m.live ? 1 : 0);
+      s.Bind(5, m.trained_through).Bind(6, m.metrics).BindBlob(7, m.weights);
+      st = Done(s, "save model v" + std::to_string(m.version));
+    }
+    return Finish(st);
   }
 
   Status SetLiveModel(int version) override {

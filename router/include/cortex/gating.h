@@ -13,6 +13,8 @@
 // (BLAS) or on a GPU (cuBLAS + small kernels). Both give the same answer within 1e-4.
 #pragma once
 
+#include <atomic>
+
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -116,6 +118,8 @@ struct TrainOptions {
   float lr = 0.2f;       // Adagrad step for the MLP
   float lr_wide = 1.0f;  // Adagrad step for the hashed linear part
   bool shuffle = true;   // seeded shuffle per epoch
+  // Set by the owner (cortexd, when it stops): training ends within one minibatch.
+  const std::atomic<bool>* cancel = nullptr;
 };
 
 class GatingEngine {

@@ -47,6 +47,7 @@ class Store {
   // retrain can read only the window it learns from.
   virtual Status OutcomeWindowStart(long n, long* after_seq) = 0;
   // Model versions: saved once, listed without weights, one of them live.
+  // With m.live, the version is also made live, in the same transaction.
   virtual Status SaveModel(const ModelRecord& m) = 0;
   virtual Status SetLiveModel(int version) = 0;  // NotFound for an unknown version
   virtual Status ListModels(std::vector<ModelRecord>* out) = 0;
