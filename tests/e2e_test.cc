@@ -18,6 +18,7 @@
 #include <thread>
 
 #include "cortex/client.h"
+#include "cortex/config.h"
 #include "testutil.h"
 
 namespace cortex {
@@ -539,6 +540,82 @@ TEST(E2E, BadConfigRefusesToStartAndReloadKeepsTheOld) {
   }));
   json rt = d.CtlJson({"route", "deploy"});
   EXPECT_EQ(rt["candidates"][0]["rules"][0], "to-flaky");
+}
+
+// Found by an attack: reload silently ignored settings it did not apply. Now every key of
+// the schema, changed alone, is either applied or listed in needs_restart, and no other
+// key is reported.
+TEST(E2E, ReloadAppliesOrNamesEveryChangedSetting) {
+  TempDir dir;
+  const std::map<std::string, std::map<std::string, std::string>> base = {
+      {"daemon", {{"socket", dir / "run/cortexd.sock"}, {"shutdown_grace", "2s"}}},
+      {"store", {{"path", dir / "data/cortex.db"}}},
+      {"plugins", {{"dir", dir / "plugins"}}},
+      {"router", {{"exploration", "0"}, {"seed", "1"}}},
+      {"training", {{"online", "false"}}}};
+  const std::map<std::string, std::string> changed = {
+      {"daemon.socket", dir / "run/other.sock"},
+      {"daemon.workers", "3"},
+      {"daemon.max_connections", "9"},
+      {"daemon.max_request_bytes", "65536"},
+      {"daemon.max_text_bytes", "1000"},
+      {"daemon.max_tags", "5"},
+      {"daemon.shutdown_grace", "3s"},
+      {"daemon.allow_group", "root"},
+      {"daemon.idle_timeout", "45s"},
+      {"store.path", dir / "data/other.db"},
+      {"plugins.dir", dir / "plugins2"},
+      {"plugins.watch", "false"},
+      {"plugins.bundled", "false"},
+      {"plugins.isolation", "in-process"},
+      {"plugins.memory_limit", "512MiB"},
+      {"plugins.quarantine_after", "3"},
+      {"plugins.restart_backoff", "1s"},
+      {"plugins.env", "[PATH]"},
+      {"router.backend", "cpu"},
+      {"router.exploration", "0.3"},
+      {"router.load_bias", "0.5"},
+      {"router.health_bias", "0.1"},
+      {"router.max_attempts", "3"},
+      {"router.seed", "42"},
+      {"training.interval", "5m"},
+      {"training.min_new_outcomes", "50"},
+      {"training.online", "true"},
+      {"training.epochs", "7"}};
+  std::vector<std::string> schema = SettingKeys();
+  ASSERT_EQ(std::set<std::string>(schema.begin(), schema.end()).size(), changed.size())
+      << "a setting was added to the schema: give it a row here";
+  auto yaml = [&](const std::string& key, const std::string& value) {
+    std::string out;
+    for (auto [section, kv] : base) {
+      for (const auto& [k, v] : changed)
+        if (k == key && k.rfind(section + ".", 0) == 0) kv[k.substr(section.size() + 1)] = value;
+      out += section + ":\n";
+      for (const auto& [k, v] : kv) out += "  " + k + ": " + v + "\n";
+    }
+    return out;
+  };
+  Daemon d(dir);
+  test::WriteFile(d.config, yaml("", ""));
+  ASSERT_TRUE(d.Start()) << d.Log();
+  for (const auto& key : schema) {
+    ASSERT_TRUE(changed.count(key)) << key;
+    test::WriteFile(d.config, yaml(key, changed.at(key)));
+    json r = d.CtlJson({"reload"});
+    ASSERT_TRUE(r.is_object() && r.contains("applied")) << key << ": " << r;
+    std::vector<std::string> said;
+    for (const char* list : {"applied", "needs_restart"})
+      for (const auto& k : r[list]) said.push_back(k);
+    EXPECT_EQ(said, std::vector<std::string>{key}) << r;
+    test::WriteFile(d.config, yaml("", ""));  // back to the running settings
+    r = d.CtlJson({"reload"});
+    EXPECT_TRUE(r["needs_restart"].empty()) << key << " back: " << r;
+  }
+  // An applied one is in force: the router explores as told.
+  test::WriteFile(d.config, yaml("router.exploration", "0.3"));
+  ASSERT_EQ(d.Ctl({"reload"}).code, 0);
+  EXPECT_DOUBLE_EQ(d.CtlJson({"status"})["exploration"].get<double>(), 0.3);
+  EXPECT_EQ(d.Stop(), 0);
 }
 
 TEST(E2E, PluginsDroppedReplacedRemovedAndRefusedLive) {

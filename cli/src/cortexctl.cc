@@ -566,6 +566,8 @@ int main(int argc, char** argv) {
     if (ctx.json_out) return PrintJson(result), kOk;
     std::printf("reloaded %s: %d experts, %d rules\n", Str(result, "config").c_str(),
                 result.value("experts", 0), result.value("rules", 0));
+    for (const auto& k : result.value("applied", json::array()))
+      std::printf("  %s changed: applied\n", k.get<std::string>().c_str());
     for (const auto& k : result.value("needs_restart", json::array()))
       std::printf("  %s changed: restart cortexd for it to take effect\n",
                   k.get<std::string>().c_str());

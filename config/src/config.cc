@@ -7,6 +7,7 @@
 #include <cctype>
 #include <cmath>
 #include <fstream>
+#include <map>
 #include <set>
 #include <sstream>
 
@@ -48,6 +49,22 @@ rules:
     expert: inventory
     boost: 0.2
 )";
+
+// Every scalar setting of every section: the one list the parser accepts and reload diffs.
+const std::map<std::string, std::set<std::string>>& Sections() {
+  static const std::map<std::string, std::set<std::string>> k = {
+      {"daemon",
+       {"socket", "workers", "max_connections", "max_request_bytes", "max_text_bytes", "max_tags",
+        "shutdown_grace", "allow_group", "idle_timeout"}},
+      {"store", {"path"}},
+      {"plugins",
+       {"dir", "watch", "bundled", "isolation", "memory_limit", "quarantine_after",
+        "restart_backoff", "env"}},
+      {"router", {"backend", "exploration", "load_bias", "health_bias", "max_attempts", "seed"}},
+      {"training", {"interval", "min_new_outcomes", "online", "epochs"}},
+  };
+  return k;
+}
 
 // Walks a YAML document with the file name at hand, so each error says where it is.
 class Parser {
@@ -179,9 +196,7 @@ nlohmann::json ToJson(const YAML::Node& n) {
 
 Status ParseDaemon(const Parser& p, const YAML::Node& n, DaemonConfig* c) {
   CORTEX_RETURN_IF_ERROR(
-      p.CheckKeys(n, "daemon",
-                  {"socket", "workers", "max_connections", "max_request_bytes", "max_text_bytes",
-                   "max_tags", "shutdown_grace", "allow_group", "idle_timeout"}));
+      p.CheckKeys(n, "daemon", Sections().at("daemon")));
   if (n["allow_group"]) {
     CORTEX_RETURN_IF_ERROR(p.Str(n["allow_group"], "daemon.allow_group", &c->allow_group));
     if (!getgrnam(c->allow_group.c_str()))
@@ -220,8 +235,7 @@ Status ParseDaemon(const Parser& p, const YAML::Node& n, DaemonConfig* c) {
 }
 
 Status ParseRouter(const Parser& p, const YAML::Node& n, RouterConfig* c) {
-  CORTEX_RETURN_IF_ERROR(p.CheckKeys(
-      n, "router", {"backend", "exploration", "load_bias", "health_bias", "max_attempts", "seed"}));
+  CORTEX_RETURN_IF_ERROR(p.CheckKeys(n, "router", Sections().at("router")));
   if (n["backend"]) {
     CORTEX_RETURN_IF_ERROR(p.Str(n["backend"], "router.backend", &c->backend));
     if (c->backend != "auto" && c->backend != "cpu" && c->backend != "cuda")
@@ -338,13 +352,11 @@ Result<Config> Parse(const YAML::Node& root, const std::string& source) {
       root, "", {"daemon", "store", "plugins", "router", "training", "rules", "experts"}));
   if (root["daemon"]) CORTEX_RETURN_IF_ERROR(ParseDaemon(p, root["daemon"], &c.daemon));
   if (const YAML::Node& s = root["store"]) {
-    CORTEX_RETURN_IF_ERROR(p.CheckKeys(s, "store", {"path"}));
+    CORTEX_RETURN_IF_ERROR(p.CheckKeys(s, "store", Sections().at("store")));
     if (s["path"]) CORTEX_RETURN_IF_ERROR(p.Str(s["path"], "store.path", &c.store.path));
   }
   if (const YAML::Node& s = root["plugins"]) {
-    CORTEX_RETURN_IF_ERROR(p.CheckKeys(s, "plugins",
-                                       {"dir", "watch", "bundled", "isolation", "memory_limit",
-                                        "quarantine_after", "restart_backoff", "env"}));
+    CORTEX_RETURN_IF_ERROR(p.CheckKeys(s, "plugins", Sections().at("plugins")));
     if (s["dir"]) CORTEX_RETURN_IF_ERROR(p.Str(s["dir"], "plugins.dir", &c.plugins.dir));
     if (s["watch"]) CORTEX_RETURN_IF_ERROR(p.Bool(s["watch"], "plugins.watch", &c.plugins.watch));
     if (s["bundled"])
@@ -387,8 +399,7 @@ Result<Config> Parse(const YAML::Node& root, const std::string& source) {
   }
   if (root["router"]) CORTEX_RETURN_IF_ERROR(ParseRouter(p, root["router"], &c.router));
   if (const YAML::Node& t = root["training"]) {
-    CORTEX_RETURN_IF_ERROR(
-        p.CheckKeys(t, "training", {"interval", "min_new_outcomes", "online", "epochs"}));
+    CORTEX_RETURN_IF_ERROR(p.CheckKeys(t, "training", Sections().at("training")));
     if (t["online"])
       CORTEX_RETURN_IF_ERROR(p.Bool(t["online"], "training.online", &c.training.online));
     if (t["interval"])
@@ -442,6 +453,58 @@ Result<Config> LoadConfigFile(const std::string& path) {
   Result<Config> c = LoadConfigString(ss.str(), path);
   if (c.ok()) ResolveDefaultPaths(&c.value());
   return c;
+}
+
+std::vector<std::string> SettingKeys() {
+  std::vector<std::string> keys;
+  for (const auto& [section, names] : Sections())
+    for (const auto& n : names) keys.push_back(section + "." + n);
+  return keys;
+}
+
+std::map<std::string, std::string> SettingsOf(const Config& c) {
+  auto list = [](const std::vector<std::string>& v) {
+    std::string s;
+    for (const auto& x : v) s += x + "\n";
+    return s;
+  };
+  auto num = [](double v) {
+    std::ostringstream ss;
+    ss << v;
+    return ss.str();
+  };
+  const DaemonConfig& d = c.daemon;
+  const PluginsConfig& p = c.plugins;
+  const RouterConfig& r = c.router;
+  const TrainingConfig& t = c.training;
+  return {{"daemon.socket", d.socket},
+          {"daemon.workers", num(d.workers)},
+          {"daemon.max_connections", num(d.max_connections)},
+          {"daemon.max_request_bytes", num(static_cast<double>(d.max_request_bytes))},
+          {"daemon.max_text_bytes", num(static_cast<double>(d.max_text_bytes))},
+          {"daemon.max_tags", num(d.max_tags)},
+          {"daemon.shutdown_grace", num(d.shutdown_grace_s)},
+          {"daemon.allow_group", d.allow_group},
+          {"daemon.idle_timeout", num(d.idle_timeout_s)},
+          {"store.path", c.store.path},
+          {"plugins.dir", p.dir},
+          {"plugins.watch", num(p.watch)},
+          {"plugins.bundled", num(p.bundled)},
+          {"plugins.isolation", p.isolation},
+          {"plugins.memory_limit", num(static_cast<double>(p.memory_limit))},
+          {"plugins.quarantine_after", num(p.quarantine_after)},
+          {"plugins.restart_backoff", num(p.restart_backoff_s)},
+          {"plugins.env", list(p.env)},
+          {"router.backend", r.backend},
+          {"router.exploration", num(r.exploration)},
+          {"router.load_bias", num(r.load_bias)},
+          {"router.health_bias", num(r.health_bias)},
+          {"router.max_attempts", num(r.max_attempts)},
+          {"router.seed", num(static_cast<double>(r.seed))},
+          {"training.interval", num(t.interval_s)},
+          {"training.min_new_outcomes", num(t.min_new_outcomes)},
+          {"training.online", num(t.online)},
+          {"training.epochs", num(t.epochs)}};
 }
 
 Config DefaultConfig() {

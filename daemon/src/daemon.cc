@@ -19,6 +19,7 @@
 #include <map>
 #include <mutex>
 #include <random>
+#include <set>
 #include <thread>
 
 #include "cortex/experts.h"
@@ -96,6 +97,8 @@ class DaemonImpl : public Daemon, public RequestHandler {
 
   Status Start() override {
     start_mono_ = env_->MonotonicMicros();
+    running_ = config_;
+    shutdown_grace_s_ = config_.daemon.shutdown_grace_s;
     // The socket folder also holds the plugin cache: it is made (or checked) private
     // before anything is put in it, so no other user can plant or swap a file there.
     CORTEX_RETURN_IF_ERROR(
@@ -270,6 +273,7 @@ class DaemonImpl : public Daemon, public RequestHandler {
   }
 
   Status Reload(json* summary) override {
+    std::lock_guard<std::mutex> one_at_a_time(reload_mu_);
     Result<Config> next = options_.config_path.empty() ? Result<Config>(DefaultConfig())
                                                        : LoadConfigFile(options_.config_path);
     if (!next.ok()) return next.status().WithContext("reload refused, keeping the running config");
@@ -280,22 +284,16 @@ class DaemonImpl : public Daemon, public RequestHandler {
     registry_->Rescan();
     CORTEX_RETURN_IF_ERROR(
         registry_->Configure(c).WithContext("reload refused, keeping the running config"));
-    std::vector<std::string> restart;
-    if (c.daemon.socket != config_.daemon.socket) restart.push_back("daemon.socket");
-    if (c.daemon.workers != config_.daemon.workers) restart.push_back("daemon.workers");
-    if (c.daemon.idle_timeout_s != config_.daemon.idle_timeout_s)
-      restart.push_back("daemon.idle_timeout");
-    if (c.store.path != config_.store.path) restart.push_back("store.path");
-    if (c.router.backend != config_.router.backend) restart.push_back("router.backend");
-    if (c.plugins.dir != config_.plugins.dir) restart.push_back("plugins.dir");
-    if (c.plugins.isolation != config_.plugins.isolation) restart.push_back("plugins.isolation");
-    if (c.plugins.memory_limit != config_.plugins.memory_limit)
-      restart.push_back("plugins.memory_limit");
-    if (c.plugins.quarantine_after != config_.plugins.quarantine_after)
-      restart.push_back("plugins.quarantine_after");
-    if (c.plugins.restart_backoff_s != config_.plugins.restart_backoff_s)
-      restart.push_back("plugins.restart_backoff");
-    if (c.plugins.env != config_.plugins.env) restart.push_back("plugins.env");
+    // Every changed setting is either applied now or named as needing a restart; none is
+    // silently ignored. (Rules and experts are always applied.)
+    static const std::set<std::string> kLive = {
+        "router.exploration", "router.load_bias",  "router.health_bias",
+        "router.max_attempts", "router.seed",      "training.interval",
+        "training.min_new_outcomes", "daemon.shutdown_grace"};
+    std::vector<std::string> applied, restart;
+    const auto was = SettingsOf(running_), now = SettingsOf(c);
+    for (const auto& [key, value] : now)
+      if (was.at(key) != value) (kLive.count(key) ? applied : restart).push_back(key);
     for (const auto& k : restart) LogWarn("reload: {} changed; it takes effect after a restart", k);
     {
       std::lock_guard<std::mutex> l(router_mu_);
@@ -306,7 +304,19 @@ class DaemonImpl : public Daemon, public RequestHandler {
     {
       std::lock_guard<std::mutex> l(train_mu_);
       schedule_ = RetrainSchedule(c.training.interval_s, c.training.min_new_outcomes);
+      config_.training.interval_s = c.training.interval_s;
+      config_.training.min_new_outcomes = c.training.min_new_outcomes;
     }
+    shutdown_grace_s_ = c.daemon.shutdown_grace_s;
+    // What runs now: the live settings from the new file, the rest as at start.
+    running_.router.exploration = c.router.exploration;
+    running_.router.load_bias = c.router.load_bias;
+    running_.router.health_bias = c.router.health_bias;
+    running_.router.max_attempts = c.router.max_attempts;
+    running_.router.seed = c.router.seed;
+    running_.training.interval_s = c.training.interval_s;
+    running_.training.min_new_outcomes = c.training.min_new_outcomes;
+    running_.daemon.shutdown_grace_s = c.daemon.shutdown_grace_s;
     WarnUnknownRuleExperts();
     queue_cv_.notify_all();
     LogInfo("reloaded {}: {} experts, {} rules", c.source, registry_->Active().size(),
@@ -314,6 +324,7 @@ class DaemonImpl : public Daemon, public RequestHandler {
     *summary = {{"config", c.source},
                 {"experts", registry_->Active().size()},
                 {"rules", c.rules.size()},
+                {"applied", applied},
                 {"needs_restart", restart}};
     return Status::OK();
   }
@@ -495,7 +506,7 @@ class DaemonImpl : public Daemon, public RequestHandler {
     // still runs after it is cancelled and marked interrupted.
     auto deadline =
         std::chrono::steady_clock::now() +
-        std::chrono::milliseconds(static_cast<int64_t>(config_.daemon.shutdown_grace_s * 1000));
+        std::chrono::milliseconds(static_cast<int64_t>(shutdown_grace_s_.load() * 1000));
     {
       std::unique_lock<std::mutex> l(queue_mu_);
       while (busy_workers_ > 0 && std::chrono::steady_clock::now() < deadline)
@@ -1029,6 +1040,9 @@ class DaemonImpl : public Daemon, public RequestHandler {
   int busy_workers_ = 0;
   std::thread dispatcher_;
   std::vector<std::thread> workers_;
+  std::mutex reload_mu_;  // one reload at a time (SIGHUP and `cortexctl reload`)
+  Config running_;        // the settings in force: the start's, plus live reloads
+  std::atomic<double> shutdown_grace_s_{10};
   std::mutex store_error_mu_;
   std::string store_error_;  // the last failed write's error, until one succeeds
   std::atomic<bool> stop_{false};   // no new work

@@ -105,6 +105,12 @@ Result<Config> LoadConfigString(const std::string& yaml, const std::string& sour
 // The embedded defaults, with empty paths resolved from the environment.
 Config DefaultConfig();
 
+// Every scalar setting's dotted key ("daemon.workers", ...), from the schema the parser
+// checks against; and a config's value for each of them, as text, to compare configs
+// (rules and experts are lists, compared by whoever applies them).
+std::vector<std::string> SettingKeys();
+std::map<std::string, std::string> SettingsOf(const Config& c);
+
 // Fills empty socket/store/plugin paths with the XDG defaults.
 void ResolveDefaultPaths(Config* config);
 
