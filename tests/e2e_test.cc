@@ -563,6 +563,7 @@ TEST(E2E, ReloadAppliesOrNamesEveryChangedSetting) {
       {"daemon.shutdown_grace", "3s"},
       {"daemon.allow_group", "root"},
       {"daemon.idle_timeout", "45s"},
+      {"daemon.max_queued", "50"},
       {"store.path", dir / "data/other.db"},
       {"plugins.dir", dir / "plugins2"},
       {"plugins.watch", "false"},
@@ -1006,6 +1007,65 @@ TEST(E2E, AStopCancelsARetrainWhichThenSavesNothing) {
   EXPECT_EQ(models["models"].size(), 1u) << "only v0: the cancelled candidate was not saved: "
                                          << models;
   EXPECT_EQ(d.CtlJson({"status"})["model_version"], "v0");
+}
+
+// Found by an attack: tasks queued for one busy expert held every worker waiting for its
+// slot (a task for an idle expert waited behind them), their attempts were recorded
+// before they had a slot (so a kill -9 marked them interrupted, never re-run), and the
+// queue had no bound. Now a waiting task holds no worker, an attempt is recorded when it
+// starts, and daemon.max_queued refuses with a named error.
+TEST(E2E, ABusyExpertHoldsNoWorkerAndUnstartedWorkIsRerun) {
+  TempDir dir;
+  const std::string gate = dir / "gate";
+  const std::string cfg =
+      "experts:\n  - name: busy\n    plugin: command\n    capacity: 1\n    timeout: 2m\n"
+      "    run: [/bin/sh, -c, 'i=0; while [ ! -e " + gate +
+      " ] && [ $i -lt 1200 ]; do sleep 0.05; i=$((i+1)); done']\n"
+      "  - name: idle\n    plugin: command\n    run: ['true']\n"
+      "rules:\n  - {name: b, match: [busy], expert: busy, force: true}\n"
+      "  - {name: i, match: [idle], expert: idle, force: true}\n";
+  const std::string router = "router: {exploration: 0, seed: 1}\ntraining: {online: false}\n";
+  std::vector<std::string> busy_ids;
+  {
+    Daemon d(dir, cfg, router);
+    std::string c = test::ReadFile(d.config);
+    c.replace(c.find("shutdown_grace: 2s}"), 19, "shutdown_grace: 2s, max_queued: 8}");
+    test::WriteFile(d.config, c);
+    ASSERT_TRUE(d.Start()) << d.Log();
+    for (int i = 0; i < 6; ++i) {  // more than the 4 workers, all for the busy expert
+      test::Run r = d.Ctl({"submit", "busy job " + std::to_string(i)});
+      ASSERT_EQ(r.code, 0) << r.err;
+      busy_ids.push_back(r.out.substr(0, r.out.find('\n')));
+    }
+    ASSERT_TRUE(d.WaitStatus([](const json& st) { return st["inflight"] == 1; }));
+    // The idle expert's task runs at once, while the busy one still blocks.
+    json w = d.CtlJson({"submit", "idle job", "--wait", "--timeout", "60"});
+    EXPECT_EQ(w["state"], "succeeded") << w;
+    int running = 0;
+    for (const auto& id : busy_ids) running += d.CtlJson({"show", id})["state"] == "running";
+    EXPECT_EQ(running, 1) << "only the task holding the slot has an attempt";
+    // The bound: 5 waiting; 3 more fill it to 8, the next is refused by name.
+    for (int i = 0; i < 3; ++i) ASSERT_EQ(d.Ctl({"submit", "busy extra"}).code, 0);
+    test::Run full = d.Ctl({"submit", "busy one too many", "--json"});
+    EXPECT_EQ(full.code, 1);
+    EXPECT_EQ(full.Json()["error"]["code"], "resource_exhausted") << full.out;
+    EXPECT_NE(full.out.find("daemon.max_queued"), std::string::npos) << full.out;
+    kill(d.pid, SIGKILL);
+    waitpid(d.pid, nullptr, 0);
+    d.pid = -1;
+  }
+  // After the kill: the one that had started is interrupted, the rest run.
+  test::WriteFile(gate, "");
+  Daemon d(dir, cfg, router);
+  ASSERT_TRUE(d.Start()) << d.Log();
+  std::map<std::string, int> states;
+  ASSERT_TRUE(test::Eventually([&] {
+    states.clear();
+    for (const auto& id : busy_ids) ++states[d.CtlJson({"show", id})["state"]];
+    return states["succeeded"] + states["interrupted"] == 6;
+  })) << json(states).dump();
+  EXPECT_EQ(states["interrupted"], 1) << json(states).dump();
+  EXPECT_EQ(states["succeeded"], 5) << json(states).dump();
 }
 
 // Whether `pid` has exited (a zombie nobody reaped counts: it runs no code).

@@ -55,7 +55,7 @@ const std::map<std::string, std::set<std::string>>& Sections() {
   static const std::map<std::string, std::set<std::string>> k = {
       {"daemon",
        {"socket", "workers", "max_connections", "max_request_bytes", "max_text_bytes", "max_tags",
-        "shutdown_grace", "allow_group", "idle_timeout"}},
+        "shutdown_grace", "allow_group", "idle_timeout", "max_queued"}},
       {"store", {"path"}},
       {"plugins",
        {"dir", "watch", "bundled", "isolation", "memory_limit", "quarantine_after",
@@ -225,6 +225,10 @@ Status ParseDaemon(const Parser& p, const YAML::Node& n, DaemonConfig* c) {
   if (n["max_tags"]) {
     CORTEX_RETURN_IF_ERROR(p.Int(n["max_tags"], "daemon.max_tags", 0, 1024, &v));
     c->max_tags = static_cast<int>(v);
+  }
+  if (n["max_queued"]) {
+    CORTEX_RETURN_IF_ERROR(p.Int(n["max_queued"], "daemon.max_queued", 1, 100000000, &v));
+    c->max_queued = static_cast<size_t>(v);
   }
   if (n["idle_timeout"])
     CORTEX_RETURN_IF_ERROR(p.Duration(n["idle_timeout"], "daemon.idle_timeout", &c->idle_timeout_s));
@@ -486,6 +490,7 @@ std::map<std::string, std::string> SettingsOf(const Config& c) {
           {"daemon.shutdown_grace", num(d.shutdown_grace_s)},
           {"daemon.allow_group", d.allow_group},
           {"daemon.idle_timeout", num(d.idle_timeout_s)},
+          {"daemon.max_queued", num(static_cast<double>(d.max_queued))},
           {"store.path", c.store.path},
           {"plugins.dir", p.dir},
           {"plugins.watch", num(p.watch)},

@@ -82,6 +82,9 @@ struct Waiter {
 struct Job {
   Task task;
   Decision decision;
+  size_t next = 0;          // the candidate to try next
+  int attempts = 0;         // attempts made so far
+  std::string last_expert;  // whose attempt came last
 };
 
 class DaemonImpl : public Daemon, public RequestHandler {
@@ -99,6 +102,7 @@ class DaemonImpl : public Daemon, public RequestHandler {
     start_mono_ = env_->MonotonicMicros();
     running_ = config_;
     shutdown_grace_s_ = config_.daemon.shutdown_grace_s;
+    max_queued_ = config_.daemon.max_queued;
     // The socket folder also holds the plugin cache: it is made (or checked) private
     // before anything is put in it, so no other user can plant or swap a file there.
     CORTEX_RETURN_IF_ERROR(
@@ -177,6 +181,15 @@ class DaemonImpl : public Daemon, public RequestHandler {
 
   Status Submit(const std::string& text, const Tags& tags, std::string* id) override {
     if (stop_.load()) return Status::Unavailable("cortexd is stopping; submit again after restart");
+    {
+      std::lock_guard<std::mutex> l(queue_mu_);
+      const size_t waiting = queue_.size() + ready_.size();
+      if (waiting >= max_queued_.load())
+        return Status::ResourceExhausted(
+            fmt::format("the queue is full ({} tasks waiting, daemon.max_queued); try again "
+                        "once some have run",
+                        waiting));
+    }
     Task t;
     t.text = text;
     t.tags = tags;
@@ -289,7 +302,7 @@ class DaemonImpl : public Daemon, public RequestHandler {
     static const std::set<std::string> kLive = {
         "router.exploration", "router.load_bias",  "router.health_bias",
         "router.max_attempts", "router.seed",      "training.interval",
-        "training.min_new_outcomes", "daemon.shutdown_grace"};
+        "training.min_new_outcomes", "daemon.shutdown_grace", "daemon.max_queued"};
     std::vector<std::string> applied, restart;
     const auto was = SettingsOf(running_), now = SettingsOf(c);
     for (const auto& [key, value] : now)
@@ -299,7 +312,7 @@ class DaemonImpl : public Daemon, public RequestHandler {
       std::lock_guard<std::mutex> l(router_mu_);
       router_ = std::make_shared<Router>(RouterOptionsFrom(c.router), std::move(rules).value(),
                                          MakeGatingScorer(learner_), learner_->hasher());
-      max_attempts_ = c.router.max_attempts;
+      max_attempts_live_ = c.router.max_attempts;
     }
     {
       std::lock_guard<std::mutex> l(train_mu_);
@@ -317,6 +330,8 @@ class DaemonImpl : public Daemon, public RequestHandler {
     running_.training.interval_s = c.training.interval_s;
     running_.training.min_new_outcomes = c.training.min_new_outcomes;
     running_.daemon.shutdown_grace_s = c.daemon.shutdown_grace_s;
+    running_.daemon.max_queued = c.daemon.max_queued;
+    max_queued_ = c.daemon.max_queued;
     WarnUnknownRuleExperts();
     queue_cv_.notify_all();
     LogInfo("reloaded {}: {} experts, {} rules", c.source, registry_->Active().size(),
@@ -398,7 +413,7 @@ class DaemonImpl : public Daemon, public RequestHandler {
     schedule_ = RetrainSchedule(config_.training.interval_s, config_.training.min_new_outcomes);
     router_ = std::make_shared<Router>(RouterOptionsFrom(config_.router), std::move(rules).value(),
                                        MakeGatingScorer(learner_), learner_->hasher());
-    max_attempts_ = config_.router.max_attempts;
+    max_attempts_live_ = config_.router.max_attempts;
 
     ExpertRegistry::Options ro;
     std::string bundled =
@@ -426,6 +441,7 @@ class DaemonImpl : public Daemon, public RequestHandler {
           "); reinstall Cortex, or set plugins.isolation: in-process to run trusted plugins "
           "inside cortexd");
     ro.host_env = config_.plugins.env;
+    ro.supervision.on_slot_free = [this] { queue_cv_.notify_all(); };
     ro.supervision.quarantine_after = config_.plugins.quarantine_after;
     ro.supervision.backoff_s = config_.plugins.restart_backoff_s;
     ro.supervision.memory_limit = config_.plugins.memory_limit;
@@ -543,6 +559,12 @@ class DaemonImpl : public Daemon, public RequestHandler {
       profiles_.clear();
       profiles_generation_ = generation;
     }
+    std::map<std::string, int> waiting;  // routed jobs waiting for each expert's slot
+    {
+      std::lock_guard<std::mutex> q(queue_mu_);
+      for (const auto& j : ready_)
+        if (j.next < j.decision.candidates.size()) ++waiting[j.decision.candidates[j.next].expert];
+    }
     std::vector<ExpertSlot> slots;
     for (const auto& e : experts) {
       auto it = profiles_.find(e->name());
@@ -554,26 +576,34 @@ class DaemonImpl : public Daemon, public RequestHandler {
                          router->hasher().Manifest({m.name, m.description, m.keywords, m.examples}))
                 .first;
       }
-      slots.push_back({{e->name(), it->second}, e->load(), e->health_penalty()});
+      auto w = waiting.find(e->name());
+      const double load =
+          w == waiting.end()
+              ? e->load()
+              : std::min(1.0, (e->inflight() + w->second) /
+                                  static_cast<double>(std::max(1, e->manifest().capacity)));
+      slots.push_back({{e->name(), it->second}, load, e->health_penalty()});
     }
     if (experts_out) *experts_out = std::move(experts);
     return slots;
   }
 
   void DispatchLoop() {
-    const size_t max_ready = static_cast<size_t>(config_.daemon.workers) * 2;
+    // Routed jobs wait in ready_ for a slot without holding a worker, so routing never
+    // waits for capacity; a small batch keeps each decision's load picture fresh (the
+    // load an expert shows counts the jobs already waiting for it).
+    const size_t max_batch = static_cast<size_t>(config_.daemon.workers) * 2;
     while (true) {
       std::vector<Task> batch;
       {
         std::unique_lock<std::mutex> l(queue_mu_);
-        queue_cv_.wait_for(l, std::chrono::milliseconds(500), [&] {
-          return stop_.load() || (!queue_.empty() && ready_.size() < max_ready);
-        });
+        queue_cv_.wait_for(l, std::chrono::milliseconds(500),
+                           [&] { return stop_.load() || !queue_.empty(); });
         if (stop_.load()) return;
-        if (queue_.empty() || ready_.size() >= max_ready) continue;
+        if (queue_.empty()) continue;
         // A task that was in flight when cortexd died is a suspect: it is routed alone,
         // so a second death is counted against it and not against its batch mates.
-        size_t n = std::min(queue_.size(), max_ready - ready_.size());
+        size_t n = std::min(queue_.size(), max_batch);
         if (queue_.front().deaths > 0) n = 1;
         for (size_t i = 0; i < n && (i == 0 || queue_.front().deaths == 0); ++i) {
           batch.push_back(std::move(queue_.front()));
@@ -630,19 +660,31 @@ class DaemonImpl : public Daemon, public RequestHandler {
     }
   }
 
+  // Workers take only work that can start now: a job whose next expert has a free slot
+  // (taken here, before anything is recorded). A job for a busy expert stays in ready_
+  // and holds no worker; a freed slot wakes the workers (Supervision::on_slot_free).
   void WorkerLoop() {
     while (true) {
       Job job;
-      {
+      std::shared_ptr<Expert> expert;
+      while (true) {
+        // The registry is read before queue_mu_ is taken: a rescan holding the registry
+        // must not hold up submissions through queue_mu_.
+        std::map<std::string, std::shared_ptr<Expert>> experts;
+        for (auto& e : registry_->Active()) experts.emplace(e->name(), std::move(e));
         std::unique_lock<std::mutex> l(queue_mu_);
-        queue_cv_.wait(l, [&] { return abort_.load() || (!ready_.empty() && !stop_.load()); });
         if (abort_.load() || stop_.load()) return;
-        job = std::move(ready_.front());
-        ready_.pop_front();
-        ++busy_workers_;
+        if (PickLocked(experts, &job, &expert)) {
+          ++busy_workers_;
+          break;
+        }
+        queue_cv_.wait_for(l, std::chrono::milliseconds(200));
       }
-      queue_cv_.notify_all();  // room in ready_ for the dispatcher
-      Execute(job);
+      queue_cv_.notify_all();
+      if (expert)
+        RunAttempt(std::move(job), expert);
+      else
+        EndTask(job, TaskState::kFailed);  // no candidate left to try
       {
         std::lock_guard<std::mutex> l(queue_mu_);
         --busy_workers_;
@@ -651,58 +693,90 @@ class DaemonImpl : public Daemon, public RequestHandler {
     }
   }
 
-  void Execute(const Job& job) {
+  // The first job in ready_ that can run now (its slot taken: `expert` is set) or that has
+  // no attempt left (`expert` stays null: it ends failed). A job whose candidates all
+  // vanished before any attempt goes back to be routed again. Holds queue_mu_.
+  bool PickLocked(const std::map<std::string, std::shared_ptr<Expert>>& experts, Job* out,
+                  std::shared_ptr<Expert>* expert) {
+    const int max_attempts = max_attempts_live_.load();
+    std::set<std::string> full;  // experts found busy in this scan: not asked again
+    for (auto it = ready_.begin(); it != ready_.end();) {
+      Job& j = *it;
+      const auto& cands = j.decision.candidates;
+      // Removed or quarantined since the decision: not an attempt, try the next one.
+      auto usable = [&](const Candidate& c) {
+        auto e = experts.find(c.expert);
+        return e != experts.end() && !e->second->quarantined();
+      };
+      while (j.next < cands.size() && !usable(cands[j.next])) ++j.next;
+      if (j.next >= cands.size() || j.attempts >= max_attempts) {
+        if (j.attempts == 0) {  // every candidate vanished before it started: route again
+          queue_.push_back(std::move(j.task));
+          it = ready_.erase(it);
+          continue;
+        }
+        *out = std::move(j);
+        ready_.erase(it);
+        return true;
+      }
+      const std::string& name = cands[j.next].expert;
+      if (!full.count(name)) {
+        const std::shared_ptr<Expert>& e = experts.at(name);
+        if (e->TryAcquireSlot()) {
+          *expert = e;
+          *out = std::move(j);
+          ready_.erase(it);
+          return true;
+        }
+        full.insert(name);
+      }
+      ++it;
+    }
+    return false;
+  }
+
+  // One attempt, on a slot already taken; then the task ends or waits for its next
+  // candidate in ready_.
+  void RunAttempt(Job job, const std::shared_ptr<Expert>& expert) {
     const std::string& id = job.task.id;
-    int n = 0, max_attempts;
-    {
-      std::lock_guard<std::mutex> l(router_mu_);
-      max_attempts = max_attempts_;
-    }
-    std::string last_expert;
-    TaskState final_state = TaskState::kFailed;
-    for (const Candidate& c : job.decision.candidates) {
-      if (n >= max_attempts) break;
-      std::shared_ptr<Expert> expert = registry_->Find(c.expert);
-      // Removed or quarantined since the decision: not an attempt.
-      if (!expert || expert->quarantined()) continue;
-      ++n;
-      last_expert = c.expert;
-      // An attempt is run only once it is recorded; a store that refuses writes (a full
-      // disk) holds the task here, in memory, until it takes them or cortexd stops (the
-      // task is then resumed from the store at the next start).
-      if (!Persist(fmt::format("task {}: recording attempt {}", id, n), [&] {
-            return store_->StartAttempt(id, n, c.expert, env_->NowUnix());
-          }))
-        return;
-      Outcome o = expert->Run(job.task, &abort_);
-      if (abort_.load() && o.kind != OutcomeKind::kSuccess) {
-        o.kind = OutcomeKind::kInterrupted;
-        o.error = "cortexd stopped before the attempt finished";
-      }
-      const double finished = env_->NowUnix();
-      if (!Persist(fmt::format("task {}: recording the outcome of attempt {}", id, n),
-                   [&] { return store_->FinishAttempt(id, n, o, finished); }))
-        return;
-      train_cv_.notify_all();  // the learner reads the new outcome from the store
-      if (o.kind == OutcomeKind::kSuccess) {
-        final_state = TaskState::kSucceeded;
-        break;
-      }
-      if (o.kind == OutcomeKind::kInterrupted) {
-        final_state = TaskState::kInterrupted;
-        break;
-      }
-      LogDebug("task {}: {} on {} ({}), falling back", id, ToString(o.kind), c.expert, o.error);
-    }
-    if (n == 0) {
-      // Every candidate vanished between routing and running: route it again.
-      std::lock_guard<std::mutex> l(queue_mu_);
-      queue_.push_back(job.task);
+    const int n = job.attempts + 1;
+    // An attempt is recorded when it really starts (its slot is held), so recovery
+    // re-runs what never started. A store that refuses writes (a full disk) holds the task
+    // here, in memory, until it takes them or cortexd stops (the task is then resumed from
+    // the store at the next start).
+    if (!Persist(fmt::format("task {}: recording attempt {}", id, n), [&] {
+          return store_->StartAttempt(id, n, expert->name(), env_->NowUnix());
+        })) {
+      expert->ReleaseSlot();
       return;
     }
+    Outcome o = expert->RunWithSlot(job.task, &abort_);
+    if (abort_.load() && o.kind != OutcomeKind::kSuccess) {
+      o.kind = OutcomeKind::kInterrupted;
+      o.error = "cortexd stopped before the attempt finished";
+    }
+    const double finished = env_->NowUnix();
+    if (!Persist(fmt::format("task {}: recording the outcome of attempt {}", id, n),
+                 [&] { return store_->FinishAttempt(id, n, o, finished); }))
+      return;
+    train_cv_.notify_all();  // the learner reads the new outcome from the store
+    job.attempts = n;
+    job.last_expert = expert->name();
+    ++job.next;
+    if (o.kind == OutcomeKind::kSuccess) return EndTask(job, TaskState::kSucceeded);
+    if (o.kind == OutcomeKind::kInterrupted) return EndTask(job, TaskState::kInterrupted);
+    LogDebug("task {}: {} on {} ({}), falling back", id, ToString(o.kind), expert->name(),
+             o.error);
+    // On to the next candidate when it has room (or to its end, if there is none).
+    std::lock_guard<std::mutex> l(queue_mu_);
+    ready_.push_front(std::move(job));
+  }
+
+  void EndTask(const Job& job, TaskState state) {
+    const std::string& id = job.task.id;
     const double ended = env_->NowUnix();
     if (!Persist(fmt::format("task {}: recording its end", id),
-                 [&] { return store_->FinishTask(id, final_state, last_expert, ended); }))
+                 [&] { return store_->FinishTask(id, state, job.last_expert, ended); }))
       return;
     NotifyDone(id);
   }
@@ -1012,7 +1086,8 @@ class DaemonImpl : public Daemon, public RequestHandler {
   std::unique_ptr<Server> server_;
   std::mutex router_mu_;
   std::shared_ptr<Router> router_;
-  int max_attempts_ = 2;
+  std::atomic<int> max_attempts_live_{2};
+  std::atomic<size_t> max_queued_{100000};
 
   std::shared_ptr<Learner> learner_;
   std::string backend_why_;

@@ -21,6 +21,7 @@ struct DaemonConfig {
   int max_tags = 32;
   double shutdown_grace_s = 10;
   double idle_timeout_s = 30;  // a connection silent this long is closed (0: never)
+  size_t max_queued = 100000;  // tasks waiting to run; a submit beyond is refused
   // Besides the daemon's own user (and root), members of this group may use the socket.
   std::string allow_group;
 };

@@ -225,7 +225,14 @@ class HealthState {
 // Capacity slots. Shared with a host's completion callbacks: a slot is freed when the
 // plugin is done with the task (or its host is gone), not when the caller stops waiting.
 struct Expert::Slots {
-  explicit Slots(int capacity) : capacity(capacity) {}
+  Slots(int capacity, std::function<void()> on_free)
+      : capacity(capacity), on_free(std::move(on_free)) {}
+  bool TryAcquire() {
+    std::lock_guard<std::mutex> l(mu);
+    if (inflight.load() >= capacity) return false;
+    ++inflight;
+    return true;
+  }
   bool Acquire(int64_t deadline_us, const std::atomic<bool>* stopping) {
     std::unique_lock<std::mutex> l(mu);
     while (inflight.load() >= capacity) {
@@ -243,8 +250,10 @@ struct Expert::Slots {
       --inflight;
     }
     cv.notify_one();
+    if (on_free) on_free();
   }
   const int capacity;
+  const std::function<void()> on_free;
   std::atomic<int> inflight{0};
   std::mutex mu;
   std::condition_variable cv;
@@ -261,7 +270,7 @@ Expert::Expert(std::shared_ptr<PluginFile> file, Manifest manifest, std::string 
       plugin_(std::move(plugin)),
       settings_(std::move(settings)),
       fingerprint_(std::move(fingerprint)),
-      slots_(std::make_shared<Slots>(manifest_.capacity)),
+      slots_(std::make_shared<Slots>(manifest_.capacity, supervision.on_slot_free)),
       health_(std::make_shared<HealthState>(supervision, std::move(audit))) {}
 
 Expert::~Expert() {
@@ -391,6 +400,16 @@ Outcome Expert::Run(const Task& task, const std::atomic<bool>* stopping) {
                     : RunInProcess(task, start, deadline);
 }
 
+bool Expert::TryAcquireSlot() { return slots_->TryAcquire(); }
+void Expert::ReleaseSlot() { slots_->Release(); }
+
+Outcome Expert::RunWithSlot(const Task& task, const std::atomic<bool>* stopping) {
+  const int64_t start = NowMicros();
+  const int64_t deadline = start + static_cast<int64_t>(manifest_.timeout_s * 1e6);
+  return isolated() ? RunHosted(task, stopping, start, deadline)
+                    : RunInProcess(task, start, deadline);
+}
+
 namespace {
 Outcome Finish(OutcomeKind k, std::string err, int64_t start, std::string output = "") {
   Outcome out;
@@ -513,7 +532,8 @@ Status ExpertRegistry::CheckSafe(const std::string& path, bool is_dir) {
 
 // The file is opened once; what was opened is judged and copied. Checking the path and
 // then opening it again would let a symlink flipped in between load another user's file.
-Status ExpertRegistry::CopyChecked(const std::string& path, const std::string& dst) {
+Status ExpertRegistry::CopyChecked(const std::string& path, const std::string& dst,
+                                   FileInfo* opened) {
   // O_NONBLOCK: a FIFO planted under a .so name must not hang the open.
   int fd = ::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC);
   if (fd < 0) return Status::IOError("cannot open " + path + ": " + std::strerror(errno));
@@ -529,12 +549,15 @@ Status ExpertRegistry::CopyChecked(const std::string& path, const std::string& d
   if (::fstat(fd, &st) != 0) {
     result = Status::IOError("cannot stat " + name + ": " + std::strerror(errno));
   } else {
-    FileInfo fi;
+    FileInfo& fi = *opened;
     fi.exists = true;
     fi.is_dir = S_ISDIR(st.st_mode);
     fi.is_regular = S_ISREG(st.st_mode);
     fi.uid = st.st_uid;
     fi.mode = st.st_mode & 07777;
+    fi.size = static_cast<uint64_t>(st.st_size);
+    fi.inode = st.st_ino;
+    fi.mtime_ns = static_cast<int64_t>(st.st_mtim.tv_sec) * 1000000000LL + st.st_mtim.tv_nsec;
     result = JudgeOwnership(name, false, fi, options_.env->CurrentUid());
   }
   if (result.ok()) {
@@ -545,14 +568,15 @@ Status ExpertRegistry::CopyChecked(const std::string& path, const std::string& d
   return result;
 }
 
-Status ExpertRegistry::LoadFile(const std::string& path, std::shared_ptr<PluginFile>* out) {
+Status ExpertRegistry::LoadFile(const std::string& path, std::shared_ptr<PluginFile>* out,
+                                FileInfo* opened) {
   auto pf = std::make_shared<PluginFile>();
   pf->file = path;
   // Load a private copy: the original may be replaced or rewritten while we run it.
   static std::atomic<uint64_t> counter{0};
   std::string copy = options_.cache_dir + "/" + fs::path(path).filename().string() + "." +
                      std::to_string(::getpid()) + "." + std::to_string(++counter);
-  CORTEX_RETURN_IF_ERROR(CopyChecked(path, copy));
+  CORTEX_RETURN_IF_ERROR(CopyChecked(path, copy, opened));
   if (options_.in_process) {
     Status st = PluginLibrary::Open(copy, path, &pf->lib);
     ::unlink(copy.c_str());  // the mapping stays valid; nothing to clean up later
@@ -626,7 +650,11 @@ void ExpertRegistry::Rescan() {
       rec->sig = fi;
       changed = true;
       std::shared_ptr<PluginFile> lib;
-      Status st = LoadFile(path, &lib);
+      FileInfo opened;
+      Status st = LoadFile(path, &lib, &opened);
+      // What was loaded (or refused) is the file that was opened, which a symlink
+      // flipped since the Stat above may have made another one: remember that one.
+      if (opened.exists) rec->sig = opened;
       if (st.ok()) {
         auto dup = plugins_.find(lib->manifest.name);
         if (dup != plugins_.end())

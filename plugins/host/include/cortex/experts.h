@@ -52,6 +52,9 @@ struct Supervision {
   double backoff_max_s = 30;
   double hang_grace_s = 1;  // after a timeout, how long a plugin may take to notice
   size_t memory_limit = 1ull << 30;
+  // Called whenever a slot of any expert frees up (from any thread, holding no lock of
+  // the registry's): a dispatcher waiting for capacity looks again.
+  std::function<void()> on_slot_free;
 };
 
 struct ExpertHealth {
@@ -110,6 +113,13 @@ class Expert : public std::enable_shared_from_this<Expert> {
   // returns or its host is killed, but the caller gets `timeout` at the deadline; a
   // host that dies gives `crash`. Never throws.
   Outcome Run(const Task& task, const std::atomic<bool>* stopping);
+
+  // The same in two steps, for a dispatcher that must never wait for a busy expert:
+  // TryAcquireSlot takes a free slot or returns false at once; RunWithSlot runs on a
+  // slot taken so (and frees it as Run does); ReleaseSlot gives one back unused.
+  bool TryAcquireSlot();
+  Outcome RunWithSlot(const Task& task, const std::atomic<bool>* stopping);
+  void ReleaseSlot();
 
  private:
   struct Slots;
@@ -185,12 +195,13 @@ class ExpertRegistry {
  private:
   struct FileRecord;
   struct Built;
-  Status LoadFile(const std::string& path, std::shared_ptr<PluginFile>* out);
+  // `opened` describes the file actually opened (for the change check of the next rescan).
+  Status LoadFile(const std::string& path, std::shared_ptr<PluginFile>* out, FileInfo* opened);
   Status NewExpert(const std::shared_ptr<PluginFile>& file, Manifest man, const std::string& plugin,
                    const std::string& settings, const std::string& fingerprint,
                    std::shared_ptr<Expert>* out);
   Status CheckSafe(const std::string& path, bool is_dir);
-  Status CopyChecked(const std::string& path, const std::string& dst);
+  Status CopyChecked(const std::string& path, const std::string& dst, FileInfo* opened);
   Status BuildInstances(const std::vector<ExpertConfig>& instances, const std::string& source,
                         std::map<std::string, std::shared_ptr<Expert>>* out);
   void RebuildLocked(std::map<std::string, std::shared_ptr<Expert>>* prebuilt = nullptr);
