@@ -11,6 +11,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <fstream>
 #include <random>
 #include <set>
@@ -573,6 +574,7 @@ TEST(E2E, ReloadAppliesOrNamesEveryChangedSetting) {
       {"plugins.quarantine_after", "3"},
       {"plugins.restart_backoff", "1s"},
       {"plugins.env", "[PATH]"},
+      {"plugins.load_timeout", "3s"},
       {"router.backend", "cpu"},
       {"router.exploration", "0.3"},
       {"router.load_bias", "0.5"},
@@ -1066,6 +1068,56 @@ TEST(E2E, ABusyExpertHoldsNoWorkerAndUnstartedWorkIsRerun) {
   })) << json(states).dump();
   EXPECT_EQ(states["interrupted"], 1) << json(states).dump();
   EXPECT_EQ(states["succeeded"], 5) << json(states).dump();
+}
+
+// Host processes whose command line names `needle` (a plugin file's private copy).
+int HostsLoading(const std::string& needle) {
+  int n = 0;
+  for (const auto& e : fs::directory_iterator("/proc")) {
+    const std::string pid = e.path().filename();
+    if (pid.find_first_not_of("0123456789") != std::string::npos) continue;
+    std::string cmd = test::ReadFile(e.path() / "cmdline");
+    std::replace(cmd.begin(), cmd.end(), '\0', ' ');
+    n += cmd.find("cortex-plugin-host") != std::string::npos && cmd.find(needle) != std::string::npos;
+  }
+  return n;
+}
+
+// Found by an attack: rescans ran on the main thread holding the registry lock, so three
+// plugins whose static constructors sleep froze `status` and `submit --wait` for 31 s.
+// Now loads run beside each other on a loader thread, bounded by plugins.load_timeout,
+// and nothing else waits for them.
+TEST(E2E, PluginsThatHangWhileLoadingFreezeNothing) {
+  TempDir dir;
+  Daemon d(dir, "", "router: {exploration: 0, seed: 1}\ntraining: {online: false}\n",
+           /*bundled=*/false, ", load_timeout: 10s");
+  fs::copy_file(test::BenchPluginDir() + "/misbehave.so", d.plugin_dir + "/misbehave.so");
+  fs::permissions(d.plugin_dir + "/misbehave.so", fs::perms(0755), fs::perm_options::replace);
+  ASSERT_TRUE(d.Start()) << d.Log();
+  for (const char* name : {"hang1.so", "hang2.so", "hang3.so"}) {
+    fs::copy_file(test::TestPluginDir() + "/echo_hangs_on_load.so", d.plugin_dir + "/" + name);
+    fs::permissions(d.plugin_dir + "/" + name, fs::perms(0755), fs::perm_options::replace);
+  }
+  // All three are being loaded at once...
+  ASSERT_TRUE(test::Eventually([&] { return HostsLoading("/hang") == 3; })) << d.Log();
+  // ...and meanwhile everything answers.
+  EXPECT_EQ(d.Ctl({"status"}).code, 0);
+  EXPECT_EQ(d.CtlJson({"submit", "misbehave ok", "--wait"})["state"], "succeeded");
+  EXPECT_EQ(d.Ctl({"experts"}).code, 0);
+  EXPECT_EQ(d.Ctl({"route", "anything"}).code, 0);
+  auto refused = [&] {
+    int n = 0;
+    for (const auto& e : d.CtlJson({"events", "--limit", "100"}))
+      n += e["event"] == "refused" &&
+           e["detail"].get<std::string>().find("no answer within 10s") != std::string::npos;
+    return n;
+  };
+  EXPECT_EQ(refused(), 0) << "everything above answered while the loads were pending";
+  EXPECT_EQ(HostsLoading("/hang"), 3);
+  // At the bound each is refused with an event; cortexd goes on.
+  EXPECT_TRUE(test::Eventually([&] { return refused() == 3; }, 60)) << d.Log();
+  EXPECT_TRUE(test::Eventually([&] { return HostsLoading("/hang") == 0; }));
+  EXPECT_EQ(d.Stop(), 0);
 }
 
 // Whether `pid` has exited (a zombie nobody reaped counts: it runs no code).

@@ -27,6 +27,7 @@ plugins:
   quarantine_after: 5     # consecutive crashes
   restart_backoff: 250ms  # doubling per consecutive crash, at most 30s
   env: [PATH, HOME, USER, LOGNAME, LANG, LC_ALL, TZ, TMPDIR]  # all a plugin sees of ours
+  load_timeout: 10s       # a load or create() that takes longer is refused
 router:
   backend: auto
   exploration: 0.05
@@ -59,7 +60,7 @@ const std::map<std::string, std::set<std::string>>& Sections() {
       {"store", {"path"}},
       {"plugins",
        {"dir", "watch", "bundled", "isolation", "memory_limit", "quarantine_after",
-        "restart_backoff", "env"}},
+        "restart_backoff", "env", "load_timeout"}},
       {"router", {"backend", "exploration", "load_bias", "health_bias", "max_attempts", "seed"}},
       {"training", {"interval", "min_new_outcomes", "online", "epochs"}},
   };
@@ -389,6 +390,12 @@ Result<Config> Parse(const YAML::Node& root, const std::string& source) {
       if (c.plugins.restart_backoff_s > 30)
         return p.Error(s["restart_backoff"], "plugins.restart_backoff", "must be at most 30s");
     }
+    if (s["load_timeout"]) {
+      CORTEX_RETURN_IF_ERROR(
+          p.Duration(s["load_timeout"], "plugins.load_timeout", &c.plugins.load_timeout_s));
+      if (c.plugins.load_timeout_s <= 0 || c.plugins.load_timeout_s > 600)
+        return p.Error(s["load_timeout"], "plugins.load_timeout", "must be above 0 and at most 10m");
+    }
     if (s["env"]) {
       CORTEX_RETURN_IF_ERROR(p.StrList(s["env"], "plugins.env", &c.plugins.env));
       for (size_t i = 0; i < c.plugins.env.size(); ++i) {
@@ -500,6 +507,7 @@ std::map<std::string, std::string> SettingsOf(const Config& c) {
           {"plugins.quarantine_after", num(p.quarantine_after)},
           {"plugins.restart_backoff", num(p.restart_backoff_s)},
           {"plugins.env", list(p.env)},
+          {"plugins.load_timeout", num(p.load_timeout_s)},
           {"router.backend", r.backend},
           {"router.exploration", num(r.exploration)},
           {"router.load_bias", num(r.load_bias)},

@@ -117,6 +117,7 @@ class DaemonImpl : public Daemon, public RequestHandler {
     CORTEX_RETURN_IF_ERROR(server_->Listen(config_.daemon.socket));
     SetupInotify();
     dispatcher_ = std::thread([this] { DispatchLoop(); });
+    loader_ = std::thread([this] { LoadLoop(); });
     trainer_ = std::thread([this] { TrainLoop(); });
     for (int i = 0; i < config_.daemon.workers; ++i)
       workers_.emplace_back([this] { WorkerLoop(); });
@@ -161,8 +162,7 @@ class DaemonImpl : public Daemon, public RequestHandler {
       }
       if (rescan_at && env_->MonotonicMicros() >= rescan_at) {
         rescan_at = 0;
-        registry_->Rescan();
-        queue_cv_.notify_all();  // a new expert may unblock queued tasks
+        RequestLoad(false);
       }
     }
     Shutdown();
@@ -441,6 +441,7 @@ class DaemonImpl : public Daemon, public RequestHandler {
           "); reinstall Cortex, or set plugins.isolation: in-process to run trusted plugins "
           "inside cortexd");
     ro.host_env = config_.plugins.env;
+    ro.load_timeout_s = config_.plugins.load_timeout_s;
     ro.supervision.on_slot_free = [this] { queue_cv_.notify_all(); };
     ro.supervision.quarantine_after = config_.plugins.quarantine_after;
     ro.supervision.backoff_s = config_.plugins.restart_backoff_s;
@@ -502,9 +503,7 @@ class DaemonImpl : public Daemon, public RequestHandler {
     while (read(signal_fd_, &si, sizeof si) == sizeof si) {
       if (si.ssi_signo == SIGHUP) {
         LogInfo("SIGHUP: reloading");
-        json summary;
-        Status st = Reload(&summary);
-        if (!st.ok()) LogError("{}", st.message());
+        RequestLoad(true);
       } else {
         LogInfo("signal {}: stopping", si.ssi_signo == SIGTERM ? "SIGTERM" : "SIGINT");
         RequestStop();
@@ -512,8 +511,42 @@ class DaemonImpl : public Daemon, public RequestHandler {
     }
   }
 
+  // Plugin rescans and SIGHUP reloads run on the loader thread: loading a file or starting
+  // a host can take up to plugins.load_timeout, and the main thread must keep accepting.
+  void RequestLoad(bool reload) {
+    {
+      std::lock_guard<std::mutex> l(load_mu_);
+      (reload ? reload_wanted_ : rescan_wanted_) = true;
+    }
+    load_cv_.notify_all();
+  }
+
+  void LoadLoop() {
+    while (true) {
+      bool reload, rescan;
+      {
+        std::unique_lock<std::mutex> l(load_mu_);
+        load_cv_.wait(l, [&] { return stop_.load() || reload_wanted_ || rescan_wanted_; });
+        if (stop_.load()) return;
+        reload = std::exchange(reload_wanted_, false);
+        rescan = std::exchange(rescan_wanted_, false);
+      }
+      if (reload) {
+        json summary;
+        Status st = Reload(&summary);  // rescans too
+        if (!st.ok()) LogError("{}", st.message());
+      } else if (rescan) {
+        registry_->Rescan();
+      }
+      queue_cv_.notify_all();  // a new expert may unblock queued tasks
+    }
+  }
+
   void Shutdown() {
     server_->StopAccepting();
+    { std::lock_guard<std::mutex> l(load_mu_); }  // the loader is waiting or sees stop_
+    load_cv_.notify_all();
+    if (loader_.joinable()) loader_.join();
     queue_cv_.notify_all();
     if (dispatcher_.joinable()) dispatcher_.join();
     train_cv_.notify_all();
@@ -1116,6 +1149,10 @@ class DaemonImpl : public Daemon, public RequestHandler {
   std::thread dispatcher_;
   std::vector<std::thread> workers_;
   std::mutex reload_mu_;  // one reload at a time (SIGHUP and `cortexctl reload`)
+  std::thread loader_;
+  std::mutex load_mu_;
+  std::condition_variable load_cv_;
+  bool reload_wanted_ = false, rescan_wanted_ = false;
   Config running_;        // the settings in force: the start's, plus live reloads
   std::atomic<double> shutdown_grace_s_{10};
   std::mutex store_error_mu_;

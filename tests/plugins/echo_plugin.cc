@@ -19,6 +19,13 @@
 #endif
 
 namespace {
+#ifdef ECHO_HANG_ON_LOAD
+// Runs when the library is loaded, before any entry point: cortexd must not wait on it.
+__attribute__((constructor)) void HangWhileLoading() {
+  std::this_thread::sleep_for(std::chrono::seconds(60));
+}
+#endif
+
 const char* const kKeywords[] = {"echo", "repeat", "parrot", nullptr};
 const char* const kExamples[] = {"echo this back to me", nullptr};
 const char* const kKeys[] = {"prefix", nullptr};

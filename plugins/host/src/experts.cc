@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstring>
 #include <filesystem>
+#include <future>
 #include <set>
 #include <thread>
 #include <utility>
@@ -589,6 +590,7 @@ Status ExpertRegistry::LoadFile(const std::string& path, std::shared_ptr<PluginF
     pf->host.display = path;
     pf->host.memory_limit = options_.supervision.memory_limit;
     pf->host.env_names = options_.host_env;
+    pf->host.start_timeout_s = options_.load_timeout_s;
     // A host of its own reads the manifest, so a plugin that crashes while loading
     // is refused without touching cortexd.
     std::shared_ptr<HostProcess> probe;
@@ -616,6 +618,17 @@ void ExpertRegistry::Rescan() {
   std::lock_guard<std::mutex> l(mu_);
   std::set<std::string> seen;
   bool changed = false;
+  struct Loaded {
+    Status st;
+    std::shared_ptr<PluginFile> lib;
+    FileInfo opened;
+  };
+  struct Pending {
+    std::string path;
+    bool replacing;
+    std::future<Loaded> result;
+  };
+  std::vector<Pending> loads;
   for (const auto& dir : options_.dirs) {
     FileInfo di;
     if (!options_.env->Stat(dir, &di).ok() || !di.exists) continue;
@@ -649,28 +662,36 @@ void ExpertRegistry::Rescan() {
       rec = std::make_unique<FileRecord>();
       rec->sig = fi;
       changed = true;
-      std::shared_ptr<PluginFile> lib;
-      FileInfo opened;
-      Status st = LoadFile(path, &lib, &opened);
-      // What was loaded (or refused) is the file that was opened, which a symlink
-      // flipped since the Stat above may have made another one: remember that one.
-      if (opened.exists) rec->sig = opened;
-      if (st.ok()) {
-        auto dup = plugins_.find(lib->manifest.name);
-        if (dup != plugins_.end())
-          st = Status::AlreadyExists("a plugin named '" + lib->manifest.name +
-                                     "' is already loaded from " + dup->second->file);
-      }
-      if (!st.ok()) {
-        rec->refused = st.message();
-        Audit(lib ? lib->manifest.name : "", path, "refused", st.message());
-        continue;
-      }
-      rec->plugin = lib->manifest.name;
-      Audit(lib->manifest.name, path, replacing ? "replaced" : "loaded",
-            "plugin " + lib->manifest.name + " " + lib->manifest.version);
-      plugins_[lib->manifest.name] = std::move(lib);
+      // Loaded side by side (each in a host of its own, bounded by the load timeout), so
+      // a plugin whose constructor hangs delays the others by nothing.
+      loads.push_back({path, replacing, std::async(std::launch::async, [this, path] {
+                         Loaded r;
+                         r.st = LoadFile(path, &r.lib, &r.opened);
+                         return r;
+                       })});
     }
+  }
+  for (auto& ld : loads) {  // in scan order, so which duplicate wins stays the same
+    Loaded r = ld.result.get();
+    FileRecord& rec = *files_[ld.path];
+    // What was loaded (or refused) is the file that was opened, which a symlink flipped
+    // since the Stat above may have made another one: remember that one.
+    if (r.opened.exists) rec.sig = r.opened;
+    if (r.st.ok()) {
+      auto dup = plugins_.find(r.lib->manifest.name);
+      if (dup != plugins_.end())
+        r.st = Status::AlreadyExists("a plugin named '" + r.lib->manifest.name +
+                                     "' is already loaded from " + dup->second->file);
+    }
+    if (!r.st.ok()) {
+      rec.refused = r.st.message();
+      Audit(r.lib ? r.lib->manifest.name : "", ld.path, "refused", r.st.message());
+      continue;
+    }
+    rec.plugin = r.lib->manifest.name;
+    Audit(r.lib->manifest.name, ld.path, ld.replacing ? "replaced" : "loaded",
+          "plugin " + r.lib->manifest.name + " " + r.lib->manifest.version);
+    plugins_[r.lib->manifest.name] = std::move(r.lib);
   }
   for (auto it = files_.begin(); it != files_.end();) {
     if (seen.count(it->first)) {
@@ -769,6 +790,14 @@ void ExpertRegistry::RebuildLocked(std::map<std::string, std::shared_ptr<Expert>
   std::map<std::string, std::shared_ptr<Expert>> next;
   std::set<std::string> configured;
   for (const auto& ec : instances_) configured.insert(ec.name);
+  // New default instances start side by side: a plugin slow to create() delays the
+  // others by nothing.
+  struct Starting {
+    std::string name;
+    std::shared_ptr<PluginFile> lib;
+    std::future<std::pair<Status, std::shared_ptr<Expert>>> result;
+  };
+  std::vector<Starting> starting;
   for (const auto& [name, lib] : plugins_) {
     if (lib->manifest.requires_config || configured.count(name)) continue;
     const std::string fp = fmt::format("{}|default", static_cast<const void*>(lib.get()));
@@ -777,13 +806,19 @@ void ExpertRegistry::RebuildLocked(std::map<std::string, std::shared_ptr<Expert>
       next[name] = cur->second;
       continue;
     }
-    std::shared_ptr<Expert> e;
-    Status st = NewExpert(lib, lib->manifest, name, "{}", fp, &e);
+    starting.push_back({name, lib, std::async(std::launch::async, [this, name, lib, fp] {
+                          std::shared_ptr<Expert> e;
+                          Status st = NewExpert(lib, lib->manifest, name, "{}", fp, &e);
+                          return std::make_pair(st, e);
+                        })});
+  }
+  for (auto& s : starting) {
+    auto [st, e] = s.result.get();
     if (!st.ok()) {
-      Audit(name, lib->file, "refused", "default instance: " + st.message());
+      Audit(s.name, s.lib->file, "refused", "default instance: " + st.message());
       continue;
     }
-    next[name] = std::move(e);
+    next[s.name] = std::move(e);
   }
   // Configured instances one by one: one that no longer builds (its plugin vanished or
   // changed) is listed as removed without taking the others down.
@@ -801,12 +836,14 @@ void ExpertRegistry::RebuildLocked(std::map<std::string, std::shared_ptr<Expert>
       info.name = instances_[i].name;
       info.plugin = instances_[i].plugin;
       info.state = "removed";
+      std::lock_guard<std::mutex> st_l(state_mu_);
       removed_[info.name] = info;
       continue;
     }
     next.insert(one.begin(), one.end());
   }
   bool changed = next.size() != active_.size();
+  std::lock_guard<std::mutex> st_l(state_mu_);  // publish: readers see all or nothing
   for (const auto& [name, e] : active_) {
     auto it = next.find(name);
     if (it == next.end() || it->second != e) changed = true;
@@ -818,7 +855,7 @@ void ExpertRegistry::RebuildLocked(std::map<std::string, std::shared_ptr<Expert>
 }
 
 std::vector<std::shared_ptr<Expert>> ExpertRegistry::Active() const {
-  std::lock_guard<std::mutex> l(mu_);
+  std::lock_guard<std::mutex> l(state_mu_);
   std::vector<std::shared_ptr<Expert>> out;
   for (const auto& [_, e] : active_)
     if (!e->quarantined()) out.push_back(e);
@@ -828,7 +865,7 @@ std::vector<std::shared_ptr<Expert>> ExpertRegistry::Active() const {
 Status ExpertRegistry::Release(const std::string& name) {
   std::shared_ptr<Expert> e;
   {
-    std::lock_guard<std::mutex> l(mu_);
+    std::lock_guard<std::mutex> l(state_mu_);
     auto it = active_.find(name);
     if (it == active_.end()) return Status::NotFound("no expert named '" + name + "' is loaded");
     e = it->second;
@@ -837,13 +874,13 @@ Status ExpertRegistry::Release(const std::string& name) {
 }
 
 std::shared_ptr<Expert> ExpertRegistry::Find(const std::string& name) const {
-  std::lock_guard<std::mutex> l(mu_);
+  std::lock_guard<std::mutex> l(state_mu_);
   auto it = active_.find(name);
   return it == active_.end() ? nullptr : it->second;
 }
 
 std::vector<ExpertInfo> ExpertRegistry::List() const {
-  std::lock_guard<std::mutex> l(mu_);
+  std::lock_guard<std::mutex> l(state_mu_);
   std::vector<ExpertInfo> out;
   for (const auto& [_, e] : active_) out.push_back(InfoOf(*e, "active"));
   for (const auto& [_, i] : removed_) out.push_back(i);

@@ -171,6 +171,7 @@ class ExpertRegistry {
     bool in_process = false;  // trusted plugins only: a crash takes cortexd down
     std::string host_exe;     // cortex-plugin-host
     std::vector<std::string> host_env;  // names of cortexd's variables hosts inherit
+    double load_timeout_s = 10;  // a load or create() that does not answer is refused
     Supervision supervision;
     std::function<void(const ExpertEvent&)> audit;  // every load, refusal and removal
   };
@@ -209,7 +210,12 @@ class ExpertRegistry {
              const std::string& detail);
 
   Options options_;
+  // mu_ serialises the writers (Rescan, Configure), which hold it through slow work:
+  // loading files and starting hosts. state_mu_ guards what readers see (active_,
+  // removed_) and is held only briefly, so `experts`, routing and status never wait for
+  // a plugin that is slow to load.
   mutable std::mutex mu_;
+  mutable std::mutex state_mu_;
   std::map<std::string, std::unique_ptr<FileRecord>> files_;    // by path
   std::map<std::string, std::shared_ptr<PluginFile>> plugins_;  // by plugin name
   std::vector<ExpertConfig> instances_;
