@@ -2,7 +2,10 @@
 // plugin instance in its own host process (the default) and once in-process; then what
 // isolation adds: crashes, hangs and memory limits contained, restarts and quarantine.
 #include <gtest/gtest.h>
+#include <grp.h>
 #include <pwd.h>
+#include <signal.h>
+#include <sys/wait.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -135,37 +138,49 @@ TEST_P(RegistryTest, RefusesGroupOrWorldWritableFilesAndFolders) {
 // flipped in between loaded another user's library (its constructors ran as cortexd's
 // user). Now the file is opened once, and what was opened is judged and copied.
 TEST_P(RegistryTest, ASymlinkFlippedBetweenCheckAndCopyNeverLoadsAnotherUsersFile) {
-  if (geteuid() != 0) GTEST_SKIP() << "needs root to make a file owned by 'nobody'";
+  if (geteuid() != 0) GTEST_SKIP() << "needs root to act as the user 'nobody'";
   struct passwd* nobody = getpwnam("nobody");
   if (!nobody) GTEST_SKIP() << "no user 'nobody' here";
-  const std::string mine = dir_ / "mine.so", theirs = dir_ / "theirs.so";
+  // The plugin folder links to a file in a folder 'nobody' controls; 'nobody' flips what
+  // that file is, between our library and theirs, as fast as they can.
+  fs::permissions(dir_.path(), fs::perms(0755), fs::perm_options::replace);
+  const std::string evil = dir_ / "shared-tools";
+  fs::create_directories(evil);
+  ASSERT_EQ(chown(evil.c_str(), nobody->pw_uid, nobody->pw_gid), 0);
+  const std::string mine = dir_ / "mine.so", theirs = evil + "/theirs.so";
   fs::copy_file(test::TestPluginDir() + "/echo.so", mine);
   fs::copy_file(test::TestPluginDir() + "/echo_v2.so", theirs);  // says version 2.0.0
   fs::permissions(mine, fs::perms(0755), fs::perm_options::replace);
   fs::permissions(theirs, fs::perms(0755), fs::perm_options::replace);
   ASSERT_EQ(chown(theirs.c_str(), nobody->pw_uid, nobody->pw_gid), 0);
-  const std::string link = plugins_ + "/echo.so", tmp = dir_ / "flip";
-  ASSERT_EQ(symlink(mine.c_str(), link.c_str()), 0);
-  std::atomic<bool> stop{false};
-  std::thread flipper([&] {
-    for (bool m = false; !stop.load(); m = !m) {
+  const std::string current = evil + "/current.so", tmp = evil + "/flip";
+  ASSERT_EQ(symlink(mine.c_str(), current.c_str()), 0);
+  const std::string link = plugins_ + "/echo.so";
+  ASSERT_EQ(symlink(current.c_str(), link.c_str()), 0);
+  const pid_t flipper = fork();  // before the registry starts any thread
+  if (flipper == 0) {
+    if (setgroups(0, nullptr) != 0 || setgid(nobody->pw_gid) != 0 || setuid(nobody->pw_uid) != 0)
+      _exit(3);
+    for (int i = 0; i < 20000000; ++i) {  // bounded; the test kills it sooner
       ::unlink(tmp.c_str());
-      if (::symlink((m ? mine : theirs).c_str(), tmp.c_str()) == 0)
-        (void)::rename(tmp.c_str(), link.c_str());
+      if (::symlink(i % 2 ? mine.c_str() : theirs.c_str(), tmp.c_str()) == 0)
+        (void)::rename(tmp.c_str(), current.c_str());
     }
-  });
+    _exit(0);
+  }
+  ASSERT_GT(flipper, 0);
   auto reg = Make();
   for (int i = 0; i < 300 && !HasFailure(); ++i) {
     reg->Rescan();
     if (auto e = reg->Find("echo"))
       EXPECT_EQ(e->manifest().version, "1.0.0") << "another user's plugin was loaded";
   }
-  stop = true;
-  flipper.join();
+  kill(flipper, SIGKILL);
+  waitpid(flipper, nullptr, 0);
   // Settled on their file: refused, and the refusal names the link and what it led to.
   ::unlink(tmp.c_str());
   ASSERT_EQ(::symlink(theirs.c_str(), tmp.c_str()), 0);
-  ASSERT_EQ(::rename(tmp.c_str(), link.c_str()), 0);
+  ASSERT_EQ(::rename(tmp.c_str(), current.c_str()), 0);
   reg->Rescan();
   EXPECT_FALSE(reg->Find("echo"));
   bool named = false;
@@ -176,7 +191,7 @@ TEST_P(RegistryTest, ASymlinkFlippedBetweenCheckAndCopyNeverLoadsAnotherUsersFil
   EXPECT_TRUE(named) << "no refusal named both the link and its target";
   // Settled on ours: loaded through the same link.
   ASSERT_EQ(::symlink(mine.c_str(), tmp.c_str()), 0);
-  ASSERT_EQ(::rename(tmp.c_str(), link.c_str()), 0);
+  ASSERT_EQ(::rename(tmp.c_str(), current.c_str()), 0);
   reg->Rescan();
   ASSERT_TRUE(reg->Find("echo"));
   EXPECT_EQ(reg->Find("echo")->manifest().version, "1.0.0");
