@@ -193,7 +193,7 @@ TEST(E2E, FallbackTimeoutRejectionAndForcedPolicy) {
   test::Run r = d.Ctl({"submit", "sleepy slow flaky broken unstable", "--wait"});
   EXPECT_EQ(r.code, 1) << r.out;
   EXPECT_NE(r.err.find("failed"), std::string::npos) << r.err;
-  EXPECT_EQ(d.Stop(), 0);
+  EXPECT_EQ(d.Stop(), 0) << d.Log();
 }
 
 TEST(E2E, CapacityIsHonoured) {
