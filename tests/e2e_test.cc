@@ -986,7 +986,7 @@ TEST(E2E, AStopCancelsARetrainWhichThenSavesNothing) {
   ASSERT_TRUE(d.Start()) << d.Log();
   Client c;
   ASSERT_TRUE(c.Connect(d.socket).ok());
-  const int kTasks = 1500;
+  const int kTasks = 1000;
   for (int i = 0; i < kTasks; ++i) {
     json resp;
     ASSERT_TRUE(c.Call({{"op", "submit"},

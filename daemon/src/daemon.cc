@@ -93,6 +93,10 @@ class DaemonImpl : public Daemon, public RequestHandler {
       : config_(std::move(config)), options_(std::move(options)), env_(Env::Default()) {}
 
   ~DaemonImpl() override {
+    {  // a slot freed from now on (a host torn down below, a late plugin thread) wakes nobody
+      std::lock_guard<std::mutex> l(slot_waker_->mu);
+      slot_waker_->cv = nullptr;
+    }
     if (lock_fd_ >= 0) close(lock_fd_);
     if (inotify_fd_ >= 0) close(inotify_fd_);
     if (signal_fd_ >= 0) close(signal_fd_);
@@ -442,7 +446,11 @@ class DaemonImpl : public Daemon, public RequestHandler {
           "inside cortexd");
     ro.host_env = config_.plugins.env;
     ro.load_timeout_s = config_.plugins.load_timeout_s;
-    ro.supervision.on_slot_free = [this] { queue_cv_.notify_all(); };
+    slot_waker_->cv = &queue_cv_;
+    ro.supervision.on_slot_free = [w = slot_waker_] {
+      std::lock_guard<std::mutex> l(w->mu);
+      if (w->cv) w->cv->notify_all();
+    };
     ro.supervision.quarantine_after = config_.plugins.quarantine_after;
     ro.supervision.backoff_s = config_.plugins.restart_backoff_s;
     ro.supervision.memory_limit = config_.plugins.memory_limit;
@@ -1148,6 +1156,13 @@ class DaemonImpl : public Daemon, public RequestHandler {
   int busy_workers_ = 0;
   std::thread dispatcher_;
   std::vector<std::thread> workers_;
+  // Hosts and plugin threads free slots from their own threads, possibly after this
+  // object is gone: they reach queue_cv_ only through this, which the destructor clears.
+  struct SlotWaker {
+    std::mutex mu;
+    std::condition_variable* cv = nullptr;
+  };
+  std::shared_ptr<SlotWaker> slot_waker_ = std::make_shared<SlotWaker>();
   std::mutex reload_mu_;  // one reload at a time (SIGHUP and `cortexctl reload`)
   std::thread loader_;
   std::mutex load_mu_;
