@@ -806,9 +806,12 @@ void ExpertRegistry::RebuildLocked(std::map<std::string, std::shared_ptr<Expert>
       next[name] = cur->second;
       continue;
     }
-    starting.push_back({name, lib, std::async(std::launch::async, [this, name, lib, fp] {
+    // (Named copies: clang before 16 cannot capture structured bindings.)
+    std::string n = name;
+    std::shared_ptr<PluginFile> file = lib;
+    starting.push_back({n, file, std::async(std::launch::async, [this, n, file, fp] {
                           std::shared_ptr<Expert> e;
-                          Status st = NewExpert(lib, lib->manifest, name, "{}", fp, &e);
+                          Status st = NewExpert(file, file->manifest, n, "{}", fp, &e);
                           return std::make_pair(st, e);
                         })});
   }
