@@ -4,8 +4,8 @@
 #include <gtest/gtest.h>
 #include <pwd.h>
 #include <sqlite3.h>
-#include <sys/socket.h>
 #include <sys/resource.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
 #include <sys/wait.h>
@@ -554,37 +554,36 @@ TEST(E2E, ReloadAppliesOrNamesEveryChangedSetting) {
       {"plugins", {{"dir", dir / "plugins"}}},
       {"router", {{"exploration", "0"}, {"seed", "1"}}},
       {"training", {{"online", "false"}}}};
-  const std::map<std::string, std::string> changed = {
-      {"daemon.socket", dir / "run/other.sock"},
-      {"daemon.workers", "3"},
-      {"daemon.max_connections", "9"},
-      {"daemon.max_request_bytes", "65536"},
-      {"daemon.max_text_bytes", "1000"},
-      {"daemon.max_tags", "5"},
-      {"daemon.shutdown_grace", "3s"},
-      {"daemon.allow_group", "root"},
-      {"daemon.idle_timeout", "45s"},
-      {"daemon.max_queued", "50"},
-      {"store.path", dir / "data/other.db"},
-      {"plugins.dir", dir / "plugins2"},
-      {"plugins.watch", "false"},
-      {"plugins.bundled", "false"},
-      {"plugins.isolation", "in-process"},
-      {"plugins.memory_limit", "512MiB"},
-      {"plugins.quarantine_after", "3"},
-      {"plugins.restart_backoff", "1s"},
-      {"plugins.env", "[PATH]"},
-      {"plugins.load_timeout", "3s"},
-      {"router.backend", "cpu"},
-      {"router.exploration", "0.3"},
-      {"router.load_bias", "0.5"},
-      {"router.health_bias", "0.1"},
-      {"router.max_attempts", "3"},
-      {"router.seed", "42"},
-      {"training.interval", "5m"},
-      {"training.min_new_outcomes", "50"},
-      {"training.online", "true"},
-      {"training.epochs", "7"}};
+  const std::map<std::string, std::string> changed = {{"daemon.socket", dir / "run/other.sock"},
+                                                      {"daemon.workers", "3"},
+                                                      {"daemon.max_connections", "9"},
+                                                      {"daemon.max_request_bytes", "65536"},
+                                                      {"daemon.max_text_bytes", "1000"},
+                                                      {"daemon.max_tags", "5"},
+                                                      {"daemon.shutdown_grace", "3s"},
+                                                      {"daemon.allow_group", "root"},
+                                                      {"daemon.idle_timeout", "45s"},
+                                                      {"daemon.max_queued", "50"},
+                                                      {"store.path", dir / "data/other.db"},
+                                                      {"plugins.dir", dir / "plugins2"},
+                                                      {"plugins.watch", "false"},
+                                                      {"plugins.bundled", "false"},
+                                                      {"plugins.isolation", "in-process"},
+                                                      {"plugins.memory_limit", "512MiB"},
+                                                      {"plugins.quarantine_after", "3"},
+                                                      {"plugins.restart_backoff", "1s"},
+                                                      {"plugins.env", "[PATH]"},
+                                                      {"plugins.load_timeout", "3s"},
+                                                      {"router.backend", "cpu"},
+                                                      {"router.exploration", "0.3"},
+                                                      {"router.load_bias", "0.5"},
+                                                      {"router.health_bias", "0.1"},
+                                                      {"router.max_attempts", "3"},
+                                                      {"router.seed", "42"},
+                                                      {"training.interval", "5m"},
+                                                      {"training.min_new_outcomes", "50"},
+                                                      {"training.online", "true"},
+                                                      {"training.epochs", "7"}};
   std::vector<std::string> schema = SettingKeys();
   ASSERT_EQ(std::set<std::string>(schema.begin(), schema.end()).size(), changed.size())
       << "a setting was added to the schema: give it a row here";
@@ -654,16 +653,14 @@ TEST(E2E, PluginsDroppedReplacedRemovedAndRefusedLive) {
   std::string gw = d.plugin_dir + "/gw.so";
   fs::copy_file(test::TestPluginDir() + "/echo.so", gw);
   fs::permissions(gw, fs::perms(0775), fs::perm_options::replace);
-  ASSERT_TRUE(test::Eventually(
-      [&] {
-        std::set<std::string> refused;
-        for (const auto& e : d.CtlJson({"events", "--limit", "100"}))
-          if (e["event"] == "refused")
-            refused.insert(fs::path(e["file"].get<std::string>()).filename());
-        return refused.count("bad.so") && refused.count("foreign.so") && refused.count("junk.so") &&
-               refused.count("gw.so");
-      }))
-      << d.CtlJson({"events"}).dump(2);
+  ASSERT_TRUE(test::Eventually([&] {
+    std::set<std::string> refused;
+    for (const auto& e : d.CtlJson({"events", "--limit", "100"}))
+      if (e["event"] == "refused")
+        refused.insert(fs::path(e["file"].get<std::string>()).filename());
+    return refused.count("bad.so") && refused.count("foreign.so") && refused.count("junk.so") &&
+           refused.count("gw.so");
+  })) << d.CtlJson({"events"}).dump(2);
   EXPECT_NE(d.Log().find("built for plugin ABI v999"), std::string::npos);
   EXPECT_TRUE(d.Alive());
   EXPECT_EQ(d.CtlJson({"submit", "echo parrot", "--wait"})["state"], "succeeded");
@@ -897,9 +894,9 @@ TEST(E2E, SmallerHolesAreClosed) {
   EXPECT_NE(answer.find("\"ok\":true"), std::string::npos) << answer;
 
   // Escape sequences in task text and expert output reach the terminal escaped.
-  ASSERT_TRUE(c.Call({{"op", "submit"}, {"text", "count \x1b]0;owned\x07 \x1b[2J"}, {"wait", true}},
-                     &resp)
-                  .ok());
+  ASSERT_TRUE(
+      c.Call({{"op", "submit"}, {"text", "count \x1b]0;owned\x07 \x1b[2J"}, {"wait", true}}, &resp)
+          .ok());
   const std::string id = resp["result"]["id"];
   for (const auto& args : std::vector<std::vector<std::string>>{
            {"history"}, {"show", id}, {"submit", "count again \x1b[31m", "--wait"}}) {
@@ -944,8 +941,8 @@ TEST(E2E, AFullDiskHoldsTasksUntilSpaceReturns) {
   const std::string gate = dir / "gate";
   Daemon d(dir,
            "experts:\n  - name: gated\n    plugin: command\n    capacity: 1\n    keywords: [job]\n"
-           "    timeout: 2m\n    run: [/bin/sh, -c, 'i=0; while [ ! -e " + gate +
-               " ] && [ $i -lt 1200 ]; do sleep 0.05; i=$((i+1)); done']\n",
+           "    timeout: 2m\n    run: [/bin/sh, -c, 'i=0; while [ ! -e " +
+               gate + " ] && [ $i -lt 1200 ]; do sleep 0.05; i=$((i+1)); done']\n",
            "router: {exploration: 0, load_bias: 0}\n");
   ASSERT_TRUE(d.Start()) << d.Log();
   std::vector<std::string> ids;
@@ -964,8 +961,10 @@ TEST(E2E, AFullDiskHoldsTasksUntilSpaceReturns) {
   EXPECT_NE(d.Ctl({"submit", "job while full"}).code, 0) << "not acknowledged while full";
   ASSERT_EQ(prlimit(d.pid, RLIMIT_FSIZE, &open, nullptr), 0);
   for (const auto& id : ids)
-    EXPECT_TRUE(test::Eventually([&] { return d.CtlJson({"show", id})["state"] == "succeeded"; }))
-        << id << ": " << d.CtlJson({"show", id}).dump();
+    EXPECT_TRUE(test::Eventually([&] {
+      return d.CtlJson({"show", id})["state"] == "succeeded";
+    })) << id
+        << ": " << d.CtlJson({"show", id}).dump();
   EXPECT_TRUE(d.CtlJson({"status"})["store_error"].is_null());
   EXPECT_EQ(d.Stop(), 0);
 }
@@ -1006,8 +1005,8 @@ TEST(E2E, AStopCancelsARetrainWhichThenSavesNothing) {
   EXPECT_NE(d.Log().find("training was cancelled"), std::string::npos) << d.Log();
   ASSERT_TRUE(d.Start()) << d.Log();
   json models = d.CtlJson({"models"});
-  EXPECT_EQ(models["models"].size(), 1u) << "only v0: the cancelled candidate was not saved: "
-                                         << models;
+  EXPECT_EQ(models["models"].size(), 1u)
+      << "only v0: the cancelled candidate was not saved: " << models;
   EXPECT_EQ(d.CtlJson({"status"})["model_version"], "v0");
 }
 
@@ -1021,7 +1020,8 @@ TEST(E2E, ABusyExpertHoldsNoWorkerAndUnstartedWorkIsRerun) {
   const std::string gate = dir / "gate";
   const std::string cfg =
       "experts:\n  - name: busy\n    plugin: command\n    capacity: 1\n    timeout: 2m\n"
-      "    run: [/bin/sh, -c, 'i=0; while [ ! -e " + gate +
+      "    run: [/bin/sh, -c, 'i=0; while [ ! -e " +
+      gate +
       " ] && [ $i -lt 1200 ]; do sleep 0.05; i=$((i+1)); done']\n"
       "  - name: idle\n    plugin: command\n    run: ['true']\n"
       "rules:\n  - {name: b, match: [busy], expert: busy, force: true}\n"
@@ -1078,7 +1078,8 @@ int HostsLoading(const std::string& needle) {
     if (pid.find_first_not_of("0123456789") != std::string::npos) continue;
     std::string cmd = test::ReadFile(e.path() / "cmdline");
     std::replace(cmd.begin(), cmd.end(), '\0', ' ');
-    n += cmd.find("cortex-plugin-host") != std::string::npos && cmd.find(needle) != std::string::npos;
+    n += cmd.find("cortex-plugin-host") != std::string::npos &&
+         cmd.find(needle) != std::string::npos;
   }
   return n;
 }
@@ -1229,9 +1230,11 @@ TEST(E2E, ProcessesAPluginStartedDieWithItsHostAndWithCortexd) {
   const std::string forked = dir / "forked.pid", started = dir / "started.pid";
   Daemon d(dir,
            "experts:\n  - name: forker\n    plugin: misbehave\n    keywords: [fork]\n"
-           "    started_file: " + forked +
+           "    started_file: " +
+               forked +
                "\n  - name: runner\n    plugin: command\n    keywords: [background]\n"
-               "    timeout: 10m\n    run: [/bin/sh, -c, 'sleep 300 & echo $$ $! > " + started +
+               "    timeout: 10m\n    run: [/bin/sh, -c, 'sleep 300 & echo $$ $! > " +
+               started +
                "; wait']\nrules:\n  - {name: f, match: [fork], expert: forker, force: true}\n"
                "  - {name: b, match: [background], expert: runner, force: true}\n",
            "router: {exploration: 0, seed: 1, max_attempts: 1}\ntraining: {online: false}\n",
@@ -1440,6 +1443,34 @@ TEST(E2E, KillNineAtRandomMomentsUnderConcurrentLoad) {
   EXPECT_EQ(missing, 0u);
 }
 
+// The poison-task guard counts only crashes against the tasks in flight: a fault leaves
+// its signal in the store's lock file for the next start, a kill from outside leaves
+// nothing (KillNineAtRandomMomentsUnderConcurrentLoad checks that no task is failed).
+TEST(E2E, ACrashIsToldFromAKillOnTheNextStart) {
+  TempDir dir;
+  const std::string crashed = "the last cortexd crashed";
+  for (int sig : {SIGABRT, SIGSEGV}) {
+    Daemon d(dir);
+    ASSERT_TRUE(d.Start()) << d.Log();
+    // Killed by the signal (or by the abort of a sanitizer's handler, chained to, that
+    // reported it): the handler did not swallow it, and the first fault is the one named.
+    const int code = d.Stop(sig);
+    EXPECT_TRUE(code == 128 + sig || code == 128 + SIGABRT) << code;
+    EXPECT_EQ(test::ReadFile(d.store + ".lock"), "crashed: signal " + std::to_string(sig) + "\n");
+    const size_t seen = d.Log().size();
+    ASSERT_TRUE(d.Start()) << d.Log();
+    EXPECT_NE(d.Log().find(crashed + ": signal " + std::to_string(sig), seen), std::string::npos)
+        << d.Log();
+    EXPECT_EQ(test::ReadFile(d.store + ".lock"), "") << "the marker is taken once";
+    EXPECT_EQ(d.Stop(SIGKILL), 128 + SIGKILL);
+    EXPECT_EQ(test::ReadFile(d.store + ".lock"), "");
+    const size_t seen2 = d.Log().size();
+    ASSERT_TRUE(d.Start()) << d.Log();
+    EXPECT_EQ(d.Log().find(crashed, seen2), std::string::npos) << d.Log();
+    EXPECT_EQ(d.Stop(SIGTERM), 0);
+  }
+}
+
 TEST(E2E, SigtermFinishesRunningWorkAndKeepsTheQueue) {
   TempDir dir;
   const char* cfg =
@@ -1461,11 +1492,9 @@ TEST(E2E, SigtermFinishesRunningWorkAndKeepsTheQueue) {
   json first = again.CtlJson({"show", ids[0]});
   EXPECT_EQ(first["state"], "succeeded") << "the running attempt finished before exit";
   for (const auto& id : ids)
-    EXPECT_TRUE(test::Eventually(
-        [&] {
-          return again.CtlJson({"show", id})["state"] == "succeeded";
-        }))
-        << id;
+    EXPECT_TRUE(test::Eventually([&] {
+      return again.CtlJson({"show", id})["state"] == "succeeded";
+    })) << id;
 }
 
 // The learning loop through a live cortexd: online steps turn the router around, scheduled

@@ -1,12 +1,12 @@
 // The registry and the bundled experts against the real .so files, once with each
 // plugin instance in its own host process (the default) and once in-process; then what
 // isolation adds: crashes, hangs and memory limits contained, restarts and quarantine.
-#include <gtest/gtest.h>
 #include <grp.h>
+#include <gtest/gtest.h>
 #include <pwd.h>
 #include <signal.h>
-#include <sys/wait.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -172,8 +172,9 @@ TEST_P(RegistryTest, ASymlinkFlippedBetweenCheckAndCopyNeverLoadsAnotherUsersFil
   auto reg = Make();
   for (int i = 0; i < 300 && !HasFailure(); ++i) {
     reg->Rescan();
-    if (auto e = reg->Find("echo"))
+    if (auto e = reg->Find("echo")) {
       EXPECT_EQ(e->manifest().version, "1.0.0") << "another user's plugin was loaded";
+    }
   }
   kill(flipper, SIGKILL);
   waitpid(flipper, nullptr, 0);
@@ -185,8 +186,8 @@ TEST_P(RegistryTest, ASymlinkFlippedBetweenCheckAndCopyNeverLoadsAnotherUsersFil
   EXPECT_FALSE(reg->Find("echo"));
   bool named = false;
   for (const auto& e : events_)
-    named |= e.event == "refused" && e.detail.find(link + " (a symlink to " + theirs + ")") !=
-                                         std::string::npos &&
+    named |= e.event == "refused" &&
+             e.detail.find(link + " (a symlink to " + theirs + ")") != std::string::npos &&
              e.detail.find("owned by uid " + std::to_string(nobody->pw_uid)) != std::string::npos;
   EXPECT_TRUE(named) << "no refusal named both the link and its target";
   // Settled on ours: loaded through the same link.
@@ -433,7 +434,8 @@ TEST_P(IsolationTest, SegfaultsAndAbortsAreCrashesAndTheHostComesBack) {
   Supervision sup;
   sup.backoff_s = 0.05;
   const std::string started = dir_ / "slow-started";
-  auto e = Misbehave("    capacity: 2\n    delay_ms: 1500\n    started_file: " + started + "\n", sup);
+  auto e =
+      Misbehave("    capacity: 2\n    delay_ms: 1500\n    started_file: " + started + "\n", sup);
   ASSERT_TRUE(e);
   const int pid1 = e->host_pid();
   ASSERT_GT(pid1, 0);

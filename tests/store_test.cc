@@ -165,7 +165,7 @@ TEST_P(StoreTest, RecoverRequeuesUnstartedAndInterruptsRunning) {
   ASSERT_TRUE(store_->FinishTask("done", TaskState::kSucceeded, "a", 5).ok());
 
   Store::Recovery rec;
-  ASSERT_TRUE(store_->Recover(10, &rec).ok());
+  ASSERT_TRUE(store_->Recover(10, true, &rec).ok());
   EXPECT_EQ(rec.interrupted, 1);
   EXPECT_TRUE(rec.poisoned.empty());
   ASSERT_EQ(rec.requeue.size(), 2u);
@@ -188,10 +188,11 @@ TEST_P(StoreTest, ATaskInFlightAtTwoDeathsIsFailedNotRetried) {
   Store::Recovery rec;
   for (int start = 0; start < 2; ++start) {
     // Routed alongside a batch mate the first time; alone (as a suspect) the second.
-    ASSERT_TRUE(store_->MarkRouting(start == 0 ? std::vector<std::string>{"poison", "mate"}
-                                               : std::vector<std::string>{"poison"})
+    ASSERT_TRUE(store_
+                    ->MarkRouting(start == 0 ? std::vector<std::string>{"poison", "mate"}
+                                             : std::vector<std::string>{"poison"})
                     .ok());
-    ASSERT_TRUE(store_->Recover(10 + start, &rec).ok());  // cortexd died while routing
+    ASSERT_TRUE(store_->Recover(10 + start, true, &rec).ok());  // cortexd crashed routing
   }
   ASSERT_EQ(rec.poisoned, std::vector<std::string>{"poison"});
   ASSERT_EQ(rec.requeue.size(), 2u);
@@ -205,11 +206,29 @@ TEST_P(StoreTest, ATaskInFlightAtTwoDeathsIsFailedNotRetried) {
   // A decision recorded clears the mark: a later death is not counted against it.
   ASSERT_TRUE(store_->MarkRouting({"mate"}).ok());
   ASSERT_TRUE(store_->RecordDecision("mate", NewDecision("a", 0.5)).ok());
-  ASSERT_TRUE(store_->Recover(20, &rec).ok());
+  ASSERT_TRUE(store_->Recover(20, true, &rec).ok());
   EXPECT_TRUE(rec.poisoned.empty());
   ASSERT_TRUE(store_->GetTask("mate", &t).ok());
   EXPECT_EQ(t.deaths, 1);
   EXPECT_EQ(t.state, TaskState::kRouted);
+}
+
+// A kill from outside (kill -9, power loss) is not the task's doing: however often it
+// lands while a task is routed, the task is retried, never failed by the guard.
+TEST_P(StoreTest, KillsFromOutsideCountNoDeaths) {
+  NewTask("innocent", 1);
+  Store::Recovery rec;
+  for (int start = 0; start < 5; ++start) {
+    ASSERT_TRUE(store_->MarkRouting({"innocent"}).ok());
+    ASSERT_TRUE(store_->Recover(10 + start, false, &rec).ok());
+  }
+  EXPECT_TRUE(rec.poisoned.empty());
+  ASSERT_EQ(rec.requeue.size(), 1u);
+  EXPECT_EQ(rec.requeue[0].deaths, 0);
+  // The mark was cleared: a later crash elsewhere does not count against it.
+  ASSERT_TRUE(store_->Recover(20, true, &rec).ok());
+  ASSERT_EQ(rec.requeue.size(), 1u);
+  EXPECT_EQ(rec.requeue[0].deaths, 0);
 }
 
 TEST_P(StoreTest, ExportVisitsEveryTaskInOrder) {

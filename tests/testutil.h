@@ -3,6 +3,7 @@
 #pragma once
 
 #include <signal.h>
+#include <sys/resource.h>
 #include <sys/wait.h>
 
 #include <filesystem>
@@ -145,6 +146,8 @@ class Daemon {
       sigset_t none;
       sigemptyset(&none);
       sigprocmask(SIG_SETMASK, &none, nullptr);
+      struct rlimit no_core = {0, 0};  // tests crash cortexd on purpose: no core files
+      setrlimit(RLIMIT_CORE, &no_core);
       execl(cmd.c_str(), cmd.c_str(), "--foreground", "--config", config.c_str(), (char*)nullptr);
       _exit(127);
     }
@@ -192,10 +195,12 @@ class Daemon {
   // Waits until `status --json` satisfies `pred` (e.g. work running and queued).
   template <class F>
   bool WaitStatus(F pred, double timeout_s = 30) const {
-    return Eventually([&] {
-      json st = CtlJson({"status"});
-      return st.is_object() && pred(st);
-    }, timeout_s);
+    return Eventually(
+        [&] {
+          json st = CtlJson({"status"});
+          return st.is_object() && pred(st);
+        },
+        timeout_s);
   }
   std::string Log() const { return ReadFile(log); }
 

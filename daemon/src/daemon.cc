@@ -29,6 +29,7 @@
 #include "cortex/router.h"
 #include "cortex/store.h"
 #include "cortex/wire.h"
+#include "crash_marker.h"
 #include "server.h"
 
 namespace cortex {
@@ -97,7 +98,10 @@ class DaemonImpl : public Daemon, public RequestHandler {
       std::lock_guard<std::mutex> l(slot_waker_->mu);
       slot_waker_->cv = nullptr;
     }
-    if (lock_fd_ >= 0) close(lock_fd_);
+    if (lock_fd_ >= 0) {
+      SetCrashMarkerFd(-1);
+      close(lock_fd_);
+    }
     if (inotify_fd_ >= 0) close(inotify_fd_);
     if (signal_fd_ >= 0) close(signal_fd_);
   }
@@ -304,8 +308,8 @@ class DaemonImpl : public Daemon, public RequestHandler {
     // Every changed setting is either applied now or named as needing a restart; none is
     // silently ignored. (Rules and experts are always applied.)
     static const std::set<std::string> kLive = {
-        "router.exploration", "router.load_bias",  "router.health_bias",
-        "router.max_attempts", "router.seed",      "training.interval",
+        "router.exploration",        "router.load_bias",      "router.health_bias",
+        "router.max_attempts",       "router.seed",           "training.interval",
         "training.min_new_outcomes", "daemon.shutdown_grace", "daemon.max_queued"};
     std::vector<std::string> applied, restart;
     const auto was = SettingsOf(running_), now = SettingsOf(c);
@@ -379,6 +383,9 @@ class DaemonImpl : public Daemon, public RequestHandler {
       if (!locked)
         return Status::FailedPrecondition("another cortexd is using the store " + path + " (lock " +
                                           lock + " is held)");
+      // A predecessor that crashed (not one killed from outside) left which signal it was.
+      crash_ = TakeCrashMarker(lock_fd_);
+      SetCrashMarkerFd(lock_fd_);
     }
     Result<std::unique_ptr<Store>> s = OpenStore(path);
     if (!s.ok()) return s.status();
@@ -478,13 +485,19 @@ class DaemonImpl : public Daemon, public RequestHandler {
 
   Status Recover() {
     Store::Recovery rec;
-    CORTEX_RETURN_IF_ERROR(store_->Recover(env_->NowUnix(), &rec));
+    if (!crash_.empty())
+      LogWarn(
+          "the last cortexd {}: the tasks it was routing or running count that crash "
+          "(poison-task guard)",
+          crash_);
+    CORTEX_RETURN_IF_ERROR(store_->Recover(env_->NowUnix(), !crash_.empty(), &rec));
     if (rec.interrupted)
       LogWarn("{} task(s) were running when cortexd stopped: marked interrupted", rec.interrupted);
     for (const auto& id : rec.poisoned)
-      LogError("task {}: cortexd died {} times while routing or running it; marked failed "
-               "instead of retrying it (cortexctl show {})",
-               id, Store::kPoisonDeaths, id);
+      LogError(
+          "task {}: cortexd crashed {} times while routing or running it; marked failed "
+          "instead of retrying it (cortexctl show {})",
+          id, Store::kPoisonDeaths, id);
     if (!rec.requeue.empty())
       LogInfo("resuming {} queued task(s) from the store", rec.requeue.size());
     std::lock_guard<std::mutex> l(queue_mu_);
@@ -630,6 +643,7 @@ class DaemonImpl : public Daemon, public RequestHandler {
   }
 
   void DispatchLoop() {
+    UseCrashStackOnThisThread();  // routing is where a poison task would overflow a stack
     // Routed jobs wait in ready_ for a slot without holding a worker, so routing never
     // waits for capacity; a small batch keeps each decision's load picture fresh (the
     // load an expert shows counts the jobs already waiting for it).
@@ -651,28 +665,28 @@ class DaemonImpl : public Daemon, public RequestHandler {
           queue_.pop_front();
         }
       }
+      std::vector<ExpertSlot> slots = Slots(nullptr);
+      if (slots.empty()) {
+        // Nothing to route to: put the batch back (unmarked: the router never saw it) and
+        // wait for an expert to appear.
+        Requeue(&batch, std::chrono::seconds(1));
+        continue;
+      }
       std::vector<std::string> ids;
       for (const auto& t : batch) ids.push_back(t.id);
       if (Status ms = store_->MarkRouting(ids); !ms.ok()) {
         // Without the mark a crash here could repeat on every start: wait for the store.
         LogError("cannot mark {} task(s) as routing ({}); retrying", ids.size(), ms.ToString());
-        std::unique_lock<std::mutex> l(queue_mu_);
-        for (auto it = batch.rbegin(); it != batch.rend(); ++it) queue_.push_front(std::move(*it));
-        queue_cv_.wait_for(l, std::chrono::seconds(1), [&] { return stop_.load(); });
+        Requeue(&batch, std::chrono::seconds(1));
         continue;
       }
-      std::vector<ExpertSlot> slots = Slots(nullptr);
       std::vector<RouteRequest> reqs;
       for (const auto& t : batch) reqs.push_back({t.text, t.tags});
       std::vector<Decision> decisions;
-      Status st = slots.empty()
-                      ? Status::Unavailable("no experts are loaded")
-                      : CurrentRouter()->Route(reqs, slots, true, env_->NowUnix(), &decisions);
-      if (!st.ok()) {
-        // Nothing to route to: put the batch back and wait for an expert to appear.
-        std::unique_lock<std::mutex> l(queue_mu_);
-        for (auto it = batch.rbegin(); it != batch.rend(); ++it) queue_.push_front(std::move(*it));
-        queue_cv_.wait_for(l, std::chrono::seconds(1), [&] { return stop_.load(); });
+      if (Status st = CurrentRouter()->Route(reqs, slots, true, env_->NowUnix(), &decisions);
+          !st.ok()) {
+        LogError("cannot route {} task(s) ({}); retrying", ids.size(), st.ToString());
+        Requeue(&batch, std::chrono::seconds(1));
         continue;
       }
       std::vector<Job> jobs;
@@ -686,25 +700,35 @@ class DaemonImpl : public Daemon, public RequestHandler {
           unrecorded.push_back(std::move(batch[i]));
           continue;
         }
-        jobs.push_back({std::move(batch[i]), std::move(decisions[i])});
+        Job job;
+        job.task = std::move(batch[i]);
+        job.decision = std::move(decisions[i]);
+        jobs.push_back(std::move(job));
       }
       if (!jobs.empty()) NoteStoreSuccess();
       {
-        std::unique_lock<std::mutex> l(queue_mu_);
+        std::lock_guard<std::mutex> l(queue_mu_);
         for (auto& j : jobs) ready_.push_back(std::move(j));
-        for (auto it = unrecorded.rbegin(); it != unrecorded.rend(); ++it)
-          queue_.push_front(std::move(*it));
-        if (!unrecorded.empty())
-          queue_cv_.wait_for(l, std::chrono::seconds(1), [&] { return stop_.load(); });
       }
       queue_cv_.notify_all();
+      if (!unrecorded.empty()) Requeue(&unrecorded, std::chrono::seconds(1));
     }
+  }
+
+  // Puts `batch` back at the head of the queue, in order, and waits `pause` (or for stop)
+  // before the dispatcher tries again.
+  void Requeue(std::vector<Task>* batch, std::chrono::milliseconds pause) {
+    std::unique_lock<std::mutex> l(queue_mu_);
+    for (auto it = batch->rbegin(); it != batch->rend(); ++it) queue_.push_front(std::move(*it));
+    batch->clear();
+    queue_cv_.wait_for(l, pause, [&] { return stop_.load(); });
   }
 
   // Workers take only work that can start now: a job whose next expert has a free slot
   // (taken here, before anything is recorded). A job for a busy expert stays in ready_
   // and holds no worker; a freed slot wakes the workers (Supervision::on_slot_free).
   void WorkerLoop() {
+    UseCrashStackOnThisThread();  // an in-process plugin runs on this stack
     while (true) {
       Job job;
       std::shared_ptr<Expert> expert;
@@ -785,9 +809,8 @@ class DaemonImpl : public Daemon, public RequestHandler {
     // re-runs what never started. A store that refuses writes (a full disk) holds the task
     // here, in memory, until it takes them or cortexd stops (the task is then resumed from
     // the store at the next start).
-    if (!Persist(fmt::format("task {}: recording attempt {}", id, n), [&] {
-          return store_->StartAttempt(id, n, expert->name(), env_->NowUnix());
-        })) {
+    if (!Persist(fmt::format("task {}: recording attempt {}", id, n),
+                 [&] { return store_->StartAttempt(id, n, expert->name(), env_->NowUnix()); })) {
       expert->ReleaseSlot();
       return;
     }
@@ -806,8 +829,7 @@ class DaemonImpl : public Daemon, public RequestHandler {
     ++job.next;
     if (o.kind == OutcomeKind::kSuccess) return EndTask(job, TaskState::kSucceeded);
     if (o.kind == OutcomeKind::kInterrupted) return EndTask(job, TaskState::kInterrupted);
-    LogDebug("task {}: {} on {} ({}), falling back", id, ToString(o.kind), expert->name(),
-             o.error);
+    LogDebug("task {}: {} on {} ({}), falling back", id, ToString(o.kind), expert->name(), o.error);
     // On to the next candidate when it has room (or to its end, if there is none).
     std::lock_guard<std::mutex> l(queue_mu_);
     ready_.push_front(std::move(job));
@@ -1120,6 +1142,7 @@ class DaemonImpl : public Daemon, public RequestHandler {
   Env* env_;
   int64_t start_mono_ = 0;
   int lock_fd_ = -1, inotify_fd_ = -1, signal_fd_ = -1;
+  std::string crash_;  // what the last cortexd on this store crashed of ("" if it did not)
   std::vector<std::string> watch_dirs_;
 
   std::unique_ptr<Store> store_;
@@ -1168,10 +1191,10 @@ class DaemonImpl : public Daemon, public RequestHandler {
   std::mutex load_mu_;
   std::condition_variable load_cv_;
   bool reload_wanted_ = false, rescan_wanted_ = false;
-  Config running_;        // the settings in force: the start's, plus live reloads
+  Config running_;  // the settings in force: the start's, plus live reloads
   std::atomic<double> shutdown_grace_s_{10};
   std::mutex store_error_mu_;
-  std::string store_error_;  // the last failed write's error, until one succeeds
+  std::string store_error_;         // the last failed write's error, until one succeeds
   std::atomic<bool> stop_{false};   // no new work
   std::atomic<bool> abort_{false};  // grace period over: cancel running attempts
 

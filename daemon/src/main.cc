@@ -15,6 +15,7 @@
 #include "cortex/log.h"
 #include "cortex/paths.h"
 #include "cortex/rules.h"
+#include "crash_marker.h"
 
 namespace {
 
@@ -140,6 +141,8 @@ int main(int argc, char** argv) {
   signal(SIGPIPE, SIG_IGN);
   // Past a file-size limit a write fails (and is retried) instead of killing cortexd.
   signal(SIGXFSZ, SIG_IGN);
+  // A crash is written down so the next start can tell it from a kill (poison-task guard).
+  cortex::InstallCrashHandlers();
   // Threads that libraries started before main (OpenBLAS's pool) do not have the mask; a
   // signal the kernel hands to one of them is passed on to the main thread, where it stays
   // pending for the signalfd instead of killing the process.

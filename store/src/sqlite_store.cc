@@ -178,7 +178,7 @@ class SqliteStore : public Store {
     int flags = SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_FULLMUTEX;
     if (sqlite3_open_v2(path_.c_str(), &db_, flags, nullptr) != SQLITE_OK)
       return Status::IOError("cannot open store " + path_ + ": " + Err());
-    if (struct stat fst {}; path_ != ":memory:" && ::stat(path_.c_str(), &fst) == 0) {
+    if (struct stat fst{}; path_ != ":memory:" && ::stat(path_.c_str(), &fst) == 0) {
       dev_ = fst.st_dev;
       ino_ = fst.st_ino;
     }
@@ -571,26 +571,28 @@ class SqliteStore : public Store {
     return Finish(st);
   }
 
-  Status Recover(double time, Recovery* out) override {
+  Status Recover(double time, bool crashed, Recovery* out) override {
     std::lock_guard<std::mutex> l(mu_);
     *out = Recovery{};
     CORTEX_RETURN_IF_ERROR(Exec("BEGIN IMMEDIATE"));
     Status st;
     {
-      Stmt d = Prepare(
-          "UPDATE tasks SET deaths=deaths+1,routing=0 WHERE routing=1 OR state='running'");
+      Stmt d =
+          Prepare("UPDATE tasks SET deaths=deaths+?,routing=0 WHERE routing=1 OR state='running'");
+      d.Bind(1, crashed ? 1 : 0);
       st = Done(d, "count deaths");
     }
     if (st.ok()) {
-      Stmt p = Prepare("SELECT id FROM tasks WHERE state IN ('queued','routed') AND deaths>=? "
-                       "ORDER BY created_at, rowid");
+      Stmt p = Prepare(
+          "SELECT id FROM tasks WHERE state IN ('queued','routed') AND deaths>=? "
+          "ORDER BY created_at, rowid");
       p.Bind(1, kPoisonDeaths);
       while (p.Step() == SQLITE_ROW) out->poisoned.push_back(p.Text(0));
       Stmt f = Prepare(
           "UPDATE tasks SET state='failed',updated_at=?,error=? WHERE state IN "
           "('queued','routed') AND deaths>=?");
       f.Bind(1, time)
-          .Bind(2, "cortexd died " + std::to_string(kPoisonDeaths) +
+          .Bind(2, "cortexd crashed " + std::to_string(kPoisonDeaths) +
                        " times while routing or running this task; it is not retried "
                        "(poison-task guard)")
           .Bind(3, kPoisonDeaths);

@@ -59,16 +59,17 @@ class Store {
 
   // After a restart: tasks still `queued`/`routed` (no attempt started) are returned, oldest
   // first, to be run again; `running` ones are marked `interrupted` with their open attempt.
-  // Every task that was being routed or run when cortexd died has that death counted; one
-  // that reaches kPoisonDeaths is failed with the reason instead of being retried, so a
-  // task that kills cortexd cannot do it on every start (a poison task).
+  // When cortexd `crashed` (a fault, not a kill from outside), every task that was being
+  // routed or run then has that death counted; one that reaches kPoisonDeaths is failed
+  // with the reason instead of being retried, so a task that crashes cortexd cannot do it
+  // on every start (a poison task). Without a crash the routing marks are only cleared.
   struct Recovery {
     std::vector<Task> requeue;
     int interrupted = 0;
     std::vector<std::string> poisoned;  // failed by the guard
   };
   static constexpr int kPoisonDeaths = 2;
-  virtual Status Recover(double time, Recovery* out) = 0;
+  virtual Status Recover(double time, bool crashed, Recovery* out) = 0;
   virtual Status CountByState(std::vector<std::pair<std::string, long>>* counts) = 0;
   // OK, or why every write is refused: the file was deleted or replaced under cortexd.
   virtual Status Health() = 0;
