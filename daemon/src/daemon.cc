@@ -88,6 +88,27 @@ struct Job {
   std::string last_expert;  // whose attempt came last
 };
 
+// The settings a reload applies to the running daemon, each with how it is copied into
+// the settings in force; every other setting takes effect after a restart.
+using LiveSetting = void (*)(Config* running, const Config& next);
+const std::map<std::string, LiveSetting>& LiveSettings() {
+#define CORTEX_LIVE(key, field) \
+  { key, [](Config* r, const Config& n) { r->field = n.field; } }
+  static const std::map<std::string, LiveSetting> kLive = {
+      CORTEX_LIVE("router.exploration", router.exploration),
+      CORTEX_LIVE("router.load_bias", router.load_bias),
+      CORTEX_LIVE("router.health_bias", router.health_bias),
+      CORTEX_LIVE("router.max_attempts", router.max_attempts),
+      CORTEX_LIVE("router.seed", router.seed),
+      CORTEX_LIVE("training.interval", training.interval_s),
+      CORTEX_LIVE("training.min_new_outcomes", training.min_new_outcomes),
+      CORTEX_LIVE("daemon.shutdown_grace", daemon.shutdown_grace_s),
+      CORTEX_LIVE("daemon.max_queued", daemon.max_queued),
+  };
+#undef CORTEX_LIVE
+  return kLive;
+}
+
 class DaemonImpl : public Daemon, public RequestHandler {
  public:
   DaemonImpl(Config config, DaemonOptions options)
@@ -307,39 +328,34 @@ class DaemonImpl : public Daemon, public RequestHandler {
         registry_->Configure(c).WithContext("reload refused, keeping the running config"));
     // Every changed setting is either applied now or named as needing a restart; none is
     // silently ignored. (Rules and experts are always applied.)
-    static const std::set<std::string> kLive = {
-        "router.exploration",        "router.load_bias",      "router.health_bias",
-        "router.max_attempts",       "router.seed",           "training.interval",
-        "training.min_new_outcomes", "daemon.shutdown_grace", "daemon.max_queued"};
+    Config run = running_;
     std::vector<std::string> applied, restart;
     const auto was = SettingsOf(running_), now = SettingsOf(c);
-    for (const auto& [key, value] : now)
-      if (was.at(key) != value) (kLive.count(key) ? applied : restart).push_back(key);
-    for (const auto& k : restart) LogWarn("reload: {} changed; it takes effect after a restart", k);
+    for (const auto& [key, value] : now) {
+      if (was.at(key) == value) continue;
+      auto live = LiveSettings().find(key);
+      if (live == LiveSettings().end()) {
+        restart.push_back(key);
+        LogWarn("reload: {} changed; it takes effect after a restart", key);
+      } else {
+        live->second(&run, c);
+        applied.push_back(key);
+      }
+    }
+    // What the live settings feed is rebuilt from `run`, the one copy of what runs.
     {
       std::lock_guard<std::mutex> l(router_mu_);
-      router_ = std::make_shared<Router>(RouterOptionsFrom(c.router), std::move(rules).value(),
+      router_ = std::make_shared<Router>(RouterOptionsFrom(run.router), std::move(rules).value(),
                                          MakeGatingScorer(learner_), learner_->hasher());
-      max_attempts_live_ = c.router.max_attempts;
+      max_attempts_live_ = run.router.max_attempts;
     }
     {
       std::lock_guard<std::mutex> l(train_mu_);
-      schedule_ = RetrainSchedule(c.training.interval_s, c.training.min_new_outcomes);
-      config_.training.interval_s = c.training.interval_s;
-      config_.training.min_new_outcomes = c.training.min_new_outcomes;
+      schedule_ = RetrainSchedule(run.training.interval_s, run.training.min_new_outcomes);
+      running_ = run;
     }
-    shutdown_grace_s_ = c.daemon.shutdown_grace_s;
-    // What runs now: the live settings from the new file, the rest as at start.
-    running_.router.exploration = c.router.exploration;
-    running_.router.load_bias = c.router.load_bias;
-    running_.router.health_bias = c.router.health_bias;
-    running_.router.max_attempts = c.router.max_attempts;
-    running_.router.seed = c.router.seed;
-    running_.training.interval_s = c.training.interval_s;
-    running_.training.min_new_outcomes = c.training.min_new_outcomes;
-    running_.daemon.shutdown_grace_s = c.daemon.shutdown_grace_s;
-    running_.daemon.max_queued = c.daemon.max_queued;
-    max_queued_ = c.daemon.max_queued;
+    shutdown_grace_s_ = run.daemon.shutdown_grace_s;
+    max_queued_ = run.daemon.max_queued;
     WarnUnknownRuleExperts();
     queue_cv_.notify_all();
     LogInfo("reloaded {}: {} experts, {} rules", c.source, registry_->Active().size(),
@@ -729,14 +745,21 @@ class DaemonImpl : public Daemon, public RequestHandler {
   // and holds no worker; a freed slot wakes the workers (Supervision::on_slot_free).
   void WorkerLoop() {
     UseCrashStackOnThisThread();  // an in-process plugin runs on this stack
+    // This worker's view of the active experts, read again only when the set changes
+    // (generation first: a view is never older than the generation it is kept for).
+    std::map<std::string, std::shared_ptr<Expert>> experts;
+    uint64_t seen = ~uint64_t{0};
     while (true) {
       Job job;
       std::shared_ptr<Expert> expert;
       while (true) {
         // The registry is read before queue_mu_ is taken: a rescan holding the registry
         // must not hold up submissions through queue_mu_.
-        std::map<std::string, std::shared_ptr<Expert>> experts;
-        for (auto& e : registry_->Active()) experts.emplace(e->name(), std::move(e));
+        if (const uint64_t g = registry_->generation(); g != seen) {
+          experts.clear();
+          for (auto& e : registry_->Active()) experts.emplace(e->name(), std::move(e));
+          seen = g;
+        }
         std::unique_lock<std::mutex> l(queue_mu_);
         if (abort_.load() || stop_.load()) return;
         if (PickLocked(experts, &job, &expert)) {
@@ -930,8 +953,8 @@ class DaemonImpl : public Daemon, public RequestHandler {
   json TrainingStatus() {
     std::lock_guard<std::mutex> l(train_mu_);
     return {{"new_outcomes", new_outcomes_},
-            {"interval_s", config_.training.interval_s},
-            {"min_new_outcomes", config_.training.min_new_outcomes},
+            {"interval_s", running_.training.interval_s},
+            {"min_new_outcomes", running_.training.min_new_outcomes},
             {"in_progress", retraining_ ? json(retrain_log_.back()) : json(nullptr)},
             {"last_retrain", last_retrain_}};
   }
@@ -1191,7 +1214,7 @@ class DaemonImpl : public Daemon, public RequestHandler {
   std::mutex load_mu_;
   std::condition_variable load_cv_;
   bool reload_wanted_ = false, rescan_wanted_ = false;
-  Config running_;  // the settings in force: the start's, plus live reloads
+  Config running_;  // the settings in force: the start's, plus live reloads (train_mu_)
   std::atomic<double> shutdown_grace_s_{10};
   std::mutex store_error_mu_;
   std::string store_error_;         // the last failed write's error, until one succeeds
