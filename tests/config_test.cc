@@ -1,3 +1,4 @@
+#include <fmt/format.h>
 #include <gtest/gtest.h>
 
 #include "cortex/config.h"
@@ -148,6 +149,29 @@ TEST(RulesTest, BadRegexNamesTheRuleAndLine) {
   EXPECT_NE(rs.status().message().find("r.yaml:2: rules.r1.match: bad regular expression"),
             std::string::npos)
       << rs.status().message();
+}
+
+// Linear time is no comfort when the pattern itself is huge: an attacker-sized counted
+// repetition made routing one task take seconds. Refused at compile (so --check-config
+// and a start), naming the size and the limit; an ordinary pattern stays far below it.
+TEST(ConfigTest, AHugeRegexRuleIsRefused) {
+  std::string alts;
+  for (int i = 0; i < 60; ++i) alts += (i ? "|" : "") + fmt::format("[a-z0-9 ]{{{}}}q", 200 + i);
+  Result<Config> c = LoadConfigString(
+      "rules:\n  - name: big\n    match: [\"/(" + alts + ")zz9/\"]\n    expert: e\n    boost: 1\n",
+      "r.yaml");
+  ASSERT_TRUE(c.ok()) << c.status().ToString();
+  Result<RuleSet> rs = RuleSet::Compile(c->rules, c->source);
+  ASSERT_FALSE(rs.ok());
+  EXPECT_NE(rs.status().message().find("is too large for a rule"), std::string::npos)
+      << rs.status().message();
+  EXPECT_NE(rs.status().message().find("the limit is 2000"), std::string::npos);
+  c = LoadConfigString(
+      "rules:\n  - name: ok\n    match: [\"/(fix|bug)(.|[ ])*timeout/\", \"/[a-z0-9]{3,80}x/\"]\n"
+      "    expert: e\n    boost: 1\n",
+      "r.yaml");
+  ASSERT_TRUE(c.ok()) << c.status().ToString();
+  EXPECT_TRUE(RuleSet::Compile(c->rules, c->source).ok());
 }
 
 }  // namespace

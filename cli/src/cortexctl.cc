@@ -83,6 +83,14 @@ std::string Fit(const std::string& s, size_t w) {
   }
   return out;
 }
+// Pads `s` with spaces to `w` terminal columns (printf's width counts bytes, not the
+// columns that UTF-8 text such as "→" takes).
+std::string Pad(std::string s, size_t w) {
+  size_t cols = 0;
+  for (unsigned char c : s) cols += (c & 0xC0) != 0x80;
+  if (cols < w) s.append(w - cols, ' ');
+  return s;
+}
 std::string LocalTime(const std::string& iso) {
   // "2026-11-22T16:02:03.123Z" -> "2026-11-22 16:02:03" in local time.
   struct tm tm {};
@@ -476,19 +484,28 @@ int main(int argc, char** argv) {
     if (!outcome.empty()) req["outcome"] = outcome;
     if ((rc = Call(ctx, req, &result)) != kOk) return rc;
     if (ctx.json_out) return PrintJson(result), kOk;
-    std::printf("%-19s  %-12s  %-14s %5s  %-11s  %s\n", "TIME", "ID", "EXPERT", "CONF", "OUTCOME",
+    // EXPERT is the router's pick, then "→ the expert that ended it" after a fallback;
+    // CONF is the router's confidence in the expert shown last.
+    std::printf("%-19s  %-12s  %-24s %5s  %-11s  %s\n", "TIME", "ID", "EXPERT", "CONF", "OUTCOME",
                 "TEXT");
+    bool fallback = false;
     for (const auto& r : result) {
       std::string oc = r["outcome"].is_string() ? r["outcome"].get<std::string>() : Str(r, "state");
       if (r.value("explored", false)) oc += "*";
-      std::printf("%-19s  %-12s  %-14s %5s  %-11s  %s\n", LocalTime(Str(r, "time")).c_str(),
-                  Str(r, "id").c_str(), Fit(Str(r, "expert", "-"), 14).c_str(),
-                  Pct(r["confidence"]).c_str(), oc.c_str(), Fit(Str(r, "text"), 60).c_str());
+      std::string who = Str(r, "expert", "-");
+      if (!Str(r, "chosen").empty() && Str(r, "chosen") != who) {
+        who = Str(r, "chosen") + " → " + who;
+        fallback = true;
+      }
+      std::printf("%-19s  %-12s  %s %5s  %-11s  %s\n", LocalTime(Str(r, "time")).c_str(),
+                  Str(r, "id").c_str(), Pad(Fit(who, 24), 24).c_str(), Pct(r["confidence"]).c_str(),
+                  oc.c_str(), Fit(Str(r, "text"), 60).c_str());
     }
     if (result.empty())
       std::printf("(no tasks match)\n");
     else
-      std::printf("(%zu shown, newest first; * = exploration)\n", result.size());
+      std::printf("(%zu shown, newest first; * = exploration%s)\n", result.size(),
+                  fallback ? "; a → b: chosen a, ended by b after a fallback" : "");
     return kOk;
   }
   if (release->parsed()) {

@@ -21,6 +21,25 @@ Status ErrnoStatus(const std::string& what, int err) {
   return Status::IOError(msg);
 }
 
+Status NotOurs(const std::string& path, uid_t owner) {
+  return Status::FailedPrecondition(
+      path + " belongs to uid " + std::to_string(owner) + ", not to you (uid " +
+      std::to_string(::geteuid()) +
+      "): another user may have made it to take over cortexd's files; refusing to use "
+      "it. Remove it (it is not yours: ask its owner or root), or choose another location");
+}
+
+// A folder all users share (sticky and world-writable, like /tmp): fine to hold a private
+// folder, never to be one.
+Status SharedFolder(const std::string& path, const struct stat& st) {
+  char mode[8];
+  std::snprintf(mode, sizeof mode, "%04o", st.st_mode & 07777);
+  return Status::FailedPrecondition(
+      path + " is a folder all users share (mode " + mode +
+      "); cortexd's files need a private folder: choose a folder of their own inside it, "
+      "e.g. " + (path == "/" ? std::string() : path) + "/cortex-" + std::to_string(::geteuid()));
+}
+
 class PosixEnv : public Env {
  public:
   double NowUnix() override {
@@ -99,18 +118,21 @@ class PosixEnv : public Env {
             "; refusing to use it as a private folder (someone may be trying to redirect "
             "cortexd's files): remove it, or choose another location");
       }
+      struct stat ls {};
+      if (errno == EACCES && ::lstat(path.c_str(), &ls) == 0 && ls.st_uid != ::geteuid())
+        return NotOurs(path, ls.st_uid);  // another user's private folder: say whose
       return ErrnoStatus(path, errno);
     }
     struct stat st {};
     Status result;
     if (::fstat(fd, &st) != 0) {
       result = ErrnoStatus(path, errno);
+    } else if (st.st_uid != ::geteuid() && (st.st_mode & S_ISVTX)) {
+      result = SharedFolder(path, st);
     } else if (st.st_uid != ::geteuid()) {
-      result = Status::FailedPrecondition(
-          path + " belongs to uid " + std::to_string(st.st_uid) + ", not to you (uid " +
-          std::to_string(::geteuid()) +
-          "): another user may have made it to take over cortexd's files; refusing to use "
-          "it. Remove it (it is not yours: ask its owner or root), or choose another location");
+      result = NotOurs(path, st.st_uid);
+    } else if (st.st_mode & S_ISVTX && st.st_mode & 002) {
+      result = SharedFolder(path, st);
     } else if (st.st_mode & 022) {
       char mode[8];
       std::snprintf(mode, sizeof mode, "%04o", st.st_mode & 07777);

@@ -17,8 +17,12 @@ struct sigaction g_previous[sizeof kSignals / sizeof kSignals[0]];
 
 // Async-signal-safe only: pwrite, fsync, sigaction, raise.
 void OnFault(int sig, siginfo_t* info, void* ctx) {
+  // A fault the kernel raised (si_code > 0) or an abort() of our own is a crash; the same
+  // signal sent from outside (kill -ABRT for a core dump, a watchdog) is not the task's
+  // doing and is not written down.
+  const bool ours = info && (info->si_code > 0 || info->si_pid == getpid());
   int fd = g_marker_fd.load();
-  if (fd >= 0 && !g_marked.exchange(true)) {
+  if (ours && fd >= 0 && !g_marked.exchange(true)) {
     char msg[32] = "crashed: signal ";
     size_t n = strlen(msg);
     if (sig >= 10) msg[n++] = static_cast<char>('0' + sig / 10);

@@ -1,7 +1,8 @@
 // The poison-task guard needs to tell a crash of cortexd (a fault while it routed or ran
-// a task) from a kill from outside (kill -9, a reboot): only a crash is counted against
-// the tasks in flight. A fault handler writes which signal it was into the store's lock
-// file; the next start reads and clears it.
+// a task) from a kill from outside (kill -9, kill -ABRT, a reboot): only a crash is
+// counted against the tasks in flight. A fault handler writes which signal it was into the
+// store's lock file (only for a fault the kernel raised or an abort() of cortexd's own);
+// the next start reads and clears it.
 #pragma once
 
 #include <string>

@@ -86,6 +86,7 @@ struct Job {
   size_t next = 0;          // the candidate to try next
   int attempts = 0;         // attempts made so far
   std::string last_expert;  // whose attempt came last
+  uint64_t generation = 0;  // of the registry when it was routed
 };
 
 // The settings a reload applies to the running daemon, each with how it is copied into
@@ -681,6 +682,7 @@ class DaemonImpl : public Daemon, public RequestHandler {
           queue_.pop_front();
         }
       }
+      const uint64_t generation = registry_->generation();  // before the experts are read
       std::vector<ExpertSlot> slots = Slots(nullptr);
       if (slots.empty()) {
         // Nothing to route to: put the batch back (unmarked: the router never saw it) and
@@ -719,6 +721,7 @@ class DaemonImpl : public Daemon, public RequestHandler {
         Job job;
         job.task = std::move(batch[i]);
         job.decision = std::move(decisions[i]);
+        job.generation = generation;
         jobs.push_back(std::move(job));
       }
       if (!jobs.empty()) NoteStoreSuccess();
@@ -762,7 +765,7 @@ class DaemonImpl : public Daemon, public RequestHandler {
         }
         std::unique_lock<std::mutex> l(queue_mu_);
         if (abort_.load() || stop_.load()) return;
-        if (PickLocked(experts, &job, &expert)) {
+        if (PickLocked(experts, seen, &job, &expert)) {
           ++busy_workers_;
           break;
         }
@@ -784,21 +787,31 @@ class DaemonImpl : public Daemon, public RequestHandler {
   // The first job in ready_ that can run now (its slot taken: `expert` is set) or that has
   // no attempt left (`expert` stays null: it ends failed). A job whose candidates all
   // vanished before any attempt goes back to be routed again. Holds queue_mu_.
-  bool PickLocked(const std::map<std::string, std::shared_ptr<Expert>>& experts, Job* out,
-                  std::shared_ptr<Expert>* expert) {
+  bool PickLocked(const std::map<std::string, std::shared_ptr<Expert>>& experts,
+                  uint64_t generation, Job* out, std::shared_ptr<Expert>* expert) {
     const int max_attempts = max_attempts_live_.load();
     std::set<std::string> full;  // experts found busy in this scan: not asked again
     for (auto it = ready_.begin(); it != ready_.end();) {
       Job& j = *it;
       const auto& cands = j.decision.candidates;
-      // Removed or quarantined since the decision: not an attempt, try the next one.
+      // Removed or quarantined since the decision: not an attempt, try the next one. A
+      // forced decision is policy: that expert only, one attempt, no fallback.
       auto usable = [&](const Candidate& c) {
+        if (j.decision.forced && c.expert != j.decision.chosen) return false;
         auto e = experts.find(c.expert);
         return e != experts.end() && !e->second->quarantined();
       };
       while (j.next < cands.size() && !usable(cands[j.next])) ++j.next;
-      if (j.next >= cands.size() || j.attempts >= max_attempts) {
-        if (j.attempts == 0) {  // every candidate vanished before it started: route again
+      if (j.next >= cands.size() || j.attempts >= (j.decision.forced ? 1 : max_attempts)) {
+        if (j.attempts == 0) {
+          // No candidate can run it yet. If the experts changed since it was routed, it is
+          // routed again; if not (all quarantined), it waits here for a release instead of
+          // being routed again and again.
+          j.next = 0;
+          if (generation == j.generation) {
+            ++it;
+            continue;
+          }
           queue_.push_back(std::move(j.task));
           it = ready_.erase(it);
           continue;

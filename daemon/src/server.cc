@@ -95,6 +95,11 @@ class Request {
 Status CheckText(const std::string& text, const DaemonConfig& lim) {
   if (text.find_first_not_of(" \t\r\n") == std::string::npos)
     return Bad("field 'text' is empty: a task needs a line of text");
+  // Experts get the text as a C string (and in an environment variable): a NUL would cut
+  // what runs short of what was routed and audited.
+  if (size_t nul = text.find('\0'); nul != std::string::npos)
+    return Bad(fmt::format("field 'text' holds a NUL character (at byte {}); task text cannot",
+                           nul));
   if (text.size() > lim.max_text_bytes)
     return Status::ResourceExhausted("task text is " + std::to_string(text.size()) +
                                      " bytes; the limit is " + std::to_string(lim.max_text_bytes) +
@@ -116,6 +121,8 @@ Status ParseTags(const Request& r, const DaemonConfig& lim, Tags* tags) {
       return Bad("tag key '" + k + "' must be 1-64 characters of letters, digits, '_', '.', '-'");
     if (!v.is_string()) return Bad("tag '" + k + "' must have a string value");
     if (v.get<std::string>().size() > 4096) return Bad("tag '" + k + "' is longer than 4096 bytes");
+    if (v.get<std::string>().find('\0') != std::string::npos)
+      return Bad("tag '" + k + "' holds a NUL character; tag values cannot");
     tags->emplace_back(k, v.get<std::string>());
   }
   return Status::OK();
@@ -274,11 +281,15 @@ void Server::Serve(int fd) {
   bool discarding = false;  // inside an oversized line: skip to its end
   char chunk[65536];
   auto write_line = [fd](const std::string& s) { return WriteAll(fd, s + "\n"); };
+  // The idle clock runs from the last answered request (or the connection's start), not
+  // from the last byte: a client trickling a request that never ends is idle all along.
+  int64_t last_done_us = NowUs();
   auto mark = [&](bool busy) {
+    last_done_us = NowUs();
     std::lock_guard<std::mutex> l(mu_);
     Conn& c = conns_[fd];
     c.busy = busy;
-    c.last_active_us = NowUs();
+    c.last_active_us = last_done_us;
   };
   // Answers one complete request line; false once the peer is gone.
   auto serve_line = [&](std::string line) {
@@ -290,12 +301,15 @@ void Server::Serve(int fd) {
     mark(false);
     return alive;
   };
-  const int idle_ms = static_cast<int>(std::min(limits_.idle_timeout_s * 1000, 2e9));
+  const int64_t idle_us = static_cast<int64_t>(std::min(limits_.idle_timeout_s, 1e6) * 1e6);
   for (;;) {
     struct pollfd p = {fd, POLLIN, 0};
-    int r = poll(&p, 1, idle_ms > 0 ? idle_ms : -1);
+    const int64_t left_us = last_done_us + idle_us - NowUs();
+    int r = idle_us <= 0  ? poll(&p, 1, -1)
+            : left_us > 0 ? poll(&p, 1, static_cast<int>((left_us + 999) / 1000))
+                          : 0;
     if (r < 0 && errno == EINTR) continue;
-    if (r == 0) {  // silent too long: its slot is worth more to someone else
+    if (r == 0) {  // no complete request for too long: its slot is worth more to someone else
       write_line(wire::Line(wire::Error(Status::Timeout(fmt::format(
           "closing the connection: no complete request within {:g}s (daemon.idle_timeout)",
           limits_.idle_timeout_s)))));
@@ -309,7 +323,6 @@ void Server::Serve(int fd) {
       break;
     }
     if (n <= 0) break;
-    mark(false);
     buf.append(chunk, static_cast<size_t>(n));
     size_t pos;
     bool alive = true;

@@ -42,6 +42,22 @@ json FinalOutcome(const Task& t) {
       {"kind", ToString(o.kind)}, {"quality", q}, {"duration_s", o.duration_s}, {"error", o.error}};
 }
 
+namespace {
+// `expert` and `confidence` always belong together: the expert whose attempt ended the
+// task (the chosen one until then) and the router's confidence in it. `chosen` and
+// `chosen_confidence` are the first pick, which differs after a fallback.
+void PutExpert(const Task& t, json* j) {
+  const Decision* d = t.decision ? &*t.decision : nullptr;
+  const std::string& expert = !t.expert.empty() ? t.expert : d ? d->chosen : t.expert;
+  const Candidate* c = d ? d->Find(expert) : nullptr;
+  const Candidate* first = d ? d->Find(d->chosen) : nullptr;
+  (*j)["expert"] = expert.empty() ? json(nullptr) : json(expert);
+  (*j)["confidence"] = c ? json(c->confidence) : json(nullptr);
+  (*j)["chosen"] = d ? json(d->chosen) : json(nullptr);
+  (*j)["chosen_confidence"] = first ? json(first->confidence) : json(nullptr);
+}
+}  // namespace
+
 json ToJson(const Task& t) {
   json tags = json::object();
   for (const auto& [k, v] : t.tags) tags[k] = v;
@@ -69,14 +85,12 @@ json ToJson(const Task& t) {
             {"state", ToString(t.state)},
             {"created_at", IsoTime(t.created_at)},
             {"updated_at", IsoTime(t.updated_at)},
-            {"expert", t.expert.empty() && t.decision ? t.decision->chosen : t.expert},
             {"decision", t.decision ? ToJson(*t.decision) : json(nullptr)},
             {"attempts", attempts},
             {"feedback", fb},
             {"outcome", FinalOutcome(t)}};
   if (!t.error.empty()) j["error"] = t.error;
-  const Candidate* c = t.decision ? t.decision->Find(t.decision->chosen) : nullptr;
-  j["confidence"] = c ? json(c->confidence) : json(nullptr);
+  PutExpert(t, &j);
   return j;
 }
 
@@ -87,6 +101,8 @@ json ToJson(const HistoryRow& r) {
           {"state", r.state},
           {"expert", r.expert},
           {"confidence", r.confidence},
+          {"chosen", r.chosen},
+          {"chosen_confidence", r.chosen_confidence},
           {"outcome", r.outcome.empty() ? json(nullptr) : json(r.outcome)},
           {"quality", r.quality < 0 ? json(nullptr) : json(r.quality)},
           {"explored", r.explored}};
@@ -108,19 +124,16 @@ json ExportRow(const Task& t) {
   json tags = json::object();
   for (const auto& [k, v] : t.tags) tags[k] = v;
   j["tags"] = tags;
+  PutExpert(t, &j);
   if (t.decision) {
-    j["expert"] = t.decision->chosen;
     j["model_version"] = t.decision->model_version;
     j["propensity"] = t.decision->propensity;
     j["explored"] = t.decision->explored;
-    const Candidate* c = t.decision->Find(t.decision->chosen);
-    j["confidence"] = c ? c->confidence : 0.0;
     json cands = json::array();
     for (const auto& x : t.decision->candidates) cands.push_back(ToJson(x));
     j["candidates"] = cands;
   }
   j["attempts"] = t.attempts.size();
-  j["final_expert"] = t.expert;
   j["outcome"] = FinalOutcome(t);
   j["feedback_quality"] = t.feedback.empty() ? json(nullptr) : json(t.feedback.back().quality);
   return j;

@@ -12,6 +12,8 @@ std::string Lower(std::string s) {
                  [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
   return s;
 }
+constexpr int kMaxRegexProgram = 2000;
+
 }  // namespace
 
 Result<RuleSet> RuleSet::Compile(const std::vector<RuleConfig>& rules, const std::string& source) {
@@ -31,6 +33,15 @@ Result<RuleSet> RuleSet::Compile(const std::vector<RuleConfig>& rules, const std
               source + ":" + std::to_string(r.line) + ": rules." + r.name +
               ".match: bad regular expression " + m + ": " + re->error() +
               " (RE2 syntax: no backreferences or lookaround; matching is linear-time)");
+        // Linear time is per byte of text and per instruction of the pattern: a pattern
+        // of thousands of instructions (large counted repetitions) would make routing one
+        // task take seconds, so such a pattern is refused like a bad one.
+        if (re->ProgramSize() > kMaxRegexProgram)
+          return Status::InvalidArgument(
+              source + ":" + std::to_string(r.line) + ": rules." + r.name + ".match: " + m +
+              " is too large for a rule (" + std::to_string(re->ProgramSize()) +
+              " RE2 instructions; the limit is " + std::to_string(kMaxRegexProgram) +
+              "): use smaller repetition counts, or several rules");
         c.regexes.push_back(std::move(re));
       } else {
         c.substrings.push_back(Lower(m));

@@ -222,7 +222,8 @@ class SqliteStore : public Store {
       if (mode != "wal") return Status::IOError("store " + path_ + ": cannot enable WAL mode");
     }
     CORTEX_RETURN_IF_ERROR(Exec("PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;"));
-    return Migrate(static_cast<int>(user_version));
+    CORTEX_RETURN_IF_ERROR(Migrate(static_cast<int>(user_version)));
+    return StillOurFile();  // also notes the -wal and -shm files SQLite now holds open
   }
 
   Status InsertTask(const Task& t) override {
@@ -321,7 +322,11 @@ class SqliteStore : public Store {
         "COALESCE(d.chosen_confidence,0),COALESCE(d.explored,0),"
         "(SELECT outcome FROM attempts a WHERE a.task_id=t.id ORDER BY n DESC LIMIT 1),"
         "COALESCE(t.feedback_quality,(SELECT quality FROM attempts a WHERE a.task_id=t.id "
-        "ORDER BY n DESC LIMIT 1)) "
+        "ORDER BY n DESC LIMIT 1)),"
+        // The confidence the decision gave the expert that ended the task.
+        "COALESCE(NULLIF(t.expert,''),d.chosen,''),"
+        "(SELECT json_extract(c.value,'$.confidence') FROM json_each(d.candidates) c "
+        "WHERE json_extract(c.value,'$.expert')=COALESCE(NULLIF(t.expert,''),d.chosen)) "
         "FROM tasks t LEFT JOIN decisions d ON d.task_id=t.id "
         "WHERE (?1='' OR d.chosen=?1 OR t.expert=?1) AND t.created_at>=?2 "
         "AND (?3='' OR (?3='success' AND t.state='succeeded') OR "
@@ -335,9 +340,11 @@ class SqliteStore : public Store {
       r.time = s.Double(1);
       r.text = s.Text(2);
       r.state = s.Text(3);
-      r.expert = s.Text(4);
-      r.confidence = s.Double(5);
+      r.chosen = s.Text(4);
+      r.chosen_confidence = s.Double(5);
       r.explored = s.Long(6) != 0;
+      r.expert = s.Text(9);
+      r.confidence = s.IsNull(10) ? 0 : s.Double(10);
       TaskState st = ParseTaskState(r.state).value_or(TaskState::kQueued);
       r.outcome = IsFinal(st) ? s.Text(7) : "";
       r.quality = s.IsNull(8) || !IsFinal(st) ? -1 : s.Double(8);
@@ -652,6 +659,12 @@ class SqliteStore : public Store {
   std::string Err() const { return db_ ? sqlite3_errmsg(db_) : "out of memory"; }
   dev_t dev_ = 0;
   ino_t ino_ = 0;
+  struct SideFile {
+    const char* suffix;
+    const char* what;
+    ino_t ino;
+  };
+  SideFile side_[2] = {{"-wal", "write-ahead log", 0}, {"-shm", "shared-memory index", 0}};
   Status Fail(const std::string& what) { return Status::IOError(what + ": " + Err()); }
   Status NotOurs(const std::string& why) {
     return Status::Corruption("refusing to use " + path_ + ": not a Cortex store (" + why +
@@ -660,7 +673,7 @@ class SqliteStore : public Store {
 
   // The file we opened must still be the one at our path: writes into a deleted or
   // replaced file would be acknowledged and then lost, since nobody can find it again.
-  Status StillOurFile() const {
+  Status StillOurFile() {
     if (ino_ == 0) return Status::OK();  // :memory:
     struct stat st {};
     if (::stat(path_.c_str(), &st) != 0)
@@ -671,6 +684,25 @@ class SqliteStore : public Store {
       return Status::IOError("the store file " + path_ +
                              " was replaced while cortexd was running; refusing writes into the "
                              "old one. Restart cortexd to use the file that is there now");
+    // The write-ahead log holds the newest commits until a checkpoint: SQLite keeps it
+    // (and the -shm index) open for as long as the store is, so it must stay the same file.
+    for (SideFile& f : side_) {
+      const std::string p = path_ + f.suffix;
+      if (::lstat(p.c_str(), &st) != 0) {
+        if (f.ino == 0) continue;  // not made yet
+        return Status::IOError("the store's " + std::string(f.what) + " " + p +
+                               " was deleted while cortexd was running; refusing writes that "
+                               "would be lost. Restart cortexd (commits since the last "
+                               "checkpoint are gone with it)");
+      }
+      if (f.ino == 0) {
+        f.ino = st.st_ino;
+      } else if (st.st_ino != f.ino) {
+        return Status::IOError("the store's " + std::string(f.what) + " " + p +
+                               " was replaced while cortexd was running; refusing writes. "
+                               "Restart cortexd");
+      }
+    }
     return Status::OK();
   }
 

@@ -13,6 +13,8 @@
 #include <filesystem>
 #include <string_view>
 
+#include "process_tree.h"
+
 namespace cortex::experts {
 
 namespace fs = std::filesystem;
@@ -28,6 +30,14 @@ std::string SignalName(int sig) {
 }
 
 namespace {
+
+// Stops a program with everything it started: its process group, and its descendants
+// that moved to groups of their own (`set -m`, a daemonising child).
+void StopProgram(pid_t pid, int sig) {
+  kill(-pid, sig);
+  SignalDescendants(pid, sig);
+}
+
 // Writing to a child that stopped reading raises SIGPIPE; a plugin must not rely on its
 // host ignoring it, so this thread blocks it while a process runs and drops any pending.
 class ScopedBlockSigpipe {
@@ -131,12 +141,12 @@ ProcessResult RunProcess(const ProcessSpec& spec) {
         r.cancelled = stop_now = true;
     }
     if (stop_now) {
-      kill(-pid, SIGTERM);
+      StopProgram(pid, SIGTERM);
       term_sent = true;
       kill_at = now + 1000;
     }
     if (term_sent && now >= kill_at) {
-      kill(-pid, SIGKILL);
+      StopProgram(pid, SIGKILL);
       kill_at = now + 1000000;  // once
     }
     struct pollfd p[3];
@@ -183,12 +193,12 @@ ProcessResult RunProcess(const ProcessSpec& spec) {
     if (!term_sent &&
         ((spec.deadline_ms && now >= spec.deadline_ms) || (spec.cancelled && spec.cancelled()))) {
       (spec.deadline_ms && now >= spec.deadline_ms ? r.timed_out : r.cancelled) = true;
-      kill(-pid, SIGTERM);
+      StopProgram(pid, SIGTERM);
       term_sent = true;
       kill_at = now + 1000;
     }
     if (term_sent && now >= kill_at) {
-      kill(-pid, SIGKILL);
+      StopProgram(pid, SIGKILL);
       kill_at = now + 1000000;
     }
     usleep(5000);

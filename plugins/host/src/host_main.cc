@@ -6,6 +6,7 @@
 //   cortex-plugin-host --library COPY --display FILE [--memory-limit BYTES]
 #include <errno.h>
 #include <fcntl.h>
+#include <poll.h>
 #include <signal.h>
 #include <sys/resource.h>
 #include <unistd.h>
@@ -57,6 +58,20 @@ size_t g_oom_len = 0;
 [[noreturn]] void Leave(int code) {
   KillSession(getpid(), getpid());
   _exit(code);
+}
+
+// cortexd's end of the socket closing (cortexd stopped or was killed) ends the host even
+// while its main thread is stuck in plugin code: a constructor or create() that never
+// returns. POLLRDHUP is seen without reading, so the frames stay the main thread's.
+void WatchForCortexdsEnd() {
+  std::thread([] {
+    for (;;) {
+      struct pollfd p = {kFd, POLLRDHUP, 0};
+      int r = ::poll(&p, 1, -1);
+      if (r < 0 && errno == EINTR) continue;
+      if (r < 0 || (p.revents & (POLLRDHUP | POLLHUP | POLLERR | POLLNVAL))) Leave(0);
+    }
+  }).detach();
 }
 
 void Send(const json& j) {
@@ -201,5 +216,6 @@ int main(int argc, char** argv) {
   signal(SIGPIPE, SIG_IGN);
   cortex::PrepareOomFrame();
   std::set_new_handler(cortex::OnOutOfMemory);
+  cortex::WatchForCortexdsEnd();
   return cortex::Serve(library, display.empty() ? library : display, memory_limit);
 }

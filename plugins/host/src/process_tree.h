@@ -12,4 +12,9 @@ namespace cortex {
 // that starts a session of its own (setsid) escapes: that is the known limit.
 int KillSession(pid_t sid, pid_t keep);
 
+// Sends `sig` to every living descendant of `root` (not to `root`), found through their
+// parents while the chain is intact: a program's children in process groups of their own
+// are reached too. Returns how many were signalled.
+int SignalDescendants(pid_t root, int sig);
+
 }  // namespace cortex

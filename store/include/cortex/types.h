@@ -99,8 +99,10 @@ struct HistoryRow {
   double time = 0;
   std::string text;
   std::string state;
-  std::string expert;     // chosen by the decision
-  double confidence = 0;  // of the chosen expert
+  std::string expert;     // whose attempt ended the task (the chosen one until then)
+  double confidence = 0;  // the router's confidence in `expert`
+  std::string chosen;     // the router's first pick
+  double chosen_confidence = 0;
   std::string outcome;    // final outcome kind, empty while unfinished
   double quality = -1;    // effective quality (feedback overrides), -1 if none
   bool explored = false;
