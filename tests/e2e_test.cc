@@ -1330,21 +1330,22 @@ TEST(E2E, ProcessesAPluginStartedDieWithItsHostAndWithCortexd) {
   TempDir dir;
   const std::string forked = dir / "forked.pid", started = dir / "started.pid",
                     escaper = dir / "escaper.pid";
-  Daemon d(dir,
-           "experts:\n  - name: forker\n    plugin: misbehave\n    keywords: [fork]\n"
-           "    started_file: " +
-               forked +
-               "\n  - name: runner\n    plugin: command\n    keywords: [background]\n"
-               "    timeout: 10m\n    run: [/bin/sh, -c, 'sleep 300 & echo $$ $! > " +
-               started +
-               "; wait']\n  - name: escaper\n    plugin: command\n    keywords: [escaping]\n"
-               "    timeout: 1s\n    run: [/bin/bash, -c, 'set -m; sleep 300 & echo $! > " +
-               escaper +
-               "; exec sleep 100']\nrules:\n  - {name: f, match: [fork], expert: forker, force: true}\n"
-               "  - {name: b, match: [background], expert: runner, force: true}\n"
-               "  - {name: e, match: [escaping], expert: escaper, force: true}\n",
-           "router: {exploration: 0, seed: 1, max_attempts: 1}\ntraining: {online: false}\n",
-           /*bundled=*/true, ", restart_backoff: 10ms");
+  Daemon d(
+      dir,
+      "experts:\n  - name: forker\n    plugin: misbehave\n    keywords: [fork]\n"
+      "    started_file: " +
+          forked +
+          "\n  - name: runner\n    plugin: command\n    keywords: [background]\n"
+          "    timeout: 10m\n    run: [/bin/sh, -c, 'sleep 300 & echo $$ $! > " +
+          started +
+          "; wait']\n  - name: escaper\n    plugin: command\n    keywords: [escaping]\n"
+          "    timeout: 1s\n    run: [/bin/bash, -c, 'set -m; sleep 300 & echo $! > " +
+          escaper +
+          "; exec sleep 100']\nrules:\n  - {name: f, match: [fork], expert: forker, force: true}\n"
+          "  - {name: b, match: [background], expert: runner, force: true}\n"
+          "  - {name: e, match: [escaping], expert: escaper, force: true}\n",
+      "router: {exploration: 0, seed: 1, max_attempts: 1}\ntraining: {online: false}\n",
+      /*bundled=*/true, ", restart_backoff: 10ms");
   fs::copy_file(test::BenchPluginDir() + "/misbehave.so", d.plugin_dir + "/misbehave.so");
   fs::permissions(d.plugin_dir + "/misbehave.so", fs::perms(0755), fs::perm_options::replace);
   ASSERT_TRUE(d.Start()) << d.Log();

@@ -37,7 +37,8 @@ Status SharedFolder(const std::string& path, const struct stat& st) {
   return Status::FailedPrecondition(
       path + " is a folder all users share (mode " + mode +
       "); cortexd's files need a private folder: choose a folder of their own inside it, "
-      "e.g. " + (path == "/" ? std::string() : path) + "/cortex-" + std::to_string(::geteuid()));
+      "e.g. " +
+      (path == "/" ? std::string() : path) + "/cortex-" + std::to_string(::geteuid()));
 }
 
 class PosixEnv : public Env {

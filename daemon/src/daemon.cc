@@ -93,8 +93,10 @@ struct Job {
 // the settings in force; every other setting takes effect after a restart.
 using LiveSetting = void (*)(Config* running, const Config& next);
 const std::map<std::string, LiveSetting>& LiveSettings() {
-#define CORTEX_LIVE(key, field) \
-  { key, [](Config* r, const Config& n) { r->field = n.field; } }
+#define CORTEX_LIVE(key, field)                                 \
+  {                                                             \
+    key, [](Config* r, const Config& n) { r->field = n.field; } \
+  }
   static const std::map<std::string, LiveSetting> kLive = {
       CORTEX_LIVE("router.exploration", router.exploration),
       CORTEX_LIVE("router.load_bias", router.load_bias),

@@ -98,8 +98,8 @@ Status CheckText(const std::string& text, const DaemonConfig& lim) {
   // Experts get the text as a C string (and in an environment variable): a NUL would cut
   // what runs short of what was routed and audited.
   if (size_t nul = text.find('\0'); nul != std::string::npos)
-    return Bad(fmt::format("field 'text' holds a NUL character (at byte {}); task text cannot",
-                           nul));
+    return Bad(
+        fmt::format("field 'text' holds a NUL character (at byte {}); task text cannot", nul));
   if (text.size() > lim.max_text_bytes)
     return Status::ResourceExhausted("task text is " + std::to_string(text.size()) +
                                      " bytes; the limit is " + std::to_string(lim.max_text_bytes) +
@@ -293,7 +293,8 @@ void Server::Serve(int fd) {
   };
   // Answers one complete request line; false once the peer is gone.
   auto serve_line = [&](std::string line) {
-    if (line.size() > limits_.max_request_bytes) return write_line(wire::Line(wire::Error(TooLarge())));
+    if (line.size() > limits_.max_request_bytes)
+      return write_line(wire::Line(wire::Error(TooLarge())));
     if (!line.empty() && line.back() == '\r') line.pop_back();
     if (line.find_first_not_of(" \t") == std::string::npos) return true;
     mark(true);

@@ -177,8 +177,8 @@ class SqliteStore : public Store {
   Status Open() {
     // Never through a symlink (the daemon has already checked the file and its folder; this
     // keeps a link planted since then from redirecting the open).
-    int flags = SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_FULLMUTEX |
-                SQLITE_OPEN_NOFOLLOW;
+    int flags =
+        SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_FULLMUTEX | SQLITE_OPEN_NOFOLLOW;
     if (sqlite3_open_v2(path_.c_str(), &db_, flags, nullptr) != SQLITE_OK)
       return Status::IOError("cannot open store " + path_ + ": " + Err());
     if (struct stat fst{}; path_ != ":memory:" && ::lstat(path_.c_str(), &fst) == 0) {

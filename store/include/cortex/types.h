@@ -36,7 +36,7 @@ struct Candidate {
   double model_score = 0;
   double load_bias = 0;    // selection only; `score` excludes it
   double health_bias = 0;  // selection only: recent crashes, a restarting host
-  double score = 0;      // rule_score + model_score
+  double score = 0;        // rule_score + model_score
   double confidence = 0;
   std::vector<std::string> rules;  // names of the rules that fired for this expert
 };
@@ -103,8 +103,8 @@ struct HistoryRow {
   double confidence = 0;  // the router's confidence in `expert`
   std::string chosen;     // the router's first pick
   double chosen_confidence = 0;
-  std::string outcome;    // final outcome kind, empty while unfinished
-  double quality = -1;    // effective quality (feedback overrides), -1 if none
+  std::string outcome;  // final outcome kind, empty while unfinished
+  double quality = -1;  // effective quality (feedback overrides), -1 if none
   bool explored = false;
 };
 
