@@ -1,5 +1,7 @@
 #include <gtest/gtest.h>
 
+#include <cmath>
+
 #include <map>
 
 #include "cortex/router.h"
@@ -123,6 +125,9 @@ TEST(RouterTest, LoadBiasChangesSelectionButNotScores) {
   EXPECT_DOUBLE_EQ(d1[0].Find("a")->score, d2[0].Find("a")->score);
   EXPECT_DOUBLE_EQ(d1[0].Find("a")->confidence, d2[0].Find("a")->confidence);
   EXPECT_DOUBLE_EQ(d2[0].Find("a")->load_bias, -1.0);
+  // No load, no bias: 0, never the -0 that the audit would print as "-0.000".
+  EXPECT_FALSE(std::signbit(d1[0].Find("a")->load_bias));
+  EXPECT_FALSE(std::signbit(d1[0].Find("a")->health_bias));
   EXPECT_DOUBLE_EQ(d2[0].propensity, 1.0);  // what actually happened, not what scores said
 }
 

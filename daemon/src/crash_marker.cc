@@ -11,7 +11,9 @@ namespace cortex {
 namespace {
 
 std::atomic<int> g_marker_fd{-1};
-std::atomic<bool> g_marked{false};  // the first fault is the cause; an abort() after it is not
+// The first signal decides: a sanitizer's handler that reports a signal sent from outside
+// and then calls abort() must not turn that kill into a crash.
+std::atomic<bool> g_seen{false};
 constexpr int kSignals[] = {SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGABRT};
 struct sigaction g_previous[sizeof kSignals / sizeof kSignals[0]];
 
@@ -22,7 +24,7 @@ void OnFault(int sig, siginfo_t* info, void* ctx) {
   // doing and is not written down.
   const bool ours = info && (info->si_code > 0 || info->si_pid == getpid());
   int fd = g_marker_fd.load();
-  if (ours && fd >= 0 && !g_marked.exchange(true)) {
+  if (!g_seen.exchange(true) && ours && fd >= 0) {
     char msg[32] = "crashed: signal ";
     size_t n = strlen(msg);
     if (sig >= 10) msg[n++] = static_cast<char>('0' + sig / 10);

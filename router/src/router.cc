@@ -65,8 +65,9 @@ Status Router::Route(const std::vector<RouteRequest>& batch, const std::vector<E
         if (m.force && forced.empty()) forced = c.expert;
       }
       c.score = c.model_score + c.rule_score;
-      c.load_bias = -options_.load_bias * std::clamp(experts[j].load, 0.0, 1.0);
-      c.health_bias = -options_.health_bias * std::clamp(experts[j].health, 0.0, 1.0);
+      // "+ 0.0" turns a -0.0 (no load, no crashes) into 0, which is what the audit shows.
+      c.load_bias = -options_.load_bias * std::clamp(experts[j].load, 0.0, 1.0) + 0.0;
+      c.health_bias = -options_.health_bias * std::clamp(experts[j].health, 0.0, 1.0) + 0.0;
     }
     // Confidence: the model's estimate of this expert's reward for the task (calibrated
     // against logged outcomes by training); rules and load do not change it.
