@@ -181,10 +181,8 @@ class SqliteStore : public Store {
         SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_FULLMUTEX | SQLITE_OPEN_NOFOLLOW;
     if (sqlite3_open_v2(path_.c_str(), &db_, flags, nullptr) != SQLITE_OK)
       return Status::IOError("cannot open store " + path_ + ": " + Err());
-    if (struct stat fst{}; path_ != ":memory:" && ::lstat(path_.c_str(), &fst) == 0) {
-      dev_ = fst.st_dev;
-      ino_ = fst.st_ino;
-    }
+    if (struct stat fst{}; path_ != ":memory:" && ::lstat(path_.c_str(), &fst) == 0)
+      files_[0].dev = fst.st_dev, files_[0].ino = fst.st_ino;
     sqlite3_busy_timeout(db_, 5000);
     sqlite3_extended_result_codes(db_, 1);
 
@@ -657,14 +655,26 @@ class SqliteStore : public Store {
 
  private:
   std::string Err() const { return db_ ? sqlite3_errmsg(db_) : "out of memory"; }
-  dev_t dev_ = 0;
-  ino_t ino_ = 0;
-  struct SideFile {
+  // The files that must stay the ones SQLite opened (StillOurFile): the database, and
+  // the write-ahead log that holds the newest commits until a checkpoint with its -shm
+  // index, both of which SQLite keeps open as long as the store. ino 0: not seen yet.
+  struct Watched {
     const char* suffix;
-    const char* what;
+    const char* name;
+    const char* after_delete;
+    const char* after_replace;
+    dev_t dev;
     ino_t ino;
   };
-  SideFile side_[2] = {{"-wal", "write-ahead log", 0}, {"-shm", "shared-memory index", 0}};
+  Watched files_[3] = {
+      {"", "the store file", "Restart cortexd to make a new store (or restore it)",
+       " into the old one. Restart cortexd to use the file that is there now", 0, 0},
+      {"-wal", "the store's write-ahead log",
+       "Restart cortexd (commits since the last checkpoint are gone with it)", ". Restart cortexd",
+       0, 0},
+      {"-shm", "the store's shared-memory index",
+       "Restart cortexd (commits since the last checkpoint are gone with it)", ". Restart cortexd",
+       0, 0}};
   Status Fail(const std::string& what) { return Status::IOError(what + ": " + Err()); }
   Status NotOurs(const std::string& why) {
     return Status::Corruption("refusing to use " + path_ + ": not a Cortex store (" + why +
@@ -674,33 +684,23 @@ class SqliteStore : public Store {
   // The file we opened must still be the one at our path: writes into a deleted or
   // replaced file would be acknowledged and then lost, since nobody can find it again.
   Status StillOurFile() {
-    if (ino_ == 0) return Status::OK();  // :memory:
-    struct stat st {};
-    if (::stat(path_.c_str(), &st) != 0)
-      return Status::IOError("the store file " + path_ +
-                             " was deleted while cortexd was running; refusing writes that "
-                             "would be lost. Restart cortexd to make a new store (or restore it)");
-    if (st.st_ino != ino_ || st.st_dev != dev_)
-      return Status::IOError("the store file " + path_ +
-                             " was replaced while cortexd was running; refusing writes into the "
-                             "old one. Restart cortexd to use the file that is there now");
-    // The write-ahead log holds the newest commits until a checkpoint: SQLite keeps it
-    // (and the -shm index) open for as long as the store is, so it must stay the same file.
-    for (SideFile& f : side_) {
+    if (files_[0].ino == 0) return Status::OK();  // :memory:
+    for (Watched& f : files_) {
       const std::string p = path_ + f.suffix;
+      struct stat st {};
       if (::lstat(p.c_str(), &st) != 0) {
-        if (f.ino == 0) continue;  // not made yet
-        return Status::IOError("the store's " + std::string(f.what) + " " + p +
+        if (f.ino == 0) continue;  // a side file not made yet
+        return Status::IOError(std::string(f.name) + " " + p +
                                " was deleted while cortexd was running; refusing writes that "
-                               "would be lost. Restart cortexd (commits since the last "
-                               "checkpoint are gone with it)");
+                               "would be lost. " +
+                               f.after_delete);
       }
       if (f.ino == 0) {
-        f.ino = st.st_ino;
-      } else if (st.st_ino != f.ino) {
-        return Status::IOError("the store's " + std::string(f.what) + " " + p +
-                               " was replaced while cortexd was running; refusing writes. "
-                               "Restart cortexd");
+        f.dev = st.st_dev, f.ino = st.st_ino;
+      } else if (st.st_ino != f.ino || st.st_dev != f.dev) {
+        return Status::IOError(std::string(f.name) + " " + p +
+                               " was replaced while cortexd was running; refusing writes" +
+                               f.after_replace);
       }
     }
     return Status::OK();
