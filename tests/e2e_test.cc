@@ -551,6 +551,28 @@ TEST(E2E, SilentConnectionsCannotLockOthersOut) {
                 "no complete request within 1s (daemon.idle_timeout)"),
             std::string::npos)
       << j;
+  // Clients that send requests until their socket is full and never read the answers:
+  // cortexd's writes to them block, and after idle_timeout without progress they fail,
+  // freeing the slots.
+  std::vector<int> deaf;
+  const std::string burst = [] {
+    std::string b;
+    for (int i = 0; i < 200; ++i) b += "{\"op\": \"status\"}\n";
+    return b;
+  }();
+  for (int i = 0; i < 8; ++i) {
+    int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+    struct sockaddr_un a {};
+    a.sun_family = AF_UNIX;
+    std::snprintf(a.sun_path, sizeof a.sun_path, "%s", d.socket.c_str());
+    ASSERT_EQ(connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a), 0);
+    for (int k = 0; k < 2000 && send(fd, burst.data(), burst.size(), MSG_NOSIGNAL) > 0; ++k) {
+    }
+    deaf.push_back(fd);
+  }
+  EXPECT_TRUE(test::Eventually([&] { return d.Ctl({"status"}).code == 0; }, 30)) << d.Log();
+  for (int fd : deaf) close(fd);
+
   json w = d.CtlJson({"submit", "a slow job", "--wait"});
   EXPECT_EQ(w["state"], "succeeded") << w;
   EXPECT_EQ(d.Stop(), 0);

@@ -277,6 +277,16 @@ bool Server::EvictIdleLocked() {
 }
 
 void Server::Serve(int fd) {
+  // A client that sends requests but never reads the answers would hold this thread in a
+  // blocked write, and its slot, forever: a write that makes no progress for
+  // daemon.idle_timeout fails, and the connection is closed.
+  if (limits_.idle_timeout_s > 0) {
+    const double t = std::min(limits_.idle_timeout_s, 1e6);
+    struct timeval tv = {
+        static_cast<time_t>(t),
+        static_cast<suseconds_t>((t - static_cast<double>(static_cast<time_t>(t))) * 1e6)};
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+  }
   std::string buf;
   bool discarding = false;  // inside an oversized line: skip to its end
   char chunk[65536];
