@@ -4,7 +4,8 @@
 set -euo pipefail
 pkgs=(build-essential cmake pkg-config git sqlite3 libsqlite3-dev libboost-dev
       libyaml-cpp-dev libfmt-dev nlohmann-json3-dev libcli11-dev libopenblas-dev
-      libgtest-dev libgmock-dev libre2-dev clang libclang-rt-dev)
+      libgtest-dev libgmock-dev libre2-dev clang libclang-rt-dev
+      zsh fish)  # zsh, fish: the completion test checks their scripts
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

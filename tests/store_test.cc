@@ -118,10 +118,17 @@ TEST_P(StoreTest, HistoryFiltersAndOrdersNewestFirst) {
   q.expert = "a";
   ASSERT_TRUE(store_->History(q, &rows).ok());
   EXPECT_EQ(rows.size(), 2u);
+  // An outcome kind matches the last attempt's outcome, not "anything but success".
   q = {};
-  q.outcome = "failure";
+  q.outcome = "timeout";
   ASSERT_TRUE(store_->History(q, &rows).ok());
   EXPECT_EQ(rows.size(), 2u);
+  q.outcome = "failure";
+  ASSERT_TRUE(store_->History(q, &rows).ok());
+  EXPECT_EQ(rows.size(), 0u);
+  q.outcome = "success";
+  ASSERT_TRUE(store_->History(q, &rows).ok());
+  EXPECT_EQ(rows.size(), 3u);
   q = {};
   q.since = 103;
   ASSERT_TRUE(store_->History(q, &rows).ok());

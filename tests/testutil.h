@@ -54,9 +54,11 @@ inline std::vector<std::string> BaseEnv() {
 }
 
 inline Run RunCmd(const std::vector<std::string>& argv, double timeout_s = 60,
-                  const std::string& stdin_data = "", std::vector<std::string> env = BaseEnv()) {
+                  const std::string& stdin_data = "", std::vector<std::string> env = BaseEnv(),
+                  const std::string& cwd = "") {
   experts::ProcessSpec spec;
   spec.argv = argv;
+  spec.cwd = cwd;
   spec.env = std::move(env);
   spec.stdin_data = stdin_data;
   spec.deadline_ms = experts::NowUnixMs() + static_cast<int64_t>(timeout_s * 1000);
@@ -72,7 +74,9 @@ inline Run RunCmd(const std::vector<std::string>& argv, double timeout_s = 60,
 inline Run Ctl(const std::string& socket, std::vector<std::string> args, double timeout_s = 60) {
   std::vector<std::string> argv = {BinDir() + "/cortexctl", "--socket", socket};
   argv.insert(argv.end(), args.begin(), args.end());
-  return RunCmd(argv, timeout_s);
+  // From "/", outside any git work tree: the build folder is inside one, and submit would
+  // add its repo= tag (tests that want that run cortexctl from a repository themselves).
+  return RunCmd(argv, timeout_s, "", BaseEnv(), "/");
 }
 
 inline void WriteFile(const std::string& path, const std::string& content) {

@@ -1,11 +1,20 @@
 // cortexctl [--socket PATH] [--json] COMMAND ...
 // Exit codes: 0 ok, 1 the request failed, 2 usage error, 3 daemon unreachable.
+#include <fcntl.h>
 #include <fmt/format.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
 #include <CLI/CLI.hpp>
 #include <cmath>
 #include <cstdio>
 #include <ctime>
+#include <filesystem>
 #include <iostream>
+#include <map>
+#include <set>
+#include <sstream>
 
 #include "cortex/client.h"
 #include "cortex/config.h"
@@ -15,7 +24,7 @@ namespace {
 
 using json = nlohmann::json;
 
-constexpr int kOk = 0, kFailed = 1, kUsage = 2, kUnreachable = 3;
+constexpr int kOk = 0, kFailed = 1, kUsage = 2, kUnreachable = 3, kTimedOut = 4;
 
 struct Ctx {
   std::string socket;
@@ -253,17 +262,221 @@ std::string CsvField(std::string s) {
   return quote ? "\"" + out + "\"" : out;
 }
 
-int ParseTagsArg(const std::vector<std::string>& in, json* tags) {
+// The end of a task that `submit --wait` or `wait` waited for: its outcome, the expert
+// and the confidence; exit 4 if it is still going, 1 if it did not succeed.
+int PrintEnded(const Ctx& ctx, const json& result, double timeout) {
+  if (ctx.json_out) PrintJson(result);
+  const std::string state = Str(result, "state");
+  const std::string id = Str(result, "id");
+  if (result.contains("waited")) {
+    std::fprintf(stderr,
+                 "cortexctl: task %s is still %s after %gs; `cortexctl wait %s` waits again, "
+                 "`cortexctl show %s` shows it\n",
+                 id.c_str(), state.c_str(), timeout, id.c_str(), id.c_str());
+    return kTimedOut;
+  }
+  const json& o = result["outcome"];
+  const json attempts = result.value("attempts", json::array());
+  if (!ctx.json_out) {
+    std::printf("%s %s: %s (confidence %s, quality %s, %ss, %zu attempt%s)\n", id.c_str(),
+                state.c_str(), Str(result, "expert", "-").c_str(),
+                Pct(result["confidence"]).c_str(), o.is_object() ? Num(o["quality"]).c_str() : "-",
+                o.is_object() ? Num(o["duration_s"], "%.3f").c_str() : "-", attempts.size(),
+                attempts.size() == 1 ? "" : "s");
+    if (!attempts.empty()) {
+      const json& last = attempts.back()["outcome"];
+      if (last.is_object() && !Str(last, "output").empty())
+        std::printf("%s%s", Str(last, "output").c_str(),
+                    Str(last, "output").back() == '\n' ? "" : "\n");
+    }
+  }
+  if (state == "succeeded") return kOk;
+  // Every expert tried declined: say what each one needs.
+  bool all_rejected = !attempts.empty();
+  for (const auto& a : attempts)
+    all_rejected =
+        all_rejected && a["outcome"].is_object() && Str(a["outcome"], "kind") == "rejected";
+  if (all_rejected) {
+    std::fprintf(stderr, "cortexctl: task %s: no expert could take it:\n", id.c_str());
+    for (const auto& a : attempts)
+      std::fprintf(stderr, "  %-14s %s\n", Str(a, "expert").c_str(),
+                   Str(a["outcome"], "error", "declined").c_str());
+    std::fprintf(stderr,
+                 "  (`cortexctl experts` lists what is loaded; `cortexctl route TEXT` shows how a "
+                 "task ranks)\n");
+    return kFailed;
+  }
+  std::fprintf(
+      stderr, "cortexctl: task %s %s: %s\n", id.c_str(), state.c_str(),
+      o.is_object()
+          ? (Str(o, "kind") + (Str(o, "error").empty() ? "" : " — " + Str(o, "error"))).c_str()
+          : (Str(result, "error").empty() ? "no outcome" : Str(result, "error").c_str()));
+  return kFailed;
+}
+
+// A subcommand by name, or null (this CLI11 has no non-throwing lookup).
+CLI::App* FindCommand(CLI::App& app, const std::string& name) {
+  for (CLI::App* sub : app.get_subcommands({}))
+    if (sub->get_name() == name) return sub;
+  return nullptr;
+}
+
+// A usage error: on stderr, and under --json also as the one JSON document.
+int Usage(const Ctx& ctx, const std::string& msg) {
+  std::fprintf(stderr, "cortexctl: %s\n", msg.c_str());
+  if (ctx.json_out)
+    std::cout << json{{"error", {{"code", "usage"}, {"message", msg}}}}.dump(2) << "\n";
+  return kUsage;
+}
+
+// The top level of the git work tree around the current folder, or "".
+std::string GitTopLevel() {
+  int p[2];
+  if (pipe2(p, O_CLOEXEC) != 0) return "";
+  posix_spawn_file_actions_t fa;
+  posix_spawn_file_actions_init(&fa);
+  posix_spawn_file_actions_adddup2(&fa, p[1], 1);
+  posix_spawn_file_actions_addopen(&fa, 2, "/dev/null", O_WRONLY, 0);
+  const char* argv[] = {"git", "rev-parse", "--show-toplevel", nullptr};
+  pid_t pid;
+  int rc = posix_spawnp(&pid, "git", &fa, nullptr, const_cast<char* const*>(argv), environ);
+  posix_spawn_file_actions_destroy(&fa);
+  close(p[1]);
+  std::string out;
+  if (rc == 0) {
+    char buf[4096];
+    ssize_t n;
+    while ((n = read(p[0], buf, sizeof buf)) > 0) out.append(buf, static_cast<size_t>(n));
+    int status = 0;
+    waitpid(pid, &status, 0);
+    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) out.clear();
+  }
+  close(p[0]);
+  while (!out.empty() && out.back() == '\n') out.pop_back();
+  return out;
+}
+
+// --tag key=value list to the request's tags. A key may be given once; a relative path in
+// `repo` is the caller's, so it is made absolute here (cortexd runs elsewhere).
+int ParseTagsArg(const Ctx& ctx, const std::vector<std::string>& in, json* tags) {
   *tags = json::object();
   for (const auto& t : in) {
     size_t eq = t.find('=');
-    if (eq == std::string::npos || eq == 0) {
-      std::fprintf(stderr, "cortexctl: --tag '%s' must look like key=value\n", t.c_str());
-      return kUsage;
+    if (eq == std::string::npos || eq == 0)
+      return Usage(ctx, "--tag '" + t + "' must look like key=value");
+    std::string key = t.substr(0, eq), value = t.substr(eq + 1);
+    if (tags->contains(key))
+      return Usage(ctx, "--tag " + key + " is given twice ('" + (*tags)[key].get<std::string>() +
+                            "' and '" + value + "'); a task has one value per key");
+    if (key == "repo" && !value.empty() && value[0] != '/') {
+      std::error_code ec;
+      value = std::filesystem::absolute(value, ec).lexically_normal().string();
+      if (value.size() > 1 && value.back() == '/') value.pop_back();
     }
-    (*tags)[t.substr(0, eq)] = t.substr(eq + 1);
+    (*tags)[key] = value;
   }
   return kOk;
+}
+
+// `cortexctl completion SHELL`: a script generated from the same CLI11 definition the
+// commands are parsed with, so completion never drifts from the commands.
+struct CompletionWords {
+  std::string path;                                        // "history", "experts release", ...
+  std::vector<std::string> options;                        // long options
+  std::vector<std::string> commands;                       // nested subcommands
+  std::map<std::string, std::vector<std::string>> values;  // option -> its fixed values
+  std::vector<std::string> positional_values;              // e.g. help's COMMAND
+};
+
+void CollectWords(CLI::App* app, const std::string& path, std::vector<CompletionWords>* out) {
+  CompletionWords w;
+  w.path = path;
+  for (const CLI::Option* o : app->get_options()) {
+    for (const auto& n : o->get_lnames()) w.options.push_back("--" + n);
+  }
+  for (CLI::App* sub : app->get_subcommands({})) w.commands.push_back(sub->get_name());
+  out->push_back(w);
+  for (CLI::App* sub : app->get_subcommands({}))
+    CollectWords(sub, path.empty() ? sub->get_name() : path + " " + sub->get_name(), out);
+}
+
+std::string Join(const std::vector<std::string>& v, const char* sep = " ") {
+  std::string s;
+  for (const auto& x : v) s += (s.empty() ? "" : sep) + x;
+  return s;
+}
+
+std::string CompletionScript(const std::string& shell, std::vector<CompletionWords> words,
+                             const std::map<std::string, std::vector<std::string>>& values) {
+  std::string out;
+  if (shell == "bash") {
+    out += "# bash completion for cortexctl (generated by `cortexctl completion bash`)\n";
+    out += "_cortexctl() {\n  local cur prev path=\"\" w i\n";
+    out += "  cur=\"${COMP_WORDS[COMP_CWORD]}\"; prev=\"${COMP_WORDS[COMP_CWORD-1]}\"\n";
+    out += "  for ((i = 1; i < COMP_CWORD; i++)); do\n    w=\"${COMP_WORDS[i]}\"\n";
+    out += "    case \"$w\" in -*) continue ;; esac\n    case \"${path:+$path }$w\" in\n";
+    for (const auto& w : words)
+      if (!w.path.empty()) out += "      \"" + w.path + "\") path=\"${path:+$path }$w\" ;;\n";
+    out += "    esac\n  done\n  case \"$prev\" in\n";
+    for (const auto& [opt, vals] : values)
+      out += "    " + opt + ") COMPREPLY=($(compgen -W \"" + Join(vals) +
+             "\" -- \"$cur\")); return ;;\n";
+    out += "    --socket) COMPREPLY=($(compgen -f -- \"$cur\")); return ;;\n  esac\n";
+    out += "  case \"$path\" in\n";
+    for (const auto& w : words) {
+      std::vector<std::string> all = w.commands;
+      all.insert(all.end(), w.options.begin(), w.options.end());
+      all.insert(all.end(), w.positional_values.begin(), w.positional_values.end());
+      out += "    \"" + w.path + "\") COMPREPLY=($(compgen -W \"" + Join(all) +
+             "\" -- \"$cur\")) ;;\n";
+    }
+    out += "  esac\n}\ncomplete -F _cortexctl cortexctl\n";
+  } else if (shell == "zsh") {
+    out +=
+        "#compdef cortexctl\n# zsh completion for cortexctl (generated by `cortexctl completion "
+        "zsh`)\n";
+    out += "_cortexctl() {\n  local -a words_here; local path=\"\" w i\n";
+    out += "  for ((i = 2; i < CURRENT; i++)); do\n    w=${words[i]}\n";
+    out += "    [[ $w == -* ]] && continue\n    case \"${path:+$path }$w\" in\n";
+    for (const auto& w : words)
+      if (!w.path.empty()) out += "      \"" + w.path + "\") path=\"${path:+$path }$w\" ;;\n";
+    out += "    esac\n  done\n  case ${words[CURRENT-1]} in\n";
+    for (const auto& [opt, vals] : values)
+      out += "    " + opt + ") compadd -- " + Join(vals) + "; return ;;\n";
+    out += "    --socket) _files; return ;;\n  esac\n  case \"$path\" in\n";
+    for (const auto& w : words) {
+      std::vector<std::string> all = w.commands;
+      all.insert(all.end(), w.options.begin(), w.options.end());
+      all.insert(all.end(), w.positional_values.begin(), w.positional_values.end());
+      out += "    \"" + w.path + "\") compadd -- " + Join(all) + " ;;\n";
+    }
+    out += "  esac\n}\ncompdef _cortexctl cortexctl 2>/dev/null || true\n";
+  } else {  // fish
+    out += "# fish completion for cortexctl (generated by `cortexctl completion fish`)\n";
+    out += "complete -c cortexctl -f\n";
+    for (const auto& w : words) {
+      // fish: a word is offered once the words before it are exactly `path`.
+      std::string cond =
+          w.path.empty() ? "__fish_use_subcommand"
+                         : "__fish_seen_subcommand_from " + w.path.substr(w.path.rfind(' ') + 1);
+      if (w.path.find(' ') != std::string::npos)
+        cond = "__fish_seen_subcommand_from " + w.path.substr(0, w.path.find(' ')) +
+               "; and __fish_seen_subcommand_from " + w.path.substr(w.path.rfind(' ') + 1);
+      for (const auto& c : w.commands)
+        out += "complete -c cortexctl -n '" + cond + "' -a " + c + "\n";
+      for (const auto& v : w.positional_values)
+        out += "complete -c cortexctl -n '" + cond + "' -a " + v + "\n";
+      for (const auto& o : w.options) {
+        const std::string name = o.substr(2);
+        auto it = values.find(o);
+        out += "complete -c cortexctl -n '" + cond + "' -l " + name +
+               (it != values.end() ? " -x -a '" + Join(it->second) + "'"
+                                   : (name == "socket" ? " -r -F" : "")) +
+               "\n";
+      }
+    }
+  }
+  return out;
 }
 
 }  // namespace
@@ -271,6 +484,9 @@ int ParseTagsArg(const std::vector<std::string>& in, json* tags) {
 int main(int argc, char** argv) {
   CLI::App app{"cortexctl: talk to cortexd — submit tasks and audit its routing decisions"};
   app.require_subcommand(1);
+  app.footer(
+      "Exit status: 0 ok, 1 the request failed, 2 usage error, 3 cortexd unreachable, 4 timed "
+      "out waiting.\nA task ID may be abbreviated to a unique prefix of at least 4 characters.");
   Ctx ctx;
   ctx.socket = cortex::DefaultSocketPath();
   app.add_option("--socket", ctx.socket,
@@ -281,39 +497,75 @@ int main(int argc, char** argv) {
   };
 
   // submit
-  std::string text;
+  std::string text, id;
   std::vector<std::string> tag_args;
   bool wait = false;
   double timeout = 300;
   auto* submit = app.add_subcommand("submit", "queue a task; prints its id");
-  submit->add_option("text", text, "the task, one line of text")->required();
-  submit->add_option("--tag", tag_args, "key=value (repeatable)");
+  bool no_repo = false;
+  // NaN passes a range check (every comparison with it is false): refused first.
+  const auto finite = CLI::Validator(
+      [](std::string& v) {
+        double d = 0;
+        try {
+          size_t pos = 0;
+          d = std::stod(v, &pos);
+          if (pos != v.size()) return std::string("not a number: " + v);
+        } catch (...) {
+          return std::string("not a number: " + v);
+        }
+        return std::isfinite(d) ? std::string() : std::string("must be a finite number: " + v);
+      },
+      "NUMBER");
+  submit->add_option("text", text, "the task, one line of text; - reads it from stdin")->required();
+  submit->add_option("--tag", tag_args, "key=value (repeatable, one value per key)");
+  submit->add_flag("--no-repo", no_repo,
+                   "inside a git work tree, do not add repo=<its top level> on its own");
   submit->add_flag("--wait", wait, "wait for the outcome");
   submit->add_option("--timeout", timeout, "seconds to wait with --wait (default 300)")
-      ->check(CLI::Range(0.0, 86400.0));
+      ->check(finite & CLI::Range(0.0, 86400.0));
   json_flag(submit);
+  // wait, cancel
+  double wait_timeout = 300;
+  auto* waitc = app.add_subcommand("wait", "wait for a queued or running task to finish");
+  waitc->add_option("id", id, "task id (or a unique prefix)")->required();
+  waitc->add_option("--timeout", wait_timeout, "seconds to wait (default 300); exit 4 after")
+      ->check(finite & CLI::Range(0.0, 86400.0));
+  json_flag(waitc);
+  auto* cancel = app.add_subcommand(
+      "cancel", "cancel a task: a queued one never runs, a running one's expert is asked to stop");
+  cancel->add_option("id", id, "task id (or a unique prefix)")->required();
+  json_flag(cancel);
   // route
   auto* route = app.add_subcommand("route", "dry run: rank every expert for a task; runs nothing");
   route->add_option("text", text, "the task")->required();
-  route->add_option("--tag", tag_args, "key=value (repeatable)");
+  route->add_option("--tag", tag_args, "key=value (repeatable, one value per key)");
+  route->add_flag("--no-repo", no_repo, "do not add repo=<git top level> on its own");
   json_flag(route);
   // show
-  std::string id;
   bool full = false;
   auto* show = app.add_subcommand("show", "one task: decision, attempts, outcome, feedback");
-  show->add_option("id", id, "task id")->required();
+  show->add_option("id", id, "task id (or a unique prefix)")->required();
   show->add_flag("--full", full, "print the experts' whole output");
   json_flag(show);
   // history
   int limit = 20;
   std::string expert, since, outcome;
+  bool follow = false;
+  const std::vector<std::string> kOutcomes = {"success",  "failure",   "timeout",    "crash",
+                                              "rejected", "cancelled", "interrupted"};
   auto* history = app.add_subcommand("history", "the audit log, newest first");
   history->add_option("--limit", limit, "rows (default 20)")->check(CLI::Range(1, 100000));
   history->add_option("--expert", expert, "only tasks routed to this expert");
   history->add_option("--since", since,
-                      "only tasks since TIME (ISO date/time, unix time, or 2h/7d ago)");
-  history->add_option("--outcome", outcome, "success or failure")
-      ->check(CLI::IsMember({"success", "failure"}));
+                      "only tasks since TIME: as history prints it, ISO 8601, unix time, or an "
+                      "age (90m, 2d)");
+  history
+      ->add_option("--outcome", outcome,
+                   "only tasks that ended so: success, failure, timeout, crash, rejected "
+                   "(the last attempt's outcome), cancelled or interrupted")
+      ->check(CLI::IsMember(kOutcomes));
+  history->add_flag("--follow,-f", follow, "keep printing tasks as they end (Ctrl-C stops)");
   json_flag(history);
   // experts
   auto* experts = app.add_subcommand("experts", "loaded experts and how they have done");
@@ -326,6 +578,7 @@ int main(int argc, char** argv) {
   // events
   auto* events = app.add_subcommand("events", "expert registrations: loads, refusals, removals");
   events->add_option("--limit", limit, "rows (default 20)")->check(CLI::Range(1, 10000));
+  events->add_flag("--follow,-f", follow, "keep printing new events (Ctrl-C stops)");
   json_flag(events);
   // confidence
   auto* confidence = app.add_subcommand(
@@ -338,11 +591,11 @@ int main(int argc, char** argv) {
   std::string note;
   auto* feedback =
       app.add_subcommand("feedback", "a person's verdict on a task's outcome (training signal)");
-  feedback->add_option("id", id, "task id")->required();
+  feedback->add_option("id", id, "task id (or a unique prefix)")->required();
   auto* g = feedback->add_flag("--good", good, "the outcome was good (quality 1)");
   auto* b = feedback->add_flag("--bad", bad, "the outcome was bad (quality 0)");
-  auto* q =
-      feedback->add_option("--quality", quality, "quality in [0,1]")->check(CLI::Range(0.0, 1.0));
+  auto* q = feedback->add_option("--quality", quality, "quality in [0,1]")
+                ->check(finite & CLI::Range(0.0, 1.0));
   g->excludes(b)->excludes(q);
   b->excludes(q);
   feedback->add_option("--note", note, "why");
@@ -363,34 +616,115 @@ int main(int argc, char** argv) {
   std::string rollback_arg;
   auto* rollback = models->add_subcommand("rollback", "make an older model version live again");
   rollback->add_option("VERSION", rollback_arg, "version number (e.g. 3 or v3)")->required();
+  bool rollback_force = false;
+  rollback->add_flag("--force", rollback_force, "also a version that was refused at validation");
   json_flag(rollback);
   // export
   std::string format = "jsonl";
   auto* exp =
       app.add_subcommand("export", "stream the audit log: one decision with its outcome per line");
   exp->add_option("--format", format, "jsonl or csv")->check(CLI::IsMember({"jsonl", "csv"}));
+  auto* format_opt = exp->get_option("--format");
   exp->add_option("--since", since, "only tasks since TIME");
   json_flag(exp);
+  // completion, help
+  std::string shell;
+  auto* completion = app.add_subcommand("completion", "print a shell completion script");
+  completion->add_option("shell", shell, "bash, zsh or fish")
+      ->required()
+      ->check(CLI::IsMember({"bash", "zsh", "fish"}));
+  std::string help_topic;
+  auto* help = app.add_subcommand("help", "help on cortexctl, or on one command");
+  help->add_option("command", help_topic, "a command");
 
+  // --version before anything else (no command is needed for it).
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "--version") {
+      std::printf("cortexctl %s\n", cortex::CortexVersion());
+      return kOk;
+    }
+    if (a.empty() || a[0] != '-') break;
+  }
+  // Under --json a usage error is a JSON document too.
+  for (int i = 1; i < argc; ++i)
+    if (std::string(argv[i]) == "--json") ctx.json_out = true;
   try {
     app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e) == 0 ? kOk : kUsage;
   } catch (const CLI::ParseError& e) {
-    int rc = app.exit(e);
-    return rc == 0 ? kOk : kUsage;
+    // The first word that is not an option (or an option's value) names the command.
+    std::string word;
+    for (int i = 1; i < argc && word.empty(); ++i) {
+      const std::string a = argv[i];
+      if (a == "--socket")
+        ++i;
+      else if (a.rfind("-", 0) != 0)
+        word = a;
+    }
+    if (!word.empty() && !FindCommand(app, word)) {
+      std::string names;
+      for (CLI::App* sub : app.get_subcommands({}))
+        names += (names.empty() ? "" : ", ") + sub->get_name();
+      return Usage(ctx, "'" + word + "' is not a cortexctl command (commands: " + names +
+                            "; `cortexctl help COMMAND` explains one)");
+    }
+    if (word.empty()) return Usage(ctx, "a command is required; `cortexctl help` lists them");
+    return Usage(ctx, std::string(e.what()) + " (`cortexctl help " + word + "` shows its usage)");
+  }
+  if (help->parsed()) {
+    if (help_topic.empty()) {  // (app.help() would describe the command parsed: help)
+      std::cout << app.get_formatter()->make_help(&app, "cortexctl", CLI::AppFormatMode::Normal);
+      return kOk;
+    }
+    CLI::App* sub = FindCommand(app, help_topic);
+    if (!sub)
+      return Usage(ctx, "no command named '" + help_topic + "'; `cortexctl help` lists them");
+    std::cout << sub->help();
+    return kOk;
+  }
+  if (completion->parsed()) {
+    std::vector<CompletionWords> words;
+    CollectWords(&app, "", &words);
+    std::vector<std::string> cmds;
+    for (CLI::App* sub : app.get_subcommands({})) cmds.push_back(sub->get_name());
+    for (auto& w : words) {
+      if (w.path == "help") w.positional_values = cmds;
+      if (w.path == "completion") w.positional_values = {"bash", "zsh", "fish"};
+    }
+    const std::map<std::string, std::vector<std::string>> values = {{"--format", {"jsonl", "csv"}},
+                                                                    {"--outcome", kOutcomes}};
+    std::fputs(CompletionScript(shell, words, values).c_str(), stdout);
+    return kOk;
   }
 
   json result;
   int rc;
+  if (exp->parsed() && ctx.json_out && format_opt->count() && format == "csv")
+    return Usage(ctx,
+                 "export: --json prints one JSON document; --format csv prints CSV: choose one");
   if (submit->parsed() || route->parsed()) {
+    if (submit->parsed() && text == "-") {  // the text from stdin, one trailing newline off
+      std::ostringstream in;
+      in << std::cin.rdbuf();
+      text = in.str();
+      if (!text.empty() && text.back() == '\n') text.pop_back();
+      if (!text.empty() && text.back() == '\r') text.pop_back();
+      if (text.empty()) return Usage(ctx, "submit -: no task text on standard input");
+    }
     json tags;
-    if ((rc = ParseTagsArg(tag_args, &tags)) != kOk) return rc;
+    if ((rc = ParseTagsArg(ctx, tag_args, &tags)) != kOk) return rc;
+    // Inside a git work tree the repository is what a task is about, unless told otherwise.
+    if (!no_repo && !tags.contains("repo"))
+      if (std::string top = GitTopLevel(); !top.empty()) tags["repo"] = top;
     json req = {{"op", submit->parsed() ? "submit" : "route"}, {"text", text}, {"tags", tags}};
     if (submit->parsed() && wait) req["wait"] = true, req["timeout_s"] = timeout;
     if ((rc = Call(ctx, req, &result)) != kOk) return rc;
     if (route->parsed()) {
       if (ctx.json_out) return PrintJson(result), kOk;
       std::printf("route: %s\n  would choose %s (model %s; dry run, nothing recorded)\n",
-                  text.c_str(), Str(result, "chosen").c_str(),
+                  Terminal(text).c_str(), Str(result, "chosen").c_str(),
                   Str(result, "model_version").c_str());
       PrintCandidates(result["candidates"]);
       return kOk;
@@ -402,35 +736,29 @@ int main(int argc, char** argv) {
         std::printf("%s\n", Str(result, "id").c_str());
       return kOk;
     }
+    return PrintEnded(ctx, result, timeout);
+  }
+  if (waitc->parsed()) {
+    if ((rc = Call(ctx, {{"op", "wait"}, {"id", id}, {"timeout_s", wait_timeout}}, &result)) != kOk)
+      return rc;
+    return PrintEnded(ctx, result, wait_timeout);
+  }
+  if (cancel->parsed()) {
+    if ((rc = Call(ctx, {{"op", "cancel"}, {"id", id}}, &result)) != kOk) return rc;
     if (ctx.json_out) PrintJson(result);
     const std::string state = Str(result, "state");
     if (result.contains("waited")) {
-      std::fprintf(stderr,
-                   "cortexctl: task %s is still %s after %gs; follow it with `cortexctl show %s`\n",
-                   Str(result, "id").c_str(), state.c_str(), timeout, Str(result, "id").c_str());
-      return kFailed;
+      if (!ctx.json_out)
+        std::fprintf(stderr,
+                     "cortexctl: task %s was asked to stop and is still %s; `cortexctl wait %s` "
+                     "follows it\n",
+                     Str(result, "id").c_str(), state.c_str(), Str(result, "id").c_str());
+      return kTimedOut;
     }
-    const json& o = result["outcome"];
-    if (!ctx.json_out) {
-      std::printf("%s %s: %s (confidence %s, quality %s, %ss, %zu attempt%s)\n",
-                  Str(result, "id").c_str(), state.c_str(), Str(result, "expert").c_str(),
-                  Pct(result["confidence"]).c_str(),
-                  o.is_object() ? Num(o["quality"]).c_str() : "-",
-                  o.is_object() ? Num(o["duration_s"], "%.3f").c_str() : "-",
-                  result["attempts"].size(), result["attempts"].size() == 1 ? "" : "s");
-      if (!result["attempts"].empty()) {
-        const json& last = result["attempts"].back()["outcome"];
-        if (last.is_object() && !Str(last, "output").empty())
-          std::printf("%s%s", Str(last, "output").c_str(),
-                      Str(last, "output").back() == '\n' ? "" : "\n");
-      }
-    }
-    if (state != "succeeded") {
-      std::fprintf(
-          stderr, "cortexctl: task %s %s: %s\n", Str(result, "id").c_str(), state.c_str(),
-          o.is_object()
-              ? (Str(o, "kind") + (Str(o, "error").empty() ? "" : " — " + Str(o, "error"))).c_str()
-              : "no outcome");
+    if (!ctx.json_out) std::printf("%s %s\n", Str(result, "id").c_str(), state.c_str());
+    if (state != "cancelled") {
+      std::fprintf(stderr, "cortexctl: task %s ended %s before the cancel took effect\n",
+                   Str(result, "id").c_str(), state.c_str());
       return kFailed;
     }
     return kOk;
@@ -483,13 +811,13 @@ int main(int argc, char** argv) {
     if (since_t > 0) req["since"] = since_t;
     if (!outcome.empty()) req["outcome"] = outcome;
     if ((rc = Call(ctx, req, &result)) != kOk) return rc;
-    if (ctx.json_out) return PrintJson(result), kOk;
+    if (ctx.json_out && !follow) return PrintJson(result), kOk;
     // EXPERT is the router's pick, then "→ the expert that ended it" after a fallback;
     // CONF is the router's confidence in the expert shown last.
-    std::printf("%-19s  %-12s  %-24s %5s  %-11s  %s\n", "TIME", "ID", "EXPERT", "CONF", "OUTCOME",
-                "TEXT");
     bool fallback = false;
-    for (const auto& r : result) {
+    auto print_row = [&](const json& r) {
+      if (ctx.json_out)
+        return (void)std::printf("%s\n", r.dump().c_str());  // --follow: a line each
       std::string oc = r["outcome"].is_string() ? r["outcome"].get<std::string>() : Str(r, "state");
       if (r.value("explored", false)) oc += "*";
       std::string who = Str(r, "expert", "-");
@@ -500,13 +828,40 @@ int main(int argc, char** argv) {
       std::printf("%-19s  %-12s  %s %5s  %-11s  %s\n", LocalTime(Str(r, "time")).c_str(),
                   Str(r, "id").c_str(), Pad(Fit(who, 24), 24).c_str(), Pct(r["confidence"]).c_str(),
                   oc.c_str(), Fit(Str(r, "text"), 60).c_str());
+    };
+    if (!ctx.json_out)
+      std::printf("%-19s  %-12s  %-24s %5s  %-11s  %s\n", "TIME", "ID", "EXPERT", "CONF", "OUTCOME",
+                  "TEXT");
+    std::set<std::string> ended;  // printed with their outcome
+    auto is_ended = [](const json& r) {
+      const std::string st = Raw(r, "state");
+      return st == "succeeded" || st == "failed" || st == "cancelled" || st == "interrupted";
+    };
+    for (const auto& r : result) {
+      print_row(r);
+      if (is_ended(r)) ended.insert(Str(r, "id"));
     }
-    if (result.empty())
-      std::printf("(no tasks match)\n");
-    else
-      std::printf("(%zu shown, newest first; * = exploration%s)\n", result.size(),
-                  fallback ? "; a → b: chosen a, ended by b after a fallback" : "");
-    return kOk;
+    if (!follow) {
+      if (result.empty())
+        std::printf("(no tasks match)\n");
+      else
+        std::printf("(%zu shown, newest first; * = exploration%s)\n", result.size(),
+                    fallback ? "; a → b: chosen a, ended by b after a fallback" : "");
+      return kOk;
+    }
+    // --follow: every second, tasks that ended since (oldest first), until interrupted.
+    std::fflush(stdout);
+    const double from = std::max(since_t, static_cast<double>(std::time(nullptr)) - 3600);
+    while (true) {
+      sleep(1);
+      json q = req;
+      q["limit"] = 1000;
+      q["since"] = from;
+      if ((rc = Call(ctx, q, &result)) != kOk) return rc;
+      for (auto it = result.rbegin(); it != result.rend(); ++it)
+        if (is_ended(*it) && ended.insert(Str(*it, "id")).second) print_row(*it);
+      std::fflush(stdout);
+    }
   }
   if (release->parsed()) {
     if ((rc = Call(ctx, {{"op", "release"}, {"expert", release_name}}, &result)) != kOk) return rc;
@@ -518,32 +873,54 @@ int main(int argc, char** argv) {
   if (experts->parsed()) {
     if ((rc = Call(ctx, {{"op", "experts"}}, &result)) != kOk) return rc;
     if (ctx.json_out) return PrintJson(result), kOk;
-    std::printf("%-14s %-8s %-11s %6s %7s %8s %8s %7s  %s\n", "NAME", "VERSION", "STATE", "LOAD",
-                "ROUTED", "SUCCESS", "QUALITY", "CRASHES", "FILE");
+    // ROUTED counts decisions (the router's first pick); ATTEMPTS, SUCCESS and QUALITY
+    // count every attempt the expert made, fallbacks included.
+    std::printf("%-14s %-8s %-11s %6s %7s %8s %8s %8s %7s  %s\n", "NAME", "VERSION", "STATE",
+                "LOAD", "ROUTED", "ATTEMPTS", "SUCCESS", "QUALITY", "CRASHES", "FILE");
     std::vector<std::string> notes;
     for (const auto& e : result) {
       std::string load =
           std::to_string(e.value("inflight", 0)) + "/" + std::to_string(e.value("capacity", 0));
       const json h = e.value("health", json::object());
-      std::printf("%-14s %-8s %-11s %6s %7ld %8s %8s %7ld  %s\n", Fit(Str(e, "name"), 14).c_str(),
-                  Fit(Str(e, "version", "-"), 8).c_str(), Str(e, "state").c_str(), load.c_str(),
-                  e.value("routed", 0L), Pct(e["success_rate"]).c_str(),
+      std::printf("%-14s %-8s %-11s %6s %7ld %8ld %8s %8s %7ld  %s\n",
+                  Fit(Str(e, "name"), 14).c_str(), Fit(Str(e, "version", "-"), 8).c_str(),
+                  Str(e, "state").c_str(), load.c_str(), e.value("routed", 0L),
+                  e.value("attempts", 0L), Pct(e["success_rate"]).c_str(),
                   Num(e["mean_quality"]).c_str(), h.value("crashes", 0L), Str(e, "file").c_str());
       if (Str(e, "state") == "quarantined")
         notes.push_back(Str(e, "name") + " is quarantined since " + Str(h, "quarantined_since") +
                         " (" + Str(h, "last_crash") + "); `cortexctl experts release " +
                         Str(e, "name") + "` lifts it");
     }
+    if (!result.empty())
+      notes.push_back(
+          "(ROUTED: tasks the router chose it for; ATTEMPTS, SUCCESS, QUALITY: every attempt it "
+          "made, fallbacks included)");
     for (const auto& n : notes) std::printf("%s\n", n.c_str());
     return kOk;
   }
   if (events->parsed()) {
     if ((rc = Call(ctx, {{"op", "events"}, {"limit", limit}}, &result)) != kOk) return rc;
-    if (ctx.json_out) return PrintJson(result), kOk;
-    for (const auto& e : result)
+    if (ctx.json_out && !follow) return PrintJson(result), kOk;
+    auto print_event = [&](const json& e) {
+      if (ctx.json_out)
+        return (void)std::printf("%s\n", e.dump().c_str());  // --follow: a line each
       std::printf("%s  %-9s %-12s %s%s%s\n", LocalTime(Str(e, "time")).c_str(),
                   Str(e, "event").c_str(), Str(e, "expert", "-").c_str(), Str(e, "file").c_str(),
                   Str(e, "detail").empty() ? "" : ": ", Str(e, "detail").c_str());
+    };
+    std::set<std::string> seen;  // events carry no id: the whole event is its identity
+    for (auto it = result.rbegin(); it != result.rend(); ++it) {
+      print_event(*it);
+      seen.insert(it->dump());
+    }
+    while (follow) {
+      std::fflush(stdout);
+      sleep(1);
+      if ((rc = Call(ctx, {{"op", "events"}, {"limit", 1000}}, &result)) != kOk) return rc;
+      for (auto it = result.rbegin(); it != result.rend(); ++it)
+        if (seen.insert(it->dump()).second) print_event(*it);
+    }
     return kOk;
   }
   if (confidence->parsed()) {
@@ -608,11 +985,17 @@ int main(int argc, char** argv) {
     };
     std::printf("candidate %s: %s\n", Str(result, "name").c_str(),
                 result.value("live", false) ? "PROMOTED (now live)" : "refused");
-    std::printf("  trained on %ld outcomes, validated on %ld held-out decisions (%s)\n",
-                m.value("train_rows", 0L), m.value("holdout_rows", 0L),
-                Str(m, "estimator").c_str());
+    std::printf(
+        "  trained on %ld outcomes, validated on %ld held-out decisions (%s; at least "
+        "%ld are needed)\n",
+        m.value("train_rows", 0L), m.value("holdout_rows", 0L), Str(m, "estimator").c_str(),
+        m.value("min_holdout_rows", 0L));
     std::printf("  candidate policy %s\n  live policy      %s\n  difference       %s\n",
                 est("candidate").c_str(), est("live").c_str(), est("diff").c_str());
+    if (m.value("clipped", false))
+      std::printf(
+          "  (policy values are clipped to the reward range [0,1]: on few decisions the "
+          "estimator can leave it)\n");
     std::printf("  %s; %.2fs on %s\n", Str(m, "reason").c_str(), m.value("seconds", 0.0),
                 Str(m, "backend").c_str());
     return kOk;
@@ -627,7 +1010,9 @@ int main(int argc, char** argv) {
       return kUsage;
     }
     const int rollback_version = std::stoi(digits);
-    if ((rc = Call(ctx, {{"op", "rollback"}, {"version", rollback_version}}, &result)) != kOk)
+    if ((rc = Call(ctx,
+                   {{"op", "rollback"}, {"version", rollback_version}, {"force", rollback_force}},
+                   &result)) != kOk)
       return rc;
     if (ctx.json_out) return PrintJson(result), kOk;
     std::printf("model v%d is live (was v%d)\n", result.value("live_version", 0),
@@ -686,6 +1071,7 @@ int main(int argc, char** argv) {
                 result.value("schema_version", 0));
     if (!Str(result, "store_error").empty())
       std::printf("  STORE FAILING WRITES: %s\n", Str(result, "store_error").c_str());
+    std::printf("  plugins:   %s\n", Str(result, "plugin_dir").c_str());
     std::printf("  socket:    %s\n  config:    %s\n", Str(result, "socket").c_str(),
                 Str(result, "config").c_str());
     return kOk;

@@ -1,15 +1,22 @@
 #include "cortex/config.h"
 
+#include <fcntl.h>
 #include <grp.h>
+#include <unistd.h>
 
 #include <yaml-cpp/yaml.h>
 
 #include <cctype>
+#include <cerrno>
 #include <cmath>
+#include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <map>
 #include <set>
 #include <sstream>
+
+#include <fmt/format.h>
 
 #include "cortex/paths.h"
 
@@ -72,28 +79,49 @@ class Parser {
  public:
   explicit Parser(std::string source) : source_(std::move(source)) {}
 
+  // Every error is kept and parsing goes on, so one run reports them all (the value in
+  // error keeps its default).
+  void Keep(const Status& st) const {
+    if (!st.ok()) errors_.push_back(st.message());
+  }
+  const std::vector<std::string>& errors() const { return errors_; }
+
   Status Error(const YAML::Node& node, const std::string& key, const std::string& msg) const {
     return Status::InvalidArgument(source_ + ":" + std::to_string(Line(node)) + ": " + key + ": " +
                                    msg);
   }
   static int Line(const YAML::Node& n) { return n.Mark().line >= 0 ? n.Mark().line + 1 : 0; }
 
-  // Rejects keys outside `allowed`.
+  // A section of scalar settings: its keys checked against the schema. False when it is
+  // not a mapping at all (nothing in it can be read).
+  bool Section(const YAML::Node& n, const std::string& name) const {
+    if (!n.IsMap()) {
+      Keep(Error(n, name, "expected a mapping"));
+      return false;
+    }
+    (void)CheckKeys(n, name, Sections().at(name));
+    return true;
+  }
+
+  // Rejects keys outside `allowed`, each one reported (Keep); fails if any was bad.
   Status CheckKeys(const YAML::Node& map, const std::string& path,
                    const std::set<std::string>& allowed) const {
     if (!map.IsMap()) return Error(map, path, "expected a mapping");
     std::set<std::string> seen;
+    bool bad = false;
     for (const auto& kv : map) {
       std::string k = kv.first.as<std::string>();
-      if (!seen.insert(k).second)
-        return Error(kv.first, Join(path, k), "duplicate key (the first one would be ignored)");
-      if (!allowed.count(k)) {
+      if (!seen.insert(k).second) {
+        Keep(Error(kv.first, Join(path, k), "duplicate key (the first one would be ignored)"));
+        bad = true;
+      } else if (!allowed.count(k)) {
         std::string list;
         for (const auto& a : allowed) list += (list.empty() ? "" : ", ") + a;
-        return Error(kv.first, Join(path, k), "unknown key (expected one of: " + list + ")");
+        Keep(Error(kv.first, Join(path, k), "unknown key (expected one of: " + list + ")"));
+        bad = true;
       }
     }
-    return Status::OK();
+    return bad ? Status::InvalidArgument(path + ": bad keys") : Status::OK();
   }
 
   static std::string Join(const std::string& path, const std::string& key) {
@@ -169,6 +197,7 @@ class Parser {
     return ss.str();
   }
   std::string source_;
+  mutable std::vector<std::string> errors_;
 };
 
 // Every key of `map`: CheckKeys with it finds duplicates without restricting names.
@@ -196,70 +225,65 @@ nlohmann::json ToJson(const YAML::Node& n) {
 }
 
 Status ParseDaemon(const Parser& p, const YAML::Node& n, DaemonConfig* c) {
-  CORTEX_RETURN_IF_ERROR(
-      p.CheckKeys(n, "daemon", Sections().at("daemon")));
+  if (!p.Section(n, "daemon")) return Status::OK();
   if (n["allow_group"]) {
-    CORTEX_RETURN_IF_ERROR(p.Str(n["allow_group"], "daemon.allow_group", &c->allow_group));
+    p.Keep(p.Str(n["allow_group"], "daemon.allow_group", &c->allow_group));
     if (!getgrnam(c->allow_group.c_str()))
-      return p.Error(n["allow_group"], "daemon.allow_group",
-                     "no group named '" + c->allow_group + "' on this system");
+      p.Keep(p.Error(n["allow_group"], "daemon.allow_group",
+                     "no group named '" + c->allow_group + "' on this system"));
   }
-  long v;
-  if (n["socket"]) CORTEX_RETURN_IF_ERROR(p.Str(n["socket"], "daemon.socket", &c->socket));
+  long v = 0;
+  if (n["socket"]) p.Keep(p.Str(n["socket"], "daemon.socket", &c->socket));
   if (n["workers"]) {
-    CORTEX_RETURN_IF_ERROR(p.Int(n["workers"], "daemon.workers", 1, 256, &v));
+    p.Keep(p.Int(n["workers"], "daemon.workers", 1, 256, &v));
     c->workers = static_cast<int>(v);
   }
   if (n["max_connections"]) {
-    CORTEX_RETURN_IF_ERROR(p.Int(n["max_connections"], "daemon.max_connections", 1, 4096, &v));
+    p.Keep(p.Int(n["max_connections"], "daemon.max_connections", 1, 4096, &v));
     c->max_connections = static_cast<int>(v);
   }
   if (n["max_request_bytes"]) {
-    CORTEX_RETURN_IF_ERROR(
-        p.Int(n["max_request_bytes"], "daemon.max_request_bytes", 1024, 64 << 20, &v));
+    p.Keep(p.Int(n["max_request_bytes"], "daemon.max_request_bytes", 1024, 64 << 20, &v));
     c->max_request_bytes = static_cast<size_t>(v);
   }
   if (n["max_text_bytes"]) {
-    CORTEX_RETURN_IF_ERROR(p.Int(n["max_text_bytes"], "daemon.max_text_bytes", 16, 1 << 20, &v));
+    p.Keep(p.Int(n["max_text_bytes"], "daemon.max_text_bytes", 16, 1 << 20, &v));
     c->max_text_bytes = static_cast<size_t>(v);
   }
   if (n["max_tags"]) {
-    CORTEX_RETURN_IF_ERROR(p.Int(n["max_tags"], "daemon.max_tags", 0, 1024, &v));
+    p.Keep(p.Int(n["max_tags"], "daemon.max_tags", 0, 1024, &v));
     c->max_tags = static_cast<int>(v);
   }
   if (n["max_queued"]) {
-    CORTEX_RETURN_IF_ERROR(p.Int(n["max_queued"], "daemon.max_queued", 1, 100000000, &v));
+    p.Keep(p.Int(n["max_queued"], "daemon.max_queued", 1, 100000000, &v));
     c->max_queued = static_cast<size_t>(v);
   }
   if (n["idle_timeout"])
-    CORTEX_RETURN_IF_ERROR(p.Duration(n["idle_timeout"], "daemon.idle_timeout", &c->idle_timeout_s));
+    p.Keep(p.Duration(n["idle_timeout"], "daemon.idle_timeout", &c->idle_timeout_s));
   if (n["shutdown_grace"])
-    CORTEX_RETURN_IF_ERROR(
-        p.Duration(n["shutdown_grace"], "daemon.shutdown_grace", &c->shutdown_grace_s));
+    p.Keep(p.Duration(n["shutdown_grace"], "daemon.shutdown_grace", &c->shutdown_grace_s));
   return Status::OK();
 }
 
 Status ParseRouter(const Parser& p, const YAML::Node& n, RouterConfig* c) {
-  CORTEX_RETURN_IF_ERROR(p.CheckKeys(n, "router", Sections().at("router")));
+  if (!p.Section(n, "router")) return Status::OK();
   if (n["backend"]) {
-    CORTEX_RETURN_IF_ERROR(p.Str(n["backend"], "router.backend", &c->backend));
+    p.Keep(p.Str(n["backend"], "router.backend", &c->backend));
     if (c->backend != "auto" && c->backend != "cpu" && c->backend != "cuda")
-      return p.Error(n["backend"], "router.backend", "must be auto, cpu or cuda");
+      p.Keep(p.Error(n["backend"], "router.backend", "must be auto, cpu or cuda"));
   }
   if (n["exploration"])
-    CORTEX_RETURN_IF_ERROR(p.Double(n["exploration"], "router.exploration", 0, 1, &c->exploration));
-  if (n["load_bias"])
-    CORTEX_RETURN_IF_ERROR(p.Double(n["load_bias"], "router.load_bias", 0, 100, &c->load_bias));
+    p.Keep(p.Double(n["exploration"], "router.exploration", 0, 1, &c->exploration));
+  if (n["load_bias"]) p.Keep(p.Double(n["load_bias"], "router.load_bias", 0, 100, &c->load_bias));
   if (n["health_bias"])
-    CORTEX_RETURN_IF_ERROR(
-        p.Double(n["health_bias"], "router.health_bias", 0, 100, &c->health_bias));
-  long v;
+    p.Keep(p.Double(n["health_bias"], "router.health_bias", 0, 100, &c->health_bias));
+  long v = 0;
   if (n["max_attempts"]) {
-    CORTEX_RETURN_IF_ERROR(p.Int(n["max_attempts"], "router.max_attempts", 1, 32, &v));
+    p.Keep(p.Int(n["max_attempts"], "router.max_attempts", 1, 32, &v));
     c->max_attempts = static_cast<int>(v);
   }
   if (n["seed"]) {
-    CORTEX_RETURN_IF_ERROR(p.Int(n["seed"], "router.seed", 0, (1L << 62), &v));
+    p.Keep(p.Int(n["seed"], "router.seed", 0, (1L << 62), &v));
     c->seed = static_cast<uint64_t>(v);
   }
   return Status::OK();
@@ -268,31 +292,36 @@ Status ParseRouter(const Parser& p, const YAML::Node& n, RouterConfig* c) {
 Status ParseRules(const Parser& p, const YAML::Node& n, std::vector<RuleConfig>* rules) {
   if (!n.IsSequence()) return p.Error(n, "rules", "expected a list of rules");
   std::set<std::string> names;
+  // Each rule reports its first error; every rule is looked at.
   for (size_t i = 0; i < n.size(); ++i) {
-    const YAML::Node& r = n[i];
-    std::string path = "rules[" + std::to_string(i) + "]";
-    CORTEX_RETURN_IF_ERROR(p.CheckKeys(r, path, {"name", "match", "expert", "boost", "force"}));
-    RuleConfig rc;
-    rc.line = Parser::Line(r);
-    for (const char* req : {"name", "match", "expert"})
-      if (!r[req]) return p.Error(r, path + "." + req, "is required");
-    CORTEX_RETURN_IF_ERROR(p.Str(r["name"], path + ".name", &rc.name));
-    if (!names.insert(rc.name).second)
-      return p.Error(r["name"], path + ".name", "duplicate rule name '" + rc.name + "'");
-    CORTEX_RETURN_IF_ERROR(p.StrList(r["match"], path + ".match", &rc.match));
-    if (rc.match.empty()) return p.Error(r["match"], path + ".match", "must not be empty");
-    for (size_t j = 0; j < rc.match.size(); ++j) {
-      const std::string& m = rc.match[j];
-      if (m.empty() || m == "/" ||
-          (m.size() >= 2 && m.front() == '/' && m.back() == '/' && m.size() == 2))
-        return p.Error(r["match"][j], path + ".match[" + std::to_string(j) + "]", "empty pattern");
-    }
-    CORTEX_RETURN_IF_ERROR(p.Str(r["expert"], path + ".expert", &rc.expert));
-    if (r["boost"])
-      CORTEX_RETURN_IF_ERROR(p.Double(r["boost"], path + ".boost", -10, 10, &rc.boost));
-    if (r["force"]) CORTEX_RETURN_IF_ERROR(p.Bool(r["force"], path + ".force", &rc.force));
-    if (!r["boost"] && !rc.force) return p.Error(r, path, "needs a boost, or force: true");
-    rules->push_back(std::move(rc));
+    p.Keep([&]() -> Status {
+      const YAML::Node& r = n[i];
+      std::string path = "rules[" + std::to_string(i) + "]";
+      if (!r.IsMap()) return p.Error(r, path, "expected a mapping");
+      (void)p.CheckKeys(r, path, {"name", "match", "expert", "boost", "force"});
+      RuleConfig rc;
+      rc.line = Parser::Line(r);
+      for (const char* req : {"name", "match", "expert"})
+        if (!r[req]) return p.Error(r, path + "." + req, "is required");
+      CORTEX_RETURN_IF_ERROR(p.Str(r["name"], path + ".name", &rc.name));
+      if (!names.insert(rc.name).second)
+        return p.Error(r["name"], path + ".name", "duplicate rule name '" + rc.name + "'");
+      CORTEX_RETURN_IF_ERROR(p.StrList(r["match"], path + ".match", &rc.match));
+      if (rc.match.empty()) return p.Error(r["match"], path + ".match", "must not be empty");
+      for (size_t j = 0; j < rc.match.size(); ++j) {
+        const std::string& m = rc.match[j];
+        if (m.empty() || m == "/" || m == "//")
+          return p.Error(r["match"][j], path + ".match[" + std::to_string(j) + "]",
+                         "empty pattern");
+      }
+      CORTEX_RETURN_IF_ERROR(p.Str(r["expert"], path + ".expert", &rc.expert));
+      if (r["boost"])
+        CORTEX_RETURN_IF_ERROR(p.Double(r["boost"], path + ".boost", -10, 10, &rc.boost));
+      if (r["force"]) CORTEX_RETURN_IF_ERROR(p.Bool(r["force"], path + ".force", &rc.force));
+      if (!r["boost"] && !rc.force) return p.Error(r, path, "needs a boost, or force: true");
+      rules->push_back(std::move(rc));
+      return Status::OK();
+    }());
   }
   return Status::OK();
 }
@@ -302,48 +331,53 @@ Status ParseExperts(const Parser& p, const YAML::Node& n, std::vector<ExpertConf
   std::set<std::string> names;
   static const std::set<std::string> kCommon = {"name",     "plugin",   "description", "keywords",
                                                 "examples", "capacity", "timeout"};
+  // Each expert reports its first error; every expert is looked at.
   for (size_t i = 0; i < n.size(); ++i) {
-    const YAML::Node& e = n[i];
-    std::string path = "experts[" + std::to_string(i) + "]";
-    CORTEX_RETURN_IF_ERROR(p.CheckKeys(e, path, AllKeys(e)));  // duplicates only
-    ExpertConfig ec;
-    ec.line = Parser::Line(e);
-    for (const char* req : {"name", "plugin"})
-      if (!e[req]) return p.Error(e, path + "." + req, "is required");
-    CORTEX_RETURN_IF_ERROR(p.Str(e["name"], path + ".name", &ec.name));
-    if (!ValidExpertName(ec.name))
-      return p.Error(e["name"], path + ".name",
-                     "must be 1-64 characters of a-z, 0-9, '-', '_' or '.'");
-    if (!names.insert(ec.name).second)
-      return p.Error(e["name"], path + ".name", "duplicate expert name '" + ec.name + "'");
-    CORTEX_RETURN_IF_ERROR(p.Str(e["plugin"], path + ".plugin", &ec.plugin));
-    for (const auto& kv : e) {
-      std::string k = kv.first.as<std::string>();
-      std::string kp = path + "." + k;
-      if (k == "description") {
-        std::string s;
-        CORTEX_RETURN_IF_ERROR(p.Str(kv.second, kp, &s));
-        ec.description = s;
-      } else if (k == "keywords" || k == "examples") {
-        std::vector<std::string> l;
-        CORTEX_RETURN_IF_ERROR(p.StrList(kv.second, kp, &l));
-        (k == "keywords" ? ec.keywords : ec.examples) = l;
-      } else if (k == "capacity") {
-        long v;
-        CORTEX_RETURN_IF_ERROR(p.Int(kv.second, kp, 1, 1024, &v));
-        ec.capacity = static_cast<int>(v);
-      } else if (k == "timeout") {
-        double d;
-        CORTEX_RETURN_IF_ERROR(p.Duration(kv.second, kp, &d));
-        if (d <= 0) return p.Error(kv.second, kp, "must be positive");
-        ec.timeout_s = d;
-      } else if (!kCommon.count(k)) {
-        // Plugin-specific: validated against the plugin's manifest when it is instantiated.
-        ec.settings[k] = ToJson(kv.second);
-        ec.key_lines[k] = Parser::Line(kv.first);
+    p.Keep([&]() -> Status {
+      const YAML::Node& e = n[i];
+      std::string path = "experts[" + std::to_string(i) + "]";
+      if (!e.IsMap()) return p.Error(e, path, "expected a mapping");
+      (void)p.CheckKeys(e, path, AllKeys(e));  // duplicates only
+      ExpertConfig ec;
+      ec.line = Parser::Line(e);
+      for (const char* req : {"name", "plugin"})
+        if (!e[req]) return p.Error(e, path + "." + req, "is required");
+      CORTEX_RETURN_IF_ERROR(p.Str(e["name"], path + ".name", &ec.name));
+      if (!ValidExpertName(ec.name))
+        return p.Error(e["name"], path + ".name",
+                       "must be 1-64 characters of a-z, 0-9, '-', '_' or '.'");
+      if (!names.insert(ec.name).second)
+        return p.Error(e["name"], path + ".name", "duplicate expert name '" + ec.name + "'");
+      CORTEX_RETURN_IF_ERROR(p.Str(e["plugin"], path + ".plugin", &ec.plugin));
+      for (const auto& kv : e) {
+        std::string k = kv.first.as<std::string>();
+        std::string kp = path + "." + k;
+        if (k == "description") {
+          std::string s;
+          CORTEX_RETURN_IF_ERROR(p.Str(kv.second, kp, &s));
+          ec.description = s;
+        } else if (k == "keywords" || k == "examples") {
+          std::vector<std::string> l;
+          CORTEX_RETURN_IF_ERROR(p.StrList(kv.second, kp, &l));
+          (k == "keywords" ? ec.keywords : ec.examples) = l;
+        } else if (k == "capacity") {
+          long v = 0;
+          CORTEX_RETURN_IF_ERROR(p.Int(kv.second, kp, 1, 1024, &v));
+          ec.capacity = static_cast<int>(v);
+        } else if (k == "timeout") {
+          double d = 0;
+          CORTEX_RETURN_IF_ERROR(p.Duration(kv.second, kp, &d));
+          if (d <= 0) return p.Error(kv.second, kp, "must be positive");
+          ec.timeout_s = d;
+        } else if (!kCommon.count(k)) {
+          // Plugin-specific: validated against the plugin's manifest when it is instantiated.
+          ec.settings[k] = ToJson(kv.second);
+          ec.key_lines[k] = Parser::Line(kv.first);
+        }
       }
-    }
-    experts->push_back(std::move(ec));
+      experts->push_back(std::move(ec));
+      return Status::OK();
+    }());
   }
   return Status::OK();
 }
@@ -353,82 +387,76 @@ Result<Config> Parse(const YAML::Node& root, const std::string& source) {
   c.source = source;
   Parser p(source);
   if (root.IsNull()) return c;  // empty file: all defaults
-  CORTEX_RETURN_IF_ERROR(p.CheckKeys(
-      root, "", {"daemon", "store", "plugins", "router", "training", "rules", "experts"}));
-  if (root["daemon"]) CORTEX_RETURN_IF_ERROR(ParseDaemon(p, root["daemon"], &c.daemon));
-  if (const YAML::Node& s = root["store"]) {
-    CORTEX_RETURN_IF_ERROR(p.CheckKeys(s, "store", Sections().at("store")));
-    if (s["path"]) CORTEX_RETURN_IF_ERROR(p.Str(s["path"], "store.path", &c.store.path));
+  if (!root.IsMap()) return p.Error(root, "", "expected a mapping of sections");
+  (void)p.CheckKeys(root, "",
+                    {"daemon", "store", "plugins", "router", "training", "rules", "experts"});
+  if (root["daemon"]) p.Keep(ParseDaemon(p, root["daemon"], &c.daemon));
+  if (const YAML::Node& s = root["store"]; s && p.Section(s, "store")) {
+    if (s["path"]) p.Keep(p.Str(s["path"], "store.path", &c.store.path));
   }
-  if (const YAML::Node& s = root["plugins"]) {
-    CORTEX_RETURN_IF_ERROR(p.CheckKeys(s, "plugins", Sections().at("plugins")));
-    if (s["dir"]) CORTEX_RETURN_IF_ERROR(p.Str(s["dir"], "plugins.dir", &c.plugins.dir));
-    if (s["watch"]) CORTEX_RETURN_IF_ERROR(p.Bool(s["watch"], "plugins.watch", &c.plugins.watch));
-    if (s["bundled"])
-      CORTEX_RETURN_IF_ERROR(p.Bool(s["bundled"], "plugins.bundled", &c.plugins.bundled));
+  if (const YAML::Node& s = root["plugins"]; s && p.Section(s, "plugins")) {
+    if (s["dir"]) p.Keep(p.Str(s["dir"], "plugins.dir", &c.plugins.dir));
+    if (s["watch"]) p.Keep(p.Bool(s["watch"], "plugins.watch", &c.plugins.watch));
+    if (s["bundled"]) p.Keep(p.Bool(s["bundled"], "plugins.bundled", &c.plugins.bundled));
     if (s["isolation"]) {
-      CORTEX_RETURN_IF_ERROR(p.Str(s["isolation"], "plugins.isolation", &c.plugins.isolation));
+      p.Keep(p.Str(s["isolation"], "plugins.isolation", &c.plugins.isolation));
       if (c.plugins.isolation != "process" && c.plugins.isolation != "in-process")
-        return p.Error(s["isolation"], "plugins.isolation", "must be process or in-process");
+        p.Keep(p.Error(s["isolation"], "plugins.isolation", "must be process or in-process"));
     }
     if (s["memory_limit"]) {
-      CORTEX_RETURN_IF_ERROR(
-          p.Size(s["memory_limit"], "plugins.memory_limit", &c.plugins.memory_limit));
+      p.Keep(p.Size(s["memory_limit"], "plugins.memory_limit", &c.plugins.memory_limit));
       if (c.plugins.memory_limit && c.plugins.memory_limit < (16u << 20))
-        return p.Error(s["memory_limit"], "plugins.memory_limit",
-                       "must be 0 (no limit) or at least 16MiB");
+        p.Keep(p.Error(s["memory_limit"], "plugins.memory_limit",
+                       "must be 0 (no limit) or at least 16MiB"));
     }
-    long v;
+    long v = 0;
     if (s["quarantine_after"]) {
-      CORTEX_RETURN_IF_ERROR(
-          p.Int(s["quarantine_after"], "plugins.quarantine_after", 1, 1000000, &v));
+      p.Keep(p.Int(s["quarantine_after"], "plugins.quarantine_after", 1, 1000000, &v));
       c.plugins.quarantine_after = static_cast<int>(v);
     }
     if (s["restart_backoff"]) {
-      CORTEX_RETURN_IF_ERROR(p.Duration(s["restart_backoff"], "plugins.restart_backoff",
-                                        &c.plugins.restart_backoff_s));
+      p.Keep(p.Duration(s["restart_backoff"], "plugins.restart_backoff",
+                        &c.plugins.restart_backoff_s));
       if (c.plugins.restart_backoff_s > 30)
-        return p.Error(s["restart_backoff"], "plugins.restart_backoff", "must be at most 30s");
+        p.Keep(p.Error(s["restart_backoff"], "plugins.restart_backoff", "must be at most 30s"));
     }
     if (s["load_timeout"]) {
-      CORTEX_RETURN_IF_ERROR(
-          p.Duration(s["load_timeout"], "plugins.load_timeout", &c.plugins.load_timeout_s));
+      p.Keep(p.Duration(s["load_timeout"], "plugins.load_timeout", &c.plugins.load_timeout_s));
       if (c.plugins.load_timeout_s <= 0 || c.plugins.load_timeout_s > 600)
-        return p.Error(s["load_timeout"], "plugins.load_timeout", "must be above 0 and at most 10m");
+        p.Keep(
+            p.Error(s["load_timeout"], "plugins.load_timeout", "must be above 0 and at most 10m"));
     }
     if (s["env"]) {
-      CORTEX_RETURN_IF_ERROR(p.StrList(s["env"], "plugins.env", &c.plugins.env));
+      p.Keep(p.StrList(s["env"], "plugins.env", &c.plugins.env));
       for (size_t i = 0; i < c.plugins.env.size(); ++i) {
         const std::string& n = c.plugins.env[i];
         if (n.empty() || std::isdigit(static_cast<unsigned char>(n[0])) ||
-            n.find_first_not_of("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_") !=
+            n.find_first_not_of(
+                "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_") !=
                 std::string::npos)
-          return p.Error(s["env"][i], "plugins.env[" + std::to_string(i) + "]",
-                         "'" + n + "' is not an environment variable name");
+          p.Keep(p.Error(s["env"][i], "plugins.env[" + std::to_string(i) + "]",
+                         "'" + n + "' is not an environment variable name"));
       }
     }
   }
-  if (root["router"]) CORTEX_RETURN_IF_ERROR(ParseRouter(p, root["router"], &c.router));
-  if (const YAML::Node& t = root["training"]) {
-    CORTEX_RETURN_IF_ERROR(p.CheckKeys(t, "training", Sections().at("training")));
-    if (t["online"])
-      CORTEX_RETURN_IF_ERROR(p.Bool(t["online"], "training.online", &c.training.online));
+  if (root["router"]) p.Keep(ParseRouter(p, root["router"], &c.router));
+  if (const YAML::Node& t = root["training"]; t && p.Section(t, "training")) {
+    if (t["online"]) p.Keep(p.Bool(t["online"], "training.online", &c.training.online));
     if (t["interval"])
-      CORTEX_RETURN_IF_ERROR(
-          p.Duration(t["interval"], "training.interval", &c.training.interval_s));
-    long v;
+      p.Keep(p.Duration(t["interval"], "training.interval", &c.training.interval_s));
+    long v = 0;
     if (t["min_new_outcomes"]) {
-      CORTEX_RETURN_IF_ERROR(
-          p.Int(t["min_new_outcomes"], "training.min_new_outcomes", 1, 100000000, &v));
+      p.Keep(p.Int(t["min_new_outcomes"], "training.min_new_outcomes", 1, 100000000, &v));
       c.training.min_new_outcomes = static_cast<int>(v);
     }
     if (t["epochs"]) {
-      CORTEX_RETURN_IF_ERROR(p.Int(t["epochs"], "training.epochs", 1, 100, &v));
+      p.Keep(p.Int(t["epochs"], "training.epochs", 1, 100, &v));
       c.training.epochs = static_cast<int>(v);
     }
   }
-  if (root["rules"]) CORTEX_RETURN_IF_ERROR(ParseRules(p, root["rules"], &c.rules));
-  if (root["experts"]) CORTEX_RETURN_IF_ERROR(ParseExperts(p, root["experts"], &c.experts));
+  if (root["rules"]) p.Keep(ParseRules(p, root["rules"], &c.rules));
+  if (root["experts"]) p.Keep(ParseExperts(p, root["experts"], &c.experts));
+  if (!p.errors().empty()) return Status::InvalidArgument(JoinLines(p.errors()));
   return c;
 }
 
@@ -457,13 +485,131 @@ Result<Config> LoadConfigString(const std::string& yaml, const std::string& sour
 }
 
 Result<Config> LoadConfigFile(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return Status::NotFound("cannot read config file " + path);
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  Result<Config> c = LoadConfigString(ss.str(), path);
-  if (c.ok()) ResolveDefaultPaths(&c.value());
+  // Read by hand, so that what went wrong (no such file, permission, a folder) is said.
+  int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0)
+    return Status::NotFound("cannot read config file " + path + ": " + std::strerror(errno));
+  std::string text;
+  char buf[65536];
+  ssize_t n;
+  while ((n = read(fd, buf, sizeof buf)) > 0) text.append(buf, static_cast<size_t>(n));
+  const int err = errno;
+  close(fd);
+  if (n < 0) return Status::IOError("cannot read config file " + path + ": " + std::strerror(err));
+  Result<Config> c = LoadConfigString(text, path);
+  if (!c.ok()) return c;
+  // A user's rules add to the built-in ones; a rule of the same name replaces its
+  // built-in namesake.
+  Result<Config> builtin = LoadConfigString(kDefaults, "<embedded defaults>");
+  if (builtin.ok()) {
+    std::set<std::string> names;
+    for (const auto& r : c->rules) names.insert(r.name);
+    std::vector<RuleConfig> rules;
+    for (auto& r : builtin->rules)
+      if (!names.count(r.name)) rules.push_back(std::move(r));
+    for (auto& r : c->rules) rules.push_back(std::move(r));
+    c->rules = std::move(rules);
+  }
+  // Relative paths are the config file's neighbours, wherever cortexd was started.
+  const std::string dir =
+      path.find('/') == std::string::npos ? "." : path.substr(0, path.rfind('/'));
+  for (std::string* f : {&c->daemon.socket, &c->store.path, &c->plugins.dir})
+    if (!f->empty() && (*f)[0] != '/')
+      *f = std::filesystem::path(dir + "/" + *f).lexically_normal().string();
+  ResolveDefaultPaths(&c.value());
   return c;
+}
+
+std::string ConfigToYaml(const Config& c) {
+  auto dur = [](double s) {
+    for (auto [unit, mul] : {std::pair<const char*, double>{"d", 86400}, {"h", 3600}, {"m", 60}})
+      if (s >= mul && std::fmod(s, mul) == 0) return fmt::format("{}{}", s / mul, unit);
+    if (s > 0 && s < 1) return fmt::format("{}ms", s * 1000);
+    return fmt::format("{}s", s);
+  };
+  auto size = [](size_t b) {
+    for (auto [unit, mul] : {std::pair<const char*, size_t>{"GiB", 1ull << 30},
+                             {"MiB", 1ull << 20},
+                             {"KiB", 1ull << 10}})
+      if (b >= mul && b % mul == 0) return fmt::format("{}{}", b / mul, unit);
+    return std::to_string(b);
+  };
+  YAML::Emitter out;
+  out.SetDoublePrecision(12);  // 0.05, not 0.050000000000000003
+  out << YAML::Comment("effective configuration of " + c.source + ", defaults filled in");
+  out << YAML::BeginMap;
+  const DaemonConfig& d = c.daemon;
+  out << YAML::Key << "daemon" << YAML::Value << YAML::BeginMap;
+  out << YAML::Key << "socket" << YAML::Value << d.socket;
+  out << YAML::Key << "workers" << YAML::Value << d.workers;
+  out << YAML::Key << "max_connections" << YAML::Value << d.max_connections;
+  out << YAML::Key << "max_request_bytes" << YAML::Value << d.max_request_bytes;
+  out << YAML::Key << "max_text_bytes" << YAML::Value << d.max_text_bytes;
+  out << YAML::Key << "max_tags" << YAML::Value << d.max_tags;
+  out << YAML::Key << "max_queued" << YAML::Value << d.max_queued;
+  out << YAML::Key << "idle_timeout" << YAML::Value << dur(d.idle_timeout_s);
+  out << YAML::Key << "shutdown_grace" << YAML::Value << dur(d.shutdown_grace_s);
+  if (!d.allow_group.empty()) out << YAML::Key << "allow_group" << YAML::Value << d.allow_group;
+  out << YAML::EndMap;
+  out << YAML::Key << "store" << YAML::Value << YAML::BeginMap;
+  out << YAML::Key << "path" << YAML::Value << c.store.path << YAML::EndMap;
+  const PluginsConfig& p = c.plugins;
+  out << YAML::Key << "plugins" << YAML::Value << YAML::BeginMap;
+  out << YAML::Key << "dir" << YAML::Value << p.dir;
+  out << YAML::Key << "watch" << YAML::Value << p.watch;
+  out << YAML::Key << "bundled" << YAML::Value << p.bundled;
+  out << YAML::Key << "isolation" << YAML::Value << p.isolation;
+  out << YAML::Key << "memory_limit" << YAML::Value << size(p.memory_limit);
+  out << YAML::Key << "quarantine_after" << YAML::Value << p.quarantine_after;
+  out << YAML::Key << "restart_backoff" << YAML::Value << dur(p.restart_backoff_s);
+  out << YAML::Key << "load_timeout" << YAML::Value << dur(p.load_timeout_s);
+  out << YAML::Key << "env" << YAML::Value << YAML::Flow << p.env;
+  out << YAML::EndMap;
+  const RouterConfig& r = c.router;
+  out << YAML::Key << "router" << YAML::Value << YAML::BeginMap;
+  out << YAML::Key << "backend" << YAML::Value << r.backend;
+  out << YAML::Key << "exploration" << YAML::Value << r.exploration;
+  out << YAML::Key << "load_bias" << YAML::Value << r.load_bias;
+  out << YAML::Key << "health_bias" << YAML::Value << r.health_bias;
+  out << YAML::Key << "max_attempts" << YAML::Value << r.max_attempts;
+  out << YAML::Key << "seed" << YAML::Value << r.seed;
+  out << YAML::EndMap;
+  const TrainingConfig& t = c.training;
+  out << YAML::Key << "training" << YAML::Value << YAML::BeginMap;
+  out << YAML::Key << "interval" << YAML::Value << dur(t.interval_s);
+  out << YAML::Key << "min_new_outcomes" << YAML::Value << t.min_new_outcomes;
+  out << YAML::Key << "online" << YAML::Value << t.online;
+  out << YAML::Key << "epochs" << YAML::Value << t.epochs;
+  out << YAML::EndMap;
+  out << YAML::Key << "rules" << YAML::Value << YAML::BeginSeq;
+  for (const auto& rule : c.rules) {
+    out << YAML::BeginMap;
+    out << YAML::Key << "name" << YAML::Value << rule.name;
+    out << YAML::Key << "match" << YAML::Value << YAML::Flow << rule.match;
+    out << YAML::Key << "expert" << YAML::Value << rule.expert;
+    if (!rule.force || rule.boost != 0) out << YAML::Key << "boost" << YAML::Value << rule.boost;
+    if (rule.force) out << YAML::Key << "force" << YAML::Value << true;
+    out << YAML::EndMap;
+  }
+  out << YAML::EndSeq;
+  out << YAML::Key << "experts" << YAML::Value << YAML::BeginSeq;
+  for (const auto& e : c.experts) {
+    out << YAML::BeginMap;
+    out << YAML::Key << "name" << YAML::Value << e.name;
+    out << YAML::Key << "plugin" << YAML::Value << e.plugin;
+    if (e.description) out << YAML::Key << "description" << YAML::Value << *e.description;
+    if (e.keywords) out << YAML::Key << "keywords" << YAML::Value << YAML::Flow << *e.keywords;
+    if (e.examples) out << YAML::Key << "examples" << YAML::Value << *e.examples;
+    if (e.capacity) out << YAML::Key << "capacity" << YAML::Value << *e.capacity;
+    if (e.timeout_s) out << YAML::Key << "timeout" << YAML::Value << dur(*e.timeout_s);
+    // Plugin settings came from YAML as JSON; JSON is YAML (flow style).
+    for (const auto& [k, v] : e.settings.items())
+      out << YAML::Key << k << YAML::Value << YAML::Load(v.dump());
+    out << YAML::EndMap;
+  }
+  out << YAML::EndSeq;
+  out << YAML::EndMap;
+  return std::string(out.c_str()) + "\n";
 }
 
 std::vector<std::string> SettingKeys() {

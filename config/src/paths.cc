@@ -37,4 +37,14 @@ std::string DefaultSocketPath() {
 std::string DefaultStorePath() { return DataDir() + "/cortex.db"; }
 std::string DefaultPluginDir() { return DataDir() + "/plugins"; }
 
+std::string DefaultConfigFile() {
+  std::string x = Env("XDG_CONFIG_HOME");
+  for (const std::string& f : {(x.empty() ? Home() + "/.config" : x) + "/cortex/cortex.yaml",
+                               std::string("/etc/cortex/cortex.yaml")})
+    if (access(f.c_str(), F_OK) == 0) return f;
+  return "";
+}
+
+const char* CortexVersion() { return CORTEX_VERSION; }
+
 }  // namespace cortex

@@ -74,6 +74,32 @@ std::string BundledPluginHost() {
 
 namespace {
 
+// The registry's options from a config: the same for a start and for --check-config.
+Status RegistryOptionsFor(const Config& c, const DaemonOptions& o, ExpertRegistry::Options* ro) {
+  std::string bundled = o.bundled_plugin_dir.empty() ? BundledPluginDir() : o.bundled_plugin_dir;
+  if (c.plugins.bundled) {
+    if (bundled.empty())
+      LogWarn("no bundled plugin folder next to the executable");
+    else
+      ro->dirs.push_back(bundled);
+  }
+  ro->dirs.push_back(c.plugins.dir);
+  ro->in_process = c.plugins.isolation == "in-process";
+  ro->host_exe = o.plugin_host.empty() ? BundledPluginHost() : o.plugin_host;
+  if (!ro->in_process && ro->host_exe.empty())
+    return Status::FailedPrecondition(
+        "cannot find cortex-plugin-host next to cortexd (expected " +
+        BesideExe("cortex-plugin-host").string() +
+        "); reinstall Cortex, or set plugins.isolation: in-process to run trusted plugins "
+        "inside cortexd");
+  ro->host_env = c.plugins.env;
+  ro->load_timeout_s = c.plugins.load_timeout_s;
+  ro->supervision.quarantine_after = c.plugins.quarantine_after;
+  ro->supervision.backoff_s = c.plugins.restart_backoff_s;
+  ro->supervision.memory_limit = c.plugins.memory_limit;
+  return Status::OK();
+}
+
 struct Waiter {
   std::mutex mu;
   std::condition_variable cv;
@@ -87,6 +113,7 @@ struct Job {
   int attempts = 0;         // attempts made so far
   std::string last_expert;  // whose attempt came last
   uint64_t generation = 0;  // of the registry when it was routed
+  bool cancel = false;      // `cortexctl cancel`: ends cancelled instead of running
 };
 
 // The settings a reload applies to the running daemon, each with how it is copied into
@@ -128,6 +155,12 @@ class DaemonImpl : public Daemon, public RequestHandler {
     }
     if (inotify_fd_ >= 0) close(inotify_fd_);
     if (signal_fd_ >= 0) close(signal_fd_);
+    // The plugin copies go with the hosts that ran them.
+    registry_.reset();
+    if (!cache_dir_.empty()) {
+      std::error_code ec;
+      fs::remove_all(cache_dir_, ec);
+    }
   }
 
   Status Start() override {
@@ -254,6 +287,47 @@ class DaemonImpl : public Daemon, public RequestHandler {
     return Status::OK();
   }
 
+  Status Cancel(const std::string& id) override {
+    std::vector<Job> ended;  // taken out of the queues: they end here, not on a worker
+    {
+      std::lock_guard<std::mutex> l(queue_mu_);
+      for (auto it = queue_.begin(); it != queue_.end(); ++it)
+        if (it->id == id) {
+          Job j;
+          j.task = std::move(*it);
+          queue_.erase(it);
+          ended.push_back(std::move(j));
+          break;
+        }
+      for (auto it = ready_.begin(); ended.empty() && it != ready_.end(); ++it)
+        if (it->task.id == id) {
+          ended.push_back(std::move(*it));
+          ready_.erase(it);
+          break;
+        }
+      if (ended.empty()) {
+        // Running (its expert is asked to stop), or between the queues (routing, or a
+        // worker about to start it): it is stopped where it is found next.
+        auto run = attempt_stops_.find(id);
+        if (run != attempt_stops_.end()) run->second->store(true);
+        cancels_.insert(id);
+      }
+    }
+    if (!ended.empty()) {
+      ended[0].cancel = true;
+      EndTask(ended[0], TaskState::kCancelled);
+      return Status::OK();
+    }
+    Task t;
+    CORTEX_RETURN_IF_ERROR(store_->GetTask(id, &t));
+    if (IsFinal(t.state)) {
+      std::lock_guard<std::mutex> l(queue_mu_);
+      cancels_.erase(id);
+      return Status::FailedPrecondition("task " + id + " has already ended: " + ToString(t.state));
+    }
+    return Status::OK();
+  }
+
   bool WaitDone(const std::string& id, double timeout_s) override {
     auto w = std::make_shared<Waiter>();
     {
@@ -294,7 +368,7 @@ class DaemonImpl : public Daemon, public RequestHandler {
     int inflight = 0;
     auto active = registry_->Active();
     for (const auto& e : active) inflight += e->inflight();
-    return {{"version", "0.1.0"},
+    return {{"version", CortexVersion()},
             {"pid", getpid()},
             {"uptime_s", (env_->MonotonicMicros() - start_mono_) / 1e6},
             {"queue_depth", queued},
@@ -304,7 +378,10 @@ class DaemonImpl : public Daemon, public RequestHandler {
             {"backend_choice", backend_why_},
             {"model_version", router->model_version()},
             {"training", TrainingStatus()},
+            {"store", store_->Path()},
             {"store_path", store_->Path()},
+            {"plugin_dir", config_.plugins.dir},
+            {"plugin_dirs", watch_dirs_},
             {"store_error", StoreError()},
             {"schema_version", store_->SchemaVersion()},
             {"socket", config_.daemon.socket},
@@ -446,41 +523,21 @@ class DaemonImpl : public Daemon, public RequestHandler {
     max_attempts_live_ = config_.router.max_attempts;
 
     ExpertRegistry::Options ro;
-    std::string bundled =
-        options_.bundled_plugin_dir.empty() ? BundledPluginDir() : options_.bundled_plugin_dir;
-    if (config_.plugins.bundled) {
-      if (bundled.empty())
-        LogWarn("no bundled plugin folder next to the executable");
-      else
-        ro.dirs.push_back(bundled);
-    }
+    CORTEX_RETURN_IF_ERROR(RegistryOptionsFor(config_, options_, &ro));
     (void)env_->CreateDirs(config_.plugins.dir, 0700);
-    ro.dirs.push_back(config_.plugins.dir);
     watch_dirs_ = ro.dirs;
     RemoveStalePluginCaches(fs::path(config_.daemon.socket).parent_path());
     ro.cache_dir = fs::path(config_.daemon.socket).parent_path().string() + "/plugin-cache." +
                    std::to_string(getpid());
     CORTEX_RETURN_IF_ERROR(env_->MakePrivateDir(ro.cache_dir, true).WithContext("plugin cache"));
+    cache_dir_ = ro.cache_dir;
     ro.env = env_;
-    ro.in_process = config_.plugins.isolation == "in-process";
-    ro.host_exe = options_.plugin_host.empty() ? BundledPluginHost() : options_.plugin_host;
-    if (!ro.in_process && ro.host_exe.empty())
-      return Status::FailedPrecondition(
-          "cannot find cortex-plugin-host next to cortexd (expected " +
-          BesideExe("cortex-plugin-host").string() +
-          "); reinstall Cortex, or set plugins.isolation: in-process to run trusted plugins "
-          "inside cortexd");
-    ro.host_env = config_.plugins.env;
-    ro.load_timeout_s = config_.plugins.load_timeout_s;
+    if (ro.in_process) LogWarn("plugins run inside cortexd (plugins.isolation: in-process)");
     slot_waker_->cv = &queue_cv_;
     ro.supervision.on_slot_free = [w = slot_waker_] {
       std::lock_guard<std::mutex> l(w->mu);
       if (w->cv) w->cv->notify_all();
     };
-    ro.supervision.quarantine_after = config_.plugins.quarantine_after;
-    ro.supervision.backoff_s = config_.plugins.restart_backoff_s;
-    ro.supervision.memory_limit = config_.plugins.memory_limit;
-    if (ro.in_process) LogWarn("plugins run inside cortexd (plugins.isolation: in-process)");
     ro.audit = [this](const ExpertEvent& e) {
       Status st = store_->RecordExpertEvent(e);
       if (!st.ok()) LogWarn("audit: {}", st.ToString());
@@ -598,10 +655,17 @@ class DaemonImpl : public Daemon, public RequestHandler {
         std::chrono::milliseconds(static_cast<int64_t>(shutdown_grace_s_.load() * 1000));
     {
       std::unique_lock<std::mutex> l(queue_mu_);
+      if (busy_workers_ > 0)
+        LogInfo("stopping: waiting up to {:g}s (daemon.shutdown_grace) for {} running task(s)",
+                shutdown_grace_s_.load(), busy_workers_);
       while (busy_workers_ > 0 && std::chrono::steady_clock::now() < deadline)
         queue_cv_.wait_for(l, std::chrono::milliseconds(50));
     }
-    abort_ = true;
+    {
+      std::lock_guard<std::mutex> l(queue_mu_);
+      abort_ = true;
+      for (auto& [id, stop] : attempt_stops_) stop->store(true);
+    }
     queue_cv_.notify_all();
     for (auto& w : workers_) w.join();
     server_->CloseConnections();
@@ -684,6 +748,19 @@ class DaemonImpl : public Daemon, public RequestHandler {
           queue_.pop_front();
         }
       }
+      // Cancelled while the dispatcher held them (say, waiting for an expert): they end.
+      for (auto it = batch.begin(); it != batch.end();) {
+        if (!CancelRequested(it->id)) {
+          ++it;
+          continue;
+        }
+        Job j;
+        j.task = std::move(*it);
+        j.cancel = true;
+        EndTask(j, TaskState::kCancelled);
+        it = batch.erase(it);
+      }
+      if (batch.empty()) continue;
       const uint64_t generation = registry_->generation();  // before the experts are read
       std::vector<ExpertSlot> slots = Slots(nullptr);
       if (slots.empty()) {
@@ -774,7 +851,9 @@ class DaemonImpl : public Daemon, public RequestHandler {
         queue_cv_.wait_for(l, std::chrono::milliseconds(200));
       }
       queue_cv_.notify_all();
-      if (expert)
+      if (job.cancel)
+        EndTask(job, TaskState::kCancelled);
+      else if (expert)
         RunAttempt(std::move(job), expert);
       else
         EndTask(job, TaskState::kFailed);  // no candidate left to try
@@ -795,6 +874,12 @@ class DaemonImpl : public Daemon, public RequestHandler {
     std::set<std::string> full;  // experts found busy in this scan: not asked again
     for (auto it = ready_.begin(); it != ready_.end();) {
       Job& j = *it;
+      if (cancels_.count(j.task.id)) {
+        j.cancel = true;
+        *out = std::move(j);
+        ready_.erase(it);
+        return true;
+      }
       const auto& cands = j.decision.candidates;
       // Removed or quarantined since the decision: not an attempt, try the next one. A
       // forced decision is policy: that expert only, one attempt, no fallback.
@@ -852,10 +937,24 @@ class DaemonImpl : public Daemon, public RequestHandler {
       expert->ReleaseSlot();
       return;
     }
-    Outcome o = expert->RunWithSlot(job.task, &abort_);
-    if (abort_.load() && o.kind != OutcomeKind::kSuccess) {
+    // The attempt stops early when cortexd's grace period ends or the task is cancelled.
+    auto stop = std::make_shared<std::atomic<bool>>(false);
+    {
+      std::lock_guard<std::mutex> l(queue_mu_);
+      if (abort_.load() || cancels_.count(id)) stop->store(true);
+      attempt_stops_[id] = stop;
+    }
+    Outcome o = expert->RunWithSlot(job.task, stop.get());
+    bool cancelled;
+    {
+      std::lock_guard<std::mutex> l(queue_mu_);
+      attempt_stops_.erase(id);
+      cancelled = cancels_.count(id) > 0;
+    }
+    if (stop->load() && o.kind != OutcomeKind::kSuccess) {
       o.kind = OutcomeKind::kInterrupted;
-      o.error = "cortexd stopped before the attempt finished";
+      o.error = cancelled ? "cancelled (cortexctl cancel)"
+                          : "cortexd stopped before the attempt finished";
     }
     const double finished = env_->NowUnix();
     if (!Persist(fmt::format("task {}: recording the outcome of attempt {}", id, n),
@@ -866,6 +965,7 @@ class DaemonImpl : public Daemon, public RequestHandler {
     job.last_expert = expert->name();
     ++job.next;
     if (o.kind == OutcomeKind::kSuccess) return EndTask(job, TaskState::kSucceeded);
+    if (cancelled) return EndTask(job, TaskState::kCancelled);
     if (o.kind == OutcomeKind::kInterrupted) return EndTask(job, TaskState::kInterrupted);
     LogDebug("task {}: {} on {} ({}), falling back", id, ToString(o.kind), expert->name(), o.error);
     // On to the next candidate when it has room (or to its end, if there is none).
@@ -879,7 +979,17 @@ class DaemonImpl : public Daemon, public RequestHandler {
     if (!Persist(fmt::format("task {}: recording its end", id),
                  [&] { return store_->FinishTask(id, state, job.last_expert, ended); }))
       return;
+    if (state == TaskState::kCancelled) LogInfo("task {} cancelled", id);
+    {
+      std::lock_guard<std::mutex> l(queue_mu_);
+      cancels_.erase(id);
+    }
     NotifyDone(id);
+  }
+
+  bool CancelRequested(const std::string& id) {
+    std::lock_guard<std::mutex> l(queue_mu_);
+    return cancels_.count(id) > 0;
   }
 
   // Retries a store write every second until it succeeds (true) or the grace period is
@@ -1144,12 +1254,23 @@ class DaemonImpl : public Daemon, public RequestHandler {
     return Status::OK();
   }
 
-  Status Rollback(int version, json* result) override {
+  Status Rollback(int version, bool force, json* result) override {
     GatingModel model(learner_->options().shape);
     long through = 0;
     if (version != 0) {
       ModelRecord rec;
       CORTEX_RETURN_IF_ERROR(store_->LoadModel(version, &rec));
+      if (rec.status == "refused" && !force) {
+        std::string why;
+        try {
+          why = json::parse(rec.metrics).value("reason", "");
+        } catch (const json::exception&) {
+        }
+        return Status::FailedPrecondition(
+            "model v" + std::to_string(version) + " was refused at validation" +
+            (why.empty() ? "" : " (" + why + ")") + "; `cortexctl models rollback " +
+            std::to_string(version) + " --force` makes it live anyway");
+      }
       auto m = GatingModel::Deserialize(rec.weights);
       if (!m.ok()) return m.status().WithContext("model v" + std::to_string(version));
       model = std::move(m).value();
@@ -1185,6 +1306,7 @@ class DaemonImpl : public Daemon, public RequestHandler {
 
   std::unique_ptr<Store> store_;
   std::unique_ptr<ExpertRegistry> registry_;
+  std::string cache_dir_;  // private copies of the plugin files, removed at exit
   std::unique_ptr<Server> server_;
   std::mutex router_mu_;
   std::shared_ptr<Router> router_;
@@ -1235,6 +1357,10 @@ class DaemonImpl : public Daemon, public RequestHandler {
   std::string store_error_;         // the last failed write's error, until one succeeds
   std::atomic<bool> stop_{false};   // no new work
   std::atomic<bool> abort_{false};  // grace period over: cancel running attempts
+  // Guarded by queue_mu_: each running attempt's stop flag, and the tasks `cancel` asked
+  // to end that were not in a queue at that moment.
+  std::map<std::string, std::shared_ptr<std::atomic<bool>>> attempt_stops_;
+  std::set<std::string> cancels_;
 
   std::mutex waiters_mu_;
   std::map<std::string, std::vector<std::shared_ptr<Waiter>>> waiters_;
@@ -1247,6 +1373,68 @@ class DaemonImpl : public Daemon, public RequestHandler {
 
 Result<std::unique_ptr<Daemon>> Daemon::Create(Config config, DaemonOptions options) {
   return std::unique_ptr<Daemon>(new DaemonImpl(std::move(config), std::move(options)));
+}
+
+Status CheckConfig(const Config& config, const DaemonOptions& options,
+                   std::vector<std::string>* warnings) {
+  std::vector<std::string> errors;
+  auto keep = [&](const Status& st) {
+    if (!st.ok()) errors.push_back(st.message());
+  };
+  Result<RuleSet> rules = RuleSet::Compile(config.rules, config.source);
+  keep(rules.status());
+  std::string why;
+  keep(MakeEngine(config.router.backend, &why).status().WithContext(config.source));
+  // Folders a start would use: one that exists must already be safe (nothing is created).
+  Env* env = Env::Default();
+  auto folder = [&](const std::string& key, const std::string& dir) {
+    FileInfo fi;
+    if (dir.empty() || !env->Stat(dir, &fi).ok() || !fi.exists) return;
+    keep(env->MakePrivateDir(dir, false).WithContext(key));
+  };
+  folder("store.path", fs::path(config.store.path).parent_path().string());
+  folder("daemon.socket", fs::path(config.daemon.socket).parent_path().string());
+
+  // Every plugin loaded and every configured expert created, in hosts, as a start does.
+  ExpertRegistry::Options ro;
+  Status st = RegistryOptionsFor(config, options, &ro);
+  keep(st);
+  if (st.ok()) {
+    std::string tmpl =
+        (getenv("TMPDIR") ? std::string(getenv("TMPDIR")) : "/tmp") + "/cortex-check.XXXXXX";
+    if (!mkdtemp(tmpl.data()))
+      return Status::IOError("cannot make a folder for plugin copies: " +
+                             std::string(strerror(errno)));
+    ro.cache_dir = tmpl;
+    ro.env = env;
+    ro.audit = [warnings](const ExpertEvent& e) {
+      if (e.event == "refused" || e.event == "unavailable")
+        warnings->push_back(fmt::format("plugin {}{}: {}", e.file,
+                                        e.expert.empty() ? "" : " (" + e.expert + ")", e.detail));
+    };
+    {
+      ExpertRegistry registry(ro);
+      registry.Rescan();
+      keep(registry.Configure(config));
+      std::set<std::string> named;
+      for (const auto& r : config.rules) named.insert(r.expert);
+      for (const auto& name : named)
+        if (!registry.Find(name))
+          warnings->push_back(fmt::format(
+              "{}: a rule names expert '{}', which is not loaded (loaded: {}); it fires once "
+              "it is",
+              config.source, name, [&] {
+                std::string have;
+                for (const auto& e : registry.Active())
+                  have += (have.empty() ? "" : ", ") + e->name();
+                return have.empty() ? std::string("none") : have;
+              }()));
+    }
+    std::error_code ec;
+    fs::remove_all(tmpl, ec);
+  }
+  if (!errors.empty()) return Status::InvalidArgument(JoinLines(errors));
+  return Status::OK();
 }
 
 }  // namespace cortex

@@ -1,4 +1,4 @@
-// cortexd [--config FILE] [--foreground]
+// cortexd [--config FILE] [--foreground] [--check-config] [--print-config] [--version]
 #include <fcntl.h>
 #include <pthread.h>
 #include <signal.h>
@@ -7,7 +7,9 @@
 
 #include <CLI/CLI.hpp>
 #include <cstdio>
+#include <filesystem>
 #include <iostream>
+#include <sstream>
 
 #include "cortex/config.h"
 #include "cortex/daemon.h"
@@ -49,6 +51,8 @@ int Detach(int* ready_fd) {
   }
   close(p[0]);
   setsid();
+  // A daemon holds no folder of the shell that started it (paths were made absolute).
+  if (chdir("/") != 0) return -1;
   int null = open("/dev/null", O_RDWR);
   if (null >= 0) {
     dup2(null, 0);
@@ -72,43 +76,63 @@ int main(int argc, char** argv) {
   CLI::App app{"cortexd: routes tasks to expert plugins and learns which expert to pick"};
   std::string config_path, log_level = "info", log_file;
   bool foreground = false, print_config = false, check_config = false;
-  app.add_option("--config", config_path, "YAML config file (default: embedded defaults)");
+  app.add_option("--config", config_path,
+                 "YAML config file (default: $XDG_CONFIG_HOME/cortex/cortex.yaml, then "
+                 "/etc/cortex/cortex.yaml, else the embedded defaults)");
   app.add_flag("--foreground", foreground, "stay attached and log to stderr");
   app.add_option("--log-level", log_level, "debug, info, warn or error")
       ->check(CLI::IsMember({"debug", "info", "warn", "error"}));
   app.add_option("--log-file", log_file, "log file when detached (default: DATA_DIR/cortexd.log)");
-  app.add_flag("--print-config", print_config, "print the embedded default config and exit");
-  app.add_flag("--check-config", check_config, "validate the config and exit");
+  app.add_flag("--print-config", print_config,
+               "print the effective config (defaults filled in) and exit");
+  app.add_flag("--check-config", check_config,
+               "run every check a start runs (rules, plugins, experts' settings, folders), "
+               "report every error, and exit");
+  bool version = false;
+  app.add_flag("--version", version, "print the version and exit");
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
     int rc = app.exit(e);
     return rc == 0 ? 0 : 2;
   }
-  if (print_config) {
-    std::fputs(cortex::EmbeddedDefaultsYaml(), stdout);
+  if (version) {
+    std::printf("cortexd %s\n", cortex::CortexVersion());
     return 0;
   }
+  // A check reports what is wrong, not every plugin it loaded on the way.
+  if (check_config && !app.count("--log-level")) log_level = "warn";
   cortex::SetLogLevel(log_level == "debug"   ? cortex::LogLevel::kDebug
                       : log_level == "warn"  ? cortex::LogLevel::kWarn
                       : log_level == "error" ? cortex::LogLevel::kError
                                              : cortex::LogLevel::kInfo);
-
+  // The file is found and made absolute once: reload re-reads it, after a detached
+  // daemon has left the folder it was started in.
+  if (config_path.empty()) config_path = cortex::DefaultConfigFile();
+  std::error_code ec;
+  if (!config_path.empty()) config_path = std::filesystem::absolute(config_path, ec).string();
+  if (!log_file.empty()) log_file = std::filesystem::absolute(log_file, ec).string();
   cortex::Result<cortex::Config> cfg = config_path.empty()
                                            ? cortex::Result<cortex::Config>(cortex::DefaultConfig())
                                            : cortex::LoadConfigFile(config_path);
-  if (!cfg.ok()) {
-    std::fprintf(stderr, "cortexd: %s\n", cfg.status().message().c_str());
+  auto fail = [](const cortex::Status& st) {
+    // One line per error: a config can have several.
+    std::istringstream lines(st.message());
+    for (std::string l; std::getline(lines, l);) std::fprintf(stderr, "cortexd: %s\n", l.c_str());
     return 1;
+  };
+  if (!cfg.ok()) return fail(cfg.status());
+  if (print_config) {
+    std::fputs(cortex::ConfigToYaml(cfg.value()).c_str(), stdout);
+    return 0;
   }
   if (check_config) {
-    // The rules are compiled exactly as a start compiles them (a pattern RE2 refuses is
-    // an error here too, not only at start).
-    cortex::Result<cortex::RuleSet> rules = cortex::RuleSet::Compile(cfg->rules, cfg->source);
-    if (!rules.ok()) {
-      std::fprintf(stderr, "cortexd: %s\n", rules.status().message().c_str());
-      return 1;
-    }
+    std::vector<std::string> warnings;
+    cortex::DaemonOptions opts;
+    opts.config_path = config_path;
+    cortex::Status st = cortex::CheckConfig(cfg.value(), opts, &warnings);
+    for (const auto& w : warnings) std::fprintf(stderr, "cortexd: warning: %s\n", w.c_str());
+    if (!st.ok()) return fail(st);
     std::printf("%s: ok\n", cfg->source.c_str());
     return 0;
   }

@@ -128,9 +128,9 @@ Status ParseTags(const Request& r, const DaemonConfig& lim, Tags* tags) {
   return Status::OK();
 }
 
-const char* const kOps[] = {"submit", "route",      "show",     "history",  "experts",
-                            "events", "confidence", "feedback", "reload",   "status",
-                            "export", "retrain",    "models",   "rollback", "release"};
+const char* const kOps[] = {"submit",     "route",    "show",    "history", "experts", "events",
+                            "confidence", "feedback", "reload",  "status",  "export",  "retrain",
+                            "models",     "rollback", "release", "wait",    "cancel"};
 
 }  // namespace
 
@@ -455,10 +455,44 @@ json Server::Dispatch(const json& j, const std::function<bool(const std::string&
     if (!done) out["waited"] = "timeout";
     return wire::Ok(out);
   }
+  // A task id may be any unique prefix of at least 4 characters.
+  auto task_id = [&](std::string* id) -> Status {
+    CORTEX_RETURN_IF_ERROR(r.String("id", true, id));
+    if (id->size() < 4)
+      return Bad("task id '" + *id + "' is too short: give at least 4 characters of it");
+    return h_->store()->ResolveTaskId(*id, id);
+  };
+  if (op == "wait") {
+    CHECK(r.Allow({"id", "timeout_s"}));
+    std::string id;
+    CHECK(task_id(&id));
+    double timeout = 300;
+    CHECK(r.Number("timeout_s", 0, 86400, &timeout));
+    bool done = h_->WaitDone(id, timeout);
+    Task t;
+    CHECK(h_->store()->GetTask(id, &t));
+    json out = wire::ToJson(t);
+    if (!done) out["waited"] = "timeout";
+    return wire::Ok(out);
+  }
+  if (op == "cancel") {
+    CHECK(r.Allow({"id", "timeout_s"}));
+    std::string id;
+    CHECK(task_id(&id));
+    double timeout = 30;
+    CHECK(r.Number("timeout_s", 0, 86400, &timeout));
+    CHECK(h_->Cancel(id));
+    bool done = h_->WaitDone(id, timeout);
+    Task t;
+    CHECK(h_->store()->GetTask(id, &t));
+    json out = wire::ToJson(t);
+    if (!done) out["waited"] = "timeout";
+    return wire::Ok(out);
+  }
   if (op == "show") {
     CHECK(r.Allow({"id"}));
     std::string id;
-    CHECK(r.String("id", true, &id));
+    CHECK(task_id(&id));
     Task t;
     CHECK(h_->store()->GetTask(id, &t));
     return wire::Ok(wire::ToJson(t));
@@ -472,8 +506,12 @@ json Server::Dispatch(const json& j, const std::function<bool(const std::string&
     CHECK(r.String("expert", false, &q.expert));
     CHECK(r.Number("since", 0, 1e11, &q.since));
     CHECK(r.String("outcome", false, &q.outcome));
-    if (!q.outcome.empty() && q.outcome != "success" && q.outcome != "failure")
-      return fail(Bad("field 'outcome' must be success or failure"));
+    static const std::set<std::string> kKinds = {"success",  "failure",   "timeout",    "crash",
+                                                 "rejected", "cancelled", "interrupted"};
+    if (!q.outcome.empty() && !kKinds.count(q.outcome))
+      return fail(
+          Bad("field 'outcome' must be one of success, failure, timeout, crash, "
+              "rejected, cancelled, interrupted"));
     std::vector<HistoryRow> rows;
     CHECK(h_->store()->History(q, &rows));
     json a = json::array();
@@ -562,7 +600,7 @@ json Server::Dispatch(const json& j, const std::function<bool(const std::string&
   if (op == "feedback") {
     CHECK(r.Allow({"id", "quality", "note"}));
     std::string id, note;
-    CHECK(r.String("id", true, &id));
+    CHECK(task_id(&id));
     if (!r.Has("quality")) return fail(Bad("missing field 'quality' (0..1) for op feedback"));
     double q = -1;
     CHECK(r.Number("quality", 0, 1, &q));
@@ -612,13 +650,15 @@ json Server::Dispatch(const json& j, const std::function<bool(const std::string&
     return wire::Ok({{"expert", name}, {"state", "active"}});
   }
   if (op == "rollback") {
-    CHECK(r.Allow({"version"}));
+    CHECK(r.Allow({"version", "force"}));
     if (!r.Has("version")) return fail(Bad("missing field 'version' for op rollback"));
+    bool force = false;
+    CHECK(r.Bool("force", &force));
     double v = 0;
     CHECK(r.Number("version", 0, 1e9, &v));
     if (v != static_cast<int>(v)) return fail(Bad("field 'version' must be a whole number"));
     json result;
-    CHECK(h_->Rollback(static_cast<int>(v), &result));
+    CHECK(h_->Rollback(static_cast<int>(v), force, &result));
     return wire::Ok(result);
   }
   if (op == "status") {

@@ -25,6 +25,10 @@ class RequestHandler {
   virtual Status Route(const std::string& text, const Tags& tags, Decision* d) = 0;
   // True once the task is final; false at the timeout or when the daemon stops.
   virtual bool WaitDone(const std::string& id, double timeout_s) = 0;
+  // Cancels a task: one still queued never runs; a running attempt is asked to stop. The
+  // task ends `cancelled` (or as it was ending, if the cancel came too late).
+  // FailedPrecondition when it has already ended.
+  virtual Status Cancel(const std::string& id) = 0;
   virtual Store* store() = 0;
   virtual ExpertRegistry* registry() = 0;
   virtual nlohmann::json Status_() = 0;
@@ -34,7 +38,8 @@ class RequestHandler {
   virtual Status Retrain(bool wait, const std::function<bool(const std::string&)>& progress,
                          nlohmann::json* result) = 0;
   virtual Status Models(nlohmann::json* result) = 0;
-  virtual Status Rollback(int version, nlohmann::json* result) = 0;
+  // Makes model `version` live; one that was refused at validation only with `force`.
+  virtual Status Rollback(int version, bool force, nlohmann::json* result) = 0;
 };
 
 struct ServerLimits {

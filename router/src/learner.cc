@@ -12,6 +12,8 @@ namespace {
 // "Not worse" allows for rounding: a candidate that makes the same choices as the live
 // policy can land a hair below it through float noise in the reward model.
 constexpr double kNotWorseTolerance = 1e-3;
+// Fewer held-out decisions than this give an interval too wide to decide on.
+constexpr size_t kMinValidationDecisions = 20;
 
 PolicyEstimate MeanCi(const std::vector<double>& v) {
   PolicyEstimate e;
@@ -211,12 +213,15 @@ Result<RetrainResult> Learner::Retrain(const std::vector<LoggedOutcome>& history
   // policy against the live system's logged greedy choices, both estimated doubly robustly
   // with the candidate as reward model (it never saw these rows).
   if (cancelled()) return Status::Unavailable("training was cancelled");
-  say("validating on " + std::to_string(holdout) + " held-out outcomes");
+  // Only first attempts of decisions the router made (not forced by a rule) are evidence
+  // about the routing policy: the count said is the count used.
   std::vector<size_t> eval;
   for (size_t i = split; i < n; ++i) {
     const LoggedOutcome& o = history[i];
     if (o.attempt == 1 && !o.forced && o.propensity > 0 && !o.candidates.empty()) eval.push_back(i);
   }
+  say("validating on " + std::to_string(eval.size()) + " held-out decisions (the first attempts " +
+      "among the " + std::to_string(holdout) + " newest outcomes)");
   std::set<std::string> name_set;
   for (size_t i : eval)
     for (const auto& [name, rule] : history[i].candidates) name_set.insert(name);
@@ -258,8 +263,16 @@ Result<RetrainResult> Learner::Retrain(const std::vector<LoggedOutcome>& history
   res.candidate = MeanCi(dr_cand);
   res.live = MeanCi(dr_live);
   res.diff = MeanCi(dr_diff);
-  if (eval.size() < 20) {
-    res.reason = "too few held-out decisions to validate (" + std::to_string(eval.size()) + ")";
+  // A doubly robust estimate can leave the reward range on few rows (the correction term
+  // divides by the propensity); a policy's value cannot, so it is shown clipped to [0,1]
+  // (the decision uses the unclipped difference).
+  const bool clipped = res.candidate.value < 0 || res.candidate.value > 1 || res.live.value < 0 ||
+                       res.live.value > 1;
+  res.candidate.value = std::clamp(res.candidate.value, 0.0, 1.0);
+  res.live.value = std::clamp(res.live.value, 0.0, 1.0);
+  if (eval.size() < kMinValidationDecisions) {
+    res.reason = "too few held-out decisions to validate: " + std::to_string(eval.size()) +
+                 ", at least " + std::to_string(kMinValidationDecisions) + " are needed";
   } else if (res.diff.value < -kNotWorseTolerance) {
     res.reason = "candidate estimated worse than the live policy";
   } else {
@@ -281,6 +294,8 @@ Result<RetrainResult> Learner::Retrain(const std::vector<LoggedOutcome>& history
                       {"diff", EstimateJson(res.diff)},
                       {"promoted", res.promoted},
                       {"reason", res.reason},
+                      {"min_holdout_rows", kMinValidationDecisions},
+                      {"clipped", clipped},
                       {"backend", train_engine_->backend()},
                       {"epochs", options_.train.epochs},
                       {"seconds", res.seconds},

@@ -19,6 +19,7 @@ constexpr int kMaxRegexProgram = 2000;
 Result<RuleSet> RuleSet::Compile(const std::vector<RuleConfig>& rules, const std::string& source) {
   RuleSet set;
   std::set<std::string> experts;
+  std::vector<std::string> errors;  // every bad pattern, not only the first
   for (const auto& r : rules) {
     Compiled c;
     c.cfg = r;
@@ -28,20 +29,24 @@ Result<RuleSet> RuleSet::Compile(const std::vector<RuleConfig>& rules, const std
         o.set_case_sensitive(false);
         o.set_log_errors(false);  // the error goes into the Status instead of stderr
         auto re = std::make_shared<const RE2>(m.substr(1, m.size() - 2), o);
-        if (!re->ok())
-          return Status::InvalidArgument(
+        if (!re->ok()) {
+          errors.push_back(
               source + ":" + std::to_string(r.line) + ": rules." + r.name +
               ".match: bad regular expression " + m + ": " + re->error() +
               " (RE2 syntax: no backreferences or lookaround; matching is linear-time)");
+          continue;
+        }
         // Linear time is per byte of text and per instruction of the pattern: a pattern
         // of thousands of instructions (large counted repetitions) would make routing one
         // task take seconds, so such a pattern is refused like a bad one.
-        if (re->ProgramSize() > kMaxRegexProgram)
-          return Status::InvalidArgument(
-              source + ":" + std::to_string(r.line) + ": rules." + r.name + ".match: " + m +
-              " is too large for a rule (" + std::to_string(re->ProgramSize()) +
-              " RE2 instructions; the limit is " + std::to_string(kMaxRegexProgram) +
-              "): use smaller repetition counts, or several rules");
+        if (re->ProgramSize() > kMaxRegexProgram) {
+          errors.push_back(source + ":" + std::to_string(r.line) + ": rules." + r.name +
+                           ".match: " + m + " is too large for a rule (" +
+                           std::to_string(re->ProgramSize()) + " RE2 instructions; the limit is " +
+                           std::to_string(kMaxRegexProgram) +
+                           "): use smaller repetition counts, or several rules");
+          continue;
+        }
         c.regexes.push_back(std::move(re));
       } else {
         c.substrings.push_back(Lower(m));
@@ -50,6 +55,7 @@ Result<RuleSet> RuleSet::Compile(const std::vector<RuleConfig>& rules, const std
     experts.insert(r.expert);
     set.rules_.push_back(std::move(c));
   }
+  if (!errors.empty()) return Status::InvalidArgument(JoinLines(errors));
   set.experts_.assign(experts.begin(), experts.end());
   return set;
 }

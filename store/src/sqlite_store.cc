@@ -3,6 +3,7 @@
 #include <sqlite3.h>
 #include <sys/stat.h>
 
+#include <algorithm>
 #include <map>
 #include <mutex>
 #include <nlohmann/json.hpp>
@@ -312,6 +313,25 @@ class SqliteStore : public Store {
     return LoadTask(id, t);
   }
 
+  Status ResolveTaskId(const std::string& prefix, std::string* id) override {
+    std::lock_guard<std::mutex> l(mu_);
+    // Ids are ASCII: every id starting with the prefix sorts in [prefix, prefix + 0xff).
+    Stmt s = Prepare("SELECT id FROM tasks WHERE id>=?1 AND id<?2 ORDER BY id LIMIT 3");
+    s.Bind(1, prefix).Bind(2, prefix + "\xff");
+    std::vector<std::string> found;
+    int rc;
+    while ((rc = s.Step()) == SQLITE_ROW) found.push_back(s.Text(0));
+    if (rc != SQLITE_DONE) return Fail("resolving a task id");
+    if (std::find(found.begin(), found.end(), prefix) != found.end()) found = {prefix};
+    if (found.empty()) return Status::NotFound("no task with id '" + prefix + "'");
+    if (found.size() > 1)
+      return Status::InvalidArgument(
+          "task id '" + prefix + "' is ambiguous: it starts " + found[0] + ", " + found[1] +
+          (found.size() > 2 ? " and more" : "") + "; give more characters");
+    *id = found[0];
+    return Status::OK();
+  }
+
   Status History(const HistoryQuery& q, std::vector<HistoryRow>* rows) override {
     std::lock_guard<std::mutex> l(mu_);
     rows->clear();
@@ -327,8 +347,10 @@ class SqliteStore : public Store {
         "WHERE json_extract(c.value,'$.expert')=COALESCE(NULLIF(t.expert,''),d.chosen)) "
         "FROM tasks t LEFT JOIN decisions d ON d.task_id=t.id "
         "WHERE (?1='' OR d.chosen=?1 OR t.expert=?1) AND t.created_at>=?2 "
-        "AND (?3='' OR (?3='success' AND t.state='succeeded') OR "
-        "(?3='failure' AND t.state IN ('failed','interrupted'))) "
+        // An outcome kind matches the outcome of the task's last attempt; cancelled and
+        // interrupted match the task's state (a task can end so without an attempt).
+        "AND (?3='' OR t.state=?3 OR (t.state IN ('succeeded','failed') AND "
+        "(SELECT outcome FROM attempts a WHERE a.task_id=t.id ORDER BY n DESC LIMIT 1)=?3)) "
         "ORDER BY t.created_at DESC, t.rowid DESC LIMIT ?4");
     s.Bind(1, q.expert).Bind(2, q.since).Bind(3, q.outcome).Bind(4, q.limit);
     int rc;
@@ -344,7 +366,8 @@ class SqliteStore : public Store {
       r.expert = s.Text(9);
       r.confidence = s.IsNull(10) ? 0 : s.Double(10);
       TaskState st = ParseTaskState(r.state).value_or(TaskState::kQueued);
-      r.outcome = IsFinal(st) ? s.Text(7) : "";
+      // A cancelled task ended so whatever its last attempt said.
+      r.outcome = st == TaskState::kCancelled ? "cancelled" : IsFinal(st) ? s.Text(7) : "";
       r.quality = s.IsNull(8) || !IsFinal(st) ? -1 : s.Double(8);
       rows->push_back(std::move(r));
     }

@@ -31,6 +31,7 @@ class FakeDaemon : public cortex::RequestHandler {
     return cortex::Status::OK();
   }
   bool WaitDone(const std::string&, double) override { return false; }
+  cortex::Status Cancel(const std::string&) override { return cortex::Status::OK(); }
   cortex::Store* store() override { return store_.get(); }
   cortex::ExpertRegistry* registry() override { return &registry_; }
   json Status_() override { return {{"ok", true}}; }
@@ -48,7 +49,7 @@ class FakeDaemon : public cortex::RequestHandler {
     *r = json::array();
     return cortex::Status::OK();
   }
-  cortex::Status Rollback(int v, json*) override {
+  cortex::Status Rollback(int v, bool, json*) override {
     return cortex::Status::NotFound("no model version " + std::to_string(v));
   }
 

@@ -102,8 +102,11 @@ struct Config {
 // The YAML text of the embedded defaults (also what `cortexd --print-config` shows).
 const char* EmbeddedDefaultsYaml();
 
+// A user's config file: its rules add to the built-in ones; empty paths get defaults.
 Result<Config> LoadConfigFile(const std::string& path);
 Result<Config> LoadConfigString(const std::string& yaml, const std::string& source_name);
+// The configuration as YAML that loads back to the same: what `--print-config` shows.
+std::string ConfigToYaml(const Config& config);
 // The embedded defaults, with empty paths resolved from the environment.
 Config DefaultConfig();
 

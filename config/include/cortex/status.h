@@ -7,6 +7,7 @@
 #include <string>
 #include <utility>
 #include <variant>
+#include <vector>
 
 namespace cortex {
 
@@ -62,6 +63,9 @@ class Status {
   Code code_ = Code::kOk;
   std::string message_;
 };
+
+// Several messages as one, a line each: checks that report every error, not the first.
+std::string JoinLines(const std::vector<std::string>& lines);
 
 // A value or the Status that explains why there is none.
 template <typename T>

@@ -5,6 +5,7 @@
 
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "cortex/config.h"
 #include "cortex/status.h"
@@ -28,6 +29,14 @@ class Daemon {
   virtual Status Run() = 0;
   virtual void RequestStop() = 0;
 };
+
+// What `cortexd --check-config` runs: every check of a start that neither opens the store
+// nor listens (the config, every rule, the routing backend, the store and socket folders,
+// every plugin loaded and every configured expert created in its host, as a start does).
+// Every error is reported, a line each; what a start only warns about (a plugin file
+// refused, a rule naming an expert that is not loaded) goes to *warnings.
+Status CheckConfig(const Config& config, const DaemonOptions& options,
+                   std::vector<std::string>* warnings);
 
 // The bundled plugin folder for the running executable, or "" if there is none.
 std::string BundledPluginDir();

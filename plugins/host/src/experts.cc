@@ -65,8 +65,8 @@ std::string Octal(uint32_t mode) {
 // the message calls it.
 Status JudgeOwnership(const std::string& name, bool want_dir, const FileInfo& fi, uint32_t me) {
   if (want_dir ? !fi.is_dir : !fi.is_regular)
-    return Status::FailedPrecondition(name +
-                                      (want_dir ? " is not a directory" : " is not a regular file"));
+    return Status::FailedPrecondition(
+        name + (want_dir ? " is not a directory" : " is not a regular file"));
   if (fi.uid != me && fi.uid != 0)
     return Status::FailedPrecondition("unsafe ownership: " + name + " is owned by uid " +
                                       std::to_string(fi.uid) + ", not by you (uid " +
@@ -711,6 +711,7 @@ void ExpertRegistry::Rescan() {
 Status ExpertRegistry::BuildInstances(const std::vector<ExpertConfig>& instances,
                                       const std::string& source,
                                       std::map<std::string, std::shared_ptr<Expert>>* out) {
+  std::vector<std::string> errors;  // every instance is tried: all their errors at once
   for (size_t i = 0; i < instances.size(); ++i) {
     const ExpertConfig& ec = instances[i];
     const std::string path = "experts[" + std::to_string(i) + "]";
@@ -719,23 +720,26 @@ Status ExpertRegistry::BuildInstances(const std::vector<ExpertConfig>& instances
     if (pit == plugins_.end()) {
       std::string have;
       for (const auto& [n, _] : plugins_) have += (have.empty() ? "" : ", ") + n;
-      return Status::InvalidArgument(
-          where(ec.line) + path + ".plugin: no plugin named '" + ec.plugin +
-          "' is loaded (loaded: " + (have.empty() ? "none" : have) + ")");
+      errors.push_back(where(ec.line) + path + ".plugin: no plugin named '" + ec.plugin +
+                       "' is loaded (loaded: " + (have.empty() ? "none" : have) + ")");
+      continue;
     }
     const auto& lib = pit->second;
     std::set<std::string> accepted(lib->manifest.config_keys.begin(),
                                    lib->manifest.config_keys.end());
+    bool bad_key = false;
     for (const auto& [k, _] : ec.settings.items()) {
       if (accepted.count(k)) continue;
       std::string list;
       for (const auto& a : accepted) list += (list.empty() ? "" : ", ") + a;
-      return Status::InvalidArgument(where(ec.key_lines.count(k) ? ec.key_lines.at(k) : ec.line) +
-                                     path + "." + k + ": unknown key for plugin '" + ec.plugin +
-                                     "' (accepted: name, plugin, description, keywords, examples, "
-                                     "capacity, timeout" +
-                                     (list.empty() ? "" : ", " + list) + ")");
+      bad_key = true;
+      errors.push_back(where(ec.key_lines.count(k) ? ec.key_lines.at(k) : ec.line) + path + "." +
+                       k + ": unknown key for plugin '" + ec.plugin +
+                       "' (accepted: name, plugin, description, keywords, examples, "
+                       "capacity, timeout" +
+                       (list.empty() ? "" : ", " + list) + ")");
     }
+    if (bad_key) continue;
     // Reuse a live instance with identical settings, so in-flight counts carry over.
     auto cur = active_.find(ec.name);
     Manifest man = lib->manifest;
@@ -768,11 +772,12 @@ Status ExpertRegistry::BuildInstances(const std::vector<ExpertConfig>& instances
         msg = msg.substr(c + 1);
         while (!msg.empty() && msg[0] == ' ') msg.erase(0, 1);
       }
-      return Status::InvalidArgument(where(line) + path + (key.empty() ? "" : "." + key) + ": " +
-                                     msg);
+      errors.push_back(where(line) + path + (key.empty() ? "" : "." + key) + ": " + msg);
+      continue;
     }
     (*out)[ec.name] = std::move(e);
   }
+  if (!errors.empty()) return Status::InvalidArgument(JoinLines(errors));
   return Status::OK();
 }
 

@@ -31,6 +31,9 @@ class Store {
   virtual Status AddFeedback(const std::string& id, const Feedback& f) = 0;
 
   virtual Status GetTask(const std::string& id, Task* task) = 0;
+  // The one task whose id starts with `prefix` (an exact id always wins): NotFound when
+  // none does, InvalidArgument naming some when several do.
+  virtual Status ResolveTaskId(const std::string& prefix, std::string* id) = 0;
   virtual Status History(const HistoryQuery& q, std::vector<HistoryRow>* rows) = 0;
   virtual Status Stats(std::vector<ExpertStats>* stats) = 0;
   virtual Status RecordExpertEvent(const ExpertEvent& e) = 0;

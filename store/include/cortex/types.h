@@ -91,7 +91,9 @@ struct HistoryQuery {
   int limit = 20;
   std::string expert;   // empty: any
   double since = 0;     // unix time; 0: any
-  std::string outcome;  // "", "success" or "failure" (any non-success)
+  // "": any; an outcome kind (success, failure, timeout, crash, rejected) matches the
+  // last attempt's; cancelled and interrupted match the task's state.
+  std::string outcome;
 };
 
 struct HistoryRow {

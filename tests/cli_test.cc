@@ -1,0 +1,441 @@
+// The CLI and config contract of issue 10, end to end through cortexd and cortexctl as a
+// user runs them: --check-config and --print-config, config lookup, repo tags, wait,
+// cancel, follow, prefixes, exit codes, completion, and the smaller promises.
+#include <fcntl.h>
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include "testutil.h"
+
+namespace cortex {
+namespace {
+
+using test::Daemon;
+using test::TempDir;
+using json = nlohmann::json;
+namespace fs = std::filesystem;
+
+std::string Cortexd() { return test::BinDir() + "/cortexd"; }
+std::string Cortexctl() { return test::BinDir() + "/cortexctl"; }
+
+// A forced, slow expert (one slot) and a quick one: tasks that can be waited for,
+// queued behind another, and cancelled.
+const char* kSlowExperts = R"(experts:
+  - name: slow
+    plugin: command
+    run: ["sleep", "30"]
+    keywords: ["slow"]
+    capacity: 1
+    timeout: 60s
+  - name: quick
+    plugin: command
+    run: ["/bin/sh", "-c", "cat >/dev/null; echo done"]
+    keywords: ["quick"]
+rules:
+  - name: slow-only
+    match: ["slow"]
+    expert: slow
+    force: true
+)";
+
+TEST(CliTest, CheckConfigReportsEveryErrorThatAStartRefuses) {
+  TempDir dir;
+  const std::string cfg = dir / "bad.yaml";
+  test::WriteFile(cfg, "daemon: {socket: " + (dir / "run/s.sock") +
+                           ", workerz: 2}\nstore: {path: " + (dir / "data/c.db") +
+                           "}\nplugins: {dir: " + (dir / "plugins") +
+                           "}\n"
+                           "rules:\n"
+                           "  - {name: backref, match: [\"/(a)\\\\1/\"], expert: ci, boost: 0.2}\n"
+                           "  - {name: ghost, match: [ghost], expert: nosuchexpert, boost: 0.1}\n"
+                           "experts:\n"
+                           "  - {name: ci, plugin: command}\n"
+                           "  - {name: other, plugin: nosuchplugin}\n"
+                           "  - {name: typo, plugin: command, run: [\"true\"], tiemout: 5s}\n");
+  test::Run r = test::RunCmd({Cortexd(), "--check-config", "--config", cfg});
+  EXPECT_EQ(r.code, 1) << r.out << r.err;
+  // The parse error does not hide the others: with it fixed, every later check reports.
+  EXPECT_NE(r.err.find("daemon.workerz: unknown key"), std::string::npos) << r.err;
+  std::string text = test::ReadFile(cfg);
+  text.replace(text.find(", workerz: 2"), 12, "");
+  test::WriteFile(cfg, text);
+  r = test::RunCmd({Cortexd(), "--check-config", "--config", cfg});
+  EXPECT_EQ(r.code, 1) << r.out << r.err;
+  for (const char* want :
+       {"rules.backref.match: bad regular expression", "experts[0]: run: is required",
+        "experts[1].plugin: no plugin named 'nosuchplugin'",
+        "experts[2].tiemout: unknown key for plugin 'command'",
+        "warning: " /* the rule naming an expert that is not loaded */, "'nosuchexpert'"})
+    EXPECT_NE(r.err.find(want), std::string::npos) << want << "\n" << r.err;
+  EXPECT_EQ(r.out.find(": ok"), std::string::npos);
+  // A start refuses the same config.
+  r = test::RunCmd({Cortexd(), "--foreground", "--config", cfg}, 60);
+  EXPECT_EQ(r.code, 1) << r.err;
+  EXPECT_FALSE(fs::exists(dir / "run/s.sock"));
+
+  // Fixed, it is approved; the rule naming a missing expert stays a warning (a plugin
+  // dropped in later makes it fire).
+  text = test::ReadFile(cfg);
+  text.replace(text.find("\"/(a)\\\\1/\""), 10, "\"/(a)+/\"");
+  text.replace(text.find("{name: ci, plugin: command}"), 27,
+               "{name: ci, plugin: command, run: [\"true\"]}");
+  text.replace(text.find("  - {name: other, plugin: nosuchplugin}\n"), 40, "");
+  text.replace(text.find("tiemout"), 7, "timeout");
+  test::WriteFile(cfg, text);
+  r = test::RunCmd({Cortexd(), "--check-config", "--config", cfg});
+  EXPECT_EQ(r.code, 0) << text << r.err;
+  EXPECT_NE(r.out.find(cfg + ": ok"), std::string::npos) << r.out;
+  EXPECT_NE(r.err.find("warning: " + cfg), std::string::npos) << r.err;
+  // A config file that cannot be read says why.
+  r = test::RunCmd({Cortexd(), "--check-config", "--config", dir / "missing.yaml"});
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find("No such file or directory"), std::string::npos) << r.err;
+  r = test::RunCmd({Cortexd(), "--check-config", "--config", dir.path()});
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find("Is a directory"), std::string::npos) << r.err;
+}
+
+TEST(CliTest, EffectiveConfigDefaultLocationAndUserRulesAddToBuiltIns) {
+  TempDir dir;
+  // $XDG_CONFIG_HOME/cortex/cortex.yaml is read without --config; its relative paths are
+  // its neighbours, wherever cortexd is started from.
+  const std::string cfg = dir / "xdg/cortex/cortex.yaml";
+  test::WriteFile(cfg,
+                  "daemon: {socket: run/s.sock, workers: 3}\nstore: {path: data/c.db}\n"
+                  "plugins: {dir: plugins}\nrouter: {exploration: 0}\n"
+                  "rules:\n  - {name: mine, match: [frobnicate], expert: inventory, boost: 0.4}\n");
+  std::vector<std::string> env = test::BaseEnv();
+  env.push_back("XDG_CONFIG_HOME=" + dir / "xdg");
+  env.push_back("XDG_DATA_HOME=" + dir / "data-home");
+  env.push_back("XDG_RUNTIME_DIR=" + dir / "rt");
+  test::Run r = test::RunCmd({Cortexd(), "--print-config"}, 60, "", env, "/");
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_NE(r.out.find("effective configuration of " + cfg), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("workers: 3"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("path: " + dir / "xdg/cortex/data/c.db"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("max_queued: 100000"), std::string::npos) << r.out;    // a default
+  EXPECT_NE(r.out.find("name: security-terms"), std::string::npos) << r.out;  // built in
+  EXPECT_NE(r.out.find("name: mine"), std::string::npos) << r.out;
+  // What it prints loads back as the same configuration.
+  const std::string printed = dir / "printed.yaml";
+  test::WriteFile(printed, r.out);
+  test::Run again = test::RunCmd({Cortexd(), "--print-config", "--config", printed});
+  ASSERT_EQ(again.code, 0) << again.err;
+  EXPECT_EQ(again.out.substr(again.out.find('\n')), r.out.substr(r.out.find('\n')));
+
+  // Started from "/", it finds the file, and `status` names it and the plugin folder.
+  pid_t pid = fork();
+  if (pid == 0) {
+    std::vector<std::string> args = {Cortexd(), "--foreground"};
+    std::vector<char*> argv, envp;
+    for (auto& a : args) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    for (auto& e : env) envp.push_back(e.data());
+    envp.push_back(nullptr);
+    if (chdir("/") != 0) _exit(126);
+    int null = open("/dev/null", O_WRONLY);
+    dup2(null, 2);
+    execve(argv[0], argv.data(), envp.data());
+    _exit(127);
+  }
+  const std::string sock = dir / "xdg/cortex/run/s.sock";
+  json st;
+  ASSERT_TRUE(test::Eventually([&] {
+    st = test::Ctl(sock, {"status", "--json"}).Json();
+    return st.is_object() && st.contains("config");
+  }));
+  EXPECT_EQ(st["config"], cfg);
+  EXPECT_EQ(st["plugin_dir"], dir / "xdg/cortex/plugins");
+  EXPECT_EQ(st["store"], dir / "xdg/cortex/data/c.db");
+  EXPECT_EQ(st["rules"], 3);  // two built in, one of the user's
+  r = test::Ctl(sock, {"status"});
+  EXPECT_NE(r.out.find("plugins:   " + dir / "xdg/cortex/plugins"), std::string::npos) << r.out;
+  json route = test::Ctl(sock, {"route", "frobnicate the widgets", "--json"}).Json();
+  EXPECT_EQ(route["candidates"][0]["expert"], "inventory") << route;
+  kill(pid, SIGTERM);
+  int status = 0;
+  waitpid(pid, &status, 0);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+  // Its private plugin copies went with it.
+  for (const auto& e : fs::directory_iterator(dir / "xdg/cortex/run"))
+    EXPECT_EQ(e.path().filename().string().rfind("plugin-cache.", 0), std::string::npos)
+        << e.path();
+}
+
+TEST(CliTest, RepoTagsAreAbsoluteAndAddedInsideAGitWorkTree) {
+  TempDir dir;
+  Daemon d(dir, "router: {exploration: 0, seed: 1, max_attempts: 3}\n", "");
+  ASSERT_TRUE(d.Start()) << d.Log();
+  const std::string repo = dir / "repo";
+  fs::create_directories(repo + "/src/deep");
+  test::WriteFile(repo + "/src/main.py", "print('hi')\n");
+  ASSERT_EQ(test::RunCmd({"git", "init", "-q", repo}).code, 0);
+  auto ctl = [&](std::vector<std::string> args, const std::string& cwd,
+                 const std::string& in = "") {
+    std::vector<std::string> argv = {Cortexctl(), "--socket", d.socket};
+    argv.insert(argv.end(), args.begin(), args.end());
+    return test::RunCmd(argv, 60, in, test::BaseEnv(), cwd);
+  };
+  // From a folder deep inside the work tree: repo=<top level>, and the inventory works.
+  test::Run r = ctl({"submit", "catalog the languages", "--wait", "--json"}, repo + "/src/deep");
+  ASSERT_EQ(r.code, 0) << r.err;
+  json w = r.Json();
+  EXPECT_EQ(w["tags"]["repo"], repo) << w;
+  EXPECT_EQ(w["expert"], "inventory") << w;
+  // --no-repo: no tag; a given repo= wins; a relative one is the caller's, made absolute.
+  w = ctl({"submit", "catalog the languages", "--no-repo", "--json"}, repo + "/src").Json();
+  EXPECT_FALSE(w.contains("tags") && w["tags"].contains("repo")) << w;
+  json shown = d.CtlJson({"show", w["id"]});
+  EXPECT_FALSE(shown["tags"].contains("repo")) << shown;
+  w = ctl({"submit", "catalog", "--tag", "repo=..", "--wait", "--json"}, repo + "/src/deep").Json();
+  EXPECT_EQ(w["tags"]["repo"], repo + "/src") << w;
+  w = ctl({"route", "catalog the languages", "--json"}, repo).Json();
+  EXPECT_EQ(w["candidates"][0]["expert"], "inventory") << w;
+
+  // Outside any work tree, with no repo: the message names every expert tried and what
+  // it needs.
+  r = ctl({"submit", "fix the login bug", "--wait"}, "/");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find("no expert could take it"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("inventory"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("security"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("tag repo=PATH"), std::string::npos) << r.err;
+
+  // `submit -` reads the text from stdin.
+  r = ctl({"submit", "-", "--json"}, "/", "catalog from stdin\n");
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(d.CtlJson({"show", r.Json()["id"]})["text"], "catalog from stdin");
+  r = ctl({"submit", "-"}, "/", "");
+  EXPECT_EQ(r.code, 2) << r.err;
+}
+
+TEST(CliTest, ADetachedDaemonLeavesItsStartingFolder) {
+  TempDir dir;
+  Daemon d(dir);  // for its config only
+  const std::string cfg_rel = "cortex.yaml";
+  test::Run r = test::RunCmd({Cortexd(), "--config", cfg_rel, "--log-file", "cortexd.log"}, 60, "",
+                             test::BaseEnv(), dir.path());
+  ASSERT_EQ(r.code, 0) << r.err;
+  json st;
+  ASSERT_TRUE(test::Eventually([&] {
+    st = d.CtlJson({"status"});
+    return st.is_object() && st.contains("pid");
+  }));
+  const int pid = st["pid"].get<int>();
+  EXPECT_EQ(fs::read_symlink("/proc/" + std::to_string(pid) + "/cwd"), "/");
+  EXPECT_EQ(st["config"], dir / "cortex.yaml");  // made absolute before it left
+  // SIGHUP re-reads the same file from "/".
+  kill(pid, SIGHUP);
+  EXPECT_TRUE(test::Eventually(
+      [&] { return test::ReadFile(dir / "cortexd.log").find("reloaded") != std::string::npos; }));
+  kill(pid, SIGTERM);
+  EXPECT_TRUE(test::Eventually([&] { return kill(pid, 0) != 0; }));
+}
+
+TEST(CliTest, WaitCancelPrefixesAndFollow) {
+  TempDir dir;
+  Daemon d(dir, kSlowExperts);
+  ASSERT_TRUE(d.Start()) << d.Log();
+  // history --follow and events --follow, started now, print what happens next.
+  pid_t follower = -1;
+  const std::string follow_out = dir / "follow.txt";
+  follower = fork();
+  if (follower == 0) {
+    FILE* f = freopen(follow_out.c_str(), "w", stdout);
+    (void)f;
+    execl(Cortexctl().c_str(), Cortexctl().c_str(), "--socket", d.socket.c_str(), "history",
+          "--follow", (char*)nullptr);
+    _exit(127);
+  }
+
+  const std::string a = d.Ctl({"submit", "slow one"}).out.substr(0, 12);
+  const std::string b = d.Ctl({"submit", "slow two"}).out.substr(0, 12);
+  ASSERT_EQ(a.size(), 12u);
+  ASSERT_TRUE(d.WaitStatus([](const json& s) { return s["inflight"] == 1; }));
+  // wait: exit 4 when it runs past the timeout.
+  test::Run r = d.Ctl({"wait", a.substr(0, 5), "--timeout", "0.3"});
+  EXPECT_EQ(r.code, 4) << r.err;
+  EXPECT_NE(r.err.find("still running"), std::string::npos) << r.err;
+  // Prefixes: 4 characters or more; too short or unknown are errors.
+  EXPECT_EQ(d.CtlJson({"show", a.substr(0, 4)})["id"], a);
+  r = d.Ctl({"show", a.substr(0, 3)});
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find("at least 4 characters"), std::string::npos) << r.err;
+  EXPECT_EQ(d.Ctl({"show", "zzzzzz"}).code, 1);
+
+  // b is queued behind a (one slot): cancelled, it never runs.
+  r = d.Ctl({"cancel", b.substr(0, 6)});
+  EXPECT_EQ(r.code, 0) << r.err;
+  EXPECT_NE(r.out.find(b + " cancelled"), std::string::npos) << r.out;
+  json tb = d.CtlJson({"show", b});
+  EXPECT_EQ(tb["state"], "cancelled");
+  EXPECT_TRUE(tb["attempts"].empty()) << tb;
+  // a is running: its expert is stopped, well before its 30 s.
+  r = d.Ctl({"cancel", a});
+  EXPECT_EQ(r.code, 0) << r.err;
+  json ta = d.CtlJson({"show", a});
+  EXPECT_EQ(ta["state"], "cancelled");
+  ASSERT_EQ(ta["attempts"].size(), 1u) << ta;
+  EXPECT_LT(ta["attempts"][0]["outcome"]["duration_s"].get<double>(), 20.0);
+  // Once ended, a task cannot be cancelled again.
+  r = d.Ctl({"cancel", a});
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find("has already ended: cancelled"), std::string::npos) << r.err;
+  // history --outcome knows every kind.
+  json h = d.CtlJson({"history", "--outcome", "cancelled"});
+  EXPECT_EQ(h.size(), 2u) << h;
+  EXPECT_EQ(h[0]["outcome"], "cancelled");
+  // wait on a finished task returns at once with its outcome.
+  json q = d.CtlJson({"submit", "quick thing", "--wait"});
+  EXPECT_EQ(d.Ctl({"wait", q["id"].get<std::string>().substr(0, 8)}).code, 0);
+  EXPECT_EQ(d.CtlJson({"history", "--outcome", "success"}).size(), 1u);
+  EXPECT_EQ(d.CtlJson({"history", "--outcome", "timeout"}).size(), 0u);
+
+  // The follower printed each task as it ended.
+  EXPECT_TRUE(test::Eventually([&] {
+    std::string out = test::ReadFile(follow_out);
+    return out.find(a) != std::string::npos && out.find(b) != std::string::npos &&
+           out.find(q["id"].get<std::string>()) != std::string::npos;
+  })) << test::ReadFile(follow_out);
+  kill(follower, SIGTERM);
+  waitpid(follower, nullptr, 0);
+
+  // events --follow prints a plugin loaded after it started.
+  const std::string events_out = dir / "events.txt";
+  pid_t ev = fork();
+  if (ev == 0) {
+    FILE* f = freopen(events_out.c_str(), "w", stdout);
+    (void)f;
+    execl(Cortexctl().c_str(), Cortexctl().c_str(), "--socket", d.socket.c_str(), "events",
+          "--follow", (char*)nullptr);
+    _exit(127);
+  }
+  EXPECT_TRUE(test::Eventually(
+      [&] { return test::ReadFile(events_out).find("security.so") != std::string::npos; }));
+  fs::copy_file(std::string(CORTEX_TEST_PLUGIN_DIR) + "/echo.so", d.plugin_dir + "/echo.so");
+  EXPECT_TRUE(test::Eventually([&] {
+    return test::ReadFile(events_out).find("echo.so") != std::string::npos;
+  })) << test::ReadFile(events_out);
+  kill(ev, SIGTERM);
+  waitpid(ev, nullptr, 0);
+
+  // A stop with a task running says what it waits for.
+  d.Ctl({"submit", "slow again"});
+  ASSERT_TRUE(d.WaitStatus([](const json& s) { return s["inflight"] == 1; }));
+  EXPECT_EQ(d.Stop(), 0);
+  EXPECT_NE(d.Log().find("stopping: waiting up to 2s (daemon.shutdown_grace) for 1 running"),
+            std::string::npos)
+      << d.Log();
+}
+
+TEST(CliTest, UnixConventions) {
+  TempDir dir;
+  Daemon d(dir, kSlowExperts);
+  ASSERT_TRUE(d.Start()) << d.Log();
+  for (const std::string& bin : {Cortexd(), Cortexctl()}) {
+    test::Run r = test::RunCmd({bin, "--version"});
+    EXPECT_EQ(r.code, 0);
+    EXPECT_EQ(r.out, fs::path(bin).filename().string() + " 0.1.0\n");
+  }
+  test::Run r = d.Ctl({"help"});
+  EXPECT_EQ(r.code, 0);
+  EXPECT_NE(r.out.find("completion"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("Exit status: 0 ok"), std::string::npos) << r.out;
+  r = d.Ctl({"help", "cancel"});
+  EXPECT_EQ(r.code, 0);
+  EXPECT_NE(r.out.find("Usage: cancel"), std::string::npos) << r.out;
+  r = d.Ctl({"frobnicate"});
+  EXPECT_EQ(r.code, 2);
+  EXPECT_NE(r.err.find("'frobnicate' is not a cortexctl command"), std::string::npos) << r.err;
+  // Usage errors under --json are one JSON document too.
+  for (std::vector<std::string> args :
+       {std::vector<std::string>{"frobnicate", "--json"},
+        {"submit", "--json"},
+        {"export", "--format", "csv", "--json"},
+        {"submit", "x", "--timeout", "nan", "--json"},
+        {"feedback", "abcd", "--quality", "nan", "--json"},
+        {"submit", "x", "--tag", "k=1", "--tag", "k=2", "--json"}}) {
+    r = d.Ctl(args);
+    EXPECT_EQ(r.code, 2) << args[0];
+    json j = r.Json();
+    ASSERT_TRUE(j.is_object()) << args[0] << ": " << r.out;
+    EXPECT_EQ(j["error"]["code"], "usage") << j;
+  }
+  r = d.Ctl({"submit", "x", "--tag", "k=1", "--tag", "k=2"});
+  EXPECT_NE(r.err.find("--tag k is given twice"), std::string::npos) << r.err;
+  r = d.Ctl({"submit", "x", "--timeout", "nan", "--wait"});
+  EXPECT_NE(r.err.find("must be a finite number"), std::string::npos) << r.err;
+  // --since takes the time `history` prints.
+  d.CtlJson({"submit", "quick one", "--wait"});
+  r = d.Ctl({"history"});
+  const std::string printed = r.out.substr(r.out.find('\n') + 1, 19);
+  r = d.Ctl({"history", "--since", printed});
+  EXPECT_EQ(r.code, 0) << r.err;
+  EXPECT_NE(r.out.find("quick one"), std::string::npos) << r.out;
+  EXPECT_EQ(d.Ctl({"history", "--since", "90m"}).code, 0);
+  // experts: what ROUTED and SUCCESS count is said, and ATTEMPTS is shown.
+  r = d.Ctl({"experts"});
+  EXPECT_NE(r.out.find("ATTEMPTS"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("ROUTED: tasks the router chose it for"), std::string::npos) << r.out;
+}
+
+TEST(CliTest, CompletionScriptsComeFromTheCommandDefinitions) {
+  test::Run help = test::RunCmd({Cortexctl(), "help"});
+  ASSERT_EQ(help.code, 0);
+  // Every command `help` lists.
+  std::vector<std::string> commands;
+  std::istringstream lines(help.out.substr(help.out.find("Subcommands:")));
+  std::string line;
+  std::getline(lines, line);
+  while (std::getline(lines, line) && line.size() > 2 && line[0] == ' ')
+    commands.push_back(line.substr(2, line.find(' ', 2) - 2));
+  ASSERT_GE(commands.size(), 15u) << help.out;
+  for (const char* shell : {"bash", "zsh", "fish"}) {
+    test::Run r = test::RunCmd({Cortexctl(), "completion", shell});
+    ASSERT_EQ(r.code, 0) << r.err;
+    for (const auto& c : commands) EXPECT_NE(r.out.find(" " + c), std::string::npos) << shell << c;
+    EXPECT_NE(r.out.find("outcome"), std::string::npos) << shell;
+    EXPECT_NE(r.out.find("cancelled"), std::string::npos) << shell;  // --outcome's values
+  }
+  EXPECT_EQ(test::RunCmd({Cortexctl(), "completion", "tcsh"}).code, 2);
+
+  // bash: the function completes commands, subcommands and option values.
+  TempDir dir;
+  test::WriteFile(dir / "c.bash", test::RunCmd({Cortexctl(), "completion", "bash"}).out);
+  auto complete = [&](const std::string& words) {
+    const std::string script = "source " + dir / "c.bash" + "; COMP_WORDS=(" + words +
+                               "); COMP_CWORD=$((${#COMP_WORDS[@]}-1)); _cortexctl; echo "
+                               "\"${COMPREPLY[*]}\"";
+    return test::RunCmd({"bash", "-c", script}).out;
+  };
+  EXPECT_EQ(complete("cortexctl hi"), "history\n");
+  EXPECT_EQ(complete("cortexctl --json ca"), "cancel\n");
+  EXPECT_EQ(complete("cortexctl models ro"), "rollback\n");
+  EXPECT_EQ(complete("cortexctl history --outcome can"), "cancelled\n");
+  EXPECT_EQ(complete("cortexctl export --format c"), "csv\n");
+  EXPECT_NE(complete("cortexctl submit --").find("--no-repo"), std::string::npos);
+  // zsh and fish, where installed, accept their scripts.
+  for (const char* shell : {"zsh", "fish"}) {
+    if (test::RunCmd({"sh", "-c", std::string("command -v ") + shell}).code != 0) {
+      ADD_FAILURE() << shell << " is not installed (scripts/install-deps.sh installs it)";
+      continue;
+    }
+    test::WriteFile(dir / "c" + shell, test::RunCmd({Cortexctl(), "completion", shell}).out);
+    test::Run r = test::RunCmd({shell, "-n", dir / "c" + shell});
+    EXPECT_EQ(r.code, 0) << shell << ": " << r.err;
+  }
+  if (test::RunCmd({"sh", "-c", "command -v fish"}).code == 0) {
+    test::Run r =
+        test::RunCmd({"fish", "-c", "source " + dir / "cfish" + "; complete -C 'cortexctl hist'"});
+    EXPECT_NE(r.out.find("history"), std::string::npos) << r.out << r.err;
+  }
+}
+
+}  // namespace
+}  // namespace cortex
