@@ -404,6 +404,11 @@ TEST(CliTest, CompletionScriptsComeFromTheCommandDefinitions) {
     EXPECT_NE(r.out.find("cancelled"), std::string::npos) << shell;  // --outcome's values
   }
   EXPECT_EQ(test::RunCmd({Cortexctl(), "completion", "tcsh"}).code, 2);
+  // The build generates them for `cmake --install` (share/bash-completion/completions, ...).
+  EXPECT_EQ(test::ReadFile(test::BinDir() + "/../share/completions/cortexctl.bash"),
+            test::RunCmd({Cortexctl(), "completion", "bash"}).out);
+  EXPECT_EQ(test::ReadFile(test::BinDir() + "/../share/completions/cortexctl.fish"),
+            test::RunCmd({Cortexctl(), "completion", "fish"}).out);
 
   // bash: the function completes commands, subcommands and option values.
   TempDir dir;
