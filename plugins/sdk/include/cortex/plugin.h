@@ -23,7 +23,7 @@ extern "C" {
  * Boost.DLL), so a plugin itself needs no Boost. */
 #ifndef CORTEX_PLUGIN_EXPORT
 #if defined(__GNUC__) || defined(__clang__)
-#define CORTEX_PLUGIN_EXPORT __attribute__((visibility("default")))
+#define CORTEX_PLUGIN_EXPORT __attribute__((__visibility__("default")))
 #else
 #define CORTEX_PLUGIN_EXPORT
 #endif

@@ -38,6 +38,13 @@
 
 #include "cortex/plugin.h"
 
+// Sources written when this header brought in Boost may mark an entry point
+// BOOST_SYMBOL_EXPORT themselves. Spelled exactly as Boost spells it on ELF, so Boost's
+// own definition may come before or after this one.
+#if !defined(BOOST_SYMBOL_EXPORT) && !defined(_WIN32)
+#define BOOST_SYMBOL_EXPORT __attribute__((__visibility__("default")))
+#endif
+
 namespace cortex::sdk {
 
 inline cortex_result Result(cortex_outcome_kind kind, double quality = -1,
