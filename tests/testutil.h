@@ -71,8 +71,9 @@ inline Run RunCmd(const std::vector<std::string>& argv, double timeout_s = 60,
   return out;
 }
 
-inline Run Ctl(const std::string& socket, std::vector<std::string> args, double timeout_s = 60) {
-  std::vector<std::string> argv = {BinDir() + "/cortexctl", "--socket", socket};
+inline Run Ctl(const std::string& socket, std::vector<std::string> args, double timeout_s = 60,
+               const std::string& bin_dir = BinDir()) {
+  std::vector<std::string> argv = {bin_dir + "/cortexctl", "--socket", socket};
   argv.insert(argv.end(), args.begin(), args.end());
   // From "/", outside any git work tree: the build folder is inside one, and submit would
   // add its repo= tag (tests that want that run cortexctl from a repository themselves).
@@ -142,7 +143,7 @@ class Daemon {
   // Starts cortexd and waits until its socket answers (or it exits). The bound is only a
   // backstop for a hung start: a sanitized build on a loaded machine is slow to come up.
   bool Start(double timeout_s = 60) {
-    std::string cmd = BinDir() + "/cortexd";
+    std::string cmd = bin_dir + "/cortexd";
     pid = fork();
     if (pid == 0) {
       FILE* f = freopen(log.c_str(), "a", stderr);
@@ -164,7 +165,7 @@ class Daemon {
         return false;
       }
       // Our own daemon must answer: another one may hold the same socket.
-      Run r = test::Ctl(socket, {"status", "--json"});
+      Run r = Ctl({"status", "--json"});
       if (r.code == 0 && r.Json().value("pid", -1) == pid) return true;
       usleep(20000);
     }
@@ -190,7 +191,7 @@ class Daemon {
   }
   bool Alive() const { return pid > 0 && kill(pid, 0) == 0; }
   Run Ctl(std::vector<std::string> args, double timeout_s = 60) const {
-    return test::Ctl(socket, std::move(args), timeout_s);
+    return test::Ctl(socket, std::move(args), timeout_s, bin_dir);
   }
   json CtlJson(std::vector<std::string> args) const {
     args.push_back("--json");
@@ -209,6 +210,7 @@ class Daemon {
   std::string Log() const { return ReadFile(log); }
 
   std::string socket, store, plugin_dir, config, log;
+  std::string bin_dir = BinDir();  // where cortexd and cortexctl are: another install's bin/
   pid_t pid = -1;
   int exit_status = -1;
 };

@@ -129,7 +129,7 @@ class Misbehave {
 }  // namespace
 
 #ifdef MISBEHAVE_ON_LOAD
-extern "C" BOOST_SYMBOL_EXPORT const cortex_plugin_api* cortex_plugin_entry(void) {
+extern "C" CORTEX_PLUGIN_EXPORT const cortex_plugin_api* cortex_plugin_entry(void) {
   Segfault();
   return nullptr;
 }

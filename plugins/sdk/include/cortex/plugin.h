@@ -18,6 +18,17 @@ extern "C" {
 #define CORTEX_PLUGIN_ABI_VERSION 1u
 #define CORTEX_PLUGIN_ENTRY_NAME "cortex_plugin_entry"
 
+/* Puts the entry point in the dynamic symbol table even when the plugin is built with
+ * -fvisibility=hidden (as it should be): the host finds it by name (dlsym, through
+ * Boost.DLL), so a plugin itself needs no Boost. */
+#ifndef CORTEX_PLUGIN_EXPORT
+#if defined(__GNUC__) || defined(__clang__)
+#define CORTEX_PLUGIN_EXPORT __attribute__((__visibility__("default")))
+#else
+#define CORTEX_PLUGIN_EXPORT
+#endif
+#endif
+
 typedef enum cortex_outcome_kind {
   CORTEX_OUTCOME_SUCCESS = 0,
   CORTEX_OUTCOME_FAILURE = 1, /* the expert tried and failed */

@@ -7,9 +7,28 @@
 //     static MyExpert* Create(const nlohmann::json& settings, std::string* err);
 //     cortex_result Execute(const cortex_task& task, const cortex_host& host);
 //   };
+//
+// What this header needs (the only dependencies of a plugin built with it):
+//   - C++17 or newer;
+//   - nlohmann-json 3.10 or newer, header-only (Debian: nlohmann-json3-dev); settings
+//     reach Create() as an nlohmann::json object;
+//   - cortex/plugin.h beside it (the C ABI).
+// No Boost and no Cortex library to link: cortexd loads plugins with Boost.DLL, but a
+// plugin only has to export one C symbol. `find_package(Cortex)` (target
+// Cortex::plugin_sdk) or `pkg-config --cflags cortex-plugin` brings all of it; see
+// docs/PLUGINS.md, which also says how to build the plugin (hidden visibility, MODULE).
 #pragma once
 
-#include <boost/config.hpp>  // BOOST_SYMBOL_EXPORT: the entry point is found with Boost.DLL
+#if __cplusplus < 201703L
+#error "cortex/plugin_sdk.hpp needs C++17 or newer (-std=c++17)"
+#endif
+#if defined(__has_include)
+#if !__has_include(<nlohmann/json.hpp>)
+#error \
+    "cortex/plugin_sdk.hpp needs nlohmann-json >= 3.10 (Debian: apt install nlohmann-json3-dev; CMake: find_package(Cortex) and link Cortex::plugin_sdk; pkg-config: cortex-plugin)"
+#endif
+#endif
+
 #include <cstdio>
 #include <cstring>
 #include <exception>
@@ -18,6 +37,13 @@
 #include <string_view>
 
 #include "cortex/plugin.h"
+
+// Sources written when this header brought in Boost may mark an entry point
+// BOOST_SYMBOL_EXPORT themselves. Spelled exactly as Boost spells it on ELF, so Boost's
+// own definition may come before or after this one.
+#if !defined(BOOST_SYMBOL_EXPORT) && !defined(_WIN32)
+#define BOOST_SYMBOL_EXPORT __attribute__((__visibility__("default")))
+#endif
 
 namespace cortex::sdk {
 
@@ -76,13 +102,13 @@ cortex_result ExecuteThunk(void* instance, const cortex_task* task,
 
 }  // namespace cortex::sdk
 
-#define CORTEX_EXPORT_PLUGIN(Class, manifest_ptr)                                     \
-  extern "C" BOOST_SYMBOL_EXPORT const cortex_plugin_api* cortex_plugin_entry(void) { \
-    static const cortex_plugin_api api = {CORTEX_PLUGIN_ABI_VERSION,                  \
-                                          sizeof(cortex_plugin_api),                  \
-                                          (manifest_ptr),                             \
-                                          &::cortex::sdk::CreateThunk<Class>,         \
-                                          &::cortex::sdk::DestroyThunk<Class>,        \
-                                          &::cortex::sdk::ExecuteThunk<Class>};       \
-    return &api;                                                                      \
+#define CORTEX_EXPORT_PLUGIN(Class, manifest_ptr)                                      \
+  extern "C" CORTEX_PLUGIN_EXPORT const cortex_plugin_api* cortex_plugin_entry(void) { \
+    static const cortex_plugin_api api = {CORTEX_PLUGIN_ABI_VERSION,                   \
+                                          sizeof(cortex_plugin_api),                   \
+                                          (manifest_ptr),                              \
+                                          &::cortex::sdk::CreateThunk<Class>,          \
+                                          &::cortex::sdk::DestroyThunk<Class>,         \
+                                          &::cortex::sdk::ExecuteThunk<Class>};        \
+    return &api;                                                                       \
   }
