@@ -18,3 +18,17 @@ else()
   message(STATUS "cortex: libsystemd not found (Debian: libsystemd-dev): cortexd is built "
                  "without readiness notification; the unit's Type=notify would time out")
 endif()
+
+# ---- systemd user unit --------------------------------------------------------------
+# The build tree mirrors the install tree, so the build-tree copy points at build/bin and
+# is what the tests verify; the installed copy is configured at install time, so
+# `cmake --install build --prefix ~/.local` gets ~/.local/bin/cortexd in ExecStart.
+set(CORTEX_UNIT_IN ${CMAKE_SOURCE_DIR}/daemon/cortexd.service.in)
+set(CORTEX_UNIT_FILE ${CMAKE_BINARY_DIR}/lib/systemd/user/cortexd.service)
+set(prefix ${CMAKE_BINARY_DIR})
+configure_file(${CORTEX_UNIT_IN} ${CORTEX_UNIT_FILE} @ONLY)
+unset(prefix)
+set(_unit_staged ${CMAKE_BINARY_DIR}/install-staging/cortexd.service)
+install(CODE "set(prefix \"\${CMAKE_INSTALL_PREFIX}\")
+configure_file(\"${CORTEX_UNIT_IN}\" \"${_unit_staged}\" @ONLY)")
+install(FILES ${_unit_staged} DESTINATION lib/systemd/user)
