@@ -32,3 +32,32 @@ set(_unit_staged ${CMAKE_BINARY_DIR}/install-staging/cortexd.service)
 install(CODE "set(prefix \"\${CMAKE_INSTALL_PREFIX}\")
 configure_file(\"${CORTEX_UNIT_IN}\" \"${_unit_staged}\" @ONLY)")
 install(FILES ${_unit_staged} DESTINATION lib/systemd/user)
+
+# ---- man pages ----------------------------------------------------------------------
+find_program(SCDOC_EXECUTABLE scdoc)
+set(CORTEX_MAN_DIR ${CMAKE_BINARY_DIR}/share/man)
+set(CORTEX_MAN_PAGES "")
+if(SCDOC_EXECUTABLE)
+  foreach(page cortexctl.1 cortexd.8 cortex.yaml.5)
+    string(REGEX MATCH "[0-9]$" section ${page})
+    set(src ${CMAKE_SOURCE_DIR}/docs/man/${page}.scd)
+    set(out ${CORTEX_MAN_DIR}/man${section}/${page})
+    add_custom_command(
+      OUTPUT ${out}
+      COMMAND ${CMAKE_COMMAND} -E make_directory ${CORTEX_MAN_DIR}/man${section}
+      COMMAND ${CMAKE_COMMAND} -DSCDOC=${SCDOC_EXECUTABLE} -DIN=${src} -DOUT=${out} -P
+              ${CMAKE_SOURCE_DIR}/cmake/CortexScdoc.cmake
+      DEPENDS ${src} ${CMAKE_SOURCE_DIR}/cmake/CortexScdoc.cmake
+      COMMENT "scdoc ${page}"
+      VERBATIM)
+    install(FILES ${out} DESTINATION share/man/man${section})
+    list(APPEND CORTEX_MAN_PAGES ${out})
+  endforeach()
+  add_custom_target(man ALL DEPENDS ${CORTEX_MAN_PAGES})
+  set(CORTEX_HAVE_MAN_PAGES ON)
+  message(STATUS "cortex: man pages from docs/man/*.scd with ${SCDOC_EXECUTABLE}")
+else()
+  set(CORTEX_HAVE_MAN_PAGES OFF)
+  message(STATUS "cortex: scdoc not found (Debian: scdoc): the man pages cortexctl(1), "
+                 "cortexd(8) and cortex.yaml(5) are not built or installed")
+endif()
