@@ -10,13 +10,16 @@ if(PKG_CONFIG_FOUND)
 endif()
 if(SYSTEMD_FOUND)
   set(CORTEX_HAVE_SYSTEMD ON)
+  set(CORTEX_UNIT_TYPE notify)
   target_link_libraries(cortex_daemon PRIVATE PkgConfig::SYSTEMD)
   target_compile_definitions(cortex_daemon PRIVATE CORTEX_HAVE_SYSTEMD=1)
   message(STATUS "cortex: libsystemd ${SYSTEMD_VERSION}: cortexd notifies systemd (Type=notify)")
 else()
   set(CORTEX_HAVE_SYSTEMD OFF)
+  # Type=notify would wait for a READY=1 that never comes; exec is the best without it.
+  set(CORTEX_UNIT_TYPE exec)
   message(STATUS "cortex: libsystemd not found (Debian: libsystemd-dev): cortexd is built "
-                 "without readiness notification; the unit's Type=notify would time out")
+                 "without readiness notification, and its unit is Type=exec")
 endif()
 
 # ---- systemd user unit --------------------------------------------------------------
@@ -30,6 +33,7 @@ configure_file(${CORTEX_UNIT_IN} ${CORTEX_UNIT_FILE} @ONLY)
 unset(prefix)
 set(_unit_staged ${CMAKE_BINARY_DIR}/install-staging/cortexd.service)
 install(CODE "set(prefix \"\${CMAKE_INSTALL_PREFIX}\")
+set(CORTEX_UNIT_TYPE ${CORTEX_UNIT_TYPE})
 configure_file(\"${CORTEX_UNIT_IN}\" \"${_unit_staged}\" @ONLY)")
 install(FILES ${_unit_staged} DESTINATION lib/systemd/user)
 

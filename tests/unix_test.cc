@@ -217,7 +217,7 @@ TEST(Unix, SystemdUnitVerifiesAndABrokenOneDoesNot) {
   std::string unit = ReadFile(kUnit);
   ASSERT_FALSE(unit.empty()) << kUnit;
   // The build-tree copy runs the build's cortexd, as the installed one runs the installed.
-  std::vector<std::string> lines = {"Type=notify\n",
+  std::vector<std::string> lines = {CORTEX_TEST_HAVE_SYSTEMD ? "Type=notify\n" : "Type=exec\n",
                                     "ExecStart=" + test::BinDir() + "/cortexd --foreground\n",
                                     "ExecReload=/bin/kill -HUP $MAINPID\n",
                                     "KillMode=mixed\n",
@@ -234,10 +234,10 @@ TEST(Unix, SystemdUnitVerifiesAndABrokenOneDoesNot) {
   // The check has teeth: a misspelt setting is reported, a missing program fails it.
   TempDir dir;
   std::string typo = unit;
-  typo.replace(typo.find("Type=notify\n"), 12, "Type=notfy\n");
+  typo.replace(typo.find("Restart=on-failure\n"), 19, "Restart=on-falure\n");
   WriteFile(dir / "typo/cortexd.service", typo);
   test::Run bad = VerifyUnit(analyze, dir / "typo/cortexd.service");
-  EXPECT_NE(bad.out.find("notfy"), std::string::npos) << bad.out;
+  EXPECT_NE(bad.out.find("on-falure"), std::string::npos) << bad.out;
   std::string missing = unit;
   missing.replace(missing.find(test::BinDir() + "/cortexd"), test::BinDir().size() + 8,
                   dir / "nowhere/cortexd");
