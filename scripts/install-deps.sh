@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# Installs the Debian packages Cortex builds with (clang for the fuzz targets), only those missing (runs as root, or
-# through sudo when available). The CUDA toolkit is optional and never installed here.
+# Installs the Debian packages Cortex builds with, only those missing (runs as root, or through
+# sudo when available): clang for the fuzz targets, libsystemd-dev for sd_notify, scdoc for the
+# man pages, and systemd, groff-base and man-db to test the unit and the pages. The CUDA toolkit
+# is optional and never installed here.
 set -euo pipefail
 pkgs=(build-essential cmake pkg-config git sqlite3 libsqlite3-dev libboost-dev
       libyaml-cpp-dev libfmt-dev nlohmann-json3-dev libcli11-dev libopenblas-dev
       libgtest-dev libgmock-dev libre2-dev clang libclang-rt-dev
+      libsystemd-dev systemd scdoc groff-base man-db
       zsh fish)  # zsh, fish: the completion test checks their scripts
 missing=()
 for p in "${pkgs[@]}"; do

@@ -30,6 +30,7 @@
 #include "cortex/store.h"
 #include "cortex/wire.h"
 #include "crash_marker.h"
+#include "notify.h"
 #include "server.h"
 
 namespace cortex {
@@ -629,9 +630,11 @@ class DaemonImpl : public Daemon, public RequestHandler {
         rescan = std::exchange(rescan_wanted_, false);
       }
       if (reload) {
+        NotifyReloading();
         json summary;
         Status st = Reload(&summary);  // rescans too
         if (!st.ok()) LogError("{}", st.message());
+        if (!stop_.load()) NotifyReady();  // serving again (a failed reload keeps the old)
       } else if (rescan) {
         registry_->Rescan();
       }
@@ -640,6 +643,7 @@ class DaemonImpl : public Daemon, public RequestHandler {
   }
 
   void Shutdown() {
+    NotifyStopping();
     server_->StopAccepting();
     { std::lock_guard<std::mutex> l(load_mu_); }  // the loader is waiting or sees stop_
     load_cv_.notify_all();

@@ -18,6 +18,7 @@
 #include "cortex/paths.h"
 #include "cortex/rules.h"
 #include "crash_marker.h"
+#include "notify.h"
 
 namespace {
 
@@ -186,6 +187,7 @@ int main(int argc, char** argv) {
     return 1;
   }
   Report(ready_fd, "ok " + std::to_string(getpid()));
+  cortex::NotifyReady();  // Type=notify: serving now
   st = d.value()->Run();
   if (!st.ok()) {
     cortex::LogError("{}", st.ToString());
