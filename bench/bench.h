@@ -1,7 +1,10 @@
 // Internal to cortex-bench: the subcommands that live in their own files.
 #pragma once
 
+#include <sys/types.h>
+
 #include <algorithm>
+#include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <string>
@@ -49,6 +52,23 @@ struct SpeedOptions {
 };
 
 int Score(const SpeedOptions& opt);
+
+// A cortexd of the tool's own in a temporary folder: its socket, store (on disk, fsync
+// on) and plugin folder (holding misbehave.so, no bundled experts) are there; the
+// `daemon:` and `plugins:` options given are added to those, `rest` (router, experts...)
+// follows. Stopped and removed with the object.
+struct PrivateDaemon {
+  std::filesystem::path dir;
+  std::string socket;
+  pid_t pid = -1;
+  PrivateDaemon() = default;
+  PrivateDaemon(const PrivateDaemon&) = delete;
+  PrivateDaemon& operator=(const PrivateDaemon&) = delete;
+  ~PrivateDaemon();
+  bool Start(const std::string& cortexd, const std::string& daemon_opts,
+             const std::string& plugin_opts, const std::string& rest);
+  int Stop();  // SIGTERM; its exit status
+};
 
 struct SoakOptions {
   int clients = 8;

@@ -79,35 +79,48 @@ int Throughput(const std::string& socket, int clients, int tasks, const std::str
 int main(int argc, char** argv) {
   CLI::App app{"cortex-bench: Cortex's own benchmarks"};
   app.require_subcommand(1);
-  std::string json_out, socket = cortex::DefaultSocketPath(), text = "run the no-op command";
+  std::string json_out, socket, text = "run the no-op command";
   int clients = 4, tasks = 2000;
-  auto* tp = app.add_subcommand("throughput", "tasks/s through a running cortexd (submit --wait)");
-  tp->add_option("--socket", socket);
-  tp->add_option("--clients", clients)->check(CLI::Range(1, 512));
-  tp->add_option("--tasks", tasks)->check(CLI::Range(1, 10000000));
-  tp->add_option("--text", text);
+  auto* tp = app.add_subcommand(
+      "throughput",
+      "tasks/s and latency through cortexd (submit --wait); without --socket, through a cortexd "
+      "of its own (temporary store on disk, fsync on, an in-host no-op expert), so nothing "
+      "lands in your audit log");
+  tp->add_option("--socket", socket,
+                 "measure the cortexd at this socket instead (its audit log records the tasks)");
+  tp->add_option("--clients", clients, "concurrent clients (default 4)")->check(CLI::Range(1, 512));
+  tp->add_option("--tasks", tasks, "tasks in all (default 2000)")->check(CLI::Range(1, 10000000));
+  tp->add_option("--text", text, "the task text");
   tp->add_option("--json", json_out, "write the figures to this file");
   cortex::bench::SpeedOptions so;
   auto* sc = app.add_subcommand("score", "routing throughput and single-decision latency");
-  sc->add_option("--experts", so.experts)->check(CLI::Range(1, 4096));
+  sc->add_option("--experts", so.experts, "experts scored per task (default 16)")
+      ->check(CLI::Range(1, 4096));
   sc->add_option("--batch", so.batches, "batch size(s), e.g. --batch 1 64 1024 65536")
       ->check(CLI::Range(1, 1 << 20));
-  sc->add_option("--backend", so.backend)->check(CLI::IsMember({"cpu", "cuda", "auto"}));
+  sc->add_option("--backend", so.backend, "cpu, cuda or auto (default cpu)")
+      ->check(CLI::IsMember({"cpu", "cuda", "auto"}));
   sc->add_option("--min-tasks", so.min_tasks, "tasks scored per batch size")
       ->check(CLI::Range(1, 100000000));
   sc->add_option("--json", so.json_out, "write the figures to this file");
   auto* tr = app.add_subcommand("train", "training throughput");
-  tr->add_option("--examples", so.examples)->check(CLI::Range(100, 100000000));
-  tr->add_option("--epochs", so.epochs)->check(CLI::Range(1, 100));
-  tr->add_option("--experts", so.experts)->check(CLI::Range(1, 4096));
+  tr->add_option("--examples", so.examples, "training examples (default 100000)")
+      ->check(CLI::Range(100, 100000000));
+  tr->add_option("--epochs", so.epochs, "passes over the examples (default 2)")
+      ->check(CLI::Range(1, 100));
+  tr->add_option("--experts", so.experts, "experts per example (default 16)")
+      ->check(CLI::Range(1, 4096));
   tr->add_option("--batch", so.batches, "minibatch size(s)")->check(CLI::Range(1, 1 << 20));
-  tr->add_option("--backend", so.backend)->check(CLI::IsMember({"cpu", "cuda", "auto"}));
+  tr->add_option("--backend", so.backend, "cpu, cuda or auto (default cpu)")
+      ->check(CLI::IsMember({"cpu", "cuda", "auto"}));
   tr->add_option("--json", so.json_out, "write the figures to this file");
   cortex::bench::SoakOptions sk;
   auto* soak = app.add_subcommand(
       "soak", "a cortexd of its own under load, with crashing, hanging and slow experts");
-  soak->add_option("--clients", sk.clients)->check(CLI::Range(1, 512));
-  soak->add_option("--seconds", sk.seconds)->check(CLI::Range(1.0, 86400.0));
+  soak->add_option("--clients", sk.clients, "concurrent clients (default 8)")
+      ->check(CLI::Range(1, 512));
+  soak->add_option("--seconds", sk.seconds, "how long to run (default 30)")
+      ->check(CLI::Range(1.0, 86400.0));
   soak->add_option("--cortexd", sk.cortexd, "the cortexd to run (default: beside this tool)");
   soak->add_option("--json", sk.json_out, "write the figures to this file");
   cortex::bench::ReplayOptions ro;
@@ -118,15 +131,21 @@ int main(int argc, char** argv) {
   rp->add_option("--at", ro.late_at, "fraction of the stream at which the late expert appears")
       ->check(CLI::Range(0.0, 0.79));
   rp->add_option("--config", ro.config, "take router, training and rules from this config");
-  rp->add_option("--seed", ro.seed);
-  rp->add_option("--epochs", ro.learner.train.epochs)->check(CLI::Range(1, 100));
-  rp->add_option("--hidden", ro.learner.shape.hidden)->check(CLI::Range(1, 1024));
-  rp->add_option("--ips-clip", ro.learner.ips_clip)->check(CLI::Range(1.0, 1e6));
-  rp->add_option("--lr", ro.learner.train.lr);
-  rp->add_option("--lr-wide", ro.learner.train.lr_wide);
-  rp->add_option("--online-lr", ro.learner.online.lr);
-  rp->add_option("--online-lr-wide", ro.learner.online.lr_wide);
-  rp->add_option("--online-replay", ro.learner.online_replay);
+  rp->add_option("--seed", ro.seed, "random seed of the router's exploration (default 1)");
+  rp->add_option("--epochs", ro.learner.train.epochs, "passes over the history per retrain")
+      ->check(CLI::Range(1, 100));
+  rp->add_option("--hidden", ro.learner.shape.hidden, "hidden units of the gating MLP")
+      ->check(CLI::Range(1, 1024));
+  rp->add_option("--ips-clip", ro.learner.ips_clip, "largest inverse-propensity weight in training")
+      ->check(CLI::Range(1.0, 1e6));
+  rp->add_option("--lr", ro.learner.train.lr, "learning rate of retrains (MLP)");
+  rp->add_option("--lr-wide", ro.learner.train.lr_wide,
+                 "learning rate of retrains (the wide, per-feature part)");
+  rp->add_option("--online-lr", ro.learner.online.lr, "learning rate of online updates (MLP)");
+  rp->add_option("--online-lr-wide", ro.learner.online.lr_wide,
+                 "learning rate of online updates (the wide part)");
+  rp->add_option("--online-replay", ro.learner.online_replay,
+                 "past outcomes replayed with each online update");
   rp->add_flag(
       "--no-online", [&](int64_t) { ro.learner.online_updates = false; }, "learn only at retrains");
   rp->add_flag("-v,--verbose", ro.verbose, "print each retrain");
@@ -139,7 +158,24 @@ int main(int argc, char** argv) {
   if (rp->parsed()) {
     return cortex::bench::Replay(ro);
   }
-  if (tp->parsed()) return Throughput(socket, clients, tasks, text, json_out);
+  if (tp->parsed()) {
+    if (!socket.empty()) return Throughput(socket, clients, tasks, text, json_out);
+    cortex::bench::PrivateDaemon d;
+    if (!d.Start(
+            "", "workers: 8", "",
+            "router: {exploration: 0}\n"
+            "experts:\n  - {name: noop, plugin: misbehave, capacity: 64, keywords: [no-op]}\n"))
+      return 1;
+    std::printf("throughput: through a cortexd of its own (%s)\n", d.dir.c_str());
+    int rc = Throughput(d.socket, clients, tasks, text, json_out);
+    if (int stop = d.Stop(); stop != 0) {
+      std::fprintf(stderr, "cortex-bench: its cortexd exited %d (log kept: %s/cortexd.log)\n", stop,
+                   d.dir.c_str());
+      d.dir.clear();  // keep the folder for the log
+      return 1;
+    }
+    return rc;
+  }
   if (tr->parsed()) return cortex::bench::Train(so);
   if (soak->parsed()) return cortex::bench::Soak(sk);
   return cortex::bench::Score(so);

@@ -7,6 +7,8 @@
 #include <map>
 #include <sstream>
 
+#include <unistd.h>
+
 #include "bench.h"
 #include "cortex/config.h"
 #include "cortex/learner.h"
@@ -182,7 +184,12 @@ int Replay(const ReplayOptions& opt) {
   long online_ok = 0, retrains = 0, promotions = 0, new_outcomes = 0;
   std::vector<int> to_late(N, 0), success_at(N, 0);
   double train_seconds = 0;
+  // Progress on a terminal: the replay of a large corpus takes minutes.
+  const bool tty = isatty(2);
   for (size_t i = 0; i < N; ++i) {
+    if (tty && (i % 500 == 0 || i + 1 == N))
+      std::fprintf(stderr, "\r  replay: %zu/%zu tasks, %ld retrains, online success %.3f ", i + 1,
+                   N, retrains, i ? static_cast<double>(online_ok) / i : 0.0);
     const Row& r = rows[i];
     std::vector<Decision> ds;
     std::vector<ExpertSlot> slots = slots_at(i);
@@ -234,6 +241,7 @@ int Replay(const ReplayOptions& opt) {
       }
     }
   }
+  if (tty) std::fprintf(stderr, "\n");
   const double online = static_cast<double>(online_ok) / N;
   std::vector<double> deciles;
   for (int k = 0; k < 10; ++k) {

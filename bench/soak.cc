@@ -39,64 +39,24 @@ long RssKiB(pid_t pid) {
 }  // namespace
 
 int Soak(const SoakOptions& o) {
-  char tmpl[] = "/tmp/cortex-soak-XXXXXX";
-  if (!mkdtemp(tmpl)) return std::perror("cortex-bench: mkdtemp"), 1;
-  const fs::path dir = tmpl;
-  fs::create_directories(dir / "plugins");
-  fs::permissions(dir / "plugins", fs::perms::owner_all, fs::perm_options::replace);
-  const std::string socket = (dir / "run/cortexd.sock").string();
-  const fs::path exe_dir = fs::read_symlink("/proc/self/exe").parent_path();
-  const fs::path plugin = exe_dir.parent_path() / "lib/cortex/bench-plugins/misbehave.so";
-  std::error_code ec;
-  fs::copy_file(plugin, dir / "plugins/misbehave.so", ec);
-  if (ec) {
-    std::fprintf(stderr, "cortex-bench: cannot copy %s: %s\n", plugin.c_str(),
-                 ec.message().c_str());
+  PrivateDaemon d;
+  if (!d.Start(o.cortexd, "workers: 8, shutdown_grace: 2s",
+               "memory_limit: 256MiB, quarantine_after: 5, restart_backoff: 50ms",
+               "router: {exploration: 0.1, max_attempts: 3}\n"
+               "training: {interval: 5s, min_new_outcomes: 200}\n"
+               "experts:\n"
+               "  - {name: crasher, plugin: misbehave, mode: crash, rate: 0.3, "
+               "keywords: [build, crash]}\n"
+               "  - {name: hanger, plugin: misbehave, mode: hang, rate: 0.3, timeout: 300ms, "
+               "keywords: [deploy, hang]}\n"
+               "  - {name: hog, plugin: misbehave, mode: oom, rate: 0.2, memory_mb: 1024, "
+               "keywords: [memory, cache]}\n"
+               "  - {name: slow, plugin: misbehave, mode: slow, delay_ms: 50, "
+               "keywords: [report, slow]}\n"
+               "  - {name: steady, plugin: misbehave, keywords: [fix, bug]}\n"))
     return 1;
-  }
-  fs::permissions(dir / "plugins/misbehave.so", fs::perms(0755), fs::perm_options::replace);
-  {
-    std::ofstream cfg(dir / "cortex.yaml");
-    cfg << "daemon: {socket: " << socket << ", workers: 8, shutdown_grace: 2s}\n"
-        << "store: {path: " << (dir / "data/cortex.db").string() << "}\n"
-        << "plugins: {dir: " << (dir / "plugins").string()
-        << ", bundled: false, memory_limit: 256MiB, quarantine_after: 5, "
-           "restart_backoff: 50ms}\n"
-        << "router: {exploration: 0.1, max_attempts: 3}\n"
-        << "training: {interval: 5s, min_new_outcomes: 200}\n"
-        << "experts:\n"
-        << "  - {name: crasher, plugin: misbehave, mode: crash, rate: 0.3, "
-           "keywords: [build, crash]}\n"
-        << "  - {name: hanger, plugin: misbehave, mode: hang, rate: 0.3, timeout: 300ms, "
-           "keywords: [deploy, hang]}\n"
-        << "  - {name: hog, plugin: misbehave, mode: oom, rate: 0.2, memory_mb: 1024, "
-           "keywords: [memory, cache]}\n"
-        << "  - {name: slow, plugin: misbehave, mode: slow, delay_ms: 50, "
-           "keywords: [report, slow]}\n"
-        << "  - {name: steady, plugin: misbehave, keywords: [fix, bug]}\n";
-  }
-  const std::string cortexd = o.cortexd.empty() ? (exe_dir / "cortexd").string() : o.cortexd;
-  pid_t pid = fork();
-  if (pid == 0) {
-    FILE* f = freopen((dir / "cortexd.log").c_str(), "w", stderr);
-    (void)f;
-    execl(cortexd.c_str(), cortexd.c_str(), "--foreground", "--config",
-          (dir / "cortex.yaml").c_str(), static_cast<char*>(nullptr));
-    _exit(127);
-  }
-  bool up = false;
-  for (int i = 0; i < 200 && !up; ++i) {
-    Client c;
-    json r;
-    up = c.Connect(socket).ok() && c.Call({{"op", "status"}}, &r).ok();
-    if (!up) usleep(50000);
-  }
-  if (!up) {
-    std::fprintf(stderr, "cortex-bench: cortexd did not start (log: %s)\n",
-                 (dir / "cortexd.log").c_str());
-    kill(pid, SIGKILL);
-    return 1;
-  }
+  const pid_t pid = d.pid;
+  const std::string socket = d.socket;
 
   const char* texts[] = {"fix the login bug",        "build the release artifacts",
                          "deploy the canary",        "write the weekly report",
@@ -203,10 +163,7 @@ int Soak(const SoakOptions& o) {
       }
   }
   const bool alive = kill(pid, 0) == 0;
-  kill(pid, SIGTERM);
-  int status = 0;
-  waitpid(pid, &status, 0);
-  const int exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  const int exit_code = d.Stop();
 
   // Flat memory: the steady level (median) of the last quarter against that of the second
   // (the first holds start-up). Retrains every few seconds add short spikes (they read
@@ -260,7 +217,6 @@ int Soak(const SoakOptions& o) {
       released, timeouts, alive ? "alive" : "DEAD", exit_code, q2, q4, flat ? "flat" : "GROWING",
       peak);
   WriteJson(o.json_out, j);
-  fs::remove_all(dir, ec);
   return lost == 0 && alive && exit_code == 0 && flat ? 0 : 1;
 }
 

@@ -2,7 +2,9 @@
 // and soak's against its own cortexd with misbehaving experts.
 #include <gtest/gtest.h>
 
+#include <filesystem>
 #include <random>
+#include <sstream>
 
 #include "testutil.h"
 
@@ -11,6 +13,7 @@ namespace {
 
 using test::json;
 using test::TempDir;
+namespace fs = std::filesystem;
 
 // Each label has its own words, so a learner can reach near-perfect accuracy, and the
 // majority label's share of the last 20% is known exactly.
@@ -116,6 +119,52 @@ TEST(BenchTest, SoakSurvivesMisbehavingExpertsAndLosesNothing) {
   EXPECT_GT(j["host_crashes"].get<long>(), 0) << r.out;
   EXPECT_GT(j["host_restarts"].get<long>(), 0) << r.out;
   EXPECT_GT(j["peak_rss_kib"].get<long>(), 0);
+}
+
+// Without --socket, throughput runs a cortexd of its own: nothing lands in the user's
+// store, and its temporary folder goes with it.
+TEST(BenchTest, ThroughputUsesACortexdOfItsOwn) {
+  TempDir dir;
+  std::vector<std::string> env = test::BaseEnv();
+  env.push_back("XDG_DATA_HOME=" + dir / "data");
+  env.push_back("XDG_RUNTIME_DIR=" + dir / "run");
+  const std::string out = dir / "tp.json";
+  test::Run r = test::RunCmd({test::BinDir() + "/cortex-bench", "throughput", "--tasks", "40",
+                              "--clients", "2", "--json", out},
+                             120, "", env);
+  ASSERT_EQ(r.code, 0) << r.out << r.err;
+  json j = json::parse(test::ReadFile(out), nullptr, false);
+  ASSERT_TRUE(j.is_object()) << r.out;
+  EXPECT_EQ(j["succeeded"], 40) << r.out;
+  EXPECT_GT(j["tasks_per_s"].get<double>(), 0);
+  EXPECT_FALSE(fs::exists(dir / "data/cortex")) << "the user's data folder was used";
+  const size_t a = r.out.find("of its own ("), b = r.out.find(')', a);
+  ASSERT_NE(a, std::string::npos) << r.out;
+  EXPECT_FALSE(fs::exists(r.out.substr(a + 12, b - a - 12))) << r.out;
+}
+
+// Every option of every cortex-bench subcommand says what it is.
+TEST(BenchTest, EveryOptionHasHelp) {
+  for (const char* sub : {"replay", "throughput", "score", "train", "soak"}) {
+    test::Run r = test::RunCmd({test::BinDir() + "/cortex-bench", sub, "--help"});
+    ASSERT_EQ(r.code, 0) << sub;
+    std::istringstream lines(r.out.substr(r.out.find("Options:")));
+    std::string line, pending;
+    std::getline(lines, line);
+    while (std::getline(lines, line)) {
+      if (line.rfind("  -", 0) != 0) {  // a description on its own line
+        pending.clear();
+        continue;
+      }
+      if (!pending.empty()) ADD_FAILURE() << sub << ": " << pending << " has no help";
+      // "  --name TYPE   description": an option line whose text ends with its type.
+      const size_t gap = line.find("  ", 2);
+      pending = gap == std::string::npos || line.find_first_not_of(' ', gap) == std::string::npos
+                    ? line
+                    : "";
+    }
+    if (!pending.empty()) ADD_FAILURE() << sub << ": " << pending << " has no help";
+  }
 }
 
 }  // namespace
