@@ -1627,6 +1627,10 @@ TEST(E2E, ACrashIsToldFromAKillOnTheNextStart) {
   EXPECT_NE(d.Log().find(crashed + ": signal 11", seen), std::string::npos) << d.Log();
   EXPECT_EQ(test::ReadFile(d.store + ".lock"), "") << "the marker is taken once";
   EXPECT_EQ(d.CtlJson({"show", id})["state"], "interrupted") << "it was running, not retried";
+  EXPECT_NE(
+      d.Ctl({"events"}).out.find("crashed   -            the last cortexd crashed: signal 11"),
+      std::string::npos)
+      << d.Ctl({"events"}).out;
   // From outside: a fault signal someone sent, then kill -9. Neither is a crash.
   for (int sig : {SIGSEGV, SIGABRT, SIGKILL}) {
     EXPECT_NE(d.Stop(sig), 0);
@@ -1756,9 +1760,18 @@ training:
     EXPECT_NE(d.CtlJson({"status"})["model_version"], "v" + v);
   }
   EXPECT_GE(refused, 1) << d.CtlJson({"models"});
+  // Retrains and rollbacks are in the event log.
+  const std::string events = d.Ctl({"events", "--limit", "1000"}).out;
+  EXPECT_NE(events.find("retrain   -            model v1 refused: too few held-out"),
+            std::string::npos)
+      << events;
   r = d.Ctl({"models", "rollback", "1", "--force"});
   ASSERT_EQ(r.code, 0) << r.err;
   EXPECT_EQ(d.CtlJson({"status"})["model_version"], "v1");
+  EXPECT_NE(
+      d.Ctl({"events"}).out.find("rollback  -            model v1 is live again (was v0), forced"),
+      std::string::npos)
+      << d.Ctl({"events"}).out;
   json w = d.CtlJson({"submit", "deploy the release", "--wait"});
   EXPECT_EQ(w["decision"]["model_version"], "v1") << w;
   // The live version survives a restart.

@@ -905,9 +905,13 @@ int main(int argc, char** argv) {
     auto print_event = [&](const json& e) {
       if (ctx.json_out)
         return (void)std::printf("%s\n", e.dump().c_str());  // --follow: a line each
-      std::printf("%s  %-9s %-12s %s%s%s\n", LocalTime(Str(e, "time")).c_str(),
-                  Str(e, "event").c_str(), Str(e, "expert", "-").c_str(), Str(e, "file").c_str(),
-                  Str(e, "detail").empty() ? "" : ": ", Str(e, "detail").c_str());
+      const std::string file = Str(e, "file"), detail = Str(e, "detail");
+      std::printf("%s  %-9s %-12s %s\n", LocalTime(Str(e, "time")).c_str(), Str(e, "event").c_str(),
+                  Str(e, "expert").empty() ? "-" : Str(e, "expert").c_str(),
+                  (file.empty()     ? detail
+                   : detail.empty() ? file
+                                    : file + ": " + detail)
+                      .c_str());
     };
     std::set<std::string> seen;  // events carry no id: the whole event is its identity
     for (auto it = result.rbegin(); it != result.rend(); ++it) {

@@ -562,11 +562,13 @@ class DaemonImpl : public Daemon, public RequestHandler {
 
   Status Recover() {
     Store::Recovery rec;
-    if (!crash_.empty())
+    if (!crash_.empty()) {
       LogWarn(
           "the last cortexd {}: the tasks it was routing or running count that crash "
           "(poison-task guard)",
           crash_);
+      RecordEvent("crashed", "the last cortexd " + crash_);
+    }
     CORTEX_RETURN_IF_ERROR(store_->Recover(env_->NowUnix(), !crash_.empty(), &rec));
     if (rec.interrupted)
       LogWarn("{} task(s) were running when cortexd stopped: marked interrupted", rec.interrupted);
@@ -1180,9 +1182,17 @@ class DaemonImpl : public Daemon, public RequestHandler {
         "± {:.3f})",
         version, res->promoted ? "promoted" : "refused", res->train_rows, res->holdout_rows,
         res->candidate.value, res->live.value, res->diff.value, res->diff.ci);
+    RecordEvent("retrain", fmt::format("model v{} {}: {}", version,
+                                       res->promoted ? "promoted" : "refused", res->reason));
     *summary = ModelJson(rec);
     (*summary)["live"] = res->promoted;
     return Status::OK();
+  }
+
+  // An entry in the audit's event log (`cortexctl events`) that is about no one expert.
+  void RecordEvent(const std::string& event, const std::string& detail) {
+    Status st = store_->RecordExpertEvent({env_->NowUnix(), "", "", event, detail});
+    if (!st.ok()) LogWarn("audit: {}", st.ToString());
   }
 
   static json ModelJson(const ModelRecord& m) {
@@ -1287,6 +1297,8 @@ class DaemonImpl : public Daemon, public RequestHandler {
     learner_->Install(std::move(model), version, through, {});
     train_cv_.notify_all();
     LogInfo("rollback: model v{} is live again (was v{})", version, previous);
+    RecordEvent("rollback", fmt::format("model v{} is live again (was v{}){}", version, previous,
+                                        force ? ", forced" : ""));
     *result = {{"live_version", version}, {"previous", previous}};
     return Status::OK();
   }
