@@ -424,6 +424,34 @@ json Server::Dispatch(const json& j, const std::function<bool(const std::string&
     if (!_s.ok()) return fail(_s); \
   } while (0)
 
+  // A task id may be any unique prefix of at least 4 characters.
+  auto task_id = [&](std::string* id) -> Status {
+    CORTEX_RETURN_IF_ERROR(r.String("id", true, id));
+    if (id->size() < 4)
+      return Bad("task id '" + *id + "' is too short: give at least 4 characters of it");
+    return h_->store()->ResolveTaskId(*id, id);
+  };
+  // The task once it has ended, or as it is when `timeout_s` runs out ("waited").
+  auto ended = [&](const std::string& id, double timeout_s, json* out) -> Status {
+    const bool done = h_->WaitDone(id, timeout_s);
+    Task t;
+    CORTEX_RETURN_IF_ERROR(h_->store()->GetTask(id, &t));
+    *out = wire::ToJson(t);
+    if (!done) (*out)["waited"] = "timeout";
+    return Status::OK();
+  };
+  if (op == "wait" || op == "cancel") {
+    CHECK(r.Allow({"id", "timeout_s"}));
+    std::string id;
+    CHECK(task_id(&id));
+    double timeout = op == "wait" ? 300 : 30;
+    CHECK(r.Number("timeout_s", 0, 86400, &timeout));
+    if (op == "cancel") CHECK(h_->Cancel(id));
+    json out;
+    CHECK(ended(id, timeout, &out));
+    return wire::Ok(out);
+  }
+
   if (op == "submit" || op == "route") {
     if (op == "submit")
       CHECK(r.Allow({"text", "tags", "wait", "timeout_s"}));
@@ -448,45 +476,8 @@ json Server::Dispatch(const json& j, const std::function<bool(const std::string&
     std::string id;
     CHECK(h_->Submit(text, tags, &id));
     if (!wait) return wire::Ok({{"id", id}, {"state", "queued"}});
-    bool done = h_->WaitDone(id, timeout);
-    Task t;
-    CHECK(h_->store()->GetTask(id, &t));
-    json out = wire::ToJson(t);
-    if (!done) out["waited"] = "timeout";
-    return wire::Ok(out);
-  }
-  // A task id may be any unique prefix of at least 4 characters.
-  auto task_id = [&](std::string* id) -> Status {
-    CORTEX_RETURN_IF_ERROR(r.String("id", true, id));
-    if (id->size() < 4)
-      return Bad("task id '" + *id + "' is too short: give at least 4 characters of it");
-    return h_->store()->ResolveTaskId(*id, id);
-  };
-  if (op == "wait") {
-    CHECK(r.Allow({"id", "timeout_s"}));
-    std::string id;
-    CHECK(task_id(&id));
-    double timeout = 300;
-    CHECK(r.Number("timeout_s", 0, 86400, &timeout));
-    bool done = h_->WaitDone(id, timeout);
-    Task t;
-    CHECK(h_->store()->GetTask(id, &t));
-    json out = wire::ToJson(t);
-    if (!done) out["waited"] = "timeout";
-    return wire::Ok(out);
-  }
-  if (op == "cancel") {
-    CHECK(r.Allow({"id", "timeout_s"}));
-    std::string id;
-    CHECK(task_id(&id));
-    double timeout = 30;
-    CHECK(r.Number("timeout_s", 0, 86400, &timeout));
-    CHECK(h_->Cancel(id));
-    bool done = h_->WaitDone(id, timeout);
-    Task t;
-    CHECK(h_->store()->GetTask(id, &t));
-    json out = wire::ToJson(t);
-    if (!done) out["waited"] = "timeout";
+    json out;
+    CHECK(ended(id, timeout, &out));
     return wire::Ok(out);
   }
   if (op == "show") {
