@@ -379,6 +379,17 @@ TEST(CliTest, UnixConventions) {
   EXPECT_EQ(r.code, 0) << r.err;
   EXPECT_NE(r.out.find("quick one"), std::string::npos) << r.out;
   EXPECT_EQ(d.Ctl({"history", "--since", "90m"}).code, 0);
+  // route: `score` is the final score (rule + model + biases), and the ranking is by it.
+  json route = d.CtlJson({"route", "slow quick"});
+  ASSERT_GE(route["candidates"].size(), 2u) << route;
+  double prev = 1e9;
+  for (const auto& c : route["candidates"]) {
+    const double sum = c["rule_score"].get<double>() + c["model_score"].get<double>() +
+                       c["load_bias"].get<double>() + c["health_bias"].get<double>();
+    EXPECT_NEAR(c["score"].get<double>(), sum, 1e-9) << c;
+    EXPECT_LE(c["score"].get<double>(), prev + 1e-12) << route;
+    prev = c["score"].get<double>();
+  }
   // experts: what ROUTED and SUCCESS count is said, and ATTEMPTS is shown.
   r = d.Ctl({"experts"});
   EXPECT_NE(r.out.find("ATTEMPTS"), std::string::npos) << r.out;

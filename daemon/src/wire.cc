@@ -19,11 +19,18 @@ std::string IsoTime(double t) {
   return out;
 }
 
+// `score` is the final score the router ranks by (SPEC): rule and model scores plus the
+// load and health biases; `base_score` leaves the biases out.
 json ToJson(const Candidate& c) {
-  return {{"expert", c.expert},           {"rule_score", c.rule_score},
-          {"model_score", c.model_score}, {"load_bias", c.load_bias},
-          {"health_bias", c.health_bias}, {"score", c.score},
-          {"confidence", c.confidence},   {"rules", c.rules}};
+  return {{"expert", c.expert},
+          {"rule_score", c.rule_score},
+          {"model_score", c.model_score},
+          {"load_bias", c.load_bias},
+          {"health_bias", c.health_bias},
+          {"base_score", c.score},
+          {"score", c.score + c.load_bias + c.health_bias},
+          {"confidence", c.confidence},
+          {"rules", c.rules}};
 }
 
 json ToJson(const Decision& d) {
