@@ -4,6 +4,7 @@
 #include <fcntl.h>
 #include <gtest/gtest.h>
 #include <signal.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -57,23 +58,25 @@ TEST(CliTest, CheckConfigReportsEveryErrorThatAStartRefuses) {
                            "experts:\n"
                            "  - {name: ci, plugin: command}\n"
                            "  - {name: other, plugin: nosuchplugin}\n"
-                           "  - {name: typo, plugin: command, run: [\"true\"], tiemout: 5s}\n");
+                           "  - {name: typo, plugin: command, run: [\"true\"], tiemout: 5s}\n"
+                           "  - {name: twice, plugin: command, capacity: 0, timeout: -5s}\n");
+  // One run reports every error: those of the file itself and those of the later checks
+  // (rules, plugins, experts' settings) on what did parse.
   test::Run r = test::RunCmd({Cortexd(), "--check-config", "--config", cfg});
   EXPECT_EQ(r.code, 1) << r.out << r.err;
-  // The parse error does not hide the others: with it fixed, every later check reports.
-  EXPECT_NE(r.err.find("daemon.workerz: unknown key"), std::string::npos) << r.err;
-  std::string text = test::ReadFile(cfg);
-  text.replace(text.find(", workerz: 2"), 12, "");
-  test::WriteFile(cfg, text);
-  r = test::RunCmd({Cortexd(), "--check-config", "--config", cfg});
-  EXPECT_EQ(r.code, 1) << r.out << r.err;
   for (const char* want :
-       {"rules.backref.match: bad regular expression", "experts[0]: run: is required",
-        "experts[1].plugin: no plugin named 'nosuchplugin'",
+       {"daemon.workerz: unknown key", "rules.backref.match: bad regular expression",
+        "experts[0]: run: is required", "experts[1].plugin: no plugin named 'nosuchplugin'",
         "experts[2].tiemout: unknown key for plugin 'command'",
+        "experts[3].capacity: must be between 1 and 1024", "experts[3].timeout: duration must be",
         "warning: " /* the rule naming an expert that is not loaded */, "'nosuchexpert'"})
     EXPECT_NE(r.err.find(want), std::string::npos) << want << "\n" << r.err;
   EXPECT_EQ(r.out.find(": ok"), std::string::npos);
+  std::string text = test::ReadFile(cfg);
+  text.replace(text.find(", workerz: 2"), 12, "");
+  text.replace(text.find("  - {name: twice, plugin: command, capacity: 0, timeout: -5s}\n"), 62,
+               "");
+  test::WriteFile(cfg, text);
   // A start refuses the same config.
   r = test::RunCmd({Cortexd(), "--foreground", "--config", cfg}, 60);
   EXPECT_EQ(r.code, 1) << r.err;
@@ -99,6 +102,18 @@ TEST(CliTest, CheckConfigReportsEveryErrorThatAStartRefuses) {
   r = test::RunCmd({Cortexd(), "--check-config", "--config", dir.path()});
   EXPECT_EQ(r.code, 1);
   EXPECT_NE(r.err.find("Is a directory"), std::string::npos) << r.err;
+  // A FIFO or a device would be read forever: refused at once.
+  ASSERT_EQ(mkfifo((dir / "fifo.yaml").c_str(), 0600), 0);
+  for (const std::string& f : {dir / "fifo.yaml", std::string("/dev/zero")}) {
+    r = test::RunCmd({Cortexd(), "--check-config", "--config", f}, 20);
+    EXPECT_EQ(r.code, 1) << f;
+    EXPECT_NE(r.err.find("not a regular file"), std::string::npos) << r.err;
+  }
+  // A duration beyond a century is a typo.
+  test::WriteFile(dir / "long.yaml", "daemon: {idle_timeout: 99999999999999999d}\n");
+  r = test::RunCmd({Cortexd(), "--check-config", "--config", dir / "long.yaml"});
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find("duration too long"), std::string::npos) << r.err;
 }
 
 TEST(CliTest, EffectiveConfigDefaultLocationAndUserRulesAddToBuiltIns) {
@@ -109,7 +124,10 @@ TEST(CliTest, EffectiveConfigDefaultLocationAndUserRulesAddToBuiltIns) {
   test::WriteFile(cfg,
                   "daemon: {socket: run/s.sock, workers: 3}\nstore: {path: data/c.db}\n"
                   "plugins: {dir: plugins}\nrouter: {exploration: 0}\n"
-                  "rules:\n  - {name: mine, match: [frobnicate], expert: inventory, boost: 0.4}\n");
+                  "rules:\n  - {name: mine, match: [frobnicate], expert: inventory, boost: 0.4}\n"
+                  "experts:\n  - {name: here, plugin: command, run: [pwd], cwd: work, "
+                  "keywords: [where]}\n");
+  fs::create_directories(dir / "xdg/cortex/work");
   std::vector<std::string> env = test::BaseEnv();
   env.push_back("XDG_CONFIG_HOME=" + dir / "xdg");
   env.push_back("XDG_DATA_HOME=" + dir / "data-home");
@@ -122,6 +140,8 @@ TEST(CliTest, EffectiveConfigDefaultLocationAndUserRulesAddToBuiltIns) {
   EXPECT_NE(r.out.find("max_queued: 100000"), std::string::npos) << r.out;    // a default
   EXPECT_NE(r.out.find("name: security-terms"), std::string::npos) << r.out;  // built in
   EXPECT_NE(r.out.find("name: mine"), std::string::npos) << r.out;
+  // An expert's working folder is the file's neighbour too.
+  EXPECT_NE(r.out.find("cwd: " + dir / "xdg/cortex/work"), std::string::npos) << r.out;
   // What it prints loads back as the same configuration.
   const std::string printed = dir / "printed.yaml";
   test::WriteFile(printed, r.out);
@@ -158,6 +178,9 @@ TEST(CliTest, EffectiveConfigDefaultLocationAndUserRulesAddToBuiltIns) {
   EXPECT_NE(r.out.find("plugins:   " + dir / "xdg/cortex/plugins"), std::string::npos) << r.out;
   json route = test::Ctl(sock, {"route", "frobnicate the widgets", "--json"}).Json();
   EXPECT_EQ(route["candidates"][0]["expert"], "inventory") << route;
+  json w = test::Ctl(sock, {"submit", "where am i", "--wait", "--json"}).Json();
+  EXPECT_EQ(w["expert"], "here") << w;
+  EXPECT_EQ(w["attempts"][0]["outcome"]["output"], dir / "xdg/cortex/work\n") << w;
   kill(pid, SIGTERM);
   int status = 0;
   waitpid(pid, &status, 0);
@@ -343,6 +366,7 @@ TEST(CliTest, UnixConventions) {
     EXPECT_EQ(r.code, 0);
     EXPECT_EQ(r.out, fs::path(bin).filename().string() + " 0.1.0\n");
   }
+  EXPECT_EQ(d.CtlJson({"--version"})["version"], "0.1.0");
   test::Run r = d.Ctl({"help"});
   EXPECT_EQ(r.code, 0);
   EXPECT_NE(r.out.find("completion"), std::string::npos) << r.out;
@@ -367,6 +391,13 @@ TEST(CliTest, UnixConventions) {
     ASSERT_TRUE(j.is_object()) << args[0] << ": " << r.out;
     EXPECT_EQ(j["error"]["code"], "usage") << j;
   }
+  r = d.Ctl({"submit", "bad \xff bytes"});
+  EXPECT_EQ(r.code, 2);
+  EXPECT_NE(r.err.find("not valid UTF-8"), std::string::npos) << r.err;
+  r = d.Ctl({"show", std::string(100000, 'a')});
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find("a task id of 100000 bytes"), std::string::npos) << r.err.substr(0, 200);
+  EXPECT_LT(r.err.size(), 200u) << "the id is not echoed";
   r = d.Ctl({"submit", "x", "--tag", "k=1", "--tag", "k=2"});
   EXPECT_NE(r.err.find("--tag k is given twice"), std::string::npos) << r.err;
   r = d.Ctl({"submit", "x", "--timeout", "nan", "--wait"});

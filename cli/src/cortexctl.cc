@@ -159,6 +159,17 @@ int Call(const Ctx& ctx, const json& req, json* result,
   }
   json resp;
   st = c.Call(req, &resp, on_row);
+  // nlohmann refuses to encode bytes that are not UTF-8: the user's input, a usage error.
+  if (st.code() == cortex::Status::Code::kInvalidArgument &&
+      st.message().rfind("cannot encode", 0) == 0) {
+    const std::string msg =
+        "the request holds bytes that are not valid UTF-8 (task text, tags and ids must be "
+        "UTF-8)";
+    std::fprintf(stderr, "cortexctl: %s\n", msg.c_str());
+    if (ctx.json_out)
+      std::cout << json{{"error", {{"code", "usage"}, {"message", msg}}}}.dump(2) << "\n";
+    return kUsage;
+  }
   if (!st.ok()) {
     std::fprintf(stderr, "cortexctl: %s\n", st.message().c_str());
     if (ctx.json_out)
@@ -641,10 +652,18 @@ int main(int argc, char** argv) {
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--version") {
-      std::printf("cortexctl %s\n", cortex::CortexVersion());
+      bool as_json = false;
+      for (int j = 1; j < argc; ++j) as_json = as_json || std::string(argv[j]) == "--json";
+      if (as_json)
+        std::cout << json{{"version", cortex::CortexVersion()}}.dump(2) << "\n";
+      else
+        std::printf("cortexctl %s\n", cortex::CortexVersion());
       return kOk;
     }
-    if (a.empty() || a[0] != '-') break;
+    if (a == "--socket")
+      ++i;  // (its value)
+    else if (a.empty() || a[0] != '-')
+      break;
   }
   // Under --json a usage error is a JSON document too.
   for (int i = 1; i < argc; ++i)

@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <grp.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <yaml-cpp/yaml.h>
@@ -331,7 +332,8 @@ Status ParseExperts(const Parser& p, const YAML::Node& n, std::vector<ExpertConf
   std::set<std::string> names;
   static const std::set<std::string> kCommon = {"name",     "plugin",   "description", "keywords",
                                                 "examples", "capacity", "timeout"};
-  // Each expert reports its first error; every expert is looked at.
+  // Every expert is looked at, and each of its settings: an expert whose name or plugin
+  // is wrong reports that alone (nothing else of it can be judged).
   for (size_t i = 0; i < n.size(); ++i) {
     p.Keep([&]() -> Status {
       const YAML::Node& e = n[i];
@@ -349,40 +351,46 @@ Status ParseExperts(const Parser& p, const YAML::Node& n, std::vector<ExpertConf
       if (!names.insert(ec.name).second)
         return p.Error(e["name"], path + ".name", "duplicate expert name '" + ec.name + "'");
       CORTEX_RETURN_IF_ERROR(p.Str(e["plugin"], path + ".plugin", &ec.plugin));
+      bool bad = false;
+      auto keep = [&](const Status& st) {
+        p.Keep(st);
+        bad = bad || !st.ok();
+        return st.ok();
+      };
       for (const auto& kv : e) {
         std::string k = kv.first.as<std::string>();
         std::string kp = path + "." + k;
         if (k == "description") {
           std::string s;
-          CORTEX_RETURN_IF_ERROR(p.Str(kv.second, kp, &s));
-          ec.description = s;
+          if (keep(p.Str(kv.second, kp, &s))) ec.description = s;
         } else if (k == "keywords" || k == "examples") {
           std::vector<std::string> l;
-          CORTEX_RETURN_IF_ERROR(p.StrList(kv.second, kp, &l));
-          (k == "keywords" ? ec.keywords : ec.examples) = l;
+          if (keep(p.StrList(kv.second, kp, &l))) (k == "keywords" ? ec.keywords : ec.examples) = l;
         } else if (k == "capacity") {
           long v = 0;
-          CORTEX_RETURN_IF_ERROR(p.Int(kv.second, kp, 1, 1024, &v));
-          ec.capacity = static_cast<int>(v);
+          if (keep(p.Int(kv.second, kp, 1, 1024, &v))) ec.capacity = static_cast<int>(v);
         } else if (k == "timeout") {
           double d = 0;
-          CORTEX_RETURN_IF_ERROR(p.Duration(kv.second, kp, &d));
-          if (d <= 0) return p.Error(kv.second, kp, "must be positive");
-          ec.timeout_s = d;
+          if (keep(p.Duration(kv.second, kp, &d)) &&
+              keep(d > 0 ? Status::OK() : p.Error(kv.second, kp, "must be positive")))
+            ec.timeout_s = d;
         } else if (!kCommon.count(k)) {
           // Plugin-specific: validated against the plugin's manifest when it is instantiated.
           ec.settings[k] = ToJson(kv.second);
           ec.key_lines[k] = Parser::Line(kv.first);
         }
       }
-      experts->push_back(std::move(ec));
+      if (!bad) experts->push_back(std::move(ec));  // (its errors are kept already)
       return Status::OK();
     }());
   }
   return Status::OK();
 }
 
-Result<Config> Parse(const YAML::Node& root, const std::string& source) {
+// With `errors`, every error is appended there and what did parse is returned (for
+// --check-config's later checks); without, any error refuses the whole config.
+Result<Config> Parse(const YAML::Node& root, const std::string& source,
+                     std::vector<std::string>* errors) {
   Config c;
   c.source = source;
   Parser p(source);
@@ -456,6 +464,10 @@ Result<Config> Parse(const YAML::Node& root, const std::string& source) {
   }
   if (root["rules"]) p.Keep(ParseRules(p, root["rules"], &c.rules));
   if (root["experts"]) p.Keep(ParseExperts(p, root["experts"], &c.experts));
+  if (errors) {
+    errors->insert(errors->end(), p.errors().begin(), p.errors().end());
+    return c;
+  }
   if (!p.errors().empty()) return Status::InvalidArgument(JoinLines(p.errors()));
   return c;
 }
@@ -466,7 +478,10 @@ std::string Config::Where(int line) const { return source + ":" + std::to_string
 
 const char* EmbeddedDefaultsYaml() { return kDefaults; }
 
-Result<Config> LoadConfigString(const std::string& yaml, const std::string& source_name) {
+namespace {
+
+Result<Config> LoadString(const std::string& yaml, const std::string& source_name,
+                          std::vector<std::string>* errors) {
   YAML::Node root;
   try {
     root = YAML::Load(yaml);
@@ -477,26 +492,40 @@ Result<Config> LoadConfigString(const std::string& yaml, const std::string& sour
     return Status::InvalidArgument(source_name + ": " + e.what());
   }
   try {
-    return Parse(root, source_name);
+    return Parse(root, source_name, errors);
   } catch (const YAML::Exception& e) {
     return Status::InvalidArgument(source_name + ":" + std::to_string(e.mark.line + 1) + ": " +
                                    e.msg);
   }
 }
 
-Result<Config> LoadConfigFile(const std::string& path) {
-  // Read by hand, so that what went wrong (no such file, permission, a folder) is said.
-  int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+Result<Config> LoadFile(const std::string& path, std::vector<std::string>* errors) {
+  // Read by hand, so that what went wrong (no such file, permission, a folder) is said;
+  // only a regular file of sane size is read (a FIFO or a device would never end).
+  constexpr off_t kMaxBytes = 4 << 20;
+  int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
   if (fd < 0)
     return Status::NotFound("cannot read config file " + path + ": " + std::strerror(errno));
+  struct stat st;
+  if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode) || st.st_size > kMaxBytes) {
+    const bool dir = S_ISDIR(st.st_mode);
+    close(fd);
+    return Status::InvalidArgument(
+        "cannot read config file " + path + ": " +
+        (dir ? std::string(std::strerror(EISDIR))
+         : !S_ISREG(st.st_mode)
+             ? "not a regular file"
+             : "larger than " + std::to_string(kMaxBytes >> 20) + " MiB; not a config"));
+  }
   std::string text;
   char buf[65536];
   ssize_t n;
-  while ((n = read(fd, buf, sizeof buf)) > 0) text.append(buf, static_cast<size_t>(n));
+  while ((n = read(fd, buf, sizeof buf)) > 0 && text.size() <= static_cast<size_t>(kMaxBytes))
+    text.append(buf, static_cast<size_t>(n));
   const int err = errno;
   close(fd);
   if (n < 0) return Status::IOError("cannot read config file " + path + ": " + std::strerror(err));
-  Result<Config> c = LoadConfigString(text, path);
+  Result<Config> c = LoadString(text, path, errors);
   if (!c.ok()) return c;
   // A user's rules add to the built-in ones; a rule of the same name replaces its
   // built-in namesake.
@@ -516,8 +545,25 @@ Result<Config> LoadConfigFile(const std::string& path) {
   for (std::string* f : {&c->daemon.socket, &c->store.path, &c->plugins.dir})
     if (!f->empty() && (*f)[0] != '/')
       *f = std::filesystem::path(dir + "/" + *f).lexically_normal().string();
+  // So is an expert's working folder (the command expert's `cwd`).
+  for (auto& e : c->experts)
+    if (e.settings.contains("cwd") && e.settings["cwd"].is_string()) {
+      std::string w = e.settings["cwd"].get<std::string>();
+      if (!w.empty() && w[0] != '/')
+        e.settings["cwd"] = std::filesystem::path(dir + "/" + w).lexically_normal().string();
+    }
   ResolveDefaultPaths(&c.value());
   return c;
+}
+
+}  // namespace
+
+Result<Config> LoadConfigString(const std::string& yaml, const std::string& source_name) {
+  return LoadString(yaml, source_name, nullptr);
+}
+Result<Config> LoadConfigFile(const std::string& path) { return LoadFile(path, nullptr); }
+Result<Config> LoadConfigFileForCheck(const std::string& path, std::vector<std::string>* errors) {
+  return LoadFile(path, errors);
 }
 
 std::string ConfigToYaml(const Config& c) {
@@ -535,7 +581,8 @@ std::string ConfigToYaml(const Config& c) {
     return std::to_string(b);
   };
   YAML::Emitter out;
-  out.SetDoublePrecision(12);  // 0.05, not 0.050000000000000003
+  out.SetDoublePrecision(17);  // doubles go through num() below; this is a backstop
+  auto num = [](double v) { return fmt::format("{}", v); };  // shortest that reads back equal
   auto kv = [&](const char* key, const auto& value) {
     out << YAML::Key << key << YAML::Value << value;
   };
@@ -571,9 +618,9 @@ std::string ConfigToYaml(const Config& c) {
   const RouterConfig& r = c.router;
   out << YAML::Key << "router" << YAML::Value << YAML::BeginMap;
   kv("backend", r.backend);
-  kv("exploration", r.exploration);
-  kv("load_bias", r.load_bias);
-  kv("health_bias", r.health_bias);
+  kv("exploration", num(r.exploration));
+  kv("load_bias", num(r.load_bias));
+  kv("health_bias", num(r.health_bias));
   kv("max_attempts", r.max_attempts);
   kv("seed", r.seed);
   out << YAML::EndMap;
@@ -590,7 +637,7 @@ std::string ConfigToYaml(const Config& c) {
     kv("name", rule.name);
     out << YAML::Key << "match" << YAML::Value << YAML::Flow << rule.match;
     kv("expert", rule.expert);
-    if (!rule.force || rule.boost != 0) kv("boost", rule.boost);
+    if (!rule.force || rule.boost != 0) kv("boost", num(rule.boost));
     if (rule.force) kv("force", true);
     out << YAML::EndMap;
   }
@@ -706,6 +753,9 @@ Result<double> ParseDuration(const std::string& text) {
   else
     return Status::InvalidArgument("unknown unit in duration '" + text + "' (ms, s, m, h, d)");
   if (!std::isfinite(v) || v < 0) return Status::InvalidArgument("duration must be >= 0: " + text);
+  // Beyond a century a duration is a typo (and would overflow a deadline in microseconds).
+  if (v * mul > 100 * 365.25 * 86400)
+    return Status::InvalidArgument("duration too long: " + text + " (at most 100 years)");
   return v * mul;
 }
 

@@ -113,28 +113,35 @@ int main(int argc, char** argv) {
   std::error_code ec;
   if (!config_path.empty()) config_path = std::filesystem::absolute(config_path, ec).string();
   if (!log_file.empty()) log_file = std::filesystem::absolute(log_file, ec).string();
-  cortex::Result<cortex::Config> cfg = config_path.empty()
-                                           ? cortex::Result<cortex::Config>(cortex::DefaultConfig())
-                                           : cortex::LoadConfigFile(config_path);
   auto fail = [](const cortex::Status& st) {
     // One line per error: a config can have several.
     std::istringstream lines(st.message());
     for (std::string l; std::getline(lines, l);) std::fprintf(stderr, "cortexd: %s\n", l.c_str());
     return 1;
   };
-  if (!cfg.ok()) return fail(cfg.status());
-  if (print_config) {
-    std::fputs(cortex::ConfigToYaml(cfg.value()).c_str(), stdout);
-    return 0;
-  }
   if (check_config) {
-    std::vector<std::string> warnings;
+    // Errors in the file do not stop the check: what parsed goes on to every later check
+    // (rules, plugins, experts, folders), so one run reports them all.
+    std::vector<std::string> errors, warnings;
+    cortex::Result<cortex::Config> cfg =
+        config_path.empty() ? cortex::Result<cortex::Config>(cortex::DefaultConfig())
+                            : cortex::LoadConfigFileForCheck(config_path, &errors);
+    if (!cfg.ok()) return fail(cfg.status());
     cortex::DaemonOptions opts;
     opts.config_path = config_path;
     cortex::Status st = cortex::CheckConfig(cfg.value(), opts, &warnings);
+    if (!st.ok()) errors.push_back(st.message());
     for (const auto& w : warnings) std::fprintf(stderr, "cortexd: warning: %s\n", w.c_str());
-    if (!st.ok()) return fail(st);
+    if (!errors.empty()) return fail(cortex::Status::InvalidArgument(cortex::JoinLines(errors)));
     std::printf("%s: ok\n", cfg->source.c_str());
+    return 0;
+  }
+  cortex::Result<cortex::Config> cfg = config_path.empty()
+                                           ? cortex::Result<cortex::Config>(cortex::DefaultConfig())
+                                           : cortex::LoadConfigFile(config_path);
+  if (!cfg.ok()) return fail(cfg.status());
+  if (print_config) {
+    std::fputs(cortex::ConfigToYaml(cfg.value()).c_str(), stdout);
     return 0;
   }
 

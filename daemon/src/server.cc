@@ -429,6 +429,8 @@ json Server::Dispatch(const json& j, const std::function<bool(const std::string&
     CORTEX_RETURN_IF_ERROR(r.String("id", true, id));
     if (id->size() < 4)
       return Bad("task id '" + *id + "' is too short: give at least 4 characters of it");
+    if (id->size() > 64)  // (and not echoed: it is not an id)
+      return Bad("a task id of " + std::to_string(id->size()) + " bytes: ids are 12 characters");
     return h_->store()->ResolveTaskId(*id, id);
   };
   // The task once it has ended, or as it is when `timeout_s` runs out ("waited").

@@ -102,8 +102,13 @@ struct Config {
 // The YAML text of the embedded defaults (also what `cortexd --print-config` shows).
 const char* EmbeddedDefaultsYaml();
 
-// A user's config file: its rules add to the built-in ones; empty paths get defaults.
+// A user's config file: its rules add to the built-in ones; empty paths get defaults;
+// relative paths (and an expert's `cwd`) are relative to the file's folder.
 Result<Config> LoadConfigFile(const std::string& path);
+// For --check-config: the same, but errors in the file's contents go to *errors, a line
+// each, and what did parse is returned so the later checks still run on it (an expert or
+// rule with an error is left out). Fails only when the file cannot be read or is no YAML.
+Result<Config> LoadConfigFileForCheck(const std::string& path, std::vector<std::string>* errors);
 Result<Config> LoadConfigString(const std::string& yaml, const std::string& source_name);
 // The configuration as YAML that loads back to the same: what `--print-config` shows.
 std::string ConfigToYaml(const Config& config);

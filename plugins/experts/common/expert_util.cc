@@ -4,6 +4,7 @@
 #include <poll.h>
 #include <signal.h>
 #include <spawn.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -65,6 +66,15 @@ ProcessResult RunProcess(const ProcessSpec& spec) {
   if (spec.argv.empty()) {
     r.error = "empty command";
     return r;
+  }
+  // A spawn that fails to change folder reports ENOENT like a missing program: say which.
+  if (!spec.cwd.empty()) {
+    struct stat st;
+    if (stat(spec.cwd.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) {
+      r.error = "cannot run in folder " + spec.cwd + ": ";
+      r.error += stat(spec.cwd.c_str(), &st) != 0 ? std::strerror(errno) : "not a folder";
+      return r;
+    }
   }
   int in[2], out[2], err[2];
   if (pipe2(in, O_CLOEXEC) != 0) {
