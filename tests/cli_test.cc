@@ -326,8 +326,6 @@ TEST(CliTest, WaitCancelPrefixesAndFollow) {
     return out.find(a) != std::string::npos && out.find(b) != std::string::npos &&
            out.find(q["id"].get<std::string>()) != std::string::npos;
   })) << test::ReadFile(follow_out);
-  kill(follower, SIGTERM);
-  waitpid(follower, nullptr, 0);
 
   // events --follow prints a plugin loaded after it started.
   const std::string events_out = dir / "events.txt";
@@ -355,6 +353,15 @@ TEST(CliTest, WaitCancelPrefixesAndFollow) {
   EXPECT_NE(d.Log().find("stopping: waiting up to 2s (daemon.shutdown_grace) for 1 running"),
             std::string::npos)
       << d.Log();
+  // history --follow waited through the stop and follows the next cortexd.
+  ASSERT_TRUE(d.Start()) << d.Log();
+  const std::string after = d.CtlJson({"submit", "quick after restart", "--wait"})["id"];
+  EXPECT_TRUE(test::Eventually([&] {
+    return test::ReadFile(follow_out).find(after) != std::string::npos;
+  })) << test::ReadFile(follow_out);
+  EXPECT_EQ(waitpid(follower, nullptr, WNOHANG), 0) << "the follower is still running";
+  kill(follower, SIGTERM);
+  waitpid(follower, nullptr, 0);
 }
 
 TEST(CliTest, UnixConventions) {

@@ -142,10 +142,12 @@ bool ParseSince(const std::string& s, double* out, std::string* err) {
 }
 
 // Sends one request; prints errors; returns the exit code (and the result in *result).
+// `quiet_if_down`: a daemon that does not answer is only the exit code (--follow waits).
 int Call(const Ctx& ctx, const json& req, json* result,
-         const std::function<void(const json&)>& on_row = nullptr) {
+         const std::function<void(const json&)>& on_row = nullptr, bool quiet_if_down = false) {
   cortex::Client c;
   cortex::Status st = c.Connect(ctx.socket);
+  if (!st.ok() && quiet_if_down) return kUnreachable;
   if (!st.ok()) {
     std::fprintf(
         stderr,
@@ -185,6 +187,16 @@ int Call(const Ctx& ctx, const json& req, json* result,
   }
   *result = resp.value("result", json());
   return kOk;
+}
+
+// A --follow poll: while cortexd is away (restarting), says so once and keeps waiting.
+int FollowCall(const Ctx& ctx, const json& req, json* result) {
+  static bool away = false;
+  const int rc = Call(ctx, req, result, nullptr, true);
+  if (rc == kUnreachable && !away)
+    std::fprintf(stderr, "cortexctl: cortexd is not answering; following on once it is back\n");
+  away = rc == kUnreachable;
+  return rc;
 }
 
 void PrintJson(const json& j) { std::cout << j.dump(2) << "\n"; }
@@ -876,7 +888,8 @@ int main(int argc, char** argv) {
       json q = req;
       q["limit"] = 1000;
       q["since"] = from;
-      if ((rc = Call(ctx, q, &result)) != kOk) return rc;
+      if ((rc = FollowCall(ctx, q, &result)) == kUnreachable) continue;
+      if (rc != kOk) return rc;
       for (auto it = result.rbegin(); it != result.rend(); ++it)
         if (is_ended(*it) && ended.insert(Str(*it, "id")).second) print_row(*it);
       std::fflush(stdout);
@@ -940,7 +953,9 @@ int main(int argc, char** argv) {
     while (follow) {
       std::fflush(stdout);
       sleep(1);
-      if ((rc = Call(ctx, {{"op", "events"}, {"limit", 1000}}, &result)) != kOk) return rc;
+      rc = FollowCall(ctx, {{"op", "events"}, {"limit", 1000}}, &result);
+      if (rc == kUnreachable) continue;
+      if (rc != kOk) return rc;
       for (auto it = result.rbegin(); it != result.rend(); ++it)
         if (seen.insert(it->dump()).second) print_event(*it);
     }
