@@ -265,17 +265,21 @@ TEST(CliTest, WaitCancelPrefixesAndFollow) {
   TempDir dir;
   Daemon d(dir, kSlowExperts);
   ASSERT_TRUE(d.Start()) << d.Log();
-  // history --follow and events --follow, started now, print what happens next.
-  pid_t follower = -1;
+  // `cortexctl COMMAND --follow` in the background, its output into `out`.
+  auto follow = [&](const char* command, const std::string& out) {
+    pid_t pid = fork();
+    if (pid == 0) {
+      FILE* f = freopen(out.c_str(), "w", stdout);
+      (void)f;
+      execl(Cortexctl().c_str(), Cortexctl().c_str(), "--socket", d.socket.c_str(), command,
+            "--follow", (char*)nullptr);
+      _exit(127);
+    }
+    return pid;
+  };
+  // history --follow, started now, prints what happens next.
   const std::string follow_out = dir / "follow.txt";
-  follower = fork();
-  if (follower == 0) {
-    FILE* f = freopen(follow_out.c_str(), "w", stdout);
-    (void)f;
-    execl(Cortexctl().c_str(), Cortexctl().c_str(), "--socket", d.socket.c_str(), "history",
-          "--follow", (char*)nullptr);
-    _exit(127);
-  }
+  const pid_t follower = follow("history", follow_out);
 
   const std::string a = d.Ctl({"submit", "slow one"}).out.substr(0, 12);
   const std::string b = d.Ctl({"submit", "slow two"}).out.substr(0, 12);
@@ -329,14 +333,7 @@ TEST(CliTest, WaitCancelPrefixesAndFollow) {
 
   // events --follow prints a plugin loaded after it started.
   const std::string events_out = dir / "events.txt";
-  pid_t ev = fork();
-  if (ev == 0) {
-    FILE* f = freopen(events_out.c_str(), "w", stdout);
-    (void)f;
-    execl(Cortexctl().c_str(), Cortexctl().c_str(), "--socket", d.socket.c_str(), "events",
-          "--follow", (char*)nullptr);
-    _exit(127);
-  }
+  const pid_t ev = follow("events", events_out);
   EXPECT_TRUE(test::Eventually(
       [&] { return test::ReadFile(events_out).find("security.so") != std::string::npos; }));
   fs::copy_file(std::string(CORTEX_TEST_PLUGIN_DIR) + "/echo.so", d.plugin_dir + "/echo.so");
