@@ -29,8 +29,11 @@ export TSAN_OPTIONS="halt_on_error=1:second_deadlock_stack=1"
 # stop-the-world tracer has crashed on such a thread at exit (its own fatal error, not a
 # leak), so those run without leak checking and everything else with it. The soak
 # benchmark's memory hog has no limit under ASan (see host_main.cc): it runs only above.
+# The packaging checks (installed SDK, man pages, the unit file, completion scripts, the
+# bench's help) read files the build wrote and run no new daemon code: plain run only.
 plugin_suites="^Both/(RegistryTest|CommandTest|RepoExpertTest)\\..*/InProcess"
-targets="" sanitized build-asan address,undefined -E "$plugin_suites|^BenchTest\\.Soak"
+packaging="^Sdk\\.|^Unix\\.(Man|Cortexctl|Config|Systemd|Install)|^CliTest\\.Completion|^BenchTest\\.EveryOption"
+targets="" sanitized build-asan address,undefined -E "$plugin_suites|^BenchTest\\.Soak|$packaging"
 (cd "$root/build-asan" &&
  ASAN_OPTIONS="$ASAN_OPTIONS:detect_leaks=0" ctest -j "$jobs" --output-on-failure --timeout 600 -R "$plugin_suites")
 # TSan: the tests where threads meet (daemon end to end, store, learner, readiness
