@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The README's main command: build, start cortexd on its embedded defaults, feed it real
 # commit subjects (samples/), let it route and run them, and show the audit trail.
-# Everything it writes stays under .demo/ (set as XDG_DATA_HOME and XDG_RUNTIME_DIR).
+# Everything it writes stays under .demo/ (set as XDG_DATA_HOME, XDG_RUNTIME_DIR and
+# XDG_CONFIG_HOME).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 n="${DEMO_TASKS:-300}"
@@ -11,9 +12,10 @@ bin="$root/build/bin"
 
 demo="$root/.demo"
 rm -rf "$demo"
-mkdir -p "$demo/data" "$demo/run"
+mkdir -p "$demo/data" "$demo/run" "$demo/config"
 chmod 700 "$demo/run"
-export XDG_DATA_HOME="$demo/data" XDG_RUNTIME_DIR="$demo/run"
+# (XDG_CONFIG_HOME too: a config of the user's own would otherwise be read.)
+export XDG_DATA_HOME="$demo/data" XDG_RUNTIME_DIR="$demo/run" XDG_CONFIG_HOME="$demo/config"
 unset CORTEX_SOCKET
 ctl() { "$bin/cortexctl" "$@"; }
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
