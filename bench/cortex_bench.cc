@@ -10,6 +10,7 @@
 #include <chrono>
 #include <cstdio>
 #include <fstream>
+#include <mutex>
 #include <random>
 #include <thread>
 
@@ -28,14 +29,22 @@ using Clock = std::chrono::steady_clock;
 int Throughput(const std::string& socket, int clients, int tasks, const std::string& text,
                const std::string& json_out) {
   std::atomic<int> next{0}, ok{0}, failed{0}, errors{0};
+  std::mutex why_mu;
+  std::string why;  // the first error, said once at the end
+  auto error = [&](int n, const std::string& what) {
+    errors += n;
+    std::lock_guard<std::mutex> l(why_mu);
+    if (why.empty()) why = what;
+  };
   std::vector<std::vector<double>> lat(static_cast<size_t>(clients));
   auto t0 = Clock::now();
   std::vector<std::thread> ts;
   for (int c = 0; c < clients; ++c)
     ts.emplace_back([&, c] {
       cortex::Client cl;
-      if (!cl.Connect(socket).ok()) {
-        errors += tasks;
+      if (cortex::Status st = cl.Connect(socket); !st.ok()) {
+        // This client's share of the tasks is never sent; the others may still run.
+        error(1, st.ToString());
         return;
       }
       while (next.fetch_add(1) < tasks) {
@@ -44,8 +53,10 @@ int Throughput(const std::string& socket, int clients, int tasks, const std::str
         cortex::Status st = cl.Call({{"op", "submit"}, {"text", text}, {"wait", true}}, &resp);
         lat[static_cast<size_t>(c)].push_back(
             std::chrono::duration<double, std::milli>(Clock::now() - s).count());
-        if (!st.ok() || !resp.value("ok", false))
-          ++errors;
+        if (!st.ok())
+          error(1, st.ToString());
+        else if (!resp.value("ok", false))
+          error(1, resp.dump());
         else if (resp["result"].value("state", "") == "succeeded")
           ++ok;
         else
@@ -54,21 +65,26 @@ int Throughput(const std::string& socket, int clients, int tasks, const std::str
     });
   for (auto& t : ts) t.join();
   double secs = std::chrono::duration<double>(Clock::now() - t0).count();
+  // Only tasks that were answered count towards the rate.
+  const int done = ok.load() + failed.load();
+  if (!why.empty()) std::fprintf(stderr, "cortex-bench: first error: %s\n", why.c_str());
+  if (done < tasks && errors.load() == 0) errors = tasks - done;  // clients that never connected
   std::vector<double> all;
   for (auto& v : lat) all.insert(all.end(), v.begin(), v.end());
   json j = {{"clients", clients},
             {"tasks", tasks},
             {"seconds", secs},
-            {"tasks_per_s", tasks / secs},
+            {"tasks_per_s", done / secs},
             {"succeeded", ok.load()},
             {"failed", failed.load()},
             {"errors", errors.load()},
             {"p50_ms", Percentile(all, 0.5)},
             {"p99_ms", Percentile(all, 0.99)}};
   std::printf(
-      "throughput: %d tasks from %d clients in %.2fs = %.0f tasks/s (submit+wait, end to end)\n"
+      "throughput: %d of %d tasks from %d clients in %.2fs = %.0f tasks/s (submit+wait, end to "
+      "end)\n"
       "  succeeded %d, failed %d, errors %d; latency p50 %.2f ms, p99 %.2f ms\n",
-      tasks, clients, secs, tasks / secs, ok.load(), failed.load(), errors.load(),
+      done, tasks, clients, secs, done / secs, ok.load(), failed.load(), errors.load(),
       Percentile(all, 0.5), Percentile(all, 0.99));
   WriteJson(json_out, j);
   return errors.load() == 0 ? 0 : 1;
@@ -78,6 +94,7 @@ int Throughput(const std::string& socket, int clients, int tasks, const std::str
 
 int main(int argc, char** argv) {
   CLI::App app{"cortex-bench: Cortex's own benchmarks"};
+  app.set_version_flag("--version", std::string("cortex-bench ") + cortex::CortexVersion());
   app.require_subcommand(1);
   std::string json_out, socket, text = "run the no-op command";
   int clients = 4, tasks = 2000;

@@ -64,14 +64,33 @@ TEST(CliTest, CheckConfigReportsEveryErrorThatAStartRefuses) {
   // (rules, plugins, experts' settings) on what did parse.
   test::Run r = test::RunCmd({Cortexd(), "--check-config", "--config", cfg});
   EXPECT_EQ(r.code, 1) << r.out << r.err;
+  // Every error, in the file's line order.
+  const std::vector<std::string> every = {"daemon.workerz: unknown key",
+                                          "rules.backref.match: bad regular expression",
+                                          "experts[0]: run: is required",
+                                          "experts[1].plugin: no plugin named 'nosuchplugin'",
+                                          "experts[2].tiemout: unknown key for plugin 'command'",
+                                          "experts[3].capacity: must be between 1 and 1024",
+                                          "experts[3].timeout: duration must be"};
+  auto in_order = [&](const std::string& err) {
+    size_t at = 0;
+    for (const auto& want : every) {
+      size_t p = err.find(want);
+      EXPECT_NE(p, std::string::npos) << want << "\n" << err;
+      if (p == std::string::npos) return;
+      EXPECT_GE(p, at) << want << " is out of the file's order\n" << err;
+      at = p;
+    }
+  };
+  in_order(r.err);
   for (const char* want :
-       {"daemon.workerz: unknown key", "rules.backref.match: bad regular expression",
-        "experts[0]: run: is required", "experts[1].plugin: no plugin named 'nosuchplugin'",
-        "experts[2].tiemout: unknown key for plugin 'command'",
-        "experts[3].capacity: must be between 1 and 1024", "experts[3].timeout: duration must be",
-        "warning: " /* the rule naming an expert that is not loaded */, "'nosuchexpert'"})
+       {"warning: " /* the rule naming an expert that is not loaded */, "'nosuchexpert'"})
     EXPECT_NE(r.err.find(want), std::string::npos) << want << "\n" << r.err;
   EXPECT_EQ(r.out.find(": ok"), std::string::npos);
+  // A start refuses it naming the same errors, every one, not only the first it meets.
+  r = test::RunCmd({Cortexd(), "--foreground", "--config", cfg}, 60);
+  EXPECT_EQ(r.code, 1) << r.err;
+  in_order(r.err);
   std::string text = test::ReadFile(cfg);
   text.replace(text.find(", workerz: 2"), 12, "");
   text.replace(text.find("  - {name: twice, plugin: command, capacity: 0, timeout: -5s}\n"), 62,
@@ -142,6 +161,11 @@ TEST(CliTest, EffectiveConfigDefaultLocationAndUserRulesAddToBuiltIns) {
   EXPECT_NE(r.out.find("name: mine"), std::string::npos) << r.out;
   // An expert's working folder is the file's neighbour too.
   EXPECT_NE(r.out.find("cwd: " + dir / "xdg/cortex/work"), std::string::npos) << r.out;
+  // What the file leaves to the plugin is filled in from the plugin: defaults, filled in.
+  const std::string here = r.out.substr(r.out.find("name: here"));
+  EXPECT_NE(here.find("capacity: 4"), std::string::npos) << here;
+  EXPECT_NE(here.find("timeout: 10m"), std::string::npos) << here;
+  EXPECT_NE(here.find("description: "), std::string::npos) << here;
   // What it prints loads back as the same configuration.
   const std::string printed = dir / "printed.yaml";
   test::WriteFile(printed, r.out);

@@ -53,6 +53,10 @@ rules:
     match: ["hipaa"]
     expert: flaky
     force: true
+  - name: audit-policy
+    match: ["sox"]
+    expert: auditor
+    force: true
 )";
 
 TEST(E2E, SubmitWaitShowHistoryExpertsStatusFeedbackExport) {
@@ -221,6 +225,20 @@ TEST(E2E, FallbackTimeoutRejectionAndForcedPolicy) {
   EXPECT_EQ(w["decision"]["chosen"], "flaky");
   EXPECT_EQ(w["state"], "failed") << w;
   EXPECT_EQ(w["attempts"].size(), 1u) << w;
+  // A forced expert that is not loaded holds the task for it: it never runs elsewhere.
+  test::Run held = d.Ctl({"submit", "SOX: ship the deploy release"});
+  ASSERT_EQ(held.code, 0) << held.err;
+  const std::string held_id = held.out.substr(0, held.out.find('\n'));
+  ASSERT_TRUE(test::Eventually([&] {
+    return d.Log().find("sends it to expert 'auditor', which is not loaded") != std::string::npos;
+  })) << d.Log();
+  w = d.CtlJson({"show", held_id});
+  EXPECT_EQ(w["state"], "routed") << w;
+  EXPECT_EQ(w["decision"]["chosen"], "auditor") << w;
+  EXPECT_EQ(w["decision"]["forced"], true) << w;
+  EXPECT_TRUE(w["attempts"].empty()) << w;
+  EXPECT_EQ(d.Ctl({"cancel", held_id}).code, 0);
+  EXPECT_EQ(d.CtlJson({"show", held_id})["state"], "cancelled");
 
   // route is a dry run: it ranks every expert and records nothing.
   size_t before = d.CtlJson({"history", "--limit", "1000"}).size();
@@ -614,6 +632,17 @@ TEST(E2E, BadConfigRefusesToStartAndReloadKeepsTheOld) {
   EXPECT_EQ(r.code, 1);
   EXPECT_NE(r.err.find("reload refused"), std::string::npos) << r.err;
   EXPECT_EQ(d.CtlJson({"route", "deploy"})["candidates"][0]["expert"], "ok");
+  // A refusal names every error, not only the first one a reload meets.
+  std::string two = good;
+  two.replace(two.find("rules:\n"), 7,
+              "rules:\n  - name: backref\n    match: [\"/(a)\\\\1/\"]\n    expert: ok\n"
+              "    boost: 1\n");
+  two.replace(two.find("experts:\n"), 9, "experts:\n  - name: bad\n    plugin: nosuchplugin\n");
+  test::WriteFile(d.config, two);
+  r = d.Ctl({"reload"});
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find("rules.backref.match: bad regular expression"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("no plugin named 'nosuchplugin'"), std::string::npos) << r.err;
   // A good edit through SIGHUP: a new rule sends "deploy" to flaky.
   std::string next = good;
   next.replace(

@@ -308,6 +308,15 @@ TEST_P(CommandTest, PassesTextOnStdinAndEnvironmentNeverThroughAShell) {
   EXPECT_NE(o.output.find("hello $(touch /tmp/pwned) world\nhello $(touch /tmp/pwned) world|/r|\n"),
             std::string::npos)
       << o.output;
+  // Without `cwd`, it runs in the task's repository when that is a folder.
+  TempDir repo;
+  Outcome in_repo =
+      Command("    run: [\"pwd\"]\n")->Run(MakeTask("x", {{"repo", repo.path()}}), nullptr);
+  EXPECT_EQ(in_repo.output, repo.path() + "\n");
+  // An `env` entry replaces the variable it names (a program reads the first one).
+  Outcome lang = Command("    run: [\"/bin/sh\", \"-c\", \"echo $LANG\"]\n    env: {LANG: C}\n")
+                     ->Run(MakeTask("x"), nullptr);
+  EXPECT_EQ(lang.output, "C\n");
   // argv is passed as given: a program name with shell syntax is just a missing program.
   auto e2 = Command("    run: [\"true; touch /tmp/cortex-pwned\"]\n");
   Outcome o2 = e2->Run(MakeTask("x"), nullptr);

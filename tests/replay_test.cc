@@ -143,6 +143,21 @@ TEST(BenchTest, ThroughputUsesACortexdOfItsOwn) {
   EXPECT_FALSE(fs::exists(r.out.substr(a + 12, b - a - 12))) << r.out;
 }
 
+// A throughput run that reaches no cortexd says why, counts no rate, and fails.
+TEST(BenchTest, ThroughputSaysWhyItFailed) {
+  TempDir dir;
+  test::Run r = test::RunCmd({test::BinDir() + "/cortex-bench", "throughput", "--tasks", "3",
+                              "--clients", "1", "--socket", dir / "none.sock"});
+  EXPECT_EQ(r.code, 1) << r.out << r.err;
+  EXPECT_NE(r.err.find("first error: "), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("none.sock"), std::string::npos) << r.err;
+  EXPECT_NE(r.out.find("0 of 3 tasks"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("= 0 tasks/s"), std::string::npos) << r.out;
+  r = test::RunCmd({test::BinDir() + "/cortex-bench", "--version"});
+  EXPECT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(r.out.rfind("cortex-bench ", 0), 0u) << r.out;
+}
+
 // Every option of every cortex-bench subcommand says what it is.
 TEST(BenchTest, EveryOptionHasHelp) {
   for (const char* sub : {"replay", "throughput", "score", "train", "soak"}) {

@@ -111,6 +111,22 @@ TEST(RouterTest, ForceRuleWinsEvenAgainstExploration) {
   }
 }
 
+TEST(RouterTest, AForcedExpertThatIsNotLoadedStillLeadsAloneAndIsNeverGreedy) {
+  Router r(RouterOptions{1.0, 0.2, 1}, Rules("sox", {"sox"}, "auditor", 0.5, true),
+           MakeManifestPriorScorer());
+  std::vector<ExpertSlot> ex = {Slot(r.hasher(), "docs", {"sox docs"}),
+                                Slot(r.hasher(), "security", {})};
+  std::vector<Decision> d;
+  ASSERT_TRUE(r.Route({{"SOX report for the docs", {}}}, ex, true, 0, &d).ok());
+  EXPECT_TRUE(d[0].forced);
+  EXPECT_EQ(d[0].chosen, "auditor");
+  ASSERT_EQ(d[0].candidates.size(), 3u);
+  EXPECT_EQ(d[0].candidates[0].expert, "auditor");
+  EXPECT_EQ(d[0].candidates[0].rules, std::vector<std::string>{"sox"});
+  EXPECT_DOUBLE_EQ(d[0].candidates[0].confidence, 0.0);
+  EXPECT_EQ(d[0].greedy, "docs") << "the greedy pick is a loaded expert";
+}
+
 TEST(RouterTest, LoadBiasChangesSelectionButNotScores) {
   Router r(RouterOptions{0, 1.0, 1}, RuleSet(), MakeManifestPriorScorer());
   std::vector<ExpertSlot> idle = {Slot(r.hasher(), "a", {"login bug"}),

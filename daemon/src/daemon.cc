@@ -16,10 +16,12 @@
 #include <condition_variable>
 #include <deque>
 #include <filesystem>
+#include <limits>
 #include <map>
 #include <mutex>
 #include <random>
 #include <set>
+#include <sstream>
 #include <thread>
 
 #include "cortex/experts.h"
@@ -74,6 +76,21 @@ std::string BundledPluginHost() {
 }
 
 namespace {
+
+// Rules that name an expert which is not loaded, for a start's, a reload's and
+// --check-config's warnings: each named expert, and what its rules do meanwhile (a force
+// rule holds the tasks it matches; a boost does nothing).
+std::vector<std::pair<std::string, std::string>> RuleExpertsMissing(
+    const Config& c, const std::function<bool(const std::string&)>& loaded) {
+  std::map<std::string, bool> named;  // expert -> a force rule names it
+  for (const auto& r : c.rules) named[r.expert] |= r.force;
+  std::vector<std::pair<std::string, std::string>> out;
+  for (const auto& [name, forced] : named)
+    if (!loaded(name))
+      out.emplace_back(name, forced ? "tasks its force rule matches wait until it is loaded"
+                                    : "its rules fire once it is loaded");
+  return out;
+}
 
 // The registry's options from a config: the same for a start and for --check-config.
 Status RegistryOptionsFor(const Config& c, const DaemonOptions& o, ExpertRegistry::Options* ro) {
@@ -397,16 +414,19 @@ class DaemonImpl : public Daemon, public RequestHandler {
 
   Status Reload(json* summary) override {
     std::lock_guard<std::mutex> one_at_a_time(reload_mu_);
+    // A refusal names every error in the file, as --check-config would.
+    auto refuse = [&](const Status& st) {
+      return EveryConfigError(st, options_.config_path, options_)
+          .WithContext("reload refused, keeping the running config");
+    };
     Result<Config> next = options_.config_path.empty() ? Result<Config>(DefaultConfig())
                                                        : LoadConfigFile(options_.config_path);
-    if (!next.ok()) return next.status().WithContext("reload refused, keeping the running config");
+    if (!next.ok()) return refuse(next.status());
     Config& c = next.value();
     Result<RuleSet> rules = RuleSet::Compile(c.rules, c.source);
-    if (!rules.ok())
-      return rules.status().WithContext("reload refused, keeping the running config");
+    if (!rules.ok()) return refuse(rules.status());
     registry_->Rescan();
-    CORTEX_RETURN_IF_ERROR(
-        registry_->Configure(c).WithContext("reload refused, keeping the running config"));
+    if (Status st = registry_->Configure(c); !st.ok()) return refuse(st);
     // Every changed setting is either applied now or named as needing a restart; none is
     // silently ignored. (Rules and experts are always applied.)
     Config run = running_;
@@ -437,7 +457,7 @@ class DaemonImpl : public Daemon, public RequestHandler {
     }
     shutdown_grace_s_ = run.daemon.shutdown_grace_s;
     max_queued_ = run.daemon.max_queued;
-    WarnUnknownRuleExperts();
+    WarnUnknownRuleExperts(run);
     queue_cv_.notify_all();
     LogInfo("reloaded {}: {} experts, {} rules", c.source, registry_->Active().size(),
             c.rules.size());
@@ -549,15 +569,14 @@ class DaemonImpl : public Daemon, public RequestHandler {
     if (registry_->Active().empty())
       LogWarn("no experts are loaded: tasks stay queued until one is (drop a plugin into {})",
               config_.plugins.dir);
-    WarnUnknownRuleExperts();
+    WarnUnknownRuleExperts(config_);
     return Status::OK();
   }
 
-  void WarnUnknownRuleExperts() {
-    auto router = CurrentRouter();
-    for (const auto& name : router->rules().Experts())
-      if (!registry_->Find(name))
-        LogWarn("a rule names expert '{}', which is not loaded; it fires once it is", name);
+  void WarnUnknownRuleExperts(const Config& c) {
+    for (const auto& [name, effect] :
+         RuleExpertsMissing(c, [&](const std::string& n) { return !!registry_->Find(n); }))
+      LogWarn("a rule names expert '{}', which is not loaded; {}", name, effect);
   }
 
   Status Recover() {
@@ -803,6 +822,15 @@ class DaemonImpl : public Daemon, public RequestHandler {
           unrecorded.push_back(std::move(batch[i]));
           continue;
         }
+        const Decision& d = decisions[i];
+        if (d.forced && std::none_of(slots.begin(), slots.end(), [&](const ExpertSlot& s) {
+              return s.profile.name == d.chosen;
+            }))
+          LogWarn(
+              "task {}: a force rule ({}) sends it to expert '{}', which is not loaded: "
+              "it waits until '{}' is loaded, or `cortexctl cancel {}`",
+              batch[i].id, fmt::join(d.candidates.front().rules, ", "), d.chosen, d.chosen,
+              batch[i].id);
         Job job;
         job.task = std::move(batch[i]);
         job.decision = std::move(decisions[i]);
@@ -1391,6 +1419,34 @@ Result<std::unique_ptr<Daemon>> Daemon::Create(Config config, DaemonOptions opti
   return std::unique_ptr<Daemon>(new DaemonImpl(std::move(config), std::move(options)));
 }
 
+namespace {
+// A registry as a start would build it (every plugin loaded in a host), with its private
+// copies in a temporary folder that is removed afterwards: for checks that must not touch
+// a running daemon's files.
+Status WithScratchRegistry(const Config& config, const DaemonOptions& options,
+                           std::function<void(const ExpertEvent&)> audit,
+                           const std::function<void(ExpertRegistry&)>& fn) {
+  ExpertRegistry::Options ro;
+  CORTEX_RETURN_IF_ERROR(RegistryOptionsFor(config, options, &ro));
+  std::string tmpl =
+      (getenv("TMPDIR") ? std::string(getenv("TMPDIR")) : "/tmp") + "/cortex-check.XXXXXX";
+  if (!mkdtemp(tmpl.data()))
+    return Status::IOError("cannot make a folder for plugin copies: " +
+                           std::string(strerror(errno)));
+  ro.cache_dir = tmpl;
+  ro.env = Env::Default();
+  ro.audit = std::move(audit);
+  {
+    ExpertRegistry registry(ro);
+    registry.Rescan();
+    fn(registry);
+  }
+  std::error_code ec;
+  fs::remove_all(tmpl, ec);
+  return Status::OK();
+}
+}  // namespace
+
 Status CheckConfig(const Config& config, const DaemonOptions& options,
                    std::vector<std::string>* warnings) {
   std::vector<std::string> errors;
@@ -1412,45 +1468,84 @@ Status CheckConfig(const Config& config, const DaemonOptions& options,
   folder("daemon.socket", fs::path(config.daemon.socket).parent_path().string());
 
   // Every plugin loaded and every configured expert created, in hosts, as a start does.
-  ExpertRegistry::Options ro;
-  Status st = RegistryOptionsFor(config, options, &ro);
-  keep(st);
-  if (st.ok()) {
-    std::string tmpl =
-        (getenv("TMPDIR") ? std::string(getenv("TMPDIR")) : "/tmp") + "/cortex-check.XXXXXX";
-    if (!mkdtemp(tmpl.data()))
-      return Status::IOError("cannot make a folder for plugin copies: " +
-                             std::string(strerror(errno)));
-    ro.cache_dir = tmpl;
-    ro.env = env;
-    ro.audit = [warnings](const ExpertEvent& e) {
-      if (e.event == "refused" || e.event == "unavailable")
-        warnings->push_back(fmt::format("plugin {}{}: {}", e.file,
-                                        e.expert.empty() ? "" : " (" + e.expert + ")", e.detail));
-    };
-    {
-      ExpertRegistry registry(ro);
-      registry.Rescan();
-      keep(registry.Configure(config));
-      std::set<std::string> named;
-      for (const auto& r : config.rules) named.insert(r.expert);
-      for (const auto& name : named)
-        if (!registry.Find(name))
+  keep(WithScratchRegistry(
+      config, options,
+      [&](const ExpertEvent& e) {
+        if (e.event == "refused" || e.event == "unavailable")
+          warnings->push_back(fmt::format("plugin {}{}: {}", e.file,
+                                          e.expert.empty() ? "" : " (" + e.expert + ")", e.detail));
+      },
+      [&](ExpertRegistry& registry) {
+        keep(registry.Configure(config));
+        for (const auto& [name, effect] :
+             RuleExpertsMissing(config, [&](const std::string& n) { return !!registry.Find(n); }))
           warnings->push_back(fmt::format(
-              "{}: a rule names expert '{}', which is not loaded (loaded: {}); it fires once "
-              "it is",
-              config.source, name, [&] {
+              "{}: a rule names expert '{}', which is not loaded (loaded: {}); {}", config.source,
+              name,
+              [&] {
                 std::string have;
                 for (const auto& e : registry.Active())
                   have += (have.empty() ? "" : ", ") + e->name();
                 return have.empty() ? std::string("none") : have;
-              }()));
-    }
-    std::error_code ec;
-    fs::remove_all(tmpl, ec);
-  }
+              }(),
+              effect));
+      }));
   if (!errors.empty()) return Status::InvalidArgument(JoinLines(errors));
   return Status::OK();
+}
+
+Status FillExpertDefaults(const DaemonOptions& options, Config* config) {
+  Status configured;
+  Status st = WithScratchRegistry(
+      *config, options, [](const ExpertEvent&) {},
+      [&](ExpertRegistry& registry) {
+        if (!(configured = registry.Configure(*config)).ok()) return;
+        for (auto& e : config->experts) {
+          std::shared_ptr<Expert> x = registry.Find(e.name);
+          if (!x) continue;
+          const Manifest& m = x->manifest();
+          if (!e.description) e.description = m.description;
+          if (!e.keywords) e.keywords = m.keywords;
+          if (!e.examples) e.examples = m.examples;
+          if (!e.capacity) e.capacity = m.capacity;
+          if (!e.timeout_s) e.timeout_s = m.timeout_s;
+        }
+      });
+  return st.ok() ? configured : st;
+}
+
+Status CheckConfigFile(const std::string& path, const DaemonOptions& options,
+                       std::vector<std::string>* warnings) {
+  std::vector<std::string> errors;
+  Result<Config> cfg =
+      path.empty() ? Result<Config>(DefaultConfig()) : LoadConfigFileForCheck(path, &errors);
+  if (!cfg.ok()) return cfg.status();  // unreadable: nothing more to check
+  if (Status st = CheckConfig(cfg.value(), options, warnings); !st.ok()) {
+    std::istringstream lines(st.message());
+    for (std::string l; std::getline(lines, l);) errors.push_back(l);
+  }
+  if (errors.empty()) return Status::OK();
+  // In the file's order: "FILE:LINE: ..." by line, then errors that name no line.
+  auto line_of = [](const std::string& e) {
+    for (size_t c = e.find(':'); c != std::string::npos; c = e.find(':', c + 1)) {
+      size_t d = c + 1;
+      while (d < e.size() && std::isdigit(static_cast<unsigned char>(e[d]))) ++d;
+      if (d > c + 1 && d < e.size() && e[d] == ':') return std::stol(e.substr(c + 1, d - c - 1));
+    }
+    return std::numeric_limits<long>::max();
+  };
+  std::stable_sort(errors.begin(), errors.end(), [&](const std::string& a, const std::string& b) {
+    return line_of(a) < line_of(b);
+  });
+  return Status::InvalidArgument(JoinLines(errors));
+}
+
+Status EveryConfigError(const Status& first, const std::string& path,
+                        const DaemonOptions& options) {
+  if (first.ok() || first.code() != Status::Code::kInvalidArgument) return first;
+  std::vector<std::string> ignored;
+  Status all = CheckConfigFile(path, options, &ignored);
+  return all.ok() ? first : all;
 }
 
 }  // namespace cortex

@@ -119,28 +119,26 @@ int main(int argc, char** argv) {
     for (std::string l; std::getline(lines, l);) std::fprintf(stderr, "cortexd: %s\n", l.c_str());
     return 1;
   };
+  cortex::DaemonOptions opts;
+  opts.config_path = config_path;
   if (check_config) {
     // Errors in the file do not stop the check: what parsed goes on to every later check
     // (rules, plugins, experts, folders), so one run reports them all.
-    std::vector<std::string> errors, warnings;
-    cortex::Result<cortex::Config> cfg =
-        config_path.empty() ? cortex::Result<cortex::Config>(cortex::DefaultConfig())
-                            : cortex::LoadConfigFileForCheck(config_path, &errors);
-    if (!cfg.ok()) return fail(cfg.status());
-    cortex::DaemonOptions opts;
-    opts.config_path = config_path;
-    cortex::Status st = cortex::CheckConfig(cfg.value(), opts, &warnings);
-    if (!st.ok()) errors.push_back(st.message());
+    std::vector<std::string> warnings;
+    cortex::Status st = cortex::CheckConfigFile(config_path, opts, &warnings);
     for (const auto& w : warnings) std::fprintf(stderr, "cortexd: warning: %s\n", w.c_str());
-    if (!errors.empty()) return fail(cortex::Status::InvalidArgument(cortex::JoinLines(errors)));
-    std::printf("%s: ok\n", cfg->source.c_str());
+    if (!st.ok()) return fail(st);
+    std::printf("%s: ok\n", config_path.empty() ? "<embedded defaults>" : config_path.c_str());
     return 0;
   }
   cortex::Result<cortex::Config> cfg = config_path.empty()
                                            ? cortex::Result<cortex::Config>(cortex::DefaultConfig())
                                            : cortex::LoadConfigFile(config_path);
-  if (!cfg.ok()) return fail(cfg.status());
+  // A start stops at its first error; the user is shown every one, as --check-config would.
+  if (!cfg.ok()) return fail(cortex::EveryConfigError(cfg.status(), config_path, opts));
   if (print_config) {
+    if (cortex::Status st = cortex::FillExpertDefaults(opts, &cfg.value()); !st.ok())
+      return fail(cortex::EveryConfigError(st, config_path, opts));
     std::fputs(cortex::ConfigToYaml(cfg.value()).c_str(), stdout);
     return 0;
   }
@@ -184,11 +182,10 @@ int main(int argc, char** argv) {
   sigemptyset(&sa.sa_mask);
   for (int sig : {SIGTERM, SIGINT, SIGHUP}) sigaction(sig, &sa, nullptr);
 
-  cortex::DaemonOptions opts;
-  opts.config_path = config_path;
   auto d = cortex::Daemon::Create(std::move(cfg).value(), opts);
   cortex::Status st = d.ok() ? d.value()->Start() : d.status();
   if (!st.ok()) {
+    st = cortex::EveryConfigError(st, config_path, opts);
     cortex::LogError("cannot start: {}", st.message());
     Report(ready_fd, st.message());
     return 1;

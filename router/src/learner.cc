@@ -26,7 +26,15 @@ PolicyEstimate MeanCi(const std::vector<double>& v) {
   return e;
 }
 
-nlohmann::json EstimateJson(const PolicyEstimate& e) { return {{"value", e.value}, {"ci", e.ci}}; }
+// The 95% interval as bounds too, clipped to what the quantity can be (a policy's mean
+// reward lies in [0, 1], a difference of two in [-1, 1]): a small holdout's half-width can
+// exceed the whole range, and an interval outside it would only mislead.
+nlohmann::json EstimateJson(const PolicyEstimate& e, double lo, double hi) {
+  return {{"value", e.value},
+          {"ci", e.ci},
+          {"low", std::clamp(e.value - e.ci, lo, hi)},
+          {"high", std::clamp(e.value + e.ci, lo, hi)}};
+}
 
 }  // namespace
 
@@ -289,9 +297,9 @@ Result<RetrainResult> Learner::Retrain(const std::vector<LoggedOutcome>& history
   nlohmann::json m = {{"train_rows", res.train_rows},
                       {"holdout_rows", res.holdout_rows},
                       {"estimator", "doubly robust, 95% interval"},
-                      {"candidate", EstimateJson(res.candidate)},
-                      {"live", EstimateJson(res.live)},
-                      {"diff", EstimateJson(res.diff)},
+                      {"candidate", EstimateJson(res.candidate, 0, 1)},
+                      {"live", EstimateJson(res.live, 0, 1)},
+                      {"diff", EstimateJson(res.diff, -1, 1)},
                       {"promoted", res.promoted},
                       {"reason", res.reason},
                       {"min_holdout_rows", kMinValidationDecisions},

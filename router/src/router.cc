@@ -53,7 +53,15 @@ Status Router::Route(const std::vector<RouteRequest>& batch, const std::vector<E
     d.model_version = version;
     std::vector<Candidate> cands(E);
     std::vector<RuleMatch> fired = rules_.Evaluate(batch[b].text);
+    // The first force rule that fired (in rule order) is policy, loaded or not: a forced
+    // expert that is not loaded still leads, alone, so the task waits for it instead of
+    // running elsewhere.
     std::string forced;
+    for (const auto& m : fired)
+      if (m.force) {
+        forced = m.expert;
+        break;
+      }
     for (size_t j = 0; j < E; ++j) {
       Candidate& c = cands[j];
       c.expert = experts[j].profile.name;
@@ -62,7 +70,6 @@ Status Router::Route(const std::vector<RouteRequest>& batch, const std::vector<E
         if (m.expert != c.expert) continue;
         c.rule_score += m.boost;
         c.rules.push_back(m.rule);
-        if (m.force && forced.empty()) forced = c.expert;
       }
       c.score = c.model_score + c.rule_score;
       // "+ 0.0" turns a -0.0 (no load, no crashes) into 0, which is what the audit shows.
@@ -82,6 +89,18 @@ Status Router::Route(const std::vector<RouteRequest>& batch, const std::vector<E
     });
     const std::string greedy = cands.front().expert;
     d.greedy = greedy;
+    if (!forced.empty() && std::none_of(cands.begin(), cands.end(),
+                                        [&](const Candidate& c) { return c.expert == forced; })) {
+      Candidate c;  // not loaded: no model or confidence; it is never the greedy pick
+      c.expert = forced;
+      for (const auto& m : fired)
+        if (m.expert == forced) {
+          c.rule_score += m.boost;
+          c.rules.push_back(m.rule);
+        }
+      c.score = c.rule_score;
+      cands.push_back(std::move(c));
+    }
     if (!forced.empty()) {
       // A forced expert leads; the rest keep their order as the fallback chain.
       auto it = std::find_if(cands.begin(), cands.end(),

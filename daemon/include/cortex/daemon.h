@@ -38,6 +38,21 @@ class Daemon {
 Status CheckConfig(const Config& config, const DaemonOptions& options,
                    std::vector<std::string>* warnings);
 
+// CheckConfig on the file at `path` ("" for the embedded defaults), with the file's own
+// errors too (it goes on past them), every error a line, in the file's line order.
+Status CheckConfigFile(const std::string& path, const DaemonOptions& options,
+                       std::vector<std::string>* warnings);
+
+// Fills in each configured expert's settings that the file leaves to its plugin
+// (description, keywords, examples, capacity, timeout), from the manifest its plugin
+// gives when created as a start would create it: what --print-config shows.
+Status FillExpertDefaults(const DaemonOptions& options, Config* config);
+
+// A start or reload stops at its first failing step; when that was a config error
+// (InvalidArgument), this runs CheckConfigFile so the user sees every error at once, as
+// --check-config would show them. Any other status is returned as it is.
+Status EveryConfigError(const Status& first, const std::string& path, const DaemonOptions& options);
+
 // The bundled plugin folder for the running executable, or "" if there is none.
 std::string BundledPluginDir();
 // The plugin host executable installed with the running executable, or "".

@@ -1,6 +1,9 @@
 // The `command` expert: runs a configured program for each task. Never through a shell:
 // argv is passed as configured; the task's text arrives on stdin and in CORTEX_TASK_TEXT.
 // Exit 0 is success; a last stdout line {"quality": Q} sets the quality.
+#include <sys/stat.h>
+
+#include <algorithm>
 #include <cctype>
 #include <cmath>
 #include <cstdlib>
@@ -87,7 +90,16 @@ class CommandExpert {
   cortex_result Execute(const cortex_task& task, const cortex_host& host) {
     ProcessSpec spec;
     spec.argv = argv_;
+    // Without `cwd` it runs in the task's repository (tag repo=, absolute, a folder), as a
+    // build or test command expects; else where cortexd runs ("/" once detached).
     spec.cwd = cwd_;
+    for (size_t i = 0; spec.cwd.empty() && i < task.n_tags; ++i) {
+      struct stat st;
+      const std::string v = task.tags[i].value;
+      if (std::string(task.tags[i].key) == "repo" && !v.empty() && v[0] == '/' &&
+          stat(v.c_str(), &st) == 0 && S_ISDIR(st.st_mode))
+        spec.cwd = v;
+    }
     spec.stdin_data = task.text;
     spec.deadline_ms = task.deadline_unix_ms;
     spec.cancelled = [&host] { return host.cancelled(host.ctx) != 0; };
@@ -107,11 +119,17 @@ class CommandExpert {
       auto [it, fresh] = tag_vars.emplace(var, key);
       if (!fresh)
         return Fail(CORTEX_OUTCOME_REJECTED, "tags '" + it->second + "' and '" + key +
-                                                 "' would both be " + var +
-                                                 "; rename one of them");
+                                                 "' would both be " + var + "; rename one of them");
       spec.env.push_back(var + "=" + task.tags[i].value);
     }
-    spec.env.insert(spec.env.end(), extra_env_.begin(), extra_env_.end());
+    // An `env` entry replaces a variable of the same name (a program reads the first).
+    for (const std::string& kv : extra_env_) {
+      const std::string name = kv.substr(0, kv.find('=') + 1);
+      spec.env.erase(std::remove_if(spec.env.begin(), spec.env.end(),
+                                    [&](const std::string& v) { return v.rfind(name, 0) == 0; }),
+                     spec.env.end());
+      spec.env.push_back(kv);
+    }
 
     ProcessResult r = cortex::experts::RunProcess(spec);
     cortex::sdk::Write(host, r.out);
