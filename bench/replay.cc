@@ -186,10 +186,13 @@ int Replay(const ReplayOptions& opt) {
   double train_seconds = 0;
   // Progress on a terminal: the replay of a large corpus takes minutes.
   const bool tty = isatty(2);
+  auto progress = [&](size_t done) {  // over the tasks replayed so far
+    if (tty)
+      std::fprintf(stderr, "\r  replay: %zu/%zu tasks, %ld retrains, online success %.3f ", done, N,
+                   retrains, done ? static_cast<double>(online_ok) / done : 0.0);
+  };
   for (size_t i = 0; i < N; ++i) {
-    if (tty && (i % 500 == 0 || i + 1 == N))
-      std::fprintf(stderr, "\r  replay: %zu/%zu tasks, %ld retrains, online success %.3f ", i + 1,
-                   N, retrains, i ? static_cast<double>(online_ok) / i : 0.0);
+    if (i % 500 == 0) progress(i);
     const Row& r = rows[i];
     std::vector<Decision> ds;
     std::vector<ExpertSlot> slots = slots_at(i);
@@ -241,6 +244,7 @@ int Replay(const ReplayOptions& opt) {
       }
     }
   }
+  progress(N);
   if (tty) std::fprintf(stderr, "\n");
   const double online = static_cast<double>(online_ok) / N;
   std::vector<double> deciles;
