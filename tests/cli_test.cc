@@ -4,10 +4,13 @@
 #include <fcntl.h>
 #include <gtest/gtest.h>
 #include <signal.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -38,6 +41,10 @@ const char* kSlowExperts = R"(experts:
     plugin: command
     run: ["/bin/sh", "-c", "cat >/dev/null; echo done"]
     keywords: ["quick"]
+  - name: parrot
+    plugin: command
+    run: ["cat"]
+    keywords: ["parrot"]
 rules:
   - name: slow-only
     match: ["slow"]
@@ -244,6 +251,26 @@ TEST(CliTest, RepoTagsAreAbsoluteAndAddedInsideAGitWorkTree) {
   EXPECT_EQ(w["tags"]["repo"], repo + "/src") << w;
   w = ctl({"route", "catalog the languages", "--json"}, repo).Json();
   EXPECT_EQ(w["candidates"][0]["expert"], "inventory") << w;
+  // A repo tag in any case is the caller's: no second one (the command expert would see
+  // both as CORTEX_TAG_REPO), and a relative path is made absolute too.
+  r = ctl({"submit", "catalog", "--tag", "REPO=..", "--json"}, repo + "/src/deep");
+  ASSERT_EQ(r.code, 0) << r.err;
+  w = d.CtlJson({"show", r.Json()["id"]});
+  EXPECT_EQ(w["tags"], json({{"REPO", repo + "/src"}})) << w;
+  // A work tree git refuses (another user's): the task goes without the tag, and a note
+  // says why.
+  {
+    std::vector<std::string> env = test::BaseEnv();
+    env.push_back("GIT_TEST_ASSUME_DIFFERENT_OWNER=1");
+    r = test::RunCmd({Cortexctl(), "--socket", d.socket, "submit", "catalog", "--json"}, 60, "",
+                     env, repo);
+    ASSERT_EQ(r.code, 0) << r.err;
+    EXPECT_FALSE(d.CtlJson({"show", r.Json()["id"]})["tags"].contains("repo")) << r.out;
+    EXPECT_NE(r.err.find("note: no repo tag added: git refuses the work tree at " + repo),
+              std::string::npos)
+        << r.err;
+    EXPECT_NE(r.err.find("dubious ownership"), std::string::npos) << r.err;
+  }
 
   // Outside any work tree, with no repo: the message names every expert tried and what
   // it needs.
@@ -258,8 +285,17 @@ TEST(CliTest, RepoTagsAreAbsoluteAndAddedInsideAGitWorkTree) {
   r = ctl({"submit", "-", "--json"}, "/", "catalog from stdin\n");
   ASSERT_EQ(r.code, 0) << r.err;
   EXPECT_EQ(d.CtlJson({"show", r.Json()["id"]})["text"], "catalog from stdin");
-  r = ctl({"submit", "-"}, "/", "");
-  EXPECT_EQ(r.code, 2) << r.err;
+  // Empty text is a usage error however it comes, with one message.
+  for (const auto& [args, in] :
+       std::vector<std::pair<std::vector<std::string>, std::string>>{{{"submit", "-"}, ""},
+                                                                     {{"submit", "-"}, "\n"},
+                                                                     {{"submit", ""}, ""},
+                                                                     {{"route", ""}, ""},
+                                                                     {{"submit", "  "}, ""}}) {
+    r = ctl(args, "/", in);
+    EXPECT_EQ(r.code, 2) << args[0] << ": " << r.err;
+    EXPECT_EQ(r.err, "cortexctl: the task text is empty: a task needs a line of text\n");
+  }
 }
 
 TEST(CliTest, ADetachedDaemonLeavesItsStartingFolder) {
@@ -290,17 +326,44 @@ TEST(CliTest, WaitCancelPrefixesAndFollow) {
   Daemon d(dir, kSlowExperts);
   ASSERT_TRUE(d.Start()) << d.Log();
   // `cortexctl COMMAND --follow` in the background, its output into `out`.
-  auto follow = [&](const char* command, const std::string& out) {
+  auto follow = [&](const char* command, const std::string& out, const char* limit = "20") {
     pid_t pid = fork();
     if (pid == 0) {
       FILE* f = freopen(out.c_str(), "w", stdout);
       (void)f;
       execl(Cortexctl().c_str(), Cortexctl().c_str(), "--socket", d.socket.c_str(), command,
-            "--follow", (char*)nullptr);
+            "--follow", "--limit", limit, (char*)nullptr);
       _exit(127);
     }
     return pid;
   };
+  // Tasks that ended before a follower started are not news: with --limit 1 it shows the
+  // newest, then only tasks that end later, also one created before it started.
+  std::vector<std::string> old_ids;
+  for (int i = 0; i < 3; ++i)
+    old_ids.push_back(d.CtlJson({"submit", "quick old " + std::to_string(i), "--wait"})["id"]);
+  const std::string long_running = d.CtlJson({"submit", "slow from before"})["id"];
+  ASSERT_TRUE(d.WaitStatus([](const json& s) { return s["inflight"] == 1; }));
+  const std::string paged_out = dir / "paged.txt";
+  const pid_t paged = follow("history", paged_out, "1");
+  ASSERT_TRUE(test::Eventually(
+      [&] { return test::ReadFile(paged_out).find(long_running) != std::string::npos; }));
+  sleep(2);  // (a few polls: the old bug printed the rest of the log on the first)
+  EXPECT_EQ(d.Ctl({"cancel", long_running}).code, 0);
+  const std::string fresh = d.CtlJson({"submit", "quick fresh", "--wait"})["id"];
+  EXPECT_TRUE(test::Eventually([&] {
+    return test::ReadFile(paged_out).find(fresh) != std::string::npos;
+  })) << test::ReadFile(paged_out);
+  {
+    const std::string out = test::ReadFile(paged_out);
+    for (const auto& old : old_ids) EXPECT_EQ(out.find(old), std::string::npos) << out;
+    // The long-running task: on the first page, and again when it ended.
+    const size_t first = out.find(long_running);
+    EXPECT_NE(out.find(long_running, first + 1), std::string::npos) << out;
+    EXPECT_NE(out.find("cancelled"), std::string::npos) << out;
+  }
+  kill(paged, SIGTERM);
+  waitpid(paged, nullptr, 0);
   // history --follow, started now, prints what happens next.
   const std::string follow_out = dir / "follow.txt";
   const pid_t follower = follow("history", follow_out);
@@ -316,7 +379,7 @@ TEST(CliTest, WaitCancelPrefixesAndFollow) {
   // Prefixes: 4 characters or more; too short or unknown are errors.
   EXPECT_EQ(d.CtlJson({"show", a.substr(0, 4)})["id"], a);
   r = d.Ctl({"show", a.substr(0, 3)});
-  EXPECT_EQ(r.code, 1);
+  EXPECT_EQ(r.code, 2);  // usage: said before the daemon is asked
   EXPECT_NE(r.err.find("at least 4 characters"), std::string::npos) << r.err;
   EXPECT_EQ(d.Ctl({"show", "zzzzzz"}).code, 1);
 
@@ -340,13 +403,31 @@ TEST(CliTest, WaitCancelPrefixesAndFollow) {
   EXPECT_NE(r.err.find("has already ended: cancelled"), std::string::npos) << r.err;
   // history --outcome knows every kind.
   json h = d.CtlJson({"history", "--outcome", "cancelled"});
-  EXPECT_EQ(h.size(), 2u) << h;
+  EXPECT_EQ(h.size(), 3u) << h;  // (with the one cancelled above)
   EXPECT_EQ(h[0]["outcome"], "cancelled");
   // wait on a finished task returns at once with its outcome.
   json q = d.CtlJson({"submit", "quick thing", "--wait"});
   EXPECT_EQ(d.Ctl({"wait", q["id"].get<std::string>().substr(0, 8)}).code, 0);
-  EXPECT_EQ(d.CtlJson({"history", "--outcome", "success"}).size(), 1u);
+  EXPECT_EQ(d.CtlJson({"history", "--outcome", "success"}).size(), 5u);
   EXPECT_EQ(d.CtlJson({"history", "--outcome", "timeout"}).size(), 0u);
+
+  // submit --wait that runs out: the id on stdout (ID=$(cortexctl submit ...) works), the
+  // message on stderr; --json has it in the document.
+  r = d.Ctl({"submit", "slow to wait for", "--wait", "--timeout", "0.2"});
+  EXPECT_EQ(r.code, 4) << r.err;
+  ASSERT_EQ(r.out.size(), 13u) << r.out;
+  const std::string waited = r.out.substr(0, 12);
+  EXPECT_NE(r.err.find("task " + waited + " is still"), std::string::npos) << r.err;
+  r = d.Ctl({"submit", "slow to wait for too", "--wait", "--timeout", "0.2", "--json"});
+  EXPECT_EQ(r.code, 4) << r.err;
+  const std::string waited2 = r.Json().value("id", "");
+  EXPECT_EQ(waited2.size(), 12u) << r.out;
+  // wait --timeout -0 is 0 seconds.
+  r = d.Ctl({"wait", waited, "--timeout", "-0"});
+  EXPECT_EQ(r.code, 4) << r.err;
+  EXPECT_NE(r.err.find("after 0s"), std::string::npos) << r.err;
+  EXPECT_EQ(d.Ctl({"cancel", waited}).code, 0);
+  EXPECT_EQ(d.Ctl({"cancel", waited2}).code, 0);
 
   // The follower printed each task as it ended.
   EXPECT_TRUE(test::Eventually([&] {
@@ -355,17 +436,33 @@ TEST(CliTest, WaitCancelPrefixesAndFollow) {
            out.find(q["id"].get<std::string>()) != std::string::npos;
   })) << test::ReadFile(follow_out);
 
-  // events --follow prints a plugin loaded after it started.
+  // events --follow prints a plugin loaded after it started, and with --limit 1 none of
+  // the events before the newest one. A file name cannot forge a line.
   const std::string events_out = dir / "events.txt";
-  const pid_t ev = follow("events", events_out);
-  EXPECT_TRUE(test::Eventually(
-      [&] { return test::ReadFile(events_out).find("security.so") != std::string::npos; }));
-  fs::copy_file(std::string(CORTEX_TEST_PLUGIN_DIR) + "/echo.so", d.plugin_dir + "/echo.so");
+  const pid_t ev = follow("events", events_out, "1");
+  EXPECT_TRUE(test::Eventually([&] { return !test::ReadFile(events_out).empty(); }));
+  sleep(2);  // (a few polls)
+  const std::string evil = "echo\n2026-01-01 00:00:00  loaded    forged       x.so";
+  fs::copy_file(std::string(CORTEX_TEST_PLUGIN_DIR) + "/echo.so", d.plugin_dir + "/" + evil);
   EXPECT_TRUE(test::Eventually([&] {
-    return test::ReadFile(events_out).find("echo.so") != std::string::npos;
+    return test::ReadFile(events_out).find("echo\\n2026") != std::string::npos;
   })) << test::ReadFile(events_out);
   kill(ev, SIGTERM);
   waitpid(ev, nullptr, 0);
+  {
+    std::istringstream lines(test::ReadFile(events_out));
+    std::string line;
+    int n = 0, echo = 0;
+    while (std::getline(lines, line)) {
+      ++n;
+      echo += line.find("echo") != std::string::npos;
+      if (line.find("forged") != std::string::npos) {
+        EXPECT_NE(line.find("echo\\n2026"), std::string::npos) << line;
+      }
+    }
+    EXPECT_EQ(n, 1 + echo) << test::ReadFile(events_out);
+    EXPECT_GE(echo, 1);
+  }
 
   // A stop with a task running says what it waits for.
   d.Ctl({"submit", "slow again"});
@@ -401,20 +498,62 @@ TEST(CliTest, UnixConventions) {
   EXPECT_NE(r.out.find("Exit status: 0 ok"), std::string::npos) << r.out;
   r = d.Ctl({"help", "cancel"});
   EXPECT_EQ(r.code, 0);
-  EXPECT_NE(r.out.find("Usage: cancel"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("Usage: cortexctl cancel [OPTIONS] ID"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("abbreviated to a unique prefix"), std::string::npos) << r.out;
+  EXPECT_NE(d.Ctl({"--help"}).out.find("--version"), std::string::npos);
+  // help on a nested command is its --help; the note on IDs only where an ID is taken.
+  r = d.Ctl({"help", "models", "rollback"});
+  EXPECT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(r.out, d.Ctl({"models", "rollback", "--help"}).out);
+  EXPECT_NE(r.out.find("Usage: cortexctl models rollback [OPTIONS] VERSION"), std::string::npos)
+      << r.out;
+  EXPECT_EQ(r.out.find("abbreviated"), std::string::npos) << r.out;
+  EXPECT_NE(d.Ctl({"wait", "--help"}).out.find("Usage: cortexctl wait [OPTIONS] ID"),
+            std::string::npos);
+  EXPECT_EQ(d.Ctl({"history", "--help"}).out.find("abbreviated"), std::string::npos);
+  EXPECT_NE(d.Ctl({"events", "--help"}).out.find("retrains and rollbacks"), std::string::npos);
+  // No validator text in help or in messages.
+  r = d.Ctl({"submit", "--help"});
+  for (const char* raw : {"FLOAT", "NUMBER", " AND ", "in ["})
+    EXPECT_EQ(r.out.find(raw), std::string::npos) << raw << "\n" << r.out;
+  for (auto [args, want] : std::vector<std::pair<std::vector<std::string>, std::string>>{
+           {{"submit", "x", "--wait", "--timeout", "inf"},
+            "cortexctl: --timeout: expected seconds between 0 and 86400, got 'inf'"},
+           {{"submit", "x", "--wait", "--timeout", "0x10"},
+            "cortexctl: --timeout: expected seconds between 0 and 86400, got '0x10'"},
+           {{"history", "--limit", "abc"},
+            "cortexctl: --limit: expected a whole number between 1 and 100000, got 'abc'"},
+           {{"submit", "x", "--timeout", "5"}, "cortexctl: --timeout needs --wait"},
+           {{"submit", "x", "--tag", "k k=v"}, "cortexctl: --tag 'k k=v': a key must be"},
+           {{"show", "abc"}, "cortexctl: task id 'abc' is too short"}}) {
+    r = d.Ctl(args);
+    EXPECT_EQ(r.code, 2) << args[1];
+    EXPECT_EQ(r.err.rfind(want, 0), 0u) << r.err;
+    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+  }
   r = d.Ctl({"frobnicate"});
   EXPECT_EQ(r.code, 2);
   EXPECT_NE(r.err.find("'frobnicate' is not a cortexctl command"), std::string::npos) << r.err;
   // Usage errors under --json are one JSON document too.
-  for (std::vector<std::string> args :
-       {std::vector<std::string>{"frobnicate", "--json"},
-        {"submit", "--json"},
-        {"export", "--format", "csv", "--json"},
-        {"submit", "x", "--timeout", "nan", "--json"},
-        {"feedback", "abcd", "--quality", "nan", "--json"},
-        {"submit", "x", "--tag", "k=1", "--tag", "k=2", "--json"}}) {
+  for (std::vector<std::string> args : {std::vector<std::string>{"frobnicate", "--json"},
+                                        {"submit", "--json"},
+                                        {"export", "--format", "csv", "--json"},
+                                        {"submit", "x", "--timeout", "nan", "--json"},
+                                        {"feedback", "abcd", "--quality", "nan", "--json"},
+                                        {"submit", "x", "--tag", "k=1", "--tag", "k=2", "--json"},
+                                        {"--json", "feedback", "abcd"},
+                                        {"--json", "history", "--since", "garbage"},
+                                        {"--json", "history", "--since", "-5m"},
+                                        {"--json", "history", "--since", "2026-13-45T99:99:99Z"},
+                                        {"--json", "export", "--since", "garbage"},
+                                        {"--json", "completion", "bash"},
+                                        {"--json", "help", "nosuch"},
+                                        {"--json", "models", "rollback", "vx"},
+                                        {"--json", "submit", ""},
+                                        {"--json", "show", "abc"},
+                                        {"--json", "submit", "x", "--tag", "k k=v"}}) {
     r = d.Ctl(args);
-    EXPECT_EQ(r.code, 2) << args[0];
+    EXPECT_EQ(r.code, 2) << args[0] << " " << args[1];
     json j = r.Json();
     ASSERT_TRUE(j.is_object()) << args[0] << ": " << r.out;
     EXPECT_EQ(j["error"]["code"], "usage") << j;
@@ -429,15 +568,47 @@ TEST(CliTest, UnixConventions) {
   r = d.Ctl({"submit", "x", "--tag", "k=1", "--tag", "k=2"});
   EXPECT_NE(r.err.find("--tag k is given twice"), std::string::npos) << r.err;
   r = d.Ctl({"submit", "x", "--timeout", "nan", "--wait"});
-  EXPECT_NE(r.err.find("must be a finite number"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("expected seconds between 0 and 86400, got 'nan'"), std::string::npos)
+      << r.err;
   // --since takes the time `history` prints.
-  d.CtlJson({"submit", "quick one", "--wait"});
+  const std::string quick_id = d.CtlJson({"submit", "quick one", "--wait"})["id"];
+  // Feedback of -0 is 0 (not -0.0), and a quality too small for a double is 0 too.
+  r = d.Ctl({"feedback", quick_id, "--quality", "-0", "--json"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(r.out.find("-0"), std::string::npos) << r.out;
+  r = d.Ctl({"feedback", quick_id, "--quality", "-0"});
+  EXPECT_NE(r.out.find("quality 0.00"), std::string::npos) << r.out;
+  EXPECT_EQ(r.out.find("-0"), std::string::npos) << r.out;
+  EXPECT_EQ(d.Ctl({"feedback", quick_id, "--quality", "1e-400"}).code, 0);
+
   r = d.Ctl({"history"});
   const std::string printed = r.out.substr(r.out.find('\n') + 1, 19);
   r = d.Ctl({"history", "--since", printed});
   EXPECT_EQ(r.code, 0) << r.err;
   EXPECT_NE(r.out.find("quick one"), std::string::npos) << r.out;
   EXPECT_EQ(d.Ctl({"history", "--since", "90m"}).code, 0);
+  // Human output passes no control character and no bidi control: single-line fields show
+  // them escaped, an expert's output is indented under its heading line by line.
+  const std::string forged = "\n  state:   FORGED\x1b[2J\xe2\x80\xae";
+  r = d.Ctl({"submit", "parrot says" + forged, "--tag", "note=x" + forged, "--wait"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  const std::string parrot = r.out.substr(0, 12);
+  for (const std::string& out : {r.out, d.Ctl({"show", parrot}).out}) {
+    EXPECT_EQ(out.find("\x1b"), std::string::npos) << out;
+    EXPECT_EQ(out.find("\xe2\x80\xae"), std::string::npos) << out;
+    EXPECT_EQ(out.find("\n  state:"), std::string::npos) << out;
+    EXPECT_NE(out.find("\\x1b[2J\\u202e"), std::string::npos) << out;
+  }
+  r = d.Ctl({"show", parrot});
+  EXPECT_NE(r.out.find("  text:     parrot says\\n  state:   FORGED"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("note=x\\n  state:   FORGED"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("     | parrot says\n     |   state:   FORGED"), std::string::npos) << r.out;
+  r = d.Ctl({"route", "x\nz"});
+  EXPECT_EQ(r.out.rfind("route: x\\nz\n", 0), 0u) << r.out;
+  r = d.Ctl({"experts", "release", "a\nc"});
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find("a\\nc"), std::string::npos) << r.err;
+  EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
   // route: `score` is the final score (rule + model + biases), and the ranking is by it.
   json route = d.CtlJson({"route", "slow quick"});
   ASSERT_GE(route["candidates"].size(), 2u) << route;
@@ -453,6 +624,37 @@ TEST(CliTest, UnixConventions) {
   r = d.Ctl({"experts"});
   EXPECT_NE(r.out.find("ATTEMPTS"), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("ROUTED: tasks the router chose it for"), std::string::npos) << r.out;
+}
+
+// A socket that is there but not this user's: the message says so, and who may connect.
+TEST(CliTest, PermissionDeniedSaysWhoMayConnect) {
+  TempDir dir;
+  ASSERT_EQ(chmod(dir.path().c_str(), 0755), 0);
+  const std::string sock = dir / "s.sock";
+  const int fd = socket(AF_UNIX, SOCK_STREAM, 0);
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  std::snprintf(addr.sun_path, sizeof addr.sun_path, "%s", sock.c_str());
+  ASSERT_EQ(bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
+  ASSERT_EQ(listen(fd, 4), 0);
+  ASSERT_EQ(chmod(sock.c_str(), 0600), 0);
+  // Root connects anyway: then cortexctl runs as nobody.
+  std::vector<std::string> argv = {Cortexctl(), "--socket", sock, "status"};
+  if (geteuid() == 0) {
+    if (test::RunCmd({"sh", "-c", "command -v setpriv"}).code != 0)
+      GTEST_SKIP() << "running as root without setpriv (util-linux) to drop privileges";
+    argv.insert(argv.begin(),
+                {"setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"});
+  } else {
+    ASSERT_EQ(chmod(sock.c_str(), 0), 0);
+  }
+  test::Run r = test::RunCmd(argv);
+  close(fd);
+  EXPECT_EQ(r.code, 3) << r.err;
+  EXPECT_NE(r.err.find("Permission denied"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("the socket belongs to user"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("may connect"), std::string::npos) << r.err;
+  EXPECT_EQ(r.err.find("is cortexd running?"), std::string::npos) << r.err;
 }
 
 TEST(CliTest, CompletionScriptsComeFromTheCommandDefinitions) {

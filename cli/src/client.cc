@@ -25,6 +25,10 @@ Status Client::Connect(const std::string& path) {
     int err = errno;
     close(fd_);
     fd_ = -1;
+    // The daemon may well be running: the socket (or a folder above it) is not ours.
+    if (err == EACCES || err == EPERM)
+      return Status::PermissionDenied("cannot connect to cortexd at " + path + ": " +
+                                      std::strerror(err));
     return Status::Unavailable("cannot reach cortexd at " + path + ": " + std::strerror(err));
   }
   return Status::OK();

@@ -2,8 +2,12 @@
 // Exit codes: 0 ok, 1 the request failed, 2 usage error, 3 daemon unreachable.
 #include <fcntl.h>
 #include <fmt/format.h>
+#include <grp.h>
+#include <pwd.h>
 #include <signal.h>
 #include <spawn.h>
+#include <strings.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 #include <CLI/CLI.hpp>
@@ -35,27 +39,82 @@ std::string Raw(const json& j, const char* k, const std::string& def = "") {
   return j.contains(k) && j[k].is_string() ? j[k].get<std::string>() : def;
 }
 // Text from tasks and experts is anyone's: for the terminal, control characters (an
-// escape sequence could recolour, retitle or rewrite the screen) are shown as \xNN, C1
-// controls as \u00NN. Newlines and tabs stay.
-std::string Terminal(const std::string& s) {
+// escape sequence could recolour, retitle or rewrite the screen; a newline could forge a
+// line that looks like one of ours) are shown as \n, \t, \xNN, C1 controls as \u00NN,
+// and the invisible characters that reorder or hide text (bidi overrides and isolates,
+// direction marks, line separators) as \uXXXX. `keep_lines` keeps \n and \t for an
+// expert's output, which PrintBlock indents line by line.
+std::string Terminal(const std::string& s, bool keep_lines = false) {
   std::string out;
   out.reserve(s.size());
+  char esc[16];
   for (size_t i = 0; i < s.size(); ++i) {
     const unsigned char c = static_cast<unsigned char>(s[i]);
-    char esc[8];
-    if ((c < 0x20 && c != '\n' && c != '\t') || c == 0x7f) {
+    const unsigned char c1 = i + 1 < s.size() ? static_cast<unsigned char>(s[i + 1]) : 0;
+    const unsigned char c2 = i + 2 < s.size() ? static_cast<unsigned char>(s[i + 2]) : 0;
+    if ((c == '\n' || c == '\t') && keep_lines) {
+      out += static_cast<char>(c);
+    } else if (c == '\n') {
+      out += "\\n";
+    } else if (c == '\t') {
+      out += "\\t";
+    } else if (c < 0x20 || c == 0x7f) {
       std::snprintf(esc, sizeof esc, "\\x%02x", c);
       out += esc;
-    } else if (c == 0xc2 && i + 1 < s.size() && static_cast<unsigned char>(s[i + 1]) >= 0x80 &&
-               static_cast<unsigned char>(s[i + 1]) <= 0x9f) {
-      std::snprintf(esc, sizeof esc, "\\u%04x", static_cast<unsigned char>(s[++i]));
+    } else if (c == 0xc2 && c1 >= 0x80 && c1 <= 0x9f) {  // C1 controls
+      std::snprintf(esc, sizeof esc, "\\u%04x", c1);
       out += esc;
+      ++i;
+    } else if (c == 0xd8 && c1 == 0x9c) {  // U+061C arabic letter mark
+      out += "\\u061c";
+      ++i;
+    } else if (c == 0xe2 && ((c1 == 0x80 && ((c2 >= 0x8b && c2 <= 0x8f) ||    // U+200B-200F
+                                             (c2 >= 0xa8 && c2 <= 0xae))) ||  // U+2028-202E
+                             (c1 == 0x81 && c2 >= 0xa6 && c2 <= 0xa9))) {     // U+2066-2069
+      std::snprintf(esc, sizeof esc, "\\u%04x",
+                    ((c & 0x0f) << 12) | ((c1 & 0x3f) << 6) | (c2 & 0x3f));
+      out += esc;
+      i += 2;
+    } else if (c == 0xef && c1 == 0xbb && c2 == 0xbf) {  // U+FEFF zero width no-break space
+      out += "\\ufeff";
+      i += 2;
     } else {
       out += static_cast<char>(c);
     }
   }
   return out;
 }
+// Multi-line text (an expert's output) under a heading: every line starts with `prefix`,
+// so no line of it can pass for a line of ours. At most `max_lines`; returns the bytes of
+// `s` left unprinted.
+size_t PrintBlock(const std::string& s, const char* prefix, size_t max_lines = SIZE_MAX) {
+  const std::string out = Terminal(s, true);
+  size_t lines = 0, pos = 0;
+  while (pos < out.size() && lines < max_lines) {
+    size_t e = out.find('\n', pos);
+    if (e == std::string::npos) e = out.size();
+    std::printf("%s%s\n", prefix, out.substr(pos, e - pos).c_str());
+    pos = e + 1;
+    ++lines;
+  }
+  return pos < out.size() ? out.size() - pos : 0;
+}
+// Set once a usage error has been reported; main() reports any kUsage that was not.
+bool g_usage_reported = false;
+
+// Every usage error goes through here: on stderr, and under --json also as the one JSON
+// document (SPEC: errors too).
+int Usage(const Ctx& ctx, const std::string& msg) {
+  std::fprintf(stderr, "cortexctl: %s\n", Terminal(msg).c_str());
+  if (ctx.json_out) {
+    json doc = {{"error", {{"code", "usage"}, {"message", msg}}}};
+    // (a message quoting bytes that are not UTF-8 cannot be encoded as they are)
+    std::cout << doc.dump(2, ' ', false, json::error_handler_t::replace) << "\n";
+  }
+  g_usage_reported = true;
+  return kUsage;
+}
+
 // A string field for human output.
 std::string Str(const json& j, const char* k, const std::string& def = "") {
   return Terminal(Raw(j, k, def));
@@ -112,18 +171,76 @@ std::string LocalTime(const std::string& iso) {
   return b;
 }
 
+// A decimal number as a person writes one: digits, one optional point, an optional
+// exponent. strtod alone would also take "inf", "nan" and hex ("0x10"). Underflow
+// ("1e-400") is the nearest number, 0; -0 is 0.
+bool ParseDecimal(const std::string& s, double* out) {
+  size_t i = s[0] == '-' || s[0] == '+' ? 1 : 0, digits = 0;
+  while (i < s.size() && std::isdigit(static_cast<unsigned char>(s[i]))) ++i, ++digits;
+  if (i < s.size() && s[i] == '.')
+    for (++i; i < s.size() && std::isdigit(static_cast<unsigned char>(s[i]));) ++i, ++digits;
+  if (digits == 0) return false;
+  if (i < s.size() && (s[i] == 'e' || s[i] == 'E')) {
+    ++i;
+    if (i < s.size() && (s[i] == '-' || s[i] == '+')) ++i;
+    const size_t exp_from = i;
+    while (i < s.size() && std::isdigit(static_cast<unsigned char>(s[i]))) ++i;
+    if (i == exp_from) return false;
+  }
+  if (i != s.size()) return false;
+  const double v = std::strtod(s.c_str(), nullptr);
+  if (!std::isfinite(v)) return false;  // overflow ("1e999")
+  *out = v == 0 ? 0.0 : v;
+  return true;
+}
+
+// The one check for numeric options: a plain decimal in [lo, hi] (an integer when
+// `integer`), rewritten to its canonical form; the message names the option's meaning and
+// what was given, and the help shows only `what` (no validator text).
+CLI::Validator NumberIn(const std::string& what, double lo, double hi, bool integer = false) {
+  return CLI::Validator(
+      [what, lo, hi, integer](std::string& v) {
+        double d = 0;
+        const bool ok = !v.empty() && ParseDecimal(v, &d) && d >= lo && d <= hi &&
+                        (!integer || d == std::floor(d));
+        if (!ok) return fmt::format("expected {} between {:g} and {:g}, got '{}'", what, lo, hi, v);
+        v = integer ? fmt::format("{:.0f}", d) : fmt::format("{}", d);
+        return std::string();
+      },
+      "");
+}
+
+// The most rows one history request returns (cortexd's bound).
+constexpr int kMaxHistoryRows = 100000;
+
+// "2026-11-22T16:02:03.123Z" (the daemon's times) to unix seconds; 0 if it is not one.
+double IsoSeconds(const std::string& iso) {
+  struct tm tm {};
+  const char* end = strptime(iso.c_str(), "%Y-%m-%dT%H:%M:%S", &tm);
+  if (!end) return 0;
+  double frac = 0;
+  if (*end == '.') frac = std::strtod(end, nullptr);
+  return static_cast<double>(timegm(&tm)) + frac;
+}
+
 // --since: unix seconds, an ISO date or time, or a duration ago ("30m", "2h", "7d").
 bool ParseSince(const std::string& s, double* out, std::string* err) {
   if (s.empty()) return true;
-  if (s.find_first_not_of("0123456789.") == std::string::npos) {
-    *out = std::stod(s);
-    return true;
-  }
+  *err = "--since: '" + s +
+         "' is not a time (use 2026-11-22, 2026-11-22T10:00:00, a unix time, or 2h / 7d for a "
+         "while ago)";
+  if (s.find_first_not_of("0123456789.") == std::string::npos) return ParseDecimal(s, out);
   struct tm tm {};
   for (const char* f : {"%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M", "%Y-%m-%d"}) {
     tm = {};
     const char* end = strptime(s.c_str(), f, &tm);
     if (end && (*end == 0 || ((*end == 'Z' || *end == '.')))) {
+      // strptime takes 2026-02-31 (and mktime would make it March 3): a date that does
+      // not exist is a typo.
+      struct tm back = tm;
+      if (timegm(&back) == -1 || back.tm_mday != tm.tm_mday || back.tm_mon != tm.tm_mon ||
+          back.tm_hour != tm.tm_hour || back.tm_min != tm.tm_min)
+        return false;
       bool utc = s.back() == 'Z';
       tm.tm_isdst = -1;
       *out = static_cast<double>(utc ? timegm(&tm) : mktime(&tm));
@@ -131,14 +248,33 @@ bool ParseSince(const std::string& s, double* out, std::string* err) {
     }
   }
   auto d = cortex::ParseDuration(s);
-  if (d.ok()) {
+  if (d.ok() && d.value() >= 0) {
     *out = static_cast<double>(std::time(nullptr)) - d.value();
     return true;
   }
-  *err = "--since: '" + s +
-         "' is not a time (use 2026-11-22, 2026-11-22T10:00:00, a unix time, or 2h / 7d for a "
-         "while ago)";
   return false;
+}
+
+// Who may use the socket at `path`, for a connect refused with EACCES: cortexd lets in
+// its own user, root and the group named by daemon.allow_group (the socket's group).
+std::string WhoMayConnect(const std::string& path) {
+  struct stat st {};
+  if (stat(path.c_str(), &st) != 0)
+    return "a folder on the way to the socket does not let you in; cortexd lets in only its "
+           "own user, root and members of daemon.allow_group";
+  auto user = [](uid_t u) {
+    const passwd* pw = getpwuid(u);
+    return pw ? std::string(pw->pw_name) : std::to_string(u);
+  };
+  auto group = [](gid_t g) {
+    const struct group* gr = getgrgid(g);
+    return gr ? std::string(gr->gr_name) : std::to_string(g);
+  };
+  return fmt::format(
+      "permission denied: the socket belongs to user {}, group {} (mode {:04o}); only that "
+      "user, root{} may connect (cortexd's daemon.allow_group grants a group)",
+      user(st.st_uid), group(st.st_gid), st.st_mode & 07777,
+      (st.st_mode & 0060) == 0060 ? " and members of group " + group(st.st_gid) : "");
 }
 
 // Sends one request; prints errors; returns the exit code (and the result in *result).
@@ -148,12 +284,21 @@ int Call(const Ctx& ctx, const json& req, json* result,
   cortex::Client c;
   cortex::Status st = c.Connect(ctx.socket);
   if (!st.ok() && quiet_if_down) return kUnreachable;
+  if (!st.ok() && st.code() == cortex::Status::Code::kPermissionDenied) {
+    std::fprintf(stderr, "cortexctl: %s\n  %s\n", Terminal(st.message()).c_str(),
+                 Terminal(WhoMayConnect(ctx.socket)).c_str());
+    if (ctx.json_out)
+      std::cout << json{{"error", {{"code", "permission_denied"}, {"message", st.message()}}}}.dump(
+                       2, ' ', false, json::error_handler_t::replace)
+                << "\n";
+    return kUnreachable;
+  }
   if (!st.ok()) {
     std::fprintf(
         stderr,
         "cortexctl: %s\n  is cortexd running? Start it with `cortexd` (or point --socket / "
         "CORTEX_SOCKET at the socket of a running one).\n",
-        st.message().c_str());
+        Terminal(st.message()).c_str());
     if (ctx.json_out)
       std::cout << json{{"error", {{"code", "unreachable"}, {"message", st.message()}}}}.dump(2)
                 << "\n";
@@ -164,16 +309,12 @@ int Call(const Ctx& ctx, const json& req, json* result,
   // nlohmann refuses to encode bytes that are not UTF-8: the user's input, a usage error.
   if (st.code() == cortex::Status::Code::kInvalidArgument &&
       st.message().rfind("cannot encode", 0) == 0) {
-    const std::string msg =
-        "the request holds bytes that are not valid UTF-8 (task text, tags and ids must be "
-        "UTF-8)";
-    std::fprintf(stderr, "cortexctl: %s\n", msg.c_str());
-    if (ctx.json_out)
-      std::cout << json{{"error", {{"code", "usage"}, {"message", msg}}}}.dump(2) << "\n";
-    return kUsage;
+    return Usage(ctx,
+                 "the request holds bytes that are not valid UTF-8 (task text, tags and ids must "
+                 "be UTF-8)");
   }
   if (!st.ok()) {
-    std::fprintf(stderr, "cortexctl: %s\n", st.message().c_str());
+    std::fprintf(stderr, "cortexctl: %s\n", Terminal(st.message()).c_str());
     if (ctx.json_out)
       std::cout << json{{"error", {{"code", st.code_name()}, {"message", st.message()}}}}.dump(2)
                 << "\n";
@@ -229,7 +370,8 @@ void PrintTask(const json& t, bool full_output) {
   std::string tags;
   const json tag_obj = t.value("tags", json::object());  // items() must not outlive it
   for (const auto& [k, v] : tag_obj.items())
-    tags += (tags.empty() ? "" : " ") + k + "=" + Terminal(v.get<std::string>());
+    tags += (tags.empty() ? "" : " ") + Terminal(k) + "=" +
+            Terminal(v.is_string() ? v.get<std::string>() : v.dump());
   if (!tags.empty()) std::printf("  tags:     %s\n", tags.c_str());
   std::printf("  created:  %s\n", LocalTime(Str(t, "created_at")).c_str());
   if (!Str(t, "error").empty()) std::printf("  error:    %s\n", Str(t, "error").c_str());
@@ -255,19 +397,11 @@ void PrintTask(const json& t, bool full_output) {
                 Str(a, "expert").c_str(), Str(o, "kind").c_str(), o.value("quality", 0.0),
                 o.value("duration_s", 0.0), Str(o, "error").empty() ? "" : "  — ",
                 Str(o, "error").c_str());
-    std::string out = Str(o, "output");
+    const std::string out = Raw(o, "output");
     if (out.empty()) continue;
-    size_t lines = 0, pos = 0, limit = full_output ? SIZE_MAX : 12;
-    while (pos < out.size() && lines < limit) {
-      size_t e = out.find('\n', pos);
-      if (e == std::string::npos) e = out.size();
-      std::printf("     | %s\n", out.substr(pos, e - pos).c_str());
-      pos = e + 1;
-      ++lines;
-    }
-    if (pos < out.size())
-      std::printf("     | … (%zu more bytes; `cortexctl show %s --json` has all)\n",
-                  out.size() - pos, Str(t, "id").c_str());
+    if (size_t left = PrintBlock(out, "     | ", full_output ? SIZE_MAX : 12))
+      std::printf("     | … (%zu more bytes; `cortexctl show %s --json` has all)\n", left,
+                  Str(t, "id").c_str());
   }
   for (const auto& f : t.value("feedback", json::array()))
     std::printf("\nfeedback: quality %.2f at %s%s%s\n", f.value("quality", 0.0),
@@ -287,11 +421,13 @@ std::string CsvField(std::string s) {
 
 // The end of a task that `submit --wait` or `wait` waited for: its outcome, the expert
 // and the confidence; exit 4 if it is still going, 1 if it did not succeed.
-int PrintEnded(const Ctx& ctx, const json& result, double timeout) {
+// `print_id`: submit's caller learns the id only here, also when the wait runs out.
+int PrintEnded(const Ctx& ctx, const json& result, double timeout, bool print_id = false) {
   if (ctx.json_out) PrintJson(result);
   const std::string state = Str(result, "state");
   const std::string id = Str(result, "id");
   if (result.contains("waited")) {
+    if (print_id && !ctx.json_out) std::printf("%s\n", id.c_str());
     std::fprintf(stderr,
                  "cortexctl: task %s is still %s after %gs; `cortexctl wait %s` waits again, "
                  "`cortexctl show %s` shows it\n",
@@ -308,9 +444,7 @@ int PrintEnded(const Ctx& ctx, const json& result, double timeout) {
                 attempts.size() == 1 ? "" : "s");
     if (!attempts.empty()) {
       const json& last = attempts.back()["outcome"];
-      if (last.is_object() && !Str(last, "output").empty())
-        std::printf("%s%s", Str(last, "output").c_str(),
-                    Str(last, "output").back() == '\n' ? "" : "\n");
+      if (last.is_object()) PrintBlock(Raw(last, "output"), "  | ");
     }
   }
   if (state == "succeeded") return kOk;
@@ -344,39 +478,65 @@ CLI::App* FindCommand(CLI::App& app, const std::string& name) {
   return nullptr;
 }
 
-// A usage error: on stderr, and under --json also as the one JSON document.
-int Usage(const Ctx& ctx, const std::string& msg) {
-  std::fprintf(stderr, "cortexctl: %s\n", msg.c_str());
-  if (ctx.json_out)
-    std::cout << json{{"error", {{"code", "usage"}, {"message", msg}}}}.dump(2) << "\n";
-  return kUsage;
-}
-
-// The top level of the git work tree around the current folder, or "".
-std::string GitTopLevel() {
-  int p[2];
+// The top level of the git work tree around the current folder, or "". When git refuses
+// a work tree that is there (one another user owns: "dubious ownership"), *why_not says so.
+std::string GitTopLevel(std::string* why_not) {
+  int p[2], e[2];
   if (pipe2(p, O_CLOEXEC) != 0) return "";
+  if (pipe2(e, O_CLOEXEC) != 0) {
+    close(p[0]);
+    close(p[1]);
+    return "";
+  }
   posix_spawn_file_actions_t fa;
   posix_spawn_file_actions_init(&fa);
   posix_spawn_file_actions_adddup2(&fa, p[1], 1);
-  posix_spawn_file_actions_addopen(&fa, 2, "/dev/null", O_WRONLY, 0);
+  posix_spawn_file_actions_adddup2(&fa, e[1], 2);
   const char* argv[] = {"git", "rev-parse", "--show-toplevel", nullptr};
   pid_t pid;
   int rc = posix_spawnp(&pid, "git", &fa, nullptr, const_cast<char* const*>(argv), environ);
   posix_spawn_file_actions_destroy(&fa);
   close(p[1]);
-  std::string out;
+  close(e[1]);
+  std::string out, err;
   if (rc == 0) {
     char buf[4096];
     ssize_t n;
+    // (git says little on stderr: it cannot fill the pipe while stdout is read first)
     while ((n = read(p[0], buf, sizeof buf)) > 0) out.append(buf, static_cast<size_t>(n));
+    while ((n = read(e[0], buf, sizeof buf)) > 0 && err.size() < 65536)
+      err.append(buf, static_cast<size_t>(n));
     int status = 0;
     waitpid(pid, &status, 0);
     if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) out.clear();
   }
   close(p[0]);
+  close(e[0]);
   while (!out.empty() && out.back() == '\n') out.pop_back();
+  if (out.empty() && err.find("dubious ownership") != std::string::npos) {
+    // "fatal: detected dubious ownership in repository at '/x'"
+    std::string where;
+    if (size_t at = err.find("repository at '"); at != std::string::npos) {
+      at += 15;
+      where = err.substr(at, err.find('\'', at) - at);
+    }
+    *why_not = "git refuses the work tree" + (where.empty() ? "" : " at " + where) +
+               " (dubious ownership: another user owns it); `git config --global --add "
+               "safe.directory " +
+               (where.empty() ? "PATH" : where) + "` trusts it, or give --tag repo=PATH";
+  }
   return out;
+}
+
+// The key of the caller's repo tag, any case ("REPO" would reach the command expert as
+// the same CORTEX_TAG_REPO), or "".
+bool IsRepoKey(const std::string& k) {
+  return k.size() == 4 && strncasecmp(k.c_str(), "repo", 4) == 0;
+}
+std::string RepoTagKey(const json& tags) {
+  for (const auto& [k, v] : tags.items())
+    if (IsRepoKey(k)) return k;
+  return "";
 }
 
 // --tag key=value list to the request's tags. A key may be given once; a relative path in
@@ -388,10 +548,17 @@ int ParseTagsArg(const Ctx& ctx, const std::vector<std::string>& in, json* tags)
     if (eq == std::string::npos || eq == 0)
       return Usage(ctx, "--tag '" + t + "' must look like key=value");
     std::string key = t.substr(0, eq), value = t.substr(eq + 1);
+    // What cortexd accepts as a key, checked here so that it is a usage error.
+    if (key.size() > 64 ||
+        key.find_first_not_of(
+            "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-") !=
+            std::string::npos)
+      return Usage(ctx, "--tag '" + t +
+                            "': a key must be 1-64 characters of letters, digits, '_', '.', '-'");
     if (tags->contains(key))
       return Usage(ctx, "--tag " + key + " is given twice ('" + (*tags)[key].get<std::string>() +
                             "' and '" + value + "'); a task has one value per key");
-    if (key == "repo" && !value.empty() && value[0] != '/') {
+    if (IsRepoKey(key) && !value.empty() && value[0] != '/') {
       std::error_code ec;
       value = std::filesystem::absolute(value, ec).lexically_normal().string();
       if (value.size() > 1 && value.back() == '/') value.pop_back();
@@ -504,17 +671,27 @@ std::string CompletionScript(const std::string& shell, std::vector<CompletionWor
 
 }  // namespace
 
-int main(int argc, char** argv) {
-  CLI::App app{"cortexctl: talk to cortexd — submit tasks and audit its routing decisions"};
+// The whole CLI; main() adds the guarantee that a usage error is always reported.
+static int RunCli(int argc, char** argv, Ctx& ctx) {
+  CLI::App app{"cortexctl: talk to cortexd — submit tasks and audit its routing decisions",
+               "cortexctl"};
   app.require_subcommand(1);
-  app.footer(
+  // (subcommands inherit the footer; those that take an ID add the note on IDs)
+  const std::string kExitNote =
       "Exit status: 0 ok, 1 the request failed, 2 usage error, 3 cortexd unreachable, 4 timed "
-      "out waiting.\nA task ID may be abbreviated to a unique prefix of at least 4 characters.");
-  Ctx ctx;
+      "out waiting.";
+  app.footer(kExitNote);
+  auto id_arg = [&](CLI::App* s, std::string* id) {
+    s->add_option("ID", *id, "task id (or a unique prefix of at least 4 characters)")->required();
+    s->footer(kExitNote +
+              "\nA task ID may be abbreviated to a unique prefix of at least 4 characters.");
+  };
   ctx.socket = cortex::DefaultSocketPath();
   app.add_option("--socket", ctx.socket,
                  "cortexd socket (default: $CORTEX_SOCKET or XDG runtime dir)");
   app.add_flag("--json", ctx.json_out, "print exactly one JSON document");
+  bool version_flag = false;  // (handled before parsing; here so that --help lists it)
+  app.add_flag("--version", version_flag, "print the version and exit");
   auto json_flag = [&](CLI::App* s) {
     s->add_flag("--json", ctx.json_out, "print exactly one JSON document");
   };
@@ -526,38 +703,27 @@ int main(int argc, char** argv) {
   double timeout = 300;
   auto* submit = app.add_subcommand("submit", "queue a task; prints its id");
   bool no_repo = false;
-  // NaN passes a range check (every comparison with it is false): refused first.
-  const auto finite = CLI::Validator(
-      [](std::string& v) {
-        double d = 0;
-        try {
-          size_t pos = 0;
-          d = std::stod(v, &pos);
-          if (pos != v.size()) return std::string("not a number: " + v);
-        } catch (...) {
-          return std::string("not a number: " + v);
-        }
-        return std::isfinite(d) ? std::string() : std::string("must be a finite number: " + v);
-      },
-      "NUMBER");
   submit->add_option("text", text, "the task, one line of text; - reads it from stdin")->required();
   submit->add_option("--tag", tag_args, "key=value (repeatable, one value per key)");
   submit->add_flag("--no-repo", no_repo,
                    "inside a git work tree, do not add repo=<its top level> on its own");
   submit->add_flag("--wait", wait, "wait for the outcome");
-  submit->add_option("--timeout", timeout, "seconds to wait with --wait (default 300)")
-      ->check(finite & CLI::Range(0.0, 86400.0));
+  auto* submit_timeout =
+      submit->add_option("--timeout", timeout, "seconds to wait with --wait (default 300)")
+          ->type_name("S")
+          ->transform(NumberIn("seconds", 0, 86400));
   json_flag(submit);
   // wait, cancel
   double wait_timeout = 300;
   auto* waitc = app.add_subcommand("wait", "wait for a queued or running task to finish");
-  waitc->add_option("id", id, "task id (or a unique prefix)")->required();
+  id_arg(waitc, &id);
   waitc->add_option("--timeout", wait_timeout, "seconds to wait (default 300); exit 4 after")
-      ->check(finite & CLI::Range(0.0, 86400.0));
+      ->type_name("S")
+      ->transform(NumberIn("seconds", 0, 86400));
   json_flag(waitc);
   auto* cancel = app.add_subcommand(
       "cancel", "cancel a task: a queued one never runs, a running one's expert is asked to stop");
-  cancel->add_option("id", id, "task id (or a unique prefix)")->required();
+  id_arg(cancel, &id);
   json_flag(cancel);
   // route
   auto* route = app.add_subcommand("route", "dry run: rank every expert for a task; runs nothing");
@@ -568,7 +734,7 @@ int main(int argc, char** argv) {
   // show
   bool full = false;
   auto* show = app.add_subcommand("show", "one task: decision, attempts, outcome, feedback");
-  show->add_option("id", id, "task id (or a unique prefix)")->required();
+  id_arg(show, &id);
   show->add_flag("--full", full, "print the experts' whole output");
   json_flag(show);
   // history
@@ -578,7 +744,9 @@ int main(int argc, char** argv) {
   const std::vector<std::string> kOutcomes = {"success",  "failure",   "timeout",    "crash",
                                               "rejected", "cancelled", "interrupted"};
   auto* history = app.add_subcommand("history", "the audit log, newest first");
-  history->add_option("--limit", limit, "rows (default 20)")->check(CLI::Range(1, 100000));
+  history->add_option("--limit", limit, "rows (default 20)")
+      ->type_name("N")
+      ->transform(NumberIn("a whole number", 1, 100000, true));
   history->add_option("--expert", expert, "only tasks routed to this expert");
   history->add_option("--since", since,
                       "only tasks since TIME: as history prints it, ISO 8601, unix time, or an "
@@ -599,8 +767,13 @@ int main(int argc, char** argv) {
   release->add_option("NAME", release_name, "the quarantined expert")->required();
   json_flag(release);
   // events
-  auto* events = app.add_subcommand("events", "expert registrations: loads, refusals, removals");
-  events->add_option("--limit", limit, "rows (default 20)")->check(CLI::Range(1, 10000));
+  auto* events = app.add_subcommand(
+      "events",
+      "what happened to experts, models and cortexd: plugin loads, refusals and removals, "
+      "crashes and quarantines, retrains and rollbacks");
+  events->add_option("--limit", limit, "rows (default 20)")
+      ->type_name("N")
+      ->transform(NumberIn("a whole number", 1, 10000, true));
   events->add_flag("--follow,-f", follow, "keep printing new events (Ctrl-C stops)");
   json_flag(events);
   // confidence
@@ -614,11 +787,12 @@ int main(int argc, char** argv) {
   std::string note;
   auto* feedback =
       app.add_subcommand("feedback", "a person's verdict on a task's outcome (training signal)");
-  feedback->add_option("id", id, "task id (or a unique prefix)")->required();
+  id_arg(feedback, &id);
   auto* g = feedback->add_flag("--good", good, "the outcome was good (quality 1)");
   auto* b = feedback->add_flag("--bad", bad, "the outcome was bad (quality 0)");
   auto* q = feedback->add_option("--quality", quality, "quality in [0,1]")
-                ->check(finite & CLI::Range(0.0, 1.0));
+                ->type_name("Q")
+                ->transform(NumberIn("a quality", 0, 1));
   g->excludes(b)->excludes(q);
   b->excludes(q);
   feedback->add_option("--note", note, "why");
@@ -656,9 +830,9 @@ int main(int argc, char** argv) {
   completion->add_option("shell", shell, "bash, zsh or fish")
       ->required()
       ->check(CLI::IsMember({"bash", "zsh", "fish"}));
-  std::string help_topic;
+  std::vector<std::string> help_topic;
   auto* help = app.add_subcommand("help", "help on cortexctl, or on one command");
-  help->add_option("command", help_topic, "a command");
+  help->add_option("COMMAND", help_topic, "a command (e.g. history, or models rollback)");
 
   // --version before anything else (no command is needed for it).
   for (int i = 1; i < argc; ++i) {
@@ -705,17 +879,22 @@ int main(int argc, char** argv) {
     return Usage(ctx, std::string(e.what()) + " (`cortexctl help " + word + "` shows its usage)");
   }
   if (help->parsed()) {
-    if (help_topic.empty()) {  // (app.help() would describe the command parsed: help)
-      std::cout << app.get_formatter()->make_help(&app, "cortexctl", CLI::AppFormatMode::Normal);
-      return kOk;
+    // (app.help() would describe the command parsed: help)
+    CLI::App* sub = &app;
+    std::string asked;
+    for (const auto& word : help_topic) {
+      asked += (asked.empty() ? "" : " ") + word;
+      CLI::App* next = FindCommand(*sub, word);
+      if (!next) return Usage(ctx, "no command named '" + asked + "'; `cortexctl help` lists them");
+      sub = next;
     }
-    CLI::App* sub = FindCommand(app, help_topic);
-    if (!sub)
-      return Usage(ctx, "no command named '" + help_topic + "'; `cortexctl help` lists them");
-    std::cout << sub->help();
+    std::cout << sub->get_formatter()->make_help(
+        sub, asked.empty() ? "cortexctl" : "cortexctl " + asked, CLI::AppFormatMode::Normal);
     return kOk;
   }
   if (completion->parsed()) {
+    if (ctx.json_out)
+      return Usage(ctx, "completion prints a shell script, not JSON: run it without --json");
     std::vector<CompletionWords> words;
     CollectWords(&app, "", &words);
     std::vector<std::string> cmds;
@@ -732,6 +911,11 @@ int main(int argc, char** argv) {
 
   json result;
   int rc;
+  // A prefix shorter than 4 characters would match too much: the caller's usage, said
+  // before the daemon is asked.
+  if ((waitc->parsed() || cancel->parsed() || show->parsed() || feedback->parsed()) &&
+      id.size() < 4)
+    return Usage(ctx, "task id '" + id + "' is too short: give at least 4 characters of it");
   if (exp->parsed() && ctx.json_out && format_opt->count() && format == "csv")
     return Usage(ctx,
                  "export: --json prints one JSON document; --format csv prints CSV: choose one");
@@ -742,13 +926,22 @@ int main(int argc, char** argv) {
       text = in.str();
       if (!text.empty() && text.back() == '\n') text.pop_back();
       if (!text.empty() && text.back() == '\r') text.pop_back();
-      if (text.empty()) return Usage(ctx, "submit -: no task text on standard input");
     }
+    // (cortexd refuses it too, but as a failed request: it is the caller's usage)
+    if (text.find_first_not_of(" \t\r\n") == std::string::npos)
+      return Usage(ctx, "the task text is empty: a task needs a line of text");
+    if (submit->parsed() && submit_timeout->count() && !wait)
+      return Usage(ctx, "--timeout needs --wait (it bounds the wait for the outcome)");
     json tags;
     if ((rc = ParseTagsArg(ctx, tag_args, &tags)) != kOk) return rc;
     // Inside a git work tree the repository is what a task is about, unless told otherwise.
-    if (!no_repo && !tags.contains("repo"))
-      if (std::string top = GitTopLevel(); !top.empty()) tags["repo"] = top;
+    if (!no_repo && RepoTagKey(tags).empty()) {
+      std::string why_not;
+      if (std::string top = GitTopLevel(&why_not); !top.empty())
+        tags["repo"] = top;
+      else if (!why_not.empty())
+        std::fprintf(stderr, "cortexctl: note: no repo tag added: %s\n", Terminal(why_not).c_str());
+    }
     json req = {{"op", submit->parsed() ? "submit" : "route"}, {"text", text}, {"tags", tags}};
     if (submit->parsed() && wait) req["wait"] = true, req["timeout_s"] = timeout;
     if ((rc = Call(ctx, req, &result)) != kOk) return rc;
@@ -767,7 +960,7 @@ int main(int argc, char** argv) {
         std::printf("%s\n", Str(result, "id").c_str());
       return kOk;
     }
-    return PrintEnded(ctx, result, timeout);
+    return PrintEnded(ctx, result, timeout, true);
   }
   if (waitc->parsed()) {
     if ((rc = Call(ctx, {{"op", "wait"}, {"id", id}, {"timeout_s", wait_timeout}}, &result)) != kOk)
@@ -805,10 +998,7 @@ int main(int argc, char** argv) {
   if (history->parsed() || exp->parsed()) {
     double since_t = 0;
     std::string err;
-    if (!ParseSince(since, &since_t, &err)) {
-      std::fprintf(stderr, "cortexctl: %s\n", err.c_str());
-      return kUsage;
-    }
+    if (!ParseSince(since, &since_t, &err)) return Usage(ctx, err);
     if (exp->parsed()) {
       json rows = json::array();
       bool header = false;
@@ -841,6 +1031,14 @@ int main(int argc, char** argv) {
     if (!expert.empty()) req["expert"] = expert;
     if (since_t > 0) req["since"] = since_t;
     if (!outcome.empty()) req["outcome"] = outcome;
+    // --follow prints the tasks that end after it started, whenever they were created. A
+    // snapshot of the whole log, taken before the first page, says which had ended already
+    // (never printed by the loop) and which were still open, however old (printed when
+    // they end). Rows are asked for unfiltered so that open tasks are seen; the filters
+    // are applied here.
+    const json all = {{"op", "history"}, {"limit", kMaxHistoryRows}};
+    json snapshot = json::array();
+    if (follow && (rc = Call(ctx, all, &snapshot)) != kOk) return rc;
     if ((rc = Call(ctx, req, &result)) != kOk) return rc;
     if (ctx.json_out && !follow) return PrintJson(result), kOk;
     // EXPERT is the router's pick, then "→ the expert that ended it" after a fallback;
@@ -880,18 +1078,42 @@ int main(int argc, char** argv) {
                     fallback ? "; a → b: chosen a, ended by b after a fallback" : "");
       return kOk;
     }
-    // --follow: every second, tasks that ended since (oldest first), until interrupted.
+    // --follow: every second, the tasks that ended since (oldest first), until interrupted.
+    auto matches = [&](const json& r) {
+      const std::string st = Raw(r, "state");
+      return (since_t <= 0 || IsoSeconds(Raw(r, "time")) >= since_t) &&
+             (expert.empty() || Raw(r, "expert") == expert || Raw(r, "chosen") == expert) &&
+             (outcome.empty() || st == outcome ||
+              ((st == "succeeded" || st == "failed") && Raw(r, "outcome") == outcome));
+    };
+    // Polls ask for the tasks created since the oldest one still open (or, with none open,
+    // the newest one), less a margin for tasks stamped just before others but stored after.
+    constexpr double kMargin = 5;
+    auto window_of = [&](const json& rows, double keep) {
+      double oldest_open = -1;
+      for (const auto& r : rows)
+        if (!is_ended(r)) oldest_open = IsoSeconds(Raw(r, "time"));  // (newest first)
+      if (oldest_open >= 0) return oldest_open;
+      return rows.empty() ? keep : std::max(keep, IsoSeconds(Raw(rows[0], "time")));
+    };
+    double window = window_of(snapshot, 0);
+    std::set<std::string> ended_before;  // ended when --follow started
+    for (const auto& r : snapshot)
+      if (is_ended(r) && IsoSeconds(Raw(r, "time")) >= window - kMargin)
+        ended_before.insert(Raw(r, "id"));
+    snapshot = json();
     std::fflush(stdout);
-    const double from = std::max(since_t, static_cast<double>(std::time(nullptr)) - 3600);
     while (true) {
       sleep(1);
-      json q = req;
-      q["limit"] = 1000;
-      q["since"] = from;
+      json q = all;
+      q["since"] = std::max(0.0, window - kMargin);
       if ((rc = FollowCall(ctx, q, &result)) == kUnreachable) continue;
       if (rc != kOk) return rc;
       for (auto it = result.rbegin(); it != result.rend(); ++it)
-        if (is_ended(*it) && ended.insert(Str(*it, "id")).second) print_row(*it);
+        if (is_ended(*it) && !ended_before.count(Raw(*it, "id")) &&
+            ended.insert(Str(*it, "id")).second && matches(*it))
+          print_row(*it);
+      window = window_of(result, window);
       std::fflush(stdout);
     }
   }
@@ -899,7 +1121,7 @@ int main(int argc, char** argv) {
     if ((rc = Call(ctx, {{"op", "release"}, {"expert", release_name}}, &result)) != kOk) return rc;
     if (ctx.json_out) return PrintJson(result), kOk;
     std::printf("expert %s released from quarantine; its next task starts a fresh host\n",
-                release_name.c_str());
+                Terminal(release_name).c_str());
     return kOk;
   }
   if (experts->parsed()) {
@@ -932,7 +1154,11 @@ int main(int argc, char** argv) {
     return kOk;
   }
   if (events->parsed()) {
-    if ((rc = Call(ctx, {{"op", "events"}, {"limit", limit}}, &result)) != kOk) return rc;
+    // --follow: the first page is the newest `limit`, but every event a poll (the newest
+    // 1000) could return that is already there is seen now, so that none is printed as new.
+    constexpr int kPoll = 1000;
+    json req = {{"op", "events"}, {"limit", follow ? std::max(limit, kPoll) : limit}};
+    if ((rc = Call(ctx, req, &result)) != kOk) return rc;
     if (ctx.json_out && !follow) return PrintJson(result), kOk;
     auto print_event = [&](const json& e) {
       if (ctx.json_out)
@@ -946,14 +1172,14 @@ int main(int argc, char** argv) {
                       .c_str());
     };
     std::set<std::string> seen;  // events carry no id: the whole event is its identity
-    for (auto it = result.rbegin(); it != result.rend(); ++it) {
-      print_event(*it);
-      seen.insert(it->dump());
+    for (size_t i = result.size(); i-- > 0;) {
+      if (i < static_cast<size_t>(limit)) print_event(result[i]);
+      seen.insert(result[i].dump());
     }
     while (follow) {
       std::fflush(stdout);
       sleep(1);
-      rc = FollowCall(ctx, {{"op", "events"}, {"limit", 1000}}, &result);
+      rc = FollowCall(ctx, {{"op", "events"}, {"limit", kPoll}}, &result);
       if (rc == kUnreachable) continue;
       if (rc != kOk) return rc;
       for (auto it = result.rbegin(); it != result.rend(); ++it)
@@ -979,18 +1205,17 @@ int main(int argc, char** argv) {
     return kOk;
   }
   if (feedback->parsed()) {
-    if (!good && !bad && quality < 0) {
-      std::fprintf(stderr, "cortexctl: feedback needs one of --good, --bad or --quality Q\n");
-      return kUsage;
-    }
-    double qv = good ? 1.0 : bad ? 0.0 : quality;
+    if (!good && !bad && !q->count())
+      return Usage(ctx, "feedback needs one of --good, --bad or --quality Q");
+    // (-0 would be stored and echoed as -0.0)
+    const double qv = good ? 1.0 : bad || quality == 0 ? 0.0 : quality;
     json req = {{"op", "feedback"}, {"id", id}, {"quality", qv}};
     if (!note.empty()) req["note"] = note;
     if ((rc = Call(ctx, req, &result)) != kOk) return rc;
     if (ctx.json_out)
       PrintJson(result);
     else
-      std::printf("feedback recorded for %s: quality %.2f\n", id.c_str(), qv);
+      std::printf("feedback recorded for %s: quality %.2f\n", Str(result, "id", id).c_str(), qv);
     return kOk;
   }
   if (reload->parsed()) {
@@ -1043,9 +1268,7 @@ int main(int argc, char** argv) {
         rollback_arg.rfind('v', 0) == 0 ? rollback_arg.substr(1) : rollback_arg;
     if (digits.empty() || digits.size() > 9 ||
         digits.find_first_not_of("0123456789") != std::string::npos) {
-      std::fprintf(stderr, "cortexctl: '%s' is not a model version (use 3 or v3)\n",
-                   rollback_arg.c_str());
-      return kUsage;
+      return Usage(ctx, "'" + rollback_arg + "' is not a model version (use 3 or v3)");
     }
     const int rollback_version = std::stoi(digits);
     if ((rc = Call(ctx,
@@ -1114,5 +1337,14 @@ int main(int argc, char** argv) {
                 Str(result, "config").c_str());
     return kOk;
   }
-  return kUsage;
+  return Usage(ctx, "a command is required; `cortexctl help` lists them");
+}
+
+int main(int argc, char** argv) {
+  Ctx ctx;
+  const int rc = RunCli(argc, argv, ctx);
+  // Under --json no usage error may leave stdout empty, whichever path found it.
+  if (rc == kUsage && !g_usage_reported)
+    Usage(ctx, "usage error; `cortexctl help` explains the commands");
+  return rc;
 }

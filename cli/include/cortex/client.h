@@ -18,7 +18,8 @@ class Client {
   Client(const Client&) = delete;
   Client& operator=(const Client&) = delete;
 
-  // Unavailable when no daemon listens at `socket_path`.
+  // Unavailable when no daemon listens at `socket_path`; PermissionDenied when the socket
+  // (or a folder on its path) does not let this user in.
   Status Connect(const std::string& socket_path);
   // Sends `request`, fills `response` with the final response line. Lines before it
   // that carry a "row" go to `on_row`.
