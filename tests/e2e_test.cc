@@ -1760,10 +1760,21 @@ training:
   }
   json rj = d.CtlJson({"retrain", "--wait"});
   // Policy values are estimates of a reward in [0,1], shown within it.
-  for (const char* k : {"candidate", "live"}) {
-    EXPECT_GE(rj["metrics"][k]["value"].get<double>(), 0.0) << rj;
-    EXPECT_LE(rj["metrics"][k]["value"].get<double>(), 1.0) << rj;
+  // So are their intervals (a difference of two lies in [-1,1]), however few decisions.
+  for (const char* k : {"candidate", "live", "diff"}) {
+    const json& e = rj["metrics"][k];
+    const double floor = std::string(k) == "diff" ? -1.0 : 0.0;
+    if (k != std::string("diff")) {
+      EXPECT_GE(e["value"].get<double>(), 0.0) << rj;
+      EXPECT_LE(e["value"].get<double>(), 1.0) << rj;
+    }
+    EXPECT_GE(e["low"].get<double>(), floor) << rj;
+    EXPECT_LE(e["low"].get<double>(), e["value"].get<double>()) << rj;
+    EXPECT_GE(e["high"].get<double>(), e["value"].get<double>()) << rj;
+    EXPECT_LE(e["high"].get<double>(), 1.0) << rj;
   }
+  EXPECT_NE(r.out.find("(95% interval "), std::string::npos) << r.out;
+  EXPECT_EQ(r.out.find("interval -"), std::string::npos) << r.out;
   EXPECT_TRUE(rj["metrics"]["candidate"].contains("value")) << rj;
   const int newest = rj["version"].get<int>();
   EXPECT_GE(newest, 3);

@@ -125,6 +125,14 @@ std::string Num(const json& v, const char* fmt = "%.2f") {
   std::snprintf(b, sizeof b, fmt, v.get<double>());
   return b;
 }
+// A retrain estimate's 95% interval, within what the quantity can be: a policy's mean
+// reward lies in [0, 1], a difference ("diff") in [-1, 1]. Newer records carry the bounds;
+// older ones only the half-width.
+std::pair<double, double> Interval(const json& e, const std::string& which) {
+  const double lo = which == "diff" ? -1 : 0, v = e.value("value", 0.0), ci = e.value("ci", 0.0);
+  return {e.value("low", std::clamp(v - ci, lo, 1.0)),
+          e.value("high", std::clamp(v + ci, lo, 1.0))};
+}
 std::string Pct(const json& v) {
   if (!v.is_number()) return "-";
   char b[32];
@@ -1243,8 +1251,9 @@ static int RunCli(int argc, char** argv, Ctx& ctx) {
     }
     const json m = result.value("metrics", json::object());
     auto est = [&](const char* k) {
-      const json e = m.value(k, json::object());
-      return fmt::format("{:.3f} ± {:.3f}", e.value("value", 0.0), e.value("ci", 0.0));
+      auto [lo, hi] = Interval(m.value(k, json::object()), k);
+      return fmt::format("{:.3f}  (95% interval {:.3f} to {:.3f})",
+                         m.value(k, json::object()).value("value", 0.0), lo, hi);
     };
     std::printf("candidate %s: %s\n", Str(result, "name").c_str(),
                 result.value("live", false) ? "PROMOTED (now live)" : "refused");
@@ -1283,23 +1292,25 @@ static int RunCli(int argc, char** argv, Ctx& ctx) {
   if (models->parsed()) {
     if ((rc = Call(ctx, {{"op", "models"}}, &result)) != kOk) return rc;
     if (ctx.json_out) return PrintJson(result), kOk;
-    std::printf("%-4s %-5s %-9s %-20s %7s %7s %-15s %-15s %s\n", "", "model", "status", "created",
+    std::printf("%-4s %-5s %-9s %-20s %7s %7s %-17s %-17s %s\n", "", "model", "status", "created",
                 "train", "holdout", "candidate", "live then", "diff");
     for (const auto& m : result.value("models", json::array())) {
       const json x = m.value("metrics", json::object());
       auto est = [&](const char* k) {
         if (!x.contains(k)) return std::string("-");
-        return fmt::format("{:.3f}±{:.3f}", x[k].value("value", 0.0), x[k].value("ci", 0.0));
+        auto [lo, hi] = Interval(x[k], k);
+        return fmt::format("{:.2f} [{:.2f},{:.2f}]", x[k].value("value", 0.0), lo, hi);
       };
       std::printf(
-          "%-4s %-5s %-9s %-20s %7s %7s %-15s %-15s %s\n", m.value("live", false) ? "*" : "",
+          "%-4s %-5s %-9s %-20s %7s %7s %-17s %-17s %s\n", m.value("live", false) ? "*" : "",
           Str(m, "name").c_str(), Str(m, "status").c_str(), Str(m, "created", "-").c_str(),
           x.contains("train_rows") ? std::to_string(x.value("train_rows", 0L)).c_str() : "-",
           x.contains("holdout_rows") ? std::to_string(x.value("holdout_rows", 0L)).c_str() : "-",
           est("candidate").c_str(), est("live").c_str(), est("diff").c_str());
     }
     std::printf(
-        "(* live; estimates are doubly robust on held-out logged decisions, 95%% interval)\n");
+        "(* live; estimates are doubly robust on held-out logged decisions, with their 95%% "
+        "interval)\n");
     return kOk;
   }
   if (status->parsed()) {
