@@ -7,7 +7,8 @@ set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 jobs="$(nproc)"
 "$root/scripts/install-deps.sh"
-"$root/scripts/build.sh" "$@"
+# Tests on explicitly: the demo builds the same folder with them off.
+"$root/scripts/build.sh" -DCORTEX_BUILD_TESTS=ON "$@"
 (cd "$root/build" && ctest -j "$jobs" --output-on-failure --timeout 300)
 
 [ "${CORTEX_SANITIZERS:-on}" = off ] && exit 0

@@ -15,6 +15,7 @@
 #include <fstream>
 #include <sstream>
 
+#include "cortex/client.h"
 #include "testutil.h"
 
 namespace cortex {
@@ -66,19 +67,24 @@ TEST(CliTest, CheckConfigReportsEveryErrorThatAStartRefuses) {
                            "  - {name: ci, plugin: command}\n"
                            "  - {name: other, plugin: nosuchplugin}\n"
                            "  - {name: typo, plugin: command, run: [\"true\"], tiemout: 5s}\n"
-                           "  - {name: twice, plugin: command, capacity: 0, timeout: -5s}\n");
+                           "  - {name: twice, plugin: command, capacity: 0, timeout: -5s}\n"
+                           "  - {name: last, plugin: command, run: [\"true\"], bogus: 1}\n"
+                           "  - {name: BAD!, plugin: command, capacity: 0}\n");
   // One run reports every error: those of the file itself and those of the later checks
   // (rules, plugins, experts' settings) on what did parse.
   test::Run r = test::RunCmd({Cortexd(), "--check-config", "--config", cfg});
   EXPECT_EQ(r.code, 1) << r.out << r.err;
   // Every error, in the file's line order.
-  const std::vector<std::string> every = {"daemon.workerz: unknown key",
-                                          "rules.backref.match: bad regular expression",
-                                          "experts[0]: run: is required",
-                                          "experts[1].plugin: no plugin named 'nosuchplugin'",
-                                          "experts[2].tiemout: unknown key for plugin 'command'",
-                                          "experts[3].capacity: must be between 1 and 1024",
-                                          "experts[3].timeout: duration must be"};
+  const std::vector<std::string> every = {
+      "daemon.workerz: unknown key", "rules.backref.match: bad regular expression",
+      "experts[0]: run: is required", "experts[1].plugin: no plugin named 'nosuchplugin'",
+      "experts[2].tiemout: unknown key for plugin 'command'",
+      "experts[3].capacity: must be between 1 and 1024", "experts[3].timeout: duration must be",
+      // its place in the file, whatever came before
+      "experts[4].bogus: unknown key for plugin 'command'",
+      // a bad name is not the expert's only error
+      "experts[5].name: must be 1-64 characters",
+      "experts[5].capacity: must be between 1 and 1024"};
   auto in_order = [&](const std::string& err) {
     size_t at = 0;
     for (const auto& want : every) {
@@ -90,8 +96,8 @@ TEST(CliTest, CheckConfigReportsEveryErrorThatAStartRefuses) {
     }
   };
   in_order(r.err);
-  for (const char* want :
-       {"warning: " /* the rule naming an expert that is not loaded */, "'nosuchexpert'"})
+  for (const char* want : {"warning: " /* the rule naming an expert that is not loaded */,
+                           "rule 'ghost' (line 6) names expert 'nosuchexpert'"})
     EXPECT_NE(r.err.find(want), std::string::npos) << want << "\n" << r.err;
   EXPECT_EQ(r.out.find(": ok"), std::string::npos);
   // A start refuses it naming the same errors, every one, not only the first it meets.
@@ -102,6 +108,8 @@ TEST(CliTest, CheckConfigReportsEveryErrorThatAStartRefuses) {
   text.replace(text.find(", workerz: 2"), 12, "");
   text.replace(text.find("  - {name: twice, plugin: command, capacity: 0, timeout: -5s}\n"), 62,
                "");
+  text.replace(text.find(", bogus: 1}"), 11, "}");
+  text.replace(text.find("  - {name: BAD!, plugin: command, capacity: 0}\n"), 46, "");
   test::WriteFile(cfg, text);
   // A start refuses the same config.
   r = test::RunCmd({Cortexd(), "--foreground", "--config", cfg}, 60);
@@ -251,12 +259,28 @@ TEST(CliTest, RepoTagsAreAbsoluteAndAddedInsideAGitWorkTree) {
   EXPECT_EQ(w["tags"]["repo"], repo + "/src") << w;
   w = ctl({"route", "catalog the languages", "--json"}, repo).Json();
   EXPECT_EQ(w["candidates"][0]["expert"], "inventory") << w;
-  // A repo tag in any case is the caller's: no second one (the command expert would see
-  // both as CORTEX_TAG_REPO), and a relative path is made absolute too.
+  // The repo tag in any case is the repo tag: sent as `repo` (what every expert reads),
+  // no second one added, a relative path made absolute.
   r = ctl({"submit", "catalog", "--tag", "REPO=..", "--json"}, repo + "/src/deep");
   ASSERT_EQ(r.code, 0) << r.err;
   w = d.CtlJson({"show", r.Json()["id"]});
-  EXPECT_EQ(w["tags"], json({{"REPO", repo + "/src"}})) << w;
+  EXPECT_EQ(w["tags"], json({{"repo", repo + "/src"}})) << w;
+  // Keys an expert could not tell apart are one key given twice: a usage error here, and
+  // refused by cortexd from any other client.
+  r = ctl({"submit", "x", "--tag", "Repo=/a", "--tag", "repo=/b"}, "/");
+  EXPECT_EQ(r.code, 2) << r.err;
+  EXPECT_NE(r.err.find("given twice"), std::string::npos) << r.err;
+  r = ctl({"submit", "x", "--tag", "team-a=1", "--tag", "TEAM_A=2"}, "/");
+  EXPECT_EQ(r.code, 2) << r.err;
+  {
+    cortex::Client c;
+    json resp;
+    ASSERT_TRUE(c.Connect(d.socket).ok());
+    ASSERT_TRUE(
+        c.Call({{"op", "submit"}, {"text", "x"}, {"tags", {{"x", "1"}, {"X", "2"}}}}, &resp).ok());
+    EXPECT_FALSE(resp.value("ok", true)) << resp;
+    EXPECT_NE(resp.dump().find("differ only in case"), std::string::npos) << resp;
+  }
   // A work tree git refuses (another user's): the task goes without the tag, and a note
   // says why.
   {

@@ -138,6 +138,8 @@ TEST(ConfigTest, Durations) {
   EXPECT_DOUBLE_EQ(ParseDuration("1.5").value(), 1.5);
   EXPECT_FALSE(ParseDuration("5 parsecs").ok());
   EXPECT_FALSE(ParseDuration("").ok());
+  for (const char* odd : {"0x10m", "infs", "nan", "1e3s", "+5m"})
+    EXPECT_FALSE(ParseDuration(odd).ok()) << odd;
 }
 
 TEST(RulesTest, BadRegexNamesTheRuleAndLine) {

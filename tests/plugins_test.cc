@@ -317,6 +317,14 @@ TEST_P(CommandTest, PassesTextOnStdinAndEnvironmentNeverThroughAShell) {
   Outcome lang = Command("    run: [\"/bin/sh\", \"-c\", \"echo $LANG\"]\n    env: {LANG: C}\n")
                      ->Run(MakeTask("x"), nullptr);
   EXPECT_EQ(lang.output, "C\n");
+  // ... but not one of the task's own CORTEX_* variables.
+  Status forged = reg_->Configure(
+      LoadConfigString("experts:\n  - name: f\n    plugin: command\n    run: [\"true\"]\n"
+                       "    env: {CORTEX_TASK_TEXT: forged}\n",
+                       "x")
+          .value());
+  EXPECT_NE(forged.message().find("CORTEX_* variables carry the task"), std::string::npos)
+      << forged.ToString();
   // argv is passed as given: a program name with shell syntax is just a missing program.
   auto e2 = Command("    run: [\"true; touch /tmp/cortex-pwned\"]\n");
   Outcome o2 = e2->Run(MakeTask("x"), nullptr);

@@ -6,7 +6,6 @@
 #include <pwd.h>
 #include <signal.h>
 #include <spawn.h>
-#include <strings.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -22,7 +21,9 @@
 
 #include "cortex/client.h"
 #include "cortex/config.h"
+#include "cortex/log.h"
 #include "cortex/paths.h"
+#include "cortex/tags.h"
 
 namespace {
 
@@ -38,51 +39,22 @@ struct Ctx {
 std::string Raw(const json& j, const char* k, const std::string& def = "") {
   return j.contains(k) && j[k].is_string() ? j[k].get<std::string>() : def;
 }
-// Text from tasks and experts is anyone's: for the terminal, control characters (an
-// escape sequence could recolour, retitle or rewrite the screen; a newline could forge a
-// line that looks like one of ours) are shown as \n, \t, \xNN, C1 controls as \u00NN,
-// and the invisible characters that reorder or hide text (bidi overrides and isolates,
-// direction marks, line separators) as \uXXXX. `keep_lines` keeps \n and \t for an
-// expert's output, which PrintBlock indents line by line.
+// Text from tasks, experts and the daemon, shown safely (cortex::Printable).
 std::string Terminal(const std::string& s, bool keep_lines = false) {
-  std::string out;
-  out.reserve(s.size());
-  char esc[16];
-  for (size_t i = 0; i < s.size(); ++i) {
-    const unsigned char c = static_cast<unsigned char>(s[i]);
-    const unsigned char c1 = i + 1 < s.size() ? static_cast<unsigned char>(s[i + 1]) : 0;
-    const unsigned char c2 = i + 2 < s.size() ? static_cast<unsigned char>(s[i + 2]) : 0;
-    if ((c == '\n' || c == '\t') && keep_lines) {
-      out += static_cast<char>(c);
-    } else if (c == '\n') {
-      out += "\\n";
-    } else if (c == '\t') {
-      out += "\\t";
-    } else if (c < 0x20 || c == 0x7f) {
-      std::snprintf(esc, sizeof esc, "\\x%02x", c);
-      out += esc;
-    } else if (c == 0xc2 && c1 >= 0x80 && c1 <= 0x9f) {  // C1 controls
-      std::snprintf(esc, sizeof esc, "\\u%04x", c1);
-      out += esc;
-      ++i;
-    } else if (c == 0xd8 && c1 == 0x9c) {  // U+061C arabic letter mark
-      out += "\\u061c";
-      ++i;
-    } else if (c == 0xe2 && ((c1 == 0x80 && ((c2 >= 0x8b && c2 <= 0x8f) ||    // U+200B-200F
-                                             (c2 >= 0xa8 && c2 <= 0xae))) ||  // U+2028-202E
-                             (c1 == 0x81 && c2 >= 0xa6 && c2 <= 0xa9))) {     // U+2066-2069
-      std::snprintf(esc, sizeof esc, "\\u%04x",
-                    ((c & 0x0f) << 12) | ((c1 & 0x3f) << 6) | (c2 & 0x3f));
-      out += esc;
-      i += 2;
-    } else if (c == 0xef && c1 == 0xbb && c2 == 0xbf) {  // U+FEFF zero width no-break space
-      out += "\\ufeff";
-      i += 2;
-    } else {
-      out += static_cast<char>(c);
-    }
+  return cortex::Printable(s, keep_lines);
+}
+// An error on stderr: a message of several lines (a reload refused for every error in the
+// file) keeps its lines, each shown safely and indented under the first.
+void SayError(const std::string& msg) {
+  std::string out = "cortexctl: ";
+  for (size_t at = 0, n = 0;; ++n) {
+    const size_t nl = msg.find('\n', at);
+    out += (n ? "  " : "") +
+           Terminal(msg.substr(at, nl == std::string::npos ? std::string::npos : nl - at)) + "\n";
+    if (nl == std::string::npos) break;
+    at = nl + 1;
   }
-  return out;
+  std::fputs(out.c_str(), stderr);
 }
 // Multi-line text (an expert's output) under a heading: every line starts with `prefix`,
 // so no line of it can pass for a line of ours. At most `max_lines`; returns the bytes of
@@ -128,6 +100,12 @@ std::string Num(const json& v, const char* fmt = "%.2f") {
 // A retrain estimate's 95% interval, within what the quantity can be: a policy's mean
 // reward lies in [0, 1], a difference ("diff") in [-1, 1]. Newer records carry the bounds;
 // older ones only the half-width.
+// `v` with `digits` decimals; a value that rounds to zero is "0.000", never "-0.000".
+std::string Fixed(double v, int digits) {
+  std::string s = fmt::format("{:.{}f}", v, digits);
+  if (s[0] == '-' && s.find_first_not_of("-0.") == std::string::npos) s.erase(0, 1);
+  return s;
+}
 std::pair<double, double> Interval(const json& e, const std::string& which) {
   const double lo = which == "diff" ? -1 : 0, v = e.value("value", 0.0), ci = e.value("ci", 0.0);
   return {e.value("low", std::clamp(v - ci, lo, 1.0)),
@@ -278,10 +256,11 @@ std::string WhoMayConnect(const std::string& path) {
     const struct group* gr = getgrgid(g);
     return gr ? std::string(gr->gr_name) : std::to_string(g);
   };
+  const std::string who = st.st_uid == 0 ? "root" : "user " + user(st.st_uid) + " and root";
   return fmt::format(
-      "permission denied: the socket belongs to user {}, group {} (mode {:04o}); only that "
-      "user, root{} may connect (cortexd's daemon.allow_group grants a group)",
-      user(st.st_uid), group(st.st_gid), st.st_mode & 07777,
+      "permission denied: the socket belongs to user {}, group {} (mode {:04o}); only {}{} "
+      "may connect (cortexd's daemon.allow_group grants a group)",
+      user(st.st_uid), group(st.st_gid), st.st_mode & 07777, who,
       (st.st_mode & 0060) == 0060 ? " and members of group " + group(st.st_gid) : "");
 }
 
@@ -322,7 +301,7 @@ int Call(const Ctx& ctx, const json& req, json* result,
                  "be UTF-8)");
   }
   if (!st.ok()) {
-    std::fprintf(stderr, "cortexctl: %s\n", Terminal(st.message()).c_str());
+    SayError(st.message());
     if (ctx.json_out)
       std::cout << json{{"error", {{"code", st.code_name()}, {"message", st.message()}}}}.dump(2)
                 << "\n";
@@ -330,7 +309,7 @@ int Call(const Ctx& ctx, const json& req, json* result,
   }
   if (!resp.value("ok", false)) {
     json e = resp.value("error", json::object());
-    std::fprintf(stderr, "cortexctl: %s\n", Str(e, "message", "request failed").c_str());
+    SayError(Raw(e, "message", "request failed"));
     if (ctx.json_out) std::cout << json{{"error", e}}.dump(2) << "\n";
     return kFailed;
   }
@@ -536,19 +515,10 @@ std::string GitTopLevel(std::string* why_not) {
   return out;
 }
 
-// The key of the caller's repo tag, any case ("REPO" would reach the command expert as
-// the same CORTEX_TAG_REPO), or "".
-bool IsRepoKey(const std::string& k) {
-  return k.size() == 4 && strncasecmp(k.c_str(), "repo", 4) == 0;
-}
-std::string RepoTagKey(const json& tags) {
-  for (const auto& [k, v] : tags.items())
-    if (IsRepoKey(k)) return k;
-  return "";
-}
-
-// --tag key=value list to the request's tags. A key may be given once; a relative path in
-// `repo` is the caller's, so it is made absolute here (cortexd runs elsewhere).
+// --tag key=value list to the request's tags. A key may be given once, in any case (keys
+// are told apart by TagKeyName, as experts see them); the repo tag, in any case, is sent
+// as `repo`, and a relative path in it is the caller's, so it is made absolute here
+// (cortexd runs elsewhere).
 int ParseTagsArg(const Ctx& ctx, const std::vector<std::string>& in, json* tags) {
   *tags = json::object();
   for (const auto& t : in) {
@@ -557,16 +527,16 @@ int ParseTagsArg(const Ctx& ctx, const std::vector<std::string>& in, json* tags)
       return Usage(ctx, "--tag '" + t + "' must look like key=value");
     std::string key = t.substr(0, eq), value = t.substr(eq + 1);
     // What cortexd accepts as a key, checked here so that it is a usage error.
-    if (key.size() > 64 ||
-        key.find_first_not_of(
-            "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-") !=
-            std::string::npos)
+    if (!cortex::ValidTagKey(key))
       return Usage(ctx, "--tag '" + t +
                             "': a key must be 1-64 characters of letters, digits, '_', '.', '-'");
-    if (tags->contains(key))
-      return Usage(ctx, "--tag " + key + " is given twice ('" + (*tags)[key].get<std::string>() +
-                            "' and '" + value + "'); a task has one value per key");
-    if (IsRepoKey(key) && !value.empty() && value[0] != '/') {
+    if (cortex::TagKeyName(key) == "REPO") key = "repo";
+    for (const auto& [k, v] : tags->items())
+      if (cortex::TagKeyName(k) == cortex::TagKeyName(key))
+        return Usage(ctx, "--tag " + key + " is given twice ('" + v.get<std::string>() + "' and '" +
+                              value + "'" + (k == key ? "" : ", as " + k + " and " + key) +
+                              "); a task has one value per key");
+    if (key == "repo" && !value.empty() && value[0] != '/') {
       std::error_code ec;
       value = std::filesystem::absolute(value, ec).lexically_normal().string();
       if (value.size() > 1 && value.back() == '/') value.pop_back();
@@ -943,7 +913,7 @@ static int RunCli(int argc, char** argv, Ctx& ctx) {
     json tags;
     if ((rc = ParseTagsArg(ctx, tag_args, &tags)) != kOk) return rc;
     // Inside a git work tree the repository is what a task is about, unless told otherwise.
-    if (!no_repo && RepoTagKey(tags).empty()) {
+    if (!no_repo && !tags.contains("repo")) {
       std::string why_not;
       if (std::string top = GitTopLevel(&why_not); !top.empty())
         tags["repo"] = top;
@@ -958,6 +928,19 @@ static int RunCli(int argc, char** argv, Ctx& ctx) {
       std::printf("route: %s\n  would choose %s (model %s; dry run, nothing recorded)\n",
                   Terminal(text).c_str(), Str(result, "chosen").c_str(),
                   Str(result, "model_version").c_str());
+      if (result.value("forced", false)) {
+        const json& first = result["candidates"].empty() ? json() : result["candidates"][0];
+        std::string rules;
+        for (const auto& r : first.value("rules", json::array()))
+          if (r.is_string()) rules += (rules.empty() ? "" : ", ") + Terminal(r.get<std::string>());
+        const std::string waits = Raw(result, "waits_for");
+        std::printf("  forced by rule %s: %s only, no fallback%s\n", rules.c_str(),
+                    Str(result, "chosen").c_str(),
+                    waits == "load"      ? "; it is not loaded, so a task would wait for it"
+                    : waits == "release" ? "; it is quarantined, so a task would wait for its "
+                                           "release"
+                                         : "");
+      }
       PrintCandidates(result["candidates"]);
       return kOk;
     }
@@ -1172,7 +1155,8 @@ static int RunCli(int argc, char** argv, Ctx& ctx) {
       if (ctx.json_out)
         return (void)std::printf("%s\n", e.dump().c_str());  // --follow: a line each
       const std::string file = Str(e, "file"), detail = Str(e, "detail");
-      std::printf("%s  %-9s %-12s %s\n", LocalTime(Str(e, "time")).c_str(), Str(e, "event").c_str(),
+      std::printf("%s  %-11s %-12s %s\n", LocalTime(Str(e, "time")).c_str(),
+                  Str(e, "event").c_str(),
                   Str(e, "expert").empty() ? "-" : Str(e, "expert").c_str(),
                   (file.empty()     ? detail
                    : detail.empty() ? file
@@ -1252,8 +1236,8 @@ static int RunCli(int argc, char** argv, Ctx& ctx) {
     const json m = result.value("metrics", json::object());
     auto est = [&](const char* k) {
       auto [lo, hi] = Interval(m.value(k, json::object()), k);
-      return fmt::format("{:.3f}  (95% interval {:.3f} to {:.3f})",
-                         m.value(k, json::object()).value("value", 0.0), lo, hi);
+      return Fixed(m.value(k, json::object()).value("value", 0.0), 3) + "  (95% interval " +
+             Fixed(lo, 3) + " to " + Fixed(hi, 3) + ")";
     };
     std::printf("candidate %s: %s\n", Str(result, "name").c_str(),
                 result.value("live", false) ? "PROMOTED (now live)" : "refused");
@@ -1299,7 +1283,7 @@ static int RunCli(int argc, char** argv, Ctx& ctx) {
       auto est = [&](const char* k) {
         if (!x.contains(k)) return std::string("-");
         auto [lo, hi] = Interval(x[k], k);
-        return fmt::format("{:.2f} [{:.2f},{:.2f}]", x[k].value("value", 0.0), lo, hi);
+        return Fixed(x[k].value("value", 0.0), 2) + " [" + Fixed(lo, 2) + "," + Fixed(hi, 2) + "]";
       };
       std::printf(
           "%-4s %-5s %-9s %-20s %7s %7s %-17s %-17s %s\n", m.value("live", false) ? "*" : "",

@@ -332,8 +332,8 @@ Status ParseExperts(const Parser& p, const YAML::Node& n, std::vector<ExpertConf
   std::set<std::string> names;
   static const std::set<std::string> kCommon = {"name",     "plugin",   "description", "keywords",
                                                 "examples", "capacity", "timeout"};
-  // Every expert is looked at, and each of its settings: an expert whose name or plugin
-  // is wrong reports that alone (nothing else of it can be judged).
+  // Every expert is looked at, and each of its settings; only one without a name or a
+  // plugin has nothing else judged.
   for (size_t i = 0; i < n.size(); ++i) {
     p.Keep([&]() -> Status {
       const YAML::Node& e = n[i];
@@ -342,21 +342,23 @@ Status ParseExperts(const Parser& p, const YAML::Node& n, std::vector<ExpertConf
       (void)p.CheckKeys(e, path, AllKeys(e));  // duplicates only
       ExpertConfig ec;
       ec.line = Parser::Line(e);
+      ec.index = static_cast<int>(i);
       for (const char* req : {"name", "plugin"})
         if (!e[req]) return p.Error(e, path + "." + req, "is required");
-      CORTEX_RETURN_IF_ERROR(p.Str(e["name"], path + ".name", &ec.name));
-      if (!ValidExpertName(ec.name))
-        return p.Error(e["name"], path + ".name",
-                       "must be 1-64 characters of a-z, 0-9, '-', '_' or '.'");
-      if (!names.insert(ec.name).second)
-        return p.Error(e["name"], path + ".name", "duplicate expert name '" + ec.name + "'");
-      CORTEX_RETURN_IF_ERROR(p.Str(e["plugin"], path + ".plugin", &ec.plugin));
       bool bad = false;
       auto keep = [&](const Status& st) {
         p.Keep(st);
         bad = bad || !st.ok();
         return st.ok();
       };
+      CORTEX_RETURN_IF_ERROR(p.Str(e["name"], path + ".name", &ec.name));
+      // A bad or repeated name is one error; the expert's other settings are still judged.
+      if (!ValidExpertName(ec.name))
+        keep(p.Error(e["name"], path + ".name",
+                     "must be 1-64 characters of a-z, 0-9, '-', '_' or '.'"));
+      else if (!names.insert(ec.name).second)
+        keep(p.Error(e["name"], path + ".name", "duplicate expert name '" + ec.name + "'"));
+      CORTEX_RETURN_IF_ERROR(p.Str(e["plugin"], path + ".plugin", &ec.plugin));
       for (const auto& kv : e) {
         std::string k = kv.first.as<std::string>();
         std::string kp = path + "." + k;
@@ -736,8 +738,11 @@ Result<double> ParseDuration(const std::string& text) {
   try {
     v = std::stod(text, &pos);
   } catch (...) {
-    return Status::InvalidArgument("not a duration: '" + text + "' (use e.g. 30s, 10m, 1h)");
+    pos = 0;
   }
+  // A plain decimal number: stod alone would also take hex, "inf", "nan" and exponents.
+  if (pos == 0 || text.substr(0, pos).find_first_not_of("0123456789.-") != std::string::npos)
+    return Status::InvalidArgument("not a duration: '" + text + "' (use e.g. 30s, 10m, 1h)");
   std::string unit = text.substr(pos);
   double mul;
   if (unit.empty() || unit == "s")

@@ -8,6 +8,8 @@
 #include <cstdio>
 #include <ctime>
 #include <mutex>
+#include <string>
+#include <vector>
 
 namespace cortex {
 namespace {
@@ -47,43 +49,80 @@ bool SetLogFile(const std::string& path) {
   return true;
 }
 
-void LogLine(LogLevel level, const std::string& msg) {
+std::string Printable(const std::string& s, bool keep_lines) {
+  std::string out;
+  out.reserve(s.size());
+  char esc[16];
+  for (size_t i = 0; i < s.size(); ++i) {
+    const unsigned char c = static_cast<unsigned char>(s[i]);
+    const unsigned char c1 = i + 1 < s.size() ? static_cast<unsigned char>(s[i + 1]) : 0;
+    const unsigned char c2 = i + 2 < s.size() ? static_cast<unsigned char>(s[i + 2]) : 0;
+    if ((c == '\n' || c == '\t') && keep_lines) {
+      out += static_cast<char>(c);
+    } else if (c == '\n') {
+      out += "\\n";
+    } else if (c == '\t') {
+      out += "\\t";
+    } else if (c < 0x20 || c == 0x7f) {
+      std::snprintf(esc, sizeof esc, "\\x%02x", c);
+      out += esc;
+    } else if (c == 0xc2 && c1 >= 0x80 && c1 <= 0x9f) {  // C1 controls
+      std::snprintf(esc, sizeof esc, "\\u%04x", c1);
+      out += esc;
+      ++i;
+    } else if (c == 0xd8 && c1 == 0x9c) {  // U+061C arabic letter mark
+      out += "\\u061c";
+      ++i;
+    } else if (c == 0xe2 && ((c1 == 0x80 && ((c2 >= 0x8b && c2 <= 0x8f) ||    // U+200B-200F
+                                             (c2 >= 0xa8 && c2 <= 0xae))) ||  // U+2028-202E
+                             (c1 == 0x81 && c2 >= 0xa6 && c2 <= 0xa9))) {     // U+2066-2069
+      std::snprintf(esc, sizeof esc, "\\u%04x",
+                    ((c & 0x0f) << 12) | ((c1 & 0x3f) << 6) | (c2 & 0x3f));
+      out += esc;
+      i += 2;
+    } else if (c == 0xef && c1 == 0xbb && c2 == 0xbf) {  // U+FEFF zero width no-break space
+      out += "\\ufeff";
+      i += 2;
+    } else {
+      out += static_cast<char>(c);
+    }
+  }
+  return out;
+}
+
+namespace {
+void Write(LogLevel level, const std::vector<std::string>& lines) {
   struct timeval tv;
   gettimeofday(&tv, nullptr);
   struct tm tm;
   localtime_r(&tv.tv_sec, &tm);
   char ts[32];
   std::strftime(ts, sizeof ts, "%Y-%m-%dT%H:%M:%S", &tm);
-  // Messages carry names that anyone chose (plugin files, task text): control characters
-  // are written as \xNN, and a message of several lines continues on indented lines, so
-  // no message can pass for a line of its own or drive the terminal that shows the log.
-  std::string text;
-  text.reserve(msg.size());
-  for (unsigned char c : msg) {
-    if (c == '\n') {
-      text += "\n  ";
-    } else if (c < 0x20 || c == 0x7f) {
-      char esc[8];
-      std::snprintf(esc, sizeof esc, "\\x%02x", c);
-      text += esc;
-    } else {
-      text += static_cast<char>(c);
-    }
-  }
   char prefix[96];
   std::snprintf(prefix, sizeof prefix, "%s.%03ld cortexd[%d] %s: ", ts,
                 static_cast<long>(tv.tv_usec / 1000), static_cast<int>(getpid()), Name(level));
-  std::string line;
-  for (size_t at = 0;;) {  // every line with the prefix, so each can be told apart
-    size_t nl = text.find('\n', at);
-    line += prefix + text.substr(at, nl == std::string::npos ? std::string::npos : nl - at) + "\n";
+  std::string text;
+  for (size_t i = 0; i < lines.size(); ++i)
+    text += prefix + std::string(i ? "  " : "") + Printable(lines[i]) + "\n";
+  std::lock_guard<std::mutex> lock(g_mu);
+  FILE* out = g_out ? g_out : stderr;
+  std::fputs(text.c_str(), out);
+  std::fflush(out);
+}
+}  // namespace
+
+void LogLine(LogLevel level, const std::string& msg) { Write(level, {msg}); }
+
+void LogLines(LogLevel level, const std::string& msg) {
+  if (!LogEnabled(level)) return;
+  std::vector<std::string> lines;
+  for (size_t at = 0;;) {
+    const size_t nl = msg.find('\n', at);
+    lines.push_back(msg.substr(at, nl == std::string::npos ? std::string::npos : nl - at));
     if (nl == std::string::npos) break;
     at = nl + 1;
   }
-  std::lock_guard<std::mutex> lock(g_mu);
-  FILE* out = g_out ? g_out : stderr;
-  std::fputs(line.c_str(), out);
-  std::fflush(out);
+  Write(level, lines);
 }
 
 }  // namespace cortex

@@ -78,17 +78,30 @@ std::string BundledPluginHost() {
 namespace {
 
 // Rules that name an expert which is not loaded, for a start's, a reload's and
-// --check-config's warnings: each named expert, and what its rules do meanwhile (a force
-// rule holds the tasks it matches; a boost does nothing).
-std::vector<std::pair<std::string, std::string>> RuleExpertsMissing(
+// --check-config's warnings: each such expert, the rules naming it ("'gdpr' (line 12)"),
+// and what they do meanwhile (a force rule holds the tasks it matches; a boost does
+// nothing).
+struct MissingRuleExpert {
+  std::string expert, rules, effect;
+};
+std::vector<MissingRuleExpert> RuleExpertsMissing(
     const Config& c, const std::function<bool(const std::string&)>& loaded) {
-  std::map<std::string, bool> named;  // expert -> a force rule names it
-  for (const auto& r : c.rules) named[r.expert] |= r.force;
-  std::vector<std::pair<std::string, std::string>> out;
-  for (const auto& [name, forced] : named)
-    if (!loaded(name))
-      out.emplace_back(name, forced ? "tasks its force rule matches wait until it is loaded"
-                                    : "its rules fire once it is loaded");
+  std::map<std::string, MissingRuleExpert> named;
+  std::map<std::string, bool> forced;
+  for (const auto& r : c.rules) {
+    if (loaded(r.expert)) continue;
+    MissingRuleExpert& m = named[r.expert];
+    m.expert = r.expert;
+    m.rules += (m.rules.empty() ? "" : ", ") + fmt::format("'{}'", r.name) +
+               (r.line ? fmt::format(" (line {})", r.line) : "");
+    forced[r.expert] |= r.force;
+  }
+  std::vector<MissingRuleExpert> out;
+  for (auto& [name, m] : named) {
+    m.effect = forced[name] ? "the tasks its force rule matches wait until it is loaded"
+                            : "its rules fire once it is loaded";
+    out.push_back(std::move(m));
+  }
   return out;
 }
 
@@ -416,8 +429,10 @@ class DaemonImpl : public Daemon, public RequestHandler {
     std::lock_guard<std::mutex> one_at_a_time(reload_mu_);
     // A refusal names every error in the file, as --check-config would.
     auto refuse = [&](const Status& st) {
-      return EveryConfigError(st, options_.config_path, options_)
-          .WithContext("reload refused, keeping the running config");
+      Status all = EveryConfigError(st, options_.config_path, options_)
+                       .WithContext("reload refused, keeping the running config");
+      LogLines(LogLevel::kError, all.message());  // whether asked by SIGHUP or cortexctl
+      return all;
     };
     Result<Config> next = options_.config_path.empty() ? Result<Config>(DefaultConfig())
                                                        : LoadConfigFile(options_.config_path);
@@ -574,9 +589,9 @@ class DaemonImpl : public Daemon, public RequestHandler {
   }
 
   void WarnUnknownRuleExperts(const Config& c) {
-    for (const auto& [name, effect] :
+    for (const auto& m :
          RuleExpertsMissing(c, [&](const std::string& n) { return !!registry_->Find(n); }))
-      LogWarn("a rule names expert '{}', which is not loaded; {}", name, effect);
+      LogWarn("rule {} names expert '{}', which is not loaded; {}", m.rules, m.expert, m.effect);
   }
 
   Status Recover() {
@@ -653,8 +668,7 @@ class DaemonImpl : public Daemon, public RequestHandler {
       if (reload) {
         NotifyReloading();
         json summary;
-        Status st = Reload(&summary);  // rescans too
-        if (!st.ok()) LogError("{}", st.message());
+        (void)Reload(&summary);            // rescans too; a refusal is logged there
         if (!stop_.load()) NotifyReady();  // serving again (a failed reload keeps the old)
       } else if (rescan) {
         registry_->Rescan();
@@ -825,12 +839,19 @@ class DaemonImpl : public Daemon, public RequestHandler {
         const Decision& d = decisions[i];
         if (d.forced && std::none_of(slots.begin(), slots.end(), [&](const ExpertSlot& s) {
               return s.profile.name == d.chosen;
-            }))
+            })) {
+          const std::shared_ptr<Expert> there = registry_->Find(d.chosen);
           LogWarn(
-              "task {}: a force rule ({}) sends it to expert '{}', which is not loaded: "
-              "it waits until '{}' is loaded, or `cortexctl cancel {}`",
-              batch[i].id, fmt::join(d.candidates.front().rules, ", "), d.chosen, d.chosen,
+              "task {}: a force rule ({}) sends it to expert '{}', which {}, or `cortexctl "
+              "cancel {}`",
+              batch[i].id, fmt::join(d.candidates.front().rules, ", "), d.chosen,
+              there && there->quarantined()
+                  ? fmt::format("is quarantined: it waits until `cortexctl experts release "
+                                "{}`",
+                                d.chosen)
+                  : fmt::format("is not loaded: it waits until '{}' is loaded", d.chosen),
               batch[i].id);
+        }
         Job job;
         job.task = std::move(batch[i]);
         job.decision = std::move(decisions[i]);
@@ -1436,6 +1457,7 @@ Status WithScratchRegistry(const Config& config, const DaemonOptions& options,
   ro.cache_dir = tmpl;
   ro.env = Env::Default();
   ro.audit = std::move(audit);
+  ro.log_events = false;
   {
     ExpertRegistry registry(ro);
     registry.Rescan();
@@ -1477,18 +1499,18 @@ Status CheckConfig(const Config& config, const DaemonOptions& options,
       },
       [&](ExpertRegistry& registry) {
         keep(registry.Configure(config));
-        for (const auto& [name, effect] :
+        for (const auto& m :
              RuleExpertsMissing(config, [&](const std::string& n) { return !!registry.Find(n); }))
           warnings->push_back(fmt::format(
-              "{}: a rule names expert '{}', which is not loaded (loaded: {}); {}", config.source,
-              name,
+              "{}: rule {} names expert '{}', which is not loaded (loaded: {}); {}", config.source,
+              m.rules, m.expert,
               [&] {
                 std::string have;
                 for (const auto& e : registry.Active())
                   have += (have.empty() ? "" : ", ") + e->name();
                 return have.empty() ? std::string("none") : have;
               }(),
-              effect));
+              m.effect));
       }));
   if (!errors.empty()) return Status::InvalidArgument(JoinLines(errors));
   return Status::OK();

@@ -186,7 +186,7 @@ int main(int argc, char** argv) {
   cortex::Status st = d.ok() ? d.value()->Start() : d.status();
   if (!st.ok()) {
     st = cortex::EveryConfigError(st, config_path, opts);
-    cortex::LogError("cannot start: {}", st.message());
+    cortex::LogLines(cortex::LogLevel::kError, "cannot start: " + st.message());
     Report(ready_fd, st.message());
     return 1;
   }

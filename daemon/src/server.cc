@@ -18,6 +18,7 @@
 
 #include "cortex/env.h"
 #include "cortex/log.h"
+#include "cortex/tags.h"
 #include "cortex/wire.h"
 
 namespace cortex {
@@ -55,7 +56,7 @@ class Request {
       if (!ok) {
         std::string list;
         for (const char* f : fields) list += (list.empty() ? "" : ", ") + std::string(f);
-        return Bad("unknown field '" + k + "' for op " + op_ +
+        return Bad("unknown field '" + Printable(k) + "' for op " + op_ +
                    (list.empty() ? " (it takes none)" : " (expected: " + list + ")"));
       }
     }
@@ -114,12 +115,16 @@ Status ParseTags(const Request& r, const DaemonConfig& lim, Tags* tags) {
   if (static_cast<int>(t.size()) > lim.max_tags)
     return Status::ResourceExhausted(std::to_string(t.size()) + " tags; the limit is " +
                                      std::to_string(lim.max_tags) + " (daemon.max_tags)");
+  std::map<std::string, std::string> names;  // TagKeyName -> the key that has it
   for (const auto& [k, v] : t.items()) {
-    if (k.empty() || k.size() > 64 ||
-        k.find_first_not_of("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-") !=
-            std::string::npos)
-      return Bad("tag key '" + k + "' must be 1-64 characters of letters, digits, '_', '.', '-'");
-    if (!v.is_string()) return Bad("tag '" + k + "' must have a string value");
+    if (!ValidTagKey(k))
+      return Bad("tag key '" + Printable(k) +
+                 "' must be 1-64 characters of letters, digits, '_', '.', '-'");
+    if (auto [it, fresh] = names.emplace(TagKeyName(k), k); !fresh)
+      return Bad("tags '" + it->second + "' and '" + k +
+                 "' differ only in case or in '.', '-', '_': experts would see one tag; give "
+                 "one of them");
+    if (!v.is_string()) return Bad("tag '" + Printable(k) + "' must have a string value");
     if (v.get<std::string>().size() > 4096) return Bad("tag '" + k + "' is longer than 4096 bytes");
     if (v.get<std::string>().find('\0') != std::string::npos)
       return Bad("tag '" + k + "' holds a NUL character; tag values cannot");
@@ -398,7 +403,7 @@ json Server::HandleLine(const std::string& line,
         Bad("malformed JSON: " + (close == std::string::npos ? what : what.substr(close + 2))));
   }
   if (!duplicate.empty())
-    return wire::Error(Bad("duplicate key '" + duplicate.substr(0, 64) +
+    return wire::Error(Bad("duplicate key '" + Printable(duplicate.substr(0, 64)) +
                            "' in the request: each field may appear once"));
   if (!req.is_object()) return wire::Error(Bad("a request must be a JSON object with an \"op\""));
   if (!req.contains("op") || !req["op"].is_string())
@@ -428,7 +433,7 @@ json Server::Dispatch(const json& j, const std::function<bool(const std::string&
   auto task_id = [&](std::string* id) -> Status {
     CORTEX_RETURN_IF_ERROR(r.String("id", true, id));
     if (id->size() < 4)
-      return Bad("task id '" + *id + "' is too short: give at least 4 characters of it");
+      return Bad("task id '" + Printable(*id) + "' is too short: give at least 4 characters of it");
     if (id->size() > 64)  // (and not echoed: it is not an id)
       return Bad("a task id of " + std::to_string(id->size()) + " bytes: ids are 12 characters");
     return h_->store()->ResolveTaskId(*id, id);
@@ -469,6 +474,11 @@ json Server::Dispatch(const json& j, const std::function<bool(const std::string&
       CHECK(h_->Route(text, tags, &d));
       json out = wire::ToJson(d);
       out["text"] = text;
+      // A forced expert that cannot take the task now: a submitted one would wait for it.
+      if (d.forced) {
+        std::shared_ptr<Expert> e = h_->registry()->Find(d.chosen);
+        if (!e || e->quarantined()) out["waits_for"] = e ? "release" : "load";
+      }
       return wire::Ok(out);
     }
     bool wait = false;
@@ -565,7 +575,8 @@ json Server::Dispatch(const json& j, const std::function<bool(const std::string&
     for (const auto& e : h_->registry()->List()) names.insert(e.name);
     for (const auto& s : stats) names.insert(s.expert);
     if (!only.empty() && !names.count(only))
-      return fail(Status::NotFound("no expert named '" + only + "' is loaded or in the history"));
+      return fail(Status::NotFound("no expert named '" + Printable(only) +
+                                   "' is loaded or in the history"));
     for (const auto& n : names) {
       if (!only.empty() && n != only) continue;
       const ExpertStats& s = by[n];
@@ -674,7 +685,7 @@ json Server::Dispatch(const json& j, const std::function<bool(const std::string&
 #undef CHECK
   std::string list;
   for (const char* o : kOps) list += (list.empty() ? "" : ", ") + std::string(o);
-  return wire::Error(Bad("unknown op '" + op + "' (expected one of: " + list + ")"));
+  return wire::Error(Bad("unknown op '" + Printable(op) + "' (expected one of: " + list + ")"));
 }
 
 }  // namespace cortex

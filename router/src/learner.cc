@@ -28,12 +28,15 @@ PolicyEstimate MeanCi(const std::vector<double>& v) {
 
 // The 95% interval as bounds too, clipped to what the quantity can be (a policy's mean
 // reward lies in [0, 1], a difference of two in [-1, 1]): a small holdout's half-width can
-// exceed the whole range, and an interval outside it would only mislead.
+// exceed the whole range, and an interval outside it would only mislead. `e` is the
+// unclipped estimate: the value shown is clipped, and the bounds are the clipped ends of
+// its own interval, so value and interval never disagree.
 nlohmann::json EstimateJson(const PolicyEstimate& e, double lo, double hi) {
-  return {{"value", e.value},
+  // "+ 0.0": a -0.0 shows as 0.
+  return {{"value", std::clamp(e.value, lo, hi) + 0.0},
           {"ci", e.ci},
-          {"low", std::clamp(e.value - e.ci, lo, hi)},
-          {"high", std::clamp(e.value + e.ci, lo, hi)}};
+          {"low", std::clamp(e.value - e.ci, lo, hi) + 0.0},
+          {"high", std::clamp(e.value + e.ci, lo, hi) + 0.0}};
 }
 
 }  // namespace
@@ -276,6 +279,7 @@ Result<RetrainResult> Learner::Retrain(const std::vector<LoggedOutcome>& history
   // (the decision uses the unclipped difference).
   const bool clipped = res.candidate.value < 0 || res.candidate.value > 1 || res.live.value < 0 ||
                        res.live.value > 1;
+  const PolicyEstimate raw_candidate = res.candidate, raw_live = res.live;  // for the bounds
   res.candidate.value = std::clamp(res.candidate.value, 0.0, 1.0);
   res.live.value = std::clamp(res.live.value, 0.0, 1.0);
   if (eval.size() < kMinValidationDecisions) {
@@ -297,8 +301,8 @@ Result<RetrainResult> Learner::Retrain(const std::vector<LoggedOutcome>& history
   nlohmann::json m = {{"train_rows", res.train_rows},
                       {"holdout_rows", res.holdout_rows},
                       {"estimator", "doubly robust, 95% interval"},
-                      {"candidate", EstimateJson(res.candidate, 0, 1)},
-                      {"live", EstimateJson(res.live, 0, 1)},
+                      {"candidate", EstimateJson(raw_candidate, 0, 1)},
+                      {"live", EstimateJson(raw_live, 0, 1)},
                       {"diff", EstimateJson(res.diff, -1, 1)},
                       {"promoted", res.promoted},
                       {"reason", res.reason},

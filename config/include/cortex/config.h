@@ -40,10 +40,10 @@ struct PluginsConfig {
   size_t memory_limit = 1ull << 30;  // per plugin host (RLIMIT_DATA); 0: none
   int quarantine_after = 5;          // consecutive crashes
   double restart_backoff_s = 0.25;   // doubles with each consecutive crash, up to 30s
-  double load_timeout_s = 10;  // a plugin's load or create() that takes longer is refused
+  double load_timeout_s = 10;        // a plugin's load or create() that takes longer is refused
   // The only variables of cortexd's environment a plugin host (and so a plugin) sees.
-  std::vector<std::string> env = {"PATH", "HOME",   "USER",  "LOGNAME",
-                                  "LANG", "LC_ALL", "TZ",    "TMPDIR"};
+  std::vector<std::string> env = {"PATH", "HOME",   "USER", "LOGNAME",
+                                  "LANG", "LC_ALL", "TZ",   "TMPDIR"};
 };
 
 struct RouterConfig {
@@ -83,6 +83,7 @@ struct ExpertConfig {
   nlohmann::json settings = nlohmann::json::object();  // plugin-specific keys
   std::map<std::string, int> key_lines;                // settings key -> line
   int line = 0;
+  int index = 0;  // its place in the file's experts: list (experts[index] in errors)
 };
 
 struct Config {

@@ -12,8 +12,21 @@ enum class LogLevel { kDebug = 0, kInfo = 1, kWarn = 2, kError = 3 };
 void SetLogLevel(LogLevel level);
 // Redirects log output to `path` (appending). Returns false if it cannot be opened.
 bool SetLogFile(const std::string& path);
+// One record: `msg` is shown through Printable, so a newline in it is `\n`, not a line.
 void LogLine(LogLevel level, const std::string& msg);
+// A message that is several lines on purpose (every config error, a line each): a record
+// per line, the later ones indented under the first.
+void LogLines(LogLevel level, const std::string& msg);
 bool LogEnabled(LogLevel level);
+
+// Text that anyone chose (task text, tags, file names, expert output, plugin messages)
+// made safe to show on a terminal or in a log: an escape sequence could recolour, retitle
+// or rewrite the screen, a newline could forge a line that looks like one of ours. Control
+// characters become \n, \t and \xNN; C1 controls and the invisible characters that
+// reorder or hide text (bidi overrides and isolates, direction marks, zero-width and line
+// separators, BOM) become \uXXXX. `keep_lines` keeps \n and \t, for multi-line output
+// that the caller indents line by line.
+std::string Printable(const std::string& s, bool keep_lines = false);
 
 template <typename... Args>
 void LogInfo(fmt::format_string<Args...> f, Args&&... a) {

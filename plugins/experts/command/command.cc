@@ -81,6 +81,10 @@ class CommandExpert {
           *err = "env: '" + k + "' must map a NAME without '=' to a string";
           return nullptr;
         }
+        if (k.rfind("CORTEX_", 0) == 0) {  // the task's own (text, id, tags): not to be forged
+          *err = "env: '" + k + "': CORTEX_* variables carry the task; choose another name";
+          return nullptr;
+        }
         e->extra_env_.push_back(k + "=" + v.get<std::string>());
       }
     }

@@ -70,9 +70,13 @@ ProcessResult RunProcess(const ProcessSpec& spec) {
   // A spawn that fails to change folder reports ENOENT like a missing program: say which.
   if (!spec.cwd.empty()) {
     struct stat st;
-    if (stat(spec.cwd.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) {
+    if (stat(spec.cwd.c_str(), &st) != 0 || !S_ISDIR(st.st_mode) ||
+        faccessat(AT_FDCWD, spec.cwd.c_str(), X_OK, AT_EACCESS) != 0) {
+      const int e = errno;
       r.error = "cannot run in folder " + spec.cwd + ": ";
-      r.error += stat(spec.cwd.c_str(), &st) != 0 ? std::strerror(errno) : "not a folder";
+      r.error += stat(spec.cwd.c_str(), &st) != 0 ? std::strerror(errno)
+                 : !S_ISDIR(st.st_mode)           ? "not a folder"
+                                                  : std::strerror(e);
       return r;
     }
   }
@@ -254,6 +258,11 @@ bool ListRepoFiles(const std::string& root, size_t max_files,
     // Not usable (git missing, not a work tree, dubious ownership): walk instead.
   }
   *how = "directory walk";
+  // Unreadable folders below are skipped; an unreadable top would be an empty repository.
+  if (faccessat(AT_FDCWD, root.c_str(), R_OK | X_OK, AT_EACCESS) != 0) {
+    *error = "cannot read " + root + ": " + std::strerror(errno);
+    return false;
+  }
   fs::recursive_directory_iterator it(root, fs::directory_options::skip_permission_denied, ec);
   if (ec) {
     *error = "cannot read " + root + ": " + ec.message();

@@ -516,9 +516,9 @@ ExpertRegistry::~ExpertRegistry() = default;
 
 void ExpertRegistry::Audit(const std::string& expert, const std::string& file,
                            const std::string& event, const std::string& detail) {
-  if (event == "refused")
+  if (options_.log_events && event == "refused")
     LogWarn("plugin {}: refused: {}", file, detail);
-  else
+  else if (options_.log_events)
     LogInfo("expert {} {} ({}){}", expert.empty() ? "?" : expert, event, file,
             detail.empty() ? "" : ": " + detail);
   if (options_.audit) options_.audit({options_.env->NowUnix(), expert, file, event, detail});
@@ -714,7 +714,7 @@ Status ExpertRegistry::BuildInstances(const std::vector<ExpertConfig>& instances
   std::vector<std::string> errors;  // every instance is tried: all their errors at once
   for (size_t i = 0; i < instances.size(); ++i) {
     const ExpertConfig& ec = instances[i];
-    const std::string path = "experts[" + std::to_string(i) + "]";
+    const std::string path = "experts[" + std::to_string(ec.index) + "]";
     auto where = [&](int line) { return source + ":" + std::to_string(line) + ": "; };
     auto pit = plugins_.find(ec.plugin);
     if (pit == plugins_.end()) {
@@ -875,7 +875,8 @@ Status ExpertRegistry::Release(const std::string& name) {
   {
     std::lock_guard<std::mutex> l(state_mu_);
     auto it = active_.find(name);
-    if (it == active_.end()) return Status::NotFound("no expert named '" + name + "' is loaded");
+    if (it == active_.end())
+      return Status::NotFound("no expert named '" + Printable(name) + "' is loaded");
     e = it->second;
   }
   return e->Release().WithContext("expert " + name);

@@ -168,12 +168,15 @@ class ExpertRegistry {
     std::vector<std::string> dirs;  // scanned in order
     std::string cache_dir;          // private 0700 folder for load copies
     Env* env = Env::Default();
-    bool in_process = false;  // trusted plugins only: a crash takes cortexd down
-    std::string host_exe;     // cortex-plugin-host
+    bool in_process = false;            // trusted plugins only: a crash takes cortexd down
+    std::string host_exe;               // cortex-plugin-host
     std::vector<std::string> host_env;  // names of cortexd's variables hosts inherit
-    double load_timeout_s = 10;  // a load or create() that does not answer is refused
+    double load_timeout_s = 10;         // a load or create() that does not answer is refused
     Supervision supervision;
     std::function<void(const ExpertEvent&)> audit;  // every load, refusal and removal
+    // Logs each load, refusal and removal too; off for a scratch registry that only checks
+    // a config (--check-config, --print-config, a refused reload), whose loads are not real.
+    bool log_events = true;
   };
   explicit ExpertRegistry(Options options);
   ~ExpertRegistry();
