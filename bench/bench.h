@@ -65,8 +65,10 @@ struct PrivateDaemon {
   PrivateDaemon(const PrivateDaemon&) = delete;
   PrivateDaemon& operator=(const PrivateDaemon&) = delete;
   ~PrivateDaemon();
+  // `base`: the folder its temporary folder is made in (/dev/shm puts the store on tmpfs).
   bool Start(const std::string& cortexd, const std::string& daemon_opts,
-             const std::string& plugin_opts, const std::string& rest);
+             const std::string& plugin_opts, const std::string& rest,
+             const std::string& base = "/tmp");
   int Stop();  // SIGTERM; its exit status
 };
 

@@ -14,6 +14,8 @@
 #include <random>
 #include <thread>
 
+#include <fmt/format.h>
+
 #include "bench.h"
 #include "cortex/client.h"
 #include "cortex/paths.h"
@@ -26,13 +28,15 @@ using cortex::bench::WriteJson;
 using json = nlohmann::json;
 using Clock = std::chrono::steady_clock;
 
+// One run: `tasks` submit --wait calls shared by `clients` connections; its figures in
+// *out. Tasks that got no answer (a client that could not connect, a request that failed)
+// are `errors`, and the first reason is said on stderr.
 int Throughput(const std::string& socket, int clients, int tasks, const std::string& text,
-               const std::string& json_out) {
-  std::atomic<int> next{0}, ok{0}, failed{0}, errors{0};
+               json* out) {
+  std::atomic<int> next{0}, ok{0}, failed{0};
   std::mutex why_mu;
-  std::string why;  // the first error, said once at the end
-  auto error = [&](int n, const std::string& what) {
-    errors += n;
+  std::string why;
+  auto error = [&](const std::string& what) {
     std::lock_guard<std::mutex> l(why_mu);
     if (why.empty()) why = what;
   };
@@ -42,11 +46,7 @@ int Throughput(const std::string& socket, int clients, int tasks, const std::str
   for (int c = 0; c < clients; ++c)
     ts.emplace_back([&, c] {
       cortex::Client cl;
-      if (cortex::Status st = cl.Connect(socket); !st.ok()) {
-        // This client's share of the tasks is never sent; the others may still run.
-        error(1, st.ToString());
-        return;
-      }
+      if (cortex::Status st = cl.Connect(socket); !st.ok()) return error(st.ToString());
       while (next.fetch_add(1) < tasks) {
         auto s = Clock::now();
         json resp;
@@ -54,9 +54,9 @@ int Throughput(const std::string& socket, int clients, int tasks, const std::str
         lat[static_cast<size_t>(c)].push_back(
             std::chrono::duration<double, std::milli>(Clock::now() - s).count());
         if (!st.ok())
-          error(1, st.ToString());
+          error(st.ToString());
         else if (!resp.value("ok", false))
-          error(1, resp.dump());
+          error(resp.dump());
         else if (resp["result"].value("state", "") == "succeeded")
           ++ok;
         else
@@ -65,29 +65,39 @@ int Throughput(const std::string& socket, int clients, int tasks, const std::str
     });
   for (auto& t : ts) t.join();
   double secs = std::chrono::duration<double>(Clock::now() - t0).count();
-  // Only tasks that were answered count towards the rate.
-  const int done = ok.load() + failed.load();
+  const int done = ok.load() + failed.load();  // only answered tasks count towards the rate
   if (!why.empty()) std::fprintf(stderr, "cortex-bench: first error: %s\n", why.c_str());
-  if (done < tasks && errors.load() == 0) errors = tasks - done;  // clients that never connected
   std::vector<double> all;
   for (auto& v : lat) all.insert(all.end(), v.begin(), v.end());
-  json j = {{"clients", clients},
-            {"tasks", tasks},
-            {"seconds", secs},
-            {"tasks_per_s", done / secs},
-            {"succeeded", ok.load()},
-            {"failed", failed.load()},
-            {"errors", errors.load()},
-            {"p50_ms", Percentile(all, 0.5)},
-            {"p99_ms", Percentile(all, 0.99)}};
-  std::printf(
-      "throughput: %d of %d tasks from %d clients in %.2fs = %.0f tasks/s (submit+wait, end to "
-      "end)\n"
-      "  succeeded %d, failed %d, errors %d; latency p50 %.2f ms, p99 %.2f ms\n",
-      done, tasks, clients, secs, done / secs, ok.load(), failed.load(), errors.load(),
-      Percentile(all, 0.5), Percentile(all, 0.99));
-  WriteJson(json_out, j);
-  return errors.load() == 0 ? 0 : 1;
+  *out = {{"clients", clients},
+          {"tasks", tasks},
+          {"seconds", secs},
+          {"tasks_per_s", done / secs},
+          {"succeeded", ok.load()},
+          {"failed", failed.load()},
+          {"errors", tasks - done},
+          {"p50_ms", Percentile(all, 0.5)},
+          {"p99_ms", Percentile(all, 0.99)}};
+  return done == tasks ? 0 : 1;
+}
+
+// Every client count against one cortexd, a table row each; the runs appended to *runs.
+int ThroughputRuns(const std::string& socket, const std::string& store,
+                   const std::vector<int>& clients, int tasks, const std::string& text,
+                   json* runs) {
+  int rc = 0;
+  for (int c : clients) {
+    json r;
+    rc |= Throughput(socket, c, tasks, text, &r);
+    r["store"] = store;
+    std::printf("%-7s %7d %9.0f %9.2f %9.2f %9d %6d %6d\n", store.c_str(), c,
+                r["tasks_per_s"].get<double>(), r["p50_ms"].get<double>(),
+                r["p99_ms"].get<double>(), r["succeeded"].get<int>(), r["failed"].get<int>(),
+                r["errors"].get<int>());
+    std::fflush(stdout);
+    runs->push_back(std::move(r));
+  }
+  return rc;
 }
 
 }  // namespace
@@ -97,16 +107,23 @@ int main(int argc, char** argv) {
   app.set_version_flag("--version", std::string("cortex-bench ") + cortex::CortexVersion());
   app.require_subcommand(1);
   std::string json_out, socket, text = "run the no-op command";
-  int clients = 4, tasks = 2000;
+  std::vector<int> clients = {1, 8, 32, 128};
+  int tasks = 2000;
+  std::string store = "both";
   auto* tp = app.add_subcommand(
       "throughput",
-      "tasks/s and latency through cortexd (submit --wait); without --socket, through a cortexd "
-      "of its own (temporary store on disk, fsync on, an in-host no-op expert), so nothing "
-      "lands in your audit log");
+      "tasks/s and latency through cortexd (submit --wait) for each client count; without "
+      "--socket, through a cortexd of its own (temporary store, fsync on, an in-host no-op "
+      "expert), on disk and on tmpfs so the fsync's share shows, and nothing lands in your "
+      "audit log");
   tp->add_option("--socket", socket,
                  "measure the cortexd at this socket instead (its audit log records the tasks)");
-  tp->add_option("--clients", clients, "concurrent clients (default 4)")->check(CLI::Range(1, 512));
-  tp->add_option("--tasks", tasks, "tasks in all (default 2000)")->check(CLI::Range(1, 10000000));
+  tp->add_option("--clients", clients, "concurrent clients, one run each (default 1 8 32 128)")
+      ->check(CLI::Range(1, 1024));
+  tp->add_option("--tasks", tasks, "tasks per run (default 2000)")->check(CLI::Range(1, 10000000));
+  tp->add_option("--store", store,
+                 "without --socket: its cortexd's store on disk, on tmpfs, or both (default)")
+      ->check(CLI::IsMember({"disk", "tmpfs", "both"}));
   tp->add_option("--text", text, "the task text");
   tp->add_option("--json", json_out, "write the figures to this file");
   cortex::bench::SpeedOptions so;
@@ -176,21 +193,39 @@ int main(int argc, char** argv) {
     return cortex::bench::Replay(ro);
   }
   if (tp->parsed()) {
-    if (!socket.empty()) return Throughput(socket, clients, tasks, text, json_out);
-    cortex::bench::PrivateDaemon d;
-    if (!d.Start(
-            "", "workers: 8", "",
-            "router: {exploration: 0}\n"
-            "experts:\n  - {name: noop, plugin: misbehave, capacity: 64, keywords: [no-op]}\n"))
-      return 1;
-    std::printf("throughput: through a cortexd of its own (%s)\n", d.dir.c_str());
-    int rc = Throughput(d.socket, clients, tasks, text, json_out);
-    if (int stop = d.Stop(); stop != 0) {
-      std::fprintf(stderr, "cortex-bench: its cortexd exited %d (log kept: %s/cortexd.log)\n", stop,
-                   d.dir.c_str());
-      d.dir.clear();  // keep the folder for the log
-      return 1;
+    std::printf("%-7s %7s %9s %9s %9s %9s %6s %6s\n", "store", "clients", "tasks/s", "p50 ms",
+                "p99 ms", "succeeded", "failed", "errors");
+    json runs = json::array();
+    int rc = 0;
+    if (!socket.empty()) {
+      rc = ThroughputRuns(socket, "given", clients, tasks, text, &runs);
+    } else {
+      std::vector<std::pair<std::string, std::string>> media;  // name, base folder
+      if (store != "tmpfs") media.emplace_back("disk", "/tmp");
+      if (store != "disk") media.emplace_back("tmpfs", "/dev/shm");
+      const int most = *std::max_element(clients.begin(), clients.end());
+      for (const auto& [name, base] : media) {
+        cortex::bench::PrivateDaemon d;
+        if (!d.Start("", fmt::format("workers: 8, max_connections: {}", most + 8), "",
+                     "router: {exploration: 0}\n"
+                     "experts:\n  - {name: noop, plugin: misbehave, capacity: 64, keywords: "
+                     "[no-op]}\n",
+                     base))
+          return 1;
+        std::fprintf(stderr, "cortex-bench: %s: through a cortexd of its own (%s)\n", name.c_str(),
+                     d.dir.c_str());
+        rc |= ThroughputRuns(d.socket, name, clients, tasks, text, &runs);
+        if (int stop = d.Stop(); stop != 0) {
+          std::fprintf(stderr, "cortex-bench: its cortexd exited %d (log kept: %s/cortexd.log)\n",
+                       stop, d.dir.c_str());
+          d.dir.clear();  // keep the folder for the log
+          return 1;
+        }
+      }
     }
+    std::printf("(submit --wait end to end, %d tasks per run; acknowledged only once durable)\n",
+                tasks);
+    WriteJson(json_out, {{"runs", runs}});
     return rc;
   }
   if (tr->parsed()) return cortex::bench::Train(so);

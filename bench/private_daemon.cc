@@ -22,9 +22,10 @@ PrivateDaemon::~PrivateDaemon() {
 }
 
 bool PrivateDaemon::Start(const std::string& cortexd_path, const std::string& daemon_opts,
-                          const std::string& plugin_opts, const std::string& rest) {
-  char tmpl[] = "/tmp/cortex-bench-XXXXXX";
-  if (!mkdtemp(tmpl)) return std::perror("cortex-bench: mkdtemp"), false;
+                          const std::string& plugin_opts, const std::string& rest,
+                          const std::string& base) {
+  std::string tmpl = base + "/cortex-bench-XXXXXX";
+  if (!mkdtemp(tmpl.data())) return std::perror("cortex-bench: mkdtemp"), false;
   dir = tmpl;
   fs::create_directories(dir / "plugins");
   fs::permissions(dir / "plugins", fs::perms::owner_all, fs::perm_options::replace);

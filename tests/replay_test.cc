@@ -129,30 +129,47 @@ TEST(BenchTest, ThroughputUsesACortexdOfItsOwn) {
   env.push_back("XDG_DATA_HOME=" + dir / "data");
   env.push_back("XDG_RUNTIME_DIR=" + dir / "run");
   const std::string out = dir / "tp.json";
-  test::Run r = test::RunCmd({test::BinDir() + "/cortex-bench", "throughput", "--tasks", "40",
-                              "--clients", "2", "--json", out},
+  // A run per client count, on disk and on tmpfs: a table row each.
+  test::Run r = test::RunCmd({test::BinDir() + "/cortex-bench", "throughput", "--tasks", "20",
+                              "--clients", "1", "3", "--json", out},
                              120, "", env);
   ASSERT_EQ(r.code, 0) << r.out << r.err;
   json j = json::parse(test::ReadFile(out), nullptr, false);
   ASSERT_TRUE(j.is_object()) << r.out;
-  EXPECT_EQ(j["succeeded"], 40) << r.out;
-  EXPECT_GT(j["tasks_per_s"].get<double>(), 0);
+  ASSERT_EQ(j["runs"].size(), 4u) << j;
+  std::vector<std::pair<std::string, int>> seen;
+  for (const auto& run : j["runs"]) {
+    seen.emplace_back(run["store"], run["clients"]);
+    EXPECT_EQ(run["succeeded"], 20) << run;
+    EXPECT_EQ(run["errors"], 0) << run;
+    EXPECT_GT(run["tasks_per_s"].get<double>(), 0) << run;
+    EXPECT_GT(run["p99_ms"].get<double>(), 0) << run;
+  }
+  EXPECT_EQ(seen, (std::vector<std::pair<std::string, int>>{
+                      {"disk", 1}, {"disk", 3}, {"tmpfs", 1}, {"tmpfs", 3}}));
+  EXPECT_EQ(r.out.rfind("store   clients   tasks/s", 0), 0u) << r.out;
   EXPECT_FALSE(fs::exists(dir / "data/cortex")) << "the user's data folder was used";
-  const size_t a = r.out.find("of its own ("), b = r.out.find(')', a);
-  ASSERT_NE(a, std::string::npos) << r.out;
-  EXPECT_FALSE(fs::exists(r.out.substr(a + 12, b - a - 12))) << r.out;
+  // Its cortexd's folders are gone afterwards.
+  for (const char* medium : {"disk: ", "tmpfs: "}) {
+    const size_t a = r.err.find(medium), p = r.err.find("of its own (", a), b = r.err.find(')', p);
+    ASSERT_NE(p, std::string::npos) << r.err;
+    EXPECT_FALSE(fs::exists(r.err.substr(p + 12, b - p - 12))) << r.err;
+  }
 }
 
 // A throughput run that reaches no cortexd says why, counts no rate, and fails.
 TEST(BenchTest, ThroughputSaysWhyItFailed) {
   TempDir dir;
+  const std::string out = dir / "tp.json";
   test::Run r = test::RunCmd({test::BinDir() + "/cortex-bench", "throughput", "--tasks", "3",
-                              "--clients", "1", "--socket", dir / "none.sock"});
+                              "--clients", "4", "--socket", dir / "none.sock", "--json", out});
   EXPECT_EQ(r.code, 1) << r.out << r.err;
   EXPECT_NE(r.err.find("first error: "), std::string::npos) << r.err;
   EXPECT_NE(r.err.find("none.sock"), std::string::npos) << r.err;
-  EXPECT_NE(r.out.find("0 of 3 tasks"), std::string::npos) << r.out;
-  EXPECT_NE(r.out.find("= 0 tasks/s"), std::string::npos) << r.out;
+  json j = json::parse(test::ReadFile(out), nullptr, false);
+  ASSERT_TRUE(j.is_object()) << r.out;
+  EXPECT_EQ(j["runs"][0]["errors"], 3) << "every task unanswered, no more" << j;
+  EXPECT_EQ(j["runs"][0]["tasks_per_s"], 0) << j;
   r = test::RunCmd({test::BinDir() + "/cortex-bench", "--version"});
   EXPECT_EQ(r.code, 0) << r.err;
   EXPECT_EQ(r.out.rfind("cortex-bench ", 0), 0u) << r.out;

@@ -2,6 +2,9 @@
 #include <gtest/gtest.h>
 #include <sqlite3.h>
 
+#include <atomic>
+#include <thread>
+
 #include "cortex/store.h"
 #include "testutil.h"
 
@@ -370,6 +373,81 @@ TEST_P(StoreTest, ModelVersionsAreKeptAndOneIsLive) {
   EXPECT_FALSE(store_->SaveModel(dup).ok());
   ASSERT_TRUE(store_->ListModels(&ms).ok());
   EXPECT_TRUE(ms[2].live);
+}
+
+// Concurrent writers share commits (group commit); each write still gets its own answer:
+// one that fails is undone alone and fails only its caller, and every write that
+// answered OK is there afterwards, also after the store is opened again.
+TEST_P(StoreTest, ConcurrentWritesShareCommitsButKeepTheirOwnResults) {
+  constexpr int kThreads = 16, kEach = 60;
+  std::atomic<int> bad_ok{0}, good_failed{0};
+  std::vector<std::thread> ts;
+  for (int t = 0; t < kThreads; ++t)
+    ts.emplace_back([&, t] {
+      for (int i = 0; i < kEach; ++i) {
+        const std::string id = "c" + std::to_string(t) + "-" + std::to_string(i);
+        Task task;
+        task.id = id;
+        task.text = "concurrent";
+        task.created_at = t * 1000 + i;
+        if (!store_->InsertTask(task).ok()) ++good_failed;
+        Decision d = NewDecision("a", 0.5);
+        if (!store_->RecordDecision(id, d).ok()) ++good_failed;
+        // Interleaved with the good writes: writes that must fail, alone.
+        if (store_->InsertTask(task).ok()) ++bad_ok;  // a duplicate id
+        if (store_->FinishTask("nosuch-" + id, TaskState::kFailed, "a", 1).ok()) ++bad_ok;
+        if (!store_->StartAttempt(id, 1, "a", 2).ok()) ++good_failed;
+        Outcome o;
+        o.kind = OutcomeKind::kSuccess;
+        o.quality = 1;
+        if (!store_->FinishAttempt(id, 1, o, 3).ok()) ++good_failed;
+        if (!store_->FinishTask(id, TaskState::kSucceeded, "a", 4).ok()) ++good_failed;
+      }
+    });
+  for (auto& t : ts) t.join();
+  EXPECT_EQ(good_failed.load(), 0);
+  EXPECT_EQ(bad_ok.load(), 0);
+  auto check = [&](Store* s) {
+    std::vector<std::pair<std::string, long>> counts;
+    ASSERT_TRUE(s->CountByState(&counts).ok());
+    long succeeded = 0, all = 0;
+    for (const auto& [state, n] : counts) {
+      all += n;
+      if (state == "succeeded") succeeded = n;
+    }
+    EXPECT_EQ(succeeded, kThreads * kEach);
+    EXPECT_EQ(all, kThreads * kEach);
+    Task t;
+    ASSERT_TRUE(s->GetTask("c7-33", &t).ok());
+    ASSERT_EQ(t.attempts.size(), 1u);
+    EXPECT_EQ(t.attempts[0].outcome->kind, OutcomeKind::kSuccess);
+  };
+  check(store_.get());
+  if (path_ == ":memory:") return;
+  store_.reset();
+  Result<std::unique_ptr<Store>> again = OpenStore(path_);
+  ASSERT_TRUE(again.ok()) << again.status().ToString();
+  check(again->get());
+}
+
+// A batch of decisions is recorded together; an unknown task fails alone.
+TEST_P(StoreTest, DecisionsRecordedAsABatchFailOneByOne) {
+  NewTask("b1", 1);
+  NewTask("b3", 3);
+  Decision d1 = NewDecision("a", 0.6), d2 = NewDecision("a", 0.7), d3 = NewDecision("b", 0.8);
+  std::vector<Status> st;
+  store_->RecordDecisions({{"b1", &d1}, {"b2-unknown", &d2}, {"b3", &d3}}, &st);
+  ASSERT_EQ(st.size(), 3u);
+  EXPECT_TRUE(st[0].ok()) << st[0].ToString();
+  EXPECT_FALSE(st[1].ok());
+  EXPECT_NE(st[1].message().find("b2-unknown"), std::string::npos) << st[1].ToString();
+  EXPECT_TRUE(st[2].ok()) << st[2].ToString();
+  Task t;
+  ASSERT_TRUE(store_->GetTask("b3", &t).ok());
+  EXPECT_EQ(t.state, TaskState::kRouted);
+  ASSERT_TRUE(t.decision.has_value());
+  EXPECT_EQ(t.decision->chosen, "b");
+  EXPECT_FALSE(store_->GetTask("b2-unknown", &t).ok());
 }
 
 INSTANTIATE_TEST_SUITE_P(Backends, StoreTest, ::testing::Values(":memory:", "file"),

@@ -827,8 +827,13 @@ class DaemonImpl : public Daemon, public RequestHandler {
       }
       std::vector<Job> jobs;
       std::vector<Task> unrecorded;  // routed again once the store takes writes
+      // The batch's decisions in one commit (one fsync), each with its own status.
+      std::vector<std::pair<std::string, const Decision*>> to_record;
+      for (size_t i = 0; i < batch.size(); ++i) to_record.emplace_back(batch[i].id, &decisions[i]);
+      std::vector<Status> recorded;
+      store_->RecordDecisions(to_record, &recorded);
       for (size_t i = 0; i < batch.size(); ++i) {
-        Status rs = store_->RecordDecision(batch[i].id, decisions[i]);
+        const Status& rs = recorded[i];
         if (!rs.ok()) {
           NoteStoreFailure(rs);
           LogError("task {}: cannot record its decision ({}); routing it again shortly",

@@ -1,9 +1,13 @@
 // SQLite backend of Store: one connection in WAL mode with synchronous=FULL, serialized
-// by a mutex. Every statement binds its parameters; no SQL is built from input.
+// by a mutex; concurrent writes share a transaction and its fsync (group commit). Every statement
+// binds its parameters; no SQL is built from input.
 #include <sqlite3.h>
 #include <sys/stat.h>
 
 #include <algorithm>
+#include <condition_variable>
+#include <deque>
+#include <functional>
 #include <map>
 #include <mutex>
 #include <nlohmann/json.hpp>
@@ -226,86 +230,92 @@ class SqliteStore : public Store {
   }
 
   Status InsertTask(const Task& t) override {
-    std::lock_guard<std::mutex> l(mu_);
-    CORTEX_RETURN_IF_ERROR(StillOurFile());
-    Stmt s =
-        Prepare("INSERT INTO tasks(id,text,tags,state,created_at,updated_at) VALUES(?,?,?,?,?,?)");
-    s.Bind(1, t.id).Bind(2, t.text).Bind(3, TagsJson(t.tags).dump()).Bind(4, ToString(t.state));
-    s.Bind(5, t.created_at).Bind(6, t.created_at);
-    return Done(s, "insert task " + t.id);
+    const std::string tags = TagsJson(t.tags).dump();  // outside the writer's turn
+    return Commit([&] {
+      Stmt s = Prepare(
+          "INSERT INTO tasks(id,text,tags,state,created_at,updated_at) VALUES(?,?,?,?,?,?)");
+      s.Bind(1, t.id).Bind(2, t.text).Bind(3, tags).Bind(4, ToString(t.state));
+      s.Bind(5, t.created_at).Bind(6, t.created_at);
+      return Done(s, "insert task " + t.id);
+    });
   }
 
   Status RecordDecision(const std::string& id, const Decision& d) override {
-    std::lock_guard<std::mutex> l(mu_);
-    CORTEX_RETURN_IF_ERROR(StillOurFile());
-    CORTEX_RETURN_IF_ERROR(Exec("BEGIN IMMEDIATE"));
+    std::vector<Status> st;
+    RecordDecisions({{id, &d}}, &st);
+    return st[0];
+  }
+
+  void RecordDecisions(const std::vector<std::pair<std::string, const Decision*>>& batch,
+                       std::vector<Status>* out) override {
+    std::vector<std::string> cands;  // serialized before taking the writer's turn
+    for (const auto& [id, d] : batch) cands.push_back(CandidatesJson(*d).dump());
+    std::vector<std::function<Status()>> writes;
+    for (size_t i = 0; i < batch.size(); ++i)
+      writes.push_back(
+          [&, i] { return WriteDecision(batch[i].first, *batch[i].second, cands[i]); });
+    *out = CommitEach(writes);
+  }
+
+  Status WriteDecision(const std::string& id, const Decision& d, const std::string& cands) {
     const Candidate* chosen = d.Find(d.chosen);
     Stmt s = Prepare(
         "INSERT OR REPLACE INTO decisions(task_id,time,model_version,chosen,chosen_confidence,"
         "propensity,explored,forced,candidates,greedy) VALUES(?,?,?,?,?,?,?,?,?,?)");
     s.Bind(1, id).Bind(2, d.time).Bind(3, d.model_version).Bind(4, d.chosen);
     s.Bind(5, chosen ? chosen->confidence : 0.0).Bind(6, d.propensity);
-    s.Bind(7, d.explored ? 1 : 0).Bind(8, d.forced ? 1 : 0).Bind(9, CandidatesJson(d).dump());
+    s.Bind(7, d.explored ? 1 : 0).Bind(8, d.forced ? 1 : 0).Bind(9, cands);
     s.Bind(10, d.greedy);
-    Status st = Done(s, "record decision for " + id);
-    if (st.ok()) st = UpdateState(id, TaskState::kRouted, d.time);
-    return Finish(st);
+    CORTEX_RETURN_IF_ERROR(Done(s, "record decision for " + id));
+    return UpdateState(id, TaskState::kRouted, d.time);
   }
 
   Status StartAttempt(const std::string& id, int n, const std::string& expert,
                       double time) override {
-    std::lock_guard<std::mutex> l(mu_);
-    CORTEX_RETURN_IF_ERROR(StillOurFile());
-    CORTEX_RETURN_IF_ERROR(Exec("BEGIN IMMEDIATE"));
-    Stmt s = Prepare("INSERT INTO attempts(task_id,n,expert,started_at) VALUES(?,?,?,?)");
-    s.Bind(1, id).Bind(2, n).Bind(3, expert).Bind(4, time);
-    Status st = Done(s, "start attempt");
-    if (st.ok()) st = UpdateState(id, TaskState::kRunning, time);
-    return Finish(st);
+    return Commit([&] {
+      Stmt s = Prepare("INSERT INTO attempts(task_id,n,expert,started_at) VALUES(?,?,?,?)");
+      s.Bind(1, id).Bind(2, n).Bind(3, expert).Bind(4, time);
+      CORTEX_RETURN_IF_ERROR(Done(s, "start attempt"));
+      return UpdateState(id, TaskState::kRunning, time);
+    });
   }
 
   Status FinishAttempt(const std::string& id, int n, const Outcome& o, double time) override {
-    std::lock_guard<std::mutex> l(mu_);
-    CORTEX_RETURN_IF_ERROR(StillOurFile());
-    Stmt s = Prepare(
-        "UPDATE attempts SET finished_at=?,outcome=?,quality=?,duration_s=?,output=?,error=? "
-        "WHERE task_id=? AND n=?");
-    s.Bind(1, time).Bind(2, ToString(o.kind)).Bind(3, o.quality).Bind(4, o.duration_s);
-    s.Bind(5, o.output).Bind(6, o.error).Bind(7, id).Bind(8, n);
-    CORTEX_RETURN_IF_ERROR(Done(s, "finish attempt"));
-    return Changed("attempt " + std::to_string(n) + " of task " + id);
+    return Commit([&] {
+      Stmt s = Prepare(
+          "UPDATE attempts SET finished_at=?,outcome=?,quality=?,duration_s=?,output=?,error=? "
+          "WHERE task_id=? AND n=?");
+      s.Bind(1, time).Bind(2, ToString(o.kind)).Bind(3, o.quality).Bind(4, o.duration_s);
+      s.Bind(5, o.output).Bind(6, o.error).Bind(7, id).Bind(8, n);
+      CORTEX_RETURN_IF_ERROR(Done(s, "finish attempt"));
+      return Changed("attempt " + std::to_string(n) + " of task " + id);
+    });
   }
 
   Status FinishTask(const std::string& id, TaskState state, const std::string& expert,
                     double time) override {
-    std::lock_guard<std::mutex> l(mu_);
-    CORTEX_RETURN_IF_ERROR(StillOurFile());
-    Stmt s = Prepare("UPDATE tasks SET state=?,expert=?,updated_at=? WHERE id=?");
-    s.Bind(1, ToString(state)).Bind(2, expert).Bind(3, time).Bind(4, id);
-    CORTEX_RETURN_IF_ERROR(Done(s, "finish task"));
-    return Changed("task " + id);
+    return Commit([&] {
+      Stmt s = Prepare("UPDATE tasks SET state=?,expert=?,updated_at=? WHERE id=?");
+      s.Bind(1, ToString(state)).Bind(2, expert).Bind(3, time).Bind(4, id);
+      CORTEX_RETURN_IF_ERROR(Done(s, "finish task"));
+      return Changed("task " + id);
+    });
   }
 
   Status SetState(const std::string& id, TaskState state, double time) override {
-    std::lock_guard<std::mutex> l(mu_);
-    CORTEX_RETURN_IF_ERROR(StillOurFile());
-    return UpdateState(id, state, time);
+    return Commit([&] { return UpdateState(id, state, time); });
   }
 
   Status AddFeedback(const std::string& id, const Feedback& f) override {
-    std::lock_guard<std::mutex> l(mu_);
-    CORTEX_RETURN_IF_ERROR(StillOurFile());
-    CORTEX_RETURN_IF_ERROR(Exec("BEGIN IMMEDIATE"));
-    Stmt u = Prepare("UPDATE tasks SET feedback_quality=? WHERE id=?");
-    u.Bind(1, f.quality).Bind(2, id);
-    Status st = Done(u, "feedback");
-    if (st.ok() && sqlite3_changes(db_) == 0) st = Status::NotFound("no task with id '" + id + "'");
-    if (st.ok()) {
+    return Commit([&] {
+      Stmt u = Prepare("UPDATE tasks SET feedback_quality=? WHERE id=?");
+      u.Bind(1, f.quality).Bind(2, id);
+      CORTEX_RETURN_IF_ERROR(Done(u, "feedback"));
+      if (sqlite3_changes(db_) == 0) return Status::NotFound("no task with id '" + id + "'");
       Stmt s = Prepare("INSERT INTO feedback(task_id,time,quality,note) VALUES(?,?,?,?)");
       s.Bind(1, id).Bind(2, f.time).Bind(3, f.quality).Bind(4, f.note);
-      st = Done(s, "feedback");
-    }
-    return Finish(st);
+      return Done(s, "feedback");
+    });
   }
 
   Status GetTask(const std::string& id, Task* t) override {
@@ -419,11 +429,12 @@ class SqliteStore : public Store {
   }
 
   Status RecordExpertEvent(const ExpertEvent& e) override {
-    std::lock_guard<std::mutex> l(mu_);
-    CORTEX_RETURN_IF_ERROR(StillOurFile());
-    Stmt s = Prepare("INSERT INTO expert_events(time,expert,file,event,detail) VALUES(?,?,?,?,?)");
-    s.Bind(1, e.time).Bind(2, e.expert).Bind(3, e.file).Bind(4, e.event).Bind(5, e.detail);
-    return Done(s, "expert event");
+    return Commit([&] {
+      Stmt s =
+          Prepare("INSERT INTO expert_events(time,expert,file,event,detail) VALUES(?,?,?,?,?)");
+      s.Bind(1, e.time).Bind(2, e.expert).Bind(3, e.file).Bind(4, e.event).Bind(5, e.detail);
+      return Done(s, "expert event");
+    });
   }
 
   Status ExpertEvents(int limit, std::vector<ExpertEvent>* out) override {
@@ -590,16 +601,14 @@ class SqliteStore : public Store {
   }
 
   Status MarkRouting(const std::vector<std::string>& ids) override {
-    std::lock_guard<std::mutex> l(mu_);
-    CORTEX_RETURN_IF_ERROR(StillOurFile());
-    CORTEX_RETURN_IF_ERROR(Exec("BEGIN IMMEDIATE"));
-    Status st;
-    for (const auto& id : ids) {
-      Stmt s = Prepare("UPDATE tasks SET routing=1 WHERE id=?");
-      s.Bind(1, id);
-      if (!(st = Done(s, "mark task " + id + " as routing")).ok()) break;
-    }
-    return Finish(st);
+    return Commit([&] {
+      for (const auto& id : ids) {
+        Stmt s = Prepare("UPDATE tasks SET routing=1 WHERE id=?");
+        s.Bind(1, id);
+        CORTEX_RETURN_IF_ERROR(Done(s, "mark task " + id + " as routing"));
+      }
+      return Status::OK();
+    });
   }
 
   Status Recover(double time, bool crashed, Recovery* out) override {
@@ -727,6 +736,76 @@ class SqliteStore : public Store {
       }
     }
     return Status::OK();
+  }
+
+  // Group commit (leveldb's writer queue): a write joins the queue; the writer at its
+  // front takes every write queued behind it (up to kMaxGroup), runs them in one
+  // transaction, each in a savepoint of its own so one that fails is undone alone, and
+  // commits once: one fsync (synchronous=FULL) for the group. Every write returns only
+  // after the commit that holds it, with its own status; a failed commit fails them all.
+  struct Writer {
+    const std::function<Status()>* write;
+    Status result;
+    bool done = false;
+    std::condition_variable cv;
+  };
+  static constexpr size_t kMaxGroup = 512;
+
+  Status Commit(const std::function<Status()>& write) { return CommitEach({write})[0]; }
+
+  // Several writes of one caller, each with its own status, in as few commits as the
+  // queue allows (usually one).
+  std::vector<Status> CommitEach(const std::vector<std::function<Status()>>& writes) {
+    std::vector<Writer> mine(writes.size());
+    std::unique_lock<std::mutex> q(queue_mu_);
+    for (size_t i = 0; i < writes.size(); ++i) {
+      mine[i].write = &writes[i];
+      queue_.push_back(&mine[i]);
+    }
+    for (Writer& w : mine) {
+      while (!w.done && queue_.front() != &w) w.cv.wait(q);
+      if (!w.done) LeadGroup(&q);  // at the front: commit for everyone queued so far
+    }
+    std::vector<Status> out;
+    for (Writer& w : mine) out.push_back(std::move(w.result));
+    return out;
+  }
+
+  // Called with queue_mu_ held, as the writer at the front; returns with it held.
+  void LeadGroup(std::unique_lock<std::mutex>* q) {
+    std::vector<Writer*> group(
+        queue_.begin(), queue_.begin() + static_cast<long>(std::min(queue_.size(), kMaxGroup)));
+    q->unlock();
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      Status st = StillOurFile();  // once per group, not per write
+      if (st.ok()) st = Exec("BEGIN IMMEDIATE");
+      if (!st.ok()) {
+        for (Writer* w : group) w->result = st;
+      } else {
+        const bool alone = group.size() == 1;
+        bool any = false;
+        for (Writer* w : group) {
+          if (!alone) (void)Exec("SAVEPOINT w");
+          w->result = (*w->write)();
+          if (!alone) (void)Exec(w->result.ok() ? "RELEASE w" : "ROLLBACK TO w; RELEASE w");
+          any |= w->result.ok();
+        }
+        Status c = any ? Exec("COMMIT") : Exec("ROLLBACK");
+        if (!c.ok()) {
+          (void)Exec("ROLLBACK");
+          for (Writer* w : group)
+            if (w->result.ok()) w->result = c;
+        }
+      }
+    }
+    q->lock();
+    for (Writer* w : group) {
+      queue_.pop_front();
+      w->done = true;
+      w->cv.notify_one();
+    }
+    if (!queue_.empty()) queue_.front()->cv.notify_one();
   }
 
   Status Exec(const char* sql) {
@@ -913,7 +992,9 @@ class SqliteStore : public Store {
 
   std::string path_;
   sqlite3* db_ = nullptr;
-  std::mutex mu_;
+  std::mutex mu_;  // the connection; a group commit holds it for its whole transaction
+  std::mutex queue_mu_;
+  std::deque<Writer*> queue_;  // writes waiting for their group's commit, oldest first
   std::map<std::string, sqlite3_stmt*> cache_;
 };
 

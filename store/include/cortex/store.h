@@ -16,10 +16,14 @@ class Store {
  public:
   virtual ~Store() = default;
 
-  // Durable when it returns OK: the task survives a kill -9 of the process.
+  // Every write is durable when it returns OK (it survives a kill -9 of the process).
+  // Concurrent writes may share one commit; each still gets its own status.
   virtual Status InsertTask(const Task& task) = 0;
   // Records the decision and moves the task to `routed`.
   virtual Status RecordDecision(const std::string& id, const Decision& d) = 0;
+  // The same for a batch (one commit, usually): each task's status in `out`, in order.
+  virtual void RecordDecisions(const std::vector<std::pair<std::string, const Decision*>>& batch,
+                               std::vector<Status>* out) = 0;
   virtual Status StartAttempt(const std::string& id, int n, const std::string& expert,
                               double time) = 0;
   virtual Status FinishAttempt(const std::string& id, int n, const Outcome& o, double time) = 0;
