@@ -1573,7 +1573,8 @@ TEST(E2E, KillNineAtRandomMomentsUnderConcurrentLoad) {
   const char* cfg =
       "experts:\n  - name: quick\n    plugin: command\n    run: ['true']\n    capacity: 4\n"
       "    keywords: [job]\n";
-  const int kCycles = 10, kClients = 4;
+  // 32 submitters: their writes share commits (group commit), the case to prove durable.
+  const int kCycles = 10, kClients = 32;
   std::mt19937 rng(20261122);
   std::set<std::string> acked;
   std::mutex mu;
@@ -1596,7 +1597,8 @@ TEST(E2E, KillNineAtRandomMomentsUnderConcurrentLoad) {
             std::lock_guard<std::mutex> l(mu);
             acked.insert(resp["result"]["id"].get<std::string>());
           }
-          usleep(5000);  // ~200 submissions/s per client: enough to hit every phase
+          // ~800 submissions/s in all: enough to hit every phase, few enough to drain.
+          usleep(static_cast<useconds_t>(kClients) * 1250);
         }
       });
     // Some submissions of this cycle are through, then a random moment later the kill.
