@@ -2,7 +2,11 @@
 #include <gtest/gtest.h>
 #include <sqlite3.h>
 
+#include <signal.h>
+#include <sys/resource.h>
+
 #include <atomic>
+#include <chrono>
 #include <thread>
 
 #include "cortex/store.h"
@@ -428,6 +432,55 @@ TEST_P(StoreTest, ConcurrentWritesShareCommitsButKeepTheirOwnResults) {
   Result<std::unique_ptr<Store>> again = OpenStore(path_);
   ASSERT_TRUE(again.ok()) << again.status().ToString();
   check(again->get());
+}
+
+// A disk that fills up under concurrent writers fails every write of a group (none is
+// half kept), and each, retried once space returns, lands exactly once.
+TEST_P(StoreTest, AFullDiskFailsWholeGroupsAndRetriesLandOnce) {
+  if (path_ == ":memory:") GTEST_SKIP() << "needs a file to fill";
+  NewTask("first", 1);
+  constexpr int kThreads = 8, kEach = 10;
+  struct sigaction ign = {}, old = {};
+  ign.sa_handler = SIG_IGN;
+  ASSERT_EQ(sigaction(SIGXFSZ, &ign, &old), 0);  // a write past the limit fails instead
+  struct rlimit was = {}, full = {};
+  ASSERT_EQ(getrlimit(RLIMIT_FSIZE, &was), 0);
+  full = {4096, was.rlim_max};
+  std::atomic<bool> space{false};
+  std::atomic<int> failed_while_full{0}, refused_on_retry{0};
+  ASSERT_EQ(setrlimit(RLIMIT_FSIZE, &full), 0);
+  std::vector<std::thread> ts;
+  for (int t = 0; t < kThreads; ++t)
+    ts.emplace_back([&, t] {
+      for (int i = 0; i < kEach; ++i) {
+        Task task;
+        task.id = "full" + std::to_string(t) + "-" + std::to_string(i);
+        task.text = "written while the disk is full";
+        task.created_at = 2;
+        for (;;) {
+          Status st = store_->InsertTask(task);
+          if (st.ok()) break;
+          if (!space.load()) ++failed_while_full;
+          if (st.message().find("UNIQUE") != std::string::npos) {  // an earlier try was kept
+            ++refused_on_retry;
+            break;
+          }
+          std::this_thread::sleep_for(std::chrono::milliseconds(5));
+        }
+      }
+    });
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  ASSERT_EQ(setrlimit(RLIMIT_FSIZE, &was), 0);
+  space = true;
+  for (auto& t : ts) t.join();
+  sigaction(SIGXFSZ, &old, nullptr);
+  EXPECT_GT(failed_while_full.load(), 0) << "the limit never bit";
+  EXPECT_EQ(refused_on_retry.load(), 0) << "a write that failed was kept anyway";
+  std::vector<std::pair<std::string, long>> counts;
+  ASSERT_TRUE(store_->CountByState(&counts).ok());
+  long all = 0;
+  for (const auto& [state, n] : counts) all += n;
+  EXPECT_EQ(all, 1 + kThreads * kEach);
 }
 
 // A batch of decisions is recorded together; an unknown task fails alone.

@@ -785,14 +785,25 @@ class SqliteStore : public Store {
       } else {
         const bool alone = group.size() == 1;
         bool any = false;
+        Status lost;  // set when SQLite itself ended the transaction
         for (Writer* w : group) {
           if (!alone) (void)Exec("SAVEPOINT w");
           w->result = (*w->write)();
+          // A full disk or an I/O error can make SQLite roll the whole transaction back
+          // at once: the group's earlier writes are gone too, and later ones must not run
+          // outside a transaction. Every write of the group fails, to be retried.
+          if (sqlite3_get_autocommit(db_)) {
+            lost = w->result.ok() ? Status::IOError("store: the transaction was rolled back")
+                                  : w->result;
+            break;
+          }
           if (!alone) (void)Exec(w->result.ok() ? "RELEASE w" : "ROLLBACK TO w; RELEASE w");
           any |= w->result.ok();
         }
-        Status c = any ? Exec("COMMIT") : Exec("ROLLBACK");
-        if (!c.ok()) {
+        Status c = !lost.ok() ? lost : any ? Exec("COMMIT") : Exec("ROLLBACK");
+        if (!lost.ok()) {
+          for (Writer* w : group) w->result = lost;
+        } else if (!c.ok()) {
           (void)Exec("ROLLBACK");
           for (Writer* w : group)
             if (w->result.ok()) w->result = c;
