@@ -131,6 +131,12 @@ TEST(ConfigTest, MissingFileIsNotFound) {
   EXPECT_EQ(c.status().code(), Status::Code::kNotFound);
 }
 
+TEST(StatusTest, SplitLinesUndoesJoinLines) {
+  const std::vector<std::string> lines = {"a.yaml:1: x", "", "a.yaml:3: y"};
+  EXPECT_EQ(SplitLines(JoinLines(lines)), lines);
+  EXPECT_EQ(SplitLines(""), std::vector<std::string>{""});
+}
+
 TEST(ConfigTest, Durations) {
   EXPECT_DOUBLE_EQ(ParseDuration("10m").value(), 600);
   EXPECT_DOUBLE_EQ(ParseDuration("250ms").value(), 0.25);

@@ -46,14 +46,9 @@ std::string Terminal(const std::string& s, bool keep_lines = false) {
 // An error on stderr: a message of several lines (a reload refused for every error in the
 // file) keeps its lines, each shown safely and indented under the first.
 void SayError(const std::string& msg) {
-  std::string out = "cortexctl: ";
-  for (size_t at = 0, n = 0;; ++n) {
-    const size_t nl = msg.find('\n', at);
-    out += (n ? "  " : "") +
-           Terminal(msg.substr(at, nl == std::string::npos ? std::string::npos : nl - at)) + "\n";
-    if (nl == std::string::npos) break;
-    at = nl + 1;
-  }
+  std::string out;
+  for (const std::string& l : cortex::SplitLines(msg))
+    out += (out.empty() ? "cortexctl: " : "  ") + Terminal(l) + "\n";
   std::fputs(out.c_str(), stderr);
 }
 // Multi-line text (an expert's output) under a heading: every line starts with `prefix`,

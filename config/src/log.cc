@@ -11,6 +11,8 @@
 #include <string>
 #include <vector>
 
+#include "cortex/status.h"
+
 namespace cortex {
 namespace {
 std::atomic<int> g_level{static_cast<int>(LogLevel::kInfo)};
@@ -114,15 +116,7 @@ void Write(LogLevel level, const std::vector<std::string>& lines) {
 void LogLine(LogLevel level, const std::string& msg) { Write(level, {msg}); }
 
 void LogLines(LogLevel level, const std::string& msg) {
-  if (!LogEnabled(level)) return;
-  std::vector<std::string> lines;
-  for (size_t at = 0;;) {
-    const size_t nl = msg.find('\n', at);
-    lines.push_back(msg.substr(at, nl == std::string::npos ? std::string::npos : nl - at));
-    if (nl == std::string::npos) break;
-    at = nl + 1;
-  }
-  Write(level, lines);
+  if (LogEnabled(level)) Write(level, SplitLines(msg));
 }
 
 }  // namespace cortex

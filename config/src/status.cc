@@ -48,4 +48,14 @@ std::string JoinLines(const std::vector<std::string>& lines) {
   return out;
 }
 
+std::vector<std::string> SplitLines(const std::string& text) {
+  std::vector<std::string> out;
+  for (size_t at = 0;;) {
+    const size_t nl = text.find('\n', at);
+    out.push_back(text.substr(at, nl == std::string::npos ? std::string::npos : nl - at));
+    if (nl == std::string::npos) return out;
+    at = nl + 1;
+  }
+}
+
 }  // namespace cortex

@@ -21,7 +21,6 @@
 #include <mutex>
 #include <random>
 #include <set>
-#include <sstream>
 #include <thread>
 
 #include "cortex/experts.h"
@@ -1547,10 +1546,8 @@ Status CheckConfigFile(const std::string& path, const DaemonOptions& options,
   Result<Config> cfg =
       path.empty() ? Result<Config>(DefaultConfig()) : LoadConfigFileForCheck(path, &errors);
   if (!cfg.ok()) return cfg.status();  // unreadable: nothing more to check
-  if (Status st = CheckConfig(cfg.value(), options, warnings); !st.ok()) {
-    std::istringstream lines(st.message());
-    for (std::string l; std::getline(lines, l);) errors.push_back(l);
-  }
+  if (Status st = CheckConfig(cfg.value(), options, warnings); !st.ok())
+    for (std::string& l : SplitLines(st.message())) errors.push_back(std::move(l));
   if (errors.empty()) return Status::OK();
   // In the file's order: "FILE:LINE: ..." by line, then errors that name no line.
   auto line_of = [](const std::string& e) {

@@ -9,7 +9,6 @@
 #include <cstdio>
 #include <filesystem>
 #include <iostream>
-#include <sstream>
 
 #include "cortex/config.h"
 #include "cortex/daemon.h"
@@ -115,8 +114,8 @@ int main(int argc, char** argv) {
   if (!log_file.empty()) log_file = std::filesystem::absolute(log_file, ec).string();
   auto fail = [](const cortex::Status& st) {
     // One line per error: a config can have several.
-    std::istringstream lines(st.message());
-    for (std::string l; std::getline(lines, l);) std::fprintf(stderr, "cortexd: %s\n", l.c_str());
+    for (const std::string& l : cortex::SplitLines(st.message()))
+      std::fprintf(stderr, "cortexd: %s\n", l.c_str());
     return 1;
   };
   cortex::DaemonOptions opts;

@@ -62,15 +62,18 @@ Status Router::Route(const std::vector<RouteRequest>& batch, const std::vector<E
         forced = m.expert;
         break;
       }
+    auto add_rules = [&](Candidate* c) {  // the rules that fired for c's expert
+      for (const auto& m : fired)
+        if (m.expert == c->expert) {
+          c->rule_score += m.boost;
+          c->rules.push_back(m.rule);
+        }
+    };
     for (size_t j = 0; j < E; ++j) {
       Candidate& c = cands[j];
       c.expert = experts[j].profile.name;
       c.model_score = scores[b * E + j];
-      for (const auto& m : fired) {
-        if (m.expert != c.expert) continue;
-        c.rule_score += m.boost;
-        c.rules.push_back(m.rule);
-      }
+      add_rules(&c);
       c.score = c.model_score + c.rule_score;
       // "+ 0.0" turns a -0.0 (no load, no crashes) into 0, which is what the audit shows.
       c.load_bias = -options_.load_bias * std::clamp(experts[j].load, 0.0, 1.0) + 0.0;
@@ -93,11 +96,7 @@ Status Router::Route(const std::vector<RouteRequest>& batch, const std::vector<E
                                         [&](const Candidate& c) { return c.expert == forced; })) {
       Candidate c;  // not loaded: no model or confidence; it is never the greedy pick
       c.expert = forced;
-      for (const auto& m : fired)
-        if (m.expert == forced) {
-          c.rule_score += m.boost;
-          c.rules.push_back(m.rule);
-        }
+      add_rules(&c);
       c.score = c.rule_score;
       cands.push_back(std::move(c));
     }

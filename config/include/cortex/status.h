@@ -41,9 +41,7 @@ class Status {
   static Status ResourceExhausted(std::string m) {
     return {Code::kResourceExhausted, std::move(m)};
   }
-  static Status PermissionDenied(std::string m) {
-    return {Code::kPermissionDenied, std::move(m)};
-  }
+  static Status PermissionDenied(std::string m) { return {Code::kPermissionDenied, std::move(m)}; }
   static Status Corruption(std::string m) { return {Code::kCorruption, std::move(m)}; }
   static Status IOError(std::string m) { return {Code::kIOError, std::move(m)}; }
   static Status Internal(std::string m) { return {Code::kInternal, std::move(m)}; }
@@ -66,6 +64,8 @@ class Status {
 
 // Several messages as one, a line each: checks that report every error, not the first.
 std::string JoinLines(const std::vector<std::string>& lines);
+// Its inverse: the lines of a message ("" is one empty line).
+std::vector<std::string> SplitLines(const std::string& text);
 
 // A value or the Status that explains why there is none.
 template <typename T>

@@ -12,6 +12,7 @@
 
 #include "../common/expert_util.h"
 #include "cortex/plugin_sdk.hpp"
+#include "cortex/tags.h"
 
 namespace {
 
@@ -32,13 +33,6 @@ const cortex_manifest kManifest = {
     CORTEX_MANIFEST_REQUIRES_CONFIG};
 
 constexpr size_t kMaxEnvText = 64 << 10;
-
-std::string EnvName(const std::string& key) {
-  std::string out;
-  for (unsigned char c : key)
-    out.push_back(std::isalnum(c) ? static_cast<char>(std::toupper(c)) : '_');
-  return out;
-}
 
 class CommandExpert {
  public:
@@ -119,7 +113,7 @@ class CommandExpert {
     if (const char* home = std::getenv("HOME")) spec.env.push_back(std::string("HOME=") + home);
     std::map<std::string, std::string> tag_vars;  // variable -> the tag that made it
     for (size_t i = 0; i < task.n_tags; ++i) {
-      const std::string key = task.tags[i].key, var = "CORTEX_TAG_" + EnvName(key);
+      const std::string key = task.tags[i].key, var = "CORTEX_TAG_" + cortex::TagKeyName(key);
       auto [it, fresh] = tag_vars.emplace(var, key);
       if (!fresh)
         return Fail(CORTEX_OUTCOME_REJECTED, "tags '" + it->second + "' and '" + key +
