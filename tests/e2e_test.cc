@@ -1234,6 +1234,46 @@ TEST(E2E, ABusyExpertHoldsNoWorkerAndUnstartedWorkIsRerun) {
   EXPECT_EQ(states["succeeded"], 5) << json(states).dump();
 }
 
+// daemon.max_queued bounds every task not yet running, also under many concurrent
+// submits and while the dispatcher holds a batch being routed.
+TEST(E2E, TheQueueBoundHoldsUnderConcurrentSubmits) {
+  TempDir dir;
+  const std::string gate = dir / "gate";
+  Daemon d(dir,
+           "experts:\n  - name: busy\n    plugin: command\n    capacity: 1\n    timeout: 2m\n"
+           "    keywords: [job]\n    run: [/bin/sh, -c, 'i=0; while [ ! -e " +
+               gate +
+               " ] && [ $i -lt 1200 ]; do sleep 0.05; i=$((i+1)); done']\n"
+               // every task for it (no other expert runs one meanwhile)
+               "rules:\n  - {name: b, match: [job], expert: busy, force: true}\n",
+           "router: {exploration: 0}\n");
+  std::string c = test::ReadFile(d.config);
+  c.replace(c.find("shutdown_grace: 2s}"), 19, "shutdown_grace: 2s, max_queued: 4}");
+  test::WriteFile(d.config, c);
+  ASSERT_TRUE(d.Start()) << d.Log();
+  ASSERT_EQ(d.Ctl({"submit", "job first"}).code, 0);
+  ASSERT_TRUE(d.WaitStatus([](const json& st) { return st["inflight"] == 1; }));
+  std::atomic<int> acked{0}, refused{0};
+  std::vector<std::thread> ts;
+  for (int i = 0; i < 24; ++i)
+    ts.emplace_back([&, i] {
+      Client cl;
+      json resp;
+      if (!cl.Connect(d.socket).ok() ||
+          !cl.Call({{"op", "submit"}, {"text", "job " + std::to_string(i)}}, &resp).ok())
+        return;
+      if (resp.value("ok", false))
+        ++acked;
+      else if (resp["error"]["code"] == "resource_exhausted")
+        ++refused;
+    });
+  for (auto& t : ts) t.join();
+  EXPECT_EQ(acked.load(), 4) << "the bound is 4 waiting";
+  EXPECT_EQ(refused.load(), 20);
+  test::WriteFile(gate, "");
+  EXPECT_EQ(d.Stop(SIGTERM), 0) << d.Log();
+}
+
 // Host processes whose command line names `needle` (a plugin file's private copy).
 int HostsLoading(const std::string& needle) {
   int n = 0;

@@ -277,13 +277,16 @@ class DaemonImpl : public Daemon, public RequestHandler {
   Status Submit(const std::string& text, const Tags& tags, std::string* id) override {
     if (stop_.load()) return Status::Unavailable("cortexd is stopping; submit again after restart");
     {
+      // Every task not yet running counts, wherever it is: queued, being routed, routed
+      // and waiting for a slot, or being stored by another submit right now.
       std::lock_guard<std::mutex> l(queue_mu_);
-      const size_t waiting = queue_.size() + ready_.size();
+      const size_t waiting = queue_.size() + ready_.size() + routing_ + admitting_;
       if (waiting >= max_queued_.load())
         return Status::ResourceExhausted(
             fmt::format("the queue is full ({} tasks waiting, daemon.max_queued); try again "
                         "once some have run",
                         waiting));
+      ++admitting_;  // its place is held while it is stored
     }
     Task t;
     t.text = text;
@@ -296,12 +299,15 @@ class DaemonImpl : public Daemon, public RequestHandler {
       if (st.ok()) break;
       if (tries >= 3) {
         NoteStoreFailure(st);
+        std::lock_guard<std::mutex> l(queue_mu_);
+        --admitting_;
         return st.WithContext("storing the task (not acknowledged)");
       }
     }
     *id = t.id;
     {
       std::lock_guard<std::mutex> l(queue_mu_);
+      --admitting_;
       queue_.push_back(std::move(t));
     }
     queue_cv_.notify_all();  // the dispatcher and the workers share this condition
@@ -785,6 +791,7 @@ class DaemonImpl : public Daemon, public RequestHandler {
           batch.push_back(std::move(queue_.front()));
           queue_.pop_front();
         }
+        routing_ += batch.size();
       }
       // Cancelled while the dispatcher held them (say, waiting for an expert): they end.
       for (auto it = batch.begin(); it != batch.end();) {
@@ -797,6 +804,8 @@ class DaemonImpl : public Daemon, public RequestHandler {
         j.cancel = true;
         EndTask(j, TaskState::kCancelled);
         it = batch.erase(it);
+        std::lock_guard<std::mutex> l(queue_mu_);
+        --routing_;
       }
       if (batch.empty()) continue;
       const uint64_t generation = registry_->generation();  // before the experts are read
@@ -865,6 +874,7 @@ class DaemonImpl : public Daemon, public RequestHandler {
       if (!jobs.empty()) NoteStoreSuccess();
       {
         std::lock_guard<std::mutex> l(queue_mu_);
+        routing_ -= jobs.size();
         for (auto& j : jobs) ready_.push_back(std::move(j));
       }
       queue_cv_.notify_all();
@@ -874,8 +884,10 @@ class DaemonImpl : public Daemon, public RequestHandler {
 
   // Puts `batch` back at the head of the queue, in order, and waits `pause` (or for stop)
   // before the dispatcher tries again.
+  // Puts tasks the dispatcher took back at the front of queue_, then pauses.
   void Requeue(std::vector<Task>* batch, std::chrono::milliseconds pause) {
     std::unique_lock<std::mutex> l(queue_mu_);
+    routing_ -= batch->size();
     for (auto it = batch->rbegin(); it != batch->rend(); ++it) queue_.push_front(std::move(*it));
     batch->clear();
     queue_cv_.wait_for(l, pause, [&] { return stop_.load(); });
@@ -1381,6 +1393,9 @@ class DaemonImpl : public Daemon, public RequestHandler {
   std::shared_ptr<Router> router_;
   std::atomic<int> max_attempts_live_{2};
   std::atomic<size_t> max_queued_{100000};
+  // Tasks out of queue_ and ready_ yet not running, for the max_queued bound (queue_mu_):
+  // the dispatcher's batch, and submits storing theirs.
+  size_t routing_ = 0, admitting_ = 0;
 
   std::shared_ptr<Learner> learner_;
   std::string backend_why_;
