@@ -18,7 +18,8 @@ chmod 700 "$demo/run"
 export XDG_DATA_HOME="$demo/data" XDG_RUNTIME_DIR="$demo/run" XDG_CONFIG_HOME="$demo/config"
 unset CORTEX_SOCKET
 ctl() { "$bin/cortexctl" "$@"; }
-say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+# Headings in bold on a terminal, plain in a log.
+if [ -t 1 ]; then say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }; else say() { printf '\n== %s\n' "$*"; }; fi
 
 say "starting cortexd on its embedded defaults"
 "$bin/cortexd"
@@ -60,4 +61,7 @@ ctl confidence
 say "cortexctl status"
 ctl status
 echo
-echo "The store is $demo/data/cortex/cortex.db; try: XDG_DATA_HOME=$demo/data XDG_RUNTIME_DIR=$demo/run $bin/cortexctl history"
+env="XDG_DATA_HOME=$demo/data XDG_RUNTIME_DIR=$demo/run XDG_CONFIG_HOME=$demo/config"
+echo "cortexd stops now; the store stays at $demo/data/cortex/cortex.db. To look again:"
+echo "  export $env"
+echo "  $bin/cortexd && $bin/cortexctl history    # cortexd prints its pid: kill it when done"

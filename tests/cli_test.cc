@@ -189,20 +189,24 @@ TEST(CliTest, EffectiveConfigDefaultLocationAndUserRulesAddToBuiltIns) {
   EXPECT_EQ(again.out.substr(again.out.find('\n')), r.out.substr(r.out.find('\n')));
 
   // Started from "/", it finds the file, and `status` names it and the plugin folder.
-  pid_t pid = fork();
-  if (pid == 0) {
-    std::vector<std::string> args = {Cortexd(), "--foreground"};
-    std::vector<char*> argv, envp;
-    for (auto& a : args) argv.push_back(a.data());
-    argv.push_back(nullptr);
-    for (auto& e : env) envp.push_back(e.data());
-    envp.push_back(nullptr);
-    if (chdir("/") != 0) _exit(126);
-    int null = open("/dev/null", O_WRONLY);
-    dup2(null, 2);
-    execve(argv[0], argv.data(), envp.data());
-    _exit(127);
-  }
+  auto start_in_root = [&] {
+    pid_t child = fork();
+    if (child == 0) {
+      std::vector<std::string> args = {Cortexd(), "--foreground"};
+      std::vector<char*> argv, envp;
+      for (auto& a : args) argv.push_back(a.data());
+      argv.push_back(nullptr);
+      for (auto& e : env) envp.push_back(e.data());
+      envp.push_back(nullptr);
+      if (chdir("/") != 0) _exit(126);
+      int null = open("/dev/null", O_WRONLY);
+      dup2(null, 2);
+      execve(argv[0], argv.data(), envp.data());
+      _exit(127);
+    }
+    return child;
+  };
+  pid_t pid = start_in_root();
   const std::string sock = dir / "xdg/cortex/run/s.sock";
   json st;
   ASSERT_TRUE(test::Eventually([&] {
@@ -228,6 +232,28 @@ TEST(CliTest, EffectiveConfigDefaultLocationAndUserRulesAddToBuiltIns) {
   for (const auto& e : fs::directory_iterator(dir / "xdg/cortex/run"))
     EXPECT_EQ(e.path().filename().string().rfind("plugin-cache.", 0), std::string::npos)
         << e.path();
+
+  // Started with no file there, it runs on the defaults; a file written there since is
+  // read by the next reload.
+  fs::rename(cfg, cfg + ".away");
+  pid = start_in_root();
+  const std::string default_sock = dir / "rt/cortex/cortexd.sock";
+  ASSERT_TRUE(test::Eventually([&] {
+    st = test::Ctl(default_sock, {"status", "--json"}).Json();
+    return st.is_object() && st.contains("config");
+  }));
+  EXPECT_EQ(st["config"], "<embedded defaults>");
+  test::WriteFile(cfg, "experts:\n  - {name: late, plugin: command, run: [\"true\"]}\n");
+  r = test::Ctl(default_sock, {"reload"});
+  EXPECT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(test::Ctl(default_sock, {"status", "--json"}).Json()["config"], cfg);
+  json experts = test::Ctl(default_sock, {"experts", "--json"}).Json();
+  bool late = false;
+  for (const auto& e : experts) late |= e["name"] == "late";
+  EXPECT_TRUE(late) << experts;
+  kill(pid, SIGTERM);
+  waitpid(pid, &status, 0);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0);
 }
 
 TEST(CliTest, RepoTagsAreAbsoluteAndAddedInsideAGitWorkTree) {
@@ -520,6 +546,8 @@ TEST(CliTest, UnixConventions) {
   EXPECT_EQ(r.code, 0);
   EXPECT_NE(r.out.find("completion"), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("Exit status: 0 ok"), std::string::npos) << r.out;
+  // Under --json, help too is one JSON document.
+  EXPECT_EQ(d.Ctl({"--json", "help", "cancel"}).Json()["help"], d.Ctl({"help", "cancel"}).out);
   r = d.Ctl({"help", "cancel"});
   EXPECT_EQ(r.code, 0);
   EXPECT_NE(r.out.find("Usage: cortexctl cancel [OPTIONS] ID"), std::string::npos) << r.out;

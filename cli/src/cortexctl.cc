@@ -101,6 +101,11 @@ std::string Fixed(double v, int digits) {
   if (s[0] == '-' && s.find_first_not_of("-0.") == std::string::npos) s.erase(0, 1);
   return s;
 }
+// Whether a retrain's metrics hold estimates at all: on fewer held-out decisions than its
+// minimum there are none worth showing.
+bool Estimated(const json& metrics) {
+  return metrics.value("holdout_rows", 0L) >= metrics.value("min_holdout_rows", 0L);
+}
 std::pair<double, double> Interval(const json& e, const std::string& which) {
   const double lo = which == "diff" ? -1 : 0, v = e.value("value", 0.0), ci = e.value("ci", 0.0);
   return {e.value("low", std::clamp(v - ci, lo, 1.0)),
@@ -338,6 +343,10 @@ void PrintCandidates(const json& cands) {
                 Num(c.value("health_bias", json(0.0)), "%.3f").c_str(),
                 Num(c["score"], "%.3f").c_str(), Pct(c["confidence"]).c_str(), rules.c_str());
   }
+  // Why a rule can put a less confident expert first.
+  std::printf(
+      "  (ranked by SCORE = RULE + MODEL + LOAD + HEALTH; CONF is the model's own "
+      "estimate, rules aside)\n");
 }
 
 std::string DecisionMode(const json& d) {
@@ -861,8 +870,10 @@ static int RunCli(int argc, char** argv, Ctx& ctx) {
       if (!next) return Usage(ctx, "no command named '" + asked + "'; `cortexctl help` lists them");
       sub = next;
     }
-    std::cout << sub->get_formatter()->make_help(
+    const std::string text = sub->get_formatter()->make_help(
         sub, asked.empty() ? "cortexctl" : "cortexctl " + asked, CLI::AppFormatMode::Normal);
+    if (ctx.json_out) return PrintJson(json{{"help", text}}), kOk;  // one document, as always
+    std::cout << text;
     return kOk;
   }
   if (completion->parsed()) {
@@ -1230,6 +1241,7 @@ static int RunCli(int argc, char** argv, Ctx& ctx) {
     }
     const json m = result.value("metrics", json::object());
     auto est = [&](const char* k) {
+      if (!Estimated(m)) return std::string("not estimated (too few held-out decisions)");
       auto [lo, hi] = Interval(m.value(k, json::object()), k);
       return Fixed(m.value(k, json::object()).value("value", 0.0), 3) + "  (95% interval " +
              Fixed(lo, 3) + " to " + Fixed(hi, 3) + ")";
@@ -1237,9 +1249,10 @@ static int RunCli(int argc, char** argv, Ctx& ctx) {
     std::printf("candidate %s: %s\n", Str(result, "name").c_str(),
                 result.value("live", false) ? "PROMOTED (now live)" : "refused");
     std::printf(
-        "  trained on %ld outcomes, validated on %ld held-out decisions (%s; at least "
+        "  trained on %ld outcomes, validated on %ld held-out decision%s (%s; at least "
         "%ld are needed)\n",
-        m.value("train_rows", 0L), m.value("holdout_rows", 0L), Str(m, "estimator").c_str(),
+        m.value("train_rows", 0L), m.value("holdout_rows", 0L),
+        m.value("holdout_rows", 0L) == 1 ? "" : "s", Str(m, "estimator").c_str(),
         m.value("min_holdout_rows", 0L));
     std::printf("  candidate policy %s\n  live policy      %s\n  difference       %s\n",
                 est("candidate").c_str(), est("live").c_str(), est("diff").c_str());
@@ -1264,24 +1277,27 @@ static int RunCli(int argc, char** argv, Ctx& ctx) {
                    &result)) != kOk)
       return rc;
     if (ctx.json_out) return PrintJson(result), kOk;
-    std::printf("model v%d is live (was v%d)\n", result.value("live_version", 0),
-                result.value("previous", 0));
+    if (result.value("unchanged", false))
+      std::printf("model v%d is already live; nothing changed\n", result.value("live_version", 0));
+    else
+      std::printf("model v%d is live (was v%d)\n", result.value("live_version", 0),
+                  result.value("previous", 0));
     return kOk;
   }
   if (models->parsed()) {
     if ((rc = Call(ctx, {{"op", "models"}}, &result)) != kOk) return rc;
     if (ctx.json_out) return PrintJson(result), kOk;
-    std::printf("%-4s %-5s %-9s %-20s %7s %7s %-17s %-17s %s\n", "", "model", "status", "created",
-                "train", "holdout", "candidate", "live then", "diff");
+    std::printf("%-4s %-5s %-9s %-24s %7s %7s %-17s %-17s %s\n", "", "MODEL", "STATUS", "CREATED",
+                "TRAIN", "HOLDOUT", "CANDIDATE", "LIVE THEN", "DIFF");
     for (const auto& m : result.value("models", json::array())) {
       const json x = m.value("metrics", json::object());
       auto est = [&](const char* k) {
-        if (!x.contains(k)) return std::string("-");
+        if (!x.contains(k) || !Estimated(x)) return std::string("-");
         auto [lo, hi] = Interval(x[k], k);
         return Fixed(x[k].value("value", 0.0), 2) + " [" + Fixed(lo, 2) + "," + Fixed(hi, 2) + "]";
       };
       std::printf(
-          "%-4s %-5s %-9s %-20s %7s %7s %-17s %-17s %s\n", m.value("live", false) ? "*" : "",
+          "%-4s %-5s %-9s %-24s %7s %7s %-17s %-17s %s\n", m.value("live", false) ? "*" : "",
           Str(m, "name").c_str(), Str(m, "status").c_str(), Str(m, "created", "-").c_str(),
           x.contains("train_rows") ? std::to_string(x.value("train_rows", 0L)).c_str() : "-",
           x.contains("holdout_rows") ? std::to_string(x.value("holdout_rows", 0L)).c_str() : "-",

@@ -216,8 +216,8 @@ class DaemonImpl : public Daemon, public RequestHandler {
     trainer_ = std::thread([this] { TrainLoop(); });
     for (int i = 0; i < config_.daemon.workers; ++i)
       workers_.emplace_back([this] { WorkerLoop(); });
-    LogInfo("cortexd ready: socket {}, store {}, {} experts, {} workers, backend {}",
-            config_.daemon.socket, config_.store.path, registry_->Active().size(),
+    LogInfo("cortexd ready: config {}, socket {}, store {}, {} experts, {} workers, backend {}",
+            config_.source, config_.daemon.socket, config_.store.path, registry_->Active().size(),
             config_.daemon.workers, CurrentRouter()->backend());
     return Status::OK();
   }
@@ -421,7 +421,7 @@ class DaemonImpl : public Daemon, public RequestHandler {
             {"store_error", StoreError()},
             {"schema_version", store_->SchemaVersion()},
             {"socket", config_.daemon.socket},
-            {"config", options_.config_path.empty() ? "<embedded defaults>" : options_.config_path},
+            {"config", ConfigSource()},
             {"experts", active.size()},
             {"isolation", config_.plugins.isolation},
             {"rules", router->rules().size()},
@@ -432,15 +432,18 @@ class DaemonImpl : public Daemon, public RequestHandler {
 
   Status Reload(json* summary) override {
     std::lock_guard<std::mutex> one_at_a_time(reload_mu_);
+    // Without --config, the default places are looked at again: a file written there
+    // since the start is read now.
+    const std::string path =
+        options_.config_path.empty() ? DefaultConfigFile() : options_.config_path;
     // A refusal names every error in the file, as --check-config would.
     auto refuse = [&](const Status& st) {
-      Status all = EveryConfigError(st, options_.config_path, options_)
+      Status all = EveryConfigError(st, path, options_)
                        .WithContext("reload refused, keeping the running config");
       LogLines(LogLevel::kError, all.message());  // whether asked by SIGHUP or cortexctl
       return all;
     };
-    Result<Config> next = options_.config_path.empty() ? Result<Config>(DefaultConfig())
-                                                       : LoadConfigFile(options_.config_path);
+    Result<Config> next = path.empty() ? Result<Config>(DefaultConfig()) : LoadConfigFile(path);
     if (!next.ok()) return refuse(next.status());
     Config& c = next.value();
     Result<RuleSet> rules = RuleSet::Compile(c.rules, c.source);
@@ -450,6 +453,9 @@ class DaemonImpl : public Daemon, public RequestHandler {
     // Every changed setting is either applied now or named as needing a restart; none is
     // silently ignored. (Rules and experts are always applied.)
     Config run = running_;
+    run.source = c.source;  // rules and experts are always applied, and said where from
+    run.rules = c.rules;
+    run.experts = c.experts;
     std::vector<std::string> applied, restart;
     const auto was = SettingsOf(running_), now = SettingsOf(c);
     for (const auto& [key, value] : now) {
@@ -1146,6 +1152,12 @@ class DaemonImpl : public Daemon, public RequestHandler {
     return Status::OK();
   }
 
+  // The file the running config came from (a reload may have found one since the start).
+  std::string ConfigSource() {
+    std::lock_guard<std::mutex> l(train_mu_);
+    return running_.source;
+  }
+
   json TrainingStatus() {
     std::lock_guard<std::mutex> l(train_mu_);
     return {{"new_outcomes", new_outcomes_},
@@ -1334,6 +1346,10 @@ class DaemonImpl : public Daemon, public RequestHandler {
   }
 
   Status Rollback(int version, bool force, json* result) override {
+    if (version == learner_->live_version()) {  // nothing to do, and no event to record
+      *result = {{"live_version", version}, {"previous", version}, {"unchanged", true}};
+      return Status::OK();
+    }
     GatingModel model(learner_->options().shape);
     long through = 0;
     if (version != 0) {
