@@ -150,6 +150,39 @@ TEST(CliTest, CheckConfigReportsEveryErrorThatAStartRefuses) {
   EXPECT_NE(r.err.find("duration too long"), std::string::npos) << r.err;
 }
 
+// An error in one field of a rule or an expert hides no other error of it: a rule with a
+// bad boost still has its patterns compiled, an expert with a bad capacity still has its
+// plugin's settings checked, and each error names the line it is on.
+TEST(CliTest, CheckConfigReportsEveryErrorOfOneEntry) {
+  TempDir dir;
+  const std::string cfg = dir / "entry.yaml";
+  test::WriteFile(cfg, "daemon: {socket: " + (dir / "run/s.sock") +
+                           "}\nstore: {path: " + (dir / "data/c.db") +
+                           "}\n"
+                           "rules:\n"
+                           "  - name: r2\n"
+                           "    match: [ok, \"/a{99999}/\"]\n"
+                           "    expert: inventory\n"
+                           "    boost: notanumber\n"
+                           "experts:\n"
+                           "  - name: cmd\n"
+                           "    plugin: command\n"
+                           "    runn: [\"true\"]\n"
+                           "    capacity: many\n");
+  test::Run r = test::RunCmd({Cortexd(), "--check-config", "--config", cfg});
+  EXPECT_EQ(r.code, 1) << r.err;
+  size_t at = 0;
+  for (const std::string& want :
+       {cfg + ":5: rules.r2.match: bad regular expression /a{99999}/",
+        cfg + ":7: rules[0].boost: expected a number", cfg + ":11: experts[0].runn: unknown key",
+        cfg + ":12: experts[0].capacity: expected an integer"}) {
+    const size_t p = r.err.find(want);
+    ASSERT_NE(p, std::string::npos) << want << "\n" << r.err;
+    EXPECT_GE(p, at) << want << " is out of the file's order\n" << r.err;
+    at = p;
+  }
+}
+
 TEST(CliTest, EffectiveConfigDefaultLocationAndUserRulesAddToBuiltIns) {
   TempDir dir;
   // $XDG_CONFIG_HOME/cortex/cortex.yaml is read without --config; its relative paths are
@@ -306,6 +339,14 @@ TEST(CliTest, RepoTagsAreAbsoluteAndAddedInsideAGitWorkTree) {
         c.Call({{"op", "submit"}, {"text", "x"}, {"tags", {{"x", "1"}, {"X", "2"}}}}, &resp).ok());
     EXPECT_FALSE(resp.value("ok", true)) << resp;
     EXPECT_NE(resp.dump().find("differ only in case"), std::string::npos) << resp;
+    // From any client, the repo tag in any case is `repo`, and its path must be absolute.
+    ASSERT_TRUE(
+        c.Call({{"op", "route"}, {"text", "x"}, {"tags", {{"REPO", "relative/x"}}}}, &resp).ok());
+    EXPECT_FALSE(resp.value("ok", true)) << resp;
+    EXPECT_NE(resp.dump().find("tag repo must be an absolute path"), std::string::npos) << resp;
+    ASSERT_TRUE(c.Call({{"op", "submit"}, {"text", "x"}, {"tags", {{"Repo", repo}}}}, &resp).ok());
+    ASSERT_TRUE(resp.value("ok", false)) << resp;
+    EXPECT_EQ(d.CtlJson({"show", resp["result"]["id"]})["tags"], json({{"repo", repo}}));
   }
   // A work tree git refuses (another user's): the task goes without the tag, and a note
   // says why.
@@ -530,6 +571,32 @@ TEST(CliTest, WaitCancelPrefixesAndFollow) {
   EXPECT_EQ(waitpid(follower, nullptr, WNOHANG), 0) << "the follower is still running";
   kill(follower, SIGTERM);
   waitpid(follower, nullptr, 0);
+}
+
+// JSON and CSV keep task text exact when redirected; on a terminal nothing in it may act
+// on the screen (JSON escapes non-ASCII there, CSV shows it as human output does).
+TEST(CliTest, MachineFormatsAreExactRedirectedAndSafeOnATerminal) {
+  if (access("/usr/bin/script", X_OK) != 0)
+    GTEST_SKIP() << "needs script(1) (util-linux) to give cortexctl a terminal";
+  TempDir dir;
+  Daemon d(dir);
+  ASSERT_TRUE(d.Start()) << d.Log();
+  const std::string text = "a \x1b[31mred \xe2\x80\xaeRTL \xc2\x9b end";
+  test::Run r = d.Ctl({"submit", text, "--no-repo"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  const std::string id = r.out.substr(0, r.out.find('\n'));
+  EXPECT_EQ(d.CtlJson({"show", id})["text"], text);  // redirected: exact
+  for (const std::vector<std::string>& args :
+       {std::vector<std::string>{"--json", "show", id}, {"export", "--format", "csv"},
+        {"export"}}) {
+    std::string cmd = Cortexctl() + " --socket " + d.socket;
+    for (const auto& a : args) cmd += " " + a;
+    test::Run tty = test::RunCmd({"/usr/bin/script", "-qec", cmd, "/dev/null"});
+    ASSERT_EQ(tty.code, 0) << cmd << "\n" << tty.out << tty.err;
+    EXPECT_NE(tty.out.find("red"), std::string::npos) << tty.out;
+    for (const char* raw : {"\x1b[31m", "\xe2\x80\xae", "\xc2\x9b"})
+      EXPECT_EQ(tty.out.find(raw), std::string::npos) << cmd << "\n" << tty.out;
+  }
 }
 
 TEST(CliTest, UnixConventions) {

@@ -154,7 +154,8 @@ TEST(RulesTest, BadRegexNamesTheRuleAndLine) {
   ASSERT_TRUE(c.ok()) << c.status().ToString();
   Result<RuleSet> rs = RuleSet::Compile(c->rules, c->source);
   ASSERT_FALSE(rs.ok());
-  EXPECT_NE(rs.status().message().find("r.yaml:2: rules.r1.match: bad regular expression"),
+  // The line is the pattern's own (line 3), not the rule's (line 2).
+  EXPECT_NE(rs.status().message().find("r.yaml:3: rules.r1.match: bad regular expression"),
             std::string::npos)
       << rs.status().message();
 }

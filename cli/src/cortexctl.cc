@@ -43,6 +43,13 @@ std::string Raw(const json& j, const char* k, const std::string& def = "") {
 std::string Terminal(const std::string& s, bool keep_lines = false) {
   return cortex::Printable(s, keep_lines);
 }
+// JSON for stdout. On a terminal every non-ASCII character is written as \uXXXX: the same
+// document, but a bidi override or an 8-bit control in task text cannot act on the screen
+// (ESC and the other C0 controls are escaped by JSON itself). Redirected, it is UTF-8.
+std::string Dump(const json& j, int indent = 2) {
+  static const bool tty = isatty(1) == 1;
+  return j.dump(indent, ' ', tty, json::error_handler_t::replace);
+}
 // An error on stderr: a message of several lines (a reload refused for every error in the
 // file) keeps its lines, each shown safely and indented under the first.
 void SayError(const std::string& msg) {
@@ -76,7 +83,7 @@ int Usage(const Ctx& ctx, const std::string& msg) {
   if (ctx.json_out) {
     json doc = {{"error", {{"code", "usage"}, {"message", msg}}}};
     // (a message quoting bytes that are not UTF-8 cannot be encoded as they are)
-    std::cout << doc.dump(2, ' ', false, json::error_handler_t::replace) << "\n";
+    std::cout << Dump(doc) << "\n";
   }
   g_usage_reported = true;
   return kUsage;
@@ -275,8 +282,7 @@ int Call(const Ctx& ctx, const json& req, json* result,
     std::fprintf(stderr, "cortexctl: %s\n  %s\n", Terminal(st.message()).c_str(),
                  Terminal(WhoMayConnect(ctx.socket)).c_str());
     if (ctx.json_out)
-      std::cout << json{{"error", {{"code", "permission_denied"}, {"message", st.message()}}}}.dump(
-                       2, ' ', false, json::error_handler_t::replace)
+      std::cout << Dump(json{{"error", {{"code", "permission_denied"}, {"message", st.message()}}}})
                 << "\n";
     return kUnreachable;
   }
@@ -287,7 +293,7 @@ int Call(const Ctx& ctx, const json& req, json* result,
         "CORTEX_SOCKET at the socket of a running one).\n",
         Terminal(st.message()).c_str());
     if (ctx.json_out)
-      std::cout << json{{"error", {{"code", "unreachable"}, {"message", st.message()}}}}.dump(2)
+      std::cout << Dump(json{{"error", {{"code", "unreachable"}, {"message", st.message()}}}})
                 << "\n";
     return kUnreachable;
   }
@@ -303,14 +309,14 @@ int Call(const Ctx& ctx, const json& req, json* result,
   if (!st.ok()) {
     SayError(st.message());
     if (ctx.json_out)
-      std::cout << json{{"error", {{"code", st.code_name()}, {"message", st.message()}}}}.dump(2)
+      std::cout << Dump(json{{"error", {{"code", st.code_name()}, {"message", st.message()}}}})
                 << "\n";
     return st.code() == cortex::Status::Code::kUnavailable ? kUnreachable : kFailed;
   }
   if (!resp.value("ok", false)) {
     json e = resp.value("error", json::object());
     SayError(Raw(e, "message", "request failed"));
-    if (ctx.json_out) std::cout << json{{"error", e}}.dump(2) << "\n";
+    if (ctx.json_out) std::cout << Dump(json{{"error", e}}) << "\n";
     return kFailed;
   }
   *result = resp.value("result", json());
@@ -327,7 +333,7 @@ int FollowCall(const Ctx& ctx, const json& req, json* result) {
   return rc;
 }
 
-void PrintJson(const json& j) { std::cout << j.dump(2) << "\n"; }
+void PrintJson(const json& j) { std::cout << Dump(j) << "\n"; }
 
 void PrintCandidates(const json& cands) {
   std::printf("  %-2s %-16s %7s %7s %7s %7s %7s %6s  %s\n", "#", "EXPERT", "RULE", "MODEL", "LOAD",
@@ -400,7 +406,11 @@ void PrintTask(const json& t, bool full_output) {
                 Str(f, "note").c_str());
 }
 
+// A CSV field, quoted where needed; on a terminal, shown safely first (redirected, the
+// text is as it was).
 std::string CsvField(std::string s) {
+  static const bool tty = isatty(1) == 1;
+  if (tty) s = Terminal(s);
   bool quote = s.find_first_of(",\"\n\r") != std::string::npos;
   std::string out;
   for (char c : s) {
@@ -823,7 +833,7 @@ static int RunCli(int argc, char** argv, Ctx& ctx) {
       bool as_json = false;
       for (int j = 1; j < argc; ++j) as_json = as_json || std::string(argv[j]) == "--json";
       if (as_json)
-        std::cout << json{{"version", cortex::CortexVersion()}}.dump(2) << "\n";
+        std::cout << Dump(json{{"version", cortex::CortexVersion()}}) << "\n";
       else
         std::printf("cortexctl %s\n", cortex::CortexVersion());
       return kOk;
@@ -1001,7 +1011,7 @@ static int RunCli(int argc, char** argv, Ctx& ctx) {
       bool header = false;
       auto on_row = [&](const json& r) {
         if (ctx.json_out) return rows.push_back(r);
-        if (format == "jsonl") return (void)std::printf("%s\n", r.dump().c_str());
+        if (format == "jsonl") return (void)std::printf("%s\n", Dump(r, -1).c_str());
         if (!header) {
           std::printf(
               "id,time,expert,confidence,propensity,explored,outcome,quality,feedback_quality,"
@@ -1043,7 +1053,7 @@ static int RunCli(int argc, char** argv, Ctx& ctx) {
     bool fallback = false;
     auto print_row = [&](const json& r) {
       if (ctx.json_out)
-        return (void)std::printf("%s\n", r.dump().c_str());  // --follow: a line each
+        return (void)std::printf("%s\n", Dump(r, -1).c_str());  // --follow: a line each
       std::string oc = r["outcome"].is_string() ? r["outcome"].get<std::string>() : Str(r, "state");
       if (r.value("explored", false)) oc += "*";
       std::string who = Str(r, "expert", "-");
@@ -1159,7 +1169,7 @@ static int RunCli(int argc, char** argv, Ctx& ctx) {
     if (ctx.json_out && !follow) return PrintJson(result), kOk;
     auto print_event = [&](const json& e) {
       if (ctx.json_out)
-        return (void)std::printf("%s\n", e.dump().c_str());  // --follow: a line each
+        return (void)std::printf("%s\n", Dump(e, -1).c_str());  // --follow: a line each
       const std::string file = Str(e, "file"), detail = Str(e, "detail");
       std::printf("%s  %-11s %-12s %s\n", LocalTime(Str(e, "time")).c_str(),
                   Str(e, "event").c_str(),

@@ -293,7 +293,8 @@ Status ParseRouter(const Parser& p, const YAML::Node& n, RouterConfig* c) {
 Status ParseRules(const Parser& p, const YAML::Node& n, std::vector<RuleConfig>* rules) {
   if (!n.IsSequence()) return p.Error(n, "rules", "expected a list of rules");
   std::set<std::string> names;
-  // Each rule reports its first error; every rule is looked at.
+  // Every rule is looked at, and every field of each: one with a bad boost still has its
+  // patterns compiled by the later checks, so one run names every error.
   for (size_t i = 0; i < n.size(); ++i) {
     p.Keep([&]() -> Status {
       const YAML::Node& r = n[i];
@@ -302,25 +303,38 @@ Status ParseRules(const Parser& p, const YAML::Node& n, std::vector<RuleConfig>*
       (void)p.CheckKeys(r, path, {"name", "match", "expert", "boost", "force"});
       RuleConfig rc;
       rc.line = Parser::Line(r);
+      bool usable = true;  // name, patterns and expert read: the later checks can judge it
+      auto keep = [&](const Status& st) {
+        p.Keep(st);
+        return st.ok();
+      };
       for (const char* req : {"name", "match", "expert"})
-        if (!r[req]) return p.Error(r, path + "." + req, "is required");
-      CORTEX_RETURN_IF_ERROR(p.Str(r["name"], path + ".name", &rc.name));
-      if (!names.insert(rc.name).second)
-        return p.Error(r["name"], path + ".name", "duplicate rule name '" + rc.name + "'");
-      CORTEX_RETURN_IF_ERROR(p.StrList(r["match"], path + ".match", &rc.match));
-      if (rc.match.empty()) return p.Error(r["match"], path + ".match", "must not be empty");
-      for (size_t j = 0; j < rc.match.size(); ++j) {
-        const std::string& m = rc.match[j];
-        if (m.empty() || m == "/" || m == "//")
-          return p.Error(r["match"][j], path + ".match[" + std::to_string(j) + "]",
-                         "empty pattern");
+        if (!r[req]) usable = keep(p.Error(r, path + "." + req, "is required")) && usable;
+      if (r["name"] && keep(p.Str(r["name"], path + ".name", &rc.name)) &&
+          !names.insert(rc.name).second)
+        usable = keep(p.Error(r["name"], path + ".name", "duplicate rule name '" + rc.name + "'"));
+      if (r["match"]) {
+        if (!keep(p.StrList(r["match"], path + ".match", &rc.match))) {
+          usable = false;
+        } else if (rc.match.empty()) {
+          usable = keep(p.Error(r["match"], path + ".match", "must not be empty"));
+        }
+        for (size_t j = 0; j < rc.match.size(); ++j) {
+          rc.match_lines.push_back(Parser::Line(r["match"][j]));
+          const std::string& m = rc.match[j];
+          if (m.empty() || m == "/" || m == "//")
+            usable = keep(p.Error(r["match"][j], path + ".match[" + std::to_string(j) + "]",
+                                  "empty pattern")) &&
+                     usable;
+        }
       }
-      CORTEX_RETURN_IF_ERROR(p.Str(r["expert"], path + ".expert", &rc.expert));
-      if (r["boost"])
-        CORTEX_RETURN_IF_ERROR(p.Double(r["boost"], path + ".boost", -10, 10, &rc.boost));
-      if (r["force"]) CORTEX_RETURN_IF_ERROR(p.Bool(r["force"], path + ".force", &rc.force));
-      if (!r["boost"] && !rc.force) return p.Error(r, path, "needs a boost, or force: true");
-      rules->push_back(std::move(rc));
+      if (r["expert"]) usable = keep(p.Str(r["expert"], path + ".expert", &rc.expert)) && usable;
+      if (r["boost"]) keep(p.Double(r["boost"], path + ".boost", -10, 10, &rc.boost));
+      if (r["force"]) keep(p.Bool(r["force"], path + ".force", &rc.force));
+      if (!r["boost"] && !rc.force) keep(p.Error(r, path, "needs a boost, or force: true"));
+      // (A config with any error is refused whole; a usable rule goes on only so that
+      // --check-config can compile its patterns too.)
+      if (usable) rules->push_back(std::move(rc));
       return Status::OK();
     }());
   }
@@ -345,19 +359,21 @@ Status ParseExperts(const Parser& p, const YAML::Node& n, std::vector<ExpertConf
       ec.index = static_cast<int>(i);
       for (const char* req : {"name", "plugin"})
         if (!e[req]) return p.Error(e, path + "." + req, "is required");
-      bool bad = false;
       auto keep = [&](const Status& st) {
         p.Keep(st);
-        bad = bad || !st.ok();
         return st.ok();
       };
       CORTEX_RETURN_IF_ERROR(p.Str(e["name"], path + ".name", &ec.name));
-      // A bad or repeated name is one error; the expert's other settings are still judged.
+      // A bad or repeated name is one error; the expert's other settings are still judged,
+      // and with a good name its plugin's settings too (by the later checks).
+      bool usable = false;
       if (!ValidExpertName(ec.name))
         keep(p.Error(e["name"], path + ".name",
                      "must be 1-64 characters of a-z, 0-9, '-', '_' or '.'"));
       else if (!names.insert(ec.name).second)
         keep(p.Error(e["name"], path + ".name", "duplicate expert name '" + ec.name + "'"));
+      else
+        usable = true;
       CORTEX_RETURN_IF_ERROR(p.Str(e["plugin"], path + ".plugin", &ec.plugin));
       for (const auto& kv : e) {
         std::string k = kv.first.as<std::string>();
@@ -382,7 +398,9 @@ Status ParseExperts(const Parser& p, const YAML::Node& n, std::vector<ExpertConf
           ec.key_lines[k] = Parser::Line(kv.first);
         }
       }
-      if (!bad) experts->push_back(std::move(ec));  // (its errors are kept already)
+      // (A config with any error is refused whole; a usable expert goes on only so that
+      // --check-config can try its plugin's settings too.)
+      if (usable) experts->push_back(std::move(ec));
       return Status::OK();
     }());
   }

@@ -128,6 +128,16 @@ Status ParseTags(const Request& r, const DaemonConfig& lim, Tags* tags) {
     if (v.get<std::string>().size() > 4096) return Bad("tag '" + k + "' is longer than 4096 bytes");
     if (v.get<std::string>().find('\0') != std::string::npos)
       return Bad("tag '" + k + "' holds a NUL character; tag values cannot");
+    // The repo tag, in any case, is `repo` (what every expert reads), and a path there is
+    // the caller's: cortexd runs elsewhere, so a relative one would name another folder.
+    if (TagKeyName(k) == "REPO") {
+      const std::string& path = v.get<std::string>();
+      if (!path.empty() && path[0] != '/')
+        return Bad("tag repo must be an absolute path, not '" + Printable(path) +
+                   "' (cortexd does not run in your folder; cortexctl makes it absolute)");
+      tags->emplace_back("repo", path);
+      continue;
+    }
     tags->emplace_back(k, v.get<std::string>());
   }
   return Status::OK();

@@ -23,7 +23,9 @@ Result<RuleSet> RuleSet::Compile(const std::vector<RuleConfig>& rules, const std
   for (const auto& r : rules) {
     Compiled c;
     c.cfg = r;
-    for (const auto& m : r.match) {
+    for (size_t j = 0; j < r.match.size(); ++j) {
+      const std::string& m = r.match[j];
+      const int line = j < r.match_lines.size() ? r.match_lines[j] : r.line;
       if (m.size() >= 2 && m.front() == '/' && m.back() == '/') {
         RE2::Options o;
         o.set_case_sensitive(false);
@@ -31,7 +33,7 @@ Result<RuleSet> RuleSet::Compile(const std::vector<RuleConfig>& rules, const std
         auto re = std::make_shared<const RE2>(m.substr(1, m.size() - 2), o);
         if (!re->ok()) {
           errors.push_back(
-              source + ":" + std::to_string(r.line) + ": rules." + r.name +
+              source + ":" + std::to_string(line) + ": rules." + r.name +
               ".match: bad regular expression " + m + ": " + re->error() +
               " (RE2 syntax: no backreferences or lookaround; matching is linear-time)");
           continue;
@@ -40,10 +42,9 @@ Result<RuleSet> RuleSet::Compile(const std::vector<RuleConfig>& rules, const std
         // of thousands of instructions (large counted repetitions) would make routing one
         // task take seconds, so such a pattern is refused like a bad one.
         if (re->ProgramSize() > kMaxRegexProgram) {
-          errors.push_back(source + ":" + std::to_string(r.line) + ": rules." + r.name +
-                           ".match: " + m + " is too large for a rule (" +
-                           std::to_string(re->ProgramSize()) + " RE2 instructions; the limit is " +
-                           std::to_string(kMaxRegexProgram) +
+          errors.push_back(source + ":" + std::to_string(line) + ": rules." + r.name + ".match: " +
+                           m + " is too large for a rule (" + std::to_string(re->ProgramSize()) +
+                           " RE2 instructions; the limit is " + std::to_string(kMaxRegexProgram) +
                            "): use smaller repetition counts, or several rules");
           continue;
         }

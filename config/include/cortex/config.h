@@ -69,6 +69,7 @@ struct RuleConfig {
   double boost = 0;
   bool force = false;
   int line = 0;
+  std::vector<int> match_lines;  // each pattern's line, for errors that name one
 };
 
 // One instance of a (possibly configurable) plugin.
