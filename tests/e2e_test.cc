@@ -1725,6 +1725,78 @@ TEST(E2E, ACrashIsToldFromAKillOnTheNextStart) {
   EXPECT_EQ(d.Stop(SIGTERM), 0);
 }
 
+// A task whose submitter waits longer than its expert's timeout runs on the submitter's
+// own connection thread: it needs no worker (here all four are busy with slow tasks), a
+// failure still falls back to the runner-up through the workers, and a stop lets it
+// finish within the grace period.
+TEST(E2E, AWaitedTaskRunsWithoutAWorkerAndStillFallsBackAndFinishesAtAStop) {
+  TempDir dir;
+  const char* cfg = R"(experts:
+  - name: slow
+    plugin: command
+    run: [sleep, '60']
+    capacity: 4
+    keywords: [slow]
+  - name: quick
+    plugin: command
+    run: [/bin/sh, -c, 'cat >/dev/null']
+    timeout: 20s
+    keywords: [quick]
+  - name: broken
+    plugin: command
+    run: [/bin/sh, -c, 'exit 3']
+    timeout: 20s
+    keywords: [broken, quick, failing]
+  - name: nap
+    plugin: command
+    run: [sleep, '1']
+    timeout: 20s
+    keywords: [nap]
+)";
+  Daemon d(dir, cfg, kNoBias);
+  ASSERT_TRUE(d.Start()) << d.Log();
+  std::vector<std::string> slow;
+  for (int i = 0; i < 4; ++i) slow.push_back(d.Ctl({"submit", "slow job"}).out.substr(0, 12));
+  for (const auto& id : slow)
+    ASSERT_TRUE(test::Eventually([&] {
+      return d.CtlJson({"show", id})["state"] == "running";
+    })) << id;
+  json q = d.CtlJson({"submit", "quick job", "--wait"});
+  EXPECT_EQ(q["state"], "succeeded") << q;
+  ASSERT_EQ(q["attempts"].size(), 1u) << q;
+  EXPECT_EQ(q["attempts"][0]["expert"], "quick");
+  for (const auto& id : slow) EXPECT_EQ(d.CtlJson({"show", id})["state"], "running") << id;
+
+  // The first attempt fails on this thread; the runner-up runs on a worker once one is
+  // free (after the cancels), and the waiter hears of the end.
+  std::thread canceller([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(300));
+    for (const auto& id : slow) d.Ctl({"cancel", id});
+  });
+  json f = d.CtlJson({"submit", "broken failing quick job", "--wait"});
+  canceller.join();
+  EXPECT_EQ(f["state"], "succeeded") << f;
+  ASSERT_EQ(f["attempts"].size(), 2u) << f;
+  EXPECT_EQ(f["attempts"][0]["expert"], "broken");
+  EXPECT_EQ(f["attempts"][0]["outcome"]["kind"], "failure");
+  EXPECT_EQ(f["attempts"][1]["expert"], "quick");
+  for (const auto& id : slow) EXPECT_EQ(d.CtlJson({"show", id})["state"], "cancelled") << id;
+
+  // SIGTERM while one runs on its connection: it finishes (grace 2s), cortexd exits 0.
+  std::thread napper([&] { d.Ctl({"submit", "nap", "--wait"}); });
+  std::string nap_id;
+  ASSERT_TRUE(test::Eventually([&] {
+    for (const auto& r : d.CtlJson({"history"}))
+      if (r["state"] == "running") nap_id = r["id"];
+    return !nap_id.empty();
+  }));
+  EXPECT_EQ(d.Stop(SIGTERM), 0) << d.Log();
+  napper.join();
+  Daemon again(dir, cfg, kNoBias);
+  ASSERT_TRUE(again.Start()) << again.Log();
+  EXPECT_EQ(again.CtlJson({"show", nap_id})["state"], "succeeded");
+}
+
 TEST(E2E, SigtermFinishesRunningWorkAndKeepsTheQueue) {
   TempDir dir;
   const char* cfg =

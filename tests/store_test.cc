@@ -503,6 +503,61 @@ TEST_P(StoreTest, DecisionsRecordedAsABatchFailOneByOne) {
   EXPECT_FALSE(store_->GetTask("b2-unknown", &t).ok());
 }
 
+// Admission: a new task stored with its decision and its first attempt in one write, each
+// task of a batch with its own status; and an outcome that ends the task in one write.
+TEST_P(StoreTest, AdmittedTasksLandWholeOrNotAtAllAndOutcomesCanEndThem) {
+  NewTask("dup", 1);  // a second task with this id must fail alone
+  Task queued, routed, running, dup;
+  queued.id = "q1", routed.id = "r1", running.id = "s1", dup.id = "dup";
+  for (Task* t : {&queued, &routed, &running, &dup}) {
+    t->text = "task " + t->id;
+    t->created_at = t->updated_at = 10;
+  }
+  Decision d = NewDecision("security", 0.7);
+  std::vector<Status> st;
+  store_->Admit({{&queued, nullptr, ""},
+                 {&routed, &d, ""},
+                 {&dup, &d, "security"},
+                 {&running, &d, "security"}},
+                &st);
+  ASSERT_EQ(st.size(), 4u);
+  EXPECT_TRUE(st[0].ok() && st[1].ok() && st[3].ok());
+  EXPECT_FALSE(st[2].ok()) << "the duplicate id is refused";
+  Task t;
+  ASSERT_TRUE(store_->GetTask("q1", &t).ok());
+  EXPECT_EQ(t.state, TaskState::kQueued);
+  EXPECT_FALSE(t.decision.has_value());
+  ASSERT_TRUE(store_->GetTask("r1", &t).ok());
+  EXPECT_EQ(t.state, TaskState::kRouted);
+  ASSERT_TRUE(t.decision.has_value());
+  EXPECT_TRUE(t.attempts.empty());
+  ASSERT_TRUE(store_->GetTask("s1", &t).ok());
+  EXPECT_EQ(t.state, TaskState::kRunning);
+  ASSERT_EQ(t.attempts.size(), 1u);
+  EXPECT_EQ(t.attempts[0].expert, "security");
+  EXPECT_FALSE(t.attempts[0].outcome.has_value());
+  ASSERT_TRUE(store_->GetTask("dup", &t).ok());
+  EXPECT_TRUE(t.attempts.empty()) << "nothing of the refused admission was written";
+  EXPECT_EQ(t.state, TaskState::kQueued);
+
+  // The outcome and the task's end together: the attempt's expert is the one named.
+  Outcome o;
+  o.kind = OutcomeKind::kSuccess;
+  o.quality = 1;
+  ASSERT_TRUE(store_->FinishAttempt("s1", 1, o, 12, TaskState::kSucceeded).ok());
+  ASSERT_TRUE(store_->GetTask("s1", &t).ok());
+  EXPECT_EQ(t.state, TaskState::kSucceeded);
+  EXPECT_EQ(t.expert, "security");
+  EXPECT_DOUBLE_EQ(t.updated_at, 12);
+  ASSERT_TRUE(t.attempts[0].outcome.has_value());
+  EXPECT_EQ(t.attempts[0].outcome->kind, OutcomeKind::kSuccess);
+  // Without an end it stays as it is; an attempt that does not exist changes nothing.
+  EXPECT_EQ(store_->FinishAttempt("r1", 1, o, 13, TaskState::kSucceeded).code(),
+            Status::Code::kNotFound);
+  ASSERT_TRUE(store_->GetTask("r1", &t).ok());
+  EXPECT_EQ(t.state, TaskState::kRouted);
+}
+
 INSTANTIATE_TEST_SUITE_P(Backends, StoreTest, ::testing::Values(":memory:", "file"),
                          [](const auto& info) {
                            return info.param == ":memory:" ? "Memory" : "WalFile";

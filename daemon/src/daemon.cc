@@ -6,6 +6,7 @@
 #include <signal.h>
 #include <sys/file.h>
 #include <sys/inotify.h>
+#include <sys/resource.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -19,9 +20,11 @@
 #include <limits>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <random>
 #include <set>
 #include <thread>
+#include <unordered_set>
 
 #include "cortex/experts.h"
 #include "cortex/learner.h"
@@ -130,6 +133,12 @@ Status RegistryOptionsFor(const Config& c, const DaemonOptions& o, ExpertRegistr
   return Status::OK();
 }
 
+// A connection's thread routes and runs tasks too: it gets its signal stack on first use.
+void CrashStackOnce() {
+  static thread_local const bool kDone = (UseCrashStackOnThisThread(), true);
+  (void)kDone;
+}
+
 struct Waiter {
   std::mutex mu;
   std::condition_variable cv;
@@ -144,6 +153,19 @@ struct Job {
   std::string last_expert;  // whose attempt came last
   uint64_t generation = 0;  // of the registry when it was routed
   bool cancel = false;      // `cortexctl cancel`: ends cancelled instead of running
+  // Set when its first attempt was recorded at admission, on a slot already taken for
+  // this expert: a worker runs it next (started_), nothing more is written first.
+  std::shared_ptr<Expert> held;
+};
+
+// A submit in the intake queue: its task, and once its batch is stored, the result.
+struct Intake {
+  Task task;
+  double wait_s = -1;  // how long its submitter waits for the end (< 0: it does not)
+  Status result;
+  bool done = false;
+  std::condition_variable cv;
+  std::optional<Job> run_here;  // started for the submitter's own thread to run
 };
 
 // The settings a reload applies to the running daemon, each with how it is copied into
@@ -211,11 +233,26 @@ class DaemonImpl : public Daemon, public RequestHandler {
                            config_.daemon.allow_group, config_.daemon.idle_timeout_s});
     CORTEX_RETURN_IF_ERROR(server_->Listen(config_.daemon.socket));
     SetupInotify();
-    dispatcher_ = std::thread([this] { DispatchLoop(); });
-    loader_ = std::thread([this] { LoadLoop(); });
-    trainer_ = std::thread([this] { TrainLoop(); });
+    dispatcher_ = std::thread([this] {
+      pthread_setname_np(pthread_self(), "dispatcher");
+      DispatchLoop();
+    });
+    loader_ = std::thread([this] {
+      pthread_setname_np(pthread_self(), "loader");
+      LoadLoop();
+    });
+    trainer_ = std::thread([this] {
+      pthread_setname_np(pthread_self(), "trainer");
+      // Learning trails the pipeline under load: the trainer takes what CPU the tasks
+      // leave (it catches up on every outcome the store logged), not theirs.
+      setpriority(PRIO_PROCESS, static_cast<id_t>(gettid()), 10);
+      TrainLoop();
+    });
     for (int i = 0; i < config_.daemon.workers; ++i)
-      workers_.emplace_back([this] { WorkerLoop(); });
+      workers_.emplace_back([this] {
+        pthread_setname_np(pthread_self(), "worker");
+        WorkerLoop();
+      });
     LogInfo("cortexd ready: config {}, socket {}, store {}, {} experts, {} workers, backend {}",
             config_.source, config_.daemon.socket, config_.store.path, registry_->Active().size(),
             config_.daemon.workers, CurrentRouter()->backend());
@@ -267,6 +304,7 @@ class DaemonImpl : public Daemon, public RequestHandler {
   void RequestStop() override {
     stop_ = true;
     queue_cv_.notify_all();
+    work_cv_.notify_all();
     train_cv_.notify_all();
   }
 
@@ -274,43 +312,61 @@ class DaemonImpl : public Daemon, public RequestHandler {
 
   const DaemonConfig& limits() const override { return config_.daemon; }
 
-  Status Submit(const std::string& text, const Tags& tags, std::string* id) override {
+  Status Submit(const std::string& text, const Tags& tags, double wait_s,
+                std::string* id) override {
     if (stop_.load()) return Status::Unavailable("cortexd is stopping; submit again after restart");
     {
       // Every task not yet running counts, wherever it is: queued, being routed, routed
       // and waiting for a slot, or being stored by another submit right now.
       std::lock_guard<std::mutex> l(queue_mu_);
-      const size_t waiting = queue_.size() + ready_.size() + routing_ + admitting_;
+      const size_t waiting =
+          queue_.size() + ready_.size() + started_.size() + routing_ + admitting_;
       if (waiting >= max_queued_.load())
         return Status::ResourceExhausted(
             fmt::format("the queue is full ({} tasks waiting, daemon.max_queued); try again "
                         "once some have run",
                         waiting));
-      ++admitting_;  // its place is held while it is stored
+      ++admitting_;  // its place is held until it is stored (the leader gives it back)
     }
-    Task t;
-    t.text = text;
-    t.tags = tags;
-    t.state = TaskState::kQueued;
-    t.created_at = t.updated_at = env_->NowUnix();
+    Intake me;
+    me.wait_s = wait_s;
+    me.task.text = text;
+    me.task.tags = tags;
+    me.task.state = TaskState::kQueued;
+    me.task.created_at = me.task.updated_at = env_->NowUnix();
     for (int tries = 0;; ++tries) {
-      t.id = NewId();
-      Status st = store_->InsertTask(t);
-      if (st.ok()) break;
-      if (tries >= 3) {
-        NoteStoreFailure(st);
+      me.task.id = NewId();
+      me.done = false;
+      {
+        // Group admission, as the store's group commit: the submit at the front of the
+        // intake routes and stores every task queued behind it in one batch.
+        std::unique_lock<std::mutex> l(intake_mu_);
+        intake_.push_back(&me);
+        while (!me.done && intake_.front() != &me) me.cv.wait(l);
+        if (!me.done) LeadIntake(&l);
+      }
+      if (me.result.ok()) break;
+      NoteStoreFailure(me.result);
+      if (tries >= 3 || stop_.load()) {
         std::lock_guard<std::mutex> l(queue_mu_);
         --admitting_;
-        return st.WithContext("storing the task (not acknowledged)");
+        return me.result.WithContext("storing the task (not acknowledged)");
       }
     }
-    *id = t.id;
-    {
-      std::lock_guard<std::mutex> l(queue_mu_);
-      --admitting_;
-      queue_.push_back(std::move(t));
+    *id = me.task.id;
+    if (me.run_here) {
+      // Its submitter waits anyway: the first attempt runs on this thread, with no hand-off
+      // to a worker and back. It counts as a worker's for the stop's grace period.
+      CrashStackOnce();  // a crash while it runs must reach the marker's handler
+      Job job = std::move(*me.run_here);
+      std::shared_ptr<Expert> expert = std::move(job.held);
+      RunAttempt(std::move(job), expert, /*recorded=*/true);
+      {
+        std::lock_guard<std::mutex> l(queue_mu_);
+        --busy_workers_;
+      }
+      if (stop_.load()) queue_cv_.notify_all();
     }
-    queue_cv_.notify_all();  // the dispatcher and the workers share this condition
     return Status::OK();
   }
 
@@ -364,27 +420,32 @@ class DaemonImpl : public Daemon, public RequestHandler {
     return Status::OK();
   }
 
-  bool WaitDone(const std::string& id, double timeout_s) override {
-    auto w = std::make_shared<Waiter>();
+  Status WaitDone(const std::string& id, double timeout_s, Task* t, bool* done) override {
+    // A task this cortexd still runs is waited for; any other has ended or is not ours.
+    std::shared_ptr<Waiter> w;
     {
       std::lock_guard<std::mutex> l(waiters_mu_);
-      waiters_[id].push_back(w);
+      if (live_.count(id)) {
+        w = std::make_shared<Waiter>();
+        waiters_[id].push_back(w);
+      }
     }
-    Task t;
-    bool done = store_->GetTask(id, &t).ok() && IsFinal(t.state);
-    auto deadline = std::chrono::steady_clock::now() +
-                    std::chrono::milliseconds(static_cast<int64_t>(timeout_s * 1000));
-    {
-      std::unique_lock<std::mutex> l(w->mu);
-      while (!done && !w->done && !stop_.load() && std::chrono::steady_clock::now() < deadline)
-        w->cv.wait_for(l, std::chrono::milliseconds(200));
-      done = done || w->done;
+    if (w) {
+      auto deadline = std::chrono::steady_clock::now() +
+                      std::chrono::milliseconds(static_cast<int64_t>(timeout_s * 1000));
+      {
+        std::unique_lock<std::mutex> l(w->mu);
+        while (!w->done && !stop_.load() && std::chrono::steady_clock::now() < deadline)
+          w->cv.wait_for(l, std::chrono::milliseconds(200));
+      }
+      std::lock_guard<std::mutex> l(waiters_mu_);
+      auto& v = waiters_[id];
+      v.erase(std::remove(v.begin(), v.end(), w), v.end());
+      if (v.empty()) waiters_.erase(id);
     }
-    std::lock_guard<std::mutex> l(waiters_mu_);
-    auto& v = waiters_[id];
-    v.erase(std::remove(v.begin(), v.end(), w), v.end());
-    if (v.empty()) waiters_.erase(id);
-    return done;
+    CORTEX_RETURN_IF_ERROR(store_->GetTask(id, t));
+    *done = IsFinal(t->state);
+    return Status::OK();
   }
 
   Store* store() override { return store_.get(); }
@@ -485,6 +546,7 @@ class DaemonImpl : public Daemon, public RequestHandler {
     max_queued_ = run.daemon.max_queued;
     WarnUnknownRuleExperts(run);
     queue_cv_.notify_all();
+    work_cv_.notify_all();
     LogInfo("reloaded {}: {} experts, {} rules", c.source, registry_->Active().size(),
             c.rules.size());
     *summary = {{"config", c.source},
@@ -580,10 +642,11 @@ class DaemonImpl : public Daemon, public RequestHandler {
     cache_dir_ = ro.cache_dir;
     ro.env = env_;
     if (ro.in_process) LogWarn("plugins run inside cortexd (plugins.isolation: in-process)");
-    slot_waker_->cv = &queue_cv_;
+    slot_waker_->cv = &work_cv_;
+    slot_waker_->wanted = &slot_wanted_;
     ro.supervision.on_slot_free = [w = slot_waker_] {
       std::lock_guard<std::mutex> l(w->mu);
-      if (w->cv) w->cv->notify_all();
+      if (w->cv && w->wanted->load()) w->cv->notify_all();
     };
     ro.audit = [this](const ExpertEvent& e) {
       Status st = store_->RecordExpertEvent(e);
@@ -624,6 +687,10 @@ class DaemonImpl : public Daemon, public RequestHandler {
           id, Store::kPoisonDeaths, id);
     if (!rec.requeue.empty())
       LogInfo("resuming {} queued task(s) from the store", rec.requeue.size());
+    {
+      std::lock_guard<std::mutex> w(waiters_mu_);
+      for (const auto& t : rec.requeue) live_.insert(t.id);
+    }
     std::lock_guard<std::mutex> l(queue_mu_);
     for (auto& t : rec.requeue) queue_.push_back(std::move(t));
     return Status::OK();
@@ -685,6 +752,7 @@ class DaemonImpl : public Daemon, public RequestHandler {
         registry_->Rescan();
       }
       queue_cv_.notify_all();  // a new expert may unblock queued tasks
+      work_cv_.notify_all();
     }
   }
 
@@ -717,6 +785,7 @@ class DaemonImpl : public Daemon, public RequestHandler {
       for (auto& [id, stop] : attempt_stops_) stop->store(true);
     }
     queue_cv_.notify_all();
+    work_cv_.notify_all();
     for (auto& w : workers_) w.join();
     server_->CloseConnections();
     size_t left;
@@ -773,6 +842,140 @@ class DaemonImpl : public Daemon, public RequestHandler {
     }
     if (experts_out) *experts_out = std::move(experts);
     return slots;
+  }
+
+  // Called with intake_mu_ held by the submit at the front of the intake; returns with it
+  // held, every submit of its batch answered.
+  void LeadIntake(std::unique_lock<std::mutex>* l) {
+    std::vector<Intake*> group(
+        intake_.begin(), intake_.begin() + static_cast<long>(std::min(intake_.size(), kMaxIntake)));
+    l->unlock();
+    AdmitBatch(group);
+    l->lock();
+    for (Intake* in : group) {
+      intake_.pop_front();
+      in->done = true;
+      in->cv.notify_one();
+    }
+    if (!intake_.empty()) intake_.front()->cv.notify_one();
+  }
+
+  // New tasks are routed before they are stored, and stored with their decisions (and,
+  // for those a worker can start at once, their first attempt) in one commit: one fsync
+  // between a submit and the run. Nothing is acknowledged before that commit, so a crash
+  // while routing them leaves nothing behind to crash again. A task that cannot be
+  // routed now (no experts loaded, a routing error) is stored as queued for the
+  // dispatcher. Each submit's status is set in its Intake; the bound's places they held
+  // are given back as they enter the queues.
+  void AdmitBatch(const std::vector<Intake*>& group) {
+    CrashStackOnce();  // routing runs here: a poison task's overflow must reach the handler
+    const uint64_t generation = registry_->generation();  // before the experts are read
+    std::vector<std::shared_ptr<Expert>> experts;
+    std::vector<ExpertSlot> slots = Slots(&experts);
+    std::vector<Decision> decisions;
+    bool routed = false;
+    if (!slots.empty()) {
+      std::vector<RouteRequest> reqs;
+      for (const Intake* in : group) reqs.push_back({in->task.text, in->task.tags});
+      Status st = CurrentRouter()->Route(reqs, slots, true, env_->NowUnix(), &decisions);
+      if (st.ok())
+        routed = true;
+      else
+        LogError("cannot route {} new task(s) ({}); they wait in the queue", group.size(),
+                 st.ToString());
+    }
+    // Started now: a task whose chosen expert has a free slot, while a worker is idle to
+    // run it. (A forced decision's chosen expert is its only one; a busy or absent one
+    // leaves the task routed, for the workers to start once it has room.)
+    // A task whose submitter waits longer than its expert's timeout runs on the
+    // submitter's thread (its answer cannot be late for it); others need an idle worker.
+    std::vector<std::shared_ptr<Expert>> held(group.size());
+    std::vector<bool> here(group.size(), false);
+    if (routed) {
+      int idle;
+      {
+        std::lock_guard<std::mutex> q(queue_mu_);
+        idle = config_.daemon.workers - busy_workers_ - static_cast<int>(started_.size());
+      }
+      for (size_t i = 0; i < group.size(); ++i) {
+        const std::string& chosen = decisions[i].chosen;
+        for (const auto& e : experts) {
+          if (e->name() != chosen) continue;
+          here[i] = group[i]->wait_s >= e->manifest().timeout_s + kRunHereMargin;
+          if ((here[i] || idle > 0) && !e->quarantined() && e->TryAcquireSlot()) {
+            held[i] = e;
+            if (!here[i]) --idle;
+          }
+          break;
+        }
+      }
+    }
+    std::vector<Store::Admission> batch;
+    for (size_t i = 0; i < group.size(); ++i)
+      batch.push_back({&group[i]->task, routed ? &decisions[i] : nullptr,
+                       held[i] ? held[i]->name() : std::string()});
+    std::vector<Status> stored;
+    store_->Admit(batch, &stored);
+    {
+      std::lock_guard<std::mutex> w(waiters_mu_);
+      for (size_t i = 0; i < group.size(); ++i)
+        if (stored[i].ok()) live_.insert(group[i]->task.id);
+    }
+    std::vector<Job> jobs;
+    std::vector<Task> queued;
+    for (size_t i = 0; i < group.size(); ++i) {
+      Intake& in = *group[i];
+      in.result = stored[i];
+      if (!stored[i].ok()) {
+        if (held[i]) held[i]->ReleaseSlot();
+        continue;
+      }
+      if (!routed) {
+        queued.push_back(in.task);
+        continue;
+      }
+      WarnIfForcedExpertAbsent(in.task.id, decisions[i], slots);
+      Job job;
+      job.task = in.task;
+      job.decision = std::move(decisions[i]);
+      job.generation = generation;
+      job.held = std::move(held[i]);
+      if (job.held && here[i])
+        in.run_here = std::move(job);
+      else
+        jobs.push_back(std::move(job));
+    }
+    if (!jobs.empty() || !queued.empty()) NoteStoreSuccess();
+    {
+      std::lock_guard<std::mutex> q(queue_mu_);
+      for (Intake* in : group) {
+        if (!in->result.ok()) continue;  // a failed one is tried again or given back
+        --admitting_;
+        if (in->run_here) ++busy_workers_;
+      }
+      for (auto& j : jobs) (j.held ? started_ : ready_).push_back(std::move(j));
+      for (auto& t : queued) queue_.push_back(std::move(t));
+    }
+    if (!queued.empty()) queue_cv_.notify_all();
+    for (size_t i = 0; i < jobs.size() && i < static_cast<size_t>(config_.daemon.workers); ++i)
+      work_cv_.notify_one();
+  }
+
+  // A force rule sends the task to an expert that cannot take it now: it waits (logged).
+  void WarnIfForcedExpertAbsent(const std::string& id, const Decision& d,
+                                const std::vector<ExpertSlot>& slots) {
+    if (!d.forced || std::any_of(slots.begin(), slots.end(),
+                                 [&](const ExpertSlot& s) { return s.profile.name == d.chosen; }))
+      return;
+    const std::shared_ptr<Expert> there = registry_->Find(d.chosen);
+    LogWarn(
+        "task {}: a force rule ({}) sends it to expert '{}', which {}, or `cortexctl "
+        "cancel {}`",
+        id, fmt::join(d.candidates.front().rules, ", "), d.chosen,
+        there && there->quarantined()
+            ? fmt::format("is quarantined: it waits until `cortexctl experts release {}`", d.chosen)
+            : fmt::format("is not loaded: it waits until '{}' is loaded", d.chosen),
+        id);
   }
 
   void DispatchLoop() {
@@ -855,22 +1058,7 @@ class DaemonImpl : public Daemon, public RequestHandler {
           unrecorded.push_back(std::move(batch[i]));
           continue;
         }
-        const Decision& d = decisions[i];
-        if (d.forced && std::none_of(slots.begin(), slots.end(), [&](const ExpertSlot& s) {
-              return s.profile.name == d.chosen;
-            })) {
-          const std::shared_ptr<Expert> there = registry_->Find(d.chosen);
-          LogWarn(
-              "task {}: a force rule ({}) sends it to expert '{}', which {}, or `cortexctl "
-              "cancel {}`",
-              batch[i].id, fmt::join(d.candidates.front().rules, ", "), d.chosen,
-              there && there->quarantined()
-                  ? fmt::format("is quarantined: it waits until `cortexctl experts release "
-                                "{}`",
-                                d.chosen)
-                  : fmt::format("is not loaded: it waits until '{}' is loaded", d.chosen),
-              batch[i].id);
-        }
+        WarnIfForcedExpertAbsent(batch[i].id, decisions[i], slots);
         Job job;
         job.task = std::move(batch[i]);
         job.decision = std::move(decisions[i]);
@@ -883,7 +1071,7 @@ class DaemonImpl : public Daemon, public RequestHandler {
         routing_ -= jobs.size();
         for (auto& j : jobs) ready_.push_back(std::move(j));
       }
-      queue_cv_.notify_all();
+      work_cv_.notify_all();
       if (!unrecorded.empty()) Requeue(&unrecorded, std::chrono::seconds(1));
     }
   }
@@ -911,6 +1099,7 @@ class DaemonImpl : public Daemon, public RequestHandler {
     while (true) {
       Job job;
       std::shared_ptr<Expert> expert;
+      bool recorded = false;  // its attempt was recorded at admission
       while (true) {
         // The registry is read before queue_mu_ is taken: a rescan holding the registry
         // must not hold up submissions through queue_mu_.
@@ -920,25 +1109,38 @@ class DaemonImpl : public Daemon, public RequestHandler {
           seen = g;
         }
         std::unique_lock<std::mutex> l(queue_mu_);
-        if (abort_.load() || stop_.load()) return;
-        if (PickLocked(experts, seen, &job, &expert)) {
+        // A started job is already recorded as running: it runs even during a stop
+        // (within the grace period, as every running attempt).
+        if (abort_.load() || (stop_.load() && started_.empty())) return;
+        if (!started_.empty()) {
+          job = std::move(started_.front());
+          started_.pop_front();
+          expert = std::move(job.held);
+          recorded = true;
           ++busy_workers_;
           break;
         }
-        queue_cv_.wait_for(l, std::chrono::milliseconds(200));
+        if (stop_.load()) return;
+        const bool picked = PickLocked(experts, seen, &job, &expert);
+        if (std::exchange(requeued_, false)) queue_cv_.notify_all();  // for the dispatcher
+        if (picked) {
+          ++busy_workers_;
+          break;
+        }
+        slot_wanted_ = !ready_.empty();
+        work_cv_.wait_for(l, std::chrono::milliseconds(200));
       }
-      queue_cv_.notify_all();
       if (job.cancel)
         EndTask(job, TaskState::kCancelled);
       else if (expert)
-        RunAttempt(std::move(job), expert);
+        RunAttempt(std::move(job), expert, recorded);
       else
         EndTask(job, TaskState::kFailed);  // no candidate left to try
       {
         std::lock_guard<std::mutex> l(queue_mu_);
         --busy_workers_;
       }
-      queue_cv_.notify_all();
+      if (stop_.load()) queue_cv_.notify_all();  // the stop waits for running tasks
     }
   }
 
@@ -978,6 +1180,7 @@ class DaemonImpl : public Daemon, public RequestHandler {
           }
           queue_.push_back(std::move(j.task));
           it = ready_.erase(it);
+          requeued_ = true;
           continue;
         }
         *out = std::move(j);
@@ -1002,15 +1205,17 @@ class DaemonImpl : public Daemon, public RequestHandler {
 
   // One attempt, on a slot already taken; then the task ends or waits for its next
   // candidate in ready_.
-  void RunAttempt(Job job, const std::shared_ptr<Expert>& expert) {
+  void RunAttempt(Job job, const std::shared_ptr<Expert>& expert, bool recorded) {
     const std::string& id = job.task.id;
     const int n = job.attempts + 1;
     // An attempt is recorded when it really starts (its slot is held), so recovery
-    // re-runs what never started. A store that refuses writes (a full disk) holds the task
-    // here, in memory, until it takes them or cortexd stops (the task is then resumed from
-    // the store at the next start).
-    if (!Persist(fmt::format("task {}: recording attempt {}", id, n),
-                 [&] { return store_->StartAttempt(id, n, expert->name(), env_->NowUnix()); })) {
+    // re-runs what never started; a first attempt started at admission is recorded
+    // already. A store that refuses writes (a full disk) holds the task here, in memory,
+    // until it takes them or cortexd stops (the task is then resumed from the store at
+    // the next start).
+    if (!recorded && !Persist(fmt::format("task {}: recording attempt {}", id, n), [&] {
+          return store_->StartAttempt(id, n, expert->name(), env_->NowUnix());
+        })) {
       expert->ReleaseSlot();
       return;
     }
@@ -1034,20 +1239,29 @@ class DaemonImpl : public Daemon, public RequestHandler {
                           : "cortexd stopped before the attempt finished";
     }
     const double finished = env_->NowUnix();
+    // An outcome that ends the task is written with the task's end, in one commit.
+    std::optional<TaskState> ends;
+    if (o.kind == OutcomeKind::kSuccess)
+      ends = TaskState::kSucceeded;
+    else if (cancelled)
+      ends = TaskState::kCancelled;
+    else if (o.kind == OutcomeKind::kInterrupted)
+      ends = TaskState::kInterrupted;
     if (!Persist(fmt::format("task {}: recording the outcome of attempt {}", id, n),
-                 [&] { return store_->FinishAttempt(id, n, o, finished); }))
+                 [&] { return store_->FinishAttempt(id, n, o, finished, ends); }))
       return;
     train_cv_.notify_all();  // the learner reads the new outcome from the store
     job.attempts = n;
     job.last_expert = expert->name();
     ++job.next;
-    if (o.kind == OutcomeKind::kSuccess) return EndTask(job, TaskState::kSucceeded);
-    if (cancelled) return EndTask(job, TaskState::kCancelled);
-    if (o.kind == OutcomeKind::kInterrupted) return EndTask(job, TaskState::kInterrupted);
+    if (ends) return Ended(id, *ends);
     LogDebug("task {}: {} on {} ({}), falling back", id, ToString(o.kind), expert->name(), o.error);
     // On to the next candidate when it has room (or to its end, if there is none).
-    std::lock_guard<std::mutex> l(queue_mu_);
-    ready_.push_front(std::move(job));
+    {
+      std::lock_guard<std::mutex> l(queue_mu_);
+      ready_.push_front(std::move(job));
+    }
+    work_cv_.notify_one();
   }
 
   void EndTask(const Job& job, TaskState state) {
@@ -1056,6 +1270,11 @@ class DaemonImpl : public Daemon, public RequestHandler {
     if (!Persist(fmt::format("task {}: recording its end", id),
                  [&] { return store_->FinishTask(id, state, job.last_expert, ended); }))
       return;
+    Ended(id, state);
+  }
+
+  // After a task's end is stored: its waiters are woken.
+  void Ended(const std::string& id, TaskState state) {
     if (state == TaskState::kCancelled) LogInfo("task {} cancelled", id);
     {
       std::lock_guard<std::mutex> l(queue_mu_);
@@ -1107,6 +1326,7 @@ class DaemonImpl : public Daemon, public RequestHandler {
     std::vector<std::shared_ptr<Waiter>> ws;
     {
       std::lock_guard<std::mutex> l(waiters_mu_);
+      live_.erase(id);
       auto it = waiters_.find(id);
       if (it != waiters_.end()) ws = it->second;
     }
@@ -1433,9 +1653,19 @@ class DaemonImpl : public Daemon, public RequestHandler {
   uint64_t profiles_generation_ = ~0ULL;
 
   std::mutex queue_mu_;
-  std::condition_variable queue_cv_;
-  std::deque<Task> queue_;  // stored, not yet routed
-  std::deque<Job> ready_;   // routed, waiting for a worker
+  std::condition_variable queue_cv_;  // the dispatcher, stops and retries wait here
+  std::condition_variable work_cv_;   // idle workers wait here
+  // Set (under queue_mu_) while routed jobs wait for a busy expert: only then does a freed
+  // slot wake the workers.
+  std::atomic<bool> slot_wanted_{false};
+  bool requeued_ = false;    // PickLocked sent a job back to be routed (queue_mu_)
+  std::deque<Task> queue_;   // stored, not yet routed
+  std::deque<Job> ready_;    // routed, waiting for a worker
+  std::deque<Job> started_;  // first attempt recorded on a slot it holds: next to run
+  static constexpr size_t kMaxIntake = 256;    // tasks routed and stored together at most
+  static constexpr double kRunHereMargin = 1;  // s: a waiter's time to hear of the end
+  std::mutex intake_mu_;
+  std::deque<Intake*> intake_;  // submits waiting for their batch, oldest first
   int busy_workers_ = 0;
   std::thread dispatcher_;
   std::vector<std::thread> workers_;
@@ -1444,6 +1674,7 @@ class DaemonImpl : public Daemon, public RequestHandler {
   struct SlotWaker {
     std::mutex mu;
     std::condition_variable* cv = nullptr;
+    const std::atomic<bool>* wanted = nullptr;
   };
   std::shared_ptr<SlotWaker> slot_waker_ = std::make_shared<SlotWaker>();
   std::mutex reload_mu_;  // one reload at a time (SIGHUP and `cortexctl reload`)
@@ -1464,6 +1695,7 @@ class DaemonImpl : public Daemon, public RequestHandler {
 
   std::mutex waiters_mu_;
   std::map<std::string, std::vector<std::shared_ptr<Waiter>>> waiters_;
+  std::unordered_set<std::string> live_;  // tasks in the pipeline, not yet ended
 
   std::mutex id_mu_;
   std::mt19937_64 id_rng_{std::random_device{}()};

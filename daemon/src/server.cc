@@ -245,7 +245,10 @@ void Server::AcceptOne() {
   conns_[fd] = Conn{NowUs(), false, false};
   l.unlock();
   try {
-    std::thread([this, fd] { Serve(fd); }).detach();
+    std::thread([this, fd] {
+      pthread_setname_np(pthread_self(), "connection");
+      Serve(fd);
+    }).detach();
   } catch (const std::system_error&) {
     std::lock_guard<std::mutex> g(mu_);
     conns_.erase(fd);
@@ -450,9 +453,9 @@ json Server::Dispatch(const json& j, const std::function<bool(const std::string&
   };
   // The task once it has ended, or as it is when `timeout_s` runs out ("waited").
   auto ended = [&](const std::string& id, double timeout_s, json* out) -> Status {
-    const bool done = h_->WaitDone(id, timeout_s);
     Task t;
-    CORTEX_RETURN_IF_ERROR(h_->store()->GetTask(id, &t));
+    bool done = false;
+    CORTEX_RETURN_IF_ERROR(h_->WaitDone(id, timeout_s, &t, &done));
     *out = wire::ToJson(t);
     if (!done) (*out)["waited"] = "timeout";
     return Status::OK();
@@ -496,7 +499,7 @@ json Server::Dispatch(const json& j, const std::function<bool(const std::string&
     CHECK(r.Bool("wait", &wait));
     CHECK(r.Number("timeout_s", 0, 86400, &timeout));
     std::string id;
-    CHECK(h_->Submit(text, tags, &id));
+    CHECK(h_->Submit(text, tags, wait ? timeout : -1, &id));
     if (!wait) return wire::Ok({{"id", id}, {"state", "queued"}});
     json out;
     CHECK(ended(id, timeout, &out));

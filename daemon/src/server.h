@@ -4,9 +4,9 @@
 
 #include <atomic>
 #include <condition_variable>
+#include <map>
 #include <mutex>
 #include <nlohmann/json.hpp>
-#include <map>
 #include <string>
 
 #include "cortex/config.h"
@@ -21,10 +21,14 @@ class RequestHandler {
  public:
   virtual ~RequestHandler() = default;
   virtual const DaemonConfig& limits() const = 0;
-  virtual Status Submit(const std::string& text, const Tags& tags, std::string* id) = 0;
+  // Stores a new task; its id once it is durable. `wait_s` >= 0: the caller will wait
+  // that long for its end (the daemon may then run it on the caller's thread).
+  virtual Status Submit(const std::string& text, const Tags& tags, double wait_s,
+                        std::string* id) = 0;
   virtual Status Route(const std::string& text, const Tags& tags, Decision* d) = 0;
-  // True once the task is final; false at the timeout or when the daemon stops.
-  virtual bool WaitDone(const std::string& id, double timeout_s) = 0;
+  // Waits until the task is final, `timeout_s` passes or the daemon stops; then *t is the
+  // task as stored and *done says whether it has ended.
+  virtual Status WaitDone(const std::string& id, double timeout_s, Task* t, bool* done) = 0;
   // Cancels a task: one still queued never runs; a running attempt is asked to stop. The
   // task ends `cancelled` (or as it was ending, if the cancel came too late).
   // FailedPrecondition when it has already ended.
@@ -45,7 +49,7 @@ class RequestHandler {
 struct ServerLimits {
   int max_connections = 64;
   size_t max_request_bytes = 1 << 20;
-  std::string allow_group;    // empty: only the daemon's own user (and root)
+  std::string allow_group;     // empty: only the daemon's own user (and root)
   double idle_timeout_s = 30;  // a connection silent this long (not while served) is closed
 };
 

@@ -114,6 +114,21 @@ ALTER TABLE tasks ADD COLUMN error TEXT;
 constexpr int kSchemaVersion = sizeof(kMigrations) / sizeof(kMigrations[0]);
 
 // A prepared statement, reset on destruction so the cached handle can be reused.
+class Stmt;
+
+// A connection used only for reads, with its own statement cache.
+struct Conn {
+  sqlite3* db = nullptr;
+  std::map<std::string, sqlite3_stmt*> cache;
+  ~Conn() {
+    for (auto& [sql, s] : cache) sqlite3_finalize(s);
+    if (db) sqlite3_close(db);
+  }
+  std::string Err() const { return db ? sqlite3_errmsg(db) : "out of memory"; }
+  Status Fail(const std::string& what) const { return Status::IOError(what + ": " + Err()); }
+  inline Stmt Prepare(const char* sql);
+};
+
 class Stmt {
  public:
   Stmt(sqlite3_stmt* s) : s_(s) {}
@@ -171,6 +186,15 @@ class Stmt {
   sqlite3_stmt* s_;
 };
 
+Stmt Conn::Prepare(const char* sql) {
+  auto it = cache.find(sql);
+  if (it != cache.end()) return Stmt(it->second);
+  sqlite3_stmt* st = nullptr;
+  if (sqlite3_prepare_v2(db, sql, -1, &st, nullptr) != SQLITE_OK) return Stmt(nullptr);
+  cache[sql] = st;
+  return Stmt(st);
+}
+
 class SqliteStore : public Store {
  public:
   explicit SqliteStore(std::string path) : path_(std::move(path)) {}
@@ -226,18 +250,55 @@ class SqliteStore : public Store {
     }
     CORTEX_RETURN_IF_ERROR(Exec("PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;"));
     CORTEX_RETURN_IF_ERROR(Migrate(static_cast<int>(user_version)));
-    return StillOurFile();  // also notes the -wal and -shm files SQLite now holds open
+    CORTEX_RETURN_IF_ERROR(StillOurFile());  // also notes the -wal and -shm files SQLite holds
+    if (path_ != ":memory:") {
+      // The same file, for reads only (query_only: a bug here cannot write).
+      if (sqlite3_open_v2(path_.c_str(), &read_.db,
+                          SQLITE_OPEN_READWRITE | SQLITE_OPEN_FULLMUTEX | SQLITE_OPEN_NOFOLLOW,
+                          nullptr) != SQLITE_OK)
+        return Status::IOError("cannot open store " + path_ + " for reading: " + read_.Err());
+      sqlite3_busy_timeout(read_.db, 5000);
+      sqlite3_extended_result_codes(read_.db, 1);
+      char* err = nullptr;
+      if (sqlite3_exec(read_.db, "PRAGMA query_only=ON", nullptr, nullptr, &err) != SQLITE_OK) {
+        std::string m = err ? err : read_.Err();
+        sqlite3_free(err);
+        return Status::IOError("store " + path_ + ": " + m);
+      }
+    }
+    return Status::OK();
   }
 
   Status InsertTask(const Task& t) override {
     const std::string tags = TagsJson(t.tags).dump();  // outside the writer's turn
-    return Commit([&] {
-      Stmt s = Prepare(
-          "INSERT INTO tasks(id,text,tags,state,created_at,updated_at) VALUES(?,?,?,?,?,?)");
-      s.Bind(1, t.id).Bind(2, t.text).Bind(3, tags).Bind(4, ToString(t.state));
-      s.Bind(5, t.created_at).Bind(6, t.created_at);
-      return Done(s, "insert task " + t.id);
-    });
+    return Commit([&] { return WriteTask(t, tags); });
+  }
+
+  Status WriteTask(const Task& t, const std::string& tags) {
+    Stmt s =
+        Prepare("INSERT INTO tasks(id,text,tags,state,created_at,updated_at) VALUES(?,?,?,?,?,?)");
+    s.Bind(1, t.id).Bind(2, t.text).Bind(3, tags).Bind(4, ToString(t.state));
+    s.Bind(5, t.created_at).Bind(6, t.created_at);
+    return Done(s, "insert task " + t.id);
+  }
+
+  void Admit(const std::vector<Admission>& batch, std::vector<Status>* out) override {
+    std::vector<std::string> tags, cands;  // serialized before taking the writer's turn
+    for (const Admission& a : batch) {
+      tags.push_back(TagsJson(a.task->tags).dump());
+      cands.push_back(a.decision ? CandidatesJson(*a.decision).dump() : std::string());
+    }
+    std::vector<std::function<Status()>> writes;
+    for (size_t i = 0; i < batch.size(); ++i)
+      writes.push_back([&, i] {
+        const Admission& a = batch[i];
+        CORTEX_RETURN_IF_ERROR(WriteTask(*a.task, tags[i]));
+        if (!a.decision) return Status::OK();
+        CORTEX_RETURN_IF_ERROR(WriteDecision(a.task->id, *a.decision, cands[i]));
+        if (a.started.empty()) return Status::OK();
+        return WriteStart(a.task->id, 1, a.started, a.decision->time);
+      });
+    *out = CommitEach(writes);
   }
 
   Status RecordDecision(const std::string& id, const Decision& d) override {
@@ -272,34 +333,45 @@ class SqliteStore : public Store {
 
   Status StartAttempt(const std::string& id, int n, const std::string& expert,
                       double time) override {
-    return Commit([&] {
-      Stmt s = Prepare("INSERT INTO attempts(task_id,n,expert,started_at) VALUES(?,?,?,?)");
-      s.Bind(1, id).Bind(2, n).Bind(3, expert).Bind(4, time);
-      CORTEX_RETURN_IF_ERROR(Done(s, "start attempt"));
-      return UpdateState(id, TaskState::kRunning, time);
-    });
+    return Commit([&] { return WriteStart(id, n, expert, time); });
   }
 
-  Status FinishAttempt(const std::string& id, int n, const Outcome& o, double time) override {
+  Status WriteStart(const std::string& id, int n, const std::string& expert, double time) {
+    Stmt s = Prepare("INSERT INTO attempts(task_id,n,expert,started_at) VALUES(?,?,?,?)");
+    s.Bind(1, id).Bind(2, n).Bind(3, expert).Bind(4, time);
+    CORTEX_RETURN_IF_ERROR(Done(s, "start attempt"));
+    return UpdateState(id, TaskState::kRunning, time);
+  }
+
+  Status FinishAttempt(const std::string& id, int n, const Outcome& o, double time,
+                       std::optional<TaskState> ends) override {
     return Commit([&] {
       Stmt s = Prepare(
           "UPDATE attempts SET finished_at=?,outcome=?,quality=?,duration_s=?,output=?,error=? "
-          "WHERE task_id=? AND n=?");
+          "WHERE task_id=? AND n=? RETURNING expert");
       s.Bind(1, time).Bind(2, ToString(o.kind)).Bind(3, o.quality).Bind(4, o.duration_s);
       s.Bind(5, o.output).Bind(6, o.error).Bind(7, id).Bind(8, n);
-      CORTEX_RETURN_IF_ERROR(Done(s, "finish attempt"));
-      return Changed("attempt " + std::to_string(n) + " of task " + id);
+      if (!s.ok()) return Fail("prepare finish attempt");
+      const int rc = s.Step();
+      if (rc == SQLITE_DONE)
+        return Status::NotFound("no attempt " + std::to_string(n) + " of task " + id);
+      if (rc != SQLITE_ROW) return Fail("finish attempt");
+      const std::string expert = s.Text(0);
+      if (s.Step() != SQLITE_DONE) return Fail("finish attempt");
+      return ends ? WriteEnd(id, *ends, expert, time) : Status::OK();
     });
   }
 
   Status FinishTask(const std::string& id, TaskState state, const std::string& expert,
                     double time) override {
-    return Commit([&] {
-      Stmt s = Prepare("UPDATE tasks SET state=?,expert=?,updated_at=? WHERE id=?");
-      s.Bind(1, ToString(state)).Bind(2, expert).Bind(3, time).Bind(4, id);
-      CORTEX_RETURN_IF_ERROR(Done(s, "finish task"));
-      return Changed("task " + id);
-    });
+    return Commit([&] { return WriteEnd(id, state, expert, time); });
+  }
+
+  Status WriteEnd(const std::string& id, TaskState state, const std::string& expert, double time) {
+    Stmt s = Prepare("UPDATE tasks SET state=?,expert=?,updated_at=? WHERE id=?");
+    s.Bind(1, ToString(state)).Bind(2, expert).Bind(3, time).Bind(4, id);
+    CORTEX_RETURN_IF_ERROR(Done(s, "finish task"));
+    return Changed("task " + id);
   }
 
   Status SetState(const std::string& id, TaskState state, double time) override {
@@ -319,19 +391,19 @@ class SqliteStore : public Store {
   }
 
   Status GetTask(const std::string& id, Task* t) override {
-    std::lock_guard<std::mutex> l(mu_);
-    return LoadTask(id, t);
+    Reading r(*this);
+    return LoadTask(r, id, t);
   }
 
   Status ResolveTaskId(const std::string& prefix, std::string* id) override {
-    std::lock_guard<std::mutex> l(mu_);
+    Reading r(*this);
     // Ids are ASCII: every id starting with the prefix sorts in [prefix, prefix + 0xff).
-    Stmt s = Prepare("SELECT id FROM tasks WHERE id>=?1 AND id<?2 ORDER BY id LIMIT 3");
+    Stmt s = r.Prepare("SELECT id FROM tasks WHERE id>=?1 AND id<?2 ORDER BY id LIMIT 3");
     s.Bind(1, prefix).Bind(2, prefix + "\xff");
     std::vector<std::string> found;
     int rc;
     while ((rc = s.Step()) == SQLITE_ROW) found.push_back(s.Text(0));
-    if (rc != SQLITE_DONE) return Fail("resolving a task id");
+    if (rc != SQLITE_DONE) return r.Fail("resolving a task id");
     if (std::find(found.begin(), found.end(), prefix) != found.end()) found = {prefix};
     if (found.empty()) return Status::NotFound("no task with id '" + prefix + "'");
     if (found.size() > 1)
@@ -343,9 +415,9 @@ class SqliteStore : public Store {
   }
 
   Status History(const HistoryQuery& q, std::vector<HistoryRow>* rows) override {
-    std::lock_guard<std::mutex> l(mu_);
+    Reading r(*this);
     rows->clear();
-    Stmt s = Prepare(
+    Stmt s = r.Prepare(
         "SELECT t.id,t.created_at,t.text,t.state,COALESCE(d.chosen,''),"
         "COALESCE(d.chosen_confidence,0),COALESCE(d.explored,0),"
         "(SELECT outcome FROM attempts a WHERE a.task_id=t.id ORDER BY n DESC LIMIT 1),"
@@ -381,19 +453,19 @@ class SqliteStore : public Store {
       r.quality = s.IsNull(8) || !IsFinal(st) ? -1 : s.Double(8);
       rows->push_back(std::move(r));
     }
-    return rc == SQLITE_DONE ? Status::OK() : Fail("history");
+    return rc == SQLITE_DONE ? Status::OK() : r.Fail("history");
   }
 
   Status Stats(std::vector<ExpertStats>* out) override {
-    std::lock_guard<std::mutex> l(mu_);
+    Reading r(*this);
     std::map<std::string, ExpertStats> m;
     {
-      Stmt s = Prepare("SELECT chosen,count(*) FROM decisions GROUP BY chosen");
+      Stmt s = r.Prepare("SELECT chosen,count(*) FROM decisions GROUP BY chosen");
       while (s.Step() == SQLITE_ROW) m[s.Text(0)].routed = s.Long(1);
     }
     {
       // Feedback overrides the quality of the attempt that ended the task.
-      Stmt s = Prepare(
+      Stmt s = r.Prepare(
           "SELECT a.expert,count(*),sum(a.outcome='success'),avg(CASE WHEN "
           "t.feedback_quality IS NOT NULL AND a.n=(SELECT max(n) FROM attempts b WHERE "
           "b.task_id=a.task_id) THEN t.feedback_quality ELSE a.quality END) "
@@ -407,7 +479,7 @@ class SqliteStore : public Store {
       }
     }
     {
-      Stmt s = Prepare(
+      Stmt s = r.Prepare(
           "SELECT d.chosen,count(*),avg(d.chosen_confidence),avg(a.outcome='success'),"
           "avg((d.chosen_confidence-(a.outcome='success'))*(d.chosen_confidence-"
           "(a.outcome='success'))) FROM decisions d JOIN attempts a ON a.task_id=d.task_id "
@@ -438,10 +510,10 @@ class SqliteStore : public Store {
   }
 
   Status ExpertEvents(int limit, std::vector<ExpertEvent>* out) override {
-    std::lock_guard<std::mutex> l(mu_);
+    Reading r(*this);
     out->clear();
-    Stmt s =
-        Prepare("SELECT time,expert,file,event,detail FROM expert_events ORDER BY id DESC LIMIT ?");
+    Stmt s = r.Prepare(
+        "SELECT time,expert,file,event,detail FROM expert_events ORDER BY id DESC LIMIT ?");
     s.Bind(1, limit);
     while (s.Step() == SQLITE_ROW)
       out->push_back({s.Double(0), s.Text(1), s.Text(2), s.Text(3), s.Text(4)});
@@ -453,8 +525,8 @@ class SqliteStore : public Store {
     for (;;) {
       std::vector<std::pair<long, std::string>> page;
       {
-        std::lock_guard<std::mutex> l(mu_);
-        Stmt s = Prepare(
+        Reading r(*this);
+        Stmt s = r.Prepare(
             "SELECT rowid,id FROM tasks WHERE rowid>? AND created_at>=? ORDER BY rowid LIMIT 256");
         s.Bind(1, after).Bind(2, since);
         while (s.Step() == SQLITE_ROW) page.emplace_back(s.Long(0), s.Text(1));
@@ -463,8 +535,8 @@ class SqliteStore : public Store {
       for (const auto& [rowid, id] : page) {
         Task t;
         {
-          std::lock_guard<std::mutex> l(mu_);
-          CORTEX_RETURN_IF_ERROR(LoadTask(id, &t));
+          Reading r(*this);
+          CORTEX_RETURN_IF_ERROR(LoadTask(r, id, &t));
         }
         if (!fn(t)) return Status::OK();
         after = rowid;
@@ -474,8 +546,8 @@ class SqliteStore : public Store {
 
   Status ForEachOutcome(long after_seq,
                         const std::function<bool(const LoggedOutcome&)>& fn) override {
-    std::lock_guard<std::mutex> l(mu_);
-    Stmt s = Prepare(
+    Reading r(*this);
+    Stmt s = r.Prepare(
         "SELECT a.rowid,a.task_id,t.created_at,t.text,t.tags,a.expert,a.n,a.outcome,a.quality,"
         "d.propensity,d.forced,d.candidates,d.greedy,d.explored,d.chosen,t.expert,"
         "(SELECT quality FROM feedback f WHERE f.task_id=a.task_id ORDER BY f.id DESC LIMIT 1) "
@@ -506,19 +578,19 @@ class SqliteStore : public Store {
       o.greedy = s.IsNull(12) ? (s.Long(13) ? "" : s.Text(14)) : s.Text(12);
       if (!fn(o)) return Status::OK();
     }
-    return rc == SQLITE_DONE ? Status::OK() : Status::IOError("read outcomes: " + Err());
+    return rc == SQLITE_DONE ? Status::OK() : Status::IOError("read outcomes: " + r.Err());
   }
 
   Status OutcomeWindowStart(long n, long* after_seq) override {
-    std::lock_guard<std::mutex> l(mu_);
+    Reading r(*this);
     *after_seq = 0;
-    Stmt s = Prepare("SELECT rowid FROM attempts WHERE " CORTEX_TRAINING_ATTEMPT(
+    Stmt s = r.Prepare("SELECT rowid FROM attempts WHERE " CORTEX_TRAINING_ATTEMPT(
         "") " ORDER BY rowid DESC LIMIT 1 OFFSET ?");
     s.Bind(1, n);
     int rc = s.Step();
     if (rc == SQLITE_ROW) *after_seq = s.Long(0);
     return rc == SQLITE_ROW || rc == SQLITE_DONE ? Status::OK()
-                                                 : Status::IOError("outcome window: " + Err());
+                                                 : Status::IOError("outcome window: " + r.Err());
   }
 
   Status SaveModel(const ModelRecord& m) override {
@@ -560,9 +632,9 @@ class SqliteStore : public Store {
   }
 
   Status ListModels(std::vector<ModelRecord>* out) override {
-    std::lock_guard<std::mutex> l(mu_);
+    Reading r(*this);
     out->clear();
-    Stmt s = Prepare(
+    Stmt s = r.Prepare(
         "SELECT version,created,status,live,trained_through,metrics,length(weights) FROM models "
         "ORDER BY version");
     int rc;
@@ -577,18 +649,18 @@ class SqliteStore : public Store {
       m.weights_bytes = s.Long(6);
       out->push_back(std::move(m));
     }
-    return rc == SQLITE_DONE ? Status::OK() : Status::IOError("list models: " + Err());
+    return rc == SQLITE_DONE ? Status::OK() : Status::IOError("list models: " + r.Err());
   }
 
   Status LoadModel(int version, ModelRecord* m) override {
-    std::lock_guard<std::mutex> l(mu_);
-    Stmt s = Prepare(
+    Reading r(*this);
+    Stmt s = r.Prepare(
         "SELECT version,created,status,live,trained_through,metrics,weights FROM models "
         "WHERE version=?");
     s.Bind(1, version);
     int rc = s.Step();
     if (rc == SQLITE_DONE) return Status::NotFound("no model version " + std::to_string(version));
-    if (rc != SQLITE_ROW) return Status::IOError("load model: " + Err());
+    if (rc != SQLITE_ROW) return Status::IOError("load model: " + r.Err());
     m->version = static_cast<int>(s.Long(0));
     m->created = s.Double(1);
     m->status = s.Text(2);
@@ -656,18 +728,19 @@ class SqliteStore : public Store {
           "SELECT id FROM tasks WHERE state IN ('queued','routed') ORDER BY created_at, rowid");
       while (s.Step() == SQLITE_ROW) ids.push_back(s.Text(0));
     }
+    Reading w(*this, Reading::kWriterHeld);
     for (const auto& id : ids) {
       Task t;
-      CORTEX_RETURN_IF_ERROR(LoadTask(id, &t));
+      CORTEX_RETURN_IF_ERROR(LoadTask(w, id, &t));
       out->requeue.push_back(std::move(t));
     }
     return Status::OK();
   }
 
   Status CountByState(std::vector<std::pair<std::string, long>>* counts) override {
-    std::lock_guard<std::mutex> l(mu_);
+    Reading r(*this);
     counts->clear();
-    Stmt s = Prepare("SELECT state,count(*) FROM tasks GROUP BY state ORDER BY state");
+    Stmt s = r.Prepare("SELECT state,count(*) FROM tasks GROUP BY state ORDER BY state");
     while (s.Step() == SQLITE_ROW) counts->emplace_back(s.Text(0), s.Long(1));
     return Status::OK();
   }
@@ -779,7 +852,7 @@ class SqliteStore : public Store {
     {
       std::lock_guard<std::mutex> l(mu_);
       Status st = StillOurFile();  // once per group, not per write
-      if (st.ok()) st = Exec("BEGIN IMMEDIATE");
+      if (st.ok()) st = Run("BEGIN IMMEDIATE");
       if (!st.ok()) {
         for (Writer* w : group) w->result = st;
       } else {
@@ -787,7 +860,7 @@ class SqliteStore : public Store {
         bool any = false;
         Status lost;  // set when SQLite itself ended the transaction
         for (Writer* w : group) {
-          if (!alone) (void)Exec("SAVEPOINT w");
+          if (!alone) (void)Run("SAVEPOINT w");
           w->result = (*w->write)();
           // A full disk or an I/O error can make SQLite roll the whole transaction back
           // at once: the group's earlier writes are gone too, and later ones must not run
@@ -797,14 +870,17 @@ class SqliteStore : public Store {
                                   : w->result;
             break;
           }
-          if (!alone) (void)Exec(w->result.ok() ? "RELEASE w" : "ROLLBACK TO w; RELEASE w");
+          if (!alone) {
+            if (!w->result.ok()) (void)Run("ROLLBACK TO w");
+            (void)Run("RELEASE w");
+          }
           any |= w->result.ok();
         }
-        Status c = !lost.ok() ? lost : any ? Exec("COMMIT") : Exec("ROLLBACK");
+        Status c = !lost.ok() ? lost : any ? Run("COMMIT") : Run("ROLLBACK");
         if (!lost.ok()) {
           for (Writer* w : group) w->result = lost;
         } else if (!c.ok()) {
-          (void)Exec("ROLLBACK");
+          (void)Run("ROLLBACK");
           for (Writer* w : group)
             if (w->result.ok()) w->result = c;
         }
@@ -819,6 +895,14 @@ class SqliteStore : public Store {
     if (!queue_.empty()) queue_.front()->cv.notify_one();
   }
 
+  // One statement, prepared once (the group commit's BEGIN, SAVEPOINT, RELEASE, COMMIT).
+  Status Run(const char* sql) {
+    Stmt s = Prepare(sql);
+    if (!s.ok()) return Status::IOError(std::string("store: ") + Err());
+    const int rc = s.Step();
+    return rc == SQLITE_DONE || rc == SQLITE_ROW ? Status::OK()
+                                                 : Status::IOError(std::string("store: ") + Err());
+  }
   Status Exec(const char* sql) {
     char* err = nullptr;
     if (sqlite3_exec(db_, sql, nullptr, nullptr, &err) != SQLITE_OK) {
@@ -922,10 +1006,27 @@ class SqliteStore : public Store {
     return a;
   }
 
-  Status LoadTask(const std::string& id, Task* t) {
+  // A read, on the read connection (or, for ":memory:" and inside a write, the writer's).
+  class Reading {
+   public:
+    enum Held { kWriterHeld };
+    explicit Reading(SqliteStore& s)
+        : s_(s), c_(s.read_.db ? &s.read_ : nullptr), l_(c_ ? s.read_mu_ : s.mu_) {}
+    Reading(SqliteStore& s, Held) : s_(s) {}  // the caller holds the writer's mutex
+    Stmt Prepare(const char* sql) { return c_ ? c_->Prepare(sql) : s_.Prepare(sql); }
+    std::string Err() const { return c_ ? c_->Err() : s_.Err(); }
+    Status Fail(const std::string& what) const { return Status::IOError(what + ": " + Err()); }
+
+   private:
+    SqliteStore& s_;
+    Conn* c_ = nullptr;
+    std::unique_lock<std::mutex> l_;
+  };
+
+  Status LoadTask(Reading& r, const std::string& id, Task* t) {
     *t = Task{};
     {
-      Stmt s = Prepare(
+      Stmt s = r.Prepare(
           "SELECT id,text,tags,state,created_at,updated_at,COALESCE(expert,''),deaths,"
           "COALESCE(error,'') FROM tasks WHERE id=?");
       s.Bind(1, id);
@@ -941,7 +1042,7 @@ class SqliteStore : public Store {
       t->error = s.Text(8);
     }
     {
-      Stmt s = Prepare(
+      Stmt s = r.Prepare(
           "SELECT time,model_version,chosen,propensity,explored,forced,candidates FROM "
           "decisions WHERE task_id=?");
       s.Bind(1, id);
@@ -970,7 +1071,7 @@ class SqliteStore : public Store {
       }
     }
     {
-      Stmt s = Prepare(
+      Stmt s = r.Prepare(
           "SELECT n,expert,started_at,COALESCE(finished_at,0),outcome,COALESCE(quality,0),"
           "COALESCE(duration_s,0),COALESCE(output,''),COALESCE(error,'') FROM attempts "
           "WHERE task_id=? ORDER BY n");
@@ -994,7 +1095,7 @@ class SqliteStore : public Store {
       }
     }
     {
-      Stmt s = Prepare("SELECT time,quality,note FROM feedback WHERE task_id=? ORDER BY id");
+      Stmt s = r.Prepare("SELECT time,quality,note FROM feedback WHERE task_id=? ORDER BY id");
       s.Bind(1, id);
       while (s.Step() == SQLITE_ROW) t->feedback.push_back({s.Double(0), s.Double(1), s.Text(2)});
     }
@@ -1007,6 +1108,10 @@ class SqliteStore : public Store {
   std::mutex queue_mu_;
   std::deque<Writer*> queue_;  // writes waiting for their group's commit, oldest first
   std::map<std::string, sqlite3_stmt*> cache_;
+  // Reads go through a connection of their own: in WAL mode they see the last commit
+  // and never wait for a group's fsync. (":memory:" has one connection: reads share it.)
+  Conn read_;
+  std::mutex read_mu_;
 };
 
 }  // namespace

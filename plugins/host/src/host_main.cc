@@ -11,8 +11,11 @@
 #include <sys/resource.h>
 #include <unistd.h>
 
+#include <condition_variable>
 #include <cstdio>
 #include <cstring>
+#include <deque>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -112,6 +115,41 @@ size_t ApplyLimits(size_t memory_limit) {
 #endif
 }
 
+// Each run gets a thread at once (a run may take minutes; none waits behind another);
+// threads are kept once started, so a steady stream of short runs starts none.
+class RunThreads {
+ public:
+  void Post(std::function<void()> run) {
+    std::lock_guard<std::mutex> l(mu_);
+    work_.push_back(std::move(run));
+    if (work_.size() > idle_)
+      std::thread([this] { Loop(); }).detach();  // lives as long as the host
+    else
+      cv_.notify_one();
+  }
+
+ private:
+  void Loop() {
+    std::unique_lock<std::mutex> l(mu_);
+    for (;;) {
+      while (work_.empty()) {
+        ++idle_;
+        cv_.wait(l);
+        --idle_;
+      }
+      std::function<void()> run = std::move(work_.front());
+      work_.pop_front();
+      l.unlock();
+      run();
+      l.lock();
+    }
+  }
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<std::function<void()>> work_;
+  size_t idle_ = 0;  // threads waiting for work
+};
+
 int Serve(const std::string& library, const std::string& display, size_t memory_limit) {
   const size_t enforced = ApplyLimits(memory_limit);
   std::unique_ptr<PluginLibrary> lib;
@@ -129,6 +167,7 @@ int Serve(const std::string& library, const std::string& display, size_t memory_
   void* instance = nullptr;
   std::mutex runs_mu;
   std::map<uint64_t, std::shared_ptr<Execution>> runs;
+  RunThreads pool;
   hostproto::FrameReader reader;
   char buf[65536];
   while (true) {
@@ -160,7 +199,7 @@ int Serve(const std::string& library, const std::string& display, size_t memory_
           runs[id] = exec;
         }
         // Capacity is enforced by cortexd, which sends no more runs than slots.
-        std::thread([&, id, exec] {
+        pool.Post([&, id, exec] {
           exec->Run(api, instance);
           {
             std::lock_guard<std::mutex> l(runs_mu);
@@ -169,7 +208,7 @@ int Serve(const std::string& library, const std::string& display, size_t memory_
           Send({{"op", "result"},
                 {"id", id},
                 {"outcome", hostproto::OutcomeToJson(exec->TakeOutcome())}});
-        }).detach();
+        });
       } else if (op == "cancel" && f.contains("id") && f["id"].is_number_unsigned()) {
         std::lock_guard<std::mutex> l(runs_mu);
         auto it = runs.find(f["id"].get<uint64_t>());

@@ -109,7 +109,8 @@ Status HostProcess::Start(const HostOptions& options, DeathFn on_death,
       options.exe.c_str(),     "--library",      options.library.c_str(), "--display",
       options.display.c_str(), "--memory-limit", limit.c_str(),           nullptr};
   pid_t pid = -1;
-  int rc = posix_spawn(&pid, options.exe.c_str(), &fa, &attr, const_cast<char**>(argv), envp.data());
+  int rc =
+      posix_spawn(&pid, options.exe.c_str(), &fa, &attr, const_cast<char**>(argv), envp.data());
   posix_spawn_file_actions_destroy(&fa);
   posix_spawnattr_destroy(&attr);
   close(child);
@@ -123,7 +124,10 @@ Status HostProcess::Start(const HostOptions& options, DeathFn on_death,
   h->on_death_ = std::move(on_death);
   h->pid_ = pid;
   h->fd_ = sv[0];
-  h->reader_ = std::thread([p = h.get()] { p->ReadLoop(); });
+  h->reader_ = std::thread([p = h.get()] {
+    pthread_setname_np(pthread_self(), "host-reader");
+    p->ReadLoop();
+  });
 
   // The reader notifies cv_ after every frame and when the host dies.
   std::unique_lock<std::mutex> l(h->mu_);
@@ -208,14 +212,13 @@ std::shared_ptr<HostProcess::PendingRun> HostProcess::Submit(const Task& task,
   return run;
 }
 
-bool HostProcess::WaitRun(const PendingRun& run, int64_t deadline_us,
-                          const std::atomic<bool>* stop) {
+bool HostProcess::WaitRun(PendingRun& run, int64_t deadline_us, const std::atomic<bool>* stop) {
   std::unique_lock<std::mutex> l(mu_);
   while (!run.done) {
     if (stop && stop->load()) return false;
     int64_t left = deadline_us - NowMicros();
     if (left <= 0) return false;
-    cv_.wait_for(l, std::chrono::microseconds(std::min<int64_t>(left, 100000)));
+    run.cv.wait_for(l, std::chrono::microseconds(std::min<int64_t>(left, 100000)));
   }
   return true;
 }
@@ -261,6 +264,7 @@ void HostProcess::HandleFrame(const json& f) {
           if (it->second->on_end) it->second->on_end();
           it->second->on_end = nullptr;
           it->second->done = true;
+          it->second->cv.notify_one();
           kill_at_.erase(it->first);
           pending_.erase(it);
         }
@@ -356,6 +360,7 @@ void HostProcess::Die(std::string why) {
       run->outcome.kind = OutcomeKind::kCrash;
       run->outcome.error = why;
       run->done = true;
+      run->cv.notify_one();
     }
     pending_.clear();
     kill_at_.clear();

@@ -49,6 +49,9 @@ class HostProcess {
     uint64_t id = 0;
     bool done = false;  // guarded by the host's mutex; wait with WaitRun
     bool host_died = false;
+    // Its own wake-up: a result wakes the one caller waiting for it, not every caller
+    // with a task on this host.
+    std::condition_variable cv;
     Outcome outcome;
     std::function<void()> on_end;  // runs once, when the host is done with the task
   };
@@ -56,7 +59,7 @@ class HostProcess {
   std::shared_ptr<PendingRun> Submit(const Task& task, int64_t deadline_unix_ms,
                                      std::function<void()> on_end);
   // Waits until the run is done, `deadline_us` (monotonic) passes or *stop is set.
-  bool WaitRun(const PendingRun& run, int64_t deadline_us, const std::atomic<bool>* stop);
+  bool WaitRun(PendingRun& run, int64_t deadline_us, const std::atomic<bool>* stop);
   // The caller stopped waiting: cancel the task; if it is still running `grace_s` later
   // the host is killed (a hung plugin would hold its slot forever) and restarted on use.
   void Abandon(const std::shared_ptr<PendingRun>& run, double grace_s);

@@ -4,6 +4,7 @@
 
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -24,9 +25,22 @@ class Store {
   // The same for a batch (one commit, usually): each task's status in `out`, in order.
   virtual void RecordDecisions(const std::vector<std::pair<std::string, const Decision*>>& batch,
                                std::vector<Status>* out) = 0;
+  // New tasks with what was decided before they were acknowledged, one write each (one
+  // commit for the batch, usually): the task, its decision when routed (it is `routed`),
+  // and its first attempt when `started` names the expert already running it (`running`).
+  // Each task's status in `out`, in order.
+  struct Admission {
+    const Task* task = nullptr;
+    const Decision* decision = nullptr;
+    std::string started;
+  };
+  virtual void Admit(const std::vector<Admission>& batch, std::vector<Status>* out) = 0;
   virtual Status StartAttempt(const std::string& id, int n, const std::string& expert,
                               double time) = 0;
-  virtual Status FinishAttempt(const std::string& id, int n, const Outcome& o, double time) = 0;
+  // With `ends` set, the task ends in that state in the same commit (as FinishTask, the
+  // attempt's expert named as the one that ended it).
+  virtual Status FinishAttempt(const std::string& id, int n, const Outcome& o, double time,
+                               std::optional<TaskState> ends = std::nullopt) = 0;
   // Sets the task's final state and the expert whose attempt ended it.
   virtual Status FinishTask(const std::string& id, TaskState state, const std::string& expert,
                             double time) = 0;
