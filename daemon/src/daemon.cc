@@ -163,9 +163,12 @@ struct Intake {
   Task task;
   double wait_s = -1;  // how long its submitter waits for the end (< 0: it does not)
   Status result;
-  bool done = false;
-  std::condition_variable cv;
   std::optional<Job> run_here;  // started for the submitter's own thread to run
+  // As the store's writers: kWait until its batch is stored (kDone) or it is handed the
+  // lead (kLead), woken on its own mutex.
+  enum State { kWait, kLead, kDone } state = kWait;
+  std::mutex m;
+  std::condition_variable cv;
 };
 
 // The settings a reload applies to the running daemon, each with how it is copied into
@@ -336,15 +339,21 @@ class DaemonImpl : public Daemon, public RequestHandler {
     me.task.created_at = me.task.updated_at = env_->NowUnix();
     for (int tries = 0;; ++tries) {
       me.task.id = NewId();
-      me.done = false;
+      me.state = Intake::kWait;
       {
         // Group admission, as the store's group commit: the submit at the front of the
         // intake routes and stores every task queued behind it in one batch.
-        std::unique_lock<std::mutex> l(intake_mu_);
+        std::lock_guard<std::mutex> l(intake_mu_);
         intake_.push_back(&me);
-        while (!me.done && intake_.front() != &me) me.cv.wait(l);
-        if (!me.done) LeadIntake(&l);
+        if (intake_.front() == &me) me.state = Intake::kLead;  // nobody leads now
       }
+      Intake::State st;
+      {
+        std::unique_lock<std::mutex> l(me.m);
+        me.cv.wait(l, [&] { return me.state != Intake::kWait; });
+        st = me.state;
+      }
+      if (st == Intake::kLead) LeadIntake();
       if (me.result.ok()) break;
       NoteStoreFailure(me.result);
       if (tries >= 3 || stop_.load()) {
@@ -844,20 +853,32 @@ class DaemonImpl : public Daemon, public RequestHandler {
     return slots;
   }
 
-  // Called with intake_mu_ held by the submit at the front of the intake; returns with it
-  // held, every submit of its batch answered.
-  void LeadIntake(std::unique_lock<std::mutex>* l) {
-    std::vector<Intake*> group(
-        intake_.begin(), intake_.begin() + static_cast<long>(std::min(intake_.size(), kMaxIntake)));
-    l->unlock();
+  // Run by the submit at the front of the intake: routes and stores the batch queued so
+  // far, then answers each of its submits and hands the lead to the next in line.
+  void LeadIntake() {
+    std::vector<Intake*> group;
+    {
+      std::lock_guard<std::mutex> l(intake_mu_);
+      group.assign(intake_.begin(),
+                   intake_.begin() + static_cast<long>(std::min(intake_.size(), kMaxIntake)));
+    }
     AdmitBatch(group);
-    l->lock();
-    for (Intake* in : group) {
-      intake_.pop_front();
-      in->done = true;
+    Intake* next = nullptr;
+    {
+      std::lock_guard<std::mutex> l(intake_mu_);
+      intake_.erase(intake_.begin(), intake_.begin() + static_cast<long>(group.size()));
+      if (!intake_.empty()) next = intake_.front();
+    }
+    for (Intake* in : group) {  // under its own mutex: once told, it may be gone
+      std::lock_guard<std::mutex> l(in->m);
+      in->state = Intake::kDone;
       in->cv.notify_one();
     }
-    if (!intake_.empty()) intake_.front()->cv.notify_one();
+    if (next) {
+      std::lock_guard<std::mutex> l(next->m);
+      next->state = Intake::kLead;
+      next->cv.notify_one();
+    }
   }
 
   // New tasks are routed before they are stored, and stored with their decisions (and,

@@ -819,7 +819,11 @@ class SqliteStore : public Store {
   struct Writer {
     const std::function<Status()>* write;
     Status result;
-    bool done = false;
+    // kWait until the leader of its group sets kDone, or hands it the lead (kLead). Each
+    // writer is woken on its own mutex: a group's end wakes its writers without them all
+    // queueing for queue_mu_ again.
+    enum State { kWait, kLead, kDone } state = kWait;
+    std::mutex m;
     std::condition_variable cv;
   };
   static constexpr size_t kMaxGroup = 512;
@@ -830,25 +834,38 @@ class SqliteStore : public Store {
   // queue allows (usually one).
   std::vector<Status> CommitEach(const std::vector<std::function<Status()>>& writes) {
     std::vector<Writer> mine(writes.size());
-    std::unique_lock<std::mutex> q(queue_mu_);
-    for (size_t i = 0; i < writes.size(); ++i) {
-      mine[i].write = &writes[i];
-      queue_.push_back(&mine[i]);
+    {
+      std::lock_guard<std::mutex> q(queue_mu_);
+      for (size_t i = 0; i < writes.size(); ++i) {
+        mine[i].write = &writes[i];
+        queue_.push_back(&mine[i]);
+      }
+      // A group stays queued until it has committed: at the front means nobody leads.
+      if (queue_.front() == &mine[0]) mine[0].state = Writer::kLead;
     }
     for (Writer& w : mine) {
-      while (!w.done && queue_.front() != &w) w.cv.wait(q);
-      if (!w.done) LeadGroup(&q);  // at the front: commit for everyone queued so far
+      Writer::State st;
+      {
+        std::unique_lock<std::mutex> l(w.m);
+        w.cv.wait(l, [&] { return w.state != Writer::kWait; });
+        st = w.state;
+      }
+      if (st == Writer::kLead) LeadGroup();  // commits for everyone queued so far
     }
     std::vector<Status> out;
     for (Writer& w : mine) out.push_back(std::move(w.result));
     return out;
   }
 
-  // Called with queue_mu_ held, as the writer at the front; returns with it held.
-  void LeadGroup(std::unique_lock<std::mutex>* q) {
-    std::vector<Writer*> group(
-        queue_.begin(), queue_.begin() + static_cast<long>(std::min(queue_.size(), kMaxGroup)));
-    q->unlock();
+  // Run by the writer at the front of the queue: the writes queued so far (up to
+  // kMaxGroup) in one transaction; then each is told, and the next in line leads.
+  void LeadGroup() {
+    std::vector<Writer*> group;
+    {
+      std::lock_guard<std::mutex> q(queue_mu_);
+      group.assign(queue_.begin(),
+                   queue_.begin() + static_cast<long>(std::min(queue_.size(), kMaxGroup)));
+    }
     {
       std::lock_guard<std::mutex> l(mu_);
       Status st = StillOurFile();  // once per group, not per write
@@ -886,13 +903,23 @@ class SqliteStore : public Store {
         }
       }
     }
-    q->lock();
+    Writer* next = nullptr;
+    {
+      std::lock_guard<std::mutex> q(queue_mu_);
+      queue_.erase(queue_.begin(), queue_.begin() + static_cast<long>(group.size()));
+      if (!queue_.empty()) next = queue_.front();
+    }
+    // Under each writer's own mutex: once told, it may return and its Writer is gone.
     for (Writer* w : group) {
-      queue_.pop_front();
-      w->done = true;
+      std::lock_guard<std::mutex> l(w->m);
+      w->state = Writer::kDone;
       w->cv.notify_one();
     }
-    if (!queue_.empty()) queue_.front()->cv.notify_one();
+    if (next) {  // it waits (only this leader can change its state)
+      std::lock_guard<std::mutex> l(next->m);
+      next->state = Writer::kLead;
+      next->cv.notify_one();
+    }
   }
 
   // One statement, prepared once (the group commit's BEGIN, SAVEPOINT, RELEASE, COMMIT).

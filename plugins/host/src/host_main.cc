@@ -52,7 +52,7 @@ namespace {
 using json = nlohmann::json;
 constexpr int kFd = hostproto::kHostFd;
 
-std::mutex g_write_mu;
+hostproto::FrameWriter g_out(kFd);  // results come from the run threads at once
 char g_oom_frame[64];
 size_t g_oom_len = 0;
 
@@ -78,8 +78,7 @@ void WatchForCortexdsEnd() {
 }
 
 void Send(const json& j) {
-  std::lock_guard<std::mutex> l(g_write_mu);
-  if (!hostproto::WriteFrame(kFd, j).ok()) Leave(0);  // cortexd is gone
+  if (!g_out.Send(j).ok()) Leave(0);  // cortexd is gone
 }
 
 // Runs when an allocation fails under the memory limit: tell cortexd why, then go.

@@ -124,6 +124,7 @@ Status HostProcess::Start(const HostOptions& options, DeathFn on_death,
   h->on_death_ = std::move(on_death);
   h->pid_ = pid;
   h->fd_ = sv[0];
+  h->writer_ = std::make_unique<hostproto::FrameWriter>(h->fd_);
   h->reader_ = std::thread([p = h.get()] {
     pthread_setname_np(pthread_self(), "host-reader");
     p->ReadLoop();
@@ -171,10 +172,7 @@ bool HostProcess::alive() const {
   return !dead_;
 }
 
-Status HostProcess::Send(const json& f) {
-  std::lock_guard<std::mutex> l(write_mu_);
-  return hostproto::WriteFrame(fd_, f);
-}
+Status HostProcess::Send(const json& f) { return writer_->Send(f); }
 
 Status HostProcess::Create(const std::string& settings_json, double timeout_s) {
   CORTEX_RETURN_IF_ERROR(Send({{"op", "create"}, {"settings", settings_json}}));

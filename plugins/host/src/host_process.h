@@ -18,6 +18,7 @@
 #include "cortex/experts.h"
 #include "cortex/status.h"
 #include "cortex/types.h"
+#include "host_protocol.h"
 
 namespace cortex {
 
@@ -81,7 +82,7 @@ class HostProcess {
   int fd_ = -1;
   size_t memory_limit_ = 0;
   std::thread reader_;
-  std::mutex write_mu_;
+  std::unique_ptr<hostproto::FrameWriter> writer_;  // on fd_
 
   mutable std::mutex mu_;
   std::condition_variable cv_;

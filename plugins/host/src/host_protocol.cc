@@ -36,13 +36,18 @@ Status StrList(const json& j, const char* key, std::vector<std::string>* out) {
 
 }  // namespace
 
-Status WriteFrame(int fd, const json& frame) {
+namespace {
+
+Status Encode(const json& frame, std::string* out) {
   std::string body = frame.dump(-1, ' ', false, json::error_handler_t::replace);
   if (body.size() > kMaxFrame) return Status::ResourceExhausted("frame too large");
-  std::string buf(4, '\0');
   const uint32_t n = static_cast<uint32_t>(body.size());
-  for (int i = 0; i < 4; ++i) buf[i] = static_cast<char>((n >> (8 * i)) & 0xFF);
-  buf += body;
+  for (int i = 0; i < 4; ++i) out->push_back(static_cast<char>((n >> (8 * i)) & 0xFF));
+  *out += body;
+  return Status::OK();
+}
+
+Status WriteAll(int fd, const std::string& buf) {
   size_t off = 0;
   while (off < buf.size()) {
     ssize_t w = ::send(fd, buf.data() + off, buf.size() - off, MSG_NOSIGNAL);
@@ -53,6 +58,34 @@ Status WriteFrame(int fd, const json& frame) {
     off += static_cast<size_t>(w);
   }
   return Status::OK();
+}
+
+}  // namespace
+
+Status WriteFrame(int fd, const json& frame) {
+  std::string buf;
+  CORTEX_RETURN_IF_ERROR(Encode(frame, &buf));
+  return WriteAll(fd, buf);
+}
+
+Status FrameWriter::Send(const json& frame) {
+  std::string mine;
+  CORTEX_RETURN_IF_ERROR(Encode(frame, &mine));  // outside the lock
+  std::unique_lock<std::mutex> l(mu_);
+  if (!failed_.ok()) return failed_;
+  out_ += mine;
+  if (writing_) return Status::OK();  // the writer at work takes it along
+  writing_ = true;
+  while (!out_.empty() && failed_.ok()) {
+    std::string buf;
+    buf.swap(out_);
+    l.unlock();
+    Status st = WriteAll(fd_, buf);
+    l.lock();
+    if (!st.ok()) failed_ = st;
+  }
+  writing_ = false;
+  return failed_;
 }
 
 Status FrameReader::Feed(const char* data, size_t n, std::vector<json>* frames) {

@@ -13,6 +13,7 @@
 //   host -> cortexd   {"op":"oom"} just before it exits for want of memory
 #pragma once
 
+#include <mutex>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
@@ -29,6 +30,23 @@ constexpr int kExitOutOfMemory = 86;  // the host's exit status when an allocati
 
 // Writes one frame (all of it; MSG_NOSIGNAL). Fails on a closed or stuck peer.
 Status WriteFrame(int fd, const nlohmann::json& frame);
+
+// Frames from many threads onto one socket. A sender appends its frame; the one that
+// finds nobody writing writes everything queued (its own and the others') while the others
+// return at once: one send for many frames, and no sender waits for another's write. A
+// write that failed fails every later Send.
+class FrameWriter {
+ public:
+  explicit FrameWriter(int fd) : fd_(fd) {}
+  Status Send(const nlohmann::json& frame);
+
+ private:
+  const int fd_;
+  std::mutex mu_;
+  std::string out_;  // frames waiting for the writer
+  bool writing_ = false;
+  Status failed_;
+};
 
 // Cuts a byte stream into frames.
 class FrameReader {
