@@ -34,6 +34,7 @@ class RegistryTest : public ::testing::TestWithParam<const char*> {
     o.in_process = !Isolated();
     o.host_exe = test::HostExe();
     o.supervision = sup;
+    o.env = env_;
     if (bundled) o.dirs.push_back(test::BundledDir());
     o.dirs.push_back(plugins_);
     o.cache_dir = dir_ / "cache";
@@ -74,6 +75,7 @@ class RegistryTest : public ::testing::TestWithParam<const char*> {
   TempDir dir_;
   std::string plugins_;
   std::vector<ExpertEvent> events_;
+  Env* env_ = Env::Default();  // the registry's clock and files
   std::unique_ptr<ExpertRegistry> reg_;
 };
 
@@ -568,6 +570,49 @@ TEST_P(IsolationTest, APluginThatCrashesWhileLoadingIsRefused) {
   auto echo = reg->Find("echo");
   ASSERT_TRUE(echo);
   EXPECT_EQ(echo->Run(MakeTask("hi"), nullptr).kind, OutcomeKind::kSuccess);
+}
+
+// The real clock, until a test moves it on (leveldb's SpecialEnv, for time).
+class JumpClock : public EnvWrapper {
+ public:
+  JumpClock() : EnvWrapper(Env::Default()) {}
+  int64_t MonotonicMicros() override { return EnvWrapper::MonotonicMicros() + skew_.load(); }
+  void Advance(double seconds) { skew_ += static_cast<int64_t>(seconds * 1e6); }
+
+ private:
+  std::atomic<int64_t> skew_{0};
+};
+
+// The registry's Env is its experts' clock: an hour's backoff after a crash holds the
+// expert until the clock says the hour has passed, and not a moment longer (nothing here
+// sleeps for it).
+TEST_P(IsolationTest, BackoffAfterACrashRunsOnTheRegistrysClock) {
+  JumpClock clock;
+  env_ = &clock;
+  Supervision sup;
+  sup.backoff_s = sup.backoff_max_s = 3600;
+  auto e = Misbehave("", sup);
+  ASSERT_TRUE(e);
+  EXPECT_EQ(e->Run(MakeTask("please segfault"), nullptr).kind, OutcomeKind::kCrash);
+  EXPECT_EQ(e->health().state, "restarting");
+  Outcome early = e->Run(MakeTask("hello"), nullptr);
+  EXPECT_EQ(early.kind, OutcomeKind::kRejected);
+  EXPECT_NE(early.error.find("restarting after a crash (next start in 3"), std::string::npos)
+      << early.error;
+  clock.Advance(3000);
+  Outcome still = e->Run(MakeTask("hello"), nullptr);
+  EXPECT_EQ(still.kind, OutcomeKind::kRejected);
+  const size_t at = still.error.find("next start in ");
+  ASSERT_NE(at, std::string::npos) << still.error;
+  const double left = std::atof(still.error.c_str() + at + 14);
+  EXPECT_GT(left, 500);  // the hour less the 3000 s the clock moved on
+  EXPECT_LE(left, 600);
+  clock.Advance(601);
+  EXPECT_EQ(e->health().state, "active");
+  Outcome later = e->Run(MakeTask("hello"), nullptr);
+  EXPECT_EQ(later.kind, OutcomeKind::kSuccess) << later.error;
+  EXPECT_EQ(e->health().restarts, 1);
+  reg_.reset();  // before the clock it uses goes
 }
 
 INSTANTIATE_TEST_SUITE_P(Process, IsolationTest, ::testing::Values("process"),

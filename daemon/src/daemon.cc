@@ -197,7 +197,7 @@ const std::map<std::string, LiveSetting>& LiveSettings() {
 class DaemonImpl : public Daemon, public RequestHandler {
  public:
   DaemonImpl(Config config, DaemonOptions options)
-      : config_(std::move(config)), options_(std::move(options)), env_(Env::Default()) {}
+      : config_(std::move(config)), options_(std::move(options)), env_(options_.env) {}
 
   ~DaemonImpl() override {
     {  // a slot freed from now on (a host torn down below, a late plugin thread) wakes nobody
@@ -1743,7 +1743,7 @@ Status WithScratchRegistry(const Config& config, const DaemonOptions& options,
     return Status::IOError("cannot make a folder for plugin copies: " +
                            std::string(strerror(errno)));
   ro.cache_dir = tmpl;
-  ro.env = Env::Default();
+  ro.env = options.env;
   ro.audit = std::move(audit);
   ro.log_events = false;
   {

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "cortex/config.h"
+#include "cortex/env.h"
 #include "cortex/status.h"
 
 namespace cortex {
@@ -16,6 +17,7 @@ struct DaemonOptions {
   std::string config_path;         // empty: embedded defaults (reload re-reads the same)
   std::string bundled_plugin_dir;  // empty: next to the executable (../lib/cortex/plugins)
   std::string plugin_host;         // empty: ../lib/cortex/cortex-plugin-host beside it
+  Env* env = Env::Default();       // clock and files, for the daemon and its experts
 };
 
 class Daemon {

@@ -46,8 +46,7 @@ struct ExpertRegistry::FileRecord {
 
 namespace {
 
-int64_t NowMicros() { return Env::Default()->MonotonicMicros(); }
-double NowUnix() { return Env::Default()->NowUnix(); }
+Env* ClockOf(const Supervision& s) { return s.clock ? s.clock : Env::Default(); }
 
 bool SameFile(const FileInfo& a, const FileInfo& b) {
   return a.inode == b.inode && a.mtime_ns == b.mtime_ns && a.size == b.size && a.mode == b.mode &&
@@ -137,7 +136,7 @@ ExpertInfo InfoOf(const Expert& e, const std::string& state) {
 class HealthState {
  public:
   HealthState(Supervision policy, std::function<void(const std::string&, const std::string&)> audit)
-      : policy_(policy), audit_(std::move(audit)) {}
+      : policy_(policy), audit_(std::move(audit)), clock_(ClockOf(policy)) {}
 
   // A crash event: a host died, or the plugin reported that what it ran crashed.
   void Crash(const std::string& why) {
@@ -147,7 +146,7 @@ class HealthState {
       ++consecutive_;
       ++crashes_;
       last_crash_ = why;
-      last_crash_at_ = NowUnix();
+      last_crash_at_ = clock_->NowUnix();
       if (consecutive_ >= policy_.quarantine_after && !quarantined_) {
         quarantined_ = true;
         quarantined_at_ = last_crash_at_;
@@ -157,7 +156,7 @@ class HealthState {
         double backoff =
             std::min(policy_.backoff_max_s,
                      policy_.backoff_s * std::pow(2.0, std::min(consecutive_ - 1, 30)));
-        restart_at_ = NowMicros() + static_cast<int64_t>(backoff * 1e6);
+        restart_at_ = clock_->MonotonicMicros() + static_cast<int64_t>(backoff * 1e6);
       }
     }
     if (!event.empty() && audit_) audit_(event, detail);
@@ -196,7 +195,7 @@ class HealthState {
   ExpertHealth Get(bool restarting) const {
     std::lock_guard<std::mutex> l(mu_);
     ExpertHealth h;
-    const int64_t wait = restart_at_ - NowMicros();
+    const int64_t wait = restart_at_ - clock_->MonotonicMicros();
     h.state = quarantined_ ? "quarantined" : (restarting && wait > 0 ? "restarting" : "active");
     h.retry_in_s = h.state == "restarting" ? wait / 1e6 : 0;
     h.consecutive_crashes = consecutive_;
@@ -213,6 +212,7 @@ class HealthState {
  private:
   const Supervision policy_;
   const std::function<void(const std::string&, const std::string&)> audit_;
+  Env* const clock_;
   mutable std::mutex mu_;
   int consecutive_ = 0;
   long crashes_ = 0, restarts_ = 0;
@@ -226,8 +226,8 @@ class HealthState {
 // Capacity slots. Shared with a host's completion callbacks: a slot is freed when the
 // plugin is done with the task (or its host is gone), not when the caller stops waiting.
 struct Expert::Slots {
-  Slots(int capacity, std::function<void()> on_free)
-      : capacity(capacity), on_free(std::move(on_free)) {}
+  Slots(int capacity, std::function<void()> on_free, Env* clock)
+      : capacity(capacity), on_free(std::move(on_free)), clock(clock) {}
   bool TryAcquire() {
     std::lock_guard<std::mutex> l(mu);
     if (inflight.load() >= capacity) return false;
@@ -238,7 +238,7 @@ struct Expert::Slots {
     std::unique_lock<std::mutex> l(mu);
     while (inflight.load() >= capacity) {
       if (stopping && stopping->load()) return false;
-      int64_t left = deadline_us - NowMicros();
+      int64_t left = deadline_us - clock->MonotonicMicros();
       if (left <= 0) return false;
       cv.wait_for(l, std::chrono::microseconds(std::min<int64_t>(left, 100000)));
     }
@@ -255,6 +255,7 @@ struct Expert::Slots {
   }
   const int capacity;
   const std::function<void()> on_free;
+  Env* const clock;
   std::atomic<int> inflight{0};
   std::mutex mu;
   std::condition_variable cv;
@@ -271,7 +272,8 @@ Expert::Expert(std::shared_ptr<PluginFile> file, Manifest manifest, std::string 
       plugin_(std::move(plugin)),
       settings_(std::move(settings)),
       fingerprint_(std::move(fingerprint)),
-      slots_(std::make_shared<Slots>(manifest_.capacity, supervision.on_slot_free)),
+      clock_(ClockOf(supervision)),
+      slots_(std::make_shared<Slots>(manifest_.capacity, supervision.on_slot_free, clock_)),
       health_(std::make_shared<HealthState>(supervision, std::move(audit))) {}
 
 Expert::~Expert() {
@@ -355,7 +357,7 @@ Status Expert::EnsureHost(int64_t deadline, const std::atomic<bool>* stopping,
       return Status::Unavailable("quarantined after repeated crashes (cortexctl experts release " +
                                  name() + ")");
     if (stopping && stopping->load()) return Status::Unavailable("cortexd is stopping");
-    const int64_t now = NowMicros(), at = health_->restart_at();
+    const int64_t now = clock_->MonotonicMicros(), at = health_->restart_at();
     if (at <= now) break;
     if (at > deadline)
       return Status::Unavailable(
@@ -386,7 +388,7 @@ Status Expert::EnsureHost(int64_t deadline, const std::atomic<bool>* stopping,
 }
 
 Outcome Expert::Run(const Task& task, const std::atomic<bool>* stopping) {
-  const int64_t start = NowMicros();
+  const int64_t start = clock_->MonotonicMicros();
   const int64_t deadline = start + static_cast<int64_t>(manifest_.timeout_s * 1e6);
   if (!slots_->Acquire(deadline, stopping)) {
     Outcome out;
@@ -394,7 +396,7 @@ Outcome Expert::Run(const Task& task, const std::atomic<bool>* stopping) {
     out.error = stopping && stopping->load()
                     ? "cortexd is stopping"
                     : "busy: all " + std::to_string(manifest_.capacity) + " slots in use";
-    out.duration_s = (NowMicros() - start) / 1e6;
+    out.duration_s = (clock_->MonotonicMicros() - start) / 1e6;
     return out;
   }
   return isolated() ? RunHosted(task, stopping, start, deadline)
@@ -405,26 +407,27 @@ bool Expert::TryAcquireSlot() { return slots_->TryAcquire(); }
 void Expert::ReleaseSlot() { slots_->Release(); }
 
 Outcome Expert::RunWithSlot(const Task& task, const std::atomic<bool>* stopping) {
-  const int64_t start = NowMicros();
+  const int64_t start = clock_->MonotonicMicros();
   const int64_t deadline = start + static_cast<int64_t>(manifest_.timeout_s * 1e6);
   return isolated() ? RunHosted(task, stopping, start, deadline)
                     : RunInProcess(task, start, deadline);
 }
 
 namespace {
-Outcome Finish(OutcomeKind k, std::string err, int64_t start, std::string output = "") {
+Outcome Finish(Env* clock, OutcomeKind k, std::string err, int64_t start,
+               std::string output = "") {
   Outcome out;
   out.kind = k;
   out.error = std::move(err);
   out.output = std::move(output);
-  out.duration_s = (NowMicros() - start) / 1e6;
+  out.duration_s = (clock->MonotonicMicros() - start) / 1e6;
   return out;
 }
 std::string TimeoutMessage(double timeout_s) {
   return "no result within " + fmt::format("{:g}", timeout_s) + "s";
 }
-int64_t DeadlineUnixMs(double timeout_s) {
-  return static_cast<int64_t>(NowUnix() * 1000 + timeout_s * 1000);
+int64_t DeadlineUnixMs(Env* clock, double timeout_s) {
+  return static_cast<int64_t>(clock->NowUnix() * 1000 + timeout_s * 1000);
 }
 }  // namespace
 
@@ -436,24 +439,24 @@ Outcome Expert::RunHosted(const Task& task, const std::atomic<bool>* stopping, i
   if (!st.ok()) {
     slots_->Release();
     if (kind == OutcomeKind::kCrash) health_->Completed(kind);
-    return Finish(kind, st.message(), start);
+    return Finish(clock_, kind, st.message(), start);
   }
-  auto run = host->Submit(task, DeadlineUnixMs(manifest_.timeout_s),
+  auto run = host->Submit(task, DeadlineUnixMs(clock_, manifest_.timeout_s),
                           [slots = slots_] { slots->Release(); });
   if (!run) {  // it died just now; its death is already counted
     slots_->Release();
     health_->Completed(OutcomeKind::kCrash);
-    return Finish(OutcomeKind::kCrash, "the plugin host died before the task started", start);
+    return Finish(clock_, OutcomeKind::kCrash, "the plugin host died before the task started", start);
   }
   if (!host->WaitRun(*run, deadline, stopping)) {
     host->Abandon(run, health_->policy().hang_grace_s);
     if (stopping && stopping->load())
-      return Finish(OutcomeKind::kInterrupted, "cortexd is stopping", start);
+      return Finish(clock_, OutcomeKind::kInterrupted, "cortexd is stopping", start);
     health_->Completed(OutcomeKind::kTimeout);
-    return Finish(OutcomeKind::kTimeout, TimeoutMessage(manifest_.timeout_s), start);
+    return Finish(clock_, OutcomeKind::kTimeout, TimeoutMessage(manifest_.timeout_s), start);
   }
   Outcome out = run->outcome;
-  out.duration_s = (NowMicros() - start) / 1e6;
+  out.duration_s = (clock_->MonotonicMicros() - start) / 1e6;
   // A crash the plugin reports (say, a program it ran died) is an event of its own; a
   // host death was counted once by the host's death callback, however many tasks it took.
   if (out.kind == OutcomeKind::kCrash && !run->host_died) health_->Crash(out.error);
@@ -469,7 +472,7 @@ Outcome Expert::RunInProcess(const Task& task, int64_t start, int64_t deadline) 
     Execution exec;
     Shared(const Task& t, int64_t d) : exec(t, d) {}
   };
-  auto st = std::make_shared<Shared>(task, DeadlineUnixMs(manifest_.timeout_s));
+  auto st = std::make_shared<Shared>(task, DeadlineUnixMs(clock_, manifest_.timeout_s));
   // The plugin runs on its own thread so a hung plugin cannot hold the caller past its
   // deadline; the thread keeps the expert (and its library) alive until it returns.
   try {
@@ -484,22 +487,22 @@ Outcome Expert::RunInProcess(const Task& task, int64_t start, int64_t deadline) 
     }).detach();
   } catch (const std::system_error& e) {
     slots_->Release();
-    return Finish(OutcomeKind::kFailure, std::string("cannot start the expert: ") + e.what(),
+    return Finish(clock_, OutcomeKind::kFailure, std::string("cannot start the expert: ") + e.what(),
                   start);
   }
   std::unique_lock<std::mutex> l(st->mu);
   while (!st->done) {
-    int64_t left = deadline - NowMicros();
+    int64_t left = deadline - clock_->MonotonicMicros();
     if (left <= 0) break;
     st->cv.wait_for(l, std::chrono::microseconds(std::min<int64_t>(left, 100000)));
   }
   if (!st->done) {
     st->exec.Cancel();
     health_->Completed(OutcomeKind::kTimeout);
-    return Finish(OutcomeKind::kTimeout, TimeoutMessage(manifest_.timeout_s), start);
+    return Finish(clock_, OutcomeKind::kTimeout, TimeoutMessage(manifest_.timeout_s), start);
   }
   Outcome out = st->exec.TakeOutcome();
-  out.duration_s = (NowMicros() - start) / 1e6;
+  out.duration_s = (clock_->MonotonicMicros() - start) / 1e6;
   if (out.kind == OutcomeKind::kCrash) health_->Crash(out.error);
   health_->Completed(out.kind);
   return out;
@@ -590,6 +593,7 @@ Status ExpertRegistry::LoadFile(const std::string& path, std::shared_ptr<PluginF
     pf->host.display = path;
     pf->host.memory_limit = options_.supervision.memory_limit;
     pf->host.env_names = options_.host_env;
+    pf->host.clock = options_.env;
     pf->host.start_timeout_s = options_.load_timeout_s;
     // A host of its own reads the manifest, so a plugin that crashes while loading
     // is refused without touching cortexd.
@@ -607,8 +611,10 @@ Status ExpertRegistry::NewExpert(const std::shared_ptr<PluginFile>& file, Manife
   auto audit = [this, name, path](const std::string& event, const std::string& detail) {
     Audit(name, path, event, detail);
   };
-  auto e = std::make_shared<Expert>(file, std::move(man), plugin, settings, fingerprint,
-                                    options_.supervision, audit);
+  Supervision sup = options_.supervision;
+  sup.clock = options_.env;
+  auto e = std::make_shared<Expert>(file, std::move(man), plugin, settings, fingerprint, sup,
+                                    audit);
   CORTEX_RETURN_IF_ERROR(e->Start());
   *out = std::move(e);
   return Status::OK();

@@ -29,7 +29,6 @@ using json = nlohmann::json;
 
 namespace {
 
-int64_t NowMicros() { return Env::Default()->MonotonicMicros(); }
 
 std::string DescribeExit(int status, size_t memory_limit) {
   if (WIFSIGNALED(status)) {
@@ -214,7 +213,7 @@ bool HostProcess::WaitRun(PendingRun& run, int64_t deadline_us, const std::atomi
   std::unique_lock<std::mutex> l(mu_);
   while (!run.done) {
     if (stop && stop->load()) return false;
-    int64_t left = deadline_us - NowMicros();
+    int64_t left = deadline_us - Now();
     if (left <= 0) return false;
     run.cv.wait_for(l, std::chrono::microseconds(std::min<int64_t>(left, 100000)));
   }
@@ -225,7 +224,7 @@ void HostProcess::Abandon(const std::shared_ptr<PendingRun>& run, double grace_s
   {
     std::lock_guard<std::mutex> l(mu_);
     if (run->done || dead_) return;
-    kill_at_[run->id] = NowMicros() + static_cast<int64_t>(grace_s * 1e6);
+    kill_at_[run->id] = Now() + static_cast<int64_t>(grace_s * 1e6);
   }
   (void)Send({{"op", "cancel"}, {"id", run->id}});
 }
@@ -300,7 +299,7 @@ void HostProcess::ReadLoop() {
     {
       std::lock_guard<std::mutex> l(mu_);
       if (!violation_.empty()) break;
-      const int64_t now = NowMicros();
+      const int64_t now = Now();
       for (const auto& [id, at] : kill_at_)
         if (now >= at && pending_.count(id)) hung_ = true;
       if (hung_) break;

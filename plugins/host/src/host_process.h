@@ -15,6 +15,7 @@
 #include <string>
 #include <thread>
 
+#include "cortex/env.h"
 #include "cortex/experts.h"
 #include "cortex/status.h"
 #include "cortex/types.h"
@@ -29,6 +30,7 @@ struct HostOptions {
   size_t memory_limit = 0;
   double start_timeout_s = 10;
   std::vector<std::string> env_names;  // cortexd's variables the host may see
+  Env* clock = nullptr;                // deadlines are measured by it (null: the real one)
 };
 
 class HostProcess {
@@ -71,6 +73,9 @@ class HostProcess {
 
  private:
   HostProcess() = default;
+  int64_t Now() const {
+    return (options_.clock ? options_.clock : Env::Default())->MonotonicMicros();
+  }
   void ReadLoop();
   void HandleFrame(const nlohmann::json& f);
   void Die(std::string why);

@@ -17,6 +17,7 @@
 
 #include "cortex/config.h"
 #include "cortex/env.h"
+#include "cortex/manifest.h"
 #include "cortex/status.h"
 #include "cortex/types.h"
 
@@ -26,17 +27,6 @@ namespace cortex {
 
 constexpr size_t kMaxExpertOutputBytes = 64 << 10;
 
-struct Manifest {
-  std::string name;
-  std::string version;
-  std::string description;
-  std::vector<std::string> keywords;
-  std::vector<std::string> examples;
-  std::vector<std::string> config_keys;
-  int capacity = 1;
-  double timeout_s = 60;
-  bool requires_config = false;
-};
 
 Status ValidateManifest(const Manifest& m);
 // Validates a plugin's C manifest and copies it out; the only reader of plugin-supplied
@@ -55,6 +45,9 @@ struct Supervision {
   // Called whenever a slot of any expert frees up (from any thread, holding no lock of
   // the registry's): a dispatcher waiting for capacity looks again.
   std::function<void()> on_slot_free;
+  // What deadlines, backoff and crash times are measured by (null: the real clock). The
+  // registry sets its own Env here, so a test can move time on.
+  Env* clock = nullptr;
 };
 
 struct ExpertHealth {
@@ -135,6 +128,7 @@ class Expert : public std::enable_shared_from_this<Expert> {
   std::string plugin_;
   std::string settings_;
   std::string fingerprint_;
+  Env* const clock_;
   std::shared_ptr<Slots> slots_;
   std::shared_ptr<HealthState> health_;
   void* instance_ = nullptr;  // in-process only
