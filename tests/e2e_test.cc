@@ -20,6 +20,7 @@
 
 #include "cortex/client.h"
 #include "cortex/config.h"
+#include "cortex/protocol.h"
 #include "testutil.h"
 
 namespace cortex {
@@ -280,6 +281,54 @@ TEST(E2E, CapacityIsHonoured) {
     });
   for (auto& t : ts) t.join();
   for (const auto& w : results) EXPECT_EQ(w["state"], "succeeded") << "two ran at once: " << w;
+}
+
+// The protocol is defined once (cortex/protocol.h): every operation in the table is
+// served with exactly the fields the table gives it, the errors for a missing or unknown
+// op list every one, and each has the cortexctl command the table names, with its help.
+TEST(E2E, EveryOperationOfTheProtocolTableIsServedAndHasItsCommand) {
+  TempDir dir;
+  Daemon d(dir);
+  ASSERT_TRUE(d.Start()) << d.Log();
+  Client c;
+  ASSERT_TRUE(c.Connect(d.socket).ok());
+  auto raw = [&](const json& req) {
+    EXPECT_TRUE(c.SendRaw(req.dump() + "\n").ok());
+    std::string resp;
+    EXPECT_TRUE(c.ReadLine(&resp).ok());
+    return json::parse(resp);
+  };
+  std::set<int> ids;
+  std::set<std::string> names;
+  for (const WireOp& op : WireOps()) {
+    ids.insert(static_cast<int>(op.id));
+    names.insert(op.name);
+    EXPECT_EQ(&WireOpOf(op.id), &op);
+    EXPECT_EQ(FindWireOp(op.name), &op);
+    std::string expected;
+    for (const char* f : op.fields) expected += (expected.empty() ? "" : ", ") + std::string(f);
+    json j = raw({{"op", op.name}, {"zz_bogus", 1}});
+    EXPECT_EQ(j["ok"], false) << op.name;
+    EXPECT_EQ(j["error"]["message"],
+              std::string("unknown field 'zz_bogus' for op ") + op.name +
+                  (op.fields.empty() ? " (it takes none)" : " (expected: " + expected + ")"))
+        << j;
+    // Its command exists and says what the table says.
+    std::vector<std::string> help = {"help"};
+    std::istringstream words(op.command);
+    for (std::string w; words >> w;) help.push_back(w);
+    test::Run h = d.Ctl(help);
+    EXPECT_EQ(h.code, 0) << op.command << ": " << h.err;
+    EXPECT_NE(h.out.find(op.help), std::string::npos) << op.command << ":\n" << h.out;
+  }
+  EXPECT_EQ(ids.size(), WireOps().size()) << "each Op once";
+  EXPECT_EQ(names.size(), WireOps().size()) << "each name once";
+  EXPECT_EQ(static_cast<int>(ids.size()), static_cast<int>(Op::kRollback) + 1) << "every Op";
+  for (const json& req : {json{{"op", "launch"}}, json{{"text", "x"}}}) {
+    const std::string msg = raw(req)["error"]["message"];
+    for (const auto& n : names)
+      EXPECT_NE(msg.find(std::string(" ") + n), std::string::npos) << n << " missing in " << msg;
+  }
 }
 
 TEST(E2E, BadRequestsGetPreciseErrorsAndChangeNothing) {

@@ -23,9 +23,22 @@
 #include "cortex/config.h"
 #include "cortex/log.h"
 #include "cortex/paths.h"
+#include "cortex/protocol.h"
 #include "cortex/tags.h"
 
 namespace {
+
+using cortex::Op;
+
+// The request name of an operation (cortex/protocol.h, the one table of them).
+const char* OpName(Op op) { return cortex::WireOpOf(op).name; }
+
+// The command that sends `op`, named and described by the protocol table.
+CLI::App* OpCommand(CLI::App* parent, Op op) {
+  const cortex::WireOp& w = cortex::WireOpOf(op);
+  const std::string path = w.command;
+  return parent->add_subcommand(path.substr(path.rfind(' ') + 1), w.help);
+}
 
 using json = nlohmann::json;
 
@@ -693,7 +706,7 @@ static int RunCli(int argc, char** argv, Ctx& ctx) {
   std::vector<std::string> tag_args;
   bool wait = false;
   double timeout = 300;
-  auto* submit = app.add_subcommand("submit", "queue a task; prints its id");
+  auto* submit = OpCommand(&app, Op::kSubmit);
   bool no_repo = false;
   submit->add_option("text", text, "the task, one line of text; - reads it from stdin")->required();
   submit->add_option("--tag", tag_args, "key=value (repeatable, one value per key)");
@@ -707,25 +720,24 @@ static int RunCli(int argc, char** argv, Ctx& ctx) {
   json_flag(submit);
   // wait, cancel
   double wait_timeout = 300;
-  auto* waitc = app.add_subcommand("wait", "wait for a queued or running task to finish");
+  auto* waitc = OpCommand(&app, Op::kWait);
   id_arg(waitc, &id);
   waitc->add_option("--timeout", wait_timeout, "seconds to wait (default 300); exit 4 after")
       ->type_name("S")
       ->transform(NumberIn("seconds", 0, 86400));
   json_flag(waitc);
-  auto* cancel = app.add_subcommand(
-      "cancel", "cancel a task: a queued one never runs, a running one's expert is asked to stop");
+  auto* cancel = OpCommand(&app, Op::kCancel);
   id_arg(cancel, &id);
   json_flag(cancel);
   // route
-  auto* route = app.add_subcommand("route", "dry run: rank every expert for a task; runs nothing");
+  auto* route = OpCommand(&app, Op::kRoute);
   route->add_option("text", text, "the task")->required();
   route->add_option("--tag", tag_args, "key=value (repeatable, one value per key)");
   route->add_flag("--no-repo", no_repo, "do not add repo=<git top level> on its own");
   json_flag(route);
   // show
   bool full = false;
-  auto* show = app.add_subcommand("show", "one task: decision, attempts, outcome, feedback");
+  auto* show = OpCommand(&app, Op::kShow);
   id_arg(show, &id);
   show->add_flag("--full", full, "print the experts' whole output");
   json_flag(show);
@@ -735,7 +747,7 @@ static int RunCli(int argc, char** argv, Ctx& ctx) {
   bool follow = false;
   const std::vector<std::string> kOutcomes = {"success",  "failure",   "timeout",    "crash",
                                               "rejected", "cancelled", "interrupted"};
-  auto* history = app.add_subcommand("history", "the audit log, newest first");
+  auto* history = OpCommand(&app, Op::kHistory);
   history->add_option("--limit", limit, "rows (default 20)")
       ->type_name("N")
       ->transform(NumberIn("a whole number", 1, 100000, true));
@@ -751,34 +763,28 @@ static int RunCli(int argc, char** argv, Ctx& ctx) {
   history->add_flag("--follow,-f", follow, "keep printing tasks as they end (Ctrl-C stops)");
   json_flag(history);
   // experts
-  auto* experts = app.add_subcommand("experts", "loaded experts and how they have done");
+  auto* experts = OpCommand(&app, Op::kExperts);
   json_flag(experts);
   std::string release_name;
-  auto* release =
-      experts->add_subcommand("release", "lift an expert's quarantine after repeated crashes");
+  auto* release = OpCommand(experts, Op::kRelease);
   release->add_option("NAME", release_name, "the quarantined expert")->required();
   json_flag(release);
   // events
-  auto* events = app.add_subcommand(
-      "events",
-      "what happened to experts, models and cortexd: plugin loads, refusals and removals, "
-      "crashes and quarantines, retrains and rollbacks");
+  auto* events = OpCommand(&app, Op::kEvents);
   events->add_option("--limit", limit, "rows (default 20)")
       ->type_name("N")
       ->transform(NumberIn("a whole number", 1, 10000, true));
   events->add_flag("--follow,-f", follow, "keep printing new events (Ctrl-C stops)");
   json_flag(events);
   // confidence
-  auto* confidence = app.add_subcommand(
-      "confidence", "how confident the router is, and how well that matched outcomes");
+  auto* confidence = OpCommand(&app, Op::kConfidence);
   confidence->add_option("--expert", expert, "one expert only");
   json_flag(confidence);
   // feedback
   bool good = false, bad = false;
   double quality = -1;
   std::string note;
-  auto* feedback =
-      app.add_subcommand("feedback", "a person's verdict on a task's outcome (training signal)");
+  auto* feedback = OpCommand(&app, Op::kFeedback);
   id_arg(feedback, &id);
   auto* g = feedback->add_flag("--good", good, "the outcome was good (quality 1)");
   auto* b = feedback->add_flag("--bad", bad, "the outcome was bad (quality 0)");
@@ -790,28 +796,26 @@ static int RunCli(int argc, char** argv, Ctx& ctx) {
   feedback->add_option("--note", note, "why");
   json_flag(feedback);
   // reload, status
-  auto* reload = app.add_subcommand("reload", "rescan the plugin folder and re-read the config");
+  auto* reload = OpCommand(&app, Op::kReload);
   json_flag(reload);
-  auto* status = app.add_subcommand("status", "daemon health");
+  auto* status = OpCommand(&app, Op::kStatus);
   json_flag(status);
   // retrain, models
   bool retrain_wait = false;
-  auto* retrain = app.add_subcommand(
-      "retrain", "train a candidate model now; with --wait, its offline metrics and verdict");
+  auto* retrain = OpCommand(&app, Op::kRetrain);
   retrain->add_flag("--wait", retrain_wait, "wait for the candidate and print its metrics");
   json_flag(retrain);
-  auto* models = app.add_subcommand("models", "model versions with their metrics");
+  auto* models = OpCommand(&app, Op::kModels);
   json_flag(models);
   std::string rollback_arg;
-  auto* rollback = models->add_subcommand("rollback", "make an older model version live again");
+  auto* rollback = OpCommand(models, Op::kRollback);
   rollback->add_option("VERSION", rollback_arg, "version number (e.g. 3 or v3)")->required();
   bool rollback_force = false;
   rollback->add_flag("--force", rollback_force, "also a version that was refused at validation");
   json_flag(rollback);
   // export
   std::string format = "jsonl";
-  auto* exp =
-      app.add_subcommand("export", "stream the audit log: one decision with its outcome per line");
+  auto* exp = OpCommand(&app, Op::kExport);
   exp->add_option("--format", format, "jsonl or csv")->check(CLI::IsMember({"jsonl", "csv"}));
   auto* format_opt = exp->get_option("--format");
   exp->add_option("--since", since, "only tasks since TIME");
@@ -936,7 +940,9 @@ static int RunCli(int argc, char** argv, Ctx& ctx) {
       else if (!why_not.empty())
         std::fprintf(stderr, "cortexctl: note: no repo tag added: %s\n", Terminal(why_not).c_str());
     }
-    json req = {{"op", submit->parsed() ? "submit" : "route"}, {"text", text}, {"tags", tags}};
+    json req = {{"op", OpName(submit->parsed() ? Op::kSubmit : Op::kRoute)},
+                {"text", text},
+                {"tags", tags}};
     if (submit->parsed() && wait) req["wait"] = true, req["timeout_s"] = timeout;
     if ((rc = Call(ctx, req, &result)) != kOk) return rc;
     if (route->parsed()) {
@@ -970,12 +976,13 @@ static int RunCli(int argc, char** argv, Ctx& ctx) {
     return PrintEnded(ctx, result, timeout, true);
   }
   if (waitc->parsed()) {
-    if ((rc = Call(ctx, {{"op", "wait"}, {"id", id}, {"timeout_s", wait_timeout}}, &result)) != kOk)
+    if ((rc = Call(ctx, {{"op", OpName(Op::kWait)}, {"id", id}, {"timeout_s", wait_timeout}},
+                   &result)) != kOk)
       return rc;
     return PrintEnded(ctx, result, wait_timeout);
   }
   if (cancel->parsed()) {
-    if ((rc = Call(ctx, {{"op", "cancel"}, {"id", id}}, &result)) != kOk) return rc;
+    if ((rc = Call(ctx, {{"op", OpName(Op::kCancel)}, {"id", id}}, &result)) != kOk) return rc;
     if (ctx.json_out) PrintJson(result);
     const std::string state = Str(result, "state");
     if (result.contains("waited")) {
@@ -995,7 +1002,7 @@ static int RunCli(int argc, char** argv, Ctx& ctx) {
     return kOk;
   }
   if (show->parsed()) {
-    if ((rc = Call(ctx, {{"op", "show"}, {"id", id}}, &result)) != kOk) return rc;
+    if ((rc = Call(ctx, {{"op", OpName(Op::kShow)}, {"id", id}}, &result)) != kOk) return rc;
     if (ctx.json_out)
       PrintJson(result);
     else
@@ -1028,13 +1035,13 @@ static int RunCli(int argc, char** argv, Ctx& ctx) {
                     o.is_object() ? Num(o["quality"], "%.3f").c_str() : "",
                     Num(r["feedback_quality"], "%.3f").c_str(), CsvField(Raw(r, "text")).c_str());
       };
-      json req = {{"op", "export"}};
+      json req = {{"op", OpName(Op::kExport)}};
       if (since_t > 0) req["since"] = since_t;
       if ((rc = Call(ctx, req, &result, on_row)) != kOk) return rc;
       if (ctx.json_out) PrintJson(rows);
       return kOk;
     }
-    json req = {{"op", "history"}, {"limit", limit}};
+    json req = {{"op", OpName(Op::kHistory)}, {"limit", limit}};
     if (!expert.empty()) req["expert"] = expert;
     if (since_t > 0) req["since"] = since_t;
     if (!outcome.empty()) req["outcome"] = outcome;
@@ -1043,7 +1050,7 @@ static int RunCli(int argc, char** argv, Ctx& ctx) {
     // (never printed by the loop) and which were still open, however old (printed when
     // they end). Rows are asked for unfiltered so that open tasks are seen; the filters
     // are applied here.
-    const json all = {{"op", "history"}, {"limit", kMaxHistoryRows}};
+    const json all = {{"op", OpName(Op::kHistory)}, {"limit", kMaxHistoryRows}};
     json snapshot = json::array();
     if (follow && (rc = Call(ctx, all, &snapshot)) != kOk) return rc;
     if ((rc = Call(ctx, req, &result)) != kOk) return rc;
@@ -1125,14 +1132,15 @@ static int RunCli(int argc, char** argv, Ctx& ctx) {
     }
   }
   if (release->parsed()) {
-    if ((rc = Call(ctx, {{"op", "release"}, {"expert", release_name}}, &result)) != kOk) return rc;
+    if ((rc = Call(ctx, {{"op", OpName(Op::kRelease)}, {"expert", release_name}}, &result)) != kOk)
+      return rc;
     if (ctx.json_out) return PrintJson(result), kOk;
     std::printf("expert %s released from quarantine; its next task starts a fresh host\n",
                 Terminal(release_name).c_str());
     return kOk;
   }
   if (experts->parsed()) {
-    if ((rc = Call(ctx, {{"op", "experts"}}, &result)) != kOk) return rc;
+    if ((rc = Call(ctx, {{"op", OpName(Op::kExperts)}}, &result)) != kOk) return rc;
     if (ctx.json_out) return PrintJson(result), kOk;
     // ROUTED counts decisions (the router's first pick); ATTEMPTS, SUCCESS and QUALITY
     // count every attempt the expert made, fallbacks included.
@@ -1164,7 +1172,7 @@ static int RunCli(int argc, char** argv, Ctx& ctx) {
     // --follow: the first page is the newest `limit`, but every event a poll (the newest
     // 1000) could return that is already there is seen now, so that none is printed as new.
     constexpr int kPoll = 1000;
-    json req = {{"op", "events"}, {"limit", follow ? std::max(limit, kPoll) : limit}};
+    json req = {{"op", OpName(Op::kEvents)}, {"limit", follow ? std::max(limit, kPoll) : limit}};
     if ((rc = Call(ctx, req, &result)) != kOk) return rc;
     if (ctx.json_out && !follow) return PrintJson(result), kOk;
     auto print_event = [&](const json& e) {
@@ -1187,7 +1195,7 @@ static int RunCli(int argc, char** argv, Ctx& ctx) {
     while (follow) {
       std::fflush(stdout);
       sleep(1);
-      rc = FollowCall(ctx, {{"op", "events"}, {"limit", kPoll}}, &result);
+      rc = FollowCall(ctx, {{"op", OpName(Op::kEvents)}, {"limit", kPoll}}, &result);
       if (rc == kUnreachable) continue;
       if (rc != kOk) return rc;
       for (auto it = result.rbegin(); it != result.rend(); ++it)
@@ -1196,7 +1204,7 @@ static int RunCli(int argc, char** argv, Ctx& ctx) {
     return kOk;
   }
   if (confidence->parsed()) {
-    json req = {{"op", "confidence"}};
+    json req = {{"op", OpName(Op::kConfidence)}};
     if (!expert.empty()) req["expert"] = expert;
     if ((rc = Call(ctx, req, &result)) != kOk) return rc;
     if (ctx.json_out) return PrintJson(result), kOk;
@@ -1217,7 +1225,7 @@ static int RunCli(int argc, char** argv, Ctx& ctx) {
       return Usage(ctx, "feedback needs one of --good, --bad or --quality Q");
     // (-0 would be stored and echoed as -0.0)
     const double qv = good ? 1.0 : bad || quality == 0 ? 0.0 : quality;
-    json req = {{"op", "feedback"}, {"id", id}, {"quality", qv}};
+    json req = {{"op", OpName(Op::kFeedback)}, {"id", id}, {"quality", qv}};
     if (!note.empty()) req["note"] = note;
     if ((rc = Call(ctx, req, &result)) != kOk) return rc;
     if (ctx.json_out)
@@ -1227,7 +1235,7 @@ static int RunCli(int argc, char** argv, Ctx& ctx) {
     return kOk;
   }
   if (reload->parsed()) {
-    if ((rc = Call(ctx, {{"op", "reload"}}, &result)) != kOk) return rc;
+    if ((rc = Call(ctx, {{"op", OpName(Op::kReload)}}, &result)) != kOk) return rc;
     if (ctx.json_out) return PrintJson(result), kOk;
     std::printf("reloaded %s: %d experts, %d rules\n", Str(result, "config").c_str(),
                 result.value("experts", 0), result.value("rules", 0));
@@ -1239,7 +1247,7 @@ static int RunCli(int argc, char** argv, Ctx& ctx) {
     return kOk;
   }
   if (retrain->parsed()) {
-    json req = {{"op", "retrain"}, {"wait", retrain_wait}};
+    json req = {{"op", OpName(Op::kRetrain)}, {"wait", retrain_wait}};
     auto on_row = [&](const json& row) {
       if (!ctx.json_out) std::printf("  ... %s\n", Str(row, "progress").c_str());
     };
@@ -1283,7 +1291,9 @@ static int RunCli(int argc, char** argv, Ctx& ctx) {
     }
     const int rollback_version = std::stoi(digits);
     if ((rc = Call(ctx,
-                   {{"op", "rollback"}, {"version", rollback_version}, {"force", rollback_force}},
+                   {{"op", OpName(Op::kRollback)},
+                    {"version", rollback_version},
+                    {"force", rollback_force}},
                    &result)) != kOk)
       return rc;
     if (ctx.json_out) return PrintJson(result), kOk;
@@ -1295,7 +1305,7 @@ static int RunCli(int argc, char** argv, Ctx& ctx) {
     return kOk;
   }
   if (models->parsed()) {
-    if ((rc = Call(ctx, {{"op", "models"}}, &result)) != kOk) return rc;
+    if ((rc = Call(ctx, {{"op", OpName(Op::kModels)}}, &result)) != kOk) return rc;
     if (ctx.json_out) return PrintJson(result), kOk;
     std::printf("%-4s %-5s %-9s %-24s %7s %7s %-17s %-17s %s\n", "", "MODEL", "STATUS", "CREATED",
                 "TRAIN", "HOLDOUT", "CANDIDATE", "LIVE THEN", "DIFF");
@@ -1319,7 +1329,7 @@ static int RunCli(int argc, char** argv, Ctx& ctx) {
     return kOk;
   }
   if (status->parsed()) {
-    if ((rc = Call(ctx, {{"op", "status"}}, &result)) != kOk) return rc;
+    if ((rc = Call(ctx, {{"op", OpName(Op::kStatus)}}, &result)) != kOk) return rc;
     if (ctx.json_out) return PrintJson(result), kOk;
     std::printf("cortexd %s (pid %d), up %.0fs\n", Str(result, "version").c_str(),
                 result.value("pid", 0), result.value("uptime_s", 0.0));

@@ -414,8 +414,7 @@ Outcome Expert::RunWithSlot(const Task& task, const std::atomic<bool>* stopping)
 }
 
 namespace {
-Outcome Finish(Env* clock, OutcomeKind k, std::string err, int64_t start,
-               std::string output = "") {
+Outcome Finish(Env* clock, OutcomeKind k, std::string err, int64_t start, std::string output = "") {
   Outcome out;
   out.kind = k;
   out.error = std::move(err);
@@ -446,7 +445,8 @@ Outcome Expert::RunHosted(const Task& task, const std::atomic<bool>* stopping, i
   if (!run) {  // it died just now; its death is already counted
     slots_->Release();
     health_->Completed(OutcomeKind::kCrash);
-    return Finish(clock_, OutcomeKind::kCrash, "the plugin host died before the task started", start);
+    return Finish(clock_, OutcomeKind::kCrash, "the plugin host died before the task started",
+                  start);
   }
   if (!host->WaitRun(*run, deadline, stopping)) {
     host->Abandon(run, health_->policy().hang_grace_s);
@@ -487,8 +487,8 @@ Outcome Expert::RunInProcess(const Task& task, int64_t start, int64_t deadline) 
     }).detach();
   } catch (const std::system_error& e) {
     slots_->Release();
-    return Finish(clock_, OutcomeKind::kFailure, std::string("cannot start the expert: ") + e.what(),
-                  start);
+    return Finish(clock_, OutcomeKind::kFailure,
+                  std::string("cannot start the expert: ") + e.what(), start);
   }
   std::unique_lock<std::mutex> l(st->mu);
   while (!st->done) {
@@ -613,8 +613,8 @@ Status ExpertRegistry::NewExpert(const std::shared_ptr<PluginFile>& file, Manife
   };
   Supervision sup = options_.supervision;
   sup.clock = options_.env;
-  auto e = std::make_shared<Expert>(file, std::move(man), plugin, settings, fingerprint, sup,
-                                    audit);
+  auto e =
+      std::make_shared<Expert>(file, std::move(man), plugin, settings, fingerprint, sup, audit);
   CORTEX_RETURN_IF_ERROR(e->Start());
   *out = std::move(e);
   return Status::OK();

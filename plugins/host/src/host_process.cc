@@ -29,7 +29,6 @@ using json = nlohmann::json;
 
 namespace {
 
-
 std::string DescribeExit(int status, size_t memory_limit) {
   if (WIFSIGNALED(status)) {
     int sig = WTERMSIG(status);

@@ -27,7 +27,6 @@ namespace cortex {
 
 constexpr size_t kMaxExpertOutputBytes = 64 << 10;
 
-
 Status ValidateManifest(const Manifest& m);
 // Validates a plugin's C manifest and copies it out; the only reader of plugin-supplied
 // manifest memory (fuzzed in tests/fuzz).
