@@ -1,0 +1,66 @@
+// The path of a task, submit → route → run → record (docs/ARCHITECTURE.md): new tasks
+// are routed in batches and stored with their decisions in one commit before they are
+// acknowledged; workers (or, for a task its submitter waits for, the submitter's own
+// thread) run each on its chosen expert with fallback; outcomes and ends are recorded,
+// and waiters woken. Tasks recovered from the store, and any that could not be routed at
+// once, go through the dispatcher.
+#pragma once
+
+#include <atomic>
+#include <functional>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "cortex/env.h"
+#include "cortex/experts.h"
+#include "cortex/router.h"
+#include "cortex/status.h"
+#include "cortex/store.h"
+
+namespace cortex {
+
+struct PipelineOptions {
+  int workers = 4;
+  size_t max_queued = 100000;  // tasks not yet running, at most
+  int max_attempts = 2;
+  double shutdown_grace_s = 10;
+};
+
+class Pipeline {
+ public:
+  // `router` gives the router in force (a reload replaces it); `on_outcome` is called
+  // after each outcome is stored (it wakes the trainer); `stop` is cortexd's: once set,
+  // nothing new is taken in.
+  Pipeline(Store* store, ExpertRegistry* registry, std::function<std::shared_ptr<Router>()> router,
+           Env* env, std::function<void()> on_outcome, const std::atomic<bool>& stop,
+           PipelineOptions options);
+  ~Pipeline();
+
+  void Resume(std::vector<Task> tasks);  // recovered from the store: routed again
+  void Start();                          // the dispatcher and the workers
+
+  // Stores a new task; its id once it is durable. `wait_s` >= 0: the caller will wait
+  // that long for its end (it may then run on the caller's thread).
+  Status Submit(const std::string& text, const Tags& tags, double wait_s, std::string* id);
+  Status Route(const std::string& text, const Tags& tags, Decision* d);  // a dry run
+  Status Cancel(const std::string& id);
+  Status WaitDone(const std::string& id, double timeout_s, Task* t, bool* done);
+
+  void SlotFreed();  // an expert's slot came free (any thread)
+  void Wake();       // the experts or the limits changed: look at the queues again
+  void SetLimits(size_t max_queued, int max_attempts, double shutdown_grace_s);
+
+  size_t QueueDepth();          // tasks waiting to run
+  nlohmann::json StoreError();  // why writes fail now, or null
+  void StopRouting();           // after stop is set: the dispatcher ends
+  void StopRunning();           // running attempts get the grace period
+  size_t Left();                // tasks left in the store for the next start
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace cortex

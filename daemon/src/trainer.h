@@ -1,0 +1,81 @@
+// The trainer: cortexd's learning loop, on a thread of its own. It feeds every logged
+// outcome to the live model (online steps, in log order, off the task path), retrains a
+// candidate when the schedule or a person asks, validates it offline and promotes only a
+// better one; `models` and `rollback` read and change which version is live.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "cortex/env.h"
+#include "cortex/learner.h"
+#include "cortex/status.h"
+#include "cortex/store.h"
+
+namespace cortex {
+
+class Trainer {
+ public:
+  // `event` records an entry in the audit's event log (retrains, rollbacks); `stop` is
+  // cortexd's: once set, the loop ends and a retrain in progress saves nothing. A retrain
+  // is due every `interval_s` once `min_new_outcomes` were logged since the last.
+  Trainer(Store* store, std::shared_ptr<Learner> learner, Env* env,
+          std::function<void(const std::string& event, const std::string& detail)> event,
+          const std::atomic<bool>* stop, double interval_s, long min_new_outcomes);
+  ~Trainer();
+
+  // The live version from the store, brought up to date with the outcomes logged since it
+  // was trained (the same online steps it took while it was running). Before Start.
+  Status LoadLiveModel();
+  void Start();
+  void Stop();  // joins the thread (after setting *stop)
+
+  void Wake();  // a new outcome is in the store, or cortexd is stopping
+  void SetSchedule(double interval_s, long min_new_outcomes);  // a reload
+  // new_outcomes, the schedule, the retrain in progress and the last one's result.
+  nlohmann::json Status_();
+
+  // Trains a candidate now. With `wait`, streams its progress lines through `progress`
+  // and fills `result` with its metrics; without, only queues the request.
+  Status Retrain(bool wait, const std::function<bool(const std::string&)>& progress,
+                 nlohmann::json* result);
+  Status Models(nlohmann::json* result);
+  // Makes model `version` live; one refused at validation only with `force`.
+  Status Rollback(int version, bool force, nlohmann::json* result);
+
+ private:
+  void Loop();
+  void RunRetrain();
+  Status RetrainOnce(double now, nlohmann::json* summary);
+  std::vector<LoggedOutcome> OutcomesAfter(long seq);
+
+  Store* const store_;
+  const std::shared_ptr<Learner> learner_;
+  Env* const env_;
+  const std::function<void(const std::string&, const std::string&)> event_;
+  const std::atomic<bool>* const stop_;
+  std::thread thread_;
+  long newest_seq_ = 0;  // newest outcome seen (the loop's thread only)
+
+  std::mutex mu_;  // guards the fields below
+  std::condition_variable cv_;
+  RetrainSchedule schedule_;
+  double interval_s_;
+  long min_new_;
+  long new_outcomes_ = 0;      // since the last retrain
+  long retrain_requests_ = 0;  // asked for by `cortexctl retrain`
+  long requests_served_ = 0;   // requests made before a retrain that has since finished
+  bool retraining_ = false;
+  std::vector<std::string> retrain_log_;  // the current (or last) retrain's progress lines
+  long retrain_seq_ = 0;                  // bumped when a retrain starts
+  nlohmann::json last_retrain_;
+};
+
+}  // namespace cortex
