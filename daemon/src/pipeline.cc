@@ -16,6 +16,7 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
+#include "cortex/group_queue.h"
 #include "cortex/log.h"
 #include "crash_marker.h"
 
@@ -56,11 +57,6 @@ struct Intake {
   double wait_s = -1;  // how long its submitter waits for the end (< 0: it does not)
   Status result;
   std::optional<Job> run_here;  // started for the submitter's own thread to run
-  // As the store's writers: kWait until its batch is stored (kDone) or it is handed the
-  // lead (kLead), woken on its own mutex.
-  enum State { kWait, kLead, kDone } state = kWait;
-  std::mutex m;
-  std::condition_variable cv;
 };
 
 }  // namespace
@@ -179,21 +175,9 @@ struct Pipeline::Impl {
     me.task.created_at = me.task.updated_at = env_->NowUnix();
     for (int tries = 0;; ++tries) {
       me.task.id = NewId();
-      me.state = Intake::kWait;
-      {
-        // Group admission, as the store's group commit: the submit at the front of the
-        // intake routes and stores every task queued behind it in one batch.
-        std::lock_guard<std::mutex> l(intake_mu_);
-        intake_.push_back(&me);
-        if (intake_.front() == &me) me.state = Intake::kLead;  // nobody leads now
-      }
-      Intake::State st;
-      {
-        std::unique_lock<std::mutex> l(me.m);
-        me.cv.wait(l, [&] { return me.state != Intake::kWait; });
-        st = me.state;
-      }
-      if (st == Intake::kLead) LeadIntake();
+      // Group admission, as the store's group commit: the submit at the front of the
+      // intake routes and stores every task queued behind it in one batch.
+      intake_.Run({&me}, [this](const std::vector<Intake*>& group) { AdmitBatch(group); });
       if (me.result.ok()) break;
       NoteStoreFailure(me.result);
       if (tries >= 3 || stop_.load()) {
@@ -336,34 +320,6 @@ struct Pipeline::Impl {
     }
     if (experts_out) *experts_out = std::move(experts);
     return slots;
-  }
-
-  // Run by the submit at the front of the intake: routes and stores the batch queued so
-  // far, then answers each of its submits and hands the lead to the next in line.
-  void LeadIntake() {
-    std::vector<Intake*> group;
-    {
-      std::lock_guard<std::mutex> l(intake_mu_);
-      group.assign(intake_.begin(),
-                   intake_.begin() + static_cast<long>(std::min(intake_.size(), kMaxIntake)));
-    }
-    AdmitBatch(group);
-    Intake* next = nullptr;
-    {
-      std::lock_guard<std::mutex> l(intake_mu_);
-      intake_.erase(intake_.begin(), intake_.begin() + static_cast<long>(group.size()));
-      if (!intake_.empty()) next = intake_.front();
-    }
-    for (Intake* in : group) {  // under its own mutex: once told, it may be gone
-      std::lock_guard<std::mutex> l(in->m);
-      in->state = Intake::kDone;
-      in->cv.notify_one();
-    }
-    if (next) {
-      std::lock_guard<std::mutex> l(next->m);
-      next->state = Intake::kLead;
-      next->cv.notify_one();
-    }
   }
 
   // New tasks are routed before they are stored, and stored with their decisions (and,
@@ -886,8 +842,7 @@ struct Pipeline::Impl {
   std::deque<Job> started_;  // first attempt recorded on a slot it holds: next to run
   static constexpr size_t kMaxIntake = 256;    // tasks routed and stored together at most
   static constexpr double kRunHereMargin = 1;  // s: a waiter's time to hear of the end
-  std::mutex intake_mu_;
-  std::deque<Intake*> intake_;  // submits waiting for their batch, oldest first
+  GroupQueue<Intake> intake_{kMaxIntake};      // submits waiting for their batch
   int busy_workers_ = 0;
   std::thread dispatcher_;
   std::vector<std::thread> workers_;

@@ -12,6 +12,7 @@
 #include <mutex>
 #include <nlohmann/json.hpp>
 
+#include "cortex/group_queue.h"
 #include "cortex/log.h"
 #include "cortex/store.h"
 
@@ -816,15 +817,9 @@ class SqliteStore : public Store {
   // transaction, each in a savepoint of its own so one that fails is undone alone, and
   // commits once: one fsync (synchronous=FULL) for the group. Every write returns only
   // after the commit that holds it, with its own status; a failed commit fails them all.
-  struct Writer {
-    const std::function<Status()>* write;
+  struct Write {
+    const std::function<Status()>* fn = nullptr;
     Status result;
-    // kWait until the leader of its group sets kDone, or hands it the lead (kLead). Each
-    // writer is woken on its own mutex: a group's end wakes its writers without them all
-    // queueing for queue_mu_ again.
-    enum State { kWait, kLead, kDone } state = kWait;
-    std::mutex m;
-    std::condition_variable cv;
   };
   static constexpr size_t kMaxGroup = 512;
 
@@ -833,92 +828,54 @@ class SqliteStore : public Store {
   // Several writes of one caller, each with its own status, in as few commits as the
   // queue allows (usually one).
   std::vector<Status> CommitEach(const std::vector<std::function<Status()>>& writes) {
-    std::vector<Writer> mine(writes.size());
-    {
-      std::lock_guard<std::mutex> q(queue_mu_);
-      for (size_t i = 0; i < writes.size(); ++i) {
-        mine[i].write = &writes[i];
-        queue_.push_back(&mine[i]);
-      }
-      // A group stays queued until it has committed: at the front means nobody leads.
-      if (queue_.front() == &mine[0]) mine[0].state = Writer::kLead;
+    std::vector<Write> mine(writes.size());
+    std::vector<Write*> items;
+    for (size_t i = 0; i < writes.size(); ++i) {
+      mine[i].fn = &writes[i];
+      items.push_back(&mine[i]);
     }
-    for (Writer& w : mine) {
-      Writer::State st;
-      {
-        std::unique_lock<std::mutex> l(w.m);
-        w.cv.wait(l, [&] { return w.state != Writer::kWait; });
-        st = w.state;
-      }
-      if (st == Writer::kLead) LeadGroup();  // commits for everyone queued so far
-    }
+    writers_.Run(items, [this](const std::vector<Write*>& group) { CommitGroup(group); });
     std::vector<Status> out;
-    for (Writer& w : mine) out.push_back(std::move(w.result));
+    for (Write& w : mine) out.push_back(std::move(w.result));
     return out;
   }
 
-  // Run by the writer at the front of the queue: the writes queued so far (up to
-  // kMaxGroup) in one transaction; then each is told, and the next in line leads.
-  void LeadGroup() {
-    std::vector<Writer*> group;
-    {
-      std::lock_guard<std::mutex> q(queue_mu_);
-      group.assign(queue_.begin(),
-                   queue_.begin() + static_cast<long>(std::min(queue_.size(), kMaxGroup)));
-    }
-    {
-      std::lock_guard<std::mutex> l(mu_);
-      Status st = StillOurFile();  // once per group, not per write
-      if (st.ok()) st = Run("BEGIN IMMEDIATE");
-      if (!st.ok()) {
-        for (Writer* w : group) w->result = st;
-      } else {
-        const bool alone = group.size() == 1;
-        bool any = false;
-        Status lost;  // set when SQLite itself ended the transaction
-        for (Writer* w : group) {
-          if (!alone) (void)Run("SAVEPOINT w");
-          w->result = (*w->write)();
-          // A full disk or an I/O error can make SQLite roll the whole transaction back
-          // at once: the group's earlier writes are gone too, and later ones must not run
-          // outside a transaction. Every write of the group fails, to be retried.
-          if (sqlite3_get_autocommit(db_)) {
-            lost = w->result.ok() ? Status::IOError("store: the transaction was rolled back")
-                                  : w->result;
-            break;
-          }
-          if (!alone) {
-            if (!w->result.ok()) (void)Run("ROLLBACK TO w");
-            (void)Run("RELEASE w");
-          }
-          any |= w->result.ok();
+  // The writes of one group in one transaction, each in a savepoint of its own.
+  void CommitGroup(const std::vector<Write*>& group) {
+    std::lock_guard<std::mutex> l(mu_);
+    Status st = StillOurFile();  // once per group, not per write
+    if (st.ok()) st = Run("BEGIN IMMEDIATE");
+    if (!st.ok()) {
+      for (Write* w : group) w->result = st;
+    } else {
+      const bool alone = group.size() == 1;
+      bool any = false;
+      Status lost;  // set when SQLite itself ended the transaction
+      for (Write* w : group) {
+        if (!alone) (void)Run("SAVEPOINT w");
+        w->result = (*w->fn)();
+        // A full disk or an I/O error can make SQLite roll the whole transaction back
+        // at once: the group's earlier writes are gone too, and later ones must not run
+        // outside a transaction. Every write of the group fails, to be retried.
+        if (sqlite3_get_autocommit(db_)) {
+          lost = w->result.ok() ? Status::IOError("store: the transaction was rolled back")
+                                : w->result;
+          break;
         }
-        Status c = !lost.ok() ? lost : any ? Run("COMMIT") : Run("ROLLBACK");
-        if (!lost.ok()) {
-          for (Writer* w : group) w->result = lost;
-        } else if (!c.ok()) {
-          (void)Run("ROLLBACK");
-          for (Writer* w : group)
-            if (w->result.ok()) w->result = c;
+        if (!alone) {
+          if (!w->result.ok()) (void)Run("ROLLBACK TO w");
+          (void)Run("RELEASE w");
         }
+        any |= w->result.ok();
       }
-    }
-    Writer* next = nullptr;
-    {
-      std::lock_guard<std::mutex> q(queue_mu_);
-      queue_.erase(queue_.begin(), queue_.begin() + static_cast<long>(group.size()));
-      if (!queue_.empty()) next = queue_.front();
-    }
-    // Under each writer's own mutex: once told, it may return and its Writer is gone.
-    for (Writer* w : group) {
-      std::lock_guard<std::mutex> l(w->m);
-      w->state = Writer::kDone;
-      w->cv.notify_one();
-    }
-    if (next) {  // it waits (only this leader can change its state)
-      std::lock_guard<std::mutex> l(next->m);
-      next->state = Writer::kLead;
-      next->cv.notify_one();
+      Status c = !lost.ok() ? lost : any ? Run("COMMIT") : Run("ROLLBACK");
+      if (!lost.ok()) {
+        for (Write* w : group) w->result = lost;
+      } else if (!c.ok()) {
+        (void)Run("ROLLBACK");
+        for (Write* w : group)
+          if (w->result.ok()) w->result = c;
+      }
     }
   }
 
@@ -1132,8 +1089,7 @@ class SqliteStore : public Store {
   std::string path_;
   sqlite3* db_ = nullptr;
   std::mutex mu_;  // the connection; a group commit holds it for its whole transaction
-  std::mutex queue_mu_;
-  std::deque<Writer*> queue_;  // writes waiting for their group's commit, oldest first
+  GroupQueue<Write> writers_{kMaxGroup};  // writes waiting for their group's commit
   std::map<std::string, sqlite3_stmt*> cache_;
   // Reads go through a connection of their own: in WAL mode they see the last commit
   // and never wait for a group's fsync. (":memory:" has one connection: reads share it.)
