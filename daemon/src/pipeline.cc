@@ -353,7 +353,7 @@ struct Pipeline::Impl {
     // submitter's thread (its answer cannot be late for it); others need an idle worker.
     std::vector<std::shared_ptr<Expert>> held(group.size());
     std::vector<bool> here(group.size(), false);
-    if (routed) {
+    if (routed && !stop_.load()) {  // a stop leaves them routed, for the next start
       int idle;
       {
         std::lock_guard<std::mutex> q(queue_mu_);
@@ -680,14 +680,22 @@ struct Pipeline::Impl {
       expert->ReleaseSlot();
       return;
     }
-    // The attempt stops early when cortexd's grace period ends or the task is cancelled.
+    // The attempt stops early when cortexd's grace period ends or the task is cancelled;
+    // one cancelled or stopped before it began (while it waited for a worker) never
+    // reaches its expert.
     auto stop = std::make_shared<std::atomic<bool>>(false);
     {
       std::lock_guard<std::mutex> l(queue_mu_);
       if (abort_.load() || cancels_.count(id)) stop->store(true);
       attempt_stops_[id] = stop;
     }
-    Outcome o = expert->RunWithSlot(job.task, stop.get());
+    Outcome o;
+    if (stop->load()) {
+      expert->ReleaseSlot();
+      o.kind = OutcomeKind::kInterrupted;
+    } else {
+      o = expert->RunWithSlot(job.task, stop.get());
+    }
     bool cancelled;
     {
       std::lock_guard<std::mutex> l(queue_mu_);
