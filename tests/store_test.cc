@@ -551,6 +551,18 @@ TEST_P(StoreTest, AdmittedTasksLandWholeOrNotAtAllAndOutcomesCanEndThem) {
   EXPECT_DOUBLE_EQ(t.updated_at, 12);
   ASSERT_TRUE(t.attempts[0].outcome.has_value());
   EXPECT_EQ(t.attempts[0].outcome->kind, OutcomeKind::kSuccess);
+  // An attempt recorded but never begun (cortexd stopped first) is taken back: the task is
+  // routed again, with no attempt; only an open attempt can be taken back.
+  Task again;
+  again.id = "s2", again.text = "again", again.created_at = again.updated_at = 10;
+  store_->Admit({{&again, &d, "security"}}, &st);
+  ASSERT_TRUE(st[0].ok()) << st[0].ToString();
+  ASSERT_TRUE(store_->UndoStart("s2", 1).ok());
+  ASSERT_TRUE(store_->GetTask("s2", &t).ok());
+  EXPECT_EQ(t.state, TaskState::kRouted);
+  EXPECT_TRUE(t.attempts.empty());
+  EXPECT_EQ(store_->UndoStart("s2", 1).code(), Status::Code::kNotFound);
+  EXPECT_EQ(store_->UndoStart("s1", 1).code(), Status::Code::kNotFound) << "it has ended";
   // Without an end it stays as it is; an attempt that does not exist changes nothing.
   EXPECT_EQ(store_->FinishAttempt("r1", 1, o, 13, TaskState::kSucceeded).code(),
             Status::Code::kNotFound);

@@ -169,7 +169,10 @@ class DaemonImpl : public Daemon, public RequestHandler {
     }
     if (inotify_fd_ >= 0) close(inotify_fd_);
     if (signal_fd_ >= 0) close(signal_fd_);
-    // The plugin copies go with the hosts that ran them.
+    // Connections first (they call into the pipeline), then the pipeline (it holds
+    // experts), then the experts: the plugin copies go with the hosts that ran them.
+    server_.reset();
+    pipeline_.reset();
     registry_.reset();
     if (!cache_dir_.empty()) {
       std::error_code ec;

@@ -55,7 +55,7 @@ struct Job {
 struct Intake {
   Task task;
   double wait_s = -1;  // how long its submitter waits for the end (< 0: it does not)
-  Status result;
+  Status result = Status::Internal("the task was not stored");  // until its batch says
   std::optional<Job> run_here;  // started for the submitter's own thread to run
 };
 
@@ -123,18 +123,21 @@ struct Pipeline::Impl {
     if (dispatcher_.joinable()) dispatcher_.join();
   }
 
-  // Workers finish the attempts they are running, up to the grace period; whatever
-  // still runs after it is cancelled and marked interrupted.
+  // Attempts running (on workers and on submitters' threads) and those recorded but not
+  // yet begun get the grace period; then whatever still runs is cancelled (interrupted),
+  // and an attempt that never began is taken back, its task left routed for the next
+  // start. Returns once no thread is inside the pipeline any more.
   void StopRunning() {
     auto deadline =
         std::chrono::steady_clock::now() +
         std::chrono::milliseconds(static_cast<int64_t>(shutdown_grace_s_.load() * 1000));
     {
       std::unique_lock<std::mutex> l(queue_mu_);
-      if (busy_workers_ > 0)
+      auto busy = [&] { return busy_workers_ + here_ > 0 || !started_.empty() || admitting_ > 0; };
+      if (busy())
         LogInfo("stopping: waiting up to {:g}s (daemon.shutdown_grace) for {} running task(s)",
-                shutdown_grace_s_.load(), busy_workers_);
-      while (busy_workers_ > 0 && std::chrono::steady_clock::now() < deadline)
+                shutdown_grace_s_.load(), busy_workers_ + here_ + started_.size());
+      while (busy() && std::chrono::steady_clock::now() < deadline)
         queue_cv_.wait_for(l, std::chrono::milliseconds(50));
     }
     {
@@ -145,11 +148,30 @@ struct Pipeline::Impl {
     Wake();
     for (auto& w : workers_) w.join();
     workers_.clear();
+    // Submitters still inside (an attempt on its own thread, now told to stop; a batch
+    // being stored) leave before the pipeline can go.
+    std::unique_lock<std::mutex> l(queue_mu_);
+    while (in_submit_ > 0) queue_cv_.wait_for(l, std::chrono::milliseconds(50));
+    std::deque<Job> unbegun = std::move(started_);
+    l.unlock();
+    for (Job& j : unbegun) UndoStart(j.task.id, 1, j.held);
+  }
+
+  // An attempt recorded but never begun: its slot is given back and the store forgets it.
+  void UndoStart(const std::string& id, int n, const std::shared_ptr<Expert>& expert) {
+    expert->ReleaseSlot();
+    if (Status st = store_->UndoStart(id, n); !st.ok())
+      LogWarn(
+          "task {}: cannot take back attempt {} that never began ({}); it will read as "
+          "interrupted",
+          id, n, st.ToString());
+    std::lock_guard<std::mutex> l(queue_mu_);
+    ++undone_;
   }
 
   size_t Left() {
     std::lock_guard<std::mutex> l(queue_mu_);
-    return queue_.size() + ready_.size();
+    return queue_.size() + ready_.size() + undone_;
   }
 
   Status Submit(const std::string& text, const Tags& tags, double wait_s, std::string* id) {
@@ -166,7 +188,19 @@ struct Pipeline::Impl {
                         "once some have run",
                         waiting));
       ++admitting_;  // its place is held until it is stored (the leader gives it back)
+      ++in_submit_;
     }
+    // A stop waits until no thread is in here (StopRunning).
+    struct Inside {
+      Impl* p;
+      ~Inside() {
+        {
+          std::lock_guard<std::mutex> l(p->queue_mu_);
+          --p->in_submit_;
+        }
+        if (p->stop_.load()) p->queue_cv_.notify_all();
+      }
+    } inside{this};
     Intake me;
     me.wait_s = wait_s;
     me.task.text = text;
@@ -196,7 +230,7 @@ struct Pipeline::Impl {
       RunAttempt(std::move(job), expert, /*recorded=*/true);
       {
         std::lock_guard<std::mutex> l(queue_mu_);
-        --busy_workers_;
+        --here_;
       }
       if (stop_.load()) queue_cv_.notify_all();
     }
@@ -376,12 +410,17 @@ struct Pipeline::Impl {
     for (size_t i = 0; i < group.size(); ++i)
       batch.push_back({&group[i]->task, routed ? &decisions[i] : nullptr,
                        held[i] ? held[i]->name() : std::string()});
+    {
+      // Live before they can be seen in the store: a `wait` for one then waits.
+      std::lock_guard<std::mutex> w(waiters_mu_);
+      for (const Intake* in : group) live_.insert(in->task.id);
+    }
     std::vector<Status> stored;
     store_->Admit(batch, &stored);
     {
       std::lock_guard<std::mutex> w(waiters_mu_);
       for (size_t i = 0; i < group.size(); ++i)
-        if (stored[i].ok()) live_.insert(group[i]->task.id);
+        if (!stored[i].ok()) live_.erase(group[i]->task.id);
     }
     std::vector<Job> jobs;
     std::vector<Task> queued;
@@ -413,7 +452,7 @@ struct Pipeline::Impl {
       for (Intake* in : group) {
         if (!in->result.ok()) continue;  // a failed one is tried again or given back
         --admitting_;
-        if (in->run_here) ++busy_workers_;
+        if (in->run_here) ++here_;
       }
       for (auto& j : jobs) (j.held ? started_ : ready_).push_back(std::move(j));
       for (auto& t : queued) queue_.push_back(std::move(t));
@@ -571,8 +610,9 @@ struct Pipeline::Impl {
         }
         std::unique_lock<std::mutex> l(queue_mu_);
         // A started job is already recorded as running: it runs even during a stop
-        // (within the grace period, as every running attempt).
-        if (abort_.load() || (stop_.load() && started_.empty())) return;
+        // (within the grace period, as every running attempt), and so does one an
+        // admission still under way may add.
+        if (abort_.load() || (stop_.load() && started_.empty() && admitting_ == 0)) return;
         if (!started_.empty()) {
           job = std::move(started_.front());
           started_.pop_front();
@@ -581,7 +621,10 @@ struct Pipeline::Impl {
           ++busy_workers_;
           break;
         }
-        if (stop_.load()) return;
+        if (stop_.load()) {
+          work_cv_.wait_for(l, std::chrono::milliseconds(50));
+          continue;
+        }
         const bool picked = PickLocked(experts, seen, &job, &expert);
         if (std::exchange(requeued_, false)) queue_cv_.notify_all();  // for the dispatcher
         if (picked) {
@@ -691,6 +734,13 @@ struct Pipeline::Impl {
     }
     Outcome o;
     if (stop->load()) {
+      bool cancelled;
+      {
+        std::lock_guard<std::mutex> l(queue_mu_);
+        attempt_stops_.erase(id);
+        cancelled = cancels_.count(id) > 0;
+      }
+      if (!cancelled) return UndoStart(id, n, expert);  // cortexd stops: run it next time
       expert->ReleaseSlot();
       o.kind = OutcomeKind::kInterrupted;
     } else {
@@ -851,7 +901,10 @@ struct Pipeline::Impl {
   static constexpr size_t kMaxIntake = 256;    // tasks routed and stored together at most
   static constexpr double kRunHereMargin = 1;  // s: a waiter's time to hear of the end
   GroupQueue<Intake> intake_{kMaxIntake};      // submits waiting for their batch
-  int busy_workers_ = 0;
+  int busy_workers_ = 0;                       // workers running an attempt
+  int here_ = 0;       // submitters' threads running their task's first attempt
+  int in_submit_ = 0;  // threads inside Submit
+  size_t undone_ = 0;  // attempts taken back at a stop (their tasks stay routed)
   std::thread dispatcher_;
   std::vector<std::thread> workers_;
   std::atomic<bool> abort_{false};  // grace period over: cancel running attempts

@@ -349,17 +349,32 @@ class SqliteStore : public Store {
     return Commit([&] {
       Stmt s = Prepare(
           "UPDATE attempts SET finished_at=?,outcome=?,quality=?,duration_s=?,output=?,error=? "
-          "WHERE task_id=? AND n=? RETURNING expert");
+          "WHERE task_id=? AND n=?");
       s.Bind(1, time).Bind(2, ToString(o.kind)).Bind(3, o.quality).Bind(4, o.duration_s);
       s.Bind(5, o.output).Bind(6, o.error).Bind(7, id).Bind(8, n);
-      if (!s.ok()) return Fail("prepare finish attempt");
-      const int rc = s.Step();
-      if (rc == SQLITE_DONE)
-        return Status::NotFound("no attempt " + std::to_string(n) + " of task " + id);
-      if (rc != SQLITE_ROW) return Fail("finish attempt");
-      const std::string expert = s.Text(0);
-      if (s.Step() != SQLITE_DONE) return Fail("finish attempt");
-      return ends ? WriteEnd(id, *ends, expert, time) : Status::OK();
+      CORTEX_RETURN_IF_ERROR(Done(s, "finish attempt"));
+      CORTEX_RETURN_IF_ERROR(Changed("attempt " + std::to_string(n) + " of task " + id));
+      if (!ends) return Status::OK();
+      // The attempt's expert is the one that ended the task.
+      Stmt e = Prepare(
+          "UPDATE tasks SET state=?,updated_at=?,expert=(SELECT expert FROM attempts WHERE "
+          "task_id=?3 AND n=?4) WHERE id=?3");
+      e.Bind(1, ToString(*ends)).Bind(2, time).Bind(3, id).Bind(4, n);
+      CORTEX_RETURN_IF_ERROR(Done(e, "finish task"));
+      return Changed("task " + id);
+    });
+  }
+
+  Status UndoStart(const std::string& id, int n) override {
+    return Commit([&] {
+      Stmt d = Prepare("DELETE FROM attempts WHERE task_id=? AND n=? AND outcome IS NULL");
+      d.Bind(1, id).Bind(2, n);
+      CORTEX_RETURN_IF_ERROR(Done(d, "undo attempt"));
+      CORTEX_RETURN_IF_ERROR(Changed("open attempt " + std::to_string(n) + " of task " + id));
+      Stmt t = Prepare("UPDATE tasks SET state='routed' WHERE id=? AND state='running'");
+      t.Bind(1, id);
+      CORTEX_RETURN_IF_ERROR(Done(t, "undo attempt"));
+      return Changed("running task " + id);
     });
   }
 
@@ -393,7 +408,11 @@ class SqliteStore : public Store {
 
   Status GetTask(const std::string& id, Task* t) override {
     Reading r(*this);
-    return LoadTask(r, id, t);
+    // One snapshot: the task's row, decision and attempts as of one commit.
+    CORTEX_RETURN_IF_ERROR(r.Run("BEGIN"));
+    Status st = LoadTask(r, id, t);
+    (void)r.Run("COMMIT");
+    return st;
   }
 
   Status ResolveTaskId(const std::string& prefix, std::string* id) override {
@@ -535,10 +554,7 @@ class SqliteStore : public Store {
       if (page.empty()) return Status::OK();
       for (const auto& [rowid, id] : page) {
         Task t;
-        {
-          Reading r(*this);
-          CORTEX_RETURN_IF_ERROR(LoadTask(r, id, &t));
-        }
+        CORTEX_RETURN_IF_ERROR(GetTask(id, &t));
         if (!fn(t)) return Status::OK();
         after = rowid;
       }
@@ -819,7 +835,7 @@ class SqliteStore : public Store {
   // after the commit that holds it, with its own status; a failed commit fails them all.
   struct Write {
     const std::function<Status()>* fn = nullptr;
-    Status result;
+    Status result = Status::Internal("store: the write was not made");  // until its group's
   };
   static constexpr size_t kMaxGroup = 512;
 
@@ -998,6 +1014,11 @@ class SqliteStore : public Store {
         : s_(s), c_(s.read_.db ? &s.read_ : nullptr), l_(c_ ? s.read_mu_ : s.mu_) {}
     Reading(SqliteStore& s, Held) : s_(s) {}  // the caller holds the writer's mutex
     Stmt Prepare(const char* sql) { return c_ ? c_->Prepare(sql) : s_.Prepare(sql); }
+    Status Run(const char* sql) {
+      Stmt s = Prepare(sql);
+      const int rc = s.ok() ? s.Step() : SQLITE_ERROR;
+      return rc == SQLITE_DONE || rc == SQLITE_ROW ? Status::OK() : Fail(sql);
+    }
     std::string Err() const { return c_ ? c_->Err() : s_.Err(); }
     Status Fail(const std::string& what) const { return Status::IOError(what + ": " + Err()); }
 

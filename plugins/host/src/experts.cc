@@ -400,7 +400,7 @@ Outcome Expert::Run(const Task& task, const std::atomic<bool>* stopping) {
     return out;
   }
   return isolated() ? RunHosted(task, stopping, start, deadline)
-                    : RunInProcess(task, start, deadline);
+                    : RunInProcess(task, stopping, start, deadline);
 }
 
 bool Expert::TryAcquireSlot() { return slots_->TryAcquire(); }
@@ -410,7 +410,7 @@ Outcome Expert::RunWithSlot(const Task& task, const std::atomic<bool>* stopping)
   const int64_t start = clock_->MonotonicMicros();
   const int64_t deadline = start + static_cast<int64_t>(manifest_.timeout_s * 1e6);
   return isolated() ? RunHosted(task, stopping, start, deadline)
-                    : RunInProcess(task, start, deadline);
+                    : RunInProcess(task, stopping, start, deadline);
 }
 
 namespace {
@@ -464,7 +464,8 @@ Outcome Expert::RunHosted(const Task& task, const std::atomic<bool>* stopping, i
   return out;
 }
 
-Outcome Expert::RunInProcess(const Task& task, int64_t start, int64_t deadline) {
+Outcome Expert::RunInProcess(const Task& task, const std::atomic<bool>* stopping, int64_t start,
+                             int64_t deadline) {
   struct Shared {
     std::mutex mu;
     std::condition_variable cv;
@@ -492,6 +493,11 @@ Outcome Expert::RunInProcess(const Task& task, int64_t start, int64_t deadline) 
   }
   std::unique_lock<std::mutex> l(st->mu);
   while (!st->done) {
+    if (stopping && stopping->load()) {
+      // The plugin is asked to stop; its thread keeps the slot until it returns.
+      st->exec.Cancel();
+      return Finish(clock_, OutcomeKind::kInterrupted, "cortexd is stopping", start);
+    }
     int64_t left = deadline - clock_->MonotonicMicros();
     if (left <= 0) break;
     st->cv.wait_for(l, std::chrono::microseconds(std::min<int64_t>(left, 100000)));

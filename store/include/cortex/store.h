@@ -41,6 +41,9 @@ class Store {
   // attempt's expert named as the one that ended it).
   virtual Status FinishAttempt(const std::string& id, int n, const Outcome& o, double time,
                                std::optional<TaskState> ends = std::nullopt) = 0;
+  // Takes back attempt n, recorded but never begun (cortexd stopped first): the attempt
+  // is removed and the task is `routed` again, to run at the next start.
+  virtual Status UndoStart(const std::string& id, int n) = 0;
   // Sets the task's final state and the expert whose attempt ended it.
   virtual Status FinishTask(const std::string& id, TaskState state, const std::string& expert,
                             double time) = 0;

@@ -10,6 +10,7 @@
 #include <condition_variable>
 #include <cstddef>
 #include <deque>
+#include <exception>
 #include <functional>
 #include <mutex>
 #include <vector>
@@ -37,6 +38,7 @@ class GroupQueue {
       // A group stays queued until it is done: at the front means nobody leads now.
       if (queue_.front() == &mine[0]) mine[0].state = kLead;
     }
+    std::exception_ptr error;  // from a group this caller led; the rest still go through
     for (Member& m : mine) {
       State st;
       {
@@ -44,8 +46,14 @@ class GroupQueue {
         m.cv.wait(l, [&] { return m.state != kWait; });
         st = m.state;
       }
-      if (st == kLead) Lead(work);
+      if (st != kLead) continue;
+      try {
+        Lead(work);
+      } catch (...) {
+        if (!error) error = std::current_exception();
+      }
     }
+    if (error) std::rethrow_exception(error);
   }
 
  private:
@@ -66,7 +74,15 @@ class GroupQueue {
     }
     std::vector<T*> items;
     for (Member* m : group) items.push_back(m->item);
-    work(items);
+    // Whatever `work` does, the group is told and the lead handed on: a throw must not
+    // leave followers waiting for ever. (Items keep what work set; callers start them as
+    // failed.) The exception goes on to this caller.
+    std::exception_ptr error;
+    try {
+      work(items);
+    } catch (...) {
+      error = std::current_exception();
+    }
     Member* next = nullptr;
     {
       std::lock_guard<std::mutex> q(mu_);
@@ -84,6 +100,7 @@ class GroupQueue {
       next->state = kLead;
       next->cv.notify_one();
     }
+    if (error) std::rethrow_exception(error);
   }
 
   const size_t max_group_;

@@ -115,7 +115,8 @@ class Expert : public std::enable_shared_from_this<Expert> {
 
  private:
   struct Slots;
-  Outcome RunInProcess(const Task& task, int64_t start, int64_t deadline);
+  Outcome RunInProcess(const Task& task, const std::atomic<bool>* stopping, int64_t start,
+                       int64_t deadline);
   Outcome RunHosted(const Task& task, const std::atomic<bool>* stopping, int64_t start,
                     int64_t deadline);
   Status EnsureHost(int64_t deadline, const std::atomic<bool>* stopping,
