@@ -16,7 +16,7 @@ class FakeDaemon : public cortex::RequestHandler {
  public:
   FakeDaemon() : store_(cortex::OpenStore(":memory:").value()), registry_(Options()) {}
   const cortex::DaemonConfig& limits() const override { return cfg_; }
-  cortex::Status Submit(const std::string& text, const cortex::Tags& tags,
+  cortex::Status Submit(const std::string& text, const cortex::Tags& tags, double,
                         std::string* id) override {
     cortex::Task t;
     t.id = "t" + std::to_string(next_++);
@@ -30,7 +30,10 @@ class FakeDaemon : public cortex::RequestHandler {
     d->candidates = {{"x", 0, 0.5, 0, 0.5, 0.5, {}}};
     return cortex::Status::OK();
   }
-  bool WaitDone(const std::string&, double) override { return false; }
+  cortex::Status WaitDone(const std::string& id, double, cortex::Task* t, bool* done) override {
+    *done = false;
+    return store_->GetTask(id, t);
+  }
   cortex::Status Cancel(const std::string&) override { return cortex::Status::OK(); }
   cortex::Store* store() override { return store_.get(); }
   cortex::ExpertRegistry* registry() override { return &registry_; }
