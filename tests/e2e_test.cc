@@ -1846,6 +1846,49 @@ TEST(E2E, AWaitedTaskRunsWithoutAWorkerAndStillFallsBackAndFinishesAtAStop) {
   EXPECT_EQ(again.CtlJson({"show", nap_id})["state"], "succeeded");
 }
 
+// A task whose first attempt failed and whose fallback waits for a busy expert is routed,
+// not running: a stop leaves it so, and the next start resumes it at its fallback (it
+// used to read `interrupted`, its fallback never run).
+TEST(E2E, AFallbackWaitingAtAStopRunsAfterTheRestart) {
+  TempDir dir;
+  const char* cfg = R"(experts:
+  - name: first
+    plugin: command
+    run: [/bin/sh, -c, 'exit 3']
+    keywords: [flaky, alpha]
+  - name: second
+    plugin: command
+    run: [/bin/sh, -c, 'case "$CORTEX_TASK_TEXT" in *hold*) sleep 30;; esac']
+    capacity: 1
+    keywords: [alpha, hold]
+)";
+  Daemon d(dir, cfg, kNoBias);
+  ASSERT_TRUE(d.Start()) << d.Log();
+  const std::string hold = d.Ctl({"submit", "hold alpha"}).out.substr(0, 12);
+  ASSERT_TRUE(test::Eventually([&] { return d.CtlJson({"show", hold})["state"] == "running"; }));
+  const std::string id = d.Ctl({"submit", "flaky alpha job"}).out.substr(0, 12);
+  ASSERT_TRUE(test::Eventually([&] {  // its first attempt has ended (the fallback waits)
+    json a = d.CtlJson({"show", id})["attempts"];
+    return a.size() == 1 && a[0]["outcome"].is_object();
+  }));
+  json waiting = d.CtlJson({"show", id});
+  EXPECT_EQ(waiting["state"], "routed") << "between attempts: " << waiting;
+  EXPECT_EQ(waiting["attempts"][0]["expert"], "first");
+  EXPECT_EQ(waiting["attempts"][0]["outcome"]["kind"], "failure");
+  EXPECT_EQ(d.Stop(SIGTERM), 0) << d.Log();
+
+  Daemon again(dir, cfg, kNoBias);
+  ASSERT_TRUE(again.Start()) << again.Log();
+  ASSERT_TRUE(test::Eventually([&] {
+    return again.CtlJson({"show", id})["state"] == "succeeded";
+  })) << again.CtlJson({"show", id});
+  json done = again.CtlJson({"show", id});
+  ASSERT_EQ(done["attempts"].size(), 2u) << done;
+  EXPECT_EQ(done["attempts"][1]["expert"], "second");
+  EXPECT_EQ(done["decision"]["chosen"], "first") << "resumed, not routed again";
+  EXPECT_EQ(again.CtlJson({"show", hold})["state"], "interrupted") << "it was running";
+}
+
 TEST(E2E, SigtermFinishesRunningWorkAndKeepsTheQueue) {
   TempDir dir;
   const char* cfg =

@@ -88,13 +88,32 @@ struct Pipeline::Impl {
       });
   }
 
+  // A task that already made attempts goes on down its decision's candidates (its next
+  // attempt is a fallback, as if cortexd had not stopped); one that made none is routed
+  // again by the dispatcher.
   void Resume(std::vector<Task> tasks) {
     {
       std::lock_guard<std::mutex> w(waiters_mu_);
       for (const auto& t : tasks) live_.insert(t.id);
     }
+    const uint64_t generation = registry_->generation();
     std::lock_guard<std::mutex> l(queue_mu_);
-    for (auto& t : tasks) queue_.push_back(std::move(t));
+    for (auto& t : tasks) {
+      if (!t.decision || t.attempts.empty()) {
+        queue_.push_back(std::move(t));
+        continue;
+      }
+      Job job;
+      job.decision = *t.decision;
+      job.attempts = static_cast<int>(t.attempts.size());
+      job.last_expert = t.attempts.back().expert;
+      const auto& cands = job.decision.candidates;
+      for (size_t i = 0; i < cands.size(); ++i)
+        if (cands[i].expert == job.last_expert) job.next = i + 1;
+      job.generation = generation;
+      job.task = std::move(t);
+      ready_.push_back(std::move(job));
+    }
   }
 
   void Wake() {
@@ -312,6 +331,11 @@ struct Pipeline::Impl {
     }
     CORTEX_RETURN_IF_ERROR(store_->GetTask(id, t));
     *done = IsFinal(t->state);
+    if (!*done && w && stop_.load())  // not a timeout: say why the wait ended
+      return Status::Unavailable(fmt::format(
+          "cortexd is stopping before task {} ended ({} now); it stays in the store and goes "
+          "on at the next start: `cortexctl wait {}` then",
+          id, ToString(t->state), id));
     return Status::OK();
   }
 

@@ -416,8 +416,10 @@ json Server::HandleLine(const std::string& line,
     return wire::Error(Bad("duplicate key '" + Printable(duplicate.substr(0, 64)) +
                            "' in the request: each field may appear once"));
   if (!req.is_object()) return wire::Error(Bad("a request must be a JSON object with an \"op\""));
-  if (!req.contains("op") || !req["op"].is_string())
+  if (!req.contains("op"))
     return wire::Error(Bad("missing field 'op' (a string: one of " + WireOpNames() + ")"));
+  if (!req["op"].is_string())
+    return wire::Error(Bad("'op' must be a string: one of " + WireOpNames()));
   try {
     return Dispatch(req, write_line);
   } catch (const std::exception& e) {

@@ -354,7 +354,12 @@ class SqliteStore : public Store {
       s.Bind(5, o.output).Bind(6, o.error).Bind(7, id).Bind(8, n);
       CORTEX_RETURN_IF_ERROR(Done(s, "finish attempt"));
       CORTEX_RETURN_IF_ERROR(Changed("attempt " + std::to_string(n) + " of task " + id));
-      if (!ends) return Status::OK();
+      if (!ends) {  // it waits for its next attempt: routed, so a restart resumes it
+        Stmt r =
+            Prepare("UPDATE tasks SET state='routed',updated_at=? WHERE id=? AND state='running'");
+        r.Bind(1, time).Bind(2, id);
+        return Done(r, "finish attempt");
+      }
       // The attempt's expert is the one that ended the task.
       Stmt e = Prepare(
           "UPDATE tasks SET state=?,updated_at=?,expert=(SELECT expert FROM attempts WHERE "

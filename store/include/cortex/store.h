@@ -38,7 +38,8 @@ class Store {
   virtual Status StartAttempt(const std::string& id, int n, const std::string& expert,
                               double time) = 0;
   // With `ends` set, the task ends in that state in the same commit (as FinishTask, the
-  // attempt's expert named as the one that ended it).
+  // attempt's expert named as the one that ended it); without, a running task is routed
+  // again: it waits for its next attempt (and a restart resumes it there).
   virtual Status FinishAttempt(const std::string& id, int n, const Outcome& o, double time,
                                std::optional<TaskState> ends = std::nullopt) = 0;
   // Takes back attempt n, recorded but never begun (cortexd stopped first): the attempt
