@@ -212,13 +212,7 @@ struct Pipeline::Impl {
     // A stop waits until no thread is in here (StopRunning).
     struct Inside {
       Impl* p;
-      ~Inside() {
-        {
-          std::lock_guard<std::mutex> l(p->queue_mu_);
-          --p->in_submit_;
-        }
-        if (p->stop_.load()) p->queue_cv_.notify_all();
-      }
+      ~Inside() { p->Leave(&p->in_submit_); }
     } inside{this};
     Intake me;
     me.wait_s = wait_s;
@@ -247,11 +241,7 @@ struct Pipeline::Impl {
       Job job = std::move(*me.run_here);
       std::shared_ptr<Expert> expert = std::move(job.held);
       RunAttempt(std::move(job), expert, /*recorded=*/true);
-      {
-        std::lock_guard<std::mutex> l(queue_mu_);
-        --here_;
-      }
-      if (stop_.load()) queue_cv_.notify_all();
+      Leave(&here_);
     }
     return Status::OK();
   }
@@ -404,11 +394,11 @@ struct Pipeline::Impl {
         LogError("cannot route {} new task(s) ({}); they wait in the queue", group.size(),
                  st.ToString());
     }
-    // Started now: a task whose chosen expert has a free slot, while a worker is idle to
-    // run it. (A forced decision's chosen expert is its only one; a busy or absent one
-    // leaves the task routed, for the workers to start once it has room.)
-    // A task whose submitter waits longer than its expert's timeout runs on the
-    // submitter's thread (its answer cannot be late for it); others need an idle worker.
+    // Started now: a task whose chosen expert has a free slot and something to run it on —
+    // its submitter's thread, when the submitter waits longer than the expert's timeout
+    // (its answer cannot be late for it), or else an idle worker. (A forced decision's
+    // chosen expert is its only one; a busy or absent one leaves the task routed, for the
+    // workers to start once it has room.)
     std::vector<std::shared_ptr<Expert>> held(group.size());
     std::vector<bool> here(group.size(), false);
     if (routed && !stop_.load()) {  // a stop leaves them routed, for the next start
@@ -602,7 +592,6 @@ struct Pipeline::Impl {
 
   // Puts `batch` back at the head of the queue, in order, and waits `pause` (or for stop)
   // before the dispatcher tries again.
-  // Puts tasks the dispatcher took back at the front of queue_, then pauses.
   void Requeue(std::vector<Task>* batch, std::chrono::milliseconds pause) {
     std::unique_lock<std::mutex> l(queue_mu_);
     routing_ -= batch->size();
@@ -664,12 +653,18 @@ struct Pipeline::Impl {
         RunAttempt(std::move(job), expert, recorded);
       else
         EndTask(job, TaskState::kFailed);  // no candidate left to try
-      {
-        std::lock_guard<std::mutex> l(queue_mu_);
-        --busy_workers_;
-      }
-      if (stop_.load()) queue_cv_.notify_all();  // the stop waits for running tasks
+      Leave(&busy_workers_);
     }
+  }
+
+  // A thread leaves what `count` counts (busy_workers_, here_, in_submit_; queue_mu_):
+  // during a stop, StopRunning waits for these, so it is told.
+  void Leave(int* count) {
+    {
+      std::lock_guard<std::mutex> l(queue_mu_);
+      --*count;
+    }
+    if (stop_.load()) queue_cv_.notify_all();
   }
 
   // The first job in ready_ that can run now (its slot taken: `expert` is set) or that has
@@ -756,25 +751,19 @@ struct Pipeline::Impl {
       if (abort_.load() || cancels_.count(id)) stop->store(true);
       attempt_stops_[id] = stop;
     }
+    const bool begins = !stop->load();
     Outcome o;
-    if (stop->load()) {
-      bool cancelled;
-      {
-        std::lock_guard<std::mutex> l(queue_mu_);
-        attempt_stops_.erase(id);
-        cancelled = cancels_.count(id) > 0;
-      }
-      if (!cancelled) return UndoStart(id, n, expert);  // cortexd stops: run it next time
-      expert->ReleaseSlot();
-      o.kind = OutcomeKind::kInterrupted;
-    } else {
-      o = expert->RunWithSlot(job.task, stop.get());
-    }
+    if (begins) o = expert->RunWithSlot(job.task, stop.get());
     bool cancelled;
     {
       std::lock_guard<std::mutex> l(queue_mu_);
       attempt_stops_.erase(id);
       cancelled = cancels_.count(id) > 0;
+    }
+    if (!begins) {
+      if (!cancelled) return UndoStart(id, n, expert);  // cortexd stops: run it next time
+      expert->ReleaseSlot();
+      o.kind = OutcomeKind::kInterrupted;
     }
     if (stop->load() && o.kind != OutcomeKind::kSuccess) {
       o.kind = OutcomeKind::kInterrupted;

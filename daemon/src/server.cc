@@ -467,9 +467,9 @@ json Server::Dispatch(const json& j, const std::function<bool(const std::string&
     case Op::kCancel: {
       std::string id;
       CHECK(task_id(&id));
-      double timeout = op == "wait" ? 300 : 30;
+      double timeout = spec->id == Op::kWait ? 300 : 30;
       CHECK(r.Number("timeout_s", 0, 86400, &timeout));
-      if (op == "cancel") CHECK(h_->Cancel(id));
+      if (spec->id == Op::kCancel) CHECK(h_->Cancel(id));
       json out;
       CHECK(ended(id, timeout, &out));
       return wire::Ok(out);
@@ -482,7 +482,7 @@ json Server::Dispatch(const json& j, const std::function<bool(const std::string&
       CHECK(r.String("text", true, &text));
       CHECK(CheckText(text, lim));
       CHECK(ParseTags(r, lim, &tags));
-      if (op == "route") {
+      if (spec->id == Op::kRoute) {
         Decision d;
         CHECK(h_->Route(text, tags, &d));
         json out = wire::ToJson(d);
@@ -543,7 +543,7 @@ json Server::Dispatch(const json& j, const std::function<bool(const std::string&
       std::map<std::string, ExpertStats> by;
       for (const auto& s : stats) by[s.expert] = s;
       json a = json::array();
-      if (op == "experts") {
+      if (spec->id == Op::kExperts) {
         for (const auto& e : h_->registry()->List()) {
           const ExpertStats& s = by[e.name];
           a.push_back({{"name", e.name},

@@ -117,7 +117,8 @@ constexpr int kSchemaVersion = sizeof(kMigrations) / sizeof(kMigrations[0]);
 // A prepared statement, reset on destruction so the cached handle can be reused.
 class Stmt;
 
-// A connection used only for reads, with its own statement cache.
+// A connection with its statement cache: the store has one that writes and, for a file,
+// one that only reads.
 struct Conn {
   sqlite3* db = nullptr;
   std::map<std::string, sqlite3_stmt*> cache;
@@ -126,8 +127,9 @@ struct Conn {
     if (db) sqlite3_close(db);
   }
   std::string Err() const { return db ? sqlite3_errmsg(db) : "out of memory"; }
-  Status Fail(const std::string& what) const { return Status::IOError(what + ": " + Err()); }
-  inline Stmt Prepare(const char* sql);
+  Stmt Prepare(const char* sql);  // prepared once, then taken from the cache
+  // One statement without results (BEGIN, SAVEPOINT, RELEASE, COMMIT), prepared once.
+  Status Run(const char* sql);
 };
 
 class Stmt {
@@ -196,25 +198,28 @@ Stmt Conn::Prepare(const char* sql) {
   return Stmt(st);
 }
 
+Status Conn::Run(const char* sql) {
+  Stmt s = Prepare(sql);
+  const int rc = s.ok() ? s.Step() : SQLITE_ERROR;
+  return rc == SQLITE_DONE || rc == SQLITE_ROW ? Status::OK()
+                                               : Status::IOError(std::string("store: ") + Err());
+}
+
 class SqliteStore : public Store {
  public:
   explicit SqliteStore(std::string path) : path_(std::move(path)) {}
-  ~SqliteStore() override {
-    for (auto& [sql, s] : cache_) sqlite3_finalize(s);
-    if (db_) sqlite3_close(db_);
-  }
 
   Status Open() {
     // Never through a symlink (the daemon has already checked the file and its folder; this
     // keeps a link planted since then from redirecting the open).
     int flags =
         SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_FULLMUTEX | SQLITE_OPEN_NOFOLLOW;
-    if (sqlite3_open_v2(path_.c_str(), &db_, flags, nullptr) != SQLITE_OK)
+    if (sqlite3_open_v2(path_.c_str(), &write_.db, flags, nullptr) != SQLITE_OK)
       return Status::IOError("cannot open store " + path_ + ": " + Err());
     if (struct stat fst{}; path_ != ":memory:" && ::lstat(path_.c_str(), &fst) == 0)
       files_[0].dev = fst.st_dev, files_[0].ino = fst.st_ino;
-    sqlite3_busy_timeout(db_, 5000);
-    sqlite3_extended_result_codes(db_, 1);
+    sqlite3_busy_timeout(write_.db, 5000);
+    sqlite3_extended_result_codes(write_.db, 1);
 
     // Refuse anything that is not an empty file or a Cortex store before writing a byte.
     long app_id = 0, user_version = 0, objects = 0;
@@ -404,7 +409,7 @@ class SqliteStore : public Store {
       Stmt u = Prepare("UPDATE tasks SET feedback_quality=? WHERE id=?");
       u.Bind(1, f.quality).Bind(2, id);
       CORTEX_RETURN_IF_ERROR(Done(u, "feedback"));
-      if (sqlite3_changes(db_) == 0) return Status::NotFound("no task with id '" + id + "'");
+      if (sqlite3_changes(write_.db) == 0) return Status::NotFound("no task with id '" + id + "'");
       Stmt s = Prepare("INSERT INTO feedback(task_id,time,quality,note) VALUES(?,?,?,?)");
       s.Bind(1, id).Bind(2, f.time).Bind(3, f.quality).Bind(4, f.note);
       return Done(s, "feedback");
@@ -647,7 +652,7 @@ class SqliteStore : public Store {
       Stmt b = Prepare("UPDATE models SET live=1 WHERE version=?");
       b.Bind(1, version);
       st = Done(b, "set live model");
-      if (st.ok() && sqlite3_changes(db_) == 0)
+      if (st.ok() && sqlite3_changes(write_.db) == 0)
         st = Status::NotFound("no model version " + std::to_string(version));
     }
     return Finish(st);
@@ -741,7 +746,7 @@ class SqliteStore : public Store {
       Stmt t = Prepare("UPDATE tasks SET state='interrupted',updated_at=? WHERE state='running'");
       t.Bind(1, time);
       st = Done(t, "recover tasks");
-      out->interrupted = sqlite3_changes(db_);
+      out->interrupted = sqlite3_changes(write_.db);
     }
     CORTEX_RETURN_IF_ERROR(Finish(st));
     std::vector<std::string> ids;
@@ -781,7 +786,7 @@ class SqliteStore : public Store {
   std::string Path() const override { return path_; }
 
  private:
-  std::string Err() const { return db_ ? sqlite3_errmsg(db_) : "out of memory"; }
+  std::string Err() const { return write_.Err(); }
   // The files that must stay the ones SQLite opened (StillOurFile): the database, and
   // the write-ahead log that holds the newest commits until a checkpoint with its -shm
   // index, both of which SQLite keeps open as long as the store. ino 0: not seen yet.
@@ -878,7 +883,7 @@ class SqliteStore : public Store {
         // A full disk or an I/O error can make SQLite roll the whole transaction back
         // at once: the group's earlier writes are gone too, and later ones must not run
         // outside a transaction. Every write of the group fails, to be retried.
-        if (sqlite3_get_autocommit(db_)) {
+        if (sqlite3_get_autocommit(write_.db)) {
           lost = w->result.ok() ? Status::IOError("store: the transaction was rolled back")
                                 : w->result;
           break;
@@ -900,17 +905,10 @@ class SqliteStore : public Store {
     }
   }
 
-  // One statement, prepared once (the group commit's BEGIN, SAVEPOINT, RELEASE, COMMIT).
-  Status Run(const char* sql) {
-    Stmt s = Prepare(sql);
-    if (!s.ok()) return Status::IOError(std::string("store: ") + Err());
-    const int rc = s.Step();
-    return rc == SQLITE_DONE || rc == SQLITE_ROW ? Status::OK()
-                                                 : Status::IOError(std::string("store: ") + Err());
-  }
+  Status Run(const char* sql) { return write_.Run(sql); }
   Status Exec(const char* sql) {
     char* err = nullptr;
-    if (sqlite3_exec(db_, sql, nullptr, nullptr, &err) != SQLITE_OK) {
+    if (sqlite3_exec(write_.db, sql, nullptr, nullptr, &err) != SQLITE_OK) {
       std::string m = err ? err : Err();
       sqlite3_free(err);
       return Status::IOError(std::string("store: ") + m);
@@ -927,7 +925,7 @@ class SqliteStore : public Store {
   }
   Status QueryLong(const char* sql, long* out) {
     sqlite3_stmt* s = nullptr;
-    if (sqlite3_prepare_v2(db_, sql, -1, &s, nullptr) != SQLITE_OK) return Fail(sql);
+    if (sqlite3_prepare_v2(write_.db, sql, -1, &s, nullptr) != SQLITE_OK) return Fail(sql);
     int rc = sqlite3_step(s);
     if (rc == SQLITE_ROW) *out = static_cast<long>(sqlite3_column_int64(s, 0));
     sqlite3_finalize(s);
@@ -935,7 +933,7 @@ class SqliteStore : public Store {
   }
   Status QueryText(const char* sql, std::string* out) {
     sqlite3_stmt* s = nullptr;
-    if (sqlite3_prepare_v2(db_, sql, -1, &s, nullptr) != SQLITE_OK) return Fail(sql);
+    if (sqlite3_prepare_v2(write_.db, sql, -1, &s, nullptr) != SQLITE_OK) return Fail(sql);
     int rc = sqlite3_step(s);
     if (rc == SQLITE_ROW) {
       const unsigned char* t = sqlite3_column_text(s, 0);
@@ -960,21 +958,14 @@ class SqliteStore : public Store {
     return Status::OK();
   }
 
-  Stmt Prepare(const char* sql) {
-    auto it = cache_.find(sql);
-    if (it != cache_.end()) return Stmt(it->second);
-    sqlite3_stmt* s = nullptr;
-    if (sqlite3_prepare_v2(db_, sql, -1, &s, nullptr) != SQLITE_OK) return Stmt(nullptr);
-    cache_[sql] = s;
-    return Stmt(s);
-  }
+  Stmt Prepare(const char* sql) { return write_.Prepare(sql); }
   Status Done(Stmt& s, const std::string& what) {
     if (!s.ok()) return Fail("prepare " + what);
     int rc = s.Step();
     return rc == SQLITE_DONE || rc == SQLITE_ROW ? Status::OK() : Fail(what);
   }
   Status Changed(const std::string& what) {
-    return sqlite3_changes(db_) > 0 ? Status::OK() : Status::NotFound("no " + what);
+    return sqlite3_changes(write_.db) > 0 ? Status::OK() : Status::NotFound("no " + what);
   }
   Status UpdateState(const std::string& id, TaskState state, double time) {
     Stmt s = Prepare("UPDATE tasks SET state=?,updated_at=?,routing=0 WHERE id=?");
@@ -1016,20 +1007,15 @@ class SqliteStore : public Store {
    public:
     enum Held { kWriterHeld };
     explicit Reading(SqliteStore& s)
-        : s_(s), c_(s.read_.db ? &s.read_ : nullptr), l_(c_ ? s.read_mu_ : s.mu_) {}
-    Reading(SqliteStore& s, Held) : s_(s) {}  // the caller holds the writer's mutex
-    Stmt Prepare(const char* sql) { return c_ ? c_->Prepare(sql) : s_.Prepare(sql); }
-    Status Run(const char* sql) {
-      Stmt s = Prepare(sql);
-      const int rc = s.ok() ? s.Step() : SQLITE_ERROR;
-      return rc == SQLITE_DONE || rc == SQLITE_ROW ? Status::OK() : Fail(sql);
-    }
-    std::string Err() const { return c_ ? c_->Err() : s_.Err(); }
+        : c_(s.read_.db ? &s.read_ : &s.write_), l_(s.read_.db ? s.read_mu_ : s.mu_) {}
+    Reading(SqliteStore& s, Held) : c_(&s.write_) {}  // the caller holds the writer's mutex
+    Stmt Prepare(const char* sql) { return c_->Prepare(sql); }
+    Status Run(const char* sql) { return c_->Run(sql); }
+    std::string Err() const { return c_->Err(); }
     Status Fail(const std::string& what) const { return Status::IOError(what + ": " + Err()); }
 
    private:
-    SqliteStore& s_;
-    Conn* c_ = nullptr;
+    Conn* const c_;
     std::unique_lock<std::mutex> l_;
   };
 
@@ -1113,13 +1099,12 @@ class SqliteStore : public Store {
   }
 
   std::string path_;
-  sqlite3* db_ = nullptr;
+  Conn write_;
   std::mutex mu_;  // the connection; a group commit holds it for its whole transaction
   GroupQueue<Write> writers_{kMaxGroup};  // writes waiting for their group's commit
-  std::map<std::string, sqlite3_stmt*> cache_;
   // Reads go through a connection of their own: in WAL mode they see the last commit
   // and never wait for a group's fsync. (":memory:" has one connection: reads share it.)
-  Conn read_;
+  Conn read_;  // destroyed before write_
   std::mutex read_mu_;
 };
 

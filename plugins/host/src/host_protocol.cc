@@ -62,12 +62,6 @@ Status WriteAll(int fd, const std::string& buf) {
 
 }  // namespace
 
-Status WriteFrame(int fd, const json& frame) {
-  std::string buf;
-  CORTEX_RETURN_IF_ERROR(Encode(frame, &buf));
-  return WriteAll(fd, buf);
-}
-
 Status FrameWriter::Send(const json& frame) {
   std::string mine;
   CORTEX_RETURN_IF_ERROR(Encode(frame, &mine));  // outside the lock

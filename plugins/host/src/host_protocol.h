@@ -28,9 +28,6 @@ constexpr size_t kMaxFrame = 4 << 20;
 constexpr int kHostFd = 3;            // where the host finds its end of the socket pair
 constexpr int kExitOutOfMemory = 86;  // the host's exit status when an allocation failed
 
-// Writes one frame (all of it; MSG_NOSIGNAL). Fails on a closed or stuck peer.
-Status WriteFrame(int fd, const nlohmann::json& frame);
-
 // Frames from many threads onto one socket. A sender appends its frame; the one that
 // finds nobody writing writes everything queued (its own and the others') while the others
 // return at once: one send for many frames, and no sender waits for another's write. A
