@@ -48,3 +48,19 @@ if(NOT CORTEX_CUDA STREQUAL "OFF")
 else()
   message(STATUS "cortex: CUDA backend disabled (CORTEX_CUDA=OFF)")
 endif()
+
+# --- jemalloc for the daemon: probe, else glibc's malloc --------------------------------
+# cortexd's threads allocate many small objects per task (JSON, statements, strings);
+# under load glibc's malloc took about a tenth of its time (docs/BENCHMARKS.md). Not in
+# sanitized or fuzzing builds, which bring their own allocator, nor in the plugin host,
+# whose memory limit relies on malloc failing cleanly.
+add_library(cortex_malloc INTERFACE)
+find_library(CORTEX_JEMALLOC NAMES jemalloc)
+if(CORTEX_JEMALLOC AND NOT CORTEX_SANITIZE AND NOT CORTEX_FUZZ)
+  # Linked even though nothing names it: it replaces malloc by being there.
+  target_link_libraries(cortex_malloc INTERFACE -Wl,--push-state,--no-as-needed
+                                                ${CORTEX_JEMALLOC} -Wl,--pop-state)
+  message(STATUS "cortex: malloc from jemalloc (${CORTEX_JEMALLOC})")
+else()
+  message(STATUS "cortex: malloc from glibc")
+endif()

@@ -6,7 +6,7 @@
 set -euo pipefail
 pkgs=(build-essential cmake pkg-config git sqlite3 libsqlite3-dev libboost-dev
       libyaml-cpp-dev libfmt-dev nlohmann-json3-dev libcli11-dev libopenblas-dev
-      libgtest-dev libgmock-dev libre2-dev clang libclang-rt-dev
+      libgtest-dev libgmock-dev libre2-dev libjemalloc-dev clang libclang-rt-dev
       libsystemd-dev systemd scdoc groff-base man-db
       zsh fish)  # zsh, fish: the completion test checks their scripts
 missing=()

@@ -568,6 +568,22 @@ TEST_P(StoreTest, AdmittedTasksLandWholeOrNotAtAllAndOutcomesCanEndThem) {
             Status::Code::kNotFound);
   ASSERT_TRUE(store_->GetTask("r1", &t).ok());
   EXPECT_EQ(t.state, TaskState::kRouted);
+
+  // An admission that need not wait for the disk (its submitter waits for the end) lands
+  // as any other, beside a durable one in the same batch; Sync puts every commit so far
+  // on the disk, and is cheap once they are.
+  Task lazy, eager;
+  lazy.id = "l1", lazy.text = "lazy", lazy.created_at = lazy.updated_at = 20;
+  eager.id = "e1", eager.text = "eager", eager.created_at = eager.updated_at = 20;
+  store_->Admit({{&lazy, &d, "security", /*durable=*/false}, {&eager, &d, "", true}}, &st);
+  ASSERT_TRUE(st[0].ok() && st[1].ok()) << st[0].ToString() << st[1].ToString();
+  EXPECT_TRUE(store_->Sync().ok());
+  EXPECT_TRUE(store_->Sync().ok());
+  ASSERT_TRUE(store_->GetTask("l1", &t).ok());
+  EXPECT_EQ(t.state, TaskState::kRunning);
+  ASSERT_EQ(t.attempts.size(), 1u);
+  ASSERT_TRUE(store_->GetTask("e1", &t).ok());
+  EXPECT_EQ(t.state, TaskState::kRouted);
 }
 
 INSTANTIATE_TEST_SUITE_P(Backends, StoreTest, ::testing::Values(":memory:", "file"),

@@ -26,7 +26,7 @@ using json = nlohmann::json;
 
 namespace {
 
-// A connection's thread routes and runs tasks too: it gets its signal stack on first use.
+// A connection's thread routes tasks too: it gets its signal stack on first use.
 void CrashStackOnce() {
   static thread_local const bool kDone = (UseCrashStackOnThisThread(), true);
   (void)kDone;
@@ -36,6 +36,9 @@ struct Waiter {
   std::mutex mu;
   std::condition_variable cv;
   bool done = false;
+  // The task as its end stored it, when the pipeline knows all of it (else it is read
+  // from the store).
+  std::shared_ptr<const Task> final;
 };
 
 struct Job {
@@ -46,9 +49,46 @@ struct Job {
   std::string last_expert;  // whose attempt came last
   uint64_t generation = 0;  // of the registry when it was routed
   bool cancel = false;      // `cortexctl cancel`: ends cancelled instead of running
-  // Set when its first attempt was recorded at admission, on a slot already taken for
-  // this expert: a worker runs it next (started_), nothing more is written first.
+  // The expert whose slot it holds for its next attempt (taken, not yet used), and
+  // whether that attempt is recorded already (a first attempt started at admission).
   std::shared_ptr<Expert> held;
+  bool recorded = false;
+};
+
+// Wakes a worker running attempts: one of them is done, or there are started tasks to
+// take on.
+class Bell {
+ public:
+  void Ring() {
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      rung_ = true;
+    }
+    cv_.notify_one();
+  }
+  void Wait(std::chrono::milliseconds most) {
+    std::unique_lock<std::mutex> l(mu_);
+    cv_.wait_for(l, most, [&] { return rung_; });
+    rung_ = false;
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool rung_ = false;
+};
+
+// One attempt of a job, from its start to its outcome (Pipeline::Impl::RunAttempts).
+struct Run {
+  Job job;
+  std::shared_ptr<Expert> expert;
+  int n = 0;              // the attempt's number
+  double started_at = 0;  // as recorded
+  std::shared_ptr<std::atomic<bool>> stop = std::make_shared<std::atomic<bool>>(false);
+  std::shared_ptr<Expert::Attempt> attempt;  // null: it never began
+  bool collected = false;
+  Outcome outcome;
+  std::optional<TaskState> ends;  // the task's end, when this outcome ends it
 };
 
 // A submit in the intake queue: its task, and once its batch is stored, the result.
@@ -56,7 +96,6 @@ struct Intake {
   Task task;
   double wait_s = -1;  // how long its submitter waits for the end (< 0: it does not)
   Status result = Status::Internal("the task was not stored");  // until its batch says
-  std::optional<Job> run_here;  // started for the submitter's own thread to run
 };
 
 }  // namespace
@@ -152,10 +191,10 @@ struct Pipeline::Impl {
         std::chrono::milliseconds(static_cast<int64_t>(shutdown_grace_s_.load() * 1000));
     {
       std::unique_lock<std::mutex> l(queue_mu_);
-      auto busy = [&] { return busy_workers_ + here_ > 0 || !started_.empty() || admitting_ > 0; };
+      auto busy = [&] { return busy_workers_ > 0 || !started_.empty() || admitting_ > 0; };
       if (busy())
         LogInfo("stopping: waiting up to {:g}s (daemon.shutdown_grace) for {} running task(s)",
-                shutdown_grace_s_.load(), busy_workers_ + here_ + started_.size());
+                shutdown_grace_s_.load(), running_ + started_.size());
       while (busy() && std::chrono::steady_clock::now() < deadline)
         queue_cv_.wait_for(l, std::chrono::milliseconds(50));
     }
@@ -167,8 +206,7 @@ struct Pipeline::Impl {
     Wake();
     for (auto& w : workers_) w.join();
     workers_.clear();
-    // Submitters still inside (an attempt on its own thread, now told to stop; a batch
-    // being stored) leave before the pipeline can go.
+    // Submitters still inside (a batch being stored) leave before the pipeline can go.
     std::unique_lock<std::mutex> l(queue_mu_);
     while (in_submit_ > 0) queue_cv_.wait_for(l, std::chrono::milliseconds(50));
     std::deque<Job> unbegun = std::move(started_);
@@ -224,7 +262,10 @@ struct Pipeline::Impl {
       me.task.id = NewId();
       // Group admission, as the store's group commit: the submit at the front of the
       // intake routes and stores every task queued behind it in one batch.
-      intake_.Run({&me}, [this](const std::vector<Intake*>& group) { AdmitBatch(group); });
+      intake_.Run({&me},
+                  [this](const std::vector<Intake*>& group, const std::function<void()>& hand_on) {
+                    AdmitBatch(group, hand_on);
+                  });
       if (me.result.ok()) break;
       NoteStoreFailure(me.result);
       if (tries >= 3 || stop_.load()) {
@@ -234,15 +275,6 @@ struct Pipeline::Impl {
       }
     }
     *id = me.task.id;
-    if (me.run_here) {
-      // Its submitter waits anyway: the first attempt runs on this thread, with no hand-off
-      // to a worker and back. It counts as a worker's for the stop's grace period.
-      CrashStackOnce();  // a crash while it runs must reach the marker's handler
-      Job job = std::move(*me.run_here);
-      std::shared_ptr<Expert> expert = std::move(job.held);
-      RunAttempt(std::move(job), expert, /*recorded=*/true);
-      Leave(&here_);
-    }
     return Status::OK();
   }
 
@@ -306,6 +338,7 @@ struct Pipeline::Impl {
         waiters_[id].push_back(w);
       }
     }
+    std::shared_ptr<const Task> final;
     if (w) {
       auto deadline = std::chrono::steady_clock::now() +
                       std::chrono::milliseconds(static_cast<int64_t>(timeout_s * 1000));
@@ -313,14 +346,24 @@ struct Pipeline::Impl {
         std::unique_lock<std::mutex> l(w->mu);
         while (!w->done && !stop_.load() && std::chrono::steady_clock::now() < deadline)
           w->cv.wait_for(l, std::chrono::milliseconds(200));
+        final = w->final;
       }
       std::lock_guard<std::mutex> l(waiters_mu_);
       auto& v = waiters_[id];
       v.erase(std::remove(v.begin(), v.end(), w), v.end());
       if (v.empty()) waiters_.erase(id);
     }
+    // The end as the pipeline recorded it saves reading it back (`show` reads the same).
+    if (final) {
+      *t = *final;
+      *done = true;
+      return Status::OK();
+    }
     CORTEX_RETURN_IF_ERROR(store_->GetTask(id, t));
     *done = IsFinal(t->state);
+    // Its submitter hears of it now, before its end: it must be on the disk first (its
+    // admission may not have waited for that).
+    if (!*done) CORTEX_RETURN_IF_ERROR(store_->Sync());
     if (!*done && w && stop_.load())  // not a timeout: say why the wait ended
       return Status::Unavailable(fmt::format(
           "cortexd is stopping before task {} ended ({} now); it stays in the store and goes "
@@ -377,7 +420,7 @@ struct Pipeline::Impl {
   // routed now (no experts loaded, a routing error) is stored as queued for the
   // dispatcher. Each submit's status is set in its Intake; the bound's places they held
   // are given back as they enter the queues.
-  void AdmitBatch(const std::vector<Intake*>& group) {
+  void AdmitBatch(const std::vector<Intake*>& group, const std::function<void()>& hand_on) {
     CrashStackOnce();  // routing runs here: a poison task's overflow must reach the handler
     const uint64_t generation = registry_->generation();  // before the experts are read
     std::vector<std::shared_ptr<Expert>> experts;
@@ -394,41 +437,38 @@ struct Pipeline::Impl {
         LogError("cannot route {} new task(s) ({}); they wait in the queue", group.size(),
                  st.ToString());
     }
-    // Started now: a task whose chosen expert has a free slot and something to run it on —
-    // its submitter's thread, when the submitter waits longer than the expert's timeout
-    // (its answer cannot be late for it), or else an idle worker. (A forced decision's
-    // chosen expert is its only one; a busy or absent one leaves the task routed, for the
-    // workers to start once it has room.)
+    // Started now: a task whose chosen expert has a free slot. An idle worker takes the
+    // batch's started tasks (all of them: it runs them together), or a busy one takes
+    // them on beside its own. (A forced decision's chosen expert is its only one; a busy
+    // or absent one leaves the task routed, for the workers to start once it has room.)
     std::vector<std::shared_ptr<Expert>> held(group.size());
-    std::vector<bool> here(group.size(), false);
     if (routed && !stop_.load()) {  // a stop leaves them routed, for the next start
-      int idle;
-      {
-        std::lock_guard<std::mutex> q(queue_mu_);
-        idle = options_.workers - busy_workers_ - static_cast<int>(started_.size());
-      }
       for (size_t i = 0; i < group.size(); ++i) {
         const std::string& chosen = decisions[i].chosen;
         for (const auto& e : experts) {
           if (e->name() != chosen) continue;
-          here[i] = group[i]->wait_s >= e->manifest().timeout_s + kRunHereMargin;
-          if ((here[i] || idle > 0) && !e->quarantined() && e->TryAcquireSlot()) {
-            held[i] = e;
-            if (!here[i]) --idle;
-          }
+          if (!e->quarantined() && e->TryAcquireSlot()) held[i] = e;
           break;
         }
       }
     }
+    // A task whose submitter waits for its end is acknowledged only in the answer to that
+    // wait: after its outcome's commit, which waits for the disk and so covers this one
+    // (or after a Sync, when the wait ends first; WaitDone). Its admission need not wait
+    // for the disk too. It is written (to the kernel) before it runs, so a crash of
+    // cortexd alone never loses it; a power cut can, with its submitter never answered.
     std::vector<Store::Admission> batch;
     for (size_t i = 0; i < group.size(); ++i)
       batch.push_back({&group[i]->task, routed ? &decisions[i] : nullptr,
-                       held[i] ? held[i]->name() : std::string()});
+                       held[i] ? held[i]->name() : std::string(), group[i]->wait_s < 0});
     {
       // Live before they can be seen in the store: a `wait` for one then waits.
       std::lock_guard<std::mutex> w(waiters_mu_);
       for (const Intake* in : group) live_.insert(in->task.id);
     }
+    // The next batch is routed while this one waits for its commit: the store's group
+    // commit may then take both (and outcomes) in one.
+    hand_on();
     std::vector<Status> stored;
     store_->Admit(batch, &stored);
     {
@@ -455,24 +495,29 @@ struct Pipeline::Impl {
       job.decision = std::move(decisions[i]);
       job.generation = generation;
       job.held = std::move(held[i]);
-      if (job.held && here[i])
-        in.run_here = std::move(job);
-      else
-        jobs.push_back(std::move(job));
+      job.recorded = job.held != nullptr;
+      jobs.push_back(std::move(job));
     }
     if (!jobs.empty() || !queued.empty()) NoteStoreSuccess();
+    size_t started = 0, routed_only = 0;
     {
       std::lock_guard<std::mutex> q(queue_mu_);
-      for (Intake* in : group) {
-        if (!in->result.ok()) continue;  // a failed one is tried again or given back
-        --admitting_;
-        if (in->run_here) ++here_;
+      for (Intake* in : group)
+        if (in->result.ok()) --admitting_;  // a failed one is tried again or given back
+      for (auto& j : jobs) {
+        if (j.held)
+          ++started;
+        else
+          ++routed_only;
+        (j.held ? started_ : ready_).push_back(std::move(j));
       }
-      for (auto& j : jobs) (j.held ? started_ : ready_).push_back(std::move(j));
       for (auto& t : queued) queue_.push_back(std::move(t));
+      // Whoever comes first takes the started ones: an idle worker or a busy one.
+      if (started && !runners_.empty()) runners_.front()->Ring();
     }
     if (!queued.empty()) queue_cv_.notify_all();
-    for (size_t i = 0; i < jobs.size() && i < static_cast<size_t>(options_.workers); ++i)
+    for (size_t i = 0;
+         i < routed_only + (started ? 1 : 0) && i < static_cast<size_t>(options_.workers); ++i)
       work_cv_.notify_one();
   }
 
@@ -612,7 +657,7 @@ struct Pipeline::Impl {
     while (true) {
       Job job;
       std::shared_ptr<Expert> expert;
-      bool recorded = false;  // its attempt was recorded at admission
+      std::vector<Job> started;  // recorded at admission: run together
       while (true) {
         // The registry is read before queue_mu_ is taken: a rescan holding the registry
         // must not hold up submissions through queue_mu_.
@@ -627,10 +672,7 @@ struct Pipeline::Impl {
         // admission still under way may add.
         if (abort_.load() || (stop_.load() && started_.empty() && admitting_ == 0)) return;
         if (!started_.empty()) {
-          job = std::move(started_.front());
-          started_.pop_front();
-          expert = std::move(job.held);
-          recorded = true;
+          TakeStartedLocked(&started);
           ++busy_workers_;
           break;
         }
@@ -642,23 +684,30 @@ struct Pipeline::Impl {
         if (std::exchange(requeued_, false)) queue_cv_.notify_all();  // for the dispatcher
         if (picked) {
           ++busy_workers_;
+          if (expert && !job.cancel) ++running_;
           break;
         }
         slot_wanted_ = !ready_.empty();
         work_cv_.wait_for(l, std::chrono::milliseconds(200));
       }
-      if (job.cancel)
+      if (!started.empty()) {
+        RunAttempts(std::move(started));
+      } else if (job.cancel) {
         EndTask(job, TaskState::kCancelled);
-      else if (expert)
-        RunAttempt(std::move(job), expert, recorded);
-      else
+      } else if (expert) {
+        job.held = std::move(expert);
+        std::vector<Job> one;
+        one.push_back(std::move(job));
+        RunAttempts(std::move(one));
+      } else {
         EndTask(job, TaskState::kFailed);  // no candidate left to try
+      }
       Leave(&busy_workers_);
     }
   }
 
-  // A thread leaves what `count` counts (busy_workers_, here_, in_submit_; queue_mu_):
-  // during a stop, StopRunning waits for these, so it is told.
+  // A thread leaves what `count` counts (busy_workers_, in_submit_; queue_mu_): during a
+  // stop, StopRunning waits for these, so it is told.
   void Leave(int* count) {
     {
       std::lock_guard<std::mutex> l(queue_mu_);
@@ -726,74 +775,195 @@ struct Pipeline::Impl {
     return false;
   }
 
-  // One attempt, on a slot already taken; then the task ends or waits for its next
-  // candidate in ready_.
-  void RunAttempt(Job job, const std::shared_ptr<Expert>& expert, bool recorded) {
-    const std::string& id = job.task.id;
-    const int n = job.attempts + 1;
-    // An attempt is recorded when it really starts (its slot is held), so recovery
-    // re-runs what never started; a first attempt started at admission is recorded
-    // already. A store that refuses writes (a full disk) holds the task here, in memory,
-    // until it takes them or cortexd stops (the task is then resumed from the store at
-    // the next start).
-    if (!recorded && !Persist(fmt::format("task {}: recording attempt {}", id, n), [&] {
-          return store_->StartAttempt(id, n, expert->name(), env_->NowUnix());
-        })) {
-      expert->ReleaseSlot();
-      return;
+  // Attempts, each on a slot its job holds (`held`): all are sent to their experts first,
+  // then collected as they finish; those that finish together are recorded in one commit.
+  // Then each task ends or waits for its next candidate in ready_. While its attempts
+  // run, the worker also takes on tasks admitted as started meanwhile (started_), so a
+  // started task never waits for a worker whose attempts are slow.
+  void RunAttempts(std::vector<Job> jobs) {
+    std::deque<Run> runs;  // (stable addresses: Conclude takes pointers)
+    auto bell = std::make_shared<Bell>();
+    auto ring = [bell] { bell->Ring(); };
+    {
+      std::lock_guard<std::mutex> l(queue_mu_);
+      runners_.push_back(bell);
     }
-    // The attempt stops early when cortexd's grace period ends or the task is cancelled;
+    size_t left = Begin(std::move(jobs), ring, &runs);
+    while (true) {
+      // Those done (or past their deadline, or told to stop) are collected and recorded
+      // together. A stop or cancel is seen within 100 ms, as a deadline.
+      std::vector<Run*> now;
+      for (Run& r : runs) {
+        if (r.collected || (r.attempt && !r.expert->Ready(*r.attempt))) continue;
+        r.collected = true;
+        --left;
+        if (r.attempt) r.outcome = r.expert->Await(*r.attempt);
+        now.push_back(&r);
+      }
+      if (!now.empty()) Conclude(now);
+      while (!runs.empty() && runs.front().collected) runs.pop_front();
+      std::vector<Job> more;
+      {
+        std::lock_guard<std::mutex> l(queue_mu_);
+        if (!abort_.load()) TakeStartedLocked(&more);
+        if (more.empty() && left == 0) {
+          runners_.erase(std::find(runners_.begin(), runners_.end(), bell));
+          return;
+        }
+      }
+      if (!more.empty()) {
+        left += Begin(std::move(more), ring, &runs);
+        continue;
+      }
+      bell->Wait(std::chrono::milliseconds(100));
+    }
+  }
+
+  // Started jobs (recorded at admission), as many as one batch takes. Holds queue_mu_.
+  void TakeStartedLocked(std::vector<Job>* out) {
+    for (size_t n = 0; n < kMaxIntake && !started_.empty(); ++n) {
+      out->push_back(std::move(started_.front()));
+      started_.pop_front();
+    }
+    running_ += out->size();
+  }
+
+  // Records what is not yet recorded and sends each job to its expert; returns how many
+  // were added to *runs.
+  size_t Begin(std::vector<Job> jobs, const std::function<void()>& ring, std::deque<Run>* runs) {
+    const size_t first = runs->size();
+    for (Job& j : jobs) {
+      Run r;
+      r.expert = std::move(j.held);
+      r.n = j.attempts + 1;
+      r.started_at = j.recorded ? j.decision.time : env_->NowUnix();
+      // An attempt is recorded when it really starts (its slot is held), so recovery
+      // re-runs what never started; a first attempt started at admission is recorded
+      // already. A store that refuses writes (a full disk) holds the task here, in
+      // memory, until it takes them or cortexd stops (the task is then resumed from the
+      // store at the next start).
+      if (!j.recorded &&
+          !Persist(fmt::format("task {}: recording attempt {}", j.task.id, r.n), [&] {
+            return store_->StartAttempt(j.task.id, r.n, r.expert->name(), r.started_at);
+          })) {
+        r.expert->ReleaseSlot();
+        std::lock_guard<std::mutex> l(queue_mu_);
+        --running_;
+        continue;
+      }
+      r.job = std::move(j);
+      runs->push_back(std::move(r));
+    }
+    // An attempt stops early when cortexd's grace period ends or its task is cancelled;
     // one cancelled or stopped before it began (while it waited for a worker) never
     // reaches its expert.
-    auto stop = std::make_shared<std::atomic<bool>>(false);
     {
       std::lock_guard<std::mutex> l(queue_mu_);
-      if (abort_.load() || cancels_.count(id)) stop->store(true);
-      attempt_stops_[id] = stop;
+      for (size_t i = first; i < runs->size(); ++i) {
+        Run& r = (*runs)[i];
+        if (abort_.load() || cancels_.count(r.job.task.id)) r.stop->store(true);
+        attempt_stops_[r.job.task.id] = r.stop;
+      }
     }
-    const bool begins = !stop->load();
-    Outcome o;
-    if (begins) o = expert->RunWithSlot(job.task, stop.get());
-    bool cancelled;
+    for (size_t i = first; i < runs->size(); ++i) {
+      Run& r = (*runs)[i];
+      if (!r.stop->load()) r.attempt = r.expert->Begin(r.job.task, r.stop.get(), ring);
+    }
+    return runs->size() - first;
+  }
+
+  // Records the outcomes of attempts that finished together (one commit), then ends
+  // their tasks or sends them on to their next candidates.
+  void Conclude(const std::vector<Run*>& now) {
     {
       std::lock_guard<std::mutex> l(queue_mu_);
-      attempt_stops_.erase(id);
-      cancelled = cancels_.count(id) > 0;
+      for (Run* r : now) attempt_stops_.erase(r->job.task.id);
+      running_ -= now.size();
     }
-    if (!begins) {
-      if (!cancelled) return UndoStart(id, n, expert);  // cortexd stops: run it next time
-      expert->ReleaseSlot();
-      o.kind = OutcomeKind::kInterrupted;
+    std::vector<Run*> outs;  // those with an outcome to record
+    for (Run* r : now) {
+      const std::string& id = r->job.task.id;
+      Outcome& o = r->outcome;
+      const bool cancelled = CancelRequested(id);
+      if (!r->attempt) {
+        if (!cancelled) {  // cortexd stops: run it next time
+          UndoStart(id, r->n, r->expert);
+          continue;
+        }
+        r->expert->ReleaseSlot();
+        o.kind = OutcomeKind::kInterrupted;
+      }
+      if (r->stop->load() && o.kind != OutcomeKind::kSuccess) {
+        o.kind = OutcomeKind::kInterrupted;
+        o.error = cancelled ? "cancelled (cortexctl cancel)"
+                            : "cortexd stopped before the attempt finished";
+      }
+      // An outcome that ends the task is written with the task's end, in one commit.
+      if (o.kind == OutcomeKind::kSuccess)
+        r->ends = TaskState::kSucceeded;
+      else if (cancelled)
+        r->ends = TaskState::kCancelled;
+      else if (o.kind == OutcomeKind::kInterrupted)
+        r->ends = TaskState::kInterrupted;
+      outs.push_back(r);
     }
-    if (stop->load() && o.kind != OutcomeKind::kSuccess) {
-      o.kind = OutcomeKind::kInterrupted;
-      o.error = cancelled ? "cancelled (cortexctl cancel)"
-                          : "cortexd stopped before the attempt finished";
+    if (outs.empty()) return;
+    const double time = env_->NowUnix();
+    std::vector<Store::AttemptEnd> batch;
+    for (const Run* r : outs) batch.push_back({r->job.task.id, r->n, &r->outcome, time, r->ends});
+    std::vector<Status> stored;
+    store_->FinishAttempts(batch, &stored);
+    std::vector<Run*> recorded;
+    for (size_t i = 0; i < outs.size(); ++i) {
+      Run* r = outs[i];
+      // One the batch could not write is retried alone until the store takes it.
+      if (!stored[i].ok()) {
+        NoteStoreFailure(stored[i]);
+        if (!Persist(
+                fmt::format("task {}: recording the outcome of attempt {}", r->job.task.id, r->n),
+                [&] {
+                  return store_->FinishAttempt(r->job.task.id, r->n, r->outcome, time, r->ends);
+                }))
+          continue;
+      }
+      recorded.push_back(r);
     }
-    const double finished = env_->NowUnix();
-    // An outcome that ends the task is written with the task's end, in one commit.
-    std::optional<TaskState> ends;
-    if (o.kind == OutcomeKind::kSuccess)
-      ends = TaskState::kSucceeded;
-    else if (cancelled)
-      ends = TaskState::kCancelled;
-    else if (o.kind == OutcomeKind::kInterrupted)
-      ends = TaskState::kInterrupted;
-    if (!Persist(fmt::format("task {}: recording the outcome of attempt {}", id, n),
-                 [&] { return store_->FinishAttempt(id, n, o, finished, ends); }))
-      return;
-    on_outcome_();  // the learner reads the new outcome from the store
-    job.attempts = n;
-    job.last_expert = expert->name();
-    ++job.next;
-    if (ends) return Ended(id, *ends);
-    LogDebug("task {}: {} on {} ({}), falling back", id, ToString(o.kind), expert->name(), o.error);
-    // On to the next candidate when it has room (or to its end, if there is none).
-    {
+    if (recorded.empty()) return;
+    NoteStoreSuccess();
+    on_outcome_();  // the learner reads the new outcomes from the store
+    bool fallbacks = false;
+    for (Run* r : recorded) {
+      Job& job = r->job;
+      job.attempts = r->n;
+      job.last_expert = r->expert->name();
+      ++job.next;
+      // The task as the store has it now, for its waiters' answers.
+      Attempt a;
+      a.n = r->n;
+      a.expert = job.last_expert;
+      a.started_at = r->started_at;
+      a.finished_at = time;
+      a.outcome = r->outcome;
+      job.task.attempts.push_back(std::move(a));
+      if (r->ends) {
+        auto final = std::make_shared<Task>(std::move(job.task));
+        final->state = *r->ends;
+        final->updated_at = time;
+        final->expert = job.last_expert;
+        final->decision = std::move(job.decision);
+        const std::string id = final->id;
+        Ended(id, *r->ends, std::move(final));
+        continue;
+      }
+      LogDebug("task {}: {} on {} ({}), falling back", job.task.id, ToString(r->outcome.kind),
+               job.last_expert, r->outcome.error);
+      // On to the next candidate when it has room (or to its end, if there is none).
       std::lock_guard<std::mutex> l(queue_mu_);
+      job.recorded = false;
       ready_.push_front(std::move(job));
+      fallbacks = true;
     }
-    work_cv_.notify_one();
+    if (fallbacks) work_cv_.notify_all();
   }
 
   void EndTask(const Job& job, TaskState state) {
@@ -806,13 +976,13 @@ struct Pipeline::Impl {
   }
 
   // After a task's end is stored: its waiters are woken.
-  void Ended(const std::string& id, TaskState state) {
+  void Ended(const std::string& id, TaskState state, std::shared_ptr<const Task> final = nullptr) {
     if (state == TaskState::kCancelled) LogInfo("task {} cancelled", id);
     {
       std::lock_guard<std::mutex> l(queue_mu_);
       cancels_.erase(id);
     }
-    NotifyDone(id);
+    NotifyDone(id, std::move(final));
   }
 
   bool CancelRequested(const std::string& id) {
@@ -854,7 +1024,7 @@ struct Pipeline::Impl {
     return store_error_.empty() ? json(nullptr) : json(store_error_);
   }
 
-  void NotifyDone(const std::string& id) {
+  void NotifyDone(const std::string& id, std::shared_ptr<const Task> final) {
     std::vector<std::shared_ptr<Waiter>> ws;
     {
       std::lock_guard<std::mutex> l(waiters_mu_);
@@ -866,6 +1036,7 @@ struct Pipeline::Impl {
       {
         std::lock_guard<std::mutex> l(w->mu);
         w->done = true;
+        w->final = final;
       }
       w->cv.notify_all();
     }
@@ -911,12 +1082,12 @@ struct Pipeline::Impl {
   std::deque<Task> queue_;   // stored, not yet routed
   std::deque<Job> ready_;    // routed, waiting for a worker
   std::deque<Job> started_;  // first attempt recorded on a slot it holds: next to run
-  static constexpr size_t kMaxIntake = 256;    // tasks routed and stored together at most
-  static constexpr double kRunHereMargin = 1;  // s: a waiter's time to hear of the end
-  GroupQueue<Intake> intake_{kMaxIntake};      // submits waiting for their batch
-  int busy_workers_ = 0;                       // workers running an attempt
-  int here_ = 0;       // submitters' threads running their task's first attempt
-  int in_submit_ = 0;  // threads inside Submit
+  static constexpr size_t kMaxIntake = 256;     // tasks routed and stored together at most
+  GroupQueue<Intake> intake_{kMaxIntake};       // submits waiting for their batch
+  int busy_workers_ = 0;                        // workers running an attempt
+  size_t running_ = 0;                          // attempts the busy workers run
+  std::vector<std::shared_ptr<Bell>> runners_;  // workers running attempts (queue_mu_)
+  int in_submit_ = 0;                           // threads inside Submit
   size_t undone_ = 0;  // attempts taken back at a stop (their tasks stay routed)
   std::thread dispatcher_;
   std::vector<std::thread> workers_;

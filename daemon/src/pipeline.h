@@ -1,8 +1,9 @@
 // The path of a task, submit → route → run → record (docs/ARCHITECTURE.md): new tasks
-// are routed in batches and stored with their decisions in one commit before they are
-// acknowledged; workers (or, for a task its submitter waits for, the submitter's own
-// thread) run each on its chosen expert with fallback; outcomes and ends are recorded,
-// and waiters woken. Tasks recovered from the store, and any that could not be routed at
+// are routed in batches and stored with their decisions (and first attempts, when their
+// experts have room) in one commit before they are acknowledged; workers send batches of
+// them to their experts, collect the outcomes as they come and record those that came
+// together in one commit, then end each task or fall back; waiters are woken with the
+// task as recorded. Tasks recovered from the store, and any that could not be routed at
 // once, go through the dispatcher.
 #pragma once
 
@@ -42,7 +43,8 @@ class Pipeline {
   void Start();                          // the dispatcher and the workers
 
   // Stores a new task; its id once it is durable. `wait_s` >= 0: the caller will wait
-  // that long for its end (it may then run on the caller's thread).
+  // that long for its end (WaitDone), and so hears of the task only then: its admission
+  // need not wait for the disk (Store::Admission::durable).
   Status Submit(const std::string& text, const Tags& tags, double wait_s, std::string* id);
   Status Route(const std::string& text, const Tags& tags, Decision* d);  // a dry run
   Status Cancel(const std::string& id);

@@ -328,21 +328,29 @@ void Server::Serve(int fd) {
     return alive;
   };
   const int64_t idle_us = static_cast<int64_t>(std::min(limits_.idle_timeout_s, 1e6) * 1e6);
+  // The idle deadline is the receive timeout: between requests the full idle time (set
+  // once, so a steady client costs one call per request), within a partial request what
+  // is left of it.
+  int64_t timeout_set_us = 0;  // 0: none
+  auto receive_within = [&](int64_t us) {
+    if (us == timeout_set_us) return;
+    struct timeval tv = {static_cast<time_t>(us / 1000000), static_cast<suseconds_t>(us % 1000000)};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    timeout_set_us = us;
+  };
   for (;;) {
-    struct pollfd p = {fd, POLLIN, 0};
-    const int64_t left_us = last_done_us + idle_us - NowUs();
-    int r = idle_us <= 0  ? poll(&p, 1, -1)
-            : left_us > 0 ? poll(&p, 1, static_cast<int>((left_us + 999) / 1000))
-                          : 0;
-    if (r < 0 && errno == EINTR) continue;
-    if (r == 0) {  // no complete request for too long: its slot is worth more to someone else
-      write_line(wire::Line(wire::Error(Status::Timeout(fmt::format(
-          "closing the connection: no complete request within {:g}s (daemon.idle_timeout)",
-          limits_.idle_timeout_s)))));
-      break;
+    if (idle_us > 0) {
+      const int64_t left_us = last_done_us + idle_us - NowUs();
+      if (left_us <= 0) {  // no complete request for too long: its slot is worth more to others
+        write_line(wire::Line(wire::Error(Status::Timeout(fmt::format(
+            "closing the connection: no complete request within {:g}s (daemon.idle_timeout)",
+            limits_.idle_timeout_s)))));
+        break;
+      }
+      receive_within(buf.empty() && !discarding ? idle_us : left_us);
     }
     ssize_t n = recv(fd, chunk, sizeof chunk, 0);
-    if (n < 0 && errno == EINTR) continue;
+    if (n < 0 && (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK)) continue;
     if (n == 0 && !discarding && !buf.empty()) {
       // A last request without its newline before the peer closed its side: answer it.
       serve_line(std::exchange(buf, std::string()));

@@ -22,7 +22,7 @@ class RequestHandler {
   virtual ~RequestHandler() = default;
   virtual const DaemonConfig& limits() const = 0;
   // Stores a new task; its id once it is durable. `wait_s` >= 0: the caller will wait
-  // that long for its end (the daemon may then run it on the caller's thread).
+  // that long for its end with WaitDone, and hears of the task only from it.
   virtual Status Submit(const std::string& text, const Tags& tags, double wait_s,
                         std::string* id) = 0;
   virtual Status Route(const std::string& text, const Tags& tags, Decision* d) = 0;

@@ -37,7 +37,9 @@ class Trainer {
   void Start();
   void Stop();  // joins the thread (after setting *stop)
 
-  void Wake();  // a new outcome is in the store, or cortexd is stopping
+  // New outcomes are in the store, or cortexd is stopping. Cheap when called often: only
+  // the first call since the trainer last looked wakes it.
+  void Wake();
   void SetSchedule(double interval_s, long min_new_outcomes);  // a reload
   // new_outcomes, the schedule, the retrain in progress and the last one's result.
   nlohmann::json Status_();
@@ -54,7 +56,7 @@ class Trainer {
   void Loop();
   void RunRetrain();
   Status RetrainOnce(double now, nlohmann::json* summary);
-  std::vector<LoggedOutcome> OutcomesAfter(long seq);
+  std::vector<LoggedOutcome> OutcomesAfter(long seq, size_t most = SIZE_MAX);
 
   Store* const store_;
   const std::shared_ptr<Learner> learner_;
@@ -62,7 +64,8 @@ class Trainer {
   const std::function<void(const std::string&, const std::string&)> event_;
   const std::atomic<bool>* const stop_;
   std::thread thread_;
-  long newest_seq_ = 0;  // newest outcome seen (the loop's thread only)
+  long newest_seq_ = 0;             // newest outcome seen (the loop's thread only)
+  std::atomic<bool> woken_{false};  // a Wake since the loop last read the outcomes
 
   std::mutex mu_;  // guards the fields below
   std::condition_variable cv_;

@@ -1,16 +1,22 @@
 // SQLite backend of Store: one connection in WAL mode with synchronous=FULL, serialized
 // by a mutex; concurrent writes share a transaction and its fsync (group commit). Every statement
 // binds its parameters; no SQL is built from input.
+#include <fcntl.h>
 #include <sqlite3.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <condition_variable>
+#include <cstring>
 #include <deque>
+#include <filesystem>
 #include <functional>
 #include <map>
 #include <mutex>
 #include <nlohmann/json.hpp>
+#include <thread>
+#include <unordered_map>
 
 #include "cortex/group_queue.h"
 #include "cortex/log.h"
@@ -121,9 +127,11 @@ class Stmt;
 // one that only reads.
 struct Conn {
   sqlite3* db = nullptr;
-  std::map<std::string, sqlite3_stmt*> cache;
+  // By the address of the SQL text (a literal, so one lookup costs no copy or string
+  // compare), with the text kept to check it against.
+  std::unordered_map<const char*, std::pair<std::string, sqlite3_stmt*>> cache;
   ~Conn() {
-    for (auto& [sql, s] : cache) sqlite3_finalize(s);
+    for (auto& [key, s] : cache) sqlite3_finalize(s.second);
     if (db) sqlite3_close(db);
   }
   std::string Err() const { return db ? sqlite3_errmsg(db) : "out of memory"; }
@@ -191,10 +199,15 @@ class Stmt {
 
 Stmt Conn::Prepare(const char* sql) {
   auto it = cache.find(sql);
-  if (it != cache.end()) return Stmt(it->second);
+  if (it != cache.end() && it->second.first == sql) return Stmt(it->second.second);
   sqlite3_stmt* st = nullptr;
   if (sqlite3_prepare_v2(db, sql, -1, &st, nullptr) != SQLITE_OK) return Stmt(nullptr);
-  cache[sql] = st;
+  if (it != cache.end()) {  // another text at the same address (not a literal): replace it
+    sqlite3_finalize(it->second.second);
+    it->second = {sql, st};
+  } else {
+    cache.emplace(sql, std::make_pair(std::string(sql), st));
+  }
   return Stmt(st);
 }
 
@@ -208,6 +221,17 @@ Status Conn::Run(const char* sql) {
 class SqliteStore : public Store {
  public:
   explicit SqliteStore(std::string path) : path_(std::move(path)) {}
+  ~SqliteStore() override {
+    if (checkpointer_.joinable()) {
+      {
+        std::lock_guard<std::mutex> l(checkpoint_mu_);
+        closing_ = true;
+      }
+      checkpoint_cv_.notify_one();
+      checkpointer_.join();
+    }
+    if (log_fd_ >= 0) ::close(log_fd_);
+  }
 
   Status Open() {
     // Never through a symlink (the daemon has already checked the file and its folder; this
@@ -258,6 +282,24 @@ class SqliteStore : public Store {
     CORTEX_RETURN_IF_ERROR(Migrate(static_cast<int>(user_version)));
     CORTEX_RETURN_IF_ERROR(StillOurFile());  // also notes the -wal and -shm files SQLite holds
     if (path_ != ":memory:") {
+      // Commits that must reach the disk wait for it outside the writer's turn (WaitSynced):
+      // SQLite commits without syncing, and one fdatasync of the write-ahead log, which
+      // holds every commit since the last checkpoint, covers all commits made before it
+      // began, while the next group is already being written. Where the log cannot be
+      // opened for that, SQLite syncs each commit itself (synchronous=FULL).
+      log_fd_ = ::open((path_ + "-wal").c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+      if (log_fd_ >= 0 && ::fsync(log_fd_) == 0) {
+        const std::string dir = std::filesystem::path(path_).parent_path().string();
+        if (int d = ::open(dir.empty() ? "." : dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+            d >= 0) {
+          (void)::fsync(d);  // the log's name, once
+          ::close(d);
+        }
+        CORTEX_RETURN_IF_ERROR(Exec("PRAGMA synchronous=NORMAL"));
+      } else if (log_fd_ >= 0) {
+        ::close(log_fd_);
+        log_fd_ = -1;
+      }
       // The same file, for reads only (query_only: a bug here cannot write).
       if (sqlite3_open_v2(path_.c_str(), &read_.db,
                           SQLITE_OPEN_READWRITE | SQLITE_OPEN_FULLMUTEX | SQLITE_OPEN_NOFOLLOW,
@@ -271,20 +313,62 @@ class SqliteStore : public Store {
         sqlite3_free(err);
         return Status::IOError("store " + path_ + ": " + m);
       }
+      // Checkpoints (the log copied into the database file) on a connection and thread
+      // of their own: SQLite would run each inside whichever commit takes the log past
+      // 1000 pages, holding every writer queued behind it for milliseconds.
+      if (sqlite3_open_v2(path_.c_str(), &checkpoint_.db,
+                          SQLITE_OPEN_READWRITE | SQLITE_OPEN_FULLMUTEX | SQLITE_OPEN_NOFOLLOW,
+                          nullptr) != SQLITE_OK)
+        return Status::IOError("cannot open store " + path_ +
+                               " to checkpoint: " + checkpoint_.Err());
+      sqlite3_busy_timeout(checkpoint_.db, 5000);
+      sqlite3_wal_hook(write_.db, &SqliteStore::OnCommit, this);  // (replaces SQLite's own)
+      checkpointer_ = std::thread([this] { CheckpointLoop(); });
     }
     return Status::OK();
   }
 
-  Status InsertTask(const Task& t) override {
-    const std::string tags = TagsJson(t.tags).dump();  // outside the writer's turn
-    return Commit([&] { return WriteTask(t, tags); });
+  static int OnCommit(void* self, sqlite3*, const char*, int log_pages) {
+    if (log_pages >= kCheckpointPages) {
+      auto* s = static_cast<SqliteStore*>(self);
+      {
+        std::lock_guard<std::mutex> l(s->checkpoint_mu_);
+        s->checkpoint_due_ = true;
+      }
+      s->checkpoint_cv_.notify_one();
+    }
+    return SQLITE_OK;
   }
 
-  Status WriteTask(const Task& t, const std::string& tags) {
+  void CheckpointLoop() {
+    std::unique_lock<std::mutex> l(checkpoint_mu_);
+    while (true) {
+      checkpoint_cv_.wait(l, [&] { return checkpoint_due_ || closing_; });
+      if (closing_) return;
+      checkpoint_due_ = false;
+      l.unlock();
+      // PASSIVE: it copies what it can without waiting for readers or the writer, which
+      // go on meanwhile; the writer starts the log over once a checkpoint has copied all.
+      if (int rc = sqlite3_wal_checkpoint_v2(checkpoint_.db, nullptr, SQLITE_CHECKPOINT_PASSIVE,
+                                             nullptr, nullptr);
+          rc != SQLITE_OK && rc != SQLITE_BUSY)
+        LogWarn("store: checkpoint failed: {}", checkpoint_.Err());
+      l.lock();
+    }
+  }
+
+  Status InsertTask(const Task& t) override {
+    const std::string tags = TagsJson(t.tags).dump();  // outside the writer's turn
+    return Commit([&] { return WriteTask(t, tags, t.state, t.created_at); });
+  }
+
+  // A new task row, in `state` as of `updated_at` (an admission writes the state its
+  // decision and first attempt leave it in at once, not each step's).
+  Status WriteTask(const Task& t, const std::string& tags, TaskState state, double updated_at) {
     Stmt s =
         Prepare("INSERT INTO tasks(id,text,tags,state,created_at,updated_at) VALUES(?,?,?,?,?,?)");
-    s.Bind(1, t.id).Bind(2, t.text).Bind(3, tags).Bind(4, ToString(t.state));
-    s.Bind(5, t.created_at).Bind(6, t.created_at);
+    s.Bind(1, t.id).Bind(2, t.text).Bind(3, tags).Bind(4, ToString(state));
+    s.Bind(5, t.created_at).Bind(6, updated_at);
     return Done(s, "insert task " + t.id);
   }
 
@@ -295,16 +379,20 @@ class SqliteStore : public Store {
       cands.push_back(a.decision ? CandidatesJson(*a.decision).dump() : std::string());
     }
     std::vector<std::function<Status()>> writes;
-    for (size_t i = 0; i < batch.size(); ++i)
+    std::vector<bool> durable;
+    for (size_t i = 0; i < batch.size(); ++i) {
+      durable.push_back(batch[i].durable);
       writes.push_back([&, i] {
         const Admission& a = batch[i];
-        CORTEX_RETURN_IF_ERROR(WriteTask(*a.task, tags[i]));
-        if (!a.decision) return Status::OK();
-        CORTEX_RETURN_IF_ERROR(WriteDecision(a.task->id, *a.decision, cands[i]));
+        if (!a.decision) return WriteTask(*a.task, tags[i], a.task->state, a.task->created_at);
+        const TaskState state = a.started.empty() ? TaskState::kRouted : TaskState::kRunning;
+        CORTEX_RETURN_IF_ERROR(WriteTask(*a.task, tags[i], state, a.decision->time));
+        CORTEX_RETURN_IF_ERROR(InsertDecision(a.task->id, *a.decision, cands[i]));
         if (a.started.empty()) return Status::OK();
-        return WriteStart(a.task->id, 1, a.started, a.decision->time);
+        return InsertAttempt(a.task->id, 1, a.started, a.decision->time);
       });
-    *out = CommitEach(writes);
+    }
+    *out = CommitEach(writes, durable);
   }
 
   Status RecordDecision(const std::string& id, const Decision& d) override {
@@ -325,6 +413,11 @@ class SqliteStore : public Store {
   }
 
   Status WriteDecision(const std::string& id, const Decision& d, const std::string& cands) {
+    CORTEX_RETURN_IF_ERROR(InsertDecision(id, d, cands));
+    return UpdateState(id, TaskState::kRouted, d.time);
+  }
+
+  Status InsertDecision(const std::string& id, const Decision& d, const std::string& cands) {
     const Candidate* chosen = d.Find(d.chosen);
     Stmt s = Prepare(
         "INSERT OR REPLACE INTO decisions(task_id,time,model_version,chosen,chosen_confidence,"
@@ -333,8 +426,7 @@ class SqliteStore : public Store {
     s.Bind(5, chosen ? chosen->confidence : 0.0).Bind(6, d.propensity);
     s.Bind(7, d.explored ? 1 : 0).Bind(8, d.forced ? 1 : 0).Bind(9, cands);
     s.Bind(10, d.greedy);
-    CORTEX_RETURN_IF_ERROR(Done(s, "record decision for " + id));
-    return UpdateState(id, TaskState::kRouted, d.time);
+    return Done(s, "record decision for " + id);
   }
 
   Status StartAttempt(const std::string& id, int n, const std::string& expert,
@@ -343,36 +435,45 @@ class SqliteStore : public Store {
   }
 
   Status WriteStart(const std::string& id, int n, const std::string& expert, double time) {
-    Stmt s = Prepare("INSERT INTO attempts(task_id,n,expert,started_at) VALUES(?,?,?,?)");
-    s.Bind(1, id).Bind(2, n).Bind(3, expert).Bind(4, time);
-    CORTEX_RETURN_IF_ERROR(Done(s, "start attempt"));
+    CORTEX_RETURN_IF_ERROR(InsertAttempt(id, n, expert, time));
     return UpdateState(id, TaskState::kRunning, time);
   }
 
-  Status FinishAttempt(const std::string& id, int n, const Outcome& o, double time,
-                       std::optional<TaskState> ends) override {
-    return Commit([&] {
-      Stmt s = Prepare(
-          "UPDATE attempts SET finished_at=?,outcome=?,quality=?,duration_s=?,output=?,error=? "
-          "WHERE task_id=? AND n=?");
-      s.Bind(1, time).Bind(2, ToString(o.kind)).Bind(3, o.quality).Bind(4, o.duration_s);
-      s.Bind(5, o.output).Bind(6, o.error).Bind(7, id).Bind(8, n);
-      CORTEX_RETURN_IF_ERROR(Done(s, "finish attempt"));
-      CORTEX_RETURN_IF_ERROR(Changed("attempt " + std::to_string(n) + " of task " + id));
-      if (!ends) {  // it waits for its next attempt: routed, so a restart resumes it
-        Stmt r =
-            Prepare("UPDATE tasks SET state='routed',updated_at=? WHERE id=? AND state='running'");
-        r.Bind(1, time).Bind(2, id);
-        return Done(r, "finish attempt");
-      }
-      // The attempt's expert is the one that ended the task.
-      Stmt e = Prepare(
-          "UPDATE tasks SET state=?,updated_at=?,expert=(SELECT expert FROM attempts WHERE "
-          "task_id=?3 AND n=?4) WHERE id=?3");
-      e.Bind(1, ToString(*ends)).Bind(2, time).Bind(3, id).Bind(4, n);
-      CORTEX_RETURN_IF_ERROR(Done(e, "finish task"));
-      return Changed("task " + id);
-    });
+  Status InsertAttempt(const std::string& id, int n, const std::string& expert, double time) {
+    Stmt s = Prepare("INSERT INTO attempts(task_id,n,expert,started_at) VALUES(?,?,?,?)");
+    s.Bind(1, id).Bind(2, n).Bind(3, expert).Bind(4, time);
+    return Done(s, "start attempt");
+  }
+
+  void FinishAttempts(const std::vector<AttemptEnd>& batch, std::vector<Status>* out) override {
+    std::vector<std::function<Status()>> writes;
+    for (const AttemptEnd& a : batch) writes.push_back([&] { return WriteFinish(a); });
+    *out = CommitEach(writes);
+  }
+
+  Status WriteFinish(const AttemptEnd& a) {
+    const Outcome& o = *a.outcome;
+    const std::string& id = a.id;
+    Stmt s = Prepare(
+        "UPDATE attempts SET finished_at=?,outcome=?,quality=?,duration_s=?,output=?,error=? "
+        "WHERE task_id=? AND n=?");
+    s.Bind(1, a.time).Bind(2, ToString(o.kind)).Bind(3, o.quality).Bind(4, o.duration_s);
+    s.Bind(5, o.output).Bind(6, o.error).Bind(7, id).Bind(8, a.n);
+    CORTEX_RETURN_IF_ERROR(Done(s, "finish attempt"));
+    CORTEX_RETURN_IF_ERROR(Changed("attempt " + std::to_string(a.n) + " of task " + id));
+    if (!a.ends) {  // it waits for its next attempt: routed, so a restart resumes it
+      Stmt r =
+          Prepare("UPDATE tasks SET state='routed',updated_at=? WHERE id=? AND state='running'");
+      r.Bind(1, a.time).Bind(2, id);
+      return Done(r, "finish attempt");
+    }
+    // The attempt's expert is the one that ended the task.
+    Stmt e = Prepare(
+        "UPDATE tasks SET state=?,updated_at=?,expert=(SELECT expert FROM attempts WHERE "
+        "task_id=?3 AND n=?4) WHERE id=?3");
+    e.Bind(1, ToString(*a.ends)).Bind(2, a.time).Bind(3, id).Bind(4, a.n);
+    CORTEX_RETURN_IF_ERROR(Done(e, "finish task"));
+    return Changed("task " + id);
   }
 
   Status UndoStart(const std::string& id, int n) override {
@@ -777,6 +878,46 @@ class SqliteStore : public Store {
     return StillOurFile();
   }
 
+  Status Sync() override {
+    uint64_t last;
+    {
+      std::lock_guard<std::mutex> l(sync_mu_);
+      last = committed_;
+    }
+    return WaitSynced(last);
+  }
+
+  // Returns once commit number `seq` is on the disk: the first caller to find no sync
+  // under way starts one that covers every commit so far; the others wait for it.
+  Status WaitSynced(uint64_t seq) {
+    if (log_fd_ < 0) return Status::OK();  // SQLite synced each commit itself
+    std::unique_lock<std::mutex> l(sync_mu_);
+    while (synced_ < seq) {
+      if (seq <= failed_through_) return sync_error_;
+      if (syncing_) {
+        sync_cv_.wait(l);
+        continue;
+      }
+      syncing_ = true;
+      const uint64_t target = committed_;
+      l.unlock();
+      const int rc = ::fdatasync(log_fd_);
+      const int err = errno;
+      l.lock();
+      syncing_ = false;
+      if (rc == 0) {
+        synced_ = std::max(synced_, target);
+      } else {
+        // What the failed sync was to cover may be lost: those writes fail (to be retried).
+        failed_through_ = std::max(failed_through_, target);
+        sync_error_ =
+            Status::IOError(std::string("store: syncing the write-ahead log: ") + strerror(err));
+      }
+      sync_cv_.notify_all();
+    }
+    return Status::OK();
+  }
+
   int SchemaVersion() override {
     std::lock_guard<std::mutex> l(mu_);
     long v = 0;
@@ -845,6 +986,8 @@ class SqliteStore : public Store {
   // after the commit that holds it, with its own status; a failed commit fails them all.
   struct Write {
     const std::function<Status()>* fn = nullptr;
+    bool durable = true;  // returns once its commit is on the disk
+    uint64_t seq = 0;     // its commit's number
     Status result = Status::Internal("store: the write was not made");  // until its group's
   };
   static constexpr size_t kMaxGroup = 512;
@@ -853,56 +996,88 @@ class SqliteStore : public Store {
 
   // Several writes of one caller, each with its own status, in as few commits as the
   // queue allows (usually one).
-  std::vector<Status> CommitEach(const std::vector<std::function<Status()>>& writes) {
+  std::vector<Status> CommitEach(const std::vector<std::function<Status()>>& writes,
+                                 const std::vector<bool>& durable = {}) {
     std::vector<Write> mine(writes.size());
     std::vector<Write*> items;
     for (size_t i = 0; i < writes.size(); ++i) {
       mine[i].fn = &writes[i];
+      mine[i].durable = i >= durable.size() || durable[i];
       items.push_back(&mine[i]);
     }
-    writers_.Run(items, [this](const std::vector<Write*>& group) { CommitGroup(group); });
+    writers_.Run(items, [this](const std::vector<Write*>& group, const std::function<void()>&) {
+      CommitGroup(group);
+    });
+    uint64_t wait_for = 0;
+    for (const Write& w : mine)
+      if (w.durable && w.result.ok()) wait_for = std::max(wait_for, w.seq);
+    const Status synced = WaitSynced(wait_for);
     std::vector<Status> out;
-    for (Write& w : mine) out.push_back(std::move(w.result));
+    for (Write& w : mine)
+      out.push_back(w.durable && w.result.ok() && !synced.ok() ? synced : std::move(w.result));
     return out;
   }
 
-  // The writes of one group in one transaction, each in a savepoint of its own.
+  // The writes of one group in one transaction. Writes almost never fail one by one, so
+  // the group runs first without a savepoint per write; when one fails, that transaction
+  // is rolled back and the group runs again with a savepoint each, so the failed write
+  // is undone alone.
   void CommitGroup(const std::vector<Write*>& group) {
     std::lock_guard<std::mutex> l(mu_);
     Status st = StillOurFile();  // once per group, not per write
-    if (st.ok()) st = Run("BEGIN IMMEDIATE");
     if (!st.ok()) {
       for (Write* w : group) w->result = st;
-    } else {
-      const bool alone = group.size() == 1;
-      bool any = false;
-      Status lost;  // set when SQLite itself ended the transaction
-      for (Write* w : group) {
-        if (!alone) (void)Run("SAVEPOINT w");
-        w->result = (*w->fn)();
-        // A full disk or an I/O error can make SQLite roll the whole transaction back
-        // at once: the group's earlier writes are gone too, and later ones must not run
-        // outside a transaction. Every write of the group fails, to be retried.
-        if (sqlite3_get_autocommit(write_.db)) {
-          lost = w->result.ok() ? Status::IOError("store: the transaction was rolled back")
-                                : w->result;
-          break;
-        }
-        if (!alone) {
-          if (!w->result.ok()) (void)Run("ROLLBACK TO w");
-          (void)Run("RELEASE w");
-        }
-        any |= w->result.ok();
-      }
-      Status c = !lost.ok() ? lost : any ? Run("COMMIT") : Run("ROLLBACK");
-      if (!lost.ok()) {
-        for (Write* w : group) w->result = lost;
-      } else if (!c.ok()) {
-        (void)Run("ROLLBACK");
-        for (Write* w : group)
-          if (w->result.ok()) w->result = c;
-      }
+      return;
     }
+    if (group.size() == 1 || !TryGroup(group, /*isolated=*/false)) TryGroup(group, true);
+  }
+
+  // One transaction over the group. Not `isolated`: returns false, having rolled back,
+  // as soon as a write fails.
+  bool TryGroup(const std::vector<Write*>& group, bool isolated) {
+    const bool savepoints = isolated && group.size() > 1;
+    Status st = Run("BEGIN IMMEDIATE");
+    if (!st.ok()) {
+      for (Write* w : group) w->result = st;
+      return true;
+    }
+    bool any = false;
+    Status lost;  // set when SQLite itself ended the transaction
+    for (Write* w : group) {
+      if (savepoints) (void)Run("SAVEPOINT w");
+      w->result = (*w->fn)();
+      // A full disk or an I/O error can make SQLite roll the whole transaction back at
+      // once: the group's earlier writes are gone too, and later ones must not run
+      // outside a transaction. Every write of the group fails, to be retried.
+      if (sqlite3_get_autocommit(write_.db)) {
+        lost =
+            w->result.ok() ? Status::IOError("store: the transaction was rolled back") : w->result;
+        break;
+      }
+      if (!w->result.ok() && !isolated) {
+        (void)Run("ROLLBACK");
+        return false;
+      }
+      if (savepoints) {
+        if (!w->result.ok()) (void)Run("ROLLBACK TO w");
+        (void)Run("RELEASE w");
+      }
+      any |= w->result.ok();
+    }
+    Status c = !lost.ok() ? lost : any ? Run("COMMIT") : Run("ROLLBACK");
+    if (lost.ok() && any && c.ok()) {
+      std::lock_guard<std::mutex> s(sync_mu_);
+      ++committed_;
+      for (Write* w : group) w->seq = committed_;
+    }
+    if (!lost.ok()) {
+      for (Write* w : group) w->result = lost;
+    } else if (!c.ok()) {
+      (void)Run("ROLLBACK");
+      for (Write* w : group)
+        if (w->result.ok()) w->result = c;
+    }
+    return true;
   }
 
   Status Run(const char* sql) { return write_.Run(sql); }
@@ -1101,6 +1276,20 @@ class SqliteStore : public Store {
   std::string path_;
   Conn write_;
   std::mutex mu_;  // the connection; a group commit holds it for its whole transaction
+  static constexpr int kCheckpointPages = 1000;  // log pages that make a checkpoint due
+  Conn checkpoint_;
+  std::thread checkpointer_;
+  std::mutex checkpoint_mu_;  // guards the two flags below
+  std::condition_variable checkpoint_cv_;
+  bool checkpoint_due_ = false, closing_ = false;
+  // The write-ahead log, to sync it (WaitSynced); -1 when SQLite syncs each commit.
+  int log_fd_ = -1;
+  std::mutex sync_mu_;  // guards what follows; taken after mu_, never before it
+  std::condition_variable sync_cv_;
+  uint64_t committed_ = 0, synced_ = 0;  // commit numbers: the last made, the last on disk
+  bool syncing_ = false;
+  uint64_t failed_through_ = 0;  // commits a failed sync was to cover
+  Status sync_error_;
   GroupQueue<Write> writers_{kMaxGroup};  // writes waiting for their group's commit
   // Reads go through a connection of their own: in WAL mode they see the last commit
   // and never wait for a group's fsync. (":memory:" has one connection: reads share it.)

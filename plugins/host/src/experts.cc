@@ -10,6 +10,7 @@
 #include <cstring>
 #include <filesystem>
 #include <future>
+#include <optional>
 #include <set>
 #include <thread>
 #include <utility>
@@ -387,31 +388,24 @@ Status Expert::EnsureHost(int64_t deadline, const std::atomic<bool>* stopping,
   return Status::OK();  // `old` (dead) is released here, outside host_mu_
 }
 
-Outcome Expert::Run(const Task& task, const std::atomic<bool>* stopping) {
-  const int64_t start = clock_->MonotonicMicros();
-  const int64_t deadline = start + static_cast<int64_t>(manifest_.timeout_s * 1e6);
-  if (!slots_->Acquire(deadline, stopping)) {
-    Outcome out;
-    out.kind = OutcomeKind::kRejected;
-    out.error = stopping && stopping->load()
-                    ? "cortexd is stopping"
-                    : "busy: all " + std::to_string(manifest_.capacity) + " slots in use";
-    out.duration_s = (clock_->MonotonicMicros() - start) / 1e6;
-    return out;
-  }
-  return isolated() ? RunHosted(task, stopping, start, deadline)
-                    : RunInProcess(task, stopping, start, deadline);
-}
-
-bool Expert::TryAcquireSlot() { return slots_->TryAcquire(); }
-void Expert::ReleaseSlot() { slots_->Release(); }
-
-Outcome Expert::RunWithSlot(const Task& task, const std::atomic<bool>* stopping) {
-  const int64_t start = clock_->MonotonicMicros();
-  const int64_t deadline = start + static_cast<int64_t>(manifest_.timeout_s * 1e6);
-  return isolated() ? RunHosted(task, stopping, start, deadline)
-                    : RunInProcess(task, stopping, start, deadline);
-}
+// One attempt between Begin and Await: either ended already (it never reached the
+// plugin) or running on a host or, in-process, on a thread of its own.
+class Expert::Attempt {
+ public:
+  int64_t start = 0, deadline = 0;  // monotonic micros
+  const std::atomic<bool>* stopping = nullptr;
+  std::optional<Outcome> ended;  // set when it never began
+  std::shared_ptr<HostProcess> host;
+  std::shared_ptr<HostProcess::PendingRun> run;
+  struct Shared {  // in-process: what the plugin's thread and the caller share
+    std::mutex mu;
+    std::condition_variable cv;
+    bool done = false;
+    Execution exec;
+    Shared(const Task& t, int64_t d) : exec(t, d) {}
+  };
+  std::shared_ptr<Shared> shared;
+};
 
 namespace {
 Outcome Finish(Env* clock, OutcomeKind k, std::string err, int64_t start, std::string output = "") {
@@ -430,54 +424,103 @@ int64_t DeadlineUnixMs(Env* clock, double timeout_s) {
 }
 }  // namespace
 
-Outcome Expert::RunHosted(const Task& task, const std::atomic<bool>* stopping, int64_t start,
-                          int64_t deadline) {
-  std::shared_ptr<HostProcess> host;
+Outcome Expert::Run(const Task& task, const std::atomic<bool>* stopping) {
+  Attempt a;
+  a.stopping = stopping;
+  a.start = clock_->MonotonicMicros();
+  a.deadline = a.start + static_cast<int64_t>(manifest_.timeout_s * 1e6);
+  // The timeout counts the wait for a slot too.
+  if (!slots_->Acquire(a.deadline, stopping))
+    return Finish(clock_, OutcomeKind::kRejected,
+                  stopping && stopping->load()
+                      ? "cortexd is stopping"
+                      : "busy: all " + std::to_string(manifest_.capacity) + " slots in use",
+                  a.start);
+  if (isolated())
+    BeginHosted(task, &a, nullptr);
+  else
+    BeginInProcess(task, &a, nullptr);
+  return Await(a);
+}
+
+bool Expert::TryAcquireSlot() { return slots_->TryAcquire(); }
+void Expert::ReleaseSlot() { slots_->Release(); }
+
+Outcome Expert::RunWithSlot(const Task& task, const std::atomic<bool>* stopping) {
+  return Await(*Begin(task, stopping));
+}
+
+std::shared_ptr<Expert::Attempt> Expert::Begin(const Task& task, const std::atomic<bool>* stopping,
+                                               std::function<void()> on_ready) {
+  auto a = std::make_shared<Attempt>();
+  a->stopping = stopping;
+  a->start = clock_->MonotonicMicros();
+  a->deadline = a->start + static_cast<int64_t>(manifest_.timeout_s * 1e6);
+  if (isolated())
+    BeginHosted(task, a.get(), std::move(on_ready));
+  else
+    BeginInProcess(task, a.get(), std::move(on_ready));
+  return a;
+}
+
+bool Expert::Ready(const Attempt& a) const {
+  if (a.ended || (a.stopping && a.stopping->load()) || clock_->MonotonicMicros() >= a.deadline)
+    return true;
+  if (a.run) return a.host->Done(*a.run);
+  std::lock_guard<std::mutex> l(a.shared->mu);
+  return a.shared->done;
+}
+
+Outcome Expert::Await(Attempt& a) {
+  if (a.ended) return std::move(*a.ended);
+  return isolated() ? AwaitHosted(&a) : AwaitInProcess(&a);
+}
+
+void Expert::BeginHosted(const Task& task, Attempt* a, std::function<void()> on_ready) {
   OutcomeKind kind;
-  Status st = EnsureHost(deadline, stopping, &host, &kind);
+  Status st = EnsureHost(a->deadline, a->stopping, &a->host, &kind);
   if (!st.ok()) {
     slots_->Release();
     if (kind == OutcomeKind::kCrash) health_->Completed(kind);
-    return Finish(clock_, kind, st.message(), start);
+    a->ended = Finish(clock_, kind, st.message(), a->start);
+    return;
   }
-  auto run = host->Submit(task, DeadlineUnixMs(clock_, manifest_.timeout_s),
-                          [slots = slots_] { slots->Release(); });
-  if (!run) {  // it died just now; its death is already counted
+  a->run = a->host->Submit(task, DeadlineUnixMs(clock_, manifest_.timeout_s),
+                           [slots = slots_, on_ready = std::move(on_ready)] {
+                             slots->Release();
+                             if (on_ready) on_ready();
+                           });
+  if (!a->run) {  // it died just now; its death is already counted
     slots_->Release();
     health_->Completed(OutcomeKind::kCrash);
-    return Finish(clock_, OutcomeKind::kCrash, "the plugin host died before the task started",
-                  start);
+    a->ended = Finish(clock_, OutcomeKind::kCrash, "the plugin host died before the task started",
+                      a->start);
   }
-  if (!host->WaitRun(*run, deadline, stopping)) {
-    host->Abandon(run, health_->policy().hang_grace_s);
-    if (stopping && stopping->load())
-      return Finish(clock_, OutcomeKind::kInterrupted, "cortexd is stopping", start);
+}
+
+Outcome Expert::AwaitHosted(Attempt* a) {
+  if (!a->host->WaitRun(*a->run, a->deadline, a->stopping)) {
+    a->host->Abandon(a->run, health_->policy().hang_grace_s);
+    if (a->stopping && a->stopping->load())
+      return Finish(clock_, OutcomeKind::kInterrupted, "cortexd is stopping", a->start);
     health_->Completed(OutcomeKind::kTimeout);
-    return Finish(clock_, OutcomeKind::kTimeout, TimeoutMessage(manifest_.timeout_s), start);
+    return Finish(clock_, OutcomeKind::kTimeout, TimeoutMessage(manifest_.timeout_s), a->start);
   }
-  Outcome out = run->outcome;
-  out.duration_s = (clock_->MonotonicMicros() - start) / 1e6;
+  Outcome out = a->run->outcome;
+  out.duration_s = (clock_->MonotonicMicros() - a->start) / 1e6;
   // A crash the plugin reports (say, a program it ran died) is an event of its own; a
   // host death was counted once by the host's death callback, however many tasks it took.
-  if (out.kind == OutcomeKind::kCrash && !run->host_died) health_->Crash(out.error);
+  if (out.kind == OutcomeKind::kCrash && !a->run->host_died) health_->Crash(out.error);
   health_->Completed(out.kind);
   return out;
 }
 
-Outcome Expert::RunInProcess(const Task& task, const std::atomic<bool>* stopping, int64_t start,
-                             int64_t deadline) {
-  struct Shared {
-    std::mutex mu;
-    std::condition_variable cv;
-    bool done = false;
-    Execution exec;
-    Shared(const Task& t, int64_t d) : exec(t, d) {}
-  };
-  auto st = std::make_shared<Shared>(task, DeadlineUnixMs(clock_, manifest_.timeout_s));
+void Expert::BeginInProcess(const Task& task, Attempt* a, std::function<void()> on_ready) {
+  a->shared = std::make_shared<Attempt::Shared>(task, DeadlineUnixMs(clock_, manifest_.timeout_s));
   // The plugin runs on its own thread so a hung plugin cannot hold the caller past its
   // deadline; the thread keeps the expert (and its library) alive until it returns.
   try {
-    std::thread([self = shared_from_this(), st] {
+    std::thread([self = shared_from_this(), st = a->shared, on_ready = std::move(on_ready)] {
       st->exec.Run(self->file_->lib->api(), self->instance_);
       {
         std::lock_guard<std::mutex> l(st->mu);
@@ -485,30 +528,35 @@ Outcome Expert::RunInProcess(const Task& task, const std::atomic<bool>* stopping
       }
       st->cv.notify_all();
       self->slots_->Release();
+      if (on_ready) on_ready();
     }).detach();
   } catch (const std::system_error& e) {
     slots_->Release();
-    return Finish(clock_, OutcomeKind::kFailure,
-                  std::string("cannot start the expert: ") + e.what(), start);
+    a->ended = Finish(clock_, OutcomeKind::kFailure,
+                      std::string("cannot start the expert: ") + e.what(), a->start);
   }
+}
+
+Outcome Expert::AwaitInProcess(Attempt* a) {
+  Attempt::Shared* st = a->shared.get();
   std::unique_lock<std::mutex> l(st->mu);
   while (!st->done) {
-    if (stopping && stopping->load()) {
+    if (a->stopping && a->stopping->load()) {
       // The plugin is asked to stop; its thread keeps the slot until it returns.
       st->exec.Cancel();
-      return Finish(clock_, OutcomeKind::kInterrupted, "cortexd is stopping", start);
+      return Finish(clock_, OutcomeKind::kInterrupted, "cortexd is stopping", a->start);
     }
-    int64_t left = deadline - clock_->MonotonicMicros();
+    int64_t left = a->deadline - clock_->MonotonicMicros();
     if (left <= 0) break;
     st->cv.wait_for(l, std::chrono::microseconds(std::min<int64_t>(left, 100000)));
   }
   if (!st->done) {
     st->exec.Cancel();
     health_->Completed(OutcomeKind::kTimeout);
-    return Finish(clock_, OutcomeKind::kTimeout, TimeoutMessage(manifest_.timeout_s), start);
+    return Finish(clock_, OutcomeKind::kTimeout, TimeoutMessage(manifest_.timeout_s), a->start);
   }
   Outcome out = st->exec.TakeOutcome();
-  out.duration_s = (clock_->MonotonicMicros() - start) / 1e6;
+  out.duration_s = (clock_->MonotonicMicros() - a->start) / 1e6;
   if (out.kind == OutcomeKind::kCrash) health_->Crash(out.error);
   health_->Completed(out.kind);
   return out;

@@ -208,6 +208,11 @@ std::shared_ptr<HostProcess::PendingRun> HostProcess::Submit(const Task& task,
   return run;
 }
 
+bool HostProcess::Done(const PendingRun& run) const {
+  std::lock_guard<std::mutex> l(mu_);
+  return run.done;
+}
+
 bool HostProcess::WaitRun(PendingRun& run, int64_t deadline_us, const std::atomic<bool>* stop) {
   std::unique_lock<std::mutex> l(mu_);
   while (!run.done) {
@@ -278,21 +283,20 @@ void HostProcess::ReadLoop() {
   hostproto::FrameReader reader;
   char buf[65536];
   int status = 0;
+  // A read gives up after 100 ms of silence, so that hung tasks and a host that died
+  // without closing the socket are noticed; while frames flow, one call per read.
+  struct timeval tick = {0, 100000};
+  setsockopt(fd_, SOL_SOCKET, SO_RCVTIMEO, &tick, sizeof tick);
   while (true) {
-    struct pollfd p = {fd_, POLLIN, 0};
-    int r = poll(&p, 1, 100);
-    if (r < 0 && errno != EINTR) break;
-    if (r > 0) {
-      ssize_t n = ::recv(fd_, buf, sizeof buf, MSG_DONTWAIT);
-      if (n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR)) break;
-      if (n > 0) {
-        std::vector<json> frames;
-        Status st = reader.Feed(buf, static_cast<size_t>(n), &frames);
-        for (const auto& f : frames) HandleFrame(f);
-        if (!st.ok()) {
-          std::lock_guard<std::mutex> l(mu_);
-          violation_ = st.message();
-        }
+    ssize_t n = ::recv(fd_, buf, sizeof buf, 0);
+    if (n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) break;
+    if (n > 0) {
+      std::vector<json> frames;
+      Status st = reader.Feed(buf, static_cast<size_t>(n), &frames);
+      for (const auto& f : frames) HandleFrame(f);
+      if (!st.ok()) {
+        std::lock_guard<std::mutex> l(mu_);
+        violation_ = st.message();
       }
     }
     {
@@ -303,9 +307,11 @@ void HostProcess::ReadLoop() {
         if (now >= at && pending_.count(id)) hung_ = true;
       if (hung_) break;
     }
-    // A host that died while a process it forked still holds the socket gives no EOF.
+    // A host that died while a process it forked still holds the socket gives no EOF:
+    // silence is when to look.
     siginfo_t si{};
-    if (waitid(P_PID, pid_, &si, WEXITED | WNOHANG | WNOWAIT) == 0 && si.si_pid == pid_) break;
+    if (n < 0 && waitid(P_PID, pid_, &si, WEXITED | WNOHANG | WNOWAIT) == 0 && si.si_pid == pid_)
+      break;
   }
   ::kill(pid_, SIGKILL);  // whatever the reason we stopped reading, the host goes now
   // Once it is a zombie (its pid, and so its session id, cannot be reused yet), end what

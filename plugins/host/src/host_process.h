@@ -61,6 +61,7 @@ class HostProcess {
   // Sends a task. Returns null if the host is gone (on_end is then not kept).
   std::shared_ptr<PendingRun> Submit(const Task& task, int64_t deadline_unix_ms,
                                      std::function<void()> on_end);
+  bool Done(const PendingRun& run) const;
   // Waits until the run is done, `deadline_us` (monotonic) passes or *stop is set.
   bool WaitRun(PendingRun& run, int64_t deadline_us, const std::atomic<bool>* stop);
   // The caller stopped waiting: cancel the task; if it is still running `grace_s` later

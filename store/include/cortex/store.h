@@ -28,11 +28,14 @@ class Store {
   // New tasks with what was decided before they were acknowledged, one write each (one
   // commit for the batch, usually): the task, its decision when routed (it is `routed`),
   // and its first attempt when `started` names the expert already running it (`running`).
-  // Each task's status in `out`, in order.
+  // Each task's status in `out`, in order. A write that is not `durable` returns once
+  // it is committed and in the kernel, without waiting for the disk: nobody may be told
+  // of it before a later durable commit (or Sync) has reached the disk, which covers it.
   struct Admission {
     const Task* task = nullptr;
     const Decision* decision = nullptr;
     std::string started;
+    bool durable = true;
   };
   virtual void Admit(const std::vector<Admission>& batch, std::vector<Status>* out) = 0;
   virtual Status StartAttempt(const std::string& id, int n, const std::string& expert,
@@ -40,8 +43,21 @@ class Store {
   // With `ends` set, the task ends in that state in the same commit (as FinishTask, the
   // attempt's expert named as the one that ended it); without, a running task is routed
   // again: it waits for its next attempt (and a restart resumes it there).
-  virtual Status FinishAttempt(const std::string& id, int n, const Outcome& o, double time,
-                               std::optional<TaskState> ends = std::nullopt) = 0;
+  Status FinishAttempt(const std::string& id, int n, const Outcome& o, double time,
+                       std::optional<TaskState> ends = std::nullopt) {
+    std::vector<Status> st;
+    FinishAttempts({{id, n, &o, time, ends}}, &st);
+    return st[0];
+  }
+  // The same for a batch, in one commit; each attempt's status in `out`, in order.
+  struct AttemptEnd {
+    std::string id;
+    int n = 0;
+    const Outcome* outcome = nullptr;
+    double time = 0;
+    std::optional<TaskState> ends;
+  };
+  virtual void FinishAttempts(const std::vector<AttemptEnd>& batch, std::vector<Status>* out) = 0;
   // Takes back attempt n, recorded but never begun (cortexd stopped first): the attempt
   // is removed and the task is `routed` again, to run at the next start.
   virtual Status UndoStart(const std::string& id, int n) = 0;
@@ -98,6 +114,8 @@ class Store {
   virtual Status CountByState(std::vector<std::pair<std::string, long>>* counts) = 0;
   // OK, or why every write is refused: the file was deleted or replaced under cortexd.
   virtual Status Health() = 0;
+  // Every commit so far is on the disk once this returns OK (see Admission::durable).
+  virtual Status Sync() = 0;
   virtual int SchemaVersion() = 0;
   virtual std::string Path() const = 0;
 };

@@ -3,7 +3,9 @@
 // `max_group`), does the work for all of them at once, then tells each one and hands the
 // lead to the next in line. Nobody hands work to another thread: a follower just waits,
 // on its own mutex, so the end of a group wakes each follower once and none queues for a
-// shared lock again. Used by the store's writers and by the daemon's intake.
+// shared lock again. Work may hand the lead on before it is done (its group still waits
+// for it), so that the next group's first steps overlap this one's last. The group's
+// first item is the leader's own. Used by the store's writers and by the daemon's intake.
 #pragma once
 
 #include <algorithm>
@@ -13,6 +15,7 @@
 #include <exception>
 #include <functional>
 #include <mutex>
+#include <utility>
 #include <vector>
 
 namespace cortex {
@@ -20,7 +23,9 @@ namespace cortex {
 template <typename T>
 class GroupQueue {
  public:
-  using Work = std::function<void(const std::vector<T*>& group)>;
+  // `hand_on` (callable once; later calls do nothing) lets the next group start.
+  using Work =
+      std::function<void(const std::vector<T*>& group, const std::function<void()>& hand_on)>;
 
   explicit GroupQueue(size_t max_group) : max_group_(max_group) {}
 
@@ -74,31 +79,36 @@ class GroupQueue {
     }
     std::vector<T*> items;
     for (Member* m : group) items.push_back(m->item);
+    bool handed = false;
+    const std::function<void()> hand_on = [&] {
+      if (std::exchange(handed, true)) return;
+      Member* next = nullptr;
+      {
+        std::lock_guard<std::mutex> q(mu_);
+        queue_.erase(queue_.begin(), queue_.begin() + static_cast<long>(group.size()));
+        if (!queue_.empty()) next = queue_.front();
+      }
+      if (next) {  // it waits: only this leader can change its state
+        std::lock_guard<std::mutex> l(next->mu);
+        next->state = kLead;
+        next->cv.notify_one();
+      }
+    };
     // Whatever `work` does, the group is told and the lead handed on: a throw must not
     // leave followers waiting for ever. (Items keep what work set; callers start them as
     // failed.) The exception goes on to this caller.
     std::exception_ptr error;
     try {
-      work(items);
+      work(items, hand_on);
     } catch (...) {
       error = std::current_exception();
     }
-    Member* next = nullptr;
-    {
-      std::lock_guard<std::mutex> q(mu_);
-      queue_.erase(queue_.begin(), queue_.begin() + static_cast<long>(group.size()));
-      if (!queue_.empty()) next = queue_.front();
-    }
+    hand_on();
     // Under each member's own mutex: once told, its caller may return and it is gone.
     for (Member* m : group) {
       std::lock_guard<std::mutex> l(m->mu);
       m->state = kDone;
       m->cv.notify_one();
-    }
-    if (next) {  // it waits: only this leader can change its state
-      std::lock_guard<std::mutex> l(next->mu);
-      next->state = kLead;
-      next->cv.notify_one();
     }
     if (error) std::rethrow_exception(error);
   }

@@ -113,12 +113,25 @@ class Expert : public std::enable_shared_from_this<Expert> {
   Outcome RunWithSlot(const Task& task, const std::atomic<bool>* stopping);
   void ReleaseSlot();
 
+  // RunWithSlot in two halves, so that one thread can hand a batch of tasks to their
+  // experts before it waits for any of them: Begin sends the task on its way (on a slot
+  // taken with TryAcquireSlot) and returns without waiting for it to run; `on_ready`, if
+  // set, is called (from any thread, maybe before Begin returns) once the plugin is done
+  // with it. Await waits for its outcome (within the timeout counted from Begin, or
+  // until *stopping) and frees the slot; Ready says whether it would return at once (the
+  // plugin is done, the deadline has passed or *stopping is set).
+  class Attempt;
+  std::shared_ptr<Attempt> Begin(const Task& task, const std::atomic<bool>* stopping,
+                                 std::function<void()> on_ready = nullptr);
+  bool Ready(const Attempt& attempt) const;
+  Outcome Await(Attempt& attempt);
+
  private:
   struct Slots;
-  Outcome RunInProcess(const Task& task, const std::atomic<bool>* stopping, int64_t start,
-                       int64_t deadline);
-  Outcome RunHosted(const Task& task, const std::atomic<bool>* stopping, int64_t start,
-                    int64_t deadline);
+  void BeginInProcess(const Task& task, Attempt* a, std::function<void()> on_ready);
+  Outcome AwaitInProcess(Attempt* a);
+  void BeginHosted(const Task& task, Attempt* a, std::function<void()> on_ready);
+  Outcome AwaitHosted(Attempt* a);
   Status EnsureHost(int64_t deadline, const std::atomic<bool>* stopping,
                     std::shared_ptr<HostProcess>* out, OutcomeKind* kind);
   Status StartHost(std::shared_ptr<HostProcess>* out);
