@@ -167,7 +167,9 @@ void Trainer::RunRetrain() {
   json summary;
   Status st = RetrainOnce(now, &summary);
   // A retrain reads and featurizes its whole window (tens of MB, freed by now); hand
-  // that back to the kernel, or glibc keeps it and cortexd's RSS ratchets upwards.
+  // that back to the kernel, or glibc keeps it and cortexd's RSS ratchets upwards. (With
+  // jemalloc as malloc this finds nothing to do: jemalloc returns freed pages itself
+  // within seconds.)
   malloc_trim(0);
   if (!st.ok()) {
     LogWarn("retrain: {}", st.message());
