@@ -78,6 +78,21 @@ class Bell {
   bool rung_ = false;
 };
 
+// A worker's view of the active experts, read again only when the set changes (the
+// generation first: a view is never older than the generation it is kept for). Read
+// before queue_mu_ is taken: a rescan holding the registry must not hold up submissions.
+struct ExpertView {
+  std::map<std::string, std::shared_ptr<Expert>> experts;
+  uint64_t generation = ~uint64_t{0};
+  void Refresh(ExpertRegistry* registry) {
+    if (const uint64_t g = registry->generation(); g != generation) {
+      experts.clear();
+      for (auto& e : registry->Active()) experts.emplace(e->name(), std::move(e));
+      generation = g;
+    }
+  }
+};
+
 // One attempt of a job, from its start to its outcome (Pipeline::Impl::RunAttempts).
 struct Run {
   Job job;
@@ -161,7 +176,15 @@ struct Pipeline::Impl {
   }
 
   void SlotFreed() {
-    if (slot_wanted_.load()) work_cv_.notify_all();
+    if (!slot_wanted_.load()) return;
+    work_cv_.notify_all();
+    RingARunner();
+  }
+
+  // A worker busy with attempts looks at the queues again (new started tasks, a slot).
+  void RingARunner() {
+    std::lock_guard<std::mutex> l(runners_mu_);
+    if (!runners_.empty()) runners_.front()->Ring();
   }
 
   void SetLimits(size_t max_queued, int max_attempts, double shutdown_grace_s) {
@@ -512,9 +535,9 @@ struct Pipeline::Impl {
         (j.held ? started_ : ready_).push_back(std::move(j));
       }
       for (auto& t : queued) queue_.push_back(std::move(t));
-      // Whoever comes first takes the started ones: an idle worker or a busy one.
-      if (started && !runners_.empty()) runners_.front()->Ring();
     }
+    // Whoever comes first takes them: an idle worker or a busy one.
+    if (started || routed_only) RingARunner();
     if (!queued.empty()) queue_cv_.notify_all();
     for (size_t i = 0;
          i < routed_only + (started ? 1 : 0) && i < static_cast<size_t>(options_.workers); ++i)
@@ -650,22 +673,15 @@ struct Pipeline::Impl {
   // and holds no worker; a freed slot wakes the workers (Supervision::on_slot_free).
   void WorkerLoop() {
     UseCrashStackOnThisThread();  // an in-process plugin runs on this stack
-    // This worker's view of the active experts, read again only when the set changes
-    // (generation first: a view is never older than the generation it is kept for).
-    std::map<std::string, std::shared_ptr<Expert>> experts;
-    uint64_t seen = ~uint64_t{0};
+    ExpertView view;
+    auto& experts = view.experts;
+    auto& seen = view.generation;
     while (true) {
       Job job;
       std::shared_ptr<Expert> expert;
       std::vector<Job> started;  // recorded at admission: run together
       while (true) {
-        // The registry is read before queue_mu_ is taken: a rescan holding the registry
-        // must not hold up submissions through queue_mu_.
-        if (const uint64_t g = registry_->generation(); g != seen) {
-          experts.clear();
-          for (auto& e : registry_->Active()) experts.emplace(e->name(), std::move(e));
-          seen = g;
-        }
+        view.Refresh(registry_);
         std::unique_lock<std::mutex> l(queue_mu_);
         // A started job is already recorded as running: it runs even during a stop
         // (within the grace period, as every running attempt), and so does one an
@@ -691,14 +707,14 @@ struct Pipeline::Impl {
         work_cv_.wait_for(l, std::chrono::milliseconds(200));
       }
       if (!started.empty()) {
-        RunAttempts(std::move(started));
+        RunAttempts(std::move(started), &view);
       } else if (job.cancel) {
         EndTask(job, TaskState::kCancelled);
       } else if (expert) {
         job.held = std::move(expert);
         std::vector<Job> one;
         one.push_back(std::move(job));
-        RunAttempts(std::move(one));
+        RunAttempts(std::move(one), &view);
       } else {
         EndTask(job, TaskState::kFailed);  // no candidate left to try
       }
@@ -778,14 +794,14 @@ struct Pipeline::Impl {
   // Attempts, each on a slot its job holds (`held`): all are sent to their experts first,
   // then collected as they finish; those that finish together are recorded in one commit.
   // Then each task ends or waits for its next candidate in ready_. While its attempts
-  // run, the worker also takes on tasks admitted as started meanwhile (started_), so a
-  // started task never waits for a worker whose attempts are slow.
-  void RunAttempts(std::vector<Job> jobs) {
+  // run, the worker also takes on what an idle worker would (started_, and ready_ jobs
+  // whose expert has room), so no task waits for a worker whose attempts are slow.
+  void RunAttempts(std::vector<Job> jobs, ExpertView* view) {
     std::deque<Run> runs;  // (stable addresses: Conclude takes pointers)
     auto bell = std::make_shared<Bell>();
     auto ring = [bell] { bell->Ring(); };
     {
-      std::lock_guard<std::mutex> l(queue_mu_);
+      std::lock_guard<std::mutex> l(runners_mu_);
       runners_.push_back(bell);
     }
     size_t left = Begin(std::move(jobs), ring, &runs);
@@ -802,19 +818,42 @@ struct Pipeline::Impl {
       }
       if (!now.empty()) Conclude(now);
       while (!runs.empty() && runs.front().collected) runs.pop_front();
-      std::vector<Job> more;
+      // Meanwhile this worker serves the queues as an idle one would: started tasks, and
+      // routed ones (fallbacks, recovered tasks, those whose expert was full) whose next
+      // expert has room now.
+      std::vector<Job> more, ends;
+      view->Refresh(registry_);
       {
         std::lock_guard<std::mutex> l(queue_mu_);
         if (!abort_.load()) TakeStartedLocked(&more);
-        if (more.empty() && left == 0) {
+        if (!stop_.load()) {
+          while (more.size() + ends.size() < kMaxIntake) {
+            Job j;
+            std::shared_ptr<Expert> e;
+            if (!PickLocked(view->experts, view->generation, &j, &e)) break;
+            if (j.cancel || !e) {
+              ends.push_back(std::move(j));  // ended below, outside the lock
+              continue;
+            }
+            j.held = std::move(e);
+            ++running_;
+            more.push_back(std::move(j));
+          }
+          slot_wanted_ = !ready_.empty();
+          if (std::exchange(requeued_, false)) queue_cv_.notify_all();  // for the dispatcher
+        }
+        if (more.empty() && ends.empty() && left == 0) {
+          std::lock_guard<std::mutex> r(runners_mu_);
           runners_.erase(std::find(runners_.begin(), runners_.end(), bell));
           return;
         }
       }
+      for (const Job& j : ends) EndTask(j, j.cancel ? TaskState::kCancelled : TaskState::kFailed);
       if (!more.empty()) {
         left += Begin(std::move(more), ring, &runs);
         continue;
       }
+      if (!ends.empty()) continue;
       bell->Wait(std::chrono::milliseconds(100));
     }
   }
@@ -865,9 +904,12 @@ struct Pipeline::Impl {
         attempt_stops_[r.job.task.id] = r.stop;
       }
     }
-    for (size_t i = first; i < runs->size(); ++i) {
-      Run& r = (*runs)[i];
-      if (!r.stop->load()) r.attempt = r.expert->Begin(r.job.task, r.stop.get(), ring);
+    {
+      Expert::SendTogether together;  // one write per plugin host for the batch
+      for (size_t i = first; i < runs->size(); ++i) {
+        Run& r = (*runs)[i];
+        if (!r.stop->load()) r.attempt = r.expert->Begin(r.job.task, r.stop, ring);
+      }
     }
     return runs->size() - first;
   }
@@ -1082,11 +1124,12 @@ struct Pipeline::Impl {
   std::deque<Task> queue_;   // stored, not yet routed
   std::deque<Job> ready_;    // routed, waiting for a worker
   std::deque<Job> started_;  // first attempt recorded on a slot it holds: next to run
-  static constexpr size_t kMaxIntake = 256;     // tasks routed and stored together at most
-  GroupQueue<Intake> intake_{kMaxIntake};       // submits waiting for their batch
-  int busy_workers_ = 0;                        // workers running an attempt
-  size_t running_ = 0;                          // attempts the busy workers run
-  std::vector<std::shared_ptr<Bell>> runners_;  // workers running attempts (queue_mu_)
+  static constexpr size_t kMaxIntake = 256;  // tasks routed and stored together at most
+  GroupQueue<Intake> intake_{kMaxIntake};    // submits waiting for their batch
+  int busy_workers_ = 0;                     // workers running an attempt
+  size_t running_ = 0;                       // attempts the busy workers run
+  std::mutex runners_mu_;
+  std::vector<std::shared_ptr<Bell>> runners_;  // workers running attempts (runners_mu_)
   int in_submit_ = 0;                           // threads inside Submit
   size_t undone_ = 0;  // attempts taken back at a stop (their tasks stay routed)
   std::thread dispatcher_;

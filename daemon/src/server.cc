@@ -347,7 +347,9 @@ void Server::Serve(int fd) {
             limits_.idle_timeout_s)))));
         break;
       }
-      receive_within(buf.empty() && !discarding ? idle_us : left_us);
+      // (Within a millisecond of the full time, as right after an answer: the full time,
+      // so the timeout already set serves; a blank line since does not reset the clock.)
+      receive_within(buf.empty() && !discarding && left_us > idle_us - 1000 ? idle_us : left_us);
     }
     ssize_t n = recv(fd, chunk, sizeof chunk, 0);
     if (n < 0 && (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK)) continue;

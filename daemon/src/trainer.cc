@@ -1,7 +1,6 @@
 #include "trainer.h"
 
 #include <malloc.h>
-#include <sched.h>
 #include <sys/resource.h>
 #include <unistd.h>
 
@@ -51,12 +50,11 @@ void Trainer::Start() {
   newest_seq_ = learner_->trained_through();
   thread_ = std::thread([this] {
     pthread_setname_np(pthread_self(), "trainer");
-    // Learning trails the pipeline under load: the trainer runs on the CPU the tasks
-    // leave idle (SCHED_IDLE), not theirs, and catches up on every outcome the store
-    // logged meanwhile, in batches. Where that policy is refused, it is niced instead.
-    struct sched_param none = {};
-    if (sched_setscheduler(0, SCHED_IDLE, &none) != 0)
-      setpriority(PRIO_PROCESS, static_cast<id_t>(gettid()), 19);
+    // Learning trails the pipeline under load: the trainer runs at the lowest priority
+    // (nice 19), on what CPU the tasks leave, and catches up on every outcome the store
+    // logged meanwhile, in batches. (Not SCHED_IDLE: it holds locks routing needs, the
+    // live model's for each online step, and there it would starve with them held.)
+    setpriority(PRIO_PROCESS, static_cast<id_t>(gettid()), 19);
     Loop();
   });
 }

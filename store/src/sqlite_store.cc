@@ -893,7 +893,9 @@ class SqliteStore : public Store {
     if (log_fd_ < 0) return Status::OK();  // SQLite synced each commit itself
     std::unique_lock<std::mutex> l(sync_mu_);
     while (synced_ < seq) {
-      if (seq <= failed_through_) return sync_error_;
+      // After a failed sync nothing since the last good one is known to be on the disk
+      // (and a later sync may pass without it: Linux reports a lost write once).
+      if (!sync_error_.ok()) return sync_error_;
       if (syncing_) {
         sync_cv_.wait(l);
         continue;
@@ -905,13 +907,15 @@ class SqliteStore : public Store {
       const int err = errno;
       l.lock();
       syncing_ = false;
-      if (rc == 0) {
+      if (rc == 0 && sync_error_.ok()) {
         synced_ = std::max(synced_, target);
-      } else {
-        // What the failed sync was to cover may be lost: those writes fail (to be retried).
-        failed_through_ = std::max(failed_through_, target);
-        sync_error_ =
-            Status::IOError(std::string("store: syncing the write-ahead log: ") + strerror(err));
+      } else if (rc != 0) {
+        // For good: every write from here on is refused (StillOurFile), as after a
+        // store file deleted under cortexd.
+        sync_error_ = Status::IOError(
+            std::string("store: syncing the write-ahead log failed (") + strerror(err) +
+            "): what was written since the last sync may not be on the disk; refusing "
+            "writes until cortexd restarts");
       }
       sync_cv_.notify_all();
     }
@@ -957,6 +961,10 @@ class SqliteStore : public Store {
   // The file we opened must still be the one at our path: writes into a deleted or
   // replaced file would be acknowledged and then lost, since nobody can find it again.
   Status StillOurFile() {
+    {
+      std::lock_guard<std::mutex> s(sync_mu_);
+      if (!sync_error_.ok()) return sync_error_;
+    }
     if (files_[0].ino == 0) return Status::OK();  // :memory:
     for (Watched& f : files_) {
       const std::string p = path_ + f.suffix;
@@ -1066,9 +1074,8 @@ class SqliteStore : public Store {
     }
     Status c = !lost.ok() ? lost : any ? Run("COMMIT") : Run("ROLLBACK");
     if (lost.ok() && any && c.ok()) {
-      std::lock_guard<std::mutex> s(sync_mu_);
-      ++committed_;
-      for (Write* w : group) w->seq = committed_;
+      const uint64_t seq = NoteCommit();
+      for (Write* w : group) w->seq = seq;
     }
     if (!lost.ok()) {
       for (Write* w : group) w->result = lost;
@@ -1090,13 +1097,20 @@ class SqliteStore : public Store {
     }
     return Status::OK();
   }
-  // Commits on success, rolls back otherwise, and returns the first error.
+  // Commits on success (and returns once that is on the disk), rolls back otherwise, and
+  // returns the first error.
   Status Finish(const Status& st) {
     if (!st.ok()) {
       (void)Exec("ROLLBACK");
       return st;
     }
-    return Exec("COMMIT");
+    CORTEX_RETURN_IF_ERROR(Exec("COMMIT"));
+    return WaitSynced(NoteCommit());
+  }
+
+  uint64_t NoteCommit() {  // a commit was made: its number
+    std::lock_guard<std::mutex> s(sync_mu_);
+    return ++committed_;
   }
   Status QueryLong(const char* sql, long* out) {
     sqlite3_stmt* s = nullptr;
@@ -1181,8 +1195,12 @@ class SqliteStore : public Store {
   class Reading {
    public:
     enum Held { kWriterHeld };
-    explicit Reading(SqliteStore& s)
-        : c_(s.read_.db ? &s.read_ : &s.write_), l_(s.read_.db ? s.read_mu_ : s.mu_) {}
+    // A read sees what is on the disk: commits made so far are synced first (at once,
+    // usually: only an admission waiting for its task's end is ever left unsynced).
+    explicit Reading(SqliteStore& s) : c_(s.read_.db ? &s.read_ : &s.write_) {
+      (void)s.Sync();
+      l_ = std::unique_lock<std::mutex>(s.read_.db ? s.read_mu_ : s.mu_);
+    }
     Reading(SqliteStore& s, Held) : c_(&s.write_) {}  // the caller holds the writer's mutex
     Stmt Prepare(const char* sql) { return c_->Prepare(sql); }
     Status Run(const char* sql) { return c_->Run(sql); }
@@ -1288,8 +1306,7 @@ class SqliteStore : public Store {
   std::condition_variable sync_cv_;
   uint64_t committed_ = 0, synced_ = 0;  // commit numbers: the last made, the last on disk
   bool syncing_ = false;
-  uint64_t failed_through_ = 0;  // commits a failed sync was to cover
-  Status sync_error_;
+  Status sync_error_;                     // set once a sync failed, for good
   GroupQueue<Write> writers_{kMaxGroup};  // writes waiting for their group's commit
   // Reads go through a connection of their own: in WAL mode they see the last commit
   // and never wait for a group's fsync. (":memory:" has one connection: reads share it.)

@@ -394,7 +394,15 @@ class Expert::Attempt {
  public:
   int64_t start = 0, deadline = 0;  // monotonic micros
   const std::atomic<bool>* stopping = nullptr;
-  std::optional<Outcome> ended;  // set when it never began
+  std::shared_ptr<const std::atomic<bool>> stop_owner;  // keeps *stopping (Begin's)
+  std::optional<Outcome> ended;                         // set when it never began
+  struct Later {  // run whole on a thread of its own (its host had to be started first)
+    std::mutex mu;
+    std::condition_variable cv;
+    bool done = false;
+    Outcome outcome;
+  };
+  std::shared_ptr<Later> later;
   std::shared_ptr<HostProcess> host;
   std::shared_ptr<HostProcess::PendingRun> run;
   struct Shared {  // in-process: what the plugin's thread and the caller share
@@ -436,10 +444,7 @@ Outcome Expert::Run(const Task& task, const std::atomic<bool>* stopping) {
                       ? "cortexd is stopping"
                       : "busy: all " + std::to_string(manifest_.capacity) + " slots in use",
                   a.start);
-  if (isolated())
-    BeginHosted(task, &a, nullptr);
-  else
-    BeginInProcess(task, &a, nullptr);
+  Start(task, &a);
   return Await(a);
 }
 
@@ -447,23 +452,74 @@ bool Expert::TryAcquireSlot() { return slots_->TryAcquire(); }
 void Expert::ReleaseSlot() { slots_->Release(); }
 
 Outcome Expert::RunWithSlot(const Task& task, const std::atomic<bool>* stopping) {
-  return Await(*Begin(task, stopping));
+  Attempt a;
+  a.stopping = stopping;
+  a.start = clock_->MonotonicMicros();
+  a.deadline = a.start + static_cast<int64_t>(manifest_.timeout_s * 1e6);
+  Start(task, &a);
+  return Await(a);
 }
 
-std::shared_ptr<Expert::Attempt> Expert::Begin(const Task& task, const std::atomic<bool>* stopping,
+void Expert::Start(const Task& task, Attempt* a) {
+  if (isolated())
+    BeginHosted(task, a, nullptr);
+  else
+    BeginInProcess(task, a, nullptr);
+}
+
+std::shared_ptr<Expert::Attempt> Expert::Begin(const Task& task,
+                                               std::shared_ptr<const std::atomic<bool>> stopping,
                                                std::function<void()> on_ready) {
   auto a = std::make_shared<Attempt>();
-  a->stopping = stopping;
+  a->stopping = stopping.get();
+  a->stop_owner = std::move(stopping);
   a->start = clock_->MonotonicMicros();
   a->deadline = a->start + static_cast<int64_t>(manifest_.timeout_s * 1e6);
-  if (isolated())
-    BeginHosted(task, a.get(), std::move(on_ready));
-  else
+  if (!isolated()) {
     BeginInProcess(task, a.get(), std::move(on_ready));
+    return a;
+  }
+  if (auto h = CurrentHost(); h && h->alive()) {
+    BeginHosted(task, a.get(), std::move(on_ready));
+    return a;
+  }
+  // No host now: starting one may first wait out the restart backoff, and creating the
+  // instance takes time. That is done, with the whole attempt, on a thread of its own.
+  a->later = std::make_shared<Attempt::Later>();
+  try {
+    std::thread([self = shared_from_this(), a, task, on_ready = std::move(on_ready)] {
+      Attempt whole;
+      whole.start = a->start, whole.deadline = a->deadline, whole.stopping = a->stopping;
+      self->BeginHosted(task, &whole, nullptr);
+      Outcome o = self->Await(whole);
+      {
+        std::lock_guard<std::mutex> l(a->later->mu);
+        a->later->outcome = std::move(o);
+        a->later->done = true;
+      }
+      a->later->cv.notify_all();
+      if (on_ready) on_ready();
+    }).detach();
+  } catch (const std::system_error& e) {
+    slots_->Release();
+    a->later.reset();
+    a->ended = Finish(clock_, OutcomeKind::kFailure,
+                      std::string("cannot start the expert: ") + e.what(), a->start);
+  }
   return a;
 }
 
+struct Expert::SendTogether::Held {
+  hostproto::FrameWriter::Batch batch;
+};
+Expert::SendTogether::SendTogether() : held_(std::make_unique<Held>()) {}
+Expert::SendTogether::~SendTogether() = default;
+
 bool Expert::Ready(const Attempt& a) const {
+  if (a.later) {  // its thread keeps the deadline and the stop itself
+    std::lock_guard<std::mutex> l(a.later->mu);
+    return a.later->done;
+  }
   if (a.ended || (a.stopping && a.stopping->load()) || clock_->MonotonicMicros() >= a.deadline)
     return true;
   if (a.run) return a.host->Done(*a.run);
@@ -473,6 +529,11 @@ bool Expert::Ready(const Attempt& a) const {
 
 Outcome Expert::Await(Attempt& a) {
   if (a.ended) return std::move(*a.ended);
+  if (a.later) {
+    std::unique_lock<std::mutex> l(a.later->mu);
+    a.later->cv.wait(l, [&] { return a.later->done; });
+    return std::move(a.later->outcome);
+  }
   return isolated() ? AwaitHosted(&a) : AwaitInProcess(&a);
 }
 

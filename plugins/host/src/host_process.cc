@@ -170,7 +170,7 @@ bool HostProcess::alive() const {
   return !dead_;
 }
 
-Status HostProcess::Send(const json& f) { return writer_->Send(f); }
+Status HostProcess::Send(const json& f, bool may_hold) { return writer_->Send(f, may_hold); }
 
 Status HostProcess::Create(const std::string& settings_json, double timeout_s) {
   CORTEX_RETURN_IF_ERROR(Send({{"op", "create"}, {"settings", settings_json}}));
@@ -198,8 +198,10 @@ std::shared_ptr<HostProcess::PendingRun> HostProcess::Submit(const Task& task,
     run->on_end = std::move(on_end);
     pending_[run->id] = run;
   }
+  // (Held while the caller batches its sends: Expert::SendTogether.)
   Status st = Send(
-      {{"op", "run"}, {"id", run->id}, {"task", hostproto::TaskToJson(task, deadline_unix_ms)}});
+      {{"op", "run"}, {"id", run->id}, {"task", hostproto::TaskToJson(task, deadline_unix_ms)}},
+      /*may_hold=*/true);
   if (!st.ok()) {
     // A host that cannot take a task is of no use: end it; the reader fails the run.
     LogWarn("plugin host {} ({}): {}", pid_, options_.display, st.message());

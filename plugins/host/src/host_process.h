@@ -80,7 +80,7 @@ class HostProcess {
   void ReadLoop();
   void HandleFrame(const nlohmann::json& f);
   void Die(std::string why);
-  Status Send(const nlohmann::json& f);
+  Status Send(const nlohmann::json& f, bool may_hold = false);
 
   HostOptions options_;
   DeathFn on_death_;

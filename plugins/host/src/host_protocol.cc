@@ -3,6 +3,7 @@
 #include <errno.h>
 #include <sys/socket.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 
@@ -62,12 +63,39 @@ Status WriteAll(int fd, const std::string& buf) {
 
 }  // namespace
 
-Status FrameWriter::Send(const json& frame) {
+namespace {
+thread_local FrameWriter::Batch* t_batch = nullptr;
+}  // namespace
+
+FrameWriter::Batch::Batch() : outer_(t_batch) { t_batch = this; }
+
+FrameWriter::Batch::~Batch() {
+  t_batch = outer_;
+  for (auto& [writer, bytes] : held_) (void)writer->Write(std::move(bytes));
+}
+
+Status FrameWriter::Send(const json& frame, bool may_hold) {
   std::string mine;
   CORTEX_RETURN_IF_ERROR(Encode(frame, &mine));  // outside the lock
+  if (may_hold && t_batch) {
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      if (!failed_.ok()) return failed_;
+    }
+    auto& held = t_batch->held_;
+    auto it =
+        std::find_if(held.begin(), held.end(), [&](const auto& h) { return h.first == this; });
+    if (it == held.end()) it = held.insert(held.end(), {this, std::string()});
+    it->second += mine;
+    return Status::OK();
+  }
+  return Write(std::move(mine));
+}
+
+Status FrameWriter::Write(std::string bytes) {
   std::unique_lock<std::mutex> l(mu_);
   if (!failed_.ok()) return failed_;
-  out_ += mine;
+  out_ += bytes;
   if (writing_) return Status::OK();  // the writer at work takes it along
   writing_ = true;
   while (!out_.empty() && failed_.ok()) {

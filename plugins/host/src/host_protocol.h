@@ -35,9 +35,28 @@ constexpr int kExitOutOfMemory = 86;  // the host's exit status when an allocati
 class FrameWriter {
  public:
   explicit FrameWriter(int fd) : fd_(fd) {}
-  Status Send(const nlohmann::json& frame);
+  // `may_hold`: while a Batch lives on this thread, the frame waits for the Batch's end.
+  Status Send(const nlohmann::json& frame, bool may_hold = false);
+
+  // While one lives on a thread, the frames that thread sends with `may_hold` are held
+  // and written at its end, all of one socket's in one write: a worker handing a batch of
+  // tasks to a host writes once, and the host reads them at once. The writers must
+  // outlive it; a write that fails then fails their later Sends.
+  class Batch {
+   public:
+    Batch();
+    ~Batch();
+    Batch(const Batch&) = delete;
+    Batch& operator=(const Batch&) = delete;
+
+   private:
+    friend class FrameWriter;
+    Batch* outer_;
+    std::vector<std::pair<FrameWriter*, std::string>> held_;
+  };
 
  private:
+  Status Write(std::string bytes);  // appends them; writes unless another sender is at it
   const int fd_;
   std::mutex mu_;
   std::string out_;  // frames waiting for the writer

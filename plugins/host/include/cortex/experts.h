@@ -119,15 +119,31 @@ class Expert : public std::enable_shared_from_this<Expert> {
   // set, is called (from any thread, maybe before Begin returns) once the plugin is done
   // with it. Await waits for its outcome (within the timeout counted from Begin, or
   // until *stopping) and frees the slot; Ready says whether it would return at once (the
-  // plugin is done, the deadline has passed or *stopping is set).
+  // plugin is done, the deadline has passed or *stopping is set). An expert whose plugin
+  // host must first be started (after a crash, within its backoff) starts it on a
+  // thread of its own, so Begin never waits for that either.
   class Attempt;
-  std::shared_ptr<Attempt> Begin(const Task& task, const std::atomic<bool>* stopping,
+  std::shared_ptr<Attempt> Begin(const Task& task,
+                                 std::shared_ptr<const std::atomic<bool>> stopping,
                                  std::function<void()> on_ready = nullptr);
+  // While one lives on a thread, the tasks that thread Begins on plugin hosts are sent
+  // at its end, each host's in one write, instead of one write each. Their attempts
+  // must outlive it (they keep the hosts).
+  class SendTogether {
+   public:
+    SendTogether();
+    ~SendTogether();
+
+   private:
+    struct Held;
+    std::unique_ptr<Held> held_;
+  };
   bool Ready(const Attempt& attempt) const;
   Outcome Await(Attempt& attempt);
 
  private:
   struct Slots;
+  void Start(const Task& task, Attempt* a);  // Run's and RunWithSlot's: may wait for a host
   void BeginInProcess(const Task& task, Attempt* a, std::function<void()> on_ready);
   Outcome AwaitInProcess(Attempt* a);
   void BeginHosted(const Task& task, Attempt* a, std::function<void()> on_ready);
