@@ -654,6 +654,7 @@ struct Pipeline::Impl {
         for (auto& j : jobs) ready_.push_back(std::move(j));
       }
       work_cv_.notify_all();
+      RingARunner();
       if (!unrecorded.empty()) Requeue(&unrecorded, std::chrono::seconds(1));
     }
   }
@@ -871,17 +872,24 @@ struct Pipeline::Impl {
   // were added to *runs.
   size_t Begin(std::vector<Job> jobs, const std::function<void()>& ring, std::deque<Run>* runs) {
     const size_t first = runs->size();
+    // An attempt is recorded when it really starts (its slot is held), so recovery re-runs
+    // what never started; a first attempt started at admission is recorded already. The
+    // others are recorded together (one commit).
+    const double now = env_->NowUnix();
+    std::vector<Store::AttemptStart> starts;
+    for (const Job& j : jobs)
+      if (!j.recorded) starts.push_back({j.task.id, j.attempts + 1, j.held->name(), now});
+    std::vector<Status> recorded;
+    if (!starts.empty()) store_->StartAttempts(starts, &recorded);
+    size_t k = 0;
     for (Job& j : jobs) {
       Run r;
       r.expert = std::move(j.held);
       r.n = j.attempts + 1;
-      r.started_at = j.recorded ? j.decision.time : env_->NowUnix();
-      // An attempt is recorded when it really starts (its slot is held), so recovery
-      // re-runs what never started; a first attempt started at admission is recorded
-      // already. A store that refuses writes (a full disk) holds the task here, in
-      // memory, until it takes them or cortexd stops (the task is then resumed from the
-      // store at the next start).
-      if (!j.recorded &&
+      r.started_at = j.recorded ? j.decision.time : now;
+      // One the store refused (a full disk) is held here, in memory, until it takes it or
+      // cortexd stops (the task is then resumed from the store at the next start).
+      if (!j.recorded && !recorded[k++].ok() &&
           !Persist(fmt::format("task {}: recording attempt {}", j.task.id, r.n), [&] {
             return store_->StartAttempt(j.task.id, r.n, r.expert->name(), r.started_at);
           })) {

@@ -429,9 +429,11 @@ class SqliteStore : public Store {
     return Done(s, "record decision for " + id);
   }
 
-  Status StartAttempt(const std::string& id, int n, const std::string& expert,
-                      double time) override {
-    return Commit([&] { return WriteStart(id, n, expert, time); });
+  void StartAttempts(const std::vector<AttemptStart>& batch, std::vector<Status>* out) override {
+    std::vector<std::function<Status()>> writes;
+    for (const AttemptStart& a : batch)
+      writes.push_back([&] { return WriteStart(a.id, a.n, a.expert, a.time); });
+    *out = CommitEach(writes);
   }
 
   Status WriteStart(const std::string& id, int n, const std::string& expert, double time) {

@@ -480,18 +480,32 @@ std::shared_ptr<Expert::Attempt> Expert::Begin(const Task& task,
     return a;
   }
   if (auto h = CurrentHost(); h && h->alive()) {
-    BeginHosted(task, a.get(), std::move(on_ready));
-    return a;
+    // This host, as checked: one that dies meanwhile must not make this thread wait out
+    // a restart (EnsureHost would). Its death is counted; the task goes the slow way.
+    a->host = h;
+    a->run =
+        h->Submit(task, DeadlineUnixMs(clock_, manifest_.timeout_s), [slots = slots_, on_ready] {
+          slots->Release();
+          if (on_ready) on_ready();
+        });
+    if (a->run) return a;
+    a->host.reset();
   }
   // No host now: starting one may first wait out the restart backoff, and creating the
   // instance takes time. That is done, with the whole attempt, on a thread of its own.
   a->later = std::make_shared<Attempt::Later>();
   try {
-    std::thread([self = shared_from_this(), a, task, on_ready = std::move(on_ready)] {
-      Attempt whole;
-      whole.start = a->start, whole.deadline = a->deadline, whole.stopping = a->stopping;
-      self->BeginHosted(task, &whole, nullptr);
-      Outcome o = self->Await(whole);
+    std::thread([self = shared_from_this(), a, task, on_ready = std::move(on_ready)]() mutable {
+      Outcome o;
+      {
+        Attempt whole;
+        whole.start = a->start, whole.deadline = a->deadline, whole.stopping = a->stopping;
+        self->BeginHosted(task, &whole, nullptr);
+        o = self->Await(whole);
+      }
+      // Let go of the expert (and its host) before saying it is done: after that, cortexd
+      // may be tearing them down, and this thread must not be the one to end them.
+      self.reset();
       {
         std::lock_guard<std::mutex> l(a->later->mu);
         a->later->outcome = std::move(o);

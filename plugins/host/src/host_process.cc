@@ -122,7 +122,13 @@ Status HostProcess::Start(const HostOptions& options, DeathFn on_death,
   h->on_death_ = std::move(on_death);
   h->pid_ = pid;
   h->fd_ = sv[0];
-  h->writer_ = std::make_unique<hostproto::FrameWriter>(h->fd_);
+  // A host that cannot take a frame is of no use: it is ended, and its reader fails
+  // whatever it was running (a frame may have been written for several tasks at once).
+  h->writer_ = std::make_unique<hostproto::FrameWriter>(
+      h->fd_, [pid, display = options.display](const Status& st) {
+        LogWarn("plugin host {} ({}): {}", pid, display, st.message());
+        ::kill(pid, SIGKILL);
+      });
   h->reader_ = std::thread([p = h.get()] {
     pthread_setname_np(pthread_self(), "host-reader");
     p->ReadLoop();
@@ -203,7 +209,8 @@ std::shared_ptr<HostProcess::PendingRun> HostProcess::Submit(const Task& task,
       {{"op", "run"}, {"id", run->id}, {"task", hostproto::TaskToJson(task, deadline_unix_ms)}},
       /*may_hold=*/true);
   if (!st.ok()) {
-    // A host that cannot take a task is of no use: end it; the reader fails the run.
+    // A host that cannot take a task is of no use: end it; the reader fails the run. (A
+    // held frame's failed write does the same through the writer's on_fail.)
     LogWarn("plugin host {} ({}): {}", pid_, options_.display, st.message());
     ::kill(pid_, SIGKILL);
   }

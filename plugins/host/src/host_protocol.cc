@@ -98,16 +98,20 @@ Status FrameWriter::Write(std::string bytes) {
   out_ += bytes;
   if (writing_) return Status::OK();  // the writer at work takes it along
   writing_ = true;
+  bool first_failure = false;
   while (!out_.empty() && failed_.ok()) {
     std::string buf;
     buf.swap(out_);
     l.unlock();
     Status st = WriteAll(fd_, buf);
     l.lock();
-    if (!st.ok()) failed_ = st;
+    if (!st.ok()) failed_ = st, first_failure = true;
   }
   writing_ = false;
-  return failed_;
+  Status result = failed_;
+  l.unlock();
+  if (first_failure && on_fail_) on_fail_(result);
+  return result;
 }
 
 Status FrameReader::Feed(const char* data, size_t n, std::vector<json>* frames) {

@@ -13,6 +13,7 @@
 //   host -> cortexd   {"op":"oom"} just before it exits for want of memory
 #pragma once
 
+#include <functional>
 #include <mutex>
 #include <nlohmann/json.hpp>
 #include <string>
@@ -34,7 +35,10 @@ constexpr int kExitOutOfMemory = 86;  // the host's exit status when an allocati
 // write that failed fails every later Send.
 class FrameWriter {
  public:
-  explicit FrameWriter(int fd) : fd_(fd) {}
+  // `on_fail` runs once, on the thread whose write failed first (a held frame's writer
+  // has no caller to tell): cortexd ends a host it can no longer reach.
+  explicit FrameWriter(int fd, std::function<void(const Status&)> on_fail = nullptr)
+      : fd_(fd), on_fail_(std::move(on_fail)) {}
   // `may_hold`: while a Batch lives on this thread, the frame waits for the Batch's end.
   Status Send(const nlohmann::json& frame, bool may_hold = false);
 
@@ -58,6 +62,7 @@ class FrameWriter {
  private:
   Status Write(std::string bytes);  // appends them; writes unless another sender is at it
   const int fd_;
+  const std::function<void(const Status&)> on_fail_;
   std::mutex mu_;
   std::string out_;  // frames waiting for the writer
   bool writing_ = false;

@@ -38,8 +38,19 @@ class Store {
     bool durable = true;
   };
   virtual void Admit(const std::vector<Admission>& batch, std::vector<Status>* out) = 0;
-  virtual Status StartAttempt(const std::string& id, int n, const std::string& expert,
-                              double time) = 0;
+  Status StartAttempt(const std::string& id, int n, const std::string& expert, double time) {
+    std::vector<Status> st;
+    StartAttempts({{id, n, expert, time}}, &st);
+    return st[0];
+  }
+  // The same for a batch, in one commit; each attempt's status in `out`, in order.
+  struct AttemptStart {
+    std::string id;
+    int n = 0;
+    std::string expert;
+    double time = 0;
+  };
+  virtual void StartAttempts(const std::vector<AttemptStart>& batch, std::vector<Status>* out) = 0;
   // With `ends` set, the task ends in that state in the same commit (as FinishTask, the
   // attempt's expert named as the one that ended it); without, a running task is routed
   // again: it waits for its next attempt (and a restart resumes it there).
