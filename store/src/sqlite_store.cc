@@ -676,7 +676,7 @@ class SqliteStore : public Store {
 
   Status ForEachOutcome(long after_seq,
                         const std::function<bool(const LoggedOutcome&)>& fn) override {
-    Reading r(*this);
+    Reading r(*this, /*synced=*/false);
     Stmt s = r.Prepare(
         "SELECT a.rowid,a.task_id,t.created_at,t.text,t.tags,a.expert,a.n,a.outcome,a.quality,"
         "d.propensity,d.forced,d.candidates,d.greedy,d.explored,d.chosen,t.expert,"
@@ -712,7 +712,7 @@ class SqliteStore : public Store {
   }
 
   Status OutcomeWindowStart(long n, long* after_seq) override {
-    Reading r(*this);
+    Reading r(*this, /*synced=*/false);
     *after_seq = 0;
     Stmt s = r.Prepare("SELECT rowid FROM attempts WHERE " CORTEX_TRAINING_ATTEMPT(
         "") " ORDER BY rowid DESC LIMIT 1 OFFSET ?");
@@ -1199,8 +1199,10 @@ class SqliteStore : public Store {
     enum Held { kWriterHeld };
     // A read sees what is on the disk: commits made so far are synced first (at once,
     // usually: only an admission waiting for its task's end is ever left unsynced).
-    explicit Reading(SqliteStore& s) : c_(s.read_.db ? &s.read_ : &s.write_) {
-      (void)s.Sync();
+    // `synced: false` for the trainer's reads of outcomes, which shows nothing to anyone
+    // (and outcomes are durable writes: their commits are synced by their writers).
+    explicit Reading(SqliteStore& s, bool synced = true) : c_(s.read_.db ? &s.read_ : &s.write_) {
+      if (synced) (void)s.Sync();
       l_ = std::unique_lock<std::mutex>(s.read_.db ? s.read_mu_ : s.mu_);
     }
     Reading(SqliteStore& s, Held) : c_(&s.write_) {}  // the caller holds the writer's mutex
