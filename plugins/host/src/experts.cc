@@ -444,28 +444,15 @@ Outcome Expert::Run(const Task& task, const std::atomic<bool>* stopping) {
                       ? "cortexd is stopping"
                       : "busy: all " + std::to_string(manifest_.capacity) + " slots in use",
                   a.start);
-  Start(task, &a);
+  if (isolated())  // (this caller may wait for a host to start)
+    BeginHosted(task, &a, nullptr);
+  else
+    BeginInProcess(task, &a, nullptr);
   return Await(a);
 }
 
 bool Expert::TryAcquireSlot() { return slots_->TryAcquire(); }
 void Expert::ReleaseSlot() { slots_->Release(); }
-
-Outcome Expert::RunWithSlot(const Task& task, const std::atomic<bool>* stopping) {
-  Attempt a;
-  a.stopping = stopping;
-  a.start = clock_->MonotonicMicros();
-  a.deadline = a.start + static_cast<int64_t>(manifest_.timeout_s * 1e6);
-  Start(task, &a);
-  return Await(a);
-}
-
-void Expert::Start(const Task& task, Attempt* a) {
-  if (isolated())
-    BeginHosted(task, a, nullptr);
-  else
-    BeginInProcess(task, a, nullptr);
-}
 
 std::shared_ptr<Expert::Attempt> Expert::Begin(const Task& task,
                                                std::shared_ptr<const std::atomic<bool>> stopping,

@@ -106,18 +106,15 @@ class Expert : public std::enable_shared_from_this<Expert> {
   // host that dies gives `crash`. Never throws.
   Outcome Run(const Task& task, const std::atomic<bool>* stopping);
 
-  // The same in two steps, for a dispatcher that must never wait for a busy expert:
-  // TryAcquireSlot takes a free slot or returns false at once; RunWithSlot runs on a
-  // slot taken so (and frees it as Run does); ReleaseSlot gives one back unused.
+  // The same in steps, for a pipeline that must never wait for a busy expert, and that
+  // hands a batch of tasks to their experts before it waits for any of them:
+  // TryAcquireSlot takes a free slot or returns false at once; ReleaseSlot gives one back
+  // unused.
   bool TryAcquireSlot();
-  Outcome RunWithSlot(const Task& task, const std::atomic<bool>* stopping);
   void ReleaseSlot();
-
-  // RunWithSlot in two halves, so that one thread can hand a batch of tasks to their
-  // experts before it waits for any of them: Begin sends the task on its way (on a slot
-  // taken with TryAcquireSlot) and returns without waiting for it to run; `on_ready`, if
-  // set, is called (from any thread, maybe before Begin returns) once the plugin is done
-  // with it. Await waits for its outcome (within the timeout counted from Begin, or
+  // Begin sends the task on its way (on a slot taken with TryAcquireSlot) and returns
+  // without waiting for it to run; `on_ready`, if set, is called (from any thread, maybe
+  // before Begin returns) once the plugin is done with it. Await waits for its outcome (within the timeout counted from Begin, or
   // until *stopping) and frees the slot; Ready says whether it would return at once (the
   // plugin is done, the deadline has passed or *stopping is set). An expert whose plugin
   // host must first be started (after a crash, within its backoff) starts it on a
@@ -143,7 +140,6 @@ class Expert : public std::enable_shared_from_this<Expert> {
 
  private:
   struct Slots;
-  void Start(const Task& task, Attempt* a);  // Run's and RunWithSlot's: may wait for a host
   void BeginInProcess(const Task& task, Attempt* a, std::function<void()> on_ready);
   Outcome AwaitInProcess(Attempt* a);
   void BeginHosted(const Task& task, Attempt* a, std::function<void()> on_ready);
