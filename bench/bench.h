@@ -33,6 +33,7 @@ struct ReplayOptions {
   double late_at = 0.5;
   std::string config;
   std::string json_out;
+  std::string html_out;  // the learning curve as a page (cli/src/pages/replay.js)
   uint64_t seed = 1;
   bool verbose = false;
   LearnerOptions learner;

@@ -184,6 +184,9 @@ int main(int argc, char** argv) {
       "--no-online", [&](int64_t) { ro.learner.online_updates = false; }, "learn only at retrains");
   rp->add_flag("-v,--verbose", ro.verbose, "print each retrain");
   rp->add_option("--json", ro.json_out, "write the figures to this file");
+  rp->add_option("--html", ro.html_out,
+                 "write a page with the learning curve against the baselines and each "
+                 "expert's share over time");
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -3,6 +3,7 @@
 // router never sees the label; it learns only from the chosen expert's outcome, retraining
 // on the daemon's cadence (training.interval on the corpus clock, training.min_new_outcomes).
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <map>
 #include <sstream>
@@ -11,6 +12,7 @@
 
 #include "bench.h"
 #include "cortex/config.h"
+#include "cortex/html_page.h"
 #include "cortex/learner.h"
 #include "cortex/router.h"
 
@@ -117,19 +119,57 @@ Policy MakePolicy(const Config& cfg, const LearnerOptions& lo, uint64_t seed) {
   return p;
 }
 
-// Greedy success rate of `p` on rows [begin, end).
-double GreedyRate(Policy& p, const std::vector<Row>& rows, size_t begin, size_t end,
-                  const std::vector<ExpertSlot>& slots) {
-  long ok = 0;
+// Whether `p`'s greedy choice is right, for each of rows [begin, end).
+std::vector<int> GreedyHits(Policy& p, const std::vector<Row>& rows, size_t begin, size_t end,
+                            const std::vector<ExpertSlot>& slots) {
+  std::vector<int> hits;
   const size_t chunk = 256;
   for (size_t b = begin; b < end; b += chunk) {
     std::vector<RouteRequest> reqs;
     for (size_t i = b; i < std::min(end, b + chunk); ++i) reqs.push_back({rows[i].text, {}});
     std::vector<Decision> ds;
-    if (!p.router->Route(reqs, slots, false, 0, &ds).ok()) return 0;
-    for (size_t k = 0; k < ds.size(); ++k) ok += ds[k].chosen == rows[b + k].label;
+    if (!p.router->Route(reqs, slots, false, 0, &ds).ok()) ds.clear();
+    for (size_t k = 0; k < reqs.size(); ++k)
+      hits.push_back(k < ds.size() && ds[k].chosen == rows[b + k].label);
   }
+  return hits;
+}
+
+// Greedy success rate of `p` on rows [begin, end).
+double GreedyRate(Policy& p, const std::vector<Row>& rows, size_t begin, size_t end,
+                  const std::vector<ExpertSlot>& slots) {
+  const std::vector<int> hits = GreedyHits(p, rows, begin, end, slots);
+  long ok = 0;
+  for (int h : hits) ok += h;
   return end > begin ? static_cast<double>(ok) / static_cast<double>(end - begin) : 0;
+}
+
+// The page's series: success over the trailing `window` tasks at ~200 points along the
+// stream (online, the rules+prior policy, the running majority), each expert's share of
+// the online choices there, and where retrains happened.
+nlohmann::json Curves(const std::vector<int>& online, const std::vector<int>& prior,
+                      const std::vector<int>& majority, const std::vector<std::string>& chosen,
+                      const std::vector<std::string>& experts) {
+  const size_t N = online.size();
+  const size_t window = std::max<size_t>(50, N / 50), points = std::min<size_t>(200, N);
+  nlohmann::json at = nlohmann::json::array(), on = at, pr = at, mj = at;
+  std::map<std::string, nlohmann::json> share;
+  for (const auto& e : experts) share[e] = nlohmann::json::array();
+  for (size_t p = 1; p <= points; ++p) {
+    const size_t end = N * p / points, begin = end > window ? end - window : 0;
+    double o = 0, r = 0, m = 0;
+    std::map<std::string, long> by;
+    for (size_t i = begin; i < end; ++i)
+      o += online[i], r += prior[i], m += majority[i], ++by[chosen[i]];
+    const double n = static_cast<double>(end - begin);
+    at.push_back(end);
+    on.push_back(o / n);
+    pr.push_back(r / n);
+    mj.push_back(m / n);
+    for (auto& [e, v] : share) v.push_back(by[e] / n);
+  }
+  return {{"window", window}, {"at", at},       {"online", on},
+          {"prior", pr},      {"majority", mj}, {"share", share}};
 }
 
 }  // namespace
@@ -183,6 +223,8 @@ int Replay(const ReplayOptions& opt) {
   std::vector<LoggedOutcome> history;
   long online_ok = 0, retrains = 0, promotions = 0, new_outcomes = 0;
   std::vector<int> to_late(N, 0), success_at(N, 0);
+  std::vector<std::string> chosen_at(N);
+  nlohmann::json retrain_marks = nlohmann::json::array();
   double train_seconds = 0;
   // Progress on a terminal: the replay of a large corpus takes minutes.
   const bool tty = isatty(2);
@@ -205,6 +247,7 @@ int Replay(const ReplayOptions& opt) {
     const bool success = d.chosen == r.label;
     online_ok += success;
     success_at[i] = success;
+    chosen_at[i] = d.chosen;
     to_late[i] = d.chosen == opt.late_expert;
     LoggedOutcome o;
     o.seq = static_cast<long>(i) + 1;
@@ -230,6 +273,8 @@ int Replay(const ReplayOptions& opt) {
         return 1;
       }
       train_seconds += res->seconds;
+      retrain_marks.push_back(
+          {{"task", i + 1}, {"version", res->record.version}, {"promoted", res->promoted}});
       if (opt.verbose)
         std::fprintf(stderr, "  [%zu] v%d: %s (cand %.3f live %.3f diff %+.3f±%.3f)\n", i + 1,
                      res->record.version, res->promoted ? "promoted" : "refused",
@@ -338,6 +383,34 @@ int Replay(const ReplayOptions& opt) {
         "  late expert %s from task %zu: final share %.3f, 80%% of it reached after %ld tasks"
         " (rolling window of %zu)\n",
         opt.late_expert.c_str(), late_at, final_share, tasks_to, W);
+  }
+  if (!opt.html_out.empty()) {
+    // The baselines along the whole stream: rules+prior as it routes each task (the
+    // experts there at the time), and the majority label of the tasks before each one.
+    std::vector<int> prior_hits = GreedyHits(prior, rows, 0, late_at, slots_at(0));
+    for (int h : GreedyHits(prior, rows, late_at, N, slots_at(N))) prior_hits.push_back(h);
+    std::vector<int> majority_hits;
+    std::map<std::string, long> seen;
+    std::string leader;
+    for (const Row& r : rows) {
+      majority_hits.push_back(!leader.empty() && r.label == leader);
+      if (++seen[r.label] > (leader.empty() ? 0 : seen[leader])) leader = r.label;
+    }
+    std::vector<std::string> names;
+    for (const auto& e : all) names.push_back(e.profile.name);
+    nlohmann::json page = j;
+    page["curve"] = Curves(success_at, prior_hits, majority_hits, chosen_at, names);
+    page["retrain_marks"] = retrain_marks;
+    page["split80"] = split80;
+    std::ofstream out(opt.html_out);
+    out << html::ChartPage(
+        html::Page::kReplay,
+        "Cortex replay: " + std::filesystem::path(opt.corpus).filename().string(), page);
+    if (!out.flush()) {
+      std::fprintf(stderr, "cortex-bench: cannot write %s\n", opt.html_out.c_str());
+      return 1;
+    }
+    std::printf("  page: %s\n", opt.html_out.c_str());
   }
   WriteJson(opt.json_out, j);
   return 0;

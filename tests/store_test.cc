@@ -7,6 +7,8 @@
 
 #include <atomic>
 #include <chrono>
+#include <cmath>
+#include <optional>
 #include <thread>
 
 #include "cortex/store.h"
@@ -332,6 +334,122 @@ TEST_P(StoreTest, LoggedOutcomesFeedTrainingWithFeedbackOverriding) {
   EXPECT_EQ(start, out[0].seq);
   ASSERT_TRUE(store_->OutcomeWindowStart(5, &start).ok());  // fewer than 5: everything
   EXPECT_EQ(start, 0);
+}
+
+TEST_P(StoreTest, ReportAggregatesWhatThePagePlots) {
+  // Three routed tasks and one still queued in [1000, 1100], two buckets of 50 s; and
+  // rows outside the window that must not count.
+  auto decide = [&](const std::string& id, double t, const std::string& chosen, double conf,
+                    const std::string& version, bool explored) {
+    Decision d;
+    d.time = t;
+    d.model_version = version;
+    d.chosen = chosen;
+    d.propensity = explored ? 0.05 : 0.95;
+    d.explored = explored;
+    d.candidates = {{chosen, 0.3, 0.2, 0, 0, 0.5, conf, {"r1"}}, {"z", 0, 0.1, 0, 0, 0.1, 0.1, {}}};
+    ASSERT_TRUE(store_->RecordDecision(id, d).ok());
+  };
+  auto attempt = [&](const std::string& id, int n, const std::string& expert, OutcomeKind k,
+                     double start, double end, std::optional<TaskState> ends) {
+    ASSERT_TRUE(store_->StartAttempt(id, n, expert, start).ok());
+    Outcome o;
+    o.kind = k;
+    ASSERT_TRUE(store_->FinishAttempt(id, n, o, end, ends).ok());
+  };
+  NewTask("old", 500);
+  decide("old", 500, "a", 0.9, "v0", false);
+  attempt("old", 1, "a", OutcomeKind::kSuccess, 500, 501, TaskState::kSucceeded);
+  NewTask("t1", 1000);
+  decide("t1", 1000, "a", 0.85, "v0", false);
+  attempt("t1", 1, "a", OutcomeKind::kSuccess, 1000, 1000.5, TaskState::kSucceeded);
+  NewTask("t2", 1010);
+  decide("t2", 1010, "a", 0.85, "v1", false);
+  attempt("t2", 1, "a", OutcomeKind::kFailure, 1010, 1011, std::nullopt);
+  attempt("t2", 2, "b", OutcomeKind::kSuccess, 1011, 1012, TaskState::kSucceeded);
+  NewTask("t3", 1090);
+  decide("t3", 1090, "b", 0.25, "v1", true);
+  attempt("t3", 1, "b", OutcomeKind::kFailure, 1090, 1095, std::nullopt);
+  ASSERT_TRUE(store_->FinishTask("t3", TaskState::kFailed, "b", 1095).ok());
+  NewTask("t4", 1099);
+  ASSERT_TRUE(store_->RecordExpertEvent({1050, "b", "b.so", "crash", "SIGSEGV"}).ok());
+  ASSERT_TRUE(store_->RecordExpertEvent({2000, "b", "b.so", "crash", "later"}).ok());
+  ASSERT_TRUE(store_->SaveModel({1, 1060, "promoted", true, 3, R"({"promoted":true})", "w"}).ok());
+  ASSERT_TRUE(store_->SaveModel({2, 1200, "refused", false, 4, "{}", "w"}).ok());
+
+  ReportQuery q;
+  q.since = 1000;
+  q.until = 1100;
+  q.buckets = 2;
+  q.tasks_per_bucket = 0;
+  ReportData r;
+  ASSERT_TRUE(store_->Report(q, &r).ok());
+  EXPECT_EQ(r.tasks, 4);
+  EXPECT_DOUBLE_EQ(r.bucket_s, 50);
+  EXPECT_EQ(r.decided, (std::vector<long>{2, 1}));
+  EXPECT_EQ(r.first_done, (std::vector<long>{2, 1}));
+  EXPECT_EQ(r.first_ok, (std::vector<long>{1, 0}));
+  EXPECT_EQ(r.model_version, (std::vector<int>{1, 1}));
+  EXPECT_EQ(r.finished, (std::vector<long>{2, 1}));
+  EXPECT_EQ(r.succeeded, (std::vector<long>{2, 0}));
+  EXPECT_NEAR(r.latency_mean[0], 1.25, 1e-9);  // (0.5 + 2) / 2
+  EXPECT_NEAR(r.latency_max[0], 2, 1e-9);
+  EXPECT_NEAR(r.latency_mean[1], 5, 1e-9);
+  ASSERT_EQ(r.share.size(), 2u);
+  EXPECT_EQ(r.share[0].first, "a");
+  EXPECT_EQ(r.share[0].second, (std::vector<long>{2, 0}));
+  EXPECT_EQ(r.share[1].second, (std::vector<long>{0, 1}));
+  ASSERT_EQ(r.calibration.size(), 2u);
+  const auto& ca = r.calibration[0];
+  EXPECT_EQ(ca.expert, "a");
+  EXPECT_EQ(ca.n, 2);
+  EXPECT_EQ(ca.bin_n[8], 2);
+  EXPECT_NEAR(ca.bin_confidence[8], 0.85, 1e-9);
+  EXPECT_NEAR(ca.bin_success[8], 0.5, 1e-9);
+  EXPECT_NEAR(ca.brier, (0.15 * 0.15 + 0.85 * 0.85) / 2, 1e-9);
+  EXPECT_EQ(r.calibration[1].bin_n[2], 1);
+  EXPECT_NEAR(r.calibration[1].brier, 0.0625, 1e-9);
+  // Latencies 0.5, 2 and 5 s land in the buckets whose edges they are.
+  long counted = 0;
+  for (size_t i = 0; i < r.latency_counts.size(); ++i) {
+    counted += r.latency_counts[i];
+    if (r.latency_counts[i]) {
+      ASSERT_LT(i, r.latency_edges.size());
+      const double e = r.latency_edges[i];
+      EXPECT_TRUE(std::abs(e - 0.5) < 1e-9 || std::abs(e - 2) < 1e-9 || std::abs(e - 5) < 1e-9)
+          << e;
+    }
+  }
+  EXPECT_EQ(counted, 3);
+  ASSERT_EQ(r.events.size(), 1u);
+  EXPECT_EQ(r.events[0].first, "crash");
+  EXPECT_EQ(r.events[0].second, (std::vector<long>{0, 1}));
+  ASSERT_EQ(r.recent_events.size(), 1u);
+  EXPECT_EQ(r.recent_events[0].detail, "SIGSEGV");
+  ASSERT_EQ(r.rules.size(), 1u);
+  EXPECT_EQ(r.rules[0], (std::pair<std::string, long>{"r1", 3}));
+  ASSERT_EQ(r.models.size(), 1u);
+  EXPECT_EQ(r.models[0].version, 1);
+  EXPECT_EQ(r.models[0].metrics, R"({"promoted":true})");
+
+  // Without a start, the window opens at the oldest task; a small log gets few buckets.
+  ReportData all;
+  ASSERT_TRUE(store_->Report({0, 1100}, &all).ok());
+  EXPECT_DOUBLE_EQ(all.since, 500);
+  EXPECT_EQ(all.tasks, 5);
+  EXPECT_EQ(all.decided.size(), 1u);
+  EXPECT_EQ(all.decided[0], 4);
+}
+
+TEST_P(StoreTest, AReportOfAnEmptyStoreIsEmptyNotAnError) {
+  ReportData r;
+  ASSERT_TRUE(store_->Report({}, &r).ok());
+  EXPECT_EQ(r.tasks, 0);
+  ASSERT_EQ(r.decided.size(), 1u);
+  EXPECT_EQ(r.decided[0], 0);
+  EXPECT_TRUE(r.share.empty());
+  EXPECT_TRUE(r.calibration.empty());
+  EXPECT_TRUE(r.models.empty());
 }
 
 TEST_P(StoreTest, ModelVersionsAreKeptAndOneIsLive) {

@@ -10,8 +10,10 @@
 #include <sys/wait.h>
 #include <unistd.h>
 #include <CLI/CLI.hpp>
+#include <cerrno>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <ctime>
 #include <filesystem>
 #include <iostream>
@@ -21,6 +23,7 @@
 
 #include "cortex/client.h"
 #include "cortex/config.h"
+#include "cortex/html_page.h"
 #include "cortex/log.h"
 #include "cortex/paths.h"
 #include "cortex/protocol.h"
@@ -820,6 +823,14 @@ static int RunCli(int argc, char** argv, Ctx& ctx) {
   auto* format_opt = exp->get_option("--format");
   exp->add_option("--since", since, "only tasks since TIME");
   json_flag(exp);
+  // report
+  std::string html_file, report_since;
+  auto* report = OpCommand(&app, Op::kReport);
+  report->add_option("--html", html_file,
+                     "write the page to FILE (- for standard output); with --json alone, the "
+                     "aggregates it plots are printed instead");
+  report->add_option("--since", report_since, "only tasks since TIME (default: all)");
+  json_flag(report);
   // completion, help
   std::string shell;
   auto* completion = app.add_subcommand("completion", "print a shell completion script");
@@ -1007,6 +1018,51 @@ static int RunCli(int argc, char** argv, Ctx& ctx) {
       PrintJson(result);
     else
       PrintTask(result, full);
+    return kOk;
+  }
+  if (report->parsed()) {
+    if (html_file.empty() && !ctx.json_out)
+      return Usage(ctx, "report: --html FILE is required (or --json for the aggregates alone)");
+    double since_t = 0;
+    std::string err;
+    if (!ParseSince(report_since, &since_t, &err)) return Usage(ctx, err);
+    json req = {{"op", OpName(Op::kReport)}};
+    if (since_t > 0) req["since"] = since_t;
+    if ((rc = Call(ctx, req, &result)) != kOk) return rc;
+    if (html_file.empty()) return PrintJson(result), kOk;
+    const std::string page =
+        cortex::html::ChartPage(cortex::html::Page::kReport, "Cortex report", result);
+    if (html_file == "-") {
+      std::fwrite(page.data(), 1, page.size(), stdout);
+      return std::fflush(stdout) == 0 ? kOk : kFailed;
+    }
+    // Written beside the target and renamed over it: never a half-written page.
+    const std::string tmp = html_file + ".tmp";
+    std::FILE* f = std::fopen(tmp.c_str(), "w");
+    bool ok = f && std::fwrite(page.data(), 1, page.size(), f) == page.size();
+    ok = f && std::fclose(f) == 0 && ok;
+    if (!ok || std::rename(tmp.c_str(), html_file.c_str()) != 0) {
+      const std::string why = std::strerror(errno);
+      std::remove(tmp.c_str());
+      SayError("report: cannot write " + html_file + ": " + why);
+      if (ctx.json_out)
+        std::cout << Dump(json{{"error",
+                                {{"code", "io_error"},
+                                 {"message", "cannot write " + html_file + ": " + why}}}})
+                  << "\n";
+      return kFailed;
+    }
+    const long tasks = result.value("tasks", 0L);
+    if (ctx.json_out)
+      PrintJson({{"file", html_file},
+                 {"bytes", page.size()},
+                 {"tasks", tasks},
+                 {"since", result.value("since_iso", "")},
+                 {"until", result.value("until_iso", "")}});
+    else
+      std::printf("report: %s (%ld tasks, %s to %s)\n", Terminal(html_file).c_str(), tasks,
+                  LocalTime(Str(result, "since_iso")).c_str(),
+                  LocalTime(Str(result, "until_iso")).c_str());
     return kOk;
   }
   if (history->parsed() || exp->parsed()) {

@@ -66,6 +66,7 @@ const std::map<std::string, std::set<std::string>>& Sections() {
        {"socket", "workers", "max_connections", "max_request_bytes", "max_text_bytes", "max_tags",
         "shutdown_grace", "allow_group", "idle_timeout", "max_queued"}},
       {"store", {"path"}},
+      {"metrics", {"listen"}},
       {"plugins",
        {"dir", "watch", "bundled", "isolation", "memory_limit", "quarantine_after",
         "restart_backoff", "env", "load_timeout"}},
@@ -416,11 +417,23 @@ Result<Config> Parse(const YAML::Node& root, const std::string& source,
   Parser p(source);
   if (root.IsNull()) return c;  // empty file: all defaults
   if (!root.IsMap()) return p.Error(root, "", "expected a mapping of sections");
-  (void)p.CheckKeys(root, "",
-                    {"daemon", "store", "plugins", "router", "training", "rules", "experts"});
+  (void)p.CheckKeys(
+      root, "",
+      {"daemon", "store", "metrics", "plugins", "router", "training", "rules", "experts"});
   if (root["daemon"]) p.Keep(ParseDaemon(p, root["daemon"], &c.daemon));
   if (const YAML::Node& s = root["store"]; s && p.Section(s, "store")) {
     if (s["path"]) p.Keep(p.Str(s["path"], "store.path", &c.store.path));
+  }
+  if (const YAML::Node& s = root["metrics"]; s && p.Section(s, "metrics")) {
+    if (s["listen"]) {
+      Status st = p.Str(s["listen"], "metrics.listen", &c.metrics.listen);
+      std::string host;
+      int port = 0;
+      if (st.ok() && !c.metrics.listen.empty())
+        if (Status bad = ParseMetricsListen(c.metrics.listen, &host, &port); !bad.ok())
+          st = p.Error(s["listen"], "metrics.listen", bad.message());
+      p.Keep(st);
+    }
   }
   if (const YAML::Node& s = root["plugins"]; s && p.Section(s, "plugins")) {
     if (s["dir"]) p.Keep(p.Str(s["dir"], "plugins.dir", &c.plugins.dir));
@@ -495,6 +508,30 @@ Result<Config> Parse(const YAML::Node& root, const std::string& source,
 }  // namespace
 
 std::string Config::Where(int line) const { return source + ":" + std::to_string(line); }
+
+Status ParseMetricsListen(const std::string& listen, std::string* host, int* port) {
+  const size_t colon = listen.rfind(':');
+  const std::string why = "'" + listen +
+                          "' is not HOST:PORT on a loopback address (127.0.0.1:9464, [::1]:9464 or "
+                          "localhost:9464): metrics are never served beyond this machine";
+  if (colon == std::string::npos || colon == 0) return Status::InvalidArgument(why);
+  std::string h = listen.substr(0, colon), p = listen.substr(colon + 1);
+  if (p.empty() || p.size() > 5 || p.find_first_not_of("0123456789") != std::string::npos ||
+      std::stoi(p) > 65535)
+    return Status::InvalidArgument(why);
+  if (h.size() > 2 && h.front() == '[' && h.back() == ']') h = h.substr(1, h.size() - 2);
+  bool loopback = h == "localhost" || h == "::1";
+  if (!loopback && h.rfind("127.", 0) == 0) {
+    int a, b, c, d;
+    char tail;
+    loopback = std::sscanf(h.c_str(), "%d.%d.%d.%d%c", &a, &b, &c, &d, &tail) == 4 && b >= 0 &&
+               b < 256 && c >= 0 && c < 256 && d >= 0 && d < 256;
+  }
+  if (!loopback) return Status::InvalidArgument(why);
+  *host = h == "localhost" ? "127.0.0.1" : h;
+  *port = std::stoi(p);
+  return Status::OK();
+}
 
 const char* EmbeddedDefaultsYaml() { return kDefaults; }
 
@@ -623,6 +660,10 @@ std::string ConfigToYaml(const Config& c) {
   out << YAML::EndMap;
   out << YAML::Key << "store" << YAML::Value << YAML::BeginMap;
   out << YAML::Key << "path" << YAML::Value << c.store.path << YAML::EndMap;
+  if (!c.metrics.listen.empty()) {
+    out << YAML::Key << "metrics" << YAML::Value << YAML::BeginMap;
+    out << YAML::Key << "listen" << YAML::Value << c.metrics.listen << YAML::EndMap;
+  }
   const PluginsConfig& p = c.plugins;
   out << YAML::Key << "plugins" << YAML::Value << YAML::BeginMap;
   kv("dir", p.dir);
@@ -715,6 +756,7 @@ std::map<std::string, std::string> SettingsOf(const Config& c) {
           {"daemon.idle_timeout", num(d.idle_timeout_s)},
           {"daemon.max_queued", num(static_cast<double>(d.max_queued))},
           {"store.path", c.store.path},
+          {"metrics.listen", c.metrics.listen},
           {"plugins.dir", p.dir},
           {"plugins.watch", num(p.watch)},
           {"plugins.bundled", num(p.bundled)},

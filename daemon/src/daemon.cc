@@ -29,6 +29,7 @@
 #include "cortex/store.h"
 #include "cortex/wire.h"
 #include "crash_marker.h"
+#include "metrics.h"
 #include "notify.h"
 #include "pipeline.h"
 #include "server.h"
@@ -171,6 +172,7 @@ class DaemonImpl : public Daemon, public RequestHandler {
     if (signal_fd_ >= 0) close(signal_fd_);
     // Connections first (they call into the pipeline), then the pipeline (it holds
     // experts), then the experts: the plugin copies go with the hosts that ran them.
+    metrics_server_.reset();  // its scrapes read the pipeline and the experts
     server_.reset();
     pipeline_.reset();
     registry_.reset();
@@ -195,6 +197,15 @@ class DaemonImpl : public Daemon, public RequestHandler {
         this, ServerLimits{config_.daemon.max_connections, config_.daemon.max_request_bytes,
                            config_.daemon.allow_group, config_.daemon.idle_timeout_s});
     CORTEX_RETURN_IF_ERROR(server_->Listen(config_.daemon.socket));
+    if (!config_.metrics.listen.empty()) {
+      std::string host;
+      int port = 0;
+      CORTEX_RETURN_IF_ERROR(ParseMetricsListen(config_.metrics.listen, &host, &port));
+      auto ms = MetricsServer::Start(host, port, [this] { return metrics_.Render(Gauges()); });
+      if (!ms.ok()) return ms.status().WithContext(config_.source);
+      metrics_server_ = std::move(ms).value();
+      LogInfo("metrics at http://{}/metrics", metrics_server_->address());
+    }
     SetupInotify();
     pipeline_->Start();
     loader_ = std::thread([this] {
@@ -302,6 +313,8 @@ class DaemonImpl : public Daemon, public RequestHandler {
             {"store_error", pipeline_->StoreError()},
             {"schema_version", store_->SchemaVersion()},
             {"socket", config_.daemon.socket},
+            {"metrics", metrics_server_ ? json("http://" + metrics_server_->address() + "/metrics")
+                                        : json(nullptr)},
             {"config", ConfigSource()},
             {"experts", active.size()},
             {"isolation", config_.plugins.isolation},
@@ -444,7 +457,7 @@ class DaemonImpl : public Daemon, public RequestHandler {
     trainer_ = std::make_unique<Trainer>(
         store_.get(), learner_, env_,
         [this](const std::string& e, const std::string& d) { RecordEvent(e, d); }, &stop_,
-        config_.training.interval_s, config_.training.min_new_outcomes);
+        config_.training.interval_s, config_.training.min_new_outcomes, &metrics_);
     CORTEX_RETURN_IF_ERROR(trainer_->LoadLiveModel());
     router_ = std::make_shared<Router>(RouterOptionsFrom(config_.router), std::move(rules).value(),
                                        MakeGatingScorer(learner_), learner_->hasher());
@@ -472,6 +485,7 @@ class DaemonImpl : public Daemon, public RequestHandler {
     registry_->Rescan();
     CORTEX_RETURN_IF_ERROR(registry_->Configure(config_));
     PipelineOptions po;
+    po.metrics = &metrics_;
     po.workers = config_.daemon.workers;
     po.max_queued = config_.daemon.max_queued;
     po.max_attempts = config_.router.max_attempts;
@@ -580,6 +594,7 @@ class DaemonImpl : public Daemon, public RequestHandler {
 
   void Shutdown() {
     NotifyStopping();
+    metrics_server_.reset();
     server_->StopAccepting();
     { std::lock_guard<std::mutex> l(load_mu_); }  // the loader is waiting or sees stop_
     load_cv_.notify_all();
@@ -593,6 +608,34 @@ class DaemonImpl : public Daemon, public RequestHandler {
   }
 
   // ---- routing and execution ------------------------------------------------------
+
+  // What /metrics reads at each scrape, beside the counters Metrics keeps.
+  std::string Gauges() {
+    std::string g;
+    auto family = [&](const char* name, const char* type, const char* help) {
+      g += fmt::format("# HELP {} {}\n# TYPE {} {}\n", name, help, name, type);
+    };
+    family("cortex_queue_depth", "gauge", "Tasks waiting to run.");
+    g += fmt::format("cortex_queue_depth {}\n", pipeline_->QueueDepth());
+    family("cortex_model_version", "gauge", "The live routing model's version (0: untrained).");
+    const std::string v = CurrentRouter()->model_version();
+    g += fmt::format("cortex_model_version {}\n",
+                     v.size() > 1 && v[0] == 'v' ? std::atoi(v.c_str() + 1) : 0);
+    const auto experts = registry_->List();
+    family("cortex_plugin_host_restarts_total", "counter",
+           "Plugin hosts started again after the first, by expert.");
+    for (const auto& e : experts)
+      g += fmt::format("{} {}\n",
+                       Metrics::Series("cortex_plugin_host_restarts_total", {{"expert", e.name}}),
+                       e.health.restarts);
+    family("cortex_expert_quarantined", "gauge",
+           "1 while an expert is quarantined after repeated crashes.");
+    for (const auto& e : experts)
+      g +=
+          fmt::format("{} {}\n", Metrics::Series("cortex_expert_quarantined", {{"expert", e.name}}),
+                      e.state == "quarantined" ? 1 : 0);
+    return g;
+  }
 
   std::shared_ptr<Router> CurrentRouter() {
     std::lock_guard<std::mutex> l(router_mu_);
@@ -639,6 +682,8 @@ class DaemonImpl : public Daemon, public RequestHandler {
   std::shared_ptr<Learner> learner_;
   std::string backend_why_;
   std::unique_ptr<Trainer> trainer_;
+  Metrics metrics_;
+  std::unique_ptr<MetricsServer> metrics_server_;  // with metrics.listen set
 
   // Hosts and plugin threads free slots from their own threads, possibly after this
   // object is gone: they reach the pipeline only through this, which the destructor clears.

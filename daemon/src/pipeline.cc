@@ -1,5 +1,7 @@
 #include "pipeline.h"
 
+#include "metrics.h"
+
 #include <pthread.h>
 
 #include <algorithm>
@@ -453,12 +455,15 @@ struct Pipeline::Impl {
     if (!slots.empty()) {
       std::vector<RouteRequest> reqs;
       for (const Intake* in : group) reqs.push_back({in->task.text, in->task.tags});
+      const int64_t t0 = env_->MonotonicMicros();
       Status st = router_()->Route(reqs, slots, true, env_->NowUnix(), &decisions);
-      if (st.ok())
+      if (st.ok()) {
         routed = true;
-      else
+        if (metrics_) metrics_->Routed(decisions, (env_->MonotonicMicros() - t0) / 1e6);
+      } else {
         LogError("cannot route {} new task(s) ({}); they wait in the queue", group.size(),
                  st.ToString());
+      }
     }
     // Started now: a task whose chosen expert has a free slot. An idle worker takes the
     // batch's started tasks (all of them: it runs them together), or a busy one takes
@@ -522,6 +527,7 @@ struct Pipeline::Impl {
       jobs.push_back(std::move(job));
     }
     if (!jobs.empty() || !queued.empty()) NoteStoreSuccess();
+    if (metrics_) metrics_->Admitted(jobs.size() + queued.size());
     size_t started = 0, routed_only = 0;
     {
       std::lock_guard<std::mutex> q(queue_mu_);
@@ -619,11 +625,13 @@ struct Pipeline::Impl {
       std::vector<RouteRequest> reqs;
       for (const auto& t : batch) reqs.push_back({t.text, t.tags});
       std::vector<Decision> decisions;
+      const int64_t t0 = env_->MonotonicMicros();
       if (Status st = router_()->Route(reqs, slots, true, env_->NowUnix(), &decisions); !st.ok()) {
         LogError("cannot route {} task(s) ({}); retrying", ids.size(), st.ToString());
         Requeue(&batch, std::chrono::seconds(1));
         continue;
       }
+      if (metrics_) metrics_->Routed(decisions, (env_->MonotonicMicros() - t0) / 1e6);
       std::vector<Job> jobs;
       std::vector<Task> unrecorded;  // routed again once the store takes writes
       // The batch's decisions in one commit (one fsync), each with its own status.
@@ -984,6 +992,7 @@ struct Pipeline::Impl {
     bool fallbacks = false;
     for (Run* r : recorded) {
       Job& job = r->job;
+      if (metrics_) metrics_->AttemptEnded(r->expert->name(), r->outcome.kind);
       job.attempts = r->n;
       job.last_expert = r->expert->name();
       ++job.next;
@@ -1002,7 +1011,8 @@ struct Pipeline::Impl {
         final->expert = job.last_expert;
         final->decision = std::move(job.decision);
         const std::string id = final->id;
-        Ended(id, *r->ends, std::move(final));
+        const double created_at = final->created_at;
+        Ended(id, *r->ends, created_at, std::move(final));
         continue;
       }
       LogDebug("task {}: {} on {} ({}), falling back", job.task.id, ToString(r->outcome.kind),
@@ -1022,12 +1032,14 @@ struct Pipeline::Impl {
     if (!Persist(fmt::format("task {}: recording its end", id),
                  [&] { return store_->FinishTask(id, state, job.last_expert, ended); }))
       return;
-    Ended(id, state);
+    Ended(id, state, job.task.created_at);
   }
 
   // After a task's end is stored: its waiters are woken.
-  void Ended(const std::string& id, TaskState state, std::shared_ptr<const Task> final = nullptr) {
+  void Ended(const std::string& id, TaskState state, double created_at,
+             std::shared_ptr<const Task> final = nullptr) {
     if (state == TaskState::kCancelled) LogInfo("task {} cancelled", id);
+    if (metrics_ && created_at > 0) metrics_->TaskEnded(state, env_->NowUnix() - created_at);
     {
       std::lock_guard<std::mutex> l(queue_mu_);
       cancels_.erase(id);
@@ -1108,6 +1120,7 @@ struct Pipeline::Impl {
   const std::function<void()> on_outcome_;
   const std::atomic<bool>& stop_;  // no new work
   const PipelineOptions options_;
+  Metrics* const metrics_ = options_.metrics;
   std::atomic<int> max_attempts_live_{2};
   std::atomic<size_t> max_queued_{100000};
   // Tasks out of queue_ and ready_ yet not running, for the max_queued bound (queue_mu_):

@@ -22,7 +22,10 @@
 
 namespace cortex {
 
+class Metrics;
+
 struct PipelineOptions {
+  Metrics* metrics = nullptr;  // counts what passes (cortexd's /metrics); may be null
   int workers = 4;
   size_t max_queued = 100000;  // tasks not yet running, at most
   int max_attempts = 2;

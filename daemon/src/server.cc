@@ -681,6 +681,18 @@ json Server::Dispatch(const json& j, const std::function<bool(const std::string&
     case Op::kStatus: {
       return wire::Ok(h_->Status_());
     }
+    case Op::kReport: {
+      ReportQuery q;
+      double buckets = q.buckets;
+      CHECK(r.Number("since", 0, 1e11, &q.since));
+      CHECK(r.Number("until", 0, 1e11, &q.until));
+      CHECK(r.Number("buckets", 1, 1000, &buckets));
+      if (q.until > 0 && q.until < q.since) return fail(Bad("field 'until' is before 'since'"));
+      q.buckets = static_cast<int>(buckets);
+      ReportData data;
+      CHECK(h_->store()->Report(q, &data));
+      return wire::Ok(wire::ToJson(data));
+    }
     case Op::kExport: {
       double since = 0;
       CHECK(r.Number("since", 0, 1e11, &since));

@@ -10,35 +10,21 @@
 
 #include "cortex/log.h"
 #include "cortex/wire.h"
+#include "metrics.h"
 
 namespace cortex {
 
 using json = nlohmann::json;
 
-namespace {
-
-json ModelJson(const ModelRecord& m) {
-  json metrics = json::parse(m.metrics, nullptr, false);
-  return {
-      {"version", m.version},
-      {"name", Learner::VersionName(m.version)},
-      {"created", wire::IsoTime(m.created)},
-      {"status", m.status},
-      {"live", m.live},
-      {"trained_through", m.trained_through},
-      {"weights_bytes", m.weights_bytes ? m.weights_bytes : static_cast<long>(m.weights.size())},
-      {"metrics", metrics.is_discarded() ? json::object() : metrics}};
-}
-
-}  // namespace
-
 Trainer::Trainer(Store* store, std::shared_ptr<Learner> learner, Env* env,
                  std::function<void(const std::string&, const std::string&)> event,
-                 const std::atomic<bool>* stop, double interval_s, long min_new_outcomes)
+                 const std::atomic<bool>* stop, double interval_s, long min_new_outcomes,
+                 Metrics* metrics)
     : store_(store),
       learner_(std::move(learner)),
       env_(env),
       event_(std::move(event)),
+      metrics_(metrics),
       stop_(stop),
       schedule_(interval_s, min_new_outcomes),
       interval_s_(interval_s),
@@ -173,6 +159,8 @@ void Trainer::RunRetrain() {
     LogWarn("retrain: {}", st.message());
     summary = {{"error", st.message()}, {"promoted", false}};
   }
+  if (metrics_)
+    metrics_->Retrained(!st.ok() ? "error" : summary.value("live", false) ? "promoted" : "refused");
   {
     std::lock_guard<std::mutex> l(mu_);
     last_retrain_ = summary;
@@ -217,7 +205,7 @@ Status Trainer::RetrainOnce(double now, json* summary) {
       res->candidate.value, res->live.value, res->diff.value, res->diff.ci);
   event_("retrain", fmt::format("model v{} {}: {}", version, res->promoted ? "promoted" : "refused",
                                 res->reason));
-  *summary = ModelJson(rec);
+  *summary = wire::ToJson(rec);
   (*summary)["live"] = res->promoted;
   return Status::OK();
 }
@@ -277,7 +265,7 @@ Status Trainer::Models(json* result) {
                {"status", "initial"},
                {"live", !any_live},
                {"metrics", {{"note", "untrained: manifest prior plus online updates"}}}});
-  for (const auto& m : models) a.push_back(ModelJson(m));
+  for (const auto& m : models) a.push_back(wire::ToJson(m));
   *result = {{"models", a}, {"live_version", learner_->live_version()}};
   return Status::OK();
 }

@@ -21,6 +21,8 @@
 
 namespace cortex {
 
+class Metrics;
+
 class Trainer {
  public:
   // `event` records an entry in the audit's event log (retrains, rollbacks); `stop` is
@@ -28,7 +30,8 @@ class Trainer {
   // is due every `interval_s` once `min_new_outcomes` were logged since the last.
   Trainer(Store* store, std::shared_ptr<Learner> learner, Env* env,
           std::function<void(const std::string& event, const std::string& detail)> event,
-          const std::atomic<bool>* stop, double interval_s, long min_new_outcomes);
+          const std::atomic<bool>* stop, double interval_s, long min_new_outcomes,
+          Metrics* metrics = nullptr);
   ~Trainer();
 
   // The live version from the store, brought up to date with the outcomes logged since it
@@ -62,6 +65,7 @@ class Trainer {
   const std::shared_ptr<Learner> learner_;
   Env* const env_;
   const std::function<void(const std::string&, const std::string&)> event_;
+  Metrics* const metrics_;  // may be null
   const std::atomic<bool>* const stop_;
   std::thread thread_;
   long newest_seq_ = 0;             // newest outcome seen (the loop's thread only)

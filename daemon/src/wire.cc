@@ -41,6 +41,65 @@ json ToJson(const Decision& d) {
           {"candidates", cands}};
 }
 
+json ToJson(const ModelRecord& m) {
+  json metrics = json::parse(m.metrics, nullptr, false);
+  return {
+      {"version", m.version},
+      {"name", "v" + std::to_string(m.version)},
+      {"created", IsoTime(m.created)},
+      {"created_unix", m.created},
+      {"status", m.status},
+      {"live", m.live},
+      {"trained_through", m.trained_through},
+      {"weights_bytes", m.weights_bytes ? m.weights_bytes : static_cast<long>(m.weights.size())},
+      {"metrics", metrics.is_discarded() ? json::object() : metrics}};
+}
+
+json ToJson(const ReportData& r) {
+  json start = json::array();
+  for (size_t b = 0; b < r.decided.size(); ++b) start.push_back(r.since + b * r.bucket_s);
+  auto named = [](const std::vector<std::pair<std::string, std::vector<long>>>& series) {
+    json o = json::object();
+    for (const auto& [name, v] : series) o[name] = v;
+    return o;
+  };
+  json cal = json::array();
+  for (const auto& c : r.calibration) {
+    json bins = json::array();
+    for (size_t k = 0; k < c.bin_n.size(); ++k)
+      bins.push_back(
+          {{"n", c.bin_n[k]}, {"confidence", c.bin_confidence[k]}, {"success", c.bin_success[k]}});
+    cal.push_back({{"expert", c.expert}, {"n", c.n}, {"brier", c.brier}, {"bins", bins}});
+  }
+  json events = json::array(), rules = json::array(), models = json::array();
+  for (const auto& e : r.recent_events) events.push_back(ToJson(e));
+  for (const auto& [rule, n] : r.rules) rules.push_back({{"rule", rule}, {"decisions", n}});
+  for (const auto& m : r.models) models.push_back(ToJson(m));
+  return {{"since", r.since},
+          {"until", r.until},
+          {"since_iso", IsoTime(r.since)},
+          {"until_iso", IsoTime(r.until)},
+          {"bucket_s", r.bucket_s},
+          {"tasks", r.tasks},
+          {"buckets",
+           {{"start", start},
+            {"decided", r.decided},
+            {"first_done", r.first_done},
+            {"first_ok", r.first_ok},
+            {"model_version", r.model_version},
+            {"finished", r.finished},
+            {"succeeded", r.succeeded},
+            {"latency_mean_s", r.latency_mean},
+            {"latency_max_s", r.latency_max}}},
+          {"share", named(r.share)},
+          {"calibration", cal},
+          {"latency", {{"edges_s", r.latency_edges}, {"counts", r.latency_counts}}},
+          {"events", named(r.events)},
+          {"recent_events", events},
+          {"rules", rules},
+          {"models", models}};
+}
+
 json FinalOutcome(const Task& t) {
   if (!IsFinal(t.state) || t.attempts.empty() || !t.attempts.back().outcome) return nullptr;
   const Outcome& o = *t.attempts.back().outcome;

@@ -18,6 +18,7 @@
 #include <thread>
 #include <unordered_map>
 
+#include "cortex/env.h"
 #include "cortex/group_queue.h"
 #include "cortex/log.h"
 #include "cortex/store.h"
@@ -863,6 +864,203 @@ class SqliteStore : public Store {
       Task t;
       CORTEX_RETURN_IF_ERROR(LoadTask(w, id, &t));
       out->requeue.push_back(std::move(t));
+    }
+    return Status::OK();
+  }
+
+  Status Report(const ReportQuery& q, ReportData* out) override {
+    *out = ReportData{};
+    Reading r(*this);
+    // One snapshot for every aggregate, so the plots agree with each other.
+    CORTEX_RETURN_IF_ERROR(r.Run("BEGIN"));
+    Status st = ReportIn(r, q, out);
+    (void)r.Run("COMMIT");
+    return st;
+  }
+
+  template <class Read>  // (Reading is declared further down)
+  Status ReportIn(Read& r, const ReportQuery& q, ReportData* out) {
+    double since = q.since, until = q.until > 0 ? q.until : Env::Default()->NowUnix();
+    if (since <= 0) {  // from the first thing that happened: a task, an event, a model
+      Stmt s = r.Prepare(
+          "SELECT min(t) FROM (SELECT min(created_at) t FROM tasks UNION ALL "
+          "SELECT min(time) FROM expert_events UNION ALL SELECT min(created) FROM models)");
+      since = s.Step() == SQLITE_ROW && !s.IsNull(0) ? s.Double(0) : until;
+    }
+    until = std::max(until, since);
+    {
+      Stmt s = r.Prepare("SELECT count(*) FROM tasks WHERE created_at>=?1 AND created_at<=?2");
+      s.Bind(1, since).Bind(2, until);
+      if (s.Step() == SQLITE_ROW) out->tasks = s.Long(0);
+    }
+    // A small log gets fewer buckets, so that a rate per bucket means something.
+    const long most = std::max(1, q.buckets);
+    const long nb =
+        q.tasks_per_bucket > 0 ? std::clamp<long>(out->tasks / q.tasks_per_bucket, 1, most) : most;
+    out->since = since;
+    out->until = until;
+    out->bucket_s = std::max((until - since) / static_cast<double>(nb), 1e-3);
+    const size_t n = static_cast<size_t>(nb);
+    out->decided.assign(n, 0);
+    out->first_done.assign(n, 0);
+    out->first_ok.assign(n, 0);
+    out->model_version.assign(n, -1);
+    out->finished.assign(n, 0);
+    out->succeeded.assign(n, 0);
+    out->latency_mean.assign(n, 0);
+    out->latency_max.assign(n, 0);
+    // A row's bucket, clamped: `until` itself falls in the last one.
+    auto bucket = [&](long b) { return static_cast<size_t>(std::clamp<long>(b, 0, nb - 1)); };
+    auto bind = [&](Stmt& s) { s.Bind(1, since).Bind(2, until).Bind(3, out->bucket_s); };
+    {
+      Stmt s = r.Prepare(
+          "SELECT CAST((d.time-?1)/?3 AS INTEGER),count(*),"
+          "sum(a.outcome IS NOT NULL AND a.outcome!='interrupted'),sum(a.outcome='success'),"
+          "max(CAST(substr(d.model_version,2) AS INTEGER)) FROM decisions d "
+          "LEFT JOIN attempts a ON a.task_id=d.task_id AND a.n=1 "
+          "WHERE d.time>=?1 AND d.time<=?2 GROUP BY 1");
+      bind(s);
+      while (s.Step() == SQLITE_ROW) {
+        const size_t b = bucket(s.Long(0));
+        out->decided[b] += s.Long(1);
+        out->first_done[b] += s.Long(2);
+        out->first_ok[b] += s.Long(3);
+        out->model_version[b] = std::max(out->model_version[b], static_cast<int>(s.Long(4)));
+      }
+    }
+    {
+      Stmt s = r.Prepare(
+          "SELECT CAST((updated_at-?1)/?3 AS INTEGER),count(*),sum(state='succeeded'),"
+          "sum(updated_at-created_at),max(updated_at-created_at) FROM tasks "
+          "WHERE created_at>=?1 AND updated_at<=?2 "
+          "AND state IN ('succeeded','failed','cancelled','interrupted') GROUP BY 1");
+      bind(s);
+      std::vector<double> sum(n, 0);
+      while (s.Step() == SQLITE_ROW) {
+        const size_t b = bucket(s.Long(0));
+        out->finished[b] += s.Long(1);
+        out->succeeded[b] += s.Long(2);
+        sum[b] += s.Double(3);
+        out->latency_max[b] = std::max(out->latency_max[b], s.Double(4));
+      }
+      for (size_t b = 0; b < n; ++b)
+        if (out->finished[b]) out->latency_mean[b] = sum[b] / out->finished[b];
+    }
+    {
+      std::map<std::string, std::vector<long>> share;
+      Stmt s = r.Prepare(
+          "SELECT CAST((time-?1)/?3 AS INTEGER),chosen,count(*) FROM decisions "
+          "WHERE time>=?1 AND time<=?2 GROUP BY 1,2");
+      bind(s);
+      while (s.Step() == SQLITE_ROW) {
+        auto& v = share[s.Text(1)];
+        v.resize(n, 0);
+        v[bucket(s.Long(0))] += s.Long(2);
+      }
+      out->share.assign(share.begin(), share.end());
+    }
+    {
+      std::map<std::string, ReportData::Calibration> cal;
+      Stmt s = r.Prepare(
+          "SELECT d.chosen,min(CAST(d.chosen_confidence*10 AS INTEGER),9),count(*),"
+          "avg(d.chosen_confidence),avg(a.outcome='success'),"
+          "sum((d.chosen_confidence-(a.outcome='success'))*(d.chosen_confidence-"
+          "(a.outcome='success'))) FROM decisions d JOIN attempts a ON a.task_id=d.task_id "
+          "AND a.n=1 WHERE a.outcome IS NOT NULL AND a.outcome!='interrupted' "
+          "AND d.time>=?1 AND d.time<=?2 GROUP BY 1,2");
+      bind(s);
+      while (s.Step() == SQLITE_ROW) {
+        auto& c = cal[s.Text(0)];
+        if (c.bin_n.empty()) {
+          c.expert = s.Text(0);
+          c.bin_n.assign(10, 0);
+          c.bin_confidence.assign(10, 0);
+          c.bin_success.assign(10, 0);
+        }
+        const size_t k = static_cast<size_t>(std::clamp<long>(s.Long(1), 0, 9));
+        c.bin_n[k] = s.Long(2);
+        c.bin_confidence[k] = s.Double(3);
+        c.bin_success[k] = s.Double(4);
+        c.n += s.Long(2);
+        c.brier += s.Double(5);
+      }
+      for (auto& [name, c] : cal) {
+        c.brier /= std::max<long>(c.n, 1);
+        out->calibration.push_back(std::move(c));
+      }
+    }
+    {
+      // Edges 1, 2, 5 × 10^k from a millisecond to an hour; the statement is built once
+      // (the statement cache is keyed by the SQL text's address).
+      static const std::vector<double> edges = [] {
+        std::vector<double> e;
+        for (double d = 1e-3; d < 3600; d *= 10)
+          for (double m : {1.0, 2.0, 5.0}) e.push_back(d * m);
+        e.push_back(3600);
+        return e;
+      }();
+      static const std::string sql = [] {
+        std::string c = "CASE";
+        for (size_t i = 0; i < edges.size(); ++i)
+          c += " WHEN updated_at-created_at<=" + std::to_string(edges[i]) + " THEN " +
+               std::to_string(i);
+        return "SELECT " + c + " ELSE " + std::to_string(edges.size()) +
+               " END,count(*) FROM tasks " +
+               "WHERE created_at>=?1 AND updated_at<=?2 "
+               "AND state IN ('succeeded','failed','cancelled','interrupted') GROUP BY 1";
+      }();
+      out->latency_edges = edges;
+      out->latency_counts.assign(edges.size() + 1, 0);
+      Stmt s = r.Prepare(sql.c_str());
+      s.Bind(1, since).Bind(2, until);
+      while (s.Step() == SQLITE_ROW)
+        out->latency_counts[std::min<size_t>(s.Long(0), edges.size())] += s.Long(1);
+    }
+    {
+      std::map<std::string, std::vector<long>> ev;
+      Stmt s = r.Prepare(
+          "SELECT CAST((time-?1)/?3 AS INTEGER),event,count(*) FROM expert_events "
+          "WHERE time>=?1 AND time<=?2 GROUP BY 1,2");
+      bind(s);
+      while (s.Step() == SQLITE_ROW) {
+        auto& v = ev[s.Text(1)];
+        v.resize(n, 0);
+        v[bucket(s.Long(0))] += s.Long(2);
+      }
+      out->events.assign(ev.begin(), ev.end());
+      Stmt e = r.Prepare(
+          "SELECT time,expert,file,event,detail FROM expert_events WHERE time>=?1 AND "
+          "time<=?2 ORDER BY id DESC LIMIT 30");
+      e.Bind(1, since).Bind(2, until);
+      while (e.Step() == SQLITE_ROW)
+        out->recent_events.push_back({e.Double(0), e.Text(1), e.Text(2), e.Text(3), e.Text(4)});
+    }
+    {
+      Stmt s = r.Prepare(
+          "SELECT rl.value,count(DISTINCT d.task_id) FROM decisions d,json_each(d.candidates) c,"
+          "json_each(c.value,'$.rules') rl WHERE d.time>=?1 AND d.time<=?2 "
+          "GROUP BY 1 ORDER BY 2 DESC,1 LIMIT 20");
+      s.Bind(1, since).Bind(2, until);
+      while (s.Step() == SQLITE_ROW) out->rules.emplace_back(s.Text(0), s.Long(1));
+    }
+    {
+      Stmt s = r.Prepare(
+          "SELECT version,created,status,live,trained_through,metrics,length(weights) "
+          "FROM models WHERE created>=?1 AND created<=?2 ORDER BY version");
+      s.Bind(1, since).Bind(2, until);
+      int rc;
+      while ((rc = s.Step()) == SQLITE_ROW) {
+        ModelRecord m;
+        m.version = static_cast<int>(s.Long(0));
+        m.created = s.Double(1);
+        m.status = s.Text(2);
+        m.live = s.Long(3) != 0;
+        m.trained_through = s.Long(4);
+        m.metrics = s.Text(5);
+        m.weights_bytes = s.Long(6);
+        out->models.push_back(std::move(m));
+      }
+      if (rc != SQLITE_DONE) return r.Fail("report");
     }
     return Status::OK();
   }

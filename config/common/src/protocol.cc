@@ -70,6 +70,11 @@ const std::vector<WireOp>& WireOps() {
        {"since"},
        "export",
        "stream the audit log: one decision with its outcome per line"},
+      {Op::kReport,
+       "report",
+       {"since", "until", "buckets"},
+       "report",
+       "a self-contained HTML page with plots of routing quality, load, latency and models"},
   };
   return kOps;
 }

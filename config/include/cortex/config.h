@@ -55,6 +55,13 @@ struct RouterConfig {
   uint64_t seed = 0;  // 0: seeded from the clock
 };
 
+struct MetricsConfig {
+  // "HOST:PORT" on a loopback address (127.0.0.0/8, [::1], localhost) where /metrics is
+  // served in Prometheus text format; empty: off. Port 0 takes any free port (status says
+  // which).
+  std::string listen;
+};
+
 struct TrainingConfig {
   double interval_s = 600;
   int min_new_outcomes = 200;
@@ -94,12 +101,16 @@ struct Config {
   PluginsConfig plugins;
   RouterConfig router;
   TrainingConfig training;
+  MetricsConfig metrics;
   std::vector<RuleConfig> rules;
   std::vector<ExpertConfig> experts;
 
   // "file:line" for messages about something defined at `line`.
   std::string Where(int line) const;
 };
+
+// Splits metrics.listen into a host and port, refusing what is not a loopback address.
+Status ParseMetricsListen(const std::string& listen, std::string* host, int* port);
 
 // The YAML text of the embedded defaults (also what `cortexd --print-config` shows).
 const char* EmbeddedDefaultsYaml();

@@ -17,7 +17,9 @@ json ToJson(const Decision& d);
 json ToJson(const Task& t);        // show, submit --wait
 json ToJson(const HistoryRow& r);  // history
 json ToJson(const ExpertEvent& e);
-json ExportRow(const Task& t);  // export: one decision with its outcome
+json ToJson(const ModelRecord& m);  // models, retrain: metrics parsed, weights left out
+json ToJson(const ReportData& r);   // report: the aggregates its page plots
+json ExportRow(const Task& t);      // export: one decision with its outcome
 json Error(const Status& s);
 json Ok(json result);
 

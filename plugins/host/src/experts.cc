@@ -158,6 +158,10 @@ class HealthState {
             std::min(policy_.backoff_max_s,
                      policy_.backoff_s * std::pow(2.0, std::min(consecutive_ - 1, 30)));
         restart_at_ = clock_->MonotonicMicros() + static_cast<int64_t>(backoff * 1e6);
+        // Every crash is an audit event (cortexctl events, the report's timeline); the
+        // one that quarantines says so instead.
+        event = "crash";
+        detail = why;
       }
     }
     if (!event.empty() && audit_) audit_(event, detail);

@@ -122,6 +122,8 @@ class Store {
   };
   static constexpr int kPoisonDeaths = 2;
   virtual Status Recover(double time, bool crashed, Recovery* out) = 0;
+  // The aggregates `cortexctl report` plots (see ReportData), in one read snapshot.
+  virtual Status Report(const ReportQuery& q, ReportData* out) = 0;
   virtual Status CountByState(std::vector<std::pair<std::string, long>>* counts) = 0;
   // OK, or why every write is refused: the file was deleted or replaced under cortexd.
   virtual Status Health() = 0;

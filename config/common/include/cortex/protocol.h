@@ -28,6 +28,7 @@ enum class Op {
   kStatus,
   kRetrain,
   kModels,
+  kReport,
   kRollback,  // the last: tests count the Ops up to it
 };
 

@@ -89,8 +89,8 @@ struct Task {
 
 struct HistoryQuery {
   int limit = 20;
-  std::string expert;   // empty: any
-  double since = 0;     // unix time; 0: any
+  std::string expert;  // empty: any
+  double since = 0;    // unix time; 0: any
   // "": any; an outcome kind (success, failure, timeout, crash, rejected) matches the
   // last attempt's; cancelled and interrupted match the task's state.
   std::string outcome;
@@ -161,6 +161,51 @@ struct ModelRecord {
   std::string metrics;
   std::string weights;  // empty in listings
   long weights_bytes = 0;
+};
+
+// What `cortexctl report` plots, aggregated by the store so that a page over a million
+// tasks carries a few thousand numbers. Times are unix seconds; every series has one
+// value per bucket of `bucket_s` seconds from `since`.
+struct ReportQuery {
+  double since = 0;           // 0: from the oldest task
+  double until = 0;           // 0: now
+  int buckets = 120;          // at most
+  int tasks_per_bucket = 25;  // fewer buckets, so each holds about this many (0: exactly)
+};
+
+struct ReportData {
+  double since = 0, until = 0, bucket_s = 1;
+  long tasks = 0;  // created in the window
+  // By decision time: decisions, first attempts finished and how many succeeded (the
+  // router's own success), and the newest model version that decided (-1: none).
+  std::vector<long> decided, first_done, first_ok;
+  std::vector<int> model_version;
+  // By finish time: tasks finished, how many succeeded (fallbacks included), and their
+  // mean and longest latency from submit to finish.
+  std::vector<long> finished, succeeded;
+  std::vector<double> latency_mean, latency_max;
+  // Each expert's decisions per bucket, by name.
+  std::vector<std::pair<std::string, std::vector<long>>> share;
+  // Reliability: the router's confidence in the expert it chose, in ten equal bins,
+  // against that first attempt's outcome.
+  struct Calibration {
+    std::string expert;
+    long n = 0;
+    double brier = 0;
+    std::vector<long> bin_n;
+    std::vector<double> bin_confidence, bin_success;  // means over each bin
+  };
+  std::vector<Calibration> calibration;
+  // Latency distribution of finished tasks: latency_counts[i] took at most
+  // latency_edges[i] seconds (and more than the edge before); the last count is the rest.
+  std::vector<double> latency_edges;
+  std::vector<long> latency_counts;
+  // Expert events (loads, refusals, crashes, quarantines, retrains) per kind per bucket,
+  // and the newest few.
+  std::vector<std::pair<std::string, std::vector<long>>> events;
+  std::vector<ExpertEvent> recent_events;
+  std::vector<std::pair<std::string, long>> rules;  // rules by decisions they fired in
+  std::vector<ModelRecord> models;                  // made in the window, no weights
 };
 
 }  // namespace cortex

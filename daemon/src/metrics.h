@@ -1,0 +1,66 @@
+// Prometheus metrics (SPEC "Metrics"): counters and histograms that the pipeline and the
+// trainer update as things happen, rendered in the text exposition format together with
+// gauges read at scrape time; served at /metrics by cpp-httplib when metrics.listen is
+// set (a loopback address only: config.cc refuses any other).
+#pragma once
+
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "cortex/status.h"
+#include "cortex/types.h"
+
+namespace cortex {
+
+class Metrics {
+ public:
+  Metrics();
+  void Admitted(size_t tasks);  // cortex_tasks_total{state="queued"}
+  void Routed(const std::vector<Decision>& decisions, double seconds);  // per batch
+  void AttemptEnded(const std::string& expert, OutcomeKind kind);
+  void TaskEnded(TaskState state, double seconds);  // seconds: submit to finish
+  void Retrained(const std::string& verdict);       // promoted, refused, error
+
+  // The exposition: every metric family this object keeps, then `gauges` (lines the
+  // caller read just now, with their HELP and TYPE).
+  std::string Render(const std::string& gauges) const;
+
+  // "name{label=\"value\",...}" with the values escaped as the format requires.
+  static std::string Series(const std::string& name,
+                            const std::vector<std::pair<std::string, std::string>>& labels);
+
+ private:
+  struct Histogram {
+    std::vector<double> bounds;  // upper bounds, ascending; +Inf implied
+    std::vector<unsigned long> counts;
+    double sum = 0;
+    unsigned long count = 0;
+    void Observe(double v, unsigned long n = 1);
+  };
+  mutable std::mutex mu_;
+  std::map<std::string, unsigned long> tasks_;                             // by state
+  std::map<std::pair<std::string, bool>, unsigned long> decided_;          // by expert, explored
+  std::map<std::pair<std::string, std::string>, unsigned long> attempts_;  // expert, outcome
+  std::map<std::string, unsigned long> retrains_;                          // by verdict
+  Histogram task_duration_, route_duration_;
+};
+
+// An HTTP endpoint serving `render()` at /metrics (and nothing else) on its own thread.
+class MetricsServer {
+ public:
+  static Result<std::unique_ptr<MetricsServer>> Start(const std::string& host, int port,
+                                                      std::function<std::string()> render);
+  ~MetricsServer();
+  std::string address() const;  // host:port as bound (port 0 asked: the one given)
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+  MetricsServer();
+};
+
+}  // namespace cortex
