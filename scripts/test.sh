@@ -34,7 +34,9 @@ export TSAN_OPTIONS="halt_on_error=1:second_deadlock_stack=1"
 # bench's help) read files the build wrote and run no new daemon code: plain run only.
 plugin_suites="^Both/(RegistryTest|CommandTest|RepoExpertTest)\\..*/InProcess"
 packaging="^Sdk\\.|^Unix\\.(Man|Cortexctl|Config|Systemd|Install)|^CliTest\\.Completion|^BenchTest\\.EveryOption"
-targets="" sanitized build-asan address,undefined -E "$plugin_suites|^BenchTest\\.Soak|$packaging"
+# The demo is a script over cortexctl: the plain run checks it; the daemon paths it takes
+# are the end-to-end tests'.
+targets="" sanitized build-asan address,undefined -E "$plugin_suites|^BenchTest\\.Soak|$packaging|^Demo\\."
 (cd "$root/build-asan" &&
  ASAN_OPTIONS="$ASAN_OPTIONS:detect_leaks=0" ctest -j "$jobs" --output-on-failure --timeout 600 -R "$plugin_suites")
 # TSan: the tests where threads meet (daemon end to end, store, learner, readiness

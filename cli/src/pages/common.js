@@ -93,6 +93,8 @@ const Cortex = (() => {
   };
   const timeAxis = (title) => ({
     type: 'linear',
+    min: data.since,
+    max: data.until,
     title: {display: true, text: title},
     ticks: {callback: (v) => tick(v), maxRotation: 0, autoSkipPadding: 24},
   });

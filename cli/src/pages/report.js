@@ -18,20 +18,21 @@
   const k = Math.max(1, Math.min(5, Math.round(n / 12)));
   const promoted = d.models.filter((m) => m.status === 'promoted');
   Cortex.plot('success', 'Success over time',
-      `Rolling over ${k} bucket(s). "First choice" is the router's own pick (its first ` +
+      `Rolling over ${k} bucket(s); a gap is a time without tasks. "First choice" is the ` +
+      "router's own pick (its first " +
       'attempt); "task" counts fallbacks too. The grey steps are the model version that ' +
       'made the decisions (right axis); a diamond marks each promoted model.', {
         type: 'line',
         data: {datasets: [
           {label: 'first choice succeeded', data: xy(Cortex.rolling(b.first_ok, b.first_done, k)),
            borderColor: Cortex.color(0), backgroundColor: Cortex.color(0), pointRadius: 1.5,
-           spanGaps: true, yAxisID: 'y'},
+           spanGaps: false, yAxisID: 'y'},
           {label: 'task succeeded (fallbacks included)',
            data: xy(Cortex.rolling(b.succeeded, b.finished, k)), borderColor: Cortex.color(3),
-           backgroundColor: Cortex.color(3), pointRadius: 1.5, spanGaps: true, yAxisID: 'y'},
+           backgroundColor: Cortex.color(3), pointRadius: 1.5, spanGaps: false, yAxisID: 'y'},
           {label: 'model version', data: xy(b.model_version.map((v) => (v < 0 ? null : v))),
            stepped: true, borderColor: '#999', backgroundColor: '#999', pointRadius: 0,
-           borderDash: [4, 3], spanGaps: true, yAxisID: 'v'},
+           borderDash: [4, 3], spanGaps: false, yAxisID: 'v'},
           {label: 'model promoted', type: 'scatter', yAxisID: 'v', pointStyle: 'rectRot',
            pointRadius: 6, borderColor: '#555', backgroundColor: '#555',
            data: promoted.map((m) => ({x: m.created_unix, y: m.version}))},
@@ -109,9 +110,9 @@
         type: 'line',
         data: {datasets: [
           {label: 'mean', data: xy(b.latency_mean_s.map((v, i) => (b.finished[i] ? v : null))),
-           borderColor: Cortex.color(5), backgroundColor: Cortex.color(5), pointRadius: 1.5, spanGaps: true},
+           borderColor: Cortex.color(5), backgroundColor: Cortex.color(5), pointRadius: 1.5, spanGaps: false},
           {label: 'longest', data: xy(b.latency_max_s.map((v, i) => (b.finished[i] ? v : null))),
-           borderColor: Cortex.color(1), backgroundColor: Cortex.color(1), pointRadius: 1.5, spanGaps: true},
+           borderColor: Cortex.color(1), backgroundColor: Cortex.color(1), pointRadius: 1.5, spanGaps: false},
         ]},
         options: {scales: {x: Cortex.timeAxis('time'),
                            y: {type: 'logarithmic', title: {display: true, text: 'seconds'}}}},
@@ -162,8 +163,7 @@
             data: d.events[e].map((c, j) => (c ? {x: mid[j], y: c} : null)).filter((p) => p),
             barThickness: 6,
           }))},
-          options: {scales: {x: Object.assign(Cortex.timeAxis('time'), {stacked: true,
-                                              min: d.since, max: d.until}),
+          options: {scales: {x: Object.assign(Cortex.timeAxis('time'), {stacked: true}),
                              y: {stacked: true, title: {display: true, text: 'events'},
                                  ticks: {precision: 0}}}},
         }, 260);
