@@ -586,9 +586,9 @@ TEST(CliTest, MachineFormatsAreExactRedirectedAndSafeOnATerminal) {
   ASSERT_EQ(r.code, 0) << r.err;
   const std::string id = r.out.substr(0, r.out.find('\n'));
   EXPECT_EQ(d.CtlJson({"show", id})["text"], text);  // redirected: exact
-  for (const std::vector<std::string>& args :
-       {std::vector<std::string>{"--json", "show", id}, {"export", "--format", "csv"},
-        {"export"}}) {
+  for (const std::vector<std::string>& args : {std::vector<std::string>{"--json", "show", id},
+                                               {"export", "--format", "csv"},
+                                               {"export"}}) {
     std::string cmd = Cortexctl() + " --socket " + d.socket;
     for (const auto& a : args) cmd += " " + a;
     test::Run tty = test::RunCmd({"/usr/bin/script", "-qec", cmd, "/dev/null"});

@@ -432,13 +432,23 @@ TEST_P(StoreTest, ReportAggregatesWhatThePagePlots) {
   EXPECT_EQ(r.models[0].version, 1);
   EXPECT_EQ(r.models[0].metrics, R"({"promoted":true})");
 
-  // Without a start, the window opens at the oldest task; a small log gets few buckets.
+  // Edges ascend, a millisecond to an hour.
+  EXPECT_TRUE(std::is_sorted(r.latency_edges.begin(), r.latency_edges.end()));
+  EXPECT_DOUBLE_EQ(r.latency_edges.front(), 0.001);
+  EXPECT_DOUBLE_EQ(r.latency_edges.back(), 3600);
+
+  // Without a window, it spans the activity: from the oldest task to the last thing that
+  // happened (the refused model at 1200); a small log gets one bucket per task, at most
+  // ten.
   ReportData all;
-  ASSERT_TRUE(store_->Report({0, 1100}, &all).ok());
+  ASSERT_TRUE(store_->Report({}, &all).ok());
   EXPECT_DOUBLE_EQ(all.since, 500);
+  EXPECT_DOUBLE_EQ(all.until, 2000);  // the last event
   EXPECT_EQ(all.tasks, 5);
-  EXPECT_EQ(all.decided.size(), 1u);
-  EXPECT_EQ(all.decided[0], 4);
+  EXPECT_EQ(all.decided.size(), 5u);
+  long decided = 0;
+  for (long d : all.decided) decided += d;
+  EXPECT_EQ(decided, 4);
 }
 
 TEST_P(StoreTest, AReportOfAnEmptyStoreIsEmptyNotAnError) {

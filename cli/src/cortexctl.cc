@@ -826,10 +826,15 @@ static int RunCli(int argc, char** argv, Ctx& ctx) {
   // report
   std::string html_file, report_since;
   auto* report = OpCommand(&app, Op::kReport);
-  report->add_option("--html", html_file,
-                     "write the page to FILE (- for standard output); with --json alone, the "
-                     "aggregates it plots are printed instead");
-  report->add_option("--since", report_since, "only tasks since TIME (default: all)");
+  report
+      ->add_option("--html", html_file,
+                   "write the page to FILE (- for standard output); with --json alone, the "
+                   "aggregates it plots are printed instead")
+      ->option_text("FILE");
+  report
+      ->add_option("--since", report_since,
+                   "only tasks since TIME (default: from the first task to the last activity)")
+      ->option_text("TIME");
   json_flag(report);
   // completion, help
   std::string shell;
@@ -1023,6 +1028,8 @@ static int RunCli(int argc, char** argv, Ctx& ctx) {
   if (report->parsed()) {
     if (html_file.empty() && !ctx.json_out)
       return Usage(ctx, "report: --html FILE is required (or --json for the aggregates alone)");
+    if (html_file == "-" && ctx.json_out)
+      return Usage(ctx, "report: --html - prints the page, --json one JSON document: choose one");
     double since_t = 0;
     std::string err;
     if (!ParseSince(report_since, &since_t, &err)) return Usage(ctx, err);
@@ -1036,14 +1043,26 @@ static int RunCli(int argc, char** argv, Ctx& ctx) {
       std::fwrite(page.data(), 1, page.size(), stdout);
       return std::fflush(stdout) == 0 ? kOk : kFailed;
     }
-    // Written beside the target and renamed over it: never a half-written page.
-    const std::string tmp = html_file + ".tmp";
-    std::FILE* f = std::fopen(tmp.c_str(), "w");
-    bool ok = f && std::fwrite(page.data(), 1, page.size(), f) == page.size();
-    ok = f && std::fclose(f) == 0 && ok;
+    // Written to a new file beside the target (mkstemp: never one someone planted, say a
+    // symlink in /tmp) and renamed over it: never a half-written page.
+    std::string tmp = html_file + ".XXXXXX";
+    const int fd = mkstemp(tmp.data());
+    bool ok = fd >= 0;
+    if (ok) {
+      const mode_t mask = umask(0);
+      umask(mask);
+      ok = fchmod(fd, 0666 & ~mask) == 0;  // as a file the user made (mkstemp gives 0600)
+      for (size_t at = 0; ok && at < page.size();) {
+        const ssize_t n = write(fd, page.data() + at, page.size() - at);
+        if (n < 0 && errno == EINTR) continue;
+        ok = n > 0;
+        if (ok) at += static_cast<size_t>(n);
+      }
+      ok = close(fd) == 0 && ok;  // (errno: the write's or the close's failure)
+    }
     if (!ok || std::rename(tmp.c_str(), html_file.c_str()) != 0) {
       const std::string why = std::strerror(errno);
-      std::remove(tmp.c_str());
+      if (fd >= 0) unlink(tmp.c_str());
       SayError("report: cannot write " + html_file + ": " + why);
       if (ctx.json_out)
         std::cout << Dump(json{{"error",
@@ -1417,6 +1436,8 @@ static int RunCli(int argc, char** argv, Ctx& ctx) {
     std::printf("  plugins:   %s\n", Str(result, "plugin_dir").c_str());
     std::printf("  socket:    %s\n  config:    %s\n", Str(result, "socket").c_str(),
                 Str(result, "config").c_str());
+    if (!Str(result, "metrics").empty())
+      std::printf("  metrics:   %s\n", Str(result, "metrics").c_str());
     return kOk;
   }
   return Usage(ctx, "a command is required; `cortexctl help` lists them");

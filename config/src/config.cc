@@ -518,7 +518,9 @@ Status ParseMetricsListen(const std::string& listen, std::string* host, int* por
   std::string h = listen.substr(0, colon), p = listen.substr(colon + 1);
   if (p.empty() || p.size() > 5 || p.find_first_not_of("0123456789") != std::string::npos ||
       std::stoi(p) > 65535)
-    return Status::InvalidArgument(why);
+    return Status::InvalidArgument("'" + listen +
+                                   "': the port must be a number from 0 to 65535 "
+                                   "(0: any free port)");
   if (h.size() > 2 && h.front() == '[' && h.back() == ']') h = h.substr(1, h.size() - 2);
   bool loopback = h == "localhost" || h == "::1";
   if (!loopback && h.rfind("127.", 0) == 0) {

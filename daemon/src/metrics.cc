@@ -156,6 +156,12 @@ Result<std::unique_ptr<MetricsServer>> MetricsServer::Start(const std::string& h
     if (res.status == 404) res.set_content("cortexd serves /metrics only\n", "text/plain");
   });
   m.http.new_task_queue = [] { return new httplib::ThreadPool(2); };
+  // Not httplib's default, which adds SO_REUSEPORT: a second cortexd on the same port
+  // would then share it silently and scrapes would alternate between the two.
+  m.http.set_socket_options([](socket_t sock) {
+    int yes = 1;
+    setsockopt(sock, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof yes);
+  });
   const int bound = port == 0                         ? m.http.bind_to_any_port(host)
                     : m.http.bind_to_port(host, port) ? port
                                                       : -1;

@@ -83,6 +83,11 @@ std::vector<LoggedOutcome> Trainer::OutcomesAfter(long seq, size_t most) {
 }
 
 Status Trainer::LoadLiveModel() {
+  // The outcomes logged after the model was trained, to take the online steps again;
+  // without online updates there is nothing to take (a large log would only cost the
+  // start its reading).
+  const bool online = learner_->options().online_updates;
+  auto newer = [&](long seq) { return online ? OutcomesAfter(seq) : std::vector<LoggedOutcome>(); };
   std::vector<ModelRecord> models;
   CORTEX_RETURN_IF_ERROR(store_->ListModels(&models));
   for (const auto& m : models) {
@@ -92,11 +97,11 @@ Status Trainer::LoadLiveModel() {
     auto model = GatingModel::Deserialize(full.weights);
     if (!model.ok()) return model.status().WithContext("live model v" + std::to_string(m.version));
     learner_->Install(std::move(model).value(), m.version, m.trained_through,
-                      OutcomesAfter(m.trained_through));
+                      newer(m.trained_through));
     LogInfo("model v{} is live (trained through outcome {})", m.version, m.trained_through);
     return Status::OK();
   }
-  learner_->Install(GatingModel(learner_->options().shape), 0, 0, OutcomesAfter(0));
+  learner_->Install(GatingModel(learner_->options().shape), 0, 0, newer(0));
   return Status::OK();
 }
 

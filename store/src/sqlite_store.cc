@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cmath>
 #include <condition_variable>
 #include <cstring>
 #include <deque>
@@ -880,12 +881,24 @@ class SqliteStore : public Store {
 
   template <class Read>  // (Reading is declared further down)
   Status ReportIn(Read& r, const ReportQuery& q, ReportData* out) {
-    double since = q.since, until = q.until > 0 ? q.until : Env::Default()->NowUnix();
-    if (since <= 0) {  // from the first thing that happened: a task, an event, a model
+    // The window: as asked, else from the first task (or, with none, the first event or
+    // model) to the last thing that happened in it, so that the plots span the activity.
+    const double now = Env::Default()->NowUnix();
+    double since = q.since, until = q.until;
+    if (since <= 0) {
       Stmt s = r.Prepare(
-          "SELECT min(t) FROM (SELECT min(created_at) t FROM tasks UNION ALL "
-          "SELECT min(time) FROM expert_events UNION ALL SELECT min(created) FROM models)");
-      since = s.Step() == SQLITE_ROW && !s.IsNull(0) ? s.Double(0) : until;
+          "SELECT coalesce((SELECT min(created_at) FROM tasks),"
+          "(SELECT min(t) FROM (SELECT min(time) t FROM expert_events UNION ALL "
+          "SELECT min(created) FROM models)))");
+      since = s.Step() == SQLITE_ROW && !s.IsNull(0) ? s.Double(0) : now;
+    }
+    if (until <= 0) {
+      Stmt s = r.Prepare(
+          "SELECT max(t) FROM (SELECT max(updated_at) t FROM tasks WHERE created_at>=?1 "
+          "UNION ALL SELECT max(time) FROM expert_events WHERE time>=?1 "
+          "UNION ALL SELECT max(created) FROM models WHERE created>=?1)");
+      s.Bind(1, since);
+      until = s.Step() == SQLITE_ROW && !s.IsNull(0) ? s.Double(0) : since;
     }
     until = std::max(until, since);
     {
@@ -895,8 +908,10 @@ class SqliteStore : public Store {
     }
     // A small log gets fewer buckets, so that a rate per bucket means something.
     const long most = std::max(1, q.buckets);
-    const long nb =
-        q.tasks_per_bucket > 0 ? std::clamp<long>(out->tasks / q.tasks_per_bucket, 1, most) : most;
+    const long least = std::min<long>({10, most, std::max<long>(1, out->tasks)});
+    const long nb = q.tasks_per_bucket > 0
+                        ? std::clamp<long>(out->tasks / q.tasks_per_bucket, least, most)
+                        : most;
     out->since = since;
     out->until = until;
     out->bucket_s = std::max((until - since) / static_cast<double>(nb), 1e-3);
@@ -994,8 +1009,9 @@ class SqliteStore : public Store {
       // (the statement cache is keyed by the SQL text's address).
       static const std::vector<double> edges = [] {
         std::vector<double> e;
-        for (double d = 1e-3; d < 3600; d *= 10)
-          for (double m : {1.0, 2.0, 5.0}) e.push_back(d * m);
+        for (int k = -3; k <= 3; ++k)
+          for (double m : {1.0, 2.0, 5.0})
+            if (m * std::pow(10.0, k) < 3600) e.push_back(m * std::pow(10.0, k));
         e.push_back(3600);
         return e;
       }();

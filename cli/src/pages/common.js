@@ -9,7 +9,13 @@ const Cortex = (() => {
   const main = document.getElementById('plots');
   const palette = ['#3366cc', '#dc3912', '#ff9900', '#109618', '#990099', '#0099c6',
                    '#dd4477', '#66aa00', '#b82e2e', '#316395', '#994499', '#22aa99'];
+  // A colour by index, or by name: an expert or event keeps its colour from page to page.
   const color = (i, alpha) => {
+    if (typeof i === 'string') {
+      let h = 0;
+      for (const ch of i) h = (h * 31 + ch.codePointAt(0)) >>> 0;
+      i = h;
+    }
     const c = palette[i % palette.length];
     if (alpha === undefined) return c;
     const n = parseInt(c.slice(1), 16);
@@ -39,6 +45,7 @@ const Cortex = (() => {
             hm: `${pad(d.getHours())}:${pad(d.getMinutes())}`};
   };
   const time = (t) => { const p = parts(t); return `${p.day} ${p.hms}`; };
+  const iso = (s) => time(Date.parse(s) / 1000);  // the daemon's UTC times, shown local
   const tick = (t) => {
     const p = parts(t);
     return span < 20 ? `${p.hms}.${p.ms}` : span < 86400 ? p.hms : `${p.md} ${p.hm}`;
@@ -66,11 +73,12 @@ const Cortex = (() => {
         {animation: false, responsive: true, maintainAspectRatio: false}, config.options || {});
     try {
       new Chart(canvas, config);
+      // What is drawn: a number, an {x, y} with a y, or a [low, high] bar with both ends.
+      const drawn = (v) => (typeof v === 'number' && isFinite(v)) ||
+          (Array.isArray(v) && v.length === 2 && v.every((e) => typeof e === 'number')) ||
+          (v !== null && typeof v === 'object' && !Array.isArray(v) && typeof v.y === 'number');
       let points = 0;
-      for (const ds of config.data.datasets)
-        points += ds.data.filter((v) => v !== null && v !== undefined &&
-                                       !(typeof v === 'object' && !Array.isArray(v) && v.y === null))
-                      .length;
+      for (const ds of config.data.datasets) points += ds.data.filter(drawn).length;
       window.__cortexPlots[id] = points;
     } catch (e) {
       box.textContent = `This plot could not be drawn: ${e}`;
@@ -100,5 +108,5 @@ const Cortex = (() => {
   });
   const summary = (text) => { document.getElementById('summary').textContent = text; };
   const done = () => { window.__cortexReady = true; };
-  return {data, color, section, plot, table, time, timeAxis, pct, num, rolling, summary, done};
+  return {data, color, section, plot, table, time, iso, timeAxis, pct, num, rolling, summary, done};
 })();

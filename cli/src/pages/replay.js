@@ -19,9 +19,10 @@
   Cortex.plot('curve', 'Learning curve',
       `Success over the trailing ${c.window} tasks. Online: the router as it learns, choosing ` +
       'before it sees each outcome. Rules+prior: the same router never trained. Majority: ' +
-      'always the most frequent role so far. Full information: a model trained on every ' +
-      "expert's outcome for the first 80% of the stream, measured on the last 20% (an upper " +
-      'reference no bandit can see). Diamonds: retrains (filled: promoted; hollow: refused).', {
+      'always the most frequent role so far. Full information: a model trained once on ' +
+      "every expert's outcome (not only the chosen one's) for the first 80% of the stream, " +
+      'measured on the last 20%; the learning router keeps learning there, so it can pass ' +
+      'it. Diamonds: retrains (filled: promoted; hollow: refused).', {
         type: 'line',
         data: {datasets: [
           {label: 'online (learning)', data: xy(c.online), borderColor: Cortex.color(0),
@@ -52,7 +53,7 @@
         type: 'line',
         data: {datasets: experts.map((e, i) => ({
           label: e, data: xy(c.share[e]), fill: i === 0 ? 'origin' : '-1', pointRadius: 0,
-          borderWidth: 1, borderColor: Cortex.color(i), backgroundColor: Cortex.color(i, 0.55),
+          borderWidth: 1, borderColor: Cortex.color(e), backgroundColor: Cortex.color(e, 0.55),
         }))},
         options: {scales: {
           x: {type: 'linear', min: 0, max: d.rows, title: {display: true, text: 'tasks replayed'}},

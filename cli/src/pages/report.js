@@ -8,7 +8,9 @@
   const xy = (ys) => ys.map((y, i) => ({x: mid[i], y: y}));
   const sum = (a) => a.reduce((s, v) => s + v, 0);
   const firstDone = sum(b.first_done), firstOk = sum(b.first_ok);
-  const every = d.bucket_s >= 120 ? `${(d.bucket_s / 60).toFixed(0)} min` : `${d.bucket_s.toFixed(1)} s`;
+  const every = d.bucket_s >= 7200 ? `${+(d.bucket_s / 3600).toPrecision(3)} h`
+              : d.bucket_s >= 120 ? `${+(d.bucket_s / 60).toPrecision(3)} min`
+              : `${+d.bucket_s.toPrecision(3)} s`;
   Cortex.summary(`${d.tasks} tasks from ${Cortex.time(d.since)} to ${Cortex.time(d.until)} ` +
                  `(local time), in ${n} buckets of ${every}. The router's first choice ` +
                  `succeeded in ${firstOk} of ${firstDone} finished first attempts ` +
@@ -21,19 +23,19 @@
       `Rolling over ${k} bucket(s); a gap is a time without tasks. "First choice" is the ` +
       "router's own pick (its first " +
       'attempt); "task" counts fallbacks too. The grey steps are the model version that ' +
-      'made the decisions (right axis); a diamond marks each promoted model.', {
+      'made the decisions (right axis); a triangle marks each promotion, at its version.', {
         type: 'line',
         data: {datasets: [
           {label: 'first choice succeeded', data: xy(Cortex.rolling(b.first_ok, b.first_done, k)),
-           borderColor: Cortex.color(0), backgroundColor: Cortex.color(0), pointRadius: 1.5,
+           borderColor: Cortex.color(0), backgroundColor: Cortex.color(0), pointRadius: 2.5,
            spanGaps: false, yAxisID: 'y'},
           {label: 'task succeeded (fallbacks included)',
            data: xy(Cortex.rolling(b.succeeded, b.finished, k)), borderColor: Cortex.color(3),
-           backgroundColor: Cortex.color(3), pointRadius: 1.5, spanGaps: false, yAxisID: 'y'},
+           backgroundColor: Cortex.color(3), pointRadius: 2.5, spanGaps: false, yAxisID: 'y'},
           {label: 'model version', data: xy(b.model_version.map((v) => (v < 0 ? null : v))),
            stepped: true, borderColor: '#999', backgroundColor: '#999', pointRadius: 0,
            borderDash: [4, 3], spanGaps: false, yAxisID: 'v'},
-          {label: 'model promoted', type: 'scatter', yAxisID: 'v', pointStyle: 'rectRot',
+          {label: 'model promoted', type: 'scatter', yAxisID: 'v', pointStyle: 'triangle',
            pointRadius: 6, borderColor: '#555', backgroundColor: '#555',
            data: promoted.map((m) => ({x: m.created_unix, y: m.version}))},
         ]},
@@ -46,19 +48,26 @@
         }},
       });
 
-  // Each expert's share of the decisions.
+  // Each expert's share of the decisions. An expert has one colour on the page (by its
+  // name's place among all the page's experts), an event kind one of its own.
   const experts = Object.keys(d.share);
+  const everyExpert = [...new Set([...experts, ...d.calibration.map((c) => c.expert)])].sort();
+  const ec = (e, alpha) => Cortex.color(everyExpert.indexOf(e), alpha);
+  const kindsKnown = ['loaded', 'replaced', 'removed', 'refused', 'unavailable', 'crash',
+                      'quarantined', 'released', 'retrain', 'rollback', 'crashed'];
+  const kc = (k, alpha) => Cortex.color(kindsKnown.includes(k) ? kindsKnown.indexOf(k) : k, alpha);
   Cortex.plot('share', 'Share of decisions by expert',
       'Of the tasks decided in each bucket, the share the router gave each expert (its ' +
-      'first choice, exploration included).', {
-        type: 'line',
-        data: {datasets: experts.map((e, i) => ({
-          label: e, fill: i === 0 ? 'origin' : '-1', pointRadius: 0, borderWidth: 1,
-          borderColor: Cortex.color(i), backgroundColor: Cortex.color(i, 0.55),
-          data: xy(d.share[e].map((c, j) => (b.decided[j] ? c / b.decided[j] : null))),
+      'first choice, exploration included). No bar: no decision then.', {
+        type: 'bar',
+        data: {datasets: experts.map((e) => ({
+          label: e, borderWidth: 0, backgroundColor: ec(e, 0.75),
+          data: d.share[e].map((c, j) => (b.decided[j] ? {x: mid[j], y: c / b.decided[j]} : null))
+              .filter((p) => p),
+          barPercentage: 1, categoryPercentage: 0.95,
         }))},
         options: {scales: {
-          x: Cortex.timeAxis('time'),
+          x: Object.assign(Cortex.timeAxis('time'), {stacked: true}),
           y: {stacked: true, min: 0, max: 1, ticks: {callback: (v) => `${Math.round(v * 100)}%`}},
         }},
       });
@@ -68,14 +77,15 @@
   const calSection = Cortex.plot('calibration', 'Confidence against outcome (reliability)',
       "The router's confidence in the expert it chose, in ten bins, against how often that " +
       'first attempt succeeded. On the diagonal, confidence means what it says; the Brier ' +
-      'score (lower is better) is the mean squared gap per decision.', {
+      'score (lower is better) is the mean squared gap per decision. A larger point is a ' +
+      'bin with more decisions.', {
         type: 'scatter',
         data: {datasets: [
           {label: 'perfect calibration', data: [{x: 0, y: 0}, {x: 1, y: 1}], showLine: true,
            borderColor: '#aaa', borderDash: [5, 4], pointRadius: 0},
           ...cal.map((c, i) => ({
             label: `${c.expert} (Brier ${Cortex.num(c.brier, 3)}, n=${c.n})`, showLine: true,
-            borderColor: Cortex.color(i), backgroundColor: Cortex.color(i),
+            borderColor: ec(c.expert), backgroundColor: ec(c.expert), clip: 8,
             data: c.bins.filter((x) => x.n > 0).map((x) => ({x: x.confidence, y: x.success})),
             pointRadius: c.bins.filter((x) => x.n > 0).map((x) => 2 + Math.min(6, Math.log10(x.n + 1) * 2)),
           })),
@@ -86,7 +96,7 @@
         }},
       }, 420);
   Cortex.table(calSection, ['expert', 'first attempts', 'Brier score'],
-               cal.map((c) => [c.expert, c.n, Number(c.brier.toFixed(4))]));
+               cal.map((c) => [c.expert, c.n, Cortex.num(c.brier, 3)]));
 
   // Latency, submit to finish.
   const edges = d.latency.edges_s, counts = d.latency.counts;
@@ -119,37 +129,45 @@
       }, 280);
 
   // Retrains: each candidate's estimate against the live policy's, with 95% intervals.
+  // One with too few held-out decisions has no estimate worth drawing (its verdict says
+  // so): it is in the table only.
   const trained = d.models.filter((m) => m.metrics && m.metrics.candidate);
-  if (trained.length) {
-    const names = trained.map((m) => `v${m.version} ${m.status}`);
-    const est = (m, which) => m.metrics[which] || {};
-    const s = Cortex.plot('retrains', 'Retrains and their verdicts',
+  const validated = (m) => (m.metrics.holdout_rows || 0) >= (m.metrics.min_holdout_rows || 0);
+  const est = (m, which) => (validated(m) && m.metrics[which]) || {};
+  const drawnRetrains = trained.filter(validated);
+  let retrainSection;
+  if (drawnRetrains.length) {
+    retrainSection = Cortex.plot('retrains', 'Retrains and their verdicts',
         'Each retrain estimates, off-policy on held-out decisions, the success of the candidate ' +
         'model and of the live policy (bars: 95% intervals; points: estimates). A candidate is ' +
         'promoted only when not estimated worse.', {
           type: 'bar',
-          data: {labels: names, datasets: [
-            {label: 'candidate (95% interval)', data: trained.map((m) => [est(m, 'candidate').low, est(m, 'candidate').high]),
+          data: {labels: drawnRetrains.map((m) => `v${m.version} ${m.status}`), datasets: [
+            {label: 'candidate (95% interval)', data: drawnRetrains.map((m) => [est(m, 'candidate').low, est(m, 'candidate').high]),
              backgroundColor: Cortex.color(0, 0.35), borderColor: Cortex.color(0), borderWidth: 1},
-            {label: 'live policy (95% interval)', data: trained.map((m) => [est(m, 'live').low, est(m, 'live').high]),
+            {label: 'live policy (95% interval)', data: drawnRetrains.map((m) => [est(m, 'live').low, est(m, 'live').high]),
              backgroundColor: Cortex.color(2, 0.35), borderColor: Cortex.color(2), borderWidth: 1},
             {label: 'candidate estimate', type: 'line', showLine: false, pointRadius: 4,
              borderColor: Cortex.color(0), backgroundColor: Cortex.color(0),
-             data: trained.map((m) => est(m, 'candidate').value)},
+             data: drawnRetrains.map((m) => est(m, 'candidate').value)},
             {label: 'live estimate', type: 'line', showLine: false, pointRadius: 4, pointStyle: 'rect',
              borderColor: Cortex.color(2), backgroundColor: Cortex.color(2),
-             data: trained.map((m) => est(m, 'live').value)},
+             data: drawnRetrains.map((m) => est(m, 'live').value)},
           ]},
           options: {scales: {y: {min: 0, max: 1, title: {display: true, text: 'estimated success'}}}},
         }, 300);
-    Cortex.table(s, ['model', 'made', 'verdict', 'candidate', 'live', 'difference', 'why'],
-        trained.map((m) => [m.name, m.created, m.status, Cortex.num(est(m, 'candidate').value, 3),
-                            Cortex.num(est(m, 'live').value, 3),
-                            `${Cortex.num(m.metrics.diff && m.metrics.diff.value, 3)} ± ${Cortex.num(m.metrics.diff && m.metrics.diff.ci, 3)}`,
-                            m.metrics.reason || '']));
   } else {
-    Cortex.section('Retrains and their verdicts', 'No model was trained in this window.');
+    retrainSection = Cortex.section('Retrains and their verdicts', trained.length
+        ? 'No retrain in this window had enough held-out decisions for an estimate; the ' +
+          'table says why.'
+        : 'No model was trained in this window.');
   }
+  if (trained.length)
+    Cortex.table(retrainSection, ['model', 'made', 'verdict', 'candidate', 'live', 'difference', 'why'],
+        trained.map((m) => [m.name, Cortex.iso(m.created), m.status, Cortex.num(est(m, 'candidate').value, 3),
+                            Cortex.num(est(m, 'live').value, 3),
+                            validated(m) ? `${Cortex.num(m.metrics.diff.value, 3)} ± ${Cortex.num(m.metrics.diff.ci, 3)}` : 'not validated',
+                            m.metrics.reason || '']));
 
   // Expert events: plugin loads, refusals, crashes, quarantines, retrains.
   const kinds = Object.keys(d.events);
@@ -159,7 +177,7 @@
         'retrains and rollbacks (cortexctl events lists them).', {
           type: 'bar',
           data: {datasets: kinds.map((e, i) => ({
-            label: e, backgroundColor: Cortex.color(i + 4, 0.8),
+            label: e, backgroundColor: kc(e, 0.8),
             data: d.events[e].map((c, j) => (c ? {x: mid[j], y: c} : null)).filter((p) => p),
             barThickness: 6,
           }))},
@@ -168,7 +186,7 @@
                                  ticks: {precision: 0}}}},
         }, 260);
     Cortex.table(s, ['time', 'event', 'expert', 'detail'],
-                 d.recent_events.map((e) => [e.time, e.event, e.expert, e.detail]));
+                 d.recent_events.map((e) => [Cortex.iso(e.time), e.event, e.expert, e.detail]));
   } else {
     Cortex.section('Plugin and model events', 'No plugin or model events in this window.');
   }
@@ -181,7 +199,7 @@
           data: {labels: d.rules.map((r) => r.rule),
                  datasets: [{label: 'decisions', data: d.rules.map((r) => r.decisions),
                              backgroundColor: Cortex.color(6, 0.7)}]},
-          options: {indexAxis: 'y'},
+          options: {indexAxis: 'y', scales: {x: {ticks: {precision: 0}}}},
         }, Math.max(160, 40 + 26 * d.rules.length));
   } else {
     Cortex.section('Most-fired rules', 'No rule fired in this window.');
