@@ -402,12 +402,12 @@ int Replay(const ReplayOptions& opt) {
     page["curve"] = Curves(success_at, prior_hits, majority_hits, chosen_at, names);
     page["retrain_marks"] = retrain_marks;
     page["split80"] = split80;
-    std::ofstream out(opt.html_out);
-    out << html::ChartPage(
-        html::Page::kReplay,
-        "Cortex replay: " + std::filesystem::path(opt.corpus).filename().string(), page);
-    if (!out.flush()) {
-      std::fprintf(stderr, "cortex-bench: cannot write %s\n", opt.html_out.c_str());
+    const std::string title =
+        "Cortex replay: " + std::filesystem::path(opt.corpus).filename().string();
+    if (Status st =
+            html::WritePage(opt.html_out, html::ChartPage(html::Page::kReplay, title, page));
+        !st.ok()) {
+      std::fprintf(stderr, "cortex-bench: %s\n", st.message().c_str());
       return 1;
     }
     std::printf("  page: %s\n", opt.html_out.c_str());

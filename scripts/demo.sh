@@ -141,8 +141,7 @@ ctl confidence
 say "cortexctl models"
 ctl models
 say "cortexctl report"
-ctl report --html "$demo/report.html"
-echo "report: $demo/report.html"
+ctl report --html "$demo/report.html"  # prints the page's path
 echo
 env="XDG_DATA_HOME=$demo/data XDG_RUNTIME_DIR=$demo/run XDG_CONFIG_HOME=$demo/config"
 echo "cortexd stops now; the store stays at $demo/data/cortex/cortex.db. To look again:"

@@ -1041,33 +1041,12 @@ static int RunCli(int argc, char** argv, Ctx& ctx) {
         cortex::html::ChartPage(cortex::html::Page::kReport, "Cortex report", result);
     if (html_file == "-") {
       std::fwrite(page.data(), 1, page.size(), stdout);
-      return std::fflush(stdout) == 0 ? kOk : kFailed;
+      return kOk;  // (main checks that stdout took it)
     }
-    // Written to a new file beside the target (mkstemp: never one someone planted, say a
-    // symlink in /tmp) and renamed over it: never a half-written page.
-    std::string tmp = html_file + ".XXXXXX";
-    const int fd = mkstemp(tmp.data());
-    bool ok = fd >= 0;
-    if (ok) {
-      const mode_t mask = umask(0);
-      umask(mask);
-      ok = fchmod(fd, 0666 & ~mask) == 0;  // as a file the user made (mkstemp gives 0600)
-      for (size_t at = 0; ok && at < page.size();) {
-        const ssize_t n = write(fd, page.data() + at, page.size() - at);
-        if (n < 0 && errno == EINTR) continue;
-        ok = n > 0;
-        if (ok) at += static_cast<size_t>(n);
-      }
-      ok = close(fd) == 0 && ok;  // (errno: the write's or the close's failure)
-    }
-    if (!ok || std::rename(tmp.c_str(), html_file.c_str()) != 0) {
-      const std::string why = std::strerror(errno);
-      if (fd >= 0) unlink(tmp.c_str());
-      SayError("report: cannot write " + html_file + ": " + why);
+    if (cortex::Status st = cortex::html::WritePage(html_file, page); !st.ok()) {
+      SayError("report: " + st.message());
       if (ctx.json_out)
-        std::cout << Dump(json{{"error",
-                                {{"code", "io_error"},
-                                 {"message", "cannot write " + html_file + ": " + why}}}})
+        std::cout << Dump(json{{"error", {{"code", "io_error"}, {"message", st.message()}}}})
                   << "\n";
       return kFailed;
     }
@@ -1438,6 +1417,8 @@ static int RunCli(int argc, char** argv, Ctx& ctx) {
                 Str(result, "config").c_str());
     if (!Str(result, "metrics").empty())
       std::printf("  metrics:   %s\n", Str(result, "metrics").c_str());
+    if (!Str(result, "metrics_error").empty())
+      std::printf("  METRICS NOT SERVED: %s\n", Str(result, "metrics_error").c_str());
     return kOk;
   }
   return Usage(ctx, "a command is required; `cortexctl help` lists them");
@@ -1449,5 +1430,12 @@ int main(int argc, char** argv) {
   // Under --json no usage error may leave stdout empty, whichever path found it.
   if (rc == kUsage && !g_usage_reported)
     Usage(ctx, "usage error; `cortexctl help` explains the commands");
+  // What was printed must have been written: a full disk or a closed stdout is a failure,
+  // not a silent success.
+  std::cout.flush();
+  if (std::fflush(stdout) != 0 || std::ferror(stdout)) {
+    std::fprintf(stderr, "cortexctl: cannot write to standard output: %s\n", std::strerror(errno));
+    return rc == kOk ? kFailed : rc;
+  }
   return rc;
 }

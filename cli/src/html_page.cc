@@ -1,5 +1,12 @@
 #include "cortex/html_page.h"
 
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+
 namespace cortex::embedded {
 extern const char kChartJs[];   // Debian's libjs-chart.js, chart.min.js
 extern const char kCommonJs[];  // pages/common.js
@@ -69,6 +76,34 @@ std::string ChartPage(Page page, const std::string& title, const nlohmann::json&
   h += page == Page::kReport ? embedded::kReportJs : embedded::kReplayJs;
   h += "\n</script>\n</body>\n</html>\n";
   return h;
+}
+
+Status WritePage(const std::string& path, const std::string& page) {
+  std::string tmp = path + ".XXXXXX";
+  const int fd = mkstemp(tmp.data());
+  if (fd < 0) return Status::IOError("cannot write " + path + ": " + std::strerror(errno));
+  mode_t mode;
+  if (struct stat st{}; ::stat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode)) {
+    mode = st.st_mode & 07777;
+  } else {
+    const mode_t mask = umask(0);
+    umask(mask);
+    mode = 0666 & ~mask;  // (mkstemp made it 0600)
+  }
+  bool ok = fchmod(fd, mode) == 0;
+  for (size_t at = 0; ok && at < page.size();) {
+    const ssize_t n = ::write(fd, page.data() + at, page.size() - at);
+    if (n < 0 && errno == EINTR) continue;
+    ok = n > 0;
+    if (ok) at += static_cast<size_t>(n);
+  }
+  ok = ::close(fd) == 0 && ok;
+  if (!ok || std::rename(tmp.c_str(), path.c_str()) != 0) {
+    const std::string why = std::strerror(errno);
+    ::unlink(tmp.c_str());
+    return Status::IOError("cannot write " + path + ": " + why);
+  }
+  return Status::OK();
 }
 
 }  // namespace cortex::html

@@ -172,8 +172,8 @@ class DaemonImpl : public Daemon, public RequestHandler {
     if (signal_fd_ >= 0) close(signal_fd_);
     // Connections first (they call into the pipeline), then the pipeline (it holds
     // experts), then the experts: the plugin copies go with the hosts that ran them.
-    metrics_server_.reset();  // its scrapes read the pipeline and the experts
     server_.reset();
+    metrics_server_.reset();  // (stopped already: no scrape reads the pipeline from here)
     pipeline_.reset();
     registry_.reset();
     if (!cache_dir_.empty()) {
@@ -202,9 +202,16 @@ class DaemonImpl : public Daemon, public RequestHandler {
       int port = 0;
       CORTEX_RETURN_IF_ERROR(ParseMetricsListen(config_.metrics.listen, &host, &port));
       auto ms = MetricsServer::Start(host, port, [this] { return metrics_.Render(Gauges()); });
-      if (!ms.ok()) return ms.status().WithContext(config_.source);
-      metrics_server_ = std::move(ms).value();
-      LogInfo("metrics at http://{}/metrics", metrics_server_->address());
+      if (ms.ok()) {
+        metrics_server_ = std::move(ms).value();
+        LogInfo("metrics at http://{}/metrics", metrics_server_->address());
+      } else {
+        // Tasks matter more than their metrics: a port someone else holds (any local user
+        // can take one) leaves cortexd running without the endpoint, and says so.
+        metrics_error_ = "metrics.listen: " + ms.status().message();
+        LogError("{}; cortexd runs without /metrics", metrics_error_);
+        RecordEvent("metrics", metrics_error_);
+      }
     }
     SetupInotify();
     pipeline_->Start();
@@ -315,6 +322,7 @@ class DaemonImpl : public Daemon, public RequestHandler {
             {"socket", config_.daemon.socket},
             {"metrics", metrics_server_ ? json("http://" + metrics_server_->address() + "/metrics")
                                         : json(nullptr)},
+            {"metrics_error", metrics_error_.empty() ? json(nullptr) : json(metrics_error_)},
             {"config", ConfigSource()},
             {"experts", active.size()},
             {"isolation", config_.plugins.isolation},
@@ -594,7 +602,8 @@ class DaemonImpl : public Daemon, public RequestHandler {
 
   void Shutdown() {
     NotifyStopping();
-    metrics_server_.reset();
+    if (metrics_server_) metrics_server_->Stop();  // (connections may still read its address)
+    store_->StopReports();  // a report takes seconds on a large store: not the stop's time
     server_->StopAccepting();
     { std::lock_guard<std::mutex> l(load_mu_); }  // the loader is waiting or sees stop_
     load_cv_.notify_all();
@@ -684,6 +693,7 @@ class DaemonImpl : public Daemon, public RequestHandler {
   std::unique_ptr<Trainer> trainer_;
   Metrics metrics_;
   std::unique_ptr<MetricsServer> metrics_server_;  // with metrics.listen set
+  std::string metrics_error_;                      // why it is not served, then
 
   // Hosts and plugin threads free slots from their own threads, possibly after this
   // object is gone: they reach the pipeline only through this, which the destructor clears.

@@ -4,7 +4,12 @@
 
 #include <fmt/format.h>
 
+#include <pthread.h>
+
+#include <condition_variable>
 #include <cstring>
+#include <deque>
+#include <mutex>
 #include <thread>
 
 namespace cortex {
@@ -135,11 +140,78 @@ std::string Metrics::Render(const std::string& gauges) const {
   return out + gauges;
 }
 
+namespace {
+
+// httplib's request workers, bounded both ways: at most kWorkers requests at a time and
+// kWaiting accepted connections waiting; past that, enqueue blocks the accept loop, so
+// further connections wait in the kernel's backlog holding none of cortexd's descriptors
+// (a flood of idle connections cannot use up its files). Workers keep the state alive
+// through a shared pointer, so one held by a client that trickles its request can be
+// left behind at a stop instead of holding the stop up.
+class BoundedQueue : public httplib::TaskQueue {
+ public:
+  static constexpr size_t kWorkers = 4, kWaiting = 16;
+  struct State {
+    std::mutex mu;
+    std::condition_variable work, space, idle;
+    std::deque<std::function<void()>> jobs;
+    size_t busy = 0;
+    bool closing = false;
+  };
+  explicit BoundedQueue(std::shared_ptr<State> st) : st_(std::move(st)) {
+    for (size_t i = 0; i < kWorkers; ++i)
+      std::thread([st = st_] {
+        pthread_setname_np(pthread_self(), "metrics");
+        std::unique_lock<std::mutex> l(st->mu);
+        for (;;) {
+          st->work.wait(l, [&] { return !st->jobs.empty() || st->closing; });
+          if (st->closing) break;
+          auto fn = std::move(st->jobs.front());
+          st->jobs.pop_front();
+          ++st->busy;
+          st->space.notify_one();
+          l.unlock();
+          fn();
+          l.lock();
+          --st->busy;
+          st->idle.notify_all();
+        }
+      }).detach();
+  }
+  void enqueue(std::function<void()> fn) override {
+    std::unique_lock<std::mutex> l(st_->mu);
+    st_->space.wait(l, [&] { return st_->jobs.size() < kWaiting || st_->closing; });
+    if (st_->closing) return;  // stopping: the connection goes with the process
+    st_->jobs.push_back(std::move(fn));
+    st_->work.notify_one();
+  }
+  // The accept loop is over. Requests in progress get a moment to finish; one still held
+  // after that is left to its worker (see ~MetricsServer).
+  void shutdown() override {
+    std::unique_lock<std::mutex> l(st_->mu);
+    st_->closing = true;
+    st_->jobs.clear();
+    st_->work.notify_all();
+    st_->space.notify_all();
+    st_->idle.wait_for(l, std::chrono::seconds(1), [&] { return st_->busy == 0; });
+  }
+
+ private:
+  std::shared_ptr<State> st_;
+};
+
+}  // namespace
+
 struct MetricsServer::Impl {
   httplib::Server http;
   std::thread thread;
   std::string host;
   int port = 0;
+  std::shared_ptr<BoundedQueue::State> queue = std::make_shared<BoundedQueue::State>();
+  // The scrape's view of cortexd, closed at the stop: a request a worker still holds
+  // then gets nothing from a daemon that is going away.
+  std::mutex gate_mu;
+  std::function<std::string()> render;
 };
 
 MetricsServer::MetricsServer() : impl_(std::make_unique<Impl>()) {}
@@ -148,14 +220,29 @@ Result<std::unique_ptr<MetricsServer>> MetricsServer::Start(const std::string& h
                                                             std::function<std::string()> render) {
   std::unique_ptr<MetricsServer> s(new MetricsServer());
   Impl& m = *s->impl_;
-  m.http.Get("/metrics", [render](const httplib::Request&, httplib::Response& res) {
-    res.set_content(render(), "text/plain; version=0.0.4; charset=utf-8");
+  m.render = std::move(render);
+  m.http.Get("/metrics", [&m](const httplib::Request& req, httplib::Response& res) {
+    if (!req.ranges.empty()) {  // (httplib would build every range asked for in memory)
+      res.status = 416;
+      return;
+    }
+    std::lock_guard<std::mutex> l(m.gate_mu);
+    if (!m.render) {
+      res.status = 503;
+      return;
+    }
+    res.set_content(m.render(), "text/plain; version=0.0.4; charset=utf-8");
   });
   // Anything else: a short pointer to the one path there is.
   m.http.set_error_handler([](const httplib::Request&, httplib::Response& res) {
     if (res.status == 404) res.set_content("cortexd serves /metrics only\n", "text/plain");
   });
-  m.http.new_task_queue = [] { return new httplib::ThreadPool(2); };
+  m.http.new_task_queue = [q = m.queue] { return new BoundedQueue(q); };
+  // One request per connection, and a client that stops sending is dropped soon.
+  m.http.set_keep_alive_max_count(1);
+  m.http.set_read_timeout(2);
+  m.http.set_write_timeout(2);
+  m.http.set_payload_max_length(4096);
   // Not httplib's default, which adds SO_REUSEPORT: a second cortexd on the same port
   // would then share it silently and scrapes would alternate between the two.
   m.http.set_socket_options([](socket_t sock) {
@@ -166,18 +253,32 @@ Result<std::unique_ptr<MetricsServer>> MetricsServer::Start(const std::string& h
                     : m.http.bind_to_port(host, port) ? port
                                                       : -1;
   if (bound <= 0)
-    return Status::Unavailable(
-        fmt::format("metrics.listen: cannot listen on {}:{} ({}); is the port taken?", host, port,
-                    std::strerror(errno)));
+    return Status::Unavailable(fmt::format("cannot listen on {}:{} ({}); is the port taken?", host,
+                                           port, std::strerror(errno)));
   m.host = host;
   m.port = bound;
-  m.thread = std::thread([&m] { m.http.listen_after_bind(); });
+  m.thread = std::thread([&m] {
+    pthread_setname_np(pthread_self(), "metrics");
+    m.http.listen_after_bind();
+  });
   return s;
 }
 
-MetricsServer::~MetricsServer() {
+void MetricsServer::Stop() {
+  {
+    std::lock_guard<std::mutex> l(impl_->gate_mu);
+    impl_->render = nullptr;
+  }
   impl_->http.stop();
-  if (impl_->thread.joinable()) impl_->thread.join();
+  if (impl_->thread.joinable()) impl_->thread.join();  // BoundedQueue::shutdown: at most 1 s
+}
+
+MetricsServer::~MetricsServer() {
+  Stop();
+  std::lock_guard<std::mutex> l(impl_->queue->mu);
+  // A worker still inside a request uses the server: it is left running, and the server
+  // with it, until the process ends (a stop, the only time this runs).
+  if (impl_->queue->busy > 0) (void)impl_.release();
 }
 
 std::string MetricsServer::address() const {

@@ -55,6 +55,8 @@ class MetricsServer {
   static Result<std::unique_ptr<MetricsServer>> Start(const std::string& host, int port,
                                                       std::function<std::string()> render);
   ~MetricsServer();
+  // Serves no more (idempotent): the render function is not called again once it returns.
+  void Stop();
   std::string address() const;  // host:port as bound (port 0 asked: the one given)
 
  private:

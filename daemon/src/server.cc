@@ -687,6 +687,8 @@ json Server::Dispatch(const json& j, const std::function<bool(const std::string&
       CHECK(r.Number("since", 0, 1e11, &q.since));
       CHECK(r.Number("until", 0, 1e11, &q.until));
       CHECK(r.Number("buckets", 1, 1000, &buckets));
+      if (buckets != static_cast<int>(buckets))
+        return fail(Bad("field 'buckets' must be a whole number (at most that many buckets)"));
       if (q.until > 0 && q.until < q.since) return fail(Bad("field 'until' is before 'since'"));
       q.buckets = static_cast<int>(buckets);
       ReportData data;

@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <condition_variable>
 #include <cstring>
@@ -224,6 +225,8 @@ class SqliteStore : public Store {
  public:
   explicit SqliteStore(std::string path) : path_(std::move(path)) {}
   ~SqliteStore() override {
+    closing_reports_ = true;  // a report running is interrupted within 10,000 steps
+    { std::lock_guard<std::mutex> wait(report_mu_); }
     if (checkpointer_.joinable()) {
       {
         std::lock_guard<std::mutex> l(checkpoint_mu_);
@@ -871,13 +874,45 @@ class SqliteStore : public Store {
 
   Status Report(const ReportQuery& q, ReportData* out) override {
     *out = ReportData{};
-    Reading r(*this);
-    // One snapshot for every aggregate, so the plots agree with each other.
-    CORTEX_RETURN_IF_ERROR(r.Run("BEGIN"));
+    if (closing_reports_) return Status::Unavailable("cortexd is stopping");
+    if (!read_.db) {  // ":memory:": its one connection
+      Reading r(*this);
+      CORTEX_RETURN_IF_ERROR(r.Run("BEGIN"));  // one snapshot: the plots agree
+      Status st = ReportIn(r, q, out);
+      (void)r.Run("COMMIT");
+      return st;
+    }
+    // A report scans whole tables (seconds for a million tasks): on a connection of its
+    // own, so no other read waits behind it; one report at a time; and interrupted when
+    // the store closes, so it cannot hold up a stop.
+    (void)Sync();  // what it reads is on the disk, as every read
+    std::lock_guard<std::mutex> one(report_mu_);
+    if (closing_reports_) return Status::Unavailable("cortexd is stopping");
+    Conn c;
+    if (sqlite3_open_v2(path_.c_str(), &c.db,
+                        SQLITE_OPEN_READWRITE | SQLITE_OPEN_FULLMUTEX | SQLITE_OPEN_NOFOLLOW,
+                        nullptr) != SQLITE_OK)
+      return Status::IOError("cannot open store " + path_ + " for a report: " + c.Err());
+    sqlite3_busy_timeout(c.db, 5000);
+    CORTEX_RETURN_IF_ERROR(c.Run("PRAGMA query_only=ON"));
+    sqlite3_progress_handler(
+        c.db, 10000,
+        [](void* self) { return static_cast<SqliteStore*>(self)->closing_reports_.load() ? 1 : 0; },
+        this);
+    struct OwnRead {
+      Conn& c;
+      Stmt Prepare(const char* sql) { return c.Prepare(sql); }
+      Status Run(const char* sql) { return c.Run(sql); }
+      Status Fail(const std::string& what) const { return Status::IOError(what + ": " + c.Err()); }
+    } r{c};
+    CORTEX_RETURN_IF_ERROR(r.Run("BEGIN"));  // one snapshot: the plots agree
     Status st = ReportIn(r, q, out);
     (void)r.Run("COMMIT");
+    if (closing_reports_) return Status::Unavailable("cortexd is stopping: the report was ended");
     return st;
   }
+
+  void StopReports() override { closing_reports_ = true; }
 
   template <class Read>  // (Reading is declared further down)
   Status ReportIn(Read& r, const ReportQuery& q, ReportData* out) {
@@ -891,6 +926,7 @@ class SqliteStore : public Store {
           "(SELECT min(t) FROM (SELECT min(time) t FROM expert_events UNION ALL "
           "SELECT min(created) FROM models)))");
       since = s.Step() == SQLITE_ROW && !s.IsNull(0) ? s.Double(0) : now;
+      if (until > 0) since = std::min(since, until);  // a window that ends before it all
     }
     if (until <= 0) {
       Stmt s = r.Prepare(
@@ -1053,8 +1089,10 @@ class SqliteStore : public Store {
     }
     {
       Stmt s = r.Prepare(
+          // (instr first: most decisions fire no rule, and reading their JSON is the cost)
           "SELECT rl.value,count(DISTINCT d.task_id) FROM decisions d,json_each(d.candidates) c,"
           "json_each(c.value,'$.rules') rl WHERE d.time>=?1 AND d.time<=?2 "
+          "AND instr(d.candidates,'\"rules\":[\"')>0 "
           "GROUP BY 1 ORDER BY 2 DESC,1 LIMIT 20");
       s.Bind(1, since).Bind(2, until);
       while (s.Step() == SQLITE_ROW) out->rules.emplace_back(s.Text(0), s.Long(1));
@@ -1530,6 +1568,8 @@ class SqliteStore : public Store {
   // and never wait for a group's fsync. (":memory:" has one connection: reads share it.)
   Conn read_;  // destroyed before write_
   std::mutex read_mu_;
+  std::mutex report_mu_;  // one report at a time, each on a connection of its own
+  std::atomic<bool> closing_reports_{false};
 };
 
 }  // namespace

@@ -6,6 +6,8 @@
 #include <nlohmann/json.hpp>
 #include <string>
 
+#include "cortex/status.h"
+
 namespace cortex::html {
 
 enum class Page { kReport, kReplay };
@@ -15,5 +17,10 @@ enum class Page { kReport, kReplay };
 // window.__cortexPlots and sets window.__cortexReady once done (the browser test reads
 // both).
 std::string ChartPage(Page page, const std::string& title, const nlohmann::json& data);
+
+// Writes `page` to `path` whole or not at all: into a new file beside it (never one that
+// is there already, such as a link planted in a shared folder), then renamed over it. A
+// file it replaces keeps its permissions; a new one gets those the umask allows.
+Status WritePage(const std::string& path, const std::string& page);
 
 }  // namespace cortex::html

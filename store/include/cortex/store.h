@@ -124,6 +124,8 @@ class Store {
   virtual Status Recover(double time, bool crashed, Recovery* out) = 0;
   // The aggregates `cortexctl report` plots (see ReportData), in one read snapshot.
   virtual Status Report(const ReportQuery& q, ReportData* out) = 0;
+  // cortexd is stopping: a report running ends now (Unavailable), and so do later ones.
+  virtual void StopReports() = 0;
   virtual Status CountByState(std::vector<std::pair<std::string, long>>* counts) = 0;
   // OK, or why every write is refused: the file was deleted or replaced under cortexd.
   virtual Status Health() = 0;
