@@ -47,13 +47,13 @@
               ticks: {callback: (v) => `${Math.round(v * 100)}%`}},
         }},
       }, 420);
-  const experts = Object.keys(c.share);
+  const experts = Object.keys(c.share).sort();  // a colour each, by its place
   Cortex.plot('share', "Each expert's share of the online choices",
       `Over the trailing ${c.window} tasks: where the learning router sent the work.`, {
         type: 'line',
         data: {datasets: experts.map((e, i) => ({
           label: e, data: xy(c.share[e]), fill: i === 0 ? 'origin' : '-1', pointRadius: 0,
-          borderWidth: 1, borderColor: Cortex.color(e), backgroundColor: Cortex.color(e, 0.55),
+          borderWidth: 1, borderColor: Cortex.color(i), backgroundColor: Cortex.color(i, 0.55),
         }))},
         options: {scales: {
           x: {type: 'linear', min: 0, max: d.rows, title: {display: true, text: 'tasks replayed'}},
