@@ -89,8 +89,7 @@ TEST(Report, APageFromARealDaemonOpensOfflineAndDrawsEveryPlot) {
   TempDir dir;
   Daemon d(dir, kReportExperts, "router: {exploration: 0.3, seed: 7}\ntraining: {online: true}\n",
            /*bundled=*/true, ", restart_backoff: 10ms");
-  fs::copy_file(test::BenchPluginDir() + "/misbehave.so", d.plugin_dir + "/misbehave.so");
-  fs::permissions(d.plugin_dir + "/misbehave.so", fs::perms(0755), fs::perm_options::replace);
+  d.AddPlugin(test::BenchPluginDir() + "/misbehave.so");
   ASSERT_TRUE(d.Start()) << d.Log();
   const int n = 150;  // enough for a retrain to hold out the 20 decisions it validates on
   for (int i = 0; i < n; ++i)
@@ -135,8 +134,7 @@ TEST(Report, APageFromARealDaemonOpensOfflineAndDrawsEveryPlot) {
 TEST(Report, SinceNarrowsTheWindowAndMistakesAreToldNotWritten) {
   TempDir dir;
   Daemon d(dir, kReportExperts, "router: {exploration: 0, seed: 1}\ntraining: {online: false}\n");
-  fs::copy_file(test::BenchPluginDir() + "/misbehave.so", d.plugin_dir + "/misbehave.so");
-  fs::permissions(d.plugin_dir + "/misbehave.so", fs::perms(0755), fs::perm_options::replace);
+  d.AddPlugin(test::BenchPluginDir() + "/misbehave.so");
   ASSERT_TRUE(d.Start()) << d.Log();
   for (int i = 0; i < 3; ++i) ASSERT_EQ(d.Ctl({"submit", "deploy it", "--wait"}).code, 0);
 
@@ -225,8 +223,7 @@ TEST(Metrics, ServedOnLoopbackCountingWhatHappened) {
   TempDir dir;
   Daemon d(dir, std::string("metrics: {listen: \"127.0.0.1:0\"}\n") + kReportExperts,
            "router: {exploration: 0, seed: 1}\ntraining: {online: false}\n");
-  fs::copy_file(test::BenchPluginDir() + "/misbehave.so", d.plugin_dir + "/misbehave.so");
-  fs::permissions(d.plugin_dir + "/misbehave.so", fs::perms(0755), fs::perm_options::replace);
+  d.AddPlugin(test::BenchPluginDir() + "/misbehave.so");
   ASSERT_TRUE(d.Start()) << d.Log();
   const std::string url = d.CtlJson({"status"}).value("metrics", "");
   std::smatch m;

@@ -208,6 +208,12 @@ class Daemon {
         timeout_s);
   }
   std::string Log() const { return ReadFile(log); }
+  // Puts a copy of the plugin file `so` in the plugin folder, as its owner would (0755).
+  void AddPlugin(const std::string& so) const {
+    const std::string to = plugin_dir + "/" + fs::path(so).filename().string();
+    fs::copy_file(so, to, fs::copy_options::overwrite_existing);
+    fs::permissions(to, fs::perms(0755), fs::perm_options::replace);
+  }
 
   std::string socket, store, plugin_dir, config, log;
   std::string bin_dir = BinDir();  // where cortexd and cortexctl are: another install's bin/

@@ -997,19 +997,21 @@ class SqliteStore : public Store {
       for (size_t b = 0; b < n; ++b)
         if (out->finished[b]) out->latency_mean[b] = sum[b] / out->finished[b];
     }
-    {
-      std::map<std::string, std::vector<long>> share;
-      Stmt s = r.Prepare(
-          "SELECT CAST((time-?1)/?3 AS INTEGER),chosen,count(*) FROM decisions "
-          "WHERE time>=?1 AND time<=?2 GROUP BY 1,2");
+    // Counts per bucket by name, from rows of (bucket, name, count).
+    auto named_series = [&](const char* sql) {
+      std::map<std::string, std::vector<long>> by;
+      Stmt s = r.Prepare(sql);
       bind(s);
       while (s.Step() == SQLITE_ROW) {
-        auto& v = share[s.Text(1)];
+        auto& v = by[s.Text(1)];
         v.resize(n, 0);
         v[bucket(s.Long(0))] += s.Long(2);
       }
-      out->share.assign(share.begin(), share.end());
-    }
+      return std::vector<std::pair<std::string, std::vector<long>>>(by.begin(), by.end());
+    };
+    out->share = named_series(
+        "SELECT CAST((time-?1)/?3 AS INTEGER),chosen,count(*) FROM decisions "
+        "WHERE time>=?1 AND time<=?2 GROUP BY 1,2");
     {
       std::map<std::string, ReportData::Calibration> cal;
       Stmt s = r.Prepare(
@@ -1069,17 +1071,9 @@ class SqliteStore : public Store {
         out->latency_counts[std::min<size_t>(s.Long(0), edges.size())] += s.Long(1);
     }
     {
-      std::map<std::string, std::vector<long>> ev;
-      Stmt s = r.Prepare(
+      out->events = named_series(
           "SELECT CAST((time-?1)/?3 AS INTEGER),event,count(*) FROM expert_events "
           "WHERE time>=?1 AND time<=?2 GROUP BY 1,2");
-      bind(s);
-      while (s.Step() == SQLITE_ROW) {
-        auto& v = ev[s.Text(1)];
-        v.resize(n, 0);
-        v[bucket(s.Long(0))] += s.Long(2);
-      }
-      out->events.assign(ev.begin(), ev.end());
       Stmt e = r.Prepare(
           "SELECT time,expert,file,event,detail FROM expert_events WHERE time>=?1 AND "
           "time<=?2 ORDER BY id DESC LIMIT 30");
