@@ -569,6 +569,59 @@ TEST(E2E, ConnectionLimitIsAnsweredWithAClearError) {
 // locked everyone out for as long as they stayed. Now the longest-silent one makes room
 // for a new client, and a connection silent for daemon.idle_timeout is closed; a client
 // waiting on submit --wait is being served, not idle.
+// CPU seconds `pid` has used (user + system), from /proc.
+double CpuSeconds(pid_t pid) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
+  std::string stat((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  std::istringstream rest(stat.substr(stat.rfind(')') + 2));
+  std::string field;
+  double utime = 0, stime = 0;
+  for (int i = 3; i <= 15 && rest >> field; ++i) {
+    if (i == 14) utime = std::stod(field);
+    if (i == 15) stime = std::stod(field);
+  }
+  return (utime + stime) / static_cast<double>(sysconf(_SC_CLK_TCK));
+}
+
+TEST(E2E, OutOfDescriptorsItWaitsInsteadOfSpinningAndRecovers) {
+  TempDir dir;
+  Daemon d(dir);
+  ASSERT_TRUE(d.Start()) << d.Log();
+  // Leave cortexd a few descriptors beyond those it holds, then take them all.
+  const auto open_fds = std::distance(
+      fs::directory_iterator("/proc/" + std::to_string(d.pid) + "/fd"), fs::directory_iterator());
+  struct rlimit old {};
+  ASSERT_EQ(prlimit(d.pid, RLIMIT_NOFILE, nullptr, &old), 0) << strerror(errno);
+  struct rlimit lim = {static_cast<rlim_t>(open_fds + 4), old.rlim_max};  // (the soft limit)
+  ASSERT_EQ(prlimit(d.pid, RLIMIT_NOFILE, &lim, nullptr), 0) << strerror(errno);
+  std::vector<int> held;
+  for (int i = 0; i < 12; ++i) {
+    int c = socket(AF_UNIX, SOCK_STREAM, 0);
+    sockaddr_un a{};
+    a.sun_family = AF_UNIX;
+    std::snprintf(a.sun_path, sizeof a.sun_path, "%s", d.socket.c_str());
+    if (connect(c, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0)
+      held.push_back(c);
+    else
+      close(c);
+  }
+  ASSERT_GE(held.size(), 8u);
+  ASSERT_TRUE(test::Eventually([&] {
+    return d.Log().find("cannot accept connections") != std::string::npos;
+  })) << d.Log();
+  // Waiting, not spinning: a busy loop would burn a whole core over these two seconds.
+  const double before = CpuSeconds(d.pid);
+  usleep(2000000);
+  EXPECT_LT(CpuSeconds(d.pid) - before, 0.5);
+  // Descriptors free again: it serves.
+  for (int c : held) close(c);
+  ASSERT_EQ(prlimit(d.pid, RLIMIT_NOFILE, &old, nullptr), 0) << strerror(errno);
+  EXPECT_TRUE(test::Eventually([&] { return d.Ctl({"status"}).code == 0; }));
+  EXPECT_TRUE(test::Eventually(
+      [&] { return d.Log().find("accepting connections again") != std::string::npos; }));
+  EXPECT_TRUE(d.Alive());
+}
+
 TEST(E2E, SilentConnectionsCannotLockOthersOut) {
   TempDir dir;
   Daemon d(dir,

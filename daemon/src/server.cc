@@ -217,7 +217,22 @@ Status Server::CheckPeer(int fd) const {
 
 void Server::AcceptOne() {
   int fd = accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
-  if (fd < 0) return;
+  if (fd < 0) {
+    // Out of descriptors or memory: the connection stays in the backlog and poll reports
+    // it again at once; a pause keeps the main loop from spinning on it meanwhile.
+    if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+      if (!accept_failing_)
+        LogWarn("cannot accept connections ({}); waiting for descriptors to come free",
+                strerror(errno));
+      accept_failing_ = true;
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+    return;
+  }
+  if (accept_failing_) {
+    LogInfo("accepting connections again");
+    accept_failing_ = false;
+  }
   // The socket's 0600/0700 permissions are the first gate; this is the second, for a
   // socket whose folder was loosened or that was handed to someone else.
   if (Status peer = CheckPeer(fd); !peer.ok()) {

@@ -80,6 +80,7 @@ class Server {
   ServerLimits limits_;
   std::string path_;
   int listen_fd_ = -1;
+  bool accept_failing_ = false;  // out of descriptors: said once (AcceptOne, main thread)
   // Evicts the connection silent longest (at least kEvictAfterSeconds, and not being
   // served) to make room for a new one; false if there is none. Holds mu_.
   bool EvictIdleLocked();
