@@ -621,27 +621,21 @@ class DaemonImpl : public Daemon, public RequestHandler {
   // What /metrics reads at each scrape, beside the counters Metrics keeps.
   std::string Gauges() {
     std::string g;
-    auto family = [&](const char* name, const char* type, const char* help) {
-      g += fmt::format("# HELP {} {}\n# TYPE {} {}\n", name, help, name, type);
-    };
-    family("cortex_queue_depth", "gauge", "Tasks waiting to run.");
-    g += fmt::format("cortex_queue_depth {}\n", pipeline_->QueueDepth());
-    family("cortex_model_version", "gauge", "The live routing model's version (0: untrained).");
-    const std::string v = CurrentRouter()->model_version();
-    g += fmt::format("cortex_model_version {}\n",
-                     v.size() > 1 && v[0] == 'v' ? std::atoi(v.c_str() + 1) : 0);
+    Metrics::Family(&g, "cortex_queue_depth", "gauge", "Tasks waiting to run.");
+    Metrics::Sample(&g, "cortex_queue_depth", {}, pipeline_->QueueDepth());
+    Metrics::Family(&g, "cortex_model_version", "gauge",
+                    "The live routing model's version (0: untrained).");
+    Metrics::Sample(&g, "cortex_model_version", {}, learner_->live_version());
     const auto experts = registry_->List();
-    family("cortex_plugin_host_restarts_total", "counter",
-           "Plugin hosts started again after the first, by expert.");
+    Metrics::Family(&g, "cortex_plugin_host_restarts_total", "counter",
+                    "Plugin hosts started again after the first, by expert.");
     for (const auto& e : experts)
-      g += fmt::format("{} {}\n",
-                       Metrics::Series("cortex_plugin_host_restarts_total", {{"expert", e.name}}),
-                       e.health.restarts);
-    family("cortex_expert_quarantined", "gauge",
-           "1 while an expert is quarantined after repeated crashes.");
+      Metrics::Sample(&g, "cortex_plugin_host_restarts_total", {{"expert", e.name}},
+                      e.health.restarts);
+    Metrics::Family(&g, "cortex_expert_quarantined", "gauge",
+                    "1 while an expert is quarantined after repeated crashes.");
     for (const auto& e : experts)
-      g +=
-          fmt::format("{} {}\n", Metrics::Series("cortex_expert_quarantined", {{"expert", e.name}}),
+      Metrics::Sample(&g, "cortex_expert_quarantined", {{"expert", e.name}},
                       e.state == "quarantined" ? 1 : 0);
     return g;
   }

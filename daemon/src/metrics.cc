@@ -31,14 +31,13 @@ std::string Escape(const std::string& v) {
   return out;
 }
 
-void Family(std::string* out, const char* name, const char* type, const char* help) {
+}  // namespace
+
+void Metrics::Family(std::string* out, const char* name, const char* type, const char* help) {
   *out += fmt::format("# HELP {} {}\n# TYPE {} {}\n", name, help, name, type);
 }
 
-}  // namespace
-
-std::string Metrics::Series(const std::string& name,
-                            const std::vector<std::pair<std::string, std::string>>& labels) {
+std::string Metrics::Series(const std::string& name, const Labels& labels) {
   std::string s = name;
   if (labels.empty()) return s;
   s += '{';
@@ -102,27 +101,22 @@ std::string Metrics::Render(const std::string& gauges) const {
       "Tasks accepted (state=\"queued\") and tasks ended, by final state, since cortexd started.");
   for (const char* s : {"queued", "succeeded", "failed", "cancelled", "interrupted"}) {
     auto it = tasks_.find(s);
-    out += fmt::format("{} {}\n", Series("cortex_tasks_total", {{"state", s}}),
-                       it == tasks_.end() ? 0 : it->second);
+    Sample(&out, "cortex_tasks_total", {{"state", s}}, it == tasks_.end() ? 0ul : it->second);
   }
   Family(&out, "cortex_decisions_total", "counter",
          "Routing decisions by the expert chosen and whether the choice explored.");
   for (const auto& [k, n] : decided_)
-    out += fmt::format("{} {}\n",
-                       Series("cortex_decisions_total",
-                              {{"expert", k.first}, {"explored", k.second ? "true" : "false"}}),
-                       n);
+    Sample(&out, "cortex_decisions_total",
+           {{"expert", k.first}, {"explored", k.second ? "true" : "false"}}, n);
   Family(&out, "cortex_attempts_total", "counter", "Finished attempts by expert and outcome.");
   for (const auto& [k, n] : attempts_)
-    out += fmt::format(
-        "{} {}\n", Series("cortex_attempts_total", {{"expert", k.first}, {"outcome", k.second}}),
-        n);
+    Sample(&out, "cortex_attempts_total", {{"expert", k.first}, {"outcome", k.second}}, n);
   Family(&out, "cortex_retrains_total", "counter",
          "Retrains by verdict: promoted, refused (validation), error.");
   for (const char* v : {"promoted", "refused", "error"}) {
     auto it = retrains_.find(v);
-    out += fmt::format("{} {}\n", Series("cortex_retrains_total", {{"verdict", v}}),
-                       it == retrains_.end() ? 0 : it->second);
+    Sample(&out, "cortex_retrains_total", {{"verdict", v}},
+           it == retrains_.end() ? 0ul : it->second);
   }
   auto histogram = [&](const char* name, const char* help, const Histogram& h) {
     Family(&out, name, "histogram", help);

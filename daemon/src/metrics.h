@@ -29,11 +29,18 @@ class Metrics {
   // caller read just now, with their HELP and TYPE).
   std::string Render(const std::string& gauges) const;
 
-  // "name{label=\"value\",...}" with the values escaped as the format requires.
-  static std::string Series(const std::string& name,
-                            const std::vector<std::pair<std::string, std::string>>& labels);
+  // Pieces of the exposition, for Render and for the gauges a caller adds: a family's
+  // HELP and TYPE lines, and one sample line "name{label=\"value\",...} value" with the
+  // label values escaped as the format requires.
+  using Labels = std::vector<std::pair<std::string, std::string>>;
+  static void Family(std::string* out, const char* name, const char* type, const char* help);
+  template <class V>
+  static void Sample(std::string* out, const std::string& name, const Labels& labels, V value) {
+    *out += Series(name, labels) + " " + std::to_string(value) + "\n";
+  }
 
  private:
+  static std::string Series(const std::string& name, const Labels& labels);
   struct Histogram {
     std::vector<double> bounds;  // upper bounds, ascending; +Inf implied
     std::vector<unsigned long> counts;

@@ -312,6 +312,15 @@ struct Pipeline::Impl {
     return Status::OK();
   }
 
+  // Routes a batch for real (exploring, unlike the dry run above), timed for the metrics.
+  Status Decide(const std::vector<RouteRequest>& reqs, const std::vector<ExpertSlot>& slots,
+                std::vector<Decision>* decisions) {
+    const int64_t t0 = env_->MonotonicMicros();
+    CORTEX_RETURN_IF_ERROR(router_()->Route(reqs, slots, true, env_->NowUnix(), decisions));
+    if (metrics_) metrics_->Routed(*decisions, (env_->MonotonicMicros() - t0) / 1e6);
+    return Status::OK();
+  }
+
   Status Cancel(const std::string& id) {
     std::vector<Job> ended;  // taken out of the queues: they end here, not on a worker
     {
@@ -455,15 +464,12 @@ struct Pipeline::Impl {
     if (!slots.empty()) {
       std::vector<RouteRequest> reqs;
       for (const Intake* in : group) reqs.push_back({in->task.text, in->task.tags});
-      const int64_t t0 = env_->MonotonicMicros();
-      Status st = router_()->Route(reqs, slots, true, env_->NowUnix(), &decisions);
-      if (st.ok()) {
+      Status st = Decide(reqs, slots, &decisions);
+      if (st.ok())
         routed = true;
-        if (metrics_) metrics_->Routed(decisions, (env_->MonotonicMicros() - t0) / 1e6);
-      } else {
+      else
         LogError("cannot route {} new task(s) ({}); they wait in the queue", group.size(),
                  st.ToString());
-      }
     }
     // Started now: a task whose chosen expert has a free slot. An idle worker takes the
     // batch's started tasks (all of them: it runs them together), or a busy one takes
@@ -625,13 +631,11 @@ struct Pipeline::Impl {
       std::vector<RouteRequest> reqs;
       for (const auto& t : batch) reqs.push_back({t.text, t.tags});
       std::vector<Decision> decisions;
-      const int64_t t0 = env_->MonotonicMicros();
-      if (Status st = router_()->Route(reqs, slots, true, env_->NowUnix(), &decisions); !st.ok()) {
+      if (Status st = Decide(reqs, slots, &decisions); !st.ok()) {
         LogError("cannot route {} task(s) ({}); retrying", ids.size(), st.ToString());
         Requeue(&batch, std::chrono::seconds(1));
         continue;
       }
-      if (metrics_) metrics_->Routed(decisions, (env_->MonotonicMicros() - t0) / 1e6);
       std::vector<Job> jobs;
       std::vector<Task> unrecorded;  // routed again once the store takes writes
       // The batch's decisions in one commit (one fsync), each with its own status.

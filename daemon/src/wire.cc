@@ -3,6 +3,8 @@
 #include <cmath>
 #include <ctime>
 
+#include "cortex/learner.h"
+
 namespace cortex::wire {
 
 std::string IsoTime(double t) {
@@ -45,7 +47,7 @@ json ToJson(const ModelRecord& m) {
   json metrics = json::parse(m.metrics, nullptr, false);
   return {
       {"version", m.version},
-      {"name", "v" + std::to_string(m.version)},
+      {"name", Learner::VersionName(m.version)},
       {"created", IsoTime(m.created)},
       {"created_unix", m.created},
       {"status", m.status},

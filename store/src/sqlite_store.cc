@@ -221,6 +221,34 @@ Status Conn::Run(const char* sql) {
                                                : Status::IOError(std::string("store: ") + Err());
 }
 
+// A connection that only reads (query_only: a bug there cannot write) to the store's file,
+// never through a symlink.
+Status OpenReader(const std::string& path, const std::string& purpose, Conn* c) {
+  if (sqlite3_open_v2(path.c_str(), &c->db,
+                      SQLITE_OPEN_READWRITE | SQLITE_OPEN_FULLMUTEX | SQLITE_OPEN_NOFOLLOW,
+                      nullptr) != SQLITE_OK)
+    return Status::IOError("cannot open store " + path + " " + purpose + ": " + c->Err());
+  sqlite3_busy_timeout(c->db, 5000);
+  sqlite3_extended_result_codes(c->db, 1);
+  if (!c->Run("PRAGMA query_only=ON").ok())
+    return Status::IOError("store " + path + ": " + c->Err());
+  return Status::OK();
+}
+
+// A model as listed (no weights) from a row of
+// "version,created,status,live,trained_through,metrics,length(weights)".
+ModelRecord ListedModel(Stmt& s) {
+  ModelRecord m;
+  m.version = static_cast<int>(s.Long(0));
+  m.created = s.Double(1);
+  m.status = s.Text(2);
+  m.live = s.Long(3) != 0;
+  m.trained_through = s.Long(4);
+  m.metrics = s.Text(5);
+  m.weights_bytes = s.Long(6);
+  return m;
+}
+
 class SqliteStore : public Store {
  public:
   explicit SqliteStore(std::string path) : path_(std::move(path)) {}
@@ -305,19 +333,8 @@ class SqliteStore : public Store {
         ::close(log_fd_);
         log_fd_ = -1;
       }
-      // The same file, for reads only (query_only: a bug here cannot write).
-      if (sqlite3_open_v2(path_.c_str(), &read_.db,
-                          SQLITE_OPEN_READWRITE | SQLITE_OPEN_FULLMUTEX | SQLITE_OPEN_NOFOLLOW,
-                          nullptr) != SQLITE_OK)
-        return Status::IOError("cannot open store " + path_ + " for reading: " + read_.Err());
-      sqlite3_busy_timeout(read_.db, 5000);
-      sqlite3_extended_result_codes(read_.db, 1);
-      char* err = nullptr;
-      if (sqlite3_exec(read_.db, "PRAGMA query_only=ON", nullptr, nullptr, &err) != SQLITE_OK) {
-        std::string m = err ? err : read_.Err();
-        sqlite3_free(err);
-        return Status::IOError("store " + path_ + ": " + m);
-      }
+      // The same file, for reads only.
+      CORTEX_RETURN_IF_ERROR(OpenReader(path_, "for reading", &read_));
       // Checkpoints (the log copied into the database file) on a connection and thread
       // of their own: SQLite would run each inside whichever commit takes the log past
       // 1000 pages, holding every writer queued behind it for milliseconds.
@@ -773,17 +790,7 @@ class SqliteStore : public Store {
         "SELECT version,created,status,live,trained_through,metrics,length(weights) FROM models "
         "ORDER BY version");
     int rc;
-    while ((rc = s.Step()) == SQLITE_ROW) {
-      ModelRecord m;
-      m.version = static_cast<int>(s.Long(0));
-      m.created = s.Double(1);
-      m.status = s.Text(2);
-      m.live = s.Long(3) != 0;
-      m.trained_through = s.Long(4);
-      m.metrics = s.Text(5);
-      m.weights_bytes = s.Long(6);
-      out->push_back(std::move(m));
-    }
+    while ((rc = s.Step()) == SQLITE_ROW) out->push_back(ListedModel(s));
     return rc == SQLITE_DONE ? Status::OK() : Status::IOError("list models: " + r.Err());
   }
 
@@ -889,12 +896,7 @@ class SqliteStore : public Store {
     std::lock_guard<std::mutex> one(report_mu_);
     if (closing_reports_) return Status::Unavailable("cortexd is stopping");
     Conn c;
-    if (sqlite3_open_v2(path_.c_str(), &c.db,
-                        SQLITE_OPEN_READWRITE | SQLITE_OPEN_FULLMUTEX | SQLITE_OPEN_NOFOLLOW,
-                        nullptr) != SQLITE_OK)
-      return Status::IOError("cannot open store " + path_ + " for a report: " + c.Err());
-    sqlite3_busy_timeout(c.db, 5000);
-    CORTEX_RETURN_IF_ERROR(c.Run("PRAGMA query_only=ON"));
+    CORTEX_RETURN_IF_ERROR(OpenReader(path_, "for a report", &c));
     sqlite3_progress_handler(
         c.db, 10000,
         [](void* self) { return static_cast<SqliteStore*>(self)->closing_reports_.load() ? 1 : 0; },
@@ -1097,17 +1099,7 @@ class SqliteStore : public Store {
           "FROM models WHERE created>=?1 AND created<=?2 ORDER BY version");
       s.Bind(1, since).Bind(2, until);
       int rc;
-      while ((rc = s.Step()) == SQLITE_ROW) {
-        ModelRecord m;
-        m.version = static_cast<int>(s.Long(0));
-        m.created = s.Double(1);
-        m.status = s.Text(2);
-        m.live = s.Long(3) != 0;
-        m.trained_through = s.Long(4);
-        m.metrics = s.Text(5);
-        m.weights_bytes = s.Long(6);
-        out->models.push_back(std::move(m));
-      }
+      while ((rc = s.Step()) == SQLITE_ROW) out->models.push_back(ListedModel(s));
       if (rc != SQLITE_DONE) return r.Fail("report");
     }
     return Status::OK();
