@@ -207,11 +207,19 @@ int Train(const SpeedOptions& opt) {
   }
   std::printf("train: featurizing %d outcomes took %.3fs (%.0f/s, once per retrain)\n",
               opt.examples, featurize_s, opt.examples / featurize_s);
+  // The online step cortexd's trainer takes per logged outcome (on the CPU, with the
+  // default replay of recent outcomes), one outcome at a time as they arrive.
+  t0 = Clock::now();
+  for (const auto& o : logged) learner.Observe(o);
+  const double online_s = Seconds(t0);
+  std::printf("train: online steps over %d outcomes took %.3fs (%.1f us each, %d replayed)\n",
+              opt.examples, online_s, online_s * 1e6 / opt.examples, lo.online_replay);
   WriteJson(opt.json_out, {{"backend", backend},
                            {"examples", opt.examples},
                            {"epochs", opt.epochs},
                            {"batches", rows},
-                           {"featurize_per_s", opt.examples / featurize_s}});
+                           {"featurize_per_s", opt.examples / featurize_s},
+                           {"online_step_us", online_s * 1e6 / opt.examples}});
   return 0;
 }
 
