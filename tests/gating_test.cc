@@ -2,6 +2,7 @@
 // promotion, and the CUDA engine against the CPU reference (skipped without a GPU).
 #include <gtest/gtest.h>
 
+#include <cstring>
 #include <random>
 
 #include "cortex/learner.h"
@@ -205,6 +206,89 @@ TEST(GatingTest, OnlineStepsMoveTheLiveModelAndRecordTheVersion) {
   learner->Install(GatingModel(lo.shape), 7, 60, {});
   ASSERT_TRUE(router.Route({{"login page", {}}}, ex, true, 0, &d).ok());
   EXPECT_EQ(d[0].model_version, "v7");
+}
+
+// The online step is one pass of the online options over the new outcome and the recent
+// ones the learner's seeded generator draws, with priors from the manifests current at that
+// step: the learner must stay bit for bit equal to building that batch with MakeTrainSet and
+// training on it, whatever it keeps between steps (manifests change midway here, the replay
+// buffer wraps, scoring replaces one, and an outcome already learned from is skipped
+// without a draw).
+TEST(GatingTest, OnlineStepsEqualTrainingOnTheReplayedBatchBitForBit) {
+  World w;
+  std::vector<LoggedOutcome> logged = Logged(&w, 400);
+  LearnerOptions lo;
+  lo.shape = SmallShape();
+  lo.shape.seed = 3;
+  lo.replay_buffer = 50;
+  lo.ips_clip = 2.5f;
+  FeatureHasher h(lo.shape.bits);
+  Learner learner(lo, h, MakeCpuEngine(), MakeCpuEngine());
+  Learner batcher(lo, h, MakeCpuEngine(), MakeCpuEngine());  // MakeTrainSet only
+  auto manifest = [&](const std::string& name, const std::string& words) {
+    const SparseVector m = h.Manifest({name, "", {words}, {}});
+    learner.SetManifest(name, m);
+    batcher.SetManifest(name, m);
+  };
+  manifest("bugfix", "bug login");
+  manifest("docs", "docs readme typo");  // "perf" has none until step 150
+  GatingModel ref(lo.shape);
+  auto engine = MakeCpuEngine();
+  std::vector<LoggedOutcome> recent;
+  size_t next = 0;
+  uint64_t rng = 0;
+  auto same = [](const GatingModel& a, const GatingModel& b) {
+    auto bits = [](const std::vector<float>& x, const std::vector<float>& y) {
+      return x.size() == y.size() && std::memcmp(x.data(), y.data(), x.size() * 4) == 0;
+    };
+    bool ok = bits(a.emb, b.emb) && bits(a.b1, b.b1) && bits(a.wide, b.wide) &&
+              bits(a.g_emb, b.g_emb) && bits(a.g_b1, b.g_b1) && bits(a.g_wide, b.g_wide) &&
+              std::memcmp(&a.prior_w, &b.prior_w, 4) == 0 &&
+              std::memcmp(&a.prior_b, &b.prior_b, 4) == 0 && a.heads.size() == b.heads.size() &&
+              a.g_heads.size() == b.g_heads.size();
+    for (const auto& [name, head] : a.heads) {
+      auto it = b.heads.find(name);
+      ok = ok && it != b.heads.end() && bits(head.w, it->second.w) &&
+           std::memcmp(&head.bias, &it->second.bias, 4) == 0 &&
+           bits(a.g_heads.at(name), b.g_heads.at(name));
+    }
+    return ok;
+  };
+  for (size_t i = 0; i < logged.size(); ++i) {
+    if (i == 150) manifest("perf", "faster cache slow");
+    if (i == 250) manifest("docs", "docs release");
+    if (i == 280) manifest("docs", "docs release");  // the same again: no change
+    if (i == 320) {  // scoring with a new manifest replaces the learner's too
+      std::vector<ExpertProfile> experts = {{"bugfix", h.Manifest({"bugfix", "", {"flaky"}, {}})}};
+      batcher.SetManifest("bugfix", experts[0].manifest);
+      std::vector<float> scores;
+      std::string version;
+      ASSERT_TRUE(learner.Score({h.Task("flaky test", {})}, experts, &scores, &version).ok());
+    }
+    LoggedOutcome o = logged[i];
+    if (i % 7 == 3) o.attempt = 2;
+    if (i % 11 == 5) o.forced = true;
+    if (i % 5 == 1) o.propensity = 0.2;
+    if (i % 13 == 4) o.reward = o.reward > 0 ? 1.5 : 0.25;  // clamped to [0, 1]
+    if (i % 3 == 0) o.tags = {{"repo", i % 2 ? "core" : "vite"}};
+    learner.Observe(o);
+    if (i % 9 == 8) learner.Observe(logged[i - 1]);  // already learned from: no step
+    std::vector<LoggedOutcome> batch;
+    for (int k = 0; k < lo.online_replay && !recent.empty(); ++k) {
+      rng = rng * 6364136223846793005ULL + 1442695040888963407ULL + lo.shape.seed;
+      batch.push_back(recent[(rng >> 33) % recent.size()]);
+    }
+    if (static_cast<int>(recent.size()) < lo.replay_buffer)
+      recent.push_back(o);
+    else
+      recent[next++ % recent.size()] = o;
+    batch.push_back(o);
+    ASSERT_TRUE(engine->Train(&ref, batcher.MakeTrainSet(batch, 0, batch.size()), lo.online).ok());
+    if (i % 50 == 49) {
+      ASSERT_TRUE(same(learner.Snapshot(), ref)) << "after outcome " << i;
+    }
+  }
+  EXPECT_EQ(learner.trained_through(), static_cast<long>(logged.size()));
 }
 
 // ---- CUDA against the CPU reference -------------------------------------------------------

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstring>
 #include <nlohmann/json.hpp>
 #include <set>
 
@@ -78,7 +79,18 @@ float Learner::PriorOf(const std::map<std::string, SparseVector>& manifests, con
 
 void Learner::SetManifest(const std::string& expert, const SparseVector& manifest) {
   std::lock_guard<std::mutex> l(mu_);
-  manifests_[expert] = manifest;
+  PutManifest(expert, manifest);
+}
+
+void Learner::PutManifest(const std::string& expert, const SparseVector& manifest) {
+  auto [it, added] = manifests_.try_emplace(expert);
+  SparseVector& cur = it->second;
+  if (!added && cur.idx == manifest.idx && cur.val.size() == manifest.val.size() &&
+      (cur.val.empty() ||
+       std::memcmp(cur.val.data(), manifest.val.data(), cur.val.size() * sizeof(float)) == 0))
+    return;  // the same bits: every prior computed with it still holds
+  cur = manifest;
+  ++manifests_gen_;
 }
 
 Status Learner::Score(const std::vector<SparseVector>& tasks,
@@ -99,7 +111,7 @@ Status Learner::Score(const std::vector<SparseVector>& tasks,
     prior_index_.clear();
     for (size_t e = 0; e < experts.size(); ++e) {
       const SparseVector& m = experts[e].manifest;
-      manifests_[experts[e].name] = m;
+      PutManifest(experts[e].name, m);
       for (size_t k = 0; k < m.size(); ++k)
         prior_index_[m.idx[k]].emplace_back(static_cast<int>(e), m.val[k]);
     }
@@ -123,6 +135,17 @@ Status Learner::Score(const std::vector<SparseVector>& tasks,
   return score_engine_->Score(live_, x, names, prior, out);
 }
 
+float Learner::RewardOf(const LoggedOutcome& o) {
+  return static_cast<float>(std::clamp(o.reward, 0.0, 1.0));
+}
+
+float Learner::WeightOf(const LoggedOutcome& o) const {
+  // Only a first attempt's expert was drawn with the logged propensity; fallbacks and
+  // forced choices were deterministic.
+  const bool drawn = o.attempt == 1 && !o.forced && o.propensity > 0;
+  return drawn ? std::min(options_.ips_clip, static_cast<float>(1.0 / o.propensity)) : 1.0f;
+}
+
 TrainSet Learner::MakeTrainSet(const std::vector<LoggedOutcome>& outcomes, size_t begin,
                                size_t end) {
   TrainSet set;
@@ -140,39 +163,64 @@ TrainSet Learner::MakeTrainSet(const std::vector<LoggedOutcome>& outcomes, size_
     r.x = set.x.rows();
     r.expert = it->second;
     r.prior = PriorOf(manifests, v, o.expert);
-    r.reward = static_cast<float>(std::clamp(o.reward, 0.0, 1.0));
-    // Only a first attempt's expert was drawn with the logged propensity; fallbacks and
-    // forced choices were deterministic.
-    const bool drawn = o.attempt == 1 && !o.forced && o.propensity > 0;
-    r.weight = drawn ? std::min(options_.ips_clip, static_cast<float>(1.0 / o.propensity)) : 1.0f;
+    r.reward = RewardOf(o);
+    r.weight = WeightOf(o);
     set.x.Add(v, mask);
     set.rows.push_back(r);
   }
   return set;
 }
 
+void Learner::AddOnlineRow(OnlineRow& row) {
+  TrainSet& set = online_set_;
+  int col = 0;  // columns in order of first appearance, as MakeTrainSet numbers them
+  while (col < static_cast<int>(set.experts.size()) && set.experts[col] != row.expert) ++col;
+  if (col == static_cast<int>(set.experts.size())) set.experts.push_back(row.expert);
+  TrainRow r;
+  r.x = set.x.rows();
+  r.expert = col;
+  // The prior with the manifests of now: computed again only when they have changed since.
+  if (row.prior_gen != manifests_gen_) {
+    row.prior = PriorOf(manifests_, row.x, row.expert);
+    row.prior_gen = manifests_gen_;
+  }
+  r.prior = row.prior;
+  r.reward = row.reward;
+  r.weight = row.weight;
+  set.x.Add(row.x, static_cast<uint32_t>((size_t{1} << options_.shape.bits) - 1));
+  set.rows.push_back(r);
+}
+
 void Learner::Observe(const LoggedOutcome& o) {
   if (!options_.online_updates) return;
-  // The new outcome plus a few recent ones drawn at random (seeded): each online step
-  // revisits the recent past, which learns faster than a single pass.
-  std::vector<LoggedOutcome> batch;
   {
     std::lock_guard<std::mutex> l(mu_);
     if (o.seq <= trained_through_) return;
-    for (int k = 0; k < options_.online_replay && !recent_.empty(); ++k) {
-      replay_rng_ =
-          replay_rng_ * 6364136223846793005ULL + 1442695040888963407ULL + options_.shape.seed;
-      batch.push_back(recent_[(replay_rng_ >> 33) % recent_.size()]);
-    }
-    if (static_cast<int>(recent_.size()) < options_.replay_buffer)
-      recent_.push_back(o);
-    else if (options_.replay_buffer > 0)
-      recent_[recent_next_++ % recent_.size()] = o;
   }
-  batch.push_back(o);
-  TrainSet set = MakeTrainSet(batch, 0, batch.size());
+  // Featurized once, outside the lock (scoring waits on it), and kept in that form for
+  // replay; the check above spares hashing an outcome already learned from.
+  OnlineRow row{hasher_.Task(o.text, o.tags), o.expert, RewardOf(o), WeightOf(o)};
   std::lock_guard<std::mutex> l(mu_);
-  (void)online_engine_->Train(&live_, set, options_.online);
+  if (o.seq <= trained_through_) return;
+  // The new outcome plus a few recent ones drawn at random (seeded): each online step
+  // revisits the recent past, which learns faster than a single pass. Rows in the order
+  // MakeTrainSet would give them over the drawn outcomes followed by the new one.
+  online_set_.x.offsets.assign(1, 0);
+  online_set_.x.idx.clear();
+  online_set_.x.val.clear();
+  online_set_.experts.clear();
+  online_set_.rows.clear();
+  for (int k = 0; k < options_.online_replay && !recent_.empty(); ++k) {
+    replay_rng_ =
+        replay_rng_ * 6364136223846793005ULL + 1442695040888963407ULL + options_.shape.seed;
+    AddOnlineRow(recent_[(replay_rng_ >> 33) % recent_.size()]);
+  }
+  AddOnlineRow(row);
+  if (static_cast<int>(recent_.size()) < options_.replay_buffer)
+    recent_.push_back(std::move(row));
+  else if (options_.replay_buffer > 0)
+    recent_[recent_next_++ % recent_.size()] = std::move(row);
+  (void)online_engine_->Train(&live_, online_set_, options_.online);
   trained_through_ = o.seq;
 }
 

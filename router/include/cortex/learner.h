@@ -90,6 +90,26 @@ class Learner {
   // Cosine between task features and the manifest of `expert` (0 if never seen).
   static float PriorOf(const std::map<std::string, SparseVector>& manifests, const SparseVector& x,
                        const std::string& expert);
+  // A training row's reward (clamped to [0, 1]) and importance weight.
+  static float RewardOf(const LoggedOutcome& o);
+  float WeightOf(const LoggedOutcome& o) const;
+
+  // Sets the manifest of `expert` (under mu_); a change of any bit moves manifests_gen_.
+  void PutManifest(const std::string& expert, const SparseVector& manifest);
+
+  // An outcome as online steps learn from it: featurized once, when it arrives, and kept
+  // so for replay. Each step uses its prior under the manifests of that step: the one kept
+  // is reused only while they have not changed (same manifests_gen_), else computed anew.
+  struct OnlineRow {
+    SparseVector x;  // task features, unmasked (the prior's cosine reads them)
+    std::string expert;
+    float reward = 0;
+    float weight = 1;
+    float prior = 0;
+    uint64_t prior_gen = 0;  // manifests_gen_ the prior was computed under (0: not yet)
+  };
+  // Appends `row` to online_set_ (under mu_).
+  void AddOnlineRow(OnlineRow& row);
 
   LearnerOptions options_;
   FeatureHasher hasher_;
@@ -99,12 +119,14 @@ class Learner {
   int version_ = 0;
   long trained_through_ = 0;
   std::map<std::string, SparseVector> manifests_;
+  uint64_t manifests_gen_ = 1;  // moves with every change to manifests_
   // Inverted index of the current experts' manifests: feature -> (expert column, weight),
   // rebuilt when the expert list changes; makes the prior cosines one lookup per feature.
   std::vector<std::string> prior_names_;
   std::vector<size_t> prior_sizes_;
   std::unordered_map<uint32_t, std::vector<std::pair<int, float>>> prior_index_;
-  std::vector<LoggedOutcome> recent_;  // ring buffer for online replay
+  std::vector<OnlineRow> recent_;  // ring buffer for online replay
+  TrainSet online_set_;            // one online step's rows, reused (under mu_)
   size_t recent_next_ = 0;
   uint64_t replay_rng_ = 0;
   std::mutex train_mu_;  // one retrain at a time
