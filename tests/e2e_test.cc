@@ -1977,6 +1977,77 @@ TEST(E2E, SigtermFinishesRunningWorkAndKeepsTheQueue) {
     })) << id;
 }
 
+// One thread serves every connection: requests sent together on one connection are
+// answered one by one in the order sent (a submit's answer waits for its task, a status
+// runs on a thread of its own), a wait ends at its timeout with the task as it is, and a
+// stop ends a wait with the reason.
+TEST(E2E, ConnectionsAnswerInOrderAndWaitsEndOnTimeOrAtAStop) {
+  TempDir dir;
+  Daemon d(dir,
+           "experts:\n  - name: slow\n    plugin: command\n    run: [sleep, '3']\n"
+           "    keywords: [slow]\n  - name: quick\n    plugin: command\n    run: ['true']\n"
+           "    keywords: [quick]\n",
+           kNoBias);
+  ASSERT_TRUE(d.Start()) << d.Log();
+  Client c;
+  ASSERT_TRUE(c.Connect(d.socket).ok());
+  const std::vector<std::string> burst = {
+      R"({"op": "submit", "text": "quick one", "wait": true})",
+      R"({"op": "status"})",
+      R"({"op": "submit", "text": "quick two"})",
+      R"({"op": "submit", "text": "quick three")",
+      R"({"op": "submit", "text": "slow one", "wait": true, "timeout_s": 0.3})",
+      R"({"op": "route", "text": "quick four"})",
+  };
+  std::string all;
+  for (const auto& r : burst) all += r + "\n";
+  ASSERT_TRUE(c.SendRaw(all).ok());
+  std::vector<json> got;
+  for (size_t i = 0; i < burst.size(); ++i) {
+    std::string line;
+    ASSERT_TRUE(c.ReadLine(&line).ok()) << i;
+    got.push_back(json::parse(line));
+  }
+  EXPECT_EQ(got[0]["result"]["state"], "succeeded") << got[0];
+  EXPECT_EQ(got[0]["result"]["text"], "quick one") << got[0];
+  EXPECT_TRUE(got[1]["ok"].get<bool>() && got[1]["result"].is_object()) << got[1];
+  EXPECT_EQ(got[2]["result"]["state"], "queued") << got[2];
+  EXPECT_EQ(got[2]["result"]["id"].get<std::string>().size(), 12u) << got[2];
+  EXPECT_FALSE(got[3]["ok"].get<bool>()) << got[3];
+  EXPECT_NE(got[3].dump().find("malformed JSON"), std::string::npos) << got[3];
+  EXPECT_EQ(got[4]["result"]["waited"], "timeout") << got[4];
+  EXPECT_EQ(got[4]["result"]["text"], "slow one") << got[4];
+  EXPECT_TRUE(got[4]["result"]["state"] == "running" || got[4]["result"]["state"] == "queued")
+      << got[4];
+  EXPECT_EQ(got[5]["result"]["chosen"], "quick") << got[5];
+  // The quick task submitted without waiting ran too.
+  const std::string quick_two = got[2]["result"]["id"];
+  EXPECT_TRUE(test::Eventually([&] {
+    return d.CtlJson({"show", quick_two})["state"] == "succeeded";
+  })) << d.Log();
+
+  // A submit waiting when cortexd is told to stop hears why (its task runs on through the
+  // grace period and is recorded).
+  const std::string slow_one = got[4]["result"]["id"];
+  ASSERT_TRUE(test::Eventually([&] {
+    return d.CtlJson({"show", slow_one})["state"] == "succeeded";
+  })) << d.Log();
+  Client w;
+  ASSERT_TRUE(w.Connect(d.socket).ok());
+  ASSERT_TRUE(w.SendRaw(R"({"op": "submit", "text": "slow two", "wait": true})"
+                        "\n")
+                  .ok());
+  ASSERT_TRUE(test::Eventually([&] {
+    json h = d.CtlJson({"history", "--limit", "1"});
+    return h.is_array() && !h.empty() && h[0]["text"] == "slow two" && h[0]["state"] == "running";
+  })) << d.Log();
+  kill(d.pid, SIGTERM);
+  std::string line;
+  ASSERT_TRUE(w.ReadLine(&line).ok());
+  EXPECT_NE(line.find("cortexd is stopping before task"), std::string::npos) << line;
+  EXPECT_EQ(d.Stop(), 0) << d.Log();
+}
+
 // The learning loop through a live cortexd: online steps turn the router around, scheduled
 // retrains validate candidates, `retrain --wait` reports metrics, and rollback persists.
 TEST(E2E, LearnsFromOutcomesRetrainsAndRollsBack) {

@@ -282,6 +282,11 @@ class DaemonImpl : public Daemon, public RequestHandler {
                 std::string* id) override {
     return pipeline_->Submit(text, tags, wait_s, id);
   }
+  void SubmitMany(std::vector<Submission>* batch) override { pipeline_->SubmitMany(batch); }
+  bool Unwatch(const std::string& id, const std::shared_ptr<TaskWatch>& watch) override {
+    return pipeline_->Unwatch(id, watch);
+  }
+  bool Stopping() const override { return stop_.load(); }
   Status Route(const std::string& text, const Tags& tags, Decision* d) override {
     return pipeline_->Route(text, tags, d);
   }

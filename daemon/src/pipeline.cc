@@ -34,14 +34,25 @@ void CrashStackOnce() {
   (void)kDone;
 }
 
-struct Waiter {
+}  // namespace
+
+// Someone waiting for a task's end: a thread in WaitDone (woken by cv), or a callback
+// (on_end, from SubmitMany) called once by whoever ends the task, unless Unwatch takes it
+// back first (`claimed`, under waiters_mu_, says which came first).
+struct TaskWatch {
   std::mutex mu;
   std::condition_variable cv;
   bool done = false;
   // The task as its end stored it, when the pipeline knows all of it (else it is read
   // from the store).
   std::shared_ptr<const Task> final;
+  std::function<void(std::shared_ptr<const Task>)> on_end;
+  bool claimed = false;
 };
+
+namespace {
+
+using Waiter = TaskWatch;
 
 struct Job {
   Task task;
@@ -110,9 +121,11 @@ struct Run {
 
 // A submit in the intake queue: its task, and once its batch is stored, the result.
 struct Intake {
+  Submission* sub = nullptr;  // what was handed in (its on_end, if any, watches the task)
   Task task;
   double wait_s = -1;  // how long its submitter waits for the end (< 0: it does not)
   Status result = Status::Internal("the task was not stored");  // until its batch says
+  std::shared_ptr<TaskWatch> watch;                       // set with the task live
 };
 
 }  // namespace
@@ -257,19 +270,42 @@ struct Pipeline::Impl {
   }
 
   Status Submit(const std::string& text, const Tags& tags, double wait_s, std::string* id) {
-    if (stop_.load()) return Status::Unavailable("cortexd is stopping; submit again after restart");
+    std::vector<Submission> one(1);
+    one[0].text = text;
+    one[0].tags = tags;
+    one[0].wait_s = wait_s;
+    SubmitMany(&one);
+    if (one[0].result.ok()) *id = one[0].id;
+    return one[0].result;
+  }
+
+  // Each submission's result, id and watch are set; those refused (a full queue, a
+  // stop) never reach the store.
+  void SubmitMany(std::vector<Submission>* batch) {
+    std::vector<Intake> in(batch->size());
+    std::vector<Intake*> admit;
     {
       // Every task not yet running counts, wherever it is: queued, being routed, routed
       // and waiting for a slot, or being stored by another submit right now.
       std::lock_guard<std::mutex> l(queue_mu_);
-      const size_t waiting =
-          queue_.size() + ready_.size() + started_.size() + routing_ + admitting_;
-      if (waiting >= max_queued_.load())
-        return Status::ResourceExhausted(
-            fmt::format("the queue is full ({} tasks waiting, daemon.max_queued); try again "
-                        "once some have run",
-                        waiting));
-      ++admitting_;  // its place is held until it is stored (the leader gives it back)
+      size_t waiting = queue_.size() + ready_.size() + started_.size() + routing_ + admitting_;
+      for (size_t i = 0; i < batch->size(); ++i) {
+        Submission& s = (*batch)[i];
+        if (stop_.load()) {
+          s.result = Status::Unavailable("cortexd is stopping; submit again after restart");
+        } else if (waiting >= max_queued_.load()) {
+          s.result = Status::ResourceExhausted(
+              fmt::format("the queue is full ({} tasks waiting, daemon.max_queued); try again "
+                          "once some have run",
+                          waiting));
+        } else {
+          ++admitting_;  // its place is held until it is stored (the leader gives it back)
+          ++waiting;
+          in[i].sub = &s;
+          admit.push_back(&in[i]);
+        }
+      }
+      if (admit.empty()) return;
       ++in_submit_;
     }
     // A stop waits until no thread is in here (StopRunning).
@@ -277,30 +313,41 @@ struct Pipeline::Impl {
       Impl* p;
       ~Inside() { p->Leave(&p->in_submit_); }
     } inside{this};
-    Intake me;
-    me.wait_s = wait_s;
-    me.task.text = text;
-    me.task.tags = tags;
-    me.task.state = TaskState::kQueued;
-    me.task.created_at = me.task.updated_at = env_->NowUnix();
-    for (int tries = 0;; ++tries) {
-      me.task.id = NewId();
+    const double now = env_->NowUnix();
+    for (Intake* me : admit) {
+      me->wait_s = me->sub->wait_s;
+      me->task.text = me->sub->text;
+      me->task.tags = me->sub->tags;
+      me->task.state = TaskState::kQueued;
+      me->task.created_at = me->task.updated_at = now;
+    }
+    for (int tries = 0; !admit.empty(); ++tries) {
+      for (Intake* me : admit) me->task.id = NewId();
       // Group admission, as the store's group commit: the submit at the front of the
       // intake routes and stores every task queued behind it in one batch.
-      intake_.Run({&me},
+      intake_.Run(admit,
                   [this](const std::vector<Intake*>& group, const std::function<void()>& hand_on) {
                     AdmitBatch(group, hand_on);
                   });
-      if (me.result.ok()) break;
-      NoteStoreFailure(me.result);
-      if (tries >= 3 || stop_.load()) {
+      std::vector<Intake*> again;
+      for (Intake* me : admit) {
+        if (me->result.ok()) {
+          me->sub->result = Status::OK();
+          me->sub->id = me->task.id;
+          me->sub->watch = std::move(me->watch);
+          continue;
+        }
+        NoteStoreFailure(me->result);
+        if (tries < 3 && !stop_.load()) {
+          again.push_back(me);
+          continue;
+        }
         std::lock_guard<std::mutex> l(queue_mu_);
         --admitting_;
-        return me.result.WithContext("storing the task (not acknowledged)");
+        me->sub->result = me->result.WithContext("storing the task (not acknowledged)");
       }
+      admit = std::move(again);
     }
-    *id = me.task.id;
-    return Status::OK();
   }
 
   Status Route(const std::string& text, const Tags& tags, Decision* d) {
@@ -496,9 +543,17 @@ struct Pipeline::Impl {
       batch.push_back({&group[i]->task, routed ? &decisions[i] : nullptr,
                        held[i] ? held[i]->name() : std::string(), group[i]->wait_s < 0});
     {
-      // Live before they can be seen in the store: a `wait` for one then waits.
+      // Live before they can be seen in the store: a `wait` for one then waits, and a
+      // submitter's callback is in place before the task can end.
       std::lock_guard<std::mutex> w(waiters_mu_);
-      for (const Intake* in : group) live_.insert(in->task.id);
+      for (Intake* in : group) {
+        live_.insert(in->task.id);
+        if (in->wait_s >= 0 && in->sub && in->sub->on_end) {
+          in->watch = std::make_shared<Waiter>();
+          in->watch->on_end = in->sub->on_end;
+          waiters_[in->task.id].push_back(in->watch);
+        }
+      }
     }
     // The next batch is routed while this one waits for its commit: the store's group
     // commit may then take both (and outcomes) in one.
@@ -508,7 +563,11 @@ struct Pipeline::Impl {
     {
       std::lock_guard<std::mutex> w(waiters_mu_);
       for (size_t i = 0; i < group.size(); ++i)
-        if (!stored[i].ok()) live_.erase(group[i]->task.id);
+        if (!stored[i].ok()) {
+          live_.erase(group[i]->task.id);
+          waiters_.erase(group[i]->task.id);  // (only its own submitter's, if any)
+          group[i]->watch.reset();
+        }
     }
     std::vector<Job> jobs;
     std::vector<Task> queued;
@@ -1096,9 +1155,22 @@ struct Pipeline::Impl {
       std::lock_guard<std::mutex> l(waiters_mu_);
       live_.erase(id);
       auto it = waiters_.find(id);
-      if (it != waiters_.end()) ws = it->second;
+      if (it != waiters_.end()) {
+        ws = it->second;
+        // Callbacks are taken out here: each runs once (WaitDone's threads remove theirs).
+        auto& v = it->second;
+        for (auto& w : v)
+          if (w->on_end) w->claimed = true;
+        v.erase(std::remove_if(v.begin(), v.end(), [](const auto& w) { return !!w->on_end; }),
+                v.end());
+        if (v.empty()) waiters_.erase(it);
+      }
     }
     for (auto& w : ws) {
+      if (w->on_end) {
+        w->on_end(final);
+        continue;
+      }
       {
         std::lock_guard<std::mutex> l(w->mu);
         w->done = true;
@@ -1106,6 +1178,19 @@ struct Pipeline::Impl {
       }
       w->cv.notify_all();
     }
+  }
+
+  bool Unwatch(const std::string& id, const std::shared_ptr<TaskWatch>& watch) {
+    std::lock_guard<std::mutex> l(waiters_mu_);
+    if (!watch || watch->claimed) return false;
+    watch->claimed = true;
+    auto it = waiters_.find(id);
+    if (it != waiters_.end()) {
+      auto& v = it->second;
+      v.erase(std::remove(v.begin(), v.end(), watch), v.end());
+      if (v.empty()) waiters_.erase(it);
+    }
+    return true;
   }
 
   std::string NewId() {
@@ -1184,6 +1269,10 @@ void Pipeline::Resume(std::vector<Task> tasks) { impl_->Resume(std::move(tasks))
 void Pipeline::Start() { impl_->Start(); }
 Status Pipeline::Submit(const std::string& text, const Tags& tags, double wait_s, std::string* id) {
   return impl_->Submit(text, tags, wait_s, id);
+}
+void Pipeline::SubmitMany(std::vector<Submission>* batch) { impl_->SubmitMany(batch); }
+bool Pipeline::Unwatch(const std::string& id, const std::shared_ptr<TaskWatch>& watch) {
+  return impl_->Unwatch(id, watch);
 }
 Status Pipeline::Route(const std::string& text, const Tags& tags, Decision* d) {
   return impl_->Route(text, tags, d);

@@ -32,6 +32,23 @@ struct PipelineOptions {
   double shutdown_grace_s = 10;
 };
 
+struct TaskWatch;  // a submitter's callback for a task's end (SubmitMany, Unwatch)
+
+// A new task handed in with others (Pipeline::SubmitMany, the server's batches).
+struct Submission {
+  std::string text;
+  Tags tags;
+  double wait_s = -1;  // >= 0: its submitter waits that long for its end (as Submit)
+  // With wait_s >= 0: called once, on the thread that ends the task, with the task as
+  // recorded (null: read it from the store), unless Unwatch takes it back first. It must
+  // not call into the pipeline.
+  std::function<void(std::shared_ptr<const Task>)> on_end;
+  // Set by SubmitMany:
+  Status result;
+  std::string id;
+  std::shared_ptr<TaskWatch> watch;  // for Unwatch
+};
+
 class Pipeline {
  public:
   // `router` gives the router in force (a reload replaces it); `on_outcome` is called
@@ -49,6 +66,12 @@ class Pipeline {
   // that long for its end (WaitDone), and so hears of the task only then: its admission
   // need not wait for the disk (Store::Admission::durable).
   Status Submit(const std::string& text, const Tags& tags, double wait_s, std::string* id);
+  // Stores new tasks together (one routing, one commit), as Submit does each; sets every
+  // submission's result, id and watch.
+  void SubmitMany(std::vector<Submission>* batch);
+  // Takes back a submission's on_end before it is called: true if it never will be, false
+  // if it has been called (or is being called) already.
+  bool Unwatch(const std::string& id, const std::shared_ptr<TaskWatch>& watch);
   Status Route(const std::string& text, const Tags& tags, Decision* d);  // a dry run
   Status Cancel(const std::string& id);
   Status WaitDone(const std::string& id, double timeout_s, Task* t, bool* done);

@@ -4,16 +4,20 @@
 #include <grp.h>
 #include <poll.h>
 #include <pwd.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <filesystem>
 #include <set>
 #include <thread>
+#include <unordered_map>
 #include <utility>
 
 #include "cortex/env.h"
@@ -33,13 +37,32 @@ int64_t NowUs() { return Env::Default()->MonotonicMicros(); }
 // A connection must be silent at least this long before a new one may take its place.
 constexpr double kEvictAfterSeconds = 1.0;
 
-bool WriteAll(int fd, const std::string& s) {
+// Writes all of `s` to a socket that may be non-blocking; fails once a write makes no
+// progress for `timeout_s` (<= 0: no limit).
+bool SendAll(int fd, const std::string& s, double timeout_s) {
   size_t off = 0;
+  const int64_t limit_us = timeout_s > 0 ? static_cast<int64_t>(std::min(timeout_s, 1e6) * 1e6) : 0;
+  int64_t progress_us = NowUs();
   while (off < s.size()) {
-    ssize_t w = send(fd, s.data() + off, s.size() - off, MSG_NOSIGNAL);
+    ssize_t w = send(fd, s.data() + off, s.size() - off, MSG_NOSIGNAL | MSG_DONTWAIT);
+    if (w > 0) {
+      off += static_cast<size_t>(w);
+      progress_us = NowUs();
+      continue;
+    }
     if (w < 0 && errno == EINTR) continue;
-    if (w <= 0) return false;
-    off += static_cast<size_t>(w);
+    if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+      int wait_ms = 1000;
+      if (limit_us > 0) {
+        const int64_t left = progress_us + limit_us - NowUs();
+        if (left <= 0) return false;
+        wait_ms = static_cast<int>(std::min<int64_t>((left + 999) / 1000, 1000));
+      }
+      pollfd p{fd, POLLOUT, 0};
+      poll(&p, 1, wait_ms);
+      continue;
+    }
+    return false;
   }
   return true;
 }
@@ -146,6 +169,730 @@ Status ParseTags(const Request& r, const DaemonConfig& lim, Tags* tags) {
 
 }  // namespace
 
+Status Server::CheckPeer(int fd) const {
+  struct ucred cred;
+  socklen_t len = sizeof cred;
+  if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0)
+    return Status::PermissionDenied(std::string("cannot read peer credentials: ") +
+                                    strerror(errno));
+  if (cred.uid == geteuid() || cred.uid == 0) return Status::OK();
+  if (!limits_.allow_group.empty()) {
+    struct group* g = getgrnam(limits_.allow_group.c_str());
+    if (g && cred.gid == g->gr_gid) return Status::OK();
+    struct passwd* pw = getpwuid(cred.uid);
+    if (g && pw) {
+      std::vector<gid_t> groups(64);
+      int n = static_cast<int>(groups.size());
+      if (getgrouplist(pw->pw_name, cred.gid, groups.data(), &n) < 0 && n > 0) {
+        groups.resize(static_cast<size_t>(n));
+        getgrouplist(pw->pw_name, cred.gid, groups.data(), &n);
+      }
+      for (int i = 0; i < n && i < static_cast<int>(groups.size()); ++i)
+        if (groups[static_cast<size_t>(i)] == g->gr_gid) return Status::OK();
+    }
+  }
+  return Status::PermissionDenied(
+      "uid " + std::to_string(cred.uid) + " may not use this cortexd: only uid " +
+      std::to_string(geteuid()) +
+      (limits_.allow_group.empty() ? std::string(" (set daemon.allow_group to admit a group)")
+                                   : " and members of group '" + limits_.allow_group + "'"));
+}
+
+Status Server::TooLarge() const {
+  return Status::ResourceExhausted("request is larger than " +
+                                   std::to_string(limits_.max_request_bytes) +
+                                   " bytes (daemon.max_request_bytes)");
+}
+
+Status Server::ParseSubmit(const json& j, Submission* s, double* timeout_s) const {
+  Request r(j, "submit");
+  CORTEX_RETURN_IF_ERROR(r.Allow(FindWireOp("submit")->fields));
+  CORTEX_RETURN_IF_ERROR(r.String("text", true, &s->text));
+  CORTEX_RETURN_IF_ERROR(CheckText(s->text, h_->limits()));
+  CORTEX_RETURN_IF_ERROR(ParseTags(r, h_->limits(), &s->tags));
+  bool wait = false;
+  CORTEX_RETURN_IF_ERROR(r.Bool("wait", &wait));
+  CORTEX_RETURN_IF_ERROR(r.Number("timeout_s", 0, 86400, timeout_s));
+  s->wait_s = wait ? *timeout_s : -1;
+  return Status::OK();
+}
+
+// The connections' thread and the intake thread. Only the connections' thread touches a
+// connection's state; others post messages to it (an eventfd wakes it once per burst).
+// A connection serves one request at a time, in order: the next line is read only once
+// the answer to the last one is written, as the protocol promises.
+struct Server::Loop {
+  explicit Loop(Server* server) : s(server) {}
+  ~Loop() {
+    if (ep >= 0) close(ep);
+    if (efd >= 0) close(efd);
+  }
+
+  Status Start() {
+    ep = epoll_create1(EPOLL_CLOEXEC);
+    efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (ep < 0 || efd < 0) return Status::IOError(std::string("epoll: ") + strerror(errno));
+    epoll_event ev{};
+    ev.events = EPOLLIN;
+    ev.data.u64 = 0;  // connections are numbered from 1
+    if (epoll_ctl(ep, EPOLL_CTL_ADD, efd, &ev) != 0)
+      return Status::IOError(std::string("epoll_ctl: ") + strerror(errno));
+    try {
+      io = std::thread([this] {
+        pthread_setname_np(pthread_self(), "connections");
+        Run();
+      });
+      intake = std::thread([this] {
+        pthread_setname_np(pthread_self(), "intake");
+        Intake();
+      });
+    } catch (const std::system_error& e) {
+      Stop();
+      return Status::Internal(std::string("cannot start the server's threads: ") + e.what());
+    }
+    return Status::OK();
+  }
+
+  // Ends both threads: connections close (those whose request runs on a thread of its own
+  // once it has answered, 5 s at most).
+  void Stop() {
+    if (io.joinable()) {
+      Post(Msg(Msg::kStop));
+      io.join();
+    }
+    {
+      std::lock_guard<std::mutex> l(intake_mu);
+      intake_stop = true;
+    }
+    intake_cv.notify_all();
+    if (intake.joinable()) intake.join();
+  }
+
+  // ---- messages into the connections' thread ---------------------------------------
+  struct Msg {
+    enum Kind { kConn, kAnswer, kEnded, kWatch, kSlowDone, kStop } kind;
+    explicit Msg(Kind k) : kind(k) {}
+    uint64_t conn = 0, req = 0;
+    int fd = -1;                       // kConn
+    std::string text;                  // kAnswer: the whole answer line
+    std::shared_ptr<const Task> task;  // kEnded: the task as recorded (null: read it)
+    std::string id;                    // kWatch
+    std::shared_ptr<TaskWatch> watch;  // kWatch
+    bool alive = true;                 // kSlowDone: the answer was written
+  };
+  void Post(Msg m) {
+    bool wake;
+    {
+      std::lock_guard<std::mutex> l(mu);
+      wake = inbox.empty();
+      inbox.push_back(std::move(m));
+    }
+    if (wake) Wake();
+  }
+  void PostAll(std::vector<Msg>* ms) {
+    if (ms->empty()) return;
+    bool wake;
+    {
+      std::lock_guard<std::mutex> l(mu);
+      wake = inbox.empty();
+      for (auto& m : *ms) inbox.push_back(std::move(m));
+    }
+    ms->clear();
+    if (wake) Wake();
+  }
+  void Wake() {
+    const uint64_t one = 1;
+    ssize_t w = write(efd, &one, sizeof one);
+    (void)w;  // EAGAIN: the counter is already non-zero, a wake-up is pending anyway
+  }
+
+  // ---- the intake thread -----------------------------------------------------------
+  // Submits read in one wake-up of the connections' thread go to the pipeline together
+  // (and those that came meanwhile with them): one routing, one commit.
+  struct Pending {
+    uint64_t conn, req;
+    Submission sub;
+  };
+  void Intake() {
+    std::vector<Pending> batch;
+    std::vector<Submission> subs;
+    std::vector<Msg> answers;
+    for (;;) {
+      {
+        std::unique_lock<std::mutex> l(intake_mu);
+        intake_cv.wait(l, [&] { return !intake_queue.empty() || intake_stop; });
+        if (intake_queue.empty()) return;
+        batch.swap(intake_queue);
+      }
+      subs.clear();
+      for (Pending& p : batch) {
+        subs.push_back(std::move(p.sub));
+        if (subs.back().wait_s < 0) continue;
+        subs.back().on_end = [this, c = p.conn, r = p.req](std::shared_ptr<const Task> t) {
+          Msg m{Msg::kEnded};
+          m.conn = c;
+          m.req = r;
+          m.task = std::move(t);
+          Post(std::move(m));
+        };
+      }
+      try {
+        s->h_->SubmitMany(&subs);
+      } catch (const std::exception& e) {  // (out of memory): each is told, none is lost
+        LogError("submitting {} task(s) failed: {}", subs.size(), e.what());
+        for (Submission& sub : subs)
+          if (sub.id.empty()) sub.result = Status::Internal(e.what());
+      }
+      for (size_t i = 0; i < batch.size(); ++i) {
+        Submission& sub = subs[i];
+        Msg m{sub.result.ok() && sub.wait_s >= 0 ? Msg::kWatch : Msg::kAnswer};
+        m.conn = batch[i].conn;
+        m.req = batch[i].req;
+        if (!sub.result.ok())
+          m.text = wire::Line(wire::Error(sub.result)) + "\n";
+        else if (sub.wait_s < 0)
+          m.text = wire::Line(wire::Ok({{"id", sub.id}, {"state", "queued"}})) + "\n";
+        m.id = std::move(sub.id);
+        m.watch = std::move(sub.watch);
+        answers.push_back(std::move(m));
+      }
+      batch.clear();
+      PostAll(&answers);
+    }
+  }
+
+  // ---- the connections' thread -----------------------------------------------------
+  struct Conn {
+    uint64_t id = 0;
+    int fd = -1;
+    std::string in;      // read, not yet served
+    size_t scanned = 0;  // bytes of `in` known to hold no newline
+    std::string out;     // this thread's answer, not yet written
+    bool discarding = false;  // inside an oversized line: skip to its end
+    bool busy = false;        // a request is in progress (its answer not yet queued)
+    bool slow = false;        // ... on a thread of its own, which owns the writes
+    bool eof = false;         // the peer closed its side (or the connection broke)
+    bool broken = false;      // nothing more can be written
+    bool closing = false;     // close once the answer is out
+    bool stalled = false;     // left unread: enough is buffered already
+    bool out_armed = false;   // EPOLLOUT asked for
+    uint64_t req = 0;         // the request in progress, numbered per connection
+    int64_t last_done_us = 0;   // the last answer (or the start): the idle clock
+    int64_t last_write_us = 0;  // the last byte of an answer written
+    // A submit waiting for its task's end:
+    int64_t deadline_us = 0;  // 0: none
+    std::string wait_id;
+    std::shared_ptr<TaskWatch> watch;
+    bool ended_unread = false;  // it ended before its id came: read it once it does
+  };
+
+  void Run() {
+    epoll_event events[256];
+    std::vector<Msg> msgs;
+    for (;;) {
+      int timeout_ms = 1000;
+      const int64_t now = NowUs();
+      if (next_sweep_us > 0)
+        timeout_ms = static_cast<int>(std::clamp<int64_t>((next_sweep_us - now + 999) / 1000, 0, 1000));
+      if (shutting_down) timeout_ms = std::min(timeout_ms, 50);
+      int n = epoll_wait(ep, events, 256, timeout_ms);
+      if (n < 0 && errno != EINTR) {
+        LogError("epoll_wait: {}", strerror(errno));
+        std::this_thread::sleep_for(std::chrono::milliseconds(10));
+      }
+      for (int i = 0; i < n; ++i) {
+        const uint64_t id = events[i].data.u64;
+        if (id == 0) {
+          uint64_t count;
+          ssize_t r = read(efd, &count, sizeof count);
+          (void)r;
+          continue;
+        }
+        auto it = conns.find(id);
+        if (it == conns.end()) continue;
+        Conn& c = it->second;
+        if (events[i].events & EPOLLOUT) Flush(c);
+        const uint32_t e = events[i].events;
+        if (e & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR))
+          Read(c, (e & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) != 0);
+        Advance(id);
+      }
+      {
+        std::lock_guard<std::mutex> l(mu);
+        msgs.swap(inbox);
+      }
+      for (Msg& m : msgs) Handle(m);
+      msgs.clear();
+      if (!batch.empty()) {
+        bool wake;
+        {
+          std::lock_guard<std::mutex> l(intake_mu);
+          wake = intake_queue.empty();
+          for (auto& p : batch) intake_queue.push_back(std::move(p));
+        }
+        batch.clear();
+        if (wake) intake_cv.notify_one();
+      }
+      if (shutting_down) {
+        if (conns.empty() || NowUs() > shutdown_deadline_us) {
+          for (auto& [id, c] : conns)
+            if (!c.slow) close(c.fd);  // (a request's own thread still owns its descriptor)
+          conns.clear();
+          return;
+        }
+        continue;
+      }
+      if (NowUs() >= next_sweep_us) Sweep();
+    }
+  }
+
+  void Handle(Msg& m) {
+    if (m.kind == Msg::kStop) {
+      shutting_down = true;
+      shutdown_deadline_us = NowUs() + 5000000;
+      std::vector<uint64_t> ids;
+      for (auto& [id, c] : conns) {
+        shutdown(c.fd, SHUT_RDWR);  // a request's own thread sees it at its next write
+        ids.push_back(id);
+      }
+      for (uint64_t id : ids)
+        if (!conns[id].slow) Close(id);
+      return;
+    }
+    if (m.kind == Msg::kConn) {
+      Accept(m.fd);
+      return;
+    }
+    auto it = conns.find(m.conn);
+    if (it == conns.end()) return;  // closed meanwhile: its answer has nowhere to go
+    Conn& c = it->second;
+    if (!c.busy || c.req != m.req) return;  // answered already (a timeout, a stop)
+    switch (m.kind) {
+      case Msg::kAnswer:
+        Done(c, std::move(m.text));
+        break;
+      case Msg::kWatch:
+        c.wait_id = std::move(m.id);
+        c.watch = std::move(m.watch);
+        if (c.ended_unread) ReadEnd(m.conn, c, 0);
+        break;
+      case Msg::kEnded:
+        if (m.task)
+          Done(c, wire::Line(wire::Ok(wire::ToJson(*m.task))) + "\n");
+        else if (c.wait_id.empty())
+          c.ended_unread = true;
+        else
+          ReadEnd(m.conn, c, 0);
+        break;
+      case Msg::kSlowDone:
+        c.slow = false;
+        c.busy = false;
+        c.last_done_us = NowUs();
+        if (!m.alive) c.broken = c.closing = true;
+        if (c.stalled) Read(c);
+        break;
+      default:
+        break;
+    }
+    Advance(m.conn);
+  }
+
+  void Accept(int fd) {
+    if (shutting_down) {
+      close(fd);
+      return;
+    }
+    if (conns.size() >= static_cast<size_t>(s->limits_.max_connections) && !EvictIdle()) {
+      SendAll(fd,
+              wire::Line(wire::Error(Status::ResourceExhausted(
+                  "too many connections (" + std::to_string(s->limits_.max_connections) +
+                  ", daemon.max_connections); try again shortly"))) +
+                  "\n",
+              1.0);
+      close(fd);
+      return;
+    }
+    fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+    const uint64_t id = next_id++;
+    epoll_event ev{};
+    ev.events = EPOLLIN | EPOLLRDHUP | EPOLLET;
+    ev.data.u64 = id;
+    if (epoll_ctl(ep, EPOLL_CTL_ADD, fd, &ev) != 0) {
+      LogWarn("cannot watch a new connection: {}", strerror(errno));
+      close(fd);
+      return;
+    }
+    Conn& c = conns[id];
+    c.id = id;
+    c.fd = fd;
+    c.last_done_us = c.last_write_us = NowUs();
+    NoteIdleDeadline(c);
+  }
+
+  // Evicts the connection silent longest (at least kEvictAfterSeconds, and not being
+  // served) to make room for a new one; false if there is none.
+  bool EvictIdle() {
+    const int64_t now = NowUs(), min_idle = static_cast<int64_t>(kEvictAfterSeconds * 1e6);
+    auto oldest = conns.end();
+    for (auto it = conns.begin(); it != conns.end(); ++it) {
+      const Conn& c = it->second;
+      if (c.busy || c.closing || now - c.last_done_us < min_idle) continue;
+      if (oldest == conns.end() || c.last_done_us < oldest->second.last_done_us) oldest = it;
+    }
+    if (oldest == conns.end()) return false;
+    LogInfo("connection limit ({}) reached: closing a connection silent for {:.1f}s",
+            s->limits_.max_connections, (now - oldest->second.last_done_us) / 1e6);
+    Close(oldest->first);
+    return true;
+  }
+
+  // Reads what the peer sent (edge-triggered: until EAGAIN, or a short read when the
+  // peer has not hung up: more data makes a new edge, but a hang-up that came with this
+  // data does not).
+  void Read(Conn& c, bool hung_up = true) {
+    c.stalled = false;
+    char chunk[65536];
+    while (!c.eof) {
+      // No more than one request past the limit is held: a peer that sends ahead of its
+      // answers waits in its socket until this one is answered, and an oversized line is
+      // refused (Advance) before more of it is read.
+      if (c.in.size() > s->limits_.max_request_bytes) {
+        c.stalled = true;
+        return;
+      }
+      ssize_t n = recv(c.fd, chunk, sizeof chunk, MSG_DONTWAIT);
+      if (n > 0) {
+        if (c.discarding && c.in.empty() && !std::memchr(chunk, '\n', static_cast<size_t>(n)))
+          continue;  // all of it is the oversized line's
+        c.in.append(chunk, static_cast<size_t>(n));
+        if (!hung_up && static_cast<size_t>(n) < sizeof chunk) return;  // drained
+        continue;
+      }
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return;
+      c.eof = true;
+      if (n < 0) c.broken = true;  // reset: nothing more to serve or answer
+    }
+  }
+
+  // Serves the next requests of a connection that is free to, and closes one that is done.
+  void Advance(uint64_t id) {
+    auto it = conns.find(id);
+    if (it == conns.end()) return;
+    Conn& c = it->second;
+    const size_t max = s->limits_.max_request_bytes;
+    while (!c.busy && c.out.empty() && !c.closing && !c.broken) {
+      size_t pos = c.in.find('\n', c.scanned);
+      if (pos == std::string::npos) {
+        c.scanned = c.in.size();
+        if (c.discarding) {
+          c.in.clear();
+          c.scanned = 0;
+        } else if (c.in.size() > max) {
+          c.in.clear();
+          c.scanned = 0;
+          c.discarding = true;
+          Answer(c, wire::Line(wire::Error(s->TooLarge())) + "\n");
+          continue;
+        }
+        if (c.stalled) {
+          Read(c);
+          if (c.in.size() > c.scanned) continue;
+        }
+        if (c.eof) {
+          if (!c.in.empty() && !c.discarding) {
+            // A last request without its newline before the peer closed its side.
+            c.in.push_back('\n');
+            continue;
+          }
+          c.closing = true;
+        }
+        break;
+      }
+      std::string line = c.in.substr(0, pos);
+      c.in.erase(0, pos + 1);
+      c.scanned = 0;
+      if (c.discarding) {
+        c.discarding = false;
+        continue;
+      }
+      if (line.size() > max) {
+        Answer(c, wire::Line(wire::Error(s->TooLarge())) + "\n");
+        continue;
+      }
+      if (!line.empty() && line.back() == '\r') line.pop_back();
+      if (line.find_first_not_of(" \t") == std::string::npos) continue;
+      Begin(id, c, line);
+    }
+    if (c.broken) c.closing = true;
+    if (c.closing && !c.busy && (c.out.empty() || c.broken)) Close(id);
+  }
+
+  // Starts one request: a submit joins the intake's next batch; anything else runs on a
+  // thread of its own (it may read the store, wait or stream).
+  void Begin(uint64_t id, Conn& c, const std::string& line) {
+    c.busy = true;
+    ++c.req;
+    c.last_done_us = NowUs();
+    c.deadline_us = 0;
+    c.wait_id.clear();
+    c.watch.reset();
+    c.ended_unread = false;
+    json req;
+    json error = s->Parse(line, &req);
+    if (!error.is_null()) {
+      Done(c, wire::Line(error) + "\n");
+      return;
+    }
+    if (req["op"] == "submit") {
+      Pending p{id, c.req, {}};
+      double timeout = 300;
+      if (Status st = s->ParseSubmit(req, &p.sub, &timeout); !st.ok()) {
+        Done(c, wire::Line(wire::Error(st)) + "\n");
+        return;
+      }
+      // The wait counts from now: the time to store and run the task is part of it.
+      if (p.sub.wait_s >= 0) {
+        c.deadline_us = c.last_done_us + static_cast<int64_t>(timeout * 1e6);
+        next_sweep_us = std::min(next_sweep_us, c.deadline_us);
+      }
+      batch.push_back(std::move(p));
+      return;
+    }
+    OnThread(id, c, [this, req](const std::function<bool(const std::string&)>& write_line) {
+      return s->Guarded(req, write_line);
+    });
+  }
+
+  // A request on a thread of its own: it writes its lines and answer itself (blocking,
+  // a write that makes no progress for daemon.idle_timeout fails), then says so.
+  void OnThread(uint64_t id, Conn& c,
+                std::function<json(const std::function<bool(const std::string&)>&)> work) {
+    c.slow = true;
+    const int fd = c.fd;
+    const uint64_t req = c.req;
+    const double write_timeout = s->limits_.idle_timeout_s;
+    try {
+      std::thread([this, id, fd, req, write_timeout, work = std::move(work)] {
+        pthread_setname_np(pthread_self(), "request");
+        auto write_line = [&](const std::string& l) {
+          return SendAll(fd, l + "\n", write_timeout);
+        };
+        Msg m{Msg::kSlowDone};
+        m.conn = id;
+        m.req = req;
+        m.alive = write_line(wire::Line(work(write_line)));
+        Post(std::move(m));
+      }).detach();
+    } catch (const std::system_error& e) {
+      c.slow = false;
+      Done(c, wire::Line(wire::Error(Status::Internal(
+                  std::string("cannot start a thread for the request: ") + e.what()))) +
+                  "\n");
+    }
+  }
+
+  // The task of a waiting submit ended without its record, timed out, or cortexd is
+  // stopping: its answer is read as `wait` reads it, on a thread of its own.
+  void ReadEnd(uint64_t id, Conn& c, double timeout_s) {
+    c.deadline_us = 0;
+    c.watch.reset();
+    OnThread(id, c,
+             [this, task = c.wait_id, timeout_s](const std::function<bool(const std::string&)>&) {
+               Task t;
+               bool done = false;
+               Status st = s->h_->WaitDone(task, timeout_s, &t, &done);
+               if (!st.ok()) return wire::Error(st);
+               json out = wire::ToJson(t);
+               if (!done) out["waited"] = "timeout";
+               return wire::Ok(out);
+             });
+  }
+
+  void Done(Conn& c, std::string answer) {
+    c.busy = false;
+    c.deadline_us = 0;
+    c.watch.reset();
+    c.last_done_us = NowUs();
+    NoteIdleDeadline(c);
+    Answer(c, std::move(answer));
+    if (c.stalled) Read(c);
+  }
+
+  void Answer(Conn& c, std::string text) {
+    if (c.broken) return;
+    if (c.out.empty())
+      c.out = std::move(text);
+    else
+      c.out += text;
+    Flush(c);
+  }
+
+  void Flush(Conn& c) {
+    while (!c.out.empty() && !c.broken && !c.slow) {
+      ssize_t w = send(c.fd, c.out.data(), c.out.size(), MSG_NOSIGNAL | MSG_DONTWAIT);
+      if (w > 0) {
+        c.out.erase(0, static_cast<size_t>(w));
+        c.last_write_us = NowUs();
+        continue;
+      }
+      if (w < 0 && errno == EINTR) continue;
+      if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+        Arm(c, true);
+        return;
+      }
+      c.broken = c.closing = true;
+      c.out.clear();
+    }
+    if (c.out_armed) Arm(c, false);
+  }
+
+  void Arm(Conn& c, bool out) {
+    if (c.out_armed == out) return;
+    epoll_event ev{};
+    ev.events = EPOLLIN | EPOLLRDHUP | EPOLLET | (out ? EPOLLOUT : 0u);
+    ev.data.u64 = c.id;
+    epoll_ctl(ep, EPOLL_CTL_MOD, c.fd, &ev);
+    c.out_armed = out;
+    if (out) NoteIdleDeadline(c);
+  }
+
+  void Close(uint64_t id) {
+    auto it = conns.find(id);
+    if (it == conns.end()) return;
+    epoll_ctl(ep, EPOLL_CTL_DEL, it->second.fd, nullptr);
+    close(it->second.fd);
+    conns.erase(it);
+  }
+
+  void NoteIdleDeadline(const Conn& c) {
+    if (s->limits_.idle_timeout_s <= 0) return;
+    const int64_t idle_us = static_cast<int64_t>(std::min(s->limits_.idle_timeout_s, 1e6) * 1e6);
+    next_sweep_us = std::min(next_sweep_us, std::max(c.last_done_us, c.last_write_us) + idle_us);
+  }
+
+  // Timers: waits that reach their deadline or a stop, connections idle too long (no
+  // complete request since the last answer, or an answer the peer does not read).
+  void Sweep() {
+    const int64_t now = NowUs();
+    const bool stopping = s->h_->Stopping();
+    const double idle_s = std::min(s->limits_.idle_timeout_s, 1e6);
+    const int64_t idle_us = static_cast<int64_t>(idle_s * 1e6);
+    next_sweep_us = now + 1000000;
+    std::vector<uint64_t> ids;
+    for (auto& [id, c] : conns) ids.push_back(id);
+    for (uint64_t id : ids) {
+      auto it = conns.find(id);
+      if (it == conns.end()) continue;
+      Conn& c = it->second;
+      if (c.busy && !c.slow && c.deadline_us > 0) {
+        if (!c.wait_id.empty() && (now >= c.deadline_us || stopping)) {
+          // Taken back in time: its answer is read now (else it is on its way here).
+          if (s->h_->Unwatch(c.wait_id, c.watch)) ReadEnd(id, c, 0);
+        } else {
+          // A stop ends waits within 200 ms, as in `wait` (and an id still on its way
+          // from the intake is looked for again then).
+          next_sweep_us = std::min({next_sweep_us, now + 200000,
+                                    c.deadline_us > now ? c.deadline_us : now + 200000});
+        }
+        continue;
+      }
+      if (c.busy || idle_us <= 0) continue;
+      if (!c.out.empty()) {
+        if (now - c.last_write_us >= idle_us) {
+          c.broken = c.closing = true;  // it does not read its answers
+          Advance(id);
+        } else {
+          next_sweep_us = std::min(next_sweep_us, c.last_write_us + idle_us);
+        }
+        continue;
+      }
+      if (now - c.last_done_us >= idle_us) {
+        // No complete request for too long: its slot is worth more to others.
+        Answer(c, wire::Line(wire::Error(Status::Timeout(fmt::format(
+                      "closing the connection: no complete request within {:g}s "
+                      "(daemon.idle_timeout)",
+                      s->limits_.idle_timeout_s)))) +
+                      "\n");
+        c.closing = true;
+        c.broken = true;  // whatever it sent since is not served
+        Advance(id);
+      } else {
+        next_sweep_us = std::min(next_sweep_us, c.last_done_us + idle_us);
+      }
+    }
+  }
+
+  Server* const s;
+  int ep = -1, efd = -1;
+  std::thread io, intake;
+
+  std::mutex mu;  // guards inbox
+  std::vector<Msg> inbox;
+
+  std::mutex intake_mu;  // guards the two below
+  std::condition_variable intake_cv;
+  std::vector<Pending> intake_queue;
+  bool intake_stop = false;
+
+  // The connections' thread only:
+  std::unordered_map<uint64_t, Conn> conns;
+  uint64_t next_id = 1;
+  std::vector<Pending> batch;  // submits read in this wake-up
+  int64_t next_sweep_us = 0;
+  bool shutting_down = false;
+  int64_t shutdown_deadline_us = 0;
+};
+
+void Server::AcceptOne() {
+  int fd = accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
+  if (fd < 0) {
+    // Out of descriptors or memory: the connection stays in the backlog and poll reports
+    // it again at once; a pause keeps the main loop from spinning on it meanwhile.
+    if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+      if (!accept_failing_)
+        LogWarn("cannot accept connections ({}); waiting for descriptors to come free",
+                strerror(errno));
+      accept_failing_ = true;
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+    return;
+  }
+  if (accept_failing_) {
+    LogInfo("accepting connections again");
+    accept_failing_ = false;
+  }
+  // The socket's 0600/0700 permissions are the first gate; this is the second, for a
+  // socket whose folder was loosened or that was handed to someone else.
+  if (Status peer = CheckPeer(fd); !peer.ok()) {
+    LogWarn("refused a connection: {}", peer.message());
+    SendAll(fd, wire::Line(wire::Error(peer)) + "\n", 1.0);
+    close(fd);
+    return;
+  }
+  if (!loop_) {
+    close(fd);
+    return;
+  }
+  Loop::Msg m{Loop::Msg::kConn};
+  m.fd = fd;
+  loop_->Post(std::move(m));
+}
+
+void Server::StopAccepting() {
+  if (listen_fd_ >= 0) {
+    close(listen_fd_);
+    listen_fd_ = -1;
+    unlink(path_.c_str());
+  }
+}
+
+void Server::CloseConnections() {
+  if (loop_) loop_->Stop();
+}
+
+Server::Server(RequestHandler* handler, ServerLimits limits) : h_(handler), limits_(limits) {}
+
 Server::~Server() {
   StopAccepting();
   CloseConnections();
@@ -183,227 +930,20 @@ Status Server::Listen(const std::string& path) {
     return Status::IOError(std::string("listen: ") + strerror(errno));
   fcntl(listen_fd_, F_SETFL, O_NONBLOCK);
   path_ = path;
+  auto loop = std::make_unique<Loop>(this);
+  CORTEX_RETURN_IF_ERROR(loop->Start());
+  loop_ = std::move(loop);
   return Status::OK();
-}
-
-Status Server::CheckPeer(int fd) const {
-  struct ucred cred;
-  socklen_t len = sizeof cred;
-  if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0)
-    return Status::PermissionDenied(std::string("cannot read peer credentials: ") +
-                                    strerror(errno));
-  if (cred.uid == geteuid() || cred.uid == 0) return Status::OK();
-  if (!limits_.allow_group.empty()) {
-    struct group* g = getgrnam(limits_.allow_group.c_str());
-    if (g && cred.gid == g->gr_gid) return Status::OK();
-    struct passwd* pw = getpwuid(cred.uid);
-    if (g && pw) {
-      std::vector<gid_t> groups(64);
-      int n = static_cast<int>(groups.size());
-      if (getgrouplist(pw->pw_name, cred.gid, groups.data(), &n) < 0 && n > 0) {
-        groups.resize(static_cast<size_t>(n));
-        getgrouplist(pw->pw_name, cred.gid, groups.data(), &n);
-      }
-      for (int i = 0; i < n && i < static_cast<int>(groups.size()); ++i)
-        if (groups[static_cast<size_t>(i)] == g->gr_gid) return Status::OK();
-    }
-  }
-  return Status::PermissionDenied(
-      "uid " + std::to_string(cred.uid) + " may not use this cortexd: only uid " +
-      std::to_string(geteuid()) +
-      (limits_.allow_group.empty() ? std::string(" (set daemon.allow_group to admit a group)")
-                                   : " and members of group '" + limits_.allow_group + "'"));
-}
-
-void Server::AcceptOne() {
-  int fd = accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
-  if (fd < 0) {
-    // Out of descriptors or memory: the connection stays in the backlog and poll reports
-    // it again at once; a pause keeps the main loop from spinning on it meanwhile.
-    if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
-      if (!accept_failing_)
-        LogWarn("cannot accept connections ({}); waiting for descriptors to come free",
-                strerror(errno));
-      accept_failing_ = true;
-      std::this_thread::sleep_for(std::chrono::milliseconds(100));
-    }
-    return;
-  }
-  if (accept_failing_) {
-    LogInfo("accepting connections again");
-    accept_failing_ = false;
-  }
-  // The socket's 0600/0700 permissions are the first gate; this is the second, for a
-  // socket whose folder was loosened or that was handed to someone else.
-  if (Status peer = CheckPeer(fd); !peer.ok()) {
-    LogWarn("refused a connection: {}", peer.message());
-    WriteAll(fd, wire::Line(wire::Error(peer)) + "\n");
-    close(fd);
-    return;
-  }
-  std::unique_lock<std::mutex> l(mu_);
-  if (active_ >= limits_.max_connections && !EvictIdleLocked()) {
-    l.unlock();
-    WriteAll(fd,
-             wire::Error(Status::ResourceExhausted("too many connections (" +
-                                                   std::to_string(limits_.max_connections) +
-                                                   ", daemon.max_connections); try again shortly"))
-                     .dump() +
-                 "\n");
-    close(fd);
-    return;
-  }
-  ++active_;
-  conns_[fd] = Conn{NowUs(), false, false};
-  l.unlock();
-  try {
-    std::thread([this, fd] {
-      pthread_setname_np(pthread_self(), "connection");
-      Serve(fd);
-    }).detach();
-  } catch (const std::system_error&) {
-    std::lock_guard<std::mutex> g(mu_);
-    conns_.erase(fd);
-    --active_;
-    close(fd);
-  }
-}
-
-void Server::StopAccepting() {
-  if (listen_fd_ >= 0) {
-    close(listen_fd_);
-    listen_fd_ = -1;
-    unlink(path_.c_str());
-  }
-}
-
-void Server::CloseConnections() {
-  std::unique_lock<std::mutex> l(mu_);
-  for (const auto& [fd, c] : conns_) shutdown(fd, SHUT_RDWR);
-  cv_.wait_for(l, std::chrono::seconds(5), [&] { return active_ == 0; });
-}
-
-Status Server::TooLarge() const {
-  return Status::ResourceExhausted("request is larger than " +
-                                   std::to_string(limits_.max_request_bytes) +
-                                   " bytes (daemon.max_request_bytes)");
-}
-
-bool Server::EvictIdleLocked() {
-  const int64_t now = NowUs(), min_idle = static_cast<int64_t>(kEvictAfterSeconds * 1e6);
-  auto oldest = conns_.end();
-  for (auto it = conns_.begin(); it != conns_.end(); ++it) {
-    const Conn& c = it->second;
-    if (c.busy || c.evicted || now - c.last_active_us < min_idle) continue;
-    if (oldest == conns_.end() || c.last_active_us < oldest->second.last_active_us) oldest = it;
-  }
-  if (oldest == conns_.end()) return false;
-  // Its thread sees the end and leaves; the new connection is served meanwhile.
-  oldest->second.evicted = true;
-  LogInfo("connection limit ({}) reached: closing a connection silent for {:.1f}s",
-          limits_.max_connections, (now - oldest->second.last_active_us) / 1e6);
-  shutdown(oldest->first, SHUT_RDWR);
-  return true;
-}
-
-void Server::Serve(int fd) {
-  // A client that sends requests but never reads the answers would hold this thread in a
-  // blocked write, and its slot, forever: a write that makes no progress for
-  // daemon.idle_timeout fails, and the connection is closed.
-  if (limits_.idle_timeout_s > 0) {
-    const double t = std::min(limits_.idle_timeout_s, 1e6);
-    struct timeval tv = {
-        static_cast<time_t>(t),
-        static_cast<suseconds_t>((t - static_cast<double>(static_cast<time_t>(t))) * 1e6)};
-    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
-  }
-  std::string buf;
-  bool discarding = false;  // inside an oversized line: skip to its end
-  char chunk[65536];
-  auto write_line = [fd](const std::string& s) { return WriteAll(fd, s + "\n"); };
-  // The idle clock runs from the last answered request (or the connection's start), not
-  // from the last byte: a client trickling a request that never ends is idle all along.
-  int64_t last_done_us = NowUs();
-  auto mark = [&](bool busy) {
-    last_done_us = NowUs();
-    std::lock_guard<std::mutex> l(mu_);
-    Conn& c = conns_[fd];
-    c.busy = busy;
-    c.last_active_us = last_done_us;
-  };
-  // Answers one complete request line; false once the peer is gone.
-  auto serve_line = [&](std::string line) {
-    if (line.size() > limits_.max_request_bytes)
-      return write_line(wire::Line(wire::Error(TooLarge())));
-    if (!line.empty() && line.back() == '\r') line.pop_back();
-    if (line.find_first_not_of(" \t") == std::string::npos) return true;
-    mark(true);
-    bool alive = write_line(wire::Line(HandleLine(line, write_line)));
-    mark(false);
-    return alive;
-  };
-  const int64_t idle_us = static_cast<int64_t>(std::min(limits_.idle_timeout_s, 1e6) * 1e6);
-  // The idle deadline is the receive timeout: between requests the full idle time (set
-  // once, so a steady client costs one call per request), within a partial request what
-  // is left of it.
-  int64_t timeout_set_us = 0;  // 0: none
-  auto receive_within = [&](int64_t us) {
-    if (us == timeout_set_us) return;
-    struct timeval tv = {static_cast<time_t>(us / 1000000), static_cast<suseconds_t>(us % 1000000)};
-    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-    timeout_set_us = us;
-  };
-  for (;;) {
-    if (idle_us > 0) {
-      const int64_t left_us = last_done_us + idle_us - NowUs();
-      if (left_us <= 0) {  // no complete request for too long: its slot is worth more to others
-        write_line(wire::Line(wire::Error(Status::Timeout(fmt::format(
-            "closing the connection: no complete request within {:g}s (daemon.idle_timeout)",
-            limits_.idle_timeout_s)))));
-        break;
-      }
-      // (Within a millisecond of the full time, as right after an answer: the full time,
-      // so the timeout already set serves; a blank line since does not reset the clock.)
-      receive_within(buf.empty() && !discarding && left_us > idle_us - 1000 ? idle_us : left_us);
-    }
-    ssize_t n = recv(fd, chunk, sizeof chunk, 0);
-    if (n < 0 && (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK)) continue;
-    if (n == 0 && !discarding && !buf.empty()) {
-      // A last request without its newline before the peer closed its side: answer it.
-      serve_line(std::exchange(buf, std::string()));
-      break;
-    }
-    if (n <= 0) break;
-    buf.append(chunk, static_cast<size_t>(n));
-    size_t pos;
-    bool alive = true;
-    while (alive && (pos = buf.find('\n')) != std::string::npos) {
-      std::string line = buf.substr(0, pos);
-      buf.erase(0, pos + 1);
-      if (discarding) {
-        discarding = false;
-        continue;
-      }
-      alive = serve_line(std::move(line));
-    }
-    if (!alive) break;
-    if (!discarding && buf.size() > limits_.max_request_bytes) {
-      write_line(wire::Line(wire::Error(TooLarge())));
-      buf.clear();
-      discarding = true;
-    } else if (discarding) {
-      buf.clear();
-    }
-  }
-  close(fd);
-  std::lock_guard<std::mutex> l(mu_);
-  conns_.erase(fd);
-  --active_;
-  cv_.notify_all();
 }
 
 json Server::HandleLine(const std::string& line,
                         const std::function<bool(const std::string&)>& write_line) {
+  json req;
+  json error = Parse(line, &req);
+  return error.is_null() ? Guarded(req, write_line) : error;
+}
+
+json Server::Parse(const std::string& line, json* out) const {
   if (size_t bad = wire::InvalidUtf8At(line); bad != std::string::npos)
     return wire::Error(Bad(
         fmt::format("request is not valid UTF-8 (byte 0x{:02x} at offset {}); text must be UTF-8",
@@ -445,6 +985,11 @@ json Server::HandleLine(const std::string& line,
     return wire::Error(Bad("missing field 'op' (a string: one of " + WireOpNames() + ")"));
   if (!req["op"].is_string())
     return wire::Error(Bad("'op' must be a string: one of " + WireOpNames()));
+  *out = std::move(req);
+  return nullptr;
+}
+
+json Server::Guarded(const json& req, const std::function<bool(const std::string&)>& write_line) {
   try {
     return Dispatch(req, write_line);
   } catch (const std::exception& e) {
@@ -519,14 +1064,14 @@ json Server::Dispatch(const json& j, const std::function<bool(const std::string&
         }
         return wire::Ok(out);
       }
-      bool wait = false;
+      Submission sub;
       double timeout = 300;
-      CHECK(r.Bool("wait", &wait));
-      CHECK(r.Number("timeout_s", 0, 86400, &timeout));
+      CHECK(ParseSubmit(j, &sub, &timeout));
+      const bool wait = sub.wait_s >= 0;
       std::string id;
-      // The wait counts from now: a first attempt run inside Submit spends part of it.
+      // The wait counts from now: the time to store and run the task is part of it.
       const int64_t start = NowUs();
-      CHECK(h_->Submit(text, tags, wait ? timeout : -1, &id));
+      CHECK(h_->Submit(text, tags, sub.wait_s, &id));
       if (!wait) return wire::Ok({{"id", id}, {"state", "queued"}});
       json out;
       CHECK(ended(id, std::max(0.0, timeout - (NowUs() - start) / 1e6), &out));

@@ -1,5 +1,8 @@
-// The Unix-socket front of cortexd: line-delimited JSON requests, one thread per
-// connection, every request validated before it reaches the daemon.
+// The Unix-socket front of cortexd: line-delimited JSON requests, every request validated
+// before it reaches the daemon. One thread (epoll) reads and answers every connection;
+// the submits it reads in one wake-up go to the pipeline together (an intake thread), and
+// their answers come back to it as their tasks end. Any other request runs on a thread of
+// its own, which writes its own answer (docs/ARCHITECTURE.md, "The path of a task").
 #pragma once
 
 #include <atomic>
@@ -13,6 +16,7 @@
 #include "cortex/experts.h"
 #include "cortex/status.h"
 #include "cortex/store.h"
+#include "pipeline.h"
 
 namespace cortex {
 
@@ -25,6 +29,10 @@ class RequestHandler {
   // that long for its end with WaitDone, and hears of the task only from it.
   virtual Status Submit(const std::string& text, const Tags& tags, double wait_s,
                         std::string* id) = 0;
+  // Submits many at once (Pipeline::SubmitMany); Unwatch takes back a submission's on_end.
+  virtual void SubmitMany(std::vector<Submission>* batch) = 0;
+  virtual bool Unwatch(const std::string& id, const std::shared_ptr<TaskWatch>& watch) = 0;
+  virtual bool Stopping() const = 0;  // a stop has begun: waits end now
   virtual Status Route(const std::string& text, const Tags& tags, Decision* d) = 0;
   // Waits until the task is final, `timeout_s` passes or the daemon stops; then *t is the
   // task as stored and *done says whether it has ended.
@@ -55,13 +63,16 @@ struct ServerLimits {
 
 class Server {
  public:
-  Server(RequestHandler* handler, ServerLimits limits) : h_(handler), limits_(limits) {}
+  Server(RequestHandler* handler, ServerLimits limits);
   ~Server();
   // Creates the socket (0600) in its folder (0700); refuses when another daemon answers.
+  // Starts the connection and intake threads.
   Status Listen(const std::string& path);
   int listen_fd() const { return listen_fd_; }
-  void AcceptOne();
+  void AcceptOne();  // the caller's thread: accepts, checks the peer, hands it on
   void StopAccepting();
+  // Closes every connection (requests in progress end with them) within 5 seconds, and
+  // ends the server's threads.
   void CloseConnections();
 
   // Handles one request line; exposed for tests. `write_line` streams extra lines.
@@ -69,10 +80,19 @@ class Server {
                             const std::function<bool(const std::string&)>& write_line);
 
  private:
-  void Serve(int fd);
+  struct Loop;  // the connections' thread and the intake thread (server.cc)
+  friend struct Loop;
+
   Status TooLarge() const;
   // The peer-credential check: the daemon's user, root, or a member of allow_group.
   Status CheckPeer(int fd) const;
+  // The request line as JSON, or an error answer (*req is then unset).
+  nlohmann::json Parse(const std::string& line, nlohmann::json* req) const;
+  // A submit's fields, checked as Dispatch checks them.
+  Status ParseSubmit(const nlohmann::json& req, Submission* s, double* timeout_s) const;
+  // Dispatch, with an exception turned into an Internal error answer.
+  nlohmann::json Guarded(const nlohmann::json& req,
+                         const std::function<bool(const std::string&)>& write_line);
   nlohmann::json Dispatch(const nlohmann::json& req,
                           const std::function<bool(const std::string&)>& write_line);
 
@@ -81,19 +101,7 @@ class Server {
   std::string path_;
   int listen_fd_ = -1;
   bool accept_failing_ = false;  // out of descriptors: said once (AcceptOne, main thread)
-  // Evicts the connection silent longest (at least kEvictAfterSeconds, and not being
-  // served) to make room for a new one; false if there is none. Holds mu_.
-  bool EvictIdleLocked();
-
-  struct Conn {
-    int64_t last_active_us = 0;  // monotonic: the last byte read or answer written
-    bool busy = false;           // a request is being served (submit --wait is not idle)
-    bool evicted = false;
-  };
-  std::mutex mu_;
-  std::condition_variable cv_;
-  std::map<int, Conn> conns_;
-  int active_ = 0;
+  std::unique_ptr<Loop> loop_;
 };
 
 }  // namespace cortex

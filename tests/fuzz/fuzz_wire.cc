@@ -25,6 +25,13 @@ class FakeDaemon : public cortex::RequestHandler {
     *id = t.id;
     return store_->InsertTask(t);
   }
+  void SubmitMany(std::vector<cortex::Submission>* batch) override {
+    for (auto& s : *batch) s.result = Submit(s.text, s.tags, s.wait_s, &s.id);
+  }
+  bool Unwatch(const std::string&, const std::shared_ptr<cortex::TaskWatch>&) override {
+    return false;
+  }
+  bool Stopping() const override { return false; }
   cortex::Status Route(const std::string&, const cortex::Tags&, cortex::Decision* d) override {
     d->chosen = "x";
     d->candidates = {{"x", 0, 0.5, 0, 0.5, 0.5, {}}};
