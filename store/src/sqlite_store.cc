@@ -329,6 +329,9 @@ class SqliteStore : public Store {
           ::close(d);
         }
         CORTEX_RETURN_IF_ERROR(Exec("PRAGMA synchronous=NORMAL"));
+        // A log started over is cut back to this size (the writer restarts it every
+        // kRestartPages pages, ~256 MiB).
+        CORTEX_RETURN_IF_ERROR(Exec("PRAGMA journal_size_limit=268435456"));
       } else if (log_fd_ >= 0) {
         ::close(log_fd_);
         log_fd_ = -1;
@@ -353,6 +356,7 @@ class SqliteStore : public Store {
   static int OnCommit(void* self, sqlite3*, const char*, int log_pages) {
     if (log_pages >= kCheckpointPages) {
       auto* s = static_cast<SqliteStore*>(self);
+      if (log_pages >= kRestartPages) s->restart_due_ = true;
       {
         std::lock_guard<std::mutex> l(s->checkpoint_mu_);
         s->checkpoint_due_ = true;
@@ -1278,6 +1282,16 @@ class SqliteStore : public Store {
       return;
     }
     if (group.size() == 1 || !TryGroup(group, /*isolated=*/false)) TryGroup(group, true);
+    if (restart_due_.exchange(false)) {
+      // The background checkpoints copy what they can, but never all of a log that a
+      // writer appends to without pause, and SQLite starts the log over only once all of
+      // it is copied: under sustained load it grew by gigabytes. Here, between two
+      // groups, nothing is being written: this copies what is left (usually little), and
+      // the next commit starts the log over from its beginning (if no reader still needs
+      // it), truncated to journal_size_limit.
+      (void)sqlite3_wal_checkpoint_v2(write_.db, nullptr, SQLITE_CHECKPOINT_PASSIVE, nullptr,
+                                      nullptr);
+    }
   }
 
   // One transaction over the group. Not `isolated`: returns false, having rolled back,
@@ -1537,6 +1551,9 @@ class SqliteStore : public Store {
   Conn write_;
   std::mutex mu_;  // the connection; a group commit holds it for its whole transaction
   static constexpr int kCheckpointPages = 1000;  // log pages that make a checkpoint due
+  // Log pages after which the writer finishes the checkpoint itself (CommitGroup).
+  static constexpr int kRestartPages = 64000;
+  std::atomic<bool> restart_due_{false};
   Conn checkpoint_;
   std::thread checkpointer_;
   std::mutex checkpoint_mu_;  // guards the two flags below
