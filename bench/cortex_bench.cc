@@ -9,6 +9,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <mutex>
 #include <random>
@@ -31,8 +32,20 @@ using Clock = std::chrono::steady_clock;
 // One run: `tasks` submit --wait calls shared by `clients` connections; its figures in
 // *out. Tasks that got no answer (a client that could not connect, a request that failed)
 // are `errors`, and the first reason is said on stderr.
+// `log`: the store's write-ahead log, whose largest size during the run is reported (its
+// bound under sustained load); empty for a cortexd not our own.
 int Throughput(const std::string& socket, int clients, int tasks, const std::string& text,
-               json* out) {
+               const std::string& log, json* out) {
+  std::atomic<bool> running{true};
+  std::atomic<uintmax_t> log_peak{0};
+  std::thread watch_log([&] {
+    while (!log.empty() && running.load()) {
+      std::error_code ec;
+      const uintmax_t size = std::filesystem::file_size(log, ec);
+      if (!ec && size > log_peak.load()) log_peak = size;
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+  });
   std::atomic<int> next{0}, ok{0}, failed{0};
   std::mutex why_mu;
   std::string why;
@@ -65,6 +78,8 @@ int Throughput(const std::string& socket, int clients, int tasks, const std::str
     });
   for (auto& t : ts) t.join();
   double secs = std::chrono::duration<double>(Clock::now() - t0).count();
+  running = false;
+  watch_log.join();
   const int done = ok.load() + failed.load();  // only answered tasks count towards the rate
   if (!why.empty()) std::fprintf(stderr, "cortex-bench: first error: %s\n", why.c_str());
   std::vector<double> all;
@@ -78,22 +93,26 @@ int Throughput(const std::string& socket, int clients, int tasks, const std::str
           {"errors", tasks - done},
           {"p50_ms", Percentile(all, 0.5)},
           {"p99_ms", Percentile(all, 0.99)}};
+  if (!log.empty()) (*out)["log_peak_mib"] = static_cast<double>(log_peak.load()) / (1 << 20);
   return done == tasks ? 0 : 1;
 }
 
 // Every client count against one cortexd, a table row each; the runs appended to *runs.
-int ThroughputRuns(const std::string& socket, const std::string& store,
+int ThroughputRuns(const std::string& socket, const std::string& store, const std::string& log,
                    const std::vector<int>& clients, int tasks, const std::string& text,
                    json* runs) {
   int rc = 0;
   for (int c : clients) {
     json r;
-    rc |= Throughput(socket, c, tasks, text, &r);
+    rc |= Throughput(socket, c, tasks, text, log, &r);
     r["store"] = store;
-    std::printf("%-7s %7d %9.0f %9.2f %9.2f %9d %6d %6d\n", store.c_str(), c,
+    std::printf("%-7s %7d %9.0f %9.2f %9.2f %9d %6d %6d %9s\n", store.c_str(), c,
                 r["tasks_per_s"].get<double>(), r["p50_ms"].get<double>(),
                 r["p99_ms"].get<double>(), r["succeeded"].get<int>(), r["failed"].get<int>(),
-                r["errors"].get<int>());
+                r["errors"].get<int>(),
+                r.contains("log_peak_mib")
+                    ? fmt::format("{:.0f}", r["log_peak_mib"].get<double>()).c_str()
+                    : "-");
     std::fflush(stdout);
     runs->push_back(std::move(r));
   }
@@ -196,12 +215,12 @@ int main(int argc, char** argv) {
     return cortex::bench::Replay(ro);
   }
   if (tp->parsed()) {
-    std::printf("%-7s %7s %9s %9s %9s %9s %6s %6s\n", "store", "clients", "tasks/s", "p50 ms",
-                "p99 ms", "succeeded", "failed", "errors");
+    std::printf("%-7s %7s %9s %9s %9s %9s %6s %6s %9s\n", "store", "clients", "tasks/s", "p50 ms",
+                "p99 ms", "succeeded", "failed", "errors", "log MiB");
     json runs = json::array();
     int rc = 0;
     if (!socket.empty()) {
-      rc = ThroughputRuns(socket, "given", clients, tasks, text, &runs);
+      rc = ThroughputRuns(socket, "given", "", clients, tasks, text, &runs);
     } else {
       std::vector<std::pair<std::string, std::string>> media;  // name, base folder
       if (store != "tmpfs") media.emplace_back("disk", "/tmp");
@@ -217,7 +236,8 @@ int main(int argc, char** argv) {
           return 1;
         std::fprintf(stderr, "cortex-bench: %s: through a cortexd of its own (%s)\n", name.c_str(),
                      d.dir.c_str());
-        rc |= ThroughputRuns(d.socket, name, clients, tasks, text, &runs);
+        rc |= ThroughputRuns(d.socket, name, (d.dir / "data/cortex.db-wal").string(), clients,
+                             tasks, text, &runs);
         if (int stop = d.Stop(); stop != 0) {
           std::fprintf(stderr, "cortex-bench: its cortexd exited %d (log kept: %s/cortexd.log)\n",
                        stop, d.dir.c_str());
@@ -226,8 +246,10 @@ int main(int argc, char** argv) {
         }
       }
     }
-    std::printf("(submit --wait end to end, %d tasks per run; acknowledged only once durable)\n",
-                tasks);
+    std::printf(
+        "(submit --wait end to end, %d tasks per run; acknowledged only once durable; log MiB: "
+        "the store's write-ahead log at its largest)\n",
+        tasks);
     WriteJson(json_out, {{"runs", runs}});
     return rc;
   }

@@ -144,6 +144,7 @@ TEST(BenchTest, ThroughputUsesACortexdOfItsOwn) {
     EXPECT_EQ(run["errors"], 0) << run;
     EXPECT_GT(run["tasks_per_s"].get<double>(), 0) << run;
     EXPECT_GT(run["p99_ms"].get<double>(), 0) << run;
+    EXPECT_GT(run.value("log_peak_mib", 0.0), 0) << "its store's log, watched" << run;
   }
   EXPECT_EQ(seen, (std::vector<std::pair<std::string, int>>{
                       {"disk", 1}, {"disk", 3}, {"tmpfs", 1}, {"tmpfs", 3}}));
@@ -170,6 +171,7 @@ TEST(BenchTest, ThroughputSaysWhyItFailed) {
   ASSERT_TRUE(j.is_object()) << r.out;
   EXPECT_EQ(j["runs"][0]["errors"], 3) << "every task unanswered, no more" << j;
   EXPECT_EQ(j["runs"][0]["tasks_per_s"], 0) << j;
+  EXPECT_FALSE(j["runs"][0].contains("log_peak_mib")) << "not our cortexd's log" << j;
   r = test::RunCmd({test::BinDir() + "/cortex-bench", "--version"});
   EXPECT_EQ(r.code, 0) << r.err;
   EXPECT_EQ(r.out.rfind("cortex-bench ", 0), 0u) << r.out;
