@@ -274,7 +274,7 @@ class DaemonImpl : public Daemon, public RequestHandler {
     if (trainer_) trainer_->Wake();
   }
 
-  // ---- RequestHandler (called from connection threads) -----------------------------
+  // ---- RequestHandler (called from the server's intake and request threads) ----------
 
   const DaemonConfig& limits() const override { return config_.daemon; }
 

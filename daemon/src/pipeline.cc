@@ -28,7 +28,8 @@ using json = nlohmann::json;
 
 namespace {
 
-// A connection's thread routes tasks too: it gets its signal stack on first use.
+// The intake thread (and a request's thread) routes tasks too: it gets its signal stack
+// on first use.
 void CrashStackOnce() {
   static thread_local const bool kDone = (UseCrashStackOnThisThread(), true);
   (void)kDone;
