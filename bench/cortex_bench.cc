@@ -106,13 +106,12 @@ int ThroughputRuns(const std::string& socket, const std::string& store, const st
     json r;
     rc |= Throughput(socket, c, tasks, text, log, &r);
     r["store"] = store;
-    std::printf("%-7s %7d %9.0f %9.2f %9.2f %9d %6d %6d %9s\n", store.c_str(), c,
-                r["tasks_per_s"].get<double>(), r["p50_ms"].get<double>(),
-                r["p99_ms"].get<double>(), r["succeeded"].get<int>(), r["failed"].get<int>(),
-                r["errors"].get<int>(),
-                r.contains("log_peak_mib")
-                    ? fmt::format("{:.0f}", r["log_peak_mib"].get<double>()).c_str()
-                    : "-");
+    std::printf(
+        "%-7s %7d %9.0f %9.2f %9.2f %9d %6d %6d %9s\n", store.c_str(), c,
+        r["tasks_per_s"].get<double>(), r["p50_ms"].get<double>(), r["p99_ms"].get<double>(),
+        r["succeeded"].get<int>(), r["failed"].get<int>(), r["errors"].get<int>(),
+        r.contains("log_peak_mib") ? fmt::format("{:.0f}", r["log_peak_mib"].get<double>()).c_str()
+                                   : "-");
     std::fflush(stdout);
     runs->push_back(std::move(r));
   }

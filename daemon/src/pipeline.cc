@@ -126,7 +126,7 @@ struct Intake {
   Task task;
   double wait_s = -1;  // how long its submitter waits for the end (< 0: it does not)
   Status result = Status::Internal("the task was not stored");  // until its batch says
-  std::shared_ptr<TaskWatch> watch;                       // set with the task live
+  std::shared_ptr<TaskWatch> watch;                             // set with the task live
 };
 
 }  // namespace

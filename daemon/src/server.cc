@@ -365,18 +365,18 @@ struct Server::Loop {
   struct Conn {
     uint64_t id = 0;
     int fd = -1;
-    std::string in;      // read, not yet served
-    size_t scanned = 0;  // bytes of `in` known to hold no newline
-    std::string out;     // this thread's answer, not yet written
-    bool discarding = false;  // inside an oversized line: skip to its end
-    bool busy = false;        // a request is in progress (its answer not yet queued)
-    bool slow = false;        // ... on a thread of its own, which owns the writes
-    bool eof = false;         // the peer closed its side (or the connection broke)
-    bool broken = false;      // nothing more can be written
-    bool closing = false;     // close once the answer is out
-    bool stalled = false;     // left unread: enough is buffered already
-    bool out_armed = false;   // EPOLLOUT asked for
-    uint64_t req = 0;         // the request in progress, numbered per connection
+    std::string in;             // read, not yet served
+    size_t scanned = 0;         // bytes of `in` known to hold no newline
+    std::string out;            // this thread's answer, not yet written
+    bool discarding = false;    // inside an oversized line: skip to its end
+    bool busy = false;          // a request is in progress (its answer not yet queued)
+    bool slow = false;          // ... on a thread of its own, which owns the writes
+    bool eof = false;           // the peer closed its side (or the connection broke)
+    bool broken = false;        // nothing more can be written
+    bool closing = false;       // close once the answer is out
+    bool stalled = false;       // left unread: enough is buffered already
+    bool out_armed = false;     // EPOLLOUT asked for
+    uint64_t req = 0;           // the request in progress, numbered per connection
     int64_t last_done_us = 0;   // the last answer (or the start): the idle clock
     int64_t last_write_us = 0;  // the last byte of an answer written
     // A submit waiting for its task's end:
@@ -393,7 +393,8 @@ struct Server::Loop {
       int timeout_ms = 1000;
       const int64_t now = NowUs();
       if (next_sweep_us > 0)
-        timeout_ms = static_cast<int>(std::clamp<int64_t>((next_sweep_us - now + 999) / 1000, 0, 1000));
+        timeout_ms =
+            static_cast<int>(std::clamp<int64_t>((next_sweep_us - now + 999) / 1000, 0, 1000));
       if (shutting_down) timeout_ms = std::min(timeout_ms, 50);
       int n = epoll_wait(ep, events, 256, timeout_ms);
       if (n < 0 && errno != EINTR) {
@@ -792,8 +793,8 @@ struct Server::Loop {
         } else {
           // A stop ends waits within 200 ms, as in `wait` (and an id still on its way
           // from the intake is looked for again then).
-          next_sweep_us = std::min({next_sweep_us, now + 200000,
-                                    c.deadline_us > now ? c.deadline_us : now + 200000});
+          next_sweep_us = std::min(
+              {next_sweep_us, now + 200000, c.deadline_us > now ? c.deadline_us : now + 200000});
         }
         continue;
       }
@@ -809,10 +810,10 @@ struct Server::Loop {
       }
       if (now - c.last_done_us >= idle_us) {
         // No complete request for too long: its slot is worth more to others.
-        Answer(c, wire::Line(wire::Error(Status::Timeout(fmt::format(
-                      "closing the connection: no complete request within {:g}s "
-                      "(daemon.idle_timeout)",
-                      s->limits_.idle_timeout_s)))) +
+        Answer(c, wire::Line(wire::Error(Status::Timeout(
+                      fmt::format("closing the connection: no complete request within {:g}s "
+                                  "(daemon.idle_timeout)",
+                                  s->limits_.idle_timeout_s)))) +
                       "\n");
         c.closing = true;
         c.broken = true;  // whatever it sent since is not served
