@@ -1138,6 +1138,21 @@ TEST(E2E, SmallerHolesAreClosed) {
   ASSERT_TRUE(c.ReadLine(&line).ok());
   EXPECT_NE(line.find("holds a NUL character (at byte 11)"), std::string::npos) << line;
 
+  // A deeply nested request (under the size limit) is refused, not copied level by level
+  // until the stack runs out (found by an attack on the single connections' thread).
+  {
+    const int depth = 100000;
+    std::string deep = "{\"op\": \"status\", \"x\": ";
+    for (int i = 0; i < depth; ++i) deep += "{\"a\":";
+    deep += "1";
+    deep += std::string(depth, '}');
+    deep += "}\n";
+    ASSERT_TRUE(c.SendRaw(deep).ok());
+    ASSERT_TRUE(c.ReadLine(&line).ok()) << d.Log();
+    EXPECT_NE(line.find("unknown field 'x' for op status"), std::string::npos) << line;
+    EXPECT_EQ(d.Ctl({"status"}).code, 0) << d.Log();
+  }
+
   // The last request without a newline, then the client closes its side: answered.
   int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
   struct sockaddr_un a {};

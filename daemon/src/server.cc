@@ -365,8 +365,10 @@ struct Server::Loop {
   struct Conn {
     uint64_t id = 0;
     int fd = -1;
-    std::string in;             // read, not yet served
-    size_t scanned = 0;         // bytes of `in` known to hold no newline
+    std::string in;             // read, not yet served (from `head` on)
+    size_t head = 0;            // bytes of `in` served already
+    size_t scanned = 0;         // `in` holds no newline before this
+    bool later = false;         // in `later`: lines left when its turn ended
     std::string out;            // this thread's answer, not yet written
     bool discarding = false;    // inside an oversized line: skip to its end
     bool busy = false;          // a request is in progress (its answer not yet queued)
@@ -396,6 +398,7 @@ struct Server::Loop {
         timeout_ms =
             static_cast<int>(std::clamp<int64_t>((next_sweep_us - now + 999) / 1000, 0, 1000));
       if (shutting_down) timeout_ms = std::min(timeout_ms, 50);
+      if (!later.empty()) timeout_ms = 0;
       int n = epoll_wait(ep, events, 256, timeout_ms);
       if (n < 0 && errno != EINTR) {
         LogError("epoll_wait: {}", strerror(errno));
@@ -424,6 +427,14 @@ struct Server::Loop {
       }
       for (Msg& m : msgs) Handle(m);
       msgs.clear();
+      std::vector<uint64_t> turn;
+      turn.swap(later);
+      for (uint64_t id : turn) {
+        auto it = conns.find(id);
+        if (it == conns.end()) continue;
+        it->second.later = false;
+        Advance(id);
+      }
       if (!batch.empty()) {
         bool wake;
         {
@@ -475,7 +486,11 @@ struct Server::Loop {
       case Msg::kWatch:
         c.wait_id = std::move(m.id);
         c.watch = std::move(m.watch);
-        if (c.ended_unread) ReadEnd(m.conn, c, 0);
+        if (c.ended_unread)
+          ReadEnd(m.conn, c, 0);
+        else if (c.deadline_us > 0 && NowUs() >= c.deadline_us &&
+                 s->h_->Unwatch(c.wait_id, c.watch))
+          ReadEnd(m.conn, c, 0);  // its wait ran out while it was being stored
         break;
       case Msg::kEnded:
         if (m.task)
@@ -552,6 +567,7 @@ struct Server::Loop {
   // data does not).
   void Read(Conn& c, bool hung_up = true) {
     c.stalled = false;
+    Compact(c);
     char chunk[65536];
     while (!c.eof) {
       // No more than one request past the limit is held: a peer that sends ahead of its
@@ -577,14 +593,25 @@ struct Server::Loop {
   }
 
   // Serves the next requests of a connection that is free to, and closes one that is done.
+  // A peer may flood lines that are served at once (blank ones, or each refused): it
+  // gets this many per turn, then waits behind the others (`later`).
+  static constexpr int kLinesPerTurn = 16;
+
   void Advance(uint64_t id) {
     auto it = conns.find(id);
     if (it == conns.end()) return;
     Conn& c = it->second;
     const size_t max = s->limits_.max_request_bytes;
+    int turn = kLinesPerTurn;
     while (!c.busy && c.out.empty() && !c.closing && !c.broken) {
+      if (turn-- == 0) {
+        if (!c.later) later.push_back(id);
+        c.later = true;
+        break;
+      }
       size_t pos = c.in.find('\n', c.scanned);
       if (pos == std::string::npos) {
+        Compact(c);
         c.scanned = c.in.size();
         if (c.discarding) {
           c.in.clear();
@@ -610,9 +637,9 @@ struct Server::Loop {
         }
         break;
       }
-      std::string line = c.in.substr(0, pos);
-      c.in.erase(0, pos + 1);
-      c.scanned = 0;
+      // Served lines are cut off the buffer's front in one go (Compact), not one by one.
+      std::string line = c.in.substr(c.head, pos - c.head);
+      c.head = c.scanned = pos + 1;
       if (c.discarding) {
         c.discarding = false;
         continue;
@@ -627,6 +654,13 @@ struct Server::Loop {
     }
     if (c.broken) c.closing = true;
     if (c.closing && !c.busy && (c.out.empty() || c.broken)) Close(id);
+  }
+
+  void Compact(Conn& c) {
+    if (c.head == 0) return;
+    c.in.erase(0, c.head);
+    c.scanned -= std::min(c.scanned, c.head);
+    c.head = 0;
   }
 
   // Starts one request: a submit joins the intake's next batch; anything else runs on a
@@ -660,8 +694,10 @@ struct Server::Loop {
       batch.push_back(std::move(p));
       return;
     }
-    OnThread(id, c, [this, req](const std::function<bool(const std::string&)>& write_line) {
-      return s->Guarded(req, write_line);
+    // Moved, never copied: copying a deeply nested request recurses once per level.
+    auto shared = std::make_shared<const json>(std::move(req));
+    OnThread(id, c, [this, shared](const std::function<bool(const std::string&)>& write_line) {
+      return s->Guarded(*shared, write_line);
     });
   }
 
@@ -839,7 +875,8 @@ struct Server::Loop {
   // The connections' thread only:
   std::unordered_map<uint64_t, Conn> conns;
   uint64_t next_id = 1;
-  std::vector<Pending> batch;  // submits read in this wake-up
+  std::vector<Pending> batch;   // submits read in this wake-up
+  std::vector<uint64_t> later;  // connections with lines left when their turn ended
   int64_t next_sweep_us = 0;
   bool shutting_down = false;
   int64_t shutdown_deadline_us = 0;
