@@ -3,6 +3,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <mutex>
+#include <shared_mutex>
 #include <thread>
 
 #include "gating_plan.h"
@@ -155,17 +157,28 @@ class CpuEngine : public GatingEngine {
   Status Train(GatingModel* m, const TrainSet& data, const TrainOptions& opt) override {
     const int E = static_cast<int>(data.experts.size()), H = m->hidden();
     if (data.rows.empty() || E == 0) return Status::OK();
+    using Lock = std::shared_mutex;
+    auto reading = [&] {
+      return opt.lock ? std::shared_lock<Lock>(*opt.lock) : std::shared_lock<Lock>();
+    };
+    auto writing = [&] {
+      return opt.lock ? std::unique_lock<Lock>(*opt.lock) : std::unique_lock<Lock>();
+    };
     std::vector<uint64_t> keys(E);
     std::vector<ExpertHead*> heads(E);
     std::vector<std::vector<float>*> gheads(E);
-    for (int e = 0; e < E; ++e) {
-      keys[e] = GatingModel::ExpertKey(data.experts[e]);
-      heads[e] = m->MutableHead(data.experts[e]);
-      gheads[e] = &m->g_heads[data.experts[e]];
+    {
+      auto w = writing();  // (a new expert's head is added)
+      for (int e = 0; e < E; ++e) {
+        keys[e] = GatingModel::ExpertKey(data.experts[e]);
+        heads[e] = m->MutableHead(data.experts[e]);
+        gheads[e] = &m->g_heads[data.experts[e]];
+      }
     }
     std::vector<float> U(static_cast<size_t>(E) * H), Hm, Z, dZ, dU(static_cast<size_t>(E) * H), dH;
     CORTEX_RETURN_IF_ERROR(internal::ForEachMinibatch(
         *m, data, opt, keys, [&](const internal::StepPlan& p, int n) -> Status {
+          auto r = reading();
           for (int e = 0; e < E; ++e)
             std::copy(heads[e]->w.begin(), heads[e]->w.end(),
                       U.begin() + static_cast<size_t>(e) * H);
@@ -205,6 +218,8 @@ class CpuEngine : public GatingEngine {
           cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, H, E, 1.0f, dZ.data(), E,
                       U.data(), H, 0.0f, dH.data(), H);
           for (size_t i = 0; i < dH.size(); ++i) dH[i] *= 1.0f - Hm[i] * Hm[i];
+          r = {};
+          auto w = writing();
           // Updates.
           for (int e = 0; e < E; ++e) {
             if (g_bias[e] == 0.0f) continue;  // expert not in this minibatch
@@ -241,6 +256,7 @@ class CpuEngine : public GatingEngine {
           }
           return Status::OK();
         }));
+    auto w = writing();
     m->stamp = GatingModel::NextStamp();
     return Status::OK();
   }

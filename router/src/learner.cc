@@ -132,6 +132,7 @@ Status Learner::Score(const std::vector<SparseVector>& tasks,
     for (size_t e = 0; e < E; ++e) row[e] = std::max(0.0f, row[e]);
   }
   *version = VersionName(version_);
+  std::shared_lock<std::shared_mutex> weights(model_mu_);
   return score_engine_->Score(live_, x, names, prior, out);
 }
 
@@ -193,6 +194,12 @@ void Learner::AddOnlineRow(OnlineRow& row) {
 
 void Learner::Observe(const LoggedOutcome& o) {
   if (!options_.online_updates) return;
+  std::lock_guard<std::mutex> one(observe_mu_);
+  ObserveLocked(o);
+}
+
+void Learner::ObserveLocked(const LoggedOutcome& o) {
+  if (!options_.online_updates) return;
   {
     std::lock_guard<std::mutex> l(mu_);
     if (o.seq <= trained_through_) return;
@@ -200,7 +207,7 @@ void Learner::Observe(const LoggedOutcome& o) {
   // Featurized once, outside the lock (scoring waits on it), and kept in that form for
   // replay; the check above spares hashing an outcome already learned from.
   OnlineRow row{hasher_.Task(o.text, o.tags), o.expert, RewardOf(o), WeightOf(o)};
-  std::lock_guard<std::mutex> l(mu_);
+  std::unique_lock<std::mutex> l(mu_);
   if (o.seq <= trained_through_) return;
   // The new outcome plus a few recent ones drawn at random (seeded): each online step
   // revisits the recent past, which learns faster than a single pass. Rows in the order
@@ -220,24 +227,31 @@ void Learner::Observe(const LoggedOutcome& o) {
     recent_.push_back(std::move(row));
   else if (options_.replay_buffer > 0)
     recent_[recent_next_++ % recent_.size()] = std::move(row);
-  (void)online_engine_->Train(&live_, online_set_, options_.online);
+  l.unlock();
+  TrainOptions step = options_.online;
+  step.lock = &model_mu_;
+  (void)online_engine_->Train(&live_, online_set_, step);
+  l.lock();
   trained_through_ = o.seq;
 }
 
 void Learner::Install(GatingModel model, int version, long trained_through,
                       const std::vector<LoggedOutcome>& newer) {
+  std::lock_guard<std::mutex> one(observe_mu_);
   {
     std::lock_guard<std::mutex> l(mu_);
+    std::unique_lock<std::shared_mutex> weights(model_mu_);
     live_ = std::move(model);
     version_ = version;
     trained_through_ = trained_through;
   }
   for (const auto& o : newer)
-    if (o.seq > trained_through) Observe(o);
+    if (o.seq > trained_through) ObserveLocked(o);
 }
 
 GatingModel Learner::Snapshot() const {
   std::lock_guard<std::mutex> l(mu_);
+  std::shared_lock<std::shared_mutex> weights(model_mu_);
   return live_;
 }
 

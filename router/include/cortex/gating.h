@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <shared_mutex>
 #include <string>
 #include <vector>
 
@@ -120,6 +121,10 @@ struct TrainOptions {
   bool shuffle = true;   // seeded shuffle per epoch
   // Set by the owner (cortexd, when it stops): training ends within one minibatch.
   const std::atomic<bool>* cancel = nullptr;
+  // The model's lock, when it is scored while it trains (online steps on the live model):
+  // each minibatch reads under it shared and writes under it exclusive, so scoring waits
+  // only for the writes. (CPU engine; null: the model is the trainer's alone.)
+  std::shared_mutex* lock = nullptr;
 };
 
 class GatingEngine {

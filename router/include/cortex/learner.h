@@ -8,6 +8,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <shared_mutex>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -108,13 +109,21 @@ class Learner {
     float prior = 0;
     uint64_t prior_gen = 0;  // manifests_gen_ the prior was computed under (0: not yet)
   };
+  // One online step (Observe), observe_mu_ held.
+  void ObserveLocked(const LoggedOutcome& o);
   // Appends `row` to online_set_ (under mu_).
   void AddOnlineRow(OnlineRow& row);
 
   LearnerOptions options_;
   FeatureHasher hasher_;
   std::unique_ptr<GatingEngine> score_engine_, train_engine_, online_engine_;
-  mutable std::mutex mu_;  // live model, version, manifests
+  // Lock order: observe_mu_, then mu_, then model_mu_.
+  std::mutex observe_mu_;  // one online step or install at a time; online_set_
+  mutable std::mutex mu_;  // version, manifests, the replay ring, the live model's shape
+  // The live model's weights: scoring reads them shared; an online step writes them
+  // exclusive only for each update (TrainOptions::lock), so a trainer held up mid-step
+  // (it runs at nice 19) does not hold up routing.
+  mutable std::shared_mutex model_mu_;
   GatingModel live_;
   int version_ = 0;
   long trained_through_ = 0;
@@ -126,7 +135,7 @@ class Learner {
   std::vector<size_t> prior_sizes_;
   std::unordered_map<uint32_t, std::vector<std::pair<int, float>>> prior_index_;
   std::vector<OnlineRow> recent_;  // ring buffer for online replay
-  TrainSet online_set_;            // one online step's rows, reused (under mu_)
+  TrainSet online_set_;            // one online step's rows, reused (observe_mu_)
   size_t recent_next_ = 0;
   uint64_t replay_rng_ = 0;
   std::mutex train_mu_;  // one retrain at a time
