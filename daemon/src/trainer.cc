@@ -38,8 +38,10 @@ void Trainer::Start() {
     pthread_setname_np(pthread_self(), "trainer");
     // Learning trails the pipeline under load: the trainer runs at the lowest priority
     // (nice 19), on what CPU the tasks leave, and catches up on every outcome the store
-    // logged meanwhile, in batches. (Not SCHED_IDLE: it holds locks routing needs, the
-    // live model's for each online step, and there it would starve with them held.)
+    // logged meanwhile, in batches. Routing waits for it only while a step writes the
+    // live model's weights (Learner's model lock, taken exclusive for each update alone):
+    // preempted anywhere else, it holds nothing routing needs. (Not SCHED_IDLE: it would
+    // starve while holding even that.)
     setpriority(PRIO_PROCESS, static_cast<id_t>(gettid()), 19);
     Loop();
   });
