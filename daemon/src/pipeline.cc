@@ -122,9 +122,8 @@ struct Run {
 
 // A submit in the intake queue: its task, and once its batch is stored, the result.
 struct Intake {
-  Submission* sub = nullptr;  // what was handed in (its on_end, if any, watches the task)
+  Submission* sub = nullptr;  // what was handed in: wait_s, on_end (which watches the task)
   Task task;
-  double wait_s = -1;  // how long its submitter waits for the end (< 0: it does not)
   Status result = Status::Internal("the task was not stored");  // until its batch says
   std::shared_ptr<TaskWatch> watch;                             // set with the task live
 };
@@ -316,7 +315,6 @@ struct Pipeline::Impl {
     } inside{this};
     const double now = env_->NowUnix();
     for (Intake* me : admit) {
-      me->wait_s = me->sub->wait_s;
       me->task.text = me->sub->text;
       me->task.tags = me->sub->tags;
       me->task.state = TaskState::kQueued;
@@ -542,14 +540,14 @@ struct Pipeline::Impl {
     std::vector<Store::Admission> batch;
     for (size_t i = 0; i < group.size(); ++i)
       batch.push_back({&group[i]->task, routed ? &decisions[i] : nullptr,
-                       held[i] ? held[i]->name() : std::string(), group[i]->wait_s < 0});
+                       held[i] ? held[i]->name() : std::string(), group[i]->sub->wait_s < 0});
     {
       // Live before they can be seen in the store: a `wait` for one then waits, and a
       // submitter's callback is in place before the task can end.
       std::lock_guard<std::mutex> w(waiters_mu_);
       for (Intake* in : group) {
         live_.insert(in->task.id);
-        if (in->wait_s >= 0 && in->sub && in->sub->on_end) {
+        if (in->sub->wait_s >= 0 && in->sub->on_end) {
           in->watch = std::make_shared<Waiter>();
           in->watch->on_end = in->sub->on_end;
           waiters_[in->task.id].push_back(in->watch);

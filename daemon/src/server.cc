@@ -167,6 +167,24 @@ Status ParseTags(const Request& r, const DaemonConfig& lim, Tags* tags) {
   return Status::OK();
 }
 
+// A task's text and tags, as submit and route take them.
+Status TaskArgs(const Request& r, const DaemonConfig& lim, std::string* text, Tags* tags) {
+  CORTEX_RETURN_IF_ERROR(r.String("text", true, text));
+  CORTEX_RETURN_IF_ERROR(CheckText(*text, lim));
+  return ParseTags(r, lim, tags);
+}
+
+// A submit's fields (after Request::Allow): its task, and how long it waits (wait_s < 0:
+// not at all; *timeout_s is set either way).
+Status SubmitArgs(const Request& r, const DaemonConfig& lim, Submission* s, double* timeout_s) {
+  CORTEX_RETURN_IF_ERROR(TaskArgs(r, lim, &s->text, &s->tags));
+  bool wait = false;
+  CORTEX_RETURN_IF_ERROR(r.Bool("wait", &wait));
+  CORTEX_RETURN_IF_ERROR(r.Number("timeout_s", 0, 86400, timeout_s));
+  s->wait_s = wait ? *timeout_s : -1;
+  return Status::OK();
+}
+
 }  // namespace
 
 Status Server::CheckPeer(int fd) const {
@@ -202,19 +220,6 @@ Status Server::TooLarge() const {
   return Status::ResourceExhausted("request is larger than " +
                                    std::to_string(limits_.max_request_bytes) +
                                    " bytes (daemon.max_request_bytes)");
-}
-
-Status Server::ParseSubmit(const json& j, Submission* s, double* timeout_s) const {
-  Request r(j, "submit");
-  CORTEX_RETURN_IF_ERROR(r.Allow(FindWireOp("submit")->fields));
-  CORTEX_RETURN_IF_ERROR(r.String("text", true, &s->text));
-  CORTEX_RETURN_IF_ERROR(CheckText(s->text, h_->limits()));
-  CORTEX_RETURN_IF_ERROR(ParseTags(r, h_->limits(), &s->tags));
-  bool wait = false;
-  CORTEX_RETURN_IF_ERROR(r.Bool("wait", &wait));
-  CORTEX_RETURN_IF_ERROR(r.Number("timeout_s", 0, 86400, timeout_s));
-  s->wait_s = wait ? *timeout_s : -1;
-  return Status::OK();
 }
 
 // The connections' thread and the intake thread. Only the connections' thread touches a
@@ -682,7 +687,10 @@ struct Server::Loop {
     if (req["op"] == "submit") {
       Pending p{id, c.req, {}};
       double timeout = 300;
-      if (Status st = s->ParseSubmit(req, &p.sub, &timeout); !st.ok()) {
+      const Request r(req, "submit");  // checked as Dispatch checks it
+      Status st = r.Allow(FindWireOp("submit")->fields);
+      if (st.ok()) st = SubmitArgs(r, s->h_->limits(), &p.sub, &timeout);
+      if (!st.ok()) {
         Done(c, wire::Line(wire::Error(st)) + "\n");
         return;
       }
@@ -1083,34 +1091,30 @@ json Server::Dispatch(const json& j, const std::function<bool(const std::string&
       return wire::Ok(out);
     }
 
-    case Op::kSubmit:
     case Op::kRoute: {
       std::string text;
       Tags tags;
-      CHECK(r.String("text", true, &text));
-      CHECK(CheckText(text, lim));
-      CHECK(ParseTags(r, lim, &tags));
-      if (spec->id == Op::kRoute) {
-        Decision d;
-        CHECK(h_->Route(text, tags, &d));
-        json out = wire::ToJson(d);
-        out["text"] = text;
-        // A forced expert that cannot take the task now: a submitted one would wait for it.
-        if (d.forced) {
-          std::shared_ptr<Expert> e = h_->registry()->Find(d.chosen);
-          if (!e || e->quarantined()) out["waits_for"] = e ? "release" : "load";
-        }
-        return wire::Ok(out);
+      CHECK(TaskArgs(r, lim, &text, &tags));
+      Decision d;
+      CHECK(h_->Route(text, tags, &d));
+      json out = wire::ToJson(d);
+      out["text"] = text;
+      // A forced expert that cannot take the task now: a submitted one would wait for it.
+      if (d.forced) {
+        std::shared_ptr<Expert> e = h_->registry()->Find(d.chosen);
+        if (!e || e->quarantined()) out["waits_for"] = e ? "release" : "load";
       }
+      return wire::Ok(out);
+    }
+    case Op::kSubmit: {
       Submission sub;
       double timeout = 300;
-      CHECK(ParseSubmit(j, &sub, &timeout));
-      const bool wait = sub.wait_s >= 0;
+      CHECK(SubmitArgs(r, lim, &sub, &timeout));
       std::string id;
       // The wait counts from now: the time to store and run the task is part of it.
       const int64_t start = NowUs();
-      CHECK(h_->Submit(text, tags, sub.wait_s, &id));
-      if (!wait) return wire::Ok({{"id", id}, {"state", "queued"}});
+      CHECK(h_->Submit(sub.text, sub.tags, sub.wait_s, &id));
+      if (sub.wait_s < 0) return wire::Ok({{"id", id}, {"state", "queued"}});
       json out;
       CHECK(ended(id, std::max(0.0, timeout - (NowUs() - start) / 1e6), &out));
       return wire::Ok(out);

@@ -5,12 +5,11 @@
 // its own, which writes its own answer (docs/ARCHITECTURE.md, "The path of a task").
 #pragma once
 
-#include <atomic>
-#include <condition_variable>
-#include <map>
-#include <mutex>
+#include <functional>
+#include <memory>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <vector>
 
 #include "cortex/config.h"
 #include "cortex/experts.h"
@@ -88,8 +87,6 @@ class Server {
   Status CheckPeer(int fd) const;
   // The request line as JSON, or an error answer (*req is then unset).
   nlohmann::json Parse(const std::string& line, nlohmann::json* req) const;
-  // A submit's fields, checked as Dispatch checks them.
-  Status ParseSubmit(const nlohmann::json& req, Submission* s, double* timeout_s) const;
   // Dispatch, with an exception turned into an Internal error answer.
   nlohmann::json Guarded(const nlohmann::json& req,
                          const std::function<bool(const std::string&)>& write_line);
