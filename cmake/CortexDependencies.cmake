@@ -10,6 +10,8 @@ find_package(Boost 1.74 REQUIRED)  # Boost.DLL is header-only; we use it with st
 find_package(BLAS REQUIRED)         # OpenBLAS on Debian: CPU matrix work
 # RE2: rule regexes run in time linear in the text (std::regex backtracks and recurses).
 pkg_check_modules(RE2 REQUIRED IMPORTED_TARGET re2)
+# libpq (Debian libpq-dev): the PostgreSQL store.
+pkg_check_modules(LIBPQ REQUIRED IMPORTED_TARGET libpq)
 # cpp-httplib (Debian builds it as a library): the /metrics endpoint.
 pkg_check_modules(HTTPLIB REQUIRED IMPORTED_TARGET cpp-httplib)
 

@@ -2,6 +2,7 @@
 // for protocol abuse), as a user would run them.
 #include <grp.h>
 #include <gtest/gtest.h>
+#include <libpq-fe.h>
 #include <pwd.h>
 #include <sqlite3.h>
 #include <sys/resource.h>
@@ -21,6 +22,7 @@
 #include "cortex/client.h"
 #include "cortex/config.h"
 #include "cortex/protocol.h"
+#include "pg/pg_server.h"
 #include "testutil.h"
 
 namespace cortex {
@@ -795,6 +797,7 @@ TEST(E2E, ReloadAppliesOrNamesEveryChangedSetting) {
                                                       {"daemon.idle_timeout", "45s"},
                                                       {"daemon.max_queued", "50"},
                                                       {"store.path", dir / "data/other.db"},
+                                                      {"store.url", "'postgresql://cortex@/x'"},
                                                       {"metrics.listen", "127.0.0.1:0"},
                                                       {"plugins.dir", dir / "plugins2"},
                                                       {"plugins.watch", "false"},
@@ -823,6 +826,7 @@ TEST(E2E, ReloadAppliesOrNamesEveryChangedSetting) {
     for (auto [section, kv] : base) {
       for (const auto& [k, v] : changed)
         if (k == key && k.rfind(section + ".", 0) == 0) kv[k.substr(section.size() + 1)] = value;
+      if (key == "store.url" && section == "store") kv.erase("path");  // (one or the other)
       if (kv.empty()) continue;  // (metrics: off unless the key under test is there)
       out += section + ":\n";
       for (const auto& [k, v] : kv) out += "  " + k + ": " + v + "\n";
@@ -840,7 +844,11 @@ TEST(E2E, ReloadAppliesOrNamesEveryChangedSetting) {
     std::vector<std::string> said;
     for (const char* list : {"applied", "needs_restart"})
       for (const auto& k : r[list]) said.push_back(k);
-    EXPECT_EQ(said, std::vector<std::string>{key}) << r;
+    // A store.url replaces store.path: both change.
+    const std::vector<std::string> expected =
+        key == "store.url" ? std::vector<std::string>{"store.path", "store.url"}
+                           : std::vector<std::string>{key};
+    EXPECT_EQ(said, expected) << r;
     test::WriteFile(d.config, yaml("", ""));  // back to the running settings
     r = d.CtlJson({"reload"});
     EXPECT_TRUE(r["needs_restart"].empty()) << key << " back: " << r;
@@ -2204,6 +2212,213 @@ training:
   EXPECT_EQ(r.code, 0) << r.err;
   EXPECT_EQ(r.out, "model v0 is already live; nothing changed\n");
   EXPECT_EQ(d.CtlJson({"events", "--limit", "1000"}).size(), events_before);
+}
+
+}  // namespace
+}  // namespace cortex
+
+namespace cortex {
+namespace {
+
+// A new database on the tests' PostgreSQL server, or "" (and the test skips) without one.
+std::string PgDatabase(std::string* why) {
+  test::PgServer* pg = test::PgServer::Get(why);
+  return pg ? pg->NewDatabase() : "";
+}
+
+// How many of `ids` are rows of the database's tasks table, read outside cortexd.
+size_t PgTasksPresent(const std::string& url, const std::set<std::string>& ids) {
+  PGconn* c = PQconnectdb(url.c_str());
+  size_t n = 0;
+  for (const auto& id : ids) {
+    const char* v[] = {id.c_str()};
+    PGresult* r =
+        PQexecParams(c, "SELECT 1 FROM tasks WHERE id=$1", 1, nullptr, v, nullptr, nullptr, 0);
+    n += PQntuples(r) == 1;
+    PQclear(r);
+  }
+  PQfinish(c);
+  return n;
+}
+
+// cortexd on PostgreSQL as a user runs it: tasks routed, run and audited, the store shown
+// without its password, everything still there after a restart.
+TEST(E2EPostgres, RunsAuditsAndKeepsEverythingAcrossARestart) {
+  std::string why;
+  const std::string url = PgDatabase(&why);
+  if (url.empty()) GTEST_SKIP() << "no PostgreSQL server: " << why;
+  TempDir dir;
+  std::string first;
+  {
+    Daemon d(dir, kCommandExperts);
+    d.UseStoreUrl(url);
+    test::Run check =
+        test::RunCmd({test::BinDir() + "/cortexd", "--check-config", "--config", d.config});
+    EXPECT_EQ(check.code, 0) << check.out << check.err;
+    ASSERT_TRUE(d.Start()) << d.Log();
+    json st = d.CtlJson({"status"});
+    EXPECT_EQ(st["store"], url);
+    EXPECT_EQ(st["schema_version"], 3) << st.dump();
+    for (int i = 0; i < 5; ++i) {
+      test::Run r =
+          d.Ctl({"submit", "--wait", "deploy the release " + std::to_string(i), "--json"});
+      ASSERT_EQ(r.code, 0) << r.out << r.err;
+      if (first.empty()) first = r.Json().value("id", "");
+    }
+    test::Run f = d.Ctl({"submit", "--wait", "this one is flaky and broken"});
+    EXPECT_NE(f.code, 0);  // it fails, after falling back
+    json h = d.CtlJson({"history", "--limit", "10"});
+    ASSERT_TRUE(h.is_array()) << h.dump();
+    EXPECT_EQ(h.size(), 6u);
+    ASSERT_TRUE(
+        d.Ctl({"feedback", first.substr(0, 8), "--quality", "0.4", "--note", "fine"}).code == 0);
+    EXPECT_EQ(d.Stop(SIGTERM), 0) << d.Log();
+  }
+  Daemon d(dir, kCommandExperts);
+  d.UseStoreUrl(url);
+  ASSERT_TRUE(d.Start()) << d.Log();
+  json t = d.CtlJson({"show", first});
+  ASSERT_TRUE(t.is_object()) << t.dump();
+  EXPECT_EQ(t["state"], "succeeded");
+  EXPECT_EQ(t["decision"]["chosen"], "ok");
+  ASSERT_EQ(t["feedback"].size(), 1u) << t.dump();
+  EXPECT_DOUBLE_EQ(t["outcome"]["quality"].get<double>(), 0.4) << "feedback overrides";
+  json h = d.CtlJson({"history", "--limit", "10"});
+  EXPECT_EQ(h.size(), 6u);
+  json report = d.CtlJson({"report"});
+  EXPECT_EQ(report["tasks"], 6) << report.dump().substr(0, 300);
+  EXPECT_EQ(d.Stop(SIGTERM), 0);
+}
+
+// A second cortexd on the same database is refused at start (until the cluster's nodes
+// exist, one per database), and so are a database that is not Cortex's and one that
+// cannot be reached, by a start and by --check-config alike.
+TEST(E2EPostgres, ASecondCortexdAForeignOrUnreachableDatabaseIsRefused) {
+  std::string why;
+  const std::string url = PgDatabase(&why);
+  if (url.empty()) GTEST_SKIP() << "no PostgreSQL server: " << why;
+  TempDir a, b;
+  Daemon first(a, kCommandExperts);
+  first.UseStoreUrl(url);
+  ASSERT_TRUE(first.Start()) << first.Log();
+  Daemon second(b, kCommandExperts);
+  second.UseStoreUrl(url);
+  EXPECT_FALSE(second.Start());
+  EXPECT_NE(second.Log().find("another cortexd is using the store"), std::string::npos)
+      << second.Log();
+  EXPECT_TRUE(first.Alive());
+
+  const std::string foreign = test::PgServer::Get(&why)->NewDatabase();
+  {
+    PGconn* c = PQconnectdb(foreign.c_str());
+    PQclear(PQexec(c, "CREATE TABLE invoices(id int)"));
+    PQfinish(c);
+  }
+  const std::string host = url.substr(url.find("?host="));
+  for (const auto& [bad, says] : std::vector<std::pair<std::string, std::string>>{
+           {foreign, "another application's tables"},
+           {"postgresql://cortex@/nosuchdb" + host, "nosuchdb"}}) {
+    TempDir c;
+    Daemon d(c, kCommandExperts);
+    d.UseStoreUrl(bad);
+    test::Run r =
+        test::RunCmd({test::BinDir() + "/cortexd", "--check-config", "--config", d.config});
+    EXPECT_NE(r.code, 0) << bad;
+    EXPECT_NE((r.out + r.err).find(says), std::string::npos) << r.out << r.err;
+    EXPECT_FALSE(d.Start());
+    EXPECT_NE(d.Log().find(says), std::string::npos) << d.Log();
+  }
+  // store.url that is no PostgreSQL URI, or beside store.path: named with file and line.
+  TempDir e;
+  Daemon d(e, kCommandExperts);
+  d.UseStoreUrl("mysql://db/cortex");
+  test::Run r = test::RunCmd({test::BinDir() + "/cortexd", "--check-config", "--config", d.config});
+  EXPECT_NE(r.code, 0);
+  EXPECT_NE((r.out + r.err).find("expected a PostgreSQL connection URI"), std::string::npos)
+      << r.out << r.err;
+  std::string both = test::ReadFile(d.config);
+  both.replace(both.find("store: {"), 8, "store: {path: " + (e / "c.db") + ", ");
+  both.replace(both.find("mysql://db/cortex"), 17, "postgresql://db/cortex");
+  test::WriteFile(d.config, both);
+  r = test::RunCmd({test::BinDir() + "/cortexd", "--check-config", "--config", d.config});
+  EXPECT_NE(r.code, 0);
+  EXPECT_NE((r.out + r.err).find("exclude each other"), std::string::npos) << r.out << r.err;
+  EXPECT_EQ(first.Stop(SIGTERM), 0);
+}
+
+// kill -9 under load from 8 submitters, three times over: every acknowledged task is in
+// the database after each kill, and after the last restart each one has ended or was
+// interrupted while running; none is lost or failed.
+TEST(E2EPostgres, KillNineUnderLoadLosesNoAcknowledgedTask) {
+  std::string why;
+  const std::string url = PgDatabase(&why);
+  if (url.empty()) GTEST_SKIP() << "no PostgreSQL server: " << why;
+  TempDir dir;
+  const char* cfg =
+      "experts:\n  - name: quick\n    plugin: command\n    run: ['true']\n    capacity: 4\n"
+      "    keywords: [job]\n";
+  const int kCycles = 3, kClients = 8;
+  std::set<std::string> acked;
+  std::mutex mu;
+  for (int cycle = 0; cycle < kCycles; ++cycle) {
+    Daemon d(dir, cfg, kNoBias);
+    d.UseStoreUrl(url);
+    ASSERT_TRUE(d.Start()) << d.Log();
+    std::atomic<bool> stop{false};
+    std::vector<std::thread> clients;
+    for (int c = 0; c < kClients; ++c)
+      clients.emplace_back([&, c] {
+        Client cl;
+        if (!cl.Connect(d.socket).ok()) return;
+        for (int i = 0; !stop.load(); ++i) {
+          json resp;
+          json req = {{"op", "submit"},
+                      {"text", "job " + std::to_string(cycle) + "-" + std::to_string(c) + "-" +
+                                   std::to_string(i)},
+                      {"wait", c % 2 == 1}};
+          if (!cl.Call(req, &resp).ok()) return;
+          if (resp.value("ok", false)) {
+            std::lock_guard<std::mutex> l(mu);
+            acked.insert(resp["result"]["id"].get<std::string>());
+          }
+          usleep(5000);
+        }
+      });
+    const size_t before = [&] {
+      std::lock_guard<std::mutex> l(mu);
+      return acked.size();
+    }();
+    ASSERT_TRUE(test::Eventually([&] {
+      std::lock_guard<std::mutex> l(mu);
+      return acked.size() >= before + 4 * kClients;
+    }));
+    d.Stop(SIGKILL);
+    stop = true;
+    for (auto& t : clients) t.join();
+    EXPECT_EQ(PgTasksPresent(url, acked), acked.size()) << "cycle " << cycle;
+  }
+  std::printf("%zu acknowledged tasks across %d SIGKILL cycles\n", acked.size(), kCycles);
+  Daemon d(dir, cfg, kNoBias);
+  d.UseStoreUrl(url);
+  ASSERT_TRUE(d.Start()) << d.Log();
+  std::map<std::string, long> by_state;
+  ASSERT_TRUE(test::Eventually(
+      [&] {
+        json st = d.CtlJson({"status"});
+        by_state.clear();
+        long ended = 0;
+        for (const auto& [k, v] : st["tasks"].items()) {
+          by_state[k] = v.get<long>();
+          if (k == "succeeded" || k == "failed" || k == "interrupted") ended += v.get<long>();
+        }
+        return st["queue_depth"] == 0 && st["inflight"] == 0 &&
+               ended >= static_cast<long>(acked.size());
+      },
+      120))
+      << json(by_state).dump();
+  EXPECT_EQ(by_state["failed"], 0);
+  EXPECT_EQ(PgTasksPresent(url, acked), acked.size());
+  EXPECT_EQ(d.Stop(SIGTERM), 0);
 }
 
 }  // namespace

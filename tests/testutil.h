@@ -133,6 +133,14 @@ class Daemon {
                           ", bundled: " + (bundled ? "true" : "false") + plugins_extra + "}\n" +
                           router_yaml + extra_yaml);
   }
+  // Uses the PostgreSQL database `url` (store.url) instead of the SQLite file; before Start.
+  void UseStoreUrl(const std::string& url) {
+    std::string c = ReadFile(config);
+    const std::string was = "store: {path: " + store + "}";
+    c.replace(c.find(was), was.size(), "store: {url: '" + url + "'}");
+    WriteFile(config, c);
+    store = url;
+  }
   ~Daemon() {
     if (pid > 0) {
       kill(pid, SIGKILL);

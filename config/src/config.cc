@@ -20,6 +20,7 @@
 #include <fmt/format.h>
 
 #include "cortex/paths.h"
+#include "cortex/store_url.h"
 
 namespace cortex {
 namespace {
@@ -65,7 +66,7 @@ const std::map<std::string, std::set<std::string>>& Sections() {
       {"daemon",
        {"socket", "workers", "max_connections", "max_request_bytes", "max_text_bytes", "max_tags",
         "shutdown_grace", "allow_group", "idle_timeout", "max_queued"}},
-      {"store", {"path"}},
+      {"store", {"path", "url"}},
       {"metrics", {"listen"}},
       {"plugins",
        {"dir", "watch", "bundled", "isolation", "memory_limit", "quarantine_after",
@@ -423,6 +424,19 @@ Result<Config> Parse(const YAML::Node& root, const std::string& source,
   if (root["daemon"]) p.Keep(ParseDaemon(p, root["daemon"], &c.daemon));
   if (const YAML::Node& s = root["store"]; s && p.Section(s, "store")) {
     if (s["path"]) p.Keep(p.Str(s["path"], "store.path", &c.store.path));
+    if (s["url"]) {
+      Status st = p.Str(s["url"], "store.url", &c.store.url);
+      if (st.ok() && !IsPostgresUrl(c.store.url))
+        st = p.Error(s["url"], "store.url",
+                     "expected a PostgreSQL connection URI (postgresql://[user@]host[:port]/"
+                     "database[?option=value...]), got '" +
+                         RedactUrl(c.store.url) + "'");
+      else if (st.ok() && s["path"])
+        st = p.Error(s["url"], "store.url",
+                     "store.path and store.url exclude each other: path is a SQLite file on "
+                     "this machine, url a PostgreSQL database; set one");
+      p.Keep(st);
+    }
   }
   if (const YAML::Node& s = root["metrics"]; s && p.Section(s, "metrics")) {
     if (s["listen"]) {
@@ -661,7 +675,10 @@ std::string ConfigToYaml(const Config& c) {
   if (!d.allow_group.empty()) kv("allow_group", d.allow_group);
   out << YAML::EndMap;
   out << YAML::Key << "store" << YAML::Value << YAML::BeginMap;
-  out << YAML::Key << "path" << YAML::Value << c.store.path << YAML::EndMap;
+  if (c.store.url.empty())
+    out << YAML::Key << "path" << YAML::Value << c.store.path << YAML::EndMap;
+  else
+    out << YAML::Key << "url" << YAML::Value << RedactUrl(c.store.url) << YAML::EndMap;
   if (!c.metrics.listen.empty()) {
     out << YAML::Key << "metrics" << YAML::Value << YAML::BeginMap;
     out << YAML::Key << "listen" << YAML::Value << c.metrics.listen << YAML::EndMap;
@@ -758,6 +775,7 @@ std::map<std::string, std::string> SettingsOf(const Config& c) {
           {"daemon.idle_timeout", num(d.idle_timeout_s)},
           {"daemon.max_queued", num(static_cast<double>(d.max_queued))},
           {"store.path", c.store.path},
+          {"store.url", c.store.url},
           {"metrics.listen", c.metrics.listen},
           {"plugins.dir", p.dir},
           {"plugins.watch", num(p.watch)},
@@ -789,7 +807,8 @@ Config DefaultConfig() {
 
 void ResolveDefaultPaths(Config* config) {
   if (config->daemon.socket.empty()) config->daemon.socket = DefaultSocketPath();
-  if (config->store.path.empty()) config->store.path = DefaultStorePath();
+  if (config->store.path.empty() && config->store.url.empty())
+    config->store.path = DefaultStorePath();
   if (config->plugins.dir.empty()) config->plugins.dir = DefaultPluginDir();
 }
 

@@ -221,7 +221,7 @@ class DaemonImpl : public Daemon, public RequestHandler {
     });
     trainer_->Start();
     LogInfo("cortexd ready: config {}, socket {}, store {}, {} experts, {} workers, backend {}",
-            config_.source, config_.daemon.socket, config_.store.path, registry_->Active().size(),
+            config_.source, config_.daemon.socket, store_->Path(), registry_->Active().size(),
             config_.daemon.workers, CurrentRouter()->backend());
     return Status::OK();
   }
@@ -404,6 +404,16 @@ class DaemonImpl : public Daemon, public RequestHandler {
   // ---- start-up ------------------------------------------------------------------
 
   Status PrepareStore() {
+    if (!config_.store.url.empty()) {
+      // The database is shared and has no file here: the lock that keeps a second cortexd
+      // off this socket, and holds the crash marker, sits beside the socket.
+      CORTEX_RETURN_IF_ERROR(TakeLock(config_.daemon.socket + ".lock", "daemon.socket",
+                                      "the socket " + config_.daemon.socket));
+      Result<std::unique_ptr<Store>> s = OpenStore(config_.store.url);
+      if (!s.ok()) return s.status();
+      store_ = std::move(s).value();
+      return Status::OK();
+    }
     const std::string& path = config_.store.path;
     if (path != ":memory:") {
       std::string dir = fs::path(path).parent_path().string();
@@ -419,25 +429,31 @@ class DaemonImpl : public Daemon, public RequestHandler {
           CORTEX_RETURN_IF_ERROR(env_->MakePrivateFile(path + side).WithContext("store.path"));
       }
       // One daemon per store: a second one would interleave recovery with live work.
-      std::string lock = path + ".lock";
-      CORTEX_RETURN_IF_ERROR(env_->MakePrivateFile(lock).WithContext("store.path"));
-      lock_fd_ = open(lock.c_str(), O_RDWR | O_NOFOLLOW | O_CLOEXEC);
-      if (lock_fd_ < 0) return Status::IOError("cannot open " + lock + ": " + strerror(errno));
-      // A predecessor that was just killed can hold the lock a moment longer (its exit is
-      // not instant under load), so wait briefly before refusing; a live daemon keeps it.
-      bool locked = false;
-      for (int i = 0; i < 30 && !(locked = flock(lock_fd_, LOCK_EX | LOCK_NB) == 0); ++i)
-        usleep(100000);
-      if (!locked)
-        return Status::FailedPrecondition("another cortexd is using the store " + path + " (lock " +
-                                          lock + " is held)");
-      // A predecessor that crashed (not one killed from outside) left which signal it was.
-      crash_ = TakeCrashMarker(lock_fd_);
-      SetCrashMarkerFd(lock_fd_);
+      CORTEX_RETURN_IF_ERROR(TakeLock(path + ".lock", "store.path", "the store " + path));
     }
     Result<std::unique_ptr<Store>> s = OpenStore(path);
     if (!s.ok()) return s.status();
     store_ = std::move(s).value();
+    return Status::OK();
+  }
+
+  // Takes the lock file `lock` (`key` names the setting it comes from) for this daemon
+  // alone, and the crash marker a predecessor left in it.
+  Status TakeLock(const std::string& lock, const std::string& key, const std::string& what) {
+    CORTEX_RETURN_IF_ERROR(env_->MakePrivateFile(lock).WithContext(key));
+    lock_fd_ = open(lock.c_str(), O_RDWR | O_NOFOLLOW | O_CLOEXEC);
+    if (lock_fd_ < 0) return Status::IOError("cannot open " + lock + ": " + strerror(errno));
+    // A predecessor that was just killed can hold the lock a moment longer (its exit is
+    // not instant under load), so wait briefly before refusing; a live daemon keeps it.
+    bool locked = false;
+    for (int i = 0; i < 30 && !(locked = flock(lock_fd_, LOCK_EX | LOCK_NB) == 0); ++i)
+      usleep(100000);
+    if (!locked)
+      return Status::FailedPrecondition("another cortexd is using " + what + " (lock " + lock +
+                                        " is held)");
+    // A predecessor that crashed (not one killed from outside) left which signal it was.
+    crash_ = TakeCrashMarker(lock_fd_);
+    SetCrashMarkerFd(lock_fd_);
     return Status::OK();
   }
 
@@ -764,7 +780,10 @@ Status CheckConfig(const Config& config, const DaemonOptions& options,
     if (dir.empty() || !env->Stat(dir, &fi).ok() || !fi.exists) return;
     keep(env->MakePrivateDir(dir, false).WithContext(key));
   };
-  folder("store.path", fs::path(config.store.path).parent_path().string());
+  if (config.store.url.empty())
+    folder("store.path", fs::path(config.store.path).parent_path().string());
+  else
+    keep(ProbeStore(config.store.url).WithContext("store.url"));
   folder("daemon.socket", fs::path(config.daemon.socket).parent_path().string());
 
   // Every plugin loaded and every configured expert created, in hosts, as a start does.

@@ -20,15 +20,20 @@
 #include <thread>
 #include <unordered_map>
 
+#include "backends.h"
 #include "cortex/env.h"
 #include "cortex/group_queue.h"
 #include "cortex/log.h"
 #include "cortex/store.h"
+#include "rows.h"
 
 namespace cortex {
 namespace {
 
 using json = nlohmann::json;
+using store::CandidatesJson;
+using store::ParseTags;
+using store::TagsJson;
 
 // 'CRTX': marks a file as ours so a foreign SQLite database is never written to.
 constexpr int kApplicationId = 0x43525458;
@@ -726,11 +731,7 @@ class SqliteStore : public Store {
       if (!s.IsNull(16) && s.Text(15) == o.expert) o.reward = s.Double(16);
       o.propensity = o.attempt == 1 ? s.Double(9) : 1.0;
       o.forced = s.Long(10) != 0;
-      json cands = json::parse(s.Text(11), nullptr, false);
-      if (cands.is_array())
-        for (const auto& c : cands)
-          if (c.is_object())
-            o.candidates.emplace_back(c.value("expert", ""), c.value("rule_score", 0.0));
+      o.candidates = store::LoggedCandidates(json::parse(s.Text(11), nullptr, false));
       o.greedy = s.IsNull(12) ? (s.Long(13) ? "" : s.Text(14)) : s.Text(12);
       if (!fn(o)) return Status::OK();
     }
@@ -849,11 +850,7 @@ class SqliteStore : public Store {
       Stmt f = Prepare(
           "UPDATE tasks SET state='failed',updated_at=?,error=? WHERE state IN "
           "('queued','routed') AND deaths>=?");
-      f.Bind(1, time)
-          .Bind(2, "cortexd crashed " + std::to_string(kPoisonDeaths) +
-                       " times while routing or running this task; it is not retried "
-                       "(poison-task guard)")
-          .Bind(3, kPoisonDeaths);
+      f.Bind(1, time).Bind(2, store::PoisonError()).Bind(3, kPoisonDeaths);
       st = Done(f, "fail poison tasks");
     }
     Stmt a = Prepare(
@@ -948,26 +945,8 @@ class SqliteStore : public Store {
       s.Bind(1, since).Bind(2, until);
       if (s.Step() == SQLITE_ROW) out->tasks = s.Long(0);
     }
-    // A small log gets fewer buckets, so that a rate per bucket means something.
-    const long most = std::max(1, q.buckets);
-    const long least = std::min<long>({10, most, std::max<long>(1, out->tasks)});
-    const long nb = q.tasks_per_bucket > 0
-                        ? std::clamp<long>(out->tasks / q.tasks_per_bucket, least, most)
-                        : most;
-    out->since = since;
-    out->until = until;
-    out->bucket_s = std::max((until - since) / static_cast<double>(nb), 1e-3);
-    const size_t n = static_cast<size_t>(nb);
-    out->decided.assign(n, 0);
-    out->first_done.assign(n, 0);
-    out->first_ok.assign(n, 0);
-    out->model_version.assign(n, -1);
-    out->finished.assign(n, 0);
-    out->succeeded.assign(n, 0);
-    out->latency_mean.assign(n, 0);
-    out->latency_max.assign(n, 0);
-    // A row's bucket, clamped: `until` itself falls in the last one.
-    auto bucket = [&](long b) { return static_cast<size_t>(std::clamp<long>(b, 0, nb - 1)); };
+    const size_t n = store::SizeReport(q, since, until, out);
+    auto bucket = [&](long b) { return store::Bucket(*out, b); };
     auto bind = [&](Stmt& s) { s.Bind(1, since).Bind(2, until).Bind(3, out->bucket_s); };
     {
       Stmt s = r.Prepare(
@@ -1049,17 +1028,9 @@ class SqliteStore : public Store {
       }
     }
     {
-      // Edges 1, 2, 5 × 10^k from a millisecond to an hour; the statement is built once
-      // (the statement cache is keyed by the SQL text's address).
-      static const std::vector<double> edges = [] {
-        std::vector<double> e;
-        for (int k = -3; k <= 3; ++k)
-          for (double m : {1.0, 2.0, 5.0})
-            if (m * std::pow(10.0, k) < 3600) e.push_back(m * std::pow(10.0, k));
-        e.push_back(3600);
-        return e;
-      }();
+      // The statement is built once (the statement cache is keyed by the SQL text's address).
       static const std::string sql = [] {
+        const std::vector<double>& edges = store::LatencyEdges();
         std::string c = "CASE";
         for (size_t i = 0; i < edges.size(); ++i)
           c += " WHEN updated_at-created_at<=" + std::to_string(edges[i]) + " THEN " +
@@ -1069,12 +1040,10 @@ class SqliteStore : public Store {
                "WHERE created_at>=?1 AND updated_at<=?2 "
                "AND state IN ('succeeded','failed','cancelled','interrupted') GROUP BY 1";
       }();
-      out->latency_edges = edges;
-      out->latency_counts.assign(edges.size() + 1, 0);
       Stmt s = r.Prepare(sql.c_str());
       s.Bind(1, since).Bind(2, until);
       while (s.Step() == SQLITE_ROW)
-        out->latency_counts[std::min<size_t>(s.Long(0), edges.size())] += s.Long(1);
+        out->latency_counts[std::min<size_t>(s.Long(0), out->latency_edges.size())] += s.Long(1);
     }
     {
       out->events = named_series(
@@ -1417,34 +1386,6 @@ class SqliteStore : public Store {
     return Changed("task with id '" + id + "'");
   }
 
-  static json TagsJson(const Tags& tags) {
-    json a = json::array();
-    for (const auto& [k, v] : tags) a.push_back({k, v});
-    return a;
-  }
-  static Tags ParseTags(const std::string& text) {
-    Tags tags;
-    json j = json::parse(text, nullptr, false);
-    if (j.is_array())
-      for (const auto& kv : j)
-        if (kv.is_array() && kv.size() == 2 && kv[0].is_string() && kv[1].is_string())
-          tags.emplace_back(kv[0], kv[1]);
-    return tags;
-  }
-  static json CandidatesJson(const Decision& d) {
-    json a = json::array();
-    for (const auto& c : d.candidates)
-      a.push_back({{"expert", c.expert},
-                   {"rule_score", c.rule_score},
-                   {"model_score", c.model_score},
-                   {"load_bias", c.load_bias},
-                   {"health_bias", c.health_bias},
-                   {"score", c.score},
-                   {"confidence", c.confidence},
-                   {"rules", c.rules}});
-    return a;
-  }
-
   // A read, on the read connection (or, for ":memory:" and inside a write, the writer's).
   class Reading {
    public:
@@ -1499,19 +1440,7 @@ class SqliteStore : public Store {
         d.propensity = s.Double(3);
         d.explored = s.Long(4) != 0;
         d.forced = s.Long(5) != 0;
-        for (const auto& c : json::parse(s.Text(6), nullptr, false)) {
-          if (!c.is_object()) continue;
-          Candidate x;
-          x.expert = c.value("expert", "");
-          x.rule_score = c.value("rule_score", 0.0);
-          x.model_score = c.value("model_score", 0.0);
-          x.load_bias = c.value("load_bias", 0.0);
-          x.health_bias = c.value("health_bias", 0.0);
-          x.score = c.value("score", 0.0);
-          x.confidence = c.value("confidence", 0.0);
-          x.rules = c.value("rules", std::vector<std::string>{});
-          d.candidates.push_back(std::move(x));
-        }
+        d.candidates = store::ParseCandidates(json::parse(s.Text(6), nullptr, false));
         t->decision = std::move(d);
       }
     }
@@ -1589,7 +1518,7 @@ void SqliteLog(void*, int code, const char* msg) {
 }
 }  // namespace
 
-Result<std::unique_ptr<Store>> OpenStore(const std::string& path) {
+Result<std::unique_ptr<Store>> OpenSqliteStore(const std::string& path) {
   static std::once_flag logging;
   std::call_once(logging, [] {
     // Must precede SQLite's initialisation; if the process already used SQLite, it is

@@ -27,7 +27,10 @@ struct DaemonConfig {
 };
 
 struct StoreConfig {
-  std::string path;  // empty: $XDG_DATA_HOME/cortex/cortex.db
+  std::string path;  // empty: $XDG_DATA_HOME/cortex/cortex.db (unless url is set)
+  std::string url;   // a postgresql:// URI: the PostgreSQL store instead of the SQLite file
+  // What OpenStore takes: the URI when set, else the file's path.
+  const std::string& Location() const { return url.empty() ? path : url; }
 };
 
 struct PluginsConfig {

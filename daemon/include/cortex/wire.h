@@ -6,6 +6,7 @@
 
 #include "cortex/experts.h"
 #include "cortex/types.h"
+#include "cortex/utf8.h"
 
 namespace cortex::wire {
 
@@ -27,10 +28,8 @@ json Ok(json result);
 // the latest feedback.
 json FinalOutcome(const Task& t);
 
-// Byte offset of the first invalid UTF-8 sequence, or npos when `s` is valid.
-size_t InvalidUtf8At(const std::string& s);
-// `s` with every byte that breaks UTF-8 replaced by '?'.
-std::string ValidUtf8(std::string s);
+using cortex::InvalidUtf8At;  // (cortex/utf8.h)
+using cortex::ValidUtf8;
 // One response line: serialising never throws (invalid UTF-8 becomes U+FFFD).
 std::string Line(const json& j);
 

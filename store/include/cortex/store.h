@@ -1,5 +1,6 @@
-// The audit store: tasks, decisions, attempts, feedback and expert events. One
-// implementation (SQLite, WAL) behind an interface so tests can use ":memory:".
+// The audit store: tasks, decisions, attempts, feedback and expert events, behind one
+// interface with two implementations: SQLite (WAL; ":memory:" for tests), the embedded
+// default, and PostgreSQL (store.url). The same test suite runs against both.
 #pragma once
 
 #include <functional>
@@ -135,9 +136,13 @@ class Store {
   virtual std::string Path() const = 0;
 };
 
-// Opens (creating if needed) the store at `path`; ":memory:" gives a private in-memory
-// store. A file that is not a Cortex database, or is newer than this build, is refused
-// and left untouched.
+// Opens (creating if needed) the store at `path`: a SQLite file, ":memory:" for a private
+// in-memory store, or a postgresql:// URI (libpq's) for a PostgreSQL database, whose tables
+// are made on first use. A file or database that is not Cortex's, or is newer than this
+// build, is refused and left untouched.
 Result<std::unique_ptr<Store>> OpenStore(const std::string& path);
+// For a PostgreSQL database: whether OpenStore could use it (reachable; empty, or ours
+// and not newer), without writing to it. A SQLite file's checks are the daemon's.
+Status ProbeStore(const std::string& path);
 
 }  // namespace cortex

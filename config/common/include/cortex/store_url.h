@@ -1,0 +1,14 @@
+// store.url: a PostgreSQL database named by a libpq connection URI.
+#pragma once
+
+#include <string>
+
+namespace cortex {
+
+// Whether `s` names a PostgreSQL database (a postgresql:// or postgres:// URI).
+bool IsPostgresUrl(const std::string& s);
+// `url` as it may be shown or logged: its password (in the authority or a password=
+// parameter) replaced by ***.
+std::string RedactUrl(const std::string& url);
+
+}  // namespace cortex

@@ -1,0 +1,110 @@
+#include "rows.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "cortex/store.h"
+
+namespace cortex::store {
+
+using json = nlohmann::json;
+
+json TagsJson(const Tags& tags) {
+  json a = json::array();
+  for (const auto& [k, v] : tags) a.push_back({k, v});
+  return a;
+}
+
+Tags ParseTags(const std::string& text) {
+  Tags tags;
+  json j = json::parse(text, nullptr, false);
+  if (j.is_array())
+    for (const auto& kv : j)
+      if (kv.is_array() && kv.size() == 2 && kv[0].is_string() && kv[1].is_string())
+        tags.emplace_back(kv[0], kv[1]);
+  return tags;
+}
+
+json CandidatesJson(const Decision& d) {
+  json a = json::array();
+  for (const auto& c : d.candidates)
+    a.push_back({{"expert", c.expert},
+                 {"rule_score", c.rule_score},
+                 {"model_score", c.model_score},
+                 {"load_bias", c.load_bias},
+                 {"health_bias", c.health_bias},
+                 {"score", c.score},
+                 {"confidence", c.confidence},
+                 {"rules", c.rules}});
+  return a;
+}
+
+std::vector<Candidate> ParseCandidates(const json& a) {
+  std::vector<Candidate> out;
+  if (!a.is_array()) return out;
+  for (const auto& c : a) {
+    if (!c.is_object()) continue;
+    Candidate x;
+    x.expert = c.value("expert", "");
+    x.rule_score = c.value("rule_score", 0.0);
+    x.model_score = c.value("model_score", 0.0);
+    x.load_bias = c.value("load_bias", 0.0);
+    x.health_bias = c.value("health_bias", 0.0);
+    x.score = c.value("score", 0.0);
+    x.confidence = c.value("confidence", 0.0);
+    x.rules = c.value("rules", std::vector<std::string>{});
+    out.push_back(std::move(x));
+  }
+  return out;
+}
+
+std::vector<std::pair<std::string, double>> LoggedCandidates(const json& a) {
+  std::vector<std::pair<std::string, double>> out;
+  if (a.is_array())
+    for (const auto& c : a)
+      if (c.is_object()) out.emplace_back(c.value("expert", ""), c.value("rule_score", 0.0));
+  return out;
+}
+
+std::string PoisonError() {
+  return "cortexd crashed " + std::to_string(Store::kPoisonDeaths) +
+         " times while routing or running this task; it is not retried (poison-task guard)";
+}
+
+const std::vector<double>& LatencyEdges() {
+  static const std::vector<double> edges = [] {
+    std::vector<double> e;
+    for (int k = -3; k <= 3; ++k)
+      for (double m : {1.0, 2.0, 5.0})
+        if (m * std::pow(10.0, k) < 3600) e.push_back(m * std::pow(10.0, k));
+    e.push_back(3600);
+    return e;
+  }();
+  return edges;
+}
+
+size_t SizeReport(const ReportQuery& q, double since, double until, ReportData* out) {
+  // A small log gets fewer buckets, so that a rate per bucket means something.
+  const long most = std::max(1, q.buckets);
+  const long least = std::min<long>({10, most, std::max<long>(1, out->tasks)});
+  const long nb = q.tasks_per_bucket > 0
+                      ? std::clamp<long>(out->tasks / q.tasks_per_bucket, least, most)
+                      : most;
+  out->since = since;
+  out->until = until;
+  out->bucket_s = std::max((until - since) / static_cast<double>(nb), 1e-3);
+  const size_t n = static_cast<size_t>(nb);
+  out->decided.assign(n, 0);
+  out->first_done.assign(n, 0);
+  out->first_ok.assign(n, 0);
+  out->model_version.assign(n, -1);
+  out->finished.assign(n, 0);
+  out->succeeded.assign(n, 0);
+  out->latency_mean.assign(n, 0);
+  out->latency_max.assign(n, 0);
+  out->latency_edges = LatencyEdges();
+  out->latency_counts.assign(out->latency_edges.size() + 1, 0);
+  return n;
+}
+
+}  // namespace cortex::store

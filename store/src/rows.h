@@ -1,0 +1,35 @@
+// What both store backends write and read the same way: tags and candidates as JSON, the
+// report's bucketing and latency edges, the poison guard's message. Internal to the store.
+#pragma once
+
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "cortex/types.h"
+
+namespace cortex::store {
+
+nlohmann::json TagsJson(const Tags& tags);
+Tags ParseTags(const std::string& text);
+nlohmann::json CandidatesJson(const Decision& d);
+// The candidates of a stored decision (entries that are not objects are skipped).
+std::vector<Candidate> ParseCandidates(const nlohmann::json& a);
+// (expert, rule score) of each candidate, as training reads them.
+std::vector<std::pair<std::string, double>> LoggedCandidates(const nlohmann::json& a);
+
+// Why Recover failed a task instead of retrying it.
+std::string PoisonError();
+
+// The report's latency histogram edges: 1, 2, 5 x 10^k seconds from a millisecond to an hour.
+const std::vector<double>& LatencyEdges();
+// The report's window and buckets, once `since`, `until` and the task count are known: sets
+// since, until, bucket_s and sizes every per-bucket series; returns the bucket count.
+size_t SizeReport(const ReportQuery& q, double since, double until, ReportData* out);
+// The bucket of a row (clamped: `until` itself falls in the last one).
+inline size_t Bucket(const ReportData& r, long b) {
+  const long n = static_cast<long>(r.decided.size());
+  return static_cast<size_t>(b < 0 ? 0 : b >= n ? n - 1 : b);
+}
+
+}  // namespace cortex::store
