@@ -796,6 +796,8 @@ TEST(E2E, ReloadAppliesOrNamesEveryChangedSetting) {
                                                       {"daemon.allow_group", "root"},
                                                       {"daemon.idle_timeout", "45s"},
                                                       {"daemon.max_queued", "50"},
+                                                      {"daemon.node", "n1"},
+                                                      {"daemon.node_timeout", "7s"},
                                                       {"store.path", dir / "data/other.db"},
                                                       {"store.url", "'postgresql://cortex@/x'"},
                                                       {"metrics.listen", "127.0.0.1:0"},
@@ -2258,7 +2260,8 @@ TEST(E2EPostgres, RunsAuditsAndKeepsEverythingAcrossARestart) {
     ASSERT_TRUE(d.Start()) << d.Log();
     json st = d.CtlJson({"status"});
     EXPECT_EQ(st["store"], url);
-    EXPECT_EQ(st["schema_version"], 3) << st.dump();
+    EXPECT_EQ(st["schema_version"], 4) << st.dump();   // (v4: the cluster's tables)
+    EXPECT_TRUE(st["nodes"].is_array()) << st.dump();  // a node of a cluster of one
     for (int i = 0; i < 5; ++i) {
       test::Run r =
           d.Ctl({"submit", "--wait", "deploy the release " + std::to_string(i), "--json"});
@@ -2290,22 +2293,27 @@ TEST(E2EPostgres, RunsAuditsAndKeepsEverythingAcrossARestart) {
   EXPECT_EQ(d.Stop(SIGTERM), 0);
 }
 
-// A second cortexd on the same database is refused at start (until the cluster's nodes
-// exist, one per database), and so are a database that is not Cortex's and one that
-// cannot be reached, by a start and by --check-config alike.
-TEST(E2EPostgres, ASecondCortexdAForeignOrUnreachableDatabaseIsRefused) {
+// A second cortexd with the same node name on the database is refused at start (a
+// second one with its own name is a second node), and so are a database that is not
+// Cortex's and one that cannot be reached, by a start and by --check-config alike.
+TEST(E2EPostgres, ASecondNodeOfOneNameAForeignOrUnreachableDatabaseIsRefused) {
   std::string why;
   const std::string url = PgDatabase(&why);
   if (url.empty()) GTEST_SKIP() << "no PostgreSQL server: " << why;
   TempDir a, b;
-  Daemon first(a, kCommandExperts);
-  first.UseStoreUrl(url);
+  Daemon first(a, "daemon: {socket: " + (a / "run/cortexd.sock") + ", node: alpha}\n" +
+                      std::string(kCommandExperts));
+  Daemon second(b, "daemon: {socket: " + (b / "run/cortexd.sock") + ", node: alpha}\n" +
+                       std::string(kCommandExperts));
+  for (Daemon* d : {&first, &second}) {  // (its own daemon section, with the node's name)
+    std::string c = test::ReadFile(d->config);
+    c.erase(0, c.find('\n') + 1);
+    test::WriteFile(d->config, c);
+    d->UseStoreUrl(url);
+  }
   ASSERT_TRUE(first.Start()) << first.Log();
-  Daemon second(b, kCommandExperts);
-  second.UseStoreUrl(url);
   EXPECT_FALSE(second.Start());
-  EXPECT_NE(second.Log().find("another cortexd is using the store"), std::string::npos)
-      << second.Log();
+  EXPECT_NE(second.Log().find("another cortexd is node alpha"), std::string::npos) << second.Log();
   EXPECT_TRUE(first.Alive());
 
   const std::string foreign = test::PgServer::Get(&why)->NewDatabase();

@@ -1198,18 +1198,25 @@ static int RunCli(int argc, char** argv, Ctx& ctx) {
     if (ctx.json_out) return PrintJson(result), kOk;
     // ROUTED counts decisions (the router's first pick); ATTEMPTS, SUCCESS and QUALITY
     // count every attempt the expert made, fallbacks included.
-    std::printf("%-14s %-8s %-11s %6s %7s %8s %8s %8s %7s  %s\n", "NAME", "VERSION", "STATE",
-                "LOAD", "ROUTED", "ATTEMPTS", "SUCCESS", "QUALITY", "CRASHES", "FILE");
+    // In a cluster, NODE says where each instance runs (other nodes' have no file here).
+    const bool cluster =
+        !result.empty() && result[0].contains("node") && !result[0]["node"].is_null();
+    std::string node_col = cluster ? fmt::format("{:<20} ", "NODE") : "";
+    std::printf("%-14s %s%-8s %-11s %6s %7s %8s %8s %8s %7s  %s\n", "NAME", node_col.c_str(),
+                "VERSION", "STATE", "LOAD", "ROUTED", "ATTEMPTS", "SUCCESS", "QUALITY", "CRASHES",
+                "FILE");
     std::vector<std::string> notes;
     for (const auto& e : result) {
       std::string load =
           std::to_string(e.value("inflight", 0)) + "/" + std::to_string(e.value("capacity", 0));
       const json h = e.value("health", json::object());
-      std::printf("%-14s %-8s %-11s %6s %7ld %8ld %8s %8s %7ld  %s\n",
-                  Fit(Str(e, "name"), 14).c_str(), Fit(Str(e, "version", "-"), 8).c_str(),
-                  Str(e, "state").c_str(), load.c_str(), e.value("routed", 0L),
-                  e.value("attempts", 0L), Pct(e["success_rate"]).c_str(),
-                  Num(e["mean_quality"]).c_str(), h.value("crashes", 0L), Str(e, "file").c_str());
+      node_col = cluster ? fmt::format("{:<20} ", Fit(Str(e, "node"), 20)) : "";
+      std::printf("%-14s %s%-8s %-11s %6s %7ld %8ld %8s %8s %7ld  %s\n",
+                  Fit(Str(e, "name"), 14).c_str(), node_col.c_str(),
+                  Fit(Str(e, "version", "-"), 8).c_str(), Str(e, "state").c_str(), load.c_str(),
+                  e.value("routed", 0L), e.value("attempts", 0L), Pct(e["success_rate"]).c_str(),
+                  Num(e["mean_quality"]).c_str(), h.value("crashes", 0L),
+                  Str(e, "file", "-").c_str());
       if (Str(e, "state") == "quarantined")
         notes.push_back(Str(e, "name") + " is quarantined since " + Str(h, "quarantined_since") +
                         " (" + Str(h, "last_crash") + "); `cortexctl experts release " +
@@ -1419,6 +1426,21 @@ static int RunCli(int argc, char** argv, Ctx& ctx) {
       std::printf("  metrics:   %s\n", Str(result, "metrics").c_str());
     if (!Str(result, "metrics_error").empty())
       std::printf("  METRICS NOT SERVED: %s\n", Str(result, "metrics_error").c_str());
+    if (result.contains("nodes") && result["nodes"].is_array()) {
+      const std::string trainer = Str(result, "trainer_node");
+      std::printf("  cluster:   node %s of %zu; trainer %s\n", Str(result, "node").c_str(),
+                  result["nodes"].size(), trainer.empty() ? "none yet" : trainer.c_str());
+      for (const auto& n : result["nodes"]) {
+        std::string experts;
+        for (const auto& e : n.value("experts", json::array()))
+          experts += (experts.empty() ? "" : ", ") + e.get<std::string>();
+        std::printf(
+            "    %-24s %-5s heartbeat %s  experts: %s\n", Str(n, "node").c_str(),
+            n.value("alive", false) ? "alive" : "gone",
+            Str(n, "heartbeat_at").empty() ? "-" : LocalTime(Str(n, "heartbeat_at")).c_str(),
+            experts.empty() ? "none" : experts.c_str());
+      }
+    }
     return kOk;
   }
   return Usage(ctx, "a command is required; `cortexctl help` lists them");

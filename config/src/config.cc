@@ -7,6 +7,7 @@
 
 #include <yaml-cpp/yaml.h>
 
+#include <algorithm>
 #include <cctype>
 #include <cerrno>
 #include <cmath>
@@ -65,7 +66,7 @@ const std::map<std::string, std::set<std::string>>& Sections() {
   static const std::map<std::string, std::set<std::string>> k = {
       {"daemon",
        {"socket", "workers", "max_connections", "max_request_bytes", "max_text_bytes", "max_tags",
-        "shutdown_grace", "allow_group", "idle_timeout", "max_queued"}},
+        "shutdown_grace", "allow_group", "idle_timeout", "max_queued", "node", "node_timeout"}},
       {"store", {"path", "url"}},
       {"metrics", {"listen"}},
       {"plugins",
@@ -265,6 +266,24 @@ Status ParseDaemon(const Parser& p, const YAML::Node& n, DaemonConfig* c) {
     p.Keep(p.Duration(n["idle_timeout"], "daemon.idle_timeout", &c->idle_timeout_s));
   if (n["shutdown_grace"])
     p.Keep(p.Duration(n["shutdown_grace"], "daemon.shutdown_grace", &c->shutdown_grace_s));
+  if (n["node"]) {
+    Status st = p.Str(n["node"], "daemon.node", &c->node);
+    const bool name_ok = !c->node.empty() && c->node.size() <= 64 &&
+                         std::all_of(c->node.begin(), c->node.end(), [](unsigned char ch) {
+                           return std::isalnum(ch) || ch == '-' || ch == '_' || ch == '.';
+                         });
+    if (st.ok() && !name_ok)
+      st = p.Error(n["node"], "daemon.node",
+                   "a node name is 1-64 letters, digits, '-', '_' or '.', got '" + c->node + "'");
+    p.Keep(st);
+  }
+  if (n["node_timeout"]) {
+    Status st = p.Duration(n["node_timeout"], "daemon.node_timeout", &c->node_timeout_s);
+    if (st.ok() && c->node_timeout_s < 2)
+      st = p.Error(n["node_timeout"], "daemon.node_timeout",
+                   "must be at least 2s (nodes heartbeat every second)");
+    p.Keep(st);
+  }
   return Status::OK();
 }
 
@@ -673,6 +692,8 @@ std::string ConfigToYaml(const Config& c) {
   kv("idle_timeout", dur(d.idle_timeout_s));
   kv("shutdown_grace", dur(d.shutdown_grace_s));
   if (!d.allow_group.empty()) kv("allow_group", d.allow_group);
+  if (!d.node.empty()) kv("node", d.node);
+  if (!c.store.url.empty()) kv("node_timeout", dur(d.node_timeout_s));
   out << YAML::EndMap;
   out << YAML::Key << "store" << YAML::Value << YAML::BeginMap;
   if (c.store.url.empty())
@@ -773,6 +794,8 @@ std::map<std::string, std::string> SettingsOf(const Config& c) {
           {"daemon.shutdown_grace", num(d.shutdown_grace_s)},
           {"daemon.allow_group", d.allow_group},
           {"daemon.idle_timeout", num(d.idle_timeout_s)},
+          {"daemon.node", d.node},
+          {"daemon.node_timeout", num(d.node_timeout_s)},
           {"daemon.max_queued", num(static_cast<double>(d.max_queued))},
           {"store.path", c.store.path},
           {"store.url", c.store.url},

@@ -21,6 +21,8 @@
 #include <set>
 #include <thread>
 
+#include "cluster.h"
+#include "cortex/cluster.h"
 #include "cortex/experts.h"
 #include "cortex/learner.h"
 #include "cortex/log.h"
@@ -154,6 +156,19 @@ const std::map<std::string, LiveSetting>& LiveSettings() {
   return kLive;
 }
 
+// A node's name unless daemon.node gives one: the host's, and a hash of the socket's path
+// (FNV-1a), so that two daemons on one host differ and a restart keeps its name.
+std::string DefaultNodeName(const std::string& socket) {
+  char host[256] = {0};
+  if (gethostname(host, sizeof host - 1) != 0 || !host[0]) std::snprintf(host, sizeof host, "node");
+  std::string name;
+  for (const char* c = host; *c && name.size() < 48; ++c)
+    name += std::isalnum(static_cast<unsigned char>(*c)) || *c == '-' || *c == '.' ? *c : '-';
+  uint32_t h = 2166136261u;
+  for (unsigned char c : socket) h = (h ^ c) * 16777619u;
+  return fmt::format("{}-{:08x}", name, h);
+}
+
 class DaemonImpl : public Daemon, public RequestHandler {
  public:
   DaemonImpl(Config config, DaemonOptions options)
@@ -163,6 +178,7 @@ class DaemonImpl : public Daemon, public RequestHandler {
     {  // a slot freed from now on (a host torn down below, a late plugin thread) wakes nobody
       std::lock_guard<std::mutex> l(slot_waker_->mu);
       slot_waker_->pipeline = nullptr;
+      slot_waker_->cluster = nullptr;
     }
     if (lock_fd_ >= 0) {
       SetCrashMarkerFd(-1);
@@ -174,6 +190,7 @@ class DaemonImpl : public Daemon, public RequestHandler {
     // experts), then the experts: the plugin copies go with the hosts that ran them.
     server_.reset();
     metrics_server_.reset();  // (stopped already: no scrape reads the pipeline from here)
+    cluster_.reset();         // (its threads call into the pipeline)
     pipeline_.reset();
     registry_.reset();
     if (!cache_dir_.empty()) {
@@ -215,6 +232,7 @@ class DaemonImpl : public Daemon, public RequestHandler {
     }
     SetupInotify();
     pipeline_->Start();
+    if (cluster_) cluster_->Start();
     loader_ = std::thread([this] {
       pthread_setname_np(pthread_self(), "loader");
       LoadLoop();
@@ -334,8 +352,14 @@ class DaemonImpl : public Daemon, public RequestHandler {
             {"rules", router->rules().size()},
             {"workers", config_.daemon.workers},
             {"exploration", router->options().exploration},
-            {"tasks", by_state}};
+            {"tasks", by_state},
+            {"node", cluster_ ? json(node_) : json(nullptr)},
+            {"trainer_node", cluster_ ? json(cluster_->TrainerNode()) : json(nullptr)},
+            {"nodes", cluster_ ? cluster_->Nodes() : json(nullptr)}};
   }
+
+  std::string Node() const override { return node_; }
+  json RemoteExperts() override { return cluster_ ? cluster_->RemoteExperts() : json::array(); }
 
   Status Reload(json* summary) override {
     std::lock_guard<std::mutex> one_at_a_time(reload_mu_);
@@ -412,6 +436,14 @@ class DaemonImpl : public Daemon, public RequestHandler {
       Result<std::unique_ptr<Store>> s = OpenStore(config_.store.url);
       if (!s.ok()) return s.status();
       store_ = std::move(s).value();
+      // A node of the cluster on that database: its tasks are its own from here on.
+      node_ = config_.daemon.node.empty() ? DefaultNodeName(config_.daemon.socket)
+                                          : config_.daemon.node;
+      CORTEX_RETURN_IF_ERROR(store_->SetNode(node_));
+      Result<std::unique_ptr<ClusterLink>> link = OpenClusterLink(config_.store.url, node_);
+      if (!link.ok()) return link.status();
+      cluster_link_ = std::move(link).value();
+      LogInfo("cluster: node {} on {}", node_, store_->Path());
       return Status::OK();
     }
     const std::string& path = config_.store.path;
@@ -505,6 +537,7 @@ class DaemonImpl : public Daemon, public RequestHandler {
     ro.supervision.on_slot_free = [w = slot_waker_] {
       std::lock_guard<std::mutex> l(w->mu);
       if (w->pipeline) w->pipeline->SlotFreed();
+      if (w->cluster) w->cluster->SlotFreed();
     };
     ro.audit = [this](const ExpertEvent& e) {
       Status st = store_->RecordExpertEvent(e);
@@ -522,9 +555,28 @@ class DaemonImpl : public Daemon, public RequestHandler {
     pipeline_ = std::make_unique<Pipeline>(
         store_.get(), registry_.get(), [this] { return CurrentRouter(); }, env_,
         [this] { trainer_->Wake(); }, stop_, po);
+    if (cluster_link_) {
+      ClusterOptions co;
+      co.node = node_;
+      co.socket = config_.daemon.socket;
+      co.timeout_s = config_.daemon.node_timeout_s;
+      co.started_at = env_->NowUnix();
+      cluster_ =
+          std::make_unique<Cluster>(co, std::move(cluster_link_), store_.get(), registry_.get(),
+                                    pipeline_.get(), [this] { trainer_->ReloadLive(); });
+      pipeline_->SetCluster(cluster_.get());
+      trainer_->SetCluster(
+          [this] {
+            if (cluster_->Trainer()) return std::string();
+            const std::string who = cluster_->TrainerNode();
+            return who.empty() ? std::string("none") : who;
+          },
+          [this](int version) { cluster_->ModelChanged(version); });
+    }
     {
       std::lock_guard<std::mutex> l(slot_waker_->mu);
       slot_waker_->pipeline = pipeline_.get();
+      slot_waker_->cluster = cluster_.get();
     }
     if (registry_->Active().empty())
       LogWarn("no experts are loaded: tasks stay queued until one is (drop a plugin into {})",
@@ -633,6 +685,11 @@ class DaemonImpl : public Daemon, public RequestHandler {
     trainer_->Stop();
     pipeline_->StopRunning();
     server_->CloseConnections();
+    if (cluster_) {
+      cluster_->Stop();  // what this node did not start goes to the others
+      LogInfo("cortexd stopped");
+      return;
+    }
     const size_t left = pipeline_->Left();
     LogInfo("cortexd stopped; {} task(s) stay queued in the store for the next start", left);
   }
@@ -715,6 +772,7 @@ class DaemonImpl : public Daemon, public RequestHandler {
   struct SlotWaker {
     std::mutex mu;
     Pipeline* pipeline = nullptr;
+    Cluster* cluster = nullptr;  // in a cluster: a free slot may claim shared work
   };
   std::shared_ptr<SlotWaker> slot_waker_ = std::make_shared<SlotWaker>();
   std::mutex reload_mu_;  // one reload at a time (SIGHUP and `cortexctl reload`)
@@ -725,6 +783,10 @@ class DaemonImpl : public Daemon, public RequestHandler {
   std::mutex running_mu_;
   Config running_;  // the settings in force: the start's, plus live reloads (running_mu_)
   std::unique_ptr<Pipeline> pipeline_;
+  // A cluster (store.url): this node's link to the others, then the node itself.
+  std::string node_;
+  std::unique_ptr<ClusterLink> cluster_link_;  // until PrepareRouting makes cluster_
+  std::unique_ptr<Cluster> cluster_;
   std::atomic<bool> stop_{false};  // no new work
 };
 

@@ -410,29 +410,39 @@ struct Pipeline::Impl {
 
   Status WaitDone(const std::string& id, double timeout_s, Task* t, bool* done) {
     // A task this cortexd still runs is waited for; any other has ended or is not ours.
+    // In a cluster another node may be running it: its end comes as a notification.
     std::shared_ptr<Waiter> w;
     {
       std::lock_guard<std::mutex> l(waiters_mu_);
-      if (live_.count(id)) {
+      if (live_.count(id) || cluster_) {
         w = std::make_shared<Waiter>();
         waiters_[id].push_back(w);
       }
     }
-    std::shared_ptr<const Task> final;
-    if (w) {
-      auto deadline = std::chrono::steady_clock::now() +
-                      std::chrono::milliseconds(static_cast<int64_t>(timeout_s * 1000));
-      {
-        std::unique_lock<std::mutex> l(w->mu);
-        while (!w->done && !stop_.load() && std::chrono::steady_clock::now() < deadline)
-          w->cv.wait_for(l, std::chrono::milliseconds(200));
-        final = w->final;
-      }
+    auto forget = [&] {
       std::lock_guard<std::mutex> l(waiters_mu_);
       auto& v = waiters_[id];
       v.erase(std::remove(v.begin(), v.end(), w), v.end());
       if (v.empty()) waiters_.erase(id);
+    };
+    std::shared_ptr<const Task> final;
+    if (w && cluster_) {  // (registered first: an end from now on is not missed)
+      Task now;
+      if (Status st = store_->GetTask(id, &now); !st.ok()) {
+        forget();
+        return st;
+      }
+      if (IsFinal(now.state)) final = std::make_shared<const Task>(std::move(now));
     }
+    if (w && !final) {
+      auto deadline = std::chrono::steady_clock::now() +
+                      std::chrono::milliseconds(static_cast<int64_t>(timeout_s * 1000));
+      std::unique_lock<std::mutex> l(w->mu);
+      while (!w->done && !stop_.load() && std::chrono::steady_clock::now() < deadline)
+        w->cv.wait_for(l, std::chrono::milliseconds(200));
+      final = w->final;
+    }
+    if (w) forget();
     // The end as the pipeline recorded it saves reading it back (`show` reads the same).
     if (final) {
       *t = *final;
@@ -488,6 +498,21 @@ struct Pipeline::Impl {
               : std::min(1.0, (e->inflight() + w->second) /
                                   static_cast<double>(std::max(1, e->manifest().capacity)));
       slots.push_back({{e->name(), it->second}, load, e->health_penalty()});
+    }
+    if (cluster_) {  // experts only other nodes host, with their load there
+      std::set<std::string> local;
+      for (const auto& e : experts) local.insert(e->name());
+      std::lock_guard<std::mutex> r(remote_mu_);
+      for (const RemoteExpert& x : remote_) {
+        if (local.count(x.name)) continue;
+        auto it = remote_profiles_.find(x.name);
+        if (it == remote_profiles_.end())
+          it = remote_profiles_
+                   .emplace(x.name, router->hasher().Manifest(
+                                        {x.name, x.description, x.keywords, x.examples}))
+                   .first;
+        slots.push_back({{x.name, it->second}, x.load, 0});
+      }
     }
     if (experts_out) *experts_out = std::move(experts);
     return slots;
@@ -774,9 +799,15 @@ struct Pipeline::Impl {
           if (expert && !job.cancel) ++running_;
           break;
         }
+        if (!releases_.empty()) {
+          l.unlock();
+          FlushReleases();
+          continue;
+        }
         slot_wanted_ = !ready_.empty();
         work_cv_.wait_for(l, std::chrono::milliseconds(200));
       }
+      FlushReleases();
       if (!started.empty()) {
         RunAttempts(std::move(started), &view);
       } else if (job.cancel) {
@@ -824,7 +855,8 @@ struct Pipeline::Impl {
       auto usable = [&](const Candidate& c) {
         if (j.decision.forced && c.expert != j.decision.chosen) return false;
         auto e = experts.find(c.expert);
-        return e != experts.end() && !e->second->quarantined();
+        if (e == experts.end()) return remote_names_.count(c.expert) > 0;  // another node's
+        return !e->second->quarantined();
       };
       while (j.next < cands.size() && !usable(cands[j.next])) ++j.next;
       if (j.next >= cands.size() || j.attempts >= (j.decision.forced ? 1 : max_attempts)) {
@@ -847,6 +879,11 @@ struct Pipeline::Impl {
         return true;
       }
       const std::string& name = cands[j.next].expert;
+      if (!experts.count(name)) {  // only other nodes host it: to the shared queue
+        releases_.push_back(std::move(j));
+        it = ready_.erase(it);
+        continue;
+      }
       if (!full.count(name)) {
         const std::shared_ptr<Expert>& e = experts.at(name);
         if (e->TryAcquireSlot()) {
@@ -919,6 +956,7 @@ struct Pipeline::Impl {
           return;
         }
       }
+      FlushReleases();
       for (const Job& j : ends) EndTask(j, j.cancel ? TaskState::kCancelled : TaskState::kFailed);
       if (!more.empty()) {
         left += Begin(std::move(more), ring, &runs);
@@ -959,8 +997,15 @@ struct Pipeline::Impl {
       r.started_at = j.recorded ? j.decision.time : now;
       // One the store refused (a full disk) is held here, in memory, until it takes it or
       // cortexd stops (the task is then resumed from the store at the next start).
-      if (!j.recorded && !recorded[k++].ok() &&
-          !Persist(fmt::format("task {}: recording attempt {}", j.task.id, r.n), [&] {
+      const Status rs = j.recorded ? Status::OK() : recorded[k++];
+      if (rs.code() == Status::Code::kFailedPrecondition) {  // another node's now: not run here
+        LogWarn("task {}: not started here: {}", j.task.id, rs.message());
+        r.expert->ReleaseSlot();
+        std::lock_guard<std::mutex> l(queue_mu_);
+        --running_;
+        continue;
+      }
+      if (!rs.ok() && !Persist(fmt::format("task {}: recording attempt {}", j.task.id, r.n), [&] {
             return store_->StartAttempt(j.task.id, r.n, r.expert->name(), r.started_at);
           })) {
         r.expert->ReleaseSlot();
@@ -1037,6 +1082,12 @@ struct Pipeline::Impl {
     for (size_t i = 0; i < outs.size(); ++i) {
       Run* r = outs[i];
       // One the batch could not write is retried alone until the store takes it.
+      if (stored[i].code() == Status::Code::kFailedPrecondition) {
+        // Another node ended this attempt (it declared this one lost): its outcome stays.
+        LogWarn("task {}: the outcome of attempt {} is not recorded: {}", r->job.task.id, r->n,
+                stored[i].message());
+        continue;
+      }
       if (!stored[i].ok()) {
         NoteStoreFailure(stored[i]);
         if (!Persist(
@@ -1107,6 +1158,7 @@ struct Pipeline::Impl {
       cancels_.erase(id);
     }
     NotifyDone(id, std::move(final));
+    if (cluster_) cluster_->Ended(id);  // a waiter on another node hears of it too
   }
 
   bool CancelRequested(const std::string& id) {
@@ -1192,6 +1244,127 @@ struct Pipeline::Impl {
     return true;
   }
 
+  // ---- a cluster -------------------------------------------------------------------
+
+  // Jobs PickLocked found for experts only other nodes host go to the shared queue.
+  void FlushReleases() {
+    std::vector<Job> jobs;
+    {
+      std::lock_guard<std::mutex> l(queue_mu_);
+      jobs.swap(releases_);
+    }
+    if (jobs.empty()) return;
+    std::vector<std::pair<std::string, std::string>> batch;
+    for (const Job& j : jobs) batch.emplace_back(j.task.id, j.decision.candidates[j.next].expert);
+    std::vector<Status> st;
+    store_->Release(batch, &st);
+    std::set<std::string> experts;
+    std::vector<Job> again;
+    for (size_t i = 0; i < jobs.size(); ++i) {
+      if (st[i].ok()) {
+        experts.insert(batch[i].second);
+      } else if (st[i].code() == Status::Code::kFailedPrecondition) {
+        LogWarn("task {}: {}", batch[i].first, st[i].message());
+      } else {  // the store fails writes: it waits here, and is handed on later
+        NoteStoreFailure(st[i]);
+        again.push_back(std::move(jobs[i]));
+      }
+    }
+    if (!again.empty()) {
+      std::unique_lock<std::mutex> l(queue_mu_);
+      for (Job& j : again) ready_.push_back(std::move(j));
+      queue_cv_.wait_for(l, std::chrono::seconds(1), [&] { return stop_.load(); });
+    }
+    if (!experts.empty()) cluster_->Released({experts.begin(), experts.end()});
+  }
+
+  void SetRemote(std::vector<RemoteExpert> remote) {
+    std::set<std::string> names;
+    for (const auto& r : remote) names.insert(r.name);
+    {
+      std::lock_guard<std::mutex> r(remote_mu_);
+      remote_profiles_.clear();  // manifests may have changed
+      remote_ = std::move(remote);
+    }
+    bool changed;
+    {
+      std::lock_guard<std::mutex> l(queue_mu_);
+      changed = names != remote_names_;
+      remote_names_ = std::move(names);
+    }
+    if (changed) Wake();  // jobs waiting for an expert that came or went
+  }
+
+  std::vector<std::pair<std::string, int>> FreeSlots() {
+    auto experts = registry_->Active();
+    std::map<std::string, int> waiting;
+    {
+      std::lock_guard<std::mutex> l(queue_mu_);
+      if (stop_.load()) return {};
+      for (const auto& j : ready_)
+        if (j.next < j.decision.candidates.size()) ++waiting[j.decision.candidates[j.next].expert];
+    }
+    std::vector<std::pair<std::string, int>> out;
+    for (const auto& e : experts) {
+      if (e->quarantined()) continue;
+      const int free = e->manifest().capacity - e->inflight() - waiting[e->name()];
+      if (free > 0) out.emplace_back(e->name(), free);
+    }
+    return out;
+  }
+
+  void Adopt(std::vector<Task> tasks, const std::string& want) {
+    {
+      std::lock_guard<std::mutex> w(waiters_mu_);
+      for (const auto& t : tasks) live_.insert(t.id);
+    }
+    const uint64_t generation = registry_->generation();
+    {
+      std::lock_guard<std::mutex> l(queue_mu_);
+      for (auto& t : tasks) {
+        if (!t.decision) {
+          queue_.push_back(std::move(t));
+          continue;
+        }
+        Job job;
+        job.decision = *t.decision;
+        job.attempts = static_cast<int>(t.attempts.size());
+        const auto& cands = job.decision.candidates;
+        // On from the candidate after its last attempt's; the one it was queued for first.
+        size_t from = 0;
+        if (!t.attempts.empty()) {
+          job.last_expert = t.attempts.back().expert;
+          for (size_t i = 0; i < cands.size(); ++i)
+            if (cands[i].expert == job.last_expert) from = i + 1;
+        }
+        job.next = from;
+        for (size_t i = from; i < cands.size(); ++i)
+          if (cands[i].expert == want) {
+            job.next = i;
+            break;
+          }
+        job.generation = generation;
+        job.task = std::move(t);
+        ready_.push_back(std::move(job));
+      }
+    }
+    queue_cv_.notify_all();
+    work_cv_.notify_all();
+    RingARunner();
+  }
+
+  void RemoteEnded(const std::vector<std::string>& ids) {
+    for (const auto& id : ids) {
+      {
+        std::lock_guard<std::mutex> l(waiters_mu_);
+        if (!waiters_.count(id)) continue;  // nobody here waits for it
+      }
+      Task t;
+      if (!store_->GetTask(id, &t).ok() || !IsFinal(t.state)) continue;
+      NotifyDone(id, std::make_shared<const Task>(std::move(t)));
+    }
+  }
+
   std::string NewId() {
     std::lock_guard<std::mutex> l(id_mu_);
     static const char* hex = "0123456789abcdef";
@@ -1255,6 +1428,14 @@ struct Pipeline::Impl {
 
   std::mutex id_mu_;
   std::mt19937_64 id_rng_{std::random_device{}()};
+
+  // A cluster (SetCluster, before Start; null otherwise).
+  ClusterHooks* cluster_ = nullptr;
+  std::mutex remote_mu_;
+  std::vector<RemoteExpert> remote_;                     // (remote_mu_)
+  std::map<std::string, SparseVector> remote_profiles_;  // (remote_mu_)
+  std::set<std::string> remote_names_;                   // (queue_mu_)
+  std::vector<Job> releases_;  // for the shared queue (queue_mu_; FlushReleases)
 };
 
 Pipeline::Pipeline(Store* store, ExpertRegistry* registry,
@@ -1290,5 +1471,12 @@ json Pipeline::StoreError() { return impl_->StoreError(); }
 void Pipeline::StopRouting() { impl_->StopRouting(); }
 void Pipeline::StopRunning() { impl_->StopRunning(); }
 size_t Pipeline::Left() { return impl_->Left(); }
+void Pipeline::SetCluster(ClusterHooks* hooks) { impl_->cluster_ = hooks; }
+void Pipeline::SetRemote(std::vector<RemoteExpert> remote) { impl_->SetRemote(std::move(remote)); }
+std::vector<std::pair<std::string, int>> Pipeline::FreeSlots() { return impl_->FreeSlots(); }
+void Pipeline::Adopt(std::vector<Task> tasks, const std::string& want) {
+  impl_->Adopt(std::move(tasks), want);
+}
+void Pipeline::RemoteEnded(const std::vector<std::string>& ids) { impl_->RemoteEnded(ids); }
 
 }  // namespace cortex

@@ -49,6 +49,21 @@ struct Submission {
   std::shared_ptr<TaskWatch> watch;  // for Unwatch
 };
 
+// In a cluster (docs/CLUSTER.md): experts other live nodes host, as routing sees them.
+struct RemoteExpert {
+  std::string name, description;
+  std::vector<std::string> keywords, examples;
+  double load = 0;  // their busy share, all nodes hosting it together
+};
+
+// What the pipeline tells the rest of a cluster (Cluster implements it).
+class ClusterHooks {
+ public:
+  virtual ~ClusterHooks() = default;
+  virtual void Released(const std::vector<std::string>& experts) = 0;  // work queued for them
+  virtual void Ended(const std::string& id) = 0;                       // a task's end is stored
+};
+
 class Pipeline {
  public:
   // `router` gives the router in force (a reload replaces it); `on_outcome` is called
@@ -85,6 +100,19 @@ class Pipeline {
   void StopRouting();           // after stop is set: the dispatcher ends
   void StopRunning();           // running attempts get the grace period
   size_t Left();                // tasks left in the store for the next start
+
+  // A cluster: set before Start. A job whose next expert only other nodes host is
+  // handed to the shared queue; routing sees the remote experts (SetRemote).
+  void SetCluster(ClusterHooks* hooks);
+  void SetRemote(std::vector<RemoteExpert> remote);
+  // Free slots per local expert, less the jobs already waiting for each: what this node
+  // may claim from the shared queue.
+  std::vector<std::pair<std::string, int>> FreeSlots();
+  // Tasks claimed from the shared queue: routed ones go on to `want` (or the candidate
+  // after their last attempt), unrouted ones to the dispatcher.
+  void Adopt(std::vector<Task> tasks, const std::string& want);
+  // Tasks that ended on other nodes (or were interrupted there): their waiters here hear.
+  void RemoteEnded(const std::vector<std::string>& ids);
 
  private:
   struct Impl;

@@ -1159,6 +1159,7 @@ json Server::Dispatch(const json& j, const std::function<bool(const std::string&
         for (const auto& e : h_->registry()->List()) {
           const ExpertStats& s = by[e.name];
           a.push_back({{"name", e.name},
+                       {"node", h_->Node().empty() ? json(nullptr) : json(h_->Node())},
                        {"version", e.version},
                        {"state", e.state},
                        {"file", e.file},
@@ -1190,6 +1191,14 @@ json Server::Dispatch(const json& j, const std::function<bool(const std::string&
                        {"success_rate",
                         s.attempts ? json(double(s.successes) / s.attempts) : json(nullptr)},
                        {"mean_quality", s.attempts ? json(s.mean_quality) : json(nullptr)}});
+        }
+        for (json& x : h_->RemoteExperts()) {  // a cluster: instances on other nodes
+          const ExpertStats& s = by[x.value("name", "")];
+          x["routed"] = s.routed;
+          x["attempts"] = s.attempts;
+          x["success_rate"] = s.attempts ? json(double(s.successes) / s.attempts) : json(nullptr);
+          x["mean_quality"] = s.attempts ? json(s.mean_quality) : json(nullptr);
+          a.push_back(std::move(x));
         }
         return wire::Ok(a);
       }

@@ -43,6 +43,9 @@ class RequestHandler {
   virtual Store* store() = 0;
   virtual ExpertRegistry* registry() = 0;
   virtual nlohmann::json Status_() = 0;
+  // A cluster: this node's name, and the expert instances the other live nodes host.
+  virtual std::string Node() const { return ""; }
+  virtual nlohmann::json RemoteExperts() { return nlohmann::json::array(); }
   virtual Status Reload(nlohmann::json* summary) = 0;
   // Trains a candidate now. With `wait`, streams progress lines through `progress` and
   // fills `result` with the candidate's metrics; without, only queues the request.

@@ -52,6 +52,17 @@ void Trainer::Stop() {
   if (thread_.joinable()) thread_.join();
 }
 
+void Trainer::SetCluster(std::function<std::string()> trainer,
+                         std::function<void(int)> live_changed) {
+  not_trainer_ = std::move(trainer);
+  live_changed_ = std::move(live_changed);
+}
+
+void Trainer::ReloadLive() {
+  reload_ = true;
+  Wake();
+}
+
 void Trainer::Wake() {
   if (woken_.exchange(true)) return;   // already told, not yet looked
   std::lock_guard<std::mutex> l(mu_);  // so the loop is either before its check or waiting
@@ -118,7 +129,11 @@ void Trainer::Loop() {
       if (stop_->load()) return;
       requested = retrain_requests_ > requests_served_;
     }
-    woken_ = false;  // a Wake from here on is for outcomes this read may not see
+    woken_ = false;                 // a Wake from here on is for outcomes this read may not see
+    if (reload_.exchange(false)) {  // another node's model is live: the same here
+      if (Status st = LoadLiveModel(); !st.ok())
+        LogError("loading the live model: {}", st.message());
+    }
     // Online: every outcome logged since the last look, in log order, a bounded batch at
     // a time (after a burst, the next batch follows at once). A rollback's install has
     // replayed those after its model already (they count as new once only); with online
@@ -138,6 +153,13 @@ void Trainer::Loop() {
       new_outcomes_ += added;
       due = requested || schedule_.Due(new_outcomes_, env_->NowUnix());
     }
+    if (due && not_trainer_ && !requested && !not_trainer_().empty()) {
+      // Another node trains: this one's schedule starts over.
+      std::lock_guard<std::mutex> l(mu_);
+      schedule_.Done(env_->NowUnix());
+      new_outcomes_ = 0;
+      continue;
+    }
     if (due) RunRetrain();
   }
 }
@@ -156,7 +178,13 @@ void Trainer::RunRetrain() {
   }
   cv_.notify_all();
   json summary;
-  Status st = RetrainOnce(now, &summary);
+  const std::string other = not_trainer_ ? not_trainer_() : "";
+  Status st = other.empty() ? RetrainOnce(now, &summary)
+                            : Status::FailedPrecondition(
+                                  "this node is not the cluster's trainer (" +
+                                  (other == "none" ? std::string("no node holds the role right now")
+                                                   : "node " + other + " is") +
+                                  "); retrain there: cortexctl --socket <its socket> retrain");
   // A retrain reads and featurizes its whole window (tens of MB, freed by now); hand
   // that back to the kernel, or glibc keeps it and cortexd's RSS ratchets upwards. (With
   // jemalloc as malloc this finds nothing to do: jemalloc returns freed pages itself
@@ -202,9 +230,11 @@ Status Trainer::RetrainOnce(double now, json* summary) {
   rec.weights = res->model.Serialize();
   rec.live = res->promoted;
   CORTEX_RETURN_IF_ERROR(store_->SaveModel(rec));
-  if (res->promoted)
+  if (res->promoted) {
     learner_->Install(std::move(res->model), version, rec.trained_through,
                       OutcomesAfter(rec.trained_through));
+    if (live_changed_) live_changed_(version);
+  }
   LogInfo(
       "retrain v{}: {} ({} train, {} held out; candidate {:.3f}, live {:.3f}, diff {:+.3f} "
       "± {:.3f})",
@@ -309,6 +339,7 @@ Status Trainer::Rollback(int version, bool force, json* result) {
   // feeds the learner, so none is skipped or applied twice by a concurrent catch-up.
   learner_->Install(std::move(model), version, through, {});
   cv_.notify_all();
+  if (live_changed_) live_changed_(version);
   LogInfo("rollback: model v{} is live again (was v{})", version, previous);
   event_("rollback", fmt::format("model v{} is live again (was v{}){}", version, previous,
                                  force ? ", forced" : ""));

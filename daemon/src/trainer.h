@@ -44,6 +44,12 @@ class Trainer {
   // the first call since the trainer last looked wakes it.
   void Wake();
   void SetSchedule(double interval_s, long min_new_outcomes);  // a reload
+  // A cluster: retrains run only while `trainer()` says this node holds the role (its
+  // name otherwise: a requested retrain says who does), and `live_changed` tells the
+  // others of a model made live here. Before Start.
+  void SetCluster(std::function<std::string()> trainer, std::function<void(int)> live_changed);
+  // Another node made a model live: the trainer thread loads it.
+  void ReloadLive();
   // new_outcomes, the schedule, the retrain in progress and the last one's result.
   nlohmann::json Status_();
 
@@ -68,8 +74,12 @@ class Trainer {
   Metrics* const metrics_;  // may be null
   const std::atomic<bool>* const stop_;
   std::thread thread_;
-  long newest_seq_ = 0;             // newest outcome seen (the loop's thread only)
-  std::atomic<bool> woken_{false};  // a Wake since the loop last read the outcomes
+  long newest_seq_ = 0;              // newest outcome seen (the loop's thread only)
+  std::atomic<bool> woken_{false};   // a Wake since the loop last read the outcomes
+  std::atomic<bool> reload_{false};  // ReloadLive: load the live model from the store
+  // A cluster (SetCluster): "" while this node is the trainer, else who is (or "none").
+  std::function<std::string()> not_trainer_;
+  std::function<void(int)> live_changed_;
 
   std::mutex mu_;  // guards the fields below
   std::condition_variable cv_;

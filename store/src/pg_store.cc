@@ -29,13 +29,11 @@ using store::CandidatesJson;
 using store::ParseTags;
 using store::TagsJson;
 
-// Advisory lock keys ('CRTX' and a number): migrations are serialised between nodes that
-// start at once; one cortexd at a time uses a database (until the cluster's nodes come).
+// An advisory lock key ('CRTX' and a number): nodes that start at once migrate once.
 constexpr long kMigrateLock = 0x4352545801L;
-constexpr long kDaemonLock = 0x4352545802L;
 
-// Each entry moves the schema one version up; never edit a released one, append. The
-// versions match SQLite's (sqlite_store.cc): the same tables at the same number.
+// Each entry moves the schema one version up; never edit a released one, append. v1-v3
+// match SQLite's (sqlite_store.cc): the same tables at the same number.
 const char* const kMigrations[] = {
     // v1
     R"sql(
@@ -121,6 +119,25 @@ ALTER TABLE tasks ADD COLUMN routing boolean NOT NULL DEFAULT false;
 ALTER TABLE tasks ADD COLUMN deaths integer NOT NULL DEFAULT 0;
 ALTER TABLE tasks ADD COLUMN error text;
 )sql",
+    // v4 (PostgreSQL only): the cluster. Each task is a node's (`node`) or, with none, in
+    // the shared queue for the expert its next attempt needs (`want`; none: to be
+    // routed); `nodes` holds each node's heartbeat and the experts it hosts.
+    R"sql(
+ALTER TABLE tasks ADD COLUMN node text;
+ALTER TABLE tasks ADD COLUMN want text;
+CREATE INDEX tasks_shared ON tasks(want, created_at) WHERE node IS NULL AND state IN ('queued','routed');
+CREATE INDEX tasks_node ON tasks(node) WHERE state IN ('queued','routed','running');
+CREATE TABLE nodes(
+  name text PRIMARY KEY,
+  socket text NOT NULL,
+  pid integer NOT NULL,
+  started_at double precision NOT NULL,
+  heartbeat_at double precision NOT NULL,
+  lost boolean NOT NULL DEFAULT false,
+  trainer boolean NOT NULL DEFAULT false,
+  experts jsonb NOT NULL
+);
+)sql",
 };
 constexpr int kSchemaVersion = sizeof(kMigrations) / sizeof(kMigrations[0]);
 
@@ -153,7 +170,6 @@ class PgStore : public Store {
   Status Open() {
     CORTEX_RETURN_IF_ERROR(write_.Connect(url_, "writer"));
     CORTEX_RETURN_IF_ERROR(Migrate());
-    CORTEX_RETURN_IF_ERROR(LockDatabase());
     return read_.Connect(url_, "reader");
   }
 
@@ -162,11 +178,14 @@ class PgStore : public Store {
     return Commit([&] { return WriteTask(t, tags, t.state, t.created_at); });
   }
 
-  Status WriteTask(const Task& t, const std::string& tags, TaskState state, double updated_at) {
-    return Done(write_.Query("INSERT INTO tasks(id,text,tags,state,created_at,updated_at) "
-                             "VALUES($1,$2,$3,$4,$5,$6)",
-                             {t.id, t.text, tags, ToString(state), t.created_at, updated_at}),
-                "insert task " + t.id);
+  // (`want`: the expert its first attempt needs, if it is routed.)
+  Status WriteTask(const Task& t, const std::string& tags, TaskState state, double updated_at,
+                   const std::string& want = "") {
+    return Done(
+        write_.Query("INSERT INTO tasks(id,text,tags,state,created_at,updated_at,node,"
+                     "want) VALUES($1,$2,$3,$4,$5,$6,NULLIF($7,''),NULLIF($8,''))",
+                     {t.id, t.text, tags, ToString(state), t.created_at, updated_at, node_, want}),
+        "insert task " + t.id);
   }
 
   void Admit(const std::vector<Admission>& batch, std::vector<Status>* out) override {
@@ -183,7 +202,8 @@ class PgStore : public Store {
         const Admission& a = batch[i];
         if (!a.decision) return WriteTask(*a.task, tags[i], a.task->state, a.task->created_at);
         const TaskState state = a.started.empty() ? TaskState::kRouted : TaskState::kRunning;
-        CORTEX_RETURN_IF_ERROR(WriteTask(*a.task, tags[i], state, a.decision->time));
+        CORTEX_RETURN_IF_ERROR(
+            WriteTask(*a.task, tags[i], state, a.decision->time, a.decision->chosen));
         CORTEX_RETURN_IF_ERROR(InsertDecision(a.task->id, *a.decision, cands[i]));
         if (a.started.empty()) return Status::OK();
         return InsertAttempt(a.task->id, 1, a.started, a.decision->time);
@@ -206,8 +226,13 @@ class PgStore : public Store {
     for (size_t i = 0; i < batch.size(); ++i)
       writes.push_back([&, i] {
         const std::string& id = batch[i].first;
-        CORTEX_RETURN_IF_ERROR(InsertDecision(id, *batch[i].second, cands[i]));
-        return UpdateState(id, TaskState::kRouted, batch[i].second->time);
+        const Decision& d = *batch[i].second;
+        CORTEX_RETURN_IF_ERROR(InsertDecision(id, d, cands[i]));
+        // (`want`: whom its first attempt needs, should the task reach the shared queue)
+        return Changed(write_.Query("UPDATE tasks SET state='routed',updated_at=$1,routing=false,"
+                                    "want=$2 WHERE id=$3",
+                                    {d.time, d.chosen, id}),
+                       "update task state", "task with id '" + id + "'");
       });
     *out = CommitEach(writes);
   }
@@ -233,7 +258,14 @@ class PgStore : public Store {
     for (const AttemptStart& a : batch)
       writes.push_back([&] {
         CORTEX_RETURN_IF_ERROR(InsertAttempt(a.id, a.n, a.expert, a.time));
-        return UpdateState(a.id, TaskState::kRunning, a.time);
+        if (node_.empty()) return UpdateState(a.id, TaskState::kRunning, a.time);
+        // In a cluster only the task's node starts it: one that another node took over
+        // (this one was declared lost meanwhile) is not run twice.
+        pg::Result r = write_.Query(
+            "UPDATE tasks SET state='running',updated_at=$1,routing=false WHERE id=$2 AND node=$3",
+            {a.time, a.id, node_});
+        CORTEX_RETURN_IF_ERROR(Done(r, "start attempt"));
+        return r.Affected() ? Status::OK() : NotOurs(a.id);
       });
     *out = CommitEach(writes);
   }
@@ -255,8 +287,10 @@ class PgStore : public Store {
     const Outcome& o = *a.outcome;
     pg::Result r = write_.Query(
         "UPDATE attempts SET finished_at=$1,outcome=$2,quality=$3,duration_s=$4,output=$5,"
-        "error=$6 WHERE task_id=$7 AND n=$8",
-        {a.time, ToString(o.kind), o.quality, o.duration_s, o.output, o.error, a.id, a.n});
+        "error=$6 WHERE task_id=$7 AND n=$8 AND ($9='' OR outcome IS NULL)",
+        {a.time, ToString(o.kind), o.quality, o.duration_s, o.output, o.error, a.id, a.n, node_});
+    // (In a cluster an attempt ends once: a node that declared this one lost ended it.)
+    if (r.ok() && !r.Affected() && !node_.empty()) return NotOurs(a.id);
     CORTEX_RETURN_IF_ERROR(
         Changed(r, "finish attempt", "attempt " + std::to_string(a.n) + " of task " + a.id));
     if (!a.ends)  // it waits for its next attempt: routed, so a restart resumes it
@@ -593,23 +627,27 @@ class PgStore : public Store {
     std::vector<std::string> poisoned, ids;
     CORTEX_RETURN_IF_ERROR(Commit([&] {
       poisoned.clear();
-      CORTEX_RETURN_IF_ERROR(Done(write_.Query("UPDATE tasks SET deaths=deaths+$1,routing=false "
-                                               "WHERE routing OR state='running'",
-                                               {crashed ? 1 : 0}),
-                                  "count deaths"));
+      CORTEX_RETURN_IF_ERROR(
+          Done(write_.Query("UPDATE tasks SET deaths=deaths+$1,routing=false "
+                            "WHERE (routing OR state='running') AND ($2='' OR node=$2)",
+                            {crashed ? 1 : 0, node_}),
+               "count deaths"));
       pg::Result p = write_.Query(
           "UPDATE tasks SET state='failed',updated_at=$1,error=$2 WHERE state IN "
-          "('queued','routed') AND deaths>=$3 RETURNING id",
-          {time, store::PoisonError(), kPoisonDeaths});
+          "('queued','routed') AND deaths>=$3 AND ($4='' OR node=$4) RETURNING id",
+          {time, store::PoisonError(), kPoisonDeaths, node_});
       CORTEX_RETURN_IF_ERROR(Done(p, "fail poison tasks"));
       for (int i = 0; i < p.rows(); ++i) poisoned.push_back(p.Text(i, 0));
       CORTEX_RETURN_IF_ERROR(
           Done(write_.Query("UPDATE attempts SET outcome='interrupted',finished_at=$1,quality=0,"
-                            "error='cortexd stopped while this attempt ran' WHERE outcome IS NULL",
-                            {time}),
+                            "error='cortexd stopped while this attempt ran' WHERE outcome IS NULL "
+                            "AND ($2='' OR task_id IN (SELECT id FROM tasks WHERE node=$2))",
+                            {time, node_}),
                "recover attempts"));
       pg::Result t = write_.Query(
-          "UPDATE tasks SET state='interrupted',updated_at=$1 WHERE state='running'", {time});
+          "UPDATE tasks SET state='interrupted',updated_at=$1 WHERE state='running' "
+          "AND ($2='' OR node=$2)",
+          {time, node_});
       CORTEX_RETURN_IF_ERROR(Done(t, "recover tasks"));
       interrupted = static_cast<int>(t.Affected());
       return Status::OK();
@@ -618,7 +656,9 @@ class PgStore : public Store {
       Reading r(*this);
       CORTEX_RETURN_IF_ERROR(r.status());
       pg::Result s = r.c.Query(
-          "SELECT id FROM tasks WHERE state IN ('queued','routed') ORDER BY created_at, seq");
+          "SELECT id FROM tasks WHERE state IN ('queued','routed') AND ($1='' OR node=$1) "
+          "ORDER BY created_at, seq",
+          {node_});
       CORTEX_RETURN_IF_ERROR(s.status().WithContext("recover"));
       for (int i = 0; i < s.rows(); ++i) ids.push_back(s.Text(i, 0));
     }
@@ -856,6 +896,26 @@ class PgStore : public Store {
 
   Status Sync() override { return Status::OK(); }  // every commit waited for the server's disk
 
+  Status SetNode(const std::string& node) override {
+    if (node.empty()) return Status::InvalidArgument("a node needs a name");
+    node_ = node;
+    return Status::OK();
+  }
+
+  void Release(const std::vector<std::pair<std::string, std::string>>& tasks,
+               std::vector<Status>* out) override {
+    std::vector<std::function<Status()>> writes;
+    for (const auto& [id, want] : tasks)
+      writes.push_back([&, this] {
+        pg::Result r = write_.Query(
+            "UPDATE tasks SET node=NULL,want=$1 WHERE id=$2 AND node=$3 AND state='routed'",
+            {want, id, node_});
+        CORTEX_RETURN_IF_ERROR(Done(r, "hand task " + id + " to the shared queue"));
+        return r.Affected() ? Status::OK() : NotOurs(id);
+      });
+    *out = CommitEach(writes);
+  }
+
   int SchemaVersion() override {
     Reading r(*this);
     if (!r.status().ok()) return 0;
@@ -921,24 +981,10 @@ class PgStore : public Store {
     return write_.Exec(apply ? "COMMIT" : "ROLLBACK").status();
   }
 
-  // One cortexd per database: a second would interleave its recovery with live work. The
-  // lock is the writer's session's, so a cortexd that dies (or loses its connection)
-  // releases it at once.
-  Status LockDatabase() {
-    pg::Result r = write_.Query("SELECT pg_try_advisory_lock($1)", {kDaemonLock});
-    CORTEX_RETURN_IF_ERROR(r.status());
-    if (!r.Bool(0, 0))
-      return Status::FailedPrecondition(
-          "another cortexd is using the store " + shown_ +
-          " (it holds the database's advisory lock); this build runs one cortexd per database");
-    return Status::OK();
-  }
-
   // The writer's connection is up (reconnected, and the lock taken again, after it broke).
   Status Ready() {
     if (!write_.Broken()) return Status::OK();
     Status st = write_.Reset();
-    if (st.ok()) st = LockDatabase();
     if (!st.ok()) {
       write_.Close();  // reconnect on the next write, not half-way through this one's
       return st.WithContext("store " + shown_ + ": the connection to PostgreSQL was lost");
@@ -1037,6 +1083,13 @@ class PgStore : public Store {
     return true;
   }
 
+  // A write for a task another node has taken over.
+  Status NotOurs(const std::string& id) {
+    return Status::FailedPrecondition("task " + id + " is no longer node " + node_ +
+                                      "'s: another node took it over after declaring this one "
+                                      "lost");
+  }
+
   Status Done(const pg::Result& r, const std::string& what) {
     return r.ok() ? Status::OK() : r.status().WithContext(what);
   }
@@ -1126,6 +1179,7 @@ class PgStore : public Store {
 
   const std::string url_;    // as configured (it may hold a password)
   const std::string shown_;  // as shown: the password replaced by ***
+  std::string node_;         // in a cluster, this cortexd's node (SetNode, before any write)
   pg::Conn write_;
   std::mutex mu_;  // the writer's connection; a group holds it for its whole transaction
   GroupQueue<Write> writers_{kMaxGroup};

@@ -24,6 +24,10 @@ struct DaemonConfig {
   size_t max_queued = 100000;  // tasks waiting to run; a submit beyond is refused
   // Besides the daemon's own user (and root), members of this group may use the socket.
   std::string allow_group;
+  // A cluster (store.url): this node's name (empty: the host name and a hash of the
+  // socket's path), and how long a node may miss its heartbeats before it is lost.
+  std::string node;
+  double node_timeout_s = 5;
 };
 
 struct StoreConfig {

@@ -134,6 +134,21 @@ class Store {
   virtual Status Sync() = 0;
   virtual int SchemaVersion() = 0;
   virtual std::string Path() const = 0;
+
+  // A cluster (PostgreSQL only): this cortexd's node name. From then on new tasks are
+  // this node's, an attempt starts only on a task this node owns, an outcome is recorded
+  // only for an attempt still open, and Recover touches only this node's tasks.
+  virtual Status SetNode(const std::string& node) {
+    return Status::FailedPrecondition("a cluster needs a PostgreSQL store (store.url)");
+  }
+  // A cluster: routed tasks of this node handed to the shared queue, each for the expert
+  // its next attempt needs (nodes hosting it claim it there). Each task's status in `out`:
+  // FailedPrecondition when this node no longer owns it.
+  virtual void Release(const std::vector<std::pair<std::string, std::string>>& tasks,
+                       std::vector<Status>* out) {
+    out->assign(tasks.size(),
+                Status::FailedPrecondition("a cluster needs a PostgreSQL store (store.url)"));
+  }
 };
 
 // Opens (creating if needed) the store at `path`: a SQLite file, ":memory:" for a private

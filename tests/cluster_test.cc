@@ -1,0 +1,291 @@
+// A cluster end to end: three real cortexd nodes on one machine sharing the tests'
+// PostgreSQL server, driven by cortexctl and raw clients (docs/CLUSTER.md).
+#include <gtest/gtest.h>
+#include <libpq-fe.h>
+#include <signal.h>
+
+#include <atomic>
+#include <fstream>
+#include <map>
+#include <mutex>
+#include <set>
+#include <sstream>
+#include <thread>
+
+#include "cortex/client.h"
+#include "pg/pg_server.h"
+#include "testutil.h"
+
+namespace cortex {
+namespace {
+
+using test::Daemon;
+using test::TempDir;
+using json = nlohmann::json;
+
+// One node: its own folder, socket and name, the cluster's database, `experts_yaml`.
+std::unique_ptr<Daemon> Node(const TempDir& dir, const std::string& name, const std::string& url,
+                             const std::string& experts_yaml) {
+  auto d = std::make_unique<Daemon>(
+      dir, experts_yaml,
+      "router: {exploration: 0, seed: 1, load_bias: 0}\ntraining: {online: false, "
+      "interval: 1h, min_new_outcomes: 100000}\n",
+      /*bundled=*/true);
+  std::string c = test::ReadFile(d->config);
+  c.erase(0, c.find('\n') + 1);  // its own daemon section: the node's name, a short timeout
+  c = "daemon: {socket: " + d->socket + ", workers: 4, shutdown_grace: 2s, node: " + name +
+      ", node_timeout: 3s}\n" + c;
+  test::WriteFile(d->config, c);
+  d->UseStoreUrl(url);
+  return d;
+}
+
+// A command expert `name` that appends "<task id> <node>" to `runs`, on `node`.
+std::string Recording(const std::string& name, const std::string& node, const std::string& runs,
+                      const std::string& keywords, int capacity = 2) {
+  return "  - name: " + name +
+         "\n    plugin: command\n    run: [/bin/sh, -c, 'echo \"$CORTEX_TASK_ID " + node +
+         "\" >> " + runs + "; sleep 0.05']\n    capacity: " + std::to_string(capacity) +
+         "\n    keywords: [" + keywords + "]\n";
+}
+
+// Lines of `runs` by task id: the nodes that ran each.
+std::map<std::string, std::vector<std::string>> Runs(const std::string& runs) {
+  std::map<std::string, std::vector<std::string>> out;
+  std::ifstream in(runs);
+  std::string id, node;
+  while (in >> id >> node) out[id].push_back(node);
+  return out;
+}
+
+// Task states straight from the database, for the ids given.
+std::map<std::string, std::string> States(const std::string& url,
+                                          const std::set<std::string>& ids) {
+  std::map<std::string, std::string> out;
+  PGconn* c = PQconnectdb(url.c_str());
+  PGresult* r = PQexec(c, "SELECT id,state FROM tasks");
+  for (int i = 0; i < PQntuples(r); ++i)
+    if (ids.count(PQgetvalue(r, i, 0))) out[PQgetvalue(r, i, 0)] = PQgetvalue(r, i, 1);
+  PQclear(r);
+  PQfinish(c);
+  return out;
+}
+
+class ClusterTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    std::string why;
+    test::PgServer* pg = test::PgServer::Get(&why);
+    if (!pg) GTEST_SKIP() << "no PostgreSQL server: " << why;
+    url_ = pg->NewDatabase();
+    ASSERT_FALSE(url_.empty());
+  }
+  std::string url_;
+  TempDir dirs_[3];
+  TempDir shared_;
+};
+
+// Work submitted to one node runs on the node that hosts its expert; the submitter's wait
+// ends with it; every node sees every node, its experts, and the task.
+TEST_F(ClusterTest, WorkSubmittedToOneNodeRunsOnTheNodeThatHostsItsExpert) {
+  const std::string runs = shared_ / "runs";
+  auto a = Node(dirs_[0], "a", url_, "experts:\n" + Recording("alpha", "a", runs, "alpha, apple"));
+  auto b = Node(dirs_[1], "b", url_, "experts:\n" + Recording("beta", "b", runs, "beta, banana"));
+  auto c = Node(dirs_[2], "c", url_, "experts:\n" + Recording("gamma", "c", runs, "gamma, grape"));
+  for (auto* d : {a.get(), b.get(), c.get()}) ASSERT_TRUE(d->Start()) << d->Log();
+  // Each node sees the three (a heartbeat or two after the last one started).
+  ASSERT_TRUE(test::Eventually([&] {
+    for (auto* d : {a.get(), b.get(), c.get()}) {
+      json st = d->CtlJson({"status"});
+      if (!st["nodes"].is_array() || st["nodes"].size() != 3) return false;
+      for (const auto& n : st["nodes"])
+        if (!n["alive"].get<bool>()) return false;
+    }
+    return true;
+  })) << a->CtlJson({"status"}).dump();
+  // Routing on a sees b's expert: a task for it goes there, and the wait on a ends.
+  test::Run r = a->Ctl({"submit", "--wait", "peel the banana for beta", "--json"});
+  ASSERT_EQ(r.code, 0) << r.out << r.err << a->Log() << b->Log();
+  const std::string id = r.Json().value("id", "");
+  EXPECT_EQ(r.Json()["state"], "succeeded") << r.out;
+  auto ran = Runs(runs);
+  ASSERT_EQ(ran[id].size(), 1u) << test::ReadFile(runs);
+  EXPECT_EQ(ran[id][0], "b");
+  // Any node shows it, and the history of every node's tasks.
+  json t = c->CtlJson({"show", id});
+  EXPECT_EQ(t["state"], "succeeded") << t.dump();
+  EXPECT_EQ(t["attempts"][0]["expert"], "beta");
+  EXPECT_EQ(c->CtlJson({"history"}).size(), 1u);
+  // `experts` on a lists every instance with its node.
+  std::map<std::string, std::string> where;
+  for (const auto& e : a->CtlJson({"experts"}))
+    if (e["name"] == "alpha" || e["name"] == "beta" || e["name"] == "gamma")
+      where[e["name"]] = e["node"];
+  EXPECT_EQ(where,
+            (std::map<std::string, std::string>{{"alpha", "a"}, {"beta", "b"}, {"gamma", "c"}}));
+  test::Run text = a->Ctl({"status"});
+  EXPECT_NE(text.out.find("cluster:   node a of 3"), std::string::npos) << text.out;
+  // A task for a's own expert stays on a.
+  r = b->Ctl({"submit", "--wait", "an apple for alpha", "--json"});
+  ASSERT_EQ(r.code, 0) << r.out << r.err;
+  EXPECT_EQ(Runs(runs)[r.Json().value("id", "")], std::vector<std::string>{"a"});
+  for (auto* d : {a.get(), b.get(), c.get()}) EXPECT_EQ(d->Stop(SIGTERM), 0) << d->Log();
+}
+
+// SIGKILL one of three nodes under load from 8 submitters: every acknowledged task is in
+// the database and ends (succeeded, or interrupted if it was running on the dead node);
+// none runs twice; the others declare the node lost and say so.
+TEST_F(ClusterTest, KillingANodeUnderLoadLosesNothingAndRunsNothingTwice) {
+  const std::string runs = shared_ / "runs";
+  std::unique_ptr<Daemon> nodes[3];
+  const char* names[3] = {"a", "b", "c"};
+  for (int i = 0; i < 3; ++i) {
+    nodes[i] =
+        Node(dirs_[i], names[i], url_, "experts:\n" + Recording("work", names[i], runs, "job"));
+    ASSERT_TRUE(nodes[i]->Start()) << nodes[i]->Log();
+  }
+  std::set<std::string> acked;
+  std::mutex mu;
+  std::atomic<bool> stop{false}, b_dead{false};
+  std::vector<std::thread> clients;
+  for (int c = 0; c < 8; ++c)
+    clients.emplace_back([&, c] {
+      for (int i = 0; !stop.load(); ++i) {
+        int target = (c + i) % 3;
+        if (target == 1 && b_dead.load()) target = c % 2 == 0 ? 0 : 2;
+        Client cl;
+        if (!cl.Connect(nodes[target]->socket).ok()) continue;
+        json resp;
+        json req = {{"op", "submit"},
+                    {"text", "job " + std::to_string(c) + "-" + std::to_string(i)}};
+        if (cl.Call(req, &resp).ok() && resp.value("ok", false)) {
+          std::lock_guard<std::mutex> l(mu);
+          acked.insert(resp["result"]["id"].get<std::string>());
+        }
+        usleep(4000);
+      }
+    });
+  auto count = [&] {
+    std::lock_guard<std::mutex> l(mu);
+    return acked.size();
+  };
+  ASSERT_TRUE(test::Eventually([&] { return count() >= 120; }, 60));
+  nodes[1]->Stop(SIGKILL);
+  b_dead = true;
+  const size_t at_kill = count();
+  ASSERT_TRUE(test::Eventually([&] { return count() >= at_kill + 120; }, 60));
+  stop = true;
+  for (auto& t : clients) t.join();
+
+  // Every acknowledged task ends on the live nodes: none is lost or left hanging.
+  std::map<std::string, std::string> states;
+  ASSERT_TRUE(test::Eventually(
+      [&] {
+        states = States(url_, acked);
+        if (states.size() != acked.size()) return false;
+        for (const auto& [id, s] : states)
+          if (s != "succeeded" && s != "interrupted" && s != "failed") return false;
+        return true;
+      },
+      90))
+      << states.size() << " of " << acked.size() << " in the database";
+  std::map<std::string, int> by_state;
+  for (const auto& [id, s] : states) ++by_state[s];
+  auto ran = Runs(runs);
+  size_t twice = 0, never = 0;
+  for (const auto& id : acked) {
+    const size_t n = ran.count(id) ? ran[id].size() : 0;
+    if (n > 1) ++twice;
+    if (n == 0 && states[id] == "succeeded") ++never;
+  }
+  std::printf(
+      "acknowledged %zu (%zu before the kill); lost %zu; run twice %zu; succeeded %d, "
+      "interrupted %d, failed %d\n",
+      acked.size(), at_kill, acked.size() - states.size(), twice, by_state["succeeded"],
+      by_state["interrupted"], by_state["failed"]);
+  EXPECT_EQ(twice, 0u);
+  EXPECT_EQ(never, 0u);
+  std::string a_failed;
+  for (const auto& [id, s] : states)
+    if (s == "failed") a_failed = id;
+  EXPECT_EQ(by_state["failed"], 0) << nodes[0]->CtlJson({"show", a_failed}).dump();
+  EXPECT_EQ(by_state["succeeded"] + by_state["interrupted"], static_cast<int>(acked.size()));
+  // The survivors said so, and show b as gone.
+  bool told = false;
+  for (const auto& e : nodes[0]->CtlJson({"events", "--limit", "200"}))
+    told |= e["event"] == "node-lost" && e["file"] == "b";
+  EXPECT_TRUE(told);
+  for (const auto& n : nodes[2]->CtlJson({"status"})["nodes"])
+    if (n["node"] == "b") {
+      EXPECT_FALSE(n["alive"].get<bool>());
+    }
+  // Back, b rejoins and runs work again.
+  nodes[1] = Node(dirs_[1], "b", url_, "experts:\n" + Recording("work", "b", runs, "job"));
+  ASSERT_TRUE(nodes[1]->Start()) << nodes[1]->Log();
+  test::Run r = nodes[1]->Ctl({"submit", "--wait", "one more job"});
+  EXPECT_EQ(r.code, 0) << r.err;
+  for (auto& d : nodes) EXPECT_EQ(d->Stop(SIGTERM), 0) << d->Log();
+}
+
+// One node trains; a model it makes live reaches every node; when it dies another takes
+// the role.
+TEST_F(ClusterTest, TheTrainerRoleMovesAndALiveModelReachesEveryNode) {
+  const std::string runs = shared_ / "runs";
+  std::unique_ptr<Daemon> nodes[3];
+  const char* names[3] = {"a", "b", "c"};
+  for (int i = 0; i < 3; ++i) {
+    nodes[i] = Node(dirs_[i], names[i], url_,
+                    "experts:\n" + Recording("work", names[i], runs, "job") +
+                        Recording("other", names[i], runs, "chore"));
+    ASSERT_TRUE(nodes[i]->Start()) << nodes[i]->Log();
+  }
+  for (int i = 0; i < 30; ++i)
+    ASSERT_EQ(nodes[i % 3]->Ctl({"submit", "--wait", i % 2 ? "a job" : "a chore"}).code, 0);
+  std::string trainer;
+  ASSERT_TRUE(test::Eventually([&] {
+    trainer = nodes[0]->CtlJson({"status"}).value("trainer_node", "");
+    return !trainer.empty();
+  }));
+  const int t = trainer == "a" ? 0 : trainer == "b" ? 1 : 2;
+  // Another node does not train; it says which one does.
+  test::Run no = nodes[(t + 1) % 3]->Ctl({"retrain", "--wait"});
+  EXPECT_NE(no.code, 0);
+  EXPECT_NE(no.err.find("node " + trainer + " is"), std::string::npos) << no.err;
+  // The trainer does; its model, made live, is live on every node within seconds.
+  test::Run yes = nodes[t]->Ctl({"retrain", "--wait", "--json"});
+  ASSERT_EQ(yes.code, 0) << yes.out << yes.err;
+  const int v = yes.Json().value("version", 0);
+  ASSERT_GT(v, 0) << yes.out;
+  if (!yes.Json().value("live", false)) {
+    ASSERT_EQ(nodes[t]->Ctl({"models", "rollback", std::to_string(v), "--force"}).code, 0);
+  }
+  const std::string live = "v" + std::to_string(v);
+  ASSERT_TRUE(test::Eventually([&] {
+    for (auto& d : nodes)
+      if (d->CtlJson({"status"})["model_version"] != live) return false;
+    return true;
+  })) << nodes[(t + 1) % 3]->CtlJson({"status"})["model_version"];
+  // Decisions on another node name that version.
+  test::Run r = nodes[(t + 2) % 3]->Ctl({"submit", "--wait", "a job", "--json"});
+  ASSERT_EQ(r.code, 0);
+  EXPECT_EQ(
+      nodes[(t + 2) % 3]->CtlJson({"show", r.Json().value("id", "")})["decision"]["model_version"],
+      live);
+  // The trainer dies; one of the others takes the role.
+  nodes[t]->Stop(SIGKILL);
+  std::string next;
+  ASSERT_TRUE(test::Eventually([&] {
+    next = nodes[(t + 1) % 3]->CtlJson({"status"}).value("trainer_node", "");
+    return !next.empty() && next != trainer;
+  })) << next;
+  test::Run again =
+      nodes[next == names[(t + 1) % 3] ? (t + 1) % 3 : (t + 2) % 3]->Ctl({"retrain", "--wait"});
+  EXPECT_EQ(again.code, 0) << again.err;
+  for (int i = 0; i < 3; ++i)
+    if (i != t) {
+      EXPECT_EQ(nodes[i]->Stop(SIGTERM), 0) << nodes[i]->Log();
+    }
+}
+
+}  // namespace
+}  // namespace cortex
