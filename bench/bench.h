@@ -61,6 +61,7 @@ int Score(const SpeedOptions& opt);
 struct PrivateDaemon {
   std::filesystem::path dir;
   std::string socket;
+  std::string store_url;  // set before Start: a node of the cluster on this database
   pid_t pid = -1;
   PrivateDaemon() = default;
   PrivateDaemon(const PrivateDaemon&) = delete;

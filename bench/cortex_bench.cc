@@ -34,8 +34,9 @@ using Clock = std::chrono::steady_clock;
 // are `errors`, and the first reason is said on stderr.
 // `log`: the store's write-ahead log, whose largest size during the run is reported (its
 // bound under sustained load); empty for a cortexd not our own.
-int Throughput(const std::string& socket, int clients, int tasks, const std::string& text,
-               const std::string& log, json* out) {
+// Client c talks to sockets[c % sockets.size()] (a cluster's nodes, or one cortexd).
+int Throughput(const std::vector<std::string>& sockets, int clients, int tasks,
+               const std::string& text, const std::string& log, json* out) {
   std::atomic<bool> running{true};
   std::atomic<uintmax_t> log_peak{0};
   std::thread watch_log([&] {
@@ -59,7 +60,9 @@ int Throughput(const std::string& socket, int clients, int tasks, const std::str
   for (int c = 0; c < clients; ++c)
     ts.emplace_back([&, c] {
       cortex::Client cl;
-      if (cortex::Status st = cl.Connect(socket); !st.ok()) return error(st.ToString());
+      if (cortex::Status st = cl.Connect(sockets[static_cast<size_t>(c) % sockets.size()]);
+          !st.ok())
+        return error(st.ToString());
       while (next.fetch_add(1) < tasks) {
         auto s = Clock::now();
         json resp;
@@ -98,13 +101,13 @@ int Throughput(const std::string& socket, int clients, int tasks, const std::str
 }
 
 // Every client count against one cortexd, a table row each; the runs appended to *runs.
-int ThroughputRuns(const std::string& socket, const std::string& store, const std::string& log,
-                   const std::vector<int>& clients, int tasks, const std::string& text,
-                   json* runs) {
+int ThroughputRuns(const std::vector<std::string>& sockets, const std::string& store,
+                   const std::string& log, const std::vector<int>& clients, int tasks,
+                   const std::string& text, json* runs) {
   int rc = 0;
   for (int c : clients) {
     json r;
-    rc |= Throughput(socket, c, tasks, text, log, &r);
+    rc |= Throughput(sockets, c, tasks, text, log, &r);
     r["store"] = store;
     std::printf(
         "%-7s %7d %9.0f %9.2f %9.2f %9d %6d %6d %9s\n", store.c_str(), c,
@@ -127,7 +130,8 @@ int main(int argc, char** argv) {
   std::string json_out, socket, text = "run the no-op command";
   std::vector<int> clients = {1, 8, 32, 128};
   int tasks = 2000;
-  std::string store = "both";
+  std::string store = "both", store_url;
+  int nodes = 1;
   auto* tp = app.add_subcommand(
       "throughput",
       "tasks/s and latency through cortexd (submit --wait) for each client count; without "
@@ -142,6 +146,13 @@ int main(int argc, char** argv) {
   tp->add_option("--store", store,
                  "without --socket: its cortexd's store on disk, on tmpfs, or both (default)")
       ->check(CLI::IsMember({"disk", "tmpfs", "both"}));
+  tp->add_option("--store-url", store_url,
+                 "without --socket: its cortexd nodes on this PostgreSQL database instead (a "
+                 "postgresql:// URI; use an empty database: the runs' tasks stay in it)");
+  tp->add_option("--nodes", nodes,
+                 "with --store-url: that many cortexd nodes, the clients spread over them "
+                 "(default 1)")
+      ->check(CLI::Range(1, 16));
   tp->add_option("--text", text, "the task text");
   tp->add_option("--json", json_out, "write the figures to this file");
   cortex::bench::SpeedOptions so;
@@ -218,24 +229,45 @@ int main(int argc, char** argv) {
                 "p99 ms", "succeeded", "failed", "errors", "log MiB");
     json runs = json::array();
     int rc = 0;
+    const int most = *std::max_element(clients.begin(), clients.end());
+    const std::string noop =
+        "router: {exploration: 0}\n"
+        "experts:\n  - {name: noop, plugin: misbehave, capacity: 64, keywords: [no-op]}\n";
     if (!socket.empty()) {
-      rc = ThroughputRuns(socket, "given", "", clients, tasks, text, &runs);
+      rc = ThroughputRuns({socket}, "given", "", clients, tasks, text, &runs);
+    } else if (!store_url.empty()) {
+      // A cluster of `nodes` on the database, every node hosting the no-op expert.
+      std::vector<std::unique_ptr<cortex::bench::PrivateDaemon>> ds;
+      std::vector<std::string> sockets;
+      for (int n = 0; n < nodes; ++n) {
+        ds.push_back(std::make_unique<cortex::bench::PrivateDaemon>());
+        ds.back()->store_url = store_url;
+        if (!ds.back()->Start(
+                "", fmt::format("workers: 8, max_connections: {}, node: bench{}", most + 8, n), "",
+                noop))
+          return 1;
+        sockets.push_back(ds.back()->socket);
+      }
+      rc |= ThroughputRuns(sockets, fmt::format("pg/{}", nodes), "", clients, tasks, text, &runs);
+      for (auto& d : ds)
+        if (int stop = d->Stop(); stop != 0) {
+          std::fprintf(stderr, "cortex-bench: a node exited %d (log kept: %s/cortexd.log)\n",
+                       stop, d->dir.c_str());
+          d->dir.clear();
+          rc = 1;
+        }
     } else {
       std::vector<std::pair<std::string, std::string>> media;  // name, base folder
       if (store != "tmpfs") media.emplace_back("disk", "/tmp");
       if (store != "disk") media.emplace_back("tmpfs", "/dev/shm");
-      const int most = *std::max_element(clients.begin(), clients.end());
       for (const auto& [name, base] : media) {
         cortex::bench::PrivateDaemon d;
-        if (!d.Start("", fmt::format("workers: 8, max_connections: {}", most + 8), "",
-                     "router: {exploration: 0}\n"
-                     "experts:\n  - {name: noop, plugin: misbehave, capacity: 64, keywords: "
-                     "[no-op]}\n",
+        if (!d.Start("", fmt::format("workers: 8, max_connections: {}", most + 8), "", noop,
                      base))
           return 1;
         std::fprintf(stderr, "cortex-bench: %s: through a cortexd of its own (%s)\n", name.c_str(),
                      d.dir.c_str());
-        rc |= ThroughputRuns(d.socket, name, (d.dir / "data/cortex.db-wal").string(), clients,
+        rc |= ThroughputRuns({d.socket}, name, (d.dir / "data/cortex.db-wal").string(), clients,
                              tasks, text, &runs);
         if (int stop = d.Stop(); stop != 0) {
           std::fprintf(stderr, "cortex-bench: its cortexd exited %d (log kept: %s/cortexd.log)\n",

@@ -41,7 +41,10 @@ bool PrivateDaemon::Start(const std::string& cortexd_path, const std::string& da
   }
   fs::permissions(dir / "plugins/misbehave.so", fs::perms(0755), fs::perm_options::replace);
   std::ofstream(dir / "cortex.yaml") << "daemon: {socket: " << socket << ", " << daemon_opts
-                                     << "}\nstore: {path: " << (dir / "data/cortex.db").string()
+                                     << "}\nstore: {"
+                                     << (store_url.empty()
+                                             ? "path: " + (dir / "data/cortex.db").string()
+                                             : "url: '" + store_url + "'")
                                      << "}\nplugins: {dir: " << (dir / "plugins").string()
                                      << ", bundled: false, " << plugin_opts << "}\n"
                                      << rest;

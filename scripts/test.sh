@@ -40,10 +40,12 @@ targets="" sanitized build-asan address,undefined -E "$plugin_suites|^BenchTest\
 (cd "$root/build-asan" &&
  ASAN_OPTIONS="$ASAN_OPTIONS:detect_leaks=0" ctest -j "$jobs" --output-on-failure --timeout 600 -R "$plugin_suites")
 # TSan: the tests where threads meet (daemon end to end, store, learner, readiness
-# notified from the main and loader threads, cancelling queued and running tasks). The retrain cancellation test needs a
+# notified from the main and loader threads, cancelling queued and running tasks, the
+# cluster's nodes; PgServer is the PostgreSQL fixture they need). The retrain cancellation test needs a
 # thousand outcomes, which take minutes under TSan: the plain and ASan runs cover it.
-targets="e2e_test store_test gating_test unix_test cli_test" sanitized build-tsan thread \
-  -R "E2E|StoreTest|Gating|Unix\\.Readiness|CliTest\\.WaitCancel" -E "AStopCancelsARetrain"
+targets="e2e_test store_test gating_test unix_test cli_test cluster_test cortex-test-pg" \
+  sanitized build-tsan thread \
+  -R "E2E|StoreTest|Gating|Unix\\.Readiness|CliTest\\.WaitCancel|ClusterTest|PgServer" -E "AStopCancelsARetrain"
 
 # libFuzzer (clang): each target from its seed corpus, for a bounded time; a finding
 # fails the run and leaves its input in build-fuzz/.
