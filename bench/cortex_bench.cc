@@ -152,7 +152,7 @@ int main(int argc, char** argv) {
   tp->add_option("--nodes", nodes,
                  "with --store-url: that many cortexd nodes, the clients spread over them "
                  "(default 1)")
-      ->check(CLI::Range(1, 16));
+      ->check(CLI::Range(1, 100));
   tp->add_option("--text", text, "the task text");
   tp->add_option("--json", json_out, "write the figures to this file");
   cortex::bench::SpeedOptions so;
@@ -251,8 +251,8 @@ int main(int argc, char** argv) {
       rc |= ThroughputRuns(sockets, fmt::format("pg/{}", nodes), "", clients, tasks, text, &runs);
       for (auto& d : ds)
         if (int stop = d->Stop(); stop != 0) {
-          std::fprintf(stderr, "cortex-bench: a node exited %d (log kept: %s/cortexd.log)\n",
-                       stop, d->dir.c_str());
+          std::fprintf(stderr, "cortex-bench: a node exited %d (log kept: %s/cortexd.log)\n", stop,
+                       d->dir.c_str());
           d->dir.clear();
           rc = 1;
         }
@@ -262,8 +262,7 @@ int main(int argc, char** argv) {
       if (store != "disk") media.emplace_back("tmpfs", "/dev/shm");
       for (const auto& [name, base] : media) {
         cortex::bench::PrivateDaemon d;
-        if (!d.Start("", fmt::format("workers: 8, max_connections: {}", most + 8), "", noop,
-                     base))
+        if (!d.Start("", fmt::format("workers: 8, max_connections: {}", most + 8), "", noop, base))
           return 1;
         std::fprintf(stderr, "cortex-bench: %s: through a cortexd of its own (%s)\n", name.c_str(),
                      d.dir.c_str());

@@ -40,14 +40,13 @@ bool PrivateDaemon::Start(const std::string& cortexd_path, const std::string& da
     return false;
   }
   fs::permissions(dir / "plugins/misbehave.so", fs::perms(0755), fs::perm_options::replace);
-  std::ofstream(dir / "cortex.yaml") << "daemon: {socket: " << socket << ", " << daemon_opts
-                                     << "}\nstore: {"
-                                     << (store_url.empty()
-                                             ? "path: " + (dir / "data/cortex.db").string()
-                                             : "url: '" + store_url + "'")
-                                     << "}\nplugins: {dir: " << (dir / "plugins").string()
-                                     << ", bundled: false, " << plugin_opts << "}\n"
-                                     << rest;
+  std::ofstream(dir / "cortex.yaml")
+      << "daemon: {socket: " << socket << ", " << daemon_opts << "}\nstore: {"
+      << (store_url.empty() ? "path: " + (dir / "data/cortex.db").string()
+                            : "url: '" + store_url + "'")
+      << "}\nplugins: {dir: " << (dir / "plugins").string() << ", bundled: false, " << plugin_opts
+      << "}\n"
+      << rest;
   const std::string cortexd = cortexd_path.empty() ? (exe_dir / "cortexd").string() : cortexd_path;
   pid = fork();
   if (pid == 0) {

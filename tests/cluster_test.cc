@@ -215,7 +215,8 @@ TEST_F(ClusterTest, KillingANodeUnderLoadLosesNothingAndRunsNothingTwice) {
   for (const auto& e : nodes[0]->CtlJson({"events", "--limit", "200"}))
     told |= e["event"] == "node-lost" && e["file"] == "b";
   EXPECT_TRUE(told);
-  for (const auto& n : nodes[2]->CtlJson({"status"})["nodes"])
+  const json status_c = nodes[2]->CtlJson({"status"});
+  for (const auto& n : status_c["nodes"])
     if (n["node"] == "b") {
       EXPECT_FALSE(n["alive"].get<bool>());
     }
@@ -253,7 +254,7 @@ TEST_F(ClusterTest, TheTrainerRoleMovesAndALiveModelReachesEveryNode) {
   EXPECT_NE(no.err.find("node " + trainer + " is"), std::string::npos) << no.err;
   // The trainer does; its model, made live, is live on every node within seconds.
   test::Run yes = nodes[t]->Ctl({"retrain", "--wait", "--json"});
-  ASSERT_EQ(yes.code, 0) << yes.out << yes.err;
+  ASSERT_EQ(yes.code, 0) << yes.out << yes.err << nodes[t]->Log();
   const int v = yes.Json().value("version", 0);
   ASSERT_GT(v, 0) << yes.out;
   if (!yes.Json().value("live", false)) {

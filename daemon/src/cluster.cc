@@ -84,6 +84,7 @@ void Cluster::Beat() {
     return;
   }
   const double now = Env::Default()->NowUnix();
+  was_lost |= !joined_ && options_.was_lost;
   if (!joined_ || was_lost) {
     const std::string what =
         was_lost ? "back after the others declared it lost (its tasks were taken over then)"

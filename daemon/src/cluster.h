@@ -27,6 +27,7 @@ struct ClusterOptions {
   double heartbeat_s = 1;  // how often it heartbeats
   double timeout_s = 5;    // a node silent this long is lost (daemon.node_timeout)
   double started_at = 0;
+  bool was_lost = false;  // its first heartbeat (before recovery) found it declared lost
 };
 
 class Cluster : public ClusterHooks {

@@ -443,6 +443,14 @@ class DaemonImpl : public Daemon, public RequestHandler {
       Result<std::unique_ptr<ClusterLink>> link = OpenClusterLink(config_.store.url, node_);
       if (!link.ok()) return link.status();
       cluster_link_ = std::move(link).value();
+      // A heartbeat before recovery: a node that restarts within the timeout is not
+      // declared lost (its tasks taken over) while it resumes them.
+      NodeInfo me;
+      me.node = node_;
+      me.socket = config_.daemon.socket;
+      me.pid = static_cast<int>(getpid());
+      me.started_at = env_->NowUnix();
+      CORTEX_RETURN_IF_ERROR(cluster_link_->Heartbeat(me, &node_was_lost_));
       LogInfo("cluster: node {} on {}", node_, store_->Path());
       return Status::OK();
     }
@@ -561,14 +569,16 @@ class DaemonImpl : public Daemon, public RequestHandler {
       co.socket = config_.daemon.socket;
       co.timeout_s = config_.daemon.node_timeout_s;
       co.started_at = env_->NowUnix();
+      co.was_lost = node_was_lost_;
       cluster_ =
           std::make_unique<Cluster>(co, std::move(cluster_link_), store_.get(), registry_.get(),
                                     pipeline_.get(), [this] { trainer_->ReloadLive(); });
       pipeline_->SetCluster(cluster_.get());
       trainer_->SetCluster(
           [this] {
-            if (cluster_->Trainer()) return std::string();
+            // (Its own row says so only while its link holds the lock: as good a word.)
             const std::string who = cluster_->TrainerNode();
+            if (cluster_->Trainer() || who == node_) return std::string();
             return who.empty() ? std::string("none") : who;
           },
           [this](int version) { cluster_->ModelChanged(version); });
@@ -786,6 +796,7 @@ class DaemonImpl : public Daemon, public RequestHandler {
   // A cluster (store.url): this node's link to the others, then the node itself.
   std::string node_;
   std::unique_ptr<ClusterLink> cluster_link_;  // until PrepareRouting makes cluster_
+  bool node_was_lost_ = false;
   std::unique_ptr<Cluster> cluster_;
   std::atomic<bool> stop_{false};  // no new work
 };

@@ -405,6 +405,21 @@ struct Pipeline::Impl {
       cancels_.erase(id);
       return Status::FailedPrecondition("task " + id + " has already ended: " + ToString(t.state));
     }
+    if (cluster_) {
+      bool here;
+      {
+        std::lock_guard<std::mutex> w(waiters_mu_);
+        here = live_.count(id) > 0;
+      }
+      if (!here) {  // another node has it (or the shared queue): this one cannot stop it
+        std::lock_guard<std::mutex> l(queue_mu_);
+        cancels_.erase(id);
+        return Status::FailedPrecondition(
+            "task " + id + " (" + ToString(t.state) +
+            ") is not on this node: another node of the cluster runs it or will; cancel it "
+            "there (`cortexctl status` lists the nodes and their sockets)");
+      }
+    }
     return Status::OK();
   }
 
