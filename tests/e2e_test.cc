@@ -1710,6 +1710,55 @@ TEST(E2E, KillNineLosesNoAcknowledgedTask) {
   EXPECT_EQ(d.Stop(SIGTERM), 0);
 }
 
+// `n` clients submitting "job TAG-CLIENT-I" to `socket`, a pause of `pause_us` after each,
+// half of them waiting for the end, until Stop or the daemon is gone; each acknowledged id
+// is added to *acked (under *mu).
+class Submitters {
+ public:
+  Submitters(const std::string& socket, int n, const std::string& tag, int pause_us,
+             std::set<std::string>* acked, std::mutex* mu)
+      : acked_(acked), mu_(mu), start_(Count()) {
+    for (int c = 0; c < n; ++c)
+      threads_.emplace_back([=, this] {
+        Client cl;
+        if (!cl.Connect(socket).ok()) return;
+        for (int i = 0; !stop_.load(); ++i) {
+          json resp;
+          json req = {{"op", "submit"},
+                      {"text", "job " + tag + "-" + std::to_string(c) + "-" + std::to_string(i)},
+                      {"wait", c % 2 == 1}};
+          if (!cl.Call(req, &resp).ok()) return;  // the daemon is gone
+          if (resp.value("ok", false)) {
+            std::lock_guard<std::mutex> l(*mu_);
+            acked_->insert(resp["result"]["id"].get<std::string>());
+          }
+          usleep(static_cast<useconds_t>(pause_us));
+        }
+      });
+  }
+  ~Submitters() { Stop(); }
+  // Whether `more` submissions were acknowledged since these started (within 30 s).
+  bool WaitFor(size_t more) {
+    return test::Eventually([&] { return Count() >= start_ + more; });
+  }
+  void Stop() {
+    stop_ = true;
+    for (auto& t : threads_)
+      if (t.joinable()) t.join();
+  }
+
+ private:
+  size_t Count() {
+    std::lock_guard<std::mutex> l(*mu_);
+    return acked_->size();
+  }
+  std::set<std::string>* const acked_;
+  std::mutex* const mu_;
+  const size_t start_;
+  std::atomic<bool> stop_{false};
+  std::vector<std::thread> threads_;
+};
+
 // SQLite's own verdict on a store file, and whether it holds every id in `ids`.
 std::string IntegrityCheck(const std::string& path, const std::set<std::string>& ids,
                            size_t* missing) {
@@ -1753,40 +1802,13 @@ TEST(E2E, KillNineAtRandomMomentsUnderConcurrentLoad) {
   for (int cycle = 0; cycle < kCycles; ++cycle) {
     Daemon d(dir, cfg, kNoBias);
     ASSERT_TRUE(d.Start()) << d.Log();
-    std::atomic<bool> stop{false};
-    std::vector<std::thread> clients;
-    for (int c = 0; c < kClients; ++c)
-      clients.emplace_back([&, c] {
-        Client cl;
-        if (!cl.Connect(d.socket).ok()) return;
-        for (int i = 0; !stop.load(); ++i) {
-          json resp;
-          json req = {{"op", "submit"},
-                      {"text", "job " + std::to_string(cycle) + "-" + std::to_string(c) + "-" +
-                                   std::to_string(i)},
-                      {"wait", c % 2 == 1}};
-          if (!cl.Call(req, &resp).ok()) return;  // the daemon is gone
-          if (resp.value("ok", false)) {
-            std::lock_guard<std::mutex> l(mu);
-            acked.insert(resp["result"]["id"].get<std::string>());
-          }
-          // ~800 submissions/s in all: enough to hit every phase, few enough to drain.
-          usleep(static_cast<useconds_t>(kClients) * 1250);
-        }
-      });
+    // ~800 submissions/s in all: enough to hit every phase, few enough to drain.
+    Submitters clients(d.socket, kClients, std::to_string(cycle), kClients * 1250, &acked, &mu);
     // Some submissions of this cycle are through, then a random moment later the kill.
-    const size_t before = [&] {
-      std::lock_guard<std::mutex> l(mu);
-      return acked.size();
-    }();
-    ASSERT_TRUE(test::Eventually([&] {
-      std::lock_guard<std::mutex> l(mu);
-      return acked.size() >= before + kClients;
-    }));
+    ASSERT_TRUE(clients.WaitFor(kClients));
     usleep(50000 + static_cast<useconds_t>(rng() % 400000));
     d.Stop(SIGKILL);
-    stop = true;
-    for (auto& t : clients) t.join();
+    clients.Stop();
     size_t missing = 0;
     EXPECT_EQ(IntegrityCheck(d.store, acked, &missing), "ok") << "cycle " << cycle;
     EXPECT_EQ(missing, 0u) << "cycle " << cycle << ": acknowledged tasks lost";
@@ -2372,37 +2394,10 @@ TEST(E2EPostgres, KillNineUnderLoadLosesNoAcknowledgedTask) {
     Daemon d(dir, cfg, kNoBias);
     d.UseStoreUrl(url);
     ASSERT_TRUE(d.Start()) << d.Log();
-    std::atomic<bool> stop{false};
-    std::vector<std::thread> clients;
-    for (int c = 0; c < kClients; ++c)
-      clients.emplace_back([&, c] {
-        Client cl;
-        if (!cl.Connect(d.socket).ok()) return;
-        for (int i = 0; !stop.load(); ++i) {
-          json resp;
-          json req = {{"op", "submit"},
-                      {"text", "job " + std::to_string(cycle) + "-" + std::to_string(c) + "-" +
-                                   std::to_string(i)},
-                      {"wait", c % 2 == 1}};
-          if (!cl.Call(req, &resp).ok()) return;
-          if (resp.value("ok", false)) {
-            std::lock_guard<std::mutex> l(mu);
-            acked.insert(resp["result"]["id"].get<std::string>());
-          }
-          usleep(5000);
-        }
-      });
-    const size_t before = [&] {
-      std::lock_guard<std::mutex> l(mu);
-      return acked.size();
-    }();
-    ASSERT_TRUE(test::Eventually([&] {
-      std::lock_guard<std::mutex> l(mu);
-      return acked.size() >= before + 4 * kClients;
-    }));
+    Submitters clients(d.socket, kClients, std::to_string(cycle), 5000, &acked, &mu);
+    ASSERT_TRUE(clients.WaitFor(4 * kClients));
     d.Stop(SIGKILL);
-    stop = true;
-    for (auto& t : clients) t.join();
+    clients.Stop();
     EXPECT_EQ(PgTasksPresent(url, acked), acked.size()) << "cycle " << cycle;
   }
   std::printf("%zu acknowledged tasks across %d SIGKILL cycles\n", acked.size(), kCycles);

@@ -426,12 +426,6 @@ class SqliteStore : public Store {
     *out = CommitEach(writes, durable);
   }
 
-  Status RecordDecision(const std::string& id, const Decision& d) override {
-    std::vector<Status> st;
-    RecordDecisions({{id, &d}}, &st);
-    return st[0];
-  }
-
   void RecordDecisions(const std::vector<std::pair<std::string, const Decision*>>& batch,
                        std::vector<Status>* out) override {
     std::vector<std::string> cands;  // serialized before taking the writer's turn

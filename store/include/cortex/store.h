@@ -22,7 +22,11 @@ class Store {
   // Concurrent writes may share one commit; each still gets its own status.
   virtual Status InsertTask(const Task& task) = 0;
   // Records the decision and moves the task to `routed`.
-  virtual Status RecordDecision(const std::string& id, const Decision& d) = 0;
+  Status RecordDecision(const std::string& id, const Decision& d) {
+    std::vector<Status> st;
+    RecordDecisions({{id, &d}}, &st);
+    return st[0];
+  }
   // The same for a batch (one commit, usually): each task's status in `out`, in order.
   virtual void RecordDecisions(const std::vector<std::pair<std::string, const Decision*>>& batch,
                                std::vector<Status>* out) = 0;
