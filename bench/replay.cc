@@ -222,7 +222,7 @@ int Replay(const ReplayOptions& opt) {
   RetrainSchedule schedule(cfg.training.interval_s, cfg.training.min_new_outcomes);
   std::vector<LoggedOutcome> history;
   long online_ok = 0, retrains = 0, promotions = 0, new_outcomes = 0;
-  long seq = 0, fallbacks = 0, fallback_ok = 0;
+  long seq = 0, fallbacks = 0, fallback_ok = 0, explored = 0;
   const int max_attempts = opt.max_attempts > 0 ? opt.max_attempts : cfg.router.max_attempts;
   std::vector<int> to_late(N, 0), success_at(N, 0);
   std::vector<std::string> chosen_at(N);
@@ -248,6 +248,7 @@ int Replay(const ReplayOptions& opt) {
     const Decision& d = ds[0];
     const bool success = d.chosen == r.label;
     online_ok += success;
+    explored += d.explored;
     success_at[i] = success;
     chosen_at[i] = d.chosen;
     to_late[i] = d.chosen == opt.late_expert;
@@ -370,6 +371,7 @@ int Replay(const ReplayOptions& opt) {
                       {"max_attempts", max_attempts},
                       {"fallbacks", fallbacks},
                       {"fallback_successes", fallback_ok},
+                      {"explored", explored},
                       {"promotions", promotions},
                       {"live_version", live.learner->live_version()},
                       {"train_seconds", train_seconds},
@@ -380,6 +382,8 @@ int Replay(const ReplayOptions& opt) {
   std::printf("replay %s: %zu tasks, %ld retrains (%ld promoted, live v%d)\n", opt.corpus.c_str(),
               N, retrains, promotions, live.learner->live_version());
   std::printf("  online success (exploration included): %.3f\n", online);
+  std::printf("  explored first attempts: %ld (%.4f of tasks; router.exploration %.3f)\n", explored,
+              static_cast<double>(explored) / N, cfg.router.exploration);
   std::printf("  fallbacks (max_attempts %d): %ld, %ld succeeded (not counted above)\n",
               max_attempts, fallbacks, fallback_ok);
   std::printf("  by tenth of the stream:");
