@@ -146,11 +146,14 @@ TEST(GatingTest, RetrainPromotesABetterCandidateAndRefusesAWorseOne) {
   World w;
   LearnerOptions lo;
   lo.shape = SmallShape();
+  lo.max_examples = 1600;  // a window of 2000 outcomes, as the daemon reads for a retrain
+  lo.max_holdout = 400;
   Learner learner(lo, FeatureHasher(lo.shape.bits), MakeCpuEngine(), MakeCpuEngine());
   // The live model is untrained (no manifests: every expert scores alike, so its greedy
   // pick is bugfix, right a third of the time): a trained candidate is clearly better on
   // the held-out decisions.
   std::vector<LoggedOutcome> logged = Logged(&w, 2000);
+  const std::vector<LoggedOutcome> truthful = logged;
   auto res = learner.Retrain(logged, 1, 0);
   ASSERT_TRUE(res.ok()) << res.status().ToString();
   EXPECT_EQ(res->holdout_rows, 400);
@@ -176,6 +179,30 @@ TEST(GatingTest, RetrainPromotesABetterCandidateAndRefusesAWorseOne) {
   EXPECT_LT(res->diff.value + res->diff.ci, 0) << res->record.metrics;
   EXPECT_FALSE(res->promoted);
   EXPECT_EQ(res->record.status, "refused");
+
+  // The same outcomes as the newest window of a longer log: the live version's cutoff
+  // (1600) is older than all of them, so a restart would replay more than a retrain reads.
+  // The candidate is promoted all the same, saying why.
+  for (auto& o : logged) o.seq += 5000;
+  res = learner.Retrain(logged, 3, 0);
+  ASSERT_TRUE(res.ok());
+  EXPECT_LT(res->diff.value + res->diff.ci, 0) << res->record.metrics;
+  EXPECT_TRUE(res->promoted);
+  EXPECT_NE(res->reason.find("older than this retrain's outcomes"), std::string::npos)
+      << res->reason;
+  EXPECT_NE(res->record.metrics.find("\"live_cutoff\":1600"), std::string::npos)
+      << res->record.metrics;
+  // Without online updates a start replays nothing: no reason to promote a worse candidate.
+  lo.online_updates = false;
+  Learner offline(lo, FeatureHasher(lo.shape.bits), MakeCpuEngine(), MakeCpuEngine());
+  auto good = offline.Retrain(truthful, 1, 0);
+  ASSERT_TRUE(good.ok());
+  ASSERT_TRUE(good->promoted) << good->reason;
+  offline.Install(std::move(good->model), 1, good->record.trained_through, {});
+  res = offline.Retrain(logged, 2, 0);
+  ASSERT_TRUE(res.ok());
+  EXPECT_LT(res->diff.value + res->diff.ci, 0) << res->record.metrics;
+  EXPECT_FALSE(res->promoted) << res->reason;
 }
 
 TEST(GatingTest, OnlineStepsMoveTheLiveModelAndRecordTheVersion) {

@@ -244,6 +244,7 @@ void Learner::Install(GatingModel model, int version, long trained_through,
     live_ = std::move(model);
     version_ = version;
     trained_through_ = trained_through;
+    live_cutoff_ = trained_through;
   }
   for (const auto& o : newer)
     if (o.seq > trained_through) ObserveLocked(o);
@@ -318,7 +319,12 @@ Result<RetrainResult> Learner::Retrain(const std::vector<LoggedOutcome>& history
   }
   std::vector<float> q, q_live;
   CORTEX_RETURN_IF_ERROR(train_engine_->Score(res.model, x, names, prior, &q));
+  long live_cutoff;
   {
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      live_cutoff = live_cutoff_;
+    }
     // Online steps wait for this (one batch of at most max_holdout rows), not the reverse.
     std::shared_lock<std::shared_mutex> weights(model_mu_);
     CORTEX_RETURN_IF_ERROR(train_engine_->Score(live_, x, names, prior, &q_live));
@@ -359,11 +365,27 @@ Result<RetrainResult> Learner::Retrain(const std::vector<LoggedOutcome>& history
   const PolicyEstimate raw_candidate = res.candidate, raw_live = res.live;  // for the bounds
   res.candidate.value = std::clamp(res.candidate.value, 0.0, 1.0);
   res.live.value = std::clamp(res.live.value, 0.0, 1.0);
+  // The live version is caught up with online steps on every outcome after its cutoff when
+  // cortexd starts (or another node loads it). While candidates keep being refused that
+  // cutoff stays put, so once outcomes older than this retrain's window (the newest
+  // max_examples + max_holdout) lie after it, the candidate is promoted whatever its
+  // estimate: a start then replays at most a window, as a retrain reads. (Without online
+  // updates nothing is replayed.)
+  const bool full_window =
+      history.size() >= static_cast<size_t>(options_.max_examples) + options_.max_holdout;
+  const bool stale =
+      options_.online_updates && full_window && live_cutoff < history.front().seq - 1;
   if (eval.size() < kMinValidationDecisions) {
     res.reason = "too few held-out decisions to validate: " + std::to_string(eval.size()) +
                  ", at least " + std::to_string(kMinValidationDecisions) + " are needed";
-  } else if (res.diff.value < -kNotWorseTolerance) {
+  } else if (res.diff.value < -kNotWorseTolerance && !stale) {
     res.reason = "candidate estimated worse than the live policy";
+  } else if (res.diff.value < -kNotWorseTolerance) {
+    res.promoted = true;
+    res.reason = "candidate estimated worse than the live policy, but the live version's cutoff (" +
+                 std::to_string(live_cutoff) + ") is older than this retrain's outcomes (from " +
+                 std::to_string(history.front().seq) +
+                 "): promoted, so that catching up after a restart stays within that window";
   } else {
     res.promoted = true;
     res.reason = "candidate estimated not worse than the live policy";
@@ -389,7 +411,8 @@ Result<RetrainResult> Learner::Retrain(const std::vector<LoggedOutcome>& history
                       {"backend", train_engine_->backend()},
                       {"epochs", options_.train.epochs},
                       {"seconds", res.seconds},
-                      {"live_version_at_training", live_version()}};
+                      {"live_version_at_training", live_version()},
+                      {"live_cutoff", live_cutoff}};
   rec.metrics = m.dump();
   say(res.reason);
   return res;

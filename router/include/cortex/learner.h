@@ -128,6 +128,7 @@ class Learner {
   GatingModel live_;
   int version_ = 0;
   long trained_through_ = 0;
+  long live_cutoff_ = 0;  // the live version's own cutoff, as installed (before online steps)
   std::map<std::string, SparseVector> manifests_;
   uint64_t manifests_gen_ = 1;  // moves with every change to manifests_
   // Inverted index of the current experts' manifests: feature -> (expert column, weight),
