@@ -369,8 +369,8 @@ Result<RetrainResult> Learner::Retrain(const std::vector<LoggedOutcome>& history
   // cortexd starts (or another node loads it). While candidates keep being refused that
   // cutoff stays put, so once outcomes older than this retrain's window (the newest
   // max_examples + max_holdout) lie after it, the candidate is promoted whatever its
-  // estimate: a start then replays at most a window, as a retrain reads. (Without online
-  // updates nothing is replayed.)
+  // estimate: a start then replays about a window (as a retrain reads) at most. (Without
+  // online updates nothing is replayed.)
   const bool full_window =
       history.size() >= static_cast<size_t>(options_.max_examples) + options_.max_holdout;
   const bool stale =
