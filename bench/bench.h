@@ -36,6 +36,7 @@ struct ReplayOptions {
   std::string html_out;  // the learning curve as a page (cli/src/pages/replay.js)
   uint64_t seed = 1;
   bool verbose = false;
+  int max_attempts = 0;  // attempts per task (fallbacks); 0: router.max_attempts
   LearnerOptions learner;
 };
 

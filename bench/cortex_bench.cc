@@ -211,6 +211,10 @@ int main(int argc, char** argv) {
                  "past outcomes replayed with each online update");
   rp->add_flag(
       "--no-online", [&](int64_t) { ro.learner.online_updates = false; }, "learn only at retrains");
+  rp->add_option("--max-attempts", ro.max_attempts,
+                 "attempts per task: a failed one falls back to the next candidate, as cortexd "
+                 "does (default router.max_attempts; 1: no fallbacks)")
+      ->check(CLI::Range(1, 32));
   rp->add_flag("-v,--verbose", ro.verbose, "print each retrain");
   rp->add_option("--json", ro.json_out, "write the figures to this file");
   rp->add_option("--html", ro.html_out,

@@ -222,6 +222,8 @@ int Replay(const ReplayOptions& opt) {
   RetrainSchedule schedule(cfg.training.interval_s, cfg.training.min_new_outcomes);
   std::vector<LoggedOutcome> history;
   long online_ok = 0, retrains = 0, promotions = 0, new_outcomes = 0;
+  long seq = 0, fallbacks = 0, fallback_ok = 0, explored = 0;
+  const int max_attempts = opt.max_attempts > 0 ? opt.max_attempts : cfg.router.max_attempts;
   std::vector<int> to_late(N, 0), success_at(N, 0);
   std::vector<std::string> chosen_at(N);
   nlohmann::json retrain_marks = nlohmann::json::array();
@@ -246,11 +248,12 @@ int Replay(const ReplayOptions& opt) {
     const Decision& d = ds[0];
     const bool success = d.chosen == r.label;
     online_ok += success;
+    explored += d.explored;
     success_at[i] = success;
     chosen_at[i] = d.chosen;
     to_late[i] = d.chosen == opt.late_expert;
     LoggedOutcome o;
-    o.seq = static_cast<long>(i) + 1;
+    o.seq = ++seq;
     o.task_id = r.id;
     o.time = r.time;
     o.text = r.text;
@@ -261,8 +264,28 @@ int Replay(const ReplayOptions& opt) {
     for (const auto& c : d.candidates) o.candidates.emplace_back(c.expert, c.rule_score);
     o.greedy = d.greedy;
     live.learner->Observe(o);
-    history.push_back(std::move(o));
+    history.push_back(o);
     ++new_outcomes;
+    // As cortexd does: a failed first attempt falls back to the decision's next candidate
+    // (not for a forced decision), up to router.max_attempts. Its outcome is feedback on
+    // another expert (logged as attempt 2, propensity 1); online success counts first
+    // attempts only.
+    for (int a = 2; !success && !d.forced && a <= max_attempts &&
+                    static_cast<size_t>(a) <= d.candidates.size();
+         ++a) {
+      LoggedOutcome f = o;
+      f.seq = ++seq;
+      f.attempt = a;
+      f.expert = d.candidates[a - 1].expert;
+      f.reward = f.expert == r.label ? 1.0 : 0.0;
+      f.propensity = 1.0;
+      ++fallbacks;
+      fallback_ok += f.reward > 0;
+      live.learner->Observe(f);
+      history.push_back(f);
+      ++new_outcomes;
+      if (f.reward > 0) break;
+    }
     if (schedule.Due(new_outcomes, r.time)) {
       schedule.Done(r.time);
       new_outcomes = 0;
@@ -345,6 +368,10 @@ int Replay(const ReplayOptions& opt) {
                         {"full_info_last20", full20}}},
                       {"online_success_by_decile", deciles},
                       {"retrains", retrains},
+                      {"max_attempts", max_attempts},
+                      {"fallbacks", fallbacks},
+                      {"fallback_successes", fallback_ok},
+                      {"explored", explored},
                       {"promotions", promotions},
                       {"live_version", live.learner->live_version()},
                       {"train_seconds", train_seconds},
@@ -355,6 +382,10 @@ int Replay(const ReplayOptions& opt) {
   std::printf("replay %s: %zu tasks, %ld retrains (%ld promoted, live v%d)\n", opt.corpus.c_str(),
               N, retrains, promotions, live.learner->live_version());
   std::printf("  online success (exploration included): %.3f\n", online);
+  std::printf("  explored first attempts: %ld (%.4f of tasks; router.exploration %.3f)\n", explored,
+              static_cast<double>(explored) / N, cfg.router.exploration);
+  std::printf("  fallbacks (max_attempts %d): %ld, %ld succeeded (not counted above)\n",
+              max_attempts, fallbacks, fallback_ok);
   std::printf("  by tenth of the stream:");
   for (double d : deciles) std::printf(" %.3f", d);
   std::printf("\n");

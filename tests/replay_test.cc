@@ -68,9 +68,44 @@ TEST(Replay, ReportsOnlinePolicyAndBaselinesOnAKnownCorpus) {
   EXPECT_GT(j["baselines"]["full_info_last20"].get<double>(), 0.95);
   EXPECT_GT(j["policy_last20"].get<double>(), 0.95);
   EXPECT_GT(j["online_success"].get<double>(), 0.8);
-  EXPECT_LT(j["online_success"].get<double>(), 1.0);  // exploration costs something
+  // Exploration follows the model's doubt: it never stops (the replay logs every draw), but
+  // once the model is sure of its picks it explores well under router.exploration (0.05).
+  const long explored = j["explored"].get<long>();
+  EXPECT_GT(explored, 0) << r.out;
+  EXPECT_LT(explored, 0.05 * 1000 / 2) << r.out;
   EXPECT_GE(j["retrains"].get<int>(), 1);
   EXPECT_EQ(j["online_success_by_decile"].size(), 10u);
+}
+
+// As cortexd does, a failed first attempt falls back to the next candidate; only first
+// attempts count as online success, and --max-attempts 1 turns fallbacks off.
+TEST(Replay, FallsBackAsTheDaemonDoes) {
+  TempDir dir;
+  int unused;
+  const std::string corpus = dir / "c.tsv";
+  test::WriteFile(corpus, Corpus(1000, &unused));
+  // Exploring often: first attempts that fail, whatever the model has learned.
+  const std::string config = dir / "cortex.yaml";
+  test::WriteFile(config, "router:\n  exploration: 0.5\n");
+  for (const char* attempts : {"1", "2"}) {
+    const std::string out = dir / (std::string("r") + attempts + ".json");
+    test::Run r = test::RunCmd({test::BinDir() + "/cortex-bench", "replay", "--corpus", corpus,
+                                "--config", config, "--max-attempts", attempts, "--json", out},
+                               120);
+    ASSERT_EQ(r.code, 0) << r.err;
+    json j = json::parse(test::ReadFile(out));
+    EXPECT_EQ(j["max_attempts"], std::stoi(attempts));
+    const long fallbacks = j["fallbacks"].get<long>(), ok = j["fallback_successes"].get<long>();
+    const long first_failures = std::lround(1000 * (1 - j["online_success"].get<double>()));
+    if (std::string(attempts) == "1") {
+      EXPECT_EQ(fallbacks, 0);
+    } else {
+      EXPECT_GT(first_failures, 0);
+      EXPECT_EQ(fallbacks, first_failures);  // one per failed first attempt
+      EXPECT_GT(ok, 0);
+      EXPECT_LE(ok, fallbacks);
+    }
+  }
 }
 
 TEST(Replay, LateExpertIsCountedFromItsArrival) {

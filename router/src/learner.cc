@@ -244,6 +244,7 @@ void Learner::Install(GatingModel model, int version, long trained_through,
     live_ = std::move(model);
     version_ = version;
     trained_through_ = trained_through;
+    live_cutoff_ = trained_through;
   }
   for (const auto& o : newer)
     if (o.seq > trained_through) ObserveLocked(o);
@@ -283,8 +284,14 @@ Result<RetrainResult> Learner::Retrain(const std::vector<LoggedOutcome>& history
   CORTEX_RETURN_IF_ERROR(train_engine_->Train(&res.model, set, options_.train));
 
   // Off-policy validation on the held-out, most recent decisions: the candidate's greedy
-  // policy against the live system's logged greedy choices, both estimated doubly robustly
-  // with the candidate as reward model (it never saw these rows).
+  // policy against the live model's greedy policy as it is now, both estimated doubly
+  // robustly with the candidate as reward model (it never saw these rows), paired per
+  // decision. Not against the logged greedy choices: those are the live model as it was
+  // when each decision was made, and it has learned online since, so a candidate that beat
+  // them was often worse than the model it replaced (on replay, such promotions cost online
+  // success). With online updates on, the live model has learned from these outcomes, so
+  // the comparison leans towards keeping it: a candidate must do as well as a model that
+  // has seen the holdout.
   if (cancelled()) return Status::Unavailable("training was cancelled");
   // Only first attempts of decisions the router made (not forced by a rule) are evidence
   // about the routing policy: the count said is the count used.
@@ -310,26 +317,40 @@ Result<RetrainResult> Learner::Retrain(const std::vector<LoggedOutcome>& history
     x.Add(v, mask);
     for (const auto& name : names) prior.push_back(PriorOf(manifests, v, name));
   }
-  std::vector<float> q;
+  std::vector<float> q, q_live;
   CORTEX_RETURN_IF_ERROR(train_engine_->Score(res.model, x, names, prior, &q));
+  long live_cutoff;
+  {
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      live_cutoff = live_cutoff_;
+    }
+    // Online steps wait for this (one batch of at most max_holdout rows), not the reverse.
+    std::shared_lock<std::shared_mutex> weights(model_mu_);
+    CORTEX_RETURN_IF_ERROR(train_engine_->Score(live_, x, names, prior, &q_live));
+  }
   std::vector<double> dr_cand, dr_live, dr_diff;
   const size_t E = names.size();
   for (size_t k = 0; k < eval.size(); ++k) {
     const LoggedOutcome& o = history[eval[k]];
-    auto qv = [&](const std::string& e) {
+    auto qv = [&](const std::vector<float>& scores, const std::string& e) {
       auto it = col.find(e);
-      return it == col.end() ? 0.0 : static_cast<double>(q[k * E + it->second]);
+      return it == col.end() ? 0.0 : static_cast<double>(scores[k * E + it->second]);
     };
-    std::string best;
-    double best_s = -1e300;
-    for (const auto& [name, rule] : o.candidates) {
-      double s = qv(name) + rule;
-      if (s > best_s || (s == best_s && name < best)) best_s = s, best = name;
-    }
-    const double correction = (o.reward - qv(o.expert)) / o.propensity;
-    auto dr = [&](const std::string& a) { return qv(a) + (a == o.expert ? correction : 0.0); };
-    dr_cand.push_back(dr(best));
-    dr_live.push_back(dr(o.greedy));
+    // A model's greedy pick among the decision's candidates, rules included, as Route does.
+    auto greedy = [&](const std::vector<float>& scores) {
+      std::string best;
+      double best_s = -1e300;
+      for (const auto& [name, rule] : o.candidates) {
+        double s = qv(scores, name) + rule;
+        if (s > best_s || (s == best_s && name < best)) best_s = s, best = name;
+      }
+      return best;
+    };
+    const double correction = (o.reward - qv(q, o.expert)) / o.propensity;
+    auto dr = [&](const std::string& a) { return qv(q, a) + (a == o.expert ? correction : 0.0); };
+    dr_cand.push_back(dr(greedy(q)));
+    dr_live.push_back(dr(greedy(q_live)));
     dr_diff.push_back(dr_cand.back() - dr_live.back());
   }
   res.holdout_rows = static_cast<long>(eval.size());
@@ -344,11 +365,27 @@ Result<RetrainResult> Learner::Retrain(const std::vector<LoggedOutcome>& history
   const PolicyEstimate raw_candidate = res.candidate, raw_live = res.live;  // for the bounds
   res.candidate.value = std::clamp(res.candidate.value, 0.0, 1.0);
   res.live.value = std::clamp(res.live.value, 0.0, 1.0);
+  // The live version is caught up with online steps on every outcome after its cutoff when
+  // cortexd starts (or another node loads it). While candidates keep being refused that
+  // cutoff stays put, so once outcomes older than this retrain's window (the newest
+  // max_examples + max_holdout) lie after it, the candidate is promoted whatever its
+  // estimate: a start then replays about a window (as a retrain reads) at most. (Without
+  // online updates nothing is replayed.)
+  const bool full_window =
+      history.size() >= static_cast<size_t>(options_.max_examples) + options_.max_holdout;
+  const bool stale =
+      options_.online_updates && full_window && live_cutoff < history.front().seq - 1;
   if (eval.size() < kMinValidationDecisions) {
     res.reason = "too few held-out decisions to validate: " + std::to_string(eval.size()) +
                  ", at least " + std::to_string(kMinValidationDecisions) + " are needed";
-  } else if (res.diff.value < -kNotWorseTolerance) {
+  } else if (res.diff.value < -kNotWorseTolerance && !stale) {
     res.reason = "candidate estimated worse than the live policy";
+  } else if (res.diff.value < -kNotWorseTolerance) {
+    res.promoted = true;
+    res.reason = "candidate estimated worse than the live policy, but the live version's cutoff (" +
+                 std::to_string(live_cutoff) + ") is older than this retrain's outcomes (from " +
+                 std::to_string(history.front().seq) +
+                 "): promoted, so that catching up after a restart stays within that window";
   } else {
     res.promoted = true;
     res.reason = "candidate estimated not worse than the live policy";
@@ -363,6 +400,7 @@ Result<RetrainResult> Learner::Retrain(const std::vector<LoggedOutcome>& history
   nlohmann::json m = {{"train_rows", res.train_rows},
                       {"holdout_rows", res.holdout_rows},
                       {"estimator", "doubly robust, 95% interval"},
+                      {"baseline", "the live model's greedy policy at validation"},
                       {"candidate", EstimateJson(raw_candidate, 0, 1)},
                       {"live", EstimateJson(raw_live, 0, 1)},
                       {"diff", EstimateJson(res.diff, -1, 1)},
@@ -373,7 +411,8 @@ Result<RetrainResult> Learner::Retrain(const std::vector<LoggedOutcome>& history
                       {"backend", train_engine_->backend()},
                       {"epochs", options_.train.epochs},
                       {"seconds", res.seconds},
-                      {"live_version_at_training", live_version()}};
+                      {"live_version_at_training", live_version()},
+                      {"live_cutoff", live_cutoff}};
   rec.metrics = m.dump();
   say(res.reason);
   return res;

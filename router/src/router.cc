@@ -9,6 +9,11 @@ namespace cortex {
 namespace {
 constexpr double kExploreTemp = 0.1;     // softmax temperature over scores when exploring
 constexpr double kExploreUniform = 0.1;  // share of the exploration spread uniformly
+// The exploration rate follows the model's doubt about its greedy pick: the configured
+// rate times 2 (1 - confidence), so a pick it rates at 0.5 explores at the configured rate,
+// one it is unsure of up to twice that, one it is sure of less, down to this share of it
+// (never none: a new expert or a drifting stream still gets tried).
+constexpr double kExploreFloor = 0.1;
 }  // namespace
 
 Router::Router(RouterOptions options, RuleSet rules, std::unique_ptr<Scorer> scorer,
@@ -109,7 +114,9 @@ Status Router::Route(const std::vector<RouteRequest>& batch, const std::vector<E
       d.forced = true;
       d.propensity = 1.0;
     } else {
-      const double eps = explore ? options_.exploration : 0.0;
+      // The rate depends on this decision's scores only, so the logged propensity is exact.
+      const double doubt = std::clamp(2 * (1 - cands.front().confidence), kExploreFloor, 2.0);
+      const double eps = explore ? std::min(1.0, options_.exploration * doubt) : 0.0;
       // Exploration draws from a mix of uniform and a softmax of the scores, so every
       // expert keeps a known, non-zero propensity while plausible runners-up are tried
       // more often than hopeless ones.

@@ -68,8 +68,9 @@ class Learner {
   void Observe(const LoggedOutcome& o);
 
   // Trains candidate `version` on `history` (oldest first, all outcomes known now) minus the
-  // holdout, estimates it and the logged greedy policy on the holdout, and says whether it
-  // should be promoted. Runs without blocking Score or Observe.
+  // holdout, estimates it and the live model (as it is now) on the holdout, and says
+  // whether it should be promoted. Runs without blocking Score; Observe waits only while
+  // the live model scores the holdout (one batch).
   Result<RetrainResult> Retrain(const std::vector<LoggedOutcome>& history, int version, double now,
                                 const std::function<void(const std::string&)>& progress = {});
 
@@ -127,6 +128,7 @@ class Learner {
   GatingModel live_;
   int version_ = 0;
   long trained_through_ = 0;
+  long live_cutoff_ = 0;  // the live version's own cutoff, as installed (before online steps)
   std::map<std::string, SparseVector> manifests_;
   uint64_t manifests_gen_ = 1;  // moves with every change to manifests_
   // Inverted index of the current experts' manifests: feature -> (expert column, weight),
