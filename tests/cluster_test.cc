@@ -90,16 +90,24 @@ class ClusterTest : public ::testing::Test {
 TEST_F(ClusterTest, WorkSubmittedToOneNodeRunsOnTheNodeThatHostsItsExpert) {
   const std::string runs = shared_ / "runs";
   auto a = Node(dirs_[0], "a", url_, "experts:\n" + Recording("alpha", "a", runs, "alpha, apple"));
-  auto b = Node(dirs_[1], "b", url_, "experts:\n" + Recording("beta", "b", runs, "beta, banana"));
+  auto b = Node(dirs_[1], "b", url_,
+                "experts:\n" + Recording("beta", "b", runs, "beta, banana") +
+                    "  - name: slow\n    plugin: command\n    run: [/bin/sh, -c, 'echo "
+                    "\"$CORTEX_TASK_ID b\" >> " +
+                    runs + "; sleep 5']\n    capacity: 1\n    keywords: [snail, slowly]\n");
   auto c = Node(dirs_[2], "c", url_, "experts:\n" + Recording("gamma", "c", runs, "gamma, grape"));
   for (auto* d : {a.get(), b.get(), c.get()}) ASSERT_TRUE(d->Start()) << d->Log();
-  // Each node sees the three (a heartbeat or two after the last one started).
+  // Each node sees the three and their experts (a heartbeat or two after the last start).
   ASSERT_TRUE(test::Eventually([&] {
     for (auto* d : {a.get(), b.get(), c.get()}) {
       json st = d->CtlJson({"status"});
       if (!st["nodes"].is_array() || st["nodes"].size() != 3) return false;
       for (const auto& n : st["nodes"])
         if (!n["alive"].get<bool>()) return false;
+      std::set<std::string> seen;
+      for (const auto& e : d->CtlJson({"experts"})) seen.insert(e["name"].get<std::string>());
+      for (const char* x : {"alpha", "beta", "gamma", "slow"})
+        if (!seen.count(x)) return false;
     }
     return true;
   })) << a->CtlJson({"status"}).dump();
@@ -125,6 +133,23 @@ TEST_F(ClusterTest, WorkSubmittedToOneNodeRunsOnTheNodeThatHostsItsExpert) {
             (std::map<std::string, std::string>{{"alpha", "a"}, {"beta", "b"}, {"gamma", "c"}}));
   test::Run text = a->Ctl({"status"});
   EXPECT_NE(text.out.find("cluster:   node a of 3"), std::string::npos) << text.out;
+  // Cancel from any node: one running on b is stopped there; one waiting in the shared
+  // queue (b's one slow slot is taken) never runs.
+  const std::string running = a->Ctl({"submit", "go slowly, snail"}).out.substr(0, 12);
+  ASSERT_TRUE(test::Eventually([&] {
+    return c->CtlJson({"show", running})["state"] == "running";
+  }));
+  const std::string waiting = a->Ctl({"submit", "another snail, slowly"}).out.substr(0, 12);
+  ASSERT_TRUE(test::Eventually([&] { return c->CtlJson({"show", waiting})["state"] == "routed"; }));
+  test::Run cw = c->Ctl({"cancel", waiting});
+  EXPECT_EQ(cw.code, 0) << cw.out << cw.err;
+  EXPECT_EQ(c->CtlJson({"show", waiting})["state"], "cancelled");
+  test::Run cr = c->Ctl({"cancel", running});
+  EXPECT_EQ(cr.code, 0) << cr.out << cr.err;
+  ASSERT_TRUE(test::Eventually([&] {
+    return a->CtlJson({"show", running})["state"] == "cancelled";
+  })) << a->CtlJson({"show", running}).dump();
+  EXPECT_EQ(Runs(runs).count(waiting), 0u) << "a cancelled task in the shared queue never runs";
   // A task for a's own expert stays on a.
   r = b->Ctl({"submit", "--wait", "an apple for alpha", "--json"});
   ASSERT_EQ(r.code, 0) << r.out << r.err;
@@ -226,6 +251,72 @@ TEST_F(ClusterTest, KillingANodeUnderLoadLosesNothingAndRunsNothingTwice) {
   test::Run r = nodes[1]->Ctl({"submit", "--wait", "one more job"});
   EXPECT_EQ(r.code, 0) << r.err;
   for (auto& d : nodes) EXPECT_EQ(d->Stop(SIGTERM), 0) << d->Log();
+}
+
+// A node paused (SIGSTOP) past its timeout is declared lost while alive: the others take
+// its work over; woken, it drops what is no longer its own (nothing runs twice, no slot
+// stays taken) and rejoins.
+TEST_F(ClusterTest, ANodePausedPastItsTimeoutComesBackWithoutRunningAnythingTwice) {
+  const std::string runs = shared_ / "runs";
+  auto a = Node(dirs_[0], "a", url_, "experts:\n" + Recording("work", "a", runs, "job"));
+  auto b = Node(dirs_[1], "b", url_, "experts:\n" + Recording("work", "b", runs, "job"));
+  for (auto* d : {a.get(), b.get()}) ASSERT_TRUE(d->Start()) << d->Log();
+  std::set<std::string> acked;
+  std::mutex mu;
+  std::atomic<bool> stop{false};
+  std::vector<std::thread> clients;
+  for (int c = 0; c < 4; ++c)
+    clients.emplace_back([&, c] {
+      for (int i = 0; !stop.load(); ++i) {
+        Client cl;
+        if (!cl.Connect(b->socket).ok()) break;
+        json resp;
+        json req = {{"op", "submit"},
+                    {"text", "job " + std::to_string(c) + "-" + std::to_string(i)}};
+        if (!cl.Call(req, &resp).ok()) break;
+        if (resp.value("ok", false)) {
+          std::lock_guard<std::mutex> l(mu);
+          acked.insert(resp["result"]["id"].get<std::string>());
+        }
+        usleep(10000);
+      }
+    });
+  ASSERT_TRUE(test::Eventually([&] {
+    std::lock_guard<std::mutex> l(mu);
+    return acked.size() >= 60;
+  }));
+  stop = true;
+  kill(b->pid, SIGSTOP);  // (its clients block until it wakes)
+  bool told = false;
+  ASSERT_TRUE(test::Eventually([&] {
+    for (const auto& e : a->CtlJson({"events", "--limit", "100"}))
+      told |= e["event"] == "node-lost" && e["file"] == "b";
+    return told;
+  }));
+  sleep(1);  // a takes b's unstarted work over meanwhile
+  kill(b->pid, SIGCONT);
+  for (auto& t : clients) t.join();
+  std::map<std::string, std::string> states;
+  ASSERT_TRUE(test::Eventually(
+      [&] {
+        states = States(url_, acked);
+        for (const auto& [id, s] : states)
+          if (s != "succeeded" && s != "interrupted") return false;
+        return states.size() == acked.size();
+      },
+      60))
+      << states.size() << " of " << acked.size();
+  size_t twice = 0;
+  for (const auto& [id, nodes] : Runs(runs)) twice += nodes.size() > 1;
+  EXPECT_EQ(twice, 0u);
+  // b holds no slot for work that is not its own, rejoined, and runs new work.
+  ASSERT_TRUE(test::Eventually([&] {
+    for (const auto& e : b->CtlJson({"experts"}))
+      if (e["name"] == "work" && e["node"] == "b") return e["inflight"] == 0;
+    return false;
+  })) << b->CtlJson({"experts"}).dump();
+  EXPECT_EQ(b->Ctl({"submit", "--wait", "one more job"}).code, 0) << b->Log();
+  for (auto* d : {a.get(), b.get()}) EXPECT_EQ(d->Stop(SIGTERM), 0) << d->Log();
 }
 
 // One node trains; a model it makes live reaches every node; when it dies another takes

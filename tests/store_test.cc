@@ -773,6 +773,13 @@ TEST_F(PostgresStoreTest, ForeignDatabaseIsRefusedAndUntouched) {
   EXPECT_STREQ(PQgetvalue(r, 0, 0), "1") << "nothing was created beside it";
   PQclear(r);
   PQfinish(c);
+  // A view is another application's too.
+  url_ = pg_->NewDatabase();
+  Sql("CREATE VIEW answers AS SELECT 42 AS answer");
+  auto v = OpenStore(url_);
+  ASSERT_FALSE(v.ok());
+  EXPECT_NE(v.status().message().find("tables or views"), std::string::npos)
+      << v.status().ToString();
 }
 
 TEST_F(PostgresStoreTest, NewerSchemaIsRefused) {

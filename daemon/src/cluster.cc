@@ -79,10 +79,13 @@ NodeInfo Cluster::Me() {
 // the others that routing uses.
 void Cluster::Beat() {
   bool was_lost = false;
+  const double mono = Env::Default()->MonotonicMicros() / 1e6;
   if (Status st = link_->Heartbeat(Me(), &was_lost); !st.ok()) {
     LogWarn("cluster: heartbeat: {}", st.message());
+    healthy_since_ = -1;
     return;
   }
+  if (healthy_since_ < 0) healthy_since_ = mono;
   const double now = Env::Default()->NowUnix();
   was_lost |= !joined_ && options_.was_lost;
   if (!joined_ || was_lost) {
@@ -95,8 +98,9 @@ void Cluster::Beat() {
     joined_ = true;
   }
   std::vector<std::string> lost, interrupted;
-  if (Status st = link_->ReapLost(options_.timeout_s, &lost, &interrupted); !st.ok())
-    LogWarn("cluster: {}", st.message());
+  if (mono - healthy_since_ >= options_.timeout_s)
+    if (Status st = link_->ReapLost(options_.timeout_s, &lost, &interrupted); !st.ok())
+      LogWarn("cluster: {}", st.message());
   if (!interrupted.empty()) {
     pipeline_->RemoteEnded(interrupted);
     link_->NotifyEnded(interrupted);
@@ -165,6 +169,7 @@ void Cluster::ListenLoop() {
       continue;
     }
     if (!news.ended.empty()) pipeline_->RemoteEnded(news.ended);
+    for (const auto& id : news.cancel) pipeline_->CancelHere(id);
     if (news.model) on_model_();
     if (news.work) {
       shared_work_ = true;
@@ -209,6 +214,19 @@ void Cluster::Ended(const std::string& id) {
     ended_.push_back(id);
   }
   cv_.notify_all();
+}
+
+Status Cluster::CancelElsewhere(const std::string& id) {
+  std::string owner;
+  Status st = store_->CancelShared(id, Env::Default()->NowUnix(), &owner);
+  if (st.ok()) {  // it was in the shared queue: it never runs
+    LogInfo("task {} cancelled (it waited in the shared queue)", id);
+    Ended(id);
+    return Status::OK();
+  }
+  if (st.code() != Status::Code::kFailedPrecondition || owner.empty()) return st;
+  link_->NotifyCancel(id);  // its node stops it (a running attempt is asked to stop)
+  return Status::OK();
 }
 
 void Cluster::SlotFreed() {

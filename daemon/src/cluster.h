@@ -44,6 +44,7 @@ class Cluster : public ClusterHooks {
 
   void Released(const std::vector<std::string>& experts) override;
   void Ended(const std::string& id) override;
+  Status CancelElsewhere(const std::string& id) override;
   void SlotFreed();  // a local slot came free: claim more if the shared queue had work
   bool Trainer() const { return trainer_.load(); }
   std::string TrainerNode();  // the node that holds the trainer's role ("": none)
@@ -70,6 +71,10 @@ class Cluster : public ClusterHooks {
   std::atomic<bool> trainer_{false};
   std::atomic<bool> shared_work_{true};  // the shared queue may hold work for us
   bool joined_ = false;
+  // Since when (monotonic s) this node's heartbeats have gone through without a break;
+  // it declares others lost only after a whole timeout of its own: after an outage of
+  // the database every node is silent, and none is dead for that.
+  double healthy_since_ = -1;
 
   std::mutex view_mu_;
   std::vector<NodeInfo> nodes_;  // as of the last heartbeat (view_mu_)

@@ -367,7 +367,7 @@ struct Pipeline::Impl {
     return Status::OK();
   }
 
-  Status Cancel(const std::string& id) {
+  Status Cancel(const std::string& id, bool forward = true) {
     std::vector<Job> ended;  // taken out of the queues: they end here, not on a worker
     {
       std::lock_guard<std::mutex> l(queue_mu_);
@@ -411,13 +411,12 @@ struct Pipeline::Impl {
         std::lock_guard<std::mutex> w(waiters_mu_);
         here = live_.count(id) > 0;
       }
-      if (!here) {  // another node has it (or the shared queue): this one cannot stop it
-        std::lock_guard<std::mutex> l(queue_mu_);
-        cancels_.erase(id);
-        return Status::FailedPrecondition(
-            "task " + id + " (" + ToString(t.state) +
-            ") is not on this node: another node of the cluster runs it or will; cancel it "
-            "there (`cortexctl status` lists the nodes and their sockets)");
+      if (!here) {  // the shared queue has it, or another node (which is asked to)
+        {
+          std::lock_guard<std::mutex> l(queue_mu_);
+          cancels_.erase(id);
+        }
+        return forward ? cluster_->CancelElsewhere(id) : Status::OK();
       }
     }
     return Status::OK();
@@ -1182,7 +1181,8 @@ struct Pipeline::Impl {
   }
 
   // Retries a store write every second until it succeeds (true) or the grace period is
-  // over (false): a full disk must not drop a task from memory. `status` shows the error
+  // over (false): a full disk must not drop a task from memory. In a cluster a write for
+  // a task another node took over fails for good (false) at once. `status` shows the error
   // meanwhile.
   bool Persist(const std::string& what, const std::function<Status()>& write) {
     for (int tries = 0;; ++tries) {
@@ -1191,6 +1191,10 @@ struct Pipeline::Impl {
         if (tries) LogInfo("{}: the store takes writes again", what);
         NoteStoreSuccess();
         return true;
+      }
+      if (st.code() == Status::Code::kFailedPrecondition) {  // another node's task now
+        LogWarn("{}: {}", what, st.message());
+        return false;
       }
       NoteStoreFailure(st);
       if (tries == 0) LogError("{}: {}; retrying every second", what, st.ToString());
@@ -1473,6 +1477,7 @@ Status Pipeline::Route(const std::string& text, const Tags& tags, Decision* d) {
   return impl_->Route(text, tags, d);
 }
 Status Pipeline::Cancel(const std::string& id) { return impl_->Cancel(id); }
+void Pipeline::CancelHere(const std::string& id) { (void)impl_->Cancel(id, false); }
 Status Pipeline::WaitDone(const std::string& id, double timeout_s, Task* t, bool* done) {
   return impl_->WaitDone(id, timeout_s, t, done);
 }

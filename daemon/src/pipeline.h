@@ -62,6 +62,8 @@ class ClusterHooks {
   virtual ~ClusterHooks() = default;
   virtual void Released(const std::vector<std::string>& experts) = 0;  // work queued for them
   virtual void Ended(const std::string& id) = 0;                       // a task's end is stored
+  // A task not on this node: cancelled in the shared queue, or its node asked to.
+  virtual Status CancelElsewhere(const std::string& id) = 0;
 };
 
 class Pipeline {
@@ -89,6 +91,8 @@ class Pipeline {
   bool Unwatch(const std::string& id, const std::shared_ptr<TaskWatch>& watch);
   Status Route(const std::string& text, const Tags& tags, Decision* d);  // a dry run
   Status Cancel(const std::string& id);
+  // A cluster: another node asks this one to cancel a task (ignored if not here).
+  void CancelHere(const std::string& id);
   Status WaitDone(const std::string& id, double timeout_s, Task* t, bool* done);
 
   void SlotFreed();  // an expert's slot came free (any thread)

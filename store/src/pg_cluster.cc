@@ -26,6 +26,7 @@ constexpr long kTrainerLock = 0x4352545803L;
 const char* const kWork = "cortex_work";
 const char* const kEnded = "cortex_ended";
 const char* const kModel = "cortex_model";
+const char* const kCancel = "cortex_cancel";
 #define CORTEX_NOW "extract(epoch from clock_timestamp())"
 
 class PgCluster : public ClusterLink {
@@ -242,6 +243,7 @@ class PgCluster : public ClusterLink {
     if (!batch.empty()) Notify(kEnded, batch);
   }
   void NotifyModel(int version) override { Notify(kModel, std::to_string(version)); }
+  void NotifyCancel(const std::string& id) override { Notify(kCancel, id); }
 
   Status Wait(double timeout_s, ClusterNews* out) override {
     *out = ClusterNews{};
@@ -283,6 +285,8 @@ class PgCluster : public ClusterLink {
         out->work = true;
       } else if (channel == kModel) {
         out->model = true;
+      } else if (channel == kCancel) {
+        out->cancel.push_back(payload);
       } else if (channel == kEnded) {
         size_t start = 0;
         while (start <= payload.size()) {
@@ -328,7 +332,9 @@ class PgCluster : public ClusterLink {
 
   Status ListenLocked() {
     CORTEX_RETURN_IF_ERROR(listen_.Connect(url_, "cluster listener " + node_));
-    return listen_.Exec("LISTEN cortex_work; LISTEN cortex_ended; LISTEN cortex_model").status();
+    return listen_
+        .Exec("LISTEN cortex_work; LISTEN cortex_ended; LISTEN cortex_model; LISTEN cortex_cancel")
+        .status();
   }
 
   const std::string url_, shown_, node_;

@@ -251,15 +251,19 @@ class PgStore : public Store {
     std::vector<std::function<Status()>> writes;
     for (const AttemptStart& a : batch)
       writes.push_back([&] {
-        CORTEX_RETURN_IF_ERROR(InsertAttempt(a.id, a.n, a.expert, a.time));
-        if (node_.empty()) return UpdateState(a.id, TaskState::kRunning, a.time);
+        if (node_.empty()) {
+          CORTEX_RETURN_IF_ERROR(InsertAttempt(a.id, a.n, a.expert, a.time));
+          return UpdateState(a.id, TaskState::kRunning, a.time);
+        }
         // In a cluster only the task's node starts it: one that another node took over
-        // (this one was declared lost meanwhile) is not run twice.
+        // (this one was declared lost meanwhile) is not run twice. Ownership first: the
+        // other node may have recorded an attempt of that number already.
         pg::Result r = write_.Query(
             "UPDATE tasks SET state='running',updated_at=$1,routing=false WHERE id=$2 AND node=$3",
             {a.time, a.id, node_});
         CORTEX_RETURN_IF_ERROR(Done(r, "start attempt"));
-        return r.Affected() ? Status::OK() : NotOurs(a.id);
+        if (!r.Affected()) return NotOurs(a.id);
+        return InsertAttempt(a.id, a.n, a.expert, a.time);
       });
     *out = CommitEach(writes);
   }
@@ -896,6 +900,27 @@ class PgStore : public Store {
     return Status::OK();
   }
 
+  Status CancelShared(const std::string& id, double time, std::string* owner) override {
+    owner->clear();
+    pg::Result r;
+    CORTEX_RETURN_IF_ERROR(Commit([&] {
+      r = write_.Query(
+          "UPDATE tasks SET state='cancelled',updated_at=$1,routing=false WHERE "
+          "id=$2 AND node IS NULL AND state IN ('queued','routed') RETURNING id",
+          {time, id});
+      return Done(r, "cancel task " + id);
+    }));
+    if (r.rows()) return Status::OK();
+    Reading rd(*this);
+    CORTEX_RETURN_IF_ERROR(rd.status());
+    pg::Result w = rd.c.Query("SELECT COALESCE(node,''),state FROM tasks WHERE id=$1", {id});
+    CORTEX_RETURN_IF_ERROR(w.status().WithContext("cancel task " + id));
+    if (!w.rows()) return Status::NotFound("no task with id '" + id + "'");
+    *owner = w.Text(0, 0);
+    return Status::FailedPrecondition("task " + id + " (" + w.Text(0, 1) + ") is " +
+                                      (owner->empty() ? "no node's" : "node " + *owner + "'s"));
+  }
+
   void Release(const std::vector<std::pair<std::string, std::string>>& tasks,
                std::vector<Status>* out) override {
     std::vector<std::function<Status()>> writes;
@@ -937,9 +962,10 @@ class PgStore : public Store {
     CORTEX_RETURN_IF_ERROR(write_.Exec("BEGIN").status());
     pg::Result l = write_.Query("SELECT pg_advisory_xact_lock($1)", {kMigrateLock});
     pg::Result s = write_.Query(
-        "SELECT to_regclass('cortex_schema') IS NOT NULL,(SELECT count(*) FROM "
-        "pg_catalog.pg_tables "
-        "WHERE schemaname=current_schema())");
+        // Any table, view or sequence in the schema we would write to is another's.
+        "SELECT to_regclass('cortex_schema') IS NOT NULL,(SELECT count(*) FROM pg_catalog.pg_class "
+        "c JOIN pg_catalog.pg_namespace n ON n.oid=c.relnamespace WHERE n.nspname=current_schema() "
+        "AND c.relkind IN ('r','p','v','m','f','S'))");
     for (const pg::Result* x : {&l, &s})
       if (!x->ok()) {
         (void)write_.Exec("ROLLBACK");
@@ -952,7 +978,7 @@ class PgStore : public Store {
         return refuse("its cortex_schema table is not Cortex's");
       version = v.Long(0, 1);
     } else if (s.Long(0, 1) > 0) {
-      return refuse("it holds another application's tables");
+      return refuse("it holds another application's tables or views");
     }
     if (version > kSchemaVersion) {
       (void)write_.Exec("ROLLBACK");

@@ -35,6 +35,7 @@ struct ClusterNews {
   bool work = false;
   std::vector<std::string> ended;  // task ids
   bool model = false;
+  std::vector<std::string> cancel;  // task ids whose node is asked to cancel them
 };
 
 class ClusterLink {
@@ -63,6 +64,7 @@ class ClusterLink {
   virtual void NotifyWork(const std::string& expert) = 0;
   virtual void NotifyEnded(const std::vector<std::string>& ids) = 0;
   virtual void NotifyModel(int version) = 0;
+  virtual void NotifyCancel(const std::string& id) = 0;
   // This node stops: its unstarted tasks go to the shared queue (how many: `handed`), its
   // trainer's role is freed, and it is shown as gone, not lost.
   virtual Status Leave(int* handed) = 0;

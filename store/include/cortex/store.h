@@ -145,6 +145,11 @@ class Store {
   virtual Status SetNode(const std::string& node) {
     return Status::FailedPrecondition("a cluster needs a PostgreSQL store (store.url)");
   }
+  // A cluster: cancels a task waiting in the shared queue (OK: it never runs). When a
+  // node holds it, FailedPrecondition with that node in *owner.
+  virtual Status CancelShared(const std::string& id, double time, std::string* owner) {
+    return Status::FailedPrecondition("a cluster needs a PostgreSQL store (store.url)");
+  }
   // A cluster: routed tasks of this node handed to the shared queue, each for the expert
   // its next attempt needs (nodes hosting it claim it there). Each task's status in `out`:
   // FailedPrecondition when this node no longer owns it.
