@@ -924,8 +924,9 @@ class PgStore : public Store {
   void Release(const std::vector<std::pair<std::string, std::string>>& tasks,
                std::vector<Status>* out) override {
     std::vector<std::function<Status()>> writes;
-    for (const auto& [id, want] : tasks)
-      writes.push_back([&, this] {
+    for (size_t i = 0; i < tasks.size(); ++i)
+      writes.push_back([&, i, this] {
+        const std::string &id = tasks[i].first, &want = tasks[i].second;
         pg::Result r = write_.Query(
             "UPDATE tasks SET node=NULL,want=$1 WHERE id=$2 AND node=$3 AND state='routed'",
             {want, id, node_});
