@@ -157,6 +157,33 @@ TEST_F(ClusterTest, WorkSubmittedToOneNodeRunsOnTheNodeThatHostsItsExpert) {
   for (auto* d : {a.get(), b.get(), c.get()}) EXPECT_EQ(d->Stop(SIGTERM), 0) << d->Log();
 }
 
+// Fallback moves a task to another node's expert: the first pick (on a) fails, the next
+// candidate is hosted only on b, where the task ends.
+TEST_F(ClusterTest, AFallbackMovesTheTaskToAnotherNodesExpert) {
+  const std::string runs = shared_ / "runs";
+  auto a = Node(dirs_[0], "a", url_,
+                "experts:\n  - name: flaky\n    plugin: command\n    run: [/bin/sh, -c, 'echo "
+                "\"$CORTEX_TASK_ID a\" >> " +
+                    runs + "; exit 3']\n    keywords: [deploy, release, rollout]\n");
+  auto b = Node(dirs_[1], "b", url_, "experts:\n" + Recording("backup", "b", runs, "deploy"));
+  for (auto* d : {a.get(), b.get()}) ASSERT_TRUE(d->Start()) << d->Log();
+  ASSERT_TRUE(test::Eventually([&] {
+    for (const auto& e : a->CtlJson({"experts"}))
+      if (e["name"] == "backup") return true;
+    return false;
+  }));
+  test::Run r = a->Ctl({"submit", "--wait", "deploy the release rollout", "--json"});
+  ASSERT_EQ(r.code, 0) << r.out << r.err << a->Log();
+  const std::string id = r.Json().value("id", "");
+  json t = b->CtlJson({"show", id});
+  ASSERT_EQ(t["attempts"].size(), 2u) << t.dump();
+  EXPECT_EQ(t["attempts"][0]["expert"], "flaky");
+  EXPECT_EQ(t["attempts"][1]["expert"], "backup");
+  EXPECT_EQ(t["state"], "succeeded");
+  EXPECT_EQ(Runs(runs)[id], (std::vector<std::string>{"a", "b"}));
+  for (auto* d : {a.get(), b.get()}) EXPECT_EQ(d->Stop(SIGTERM), 0) << d->Log();
+}
+
 // SIGKILL one of three nodes under load from 8 submitters: every acknowledged task is in
 // the database and ends (succeeded, or interrupted if it was running on the dead node);
 // none runs twice; the others declare the node lost and say so.
