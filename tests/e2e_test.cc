@@ -1759,6 +1759,23 @@ class Submitters {
   std::vector<std::thread> threads_;
 };
 
+// Whether, within two minutes, `d` runs nothing and at least `n` tasks have ended
+// (succeeded, failed or interrupted); its counts by state in *by_state.
+bool AllEnded(const Daemon& d, size_t n, std::map<std::string, long>* by_state) {
+  return test::Eventually(
+      [&] {
+        json st = d.CtlJson({"status"});
+        by_state->clear();
+        long ended = 0;
+        for (const auto& [k, v] : st["tasks"].items()) {
+          (*by_state)[k] = v.get<long>();
+          if (k == "succeeded" || k == "failed" || k == "interrupted") ended += v.get<long>();
+        }
+        return st["queue_depth"] == 0 && st["inflight"] == 0 && ended >= static_cast<long>(n);
+      },
+      120);
+}
+
 // SQLite's own verdict on a store file, and whether it holds every id in `ids`.
 std::string IntegrityCheck(const std::string& path, const std::set<std::string>& ids,
                            size_t* missing) {
@@ -1818,21 +1835,7 @@ TEST(E2E, KillNineAtRandomMomentsUnderConcurrentLoad) {
   Daemon d(dir, cfg, kNoBias);
   ASSERT_TRUE(d.Start()) << d.Log();
   std::map<std::string, long> by_state;
-  ASSERT_TRUE(test::Eventually(
-      [&] {
-        json st = d.CtlJson({"status"});
-        by_state.clear();
-        long final_or_interrupted = 0;
-        for (const auto& [k, v] : st["tasks"].items()) {
-          by_state[k] = v.get<long>();
-          if (k == "succeeded" || k == "failed" || k == "interrupted")
-            final_or_interrupted += v.get<long>();
-        }
-        return st["queue_depth"] == 0 && st["inflight"] == 0 &&
-               final_or_interrupted >= static_cast<long>(acked.size());
-      },
-      120))
-      << json(by_state).dump();
+  ASSERT_TRUE(AllEnded(d, acked.size(), &by_state)) << json(by_state).dump();
   EXPECT_EQ(by_state["failed"], 0);
   EXPECT_EQ(d.Stop(SIGTERM), 0);
   size_t missing = 0;
@@ -2405,20 +2408,7 @@ TEST(E2EPostgres, KillNineUnderLoadLosesNoAcknowledgedTask) {
   d.UseStoreUrl(url);
   ASSERT_TRUE(d.Start()) << d.Log();
   std::map<std::string, long> by_state;
-  ASSERT_TRUE(test::Eventually(
-      [&] {
-        json st = d.CtlJson({"status"});
-        by_state.clear();
-        long ended = 0;
-        for (const auto& [k, v] : st["tasks"].items()) {
-          by_state[k] = v.get<long>();
-          if (k == "succeeded" || k == "failed" || k == "interrupted") ended += v.get<long>();
-        }
-        return st["queue_depth"] == 0 && st["inflight"] == 0 &&
-               ended >= static_cast<long>(acked.size());
-      },
-      120))
-      << json(by_state).dump();
+  ASSERT_TRUE(AllEnded(d, acked.size(), &by_state)) << json(by_state).dump();
   EXPECT_EQ(by_state["failed"], 0);
   EXPECT_EQ(PgTasksPresent(url, acked), acked.size());
   EXPECT_EQ(d.Stop(SIGTERM), 0);

@@ -793,7 +793,7 @@ class PgStore : public Store {
                      "WHERE time>=$1 AND time<=$2 GROUP BY 1,2",
                      &out->share));
     {
-      std::map<std::string, ReportData::Calibration> cal;
+      store::CalibrationRows cal;
       pg::Result s = c.Query(
           "SELECT d.chosen,least(floor(d.chosen_confidence*10)::int,9),count(*),"
           "avg(d.chosen_confidence),avg((a.outcome='success')::int),"
@@ -803,38 +803,14 @@ class PgStore : public Store {
           "AND d.time>=$1 AND d.time<=$2 GROUP BY 1,2",
           {since, until});
       CORTEX_RETURN_IF_ERROR(s.status().WithContext("report"));
-      for (int i = 0; i < s.rows(); ++i) {
-        auto& k = cal[s.Text(i, 0)];
-        if (k.bin_n.empty()) {
-          k.expert = s.Text(i, 0);
-          k.bin_n.assign(10, 0);
-          k.bin_confidence.assign(10, 0);
-          k.bin_success.assign(10, 0);
-        }
-        const size_t b = static_cast<size_t>(std::clamp<long>(s.Long(i, 1), 0, 9));
-        k.bin_n[b] = s.Long(i, 2);
-        k.bin_confidence[b] = s.Double(i, 3);
-        k.bin_success[b] = s.Double(i, 4);
-        k.n += s.Long(i, 2);
-        k.brier += s.Double(i, 5);
-      }
-      for (auto& [name, k] : cal) {
-        k.brier /= std::max<long>(k.n, 1);
-        out->calibration.push_back(std::move(k));
-      }
+      for (int i = 0; i < s.rows(); ++i)
+        cal.Add(s.Text(i, 0), s.Long(i, 1), s.Long(i, 2), s.Double(i, 3), s.Double(i, 4),
+                s.Double(i, 5));
+      cal.Finish(out);
     }
     {
       // The statement is built once (prepared statements are keyed by the text's address).
-      static const std::string sql = [] {
-        const std::vector<double>& edges = store::LatencyEdges();
-        std::string k = "CASE";
-        for (size_t i = 0; i < edges.size(); ++i)
-          k += " WHEN updated_at-created_at<=" + std::to_string(edges[i]) + " THEN " +
-               std::to_string(i);
-        return "SELECT " + k + " ELSE " + std::to_string(edges.size()) +
-               " END,count(*) FROM tasks WHERE created_at>=$1 AND updated_at<=$2 "
-               "AND state IN ('succeeded','failed','cancelled','interrupted') GROUP BY 1";
-      }();
+      static const std::string sql = store::LatencySql("$1", "$2");
       pg::Result s = c.Query(sql.c_str(), {since, until});
       CORTEX_RETURN_IF_ERROR(s.status().WithContext("report"));
       for (int i = 0; i < s.rows(); ++i)

@@ -83,6 +83,41 @@ const std::vector<double>& LatencyEdges() {
   return edges;
 }
 
+std::string LatencySql(const std::string& since, const std::string& until) {
+  const std::vector<double>& edges = LatencyEdges();
+  std::string c = "CASE";
+  for (size_t i = 0; i < edges.size(); ++i)
+    c += " WHEN updated_at-created_at<=" + std::to_string(edges[i]) + " THEN " + std::to_string(i);
+  return "SELECT " + c + " ELSE " + std::to_string(edges.size()) +
+         " END,count(*) FROM tasks WHERE created_at>=" + since + " AND updated_at<=" + until +
+         " AND state IN ('succeeded','failed','cancelled','interrupted') GROUP BY 1";
+}
+
+void CalibrationRows::Add(const std::string& expert, long bin, long n, double confidence,
+                          double success, double squared_error) {
+  ReportData::Calibration& c = by_[expert];
+  if (c.bin_n.empty()) {
+    c.expert = expert;
+    c.bin_n.assign(10, 0);
+    c.bin_confidence.assign(10, 0);
+    c.bin_success.assign(10, 0);
+  }
+  const size_t k = static_cast<size_t>(std::clamp<long>(bin, 0, 9));
+  c.bin_n[k] = n;
+  c.bin_confidence[k] = confidence;
+  c.bin_success[k] = success;
+  c.n += n;
+  c.brier += squared_error;
+}
+
+void CalibrationRows::Finish(ReportData* out) {
+  for (auto& [name, c] : by_) {
+    c.brier /= std::max<long>(c.n, 1);
+    out->calibration.push_back(std::move(c));
+  }
+  by_.clear();
+}
+
 size_t SizeReport(const ReportQuery& q, double since, double until, ReportData* out) {
   // A small log gets fewer buckets, so that a rate per bucket means something.
   const long most = std::max(1, q.buckets);

@@ -2,6 +2,7 @@
 // report's bucketing and latency edges, the poison guard's message. Internal to the store.
 #pragma once
 
+#include <map>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
@@ -26,6 +27,20 @@ const std::vector<double>& LatencyEdges();
 // The report's window and buckets, once `since`, `until` and the task count are known: sets
 // since, until, bucket_s and sizes every per-bucket series; returns the bucket count.
 size_t SizeReport(const ReportQuery& q, double since, double until, ReportData* out);
+// The latency histogram's query: (bin, count) of finished tasks created at or after the
+// first parameter and ended by the second, written `since` and `until` ("?1"/"$1"...).
+std::string LatencySql(const std::string& since, const std::string& until);
+// The reliability diagram, one row of (expert, confidence bin, decisions, mean confidence,
+// success rate, summed squared error) at a time; Finish adds each expert's to `out`.
+class CalibrationRows {
+ public:
+  void Add(const std::string& expert, long bin, long n, double confidence, double success,
+           double squared_error);
+  void Finish(ReportData* out);
+
+ private:
+  std::map<std::string, ReportData::Calibration> by_;
+};
 // The bucket of a row (clamped: `until` itself falls in the last one).
 inline size_t Bucket(const ReportData& r, long b) {
   const long n = static_cast<long>(r.decided.size());

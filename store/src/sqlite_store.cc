@@ -992,7 +992,7 @@ class SqliteStore : public Store {
         "SELECT CAST((time-?1)/?3 AS INTEGER),chosen,count(*) FROM decisions "
         "WHERE time>=?1 AND time<=?2 GROUP BY 1,2");
     {
-      std::map<std::string, ReportData::Calibration> cal;
+      store::CalibrationRows cal;
       Stmt s = r.Prepare(
           "SELECT d.chosen,min(CAST(d.chosen_confidence*10 AS INTEGER),9),count(*),"
           "avg(d.chosen_confidence),avg(a.outcome='success'),"
@@ -1001,39 +1001,13 @@ class SqliteStore : public Store {
           "AND a.n=1 WHERE a.outcome IS NOT NULL AND a.outcome!='interrupted' "
           "AND d.time>=?1 AND d.time<=?2 GROUP BY 1,2");
       bind(s);
-      while (s.Step() == SQLITE_ROW) {
-        auto& c = cal[s.Text(0)];
-        if (c.bin_n.empty()) {
-          c.expert = s.Text(0);
-          c.bin_n.assign(10, 0);
-          c.bin_confidence.assign(10, 0);
-          c.bin_success.assign(10, 0);
-        }
-        const size_t k = static_cast<size_t>(std::clamp<long>(s.Long(1), 0, 9));
-        c.bin_n[k] = s.Long(2);
-        c.bin_confidence[k] = s.Double(3);
-        c.bin_success[k] = s.Double(4);
-        c.n += s.Long(2);
-        c.brier += s.Double(5);
-      }
-      for (auto& [name, c] : cal) {
-        c.brier /= std::max<long>(c.n, 1);
-        out->calibration.push_back(std::move(c));
-      }
+      while (s.Step() == SQLITE_ROW)
+        cal.Add(s.Text(0), s.Long(1), s.Long(2), s.Double(3), s.Double(4), s.Double(5));
+      cal.Finish(out);
     }
     {
       // The statement is built once (the statement cache is keyed by the SQL text's address).
-      static const std::string sql = [] {
-        const std::vector<double>& edges = store::LatencyEdges();
-        std::string c = "CASE";
-        for (size_t i = 0; i < edges.size(); ++i)
-          c += " WHEN updated_at-created_at<=" + std::to_string(edges[i]) + " THEN " +
-               std::to_string(i);
-        return "SELECT " + c + " ELSE " + std::to_string(edges.size()) +
-               " END,count(*) FROM tasks " +
-               "WHERE created_at>=?1 AND updated_at<=?2 "
-               "AND state IN ('succeeded','failed','cancelled','interrupted') GROUP BY 1";
-      }();
+      static const std::string sql = store::LatencySql("?1", "?2");
       Stmt s = r.Prepare(sql.c_str());
       s.Bind(1, since).Bind(2, until);
       while (s.Step() == SQLITE_ROW)
