@@ -144,7 +144,7 @@ TEST_F(ClusterTest, WorkSubmittedToOneNodeRunsOnTheNodeThatHostsItsExpert) {
   test::Run cw = c->Ctl({"cancel", waiting});
   EXPECT_EQ(cw.code, 0) << cw.out << cw.err;
   EXPECT_EQ(c->CtlJson({"show", waiting})["state"], "cancelled");
-  test::Run cr = c->Ctl({"cancel", running});
+  test::Run cr = a->Ctl({"cancel", running});  // (from its submitter: b runs it)
   EXPECT_EQ(cr.code, 0) << cr.out << cr.err;
   ASSERT_TRUE(test::Eventually([&] {
     return a->CtlJson({"show", running})["state"] == "cancelled";

@@ -1282,6 +1282,10 @@ struct Pipeline::Impl {
     for (size_t i = 0; i < jobs.size(); ++i) {
       if (st[i].ok()) {
         experts.insert(batch[i].second);
+        // Not this node's any more: a cancel here goes to whichever node takes it (its
+        // waiters stay, and hear of its end by notification).
+        std::lock_guard<std::mutex> w(waiters_mu_);
+        live_.erase(batch[i].first);
       } else if (st[i].code() == Status::Code::kFailedPrecondition) {
         LogWarn("task {}: {}", batch[i].first, st[i].message());
       } else {  // the store fails writes: it waits here, and is handed on later
