@@ -406,6 +406,12 @@ TEST(Demo, ShowsTheRouterLearningAndWritesTheReport) {
   ASSERT_TRUE(std::regex_search(r.out, m, std::regex(R"(600/600 tasks  first-pick success)")))
       << r.out;
   EXPECT_NE(r.out.find("before and after"), std::string::npos) << r.out;
+  // The real work on the checkout reaches the bundled experts, whatever the model learned.
+  EXPECT_TRUE(
+      std::regex_search(r.out, std::regex(R"(succeeded: security \(.*\n.*security scan of )")))
+      << r.out;
+  EXPECT_TRUE(std::regex_search(r.out, std::regex(R"(succeeded: inventory \(.*\n.*inventory of )")))
+      << r.out;
   EXPECT_NE(r.out.find("report: " + root + "/.demo/report.html ("), std::string::npos) << r.out;
   EXPECT_TRUE(fs::exists(root + "/.demo/report.html"));
   // Nothing left running: its cortexd was stopped at the end.
