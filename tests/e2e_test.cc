@@ -1650,9 +1650,19 @@ TEST(E2E, DetachedStartReturnsOnceServingEvenWithPluginHosts) {
   const int pid = std::stoi(r.out.substr(21));
   json st = test::Ctl(d.socket, {"status", "--json"}).Json();
   EXPECT_EQ(st.value("pid", -1), pid);
+  EXPECT_NE(r.out.find("), log: " + log + "\n"), std::string::npos) << r.out;
   EXPECT_NE(test::ReadFile(log).find("cortexd ready"), std::string::npos);
   kill(pid, SIGTERM);
   EXPECT_TRUE(test::Eventually([&] { return kill(pid, 0) != 0; }));
+  // Without --log-file the log is kept beside the config's store, and the start says so.
+  r = test::RunCmd({test::BinDir() + "/cortexd", "--config", d.config}, 30);
+  ASSERT_EQ(r.code, 0) << r.err;
+  const std::string beside = (fs::path(d.store).parent_path() / "cortexd.log").string();
+  EXPECT_NE(r.out.find("), log: " + beside + "\n"), std::string::npos) << r.out;
+  EXPECT_NE(test::ReadFile(beside).find("cortexd ready"), std::string::npos);
+  const int pid2 = std::stoi(r.out.substr(21));
+  kill(pid2, SIGTERM);
+  EXPECT_TRUE(test::Eventually([&] { return kill(pid2, 0) != 0; }));
 }
 
 // Every task goes to the one slow expert (no load bias, no exploration), so work piles up.

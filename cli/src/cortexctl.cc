@@ -1414,9 +1414,12 @@ static int RunCli(int argc, char** argv, Ctx& ctx) {
     const json by_state = result.value("tasks", json::object());  // items() must not outlive it
     for (const auto& [k, v] : by_state.items())
       tasks += (tasks.empty() ? "" : ", ") + k + " " + std::to_string(v.get<long>());
+    if (!Str(result, "store_read_error").empty())
+      tasks = "unknown: the store does not answer (" + Str(result, "store_read_error") + ")";
     std::printf("  tasks:     %s\n", tasks.empty() ? "none yet" : tasks.c_str());
-    std::printf("  store:     %s (schema v%d)\n", Str(result, "store_path").c_str(),
-                result.value("schema_version", 0));
+    const json schema = result.value("schema_version", json());
+    std::printf("  store:     %s (schema %s)\n", Str(result, "store_path").c_str(),
+                schema.is_number() ? fmt::format("v{}", schema.get<int>()).c_str() : "unknown");
     if (!Str(result, "store_error").empty())
       std::printf("  STORE FAILING WRITES: %s\n", Str(result, "store_error").c_str());
     std::printf("  plugins:   %s\n", Str(result, "plugin_dir").c_str());

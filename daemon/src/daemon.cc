@@ -318,9 +318,11 @@ class DaemonImpl : public Daemon, public RequestHandler {
 
   json Status_() override {
     std::vector<std::pair<std::string, long>> counts;
-    (void)store_->CountByState(&counts);
-    json by_state = json::object();
+    // A store that does not answer (a database outage) is said so, not shown as empty.
+    const Status read = store_->CountByState(&counts);
+    json by_state = read.ok() ? json::object() : json(nullptr);
     for (const auto& [s, c] : counts) by_state[s] = c;
+    const int schema = store_->SchemaVersion();
     const size_t queued = pipeline_->QueueDepth();
     auto router = CurrentRouter();
     int inflight = 0;
@@ -341,7 +343,8 @@ class DaemonImpl : public Daemon, public RequestHandler {
             {"plugin_dir", config_.plugins.dir},
             {"plugin_dirs", watch_dirs_},
             {"store_error", pipeline_->StoreError()},
-            {"schema_version", store_->SchemaVersion()},
+            {"store_read_error", read.ok() ? json(nullptr) : json(read.message())},
+            {"schema_version", schema > 0 ? json(schema) : json(nullptr)},
             {"socket", config_.daemon.socket},
             {"metrics", metrics_server_ ? json("http://" + metrics_server_->address() + "/metrics")
                                         : json(nullptr)},

@@ -40,8 +40,11 @@ int Detach(int* ready_fd) {
     char buf[512];
     ssize_t n;
     while ((n = read(p[0], buf, sizeof buf)) > 0) msg.append(buf, static_cast<size_t>(n));
-    if (msg.rfind("ok", 0) == 0) {
-      std::printf("cortexd started (pid %s)\n", msg.substr(3).c_str());
+    if (msg.rfind("ok ", 0) == 0) {
+      // "ok PID LOG": where it logs is the first place to look when something goes wrong.
+      const size_t sp = msg.find(' ', 3);
+      std::printf("cortexd started (pid %s), log: %s\n", msg.substr(3, sp - 3).c_str(),
+                  sp == std::string::npos ? "-" : msg.substr(sp + 1).c_str());
       std::fflush(stdout);  // _exit does not flush, and a pipe's stdout is buffered
       _exit(0);
     }
@@ -62,6 +65,15 @@ int Detach(int* ready_fd) {
   }
   *ready_fd = p[1];
   return 0;
+}
+
+// Detached, cortexd logs beside its SQLite store, so a config with a store of its own keeps
+// its log there too (not in the data folder another daemon may use); else in the data folder.
+std::string LogFolder(const cortex::Config& cfg) {
+  const std::string& p = cfg.store.path;
+  if (cfg.store.url.empty() && !p.empty() && p != ":memory:")
+    return std::filesystem::path(p).parent_path().string();
+  return cortex::DataDir();
 }
 
 void Report(int fd, const std::string& msg) {
@@ -148,8 +160,12 @@ int main(int argc, char** argv) {
       std::perror("cortexd: fork");
       return 1;
     }
-    std::string lf = log_file.empty() ? cortex::DataDir() + "/cortexd.log" : log_file;
-    (void)cortex::Env::Default()->MakePrivateDir(cortex::DataDir(), true);
+    if (log_file.empty()) {
+      const std::string dir = LogFolder(cfg.value());
+      (void)cortex::Env::Default()->MakePrivateDir(dir, true);
+      log_file = dir + "/cortexd.log";
+    }
+    const std::string& lf = log_file;
     cortex::SetLogFile(lf);
     // stderr too, so what plugin hosts (and anything else) print lands in the log.
     int fd = open(lf.c_str(), O_WRONLY | O_APPEND | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0600);
@@ -189,7 +205,7 @@ int main(int argc, char** argv) {
     Report(ready_fd, st.message());
     return 1;
   }
-  Report(ready_fd, "ok " + std::to_string(getpid()));
+  Report(ready_fd, "ok " + std::to_string(getpid()) + " " + log_file);
   cortex::NotifyReady();  // Type=notify: serving now
   st = d.value()->Run();
   if (!st.ok()) {
