@@ -6,20 +6,25 @@
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 jobs="$(nproc)"
+# Each phase says when it starts: where CI's time goes is read off its log.
+phase() { echo "== $* (at $((SECONDS / 60))m$((SECONDS % 60))s)"; }
 "$root/scripts/install-deps.sh"
 # Tests on explicitly: the demo builds the same folder with them off.
+phase "build"
 "$root/scripts/build.sh" -DCORTEX_BUILD_TESTS=ON "$@"
+phase "tests"
 (cd "$root/build" && ctest -j "$jobs" --output-on-failure --timeout 300)
 
 [ "${CORTEX_SANITIZERS:-on}" = off ] && exit 0
 sanitized() {  # folder, sanitizers, ctest arguments...
   local dir="$root/$1" san="$2"
   shift 2
-  echo "== tests under -fsanitize=$san"
+  phase "build with -fsanitize=$san"
   # -O1: sanitizers need no more, and it builds faster.
   cmake -S "$root" -B "$dir" -DCMAKE_BUILD_TYPE=Debug -DCMAKE_CXX_FLAGS=-O1 -DCORTEX_CUDA=OFF \
         -DCORTEX_SANITIZE="$san" >/dev/null
   cmake --build "$dir" -j "$jobs" ${targets:+--target $targets}
+  phase "tests under -fsanitize=$san"
   (cd "$dir" && ctest -j "$jobs" --output-on-failure --timeout 600 "$@")
 }
 # Findings are fatal, in the tests and in every cortexd they start.
@@ -49,11 +54,12 @@ targets="e2e_test store_test gating_test unix_test cli_test cluster_test cortex-
 
 # libFuzzer (clang): each target from its seed corpus, for a bounded time; a finding
 # fails the run and leaves its input in build-fuzz/.
-echo "== fuzzing, ${CORTEX_FUZZ_SECONDS:-20}s per target"
+phase "fuzz targets build (clang)"
 CC=clang CXX=clang++ cmake -S "$root" -B "$root/build-fuzz" -DCMAKE_BUILD_TYPE=RelWithDebInfo \
   -DCORTEX_FUZZ=ON -DCORTEX_BUILD_TESTS=OFF -DCORTEX_CUDA=OFF >/dev/null
 targets=(wire config manifest features)
 cmake --build "$root/build-fuzz" -j "$jobs" --target "${targets[@]/#/fuzz_}"
+phase "fuzzing, ${CORTEX_FUZZ_SECONDS:-20}s per target"
 for t in "${targets[@]}"; do
   work="$root/build-fuzz/corpus-$t"
   mkdir -p "$work"
@@ -61,3 +67,4 @@ for t in "${targets[@]}"; do
      -print_final_stats=1 "$work" "$root/tests/fuzz/corpus/$t" 2>&1 |
      grep -E "^(stat::number_of_executed_units|Done|==|SUMMARY|artifact)" | sed "s/^/fuzz_$t: /")
 done
+phase "done"
