@@ -406,5 +406,98 @@ TEST_F(ClusterTest, TheTrainerRoleMovesAndALiveModelReachesEveryNode) {
     }
 }
 
+// A database outage longer than the node timeout: no node is declared lost for it (none
+// could heartbeat, so none trusts what it sees of the others), `status` says the store
+// does not answer instead of showing it empty, and once the database is back the nodes
+// rejoin each other and work runs again, each task once. Its own PostgreSQL server: the
+// test takes it down.
+TEST(ClusterOutage, ADatabaseOutageLosesNoNodeAndWorkGoesOnAfterIt) {
+  std::string why;
+  std::unique_ptr<test::PgServer> pg = test::PgServer::StartOwn(&why);
+  if (!pg) GTEST_SKIP() << "no PostgreSQL server of its own: " << why;
+  const std::string url = pg->NewDatabase();
+  ASSERT_FALSE(url.empty());
+  TempDir da, db, shared;
+  const std::string runs = shared / "runs";
+  auto a = Node(da, "a", url, "experts:\n" + Recording("work", "a", runs, "job"));
+  auto b = Node(db, "b", url, "experts:\n" + Recording("work", "b", runs, "job"));
+  for (auto* d : {a.get(), b.get()}) ASSERT_TRUE(d->Start()) << d->Log();
+  auto both_alive = [&] {
+    for (auto* d : {a.get(), b.get()}) {
+      json st = d->CtlJson({"status"});
+      if (!st["nodes"].is_array() || st["nodes"].size() != 2) return false;
+      for (const auto& n : st["nodes"])
+        if (!n["alive"].get<bool>()) return false;
+    }
+    return true;
+  };
+  ASSERT_TRUE(test::Eventually(both_alive)) << a->CtlJson({"status"}).dump();
+  ASSERT_EQ(a->Ctl({"submit", "--wait", "job before"}).code, 0) << a->Log();
+
+  pg->Halt();
+  // Both nodes keep serving; status says what it cannot know. Twice the node timeout (3 s).
+  json st;
+  ASSERT_TRUE(test::Eventually([&] {
+    st = a->CtlJson({"status"});
+    return st["store_read_error"].is_string();
+  })) << st.dump();
+  EXPECT_TRUE(st["tasks"].is_null()) << st.dump();
+  EXPECT_TRUE(st["schema_version"].is_null()) << st.dump();
+  test::Run human = a->Ctl({"status"});
+  EXPECT_NE(human.out.find("tasks:     unknown: the store does not answer ("), std::string::npos)
+      << human.out;
+  EXPECT_NE(human.out.find("(schema unknown)"), std::string::npos) << human.out;
+  // A submission is refused, not acknowledged and then lost.
+  test::Run during = a->Ctl({"submit", "job during"}, 30);
+  EXPECT_EQ(during.code, 1) << during.out << during.err;
+  EXPECT_NE(during.err.find("storing the task (not acknowledged)"), std::string::npos)
+      << during.err;
+  sleep(6);
+  for (auto* d : {a.get(), b.get()}) EXPECT_EQ(d->Ctl({"status"}).code, 0) << d->Log();
+  // The last heartbeats each node saw before the outage.
+  std::map<std::string, std::string> before;
+  st = a->CtlJson({"status"});  // (a temporary's ["nodes"] would not outlive the loop)
+  for (const auto& n : st["nodes"])
+    before[n["node"].get<std::string>()] = n["heartbeat_at"].get<std::string>();
+  ASSERT_EQ(before.size(), 2u) << st.dump();
+  ASSERT_TRUE(pg->Resume(&why)) << why;
+
+  // Back: both nodes beat again, each sees the other; and past another node timeout (the
+  // moment a node that trusted its stale view would reap the other) neither is lost.
+  ASSERT_TRUE(test::Eventually(
+      [&] {
+        for (auto* d : {a.get(), b.get()}) {
+          json nodes = d->CtlJson({"status"})["nodes"];
+          if (!nodes.is_array() || nodes.size() != 2) return false;
+          for (const auto& n : nodes)
+            if (!n["alive"].get<bool>() || !n["heartbeat_at"].is_string() ||
+                n["heartbeat_at"].get<std::string>() <= before[n["node"].get<std::string>()])
+              return false;
+        }
+        return true;
+      },
+      30))
+      << a->CtlJson({"status"}).dump() << a->Log();
+  sleep(4);
+  ASSERT_TRUE(both_alive()) << a->CtlJson({"status"}).dump();
+  st = b->CtlJson({"status"});
+  EXPECT_TRUE(st["tasks"].is_object()) << st.dump();
+  EXPECT_EQ(st["schema_version"], 4) << st.dump();
+  for (auto* d : {a.get(), b.get()})
+    for (const auto& e : d->CtlJson({"events", "--limit", "200"}))
+      EXPECT_NE(e["event"], "node-lost") << e.dump() << d->Log();
+  test::Run after = b->Ctl({"submit", "--wait", "job after", "--json"});
+  ASSERT_EQ(after.code, 0) << after.out << after.err << b->Log();
+  EXPECT_EQ(after.Json()["state"], "succeeded") << after.out;
+  size_t twice = 0;
+  for (const auto& [id, nodes] : Runs(runs)) twice += nodes.size() > 1;
+  EXPECT_EQ(twice, 0u) << test::ReadFile(runs);
+  EXPECT_EQ(Runs(runs).size(), 2u) << test::ReadFile(runs);
+  std::set<std::string> texts;
+  for (const auto& t : a->CtlJson({"history", "--json"})) texts.insert(t["text"]);
+  EXPECT_EQ(texts, (std::set<std::string>{"job before", "job after"}));
+  for (auto* d : {a.get(), b.get()}) EXPECT_EQ(d->Stop(SIGTERM), 0) << d->Log();
+}
+
 }  // namespace
 }  // namespace cortex

@@ -1,7 +1,13 @@
 #include <fmt/format.h>
 #include <gtest/gtest.h>
 
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+
 #include "cortex/config.h"
+#include "cortex/log.h"
 #include "cortex/rules.h"
 
 namespace cortex {
@@ -135,6 +141,32 @@ TEST(StatusTest, SplitLinesUndoesJoinLines) {
   const std::vector<std::string> lines = {"a.yaml:1: x", "", "a.yaml:3: y"};
   EXPECT_EQ(SplitLines(JoinLines(lines)), lines);
   EXPECT_EQ(SplitLines(""), std::vector<std::string>{""});
+}
+
+// A warning that repeats (a heartbeat failing each second while the database is down) is
+// written once per window with how often it came; information and other warnings are not
+// held back.
+TEST(LogTest, RepeatedWarningsAreCountedNotRepeated) {
+  char tmpl[] = "/tmp/cortex-log-XXXXXX";
+  ASSERT_NE(mkdtemp(tmpl), nullptr);
+  const std::string file = std::string(tmpl) + "/log";
+  ASSERT_TRUE(SetLogFile(file));
+  SetLogRepeatWindow(0.5);
+  for (int i = 0; i < 4; ++i) LogWarn("database down: {}", "no socket");
+  LogWarn("something else");
+  for (int i = 0; i < 2; ++i) LogInfo("task done");
+  usleep(600 * 1000);
+  LogWarn("database down: {}", "no socket");
+  SetLogRepeatWindow(60);
+  (void)SetLogFile("/dev/null");
+  std::ifstream in(file);
+  std::vector<std::string> lines;
+  for (std::string l; std::getline(in, l);) lines.push_back(l.substr(l.find(": ") + 2));
+  const std::vector<std::string> want = {
+      "database down: no socket", "something else", "task done", "task done",
+      "database down: no socket (and 3 more times in the last 0s)"};
+  EXPECT_EQ(lines, want);
+  std::filesystem::remove_all(tmpl);
 }
 
 TEST(ConfigTest, Durations) {

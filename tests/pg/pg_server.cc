@@ -99,7 +99,7 @@ bool PgServer::Start(std::string* dir, std::string* why) {
       return false;
     }
   }
-  const std::string data = *dir + "/data", log = *dir + "/server.log";
+  const std::string data = *dir + "/data";
   if (RunAs({bin + "/initdb", "-D", data, "-U", "cortex", "-A", "trust", "-E", "UTF8",
              "--no-locale", "-N"},
             *dir + "/initdb.log") != 0) {
@@ -114,22 +114,51 @@ bool PgServer::Start(std::string* dir, std::string* why) {
          << "'\nshared_buffers = 16MB\nmax_connections = 200\nfsync = on\n"
             "log_min_messages = warning\n";
   }
-  if (RunAs({bin + "/pg_ctl", "-D", data, "-l", log, "-w", "-t", "60", "start"},
-            *dir + "/pg_ctl.log") != 0) {
-    *why = "the server would not start: " + Tail(log) + Tail(*dir + "/pg_ctl.log");
+  return Launch(*dir, why);
+}
+
+bool PgServer::Launch(const std::string& dir, std::string* why) {
+  const std::string log = dir + "/server.log";
+  if (RunAs({PgBin() + "/pg_ctl", "-D", dir + "/data", "-l", log, "-w", "-t", "60", "start"},
+            dir + "/pg_ctl.log") != 0) {
+    *why = "the server would not start: " + Tail(log) + Tail(dir + "/pg_ctl.log");
     return false;
   }
   return true;
 }
 
-void PgServer::Stop(const std::string& dir) {
+void PgServer::Halt(const std::string& dir) {
   const std::string bin = PgBin();
   if (!bin.empty() && fs::exists(dir + "/data"))
     RunAs({bin + "/pg_ctl", "-D", dir + "/data", "-m", "immediate", "-w", "stop"},
           dir + "/pg_ctl.log");
+}
+
+void PgServer::Stop(const std::string& dir) {
+  Halt(dir);
   std::error_code ec;
   fs::remove_all(dir, ec);
 }
+
+std::unique_ptr<PgServer> PgServer::StartOwn(std::string* why) {
+  std::string dir;
+  if (!Start(&dir, why)) {
+    if (!dir.empty()) Stop(dir);
+    return nullptr;
+  }
+  auto s = std::unique_ptr<PgServer>(new PgServer);
+  s->dir_ = dir;
+  s->own_ = true;
+  return s;
+}
+
+PgServer::~PgServer() {
+  if (own_) Stop(dir_);
+}
+
+void PgServer::Halt() { Halt(dir_); }
+
+bool PgServer::Resume(std::string* why) { return Launch(dir_, why); }
 
 PgServer* PgServer::Get(std::string* why) {
   static std::once_flag once;

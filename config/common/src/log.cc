@@ -5,10 +5,12 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <chrono>
 #include <cstdio>
 #include <ctime>
 #include <mutex>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "cortex/status.h"
@@ -16,6 +18,7 @@
 namespace cortex {
 namespace {
 std::atomic<int> g_level{static_cast<int>(LogLevel::kInfo)};
+std::atomic<long> g_window_ms{60000};  // SetLogRepeatWindow
 std::mutex g_mu;
 FILE* g_out = nullptr;  // nullptr means stderr
 const char* Name(LogLevel l) {
@@ -33,6 +36,7 @@ const char* Name(LogLevel l) {
 }
 }  // namespace
 
+void SetLogRepeatWindow(double seconds) { g_window_ms = static_cast<long>(seconds * 1000); }
 void SetLogLevel(LogLevel level) { g_level = static_cast<int>(level); }
 bool LogEnabled(LogLevel level) { return static_cast<int>(level) >= g_level.load(); }
 
@@ -93,6 +97,35 @@ std::string Printable(const std::string& s, bool keep_lines) {
 }
 
 namespace {
+// A warning or error that repeats (each heartbeat, each retry while a database is down)
+// is written once a minute, with how often it came meanwhile, instead of filling the log.
+struct Seen {
+  std::chrono::steady_clock::time_point at;
+  long more = 0;
+};
+std::unordered_map<std::string, Seen> g_seen;  // under g_mu
+
+// Whether `text` is written now; `suffix` gets the count of its repeats held back.
+bool Due(const std::string& text, std::string* suffix) {
+  const auto now = std::chrono::steady_clock::now();
+  auto it = g_seen.find(text);
+  const auto window = std::chrono::milliseconds(g_window_ms.load());
+  if (it != g_seen.end() && now - it->second.at < window) {
+    ++it->second.more;
+    return false;
+  }
+  if (it != g_seen.end() && it->second.more > 0)
+    *suffix = fmt::format(
+        " (and {} more time{} in the last {}s)", it->second.more, it->second.more == 1 ? "" : "s",
+        std::chrono::duration_cast<std::chrono::seconds>(now - it->second.at).count());
+  if (g_seen.size() >= 1024)  // bounded: old entries go first, all of them if need be
+    for (auto i = g_seen.begin(); i != g_seen.end();)
+      i = now - i->second.at >= window ? g_seen.erase(i) : std::next(i);
+  if (g_seen.size() >= 1024) g_seen.clear();
+  g_seen[text] = {now, 0};
+  return true;
+}
+
 void Write(LogLevel level, const std::vector<std::string>& lines) {
   struct timeval tv;
   gettimeofday(&tv, nullptr);
@@ -103,10 +136,15 @@ void Write(LogLevel level, const std::vector<std::string>& lines) {
   char prefix[96];
   std::snprintf(prefix, sizeof prefix, "%s.%03ld cortexd[%d] %s: ", ts,
                 static_cast<long>(tv.tv_usec / 1000), static_cast<int>(getpid()), Name(level));
+  std::string body;
+  for (const std::string& l : lines) body += Printable(l) + "\n";
+  std::lock_guard<std::mutex> lock(g_mu);
+  std::string repeats;
+  if (level >= LogLevel::kWarn && !Due(body, &repeats)) return;
   std::string text;
   for (size_t i = 0; i < lines.size(); ++i)
-    text += prefix + std::string(i ? "  " : "") + Printable(lines[i]) + "\n";
-  std::lock_guard<std::mutex> lock(g_mu);
+    text += prefix + std::string(i ? "  " : "") + Printable(lines[i]) +
+            (i + 1 == lines.size() ? repeats : "") + "\n";
   FILE* out = g_out ? g_out : stderr;
   std::fputs(text.c_str(), out);
   std::fflush(out);

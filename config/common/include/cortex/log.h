@@ -10,6 +10,9 @@ namespace cortex {
 enum class LogLevel { kDebug = 0, kInfo = 1, kWarn = 2, kError = 3 };
 
 void SetLogLevel(LogLevel level);
+// A warning or error written again within this many seconds (60) is held back and counted;
+// its next line past the window says how often it came. Tests shorten it.
+void SetLogRepeatWindow(double seconds);
 // Redirects log output to `path` (appending). Returns false if it cannot be opened.
 bool SetLogFile(const std::string& path);
 // One record: `msg` is shown through Printable, so a newline in it is `\n`, not a line.
