@@ -1663,6 +1663,14 @@ TEST(E2E, DetachedStartReturnsOnceServingEvenWithPluginHosts) {
   const int pid2 = std::stoi(r.out.substr(21));
   kill(pid2, SIGTERM);
   EXPECT_TRUE(test::Eventually([&] { return kill(pid2, 0) != 0; }));
+  // A log that cannot be opened is said so, not named as if it were there.
+  const std::string nowhere = dir / "no/such/folder/cortexd.log";
+  r = test::RunCmd({test::BinDir() + "/cortexd", "--config", d.config, "--log-file", nowhere}, 30);
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_NE(r.out.find("), log: none (cannot open " + nowhere + ": "), std::string::npos) << r.out;
+  const int pid3 = std::stoi(r.out.substr(21));
+  kill(pid3, SIGTERM);
+  EXPECT_TRUE(test::Eventually([&] { return kill(pid3, 0) != 0; }));
 }
 
 // Every task goes to the one slow expert (no load bias, no exploration), so work piles up.

@@ -12,6 +12,7 @@
 #include <CLI/CLI.hpp>
 #include <cerrno>
 #include <cmath>
+#include <cctype>
 #include <cstdio>
 #include <cstring>
 #include <ctime>
@@ -1414,8 +1415,16 @@ static int RunCli(int argc, char** argv, Ctx& ctx) {
     const json by_state = result.value("tasks", json::object());  // items() must not outlive it
     for (const auto& [k, v] : by_state.items())
       tasks += (tasks.empty() ? "" : ", ") + k + " " + std::to_string(v.get<long>());
-    if (!Str(result, "store_read_error").empty())
-      tasks = "unknown: the store does not answer (" + Str(result, "store_read_error") + ")";
+    if (!Raw(result, "store_read_error", "").empty()) {
+      // libpq's messages run over lines: one line here.
+      std::string why;
+      for (char c : Raw(result, "store_read_error", ""))
+        if (!std::isspace(static_cast<unsigned char>(c)))
+          why += c;
+        else if (!why.empty() && why.back() != ' ')
+          why += ' ';
+      tasks = "unknown: the store does not answer (" + Terminal(why) + ")";
+    }
     std::printf("  tasks:     %s\n", tasks.empty() ? "none yet" : tasks.c_str());
     const json schema = result.value("schema_version", json());
     std::printf("  store:     %s (schema %s)\n", Str(result, "store_path").c_str(),

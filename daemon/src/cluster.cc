@@ -81,7 +81,7 @@ void Cluster::Beat() {
   bool was_lost = false;
   const double mono = Env::Default()->MonotonicMicros() / 1e6;
   if (Status st = link_->Heartbeat(Me(), &was_lost); !st.ok()) {
-    LogWarn("cluster: heartbeat: {}", st.message());
+    LogWarnRepeating("cluster: heartbeat: {}", st.message());
     healthy_since_ = -1;
     return;
   }
@@ -100,7 +100,7 @@ void Cluster::Beat() {
   std::vector<std::string> lost, interrupted;
   if (mono - healthy_since_ >= options_.timeout_s)
     if (Status st = link_->ReapLost(options_.timeout_s, &lost, &interrupted); !st.ok())
-      LogWarn("cluster: {}", st.message());
+      LogWarnRepeating("cluster: {}", st.message());
   if (!interrupted.empty()) {
     pipeline_->RemoteEnded(interrupted);
     link_->NotifyEnded(interrupted);
@@ -112,7 +112,7 @@ void Cluster::Beat() {
   trainer_ = link_->Trainer();
   std::vector<NodeInfo> nodes;
   if (Status st = link_->Nodes(options_.timeout_s, &nodes); !st.ok()) {
-    LogWarn("cluster: {}", st.message());
+    LogWarnRepeating("cluster: {}", st.message());
     return;
   }
   // Routing sees the experts the other live nodes host, with their load summed.
@@ -163,7 +163,7 @@ void Cluster::ListenLoop() {
   while (!stop_.load()) {
     ClusterNews news;
     if (Status st = link_->Wait(1.0, &news); !st.ok()) {
-      LogWarn("cluster: {}", st.message());
+      LogWarnRepeating("cluster: {}", st.message());
       std::unique_lock<std::mutex> l(mu_);
       cv_.wait_for(l, std::chrono::seconds(1), [&] { return stop_.load(); });
       continue;
@@ -247,7 +247,7 @@ void Cluster::ClaimWork() {
   auto adopt = [&](const std::string& expert, int n) {
     std::vector<std::string> ids;
     if (Status st = link_->Claim(expert, n, &ids); !st.ok()) {
-      LogWarn("cluster: {}", st.message());
+      LogWarnRepeating("cluster: {}", st.message());
       return;
     }
     if (static_cast<int>(ids.size()) == n) more = true;  // there may be more behind

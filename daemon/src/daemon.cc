@@ -322,7 +322,7 @@ class DaemonImpl : public Daemon, public RequestHandler {
     const Status read = store_->CountByState(&counts);
     json by_state = read.ok() ? json::object() : json(nullptr);
     for (const auto& [s, c] : counts) by_state[s] = c;
-    const int schema = store_->SchemaVersion();
+    const int schema = read.ok() ? store_->SchemaVersion() : 0;  // (not a second wait)
     const size_t queued = pipeline_->QueueDepth();
     auto router = CurrentRouter();
     int inflight = 0;

@@ -6,7 +6,9 @@
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
+#include <cerrno>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <iostream>
 
@@ -94,7 +96,9 @@ int main(int argc, char** argv) {
   app.add_flag("--foreground", foreground, "stay attached and log to stderr");
   app.add_option("--log-level", log_level, "debug, info, warn or error")
       ->check(CLI::IsMember({"debug", "info", "warn", "error"}));
-  app.add_option("--log-file", log_file, "log file when detached (default: DATA_DIR/cortexd.log)");
+  app.add_option(
+      "--log-file", log_file,
+      "log file when detached (default: cortexd.log beside a SQLite store, else in DATA_DIR)");
   app.add_flag("--print-config", print_config,
                "print the effective config (defaults filled in) and exit");
   app.add_flag("--check-config", check_config,
@@ -155,23 +159,31 @@ int main(int argc, char** argv) {
   }
 
   int ready_fd = -1;
+  std::string log_shown;  // what the start line says of the log
   if (!foreground) {
     if (Detach(&ready_fd) != 0) {
       std::perror("cortexd: fork");
       return 1;
     }
     if (log_file.empty()) {
-      const std::string dir = LogFolder(cfg.value());
-      (void)cortex::Env::Default()->MakePrivateDir(dir, true);
+      // Beside the store when its folder passes the private-folder check (checked, never
+      // tightened: it may be a home); else in the data folder, cortexd's own, made private.
+      cortex::Env* env = cortex::Env::Default();
+      std::string dir = LogFolder(cfg.value());
+      if (dir != cortex::DataDir() && !env->MakePrivateDir(dir, false).ok())
+        dir = cortex::DataDir();
+      if (dir == cortex::DataDir()) (void)env->MakePrivateDir(dir, true);
       log_file = dir + "/cortexd.log";
     }
-    const std::string& lf = log_file;
-    cortex::SetLogFile(lf);
-    // stderr too, so what plugin hosts (and anything else) print lands in the log.
-    int fd = open(lf.c_str(), O_WRONLY | O_APPEND | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0600);
-    if (fd >= 0) {
-      dup2(fd, 2);
-      close(fd);
+    if (cortex::SetLogFile(log_file)) {
+      // stderr too, so what plugin hosts (and anything else) print lands in the log.
+      int fd = open(log_file.c_str(), O_WRONLY | O_APPEND | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0600);
+      if (fd >= 0) {
+        dup2(fd, 2);
+        close(fd);
+      }
+    } else {
+      log_shown = "none (cannot open " + log_file + ": " + std::strerror(errno) + ")";
     }
   }
 
@@ -205,7 +217,8 @@ int main(int argc, char** argv) {
     Report(ready_fd, st.message());
     return 1;
   }
-  Report(ready_fd, "ok " + std::to_string(getpid()) + " " + log_file);
+  Report(ready_fd,
+         "ok " + std::to_string(getpid()) + " " + (log_shown.empty() ? log_file : log_shown));
   cortex::NotifyReady();  // Type=notify: serving now
   st = d.value()->Run();
   if (!st.ok()) {

@@ -91,7 +91,7 @@ std::vector<LoggedOutcome> Trainer::OutcomesAfter(long seq, size_t most) {
     out.push_back(o);
     return out.size() < most;
   });
-  if (!st.ok()) LogError("reading outcomes: {}", st.ToString());
+  if (!st.ok()) LogErrorRepeating("reading outcomes: {}", st.ToString());
   return out;
 }
 

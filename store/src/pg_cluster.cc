@@ -305,7 +305,7 @@ class PgCluster : public ClusterLink {
     std::lock_guard<std::mutex> l(mu_);
     if (!ReadyLocked().ok()) return;  // the others' periodic claim covers a lost one
     pg::Result r = c_.Query("SELECT pg_notify($1,$2)", {channel, payload});
-    if (!r.ok()) LogWarn("cluster: cannot notify {}: {}", channel, r.status().message());
+    if (!r.ok()) LogWarnRepeating("cluster: cannot notify {}: {}", channel, r.status().message());
   }
 
   Status ConnectLocked() {

@@ -97,36 +97,37 @@ std::string Printable(const std::string& s, bool keep_lines) {
 }
 
 namespace {
-// A warning or error that repeats (each heartbeat, each retry while a database is down)
-// is written once a minute, with how often it came meanwhile, instead of filling the log.
+// What a retry loop logs (LogRepeating): by hash of the text, when it was last written and
+// how often it came since. Leaked: a detached thread may still log during exit.
 struct Seen {
   std::chrono::steady_clock::time_point at;
+  std::string wall;  // when it was last written, HH:MM:SS
   long more = 0;
 };
-std::unordered_map<std::string, Seen> g_seen;  // under g_mu
+auto& g_seen = *new std::unordered_map<size_t, Seen>;  // under g_mu
 
-// Whether `text` is written now; `suffix` gets the count of its repeats held back.
-bool Due(const std::string& text, std::string* suffix) {
+// Whether `text` is written now; `suffix` gets how often it was held back since.
+bool Due(const std::string& text, const char* wall, std::string* suffix) {
   const auto now = std::chrono::steady_clock::now();
-  auto it = g_seen.find(text);
+  const size_t key = std::hash<std::string>()(text);
+  auto it = g_seen.find(key);
   const auto window = std::chrono::milliseconds(g_window_ms.load());
   if (it != g_seen.end() && now - it->second.at < window) {
     ++it->second.more;
     return false;
   }
   if (it != g_seen.end() && it->second.more > 0)
-    *suffix = fmt::format(
-        " (and {} more time{} in the last {}s)", it->second.more, it->second.more == 1 ? "" : "s",
-        std::chrono::duration_cast<std::chrono::seconds>(now - it->second.at).count());
+    *suffix = fmt::format(" (and {} more time{} since {})", it->second.more,
+                          it->second.more == 1 ? "" : "s", it->second.wall);
   if (g_seen.size() >= 1024)  // bounded: old entries go first, all of them if need be
     for (auto i = g_seen.begin(); i != g_seen.end();)
       i = now - i->second.at >= window ? g_seen.erase(i) : std::next(i);
   if (g_seen.size() >= 1024) g_seen.clear();
-  g_seen[text] = {now, 0};
+  g_seen[key] = {now, wall, 0};
   return true;
 }
 
-void Write(LogLevel level, const std::vector<std::string>& lines) {
+void Write(LogLevel level, const std::vector<std::string>& lines, bool repeating = false) {
   struct timeval tv;
   gettimeofday(&tv, nullptr);
   struct tm tm;
@@ -136,20 +137,24 @@ void Write(LogLevel level, const std::vector<std::string>& lines) {
   char prefix[96];
   std::snprintf(prefix, sizeof prefix, "%s.%03ld cortexd[%d] %s: ", ts,
                 static_cast<long>(tv.tv_usec / 1000), static_cast<int>(getpid()), Name(level));
-  std::string body;
-  for (const std::string& l : lines) body += Printable(l) + "\n";
-  std::lock_guard<std::mutex> lock(g_mu);
-  std::string repeats;
-  if (level >= LogLevel::kWarn && !Due(body, &repeats)) return;
   std::string text;
   for (size_t i = 0; i < lines.size(); ++i)
-    text += prefix + std::string(i ? "  " : "") + Printable(lines[i]) +
-            (i + 1 == lines.size() ? repeats : "") + "\n";
+    text += prefix + std::string(i ? "  " : "") + Printable(lines[i]) + "\n";
+  std::lock_guard<std::mutex> lock(g_mu);
+  if (repeating) {
+    std::string since;
+    if (!Due(text.substr(text.find(": ") + 2), ts + 11, &since)) return;
+    text.insert(text.size() - 1, since);
+  }
   FILE* out = g_out ? g_out : stderr;
   std::fputs(text.c_str(), out);
   std::fflush(out);
 }
 }  // namespace
+
+void LogRepeating(LogLevel level, const std::string& msg) {
+  if (LogEnabled(level)) Write(level, {msg}, true);
+}
 
 void LogLine(LogLevel level, const std::string& msg) { Write(level, {msg}); }
 

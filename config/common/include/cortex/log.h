@@ -10,8 +10,7 @@ namespace cortex {
 enum class LogLevel { kDebug = 0, kInfo = 1, kWarn = 2, kError = 3 };
 
 void SetLogLevel(LogLevel level);
-// A warning or error written again within this many seconds (60) is held back and counted;
-// its next line past the window says how often it came. Tests shorten it.
+// How long LogRepeating holds a message back after writing it (60 s). Tests shorten it.
 void SetLogRepeatWindow(double seconds);
 // Redirects log output to `path` (appending). Returns false if it cannot be opened.
 bool SetLogFile(const std::string& path);
@@ -21,6 +20,11 @@ void LogLine(LogLevel level, const std::string& msg);
 // per line, the later ones indented under the first.
 void LogLines(LogLevel level, const std::string& msg);
 bool LogEnabled(LogLevel level);
+// For what a retry loop may say every second (a heartbeat or a read failing while the
+// database is down): written once, then held back for the window, and the next line past
+// it says how often it came since. Everything else is always written (a state change, a
+// reload refused twice).
+void LogRepeating(LogLevel level, const std::string& msg);
 
 // Text that anyone chose (task text, tags, file names, expert output, plugin messages)
 // made safe to show on a terminal or in a log: an escape sequence could recolour, retitle
@@ -44,6 +48,15 @@ void LogWarn(fmt::format_string<Args...> f, Args&&... a) {
 template <typename... Args>
 void LogError(fmt::format_string<Args...> f, Args&&... a) {
   LogLine(LogLevel::kError, fmt::format(f, std::forward<Args>(a)...));
+}
+template <typename... Args>
+void LogWarnRepeating(fmt::format_string<Args...> f, Args&&... a) {
+  if (LogEnabled(LogLevel::kWarn))
+    LogRepeating(LogLevel::kWarn, fmt::format(f, std::forward<Args>(a)...));
+}
+template <typename... Args>
+void LogErrorRepeating(fmt::format_string<Args...> f, Args&&... a) {
+  LogRepeating(LogLevel::kError, fmt::format(f, std::forward<Args>(a)...));
 }
 template <typename... Args>
 void LogDebug(fmt::format_string<Args...> f, Args&&... a) {
