@@ -64,12 +64,22 @@ CC=clang CXX=clang++ cmake -S "$root" -B "$root/build-fuzz" -DCMAKE_BUILD_TYPE=N
   -DCORTEX_FUZZ=ON -DCORTEX_BUILD_TESTS=OFF -DCORTEX_CUDA=OFF >/dev/null
 targets=(wire config manifest features)
 cmake --build "$root/build-fuzz" -j "$jobs" --target "${targets[@]/#/fuzz_}"
-phase "fuzzing, ${CORTEX_FUZZ_SECONDS:-20}s per target"
+phase "fuzzing, ${CORTEX_FUZZ_SECONDS:-20}s per target, $jobs at a time"
+# One target per core at a time (each fuzzer is one process); each one's summary follows.
+declare -A fuzz_pid
 for t in "${targets[@]}"; do
-  work="$root/build-fuzz/corpus-$t"
-  mkdir -p "$work"
-  (cd "$root/build-fuzz" && "$root/build-fuzz/bin/fuzz_$t" -max_total_time="${CORTEX_FUZZ_SECONDS:-20}" \
-     -print_final_stats=1 "$work" "$root/tests/fuzz/corpus/$t" 2>&1 |
-     grep -E "^(stat::number_of_executed_units|Done|==|SUMMARY|artifact)" | sed "s/^/fuzz_$t: /")
+  while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do sleep 0.5; done
+  mkdir -p "$root/build-fuzz/corpus-$t"
+  (cd "$root/build-fuzz" && exec "$root/build-fuzz/bin/fuzz_$t" \
+     -max_total_time="${CORTEX_FUZZ_SECONDS:-20}" -print_final_stats=1 \
+     "$root/build-fuzz/corpus-$t" "$root/tests/fuzz/corpus/$t" >"$root/build-fuzz/fuzz_$t.log" 2>&1) &
+  fuzz_pid[$t]=$!
 done
+fuzz_failed=0
+for t in "${targets[@]}"; do
+  wait "${fuzz_pid[$t]}" || fuzz_failed=1
+  grep -E "^(stat::number_of_executed_units|Done|==|SUMMARY|artifact)" "$root/build-fuzz/fuzz_$t.log" |
+    sed "s/^/fuzz_$t: /" || true
+done
+[ "$fuzz_failed" = 0 ] || { echo "fuzzing found a failure: see build-fuzz/fuzz_*.log" >&2; exit 1; }
 phase "done"
