@@ -165,6 +165,7 @@ int main(int argc, char** argv) {
       std::perror("cortexd: fork");
       return 1;
     }
+    cortex::Status folder;  // whether the log may be written where it is to go
     if (log_file.empty()) {
       // Beside the store when its folder passes the private-folder check (checked, never
       // tightened: it may be a home); else in the data folder, cortexd's own, made private.
@@ -172,10 +173,14 @@ int main(int argc, char** argv) {
       std::string dir = LogFolder(cfg.value());
       if (dir != cortex::DataDir() && !env->MakePrivateDir(dir, false).ok())
         dir = cortex::DataDir();
-      if (dir == cortex::DataDir()) (void)env->MakePrivateDir(dir, true);
       log_file = dir + "/cortexd.log";
+      if (dir == cortex::DataDir()) folder = env->MakePrivateDir(dir, true);
     }
-    if (cortex::SetLogFile(log_file)) {
+    // Only a regular file of ours, never another user's file or a FIFO planted there.
+    if (folder.ok()) folder = cortex::Env::Default()->MakePrivateFile(log_file);
+    if (!folder.ok()) {
+      log_shown = "none (" + folder.message() + ")";
+    } else if (cortex::SetLogFile(log_file)) {
       // stderr too, so what plugin hosts (and anything else) print lands in the log.
       int fd = open(log_file.c_str(), O_WRONLY | O_APPEND | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0600);
       if (fd >= 0) {

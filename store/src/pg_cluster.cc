@@ -39,7 +39,7 @@ class PgCluster : public ClusterLink {
 
   Status Open() {
     wake_fd_ = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-    if (wake_fd_ < 0) return Status::IOError("cluster: cannot make an eventfd");
+    if (wake_fd_ < 0) return Status::IOError("cannot make an eventfd");
     std::lock_guard<std::mutex> l(mu_);
     CORTEX_RETURN_IF_ERROR(ConnectLocked());
     std::lock_guard<std::mutex> k(listen_mu_);
@@ -126,7 +126,7 @@ class PgCluster : public ClusterLink {
       (void)c_.Exec("ROLLBACK");
       lost->clear();
       interrupted->clear();
-      return st.WithContext("cluster: declaring lost nodes");
+      return st.WithContext("declaring lost nodes");
     }
     return c_.Exec("COMMIT").status();
   }
@@ -139,7 +139,7 @@ class PgCluster : public ClusterLink {
         "SELECT name,socket,pid,started_at,heartbeat_at,trainer,experts,"
         "(NOT lost AND heartbeat_at>=" CORTEX_NOW "-$1) FROM nodes ORDER BY name",
         {timeout_s});
-    CORTEX_RETURN_IF_ERROR(r.status().WithContext("cluster: listing nodes"));
+    CORTEX_RETURN_IF_ERROR(r.status().WithContext("listing nodes"));
     for (int i = 0; i < r.rows(); ++i) {
       NodeInfo n;
       n.node = r.Text(i, 0);
@@ -185,7 +185,7 @@ class PgCluster : public ClusterLink {
                   "NULL AND want=$3 AND state IN ('queued','routed') ORDER BY created_at "
                   "LIMIT $2 FOR UPDATE SKIP LOCKED) AND node IS NULL RETURNING id",
                   {node_, n, expert});
-    CORTEX_RETURN_IF_ERROR(r.status().WithContext("cluster: claiming work"));
+    CORTEX_RETURN_IF_ERROR(r.status().WithContext("claiming work"));
     for (int i = 0; i < r.rows(); ++i) ids->push_back(r.Text(i, 0));
     return Status::OK();
   }
@@ -220,7 +220,7 @@ class PgCluster : public ClusterLink {
     for (const pg::Result* x : {&t, &n, &e})
       if (!x->ok()) {
         (void)c_.Exec("ROLLBACK");
-        return x->status().WithContext("cluster: leaving");
+        return x->status();
       }
     CORTEX_RETURN_IF_ERROR(c_.Exec("COMMIT").status());
     *handed = static_cast<int>(t.Affected());
@@ -264,7 +264,7 @@ class PgCluster : public ClusterLink {
       (void)!::read(wake_fd_, &v, sizeof v);
     }
     if (PQconsumeInput(listen_.raw()) == 0)
-      return Status::IOError("cluster: the listening connection broke: " + listen_.Error());
+      return Status::IOError("the listening connection broke: " + listen_.Error());
     Drain(out);
     return Status::OK();
   }

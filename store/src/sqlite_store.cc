@@ -1050,8 +1050,9 @@ class SqliteStore : public Store {
     Reading r(*this);
     counts->clear();
     Stmt s = r.Prepare("SELECT state,count(*) FROM tasks GROUP BY state ORDER BY state");
-    while (s.Step() == SQLITE_ROW) counts->emplace_back(s.Text(0), s.Long(1));
-    return Status::OK();
+    int rc;
+    while ((rc = s.Step()) == SQLITE_ROW) counts->emplace_back(s.Text(0), s.Long(1));
+    return rc == SQLITE_DONE ? Status::OK() : r.Fail("counting tasks");
   }
 
   Status Health() override {

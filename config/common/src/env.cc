@@ -150,7 +150,8 @@ class PosixEnv : public Env {
   }
 
   Status MakePrivateFile(const std::string& path) override {
-    int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0600);
+    // (Non-blocking: a FIFO planted under this name must not hang whoever opens it.)
+    int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK, 0600);
     if (fd < 0) {
       if (errno == ELOOP)
         return Status::FailedPrecondition(path +
