@@ -159,7 +159,7 @@ int main(int argc, char** argv) {
   }
 
   int ready_fd = -1;
-  std::string log_shown;  // what the start line says of the log
+  std::string log_shown;  // what the start line says of the log: its path, or why none
   if (!foreground) {
     if (Detach(&ready_fd) != 0) {
       std::perror("cortexd: fork");
@@ -181,6 +181,7 @@ int main(int argc, char** argv) {
     if (!folder.ok()) {
       log_shown = "none (" + folder.message() + ")";
     } else if (cortex::SetLogFile(log_file)) {
+      log_shown = log_file;
       // stderr too, so what plugin hosts (and anything else) print lands in the log.
       int fd = open(log_file.c_str(), O_WRONLY | O_APPEND | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0600);
       if (fd >= 0) {
@@ -222,8 +223,7 @@ int main(int argc, char** argv) {
     Report(ready_fd, st.message());
     return 1;
   }
-  Report(ready_fd,
-         "ok " + std::to_string(getpid()) + " " + (log_shown.empty() ? log_file : log_shown));
+  Report(ready_fd, "ok " + std::to_string(getpid()) + " " + log_shown);
   cortex::NotifyReady();  // Type=notify: serving now
   st = d.value()->Run();
   if (!st.ok()) {

@@ -332,9 +332,10 @@ class PgCluster : public ClusterLink {
 
   Status ListenLocked() {
     CORTEX_RETURN_IF_ERROR(listen_.Connect(url_, "cluster listener " + node_));
-    return listen_
-        .Exec("LISTEN cortex_work; LISTEN cortex_ended; LISTEN cortex_model; LISTEN cortex_cancel")
-        .status();
+    std::string sql;
+    for (const char* channel : {kWork, kEnded, kModel, kCancel})
+      sql += std::string("LISTEN ") + channel + ";";
+    return listen_.Exec(sql.c_str()).status();
   }
 
   const std::string url_, shown_, node_;

@@ -143,7 +143,7 @@ void Write(LogLevel level, const std::vector<std::string>& lines, bool repeating
   std::lock_guard<std::mutex> lock(g_mu);
   if (repeating) {
     std::string since;
-    if (!Due(text.substr(text.find(": ") + 2), ts + 11, &since)) return;
+    if (!Due(lines.front(), ts + 11, &since)) return;
     text.insert(text.size() - 1, since);
   }
   FILE* out = g_out ? g_out : stderr;
