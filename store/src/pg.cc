@@ -68,10 +68,11 @@ std::string Result::SqlState() const {
   return s ? s : "";
 }
 
-Status Conn::Connect(const std::string& url, const std::string& purpose) {
+Status Conn::Connect(const std::string& url, const std::string& purpose, bool short_transactions) {
   Close();
   url_ = url;
   purpose_ = purpose;
+  short_transactions_ = short_transactions;
   // The URL's own settings win; these only fill in what it leaves out.
   const char* keys[] = {"fallback_application_name", "connect_timeout", "dbname", nullptr};
   const std::string app = "cortexd " + purpose;
@@ -83,7 +84,10 @@ Status Conn::Connect(const std::string& url, const std::string& purpose) {
                            "): " + Error());
   // Acknowledged means committed and flushed (also if the server's default says otherwise);
   // notices below a warning are noise in cortexd's log.
-  Result r = Exec("SET synchronous_commit TO on; SET client_min_messages TO warning");
+  Result r = Exec(short_transactions ? "SET synchronous_commit TO on; SET client_min_messages TO "
+                                       "warning; SET idle_in_transaction_session_timeout TO '1s'"
+                                     : "SET synchronous_commit TO on; SET client_min_messages TO "
+                                       "warning");
   return r.status();
 }
 
@@ -96,7 +100,7 @@ void Conn::Close() {
 
 Status Conn::Reset() {
   if (!Broken()) return Status::OK();
-  return Connect(url_, purpose_);
+  return Connect(url_, purpose_, short_transactions_);
 }
 
 std::string Conn::Error() const {

@@ -64,8 +64,12 @@ class Conn {
   ~Conn() { Close(); }
 
   // Connects to `url` (a libpq connection URI or key=value string); `purpose` names the
-  // connection in errors and in pg_stat_activity.
-  Status Connect(const std::string& url, const std::string& purpose);
+  // connection in errors and in pg_stat_activity. `short_transactions`: the server ends
+  // this session if it sits idle inside a transaction for a second, so a node frozen
+  // (SIGSTOP, a paused VM) between BEGIN and COMMIT cannot hold its row locks, and with
+  // them every other node's reaping, for as long as it is frozen.
+  Status Connect(const std::string& url, const std::string& purpose,
+                 bool short_transactions = false);
   void Close();
   bool Broken() const { return !c_ || PQstatus(c_) != CONNECTION_OK; }
   // Reconnects a broken connection (its prepared statements are gone with it).
@@ -85,6 +89,7 @@ class Conn {
   Result Check(PGresult* r);
   PGconn* c_ = nullptr;
   std::string url_, purpose_;
+  bool short_transactions_ = false;
   std::unordered_map<const char*, std::pair<std::string, std::string>> prepared_;  // sql -> name
   int next_ = 0;
 };

@@ -309,7 +309,7 @@ class PgCluster : public ClusterLink {
   }
 
   Status ConnectLocked() {
-    CORTEX_RETURN_IF_ERROR(c_.Connect(url_, "cluster " + node_));
+    CORTEX_RETURN_IF_ERROR(c_.Connect(url_, "cluster " + node_, /*short_transactions=*/true));
     trainer_ = false;  // (a session's locks end with it)
     // One live cortexd per node name: its connection holds the name's lock.
     pg::Result r = c_.Query("SELECT pg_try_advisory_lock($1,hashtext($2))", {kNodeLock, node_});

@@ -168,7 +168,7 @@ class PgStore : public Store {
   }
 
   Status Open() {
-    CORTEX_RETURN_IF_ERROR(write_.Connect(url_, "writer"));
+    CORTEX_RETURN_IF_ERROR(write_.Connect(url_, "writer", /*short_transactions=*/true));
     CORTEX_RETURN_IF_ERROR(Migrate());
     return read_.Connect(url_, "reader");
   }
