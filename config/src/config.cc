@@ -584,7 +584,10 @@ Result<Config> LoadString(const std::string& yaml, const std::string& source_nam
     return Status::InvalidArgument(source_name + ": " + e.what());
   }
   try {
-    return Parse(root, source_name, errors);
+    Result<Config> c = Parse(root, source_name, errors);
+    if (c.ok() && source_name == "<embedded defaults>")
+      for (auto& r : c->rules) r.builtin = true;  // named as such, never as the user's lines
+    return c;
   } catch (const YAML::Exception& e) {
     return Status::InvalidArgument(source_name + ":" + std::to_string(e.mark.line + 1) + ": " +
                                    e.msg);

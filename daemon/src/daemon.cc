@@ -85,6 +85,7 @@ namespace {
 // nothing).
 struct MissingRuleExpert {
   std::string expert, rules, effect;
+  bool users = false;  // a rule of the user's file names it (else only built-in ones do)
 };
 std::vector<MissingRuleExpert> RuleExpertsMissing(
     const Config& c, const std::function<bool(const std::string&)>& loaded) {
@@ -95,7 +96,10 @@ std::vector<MissingRuleExpert> RuleExpertsMissing(
     MissingRuleExpert& m = named[r.expert];
     m.expert = r.expert;
     m.rules += (m.rules.empty() ? "" : ", ") + fmt::format("'{}'", r.name) +
-               (r.line ? fmt::format(" (line {})", r.line) : "");
+               (r.builtin ? " (built-in)"
+                : r.line  ? fmt::format(" (line {})", r.line)
+                          : "");
+    m.users |= !r.builtin;
     forced[r.expert] |= r.force;
   }
   std::vector<MissingRuleExpert> out;
@@ -110,11 +114,13 @@ std::vector<MissingRuleExpert> RuleExpertsMissing(
 // The registry's options from a config: the same for a start and for --check-config.
 Status RegistryOptionsFor(const Config& c, const DaemonOptions& o, ExpertRegistry::Options* ro) {
   std::string bundled = o.bundled_plugin_dir.empty() ? BundledPluginDir() : o.bundled_plugin_dir;
-  if (c.plugins.bundled) {
-    if (bundled.empty())
-      LogWarn("no bundled plugin folder next to the executable");
-    else
-      ro->dirs.push_back(bundled);
+  // plugins.bundled: false leaves out the specialists, not the configurable plugins
+  // (command), which are part of cortexd.
+  if (bundled.empty()) {
+    LogWarn("no bundled plugin folder next to the executable");
+  } else {
+    ro->dirs.push_back(bundled);
+    if (!c.plugins.bundled) ro->core_only_dir = bundled;
   }
   ro->dirs.push_back(c.plugins.dir);
   ro->in_process = c.plugins.isolation == "in-process";
@@ -125,6 +131,9 @@ Status RegistryOptionsFor(const Config& c, const DaemonOptions& o, ExpertRegistr
         BesideExe("cortex-plugin-host").string() +
         "); reinstall Cortex, or set plugins.isolation: in-process to run trusted plugins "
         "inside cortexd");
+  if (!ro->in_process)
+    CORTEX_RETURN_IF_ERROR(
+        CheckTrustedPath(ro->host_exe, false).WithContext("refusing to run the plugin host"));
   ro->host_env = c.plugins.env;
   ro->load_timeout_s = c.plugins.load_timeout_s;
   ro->supervision.quarantine_after = c.plugins.quarantine_after;
@@ -207,8 +216,20 @@ class DaemonImpl : public Daemon, public RequestHandler {
     CORTEX_RETURN_IF_ERROR(
         env_->MakePrivateDir(fs::path(config_.daemon.socket).parent_path().string(), true)
             .WithContext("daemon.socket"));
+    // The whole config (rules, backend, every expert's settings) is accepted before the
+    // store or its lock is made: a refused start leaves no store behind.
+    Result<RuleSet> rules = RuleSet::Compile(config_.rules, config_.source);
+    if (!rules.ok()) return rules.status();
+    auto score_engine = MakeEngine(config_.router.backend, &backend_why_);
+    if (!score_engine.ok()) return score_engine.status().WithContext(config_.source);
+    std::string ignored;
+    auto train_engine = MakeEngine(config_.router.backend, &ignored);
+    if (!train_engine.ok()) return train_engine.status().WithContext(config_.source);
+    CORTEX_RETURN_IF_ERROR(PrepareExperts());
     CORTEX_RETURN_IF_ERROR(PrepareStore());
-    CORTEX_RETURN_IF_ERROR(PrepareRouting());
+    FlushExpertEvents();
+    CORTEX_RETURN_IF_ERROR(PrepareRouting(std::move(rules).value(), std::move(score_engine).value(),
+                                          std::move(train_engine).value()));
     CORTEX_RETURN_IF_ERROR(Recover());
     server_ = std::make_unique<Server>(
         this, ServerLimits{config_.daemon.max_connections, config_.daemon.max_request_bytes,
@@ -509,31 +530,9 @@ class DaemonImpl : public Daemon, public RequestHandler {
     return o;
   }
 
-  Status PrepareRouting() {
-    Result<RuleSet> rules = RuleSet::Compile(config_.rules, config_.source);
-    if (!rules.ok()) return rules.status();
-    // The gating model's engines: one scores, one trains in the background.
-    auto score_engine = MakeEngine(config_.router.backend, &backend_why_);
-    if (!score_engine.ok()) return score_engine.status().WithContext(config_.source);
-    std::string ignored;
-    auto train_engine = MakeEngine(config_.router.backend, &ignored);
-    if (!train_engine.ok()) return train_engine.status().WithContext(config_.source);
-    LearnerOptions lo;
-    lo.shape.seed = config_.router.seed ? config_.router.seed : 1;
-    lo.online_updates = config_.training.online;
-    lo.train.epochs = config_.training.epochs;
-    lo.train.cancel = &stop_;  // a stop ends a retrain within one minibatch
-    learner_ =
-        std::make_shared<Learner>(lo, FeatureHasher(lo.shape.bits), std::move(score_engine).value(),
-                                  std::move(train_engine).value());
-    trainer_ = std::make_unique<Trainer>(
-        store_.get(), learner_, env_,
-        [this](const std::string& e, const std::string& d) { RecordEvent(e, d); }, &stop_,
-        config_.training.interval_s, config_.training.min_new_outcomes, &metrics_);
-    CORTEX_RETURN_IF_ERROR(trainer_->LoadLiveModel());
-    router_ = std::make_shared<Router>(RouterOptionsFrom(config_.router), std::move(rules).value(),
-                                       MakeGatingScorer(learner_), learner_->hasher());
-
+  // The registry: every plugin loaded and every configured expert created. Before the
+  // store exists its events wait in memory (FlushExpertEvents).
+  Status PrepareExperts() {
     ExpertRegistry::Options ro;
     CORTEX_RETURN_IF_ERROR(RegistryOptionsFor(config_, options_, &ro));
     (void)env_->CreateDirs(config_.plugins.dir, 0700);
@@ -551,12 +550,48 @@ class DaemonImpl : public Daemon, public RequestHandler {
       if (w->cluster) w->cluster->SlotFreed();
     };
     ro.audit = [this](const ExpertEvent& e) {
+      {
+        std::lock_guard<std::mutex> l(early_events_mu_);
+        if (!store_ready_) return early_events_.push_back(e);
+      }
       Status st = store_->RecordExpertEvent(e);
       if (!st.ok()) LogWarn("audit: {}", st.ToString());
     };
     registry_ = std::make_unique<ExpertRegistry>(ro);
     registry_->Rescan();
-    CORTEX_RETURN_IF_ERROR(registry_->Configure(config_));
+    return registry_->Configure(config_);
+  }
+
+  // The registry's events from before the store was open, in order.
+  void FlushExpertEvents() {
+    std::vector<ExpertEvent> events;
+    {
+      std::lock_guard<std::mutex> l(early_events_mu_);
+      events.swap(early_events_);
+      store_ready_ = true;
+    }
+    for (const auto& e : events)
+      if (Status st = store_->RecordExpertEvent(e); !st.ok()) LogWarn("audit: {}", st.ToString());
+  }
+
+  Status PrepareRouting(RuleSet rules, std::unique_ptr<GatingEngine> score_engine,
+                        std::unique_ptr<GatingEngine> train_engine) {
+    // The learner over the gating model's two engines: one scores, one trains in the
+    // background.
+    LearnerOptions lo;
+    lo.shape.seed = config_.router.seed ? config_.router.seed : 1;
+    lo.online_updates = config_.training.online;
+    lo.train.epochs = config_.training.epochs;
+    lo.train.cancel = &stop_;  // a stop ends a retrain within one minibatch
+    learner_ = std::make_shared<Learner>(lo, FeatureHasher(lo.shape.bits), std::move(score_engine),
+                                         std::move(train_engine));
+    trainer_ = std::make_unique<Trainer>(
+        store_.get(), learner_, env_,
+        [this](const std::string& e, const std::string& d) { RecordEvent(e, d); }, &stop_,
+        config_.training.interval_s, config_.training.min_new_outcomes, &metrics_);
+    CORTEX_RETURN_IF_ERROR(trainer_->LoadLiveModel());
+    router_ = std::make_shared<Router>(RouterOptionsFrom(config_.router), std::move(rules),
+                                       MakeGatingScorer(learner_), learner_->hasher());
     PipelineOptions po;
     po.metrics = &metrics_;
     po.workers = config_.daemon.workers;
@@ -769,6 +804,9 @@ class DaemonImpl : public Daemon, public RequestHandler {
 
   std::unique_ptr<Store> store_;
   std::unique_ptr<ExpertRegistry> registry_;
+  std::mutex early_events_mu_;
+  std::vector<ExpertEvent> early_events_;  // the registry's, until the store is open
+  bool store_ready_ = false;
   std::string cache_dir_;  // private copies of the plugin files, removed at exit
   std::unique_ptr<Server> server_;
   std::mutex router_mu_;
@@ -875,8 +913,8 @@ Status CheckConfig(const Config& config, const DaemonOptions& options,
         for (const auto& m :
              RuleExpertsMissing(config, [&](const std::string& n) { return !!registry.Find(n); }))
           warnings->push_back(fmt::format(
-              "{}: rule {} names expert '{}', which is not loaded (loaded: {}); {}", config.source,
-              m.rules, m.expert,
+              "{}rule {} names expert '{}', which is not loaded (loaded: {}); {}",
+              m.users ? config.source + ": " : "", m.rules, m.expert,
               [&] {
                 std::string have;
                 for (const auto& e : registry.Active())

@@ -944,6 +944,35 @@ Server::~Server() {
   CloseConnections();
 }
 
+namespace {
+
+// daemon.allow_group: the socket folder and the socket are handed to that group (0750 and
+// 0660), so its members reach the peer-credential check at all; nobody else gets in. The
+// folder was just made or checked private, so this only widens it to one group.
+Status OpenToGroup(const std::string& dir, const std::string& socket, const std::string& group) {
+  struct group* g = getgrnam(group.c_str());
+  if (!g) return Status::InvalidArgument("daemon.allow_group: no group named '" + group + "'");
+  const gid_t gid = g->gr_gid;
+  auto failed = [&](const std::string& path) {
+    return Status::PermissionDenied(fmt::format(
+        "daemon.allow_group: cannot give {} to group '{}': {}{}", path, group, strerror(errno),
+        errno == EPERM ? " (cortexd's user must be a member of that group)" : ""));
+  };
+  // The folder through a descriptor (a symlink swapped in is refused, never followed); the
+  // socket by path, inside that folder, which only we can change.
+  int fd = open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+  if (fd < 0) return failed(dir);
+  const bool ok = fchown(fd, static_cast<uid_t>(-1), gid) == 0 && fchmod(fd, 0750) == 0;
+  Status st = ok ? Status::OK() : failed(dir);
+  close(fd);
+  CORTEX_RETURN_IF_ERROR(st);
+  if (chown(socket.c_str(), static_cast<uid_t>(-1), gid) != 0 || chmod(socket.c_str(), 0660) != 0)
+    return failed(socket);
+  return Status::OK();
+}
+
+}  // namespace
+
 Status Server::Listen(const std::string& path) {
   sockaddr_un addr{};
   if (path.size() >= sizeof(addr.sun_path))
@@ -972,6 +1001,8 @@ Status Server::Listen(const std::string& path) {
   umask(old);
   if (rc != 0) return Status::IOError("cannot bind " + path + ": " + strerror(errno));
   chmod(path.c_str(), 0600);
+  if (!limits_.allow_group.empty())
+    CORTEX_RETURN_IF_ERROR(OpenToGroup(dir, path, limits_.allow_group));
   if (listen(listen_fd_, 128) != 0)
     return Status::IOError(std::string("listen: ") + strerror(errno));
   fcntl(listen_fd_, F_SETFL, O_NONBLOCK);

@@ -106,7 +106,8 @@ Status Conn::Reset() {
 std::string Conn::Error() const {
   std::string m = c_ ? PQerrorMessage(c_) : "not connected";
   while (!m.empty() && (m.back() == '\n' || m.back() == ' ')) m.pop_back();
-  return m;
+  // libpq quotes what it could not parse: a token of the URL, or the whole of it.
+  return RedactMessage(m, url_);
 }
 
 Result Conn::Check(PGresult* r) {
@@ -120,7 +121,7 @@ Result Conn::Check(PGresult* r) {
   } else {
     m = Error();
   }
-  return Result(r, Status::IOError("store: " + m));
+  return Result(r, Status::IOError("store: " + RedactMessage(m, url_)));
 }
 
 Result Conn::Exec(const char* sql) {

@@ -2,13 +2,16 @@
 
 #include <dirent.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
+#include <deque>
 #include <fstream>
 #include <sstream>
 
@@ -177,6 +180,106 @@ class PosixEnv : public Env {
 };
 
 }  // namespace
+
+namespace {
+
+std::string Octal(uint32_t mode) {
+  char buf[16];
+  std::snprintf(buf, sizeof buf, "%04o", mode & 07777);
+  return buf;
+}
+
+FileInfo InfoOf(const struct stat& st) {
+  FileInfo fi;
+  fi.exists = true;
+  fi.is_dir = S_ISDIR(st.st_mode);
+  fi.is_regular = S_ISREG(st.st_mode);
+  fi.uid = st.st_uid;
+  fi.mode = st.st_mode & 07777;
+  fi.size = static_cast<uint64_t>(st.st_size);
+  fi.inode = st.st_ino;
+  fi.mtime_ns = static_cast<int64_t>(st.st_mtim.tv_sec) * 1000000000LL + st.st_mtim.tv_nsec;
+  return fi;
+}
+
+}  // namespace
+
+Status JudgeOwnership(const std::string& name, bool want_dir, const FileInfo& fi, uint32_t me) {
+  if (want_dir ? !fi.is_dir : !fi.is_regular)
+    return Status::FailedPrecondition(
+        name + (want_dir ? " is not a directory" : " is not a regular file"));
+  if (fi.uid != me && fi.uid != 0)
+    return Status::FailedPrecondition("unsafe ownership: " + name + " is owned by uid " +
+                                      std::to_string(fi.uid) + ", not by you (uid " +
+                                      std::to_string(me) + ") or root");
+  if (fi.mode & 022)
+    return Status::FailedPrecondition("unsafe permissions: " + name + " is writable by " +
+                                      ((fi.mode & 002) ? "others" : "its group") + " (mode " +
+                                      Octal(fi.mode) + "); chmod go-w it");
+  return Status::OK();
+}
+
+Status CheckTrustedPath(const std::string& path, bool want_dir) {
+  if (path.empty()) return Status::InvalidArgument("empty path");
+  std::string start = path;
+  if (start[0] != '/') {
+    char cwd[PATH_MAX];
+    if (!::getcwd(cwd, sizeof cwd)) return ErrnoStatus("getcwd", errno);
+    start = std::string(cwd) + "/" + start;
+  }
+  auto push_front = [](std::deque<std::string>* parts, const std::string& p) {
+    std::deque<std::string> mine;
+    for (size_t b = 0, e; b <= p.size(); b = e + 1) {
+      e = p.find('/', b);
+      if (e == std::string::npos) e = p.size();
+      std::string c = p.substr(b, e - b);
+      if (!c.empty() && c != ".") mine.push_back(std::move(c));
+    }
+    parts->insert(parts->begin(), mine.begin(), mine.end());
+  };
+  std::deque<std::string> rest;
+  push_front(&rest, start);
+  const uint32_t me = ::geteuid();
+  std::string cur = "/";  // judged, and free of symlinks
+  int links = 0;
+  while (!rest.empty()) {
+    std::string c = std::move(rest.front());
+    rest.pop_front();
+    if (c == "..") {  // an ancestor of what is judged: judged already
+      cur = cur.substr(0, std::max<size_t>(1, cur.find_last_of('/')));
+      continue;
+    }
+    const std::string next = (cur == "/" ? "" : cur) + "/" + c;
+    struct stat st {};
+    if (::lstat(next.c_str(), &st) != 0) return ErrnoStatus(next, errno);
+    if (S_ISLNK(st.st_mode)) {  // the folder it lies in is judged; now where it points
+      char target[PATH_MAX];
+      ssize_t n = ::readlink(next.c_str(), target, sizeof target - 1);
+      if (n < 0) return ErrnoStatus(next, errno);
+      if (++links > 40) return ErrnoStatus(path, ELOOP);
+      const std::string t(target, static_cast<size_t>(n));
+      if (!t.empty() && t[0] == '/') cur = "/";
+      push_front(&rest, t);
+      continue;
+    }
+    const FileInfo fi = InfoOf(st);
+    if (rest.empty()) {
+      const std::string name = next == path ? path : next + " (reached from " + path + ")";
+      return JudgeOwnership(name, want_dir, fi, me);
+    }
+    const std::string name = next + " (a folder above " + path + ")";
+    if (fi.is_dir && (fi.mode & S_ISVTX) && (fi.uid == 0 || fi.uid == me)) {
+      // Like /tmp: only an entry's owner may rename it; the entry is judged next.
+    } else {
+      CORTEX_RETURN_IF_ERROR(JudgeOwnership(name, true, fi, me));
+    }
+    cur = next;
+  }
+  // The path named "/" itself (or only ".." parts).
+  struct stat st {};
+  if (::lstat(cur.c_str(), &st) != 0) return ErrnoStatus(cur, errno);
+  return JudgeOwnership(cur, want_dir, InfoOf(st), me);
+}
 
 Env* Env::Default() {
   static PosixEnv env;

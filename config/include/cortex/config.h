@@ -84,6 +84,7 @@ struct RuleConfig {
   bool force = false;
   int line = 0;
   std::vector<int> match_lines;  // each pattern's line, for errors that name one
+  bool builtin = false;          // from the embedded defaults, not the user's file
 };
 
 // One instance of a (possibly configurable) plugin.

@@ -4,12 +4,14 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <cmath>
 #include <cstring>
 #include <filesystem>
 #include <future>
+#include <iterator>
 #include <optional>
 #include <set>
 #include <thread>
@@ -52,30 +54,6 @@ Env* ClockOf(const Supervision& s) { return s.clock ? s.clock : Env::Default(); 
 bool SameFile(const FileInfo& a, const FileInfo& b) {
   return a.inode == b.inode && a.mtime_ns == b.mtime_ns && a.size == b.size && a.mode == b.mode &&
          a.uid == b.uid;
-}
-
-std::string Octal(uint32_t mode) {
-  char buf[16];
-  std::snprintf(buf, sizeof buf, "%04o", mode & 07777);
-  return buf;
-}
-
-// Whether a plugin file or folder may be trusted: a directory or regular file (as
-// expected), owned by this user or root, not writable by group or others. `name` is what
-// the message calls it.
-Status JudgeOwnership(const std::string& name, bool want_dir, const FileInfo& fi, uint32_t me) {
-  if (want_dir ? !fi.is_dir : !fi.is_regular)
-    return Status::FailedPrecondition(
-        name + (want_dir ? " is not a directory" : " is not a regular file"));
-  if (fi.uid != me && fi.uid != 0)
-    return Status::FailedPrecondition("unsafe ownership: " + name + " is owned by uid " +
-                                      std::to_string(fi.uid) + ", not by you (uid " +
-                                      std::to_string(me) + ") or root");
-  if (fi.mode & 022)
-    return Status::FailedPrecondition("unsafe permissions: " + name + " is writable by " +
-                                      ((fi.mode & 002) ? "others" : "its group") + " (mode " +
-                                      Octal(fi.mode) + "); chmod go-w it");
-  return Status::OK();
 }
 
 // Copies `fd` (already judged) to a new file `dst`, mode 0700, that nobody else can change.
@@ -651,7 +629,9 @@ Status ExpertRegistry::CheckSafe(const std::string& path, bool is_dir) {
   FileInfo fi;
   CORTEX_RETURN_IF_ERROR(options_.env->Stat(path, &fi));
   if (!fi.exists) return Status::NotFound(path + " does not exist");
-  return JudgeOwnership(path, is_dir, fi, options_.env->CurrentUid());
+  CORTEX_RETURN_IF_ERROR(JudgeOwnership(path, is_dir, fi, options_.env->CurrentUid()));
+  // The folders above it too: whoever may rename one could swap in a folder of their own.
+  return CheckTrustedPath(path, is_dir);
 }
 
 // The file is opened once; what was opened is judged and copied. Checking the path and
@@ -708,6 +688,9 @@ Status ExpertRegistry::LoadFile(const std::string& path, std::shared_ptr<PluginF
     pf->manifest = pf->lib->manifest();
   } else {
     pf->copy = copy;  // hosts load it, now and at every restart; removed with pf
+    // The host runs as cortexd's user: a file or folder another user may change is refused.
+    CORTEX_RETURN_IF_ERROR(
+        CheckTrustedPath(options_.host_exe, false).WithContext("refusing to run the plugin host"));
     pf->host.exe = options_.host_exe;
     pf->host.library = copy;
     pf->host.display = path;
@@ -777,6 +760,9 @@ void ExpertRegistry::Rescan() {
     std::sort(names.begin(), names.end());
     for (const auto& n : names) {
       if (n.size() < 4 || n.compare(n.size() - 3, 3, ".so") != 0) continue;
+      if (dir == options_.core_only_dir &&
+          std::find(std::begin(kCorePlugins), std::end(kCorePlugins), n) == std::end(kCorePlugins))
+        continue;
       std::string path = dir + "/" + n;
       FileInfo fi;
       if (!options_.env->Stat(path, &fi).ok() || !fi.exists) continue;

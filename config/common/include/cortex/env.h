@@ -21,6 +21,17 @@ struct FileInfo {
   int64_t mtime_ns = 0;
 };
 
+// Whether a file cortexd runs or loads (the plugin host, a plugin folder) may be trusted:
+// a directory or regular file as `want_dir` says, owned by this user or root, not
+// writable by group or others. `name` is what the message calls it.
+Status JudgeOwnership(const std::string& name, bool want_dir, const FileInfo& fi, uint32_t me);
+
+// JudgeOwnership for `path` and every folder above it, following symlinks (each link is
+// judged by the folder it lies in, then its target's whole path is): anyone who could
+// rename an entry on the way could put their own file there. A sticky folder (like /tmp)
+// may be writable by all: only an entry's owner can rename it there.
+Status CheckTrustedPath(const std::string& path, bool want_dir);
+
 class Env {
  public:
   virtual ~Env() = default;

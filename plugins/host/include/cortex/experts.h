@@ -114,10 +114,10 @@ class Expert : public std::enable_shared_from_this<Expert> {
   void ReleaseSlot();
   // Begin sends the task on its way (on a slot taken with TryAcquireSlot) and returns
   // without waiting for it to run; `on_ready`, if set, is called (from any thread, maybe
-  // before Begin returns) once the plugin is done with it. Await waits for its outcome (within the timeout counted from Begin, or
-  // until *stopping) and frees the slot; Ready says whether it would return at once (the
-  // plugin is done, the deadline has passed or *stopping is set). An expert whose plugin
-  // host must first be started (after a crash, within its backoff) starts it on a
+  // before Begin returns) once the plugin is done with it. Await waits for its outcome (within the
+  // timeout counted from Begin, or until *stopping) and frees the slot; Ready says whether it would
+  // return at once (the plugin is done, the deadline has passed or *stopping is set). An expert
+  // whose plugin host must first be started (after a crash, within its backoff) starts it on a
   // thread of its own, so Begin never waits for that either.
   class Attempt;
   std::shared_ptr<Attempt> Begin(const Task& task,
@@ -181,11 +181,18 @@ struct ExpertInfo {
   ExpertHealth health;
 };
 
+// The bundled plugins that are part of cortexd itself (configurable: a config's experts
+// are instances of them), loaded even with plugins.bundled off.
+inline constexpr const char* kCorePlugins[] = {"command.so"};
+
 class ExpertRegistry {
  public:
   struct Options {
     std::vector<std::string> dirs;  // scanned in order
-    std::string cache_dir;          // private 0700 folder for load copies
+    // One of `dirs` whose only loaded files are kCorePlugins: the bundled folder when
+    // plugins.bundled is off (the configurable plugins are part of cortexd, not optional).
+    std::string core_only_dir;
+    std::string cache_dir;  // private 0700 folder for load copies
     Env* env = Env::Default();
     bool in_process = false;            // trusted plugins only: a crash takes cortexd down
     std::string host_exe;               // cortex-plugin-host

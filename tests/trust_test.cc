@@ -1,0 +1,285 @@
+// Issue 24, the third outside attack: what another local user could do through an install
+// with loose modes, the socket's group, a password in libpq's messages, and what a start
+// refused for its config leaves behind. The users here are real: tests that need a second
+// one run as root and drop to 'nobody'/'nogroup' through setpriv.
+#include <grp.h>
+#include <gtest/gtest.h>
+#include <pwd.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <string>
+#include <vector>
+
+#include "cortex/store_url.h"
+#include "testutil.h"
+
+namespace cortex {
+namespace {
+
+using test::Daemon;
+using test::TempDir;
+namespace fs = std::filesystem;
+
+bool CanActAsNobody() {
+  return geteuid() == 0 && getpwnam("nobody") && getgrnam("nogroup") &&
+         test::RunCmd({"sh", "-c", "command -v setpriv"}).code == 0;
+}
+#define SKIP_UNLESS_SECOND_USER()                                                       \
+  if (!CanActAsNobody())                                                                \
+  GTEST_SKIP() << "needs root, setpriv (util-linux) and the user 'nobody' to act as a " \
+                  "second user"
+
+// argv as 'nobody' with primary group `group` and no other.
+test::Run As(const std::string& group, std::vector<std::string> argv) {
+  argv.insert(argv.begin(),
+              {"setpriv", "--reuid=nobody", "--regid=" + group, "--clear-groups", "--"});
+  return test::RunCmd(argv, 60, "", test::BaseEnv(), "/");
+}
+
+struct stat StatOf(const std::string& path) {
+  struct stat st {};
+  lstat(path.c_str(), &st);
+  return st;
+}
+
+// ---- 1: the install and the plugin host ---------------------------------------------
+
+// `cmake --install` by an installer whose group is nogroup, under umask 002. A member of
+// that group replaced lib/cortex/cortex-plugin-host with a script of their own and cortexd
+// ran it for every expert. Now every folder the install makes is 0755 whatever the umask,
+// so the member cannot.
+TEST(Trust, InstallUnderUmask002LeavesNothingTheGroupCanChange) {
+  SKIP_UNLESS_SECOND_USER();
+  TempDir dir;
+  fs::permissions(dir.path(), fs::perms(0755), fs::perm_options::replace);
+  const std::string prefix = dir / "opt";
+  test::Run r = test::RunCmd({"setpriv", "--regid=nogroup", "--clear-groups", "--", "sh", "-c",
+                              "umask 002 && exec \"$0\" --install \"$1\" --prefix \"$2\"",
+                              CORTEX_TEST_CMAKE, CORTEX_TEST_BUILD_DIR, prefix},
+                             300);
+  ASSERT_EQ(r.code, 0) << r.out << r.err;
+  ASSERT_EQ(StatOf(prefix + "/lib/cortex").st_gid, getgrnam("nogroup")->gr_gid);
+  int checked = 0;
+  EXPECT_EQ(StatOf(prefix).st_mode & 07777, 0755u);
+  for (const auto& e : fs::recursive_directory_iterator(prefix)) {
+    const struct stat st = StatOf(e.path());
+    EXPECT_EQ(st.st_mode & 022, 0u) << e.path() << " is writable by group or others (mode "
+                                    << std::oct << (st.st_mode & 07777) << ")";
+    ++checked;
+  }
+  EXPECT_GT(checked, 20);
+  // The group's member tries what the attacker did: neither replacing the host nor
+  // putting a file beside it works.
+  const std::string host = prefix + "/lib/cortex/cortex-plugin-host";
+  ASSERT_TRUE(fs::exists(host));
+  EXPECT_NE(As("nogroup", {"sh", "-c", "echo '#!/bin/sh' > \"$0\"", host}).code, 0);
+  EXPECT_NE(As("nogroup", {"cp", "/bin/true", prefix + "/lib/cortex/evil"}).code, 0);
+  EXPECT_NE(As("nogroup", {"mv", host, host + ".real"}).code, 0);
+  EXPECT_TRUE(fs::exists(host));
+
+  // A folder above the host that the group may change (chmod by a careless operator) is
+  // refused before any host runs: at --check-config and at a start, naming the folder.
+  fs::permissions(prefix + "/lib/cortex", fs::perms(0775), fs::perm_options::replace);
+  TempDir home;
+  Daemon d(home);
+  d.bin_dir = prefix + "/bin";
+  r = test::RunCmd({d.bin_dir + "/cortexd", "--check-config", "--config", d.config});
+  EXPECT_EQ(r.code, 1) << r.out << r.err;
+  const std::string why = "refusing to run the plugin host: unsafe permissions: " + prefix +
+                          "/lib/cortex (a folder above " + host +
+                          ") is writable by its group (mode 0775)";
+  EXPECT_NE(r.err.find(why), std::string::npos) << r.err;
+  // The member of the group now swaps the host: it never runs.
+  ASSERT_EQ(As("nogroup", {"sh", "-c",
+                           "mv \"$0\" \"$0.real\" && printf '#!/bin/sh\\ntouch \"$1\"\\n' > "
+                           "\"$0\" && chmod 755 \"$0\"",
+                           host, home / "ran"})
+                .code,
+            0);
+  EXPECT_FALSE(d.Start());
+  EXPECT_EQ(d.exit_status, 1);
+  EXPECT_NE(d.Log().find("refusing to run the plugin host"), std::string::npos) << d.Log();
+  EXPECT_FALSE(fs::exists(home / "ran")) << "the other user's program ran";
+  EXPECT_FALSE(fs::exists(d.store)) << "nothing is created for a start that is refused";
+}
+
+// The host itself, reached through a symlink into a folder others may write: refused by
+// the file's real place, and said so.
+TEST(Trust, APluginHostReachedThroughASymlinkIsJudgedWhereItLies) {
+  TempDir dir;
+  fs::permissions(dir.path(), fs::perms(0755), fs::perm_options::replace);
+  const std::string bin = dir / "p/bin", lib = dir / "p/lib/cortex", loose = dir / "loose";
+  fs::create_directories(bin);
+  fs::create_directories(lib);
+  fs::create_directories(loose);
+  fs::copy_file(test::BinDir() + "/cortexd", bin + "/cortexd");
+  fs::copy_file(test::BinDir() + "/cortexctl", bin + "/cortexctl");
+  fs::copy_file(test::HostExe(), loose + "/cortex-plugin-host");
+  fs::permissions(loose, fs::perms(0777), fs::perm_options::replace);
+  fs::create_symlink(loose + "/cortex-plugin-host", lib + "/cortex-plugin-host");
+  TempDir home;
+  Daemon d(home, "", "router: {exploration: 0, seed: 1}\n", /*bundled=*/false);
+  d.bin_dir = bin;
+  test::Run r = test::RunCmd({bin + "/cortexd", "--check-config", "--config", d.config});
+  EXPECT_EQ(r.code, 1) << r.out << r.err;
+  EXPECT_NE(r.err.find("unsafe permissions: " + loose + " (a folder above " + lib +
+                       "/cortex-plugin-host) is writable by others (mode 0777)"),
+            std::string::npos)
+      << r.err;
+  // Once the folder is safe, the same layout starts.
+  fs::permissions(loose, fs::perms(0755), fs::perm_options::replace);
+  ASSERT_TRUE(d.Start()) << d.Log();
+  EXPECT_EQ(d.Stop(), 0);
+}
+
+// ---- 3: the PostgreSQL password -------------------------------------------------------
+
+TEST(Trust, RedactMessageMasksThePasswordWhateverLibpqQuotes) {
+  const std::string bad = "postgresql://cortex:50%offS3cret@/cortex?host=/tmp/s";
+  std::string m = RedactMessage("invalid percent-encoded token: \"50%offS3cret\"", bad);
+  EXPECT_EQ(m, "invalid percent-encoded token: \"***\"");
+  const std::string v6 = "postgresql://cortex:S3cret@[::1/cortex";
+  m = RedactMessage("missing \"]\" in IPv6 host address in URI: \"" + v6 + "\"", v6);
+  EXPECT_EQ(m.find("S3cret"), std::string::npos) << m;
+  EXPECT_NE(m.find("postgresql://cortex:***@[::1/cortex"), std::string::npos) << m;
+  // Percent-encoded in the URL, decoded in a message; and a password= parameter.
+  m = RedactMessage("password p@ss/w rejected",
+                    "postgresql://u:p%40ss%2Fw@h/db?password=other1&sslmode=require");
+  EXPECT_EQ(m, "password *** rejected");
+  EXPECT_EQ(RedactMessage("other1 other1", "postgresql://h/db?password=other1"), "*** ***");
+  // A '/' in the password broke the URL's own redaction.
+  EXPECT_EQ(RedactUrl("postgresql://u:a/b@h/db").find("a/b"), std::string::npos);
+}
+
+TEST(Trust, ThePostgresPasswordIsInNoMessage) {
+  for (const std::string url : {"postgresql://cortex:50%offS3cret@/cortex?host=/tmp/s",
+                                "postgresql://cortex:S3cret@[::1/cortex"}) {
+    TempDir dir;
+    Daemon d(dir);
+    d.UseStoreUrl(url);
+    test::Run r =
+        test::RunCmd({test::BinDir() + "/cortexd", "--check-config", "--config", d.config});
+    EXPECT_EQ(r.code, 1) << r.out << r.err;
+    EXPECT_NE(r.err.find("store.url"), std::string::npos) << r.err;
+    EXPECT_EQ((r.out + r.err).find("S3cret"), std::string::npos) << r.err;
+    EXPECT_FALSE(d.Start());
+    EXPECT_NE(d.Log().find("PostgreSQL"), std::string::npos) << d.Log();
+    EXPECT_EQ(d.Log().find("S3cret"), std::string::npos) << d.Log();
+    // A detached start says why on the terminal and in its log: neither has it.
+    r = test::RunCmd(
+        {test::BinDir() + "/cortexd", "--config", d.config, "--log-file", dir / "detached.log"});
+    EXPECT_EQ(r.code, 1) << r.out << r.err;
+    EXPECT_EQ((r.out + r.err).find("S3cret"), std::string::npos) << r.err;
+    EXPECT_EQ(test::ReadFile(dir / "detached.log").find("S3cret"), std::string::npos);
+  }
+}
+
+// ---- 7: daemon.allow_group ------------------------------------------------------------
+
+// The group's members reach the socket (the folder 0750, the socket 0660, both the
+// group's); a user outside it still does not, and the folder stays private otherwise.
+TEST(Trust, AllowGroupLetsItsMembersInAndNobodyElse) {
+  SKIP_UNLESS_SECOND_USER();
+  TempDir dir;
+  fs::permissions(dir.path(), fs::perms(0755), fs::perm_options::replace);
+  Daemon d(dir, "", "router: {exploration: 0, seed: 1}\ntraining: {online: false}\n");
+  std::string cfg = test::ReadFile(d.config);
+  cfg.replace(cfg.find("workers: 4"), 10, "workers: 4, allow_group: nogroup");
+  test::WriteFile(d.config, cfg);
+  ASSERT_TRUE(d.Start()) << d.Log();
+  const gid_t nogroup = getgrnam("nogroup")->gr_gid;
+  const std::string folder = fs::path(d.socket).parent_path();
+  EXPECT_EQ(StatOf(folder).st_mode & 07777, 0750u);
+  EXPECT_EQ(StatOf(folder).st_gid, nogroup);
+  EXPECT_EQ(StatOf(d.socket).st_mode & 07777, 0660u);
+  EXPECT_EQ(StatOf(d.socket).st_gid, nogroup);
+  const std::string ctl = test::BinDir() + "/cortexctl";
+  test::Run r = As("nogroup", {ctl, "--socket", d.socket, "status"});
+  EXPECT_EQ(r.code, 0) << r.out << r.err;
+  r = As("nogroup", {ctl, "--socket", d.socket, "submit", "echo from a member"});
+  EXPECT_EQ(r.code, 0) << r.err;
+  // 'daemon' is not nobody's group: the folder keeps it out.
+  r = As("daemon", {ctl, "--socket", d.socket, "status"});
+  EXPECT_EQ(r.code, 3) << r.out << r.err;
+  EXPECT_NE(r.err.find("ermission denied"), std::string::npos) << r.err;
+  // Nothing else in the folder opened up: the plugin cache and the lock stay the daemon's.
+  EXPECT_EQ(StatOf(folder + "/plugin-cache." + std::to_string(d.pid)).st_mode & 07777, 0700u);
+  EXPECT_EQ(d.Stop(), 0);
+  // Without allow_group the folder is made private again at the next start.
+  cfg.replace(cfg.find(", allow_group: nogroup"), 22, "");
+  test::WriteFile(d.config, cfg);
+  ASSERT_TRUE(d.Start()) << d.Log();
+  EXPECT_EQ(StatOf(folder).st_mode & 07777, 0700u);
+  EXPECT_EQ(StatOf(d.socket).st_mode & 07777, 0600u);
+  r = As("nogroup", {ctl, "--socket", d.socket, "status"});
+  EXPECT_EQ(r.code, 3) << r.out << r.err;
+  EXPECT_EQ(d.Stop(), 0);
+}
+
+// ---- 9: the smaller ones ---------------------------------------------------------------
+
+// plugins.bundled: false leaves out the specialists, never the command plugin a config's
+// experts are instances of; warnings about built-in rules name them as built-in.
+TEST(Trust, BundledOffKeepsTheCommandPluginAndNamesBuiltInRulesAsSuch) {
+  TempDir dir;
+  Daemon d(dir,
+           "experts:\n"
+           "  - name: shell\n"
+           "    plugin: command\n"
+           "    run: [\"cat\"]\n",
+           "router: {exploration: 0, seed: 1}\n", /*bundled=*/false);
+  test::Run r = test::RunCmd({test::BinDir() + "/cortexd", "--check-config", "--config", d.config});
+  EXPECT_EQ(r.code, 0) << r.out << r.err;
+  EXPECT_NE(r.err.find("warning: rule 'security-terms' (built-in) names expert 'security'"),
+            std::string::npos)
+      << r.err;
+  EXPECT_EQ(r.err.find("cortex.yaml: rule"), std::string::npos) << r.err;
+  EXPECT_EQ(r.err.find("(line"), std::string::npos) << r.err;
+  ASSERT_TRUE(d.Start()) << d.Log();
+  test::json experts = d.CtlJson({"experts"});
+  std::vector<std::string> names;
+  for (const auto& e : experts) names.push_back(e["name"].get<std::string>());
+  EXPECT_EQ(names, std::vector<std::string>{"shell"}) << experts.dump();
+  EXPECT_NE(d.Log().find("rule 'inventory-terms' (built-in) names expert 'inventory'"),
+            std::string::npos)
+      << d.Log();
+  r = d.Ctl({"submit", "--wait", "--timeout", "30", "hello"});
+  EXPECT_EQ(r.code, 0) << r.out << r.err;
+  EXPECT_EQ(d.Stop(), 0);
+}
+
+// A start refused for its config says each error once and makes no store, lock or
+// anything else of the store's.
+TEST(Trust, AStartRefusedForItsConfigCreatesNoStoreAndSaysEachErrorOnce) {
+  TempDir dir;
+  struct Case {
+    std::string yaml, error;
+  };
+  const std::vector<Case> cases = {
+      {"rules:\n  - name: nested\n    match: [\"/(a)\\\\1/\"]\n    expert: security\n    boost: "
+       "0.1\n",
+       "rules.nested.match: bad regular expression"},
+      {"experts:\n  - name: shell\n    plugin: command\n    run: []\n", "run"},
+  };
+  for (const auto& c : cases) {
+    Daemon d(dir, c.yaml);
+    EXPECT_FALSE(d.Start());
+    EXPECT_EQ(d.exit_status, 1);
+    const std::string log = d.Log();
+    const size_t at = log.find(c.error);
+    EXPECT_NE(at, std::string::npos) << log;
+    // The error's line appears once (the start used to say it twice).
+    const size_t eol = log.find('\n', at);
+    const std::string line = log.substr(at, eol - at);
+    size_t n = 0;
+    for (size_t p = log.find(line); p != std::string::npos; p = log.find(line, p + 1)) ++n;
+    EXPECT_EQ(n, 1u) << log;
+    for (const char* f : {"", ".lock", "-wal", "-shm"})
+      EXPECT_FALSE(fs::exists(d.store + f)) << d.store << f << " was created: " << log;
+    fs::remove(d.log);
+  }
+}
+
+}  // namespace
+}  // namespace cortex
