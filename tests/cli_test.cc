@@ -143,6 +143,16 @@ TEST(CliTest, CheckConfigReportsEveryErrorThatAStartRefuses) {
     EXPECT_EQ(r.code, 1) << f;
     EXPECT_NE(r.err.find("not a regular file"), std::string::npos) << r.err;
   }
+  // What a start refuses of the paths themselves, the check refuses too: a socket path
+  // too long for a Unix socket, a store path that is a folder.
+  test::WriteFile(dir / "paths.yaml", "daemon: {socket: " + dir.path() + "/" +
+                                          std::string(120, 's') + "}\nstore: {path: " + dir.path() +
+                                          "}\n");
+  r = test::RunCmd({Cortexd(), "--check-config", "--config", dir / "paths.yaml"});
+  EXPECT_EQ(r.code, 1) << r.out << r.err;
+  EXPECT_NE(r.err.find("daemon.socket: the path is too long"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("store.path: " + dir.path() + " is not a regular file"), std::string::npos)
+      << r.err;
   // A duration beyond a century is a typo.
   test::WriteFile(dir / "long.yaml", "daemon: {idle_timeout: 99999999999999999d}\n");
   r = test::RunCmd({Cortexd(), "--check-config", "--config", dir / "long.yaml"});

@@ -159,6 +159,30 @@ TEST_P(StoreTest, HistoryFiltersAndOrdersNewestFirst) {
   EXPECT_EQ(rows.size(), 1u);
 }
 
+// History is in the store's order, whatever the tasks' clocks said: a task stamped an
+// hour in the future (a node whose clock runs ahead) does not stay on top, and one
+// stamped in the past (a clock stepped back) is not hidden below the older ones.
+TEST_P(StoreTest, HistoryIsInTheStoresOrderNotTheClocks) {
+  NewTask("first", 10000, "first");
+  NewTask("future", 10000 + 7200, "stamped two hours ahead");
+  NewTask("past", 10000 - 3600, "stamped an hour back");
+  NewTask("last", 10001, "last");
+  std::vector<HistoryRow> rows;
+  ASSERT_TRUE(store_->History({}, &rows).ok());
+  ASSERT_EQ(rows.size(), 4u);
+  std::vector<std::string> ids;
+  for (const auto& r : rows) ids.push_back(r.id);
+  EXPECT_EQ(ids, (std::vector<std::string>{"last", "past", "future", "first"}));
+  for (size_t i = 1; i < rows.size(); ++i) EXPECT_GT(rows[i - 1].seq, rows[i].seq);
+  // after_seq: what a follower asks for, the tasks stored after one it has seen.
+  HistoryQuery q;
+  q.after_seq = rows[2].seq;  // "future"
+  ASSERT_TRUE(store_->History(q, &rows).ok());
+  ids.clear();
+  for (const auto& r : rows) ids.push_back(r.id);
+  EXPECT_EQ(ids, (std::vector<std::string>{"last", "past"}));
+}
+
 TEST_P(StoreTest, StatsCountRoutingSuccessAndCalibration) {
   for (int i = 0; i < 4; ++i) {
     std::string id = "s" + std::to_string(i);

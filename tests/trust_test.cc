@@ -8,9 +8,14 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <string>
+#include <thread>
 #include <vector>
 
+#include "cortex/config.h"
+#include "cortex/daemon.h"
+#include "cortex/env.h"
 #include "cortex/store_url.h"
 #include "testutil.h"
 
@@ -19,6 +24,7 @@ namespace {
 
 using test::Daemon;
 using test::TempDir;
+using json = nlohmann::json;
 namespace fs = std::filesystem;
 
 bool CanActAsNobody() {
@@ -41,6 +47,19 @@ struct stat StatOf(const std::string& path) {
   struct stat st {};
   lstat(path.c_str(), &st);
   return st;
+}
+
+// Seconds since the epoch of a time as cortexd's JSON prints it (2026-12-07T05:31:00.123Z).
+double IsoSecondsOf(const json& v) {
+  struct tm tm {};
+  int ms = 0;
+  const std::string s = v.is_string() ? v.get<std::string>() : "";
+  if (sscanf(s.c_str(), "%d-%d-%dT%d:%d:%d.%dZ", &tm.tm_year, &tm.tm_mon, &tm.tm_mday, &tm.tm_hour,
+             &tm.tm_min, &tm.tm_sec, &ms) != 7)
+    return 0;
+  tm.tm_year -= 1900;
+  tm.tm_mon -= 1;
+  return static_cast<double>(timegm(&tm)) + ms / 1000.0;
 }
 
 // ---- 1: the install and the plugin host ---------------------------------------------
@@ -279,6 +298,103 @@ TEST(Trust, AStartRefusedForItsConfigCreatesNoStoreAndSaysEachErrorOnce) {
       EXPECT_FALSE(fs::exists(d.store + f)) << d.store << f << " was created: " << log;
     fs::remove(d.log);
   }
+}
+
+// ---- 4: a wrong clock ---------------------------------------------------------------
+
+// A wall clock that a test steps; the monotonic clock runs on untouched, as a real step
+// leaves it.
+class SteppedClock : public EnvWrapper {
+ public:
+  SteppedClock() : EnvWrapper(Env::Default()) {}
+  double NowUnix() override { return EnvWrapper::NowUnix() + offset_.load(); }
+  void Step(double by) { offset_ = offset_.load() + by; }
+
+ private:
+  std::atomic<double> offset_{0};
+};
+
+// cortexd's wall clock stepped back an hour while it ran (cortexd in this process, with a
+// clock the test steps, and the real cortexctl on its socket). The tasks created after
+// the step were stamped an hour earlier: `history --limit 3` showed the old ones instead,
+// `history --follow` never printed them, and the task running across the step had a
+// negative latency in `report` and ended before it began in `show`.
+TEST(Trust, AClockSteppedBackHidesNoTaskAndMakesNoDurationNegative) {
+  TempDir dir;
+  Daemon files(dir, R"(experts:
+  - {name: quick, plugin: command, run: ["true"], keywords: ["quick"]}
+  - {name: slow, plugin: command, run: ["sleep", "2"], keywords: ["slow"], timeout: 60s}
+)");
+  Result<Config> cfg = LoadConfigFile(files.config);
+  ASSERT_TRUE(cfg.ok()) << cfg.status().ToString();
+  SteppedClock clock;
+  DaemonOptions opts;
+  opts.config_path = files.config;
+  opts.bundled_plugin_dir = test::BundledDir();
+  opts.plugin_host = test::HostExe();
+  opts.env = &clock;
+  auto made = cortex::Daemon::Create(std::move(cfg).value(), opts);
+  ASSERT_TRUE(made.ok()) << made.status().ToString();
+  std::unique_ptr<cortex::Daemon> d = std::move(made).value();
+  ASSERT_TRUE(d->Start().ok());
+  std::thread serving([&] { EXPECT_TRUE(d->Run().ok()); });
+  auto ctl = [&](std::vector<std::string> args) {
+    args.push_back("--json");
+    return files.Ctl(args).Json();
+  };
+
+  for (int i = 0; i < 3; ++i)
+    ASSERT_EQ(files.Ctl({"submit", "quick before " + std::to_string(i), "--wait"}).code, 0);
+  const std::string follow_out = dir / "follow.txt";
+  const pid_t follower = fork();
+  if (follower == 0) {
+    FILE* f = freopen(follow_out.c_str(), "w", stdout);
+    (void)f;
+    const std::string bin = test::BinDir() + "/cortexctl";
+    execl(bin.c_str(), bin.c_str(), "--socket", files.socket.c_str(), "history", "--follow",
+          (char*)nullptr);
+    _exit(127);
+  }
+  ASSERT_TRUE(test::Eventually([&] { return !test::ReadFile(follow_out).empty(); }));
+  // The slow task is running when the clock steps back; two quick ones come after.
+  const std::string slow = ctl({"submit", "slow across the step"})["id"];
+  ASSERT_TRUE(files.WaitStatus([](const json& s) { return s["inflight"] == 1; }));
+  clock.Step(-3600);
+  std::vector<std::string> after = {slow};
+  for (int i = 0; i < 2; ++i)
+    after.push_back(ctl({"submit", "quick after " + std::to_string(i), "--wait"})["id"]);
+  ASSERT_EQ(files.Ctl({"wait", slow, "--timeout", "30"}).code, 0);
+
+  // The newest three are the three submitted last, newest first.
+  json h = ctl({"history", "--limit", "3"});
+  ASSERT_EQ(h.size(), 3u) << h;
+  EXPECT_EQ(h[0]["id"], after[2]) << h;
+  EXPECT_EQ(h[1]["id"], after[1]) << h;
+  EXPECT_EQ(h[2]["id"], after[0]) << h;
+  // The follower printed each as it ended.
+  EXPECT_TRUE(test::Eventually([&] {
+    const std::string out = test::ReadFile(follow_out);
+    for (const auto& id : after)
+      if (out.find(id.substr(0, 12)) == std::string::npos) return false;
+    return true;
+  })) << test::ReadFile(follow_out);
+  kill(follower, SIGTERM);
+  waitpid(follower, nullptr, 0);
+  // Durations come from the monotonic clock: the slow task took its two seconds, not
+  // minus an hour.
+  json t = ctl({"show", slow});
+  ASSERT_TRUE(t.is_object()) << t;
+  const double took = IsoSecondsOf(t["updated_at"]) - IsoSecondsOf(t["created_at"]);
+  EXPECT_GE(took, 1.5) << t;
+  EXPECT_LT(took, 60) << t;
+  json rep = ctl({"report"});
+  ASSERT_TRUE(rep.is_object()) << rep;
+  for (const char* k : {"latency_mean_s", "latency_max_s"})
+    for (const auto& v : rep["buckets"][k])
+      if (v.is_number()) EXPECT_GE(v.get<double>(), 0) << k << ": " << rep["buckets"];
+
+  d->RequestStop();
+  serving.join();
 }
 
 }  // namespace

@@ -10,9 +10,9 @@
 #include <sys/wait.h>
 #include <unistd.h>
 #include <CLI/CLI.hpp>
+#include <cctype>
 #include <cerrno>
 #include <cmath>
-#include <cctype>
 #include <cstdio>
 #include <cstring>
 #include <ctime>
@@ -1155,27 +1155,29 @@ static int RunCli(int argc, char** argv, Ctx& ctx) {
              (outcome.empty() || st == outcome ||
               ((st == "succeeded" || st == "failed") && Raw(r, "outcome") == outcome));
     };
-    // Polls ask for the tasks created since the oldest one still open (or, with none open,
-    // the newest one), less a margin for tasks stamped just before others but stored after.
-    constexpr double kMargin = 5;
-    auto window_of = [&](const json& rows, double keep) {
-      double oldest_open = -1;
+    // Polls ask for the tasks the store sequenced from the oldest one still open on (or,
+    // with none open, from the newest one), less a margin: on PostgreSQL several writers
+    // commit their inserts out of sequence order. The store's sequence, not the task's
+    // time: a node whose clock is wrong stamps tasks that a time window would not see.
+    constexpr long kMargin = 4096;
+    auto seq_of = [](const json& r) { return r.value("seq", 0L); };
+    auto window_of = [&](const json& rows, long keep) {
+      long oldest_open = -1;
       for (const auto& r : rows)
-        if (!is_ended(r)) oldest_open = IsoSeconds(Raw(r, "time"));  // (newest first)
+        if (!is_ended(r)) oldest_open = seq_of(r);  // (newest first)
       if (oldest_open >= 0) return oldest_open;
-      return rows.empty() ? keep : std::max(keep, IsoSeconds(Raw(rows[0], "time")));
+      return rows.empty() ? keep : std::max(keep, seq_of(rows[0]));
     };
-    double window = window_of(snapshot, 0);
+    long window = window_of(snapshot, 0);
     std::set<std::string> ended_before;  // ended when --follow started
     for (const auto& r : snapshot)
-      if (is_ended(r) && IsoSeconds(Raw(r, "time")) >= window - kMargin)
-        ended_before.insert(Raw(r, "id"));
+      if (is_ended(r) && seq_of(r) >= window - kMargin) ended_before.insert(Raw(r, "id"));
     snapshot = json();
     std::fflush(stdout);
     while (true) {
       sleep(1);
       json q = all;
-      q["since"] = std::max(0.0, window - kMargin);
+      q["after_seq"] = std::max(0L, window - kMargin - 1);
       if ((rc = FollowCall(ctx, q, &result)) == kUnreachable) continue;
       if (rc != kOk) return rc;
       for (auto it = result.rbegin(); it != result.rend(); ++it)

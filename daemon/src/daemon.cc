@@ -894,6 +894,15 @@ Status CheckConfig(const Config& config, const DaemonOptions& options,
     if (dir.empty() || !env->Stat(dir, &fi).ok() || !fi.exists) return;
     keep(env->MakePrivateDir(dir, false).WithContext(key));
   };
+  // And what a start would refuse of the paths themselves.
+  constexpr size_t kMaxSocketPath = sizeof(sockaddr_un{}.sun_path) - 1;
+  if (config.daemon.socket.size() > kMaxSocketPath)
+    errors.push_back(fmt::format("daemon.socket: the path is too long ({} bytes, at most {}): {}",
+                                 config.daemon.socket.size(), kMaxSocketPath,
+                                 config.daemon.socket));
+  if (FileInfo fi; config.store.url.empty() && env->Stat(config.store.path, &fi).ok() &&
+                   fi.exists && !fi.is_regular)
+    errors.push_back("store.path: " + config.store.path + " is not a regular file");
   if (config.store.url.empty())
     folder("store.path", fs::path(config.store.path).parent_path().string());
   else

@@ -113,6 +113,7 @@ struct Run {
   std::shared_ptr<Expert> expert;
   int n = 0;              // the attempt's number
   double started_at = 0;  // as recorded
+  double ended_at = 0;    // as recorded
   std::shared_ptr<std::atomic<bool>> stop = std::make_shared<std::atomic<bool>>(false);
   std::shared_ptr<Expert::Attempt> attempt;  // null: it never began
   bool collected = false;
@@ -314,11 +315,13 @@ struct Pipeline::Impl {
       ~Inside() { p->Leave(&p->in_submit_); }
     } inside{this};
     const double now = env_->NowUnix();
+    const int64_t mono = env_->MonotonicMicros();
     for (Intake* me : admit) {
       me->task.text = me->sub->text;
       me->task.tags = me->sub->tags;
       me->task.state = TaskState::kQueued;
       me->task.created_at = me->task.updated_at = now;
+      me->task.created_mono_us = mono;
     }
     for (int tries = 0; !admit.empty(); ++tries) {
       for (Intake* me : admit) me->task.id = NewId();
@@ -997,10 +1000,9 @@ struct Pipeline::Impl {
     // An attempt is recorded when it really starts (its slot is held), so recovery re-runs
     // what never started; a first attempt started at admission is recorded already. The
     // others are recorded together (one commit).
-    const double now = env_->NowUnix();
     std::vector<Store::AttemptStart> starts;
     for (const Job& j : jobs)
-      if (!j.recorded) starts.push_back({j.task.id, j.attempts + 1, j.held->name(), now});
+      if (!j.recorded) starts.push_back({j.task.id, j.attempts + 1, j.held->name(), Stamp(j.task)});
     std::vector<Status> recorded;
     if (!starts.empty()) store_->StartAttempts(starts, &recorded);
     size_t k = 0;
@@ -1008,7 +1010,7 @@ struct Pipeline::Impl {
       Run r;
       r.expert = std::move(j.held);
       r.n = j.attempts + 1;
-      r.started_at = j.recorded ? j.decision.time : now;
+      r.started_at = j.recorded ? j.decision.time : starts[k].time;  // (k: this job's start)
       // One the store refused (a full disk) is held here, in memory, until it takes it or
       // cortexd stops (the task is then resumed from the store at the next start).
       const Status rs = j.recorded ? Status::OK() : recorded[k++];
@@ -1087,9 +1089,11 @@ struct Pipeline::Impl {
       outs.push_back(r);
     }
     if (outs.empty()) return;
-    const double time = env_->NowUnix();
     std::vector<Store::AttemptEnd> batch;
-    for (const Run* r : outs) batch.push_back({r->job.task.id, r->n, &r->outcome, time, r->ends});
+    for (Run* r : outs) {
+      r->ended_at = std::max(Stamp(r->job.task), r->started_at);
+      batch.push_back({r->job.task.id, r->n, &r->outcome, r->ended_at, r->ends});
+    }
     std::vector<Status> stored;
     store_->FinishAttempts(batch, &stored);
     std::vector<Run*> recorded;
@@ -1107,7 +1111,8 @@ struct Pipeline::Impl {
         if (!Persist(
                 fmt::format("task {}: recording the outcome of attempt {}", r->job.task.id, r->n),
                 [&] {
-                  return store_->FinishAttempt(r->job.task.id, r->n, r->outcome, time, r->ends);
+                  return store_->FinishAttempt(r->job.task.id, r->n, r->outcome, r->ended_at,
+                                               r->ends);
                 }))
           continue;
       }
@@ -1128,18 +1133,18 @@ struct Pipeline::Impl {
       a.n = r->n;
       a.expert = job.last_expert;
       a.started_at = r->started_at;
-      a.finished_at = time;
+      a.finished_at = r->ended_at;
       a.outcome = r->outcome;
       job.task.attempts.push_back(std::move(a));
       if (r->ends) {
         auto final = std::make_shared<Task>(std::move(job.task));
         final->state = *r->ends;
-        final->updated_at = time;
+        final->updated_at = r->ended_at;
         final->expert = job.last_expert;
         final->decision = std::move(job.decision);
         const std::string id = final->id;
-        const double created_at = final->created_at;
-        Ended(id, *r->ends, created_at, std::move(final));
+        const double took = final->created_at > 0 ? r->ended_at - final->created_at : -1;
+        Ended(id, *r->ends, took, std::move(final));
         continue;
       }
       LogDebug("task {}: {} on {} ({}), falling back", job.task.id, ToString(r->outcome.kind),
@@ -1155,18 +1160,29 @@ struct Pipeline::Impl {
 
   void EndTask(const Job& job, TaskState state) {
     const std::string& id = job.task.id;
-    const double ended = env_->NowUnix();
+    const double ended = Stamp(job.task);
     if (!Persist(fmt::format("task {}: recording its end", id),
                  [&] { return store_->FinishTask(id, state, job.last_expert, ended); }))
       return;
-    Ended(id, state, job.task.created_at);
+    Ended(id, state, job.task.created_at > 0 ? ended - job.task.created_at : -1);
   }
 
-  // After a task's end is stored: its waiters are woken.
-  void Ended(const std::string& id, TaskState state, double created_at,
+  // When something happens to task `t`: its creation stamp plus what the monotonic clock
+  // measured since, where this process stamped it, so a wall clock stepped meanwhile
+  // makes no duration negative and reorders nothing; otherwise (a task read back from the
+  // store, another node's) the wall clock, never before the task's creation.
+  double Stamp(const Task& t) {
+    if (t.created_mono_us > 0)
+      return t.created_at + std::max<int64_t>(0, env_->MonotonicMicros() - t.created_mono_us) / 1e6;
+    return std::max(env_->NowUnix(), t.created_at);
+  }
+
+  // After a task's end is stored: its waiters are woken. `took`: its seconds from
+  // creation to end (negative: unknown).
+  void Ended(const std::string& id, TaskState state, double took,
              std::shared_ptr<const Task> final = nullptr) {
     if (state == TaskState::kCancelled) LogInfo("task {} cancelled", id);
-    if (metrics_ && created_at > 0) metrics_->TaskEnded(state, env_->NowUnix() - created_at);
+    if (metrics_ && took >= 0) metrics_->TaskEnded(state, took);
     {
       std::lock_guard<std::mutex> l(queue_mu_);
       cancels_.erase(id);

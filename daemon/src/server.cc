@@ -1164,6 +1164,9 @@ json Server::Dispatch(const json& j, const std::function<bool(const std::string&
       q.limit = static_cast<int>(limit);
       CHECK(r.String("expert", false, &q.expert));
       CHECK(r.Number("since", 0, 1e11, &q.since));
+      double after_seq = 0;
+      CHECK(r.Number("after_seq", 0, 9e15, &after_seq));
+      q.after_seq = static_cast<long>(after_seq);
       CHECK(r.String("outcome", false, &q.outcome));
       static const std::set<std::string> kKinds = {"success",  "failure",   "timeout",    "crash",
                                                    "rejected", "cancelled", "interrupted"};

@@ -164,6 +164,7 @@ json ToJson(const Task& t) {
 
 json ToJson(const HistoryRow& r) {
   return {{"id", r.id},
+          {"seq", r.seq},
           {"time", IsoTime(r.time)},
           {"text", r.text},
           {"state", r.state},

@@ -381,16 +381,18 @@ class PgStore : public Store {
         "COALESCE(t.feedback_quality,la.quality),COALESCE(NULLIF(t.expert,''),d.chosen,''),"
         // The confidence the decision gave the expert that ended the task.
         "(SELECT (c->>'confidence')::float8 FROM jsonb_array_elements(d.candidates) c "
-        "WHERE c->>'expert'=COALESCE(NULLIF(t.expert,''),d.chosen) LIMIT 1) "
+        "WHERE c->>'expert'=COALESCE(NULLIF(t.expert,''),d.chosen) LIMIT 1),t.seq "
         "FROM tasks t LEFT JOIN decisions d ON d.task_id=t.id "
         "LEFT JOIN LATERAL (SELECT outcome,quality FROM attempts a WHERE a.task_id=t.id "
         "ORDER BY n DESC LIMIT 1) la ON true "
-        "WHERE ($1='' OR d.chosen=$1 OR t.expert=$1) AND t.created_at>=$2 "
+        "WHERE ($1='' OR d.chosen=$1 OR t.expert=$1) AND t.created_at>=$2 AND t.seq>$5 "
         // An outcome kind matches the outcome of the task's last attempt; cancelled and
         // interrupted match the task's state (a task can end so without an attempt).
         "AND ($3='' OR t.state=$3 OR (t.state IN ('succeeded','failed') AND la.outcome=$3)) "
-        "ORDER BY t.created_at DESC, t.seq DESC LIMIT $4",
-        {q.expert, q.since, q.outcome, q.limit});
+        // The store's order, not the nodes' clocks: a node stamping the future does not
+        // keep its tasks on top, nor one stamping the past hide them.
+        "ORDER BY t.seq DESC LIMIT $4",
+        {q.expert, q.since, q.outcome, q.limit, q.after_seq});
     CORTEX_RETURN_IF_ERROR(s.status().WithContext("history"));
     for (int i = 0; i < s.rows(); ++i) {
       HistoryRow h;
@@ -403,6 +405,7 @@ class PgStore : public Store {
       h.explored = s.Bool(i, 6);
       h.expert = s.Text(i, 9);
       h.confidence = s.Double(i, 10);
+      h.seq = s.Long(i, 11);
       TaskState st = ParseTaskState(h.state).value_or(TaskState::kQueued);
       // A cancelled task ended so whatever its last attempt said.
       h.outcome = st == TaskState::kCancelled ? "cancelled" : IsFinal(st) ? s.Text(i, 7) : "";
@@ -756,9 +759,11 @@ class PgStore : public Store {
       }
     }
     {
+      // Clamped: an older version stamped a task's end by a wall clock stepped back.
       pg::Result s = c.Query(
           "SELECT floor((updated_at-$1)/$3)::bigint,count(*),sum((state='succeeded')::int),"
-          "sum(updated_at-created_at),max(updated_at-created_at) FROM tasks "
+          "sum(greatest(updated_at-created_at,0)),max(greatest(updated_at-created_at,0)) FROM "
+          "tasks "
           "WHERE created_at>=$1 AND updated_at<=$2 "
           "AND state IN ('succeeded','failed','cancelled','interrupted') GROUP BY 1",
           {since, until, w});

@@ -584,15 +584,17 @@ class SqliteStore : public Store {
         // The confidence the decision gave the expert that ended the task.
         "COALESCE(NULLIF(t.expert,''),d.chosen,''),"
         "(SELECT json_extract(c.value,'$.confidence') FROM json_each(d.candidates) c "
-        "WHERE json_extract(c.value,'$.expert')=COALESCE(NULLIF(t.expert,''),d.chosen)) "
+        "WHERE json_extract(c.value,'$.expert')=COALESCE(NULLIF(t.expert,''),d.chosen)),t.rowid "
         "FROM tasks t LEFT JOIN decisions d ON d.task_id=t.id "
-        "WHERE (?1='' OR d.chosen=?1 OR t.expert=?1) AND t.created_at>=?2 "
+        "WHERE (?1='' OR d.chosen=?1 OR t.expert=?1) AND t.created_at>=?2 AND t.rowid>?5 "
         // An outcome kind matches the outcome of the task's last attempt; cancelled and
         // interrupted match the task's state (a task can end so without an attempt).
         "AND (?3='' OR t.state=?3 OR (t.state IN ('succeeded','failed') AND "
         "(SELECT outcome FROM attempts a WHERE a.task_id=t.id ORDER BY n DESC LIMIT 1)=?3)) "
-        "ORDER BY t.created_at DESC, t.rowid DESC LIMIT ?4");
-    s.Bind(1, q.expert).Bind(2, q.since).Bind(3, q.outcome).Bind(4, q.limit);
+        // The store's order, not the clocks': a task stamped by a wrong clock is not
+        // hidden behind (or kept above) the others.
+        "ORDER BY t.rowid DESC LIMIT ?4");
+    s.Bind(1, q.expert).Bind(2, q.since).Bind(3, q.outcome).Bind(4, q.limit).Bind(5, q.after_seq);
     int rc;
     while ((rc = s.Step()) == SQLITE_ROW) {
       HistoryRow r;
@@ -605,6 +607,7 @@ class SqliteStore : public Store {
       r.explored = s.Long(6) != 0;
       r.expert = s.Text(9);
       r.confidence = s.IsNull(10) ? 0 : s.Double(10);
+      r.seq = s.Long(11);
       TaskState st = ParseTaskState(r.state).value_or(TaskState::kQueued);
       // A cancelled task ended so whatever its last attempt said.
       r.outcome = st == TaskState::kCancelled ? "cancelled" : IsFinal(st) ? s.Text(7) : "";
@@ -959,9 +962,10 @@ class SqliteStore : public Store {
       }
     }
     {
+      // Clamped: an older version stamped a task's end by a wall clock stepped back.
       Stmt s = r.Prepare(
           "SELECT CAST((updated_at-?1)/?3 AS INTEGER),count(*),sum(state='succeeded'),"
-          "sum(updated_at-created_at),max(updated_at-created_at) FROM tasks "
+          "sum(max(updated_at-created_at,0)),max(max(updated_at-created_at,0)) FROM tasks "
           "WHERE created_at>=?1 AND updated_at<=?2 "
           "AND state IN ('succeeded','failed','cancelled','interrupted') GROUP BY 1");
       bind(s);

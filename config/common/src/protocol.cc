@@ -27,7 +27,7 @@ const std::vector<WireOp>& WireOps() {
       {Op::kShow, "show", {"id"}, "show", "one task: decision, attempts, outcome, feedback"},
       {Op::kHistory,
        "history",
-       {"limit", "expert", "since", "outcome"},
+       {"limit", "expert", "since", "after_seq", "outcome"},
        "history",
        "the audit log, newest first"},
       {Op::kExperts, "experts", {}, "experts", "loaded experts and how they have done"},

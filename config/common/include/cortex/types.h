@@ -1,6 +1,7 @@
 // The task data model shared by the store, router, daemon and wire protocol.
 #pragma once
 
+#include <cstdint>
 #include <optional>
 #include <string>
 #include <utility>
@@ -79,6 +80,9 @@ struct Task {
   TaskState state = TaskState::kQueued;
   double created_at = 0;
   double updated_at = 0;
+  // Not stored: the monotonic clock (Env::MonotonicMicros) when this process stamped
+  // created_at; 0 when it did not (read back from the store, another node's).
+  int64_t created_mono_us = 0;
   std::string expert;  // the expert whose attempt ended the task
   std::string error;   // why it ended without an attempt saying so (e.g. the poison guard)
   int deaths = 0;      // times cortexd died while routing or running it
@@ -91,6 +95,7 @@ struct HistoryQuery {
   int limit = 20;
   std::string expert;  // empty: any
   double since = 0;    // unix time; 0: any
+  long after_seq = 0;  // only tasks the store sequenced after this; 0: any
   // "": any; an outcome kind (success, failure, timeout, crash, rejected) matches the
   // last attempt's; cancelled and interrupted match the task's state.
   std::string outcome;
@@ -98,6 +103,7 @@ struct HistoryQuery {
 
 struct HistoryRow {
   std::string id;
+  long seq = 0;  // the store's own order of tasks (insertion), whatever their clocks said
   double time = 0;
   std::string text;
   std::string state;
