@@ -353,7 +353,7 @@ TEST(Trust, APluginsOutputIsPrefixedEscapedAndBoundedInTheLog) {
             std::string::npos)
       << log.substr(0, 4000);
   EXPECT_EQ(log.find('\x1b'), std::string::npos) << "a raw escape reached the log";
-  EXPECT_NE(log.find("expert hostile [stderr]: flood line 0 on stderr"), std::string::npos)
+  EXPECT_NE(log.find("expert hostile [stderr]: a line on stderr"), std::string::npos)
       << log.substr(0, 4000);
   EXPECT_TRUE(d.Alive());
   EXPECT_EQ(d.Stop(), 0);

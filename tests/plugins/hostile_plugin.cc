@@ -1,8 +1,8 @@
 // A test expert that attacks its host from inside, as issue 24 did; the task text picks:
 //   "share N"   maps N MiB MAP_SHARED|MAP_ANONYMOUS (which RLIMIT_DATA does not count)
 //               and touches every page; answers how it went
-//   "flood N"   writes a forged cortexd log line, a line with terminal escapes, then N
-//               lines to stdout and N to stderr
+//   "flood N"   writes a forged cortexd log line, a line with terminal escapes, a line on
+//               stderr, then N lines to stdout and N to stderr
 // Anything else is echoed.
 #include <sys/mman.h>
 
@@ -51,6 +51,7 @@ class Hostile {
           "5 crashes\n");
       std::printf("painted \x1b[31mred\x1b[0m\rover\n");
       std::fflush(stdout);
+      std::fprintf(stderr, "a line on stderr\n");
       for (long i = 0; i < lines; ++i) {
         std::printf("flood line %ld on stdout\n", i);
         std::fprintf(stderr, "flood line %ld on stderr\n", i);
