@@ -16,6 +16,7 @@
 #include "cortex/config.h"
 #include "cortex/daemon.h"
 #include "cortex/env.h"
+#include "cortex/status.h"
 #include "cortex/store_url.h"
 #include "testutil.h"
 
@@ -395,6 +396,119 @@ TEST(Trust, AClockSteppedBackHidesNoTaskAndMakesNoDurationNegative) {
 
   d->RequestStop();
   serving.join();
+}
+
+// ---- 2, 5, 9a: what a plugin can do to its host, cortexd's log and its neighbours ------
+
+const char* const kQuietRouter = "router: {exploration: 0, seed: 1}\ntraining: {online: false}\n";
+
+// The attempts of task `id`, as `show --json` has them.
+test::json AttemptsOf(const Daemon& d, const test::json& id) {
+  return d.CtlJson({"show", id.get<std::string>()})["attempts"];
+}
+
+// RLIMIT_DATA alone left shared mappings out: a plugin mapped and touched 1 GiB of
+// MAP_SHARED|MAP_ANONYMOUS memory under a 64 MiB limit. Now the limit bounds the host's
+// whole address space, and going over it ends the task as a crash that says so.
+TEST(Trust, SharedMemoryIsBoundedByTheMemoryLimitToo) {
+  TempDir dir;
+  Daemon d(dir, "", kQuietRouter, /*bundled=*/false,
+           ", memory_limit: 64MiB, restart_backoff: 10ms");
+  d.AddPlugin(test::TestPluginDir() + "/hostile.so");
+  ASSERT_TRUE(d.Start()) << d.Log();
+  test::json experts = d.CtlJson({"experts"});
+  ASSERT_EQ(experts.size(), 1u) << experts.dump();
+  if (experts[0]["memory_limit"].is_null())
+    GTEST_SKIP() << "sanitizer build: the host cannot enforce a memory limit under a sanitizer "
+                    "runtime (it reserves terabytes of shadow memory)";
+  test::json w = d.CtlJson({"submit", "hostile: share 1024", "--wait"});
+  EXPECT_EQ(w["state"], "failed") << w.dump();
+  test::json a = AttemptsOf(d, w["id"]);
+  ASSERT_GE(a.size(), 1u) << w.dump();
+  EXPECT_EQ(a[0]["outcome"]["kind"], "crash") << a.dump();
+  EXPECT_NE(a[0]["outcome"].value("error", "").find("memory limit (64 MiB)"), std::string::npos)
+      << a.dump();
+  EXPECT_TRUE(d.Alive());
+  // Its host comes back, and a mapping within the limit is the plugin's to use.
+  w = d.CtlJson({"submit", "hostile: share 8", "--wait"});
+  EXPECT_EQ(w["state"], "succeeded") << w.dump() << d.Log();
+  EXPECT_EQ(d.Stop(), 0);
+}
+
+// A plugin printed 100k lines on stdout and stderr (cortexd.log grew by 6.3 MB) and a line
+// that looked like one of cortexd's own. Now a host's output is cortexd's to log: each line
+// under the expert's name, escaped, and at most so many a minute, the rest counted.
+TEST(Trust, APluginsOutputIsPrefixedEscapedAndBoundedInTheLog) {
+  TempDir dir;
+  Daemon d(dir, "", kQuietRouter, /*bundled=*/false);
+  d.AddPlugin(test::TestPluginDir() + "/hostile.so");
+  ASSERT_TRUE(d.Start()) << d.Log();
+  const auto before = fs::file_size(d.log);
+  test::json w = d.CtlJson({"submit", "hostile: flood 100000", "--wait"});
+  EXPECT_EQ(w["state"], "succeeded") << w.dump();
+  EXPECT_TRUE(test::Eventually([&] {
+    return d.Log().find("of its stdout and stderr dropped") != std::string::npos;
+  })) << d.Log().substr(0, 2000);
+  const auto grown = fs::file_size(d.log) - before;
+  EXPECT_LT(grown, 64u << 10) << "the log grew by " << grown << " bytes";
+  const std::string log = d.Log();
+  const std::string forged = "2026-12-07T05:31:00.000 cortexd[1] info: expert security";
+  size_t forgeries = 0;
+  for (const std::string& line : SplitLines(log)) {
+    const size_t at = line.find(forged);
+    if (at == std::string::npos) continue;
+    ++forgeries;
+    // Only ever inside a line of cortexd's own, after the expert's name.
+    EXPECT_NE(at, 0u) << line;
+    EXPECT_NE(line.substr(0, at).find("cortexd[" + std::to_string(d.pid) + "]"), std::string::npos)
+        << line;
+    EXPECT_NE(line.substr(0, at).find("expert hostile [stdout]: "), std::string::npos) << line;
+  }
+  EXPECT_EQ(forgeries, 1u) << log.substr(0, 4000);
+  EXPECT_NE(log.find("expert hostile [stdout]: painted \\x1b[31mred\\x1b[0m\\x0dover"),
+            std::string::npos)
+      << log.substr(0, 4000);
+  EXPECT_EQ(log.find('\x1b'), std::string::npos) << "a raw escape reached the log";
+  EXPECT_NE(log.find("expert hostile [stderr]: a line on stderr"), std::string::npos)
+      << log.substr(0, 4000);
+  EXPECT_TRUE(d.Alive());
+  EXPECT_EQ(d.Stop(), 0);
+}
+
+// A task that hung past its timeout (ignoring its cancel) got its host killed, and every
+// other task running in that host was recorded as a `crash` of its own. Now the others are
+// `interrupted` and run again, and only the hang counts as a crash.
+TEST(Trust, AHungTaskCostsItsNeighboursARerunNotACrash) {
+  TempDir dir;
+  Daemon d(dir,
+           "experts:\n  - name: misbehave\n    plugin: misbehave\n    keywords: [please]\n"
+           "    timeout: 6s\n    delay_ms: 5000\n",
+           kQuietRouter, /*bundled=*/false, ", quarantine_after: 2, restart_backoff: 10ms");
+  d.AddPlugin(test::BenchPluginDir() + "/misbehave.so");
+  ASSERT_TRUE(d.Start()) << d.Log();
+  const test::json hung = d.CtlJson({"submit", "please hang hard"})["id"];
+  // Past its timeout (6 s) and the grace that follows (1 s) its host is killed; the slow
+  // task (5 s) is half way through then.
+  sleep(4);
+  test::json slow = d.CtlJson({"submit", "please be slow", "--wait", "--timeout", "60"});
+  EXPECT_EQ(slow["state"], "succeeded") << slow.dump();
+  test::json a = AttemptsOf(d, slow["id"]);
+  ASSERT_EQ(a.size(), 2u) << a.dump();
+  EXPECT_EQ(a[0]["outcome"]["kind"], "interrupted") << a.dump();
+  EXPECT_NE(a[0]["outcome"].value("error", "").find("hung past its timeout"), std::string::npos)
+      << a.dump();
+  EXPECT_EQ(a[1]["expert"], "misbehave") << "run again on the same expert: " << a.dump();
+  EXPECT_EQ(a[1]["outcome"]["kind"], "success") << a.dump();
+  test::json h = d.CtlJson({"wait", hung.get<std::string>(), "--timeout", "30"});
+  test::json ha = AttemptsOf(d, hung);
+  ASSERT_GE(ha.size(), 1u) << ha.dump();
+  EXPECT_EQ(ha[0]["outcome"]["kind"], "timeout") << ha.dump();
+  // One crash (the hang), not two: with quarantine_after 2 it is not quarantined.
+  test::json e = d.CtlJson({"experts"})[0];
+  EXPECT_EQ(e["health"]["crashes"], 1) << e.dump();
+  EXPECT_EQ(e["state"], "active") << e.dump();
+  EXPECT_TRUE(d.Alive());
+  EXPECT_EQ(d.Stop(), 0);
 }
 
 }  // namespace

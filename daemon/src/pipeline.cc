@@ -60,6 +60,7 @@ struct Job {
   Decision decision;
   size_t next = 0;          // the candidate to try next
   int attempts = 0;         // attempts made so far
+  int reruns = 0;           // of them, runs again after a neighbour's hang (not counted)
   std::string last_expert;  // whose attempt came last
   uint64_t generation = 0;  // of the registry when it was routed
   bool cancel = false;      // `cortexctl cancel`: ends cancelled instead of running
@@ -119,6 +120,7 @@ struct Run {
   bool collected = false;
   Outcome outcome;
   std::optional<TaskState> ends;  // the task's end, when this outcome ends it
+  bool rerun = false;             // it runs again on the same expert (Conclude)
 };
 
 // A submit in the intake queue: its task, and once its batch is stored, the result.
@@ -876,7 +878,8 @@ struct Pipeline::Impl {
         return !e->second->quarantined();
       };
       while (j.next < cands.size() && !usable(cands[j.next])) ++j.next;
-      if (j.next >= cands.size() || j.attempts >= (j.decision.forced ? 1 : max_attempts)) {
+      if (j.next >= cands.size() ||
+          j.attempts - j.reruns >= (j.decision.forced ? 1 : max_attempts)) {
         if (j.attempts == 0) {
           // No candidate can run it yet. If the experts changed since it was routed, it is
           // routed again; if not (all quarantined), it waits here for a release instead of
@@ -1078,13 +1081,18 @@ struct Pipeline::Impl {
         o.kind = OutcomeKind::kInterrupted;
         o.error = cancelled ? "cancelled (cortexctl cancel)"
                             : "cortexd stopped before the attempt finished";
+      } else if (o.kind == OutcomeKind::kInterrupted && !cancelled && r->job.reruns == 0) {
+        // Its expert's host was killed for another task's hang: it runs again there, once,
+        // and this attempt does not count against router.max_attempts. A second time, the
+        // task ends interrupted.
+        r->rerun = true;
       }
       // An outcome that ends the task is written with the task's end, in one commit.
       if (o.kind == OutcomeKind::kSuccess)
         r->ends = TaskState::kSucceeded;
       else if (cancelled)
         r->ends = TaskState::kCancelled;
-      else if (o.kind == OutcomeKind::kInterrupted)
+      else if (o.kind == OutcomeKind::kInterrupted && !r->rerun)
         r->ends = TaskState::kInterrupted;
       outs.push_back(r);
     }
@@ -1127,7 +1135,10 @@ struct Pipeline::Impl {
       if (metrics_) metrics_->AttemptEnded(r->expert->name(), r->outcome.kind);
       job.attempts = r->n;
       job.last_expert = r->expert->name();
-      ++job.next;
+      if (r->rerun)
+        ++job.reruns;
+      else
+        ++job.next;
       // The task as the store has it now, for its waiters' answers.
       Attempt a;
       a.n = r->n;

@@ -44,7 +44,7 @@ struct PluginsConfig {
   // process: each instance in a supervised cortex-plugin-host; in-process: on cortexd's
   // threads (trusted plugins only: a crash in one takes cortexd down).
   std::string isolation = "process";
-  size_t memory_limit = 1ull << 30;  // per plugin host (RLIMIT_DATA); 0: none
+  size_t memory_limit = 1ull << 30;  // per plugin host, shared memory too; 0: none
   int quarantine_after = 5;          // consecutive crashes
   double restart_backoff_s = 0.25;   // doubles with each consecutive crash, up to 30s
   double load_timeout_s = 10;        // a plugin's load or create() that takes longer is refused

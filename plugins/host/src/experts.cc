@@ -144,12 +144,13 @@ class HealthState {
     }
     if (!event.empty() && audit_) audit_(event, detail);
   }
-  // Every finished attempt: keeps the recent crash rate; anything but a crash breaks a
-  // run of consecutive crashes.
+  // Every finished attempt: keeps the recent crash rate; anything but a crash or a
+  // timeout breaks a run of consecutive crashes (a plugin that hangs every task, its
+  // host killed each time, is quarantined like one that crashes).
   void Completed(OutcomeKind kind) {
     std::lock_guard<std::mutex> l(mu_);
     crash_rate_ = 0.8 * crash_rate_ + 0.2 * (kind == OutcomeKind::kCrash ? 1.0 : 0.0);
-    if (kind != OutcomeKind::kCrash) consecutive_ = 0;
+    if (kind != OutcomeKind::kCrash && kind != OutcomeKind::kTimeout) consecutive_ = 0;
   }
   void Restarted() {
     std::lock_guard<std::mutex> l(mu_);
@@ -299,7 +300,8 @@ double Expert::health_penalty() const {
 }
 
 Status Expert::StartHost(std::shared_ptr<HostProcess>* out) {
-  const HostOptions& ho = file_->host;
+  HostOptions ho = file_->host;
+  ho.label = "expert " + name();
   std::shared_ptr<HostProcess> host;
   Manifest seen;
   CORTEX_RETURN_IF_ERROR(HostProcess::Start(
@@ -552,6 +554,9 @@ Outcome Expert::AwaitHosted(Attempt* a) {
   }
   Outcome out = a->run->outcome;
   out.duration_s = (clock_->MonotonicMicros() - a->start) / 1e6;
+  // Its host was killed for another task's hang: nothing this expert did on this task, so
+  // it counts neither way (the pipeline runs the task again).
+  if (out.kind == OutcomeKind::kInterrupted) return out;
   // A crash the plugin reports (say, a program it ran died) is an event of its own; a
   // host death was counted once by the host's death callback, however many tasks it took.
   if (out.kind == OutcomeKind::kCrash && !a->run->host_died) health_->Crash(out.error);

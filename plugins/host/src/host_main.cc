@@ -4,13 +4,19 @@
 // (plugins/host/src/host_process.cc); the protocol is in host_protocol.h.
 //
 //   cortex-plugin-host --library COPY --display FILE [--memory-limit BYTES]
+#include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <malloc.h>
 #include <poll.h>
 #include <signal.h>
+#include <stdarg.h>
+#include <sys/mman.h>
 #include <sys/resource.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <atomic>
 #include <condition_variable>
 #include <cstdio>
 #include <cstring>
@@ -21,6 +27,7 @@
 #include <mutex>
 #include <new>
 #include <string>
+#include <system_error>
 #include <thread>
 
 #include "host_protocol.h"
@@ -55,6 +62,9 @@ constexpr int kFd = hostproto::kHostFd;
 hostproto::FrameWriter g_out(kFd);  // results come from the run threads at once
 char g_oom_frame[64];
 size_t g_oom_len = 0;
+// Set once the memory limit is in place: from then on a mapping refused for want of
+// memory is the plugin going over it.
+std::atomic<bool> g_limited{false};
 
 // Every way out but running out of memory: first end everything the plugin started (it
 // all shares this host's session), so nothing outlives the host or cortexd.
@@ -97,8 +107,33 @@ void PrepareOomFrame() {
   g_oom_len = 4 + n;
 }
 
-// The memory limit is RLIMIT_DATA (heap and private writable mappings): it bounds what
-// the plugin allocates without counting reserved-but-unused address space. Sanitizer
+// The host's address space now, from /proc/self/statm (0 if it cannot be read).
+size_t AddressSpaceInUse() {
+  int fd = ::open("/proc/self/statm", O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return 0;
+  char buf[128];
+  ssize_t n = ::read(fd, buf, sizeof buf - 1);
+  ::close(fd);
+  if (n <= 0) return 0;
+  buf[n] = 0;
+  return std::strtoull(buf, nullptr, 10) * static_cast<size_t>(::sysconf(_SC_PAGESIZE));
+}
+
+// Lowers a limit to `want`, or to its hard limit if that is lower.
+bool Limit(int resource, rlim_t want) {
+  struct rlimit r {};
+  if (getrlimit(resource, &r) != 0) return false;
+  if (r.rlim_max != RLIM_INFINITY) want = std::min(want, r.rlim_max);
+  r.rlim_cur = r.rlim_max = want;
+  return setrlimit(resource, &r) == 0;
+}
+
+// The memory limit bounds what the plugin adds to its host. RLIMIT_DATA (heap and private
+// writable mappings) alone left out shared mappings (MAP_SHARED, shm, memfd), so
+// RLIMIT_AS bounds everything mapped too: the address space the host had before loading
+// the plugin, plus the limit. What the plugin reserves counts there, used or not: its code
+// and libraries, and the stack of each thread running a task (RLIMIT_STACK, 8 MiB by
+// default); malloc keeps to one arena instead of reserving 64 MiB per thread. Sanitizer
 // runtimes reserve terabytes of shadow memory, so there it cannot be enforced.
 size_t ApplyLimits(size_t memory_limit) {
   struct rlimit core = {0, 0};
@@ -106,10 +141,12 @@ size_t ApplyLimits(size_t memory_limit) {
 #ifdef CORTEX_SANITIZED
   return 0;
 #else
-  if (memory_limit) {
-    struct rlimit data = {memory_limit, memory_limit};
-    if (setrlimit(RLIMIT_DATA, &data) != 0) return 0;
-  }
+  if (!memory_limit) return 0;
+  const size_t base = AddressSpaceInUse();
+  if (!base) return 0;
+  mallopt(M_ARENA_MAX, 1);
+  if (!Limit(RLIMIT_DATA, memory_limit) || !Limit(RLIMIT_AS, base + memory_limit)) return 0;
+  g_limited = true;
   return memory_limit;
 #endif
 }
@@ -121,10 +158,17 @@ class RunThreads {
   void Post(std::function<void()> run) {
     std::lock_guard<std::mutex> l(mu_);
     work_.push_back(std::move(run));
-    if (work_.size() > idle_)
-      std::thread([this] { Loop(); }).detach();  // lives as long as the host
-    else
+    if (work_.size() <= idle_) {
       cv_.notify_one();
+      return;
+    }
+    try {
+      std::thread([this] { Loop(); }).detach();  // lives as long as the host
+    } catch (const std::system_error&) {
+      // Under the limit, no room for another thread's stack is running out of memory.
+      if (g_limited) OnOutOfMemory();
+      throw;
+    }
   }
 
  private:
@@ -231,6 +275,71 @@ int Serve(const std::string& library, const std::string& display, size_t memory_
 
 }  // namespace
 }  // namespace cortex
+
+#ifndef CORTEX_SANITIZED
+// The plugin's own calls that map memory come here (exported: host_exports.list) on their
+// way to the C library. Under the limit, one refused for want of memory is the plugin
+// going over it: the host says so and ends, as when `new` fails, instead of leaving the
+// plugin to write through MAP_FAILED. (glibc's own mappings, malloc's and thread stacks',
+// do not pass here: malloc returns null, `new` ends through the new handler, a thread
+// that cannot start is caught in RunThreads.) A raw system call is still refused; it is
+// then the plugin's to handle.
+namespace {
+template <class Fn>
+Fn Next(std::atomic<Fn>* cache, const char* name) {
+  Fn f = cache->load(std::memory_order_acquire);
+  if (!f) {
+    f = reinterpret_cast<Fn>(dlsym(RTLD_NEXT, name));
+    cache->store(f, std::memory_order_release);
+  }
+  return f;
+}
+void* Checked(void* p) {
+  if (p == MAP_FAILED && errno == ENOMEM && cortex::g_limited.load()) cortex::OnOutOfMemory();
+  return p;
+}
+using MmapFn = void* (*)(void*, size_t, int, int, int, off_t);
+using Mmap64Fn = void* (*)(void*, size_t, int, int, int, off64_t);
+using MremapFn = void* (*)(void*, size_t, size_t, int, ...);
+std::atomic<MmapFn> g_mmap{nullptr};
+std::atomic<Mmap64Fn> g_mmap64{nullptr};
+std::atomic<MremapFn> g_mremap{nullptr};
+}  // namespace
+
+extern "C" void* mmap(void* addr, size_t len, int prot, int flags, int fd, off_t off) __THROW {
+  MmapFn next = Next(&g_mmap, "mmap");
+  if (!next) {
+    errno = ENOSYS;
+    return MAP_FAILED;
+  }
+  return Checked(next(addr, len, prot, flags, fd, off));
+}
+
+extern "C" void* mmap64(void* addr, size_t len, int prot, int flags, int fd, off64_t off) __THROW {
+  Mmap64Fn next = Next(&g_mmap64, "mmap64");
+  if (!next) {
+    errno = ENOSYS;
+    return MAP_FAILED;
+  }
+  return Checked(next(addr, len, prot, flags, fd, off));
+}
+
+extern "C" void* mremap(void* addr, size_t old_len, size_t new_len, int flags, ...) __THROW {
+  void* to = nullptr;  // the fifth argument, only with MREMAP_FIXED
+  if (flags & MREMAP_FIXED) {
+    va_list ap;
+    va_start(ap, flags);
+    to = va_arg(ap, void*);
+    va_end(ap);
+  }
+  MremapFn next = Next(&g_mremap, "mremap");
+  if (!next) {
+    errno = ENOSYS;
+    return MAP_FAILED;
+  }
+  return Checked(next(addr, old_len, new_len, flags, to));
+}
+#endif
 
 int main(int argc, char** argv) {
   std::string library, display;

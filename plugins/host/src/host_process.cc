@@ -29,6 +29,11 @@ using json = nlohmann::json;
 
 namespace {
 
+std::string OverTheLimit(size_t memory_limit) {
+  return fmt::format("the plugin ran out of memory: over its memory limit ({} MiB)",
+                     memory_limit >> 20);
+}
+
 std::string DescribeExit(int status, size_t memory_limit) {
   if (WIFSIGNALED(status)) {
     int sig = WTERMSIG(status);
@@ -38,14 +43,93 @@ std::string DescribeExit(int status, size_t memory_limit) {
   }
   if (WIFEXITED(status)) {
     int code = WEXITSTATUS(status);
-    if (code == hostproto::kExitOutOfMemory)
-      return fmt::format("the plugin ran out of memory (limit {} MiB)", memory_limit >> 20);
+    if (code == hostproto::kExitOutOfMemory) return OverTheLimit(memory_limit);
     return fmt::format("the plugin host exited with status {}", code);
   }
   return "the plugin host stopped";
 }
 
+// What a host prints: at most this many lines a minute of each stream go to the log, each
+// cut at so many bytes; the rest is counted, and said in one line once the flood pauses
+// for a second, the minute is over or the host ends.
+constexpr size_t kOutputLines = 100;
+constexpr size_t kOutputLineBytes = 512;
+constexpr int64_t kOutputWindowUs = 60 * 1000000LL;
+constexpr int64_t kOutputQuietUs = 1000000;
+
+// A descriptor of our own at 64 or above and close-on-exec, so that the child's dup2
+// onto 0-3 never maps it onto itself (which would keep close-on-exec).
+int HighFd(int fd) {
+  int high = fcntl(fd, F_DUPFD_CLOEXEC, 64);
+  close(fd);
+  return high;
+}
+
 }  // namespace
+
+// A line at a time into cortexd's log, under the host's label and the stream's name
+// (LogLine escapes control characters, so no line can pass for one of cortexd's own).
+struct HostProcess::Output {
+  std::string label;
+  std::string partial[2];  // an unfinished line per stream, at most kOutputLineBytes
+  size_t cut[2] = {0, 0};  // bytes of it past that
+  int64_t window_start = 0;
+  size_t lines[2] = {0, 0};  // logged in this window, per stream
+  size_t dropped_lines = 0, dropped_bytes = 0;
+  int64_t last_drop = 0;
+
+  void Feed(int stream, const char* p, size_t n, int64_t now) {
+    while (n > 0) {
+      const char* nl = static_cast<const char*>(std::memchr(p, '\n', n));
+      const size_t len = nl ? static_cast<size_t>(nl - p) : n;
+      const size_t room = kOutputLineBytes - partial[stream].size();
+      partial[stream].append(p, std::min(len, room));
+      cut[stream] += len - std::min(len, room);
+      if (!nl) break;
+      Line(stream, now);
+      p += len + 1;
+      n -= len + 1;
+    }
+  }
+  void Line(int stream, int64_t now) {
+    std::string& line = partial[stream];
+    if (now - window_start >= kOutputWindowUs) {
+      Dropped();
+      window_start = now;
+      lines[0] = lines[1] = 0;
+    }
+    if (lines[stream] < kOutputLines) {
+      ++lines[stream];
+      LogInfo("{} [{}]: {}{}", label, stream ? "stderr" : "stdout", line,
+              cut[stream] ? fmt::format("... ({} more bytes)", cut[stream]) : "");
+    } else {
+      ++dropped_lines;
+      dropped_bytes += line.size() + cut[stream] + 1;
+      last_drop = now;
+    }
+    line.clear();
+    cut[stream] = 0;
+  }
+  // Called every turn of the reader: what was dropped is said once the flood pauses.
+  void Tick(int64_t now) {
+    if (dropped_lines &&
+        (now - last_drop >= kOutputQuietUs || now - window_start >= kOutputWindowUs))
+      Dropped();
+  }
+  void End(int64_t now) {
+    for (int s = 0; s < 2; ++s)
+      if (!partial[s].empty() || cut[s]) Line(s, now);
+    Dropped();
+  }
+  void Dropped() {
+    if (!dropped_lines) return;
+    LogWarn(
+        "{}: {} line{} ({} bytes) of its stdout and stderr dropped (at most {} lines a "
+        "minute of each are logged)",
+        label, dropped_lines, dropped_lines == 1 ? "" : "s", dropped_bytes, kOutputLines);
+    dropped_lines = dropped_bytes = 0;
+  }
+};
 
 Status HostProcess::Start(const HostOptions& options, DeathFn on_death,
                           std::shared_ptr<HostProcess>* out, Manifest* manifest) {
@@ -63,11 +147,26 @@ Status HostProcess::Start(const HostOptions& options, DeathFn on_death,
   // A host that stops reading (stopped, wedged) must not block a worker forever.
   struct timeval tv = {5, 0};
   setsockopt(sv[0], SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+  // Its stdout and stderr: pipes cortexd reads (ReadLoop), not cortexd's own log.
+  int stdio[2][2] = {{-1, -1}, {-1, -1}};
+  for (auto& pipe : stdio) {
+    if (pipe2(pipe, O_CLOEXEC) != 0 || (pipe[1] = HighFd(pipe[1])) < 0) {
+      const std::string why = std::string("pipe: ") + strerror(errno);
+      for (auto& q : stdio)
+        for (int fd : q)
+          if (fd >= 0) close(fd);
+      close(sv[0]);
+      close(child);
+      return Status::IOError(why);
+    }
+    fcntl(pipe[0], F_SETFL, O_NONBLOCK);
+  }
 
   posix_spawn_file_actions_t fa;
   posix_spawn_file_actions_init(&fa);
   posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
-  posix_spawn_file_actions_adddup2(&fa, 2, 1);  // a plugin's stdout joins cortexd's log
+  posix_spawn_file_actions_adddup2(&fa, stdio[0][1], 1);
+  posix_spawn_file_actions_adddup2(&fa, stdio[1][1], 2);
   posix_spawn_file_actions_adddup2(&fa, child, hostproto::kHostFd);
 #if defined(__GLIBC__) && __GLIBC_PREREQ(2, 34)
   // Nothing else of cortexd's reaches the plugin, even a descriptor opened without
@@ -112,8 +211,10 @@ Status HostProcess::Start(const HostOptions& options, DeathFn on_death,
   posix_spawn_file_actions_destroy(&fa);
   posix_spawnattr_destroy(&attr);
   close(child);
+  for (auto& pipe : stdio) close(pipe[1]);
   if (rc != 0) {
     close(sv[0]);
+    for (auto& pipe : stdio) close(pipe[0]);
     return Status::IOError("cannot start the plugin host " + options.exe + ": " + strerror(rc));
   }
 
@@ -122,6 +223,10 @@ Status HostProcess::Start(const HostOptions& options, DeathFn on_death,
   h->on_death_ = std::move(on_death);
   h->pid_ = pid;
   h->fd_ = sv[0];
+  h->out_fd_[0] = stdio[0][0];
+  h->out_fd_[1] = stdio[1][0];
+  h->output_ = std::make_unique<Output>();
+  h->output_->label = options.label.empty() ? "plugin " + options.display : options.label;
   // A host that cannot take a frame is of no use: it is ended, and its reader fails
   // whatever it was running (a frame may have been written for several tasks at once).
   h->writer_ = std::make_unique<hostproto::FrameWriter>(
@@ -292,13 +397,19 @@ void HostProcess::ReadLoop() {
   hostproto::FrameReader reader;
   char buf[65536];
   int status = 0;
-  // A read gives up after 100 ms of silence, so that hung tasks and a host that died
-  // without closing the socket are noticed; while frames flow, one call per read.
-  struct timeval tick = {0, 100000};
-  setsockopt(fd_, SOL_SOCKET, SO_RCVTIMEO, &tick, sizeof tick);
   while (true) {
-    ssize_t n = ::recv(fd_, buf, sizeof buf, 0);
-    if (n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) break;
+    // Frames and output as they come; after 100 ms of silence a turn anyway, so that hung
+    // tasks and a host that died without closing the socket are noticed.
+    struct pollfd p[3] = {{fd_, POLLIN, 0}, {out_fd_[0], POLLIN, 0}, {out_fd_[1], POLLIN, 0}};
+    const int ready = ::poll(p, 3, 100);
+    for (int s = 0; s < 2; ++s)
+      if (ready > 0 && p[s + 1].revents) ReadOutput(s);
+    output_->Tick(Now());
+    ssize_t n = -1;  // -1: no frame bytes this turn
+    if (ready > 0 && p[0].revents) {
+      n = ::recv(fd_, buf, sizeof buf, MSG_DONTWAIT);
+      if (n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) break;
+    }
     if (n > 0) {
       std::vector<json> frames;
       Status st = reader.Feed(buf, static_cast<size_t>(n), &frames);
@@ -332,19 +443,44 @@ void HostProcess::ReadLoop() {
     LogInfo("plugin host {} ({}): ended {} process(es) it left behind", pid_, options_.display, n);
   while (waitpid(pid_, &status, 0) < 0 && errno == EINTR) {
   }
+  // What it printed last: everything its processes wrote before they ended (at most a
+  // pipe's worth each; a writer that escaped its session is not waited for).
+  for (int s = 0; s < 2; ++s) {
+    ReadOutput(s);
+    if (out_fd_[s] >= 0) close(out_fd_[s]);
+    out_fd_[s] = -1;
+  }
+  output_->End(Now());
   std::string why;
   {
     std::lock_guard<std::mutex> l(mu_);
     if (!violation_.empty())
       why = "the plugin host broke the protocol (" + violation_ + ")";
     else if (hung_)
-      why = "the plugin host was restarted: another task hung past its timeout";
+      why = "a task hung past its timeout and ignored its cancel: its plugin host was killed";
     else if (oom_)
-      why = fmt::format("the plugin ran out of memory (limit {} MiB)", memory_limit_ >> 20);
+      why = OverTheLimit(memory_limit_);
     else
       why = DescribeExit(status, memory_limit_);
   }
   Die(why);
+}
+
+void HostProcess::ReadOutput(int stream) {
+  int& fd = out_fd_[stream];
+  char buf[65536];
+  // A bounded share per turn: a flood must not keep the frames waiting.
+  for (int i = 0; fd >= 0 && i < 16; ++i) {
+    ssize_t n = ::read(fd, buf, sizeof buf);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return;
+    if (n <= 0) {  // every writer is gone
+      close(fd);
+      fd = -1;
+      return;
+    }
+    output_->Feed(stream, buf, static_cast<size_t>(n), Now());
+  }
 }
 
 void HostProcess::Die(std::string why) {
@@ -353,7 +489,8 @@ void HostProcess::Die(std::string why) {
     std::lock_guard<std::mutex> l(mu_);
     dead_ = true;  // from here on Submit refuses, so pending_ only shrinks
     death_ = why;
-    report = !ours_ && !hung_;
+    // A hang counts as one crash, however many tasks its host took along.
+    report = !ours_;
   }
   // The crash is counted (and the restart backoff set) before any waiting caller learns
   // of it, so a caller's next task already sees the expert's new health.
@@ -370,6 +507,14 @@ void HostProcess::Die(std::string why) {
       run->outcome = Outcome();
       run->outcome.kind = OutcomeKind::kCrash;
       run->outcome.error = why;
+      // The others on a host killed for a hang did nothing wrong: interrupted, to run again.
+      // (Those that hung or timed out got their `timeout` already.)
+      if (hung_ && !kill_at_.count(id)) {
+        run->outcome.kind = OutcomeKind::kInterrupted;
+        run->outcome.error =
+            "interrupted: the plugin host was killed because another task on it hung past "
+            "its timeout";
+      }
       run->done = true;
       run->cv.notify_one();
     }

@@ -1,7 +1,8 @@
 // cortexd's side of one plugin host: spawns cortex-plugin-host (no shell, its own
-// process group, stdin from /dev/null, a clean signal mask), reads its frames on a
-// thread of its own and turns its death into typed outcomes. Nothing here runs plugin
-// code; everything the host says is checked (host_protocol.h).
+// process group, stdin from /dev/null, a clean signal mask, stdout and stderr on pipes of
+// cortexd's), reads its frames and its output on a thread of its own and turns its death
+// into typed outcomes. Nothing here runs plugin code; everything the host says is checked
+// (host_protocol.h), and what it prints is logged under its name, escaped and bounded.
 #pragma once
 
 #include <sys/types.h>
@@ -27,6 +28,7 @@ struct HostOptions {
   std::string exe;      // cortex-plugin-host
   std::string library;  // the private copy it loads
   std::string display;  // the user's file, for messages
+  std::string label;    // who its output is logged as ("expert NAME"; default "plugin FILE")
   size_t memory_limit = 0;
   double start_timeout_s = 10;
   std::vector<std::string> env_names;  // cortexd's variables the host may see
@@ -51,6 +53,8 @@ class HostProcess {
   struct PendingRun {
     uint64_t id = 0;
     bool done = false;  // guarded by the host's mutex; wait with WaitRun
+    // The host died under it: the outcome is `crash`, or `interrupted` when cortexd killed
+    // the host for another task's hang (this one did nothing wrong and may run again).
     bool host_died = false;
     // Its own wake-up: a result wakes the one caller waiting for it, not every caller
     // with a task on this host.
@@ -78,6 +82,7 @@ class HostProcess {
     return (options_.clock ? options_.clock : Env::Default())->MonotonicMicros();
   }
   void ReadLoop();
+  void ReadOutput(int stream);  // 0 stdout, 1 stderr
   void HandleFrame(const nlohmann::json& f);
   void Die(std::string why);
   Status Send(const nlohmann::json& f, bool may_hold = false);
@@ -86,6 +91,9 @@ class HostProcess {
   DeathFn on_death_;
   pid_t pid_ = -1;
   int fd_ = -1;
+  int out_fd_[2] = {-1, -1};  // the host's stdout and stderr (reader thread only)
+  struct Output;
+  std::unique_ptr<Output> output_;  // what it printed, on its way to the log (reader only)
   size_t memory_limit_ = 0;
   std::thread reader_;
   std::unique_ptr<hostproto::FrameWriter> writer_;  // on fd_
