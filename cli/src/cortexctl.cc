@@ -22,6 +22,7 @@
 #include <map>
 #include <set>
 #include <sstream>
+#include <string_view>
 
 #include "cortex/client.h"
 #include "cortex/config.h"
@@ -532,7 +533,8 @@ void PrintTask(const json& t, bool full_output) {
 std::string CsvField(std::string s) {
   static const bool tty = isatty(1) == 1;
   double number;
-  if (!s.empty() && std::strchr("=+-@\t\r\n'", s[0]) && !ParseDecimal(s, &number))
+  if (!s.empty() && std::string_view("=+-@\t\r\n'").find(s[0]) != std::string_view::npos &&
+      !ParseDecimal(s, &number))
     s.insert(0, 1, '\'');
   if (tty) s = Terminal(s);
   bool quote = s.find_first_of(",\"\n\r") != std::string::npos;

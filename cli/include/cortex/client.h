@@ -18,7 +18,7 @@ class Client {
   Client(const Client&) = delete;
   Client& operator=(const Client&) = delete;
 
-  // Bounds every wait for cortexd from then on (connecting, sending, each read): after
+  // Before Connect: bounds every wait for cortexd (connecting, sending, each read): after
   // `seconds` (> 0) in which cortexd sent nothing, a call fails with Timeout, unless
   // `still_there` (asked at each expiry: is cortexd alive, only busy?) says to wait another
   // `seconds`. 0 (the default): no bound.
