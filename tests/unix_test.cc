@@ -132,7 +132,8 @@ TEST(Unix, ManPagesAreGeneratedAndWellFormed) {
         "SIGTERM", "NOTIFY_SOCKET", "/etc/cortex/cortex.yaml"})
     EXPECT_NE(d.find(s), std::string::npos) << "cortexd.8 lacks " << s;
   std::string c = Roff(kManDir + "/man1/cortexctl.1");
-  for (const char* s : {".SH EXIT STATUS", ".SH ENVIRONMENT", ".SH FILES", "CORTEX_SOCKET"})
+  for (const char* s : {".SH EXIT STATUS", ".SH ENVIRONMENT", ".SH FILES", "CORTEX_SOCKET",
+                        "CORTEX_TIMEOUT", ".SH DEADLINES"})
     EXPECT_NE(c.find(s), std::string::npos) << "cortexctl.1 lacks " << s;
   std::string y = Roff(kManDir + "/man5/cortex.yaml.5");
   EXPECT_NE(y.find(".SH EXAMPLE"), std::string::npos);

@@ -1,5 +1,6 @@
-// cortexctl [--socket PATH] [--json] COMMAND ...
-// Exit codes: 0 ok, 1 the request failed, 2 usage error, 3 daemon unreachable.
+// cortexctl [--socket PATH] [--timeout S] [--json] COMMAND ...
+// Exit codes: 0 ok, 1 the request failed, 2 usage error, 3 daemon unreachable (or not
+// answering), 4 timed out waiting.
 #include <fcntl.h>
 #include <fmt/format.h>
 #include <grp.h>
@@ -21,6 +22,7 @@
 #include <map>
 #include <set>
 #include <sstream>
+#include <string_view>
 
 #include "cortex/client.h"
 #include "cortex/config.h"
@@ -51,7 +53,14 @@ constexpr int kOk = 0, kFailed = 1, kUsage = 2, kUnreachable = 3, kTimedOut = 4;
 struct Ctx {
   std::string socket;
   bool json_out = false;
+  double timeout = 10;  // --timeout / CORTEX_TIMEOUT: seconds cortexd may stay silent; 0: no bound
 };
+
+// A wait (wait, submit --wait, cancel) is given its own timeout and this much more for the
+// answer to come back, then exit 4.
+constexpr double kWaitGrace = 2;
+// How long cortexd waits for a cancelled task to end (sent, so that cortexctl knows it).
+constexpr double kCancelWaitS = 30;
 
 std::string Raw(const json& j, const char* k, const std::string& def = "") {
   return j.contains(k) && j[k].is_string() ? j[k].get<std::string>() : def;
@@ -288,13 +297,102 @@ std::string WhoMayConnect(const std::string& path) {
       (st.st_mode & 0060) == 0060 ? " and members of group " + group(st.st_gid) : "");
 }
 
+// How long cortexctl waits for cortexd's answer to `req` (issue 24: a stopped cortexd held
+// every cortexctl for ever). Waits run their own timeout plus kWaitGrace. Every other
+// request gets --timeout seconds of silence; those that can legitimately take longer
+// (`probe`) go on past that while cortexd still answers a status request as quickly.
+struct Deadline {
+  double silence_s = 0;  // 0: no bound (--timeout 0)
+  bool probe = false;
+  bool wait = false;  // a wait: exit 4 when it runs out
+  double wait_s = 0;  // the wait's own timeout
+};
+
+Deadline DeadlineOf(const Ctx& ctx, const json& req) {
+  Deadline d;
+  if (ctx.timeout <= 0) return d;
+  const std::string op = Raw(req, "op");
+  if (op == OpName(Op::kWait) || op == OpName(Op::kCancel) ||
+      (op == OpName(Op::kSubmit) && req.value("wait", false))) {
+    d.wait = true;
+    d.wait_s = req.value("timeout_s", 300.0);  // (cortexd's default)
+    d.silence_s = d.wait_s + kWaitGrace;
+    return d;
+  }
+  d.silence_s = ctx.timeout;
+  for (Op long_op :
+       {Op::kReload, Op::kRetrain, Op::kRollback, Op::kReport, Op::kExport, Op::kHistory})
+    d.probe = d.probe || op == OpName(long_op);
+  return d;
+}
+
+// Whether cortexd answers a status request within --timeout: alive, only busy with a long
+// request. Any answer counts (a refusal too).
+bool Answers(const Ctx& ctx) {
+  cortex::Client c;
+  c.SetTimeout(ctx.timeout);
+  json resp;
+  return c.Connect(ctx.socket).ok() && c.Call({{"op", OpName(Op::kStatus)}}, &resp).ok();
+}
+
+// Requests that change something: cortexd may still carry them out when it takes them in
+// after cortexctl gave up.
+bool Changes(const std::string& op) {
+  for (Op o : {Op::kSubmit, Op::kCancel, Op::kFeedback, Op::kReload, Op::kRetrain, Op::kRollback,
+               Op::kRelease})
+    if (op == OpName(o)) return true;
+  return false;
+}
+
+// cortexd did not answer in time: says so, and what may still happen; exit 3, or 4 for a
+// wait.
+int GaveUp(const Ctx& ctx, const json& req, const Deadline& d) {
+  const std::string op = Raw(req, "op"), id = Raw(req, "id");
+  std::string msg;
+  if (d.wait) {
+    msg = fmt::format("cortexd does not answer: no answer within the wait's {:g}s and {:g}s more",
+                      d.wait_s, kWaitGrace);
+    if (op == OpName(Op::kWait))
+      msg += fmt::format(
+          "; task {} goes on if cortexd does (`cortexctl wait {}` waits again once it answers)", id,
+          id);
+    else if (op == OpName(Op::kCancel))
+      msg += fmt::format(
+          "; if cortexd takes the cancel in later, it still applies (`cortexctl show {}` says "
+          "once it answers)",
+          id);
+    else
+      msg +=
+          "; if cortexd takes the submit in later, the task still runs (`cortexctl history` "
+          "shows it once cortexd answers)";
+  } else {
+    msg = fmt::format("cortexd does not answer at {}: nothing from it in {:g}s{}", ctx.socket,
+                      d.silence_s, d.probe ? ", and no answer to a status request either" : "");
+    if (op == OpName(Op::kSubmit))
+      msg += "; if cortexd takes the submit in later, the task still runs";
+    else if (Changes(op))
+      msg += "; if cortexd takes the request in later, it is still carried out";
+    msg += "\n(--timeout S or CORTEX_TIMEOUT sets how long to wait; 0 waits for ever)";
+  }
+  SayError(msg);
+  if (ctx.json_out)
+    std::cout << Dump(json{
+                     {"error", {{"code", d.wait ? "timeout" : "unreachable"}, {"message", msg}}}})
+              << "\n";
+  return d.wait ? kTimedOut : kUnreachable;
+}
+
 // Sends one request; prints errors; returns the exit code (and the result in *result).
 // `quiet_if_down`: a daemon that does not answer is only the exit code (--follow waits).
 int Call(const Ctx& ctx, const json& req, json* result,
          const std::function<void(const json&)>& on_row = nullptr, bool quiet_if_down = false) {
   cortex::Client c;
+  const Deadline deadline = DeadlineOf(ctx, req);
+  c.SetTimeout(deadline.silence_s,
+               deadline.probe ? std::function<bool()>([&ctx] { return Answers(ctx); }) : nullptr);
   cortex::Status st = c.Connect(ctx.socket);
   if (!st.ok() && quiet_if_down) return kUnreachable;
+  if (st.code() == cortex::Status::Code::kTimeout) return GaveUp(ctx, req, deadline);
   if (!st.ok() && st.code() == cortex::Status::Code::kPermissionDenied) {
     std::fprintf(stderr, "cortexctl: %s\n  %s\n", Terminal(st.message()).c_str(),
                  Terminal(WhoMayConnect(ctx.socket)).c_str());
@@ -323,6 +421,8 @@ int Call(const Ctx& ctx, const json& req, json* result,
                  "the request holds bytes that are not valid UTF-8 (task text, tags and ids must "
                  "be UTF-8)");
   }
+  if (st.code() == cortex::Status::Code::kTimeout)
+    return quiet_if_down ? kUnreachable : GaveUp(ctx, req, deadline);
   if (!st.ok()) {
     SayError(st.message());
     if (ctx.json_out)
@@ -423,10 +523,19 @@ void PrintTask(const json& t, bool full_output) {
                 Str(f, "note").c_str());
 }
 
-// A CSV field, quoted where needed; on a terminal, shown safely first (redirected, the
-// text is as it was).
+// A CSV text field, quoted where needed; on a terminal, shown safely first (redirected, the
+// text is as it was). A spreadsheet runs a cell that starts with = + - @ (or a tab, a
+// carriage return or a line feed before one) as a formula: such a field gets a leading '
+// (OWASP's rule), and so does one that starts with ' itself, so that dropping one leading '
+// from every text cell that has one gives the exact text back. A field that is a plain
+// number ("-5", "+1.5e3") is left as it is: a spreadsheet reads it as that number, no
+// formula. Number columns are written by cortexctl, never through here.
 std::string CsvField(std::string s) {
   static const bool tty = isatty(1) == 1;
+  double number;
+  if (!s.empty() && std::string_view("=+-@\t\r\n'").find(s[0]) != std::string_view::npos &&
+      !ParseDecimal(s, &number))
+    s.insert(0, 1, '\'');
   if (tty) s = Terminal(s);
   bool quote = s.find_first_of(",\"\n\r") != std::string::npos;
   std::string out;
@@ -698,6 +807,13 @@ static int RunCli(int argc, char** argv, Ctx& ctx) {
   ctx.socket = cortex::DefaultSocketPath();
   app.add_option("--socket", ctx.socket,
                  "cortexd socket (default: $CORTEX_SOCKET or XDG runtime dir)");
+  auto* timeout_opt =
+      app.add_option("--timeout", ctx.timeout,
+                     "seconds cortexd may stay silent before cortexctl gives up, exit 3 "
+                     "(default: $CORTEX_TIMEOUT or 10; 0: wait for ever); a wait (wait, submit "
+                     "--wait, cancel) takes its own timeout and 2s more, then exit 4")
+          ->type_name("S")
+          ->transform(NumberIn("seconds", 0, 86400));
   app.add_flag("--json", ctx.json_out, "print exactly one JSON document");
   bool version_flag = false;  // (handled before parsing; here so that --help lists it)
   app.add_flag("--version", version_flag, "print the version and exit");
@@ -859,7 +975,7 @@ static int RunCli(int argc, char** argv, Ctx& ctx) {
         std::printf("cortexctl %s\n", cortex::CortexVersion());
       return kOk;
     }
-    if (a == "--socket")
+    if (a == "--socket" || a == "--timeout")
       ++i;  // (its value)
     else if (a.empty() || a[0] != '-')
       break;
@@ -876,7 +992,7 @@ static int RunCli(int argc, char** argv, Ctx& ctx) {
     std::string word;
     for (int i = 1; i < argc && word.empty(); ++i) {
       const std::string a = argv[i];
-      if (a == "--socket")
+      if (a == "--socket" || a == "--timeout")
         ++i;
       else if (a.rfind("-", 0) != 0)
         word = a;
@@ -889,6 +1005,12 @@ static int RunCli(int argc, char** argv, Ctx& ctx) {
                             "; `cortexctl help COMMAND` explains one)");
     }
     if (word.empty()) return Usage(ctx, "a command is required; `cortexctl help` lists them");
+    // `status --timeout 5`: the bound on cortexd's answer is cortexctl's, not the command's.
+    if (dynamic_cast<const CLI::ExtrasError*>(&e) &&
+        std::string(e.what()).find("--timeout") != std::string::npos)
+      return Usage(ctx, "--timeout goes before the command (cortexctl --timeout S " + word +
+                            " ...): it bounds the wait for cortexd's answer; only submit "
+                            "--wait and wait take a --timeout of their own");
     return Usage(ctx, std::string(e.what()) + " (`cortexctl help " + word + "` shows its usage)");
   }
   if (help->parsed()) {
@@ -922,6 +1044,14 @@ static int RunCli(int argc, char** argv, Ctx& ctx) {
                                                                     {"--outcome", kOutcomes}};
     std::fputs(CompletionScript(shell, words, values).c_str(), stdout);
     return kOk;
+  }
+
+  // CORTEX_TIMEOUT, read as --timeout is, when --timeout is not given.
+  if (const char* env = getenv("CORTEX_TIMEOUT"); env && !timeout_opt->count()) {
+    std::string v = env;
+    const std::string err = NumberIn("seconds", 0, 86400)(v);
+    if (!err.empty()) return Usage(ctx, "CORTEX_TIMEOUT: " + err);
+    ctx.timeout = std::stod(v);
   }
 
   json result;
@@ -999,7 +1129,9 @@ static int RunCli(int argc, char** argv, Ctx& ctx) {
     return PrintEnded(ctx, result, wait_timeout);
   }
   if (cancel->parsed()) {
-    if ((rc = Call(ctx, {{"op", OpName(Op::kCancel)}, {"id", id}}, &result)) != kOk) return rc;
+    if ((rc = Call(ctx, {{"op", OpName(Op::kCancel)}, {"id", id}, {"timeout_s", kCancelWaitS}},
+                   &result)) != kOk)
+      return rc;
     if (ctx.json_out) PrintJson(result);
     const std::string state = Str(result, "state");
     if (result.contains("waited")) {
@@ -1081,14 +1213,18 @@ static int RunCli(int argc, char** argv, Ctx& ctx) {
           header = true;
         }
         const json& o = r["outcome"];
-        std::printf("%s,%s,%s,%s,%s,%s,%s,%s,%s,%s\n", Str(r, "id").c_str(), Str(r, "time").c_str(),
-                    CsvField(Str(r, "expert")).c_str(),
-                    Num(r.value("confidence", json()), "%.4f").c_str(),
-                    Num(r.value("propensity", json()), "%.4f").c_str(),
+        // Every text field through CsvField (ids and times too: not trusted to be harmless);
+        // the number columns are cortexctl's own formatting, a missing number an empty cell
+        // (not human output's "-", a cell that would start like a formula).
+        auto num = [](const json& v, const char* fmt) { return v.is_number() ? Num(v, fmt) : ""; };
+        std::printf("%s,%s,%s,%s,%s,%s,%s,%s,%s,%s\n", CsvField(Str(r, "id")).c_str(),
+                    CsvField(Str(r, "time")).c_str(), CsvField(Str(r, "expert")).c_str(),
+                    num(r.value("confidence", json()), "%.4f").c_str(),
+                    num(r.value("propensity", json()), "%.4f").c_str(),
                     r.value("explored", false) ? "true" : "false",
-                    o.is_object() ? Str(o, "kind").c_str() : "",
-                    o.is_object() ? Num(o["quality"], "%.3f").c_str() : "",
-                    Num(r["feedback_quality"], "%.3f").c_str(), CsvField(Raw(r, "text")).c_str());
+                    o.is_object() ? CsvField(Str(o, "kind")).c_str() : "",
+                    o.is_object() ? num(o["quality"], "%.3f").c_str() : "",
+                    num(r["feedback_quality"], "%.3f").c_str(), CsvField(Raw(r, "text")).c_str());
       };
       json req = {{"op", OpName(Op::kExport)}};
       if (since_t > 0) req["since"] = since_t;
