@@ -61,14 +61,7 @@ class PosixEnv : public Env {
       if (errno == ENOENT) return Status::OK();  // exists=false
       return ErrnoStatus(path, errno);
     }
-    info->exists = true;
-    info->is_dir = S_ISDIR(st.st_mode);
-    info->is_regular = S_ISREG(st.st_mode);
-    info->uid = st.st_uid;
-    info->mode = st.st_mode & 07777;
-    info->size = static_cast<uint64_t>(st.st_size);
-    info->inode = st.st_ino;
-    info->mtime_ns = static_cast<int64_t>(st.st_mtim.tv_sec) * 1000000000LL + st.st_mtim.tv_nsec;
+    *info = FileInfoOf(st);
     return Status::OK();
   }
   Status ListDir(const std::string& dir, std::vector<std::string>* names) override {
@@ -189,7 +182,9 @@ std::string Octal(uint32_t mode) {
   return buf;
 }
 
-FileInfo InfoOf(const struct stat& st) {
+}  // namespace
+
+FileInfo FileInfoOf(const struct ::stat& st) {
   FileInfo fi;
   fi.exists = true;
   fi.is_dir = S_ISDIR(st.st_mode);
@@ -201,8 +196,6 @@ FileInfo InfoOf(const struct stat& st) {
   fi.mtime_ns = static_cast<int64_t>(st.st_mtim.tv_sec) * 1000000000LL + st.st_mtim.tv_nsec;
   return fi;
 }
-
-}  // namespace
 
 Status JudgeOwnership(const std::string& name, bool want_dir, const FileInfo& fi, uint32_t me) {
   if (want_dir ? !fi.is_dir : !fi.is_regular)
@@ -262,7 +255,7 @@ Status CheckTrustedPath(const std::string& path, bool want_dir) {
       push_front(&rest, t);
       continue;
     }
-    const FileInfo fi = InfoOf(st);
+    const FileInfo fi = FileInfoOf(st);
     if (rest.empty()) {
       const std::string name = next == path ? path : next + " (reached from " + path + ")";
       return JudgeOwnership(name, want_dir, fi, me);
@@ -278,7 +271,7 @@ Status CheckTrustedPath(const std::string& path, bool want_dir) {
   // The path named "/" itself (or only ".." parts).
   struct stat st {};
   if (::lstat(cur.c_str(), &st) != 0) return ErrnoStatus(cur, errno);
-  return JudgeOwnership(cur, want_dir, InfoOf(st), me);
+  return JudgeOwnership(cur, want_dir, FileInfoOf(st), me);
 }
 
 Env* Env::Default() {

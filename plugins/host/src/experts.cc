@@ -658,16 +658,8 @@ Status ExpertRegistry::CopyChecked(const std::string& path, const std::string& d
   if (::fstat(fd, &st) != 0) {
     result = Status::IOError("cannot stat " + name + ": " + std::strerror(errno));
   } else {
-    FileInfo& fi = *opened;
-    fi.exists = true;
-    fi.is_dir = S_ISDIR(st.st_mode);
-    fi.is_regular = S_ISREG(st.st_mode);
-    fi.uid = st.st_uid;
-    fi.mode = st.st_mode & 07777;
-    fi.size = static_cast<uint64_t>(st.st_size);
-    fi.inode = st.st_ino;
-    fi.mtime_ns = static_cast<int64_t>(st.st_mtim.tv_sec) * 1000000000LL + st.st_mtim.tv_nsec;
-    result = JudgeOwnership(name, false, fi, options_.env->CurrentUid());
+    *opened = FileInfoOf(st);
+    result = JudgeOwnership(name, false, *opened, options_.env->CurrentUid());
   }
   if (result.ok()) {
     ::fcntl(fd, F_SETFL, ::fcntl(fd, F_GETFL) & ~O_NONBLOCK);

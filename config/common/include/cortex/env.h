@@ -8,6 +8,8 @@
 
 #include "cortex/status.h"
 
+struct stat;
+
 namespace cortex {
 
 struct FileInfo {
@@ -20,6 +22,9 @@ struct FileInfo {
   uint64_t inode = 0;
   int64_t mtime_ns = 0;
 };
+
+// What a stat(2) says, as a FileInfo (of a file that exists).
+FileInfo FileInfoOf(const struct ::stat& st);
 
 // Whether a file cortexd runs or loads (the plugin host, a plugin folder) may be trusted:
 // a directory or regular file as `want_dir` says, owned by this user or root, not
