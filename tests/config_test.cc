@@ -146,6 +146,19 @@ TEST(StatusTest, SplitLinesUndoesJoinLines) {
 
 // What a retry loop says every second (a heartbeat failing while the database is down) is
 // written once per window with how often it came since; everything else is always written.
+// Bytes that are not UTF-8 reach no log raw: a lone 0x85 or 0x9b is NEL or CSI to a
+// terminal (the outside attack's plugin wrote them); well-formed text stays as it is.
+TEST(LogTest, PrintableEscapesWhatIsNotUtf8AndKeepsWhatIs) {
+  EXPECT_EQ(Printable("a\x85"
+                      "b\x9b[31m\xff\xc3"),
+            "a\\x85b\\x9b[31m\\xff\\xc3");
+  EXPECT_EQ(Printable("\xed\xa0\x80"), "\\xed\\xa0\\x80");  // a surrogate
+  EXPECT_EQ(Printable("\xc0\xaf"), "\\xc0\\xaf");           // overlong '/'
+  const std::string ok = "caf\xc3\xa9 \xe6\x97\xa5\xe6\x9c\xac \xf0\x9f\x98\x80";
+  EXPECT_EQ(Printable(ok), ok);
+  EXPECT_EQ(Printable("\xc2\x85"), "\\u0085");  // C1 as UTF-8, as before
+}
+
 TEST(LogTest, ARetryLoopsWarningIsCountedNotRepeated) {
   char tmpl[] = "/tmp/cortex-log-XXXXXX";
   ASSERT_NE(mkdtemp(tmpl), nullptr);
@@ -165,9 +178,9 @@ TEST(LogTest, ARetryLoopsWarningIsCountedNotRepeated) {
   for (std::string l; std::getline(in, l);) lines.push_back(l.substr(l.find(": ") + 2));
   ASSERT_EQ(lines.size(), 7u);
   const std::vector<std::string> first(lines.begin(), lines.end() - 1);
-  const std::vector<std::string> want = {"database down: no socket", "something else",
-                                         "reload refused",           "reload refused",
-                                         "task done",                "task done"};
+  const std::vector<std::string> want = {
+      "database down: no socket", "something else", "reload refused",
+      "reload refused",           "task done",      "task done"};
   EXPECT_EQ(first, want);
   EXPECT_TRUE(std::regex_match(
       lines.back(),

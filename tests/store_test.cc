@@ -230,6 +230,23 @@ TEST_P(StoreTest, RecoverRequeuesUnstartedAndInterruptsRunning) {
   EXPECT_EQ(t.attempts[0].outcome->kind, OutcomeKind::kInterrupted);
 }
 
+// A clock set back across a kill -9 and a restart (the outside attack): what recovery
+// ends is never stamped before it began.
+TEST_P(StoreTest, RecoveryStampsNothingBeforeItBegan) {
+  NewTask("run", 10000);
+  ASSERT_TRUE(store_->RecordDecision("run", NewDecision("a", 0.5)).ok());
+  ASSERT_TRUE(store_->StartAttempt("run", 1, "a", 10001).ok());
+  Store::Recovery rec;
+  ASSERT_TRUE(store_->Recover(5000, false, &rec).ok());
+  EXPECT_EQ(rec.interrupted, 1);
+  Task t;
+  ASSERT_TRUE(store_->GetTask("run", &t).ok());
+  EXPECT_EQ(t.state, TaskState::kInterrupted);
+  EXPECT_GE(t.updated_at, t.created_at);
+  ASSERT_EQ(t.attempts.size(), 1u);
+  EXPECT_GE(t.attempts[0].finished_at, t.attempts[0].started_at);
+}
+
 // A task that was being routed when cortexd died, twice, is failed with the reason on the
 // next start instead of being retried (and killing cortexd) forever.
 TEST_P(StoreTest, ATaskInFlightAtTwoDeathsIsFailedNotRetried) {

@@ -111,6 +111,15 @@ std::vector<MissingRuleExpert> RuleExpertsMissing(
   return out;
 }
 
+// A Unix socket's path fits sockaddr_un: checked before anything is made, by a start
+// and by --check-config alike.
+Status CheckSocketPath(const std::string& path) {
+  constexpr size_t kMax = sizeof(sockaddr_un{}.sun_path) - 1;
+  if (path.size() <= kMax) return Status::OK();
+  return Status::InvalidArgument(fmt::format(
+      "daemon.socket: the path is too long ({} bytes, at most {}): {}", path.size(), kMax, path));
+}
+
 // The registry's options from a config: the same for a start and for --check-config.
 Status RegistryOptionsFor(const Config& c, const DaemonOptions& o, ExpertRegistry::Options* ro) {
   std::string bundled = o.bundled_plugin_dir.empty() ? BundledPluginDir() : o.bundled_plugin_dir;
@@ -211,6 +220,7 @@ class DaemonImpl : public Daemon, public RequestHandler {
   Status Start() override {
     start_mono_ = env_->MonotonicMicros();
     running_ = config_;
+    CORTEX_RETURN_IF_ERROR(CheckSocketPath(config_.daemon.socket));
     // The socket folder also holds the plugin cache: it is made (or checked) private
     // before anything is put in it, so no other user can plant or swap a file there.
     CORTEX_RETURN_IF_ERROR(
@@ -895,11 +905,7 @@ Status CheckConfig(const Config& config, const DaemonOptions& options,
     keep(env->MakePrivateDir(dir, false).WithContext(key));
   };
   // And what a start would refuse of the paths themselves.
-  constexpr size_t kMaxSocketPath = sizeof(sockaddr_un{}.sun_path) - 1;
-  if (config.daemon.socket.size() > kMaxSocketPath)
-    errors.push_back(fmt::format("daemon.socket: the path is too long ({} bytes, at most {}): {}",
-                                 config.daemon.socket.size(), kMaxSocketPath,
-                                 config.daemon.socket));
+  keep(CheckSocketPath(config.daemon.socket));
   if (FileInfo fi; config.store.url.empty() && env->Stat(config.store.path, &fi).ok() &&
                    fi.exists && !fi.is_regular)
     errors.push_back("store.path: " + config.store.path + " is not a regular file");
@@ -908,6 +914,8 @@ Status CheckConfig(const Config& config, const DaemonOptions& options,
   else
     keep(ProbeStore(config.store.url).WithContext("store.url"));
   folder("daemon.socket", fs::path(config.daemon.socket).parent_path().string());
+  keep(CheckOwnFolder(fs::path(config.daemon.socket).parent_path().string())
+           .WithContext("daemon.socket"));
 
   // Every plugin loaded and every configured expert created, in hosts, as a start does.
   keep(WithScratchRegistry(

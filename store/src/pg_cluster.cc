@@ -96,13 +96,15 @@ class PgCluster : public ClusterLink {
       const std::string gone = r.Text(i, 0);
       const std::string why = "node " + gone + " was lost while this attempt ran";
       pg::Result a =
-          c_.Query("UPDATE attempts SET outcome='interrupted',finished_at=" CORTEX_NOW
-                   ",quality=0,error=$1 WHERE outcome IS NULL AND task_id IN (SELECT id FROM tasks "
+          c_.Query("UPDATE attempts SET outcome='interrupted',finished_at=greatest(" CORTEX_NOW
+                   ",started_at),quality=0,error=$1 WHERE outcome IS NULL AND task_id IN (SELECT "
+                   "id FROM tasks "
                    "WHERE node=$2 AND state='running')",
                    {why, gone});
-      pg::Result t = c_.Query("UPDATE tasks SET state='interrupted',updated_at=" CORTEX_NOW
-                              ",routing=false WHERE node=$1 AND state='running' RETURNING id",
-                              {gone});
+      pg::Result t =
+          c_.Query("UPDATE tasks SET state='interrupted',updated_at=greatest(" CORTEX_NOW
+                   ",created_at),routing=false WHERE node=$1 AND state='running' RETURNING id",
+                   {gone});
       pg::Result q = c_.Query(
           "UPDATE tasks SET node=NULL,routing=false WHERE node=$1 AND state IN ('queued','routed')",
           {gone});

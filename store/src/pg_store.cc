@@ -634,19 +634,22 @@ class PgStore : public Store {
                             {crashed ? 1 : 0, node_}),
                "count deaths"));
       pg::Result p = write_.Query(
-          "UPDATE tasks SET state='failed',updated_at=$1,error=$2 WHERE state IN "
-          "('queued','routed') AND deaths>=$3 AND ($4='' OR node=$4) RETURNING id",
+          "UPDATE tasks SET state='failed',updated_at=greatest($1,created_at),error=$2 WHERE "
+          "state IN ('queued','routed') AND deaths>=$3 AND ($4='' OR node=$4) RETURNING id",
           {time, store::PoisonError(), kPoisonDeaths, node_});
       CORTEX_RETURN_IF_ERROR(Done(p, "fail poison tasks"));
       for (int i = 0; i < p.rows(); ++i) poisoned.push_back(p.Text(i, 0));
       CORTEX_RETURN_IF_ERROR(
-          Done(write_.Query("UPDATE attempts SET outcome='interrupted',finished_at=$1,quality=0,"
-                            "error='cortexd stopped while this attempt ran' WHERE outcome IS NULL "
-                            "AND ($2='' OR task_id IN (SELECT id FROM tasks WHERE node=$2))",
-                            {time, node_}),
+          Done(write_.Query(
+                   "UPDATE attempts SET outcome='interrupted',finished_at=greatest($1,started_at),"
+                   "quality=0,"
+                   "error='cortexd stopped while this attempt ran' WHERE outcome IS NULL "
+                   "AND ($2='' OR task_id IN (SELECT id FROM tasks WHERE node=$2))",
+                   {time, node_}),
                "recover attempts"));
       pg::Result t = write_.Query(
-          "UPDATE tasks SET state='interrupted',updated_at=$1 WHERE state='running' "
+          "UPDATE tasks SET state='interrupted',updated_at=greatest($1,created_at) "
+          "WHERE state='running' "
           "AND ($2='' OR node=$2)",
           {time, node_});
       CORTEX_RETURN_IF_ERROR(Done(t, "recover tasks"));

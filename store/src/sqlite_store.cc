@@ -827,6 +827,7 @@ class SqliteStore : public Store {
     });
   }
 
+  // Stamps are never before what they end (a clock set back across a restart).
   Status Recover(double time, bool crashed, Recovery* out) override {
     std::lock_guard<std::mutex> l(mu_);
     *out = Recovery{};
@@ -845,18 +846,21 @@ class SqliteStore : public Store {
       p.Bind(1, kPoisonDeaths);
       while (p.Step() == SQLITE_ROW) out->poisoned.push_back(p.Text(0));
       Stmt f = Prepare(
-          "UPDATE tasks SET state='failed',updated_at=?,error=? WHERE state IN "
+          "UPDATE tasks SET state='failed',updated_at=max(?,created_at),error=? WHERE state IN "
           "('queued','routed') AND deaths>=?");
       f.Bind(1, time).Bind(2, store::PoisonError()).Bind(3, kPoisonDeaths);
       st = Done(f, "fail poison tasks");
     }
     Stmt a = Prepare(
-        "UPDATE attempts SET outcome='interrupted',finished_at=?,quality=0,error='cortexd stopped "
+        "UPDATE attempts SET outcome='interrupted',finished_at=max(?,started_at),quality=0,"
+        "error='cortexd stopped "
         "while this attempt ran' WHERE outcome IS NULL");
     a.Bind(1, time);
     if (st.ok()) st = Done(a, "recover attempts");
     if (st.ok()) {
-      Stmt t = Prepare("UPDATE tasks SET state='interrupted',updated_at=? WHERE state='running'");
+      Stmt t = Prepare(
+          "UPDATE tasks SET state='interrupted',updated_at=max(?,created_at) WHERE "
+          "state='running'");
       t.Bind(1, time);
       st = Done(t, "recover tasks");
       out->interrupted = sqlite3_changes(write_.db);

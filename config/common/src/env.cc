@@ -24,6 +24,48 @@ Status ErrnoStatus(const std::string& what, int err) {
   return Status::IOError(msg);
 }
 
+// The first entry of the open folder `dir_fd` that cortexd does not make in its own
+// folders (sockets, locks, plugin caches, its log, SQLite files); "" if none.
+std::string OctalMode(mode_t mode) {
+  char buf[16];
+  std::snprintf(buf, sizeof buf, "%04o", static_cast<unsigned>(mode & 07777));
+  return buf;
+}
+
+std::string ForeignEntry(int dir_fd) {
+  int fd = ::openat(dir_fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  DIR* d = fd < 0 ? nullptr : ::fdopendir(fd);
+  if (!d) {
+    if (fd >= 0) ::close(fd);
+    return "";
+  }
+  auto ends = [](const std::string& n, const char* e) {
+    const size_t k = std::strlen(e);
+    return n.size() >= k && n.compare(n.size() - k, k, e) == 0;
+  };
+  std::string found;
+  while (struct dirent* e = ::readdir(d)) {
+    const std::string n = e->d_name;
+    if (n == "." || n == ".." || e->d_type == DT_SOCK || n.rfind("plugin-cache.", 0) == 0 ||
+        n.rfind("cortexd.log", 0) == 0 || ends(n, ".sock") || ends(n, ".lock") || ends(n, ".db") ||
+        ends(n, ".db-wal") || ends(n, ".db-shm"))
+      continue;
+    found = n;
+    break;
+  }
+  ::closedir(d);
+  return found;
+}
+
+Status ForeignFiles(const std::string& path, mode_t mode, int fd) {
+  const std::string other = ForeignEntry(fd);
+  if (other.empty()) return Status::OK();
+  return Status::FailedPrecondition(path + " is open to others (mode " + OctalMode(mode) +
+                                    ") and holds files not cortexd's (" + other +
+                                    "); refusing to make it private under them: choose a " +
+                                    "folder of cortexd's own, e.g. " + path + "/cortex");
+}
+
 Status NotOurs(const std::string& path, uid_t owner) {
   return Status::FailedPrecondition(
       path + " belongs to uid " + std::to_string(owner) + ", not to you (uid " +
@@ -138,8 +180,12 @@ class PosixEnv : public Env {
           mode +
           "): others may have put files in it; refusing to use it. Remove it and let cortexd "
           "make it again, or check its contents and chmod 700 it");
-    } else if (tighten && (st.st_mode & 077) && ::fchmod(fd, 0700) != 0) {
-      result = ErrnoStatus("cannot make " + path + " private (0700)", errno);
+    } else if (tighten && (st.st_mode & 077)) {
+      // Made private only if nothing but cortexd's own files is in it: a folder others
+      // use (/run, a home) given as the socket's would otherwise be closed to them.
+      result = ForeignFiles(path, st.st_mode, fd);
+      if (result.ok() && ::fchmod(fd, 0700) != 0)
+        result = ErrnoStatus("cannot make " + path + " private (0700)", errno);
     }
     ::close(fd);
     return result;
@@ -197,6 +243,17 @@ FileInfo FileInfoOf(const struct ::stat& st) {
   return fi;
 }
 
+Status CheckOwnFolder(const std::string& path) {
+  int fd = ::open(path.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+  if (fd < 0) return Status::OK();  // to be made, or refused as MakePrivateDir says
+  struct stat st {};
+  Status result;
+  if (::fstat(fd, &st) == 0 && st.st_uid == ::geteuid() && (st.st_mode & 077))
+    result = ForeignFiles(path, st.st_mode, fd);
+  ::close(fd);
+  return result;
+}
+
 Status JudgeOwnership(const std::string& name, bool want_dir, const FileInfo& fi, uint32_t me) {
   if (want_dir ? !fi.is_dir : !fi.is_regular)
     return Status::FailedPrecondition(
@@ -246,6 +303,11 @@ Status CheckTrustedPath(const std::string& path, bool want_dir) {
     struct stat st {};
     if (::lstat(next.c_str(), &st) != 0) return ErrnoStatus(next, errno);
     if (S_ISLNK(st.st_mode)) {  // the folder it lies in is judged; now where it points
+      // In a sticky folder (/tmp) a link's owner may replace it: only ours or root's.
+      if (st.st_uid != 0 && st.st_uid != me)
+        return Status::PermissionDenied(
+            "unsafe permissions: " + next + " is a symlink of another user (uid " +
+            std::to_string(st.st_uid) + "), who may point it " + "elsewhere at any time");
       char target[PATH_MAX];
       ssize_t n = ::readlink(next.c_str(), target, sizeof target - 1);
       if (n < 0) return ErrnoStatus(next, errno);

@@ -55,6 +55,35 @@ bool SetLogFile(const std::string& path) {
   return true;
 }
 
+namespace {
+// The length of the well-formed UTF-8 sequence at s[i] (a lead byte of 0x80 or more),
+// 0 if there is none (a stray continuation byte, a cut or overlong sequence, a surrogate).
+size_t Utf8At(const std::string& s, size_t i) {
+  const unsigned char c = static_cast<unsigned char>(s[i]);
+  size_t n;
+  unsigned char lo = 0x80, hi = 0xbf;
+  if (c >= 0xc2 && c <= 0xdf) {
+    n = 2;
+  } else if (c >= 0xe0 && c <= 0xef) {
+    n = 3;
+    if (c == 0xe0) lo = 0xa0;
+    if (c == 0xed) hi = 0x9f;
+  } else if (c >= 0xf0 && c <= 0xf4) {
+    n = 4;
+    if (c == 0xf0) lo = 0x90;
+    if (c == 0xf4) hi = 0x8f;
+  } else {
+    return 0;
+  }
+  if (i + n > s.size()) return 0;
+  for (size_t k = 1; k < n; ++k) {
+    const unsigned char b = static_cast<unsigned char>(s[i + k]);
+    if (b < (k == 1 ? lo : 0x80) || b > (k == 1 ? hi : 0xbf)) return 0;
+  }
+  return n;
+}
+}  // namespace
+
 std::string Printable(const std::string& s, bool keep_lines) {
   std::string out;
   out.reserve(s.size());
@@ -89,8 +118,13 @@ std::string Printable(const std::string& s, bool keep_lines) {
     } else if (c == 0xef && c1 == 0xbb && c2 == 0xbf) {  // U+FEFF zero width no-break space
       out += "\\ufeff";
       i += 2;
+    } else if (const size_t n = c < 0x80 ? 1 : Utf8At(s, i); n == 0) {
+      // Not UTF-8: a raw 0x85 or 0x9b is a C1 control (NEL, CSI) to a terminal.
+      std::snprintf(esc, sizeof esc, "\\x%02x", c);
+      out += esc;
     } else {
-      out += static_cast<char>(c);
+      out.append(s, i, n);
+      i += n - 1;
     }
   }
   return out;

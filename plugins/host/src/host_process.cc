@@ -133,6 +133,10 @@ struct HostProcess::Output {
 
 Status HostProcess::Start(const HostOptions& options, DeathFn on_death,
                           std::shared_ptr<HostProcess>* out, Manifest* manifest) {
+  // The host runs as cortexd's user: judged at every spawn (a restart after a crash too),
+  // since a file or folder another user may change can be swapped at any time.
+  CORTEX_RETURN_IF_ERROR(
+      CheckTrustedPath(options.exe, false).WithContext("refusing to run the plugin host"));
   int sv[2];
   if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0)
     return Status::IOError(std::string("socketpair: ") + strerror(errno));

@@ -26,6 +26,10 @@ struct FileInfo {
 // What a stat(2) says, as a FileInfo (of a file that exists).
 FileInfo FileInfoOf(const struct ::stat& st);
 
+// Whether MakePrivateDir(path, tighten=true) would make `path` private without closing it
+// to others' files: an existing folder of ours open to others must hold only cortexd's.
+Status CheckOwnFolder(const std::string& path);
+
 // Whether a file cortexd runs or loads (the plugin host, a plugin folder) may be trusted:
 // a directory or regular file as `want_dir` says, owned by this user or root, not
 // writable by group or others. `name` is what the message calls it.
