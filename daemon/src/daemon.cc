@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <filesystem>
 #include <limits>
@@ -193,6 +194,7 @@ class DaemonImpl : public Daemon, public RequestHandler {
       : config_(std::move(config)), options_(std::move(options)), env_(options_.env) {}
 
   ~DaemonImpl() override {
+    StopStartBeats();  // a start that failed half-way
     {  // a slot freed from now on (a host torn down below, a late plugin thread) wakes nobody
       std::lock_guard<std::mutex> l(slot_waker_->mu);
       slot_waker_->pipeline = nullptr;
@@ -263,6 +265,7 @@ class DaemonImpl : public Daemon, public RequestHandler {
     }
     SetupInotify();
     pipeline_->Start();
+    StopStartBeats();
     if (cluster_) cluster_->Start();
     loader_ = std::thread([this] {
       pthread_setname_np(pthread_self(), "loader");
@@ -486,6 +489,21 @@ class DaemonImpl : public Daemon, public RequestHandler {
       me.started_at = env_->NowUnix();
       CORTEX_RETURN_IF_ERROR(cluster_link_->Heartbeat(me, &node_was_lost_));
       LogInfo("cluster: node {} on {}", node_, store_->Path());
+      // Until the cluster's own thread beats (once the start is done), this one keeps the
+      // node's heartbeat fresh: a start slower than node_timeout (a loaded machine, a
+      // sanitizer build) would otherwise be declared lost by the others. The link (its
+      // calls serialised by its own mutex) outlives the thread: it moves into cluster_,
+      // and StopStartBeats comes before cluster_ starts or goes.
+      ClusterLink* beating = cluster_link_.get();
+      const auto every =
+          std::chrono::duration<double>(std::max(0.1, config_.daemon.node_timeout_s / 4));
+      start_beats_ = std::thread([this, me, beating, every] {
+        std::unique_lock<std::mutex> l(start_beats_mu_);
+        while (!start_beats_cv_.wait_for(l, every, [this] { return start_beats_done_; })) {
+          bool ignored = false;
+          (void)beating->Heartbeat(me, &ignored);
+        }
+      });
       return Status::OK();
     }
     const std::string& path = config_.store.path;
@@ -570,6 +588,15 @@ class DaemonImpl : public Daemon, public RequestHandler {
     registry_ = std::make_unique<ExpertRegistry>(ro);
     registry_->Rescan();
     return registry_->Configure(config_);
+  }
+
+  void StopStartBeats() {
+    {
+      std::lock_guard<std::mutex> l(start_beats_mu_);
+      start_beats_done_ = true;
+    }
+    start_beats_cv_.notify_all();
+    if (start_beats_.joinable()) start_beats_.join();
   }
 
   // The registry's events from before the store was open, in order.
@@ -847,6 +874,11 @@ class DaemonImpl : public Daemon, public RequestHandler {
   // A cluster (store.url): this node's link to the others, then the node itself.
   std::string node_;
   std::unique_ptr<ClusterLink> cluster_link_;  // until PrepareRouting makes cluster_
+  // Heartbeats while the start runs (PrepareStore to the cluster's own thread).
+  std::thread start_beats_;
+  std::mutex start_beats_mu_;
+  std::condition_variable start_beats_cv_;
+  bool start_beats_done_ = false;  // under start_beats_mu_
   bool node_was_lost_ = false;
   std::unique_ptr<Cluster> cluster_;
   std::atomic<bool> stop_{false};  // no new work
