@@ -66,6 +66,27 @@ class StoreTest : public ::testing::TestWithParam<std::string> {
     ASSERT_TRUE(store_->FinishAttempt(id, n, o, 3).ok());
   }
 
+  Status Judge(const std::string& id, double time, double q, const std::string& note = "",
+               const std::string& by = "ann", int per_hour = 0, FeedbackResult* res = nullptr) {
+    FeedbackResult r;
+    return store_->AddFeedback(id, {time, q, note, by}, per_hour, res ? res : &r);
+  }
+  std::vector<LoggedOutcome> Events(long after) {
+    std::vector<LoggedOutcome> out;
+    EXPECT_TRUE(store_
+                    ->ForEachLearnEvent(after,
+                                        [&](const LoggedOutcome& o) {
+                                          out.push_back(o);
+                                          return true;
+                                        })
+                    .ok());
+    return out;
+  }
+  Status SetLive(int version) {
+    long id = 0;
+    return store_->SetLiveModel(version, 0, "rollback", 1, &id);
+  }
+
   test::TempDir dir_;
   std::string path_;
   std::unique_ptr<Store> store_;
@@ -77,7 +98,7 @@ TEST_P(StoreTest, RoundTripsTaskDecisionAttemptsFeedback) {
   Run("t1", 1, "security", OutcomeKind::kFailure, 0);
   Run("t1", 2, "other", OutcomeKind::kSuccess, 0.9);
   ASSERT_TRUE(store_->FinishTask("t1", TaskState::kSucceeded, "other", 4).ok());
-  ASSERT_TRUE(store_->AddFeedback("t1", {5, 0.25, "meh"}).ok());
+  ASSERT_TRUE(Judge("t1", 5, 0.25, "meh").ok());
 
   Task t;
   ASSERT_TRUE(store_->GetTask("t1", &t).ok());
@@ -103,7 +124,7 @@ TEST_P(StoreTest, RoundTripsTaskDecisionAttemptsFeedback) {
 TEST_P(StoreTest, UnknownIdsAreNotFoundAndChangeNothing) {
   Task t;
   EXPECT_EQ(store_->GetTask("nope", &t).code(), Status::Code::kNotFound);
-  EXPECT_EQ(store_->AddFeedback("nope", {1, 1, ""}).code(), Status::Code::kNotFound);
+  EXPECT_EQ(Judge("nope", 1, 1).code(), Status::Code::kNotFound);
   EXPECT_EQ(store_->FinishTask("nope", TaskState::kFailed, "x", 1).code(), Status::Code::kNotFound);
   std::vector<std::pair<std::string, long>> counts;
   ASSERT_TRUE(store_->CountByState(&counts).ok());
@@ -192,7 +213,7 @@ TEST_P(StoreTest, StatsCountRoutingSuccessAndCalibration) {
     ASSERT_TRUE(
         store_->FinishTask(id, i == 0 ? TaskState::kFailed : TaskState::kSucceeded, "a", 1).ok());
   }
-  ASSERT_TRUE(store_->AddFeedback("s1", {1, 0.0, "wrong"}).ok());  // overrides quality 1
+  ASSERT_TRUE(Judge("s1", 1, 0.0, "wrong").ok());  // overrides quality 1
   std::vector<ExpertStats> stats;
   ASSERT_TRUE(store_->Stats(&stats).ok());
   ASSERT_EQ(stats.size(), 1u);
@@ -342,7 +363,7 @@ TEST_P(StoreTest, LoggedOutcomesFeedTrainingWithFeedbackOverriding) {
   Run("t1", 1, "security", OutcomeKind::kFailure, 0.7);  // a failure's quality is no reward
   Run("t1", 2, "other", OutcomeKind::kSuccess, 0.9);
   ASSERT_TRUE(store_->FinishTask("t1", TaskState::kSucceeded, "other", 4).ok());
-  ASSERT_TRUE(store_->AddFeedback("t1", {5, 0.25, "meh"}).ok());
+  ASSERT_TRUE(Judge("t1", 5, 0.25, "meh").ok());
   NewTask("t2", 101, "still running");
   ASSERT_TRUE(store_->RecordDecision("t2", NewDecision("other", 0.5)).ok());
   ASSERT_TRUE(store_->StartAttempt("t2", 1, "other", 2).ok());  // unfinished: not training data
@@ -522,7 +543,7 @@ TEST_P(StoreTest, ModelVersionsAreKeptAndOneIsLive) {
   ASSERT_TRUE(store_->SaveModel(a).ok());
   ASSERT_TRUE(store_->SaveModel(b).ok());
   EXPECT_FALSE(store_->SaveModel(b).ok());  // versions are never overwritten
-  ASSERT_TRUE(store_->SetLiveModel(2).ok());
+  ASSERT_TRUE(SetLive(2).ok());
   std::vector<ModelRecord> ms;
   ASSERT_TRUE(store_->ListModels(&ms).ok());
   ASSERT_EQ(ms.size(), 2u);
@@ -536,14 +557,14 @@ TEST_P(StoreTest, ModelVersionsAreKeptAndOneIsLive) {
   EXPECT_EQ(got.weights, a.weights);
   EXPECT_EQ(got.trained_through, 5);
   EXPECT_EQ(store_->LoadModel(7, &got).code(), Status::Code::kNotFound);
-  EXPECT_EQ(store_->SetLiveModel(7).code(), Status::Code::kNotFound);
+  EXPECT_EQ(SetLive(7).code(), Status::Code::kNotFound);
   ASSERT_TRUE(store_->ListModels(&ms).ok());
   EXPECT_TRUE(ms[1].live);  // a refused rollback changes nothing
-  ASSERT_TRUE(store_->SetLiveModel(1).ok());
+  ASSERT_TRUE(SetLive(1).ok());
   ASSERT_TRUE(store_->ListModels(&ms).ok());
   EXPECT_TRUE(ms[0].live);
   EXPECT_FALSE(ms[1].live);
-  ASSERT_TRUE(store_->SetLiveModel(0).ok());  // back to the untrained model: none live
+  ASSERT_TRUE(SetLive(0).ok());  // back to the untrained model: none live
   ASSERT_TRUE(store_->ListModels(&ms).ok());
   EXPECT_FALSE(ms[0].live || ms[1].live);
   // A promoted candidate is saved and made live in one step (one transaction), so no
@@ -559,6 +580,157 @@ TEST_P(StoreTest, ModelVersionsAreKeptAndOneIsLive) {
   EXPECT_FALSE(store_->SaveModel(dup).ok());
   ASSERT_TRUE(store_->ListModels(&ms).ok());
   EXPECT_TRUE(ms[2].live);
+}
+
+// The learning log numbers outcomes as they commit, not as their attempts started: an
+// attempt that started first and finished last comes after one that started later, and
+// a reader that has seen the later one still gets it (issue 25: one committed late was
+// skipped). Verdicts are events too, in the same sequence.
+TEST_P(StoreTest, LearningEventsAreNumberedAsTheyCommit) {
+  NewTask("slow", 1, "slow task");
+  NewTask("fast", 2, "fast task");
+  ASSERT_TRUE(store_->RecordDecision("slow", NewDecision("a", 0.5)).ok());
+  ASSERT_TRUE(store_->RecordDecision("fast", NewDecision("b", 0.5)).ok());
+  ASSERT_TRUE(store_->StartAttempt("slow", 1, "a", 2).ok());
+  ASSERT_TRUE(store_->StartAttempt("fast", 1, "b", 2).ok());
+  Outcome ok;
+  ok.kind = OutcomeKind::kSuccess;
+  ok.quality = 1;
+  ASSERT_TRUE(store_->FinishAttempt("fast", 1, ok, 3, TaskState::kSucceeded).ok());
+  std::vector<LoggedOutcome> first = Events(0);
+  ASSERT_EQ(first.size(), 1u);
+  EXPECT_EQ(first[0].task_id, "fast");
+  ASSERT_TRUE(store_->FinishAttempt("slow", 1, ok, 4, TaskState::kSucceeded).ok());
+  std::vector<LoggedOutcome> later = Events(first[0].seq);  // resumes after what it saw
+  ASSERT_EQ(later.size(), 1u);
+  EXPECT_EQ(later[0].task_id, "slow");
+  EXPECT_GT(later[0].seq, first[0].seq);
+  long any = 0, outcome = 0;
+  ASSERT_TRUE(store_->NewestLearnSeq(&any, &outcome).ok());
+  EXPECT_EQ(any, later[0].seq);
+  EXPECT_EQ(outcome, later[0].seq);
+
+  // A verdict: a learning event with the corrected reward, after both outcomes.
+  FeedbackResult fr;
+  ASSERT_TRUE(Judge("fast", 10, 0.0, "wrong expert", "ann", 0, &fr).ok());
+  EXPECT_EQ(fr.attempt, 1);
+  EXPECT_EQ(fr.expert, "b");
+  EXPECT_DOUBLE_EQ(fr.reward, 0.0);
+  EXPECT_GT(fr.learn_seq, later[0].seq);
+  std::vector<LoggedOutcome> fb = Events(later[0].seq);
+  ASSERT_EQ(fb.size(), 1u);
+  EXPECT_TRUE(fb[0].feedback);
+  EXPECT_EQ(fb[0].expert, "b");
+  EXPECT_DOUBLE_EQ(fb[0].reward, 0.0);
+  ASSERT_TRUE(store_->NewestLearnSeq(&any, &outcome).ok());
+  EXPECT_EQ(any, fr.learn_seq);
+  EXPECT_EQ(outcome, later[0].seq);  // a verdict is no new outcome
+  // The online events keep each reward as it was; a retrain's outcomes have it as now.
+  std::vector<LoggedOutcome> all = Events(0);
+  ASSERT_EQ(all.size(), 3u);
+  EXPECT_DOUBLE_EQ(all[0].reward, 1.0);
+  std::vector<LoggedOutcome> outcomes;
+  ASSERT_TRUE(store_
+                  ->ForEachOutcome(0,
+                                   [&](const LoggedOutcome& o) {
+                                     outcomes.push_back(o);
+                                     return true;
+                                   })
+                  .ok());
+  ASSERT_EQ(outcomes.size(), 2u);
+  EXPECT_EQ(outcomes[0].task_id, "fast");
+  EXPECT_DOUBLE_EQ(outcomes[0].reward, 0.0);
+  std::vector<LoggedOutcome> range;
+  ASSERT_TRUE(store_->LearnEvents(all[1].seq, all[2].seq, &range).ok());
+  ASSERT_EQ(range.size(), 2u);
+  EXPECT_EQ(range[0].task_id, "slow");
+}
+
+// One person's latest verdict counts; several people's are averaged; a repeat that changes
+// nothing is no new learning event; a task that never finished an attempt is refused; the
+// per-person bound refuses the verdict past it and counts nobody else's.
+TEST_P(StoreTest, VerdictsAreAttributedBoundedAndOnePerPersonCounts) {
+  NewTask("t", 1, "restart redis");
+  ASSERT_TRUE(store_->RecordDecision("t", NewDecision("ops", 0.5)).ok());
+  Run("t", 1, "ops", OutcomeKind::kSuccess, 1.0);
+  ASSERT_TRUE(store_->FinishTask("t", TaskState::kSucceeded, "ops", 3).ok());
+  FeedbackResult r;
+  ASSERT_TRUE(Judge("t", 10, 0.0, "", "ann", 0, &r).ok());
+  EXPECT_DOUBLE_EQ(r.reward, 0.0);
+  EXPECT_GT(r.learn_seq, 0);
+  ASSERT_TRUE(Judge("t", 11, 0.0, "", "ann", 0, &r).ok());  // the same again: no event
+  EXPECT_EQ(r.learn_seq, 0);
+  ASSERT_TRUE(Judge("t", 12, 1.0, "", "bob", 0, &r).ok());
+  EXPECT_DOUBLE_EQ(r.reward, 0.5);  // ann 0, bob 1
+  ASSERT_TRUE(Judge("t", 13, 1.0, "", "ann", 0, &r).ok());  // ann changes her mind
+  EXPECT_DOUBLE_EQ(r.reward, 1.0);
+  Task t;
+  ASSERT_TRUE(store_->GetTask("t", &t).ok());
+  ASSERT_EQ(t.feedback.size(), 4u);
+  EXPECT_EQ(t.feedback[2].by, "bob");
+  EXPECT_EQ(t.feedback[2].attempt, 1);
+
+  // ann gave 3 in the hour before 20: a bound of 3 refuses her fourth, not bob's second.
+  EXPECT_EQ(Judge("t", 20, 0.0, "", "ann", 3).code(), Status::Code::kResourceExhausted);
+  EXPECT_TRUE(Judge("t", 20, 0.0, "", "bob", 3).ok());
+  EXPECT_TRUE(Judge("t", 20 + 3600, 0.0, "", "ann", 3).ok());  // an hour on
+
+  NewTask("q", 2, "never ran");
+  Status st = Judge("q", 5, 0.0);
+  EXPECT_EQ(st.code(), Status::Code::kFailedPrecondition) << st.ToString();
+  EXPECT_NE(st.message().find("never finished an attempt"), std::string::npos) << st.message();
+}
+
+// Which version is live from which learning event on, and the checkpoints of its online
+// learning; pruning keeps every version that was ever live.
+TEST_P(StoreTest, ActivationsCheckpointsAndPruning) {
+  Activation a;
+  EXPECT_EQ(store_->LiveActivation(&a).code(), Status::Code::kNotFound);
+  long id1 = 0, id2 = 0;
+  ASSERT_TRUE(store_->SetLiveModel(0, 7, "initial", 100, &id1).ok());
+  ASSERT_TRUE(store_->LiveActivation(&a).ok());
+  EXPECT_EQ(a.id, id1);
+  EXPECT_EQ(a.version, 0);
+  EXPECT_EQ(a.after_seq, 7);
+  EXPECT_EQ(a.reason, "initial");
+  ModelRecord m{1, 200, "promoted", true, 9, "{}", "w1"};
+  ASSERT_TRUE(store_->SaveModel(m, &id2).ok());
+  EXPECT_GT(id2, id1);
+  ASSERT_TRUE(store_->LiveActivation(&a).ok());
+  EXPECT_EQ(a.version, 1);
+  EXPECT_EQ(a.after_seq, 9);
+  ASSERT_TRUE(store_->GetActivation(id1, &a).ok());
+  EXPECT_EQ(a.version, 0);
+  EXPECT_EQ(store_->GetActivation(999, &a).code(), Status::Code::kNotFound);
+
+  const std::string blob("ck\0pt", 5);
+  ASSERT_TRUE(store_->SaveCheckpoint({id2, 100, 109, 0xFEDCBA9876543210ULL, blob}).ok());
+  ASSERT_TRUE(store_->SaveCheckpoint({id2, 100, 109, 1, "other"}).ok());  // exists: kept
+  ASSERT_TRUE(store_->SaveCheckpoint({id2, 200, 209, 2, "two"}).ok());
+  Checkpoint c;
+  EXPECT_EQ(store_->LoadCheckpoint(id2, 99, &c).code(), Status::Code::kNotFound);
+  ASSERT_TRUE(store_->LoadCheckpoint(id2, 150, &c).ok());
+  EXPECT_EQ(c.step, 100);
+  EXPECT_EQ(c.seq, 109);
+  EXPECT_EQ(c.rng, 0xFEDCBA9876543210ULL);
+  EXPECT_EQ(c.weights, blob);
+  ASSERT_TRUE(store_->LoadCheckpoint(id2, 1000, &c).ok());
+  EXPECT_EQ(c.step, 200);
+  EXPECT_EQ(store_->LoadCheckpoint(id1, 1000, &c).code(), Status::Code::kNotFound);
+
+  for (int v = 2; v <= 6; ++v)
+    ASSERT_TRUE(store_->SaveModel({v, 300.0 + v, "refused", false, 9, "{}", "w"}).ok());
+  long id3 = 0;
+  ASSERT_TRUE(store_->SetLiveModel(3, 9, "rollback", 400, &id3).ok());  // v3 was live once
+  ASSERT_TRUE(SetLive(1).ok());
+  std::vector<int> gone;
+  ASSERT_TRUE(store_->PruneModels(2, &gone).ok());
+  EXPECT_EQ(gone, (std::vector<int>{4, 2}));  // 6 and 5 are the newest two; 3 was live
+  std::vector<ModelRecord> ms;
+  ASSERT_TRUE(store_->ListModels(&ms).ok());
+  std::vector<int> left;
+  for (const auto& x : ms) left.push_back(x.version);
+  EXPECT_EQ(left, (std::vector<int>{1, 3, 5, 6}));
 }
 
 // Concurrent writers share commits (group commit); each write still gets its own answer:

@@ -35,7 +35,8 @@ json CandidatesJson(const Decision& d) {
                  {"health_bias", c.health_bias},
                  {"score", c.score},
                  {"confidence", c.confidence},
-                 {"rules", c.rules}});
+                 {"rules", c.rules},
+                 {"prior", c.prior}});
   return a;
 }
 
@@ -53,6 +54,7 @@ std::vector<Candidate> ParseCandidates(const json& a) {
     x.score = c.value("score", 0.0);
     x.confidence = c.value("confidence", 0.0);
     x.rules = c.value("rules", std::vector<std::string>{});
+    x.prior = c.value("prior", 0.0);
     out.push_back(std::move(x));
   }
   return out;
@@ -64,6 +66,37 @@ std::vector<std::pair<std::string, double>> LoggedCandidates(const json& a) {
     for (const auto& c : a)
       if (c.is_object()) out.emplace_back(c.value("expert", ""), c.value("rule_score", 0.0));
   return out;
+}
+
+void ReadLoggedCandidates(const json& a, LoggedOutcome* o) {
+  o->candidates.clear();
+  o->prior = 0;
+  if (!a.is_array()) return;
+  for (const auto& c : a) {
+    if (!c.is_object()) continue;
+    std::string name = c.value("expert", "");
+    if (name == o->expert) o->prior = c.value("prior", 0.0);
+    o->candidates.emplace_back(std::move(name), c.value("rule_score", 0.0));
+  }
+}
+
+bool IsTrainingOutcome(OutcomeKind k) {
+  return k != OutcomeKind::kInterrupted && k != OutcomeKind::kCrash;
+}
+
+bool IsTrainingOutcome(const std::string& kind) {
+  auto k = ParseOutcomeKind(kind);
+  return k && IsTrainingOutcome(*k);
+}
+
+double OutcomeReward(const Outcome& o) {
+  return o.kind == OutcomeKind::kSuccess ? o.quality : 0.0;
+}
+
+std::string FeedbackBoundMessage(const std::string& by, int per_hour) {
+  return (by.empty() ? std::string("this user") : by) + " gave " + std::to_string(per_hour) +
+         " verdicts in the last hour, the most training.feedback_per_hour allows; try again "
+         "later";
 }
 
 std::string PoisonError() {

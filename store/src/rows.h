@@ -19,6 +19,17 @@ std::vector<Candidate> ParseCandidates(const nlohmann::json& a);
 // (expert, rule score) of each candidate, as training reads them.
 std::vector<std::pair<std::string, double>> LoggedCandidates(const nlohmann::json& a);
 
+// (expert, rule score) of each candidate into o->candidates, and the prior recorded for
+// o->expert into o->prior.
+void ReadLoggedCandidates(const nlohmann::json& a, LoggedOutcome* o);
+// Whether an attempt that ended so is training data (not interrupted, not a crash: a crash
+// is a health signal), and the reward it earned before any verdict.
+bool IsTrainingOutcome(OutcomeKind k);
+bool IsTrainingOutcome(const std::string& kind);
+double OutcomeReward(const Outcome& o);
+// Why a verdict was refused by training.feedback_per_hour.
+std::string FeedbackBoundMessage(const std::string& by, int per_hour);
+
 // Why Recover failed a task instead of retrying it.
 std::string PoisonError();
 

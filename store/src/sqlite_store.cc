@@ -125,6 +125,52 @@ ALTER TABLE tasks ADD COLUMN routing INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE tasks ADD COLUMN deaths INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE tasks ADD COLUMN error TEXT;
 )sql",
+    // v4: learning users can steer and reproduce. `learn` numbers every learning event
+    // (a finished training attempt, a verdict that changes a reward) as it commits, the
+    // order online learning consumes them in; `activations` says which version went live
+    // from which event on; `checkpoints` keep an activation's weights every so many steps;
+    // a decision names the activation and step that scored it; a verdict names who gave it
+    // and which attempt it judged. Existing outcomes keep their order (attempt rowid), and
+    // a model's trained_through is renumbered into the new sequence.
+    R"sql(
+ALTER TABLE feedback ADD COLUMN by TEXT NOT NULL DEFAULT '';
+ALTER TABLE feedback ADD COLUMN n INTEGER NOT NULL DEFAULT 0;
+CREATE INDEX feedback_by ON feedback(by, time);
+ALTER TABLE decisions ADD COLUMN model_step INTEGER;
+ALTER TABLE decisions ADD COLUMN model_live INTEGER;
+CREATE TABLE learn(
+  seq INTEGER PRIMARY KEY,
+  task_id TEXT NOT NULL,
+  n INTEGER NOT NULL,
+  feedback INTEGER NOT NULL DEFAULT 0,
+  reward REAL NOT NULL,
+  time REAL NOT NULL
+);
+CREATE INDEX learn_attempt ON learn(task_id, n);
+INSERT INTO learn(task_id,n,feedback,reward,time)
+  SELECT task_id,n,0,CASE WHEN outcome='success' THEN quality ELSE 0 END,COALESCE(finished_at,0)
+  FROM attempts WHERE outcome IS NOT NULL AND outcome NOT IN ('interrupted','crash')
+  ORDER BY rowid;
+UPDATE models SET trained_through=(SELECT count(*) FROM attempts a WHERE a.rowid<=models.trained_through
+  AND a.outcome IS NOT NULL AND a.outcome NOT IN ('interrupted','crash'));
+CREATE TABLE activations(
+  id INTEGER PRIMARY KEY,
+  version INTEGER NOT NULL,
+  after_seq INTEGER NOT NULL,
+  time REAL NOT NULL,
+  reason TEXT NOT NULL
+);
+INSERT INTO activations(version,after_seq,time,reason)
+  SELECT version,trained_through,created,'migrated' FROM models WHERE live=1;
+CREATE TABLE checkpoints(
+  activation INTEGER NOT NULL,
+  step INTEGER NOT NULL,
+  seq INTEGER NOT NULL,
+  rng INTEGER NOT NULL,
+  weights BLOB NOT NULL,
+  PRIMARY KEY(activation, step)
+);
+)sql",
 };
 constexpr int kSchemaVersion = sizeof(kMigrations) / sizeof(kMigrations[0]);
 
@@ -446,11 +492,16 @@ class SqliteStore : public Store {
     const Candidate* chosen = d.Find(d.chosen);
     Stmt s = Prepare(
         "INSERT OR REPLACE INTO decisions(task_id,time,model_version,chosen,chosen_confidence,"
-        "propensity,explored,forced,candidates,greedy) VALUES(?,?,?,?,?,?,?,?,?,?)");
+        "propensity,explored,forced,candidates,greedy,model_step,model_live) "
+        "VALUES(?,?,?,?,?,?,?,?,?,?,?,?)");
     s.Bind(1, id).Bind(2, d.time).Bind(3, d.model_version).Bind(4, d.chosen);
     s.Bind(5, chosen ? chosen->confidence : 0.0).Bind(6, d.propensity);
     s.Bind(7, d.explored ? 1 : 0).Bind(8, d.forced ? 1 : 0).Bind(9, cands);
     s.Bind(10, d.greedy);
+    if (d.model_step >= 0)
+      s.Bind(11, d.model_step).Bind(12, d.model_live);
+    else
+      s.BindNull(11).BindNull(12);
     return Done(s, "record decision for " + id);
   }
 
@@ -488,6 +539,12 @@ class SqliteStore : public Store {
     s.Bind(5, o.output).Bind(6, o.error).Bind(7, id).Bind(8, a.n);
     CORTEX_RETURN_IF_ERROR(Done(s, "finish attempt"));
     CORTEX_RETURN_IF_ERROR(Changed("attempt " + std::to_string(a.n) + " of task " + id));
+    if (store::IsTrainingOutcome(o.kind)) {
+      // The next learning event: one writer, so seq order is commit order.
+      Stmt l = Prepare("INSERT INTO learn(task_id,n,feedback,reward,time) VALUES(?,?,0,?,?)");
+      l.Bind(1, id).Bind(2, a.n).Bind(3, store::OutcomeReward(o)).Bind(4, a.time);
+      CORTEX_RETURN_IF_ERROR(Done(l, "log outcome for learning"));
+    }
     if (!a.ends) {  // it waits for its next attempt: routed, so a restart resumes it
       Stmt r =
           Prepare("UPDATE tasks SET state='routed',updated_at=? WHERE id=? AND state='running'");
@@ -532,15 +589,57 @@ class SqliteStore : public Store {
     return Commit([&] { return UpdateState(id, state, time); });
   }
 
-  Status AddFeedback(const std::string& id, const Feedback& f) override {
+  Status AddFeedback(const std::string& id, const Feedback& f, int per_hour,
+                     FeedbackResult* out) override {
     return Commit([&] {
+      Stmt t = Prepare("SELECT 1 FROM tasks WHERE id=?");
+      t.Bind(1, id);
+      if (t.Step() != SQLITE_ROW) return Status::NotFound("no task with id '" + id + "'");
+      // The attempt judged: the task's last finished one.
+      Stmt a = Prepare(
+          "SELECT n,expert,outcome FROM attempts WHERE task_id=? AND outcome IS NOT NULL "
+          "ORDER BY n DESC LIMIT 1");
+      a.Bind(1, id);
+      if (a.Step() != SQLITE_ROW)
+        return Status::FailedPrecondition("task " + id +
+                                          " never finished an attempt: there is nothing to judge");
+      *out = FeedbackResult{};
+      out->attempt = static_cast<int>(a.Long(0));
+      out->expert = a.Text(1);
+      const bool training = store::IsTrainingOutcome(a.Text(2));
+      if (per_hour > 0) {
+        Stmt c = Prepare("SELECT count(*) FROM feedback WHERE by=? AND time>?");
+        c.Bind(1, f.by).Bind(2, f.time - 3600);
+        if (c.Step() == SQLITE_ROW && c.Long(0) >= per_hour)
+          return Status::ResourceExhausted(store::FeedbackBoundMessage(f.by, per_hour));
+      }
+      // The reward before and after: the mean of every person's latest verdict.
+      auto reward = [&](double* r) {
+        Stmt m = Prepare(
+            "SELECT avg(quality) FROM feedback WHERE id IN (SELECT max(id) FROM feedback "
+            "WHERE task_id=?1 AND n=?2 GROUP BY by)");
+        m.Bind(1, id).Bind(2, out->attempt);
+        if (m.Step() != SQLITE_ROW) return Status::IOError("feedback: " + write_.Err());
+        if (!m.IsNull(0)) *r = m.Double(0);
+        return Status::OK();
+      };
+      double before = -1;
+      CORTEX_RETURN_IF_ERROR(reward(&before));
+      Stmt i = Prepare("INSERT INTO feedback(task_id,time,quality,note,by,n) VALUES(?,?,?,?,?,?)");
+      i.Bind(1, id).Bind(2, f.time).Bind(3, f.quality).Bind(4, f.note).Bind(5, f.by);
+      i.Bind(6, out->attempt);
+      CORTEX_RETURN_IF_ERROR(Done(i, "feedback"));
+      out->reward = f.quality;
+      CORTEX_RETURN_IF_ERROR(reward(&out->reward));
       Stmt u = Prepare("UPDATE tasks SET feedback_quality=? WHERE id=?");
-      u.Bind(1, f.quality).Bind(2, id);
+      u.Bind(1, out->reward).Bind(2, id);
       CORTEX_RETURN_IF_ERROR(Done(u, "feedback"));
-      if (sqlite3_changes(write_.db) == 0) return Status::NotFound("no task with id '" + id + "'");
-      Stmt s = Prepare("INSERT INTO feedback(task_id,time,quality,note) VALUES(?,?,?,?)");
-      s.Bind(1, id).Bind(2, f.time).Bind(3, f.quality).Bind(4, f.note);
-      return Done(s, "feedback");
+      if (!training || out->reward == before) return Status::OK();
+      Stmt l = Prepare("INSERT INTO learn(task_id,n,feedback,reward,time) VALUES(?,?,1,?,?)");
+      l.Bind(1, id).Bind(2, out->attempt).Bind(3, out->reward).Bind(4, f.time);
+      CORTEX_RETURN_IF_ERROR(Done(l, "log feedback for learning"));
+      out->learn_seq = static_cast<long>(sqlite3_last_insert_rowid(write_.db));
+      return Status::OK();
     });
   }
 
@@ -702,44 +801,74 @@ class SqliteStore : public Store {
     }
   }
 
+  // A learning event's row: seq, task, created, text, tags, expert, attempt, reward,
+  // feedback, propensity, forced, candidates, greedy, explored, chosen. `reward` is the
+  // event's own, or (`now`) the attempt's as of now.
+  static std::string LearnSql(bool now, const std::string& where) {
+    return std::string("SELECT l.seq,l.task_id,t.created_at,t.text,t.tags,a.expert,l.n,") +
+           (now ? "COALESCE((SELECT reward FROM learn f WHERE f.task_id=l.task_id AND f.n=l.n "
+                  "AND f.feedback=1 ORDER BY f.seq DESC LIMIT 1),l.reward)"
+                : "l.reward") +
+           ",l.feedback,COALESCE(d.propensity,1),COALESCE(d.forced,0),COALESCE(d.candidates,'[]'),"
+           "d.greedy,COALESCE(d.explored,0),COALESCE(d.chosen,'') FROM learn l "
+           "JOIN tasks t ON t.id=l.task_id JOIN attempts a ON a.task_id=l.task_id AND a.n=l.n "
+           "LEFT JOIN decisions d ON d.task_id=l.task_id WHERE " +
+           where + " ORDER BY l.seq";
+  }
+  static LoggedOutcome LearnRow(Stmt& s) {
+    LoggedOutcome o;
+    o.seq = s.Long(0);
+    o.task_id = s.Text(1);
+    o.time = s.Double(2);
+    o.text = s.Text(3);
+    o.tags = ParseTags(s.Text(4));
+    o.expert = s.Text(5);
+    o.attempt = static_cast<int>(s.Long(6));
+    o.reward = s.Double(7);
+    o.feedback = s.Long(8) != 0;
+    o.propensity = o.attempt == 1 ? s.Double(9) : 1.0;
+    o.forced = s.Long(10) != 0;
+    store::ReadLoggedCandidates(json::parse(s.Text(11), nullptr, false), &o);
+    o.greedy = s.IsNull(12) ? (s.Long(13) ? "" : s.Text(14)) : s.Text(12);
+    return o;
+  }
+
+  Status ReadLearn(const char* sql, long a, long b,
+                   const std::function<bool(const LoggedOutcome&)>& fn) {
+    Reading r(*this, /*synced=*/false);
+    Stmt s = r.Prepare(sql);
+    s.Bind(1, a).Bind(2, b);
+    int rc;
+    while ((rc = s.Step()) == SQLITE_ROW)
+      if (!fn(LearnRow(s))) return Status::OK();
+    return rc == SQLITE_DONE ? Status::OK() : Status::IOError("read learning events: " + r.Err());
+  }
+
+  Status ForEachLearnEvent(long after_seq,
+                           const std::function<bool(const LoggedOutcome&)>& fn) override {
+    static const std::string sql = LearnSql(false, "l.seq>?1 AND ?2=?2");
+    return ReadLearn(sql.c_str(), after_seq, 0, fn);
+  }
+
+  Status LearnEvents(long first_seq, long last_seq, std::vector<LoggedOutcome>* out) override {
+    static const std::string sql = LearnSql(false, "l.seq>=?1 AND l.seq<=?2");
+    out->clear();
+    return ReadLearn(sql.c_str(), first_seq, last_seq, [&](const LoggedOutcome& o) {
+      out->push_back(o);
+      return true;
+    });
+  }
+
   Status ForEachOutcome(long after_seq,
                         const std::function<bool(const LoggedOutcome&)>& fn) override {
-    Reading r(*this, /*synced=*/false);
-    Stmt s = r.Prepare(
-        "SELECT a.rowid,a.task_id,t.created_at,t.text,t.tags,a.expert,a.n,a.outcome,a.quality,"
-        "d.propensity,d.forced,d.candidates,d.greedy,d.explored,d.chosen,t.expert,"
-        "(SELECT quality FROM feedback f WHERE f.task_id=a.task_id ORDER BY f.id DESC LIMIT 1) "
-        "FROM attempts a JOIN tasks t ON t.id=a.task_id JOIN decisions d ON d.task_id=a.task_id "
-        "WHERE a.rowid>? AND " CORTEX_TRAINING_ATTEMPT("a.") " ORDER BY a.rowid");
-    s.Bind(1, after_seq);
-    int rc;
-    while ((rc = s.Step()) == SQLITE_ROW) {
-      LoggedOutcome o;
-      o.seq = s.Long(0);
-      o.task_id = s.Text(1);
-      o.time = s.Double(2);
-      o.text = s.Text(3);
-      o.tags = ParseTags(s.Text(4));
-      o.expert = s.Text(5);
-      o.attempt = static_cast<int>(s.Long(6));
-      const bool success = s.Text(7) == "success";
-      o.reward = success ? s.Double(8) : 0.0;
-      // A person's verdict is about the attempt that ended the task.
-      if (!s.IsNull(16) && s.Text(15) == o.expert) o.reward = s.Double(16);
-      o.propensity = o.attempt == 1 ? s.Double(9) : 1.0;
-      o.forced = s.Long(10) != 0;
-      o.candidates = store::LoggedCandidates(json::parse(s.Text(11), nullptr, false));
-      o.greedy = s.IsNull(12) ? (s.Long(13) ? "" : s.Text(14)) : s.Text(12);
-      if (!fn(o)) return Status::OK();
-    }
-    return rc == SQLITE_DONE ? Status::OK() : Status::IOError("read outcomes: " + r.Err());
+    static const std::string sql = LearnSql(true, "l.seq>?1 AND l.feedback=0 AND ?2=?2");
+    return ReadLearn(sql.c_str(), after_seq, 0, fn);
   }
 
   Status OutcomeWindowStart(long n, long* after_seq) override {
     Reading r(*this, /*synced=*/false);
     *after_seq = 0;
-    Stmt s = r.Prepare("SELECT rowid FROM attempts WHERE " CORTEX_TRAINING_ATTEMPT(
-        "") " ORDER BY rowid DESC LIMIT 1 OFFSET ?");
+    Stmt s = r.Prepare("SELECT seq FROM learn WHERE feedback=0 ORDER BY seq DESC LIMIT 1 OFFSET ?");
     s.Bind(1, n);
     int rc = s.Step();
     if (rc == SQLITE_ROW) *after_seq = s.Long(0);
@@ -747,7 +876,97 @@ class SqliteStore : public Store {
                                                  : Status::IOError("outcome window: " + r.Err());
   }
 
-  Status SaveModel(const ModelRecord& m) override {
+  Status NewestLearnSeq(long* any, long* outcome) override {
+    Reading r(*this, /*synced=*/false);
+    Stmt s = r.Prepare(
+        "SELECT COALESCE(max(seq),0),COALESCE((SELECT max(seq) FROM learn WHERE feedback=0),0) "
+        "FROM learn");
+    if (s.Step() != SQLITE_ROW) return Status::IOError("newest learning event: " + r.Err());
+    *any = s.Long(0);
+    *outcome = s.Long(1);
+    return Status::OK();
+  }
+
+  Status InsertActivation(int version, long after_seq, const std::string& reason, double time,
+                          long* id) {
+    Stmt a = Prepare("INSERT INTO activations(version,after_seq,time,reason) VALUES(?,?,?,?)");
+    a.Bind(1, version).Bind(2, after_seq).Bind(3, time).Bind(4, reason);
+    CORTEX_RETURN_IF_ERROR(Done(a, "record the live model"));
+    if (id) *id = static_cast<long>(sqlite3_last_insert_rowid(write_.db));
+    return Status::OK();
+  }
+
+  static Activation ActivationRow(Stmt& s) {
+    return {s.Long(0), static_cast<int>(s.Long(1)), s.Long(2), s.Double(3), s.Text(4)};
+  }
+
+  Status LiveActivation(Activation* out) override {
+    Reading r(*this);
+    Stmt s = r.Prepare(
+        "SELECT id,version,after_seq,time,reason FROM activations ORDER BY id DESC LIMIT 1");
+    int rc = s.Step();
+    if (rc == SQLITE_DONE) return Status::NotFound("no model was ever made live");
+    if (rc != SQLITE_ROW) return Status::IOError("live model: " + r.Err());
+    *out = ActivationRow(s);
+    return Status::OK();
+  }
+
+  Status GetActivation(long id, Activation* out) override {
+    Reading r(*this);
+    Stmt s = r.Prepare("SELECT id,version,after_seq,time,reason FROM activations WHERE id=?");
+    s.Bind(1, id);
+    int rc = s.Step();
+    if (rc == SQLITE_DONE) return Status::NotFound("no activation " + std::to_string(id));
+    if (rc != SQLITE_ROW) return Status::IOError("activation: " + r.Err());
+    *out = ActivationRow(s);
+    return Status::OK();
+  }
+
+  Status SaveCheckpoint(const Checkpoint& c) override {
+    return Commit([&] {
+      Stmt s = Prepare(
+          "INSERT OR IGNORE INTO checkpoints(activation,step,seq,rng,weights) VALUES(?,?,?,?,?)");
+      s.Bind(1, c.activation).Bind(2, c.step).Bind(3, c.seq);
+      s.Bind(4, static_cast<long>(c.rng)).BindBlob(5, c.weights);
+      return Done(s, "save checkpoint");
+    });
+  }
+
+  Status LoadCheckpoint(long activation, long max_step, Checkpoint* out) override {
+    Reading r(*this);
+    Stmt s = r.Prepare(
+        "SELECT activation,step,seq,rng,weights FROM checkpoints WHERE activation=? AND step<=? "
+        "ORDER BY step DESC LIMIT 1");
+    s.Bind(1, activation).Bind(2, max_step);
+    int rc = s.Step();
+    if (rc == SQLITE_DONE) return Status::NotFound("no checkpoint");
+    if (rc != SQLITE_ROW) return Status::IOError("load checkpoint: " + r.Err());
+    out->activation = s.Long(0);
+    out->step = s.Long(1);
+    out->seq = s.Long(2);
+    out->rng = static_cast<uint64_t>(s.Long(3));
+    out->weights = s.Blob(4);
+    return Status::OK();
+  }
+
+  Status PruneModels(int keep, std::vector<int>* deleted) override {
+    deleted->clear();
+    return Commit([&] {
+      Stmt s = Prepare(
+          "SELECT version FROM models WHERE status='refused' AND live=0 AND version NOT IN "
+          "(SELECT version FROM activations) ORDER BY version DESC LIMIT -1 OFFSET ?");
+      s.Bind(1, keep);
+      while (s.Step() == SQLITE_ROW) deleted->push_back(static_cast<int>(s.Long(0)));
+      for (int v : *deleted) {
+        Stmt d = Prepare("DELETE FROM models WHERE version=?");
+        d.Bind(1, v);
+        CORTEX_RETURN_IF_ERROR(Done(d, "prune model versions"));
+      }
+      return Status::OK();
+    });
+  }
+
+  Status SaveModel(const ModelRecord& m, long* activation) override {
     std::lock_guard<std::mutex> l(mu_);
     CORTEX_RETURN_IF_ERROR(StillOurFile());
     // Saved and made live in one transaction: a stop in between cannot leave a version
@@ -766,10 +985,13 @@ class SqliteStore : public Store {
       s.Bind(5, m.trained_through).Bind(6, m.metrics).BindBlob(7, m.weights);
       st = Done(s, "save model v" + std::to_string(m.version));
     }
+    if (st.ok() && m.live)
+      st = InsertActivation(m.version, m.trained_through, "promoted", m.created, activation);
     return Finish(st);
   }
 
-  Status SetLiveModel(int version) override {
+  Status SetLiveModel(int version, long after_seq, const std::string& reason, double time,
+                      long* activation) override {
     std::lock_guard<std::mutex> l(mu_);
     CORTEX_RETURN_IF_ERROR(StillOurFile());
     CORTEX_RETURN_IF_ERROR(Exec("BEGIN IMMEDIATE"));
@@ -782,6 +1004,7 @@ class SqliteStore : public Store {
       if (st.ok() && sqlite3_changes(write_.db) == 0)
         st = Status::NotFound("no model version " + std::to_string(version));
     }
+    if (st.ok()) st = InsertActivation(version, after_seq, reason, time, activation);
     return Finish(st);
   }
 
@@ -1406,8 +1629,8 @@ class SqliteStore : public Store {
     }
     {
       Stmt s = r.Prepare(
-          "SELECT time,model_version,chosen,propensity,explored,forced,candidates FROM "
-          "decisions WHERE task_id=?");
+          "SELECT time,model_version,chosen,propensity,explored,forced,candidates,"
+          "COALESCE(model_step,-1),COALESCE(model_live,0) FROM decisions WHERE task_id=?");
       s.Bind(1, id);
       if (s.Step() == SQLITE_ROW) {
         Decision d;
@@ -1418,6 +1641,8 @@ class SqliteStore : public Store {
         d.explored = s.Long(4) != 0;
         d.forced = s.Long(5) != 0;
         d.candidates = store::ParseCandidates(json::parse(s.Text(6), nullptr, false));
+        d.model_step = s.Long(7);
+        d.model_live = s.Long(8);
         t->decision = std::move(d);
       }
     }
@@ -1446,9 +1671,12 @@ class SqliteStore : public Store {
       }
     }
     {
-      Stmt s = r.Prepare("SELECT time,quality,note FROM feedback WHERE task_id=? ORDER BY id");
+      Stmt s =
+          r.Prepare("SELECT time,quality,note,by,n FROM feedback WHERE task_id=? ORDER BY id");
       s.Bind(1, id);
-      while (s.Step() == SQLITE_ROW) t->feedback.push_back({s.Double(0), s.Double(1), s.Text(2)});
+      while (s.Step() == SQLITE_ROW)
+        t->feedback.push_back(
+            {s.Double(0), s.Double(1), s.Text(2), s.Text(3), static_cast<int>(s.Long(4))});
     }
     return Status::OK();
   }

@@ -81,8 +81,14 @@ class Store {
   virtual Status FinishTask(const std::string& id, TaskState state, const std::string& expert,
                             double time) = 0;
   virtual Status SetState(const std::string& id, TaskState state, double time) = 0;
-  // NotFound for an unknown id.
-  virtual Status AddFeedback(const std::string& id, const Feedback& f) = 0;
+  // A person's verdict (f.by) on the task's last finished attempt, in one transaction: the
+  // attempt's reward becomes the mean of every person's latest verdict on it, and a change
+  // of that reward on a training attempt is a learning event (see LoggedOutcome::seq).
+  // NotFound for an unknown id; FailedPrecondition when the task never finished an
+  // attempt; ResourceExhausted when f.by gave `per_hour` verdicts in the hour before
+  // f.time (per_hour <= 0: no bound).
+  virtual Status AddFeedback(const std::string& id, const Feedback& f, int per_hour,
+                             FeedbackResult* out) = 0;
 
   virtual Status GetTask(const std::string& id, Task* task) = 0;
   // The one task whose id starts with `prefix` (an exact id always wins): NotFound when
@@ -95,20 +101,45 @@ class Store {
   // Tasks created at or after `since`, oldest first, in pages; `fn` returns false to stop.
   virtual Status ForEachTask(double since, const std::function<bool(const Task&)>& fn) = 0;
 
-  // Finished attempts with seq > `after_seq`, oldest first, as training data; `fn`
-  // returns false to stop. Interrupted attempts and crashes are left out: a crash is a
-  // health signal for routing, not evidence that the task belonged elsewhere.
+  // The learning events with seq > `after_seq` in seq order, as online learning consumes
+  // them: finished training attempts (each with the reward it had when it finished) and
+  // verdicts (the reward they made). `fn` returns false to stop. Interrupted attempts and
+  // crashes are left out: a crash is a health signal for routing, not evidence that the
+  // task belonged elsewhere.
+  virtual Status ForEachLearnEvent(long after_seq,
+                                   const std::function<bool(const LoggedOutcome&)>& fn) = 0;
+  // The same events from `first_seq` to `last_seq` (both included), for rebuilding weights.
+  virtual Status LearnEvents(long first_seq, long last_seq, std::vector<LoggedOutcome>* out) = 0;
+  // The finished training attempts among the learning events with seq > `after_seq`, in
+  // seq order, each once and with its reward as of now (verdicts applied): a retrain's data.
   virtual Status ForEachOutcome(long after_seq,
                                 const std::function<bool(const LoggedOutcome&)>& fn) = 0;
   // The seq just before the `n` newest training outcomes (0 if there are fewer), so a
   // retrain can read only the window it learns from.
   virtual Status OutcomeWindowStart(long n, long* after_seq) = 0;
+  // The newest learning event's seq, and the newest finished training attempt's (0: none).
+  virtual Status NewestLearnSeq(long* any, long* outcome) = 0;
   // Model versions: saved once, listed without weights, one of them live.
-  // With m.live, the version is also made live, in the same transaction.
-  virtual Status SaveModel(const ModelRecord& m) = 0;
-  virtual Status SetLiveModel(int version) = 0;  // NotFound for an unknown version
+  // With m.live, the version is also made live, in the same transaction: an activation
+  // learning online after m.trained_through (its id in *activation, when not null).
+  virtual Status SaveModel(const ModelRecord& m, long* activation = nullptr) = 0;
+  // Makes `version` live (0: the untrained model) from learning event `after_seq` on: a new
+  // activation, its id in *activation. NotFound for an unknown version.
+  virtual Status SetLiveModel(int version, long after_seq, const std::string& reason, double time,
+                              long* activation) = 0;
   virtual Status ListModels(std::vector<ModelRecord>* out) = 0;
   virtual Status LoadModel(int version, ModelRecord* m) = 0;
+  // The newest activation (NotFound when none was ever made), or the one with id `id`.
+  virtual Status LiveActivation(Activation* out) = 0;
+  virtual Status GetActivation(long id, Activation* out) = 0;
+  // Checkpoints of an activation's online learning; saving one that exists is a no-op (any
+  // node may save the same, bit for bit). LoadCheckpoint: the one with the greatest step
+  // <= max_step (NotFound when none).
+  virtual Status SaveCheckpoint(const Checkpoint& c) = 0;
+  virtual Status LoadCheckpoint(long activation, long max_step, Checkpoint* out) = 0;
+  // Deletes refused versions that never were live, all but the newest `keep`; their
+  // numbers in *deleted.
+  virtual Status PruneModels(int keep, std::vector<int>* deleted) = 0;
 
   // Marks tasks as being routed now: if cortexd dies before their decisions are recorded,
   // the next start counts that death against each of them (see Recover).

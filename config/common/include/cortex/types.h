@@ -40,11 +40,18 @@ struct Candidate {
   double score = 0;        // rule_score + model_score
   double confidence = 0;
   std::vector<std::string> rules;  // names of the rules that fired for this expert
+  // The manifest prior (cosine of task and manifest) the model scored with: online steps
+  // and `explain` reuse it, so a manifest edited later changes neither.
+  double prior = 0;
 };
 
 struct Decision {
   double time = 0;
   std::string model_version;
+  // The exact weights that scored: activation `model_live` (a version made live) after
+  // `model_step` online steps. -1: not recorded (a store older than schema 4, a prior).
+  long model_step = -1;
+  long model_live = 0;
   std::string chosen;
   double propensity = 1;  // probability with which `chosen` was picked
   bool explored = false;
@@ -71,6 +78,18 @@ struct Feedback {
   double time = 0;
   double quality = 0;
   std::string note;
+  std::string by;  // who gave it: a user name, or a token's name
+  int attempt = 0;  // the attempt it judged (0: before schema 4)
+};
+
+// What a verdict did: the judged attempt and its reward now (the mean of every person's
+// latest verdict), and the learning event it made (0: none, the attempt is no training
+// data or the reward did not change).
+struct FeedbackResult {
+  int attempt = 0;
+  std::string expert;
+  double reward = 0;
+  long learn_seq = 0;
 };
 
 struct Task {
@@ -141,7 +160,11 @@ struct ExpertEvent {
 // One finished attempt as training data: what the router saw, what it chose, how likely
 // that choice was, and the reward (feedback overrides the expert's own quality).
 struct LoggedOutcome {
-  long seq = 0;  // increasing with the attempt's insertion; training resumes after one
+  // The store's learning sequence: every finished training attempt and every verdict that
+  // changes a reward get the next number as they commit, so one read after another never
+  // skips an event that committed late. Online learning consumes events in this order.
+  long seq = 0;
+  bool feedback = false;  // a person's verdict on the attempt, `reward` as corrected by it
   std::string task_id;
   double time = 0;
   std::string text;
@@ -149,12 +172,33 @@ struct LoggedOutcome {
   std::string expert;
   int attempt = 1;
   double reward = 0;      // quality of a success, 0 otherwise; feedback overrides
+  double prior = 0;       // the manifest prior recorded with the decision for `expert`
   double propensity = 1;  // of the decision (first attempts); 1 for fallbacks
   bool forced = false;
   // The decision's candidates (name, rule score) and its greedy pick, for off-policy
   // evaluation of other policies on the same task.
   std::vector<std::pair<std::string, double>> candidates;
   std::string greedy;
+};
+
+// A version made live (promoted, rolled back to, the initial one): its weights then learn
+// online from every learning event with seq > after_seq, one step each.
+struct Activation {
+  long id = 0;
+  int version = 0;
+  long after_seq = 0;
+  double time = 0;
+  std::string reason;  // initial, promoted, rollback, migrated
+};
+
+// The live weights of an activation after `step` online steps (the last consumed `seq`),
+// saved so that rebuilding them (restart, explain) replays only what came after.
+struct Checkpoint {
+  long activation = 0;
+  long step = 0;
+  long seq = 0;
+  uint64_t rng = 0;  // the replay sampler's state
+  std::string weights;
 };
 
 // A trained model version. `metrics` is JSON written by the trainer.
