@@ -641,9 +641,16 @@ TEST_P(StoreTest, LearningEventsAreNumberedAsTheyCommit) {
   EXPECT_EQ(outcomes[0].task_id, "fast");
   EXPECT_DOUBLE_EQ(outcomes[0].reward, 0.0);
   std::vector<LoggedOutcome> range;
-  ASSERT_TRUE(store_->LearnEvents(all[1].seq, all[2].seq, &range).ok());
+  ASSERT_TRUE(store_->LearnEvents(all[0].seq, all[2].seq, 0, &range).ok());
   ASSERT_EQ(range.size(), 2u);
   EXPECT_EQ(range[0].task_id, "slow");
+  ASSERT_TRUE(store_->LearnEvents(0, all[2].seq, 2, &range).ok());  // the newest two
+  ASSERT_EQ(range.size(), 2u);
+  EXPECT_EQ(range[0].task_id, "slow");
+  EXPECT_TRUE(range[1].feedback);
+  ASSERT_TRUE(store_->LearnEvents(0, all[1].seq, 5, &range).ok());  // fewer than 5: all
+  ASSERT_EQ(range.size(), 2u);
+  EXPECT_EQ(range[0].task_id, "fast");
 }
 
 // One person's latest verdict counts; several people's are averaged; a repeat that changes

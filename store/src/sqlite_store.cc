@@ -850,10 +850,21 @@ class SqliteStore : public Store {
     return ReadLearn(sql.c_str(), after_seq, 0, fn);
   }
 
-  Status LearnEvents(long first_seq, long last_seq, std::vector<LoggedOutcome>* out) override {
-    static const std::string sql = LearnSql(false, "l.seq>=?1 AND l.seq<=?2");
+  Status LearnEvents(long after_seq, long last_seq, long newest,
+                     std::vector<LoggedOutcome>* out) override {
     out->clear();
-    return ReadLearn(sql.c_str(), first_seq, last_seq, [&](const LoggedOutcome& o) {
+    if (newest > 0) {  // where the newest `newest` begin: one index walk back from last_seq
+      Reading r(*this, /*synced=*/false);
+      Stmt s = r.Prepare(
+          "SELECT seq FROM learn WHERE seq>? AND seq<=? ORDER BY seq DESC LIMIT 1 OFFSET ?");
+      s.Bind(1, after_seq).Bind(2, last_seq).Bind(3, newest);
+      int rc = s.Step();
+      if (rc == SQLITE_ROW) after_seq = s.Long(0);
+      if (rc != SQLITE_ROW && rc != SQLITE_DONE)
+        return Status::IOError("read learning events: " + r.Err());
+    }
+    static const std::string sql = LearnSql(false, "l.seq>?1 AND l.seq<=?2");
+    return ReadLearn(sql.c_str(), after_seq, last_seq, [&](const LoggedOutcome& o) {
       out->push_back(o);
       return true;
     });

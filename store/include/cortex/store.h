@@ -108,8 +108,10 @@ class Store {
   // task belonged elsewhere.
   virtual Status ForEachLearnEvent(long after_seq,
                                    const std::function<bool(const LoggedOutcome&)>& fn) = 0;
-  // The same events from `first_seq` to `last_seq` (both included), for rebuilding weights.
-  virtual Status LearnEvents(long first_seq, long last_seq, std::vector<LoggedOutcome>* out) = 0;
+  // The same events with after_seq < seq <= last_seq, oldest first, for rebuilding weights;
+  // with `newest` > 0, only the newest `newest` of them.
+  virtual Status LearnEvents(long after_seq, long last_seq, long newest,
+                             std::vector<LoggedOutcome>* out) = 0;
   // The finished training attempts among the learning events with seq > `after_seq`, in
   // seq order, each once and with its reward as of now (verdicts applied): a retrain's data.
   virtual Status ForEachOutcome(long after_seq,
