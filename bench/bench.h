@@ -63,6 +63,7 @@ struct PrivateDaemon {
   std::filesystem::path dir;
   std::string socket;
   std::string store_url;  // set before Start: a node of the cluster on this database
+  std::string store_path;  // set before Start: this SQLite store instead of a new one
   pid_t pid = -1;
   PrivateDaemon() = default;
   PrivateDaemon(const PrivateDaemon&) = delete;
@@ -74,6 +75,16 @@ struct PrivateDaemon {
              const std::string& base = "/tmp");
   int Stop();  // SIGTERM; its exit status
 };
+
+struct ExplainOptions {
+  long outcomes = 1000000;
+  long checkpoint_every = 10000;
+  std::string corpus;  // task texts (TSV, text last); default: the shipped sample
+  std::string cortexd;
+  std::string json_out;
+};
+
+int Explain(const ExplainOptions& opt);
 
 struct SoakOptions {
   int clients = 8;

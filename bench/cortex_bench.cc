@@ -4,6 +4,7 @@
 //   train       training throughput (cpu or cuda)
 //   replay      learning quality on a real task stream (replay.cc)
 //   soak        a cortexd under load with misbehaving experts (soak.cc)
+//   explain     `explain` on a store of a million outcomes (explain.cc)
 #include <CLI/CLI.hpp>
 #include <algorithm>
 #include <atomic>
@@ -186,6 +187,19 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(1.0, 86400.0));
   soak->add_option("--cortexd", sk.cortexd, "the cortexd to run (default: beside this tool)");
   soak->add_option("--json", sk.json_out, "write the figures to this file");
+  cortex::bench::ExplainOptions eo;
+  auto* ex = app.add_subcommand(
+      "explain",
+      "how long `explain` takes on a large store: writes one (routed and learned as cortexd "
+      "does), starts a cortexd on it and explains decisions spread over it, bit for bit");
+  ex->add_option("--outcomes", eo.outcomes, "tasks in the store (default 1000000)")
+      ->check(CLI::Range(1000L, 100000000L));
+  ex->add_option("--checkpoint-every", eo.checkpoint_every,
+                 "online steps between checkpoints (training.checkpoint_every)")
+      ->check(CLI::Range(1L, 100000000L));
+  ex->add_option("--corpus", eo.corpus, "task texts: a TSV whose last column is the text");
+  ex->add_option("--cortexd", eo.cortexd, "the cortexd to run (default: beside this tool)");
+  ex->add_option("--json", eo.json_out, "write the figures to this file");
   cortex::bench::ReplayOptions ro;
   auto* rp = app.add_subcommand("replay", "learning quality on a real task stream");
   rp->add_option("--corpus", ro.corpus, "TSV corpus (id, unix_time, type, scope, text)")
@@ -228,6 +242,7 @@ int main(int argc, char** argv) {
   if (rp->parsed()) {
     return cortex::bench::Replay(ro);
   }
+  if (ex->parsed()) return cortex::bench::Explain(eo);
   if (tp->parsed()) {
     std::printf("%-7s %7s %9s %9s %9s %9s %6s %6s %9s\n", "store", "clients", "tasks/s", "p50 ms",
                 "p99 ms", "succeeded", "failed", "errors", "log MiB");

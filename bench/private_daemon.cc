@@ -42,8 +42,9 @@ bool PrivateDaemon::Start(const std::string& cortexd_path, const std::string& da
   fs::permissions(dir / "plugins/misbehave.so", fs::perms(0755), fs::perm_options::replace);
   std::ofstream(dir / "cortex.yaml")
       << "daemon: {socket: " << socket << ", " << daemon_opts << "}\nstore: {"
-      << (store_url.empty() ? "path: " + (dir / "data/cortex.db").string()
-                            : "url: '" + store_url + "'")
+      << (!store_url.empty()    ? "url: '" + store_url + "'"
+          : !store_path.empty() ? "path: " + store_path
+                                : "path: " + (dir / "data/cortex.db").string())
       << "}\nplugins: {dir: " << (dir / "plugins").string() << ", bundled: false, " << plugin_opts
       << "}\n"
       << rest;

@@ -114,9 +114,9 @@ int Score(const SpeedOptions& opt) {
     std::vector<ExpertProfile> profiles;
     for (const auto& e : slots) profiles.push_back(e.profile);
     std::vector<float> scores;
-    std::string version;
+    ScoreInfo info;
     t0 = Clock::now();
-    for (int r = 0; r < rounds; ++r) (void)learner->Score(feats, profiles, &scores, &version);
+    for (int r = 0; r < rounds; ++r) (void)learner->Score(feats, profiles, &scores, &info);
     const double model_rate = static_cast<double>(batch) * rounds / Seconds(t0);
     rows.push_back(
         {{"batch", batch}, {"route_tasks_per_s", route_rate}, {"model_tasks_per_s", model_rate}});

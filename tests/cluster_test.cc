@@ -406,6 +406,56 @@ TEST_F(ClusterTest, TheTrainerRoleMovesAndALiveModelReachesEveryNode) {
     }
 }
 
+// Learning in a cluster: every node follows the same activation and the same sequence of
+// learning events, so a decision made on one node rebuilds bit for bit on another, and
+// verdicts given on one node move routing on every node within seconds.
+TEST_F(ClusterTest, FeedbackOnOneNodeMovesRoutingOnAllAndAnyNodeExplains) {
+  const std::string runs = shared_ / "runs";
+  std::unique_ptr<Daemon> nodes[2];
+  const char* names[2] = {"a", "b"};
+  for (int i = 0; i < 2; ++i) {
+    nodes[i] = Node(dirs_[i], names[i], url_,
+                    "experts:\n" + Recording("redis", names[i], runs, "redis, restart") +
+                        Recording("web", names[i], runs, "web, page"));
+    std::string c = test::ReadFile(nodes[i]->config);
+    c.replace(c.find("online: false"), 13, "online: true");
+    test::WriteFile(nodes[i]->config, c);
+    ASSERT_TRUE(nodes[i]->Start()) << nodes[i]->Log();
+  }
+  std::vector<std::string> ids;
+  for (int i = 0; i < 30; ++i) {
+    test::Run r = nodes[i % 2]->Ctl(
+        {"submit", "--wait", "--json", "--no-repo", "restart redis on host " + std::to_string(i)});
+    ASSERT_EQ(r.code, 0) << r.err;
+    ids.push_back(r.Json().value("id", ""));
+  }
+  auto steps = [&](int i) { return nodes[i]->CtlJson({"models"})["live"].value("step", -1L); };
+  ASSERT_TRUE(test::Eventually([&] { return steps(0) == 30 && steps(1) == 30; }));
+  auto first = [&](int i) {
+    return nodes[i]->CtlJson({"route", "restart redis", "--no-repo"})["candidates"][0]["expert"];
+  };
+  ASSERT_EQ(first(0), "redis");
+  ASSERT_EQ(first(1), "redis");
+  // Both nodes hold the same weights: the same scores, and each explains the other's.
+  EXPECT_EQ(nodes[0]->CtlJson({"route", "restart redis", "--no-repo"})["candidates"],
+            nodes[1]->CtlJson({"route", "restart redis", "--no-repo"})["candidates"]);
+  for (int i : {3, 4}) {
+    json e = nodes[(i + 1) % 2]->CtlJson({"explain", ids[i]});
+    EXPECT_TRUE(e.value("equal", false)) << e.dump();
+  }
+  // Verdicts on node a only; node b's routing moves within seconds, no retrain.
+  int given = 0;
+  for (; given < 30 && first(0) == "redis"; ++given) {
+    ASSERT_EQ(nodes[0]->Ctl({"feedback", ids[given], "--bad"}).code, 0);
+    ASSERT_TRUE(test::Eventually([&] { return steps(0) == 30 + given + 1; }));
+  }
+  EXPECT_LT(given, 30);
+  EXPECT_TRUE(test::Eventually([&] { return first(1) != "redis"; }, 10))
+      << nodes[1]->CtlJson({"route", "restart redis", "--no-repo"}).dump();
+  EXPECT_EQ(steps(1), steps(0));
+  for (auto& d : nodes) EXPECT_EQ(d->Stop(SIGTERM), 0) << d->Log();
+}
+
 // A database outage longer than the node timeout: no node is declared lost for it (none
 // could heartbeat, so none trusts what it sees of the others), `status` says the store
 // does not answer instead of showing it empty, and once the database is back the nodes

@@ -240,8 +240,8 @@ TEST(GatingTest, OnlineStepsMoveTheLiveModelAndRecordTheVersion) {
 }
 
 // The online step is one pass of the online options over the new outcome and the recent
-// ones the learner's seeded generator draws, with priors from the manifests current at that
-// step: the learner must stay bit for bit equal to building that batch with MakeTrainSet and
+// ones the learner's seeded generator draws, each with the prior its decision recorded:
+// the learner must stay bit for bit equal to building that batch with MakeTrainSet and
 // training on it, whatever it keeps between steps (manifests change midway here, the replay
 // buffer wraps, scoring replaces one, and an outcome already learned from is skipped
 // without a draw).
@@ -256,10 +256,12 @@ TEST(GatingTest, OnlineStepsEqualTrainingOnTheReplayedBatchBitForBit) {
   FeatureHasher h(lo.shape.bits);
   Learner learner(lo, h, MakeCpuEngine(), MakeCpuEngine());
   Learner batcher(lo, h, MakeCpuEngine(), MakeCpuEngine());  // MakeTrainSet only
+  std::map<std::string, SparseVector> current;  // what a decision at this step records
   auto manifest = [&](const std::string& name, const std::string& words) {
     const SparseVector m = h.Manifest({name, "", {words}, {}});
     learner.SetManifest(name, m);
     batcher.SetManifest(name, m);
+    current[name] = m;
   };
   manifest("bugfix", "bug login");
   manifest("docs", "docs readme typo");  // "perf" has none until step 150
@@ -292,9 +294,10 @@ TEST(GatingTest, OnlineStepsEqualTrainingOnTheReplayedBatchBitForBit) {
     if (i == 320) {  // scoring with a new manifest replaces the learner's too
       std::vector<ExpertProfile> experts = {{"bugfix", h.Manifest({"bugfix", "", {"flaky"}, {}})}};
       batcher.SetManifest("bugfix", experts[0].manifest);
+      current["bugfix"] = experts[0].manifest;
       std::vector<float> scores;
-      std::string version;
-      ASSERT_TRUE(learner.Score({h.Task("flaky test", {})}, experts, &scores, &version).ok());
+      ScoreInfo info;
+      ASSERT_TRUE(learner.Score({h.Task("flaky test", {})}, experts, &scores, &info).ok());
     }
     LoggedOutcome o = logged[i];
     if (i % 7 == 3) o.attempt = 2;
@@ -302,6 +305,9 @@ TEST(GatingTest, OnlineStepsEqualTrainingOnTheReplayedBatchBitForBit) {
     if (i % 5 == 1) o.propensity = 0.2;
     if (i % 13 == 4) o.reward = o.reward > 0 ? 1.5 : 0.25;  // clamped to [0, 1]
     if (i % 3 == 0) o.tags = {{"repo", i % 2 ? "core" : "vite"}};
+    // The prior its decision recorded: the online step uses that, not the manifests of now.
+    auto m = current.find(o.expert);
+    o.prior = m == current.end() ? 0.0f : std::max(0.0f, Dot(h.Task(o.text, o.tags), m->second));
     learner.Observe(o);
     if (i % 9 == 8) learner.Observe(logged[i - 1]);  // already learned from: no step
     std::vector<LoggedOutcome> batch;
@@ -314,7 +320,9 @@ TEST(GatingTest, OnlineStepsEqualTrainingOnTheReplayedBatchBitForBit) {
     else
       recent[next++ % recent.size()] = o;
     batch.push_back(o);
-    ASSERT_TRUE(engine->Train(&ref, batcher.MakeTrainSet(batch, 0, batch.size()), lo.online).ok());
+    TrainSet set = batcher.MakeTrainSet(batch, 0, batch.size());
+    for (size_t k = 0; k < batch.size(); ++k) set.rows[k].prior = static_cast<float>(batch[k].prior);
+    ASSERT_TRUE(engine->Train(&ref, set, lo.online).ok());
     if (i % 50 == 49) {
       ASSERT_TRUE(same(learner.Snapshot(), ref)) << "after outcome " << i;
     }

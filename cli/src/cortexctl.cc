@@ -518,9 +518,9 @@ void PrintTask(const json& t, bool full_output) {
                   Str(t, "id").c_str());
   }
   for (const auto& f : t.value("feedback", json::array()))
-    std::printf("\nfeedback: quality %.2f at %s%s%s\n", f.value("quality", 0.0),
-                LocalTime(Str(f, "time")).c_str(), Str(f, "note").empty() ? "" : ": ",
-                Str(f, "note").c_str());
+    std::printf("\nfeedback: quality %.2f by %s at %s%s%s\n", f.value("quality", 0.0),
+                Str(f, "by", "?").c_str(), LocalTime(Str(f, "time")).c_str(),
+                Str(f, "note").empty() ? "" : ": ", Str(f, "note").c_str());
 }
 
 // A CSV text field, quoted where needed; on a terminal, shown safely first (redirected, the
@@ -861,6 +861,10 @@ static int RunCli(int argc, char** argv, Ctx& ctx) {
   id_arg(show, &id);
   show->add_flag("--full", full, "print the experts' whole output");
   json_flag(show);
+  // explain
+  auto* explain = OpCommand(&app, Op::kExplain);
+  id_arg(explain, &id);
+  json_flag(explain);
   // history
   int limit = 20;
   std::string expert, since, outcome;
@@ -1150,6 +1154,29 @@ static int RunCli(int argc, char** argv, Ctx& ctx) {
     }
     return kOk;
   }
+  if (explain->parsed()) {
+    if ((rc = Call(ctx, {{"op", OpName(Op::kExplain)}, {"id", id}}, &result)) != kOk) return rc;
+    if (ctx.json_out) return PrintJson(result), kOk;
+    const json a = result.value("activation", json::object());
+    std::printf("task %s: decided by %s at step %ld (live since %s, learning after event %ld)\n",
+                Str(result, "id").c_str(), Str(result, "model_version").c_str(),
+                result.value("model_step", 0L), Str(a, "reason").c_str(),
+                a.value("after_seq", 0L));
+    std::printf("  rebuilt from %s%ld, %ld step(s) replayed, in %.3fs: %s\n",
+                result.value("from_checkpoint", 0L) ? "the checkpoint at step " : "the saved weights ",
+                result.value("from_checkpoint", 0L), result.value("replayed_steps", 0L),
+                result.value("seconds", 0.0),
+                result.value("equal", false) ? "every score equals the recorded one, bit for bit"
+                                             : "SCORES DIFFER from the recorded ones");
+    for (const auto& c : result.value("candidates", json::array())) {
+      std::printf("\n%-16s model %.6f (recorded %.6f%s)  prior %.3f\n", Str(c, "expert").c_str(),
+                  c.value("model_score", 0.0), c.value("recorded_model_score", 0.0),
+                  c.value("equal", false) ? ", equal" : ", DIFFERENT", c.value("prior", 0.0));
+      for (const auto& f : c.value("features", json::array()))
+        std::printf("    %+8.4f  %s\n", f.value("contribution", 0.0), Str(f, "feature").c_str());
+    }
+    return kOk;
+  }
   if (show->parsed()) {
     if ((rc = Call(ctx, {{"op", OpName(Op::kShow)}, {"id", id}}, &result)) != kOk) return rc;
     if (ctx.json_out)
@@ -1431,7 +1458,12 @@ static int RunCli(int argc, char** argv, Ctx& ctx) {
     if (ctx.json_out)
       PrintJson(result);
     else
-      std::printf("feedback recorded for %s: quality %.2f\n", Str(result, "id", id).c_str(), qv);
+      std::printf("feedback from %s recorded for %s (attempt %d, %s): quality %.2f; reward now "
+                  "%.2f%s\n",
+                  Str(result, "by", "?").c_str(), Str(result, "id", id).c_str(),
+                  result.value("attempt", 0), Str(result, "expert").c_str(), qv,
+                  result.value("reward", qv),
+                  result.value("learned", false) ? ", the live model learns from it now" : "");
     return kOk;
   }
   if (reload->parsed()) {
@@ -1455,6 +1487,10 @@ static int RunCli(int argc, char** argv, Ctx& ctx) {
     if (ctx.json_out) return PrintJson(result), kOk;
     if (!retrain_wait) {
       std::printf("retrain queued; `cortexctl models` shows the candidate when it is done\n");
+      return kOk;
+    }
+    if (result.value("skipped", false)) {
+      std::printf("retrain %s\n", Str(result, "reason").c_str());
       return kOk;
     }
     const json m = result.value("metrics", json::object());
@@ -1526,6 +1562,10 @@ static int RunCli(int argc, char** argv, Ctx& ctx) {
     std::printf(
         "(* live; estimates are doubly robust on held-out logged decisions, with their 95%% "
         "interval)\n");
+    const json live = result.value("live", json::object());
+    std::printf("live: %s since %s after learning event %ld, %ld online step(s) since\n",
+                Str(live, "name").c_str(), Str(live, "since").c_str(),
+                live.value("after_seq", 0L), live.value("step", 0L));
     return kOk;
   }
   if (status->parsed()) {

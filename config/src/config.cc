@@ -49,6 +49,9 @@ training:
   min_new_outcomes: 200
   online: true
   epochs: 4
+  feedback_per_hour: 60
+  keep_versions: 20
+  checkpoint_every: 10000
 rules:
   - name: security-terms
     match: ["cve", "vulnerab", "xss", "injection", "secret", "credential", "private key",
@@ -73,7 +76,9 @@ const std::map<std::string, std::set<std::string>>& Sections() {
        {"dir", "watch", "bundled", "isolation", "memory_limit", "quarantine_after",
         "restart_backoff", "env", "load_timeout"}},
       {"router", {"backend", "exploration", "load_bias", "health_bias", "max_attempts", "seed"}},
-      {"training", {"interval", "min_new_outcomes", "online", "epochs"}},
+      {"training",
+       {"interval", "min_new_outcomes", "online", "epochs", "feedback_per_hour", "keep_versions",
+        "checkpoint_every"}},
   };
   return k;
 }
@@ -527,6 +532,18 @@ Result<Config> Parse(const YAML::Node& root, const std::string& source,
       p.Keep(p.Int(t["epochs"], "training.epochs", 1, 100, &v));
       c.training.epochs = static_cast<int>(v);
     }
+    if (t["feedback_per_hour"]) {
+      p.Keep(p.Int(t["feedback_per_hour"], "training.feedback_per_hour", 1, 1000000, &v));
+      c.training.feedback_per_hour = static_cast<int>(v);
+    }
+    if (t["keep_versions"]) {
+      p.Keep(p.Int(t["keep_versions"], "training.keep_versions", 0, 100000, &v));
+      c.training.keep_versions = static_cast<int>(v);
+    }
+    if (t["checkpoint_every"]) {
+      p.Keep(p.Int(t["checkpoint_every"], "training.checkpoint_every", 1, 100000000, &v));
+      c.training.checkpoint_every = v;
+    }
   }
   if (root["rules"]) p.Keep(ParseRules(p, root["rules"], &c.rules));
   if (root["experts"]) p.Keep(ParseExperts(p, root["experts"], &c.experts));
@@ -734,6 +751,9 @@ std::string ConfigToYaml(const Config& c) {
   kv("min_new_outcomes", t.min_new_outcomes);
   kv("online", t.online);
   kv("epochs", t.epochs);
+  kv("feedback_per_hour", t.feedback_per_hour);
+  kv("keep_versions", t.keep_versions);
+  kv("checkpoint_every", t.checkpoint_every);
   out << YAML::EndMap;
   out << YAML::Key << "rules" << YAML::Value << YAML::BeginSeq;
   for (const auto& rule : c.rules) {
@@ -821,7 +841,10 @@ std::map<std::string, std::string> SettingsOf(const Config& c) {
           {"training.interval", num(t.interval_s)},
           {"training.min_new_outcomes", num(t.min_new_outcomes)},
           {"training.online", num(t.online)},
-          {"training.epochs", num(t.epochs)}};
+          {"training.epochs", num(t.epochs)},
+          {"training.feedback_per_hour", num(t.feedback_per_hour)},
+          {"training.keep_versions", num(t.keep_versions)},
+          {"training.checkpoint_every", num(static_cast<double>(t.checkpoint_every))}};
 }
 
 Config DefaultConfig() {

@@ -168,6 +168,9 @@ const std::map<std::string, LiveSetting>& LiveSettings() {
       CORTEX_LIVE("router.seed", router.seed),
       CORTEX_LIVE("training.interval", training.interval_s),
       CORTEX_LIVE("training.min_new_outcomes", training.min_new_outcomes),
+      CORTEX_LIVE("training.feedback_per_hour", training.feedback_per_hour),
+      CORTEX_LIVE("training.keep_versions", training.keep_versions),
+      CORTEX_LIVE("training.checkpoint_every", training.checkpoint_every),
       CORTEX_LIVE("daemon.shutdown_grace", daemon.shutdown_grace_s),
       CORTEX_LIVE("daemon.max_queued", daemon.max_queued),
   };
@@ -444,6 +447,7 @@ class DaemonImpl : public Daemon, public RequestHandler {
                                          MakeGatingScorer(learner_), learner_->hasher());
     }
     trainer_->SetSchedule(run.training.interval_s, run.training.min_new_outcomes);
+    trainer_->SetRetention(run.training.keep_versions, run.training.checkpoint_every);
     {
       std::lock_guard<std::mutex> l(running_mu_);
       running_ = run;
@@ -626,6 +630,7 @@ class DaemonImpl : public Daemon, public RequestHandler {
         store_.get(), learner_, env_,
         [this](const std::string& e, const std::string& d) { RecordEvent(e, d); }, &stop_,
         config_.training.interval_s, config_.training.min_new_outcomes, &metrics_);
+    trainer_->SetRetention(config_.training.keep_versions, config_.training.checkpoint_every);
     CORTEX_RETURN_IF_ERROR(trainer_->LoadLiveModel());
     router_ = std::make_shared<Router>(RouterOptionsFrom(config_.router), std::move(rules),
                                        MakeGatingScorer(learner_), learner_->hasher());
@@ -827,6 +832,26 @@ class DaemonImpl : public Daemon, public RequestHandler {
     return trainer_->Retrain(wait, progress, result);
   }
   Status Models(json* result) override { return trainer_->Models(result); }
+  Status Feedback(const std::string& id, const cortex::Feedback& f, json* result) override {
+    int per_hour;
+    {
+      std::lock_guard<std::mutex> l(running_mu_);
+      per_hour = running_.training.feedback_per_hour;
+    }
+    FeedbackResult r;
+    CORTEX_RETURN_IF_ERROR(store_->AddFeedback(id, f, per_hour, &r));
+    if (r.learn_seq > 0) trainer_->Wake();  // the live model learns from it now
+    *result = {{"id", id},
+               {"quality", f.quality},
+               {"by", f.by},
+               {"attempt", r.attempt},
+               {"expert", r.expert},
+               {"reward", r.reward},
+               {"learned", r.learn_seq > 0}};
+    if (r.learn_seq > 0) (*result)["learn_seq"] = r.learn_seq;
+    return Status::OK();
+  }
+  Status Explain(const Task& t, json* result) override { return trainer_->Explain(t, result); }
   Status Rollback(int version, bool force, json* result) override {
     return trainer_->Rollback(version, force, result);
   }

@@ -187,6 +187,18 @@ Status SubmitArgs(const Request& r, const DaemonConfig& lim, Submission* s, doub
 
 }  // namespace
 
+// Who is at the other end of a connection: a user name, else "uid:N".
+static std::string PeerUser(int fd) {
+  struct ucred cred;
+  socklen_t len = sizeof cred;
+  if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0) return "";
+  struct passwd pw, *found = nullptr;
+  std::vector<char> buf(4096);
+  if (getpwuid_r(cred.uid, &pw, buf.data(), buf.size(), &found) == 0 && found)
+    return found->pw_name;
+  return "uid:" + std::to_string(cred.uid);
+}
+
 Status Server::CheckPeer(int fd) const {
   struct ucred cred;
   socklen_t len = sizeof cred;
@@ -370,6 +382,7 @@ struct Server::Loop {
   struct Conn {
     uint64_t id = 0;
     int fd = -1;
+    std::string user;           // the peer's user name (from its credentials)
     std::string in;             // read, not yet served (from `head` on)
     size_t head = 0;            // bytes of `in` served already
     size_t scanned = 0;         // `in` holds no newline before this
@@ -546,6 +559,7 @@ struct Server::Loop {
     Conn& c = conns[id];
     c.id = id;
     c.fd = fd;
+    c.user = PeerUser(fd);
     c.last_done_us = c.last_write_us = NowUs();
     NoteIdleDeadline(c);
   }
@@ -704,9 +718,10 @@ struct Server::Loop {
     }
     // Moved, never copied: copying a deeply nested request recurses once per level.
     auto shared = std::make_shared<const json>(std::move(req));
-    OnThread(id, c, [this, shared](const std::function<bool(const std::string&)>& write_line) {
-      return s->Guarded(*shared, write_line);
-    });
+    OnThread(id, c,
+             [this, shared, user = c.user](const std::function<bool(const std::string&)>& w) {
+               return s->Guarded(*shared, w, user);
+             });
   }
 
   // A request on a thread of its own: it writes its lines and answer itself (blocking,
@@ -1066,16 +1081,18 @@ json Server::Parse(const std::string& line, json* out) const {
   return nullptr;
 }
 
-json Server::Guarded(const json& req, const std::function<bool(const std::string&)>& write_line) {
+json Server::Guarded(const json& req, const std::function<bool(const std::string&)>& write_line,
+                     const std::string& user) {
   try {
-    return Dispatch(req, write_line);
+    return Dispatch(req, write_line, user);
   } catch (const std::exception& e) {
     LogError("request {} failed: {}", req["op"].get<std::string>(), e.what());
     return wire::Error(Status::Internal(e.what()));
   }
 }
 
-json Server::Dispatch(const json& j, const std::function<bool(const std::string&)>& write_line) {
+json Server::Dispatch(const json& j, const std::function<bool(const std::string&)>& write_line,
+                      const std::string& user) {
   const std::string op = j["op"].get<std::string>();
   const WireOp* spec = FindWireOp(op);
   if (!spec)
@@ -1278,8 +1295,9 @@ json Server::Dispatch(const json& j, const std::function<bool(const std::string&
       if (!IsFinal(t.state))
         return fail(Status::FailedPrecondition("task " + id + " is " + ToString(t.state) +
                                                "; feedback applies to a finished task"));
-      CHECK(h_->store()->AddFeedback(id, {Env::Default()->NowUnix(), q, note}));
-      return wire::Ok({{"id", id}, {"quality", q}});
+      json result;
+      CHECK(h_->Feedback(id, {Env::Default()->NowUnix(), q, note, user}, &result));
+      return wire::Ok(result);
     }
     case Op::kReload: {
       json summary;
@@ -1304,6 +1322,15 @@ json Server::Dispatch(const json& j, const std::function<bool(const std::string&
     case Op::kModels: {
       json result;
       CHECK(h_->Models(&result));
+      return wire::Ok(result);
+    }
+    case Op::kExplain: {
+      std::string id;
+      CHECK(task_id(&id));
+      Task t;
+      CHECK(h_->store()->GetTask(id, &t));
+      json result;
+      CHECK(h_->Explain(t, &result));
       return wire::Ok(result);
     }
     case Op::kRelease: {

@@ -52,6 +52,11 @@ class RequestHandler {
   virtual Status Retrain(bool wait, const std::function<bool(const std::string&)>& progress,
                          nlohmann::json* result) = 0;
   virtual Status Models(nlohmann::json* result) = 0;
+  // A person's verdict (f.by), bounded by training.feedback_per_hour; the live model learns
+  // from it at once.
+  virtual Status Feedback(const std::string& id, const Feedback& f, nlohmann::json* result) = 0;
+  // Rebuilds the weights that decided task `t` and recomputes its candidates.
+  virtual Status Explain(const Task& t, nlohmann::json* result) = 0;
   // Makes model `version` live; one that was refused at validation only with `force`.
   virtual Status Rollback(int version, bool force, nlohmann::json* result) = 0;
 };
@@ -90,11 +95,14 @@ class Server {
   Status CheckPeer(int fd) const;
   // The request line as JSON, or an error answer (*req is then unset).
   nlohmann::json Parse(const std::string& line, nlohmann::json* req) const;
-  // Dispatch, with an exception turned into an Internal error answer.
+  // Dispatch, with an exception turned into an Internal error answer. `user` is who asks
+  // (the peer's user name): feedback records it.
   nlohmann::json Guarded(const nlohmann::json& req,
-                         const std::function<bool(const std::string&)>& write_line);
+                         const std::function<bool(const std::string&)>& write_line,
+                         const std::string& user = "");
   nlohmann::json Dispatch(const nlohmann::json& req,
-                          const std::function<bool(const std::string&)>& write_line);
+                          const std::function<bool(const std::string&)>& write_line,
+                          const std::string& user);
 
   RequestHandler* h_;
   ServerLimits limits_;

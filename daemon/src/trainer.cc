@@ -95,26 +95,149 @@ std::vector<LoggedOutcome> Trainer::OutcomesAfter(long seq, size_t most) {
   return out;
 }
 
-Status Trainer::LoadLiveModel() {
-  // The outcomes logged after the model was trained, to take the online steps again;
-  // without online updates there is nothing to take (a large log would only cost the
-  // start its reading).
-  const bool online = learner_->options().online_updates;
-  auto newer = [&](long seq) { return online ? OutcomesAfter(seq) : std::vector<LoggedOutcome>(); };
-  std::vector<ModelRecord> models;
-  CORTEX_RETURN_IF_ERROR(store_->ListModels(&models));
-  for (const auto& m : models) {
-    if (!m.live) continue;
-    ModelRecord full;
-    CORTEX_RETURN_IF_ERROR(store_->LoadModel(m.version, &full));
-    auto model = GatingModel::Deserialize(full.weights);
-    if (!model.ok()) return model.status().WithContext("live model v" + std::to_string(m.version));
-    learner_->Install(std::move(model).value(), m.version, m.trained_through,
-                      newer(m.trained_through));
-    LogInfo("model v{} is live (trained through outcome {})", m.version, m.trained_through);
-    return Status::OK();
+void Trainer::SetRetention(int keep_versions, long checkpoint_every) {
+  keep_versions_ = std::max(keep_versions, 0);
+  checkpoint_every_ = std::max(checkpoint_every, 1L);
+}
+
+std::vector<LoggedOutcome> Trainer::EventsAfter(long seq, size_t most) {
+  std::vector<LoggedOutcome> out;
+  Status st = store_->ForEachLearnEvent(seq, [&](const LoggedOutcome& o) {
+    out.push_back(o);
+    return out.size() < most;
+  });
+  if (!st.ok()) LogErrorRepeating("reading learning events: {}", st.ToString());
+  return out;
+}
+
+Result<OnlineState> Trainer::Rebuild(const Activation& a, long step, long* from_checkpoint) {
+  *from_checkpoint = 0;
+  OnlineState s;
+  Checkpoint c;
+  Status st = store_->LoadCheckpoint(a.id, step, &c);
+  if (st.ok()) {
+    const long ring = std::min<long>(c.step, std::max(learner_->options().replay_buffer, 0));
+    std::vector<LoggedOutcome> before;
+    CORTEX_RETURN_IF_ERROR(store_->LearnEvents(a.after_seq, c.seq, ring, &before));
+    auto r = learner_->Resume(a, c, before);
+    if (!r.ok()) return r.status();
+    s = std::move(r).value();
+    *from_checkpoint = c.step;
+  } else if (st.code() == Status::Code::kNotFound) {
+    GatingModel base(learner_->options().shape);
+    if (a.version != 0) {
+      ModelRecord rec;
+      CORTEX_RETURN_IF_ERROR(store_->LoadModel(a.version, &rec));
+      auto m = GatingModel::Deserialize(rec.weights);
+      if (!m.ok()) return m.status().WithContext("model v" + std::to_string(a.version));
+      base = std::move(m).value();
+    }
+    s = learner_->Begin(std::move(base), a);
+  } else {
+    return st;
   }
-  learner_->Install(GatingModel(learner_->options().shape), 0, 0, newer(0));
+  if (!learner_->options().online_updates) return s;  // no steps were taken
+  // The steps after it, in the store's sequence, a page at a time.
+  while (s.step < step) {
+    const size_t want = static_cast<size_t>(std::min<long>(step - s.step, 4096));
+    std::vector<LoggedOutcome> page;
+    CORTEX_RETURN_IF_ERROR(store_->ForEachLearnEvent(s.seq, [&](const LoggedOutcome& o) {
+      page.push_back(o);
+      return page.size() < want;
+    }));
+    if (page.empty()) break;
+    for (const auto& o : page) learner_->Step(&s, o);
+  }
+  return s;
+}
+
+Status Trainer::LoadLiveModel() {
+  Activation a;
+  Status st = store_->LiveActivation(&a);
+  if (st.code() == Status::Code::kNotFound) {  // a new store: the untrained model, from the start
+    a = Activation{0, 0, 0, env_->NowUnix(), "initial"};
+    CORTEX_RETURN_IF_ERROR(store_->SetLiveModel(0, 0, a.reason, a.time, &a.id));
+  } else if (!st.ok()) {
+    return st;
+  }
+  long from = 0;
+  auto state = Rebuild(a, LONG_MAX, &from);
+  if (!state.ok()) return state.status().WithContext("the live model");
+  LogInfo("model v{} is live (activation {}, step {}: {} from a checkpoint, learned through event {})",
+          a.version, a.id, state->step, from, state->seq);
+  checkpointed_live_ = a.id;
+  checkpointed_step_ = from;
+  learner_->Restore(std::move(state).value());
+  return Status::OK();
+}
+
+void Trainer::MaybeCheckpoint() {
+  Activation a;
+  long step = 0, seq = 0;
+  learner_->LiveStep(&a, &step, &seq);
+  if (a.id != checkpointed_live_) checkpointed_live_ = a.id, checkpointed_step_ = 0;
+  if (step - checkpointed_step_ < checkpoint_every_.load()) return;
+  Checkpoint c = learner_->MakeCheckpoint();
+  if (Status st = store_->SaveCheckpoint(c); !st.ok()) {
+    LogWarn("saving a checkpoint of the live model: {}", st.message());
+    return;
+  }
+  checkpointed_step_ = c.step;
+}
+
+Status Trainer::Explain(const Task& t, json* out) {
+  if (!t.decision) return Status::FailedPrecondition("task " + t.id + " has no decision");
+  const Decision& d = *t.decision;
+  if (d.model_step < 0)
+    return Status::FailedPrecondition(
+        "task " + t.id + "'s decision names no online step (" +
+        (d.model_version.empty() ? std::string("no model scored it")
+                                 : "recorded by a cortex older than schema 4") +
+        "): its weights cannot be rebuilt");
+  const auto t0 = std::chrono::steady_clock::now();
+  Activation a;
+  CORTEX_RETURN_IF_ERROR(store_->GetActivation(d.model_live, &a));
+  long from = 0;
+  auto state = Rebuild(a, d.model_step, &from);
+  if (!state.ok()) return state.status();
+  if (state->step != d.model_step)
+    return Status::Corruption(fmt::format(
+        "the store holds {} learning events after v{} went live, the decision was made at step {}",
+        state->step, a.version, d.model_step));
+  std::vector<std::pair<std::string, float>> cands;
+  std::vector<const Candidate*> recorded;
+  for (const auto& c : d.candidates) {
+    if (c.model_score == 0 && c.confidence == 0) continue;  // forced, not loaded: never scored
+    cands.emplace_back(c.expert, static_cast<float>(c.prior));
+    recorded.push_back(&c);
+  }
+  auto ex = learner_->Explain(state->model, t.text, t.tags, cands, 8);
+  json list = json::array();
+  bool all_equal = true;
+  for (size_t i = 0; i < ex.size(); ++i) {
+    json f = json::array();
+    for (const auto& [name, c] : ex[i].features) f.push_back({{"feature", name}, {"contribution", c}});
+    const bool equal = ex[i].model_score == recorded[i]->model_score;
+    all_equal &= equal;
+    list.push_back({{"expert", ex[i].expert},
+                    {"model_score", ex[i].model_score},
+                    {"recorded_model_score", recorded[i]->model_score},
+                    {"equal", equal},
+                    {"prior", recorded[i]->prior},
+                    {"prior_part", ex[i].prior_part},
+                    {"features", f}});
+  }
+  *out = {{"id", t.id},
+          {"model_version", d.model_version},
+          {"model_step", d.model_step},
+          {"activation",
+           {{"id", a.id}, {"version", a.version}, {"after_seq", a.after_seq}, {"reason", a.reason}}},
+          {"from_checkpoint", from},
+          {"replayed_steps", d.model_step - from},
+          {"learned_through", state->seq},
+          {"equal", all_equal},
+          {"seconds", std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count()},
+          {"candidates", list}};
   return Status::OK();
 }
 
@@ -134,19 +257,25 @@ void Trainer::Loop() {
       if (Status st = LoadLiveModel(); !st.ok())
         LogError("loading the live model: {}", st.message());
     }
-    // Online: every outcome logged since the last look, in log order, a bounded batch at
-    // a time (after a burst, the next batch follows at once). A rollback's install has
-    // replayed those after its model already (they count as new once only); with online
-    // updates off the model's own mark stays put, so the loop keeps one of its own.
+    // Online: every learning event logged since the last look, in the store's sequence, a
+    // bounded batch at a time (after a burst, the next batch follows at once). A newly
+    // live model learns from those after its own start; the retrain schedule counts each
+    // outcome once. With online updates off the model's own mark stays put, so the loop
+    // keeps one of its own.
     constexpr size_t kBatch = 4096;
+    const long live_seq = learner_->trained_through();
     std::vector<LoggedOutcome> fresh =
-        OutcomesAfter(std::max(learner_->trained_through(), newest_seq_), kBatch);
+        EventsAfter(learner_->options().online_updates ? live_seq : newest_seq_, kBatch);
     if (fresh.size() == kBatch) woken_ = true;
     long added = 0;
     for (const auto& o : fresh) {
       learner_->Observe(o);
-      if (o.seq > newest_seq_) ++added, newest_seq_ = o.seq;
+      if (o.seq > newest_seq_) {
+        newest_seq_ = o.seq;
+        if (!o.feedback) ++added;
+      }
     }
+    MaybeCheckpoint();
     bool due;
     {
       std::lock_guard<std::mutex> l(mu_);
@@ -215,6 +344,26 @@ Status Trainer::RetrainOnce(double now, json* summary) {
   std::vector<LoggedOutcome> history = OutcomesAfter(after);
   std::vector<ModelRecord> models;
   CORTEX_RETURN_IF_ERROR(store_->ListModels(&models));
+  // Nothing new since the last retrain: the same data would make the same candidate.
+  long newest_any = 0, newest_outcome = 0;
+  CORTEX_RETURN_IF_ERROR(store_->NewestLearnSeq(&newest_any, &newest_outcome));
+  long last_through = 0;
+  std::string last_name;
+  for (const auto& m : models)
+    if (m.trained_through >= last_through)
+      last_through = m.trained_through, last_name = Learner::VersionName(m.version);
+  if (!models.empty() && newest_outcome <= last_through) {
+    const std::string why = "skipped: no new outcome since " + last_name +
+                            " (trained through learning event " +
+                            std::to_string(last_through) + ")";
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      retrain_log_.push_back(why);
+    }
+    cv_.notify_all();
+    *summary = {{"skipped", true}, {"reason", why}, {"promoted", false}, {"live", false}};
+    return Status::OK();
+  }
   const int version = models.empty() ? 1 : models.back().version + 1;
   auto res = learner_->Retrain(history, version, now, [this](const std::string& msg) {
     {
@@ -229,11 +378,21 @@ Status Trainer::RetrainOnce(double now, json* summary) {
   ModelRecord rec = res->record;
   rec.weights = res->model.Serialize();
   rec.live = res->promoted;
-  CORTEX_RETURN_IF_ERROR(store_->SaveModel(rec));
+  long activation = 0;
+  CORTEX_RETURN_IF_ERROR(store_->SaveModel(rec, &activation));
   if (res->promoted) {
-    learner_->Install(std::move(res->model), version, rec.trained_through,
-                      OutcomesAfter(rec.trained_through));
+    // Live from its cutoff on: the loop's next look takes the steps on what came after.
+    learner_->Install(std::move(res->model),
+                      Activation{activation, version, rec.trained_through, now, "promoted"});
+    woken_ = true;
     if (live_changed_) live_changed_(version);
+  } else {
+    std::vector<int> pruned;
+    if (Status st = store_->PruneModels(keep_versions_.load(), &pruned); !st.ok())
+      LogWarn("pruning refused model versions: {}", st.message());
+    else if (!pruned.empty())
+      LogInfo("pruned {} refused model version(s) beyond training.keep_versions ({})",
+              pruned.size(), keep_versions_.load());
   }
   LogInfo(
       "retrain v{}: {} ({} train, {} held out; candidate {:.3f}, live {:.3f}, diff {:+.3f} "
@@ -303,17 +462,34 @@ Status Trainer::Models(json* result) {
                {"live", !any_live},
                {"metrics", {{"note", "untrained: manifest prior plus online updates"}}}});
   for (const auto& m : models) a.push_back(wire::ToJson(m));
-  *result = {{"models", a}, {"live_version", learner_->live_version()}};
+  Activation live;
+  long step = 0, seq = 0;
+  learner_->LiveStep(&live, &step, &seq);
+  *result = {{"models", a},
+             {"live_version", live.version},
+             {"live_step", step},
+             {"live",
+              {{"version", live.version},
+               {"name", Learner::VersionName(live.version)},
+               {"activation", live.id},
+               {"since", live.reason},
+               {"after_seq", live.after_seq},
+               {"step", step},
+               {"learned_through", seq}}}};
   return Status::OK();
 }
 
 Status Trainer::Rollback(int version, bool force, json* result) {
-  if (version == learner_->live_version()) {  // nothing to do, and no event to record
+  Activation live;
+  long live_step = 0, live_seq = 0;
+  learner_->LiveStep(&live, &live_step, &live_seq);
+  // Nothing to do, and no event to record: those weights are live as saved. (A live
+  // version that has learned since goes back to its saved weights.)
+  if (version == live.version && live_step == 0) {
     *result = {{"live_version", version}, {"previous", version}, {"unchanged", true}};
     return Status::OK();
   }
   GatingModel model(learner_->options().shape);
-  long through = 0;
   if (version != 0) {
     ModelRecord rec;
     CORTEX_RETURN_IF_ERROR(store_->LoadModel(version, &rec));
@@ -331,13 +507,15 @@ Status Trainer::Rollback(int version, bool force, json* result) {
     auto m = GatingModel::Deserialize(rec.weights);
     if (!m.ok()) return m.status().WithContext("model v" + std::to_string(version));
     model = std::move(m).value();
-    through = rec.trained_through;
   }
   const int previous = learner_->live_version();
-  CORTEX_RETURN_IF_ERROR(store_->SetLiveModel(version));
-  // Outcomes after its cutoff are applied by the trainer thread, the only thread that
-  // feeds the learner, so none is skipped or applied twice by a concurrent catch-up.
-  learner_->Install(std::move(model), version, through, {});
+  // Exactly the saved weights, learning online from the events that come after now (the
+  // trainer thread feeds them, as it does every step).
+  long newest = 0, newest_outcome = 0;
+  CORTEX_RETURN_IF_ERROR(store_->NewestLearnSeq(&newest, &newest_outcome));
+  Activation a{0, version, newest, env_->NowUnix(), "rollback"};
+  CORTEX_RETURN_IF_ERROR(store_->SetLiveModel(version, newest, a.reason, a.time, &a.id));
+  learner_->Install(std::move(model), a);
   cv_.notify_all();
   if (live_changed_) live_changed_(version);
   LogInfo("rollback: model v{} is live again (was v{})", version, previous);

@@ -32,11 +32,19 @@ class Trainer {
           std::function<void(const std::string& event, const std::string& detail)> event,
           const std::atomic<bool>* stop, double interval_s, long min_new_outcomes,
           Metrics* metrics = nullptr);
+
+  // training.keep_versions (refused versions kept) and training.checkpoint_every (online
+  // steps between checkpoints of the live weights). Before Start, or a reload.
+  void SetRetention(int keep_versions, long checkpoint_every);
   ~Trainer();
 
-  // The live version from the store, brought up to date with the outcomes logged since it
-  // was trained (the same online steps it took while it was running). Before Start.
+  // The live activation from the store, rebuilt bit for bit: its newest checkpoint (or its
+  // version's saved weights) and the same online steps on the learning events after it.
+  // A store where no version was ever made live gets the initial one. Before Start, and
+  // when another node made a model live.
   Status LoadLiveModel();
+  // Rebuilds the weights that made task `t`'s decision and recomputes its candidates.
+  Status Explain(const Task& t, nlohmann::json* out);
   void Start();
   void Stop();  // joins the thread (after setting *stop)
 
@@ -66,6 +74,10 @@ class Trainer {
   void RunRetrain();
   Status RetrainOnce(double now, nlohmann::json* summary);
   std::vector<LoggedOutcome> OutcomesAfter(long seq, size_t most = SIZE_MAX);
+  std::vector<LoggedOutcome> EventsAfter(long seq, size_t most);
+  // The state of activation `a` at step `step` (SIZE_MAX: every event logged so far).
+  Result<OnlineState> Rebuild(const Activation& a, long step, long* from_checkpoint);
+  void MaybeCheckpoint();
 
   Store* const store_;
   const std::shared_ptr<Learner> learner_;
@@ -74,7 +86,11 @@ class Trainer {
   Metrics* const metrics_;  // may be null
   const std::atomic<bool>* const stop_;
   std::thread thread_;
-  long newest_seq_ = 0;              // newest outcome seen (the loop's thread only)
+  long newest_seq_ = 0;              // newest learning event seen (the loop's thread only)
+  std::atomic<int> keep_versions_{20};
+  std::atomic<long> checkpoint_every_{10000};
+  long checkpointed_step_ = 0;  // the live activation's last checkpoint (loop thread)
+  long checkpointed_live_ = 0;
   std::atomic<bool> woken_{false};   // a Wake since the loop last read the outcomes
   std::atomic<bool> reload_{false};  // ReloadLive: load the live model from the store
   // A cluster (SetCluster): "" while this node is the trainer, else who is (or "none").

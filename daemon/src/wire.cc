@@ -1,5 +1,8 @@
 #include "cortex/wire.h"
 
+#include <map>
+#include <optional>
+
 #include <cmath>
 #include <ctime>
 
@@ -32,14 +35,21 @@ json ToJson(const Candidate& c) {
           {"base_score", c.score},
           {"score", c.score + c.load_bias + c.health_bias},
           {"confidence", c.confidence},
-          {"rules", c.rules}};
+          {"rules", c.rules},
+          {"prior", c.prior}};
 }
 
 json ToJson(const Decision& d) {
   json cands = json::array();
   for (const auto& c : d.candidates) cands.push_back(ToJson(c));
-  return {{"time", IsoTime(d.time)},    {"model_version", d.model_version}, {"chosen", d.chosen},
-          {"propensity", d.propensity}, {"explored", d.explored},           {"forced", d.forced},
+  return {{"time", IsoTime(d.time)},
+          {"model_version", d.model_version},
+          {"model_step", d.model_step >= 0 ? json(d.model_step) : json(nullptr)},
+          {"model_activation", d.model_step >= 0 ? json(d.model_live) : json(nullptr)},
+          {"chosen", d.chosen},
+          {"propensity", d.propensity},
+          {"explored", d.explored},
+          {"forced", d.forced},
           {"candidates", cands}};
 }
 
@@ -102,10 +112,22 @@ json ToJson(const ReportData& r) {
           {"models", models}};
 }
 
+std::optional<double> FeedbackQuality(const Task& t) {
+  // Each person's latest verdict on the last attempt (or, before schema 4, on the task).
+  const int last = t.attempts.empty() ? 0 : t.attempts.back().n;
+  std::map<std::string, double> latest;
+  for (const auto& f : t.feedback)
+    if (f.attempt == 0 || f.attempt == last) latest[f.by] = f.quality;
+  if (latest.empty()) return std::nullopt;
+  double sum = 0;
+  for (const auto& [by, q] : latest) sum += q;
+  return sum / static_cast<double>(latest.size());
+}
+
 json FinalOutcome(const Task& t) {
   if (!IsFinal(t.state) || t.attempts.empty() || !t.attempts.back().outcome) return nullptr;
   const Outcome& o = *t.attempts.back().outcome;
-  double q = t.feedback.empty() ? o.quality : t.feedback.back().quality;
+  double q = FeedbackQuality(t).value_or(o.quality);
   return {
       {"kind", ToString(o.kind)}, {"quality", q}, {"duration_s", o.duration_s}, {"error", o.error}};
 }
@@ -146,7 +168,11 @@ json ToJson(const Task& t) {
   }
   json fb = json::array();
   for (const auto& f : t.feedback)
-    fb.push_back({{"time", IsoTime(f.time)}, {"quality", f.quality}, {"note", f.note}});
+    fb.push_back({{"time", IsoTime(f.time)},
+                  {"quality", f.quality},
+                  {"note", f.note},
+                  {"by", f.by},
+                  {"attempt", f.attempt}});
   json j = {{"id", t.id},
             {"text", t.text},
             {"tags", tags},
@@ -196,6 +222,7 @@ json ExportRow(const Task& t) {
   PutExpert(t, &j);
   if (t.decision) {
     j["model_version"] = t.decision->model_version;
+    j["model_step"] = t.decision->model_step >= 0 ? json(t.decision->model_step) : json(nullptr);
     j["propensity"] = t.decision->propensity;
     j["explored"] = t.decision->explored;
     json cands = json::array();
@@ -204,7 +231,8 @@ json ExportRow(const Task& t) {
   }
   j["attempts"] = t.attempts.size();
   j["outcome"] = FinalOutcome(t);
-  j["feedback_quality"] = t.feedback.empty() ? json(nullptr) : json(t.feedback.back().quality);
+  const std::optional<double> fq = FeedbackQuality(t);
+  j["feedback_quality"] = fq ? json(*fq) : json(nullptr);
   return j;
 }
 

@@ -62,20 +62,45 @@ uint32_t FeatureHasher::Hash(const std::string& ns, const std::string& s) const 
 }
 
 void FeatureHasher::AddText(const std::string& text, float weight, bool pairs,
-                            std::vector<std::pair<uint32_t, float>>* acc) const {
+                            std::vector<std::pair<uint32_t, float>>* acc,
+                            std::vector<std::string>* labels) const {
+  auto add = [&](const char* ns, const char* kind, const std::string& s, float w) {
+    acc->emplace_back(Hash(ns, s), w);
+    if (labels) labels->push_back(std::string(kind) + ":" + s);
+  };
   std::vector<std::string> words = Words(text);
   // The leading word of a task is usually its verb ("fix", "add", "bump"): worth its own
   // feature besides the plain word.
-  if (!words.empty()) acc->emplace_back(Hash("f", words[0]), weight);
+  if (!words.empty()) add("f", "first", words[0], weight);
   for (size_t i = 0; i < words.size(); ++i) {
     const std::string& w = words[i];
-    acc->emplace_back(Hash("w", w), weight);
-    if (pairs && i + 1 < words.size()) acc->emplace_back(Hash("b", w + " " + words[i + 1]), weight);
+    add("w", "word", w, weight);
+    if (pairs && i + 1 < words.size()) add("b", "pair", w + " " + words[i + 1], weight);
     std::string padded = "^" + w + "$";
     if (padded.size() >= 5)
       for (size_t k = 0; k + 4 <= padded.size(); ++k)
-        acc->emplace_back(Hash("c", padded.substr(k, 4)), 0.3f * weight);
+        add("c", "4gram", padded.substr(k, 4), 0.3f * weight);
   }
+}
+
+std::unordered_map<uint32_t, std::string> FeatureHasher::Labels(const std::string& text,
+                                                                const Tags& tags) const {
+  std::vector<std::pair<uint32_t, float>> acc;
+  std::vector<std::string> names;
+  AddText(text, 1.0f, true, &acc, &names);
+  for (const auto& [k, v] : tags) {
+    acc.emplace_back(Hash("t", k + "=" + v), 1.0f);
+    names.push_back("tag:" + k + "=" + v);
+  }
+  std::unordered_map<uint32_t, std::string> out;
+  for (size_t i = 0; i < acc.size(); ++i) {
+    std::string& l = out[acc[i].first];
+    if (l.empty())
+      l = names[i];
+    else if (l != names[i] && l.find(names[i]) == std::string::npos)
+      l += " | " + names[i];
+  }
+  return out;
 }
 
 SparseVector FeatureHasher::Finish(std::vector<std::pair<uint32_t, float>>* acc) {

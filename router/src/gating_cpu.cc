@@ -134,12 +134,20 @@ class CpuEngine : public GatingEngine {
       }
     });
     float* Z = out->data();
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, B, E, H, 1.0f, hid_.data(), H, U.data(), H,
-                0.0f, Z, E);
     const int wbits = m.shape().wide_bits;
     ParallelRows(B, [&](int lo, int hi) {
       std::vector<uint64_t> mix;
       for (int b = lo; b < hi; ++b) {
+        // Each row's head products on its own (not one GEMM over the batch, whose kernels
+        // may sum a row differently by batch size): a task scores the same bits alone or
+        // in any batch, which `explain` relies on.
+        const float* h = &hid_[static_cast<size_t>(b) * H];
+        for (int e = 0; e < E; ++e) {
+          const float* u = &U[static_cast<size_t>(e) * H];
+          float z = 0;
+          for (int c = 0; c < H; ++c) z += h[c] * u[c];
+          Z[b * E + e] = z;
+        }
         mix.clear();
         for (int j = x.offsets[b]; j < x.offsets[b + 1]; ++j)
           mix.push_back(GatingModel::FeatureMix(x.idx[j] & mask));

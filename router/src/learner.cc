@@ -49,17 +49,25 @@ Learner::Learner(LearnerOptions options, FeatureHasher hasher,
       hasher_(hasher),
       score_engine_(std::move(score_engine)),
       train_engine_(std::move(train_engine)),
-      online_engine_(MakeCpuEngine()),
-      live_(options.shape) {}
+      online_engine_(MakeCpuEngine()) {
+  live_.model = GatingModel(options.shape);
+}
 
 int Learner::live_version() const {
-  std::lock_guard<std::mutex> l(mu_);
-  return version_;
+  std::shared_lock<std::shared_mutex> l(model_mu_);
+  return live_.live.version;
 }
 
 long Learner::trained_through() const {
-  std::lock_guard<std::mutex> l(mu_);
-  return trained_through_;
+  std::shared_lock<std::shared_mutex> l(model_mu_);
+  return live_.seq;
+}
+
+void Learner::LiveStep(Activation* live, long* step, long* seq) const {
+  std::shared_lock<std::shared_mutex> l(model_mu_);
+  *live = live_.live;
+  *step = live_.step;
+  *seq = live_.seq;
 }
 
 std::map<std::string, SparseVector> Learner::ManifestsOf(
@@ -83,21 +91,14 @@ void Learner::SetManifest(const std::string& expert, const SparseVector& manifes
 }
 
 void Learner::PutManifest(const std::string& expert, const SparseVector& manifest) {
-  auto [it, added] = manifests_.try_emplace(expert);
-  SparseVector& cur = it->second;
-  if (!added && cur.idx == manifest.idx && cur.val.size() == manifest.val.size() &&
-      (cur.val.empty() ||
-       std::memcmp(cur.val.data(), manifest.val.data(), cur.val.size() * sizeof(float)) == 0))
-    return;  // the same bits: every prior computed with it still holds
-  cur = manifest;
-  ++manifests_gen_;
+  manifests_[expert] = manifest;
 }
 
 Status Learner::Score(const std::vector<SparseVector>& tasks,
                       const std::vector<ExpertProfile>& experts, std::vector<float>* out,
-                      std::string* version) {
+                      ScoreInfo* info) {
   std::lock_guard<std::mutex> l(mu_);
-  const uint32_t mask = static_cast<uint32_t>(live_.rows() - 1);
+  const uint32_t mask = static_cast<uint32_t>((size_t{1} << options_.shape.bits) - 1);
   std::vector<std::string> names;
   std::vector<size_t> sizes;
   names.reserve(experts.size());
@@ -120,7 +121,8 @@ Status Learner::Score(const std::vector<SparseVector>& tasks,
   }
   const size_t E = experts.size();
   SparseBatch x;
-  std::vector<float> prior(tasks.size() * E, 0.0f);
+  std::vector<float>& prior = info->priors;
+  prior.assign(tasks.size() * E, 0.0f);
   for (size_t b = 0; b < tasks.size(); ++b) {
     x.Add(tasks[b], mask);
     float* row = &prior[b * E];
@@ -131,9 +133,13 @@ Status Learner::Score(const std::vector<SparseVector>& tasks,
     }
     for (size_t e = 0; e < E; ++e) row[e] = std::max(0.0f, row[e]);
   }
-  *version = VersionName(version_);
+  // The weights and the step that names them, read under one lock: a step in progress
+  // is either all in the scores or not at all.
   std::shared_lock<std::shared_mutex> weights(model_mu_);
-  return score_engine_->Score(live_, x, names, prior, out);
+  info->version = VersionName(live_.live.version);
+  info->live = live_.live.id;
+  info->step = live_.step;
+  return score_engine_->Score(live_.model, x, names, prior, out);
 }
 
 float Learner::RewardOf(const LoggedOutcome& o) {
@@ -172,88 +178,188 @@ TrainSet Learner::MakeTrainSet(const std::vector<LoggedOutcome>& outcomes, size_
   return set;
 }
 
-void Learner::AddOnlineRow(OnlineRow& row) {
-  TrainSet& set = online_set_;
-  int col = 0;  // columns in order of first appearance, as MakeTrainSet numbers them
-  while (col < static_cast<int>(set.experts.size()) && set.experts[col] != row.expert) ++col;
-  if (col == static_cast<int>(set.experts.size())) set.experts.push_back(row.expert);
-  TrainRow r;
-  r.x = set.x.rows();
-  r.expert = col;
-  // The prior with the manifests of now: computed again only when they have changed since.
-  if (row.prior_gen != manifests_gen_) {
-    row.prior = PriorOf(manifests_, row.x, row.expert);
-    row.prior_gen = manifests_gen_;
+OnlineRow Learner::RowOf(const LoggedOutcome& o) const {
+  // The prior recorded with the decision, not the manifests of now: a manifest edited
+  // later must not change what replaying this step gives.
+  return {hasher_.Task(o.text, o.tags), o.expert, RewardOf(o),
+          o.feedback ? options_.feedback_weight : WeightOf(o), static_cast<float>(o.prior)};
+}
+
+void Learner::StepLocked(OnlineState* s, OnlineRow row, TrainSet* set,
+                         GatingEngine* engine) const {
+  // The new event plus a few from the ring drawn at random (seeded): each online step
+  // revisits the recent past, which learns faster than a single pass.
+  set->x.offsets.assign(1, 0);
+  set->x.idx.clear();
+  set->x.val.clear();
+  set->experts.clear();
+  set->rows.clear();
+  const uint32_t mask = static_cast<uint32_t>((size_t{1} << options_.shape.bits) - 1);
+  auto add = [&](const OnlineRow& r) {
+    int col = 0;  // columns in order of first appearance
+    while (col < static_cast<int>(set->experts.size()) && set->experts[col] != r.expert) ++col;
+    if (col == static_cast<int>(set->experts.size())) set->experts.push_back(r.expert);
+    set->rows.push_back({set->x.rows(), col, r.prior, r.reward, r.weight});
+    set->x.Add(r.x, mask);
+  };
+  for (int k = 0; k < options_.online_replay && !s->ring.empty(); ++k) {
+    s->rng = s->rng * 6364136223846793005ULL + 1442695040888963407ULL + options_.shape.seed;
+    add(s->ring[(s->rng >> 33) % s->ring.size()]);
   }
-  r.prior = row.prior;
-  r.reward = row.reward;
-  r.weight = row.weight;
-  set.x.Add(row.x, static_cast<uint32_t>((size_t{1} << options_.shape.bits) - 1));
-  set.rows.push_back(r);
+  add(row);
+  const size_t cap = static_cast<size_t>(std::max(options_.replay_buffer, 0));
+  if (cap > 0) {
+    if (s->ring.size() < cap)
+      s->ring.push_back(std::move(row));
+    else
+      s->ring[static_cast<size_t>(s->step) % cap] = std::move(row);
+  }
+  TrainOptions step = options_.online;
+  step.lock = nullptr;  // the caller holds the state's lock for the whole step
+  (void)engine->Train(&s->model, *set, step);
+  ++s->step;
 }
 
 void Learner::Observe(const LoggedOutcome& o) {
   if (!options_.online_updates) return;
   std::lock_guard<std::mutex> one(observe_mu_);
-  ObserveLocked(o);
+  {
+    std::shared_lock<std::shared_mutex> l(model_mu_);
+    if (o.seq <= live_.seq) return;
+  }
+  // Featurized outside the lock (scoring waits on it).
+  OnlineRow row = RowOf(o);
+  std::unique_lock<std::shared_mutex> l(model_mu_);
+  StepLocked(&live_, std::move(row), &online_set_, online_engine_.get());
+  live_.seq = o.seq;
 }
 
-void Learner::ObserveLocked(const LoggedOutcome& o) {
-  if (!options_.online_updates) return;
-  {
-    std::lock_guard<std::mutex> l(mu_);
-    if (o.seq <= trained_through_) return;
+OnlineState Learner::Begin(GatingModel model, const Activation& live) const {
+  OnlineState s;
+  s.model = std::move(model);
+  s.live = live;
+  s.seq = live.after_seq;
+  return s;
+}
+
+Result<OnlineState> Learner::Resume(const Activation& live, const Checkpoint& c,
+                                    const std::vector<LoggedOutcome>& ring_events) const {
+  auto m = GatingModel::Deserialize(c.weights);
+  if (!m.ok()) return m.status().WithContext("checkpoint at step " + std::to_string(c.step));
+  OnlineState s = Begin(std::move(m).value(), live);
+  s.step = c.step;
+  s.seq = c.seq;
+  s.rng = c.rng;
+  const long cap = std::max(options_.replay_buffer, 0);
+  const long n = std::min<long>(c.step, cap);
+  if (static_cast<long>(ring_events.size()) != n)
+    return Status::Corruption("checkpoint at step " + std::to_string(c.step) + " needs " +
+                              std::to_string(n) + " learning events before it, the store has " +
+                              std::to_string(ring_events.size()));
+  s.ring.resize(static_cast<size_t>(n));
+  for (long i = 0; i < n; ++i) {  // event i is that of step c.step - n + 1 + i
+    const long t = c.step - n + 1 + i;
+    s.ring[static_cast<size_t>((t - 1) % cap)] = RowOf(ring_events[static_cast<size_t>(i)]);
   }
-  // Featurized once, outside the lock (scoring waits on it), and kept in that form for
-  // replay; the check above spares hashing an outcome already learned from.
-  OnlineRow row{hasher_.Task(o.text, o.tags), o.expert, RewardOf(o), WeightOf(o)};
-  std::unique_lock<std::mutex> l(mu_);
-  if (o.seq <= trained_through_) return;
-  // The new outcome plus a few recent ones drawn at random (seeded): each online step
-  // revisits the recent past, which learns faster than a single pass. Rows in the order
-  // MakeTrainSet would give them over the drawn outcomes followed by the new one.
-  online_set_.x.offsets.assign(1, 0);
-  online_set_.x.idx.clear();
-  online_set_.x.val.clear();
-  online_set_.experts.clear();
-  online_set_.rows.clear();
-  for (int k = 0; k < options_.online_replay && !recent_.empty(); ++k) {
-    replay_rng_ =
-        replay_rng_ * 6364136223846793005ULL + 1442695040888963407ULL + options_.shape.seed;
-    AddOnlineRow(recent_[(replay_rng_ >> 33) % recent_.size()]);
-  }
-  AddOnlineRow(row);
-  if (static_cast<int>(recent_.size()) < options_.replay_buffer)
-    recent_.push_back(std::move(row));
-  else if (options_.replay_buffer > 0)
-    recent_[recent_next_++ % recent_.size()] = std::move(row);
-  l.unlock();
-  TrainOptions step = options_.online;
-  step.lock = &model_mu_;
-  (void)online_engine_->Train(&live_, online_set_, step);
-  l.lock();
-  trained_through_ = o.seq;
+  return s;
+}
+
+void Learner::Step(OnlineState* s, const LoggedOutcome& o) const {
+  thread_local TrainSet set;  // scratch, and an engine, for a rebuild's many steps
+  thread_local std::unique_ptr<GatingEngine> engine = MakeCpuEngine();
+  StepLocked(s, RowOf(o), &set, engine.get());
+  s->seq = o.seq;
+}
+
+void Learner::Install(GatingModel model, const Activation& live) {
+  std::lock_guard<std::mutex> one(observe_mu_);
+  std::unique_lock<std::shared_mutex> weights(model_mu_);
+  live_ = Begin(std::move(model), live);
+  live_cutoff_ = live.after_seq;
 }
 
 void Learner::Install(GatingModel model, int version, long trained_through,
                       const std::vector<LoggedOutcome>& newer) {
+  Install(std::move(model), Activation{0, version, trained_through, 0, "installed"});
+  for (const auto& o : newer) Observe(o);
+}
+
+void Learner::Restore(OnlineState state) {
   std::lock_guard<std::mutex> one(observe_mu_);
-  {
-    std::lock_guard<std::mutex> l(mu_);
-    std::unique_lock<std::shared_mutex> weights(model_mu_);
-    live_ = std::move(model);
-    version_ = version;
-    trained_through_ = trained_through;
-    live_cutoff_ = trained_through;
-  }
-  for (const auto& o : newer)
-    if (o.seq > trained_through) ObserveLocked(o);
+  std::unique_lock<std::shared_mutex> weights(model_mu_);
+  live_cutoff_ = state.live.after_seq;
+  live_ = std::move(state);
 }
 
 GatingModel Learner::Snapshot() const {
-  std::lock_guard<std::mutex> l(mu_);
   std::shared_lock<std::shared_mutex> weights(model_mu_);
-  return live_;
+  return live_.model;
+}
+
+Checkpoint Learner::MakeCheckpoint() const {
+  Checkpoint c;
+  GatingModel copy;
+  {
+    std::shared_lock<std::shared_mutex> weights(model_mu_);
+    copy = live_.model;
+    c.activation = live_.live.id;
+    c.step = live_.step;
+    c.seq = live_.seq;
+    c.rng = live_.rng;
+  }
+  c.weights = copy.Serialize();  // outside the lock: it compares every row with its seed
+  return c;
+}
+
+std::vector<ExplainedCandidate> Learner::Explain(
+    const GatingModel& m, const std::string& text, const Tags& tags,
+    const std::vector<std::pair<std::string, float>>& cands, size_t top) const {
+  const SparseVector v = hasher_.Task(text, tags);
+  const uint32_t mask = static_cast<uint32_t>(m.rows() - 1);
+  SparseBatch x;
+  x.Add(v, mask);
+  std::vector<std::string> names;
+  std::vector<float> prior;
+  for (const auto& [e, p] : cands) names.push_back(e), prior.push_back(p);
+  std::vector<float> scores;
+  auto engine = MakeCpuEngine();
+  (void)engine->Score(m, x, names, prior, &scores);
+  // What each feature is: the words, pairs, 4-grams and tags that hash to its bucket.
+  const auto labels = hasher_.Labels(text, tags);
+  const int H = m.hidden();
+  std::vector<float> h(m.b1.begin(), m.b1.end());
+  for (size_t j = 0; j < v.size(); ++j) {
+    const float* row = &m.emb[static_cast<size_t>(v.idx[j] & mask) * H];
+    for (int c = 0; c < H; ++c) h[c] += v.val[j] * row[c];
+  }
+  std::vector<ExplainedCandidate> out;
+  for (size_t e = 0; e < names.size(); ++e) {
+    ExplainedCandidate ec;
+    ec.expert = names[e];
+    ec.model_score = scores.empty() ? 0.0 : scores[e];
+    ec.prior_part = static_cast<double>(m.prior_w) * prior[e] + m.prior_b;
+    const ExpertHead* head = m.Head(names[e]);
+    const uint64_t key = GatingModel::ExpertKey(names[e]);
+    for (size_t j = 0; j < v.size(); ++j) {
+      const uint32_t i = v.idx[j] & mask;
+      double c = static_cast<double>(v.val[j]) * m.wide[m.WideIndex(i, key)];
+      if (head) {  // the hidden layer with and without this feature
+        const float* row = &m.emb[static_cast<size_t>(i) * H];
+        for (int k = 0; k < H; ++k)
+          c += head->w[k] * (std::tanh(static_cast<double>(h[k])) -
+                             std::tanh(static_cast<double>(h[k]) - v.val[j] * row[k]));
+      }
+      auto it = labels.find(v.idx[j]);
+      ec.features.emplace_back(it == labels.end() ? "#" + std::to_string(v.idx[j]) : it->second,
+                               c);
+    }
+    std::stable_sort(ec.features.begin(), ec.features.end(), [](const auto& a, const auto& b) {
+      return std::fabs(a.second) > std::fabs(b.second);
+    });
+    if (ec.features.size() > top) ec.features.resize(top);
+    out.push_back(std::move(ec));
+  }
+  return out;
 }
 
 Result<RetrainResult> Learner::Retrain(const std::vector<LoggedOutcome>& history, int version,
@@ -322,12 +428,12 @@ Result<RetrainResult> Learner::Retrain(const std::vector<LoggedOutcome>& history
   long live_cutoff;
   {
     {
-      std::lock_guard<std::mutex> l(mu_);
+      std::shared_lock<std::shared_mutex> l(model_mu_);
       live_cutoff = live_cutoff_;
     }
     // Online steps wait for this (one batch of at most max_holdout rows), not the reverse.
     std::shared_lock<std::shared_mutex> weights(model_mu_);
-    CORTEX_RETURN_IF_ERROR(train_engine_->Score(live_, x, names, prior, &q_live));
+    CORTEX_RETURN_IF_ERROR(train_engine_->Score(live_.model, x, names, prior, &q_live));
   }
   std::vector<double> dr_cand, dr_live, dr_diff;
   const size_t E = names.size();
@@ -442,8 +548,8 @@ class GatingScorer : public Scorer {
   std::string version() const override { return Learner::VersionName(learner_->live_version()); }
   std::string backend() const override { return learner_->backend(); }
   Status Score(const std::vector<SparseVector>& tasks, const std::vector<ExpertProfile>& experts,
-               std::vector<float>* scores, std::string* version) override {
-    return learner_->Score(tasks, experts, scores, version);
+               std::vector<float>* scores, ScoreInfo* info) override {
+    return learner_->Score(tasks, experts, scores, info);
   }
 
  private:

@@ -10,8 +10,9 @@ class ManifestPriorScorer : public Scorer {
   std::string version() const override { return "prior-v1"; }
   std::string backend() const override { return "cpu"; }
   Status Score(const std::vector<SparseVector>& tasks, const std::vector<ExpertProfile>& experts,
-               std::vector<float>* scores, std::string* version) override {
-    *version = this->version();
+               std::vector<float>* scores, ScoreInfo* info) override {
+    *info = ScoreInfo{};
+    info->version = this->version();
     const size_t b = tasks.size(), e = experts.size();
     scores->assign(b * e, 0.0f);
     for (size_t i = 0; i < b; ++i)

@@ -46,16 +46,18 @@ Status Router::Route(const std::vector<RouteRequest>& batch, const std::vector<E
   profiles.reserve(E);
   for (const auto& e : experts) profiles.push_back(e.profile);
   std::vector<float> scores;
-  std::string version;
+  ScoreInfo info;
   {
     std::lock_guard<std::mutex> l(score_mu_);
-    CORTEX_RETURN_IF_ERROR(scorer_->Score(feats, profiles, &scores, &version));
+    CORTEX_RETURN_IF_ERROR(scorer_->Score(feats, profiles, &scores, &info));
   }
 
   for (size_t b = 0; b < batch.size(); ++b) {
     Decision d;
     d.time = now;
-    d.model_version = version;
+    d.model_version = info.version;
+    d.model_live = info.live;
+    d.model_step = info.step;
     std::vector<Candidate> cands(E);
     std::vector<RuleMatch> fired = rules_.Evaluate(batch[b].text);
     // The first force rule that fired (in rule order) is policy, loaded or not: a forced
@@ -78,6 +80,7 @@ Status Router::Route(const std::vector<RouteRequest>& batch, const std::vector<E
       Candidate& c = cands[j];
       c.expert = experts[j].profile.name;
       c.model_score = scores[b * E + j];
+      if (!info.priors.empty()) c.prior = info.priors[b * E + j];
       add_rules(&c);
       c.score = c.model_score + c.rule_score;
       // "+ 0.0" turns a -0.0 (no load, no crashes) into 0, which is what the audit shows.

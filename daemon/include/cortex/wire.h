@@ -2,6 +2,7 @@
 #pragma once
 
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <string>
 
 #include "cortex/experts.h"
@@ -25,8 +26,9 @@ json Error(const Status& s);
 json Ok(json result);
 
 // The outcome that counts for a finished task: its last attempt, quality overridden by
-// the latest feedback.
+// the verdicts on it (the mean of each person's latest).
 json FinalOutcome(const Task& t);
+std::optional<double> FeedbackQuality(const Task& t);
 
 using cortex::InvalidUtf8At;  // (cortex/utf8.h)
 using cortex::ValidUtf8;

@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "cortex/types.h"
@@ -36,12 +37,19 @@ class FeatureHasher {
   // The same features over the manifest; names and keywords weigh double.
   SparseVector Manifest(const ManifestText& m) const;
 
+  // What each feature index of Task(text, tags) stands for, as "word:x", "pair:x y",
+  // "first:x", "4gram:xxxx", "tag:k=v" (several joined by " | " when they share a bucket).
+  std::unordered_map<uint32_t, std::string> Labels(const std::string& text,
+                                                   const Tags& tags) const;
+
   // Lower-cased alphanumeric words of `text`, stop words removed.
   static std::vector<std::string> Words(const std::string& text);
 
  private:
+  // With `labels`, each feature's name is added beside it (for Labels).
   void AddText(const std::string& text, float weight, bool pairs,
-               std::vector<std::pair<uint32_t, float>>* acc) const;
+               std::vector<std::pair<uint32_t, float>>* acc,
+               std::vector<std::string>* labels = nullptr) const;
   uint32_t Hash(const std::string& ns, const std::string& s) const;
   static SparseVector Finish(std::vector<std::pair<uint32_t, float>>* acc);
   int bits_;

@@ -15,6 +15,7 @@
 
 #include "cortex/gating.h"
 #include "cortex/scorer.h"
+#include "cortex/status.h"
 #include "cortex/types.h"
 
 namespace cortex {
@@ -30,6 +31,41 @@ struct LearnerOptions {
   double holdout_fraction = 0.2;  // most recent share of decisions held out
   int max_holdout = 2000;
   int max_examples = 50000;  // most recent outcomes a retrain learns from
+  // A person's verdict counts this many outcomes in its online step: a few verdicts on
+  // an expert's tasks move its score without waiting for a retrain.
+  float feedback_weight = 4;
+};
+
+// One outcome or verdict as online steps learn from it: featurized once, kept so for replay.
+struct OnlineRow {
+  SparseVector x;  // task features, unmasked
+  std::string expert;
+  float reward = 0;
+  float weight = 1;
+  float prior = 0;  // the manifest prior recorded with the decision
+};
+
+// An activation's online learning: its weights after `step` steps (the last consumed event
+// `seq`), and the replay ring and sampler the next step draws from. It is a pure function
+// of the activation's saved weights and the learning events after it, so rebuilding it (a
+// restart, `explain`) from a checkpoint and the same events gives the same bits.
+struct OnlineState {
+  GatingModel model;
+  Activation live;
+  long step = 0;
+  long seq = 0;
+  uint64_t rng = 0;
+  std::vector<OnlineRow> ring;  // the event of step t sits in slot (t - 1) % replay_buffer
+};
+
+// One candidate of a decision, recomputed by `explain`: the score and what moved it.
+struct ExplainedCandidate {
+  std::string expert;
+  double model_score = 0;
+  // Each task feature's push on the score's logit (words, pairs, 4-grams, tags), strongest
+  // first: its linear weight plus what the hidden layer loses without it (leave one out).
+  std::vector<std::pair<std::string, double>> features;
+  double prior_part = 0;  // prior_w * prior + prior_b
 };
 
 // Off-policy estimate (doubly robust) of a policy's mean reward, with a 95% interval.
@@ -59,13 +95,16 @@ class Learner {
   int live_version() const;
   static std::string VersionName(int version) { return "v" + std::to_string(version); }
 
-  // Expected rewards of `experts` for `tasks` under the live model (row-major B x E).
+  // Expected rewards of `experts` for `tasks` under the live model (row-major B x E), and
+  // which weights gave them (version, activation, step) with the priors they used.
   // Not reentrant: the router serialises calls.
   Status Score(const std::vector<SparseVector>& tasks, const std::vector<ExpertProfile>& experts,
-               std::vector<float>* out, std::string* version);
+               std::vector<float>* out, ScoreInfo* info);
 
-  // One online step on the live model for an outcome it has not learned from yet.
+  // One online step on the live model for a learning event it has not learned from yet.
   void Observe(const LoggedOutcome& o);
+  // The live activation, its step and the last event it learned from.
+  void LiveStep(Activation* live, long* step, long* seq) const;
 
   // Trains candidate `version` on `history` (oldest first, all outcomes known now) minus the
   // holdout, estimates it and the live model (as it is now) on the holdout, and says
@@ -74,13 +113,35 @@ class Learner {
   Result<RetrainResult> Retrain(const std::vector<LoggedOutcome>& history, int version, double now,
                                 const std::function<void(const std::string&)>& progress = {});
 
-  // Makes `model` live and brings it up to date with `newer` (outcomes after its cutoff).
+  // Makes `model` live as activation `live`: step 0, an empty ring. The events after
+  // live.after_seq are then fed by Observe.
+  void Install(GatingModel model, const Activation& live);
+  // The same for a version that is not in a store (tests, the replay benchmark): live
+  // after `trained_through`, then one step for each of `newer` after it.
   void Install(GatingModel model, int version, long trained_through,
                const std::vector<LoggedOutcome>& newer);
-  long trained_through() const;
+  // Makes a rebuilt state live (a restart from a checkpoint).
+  void Restore(OnlineState state);
+  long trained_through() const;  // the last learning event the live weights learned from
 
   // A copy of the live model (for saving, or a final-policy evaluation).
   GatingModel Snapshot() const;
+  // The live state as a checkpoint (weights serialized), when it has taken steps.
+  Checkpoint MakeCheckpoint() const;
+
+  // Rebuilding weights: a state at step 0 of `live` with `model`, or at a checkpoint
+  // (`ring_events`: the newest min(step, replay_buffer) events up to its seq, oldest
+  // first); then Step for each later event, in seq order.
+  OnlineState Begin(GatingModel model, const Activation& live) const;
+  Result<OnlineState> Resume(const Activation& live, const Checkpoint& c,
+                             const std::vector<LoggedOutcome>& ring_events) const;
+  void Step(OnlineState* s, const LoggedOutcome& o) const;
+  // Each candidate's model score under `m` for the task, with the recorded priors, on the
+  // CPU (the bits the CPU scorer gave, whatever the batch), and its strongest features.
+  std::vector<ExplainedCandidate> Explain(const GatingModel& m, const std::string& text,
+                                          const Tags& tags,
+                                          const std::vector<std::pair<std::string, float>>& cands,
+                                          size_t top) const;
 
   // Builds training rows (features, priors, importance weights) from logged outcomes.
   TrainSet MakeTrainSet(const std::vector<LoggedOutcome>& outcomes, size_t begin, size_t end);
@@ -96,50 +157,30 @@ class Learner {
   static float RewardOf(const LoggedOutcome& o);
   float WeightOf(const LoggedOutcome& o) const;
 
-  // Sets the manifest of `expert` (under mu_); a change of any bit moves manifests_gen_.
-  void PutManifest(const std::string& expert, const SparseVector& manifest);
+  void PutManifest(const std::string& expert, const SparseVector& manifest);  // under mu_
 
-  // An outcome as online steps learn from it: featurized once, when it arrives, and kept
-  // so for replay. Each step uses its prior under the manifests of that step: the one kept
-  // is reused only while they have not changed (same manifests_gen_), else computed anew.
-  struct OnlineRow {
-    SparseVector x;  // task features, unmasked (the prior's cosine reads them)
-    std::string expert;
-    float reward = 0;
-    float weight = 1;
-    float prior = 0;
-    uint64_t prior_gen = 0;  // manifests_gen_ the prior was computed under (0: not yet)
-  };
-  // One online step (Observe), observe_mu_ held.
-  void ObserveLocked(const LoggedOutcome& o);
-  // Appends `row` to online_set_ (under mu_).
-  void AddOnlineRow(OnlineRow& row);
+  OnlineRow RowOf(const LoggedOutcome& o) const;
+  // One online step on `s` (its owner holds whatever lock guards it), with `set` as scratch.
+  void StepLocked(OnlineState* s, OnlineRow row, TrainSet* set, GatingEngine* engine) const;
 
   LearnerOptions options_;
   FeatureHasher hasher_;
   std::unique_ptr<GatingEngine> score_engine_, train_engine_, online_engine_;
   // Lock order: observe_mu_, then mu_, then model_mu_.
   std::mutex observe_mu_;  // one online step or install at a time; online_set_
-  mutable std::mutex mu_;  // version, manifests, the replay ring, the live model's shape
-  // The live model's weights: scoring reads them shared; an online step writes them
-  // exclusive only for each update (TrainOptions::lock), so a trainer held up mid-step
-  // (it runs at nice 19) does not hold up routing.
+  mutable std::mutex mu_;  // manifests, the prior index
+  // The live state: scoring reads it shared; an online step writes it exclusive for the
+  // whole step (a few microseconds), so a score names exactly the step whose weights gave it.
   mutable std::shared_mutex model_mu_;
-  GatingModel live_;
-  int version_ = 0;
-  long trained_through_ = 0;
+  OnlineState live_;
   long live_cutoff_ = 0;  // the live version's own cutoff, as installed (before online steps)
   std::map<std::string, SparseVector> manifests_;
-  uint64_t manifests_gen_ = 1;  // moves with every change to manifests_
   // Inverted index of the current experts' manifests: feature -> (expert column, weight),
   // rebuilt when the expert list changes; makes the prior cosines one lookup per feature.
   std::vector<std::string> prior_names_;
   std::vector<size_t> prior_sizes_;
   std::unordered_map<uint32_t, std::vector<std::pair<int, float>>> prior_index_;
-  std::vector<OnlineRow> recent_;  // ring buffer for online replay
-  TrainSet online_set_;            // one online step's rows, reused (observe_mu_)
-  size_t recent_next_ = 0;
-  uint64_t replay_rng_ = 0;
+  TrainSet online_set_;  // one online step's rows, reused (observe_mu_)
   std::mutex train_mu_;  // one retrain at a time
 };
 

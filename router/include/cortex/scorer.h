@@ -11,6 +11,16 @@
 
 namespace cortex {
 
+// Which weights scored a batch: the model version, and for a learned model the
+// activation and online step (Decision::model_live, model_step) and the manifest priors it
+// used (row-major like the scores; empty when the scorer has none).
+struct ScoreInfo {
+  std::string version;
+  long live = 0;
+  long step = -1;
+  std::vector<float> priors;
+};
+
 struct ExpertProfile {
   std::string name;
   SparseVector manifest;
@@ -24,10 +34,10 @@ class Scorer {
   // "cpu", or "cuda:<device>".
   virtual std::string backend() const = 0;
   // Fills `scores` (row-major, tasks.size() x experts.size()) with values in [0,1], and
-  // `version` with the model version that produced them (it can change between calls).
+  // `info` with the weights that produced them (they can change between calls).
   virtual Status Score(const std::vector<SparseVector>& tasks,
                        const std::vector<ExpertProfile>& experts, std::vector<float>* scores,
-                       std::string* version) = 0;
+                       ScoreInfo* info) = 0;
 };
 
 // Zero-shot score: cosine similarity between the task's and the manifest's features.

@@ -29,6 +29,7 @@ enum class Op {
   kRetrain,
   kModels,
   kReport,
+  kExplain,
   kRollback,  // the last: tests count the Ops up to it
 };
 

@@ -1,0 +1,190 @@
+// cortex-bench explain: how long `cortexctl explain` takes on a large store. It writes a
+// SQLite store of --outcomes routed and finished tasks the way cortexd does (the same
+// router over the same learner, one online step per outcome in the store's sequence, a
+// checkpoint every --checkpoint-every steps), starts a cortexd of its own on it, and times
+// `explain` on decisions spread over the whole log, each one checked bit for bit.
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <random>
+
+#include <fmt/format.h>
+
+#include "bench.h"
+#include "cortex/client.h"
+#include "cortex/router.h"
+#include "cortex/store.h"
+
+namespace cortex::bench {
+namespace {
+
+namespace fs = std::filesystem;
+using Clock = std::chrono::steady_clock;
+double Since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+
+// Task texts: the shipped commit subjects with a number, or words drawn from a small
+// vocabulary when there is no sample (any text works; variety makes the weights realistic).
+std::vector<std::string> Texts(const std::string& corpus) {
+  std::vector<std::string> out;
+  std::ifstream in(corpus);
+  std::string line;
+  while (std::getline(in, line)) {
+    const size_t tab = line.rfind('\t');
+    if (tab != std::string::npos && line.compare(0, 3, "id\t") != 0) out.push_back(line.substr(tab + 1));
+  }
+  if (out.empty())
+    for (const char* s : {"fix the login bug", "restart redis", "update the docs",
+                          "speed up the cache", "bump a dependency"})
+      out.push_back(s);
+  return out;
+}
+
+}  // namespace
+
+int Explain(const ExplainOptions& opt) {
+  PrivateDaemon daemon;
+  std::string tmpl = "/tmp/cortex-bench-explain-XXXXXX";
+  if (!mkdtemp(tmpl.data())) return std::perror("cortex-bench: mkdtemp"), 1;
+  const fs::path dir = tmpl;
+  const std::string db = (dir / "cortex.db").string();
+  struct Cleanup {
+    fs::path d;
+    ~Cleanup() {
+      std::error_code ec;
+      fs::remove_all(d, ec);
+    }
+  } cleanup{dir};
+
+  // The writer: the store, a learner as cortexd builds it, and its router.
+  auto opened = OpenStore(db);
+  if (!opened.ok()) return std::fprintf(stderr, "cortex-bench: %s\n", opened.status().ToString().c_str()), 1;
+  std::unique_ptr<Store> store = std::move(opened).value();
+  LearnerOptions lo;
+  auto learner = std::make_shared<Learner>(lo, FeatureHasher(lo.shape.bits), MakeCpuEngine(),
+                                           MakeCpuEngine());
+  Activation live{0, 0, 0, 0, "initial"};
+  if (Status st = store->SetLiveModel(0, 0, "initial", 0, &live.id); !st.ok())
+    return std::fprintf(stderr, "cortex-bench: %s\n", st.ToString().c_str()), 1;
+  learner->Install(GatingModel(lo.shape), live);
+  Router router(RouterOptions{0.05, 0, 1}, RuleSet(), MakeGatingScorer(learner), learner->hasher());
+  const std::vector<std::string> names = {"bugfix", "docs", "perf", "deps", "ops"};
+  std::vector<ExpertSlot> slots;
+  for (const auto& n : names)
+    slots.push_back({{n, learner->hasher().Manifest({n, "", {n}, {}})}, 0, 0});
+  const std::vector<std::string> texts = Texts(opt.corpus);
+  std::mt19937_64 rng(7);
+
+  const auto t0 = Clock::now();
+  long done = 0, seq = 0, checkpoints = 0, checkpoint_bytes = 0, checkpointed = 0;
+  double learn_s = 0;
+  std::vector<std::string> ids;  // every 997th task, explained later
+  constexpr int kBatch = 1000;
+  while (done < opt.outcomes) {
+    const int n = static_cast<int>(std::min<long>(kBatch, opt.outcomes - done));
+    std::vector<RouteRequest> reqs;
+    std::vector<Task> tasks(n);
+    for (int i = 0; i < n; ++i) {
+      Task& t = tasks[i];
+      t.id = fmt::format("{:012x}{:04x}", done + i, static_cast<unsigned>(rng() & 0xffff));
+      t.text = texts[(done + i) % texts.size()] + " " + std::to_string((done + i) % 1000);
+      t.created_at = t.updated_at = 1.7e9 + static_cast<double>(done + i);
+      reqs.push_back({t.text, {}});
+    }
+    std::vector<Decision> decisions;
+    if (Status st = router.Route(reqs, slots, true, 1.7e9 + done, &decisions); !st.ok())
+      return std::fprintf(stderr, "cortex-bench: %s\n", st.ToString().c_str()), 1;
+    std::vector<Store::Admission> adm;
+    std::vector<Status> sts;
+    for (int i = 0; i < n; ++i) adm.push_back({&tasks[i], &decisions[i], decisions[i].chosen, true});
+    store->Admit(adm, &sts);
+    std::vector<Outcome> outcomes(n);
+    std::vector<Store::AttemptEnd> ends;
+    for (int i = 0; i < n; ++i) {
+      // The right expert is a function of the text: the model has something to learn.
+      const bool right = decisions[i].chosen == names[std::hash<std::string>()(reqs[i].text) % names.size()];
+      outcomes[i].kind = right ? OutcomeKind::kSuccess : OutcomeKind::kFailure;
+      outcomes[i].quality = right ? 1 : 0;
+      ends.push_back({tasks[i].id, 1, &outcomes[i], tasks[i].created_at + 1,
+                      right ? TaskState::kSucceeded : TaskState::kFailed});
+      if ((done + i) % 997 == 0) ids.push_back(tasks[i].id);
+    }
+    store->FinishAttempts(ends, &sts);
+    for (const auto& s : sts)
+      if (!s.ok()) return std::fprintf(stderr, "cortex-bench: %s\n", s.ToString().c_str()), 1;
+    // The trainer's loop: every event since the last look, then maybe a checkpoint.
+    const auto tl = Clock::now();
+    (void)store->ForEachLearnEvent(seq, [&](const LoggedOutcome& o) {
+      learner->Observe(o);
+      seq = o.seq;
+      return true;
+    });
+    Activation a;
+    long step = 0, last = 0;
+    learner->LiveStep(&a, &step, &last);
+    if (step - checkpointed >= opt.checkpoint_every) {
+      Checkpoint c = learner->MakeCheckpoint();
+      if (Status st = store->SaveCheckpoint(c); !st.ok())
+        return std::fprintf(stderr, "cortex-bench: %s\n", st.ToString().c_str()), 1;
+      checkpointed = c.step;
+      ++checkpoints;
+      checkpoint_bytes += static_cast<long>(c.weights.size());
+    }
+    learn_s += Since(tl);
+    done += n;
+    if (done % 100000 == 0)
+      std::fprintf(stderr, "  %ld outcomes written (%.0f s, %.0f s learning)\n", done, Since(t0), learn_s);
+  }
+  const double write_s = Since(t0);
+  store.reset();
+  const double store_mb = static_cast<double>(fs::file_size(db)) / 1e6;
+
+  // A cortexd on that store: its start rebuilds the live weights from the last checkpoint.
+  const auto ts = Clock::now();
+  daemon.store_path = db;
+  if (!daemon.Start(opt.cortexd, "workers: 2", "watch: false",
+                    "router: {exploration: 0.05, seed: 1}\ntraining: {interval: 24h, "
+                    "min_new_outcomes: 100000000, checkpoint_every: " +
+                        std::to_string(opt.checkpoint_every) + "}\n"))
+    return 1;
+  const double start_s = Since(ts);
+  Client client;
+  if (Status st = client.Connect(daemon.socket); !st.ok())
+    return std::fprintf(stderr, "cortex-bench: %s\n", st.ToString().c_str()), 1;
+  std::vector<double> wall, inside;
+  long unequal = 0, replayed_max = 0;
+  for (const auto& id : ids) {
+    nlohmann::json r;
+    const auto te = Clock::now();
+    Status st = client.Call({{"op", "explain"}, {"id", id}}, &r);
+    wall.push_back(Since(te));
+    if (!st.ok() || !r.value("ok", false))
+      return std::fprintf(stderr, "cortex-bench: explain %s: %s %s\n", id.c_str(),
+                          st.ToString().c_str(), r.dump().c_str()),
+             1;
+    const auto& res = r["result"];
+    inside.push_back(res.value("seconds", 0.0));
+    unequal += !res.value("equal", false);
+    replayed_max = std::max(replayed_max, res.value("replayed_steps", 0L));
+  }
+  nlohmann::json out = {
+      {"outcomes", opt.outcomes},
+      {"checkpoint_every", opt.checkpoint_every},
+      {"checkpoints", checkpoints},
+      {"checkpoint_mb_mean", checkpoints ? checkpoint_bytes / 1e6 / checkpoints : 0.0},
+      {"store_mb", store_mb},
+      {"write_s", write_s},
+      {"online_learning_s", learn_s},
+      {"cortexd_start_s", start_s},
+      {"explained", wall.size()},
+      {"not_bit_equal", unequal},
+      {"replayed_steps_max", replayed_max},
+      {"explain_s", {{"p50", Percentile(wall, 0.5)}, {"p99", Percentile(wall, 0.99)},
+                     {"max", Percentile(wall, 1.0)}}},
+      {"explain_inside_cortexd_s", {{"p50", Percentile(inside, 0.5)}, {"max", Percentile(inside, 1.0)}}}};
+  std::printf("%s\n", out.dump(2).c_str());
+  WriteJson(opt.json_out, out);
+  if (daemon.Stop() != 0) return std::fprintf(stderr, "cortex-bench: cortexd did not stop cleanly\n"), 1;
+  return unequal == 0 ? 0 : 1;
+}
+
+}  // namespace cortex::bench
