@@ -121,6 +121,32 @@ TEST_P(StoreTest, RoundTripsTaskDecisionAttemptsFeedback) {
   EXPECT_DOUBLE_EQ(t.feedback[0].quality, 0.25);
 }
 
+// A decision names the weights that scored it (activation and step; none recorded: -1),
+// and each candidate's prior, which learning events carry for their expert.
+TEST_P(StoreTest, DecisionsNameTheWeightsThatScored) {
+  NewTask("p", 1);
+  ASSERT_TRUE(store_->RecordDecision("p", NewDecision("a", 0.5)).ok());
+  Task t;
+  ASSERT_TRUE(store_->GetTask("p", &t).ok());
+  EXPECT_EQ(t.decision->model_step, -1);
+  EXPECT_EQ(t.decision->model_live, 0);
+  NewTask("s", 2);
+  Decision d = NewDecision("a", 0.5);
+  d.model_step = 12;
+  d.model_live = 3;
+  d.candidates[0].prior = 0.75;
+  ASSERT_TRUE(store_->RecordDecision("s", d).ok());
+  ASSERT_TRUE(store_->GetTask("s", &t).ok());
+  EXPECT_EQ(t.decision->model_step, 12);
+  EXPECT_EQ(t.decision->model_live, 3);
+  EXPECT_DOUBLE_EQ(t.decision->candidates[0].prior, 0.75);
+  Run("s", 1, "a", OutcomeKind::kSuccess, 1);
+  std::vector<LoggedOutcome> ev = Events(0);
+  ASSERT_EQ(ev.size(), 1u);
+  EXPECT_DOUBLE_EQ(ev[0].prior, 0.75);
+  ASSERT_EQ(ev[0].candidates.size(), 2u);
+}
+
 TEST_P(StoreTest, UnknownIdsAreNotFoundAndChangeNothing) {
   Task t;
   EXPECT_EQ(store_->GetTask("nope", &t).code(), Status::Code::kNotFound);
@@ -351,7 +377,8 @@ TEST_P(StoreTest, ExpertEventsAreKeptNewestFirst) {
   ASSERT_TRUE(store_->ExpertEvents(10, &ev).ok());
   ASSERT_EQ(ev.size(), 2u);
   EXPECT_EQ(ev[0].event, "refused");
-  EXPECT_EQ(store_->SchemaVersion(), IsPostgresUrl(path_) ? 4 : 3);  // (v4: the cluster)
+  // (PostgreSQL v4: the cluster; v5 there and v4 in SQLite: the learning log)
+  EXPECT_EQ(store_->SchemaVersion(), IsPostgresUrl(path_) ? 5 : 4);
 }
 
 TEST_P(StoreTest, LoggedOutcomesFeedTrainingWithFeedbackOverriding) {
@@ -668,7 +695,7 @@ TEST_P(StoreTest, VerdictsAreAttributedBoundedAndOnePerPersonCounts) {
   ASSERT_TRUE(Judge("t", 11, 0.0, "", "ann", 0, &r).ok());  // the same again: no event
   EXPECT_EQ(r.learn_seq, 0);
   ASSERT_TRUE(Judge("t", 12, 1.0, "", "bob", 0, &r).ok());
-  EXPECT_DOUBLE_EQ(r.reward, 0.5);  // ann 0, bob 1
+  EXPECT_DOUBLE_EQ(r.reward, 0.5);                          // ann 0, bob 1
   ASSERT_TRUE(Judge("t", 13, 1.0, "", "ann", 0, &r).ok());  // ann changes her mind
   EXPECT_DOUBLE_EQ(r.reward, 1.0);
   Task t;
@@ -1043,6 +1070,222 @@ TEST_F(PostgresStoreTest, OutputThatIsNotUtf8IsKeptReadable) {
   Task back;
   ASSERT_TRUE((*s)->GetTask("u1", &back).ok());
   EXPECT_EQ(back.attempts[0].outcome->output, "ok??end");
+}
+
+// Several nodes write to one database: a learning event is numbered as it commits, so
+// one committed late is never numbered below one a reader has already seen. Another node
+// (a raw connection, doing what the store does last before COMMIT) has numbered its event
+// and not committed yet: a second node's event waits for it, a reader sees neither before,
+// and both after, in commit order. (With a sequence the second would commit first with
+// N+1, a reader would resume after N+1, and the first, N, would never be read.)
+TEST_F(PostgresStoreTest, LearningEventsAreNumberedInCommitOrderAcrossNodes) {
+  auto a = OpenStore(url_), b = OpenStore(url_);
+  ASSERT_TRUE(a.ok() && b.ok());
+  Store& s1 = **a;
+  Store& s2 = **b;
+  for (const char* id : {"held", "late"}) {
+    Task t;
+    t.id = id;
+    t.text = id;
+    t.created_at = 1;
+    ASSERT_TRUE(s1.InsertTask(t).ok());
+    ASSERT_TRUE(s1.StartAttempt(id, 1, "x", 2).ok());
+  }
+  auto events = [&](Store& s, long after) {
+    std::vector<LoggedOutcome> out;
+    EXPECT_TRUE(s.ForEachLearnEvent(after, [&](const LoggedOutcome& o) {
+                   out.push_back(o);
+                   return true;
+                 }).ok());
+    return out;
+  };
+
+  PGconn* other = PQconnectdb(url_.c_str());
+  ASSERT_EQ(PQstatus(other), CONNECTION_OK);
+  auto run = [&](const char* sql) {
+    PGresult* r = PQexec(other, sql);
+    const bool ok = PQresultStatus(r) == PGRES_COMMAND_OK || PQresultStatus(r) == PGRES_TUPLES_OK;
+    EXPECT_TRUE(ok) << sql << ": " << PQresultErrorMessage(r);
+    PQclear(r);
+    return ok;
+  };
+  ASSERT_TRUE(run("BEGIN"));
+  ASSERT_TRUE(
+      run("UPDATE attempts SET outcome='success',quality=1,finished_at=3 "
+          "WHERE task_id='held' AND n=1"));
+  ASSERT_TRUE(run("INSERT INTO learn(task_id,n,feedback,reward,time) VALUES('held',1,false,1,3)"));
+  ASSERT_TRUE(
+      run("WITH v AS (UPDATE learn_counter SET v=v+1 RETURNING v) "
+          "UPDATE learn SET seq=(SELECT v FROM v) WHERE seq IS NULL"));
+
+  Outcome ok;
+  ok.kind = OutcomeKind::kSuccess;
+  ok.quality = 0.5;
+  std::atomic<bool> done{false};
+  Status late;
+  std::thread node2([&] {
+    late = s2.FinishAttempt("late", 1, ok, 4, TaskState::kSucceeded);
+    done = true;
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(400));
+  EXPECT_FALSE(done) << "the second node's event committed before the first one's";
+  EXPECT_TRUE(events(s1, 0).empty());
+  EXPECT_TRUE(run("COMMIT"));
+  node2.join();
+  PQfinish(other);
+  ASSERT_TRUE(late.ok()) << late.ToString();
+
+  std::vector<LoggedOutcome> seen = events(s1, 0);
+  ASSERT_EQ(seen.size(), 2u);
+  EXPECT_EQ(seen[0].task_id, "held");
+  EXPECT_EQ(seen[1].task_id, "late");
+  EXPECT_EQ(seen[1].seq, seen[0].seq + 1);
+  EXPECT_DOUBLE_EQ(seen[1].reward, 0.5);
+}
+
+// The same under load, without forcing an order: two stores (nodes) finish attempts and
+// take verdicts at once while a reader resumes after the last seq it saw, as online
+// learning does. It must end up with every event, each once, in increasing seq.
+TEST_F(PostgresStoreTest, AReaderResumingAfterItsLastSeqMissesNoEventOfTwoNodes) {
+  auto a = OpenStore(url_), b = OpenStore(url_);
+  ASSERT_TRUE(a.ok() && b.ok());
+  Store* stores[2] = {a->get(), b->get()};
+  constexpr int kEach = 60;
+  for (int k = 0; k < 2; ++k)
+    for (int i = 0; i < kEach; ++i) {
+      Task t;
+      t.id = "n" + std::to_string(k) + "-" + std::to_string(i);
+      t.text = t.id;
+      t.created_at = 1;
+      ASSERT_TRUE(stores[k]->InsertTask(t).ok());
+      ASSERT_TRUE(stores[k]->StartAttempt(t.id, 1, "x", 2).ok());
+    }
+  std::atomic<int> writing{2};
+  std::vector<std::thread> nodes;
+  for (int k = 0; k < 2; ++k)
+    nodes.emplace_back([&, k] {
+      Outcome ok;
+      ok.kind = OutcomeKind::kSuccess;
+      ok.quality = 1;
+      for (int i = 0; i < kEach; ++i) {
+        const std::string id = "n" + std::to_string(k) + "-" + std::to_string(i);
+        EXPECT_TRUE(stores[k]->FinishAttempt(id, 1, ok, 3, TaskState::kSucceeded).ok());
+        // A verdict, on the other node, on a task this one finished earlier.
+        FeedbackResult r;
+        if (i % 3 == 2)
+          EXPECT_TRUE(stores[1 - k]
+                          ->AddFeedback("n" + std::to_string(k) + "-" + std::to_string(i - 1),
+                                        {4, 0.0, "", "p" + std::to_string(k)}, 0, &r)
+                          .ok());
+      }
+      --writing;
+    });
+  std::vector<long> read;  // what the reader saw, resuming after the last seq each time
+  auto poll = [&] {
+    long after = read.empty() ? 0 : read.back();
+    EXPECT_TRUE(stores[0]
+                    ->ForEachLearnEvent(after,
+                                        [&](const LoggedOutcome& o) {
+                                          read.push_back(o.seq);
+                                          return true;
+                                        })
+                    .ok());
+  };
+  while (writing > 0) poll();
+  for (auto& t : nodes) t.join();
+  poll();
+  std::vector<long> all;
+  ASSERT_TRUE(stores[1]
+                  ->ForEachLearnEvent(0,
+                                      [&](const LoggedOutcome& o) {
+                                        all.push_back(o.seq);
+                                        return true;
+                                      })
+                  .ok());
+  EXPECT_EQ(all.size(), static_cast<size_t>(2 * kEach + 2 * (kEach / 3)));
+  EXPECT_EQ(read, all) << "the reader skipped or repeated an event";
+  ASSERT_FALSE(all.empty());
+  EXPECT_EQ(all.back(), static_cast<long>(all.size()));  // and with no gap
+}
+
+// A database of schema v4 (the cluster's, before the learning log) is migrated: its
+// training attempts become learning events in their old order (attempts.seq), a model's
+// trained_through is renumbered into the new sequence, the live model gets an activation,
+// and new events are numbered after the migrated ones.
+TEST_F(PostgresStoreTest, AV4DatabaseIsMigratedToTheLearningLog) {
+  { ASSERT_TRUE(OpenStore(url_).ok()); }
+  // Back to v4: v5 only added these.
+  Sql("DROP TABLE learn, learn_counter, activations, checkpoints;"
+      "ALTER TABLE feedback DROP COLUMN \"by\", DROP COLUMN n;"
+      "ALTER TABLE decisions DROP COLUMN model_step, DROP COLUMN model_live;"
+      "UPDATE cortex_schema SET version=4");
+  // Rows as v4 wrote them; attempts.seq is their order, not the tasks'.
+  Sql("INSERT INTO tasks(id,text,tags,state,created_at,updated_at) VALUES"
+      "('t1','one','{}','succeeded',1,1),('t2','two','{}','failed',2,2),"
+      "('t3','three','{}','running',3,3);"
+      "INSERT INTO decisions(task_id,time,model_version,chosen,chosen_confidence,propensity,"
+      "explored,forced,candidates) VALUES('t1',1,'m','a',0.5,0.25,false,false,"
+      "'[{\"expert\":\"a\",\"rule_score\":0.5}]');"
+      "INSERT INTO attempts(seq,task_id,n,expert,started_at,finished_at,outcome,quality) VALUES"
+      "(10,'t2',1,'b',2,2.5,'crash',0),"
+      "(11,'t1',1,'a',1,1.5,'failure',0.7),"
+      "(12,'t2',2,'c',2.6,2.8,'interrupted',0),"
+      "(13,'t1',2,'b',1.6,1.9,'success',0.8),"
+      "(14,'t2',3,'a',2.9,3.1,'success',0.6),"
+      "(15,'t3',1,'a',3,NULL,NULL,NULL);"
+      "INSERT INTO feedback(task_id,time,quality,note) VALUES('t1',5,0.1,'old');"
+      "INSERT INTO models(version,created,status,live,trained_through,metrics,weights) VALUES"
+      "(1,7,'promoted',false,11,'{}','\\x01'),(2,8,'promoted',true,13,'{}','\\x02')");
+  auto s = OpenStore(url_);
+  ASSERT_TRUE(s.ok()) << s.status().ToString();
+  Store& st = **s;
+  EXPECT_EQ(st.SchemaVersion(), 5);
+  std::vector<LoggedOutcome> ev;
+  ASSERT_TRUE(st.ForEachLearnEvent(0, [&](const LoggedOutcome& o) {
+                  ev.push_back(o);
+                  return true;
+                }).ok());
+  ASSERT_EQ(ev.size(), 3u);  // the crash, the interruption and the open attempt are none
+  EXPECT_EQ(ev[0].seq, 1);
+  EXPECT_EQ(ev[0].task_id, "t1");
+  EXPECT_EQ(ev[0].attempt, 1);
+  EXPECT_DOUBLE_EQ(ev[0].reward, 0.0);  // a failure's quality is no reward
+  EXPECT_DOUBLE_EQ(ev[0].propensity, 0.25);
+  EXPECT_DOUBLE_EQ(ev[0].prior, 0.0);
+  EXPECT_EQ(ev[1].seq, 2);
+  EXPECT_EQ(ev[1].task_id, "t1");
+  EXPECT_DOUBLE_EQ(ev[1].reward, 0.8);
+  EXPECT_EQ(ev[2].seq, 3);
+  EXPECT_EQ(ev[2].task_id, "t2");
+  EXPECT_EQ(ev[2].attempt, 3);
+  EXPECT_DOUBLE_EQ(ev[2].reward, 0.6);
+  EXPECT_DOUBLE_EQ(ev[2].propensity, 1.0);  // no decision: a later attempt's
+  std::vector<ModelRecord> ms;
+  ASSERT_TRUE(st.ListModels(&ms).ok());
+  ASSERT_EQ(ms.size(), 2u);
+  EXPECT_EQ(ms[0].trained_through, 1);  // through attempt seq 11: the first event
+  EXPECT_EQ(ms[1].trained_through, 2);  // through 13
+  Activation act;
+  ASSERT_TRUE(st.LiveActivation(&act).ok());
+  EXPECT_EQ(act.version, 2);
+  EXPECT_EQ(act.after_seq, 2);
+  EXPECT_EQ(act.reason, "migrated");
+  Task t;
+  ASSERT_TRUE(st.GetTask("t1", &t).ok());
+  ASSERT_EQ(t.feedback.size(), 1u);
+  EXPECT_EQ(t.feedback[0].by, "");
+  EXPECT_EQ(t.feedback[0].attempt, 0);
+  ASSERT_TRUE(t.decision.has_value());
+  EXPECT_EQ(t.decision->model_step, -1);
+
+  Outcome ok;
+  ok.kind = OutcomeKind::kSuccess;
+  ok.quality = 1;
+  ASSERT_TRUE(st.FinishAttempt("t3", 1, ok, 4, TaskState::kSucceeded).ok());
+  long any = 0, outcome = 0;
+  ASSERT_TRUE(st.NewestLearnSeq(&any, &outcome).ok());
+  EXPECT_EQ(any, 4);
+  EXPECT_EQ(outcome, 4);
 }
 
 TEST(StoreFileTest, UsesWalAndReopensWithData) {

@@ -7,6 +7,8 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
+#include <limits>
 #include <map>
 #include <mutex>
 #include <nlohmann/json.hpp>
@@ -31,6 +33,13 @@ using store::TagsJson;
 
 // An advisory lock key ('CRTX' and a number): nodes that start at once migrate once.
 constexpr long kMigrateLock = 0x4352545801L;
+// Changes of the live model (and pruning) one at a time across nodes: two rollbacks at once
+// would each clear the live flag they saw and leave two versions live, and activations'
+// ids are their commit order, so the newest id is the live one.
+constexpr long kLiveLock = 0x4352545804L;
+// With the hash of a person's name (the two-key form, kept apart from the one-key form):
+// one verdict at a time per person, so that two nodes cannot both pass the hourly bound.
+constexpr int kVerdictLock = 0x43525404;
 
 // Each entry moves the schema one version up; never edit a released one, append. v1-v3
 // match SQLite's (sqlite_store.cc): the same tables at the same number.
@@ -138,12 +147,103 @@ CREATE TABLE nodes(
   experts jsonb NOT NULL
 );
 )sql",
+    // v5: learning users can steer and reproduce (SQLite's v4). `learn` numbers every
+    // learning event (a finished training attempt, a verdict that changes a reward) as it
+    // commits: a transaction inserts its events unnumbered (seq NULL, `id` keeps their
+    // order) and numbers them from `learn_counter` just before its COMMIT (see
+    // NumberLearnEvents). `activations` says which version went live from which event on;
+    // `checkpoints` keep an activation's weights every so many steps; a decision names the
+    // activation and step that scored it; a verdict names who gave it and which attempt it
+    // judged. Existing outcomes keep their order (attempts.seq), and a model's
+    // trained_through is renumbered into the new sequence.
+    R"sql(
+ALTER TABLE feedback ADD COLUMN "by" text NOT NULL DEFAULT '';
+ALTER TABLE feedback ADD COLUMN n integer NOT NULL DEFAULT 0;
+CREATE INDEX feedback_by ON feedback("by", time);
+ALTER TABLE decisions ADD COLUMN model_step bigint;
+ALTER TABLE decisions ADD COLUMN model_live bigint;
+CREATE TABLE learn(
+  id bigserial PRIMARY KEY,
+  seq bigint UNIQUE,
+  task_id text COLLATE "C" NOT NULL,
+  n integer NOT NULL,
+  feedback boolean NOT NULL DEFAULT false,
+  reward double precision NOT NULL,
+  time double precision NOT NULL
+);
+CREATE INDEX learn_attempt ON learn(task_id, n);
+CREATE INDEX learn_unnumbered ON learn(id) WHERE seq IS NULL;
+INSERT INTO learn(seq,task_id,n,feedback,reward,time)
+  SELECT row_number() OVER (ORDER BY seq),task_id,n,false,
+    CASE WHEN outcome='success' THEN COALESCE(quality,0) ELSE 0 END,COALESCE(finished_at,0)
+  FROM attempts WHERE outcome IS NOT NULL AND outcome NOT IN ('interrupted','crash');
+CREATE TABLE learn_counter(
+  one boolean PRIMARY KEY DEFAULT true CHECK(one),
+  v bigint NOT NULL
+);
+INSERT INTO learn_counter(v) SELECT COALESCE(max(seq),0) FROM learn;
+UPDATE models SET trained_through=(SELECT count(*) FROM attempts a WHERE a.seq<=models.trained_through
+  AND a.outcome IS NOT NULL AND a.outcome NOT IN ('interrupted','crash'));
+CREATE TABLE activations(
+  id bigserial PRIMARY KEY,
+  version integer NOT NULL,
+  after_seq bigint NOT NULL,
+  time double precision NOT NULL,
+  reason text NOT NULL
+);
+INSERT INTO activations(version,after_seq,time,reason)
+  SELECT version,trained_through,created,'migrated' FROM models WHERE live;
+CREATE TABLE checkpoints(
+  activation bigint NOT NULL,
+  step bigint NOT NULL,
+  seq bigint NOT NULL,
+  rng bigint NOT NULL,
+  weights bytea NOT NULL,
+  PRIMARY KEY(activation, step)
+);
+)sql",
 };
 constexpr int kSchemaVersion = sizeof(kMigrations) / sizeof(kMigrations[0]);
 
-// The attempts that are training data (as CORTEX_TRAINING_ATTEMPT in sqlite_store.cc).
-#define CORTEX_PG_TRAINING_ATTEMPT(A) \
-  A "outcome IS NOT NULL AND " A "outcome NOT IN ('interrupted','crash')"
+// Learning events with $1 < seq <= $2, at most $3, in seq order: seq, task, created, text,
+// tags, expert, attempt, reward, feedback, propensity, forced, candidates, greedy, explored,
+// chosen. REWARD is the event's own, or the attempt's as of now.
+#define CORTEX_PG_LEARN_SQL(REWARD, WHERE)                                                        \
+  "SELECT l.seq,l.task_id,t.created_at,t.text,t.tags,a.expert,l.n," REWARD                        \
+  ",l.feedback,COALESCE(d.propensity,1),COALESCE(d.forced,false),"                                \
+  "COALESCE(d.candidates,'[]'::jsonb),d.greedy,COALESCE(d.explored,false),COALESCE(d.chosen,'') " \
+  "FROM learn l JOIN tasks t ON t.id=l.task_id JOIN attempts a ON a.task_id=l.task_id AND "       \
+  "a.n=l.n LEFT JOIN decisions d ON d.task_id=l.task_id WHERE l.seq>$1 AND l.seq<=$2" WHERE       \
+  " ORDER BY l.seq LIMIT $3"
+const char* const kLearnEventsSql = CORTEX_PG_LEARN_SQL("l.reward", "");
+// A retrain's outcomes: each training attempt once, with the reward its latest verdict made.
+const char* const kOutcomesSql = CORTEX_PG_LEARN_SQL(
+    "COALESCE((SELECT f.reward FROM learn f WHERE f.task_id=l.task_id AND "
+    "f.n=l.n AND f.feedback ORDER BY f.seq DESC LIMIT 1),l.reward)",
+    " AND NOT l.feedback");
+constexpr long kLearnPage = 1024;  // read in pages: a long history is never held at once
+
+LoggedOutcome LearnRow(const pg::Result& s, int i) {
+  LoggedOutcome o;
+  o.seq = s.Long(i, 0);
+  o.task_id = s.Text(i, 1);
+  o.time = s.Double(i, 2);
+  o.text = s.Text(i, 3);
+  o.tags = ParseTags(s.Text(i, 4));
+  o.expert = s.Text(i, 5);
+  o.attempt = static_cast<int>(s.Long(i, 6));
+  o.reward = s.Double(i, 7);
+  o.feedback = s.Bool(i, 8);
+  o.propensity = o.attempt == 1 ? s.Double(i, 9) : 1.0;
+  o.forced = s.Bool(i, 10);
+  store::ReadLoggedCandidates(json::parse(s.Text(i, 11), nullptr, false), &o);
+  o.greedy = s.Null(i, 12) ? (s.Bool(i, 13) ? "" : s.Text(i, 14)) : s.Text(i, 12);
+  return o;
+}
+
+Activation ActivationRow(const pg::Result& s) {
+  return {s.Long(0, 0), static_cast<int>(s.Long(0, 1)), s.Long(0, 2), s.Double(0, 3), s.Text(0, 4)};
+}
 
 // A model as listed (no weights) from a row of
 // "version,created,status,live,trained_through,metrics,octet_length(weights)".
@@ -236,14 +336,19 @@ class PgStore : public Store {
     return Done(
         write_.Query(
             "INSERT INTO decisions(task_id,time,model_version,chosen,chosen_confidence,"
-            "propensity,explored,forced,candidates,greedy) VALUES($1,$2,$3,$4,$5,$6,$7,$8,$9,$10) "
+            "propensity,explored,forced,candidates,greedy,model_step,model_live) "
+            "VALUES($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,"
+            // (no step recorded: NULL, read back as -1)
+            "CASE WHEN $11::bigint>=0 THEN $11::bigint END,"
+            "CASE WHEN $11::bigint>=0 THEN $12::bigint END) "
             "ON CONFLICT(task_id) DO UPDATE SET time=EXCLUDED.time,"
             "model_version=EXCLUDED.model_version,chosen=EXCLUDED.chosen,"
             "chosen_confidence=EXCLUDED.chosen_confidence,propensity=EXCLUDED.propensity,"
             "explored=EXCLUDED.explored,forced=EXCLUDED.forced,candidates=EXCLUDED.candidates,"
-            "greedy=EXCLUDED.greedy",
+            "greedy=EXCLUDED.greedy,model_step=EXCLUDED.model_step,"
+            "model_live=EXCLUDED.model_live",
             {id, d.time, d.model_version, d.chosen, chosen ? chosen->confidence : 0.0, d.propensity,
-             d.explored, d.forced, cands, d.greedy}),
+             d.explored, d.forced, cands, d.greedy, d.model_step, d.model_live}),
         "record decision for " + id);
   }
 
@@ -291,6 +396,10 @@ class PgStore : public Store {
     if (r.ok() && !r.Affected() && !node_.empty()) return NotOurs(a.id);
     CORTEX_RETURN_IF_ERROR(
         Changed(r, "finish attempt", "attempt " + std::to_string(a.n) + " of task " + a.id));
+    // Only once the attempt really ended here (above): a learning event, numbered at COMMIT.
+    if (store::IsTrainingOutcome(o.kind))
+      CORTEX_RETURN_IF_ERROR(
+          InsertLearn(a.id, a.n, /*feedback=*/false, store::OutcomeReward(o), a.time, nullptr));
     if (!a.ends)  // it waits for its next attempt: routed, so a restart resumes it
       return Done(write_.Query("UPDATE tasks SET state='routed',updated_at=$1 "
                                "WHERE id=$2 AND state='running'",
@@ -328,16 +437,66 @@ class PgStore : public Store {
     return Commit([&] { return UpdateState(id, state, time); });
   }
 
-  Status AddFeedback(const std::string& id, const Feedback& f) override {
+  Status AddFeedback(const std::string& id, const Feedback& f, int per_hour,
+                     FeedbackResult* out) override {
     return Commit([&] {
-      pg::Result u =
-          write_.Query("UPDATE tasks SET feedback_quality=$1 WHERE id=$2", {f.quality, id});
-      CORTEX_RETURN_IF_ERROR(Done(u, "feedback"));
-      if (u.Affected() == 0) return Status::NotFound("no task with id '" + id + "'");
-      return Done(write_.Query("INSERT INTO feedback(task_id,time,quality,note) "
-                               "VALUES($1,$2,$3,$4)",
-                               {id, f.time, f.quality, f.note}),
-                  "feedback");
+      *out = FeedbackResult{};
+      // Two nodes may take verdicts at once. The person's advisory lock (first, so that
+      // every verdict takes its locks in one order) makes the hourly count and the insert
+      // one step; the task's row lock makes verdicts on one task one at a time, so each
+      // statement after it (READ COMMITTED: a new snapshot each) sees every verdict
+      // committed before, and the mean below counts them all.
+      if (per_hour > 0)
+        CORTEX_RETURN_IF_ERROR(
+            Done(write_.Query("SELECT pg_advisory_xact_lock($1::int,hashtext($2))",
+                              {kVerdictLock, f.by}),
+                 "feedback"));
+      pg::Result t = write_.Query("SELECT 1 FROM tasks WHERE id=$1 FOR UPDATE", {id});
+      CORTEX_RETURN_IF_ERROR(Done(t, "feedback"));
+      if (!t.rows()) return Status::NotFound("no task with id '" + id + "'");
+      // The attempt judged: the task's last finished one.
+      pg::Result a = write_.Query(
+          "SELECT n,expert,outcome FROM attempts WHERE task_id=$1 AND outcome IS NOT NULL "
+          "ORDER BY n DESC LIMIT 1",
+          {id});
+      CORTEX_RETURN_IF_ERROR(Done(a, "feedback"));
+      if (!a.rows())
+        return Status::FailedPrecondition("task " + id +
+                                          " never finished an attempt: there is nothing to judge");
+      out->attempt = static_cast<int>(a.Long(0, 0));
+      out->expert = a.Text(0, 1);
+      const bool training = store::IsTrainingOutcome(a.Text(0, 2));
+      if (per_hour > 0) {
+        pg::Result c = write_.Query("SELECT count(*) FROM feedback WHERE \"by\"=$1 AND time>$2",
+                                    {f.by, f.time - 3600});
+        CORTEX_RETURN_IF_ERROR(Done(c, "feedback"));
+        if (c.Long(0, 0) >= per_hour)
+          return Status::ResourceExhausted(store::FeedbackBoundMessage(f.by, per_hour));
+      }
+      // The reward before and after: the mean of every person's latest verdict.
+      auto reward = [&](double* r) {
+        pg::Result m = write_.Query(
+            "SELECT avg(quality) FROM feedback WHERE id IN (SELECT max(id) FROM feedback "
+            "WHERE task_id=$1 AND n=$2 GROUP BY \"by\")",
+            {id, out->attempt});
+        CORTEX_RETURN_IF_ERROR(Done(m, "feedback"));
+        if (m.rows() && !m.Null(0, 0)) *r = m.Double(0, 0);
+        return Status::OK();
+      };
+      double before = -1;
+      CORTEX_RETURN_IF_ERROR(reward(&before));
+      CORTEX_RETURN_IF_ERROR(
+          Done(write_.Query("INSERT INTO feedback(task_id,time,quality,note,\"by\",n) "
+                            "VALUES($1,$2,$3,$4,$5,$6)",
+                            {id, f.time, f.quality, f.note, f.by, out->attempt}),
+               "feedback"));
+      out->reward = f.quality;
+      CORTEX_RETURN_IF_ERROR(reward(&out->reward));
+      CORTEX_RETURN_IF_ERROR(
+          Done(write_.Query("UPDATE tasks SET feedback_quality=$1 WHERE id=$2", {out->reward, id}),
+               "feedback"));
+      if (!training || out->reward == before) return Status::OK();
+      return InsertLearn(id, out->attempt, /*feedback=*/true, out->reward, f.time, &out->learn_seq);
     });
   }
 
@@ -503,86 +662,147 @@ class PgStore : public Store {
     }
   }
 
+  Status ForEachLearnEvent(long after_seq,
+                           const std::function<bool(const LoggedOutcome&)>& fn) override {
+    return ReadLearn(kLearnEventsSql, after_seq, std::numeric_limits<long>::max(), fn);
+  }
+
+  Status LearnEvents(long first_seq, long last_seq, std::vector<LoggedOutcome>* out) override {
+    out->clear();
+    return ReadLearn(kLearnEventsSql, first_seq - 1, last_seq, [&](const LoggedOutcome& o) {
+      out->push_back(o);
+      return true;
+    });
+  }
+
   Status ForEachOutcome(long after_seq,
                         const std::function<bool(const LoggedOutcome&)>& fn) override {
-    // In pages, so that a long history is never held in memory at once.
-    for (;;) {
-      std::vector<LoggedOutcome> page;
-      {
-        Reading r(*this);
-        CORTEX_RETURN_IF_ERROR(r.status());
-        pg::Result s = r.c.Query(
-            "SELECT a.seq,a.task_id,t.created_at,t.text,t.tags,a.expert,a.n,a.outcome,a.quality,"
-            "d.propensity,d.forced,d.candidates,d.greedy,d.explored,d.chosen,t.expert,"
-            "(SELECT quality FROM feedback f WHERE f.task_id=a.task_id ORDER BY f.id DESC "
-            "LIMIT 1) FROM attempts a JOIN tasks t ON t.id=a.task_id JOIN decisions d ON "
-            "d.task_id=a.task_id WHERE a.seq>$1 AND " CORTEX_PG_TRAINING_ATTEMPT(
-                "a.") " ORDER BY a.seq LIMIT 1024",
-            {after_seq});
-        CORTEX_RETURN_IF_ERROR(s.status().WithContext("read outcomes"));
-        for (int i = 0; i < s.rows(); ++i) {
-          LoggedOutcome o;
-          o.seq = s.Long(i, 0);
-          o.task_id = s.Text(i, 1);
-          o.time = s.Double(i, 2);
-          o.text = s.Text(i, 3);
-          o.tags = ParseTags(s.Text(i, 4));
-          o.expert = s.Text(i, 5);
-          o.attempt = static_cast<int>(s.Long(i, 6));
-          o.reward = s.Text(i, 7) == "success" ? s.Double(i, 8) : 0.0;
-          // A person's verdict is about the attempt that ended the task.
-          if (!s.Null(i, 16) && s.Text(i, 15) == o.expert) o.reward = s.Double(i, 16);
-          o.propensity = o.attempt == 1 ? s.Double(i, 9) : 1.0;
-          o.forced = s.Bool(i, 10);
-          o.candidates = store::LoggedCandidates(json::parse(s.Text(i, 11), nullptr, false));
-          o.greedy = s.Null(i, 12) ? (s.Bool(i, 13) ? "" : s.Text(i, 14)) : s.Text(i, 12);
-          page.push_back(std::move(o));
-        }
-      }
-      if (page.empty()) return Status::OK();
-      for (const LoggedOutcome& o : page) {
-        if (!fn(o)) return Status::OK();
-        after_seq = o.seq;
-      }
-    }
+    return ReadLearn(kOutcomesSql, after_seq, std::numeric_limits<long>::max(), fn);
   }
 
   Status OutcomeWindowStart(long n, long* after_seq) override {
     Reading r(*this);
     CORTEX_RETURN_IF_ERROR(r.status());
     *after_seq = 0;
-    pg::Result s = r.c.Query("SELECT seq FROM attempts WHERE " CORTEX_PG_TRAINING_ATTEMPT(
-                                 "") " ORDER BY seq DESC LIMIT 1 OFFSET $1",
-                             {n});
+    pg::Result s = r.c.Query(
+        "SELECT seq FROM learn WHERE NOT feedback ORDER BY seq DESC LIMIT 1 OFFSET $1", {n});
     CORTEX_RETURN_IF_ERROR(s.status().WithContext("outcome window"));
     if (s.rows() > 0) *after_seq = s.Long(0, 0);
     return Status::OK();
   }
 
-  Status SaveModel(const ModelRecord& m) override {
+  Status NewestLearnSeq(long* any, long* outcome) override {
+    Reading r(*this);
+    CORTEX_RETURN_IF_ERROR(r.status());
+    pg::Result s = r.c.Query(
+        "SELECT COALESCE(max(seq),0),COALESCE((SELECT max(seq) FROM learn WHERE NOT feedback),0) "
+        "FROM learn");
+    CORTEX_RETURN_IF_ERROR(s.status().WithContext("newest learning event"));
+    *any = s.Long(0, 0);
+    *outcome = s.Long(0, 1);
+    return Status::OK();
+  }
+
+  Status SaveModel(const ModelRecord& m, long* activation) override {
     // Saved and made live in one transaction: a stop in between cannot leave a version
     // listed as promoted that never was live.
     return Commit([&] {
-      if (m.live)
+      if (m.live) {
+        CORTEX_RETURN_IF_ERROR(LockLive());
         CORTEX_RETURN_IF_ERROR(
             Done(write_.Query("UPDATE models SET live=false WHERE live"), "set live model"));
-      return Done(write_.Query("INSERT INTO models(version,created,status,live,trained_through,"
-                               "metrics,weights) VALUES($1,$2,$3,$4,$5,$6,$7)",
-                               {m.version, m.created, m.status, m.live, m.trained_through,
-                                m.metrics, Param::Bytes(m.weights)}),
-                  "save model v" + std::to_string(m.version));
+      }
+      CORTEX_RETURN_IF_ERROR(
+          Done(write_.Query("INSERT INTO models(version,created,status,live,trained_through,"
+                            "metrics,weights) VALUES($1,$2,$3,$4,$5,$6,$7)",
+                            {m.version, m.created, m.status, m.live, m.trained_through, m.metrics,
+                             Param::Bytes(m.weights)}),
+               "save model v" + std::to_string(m.version)));
+      if (!m.live) return Status::OK();
+      return InsertActivation(m.version, m.trained_through, "promoted", m.created, activation);
     });
   }
 
-  Status SetLiveModel(int version) override {
+  Status SetLiveModel(int version, long after_seq, const std::string& reason, double time,
+                      long* activation) override {
     return Commit([&] {
+      CORTEX_RETURN_IF_ERROR(LockLive());
       CORTEX_RETURN_IF_ERROR(
           Done(write_.Query("UPDATE models SET live=false WHERE live"), "set live model"));
-      if (version == 0) return Status::OK();  // the untrained model, which has no row
-      pg::Result b = write_.Query("UPDATE models SET live=true WHERE version=$1", {version});
-      CORTEX_RETURN_IF_ERROR(Done(b, "set live model"));
-      return b.Affected() ? Status::OK()
-                          : Status::NotFound("no model version " + std::to_string(version));
+      if (version != 0) {  // 0: the untrained model, which has no row
+        pg::Result b = write_.Query("UPDATE models SET live=true WHERE version=$1", {version});
+        CORTEX_RETURN_IF_ERROR(Done(b, "set live model"));
+        if (!b.Affected()) return Status::NotFound("no model version " + std::to_string(version));
+      }
+      return InsertActivation(version, after_seq, reason, time, activation);
+    });
+  }
+
+  Status LiveActivation(Activation* out) override {
+    Reading r(*this);
+    CORTEX_RETURN_IF_ERROR(r.status());
+    pg::Result s = r.c.Query(
+        "SELECT id,version,after_seq,time,reason FROM activations ORDER BY id DESC LIMIT 1");
+    CORTEX_RETURN_IF_ERROR(s.status().WithContext("live model"));
+    if (!s.rows()) return Status::NotFound("no model was ever made live");
+    *out = ActivationRow(s);
+    return Status::OK();
+  }
+
+  Status GetActivation(long id, Activation* out) override {
+    Reading r(*this);
+    CORTEX_RETURN_IF_ERROR(r.status());
+    pg::Result s =
+        r.c.Query("SELECT id,version,after_seq,time,reason FROM activations WHERE id=$1", {id});
+    CORTEX_RETURN_IF_ERROR(s.status().WithContext("activation"));
+    if (!s.rows()) return Status::NotFound("no activation " + std::to_string(id));
+    *out = ActivationRow(s);
+    return Status::OK();
+  }
+
+  Status SaveCheckpoint(const Checkpoint& c) override {
+    // Any node may save the same checkpoint, bit for bit: the first one stays.
+    return Commit([&] {
+      return Done(write_.Query("INSERT INTO checkpoints(activation,step,seq,rng,weights) "
+                               "VALUES($1,$2,$3,$4,$5) ON CONFLICT DO NOTHING",
+                               {c.activation, c.step, c.seq, static_cast<long>(c.rng),
+                                Param::Bytes(c.weights)}),
+                  "save checkpoint");
+    });
+  }
+
+  Status LoadCheckpoint(long activation, long max_step, Checkpoint* out) override {
+    Reading r(*this);
+    CORTEX_RETURN_IF_ERROR(r.status());
+    pg::Result s = r.c.Query(
+        "SELECT activation,step,seq,rng,weights FROM checkpoints WHERE activation=$1 AND "
+        "step<=$2 ORDER BY step DESC LIMIT 1",
+        {activation, max_step});
+    CORTEX_RETURN_IF_ERROR(s.status().WithContext("load checkpoint"));
+    if (!s.rows()) return Status::NotFound("no checkpoint");
+    out->activation = s.Long(0, 0);
+    out->step = s.Long(0, 1);
+    out->seq = s.Long(0, 2);
+    // All 64 bits (Result::Long goes through a double).
+    out->rng = static_cast<uint64_t>(std::strtoll(s.Text(0, 3).c_str(), nullptr, 10));
+    out->weights = s.Bytes(0, 4);
+    return Status::OK();
+  }
+
+  Status PruneModels(int keep, std::vector<int>* deleted) override {
+    deleted->clear();
+    return Commit([&] {
+      deleted->clear();
+      CORTEX_RETURN_IF_ERROR(LockLive());  // no version goes live while it is judged unused
+      pg::Result d = write_.Query(
+          "DELETE FROM models WHERE version IN (SELECT version FROM models WHERE "
+          "status='refused' AND NOT live AND version NOT IN (SELECT version FROM activations) "
+          "ORDER BY version DESC OFFSET $1) RETURNING version",
+          {keep});
+      CORTEX_RETURN_IF_ERROR(Done(d, "prune model versions"));
+      for (int i = 0; i < d.rows(); ++i) deleted->push_back(static_cast<int>(d.Long(i, 0)));
+      std::sort(deleted->rbegin(), deleted->rend());
+      return Status::OK();
     });
   }
 
@@ -1040,6 +1260,7 @@ class PgStore : public Store {
   bool TryGroup(const std::vector<Write*>& group, bool isolated) {
     const bool savepoints = isolated && group.size() > 1;
     Status st = write_.Exec("BEGIN").status();
+    learn_pending_.clear();
     if (!st.ok()) {
       for (Write* w : group) w->result = st;
       return true;
@@ -1071,6 +1292,15 @@ class PgStore : public Store {
       (void)write_.Exec("ROLLBACK");
       return true;
     }
+    if (!learn_pending_.empty()) {
+      Status n = NumberLearnEvents();
+      if (!n.ok()) {
+        (void)write_.Exec("ROLLBACK");
+        for (Write* w : group)
+          if (w->result.ok()) w->result = n;
+        return true;
+      }
+    }
     pg::Result c = write_.Exec("COMMIT");
     Status committed = c.status();
     if (committed.ok() && c.CommandTag() != "COMMIT")  // a failed transaction answers ROLLBACK
@@ -1086,6 +1316,80 @@ class PgStore : public Store {
         if (w->result.ok()) w->result = committed;
     }
     return true;
+  }
+
+  // A learning event of this transaction, unnumbered until NumberLearnEvents; its seq will
+  // be written to *seq (when not null).
+  Status InsertLearn(const std::string& id, int n, bool feedback, double reward, double time,
+                     long* seq) {
+    pg::Result r = write_.Query(
+        "INSERT INTO learn(task_id,n,feedback,reward,time) VALUES($1,$2,$3,$4,$5) RETURNING id",
+        {id, n, feedback, reward, time});
+    CORTEX_RETURN_IF_ERROR(
+        Done(r, feedback ? "log feedback for learning" : "log outcome for learning"));
+    learn_pending_.emplace_back(r.Long(0, 0), seq);
+    return Status::OK();
+  }
+
+  // Numbers the transaction's learning events (in the order they were inserted), the last
+  // thing before its COMMIT. Why a counter row and not a sequence: nextval hands out
+  // numbers in one order and transactions commit in another, so a reader could see N+1
+  // committed, resume after it, and never see N, committed later (several nodes write to
+  // one database). The counter's row lock is held from this UPDATE to the COMMIT: another
+  // writer waits here until this one has committed (and is visible) and then numbers after
+  // it, so seq order is commit order. Taken last, after every other row the transaction
+  // locks, so a transaction holding it waits for nothing else and no deadlock can go
+  // through it; and it is held only for the COMMIT (a node frozen holding it loses its
+  // session after a second idle: Conn::Connect). Only this transaction's own rows are
+  // unnumbered to it: other transactions' are invisible until they commit, numbered.
+  Status NumberLearnEvents() {
+    pg::Result r = write_.Query(
+        "WITH p AS (SELECT id,row_number() OVER (ORDER BY id) AS k,count(*) OVER () AS c "
+        "FROM learn WHERE seq IS NULL),"
+        "v AS (UPDATE learn_counter SET v=v+(SELECT count(*) FROM p) RETURNING v) "
+        "UPDATE learn l SET seq=v.v-p.c+p.k FROM p,v WHERE l.id=p.id RETURNING l.id,l.seq");
+    CORTEX_RETURN_IF_ERROR(Done(r, "number learning events"));
+    std::map<long, long> seqs;
+    for (int i = 0; i < r.rows(); ++i) seqs[r.Long(i, 0)] = r.Long(i, 1);
+    for (const auto& [id, out] : learn_pending_) {
+      auto it = seqs.find(id);
+      if (out && it != seqs.end()) *out = it->second;  // (not found: its write was undone)
+    }
+    return Status::OK();
+  }
+
+  // Taken first by every write that changes which model is live (see kLiveLock).
+  Status LockLive() {
+    return Done(write_.Query("SELECT pg_advisory_xact_lock($1)", {kLiveLock}), "set live model");
+  }
+
+  Status InsertActivation(int version, long after_seq, const std::string& reason, double time,
+                          long* id) {
+    pg::Result r = write_.Query(
+        "INSERT INTO activations(version,after_seq,time,reason) VALUES($1,$2,$3,$4) RETURNING id",
+        {version, after_seq, time, reason});
+    CORTEX_RETURN_IF_ERROR(Done(r, "record the live model"));
+    if (id) *id = r.Long(0, 0);
+    return Status::OK();
+  }
+
+  Status ReadLearn(const char* sql, long after, long last,
+                   const std::function<bool(const LoggedOutcome&)>& fn) {
+    for (;;) {
+      std::vector<LoggedOutcome> page;
+      {
+        Reading r(*this);
+        CORTEX_RETURN_IF_ERROR(r.status());
+        pg::Result s = r.c.Query(sql, {after, last, kLearnPage});
+        CORTEX_RETURN_IF_ERROR(s.status().WithContext("read learning events"));
+        for (int i = 0; i < s.rows(); ++i) page.push_back(LearnRow(s, i));
+      }
+      for (const LoggedOutcome& o : page) {
+        if (!fn(o)) return Status::OK();
+        after = o.seq;
+      }
+      if (static_cast<long>(page.size()) < kLearnPage) return Status::OK();
+    }
   }
 
   // A write for a task another node has taken over.
@@ -1136,8 +1440,8 @@ class PgStore : public Store {
     t->deaths = static_cast<int>(s.Long(0, 7));
     t->error = s.Text(0, 8);
     pg::Result d = c.Query(
-        "SELECT time,model_version,chosen,propensity,explored,forced,candidates FROM decisions "
-        "WHERE task_id=$1",
+        "SELECT time,model_version,chosen,propensity,explored,forced,candidates,"
+        "COALESCE(model_step,-1),COALESCE(model_live,0) FROM decisions WHERE task_id=$1",
         {id});
     CORTEX_RETURN_IF_ERROR(d.status().WithContext("read task " + id));
     if (d.rows() > 0) {
@@ -1149,6 +1453,8 @@ class PgStore : public Store {
       x.explored = d.Bool(0, 4);
       x.forced = d.Bool(0, 5);
       x.candidates = store::ParseCandidates(json::parse(d.Text(0, 6), nullptr, false));
+      x.model_step = d.Long(0, 7);
+      x.model_live = d.Long(0, 8);
       t->decision = std::move(x);
     }
     pg::Result a = c.Query(
@@ -1174,11 +1480,12 @@ class PgStore : public Store {
       }
       t->attempts.push_back(std::move(x));
     }
-    pg::Result f =
-        c.Query("SELECT time,quality,note FROM feedback WHERE task_id=$1 ORDER BY id", {id});
+    pg::Result f = c.Query(
+        "SELECT time,quality,note,\"by\",n FROM feedback WHERE task_id=$1 ORDER BY id", {id});
     CORTEX_RETURN_IF_ERROR(f.status().WithContext("read task " + id));
     for (int i = 0; i < f.rows(); ++i)
-      t->feedback.push_back({f.Double(i, 0), f.Double(i, 1), f.Text(i, 2)});
+      t->feedback.push_back({f.Double(i, 0), f.Double(i, 1), f.Text(i, 2), f.Text(i, 3),
+                             static_cast<int>(f.Long(i, 4))});
     return Status::OK();
   }
 
@@ -1194,6 +1501,8 @@ class PgStore : public Store {
   std::mutex cancel_mu_;  // guards cancel_
   PGcancel* cancel_ = nullptr;
   std::atomic<bool> closing_reports_{false};
+  // The open transaction's learning events (learn.id) and where each one's seq goes.
+  std::vector<std::pair<long, long*>> learn_pending_;
 };
 
 }  // namespace
