@@ -347,14 +347,19 @@ Status Trainer::RetrainOnce(double now, json* summary) {
   // Nothing new since the last retrain: the same data would make the same candidate.
   long newest_any = 0, newest_outcome = 0;
   CORTEX_RETURN_IF_ERROR(store_->NewestLearnSeq(&newest_any, &newest_outcome));
+  // (What a version saw: its training rows and its holdout, up to `data_through`; a
+  // version from before that was recorded saw up to its cutoff at least.)
   long last_through = 0;
   std::string last_name;
-  for (const auto& m : models)
-    if (m.trained_through >= last_through)
-      last_through = m.trained_through, last_name = Learner::VersionName(m.version);
+  for (const auto& m : models) {
+    const json metrics = json::parse(m.metrics, nullptr, false);
+    const long saw = metrics.is_object() ? metrics.value("data_through", m.trained_through)
+                                         : m.trained_through;
+    if (saw >= last_through) last_through = saw, last_name = Learner::VersionName(m.version);
+  }
   if (!models.empty() && newest_outcome <= last_through) {
     const std::string why = "skipped: no new outcome since " + last_name +
-                            " (trained through learning event " +
+                            " (which saw every outcome up to learning event " +
                             std::to_string(last_through) + ")";
     {
       std::lock_guard<std::mutex> l(mu_);
@@ -376,6 +381,10 @@ Status Trainer::RetrainOnce(double now, json* summary) {
   // A stop asked for while training ends the retrain here: nothing is saved or promoted.
   if (stop_->load()) return Status::Unavailable("training was cancelled: cortexd is stopping");
   ModelRecord rec = res->record;
+  if (json m = json::parse(rec.metrics, nullptr, false); m.is_object() && !history.empty()) {
+    m["data_through"] = history.back().seq;
+    rec.metrics = m.dump();
+  }
   rec.weights = res->model.Serialize();
   rec.live = res->promoted;
   long activation = 0;

@@ -181,11 +181,26 @@ TrainSet Learner::MakeTrainSet(const std::vector<LoggedOutcome>& outcomes, size_
 OnlineRow Learner::RowOf(const LoggedOutcome& o) const {
   // The prior recorded with the decision, not the manifests of now: a manifest edited
   // later must not change what replaying this step gives.
-  return {hasher_.Task(o.text, o.tags), o.expert, RewardOf(o),
-          o.feedback ? options_.feedback_weight : WeightOf(o), static_cast<float>(o.prior)};
+  return {hasher_.Task(o.text, o.tags),
+          o.expert,
+          RewardOf(o),
+          o.feedback ? options_.feedback_weight : WeightOf(o),
+          static_cast<float>(o.prior),
+          o.task_id,
+          o.attempt};
 }
 
-void Learner::StepLocked(OnlineState* s, OnlineRow row, TrainSet* set,
+// A verdict changed an attempt's reward: the ring's earlier rows about that attempt (its
+// outcome, earlier verdicts) replay with the reward it has now, or every replay of the
+// outcome would teach the model back what the person corrected. `n` rows are looked at.
+static void CorrectRing(std::vector<OnlineRow>* ring, size_t n, const OnlineRow& verdict) {
+  for (size_t i = 0; i < n; ++i) {
+    OnlineRow& r = (*ring)[i];
+    if (r.attempt == verdict.attempt && r.task == verdict.task) r.reward = verdict.reward;
+  }
+}
+
+void Learner::StepLocked(OnlineState* s, OnlineRow row, bool feedback, TrainSet* set,
                          GatingEngine* engine) const {
   // The new event plus a few from the ring drawn at random (seeded): each online step
   // revisits the recent past, which learns faster than a single pass.
@@ -202,6 +217,7 @@ void Learner::StepLocked(OnlineState* s, OnlineRow row, TrainSet* set,
     set->rows.push_back({set->x.rows(), col, r.prior, r.reward, r.weight});
     set->x.Add(r.x, mask);
   };
+  if (feedback) CorrectRing(&s->ring, s->ring.size(), row);
   for (int k = 0; k < options_.online_replay && !s->ring.empty(); ++k) {
     s->rng = s->rng * 6364136223846793005ULL + 1442695040888963407ULL + options_.shape.seed;
     add(s->ring[(s->rng >> 33) % s->ring.size()]);
@@ -230,7 +246,7 @@ void Learner::Observe(const LoggedOutcome& o) {
   // Featurized outside the lock (scoring waits on it).
   OnlineRow row = RowOf(o);
   std::unique_lock<std::shared_mutex> l(model_mu_);
-  StepLocked(&live_, std::move(row), &online_set_, online_engine_.get());
+  StepLocked(&live_, std::move(row), o.feedback, &online_set_, online_engine_.get());
   live_.seq = o.seq;
 }
 
@@ -256,10 +272,17 @@ Result<OnlineState> Learner::Resume(const Activation& live, const Checkpoint& c,
     return Status::Corruption("checkpoint at step " + std::to_string(c.step) + " needs " +
                               std::to_string(n) + " learning events before it, the store has " +
                               std::to_string(ring_events.size()));
+  // In event order, each verdict correcting the rows before it, as the steps did.
+  std::vector<OnlineRow> rows;
+  rows.reserve(static_cast<size_t>(n));
+  for (const LoggedOutcome& o : ring_events) {
+    rows.push_back(RowOf(o));
+    if (o.feedback) CorrectRing(&rows, rows.size() - 1, rows.back());
+  }
   s.ring.resize(static_cast<size_t>(n));
   for (long i = 0; i < n; ++i) {  // event i is that of step c.step - n + 1 + i
     const long t = c.step - n + 1 + i;
-    s.ring[static_cast<size_t>((t - 1) % cap)] = RowOf(ring_events[static_cast<size_t>(i)]);
+    s.ring[static_cast<size_t>((t - 1) % cap)] = std::move(rows[static_cast<size_t>(i)]);
   }
   return s;
 }
@@ -267,7 +290,7 @@ Result<OnlineState> Learner::Resume(const Activation& live, const Checkpoint& c,
 void Learner::Step(OnlineState* s, const LoggedOutcome& o) const {
   thread_local TrainSet set;  // scratch, and an engine, for a rebuild's many steps
   thread_local std::unique_ptr<GatingEngine> engine = MakeCpuEngine();
-  StepLocked(s, RowOf(o), &set, engine.get());
+  StepLocked(s, RowOf(o), o.feedback, &set, engine.get());
   s->seq = o.seq;
 }
 

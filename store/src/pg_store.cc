@@ -667,9 +667,19 @@ class PgStore : public Store {
     return ReadLearn(kLearnEventsSql, after_seq, std::numeric_limits<long>::max(), fn);
   }
 
-  Status LearnEvents(long first_seq, long last_seq, std::vector<LoggedOutcome>* out) override {
+  Status LearnEvents(long after_seq, long last_seq, long newest,
+                     std::vector<LoggedOutcome>* out) override {
     out->clear();
-    return ReadLearn(kLearnEventsSql, first_seq - 1, last_seq, [&](const LoggedOutcome& o) {
+    if (newest > 0) {  // where the newest `newest` begin: one index walk back from last_seq
+      Reading r(*this);
+      CORTEX_RETURN_IF_ERROR(r.status());
+      pg::Result s = r.c.Query(
+          "SELECT seq FROM learn WHERE seq>$1 AND seq<=$2 ORDER BY seq DESC LIMIT 1 OFFSET $3",
+          {after_seq, last_seq, newest});
+      CORTEX_RETURN_IF_ERROR(s.status().WithContext("read learning events"));
+      if (s.rows() > 0) after_seq = s.Long(0, 0);
+    }
+    return ReadLearn(kLearnEventsSql, after_seq, last_seq, [&](const LoggedOutcome& o) {
       out->push_back(o);
       return true;
     });

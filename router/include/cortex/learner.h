@@ -31,9 +31,9 @@ struct LearnerOptions {
   double holdout_fraction = 0.2;  // most recent share of decisions held out
   int max_holdout = 2000;
   int max_examples = 50000;  // most recent outcomes a retrain learns from
-  // A person's verdict counts this many outcomes in its online step: a few verdicts on
-  // an expert's tasks move its score without waiting for a retrain.
-  float feedback_weight = 4;
+  // A person's verdict weighs this many outcomes in its online step (and in each replay
+  // of it): a few verdicts on an expert's tasks move its score without a retrain.
+  float feedback_weight = 8;
 };
 
 // One outcome or verdict as online steps learn from it: featurized once, kept so for replay.
@@ -43,6 +43,8 @@ struct OnlineRow {
   float reward = 0;
   float weight = 1;
   float prior = 0;  // the manifest prior recorded with the decision
+  std::string task;  // the attempt it is about: a verdict corrects its rows in the ring
+  int attempt = 0;
 };
 
 // An activation's online learning: its weights after `step` steps (the last consumed event
@@ -161,7 +163,8 @@ class Learner {
 
   OnlineRow RowOf(const LoggedOutcome& o) const;
   // One online step on `s` (its owner holds whatever lock guards it), with `set` as scratch.
-  void StepLocked(OnlineState* s, OnlineRow row, TrainSet* set, GatingEngine* engine) const;
+  void StepLocked(OnlineState* s, OnlineRow row, bool feedback, TrainSet* set,
+                  GatingEngine* engine) const;
 
   LearnerOptions options_;
   FeatureHasher hasher_;
