@@ -532,7 +532,7 @@ TEST(ClusterOutage, ADatabaseOutageLosesNoNodeAndWorkGoesOnAfterIt) {
   ASSERT_TRUE(both_alive()) << a->CtlJson({"status"}).dump();
   st = b->CtlJson({"status"});
   EXPECT_TRUE(st["tasks"].is_object()) << st.dump();
-  EXPECT_EQ(st["schema_version"], 4) << st.dump();
+  EXPECT_EQ(st["schema_version"], 5) << st.dump();
   for (auto* d : {a.get(), b.get()})
     for (const auto& e : d->CtlJson({"events", "--limit", "200"}))
       EXPECT_NE(e["event"], "node-lost") << e.dump() << d->Log();

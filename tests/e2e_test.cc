@@ -819,7 +819,10 @@ TEST(E2E, ReloadAppliesOrNamesEveryChangedSetting) {
                                                       {"training.interval", "5m"},
                                                       {"training.min_new_outcomes", "50"},
                                                       {"training.online", "true"},
-                                                      {"training.epochs", "7"}};
+                                                      {"training.epochs", "7"},
+                                                      {"training.feedback_per_hour", "9"},
+                                                      {"training.keep_versions", "3"},
+                                                      {"training.checkpoint_every", "500"}};
   std::vector<std::string> schema = SettingKeys();
   ASSERT_EQ(std::set<std::string>(schema.begin(), schema.end()).size(), changed.size())
       << "a setting was added to the schema: give it a row here";
@@ -2176,7 +2179,9 @@ training:
   EXPECT_TRUE(v1["metrics"]["diff"].contains("ci"));
   EXPECT_GT(v1["weights_bytes"].get<long>(), 0);
 
-  // On demand, with progress and the verdict.
+  // On demand, with progress and the verdict (after a new outcome: a retrain with nothing
+  // new is skipped).
+  ASSERT_LE(d.Ctl({"submit", "deploy the release again", "--wait"}).code, 1);
   test::Run r = d.Ctl({"retrain", "--wait"});
   ASSERT_EQ(r.code, 0) << r.err;
   EXPECT_NE(r.out.find("training on cpu"), std::string::npos) << r.out;
@@ -2199,6 +2204,7 @@ training:
     }
     EXPECT_NE(r.out.find("at least 20 are needed"), std::string::npos) << r.out;
   }
+  ASSERT_LE(d.Ctl({"submit", "deploy the release once more", "--wait"}).code, 1);
   json rj = d.CtlJson({"retrain", "--wait"});
   // Policy values are estimates of a reward in [0,1], shown within it.
   // So are their intervals (a difference of two lies in [-1,1]), however few decisions.
@@ -2315,7 +2321,7 @@ TEST(E2EPostgres, RunsAuditsAndKeepsEverythingAcrossARestart) {
     ASSERT_TRUE(d.Start()) << d.Log();
     json st = d.CtlJson({"status"});
     EXPECT_EQ(st["store"], url);
-    EXPECT_EQ(st["schema_version"], 4) << st.dump();   // (v4: the cluster's tables)
+    EXPECT_EQ(st["schema_version"], 5) << st.dump();  // (v4: the cluster's; v5: learning's)
     EXPECT_TRUE(st["nodes"].is_array()) << st.dump();  // a node of a cluster of one
     for (int i = 0; i < 5; ++i) {
       test::Run r =
