@@ -88,7 +88,7 @@ class Trainer {
   std::thread thread_;
   long newest_seq_ = 0;              // newest learning event seen (the loop's thread only)
   std::atomic<int> keep_versions_{20};
-  std::atomic<long> checkpoint_every_{10000};
+  std::atomic<long> checkpoint_every_{5000};
   long checkpointed_step_ = 0;  // the live activation's last checkpoint (loop thread)
   long checkpointed_live_ = 0;
   std::atomic<bool> woken_{false};   // a Wake since the loop last read the outcomes

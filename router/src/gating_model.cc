@@ -1,3 +1,5 @@
+#include <sys/mman.h>
+
 #include <atomic>
 #include <cstring>
 #include <numeric>
@@ -82,7 +84,23 @@ uint64_t GatingModel::NextStamp() {
   return ++counter;
 }
 
+// Room for `n` floats in `v`, backed by huge pages where the kernel gives them on request
+// (transparent huge pages in "madvise" mode): a step's reads and updates land on random
+// rows of tables of many megabytes, and with 4 KiB pages most of them also missed the TLB.
+// Asked before the first touch, so the pages are huge from their first fault.
+static void Reserve(std::vector<float>* v, size_t n) {
+  v->reserve(n);
+  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(v->data()) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(v->data() + n)) & ~(kHuge - 1);
+  if (end > begin) (void)madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+}
+
 GatingModel::GatingModel(const GatingShape& shape) : shape_(shape) {
+  Reserve(&emb, rows() * shape_.hidden);
+  Reserve(&g_emb, rows() * shape_.hidden);
+  Reserve(&wide, wide_size());
+  Reserve(&g_wide, wide_size());
   emb.resize(rows() * shape_.hidden);
   for (size_t r = 0; r < rows(); ++r) InitRow(shape_, r, &emb[r * shape_.hidden]);
   b1.assign(shape_.hidden, 0.0f);
