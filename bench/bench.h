@@ -62,7 +62,7 @@ int Score(const SpeedOptions& opt);
 struct PrivateDaemon {
   std::filesystem::path dir;
   std::string socket;
-  std::string store_url;  // set before Start: a node of the cluster on this database
+  std::string store_url;   // set before Start: a node of the cluster on this database
   std::string store_path;  // set before Start: this SQLite store instead of a new one
   pid_t pid = -1;
   PrivateDaemon() = default;

@@ -20,7 +20,9 @@ namespace {
 
 namespace fs = std::filesystem;
 using Clock = std::chrono::steady_clock;
-double Since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+double Since(Clock::time_point t) {
+  return std::chrono::duration<double>(Clock::now() - t).count();
+}
 
 // Task texts: the shipped commit subjects with a number, or words drawn from a small
 // vocabulary when there is no sample (any text works; variety makes the weights realistic).
@@ -30,7 +32,8 @@ std::vector<std::string> Texts(const std::string& corpus) {
   std::string line;
   while (std::getline(in, line)) {
     const size_t tab = line.rfind('\t');
-    if (tab != std::string::npos && line.compare(0, 3, "id\t") != 0) out.push_back(line.substr(tab + 1));
+    if (tab != std::string::npos && line.compare(0, 3, "id\t") != 0)
+      out.push_back(line.substr(tab + 1));
   }
   if (out.empty())
     for (const char* s : {"fix the login bug", "restart redis", "update the docs",
@@ -57,11 +60,12 @@ int Explain(const ExplainOptions& opt) {
 
   // The writer: the store, a learner as cortexd builds it, and its router.
   auto opened = OpenStore(db);
-  if (!opened.ok()) return std::fprintf(stderr, "cortex-bench: %s\n", opened.status().ToString().c_str()), 1;
+  if (!opened.ok())
+    return std::fprintf(stderr, "cortex-bench: %s\n", opened.status().ToString().c_str()), 1;
   std::unique_ptr<Store> store = std::move(opened).value();
   LearnerOptions lo;
-  auto learner = std::make_shared<Learner>(lo, FeatureHasher(lo.shape.bits), MakeCpuEngine(),
-                                           MakeCpuEngine());
+  auto learner =
+      std::make_shared<Learner>(lo, FeatureHasher(lo.shape.bits), MakeCpuEngine(), MakeCpuEngine());
   Activation live{0, 0, 0, 0, "initial"};
   if (Status st = store->SetLiveModel(0, 0, "initial", 0, &live.id); !st.ok())
     return std::fprintf(stderr, "cortex-bench: %s\n", st.ToString().c_str()), 1;
@@ -95,13 +99,15 @@ int Explain(const ExplainOptions& opt) {
       return std::fprintf(stderr, "cortex-bench: %s\n", st.ToString().c_str()), 1;
     std::vector<Store::Admission> adm;
     std::vector<Status> sts;
-    for (int i = 0; i < n; ++i) adm.push_back({&tasks[i], &decisions[i], decisions[i].chosen, true});
+    for (int i = 0; i < n; ++i)
+      adm.push_back({&tasks[i], &decisions[i], decisions[i].chosen, true});
     store->Admit(adm, &sts);
     std::vector<Outcome> outcomes(n);
     std::vector<Store::AttemptEnd> ends;
     for (int i = 0; i < n; ++i) {
       // The right expert is a function of the text: the model has something to learn.
-      const bool right = decisions[i].chosen == names[std::hash<std::string>()(reqs[i].text) % names.size()];
+      const bool right =
+          decisions[i].chosen == names[std::hash<std::string>()(reqs[i].text) % names.size()];
       outcomes[i].kind = right ? OutcomeKind::kSuccess : OutcomeKind::kFailure;
       outcomes[i].quality = right ? 1 : 0;
       ends.push_back({tasks[i].id, 1, &outcomes[i], tasks[i].created_at + 1,
@@ -132,7 +138,8 @@ int Explain(const ExplainOptions& opt) {
     learn_s += Since(tl);
     done += n;
     if (done % 100000 == 0)
-      std::fprintf(stderr, "  %ld outcomes written (%.0f s, %.0f s learning)\n", done, Since(t0), learn_s);
+      std::fprintf(stderr, "  %ld outcomes written (%.0f s, %.0f s learning)\n", done, Since(t0),
+                   learn_s);
   }
   const double write_s = Since(t0);
   store.reset();
@@ -178,12 +185,16 @@ int Explain(const ExplainOptions& opt) {
       {"explained", wall.size()},
       {"not_bit_equal", unequal},
       {"replayed_steps_max", replayed_max},
-      {"explain_s", {{"p50", Percentile(wall, 0.5)}, {"p99", Percentile(wall, 0.99)},
-                     {"max", Percentile(wall, 1.0)}}},
-      {"explain_inside_cortexd_s", {{"p50", Percentile(inside, 0.5)}, {"max", Percentile(inside, 1.0)}}}};
+      {"explain_s",
+       {{"p50", Percentile(wall, 0.5)},
+        {"p99", Percentile(wall, 0.99)},
+        {"max", Percentile(wall, 1.0)}}},
+      {"explain_inside_cortexd_s",
+       {{"p50", Percentile(inside, 0.5)}, {"max", Percentile(inside, 1.0)}}}};
   std::printf("%s\n", out.dump(2).c_str());
   WriteJson(opt.json_out, out);
-  if (daemon.Stop() != 0) return std::fprintf(stderr, "cortex-bench: cortexd did not stop cleanly\n"), 1;
+  if (daemon.Stop() != 0)
+    return std::fprintf(stderr, "cortex-bench: cortexd did not stop cleanly\n"), 1;
   return unequal == 0 ? 0 : 1;
 }
 

@@ -2321,7 +2321,7 @@ TEST(E2EPostgres, RunsAuditsAndKeepsEverythingAcrossARestart) {
     ASSERT_TRUE(d.Start()) << d.Log();
     json st = d.CtlJson({"status"});
     EXPECT_EQ(st["store"], url);
-    EXPECT_EQ(st["schema_version"], 5) << st.dump();  // (v4: the cluster's; v5: learning's)
+    EXPECT_EQ(st["schema_version"], 5) << st.dump();   // (v4: the cluster's; v5: learning's)
     EXPECT_TRUE(st["nodes"].is_array()) << st.dump();  // a node of a cluster of one
     for (int i = 0; i < 5; ++i) {
       test::Run r =

@@ -256,7 +256,7 @@ TEST(GatingTest, OnlineStepsEqualTrainingOnTheReplayedBatchBitForBit) {
   FeatureHasher h(lo.shape.bits);
   Learner learner(lo, h, MakeCpuEngine(), MakeCpuEngine());
   Learner batcher(lo, h, MakeCpuEngine(), MakeCpuEngine());  // MakeTrainSet only
-  std::map<std::string, SparseVector> current;  // what a decision at this step records
+  std::map<std::string, SparseVector> current;               // what a decision at this step records
   auto manifest = [&](const std::string& name, const std::string& words) {
     const SparseVector m = h.Manifest({name, "", {words}, {}});
     learner.SetManifest(name, m);
@@ -321,7 +321,8 @@ TEST(GatingTest, OnlineStepsEqualTrainingOnTheReplayedBatchBitForBit) {
       recent[next++ % recent.size()] = o;
     batch.push_back(o);
     TrainSet set = batcher.MakeTrainSet(batch, 0, batch.size());
-    for (size_t k = 0; k < batch.size(); ++k) set.rows[k].prior = static_cast<float>(batch[k].prior);
+    for (size_t k = 0; k < batch.size(); ++k)
+      set.rows[k].prior = static_cast<float>(batch[k].prior);
     ASSERT_TRUE(engine->Train(&ref, set, lo.online).ok());
     if (i % 50 == 49) {
       ASSERT_TRUE(same(learner.Snapshot(), ref)) << "after outcome " << i;

@@ -178,7 +178,8 @@ TEST_P(Learning, FeedbackMovesRoutingAtOnceAttributedAndBounded) {
   auto d = NewDaemon("training: {interval: 1h, min_new_outcomes: 100000, feedback_per_hour: 35}\n");
   ASSERT_TRUE(d && d->Start()) << (d ? d->Log() : "");
   std::vector<std::string> ids;
-  for (int i = 0; i < 40; ++i) ids.push_back(Submit(*d, "restart redis on host " + std::to_string(i)));
+  for (int i = 0; i < 40; ++i)
+    ids.push_back(Submit(*d, "restart redis on host " + std::to_string(i)));
   Settle(*d, 40);
   json route = d->CtlJson({"route", "restart redis", "--no-repo"});
   ASSERT_EQ(route["candidates"][0]["expert"], "redis") << route.dump();
@@ -194,8 +195,7 @@ TEST_P(Learning, FeedbackMovesRoutingAtOnceAttributedAndBounded) {
     if (d->CtlJson({"route", "restart redis", "--no-repo"})["candidates"][0]["expert"] != "redis")
       break;
   }
-  EXPECT_NE(d->CtlJson({"route", "restart redis", "--no-repo"})["candidates"][0]["expert"],
-            "redis")
+  EXPECT_NE(d->CtlJson({"route", "restart redis", "--no-repo"})["candidates"][0]["expert"], "redis")
       << "after " << verdicts << " verdicts";
   std::printf("[ measured ] the first pick moved after %d verdicts (of 40 successes)\n", verdicts);
   EXPECT_EQ(d->CtlJson({"models"})["models"].size(), 1u) << "no retrain ran";
@@ -236,8 +236,7 @@ TEST_P(Learning, AnOutcomeCommittedLateIsStillLearnedFrom) {
   auto d = NewDaemon("training: {interval: 1h, min_new_outcomes: 100000}\n");
   ASSERT_TRUE(d && d->Start()) << (d ? d->Log() : "");
   const std::string slow = d->CtlJson({"submit", "nightly backup", "--no-repo"})["id"];
-  ASSERT_TRUE(test::Eventually(
-      [&] { return d->CtlJson({"show", slow})["state"] == "running"; }));
+  ASSERT_TRUE(test::Eventually([&] { return d->CtlJson({"show", slow})["state"] == "running"; }));
   for (int i = 0; i < 5; ++i) Submit(*d, "restart redis on host " + std::to_string(i));
   Settle(*d, 5);
   ASSERT_EQ(d->Ctl({"wait", slow}).code, 0);

@@ -1160,14 +1160,14 @@ static int RunCli(int argc, char** argv, Ctx& ctx) {
     const json a = result.value("activation", json::object());
     std::printf("task %s: decided by %s at step %ld (live since %s, learning after event %ld)\n",
                 Str(result, "id").c_str(), Str(result, "model_version").c_str(),
-                result.value("model_step", 0L), Str(a, "reason").c_str(),
-                a.value("after_seq", 0L));
-    std::printf("  rebuilt from %s%ld, %ld step(s) replayed, in %.3fs: %s\n",
-                result.value("from_checkpoint", 0L) ? "the checkpoint at step " : "the saved weights ",
-                result.value("from_checkpoint", 0L), result.value("replayed_steps", 0L),
-                result.value("seconds", 0.0),
-                result.value("equal", false) ? "every score equals the recorded one, bit for bit"
-                                             : "SCORES DIFFER from the recorded ones");
+                result.value("model_step", 0L), Str(a, "reason").c_str(), a.value("after_seq", 0L));
+    std::printf(
+        "  rebuilt from %s%ld, %ld step(s) replayed, in %.3fs: %s\n",
+        result.value("from_checkpoint", 0L) ? "the checkpoint at step " : "the saved weights ",
+        result.value("from_checkpoint", 0L), result.value("replayed_steps", 0L),
+        result.value("seconds", 0.0),
+        result.value("equal", false) ? "every score equals the recorded one, bit for bit"
+                                     : "SCORES DIFFER from the recorded ones");
     for (const auto& c : result.value("candidates", json::array())) {
       std::printf("\n%-16s model %.6f (recorded %.6f%s)  prior %.3f\n", Str(c, "expert").c_str(),
                   c.value("model_score", 0.0), c.value("recorded_model_score", 0.0),
@@ -1458,12 +1458,12 @@ static int RunCli(int argc, char** argv, Ctx& ctx) {
     if (ctx.json_out)
       PrintJson(result);
     else
-      std::printf("feedback from %s recorded for %s (attempt %d, %s): quality %.2f; reward now "
-                  "%.2f%s\n",
-                  Str(result, "by", "?").c_str(), Str(result, "id", id).c_str(),
-                  result.value("attempt", 0), Str(result, "expert").c_str(), qv,
-                  result.value("reward", qv),
-                  result.value("learned", false) ? ", the live model learns from it now" : "");
+      std::printf(
+          "feedback from %s recorded for %s (attempt %d, %s): quality %.2f; reward now "
+          "%.2f%s\n",
+          Str(result, "by", "?").c_str(), Str(result, "id", id).c_str(), result.value("attempt", 0),
+          Str(result, "expert").c_str(), qv, result.value("reward", qv),
+          result.value("learned", false) ? ", the live model learns from it now" : "");
     return kOk;
   }
   if (reload->parsed()) {
@@ -1564,8 +1564,8 @@ static int RunCli(int argc, char** argv, Ctx& ctx) {
         "interval)\n");
     const json live = result.value("live", json::object());
     std::printf("live: %s since %s after learning event %ld, %ld online step(s) since\n",
-                Str(live, "name").c_str(), Str(live, "since").c_str(),
-                live.value("after_seq", 0L), live.value("step", 0L));
+                Str(live, "name").c_str(), Str(live, "since").c_str(), live.value("after_seq", 0L),
+                live.value("step", 0L));
     return kOk;
   }
   if (status->parsed()) {

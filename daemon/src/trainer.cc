@@ -163,8 +163,9 @@ Status Trainer::LoadLiveModel() {
   long from = 0;
   auto state = Rebuild(a, LONG_MAX, &from);
   if (!state.ok()) return state.status().WithContext("the live model");
-  LogInfo("model v{} is live (activation {}, step {}: {} from a checkpoint, learned through event {})",
-          a.version, a.id, state->step, from, state->seq);
+  LogInfo(
+      "model v{} is live (activation {}, step {}: {} from a checkpoint, learned through event {})",
+      a.version, a.id, state->step, from, state->seq);
   checkpointed_live_ = a.id;
   checkpointed_step_ = from;
   learner_->Restore(std::move(state).value());
@@ -189,11 +190,11 @@ Status Trainer::Explain(const Task& t, json* out) {
   if (!t.decision) return Status::FailedPrecondition("task " + t.id + " has no decision");
   const Decision& d = *t.decision;
   if (d.model_step < 0)
-    return Status::FailedPrecondition(
-        "task " + t.id + "'s decision names no online step (" +
-        (d.model_version.empty() ? std::string("no model scored it")
-                                 : "recorded by a cortex older than schema 4") +
-        "): its weights cannot be rebuilt");
+    return Status::FailedPrecondition("task " + t.id + "'s decision names no online step (" +
+                                      (d.model_version.empty()
+                                           ? std::string("no model scored it")
+                                           : "recorded by a cortex older than schema 4") +
+                                      "): its weights cannot be rebuilt");
   const auto t0 = std::chrono::steady_clock::now();
   Activation a;
   CORTEX_RETURN_IF_ERROR(store_->GetActivation(d.model_live, &a));
@@ -216,7 +217,8 @@ Status Trainer::Explain(const Task& t, json* out) {
   bool all_equal = true;
   for (size_t i = 0; i < ex.size(); ++i) {
     json f = json::array();
-    for (const auto& [name, c] : ex[i].features) f.push_back({{"feature", name}, {"contribution", c}});
+    for (const auto& [name, c] : ex[i].features)
+      f.push_back({{"feature", name}, {"contribution", c}});
     const bool equal = ex[i].model_score == recorded[i]->model_score;
     all_equal &= equal;
     list.push_back({{"expert", ex[i].expert},
@@ -227,17 +229,18 @@ Status Trainer::Explain(const Task& t, json* out) {
                     {"prior_part", ex[i].prior_part},
                     {"features", f}});
   }
-  *out = {{"id", t.id},
-          {"model_version", d.model_version},
-          {"model_step", d.model_step},
-          {"activation",
-           {{"id", a.id}, {"version", a.version}, {"after_seq", a.after_seq}, {"reason", a.reason}}},
-          {"from_checkpoint", from},
-          {"replayed_steps", d.model_step - from},
-          {"learned_through", state->seq},
-          {"equal", all_equal},
-          {"seconds", std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count()},
-          {"candidates", list}};
+  *out = {
+      {"id", t.id},
+      {"model_version", d.model_version},
+      {"model_step", d.model_step},
+      {"activation",
+       {{"id", a.id}, {"version", a.version}, {"after_seq", a.after_seq}, {"reason", a.reason}}},
+      {"from_checkpoint", from},
+      {"replayed_steps", d.model_step - from},
+      {"learned_through", state->seq},
+      {"equal", all_equal},
+      {"seconds", std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count()},
+      {"candidates", list}};
   return Status::OK();
 }
 
@@ -353,8 +356,8 @@ Status Trainer::RetrainOnce(double now, json* summary) {
   std::string last_name;
   for (const auto& m : models) {
     const json metrics = json::parse(m.metrics, nullptr, false);
-    const long saw = metrics.is_object() ? metrics.value("data_through", m.trained_through)
-                                         : m.trained_through;
+    const long saw =
+        metrics.is_object() ? metrics.value("data_through", m.trained_through) : m.trained_through;
     if (saw >= last_through) last_through = saw, last_name = Learner::VersionName(m.version);
   }
   if (!models.empty() && newest_outcome <= last_through) {

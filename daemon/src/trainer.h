@@ -86,7 +86,7 @@ class Trainer {
   Metrics* const metrics_;  // may be null
   const std::atomic<bool>* const stop_;
   std::thread thread_;
-  long newest_seq_ = 0;              // newest learning event seen (the loop's thread only)
+  long newest_seq_ = 0;  // newest learning event seen (the loop's thread only)
   std::atomic<int> keep_versions_{20};
   std::atomic<long> checkpoint_every_{5000};
   long checkpointed_step_ = 0;  // the live activation's last checkpoint (loop thread)

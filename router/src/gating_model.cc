@@ -198,7 +198,8 @@ std::string GatingModel::Serialize() const {
     w.Put(h.bias);
     w.PutFloats(h.w.data(), h.w.size());
     const auto g = g_heads.find(name);
-    std::vector<float> acc = g != g_heads.end() ? g->second : std::vector<float>(h.w.size() + 1, 0.1f);
+    std::vector<float> acc =
+        g != g_heads.end() ? g->second : std::vector<float>(h.w.size() + 1, 0.1f);
     w.PutFloats(acc.data(), acc.size());
   }
   return std::move(w.out);

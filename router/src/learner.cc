@@ -373,8 +373,7 @@ std::vector<ExplainedCandidate> Learner::Explain(
                              std::tanh(static_cast<double>(h[k]) - v.val[j] * row[k]));
       }
       auto it = labels.find(v.idx[j]);
-      ec.features.emplace_back(it == labels.end() ? "#" + std::to_string(v.idx[j]) : it->second,
-                               c);
+      ec.features.emplace_back(it == labels.end() ? "#" + std::to_string(v.idx[j]) : it->second, c);
     }
     std::stable_sort(ec.features.begin(), ec.features.end(), [](const auto& a, const auto& b) {
       return std::fabs(a.second) > std::fabs(b.second);

@@ -89,9 +89,7 @@ bool IsTrainingOutcome(const std::string& kind) {
   return k && IsTrainingOutcome(*k);
 }
 
-double OutcomeReward(const Outcome& o) {
-  return o.kind == OutcomeKind::kSuccess ? o.quality : 0.0;
-}
+double OutcomeReward(const Outcome& o) { return o.kind == OutcomeKind::kSuccess ? o.quality : 0.0; }
 
 std::string FeedbackBoundMessage(const std::string& by, int per_hour) {
   return (by.empty() ? std::string("this user") : by) + " gave " + std::to_string(per_hour) +

@@ -1682,8 +1682,7 @@ class SqliteStore : public Store {
       }
     }
     {
-      Stmt s =
-          r.Prepare("SELECT time,quality,note,by,n FROM feedback WHERE task_id=? ORDER BY id");
+      Stmt s = r.Prepare("SELECT time,quality,note,by,n FROM feedback WHERE task_id=? ORDER BY id");
       s.Bind(1, id);
       while (s.Step() == SQLITE_ROW)
         t->feedback.push_back(

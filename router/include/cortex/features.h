@@ -39,8 +39,7 @@ class FeatureHasher {
 
   // What each feature index of Task(text, tags) stands for, as "word:x", "pair:x y",
   // "first:x", "4gram:xxxx", "tag:k=v" (several joined by " | " when they share a bucket).
-  std::unordered_map<uint32_t, std::string> Labels(const std::string& text,
-                                                   const Tags& tags) const;
+  std::unordered_map<uint32_t, std::string> Labels(const std::string& text, const Tags& tags) const;
 
   // Lower-cased alphanumeric words of `text`, stop words removed.
   static std::vector<std::string> Words(const std::string& text);

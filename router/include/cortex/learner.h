@@ -42,7 +42,7 @@ struct OnlineRow {
   std::string expert;
   float reward = 0;
   float weight = 1;
-  float prior = 0;  // the manifest prior recorded with the decision
+  float prior = 0;   // the manifest prior recorded with the decision
   std::string task;  // the attempt it is about: a verdict corrects its rows in the ring
   int attempt = 0;
 };

@@ -78,7 +78,7 @@ struct Feedback {
   double time = 0;
   double quality = 0;
   std::string note;
-  std::string by;  // who gave it: a user name, or a token's name
+  std::string by;   // who gave it: a user name, or a token's name
   int attempt = 0;  // the attempt it judged (0: before schema 4)
 };
 
