@@ -64,6 +64,7 @@ struct PrivateDaemon {
   std::string socket;
   std::string store_url;   // set before Start: a node of the cluster on this database
   std::string store_path;  // set before Start: this SQLite store instead of a new one
+  double start_timeout_s = 10;  // how long Start waits for it to answer
   pid_t pid = -1;
   PrivateDaemon() = default;
   PrivateDaemon(const PrivateDaemon&) = delete;

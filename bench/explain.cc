@@ -79,9 +79,10 @@ int Explain(const ExplainOptions& opt) {
   std::mt19937_64 rng(7);
 
   const auto t0 = Clock::now();
-  long done = 0, seq = 0, checkpoints = 0, checkpoint_bytes = 0, checkpointed = 0;
+  long done = 0, seq = 0, checkpoints = 0, checkpoint_bytes = 0, checkpointed = 0, deltas = 0;
+  long whole_bytes = 0, delta_bytes = 0;
   double learn_s = 0;
-  std::vector<std::string> ids;  // every 997th task, explained later
+  std::vector<std::string> ids;  // 200 tasks spread over the log, explained later
   constexpr int kBatch = 1000;
   while (done < opt.outcomes) {
     const int n = static_cast<int>(std::min<long>(kBatch, opt.outcomes - done));
@@ -112,7 +113,8 @@ int Explain(const ExplainOptions& opt) {
       outcomes[i].quality = right ? 1 : 0;
       ends.push_back({tasks[i].id, 1, &outcomes[i], tasks[i].created_at + 1,
                       right ? TaskState::kSucceeded : TaskState::kFailed});
-      if ((done + i) % 997 == 0) ids.push_back(tasks[i].id);
+      // (Off the checkpoints' grid, so that most explains replay steps after one.)
+      if ((done + i) % (opt.outcomes / 200 + 37) == 0) ids.push_back(tasks[i].id);
     }
     store->FinishAttempts(ends, &sts);
     for (const auto& s : sts)
@@ -128,7 +130,11 @@ int Explain(const ExplainOptions& opt) {
     long step = 0, last = 0;
     learner->LiveStep(&a, &step, &last);
     if (step - checkpointed >= opt.checkpoint_every) {
-      Checkpoint c = learner->MakeCheckpoint();
+      // As the trainer does: whole at first and after every 7 deltas.
+      const bool whole = checkpointed == 0 || deltas >= 7;
+      Checkpoint c = learner->MakeCheckpoint(whole ? -1 : checkpointed);
+      deltas = whole ? 0 : deltas + 1;
+      (whole ? whole_bytes : delta_bytes) += static_cast<long>(c.weights.size());
       if (Status st = store->SaveCheckpoint(c); !st.ok())
         return std::fprintf(stderr, "cortex-bench: %s\n", st.ToString().c_str()), 1;
       checkpointed = c.step;
@@ -148,6 +154,7 @@ int Explain(const ExplainOptions& opt) {
   // A cortexd on that store: its start rebuilds the live weights from the last checkpoint.
   const auto ts = Clock::now();
   daemon.store_path = db;
+  daemon.start_timeout_s = 1800;  // it checks a store of gigabytes before it answers
   if (!daemon.Start(opt.cortexd, "workers: 2", "watch: false",
                     "router: {exploration: 0.05, seed: 1}\ntraining: {interval: 24h, "
                     "min_new_outcomes: 100000000, checkpoint_every: " +
@@ -158,7 +165,7 @@ int Explain(const ExplainOptions& opt) {
   if (Status st = client.Connect(daemon.socket); !st.ok())
     return std::fprintf(stderr, "cortex-bench: %s\n", st.ToString().c_str()), 1;
   std::vector<double> wall, inside;
-  long unequal = 0, replayed_max = 0;
+  long unequal = 0, replayed_max = 0, replayed_sum = 0;
   for (const auto& id : ids) {
     nlohmann::json r;
     const auto te = Clock::now();
@@ -172,12 +179,16 @@ int Explain(const ExplainOptions& opt) {
     inside.push_back(res.value("seconds", 0.0));
     unequal += !res.value("equal", false);
     replayed_max = std::max(replayed_max, res.value("replayed_steps", 0L));
+    replayed_sum += res.value("replayed_steps", 0L);
   }
   nlohmann::json out = {
       {"outcomes", opt.outcomes},
       {"checkpoint_every", opt.checkpoint_every},
       {"checkpoints", checkpoints},
       {"checkpoint_mb_mean", checkpoints ? checkpoint_bytes / 1e6 / checkpoints : 0.0},
+      {"checkpoint_mb_total", checkpoint_bytes / 1e6},
+      {"whole_checkpoint_mb_total", whole_bytes / 1e6},
+      {"delta_checkpoint_mb_total", delta_bytes / 1e6},
       {"store_mb", store_mb},
       {"write_s", write_s},
       {"online_learning_s", learn_s},
@@ -185,6 +196,7 @@ int Explain(const ExplainOptions& opt) {
       {"explained", wall.size()},
       {"not_bit_equal", unequal},
       {"replayed_steps_max", replayed_max},
+      {"replayed_steps_mean", wall.empty() ? 0.0 : static_cast<double>(replayed_sum) / wall.size()},
       {"explain_s",
        {{"p50", Percentile(wall, 0.5)},
         {"p99", Percentile(wall, 0.99)},

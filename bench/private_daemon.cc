@@ -57,7 +57,7 @@ bool PrivateDaemon::Start(const std::string& cortexd_path, const std::string& da
           (dir / "cortex.yaml").c_str(), static_cast<char*>(nullptr));
     _exit(127);
   }
-  for (int i = 0; i < 200; ++i) {
+  for (int i = 0; i < static_cast<int>(start_timeout_s * 20); ++i) {
     Client c;
     nlohmann::json r;
     if (c.Connect(socket).ok() && c.Call({{"op", "status"}}, &r).ok()) return true;

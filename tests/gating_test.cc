@@ -239,6 +239,37 @@ TEST(GatingTest, OnlineStepsMoveTheLiveModelAndRecordTheVersion) {
   EXPECT_EQ(d[0].model_version, "v7");
 }
 
+// A checkpoint after an activation's first holds only what steps touched since the one
+// before (a delta): the whole one with the delta applied is the live weights, bit for bit.
+TEST(GatingTest, ADeltaCheckpointOnItsBaseGivesTheLiveWeightsBitForBit) {
+  World w;
+  std::vector<LoggedOutcome> logged = Logged(&w, 300);
+  LearnerOptions lo;
+  lo.shape = SmallShape();
+  Learner learner(lo, FeatureHasher(lo.shape.bits), MakeCpuEngine(), MakeCpuEngine());
+  learner.Install(GatingModel(lo.shape), Activation{1, 0, 0, 0, "initial"});
+  for (size_t i = 0; i < 100; ++i) learner.Observe(logged[i]);
+  Checkpoint whole = learner.MakeCheckpoint(-1);
+  EXPECT_EQ(whole.step, 100);
+  for (size_t i = 100; i < 300; ++i) learner.Observe(logged[i]);
+  Checkpoint delta = learner.MakeCheckpoint(whole.step);
+  int64_t base = -1;
+  ASSERT_FALSE(GatingModel::DeltaBase(whole.weights, &base));
+  ASSERT_TRUE(GatingModel::DeltaBase(delta.weights, &base));
+  EXPECT_EQ(base, 100);
+  EXPECT_LT(delta.weights.size(), whole.weights.size() * 2);
+  auto m = GatingModel::Deserialize(whole.weights);
+  ASSERT_TRUE(m.ok());
+  ASSERT_TRUE(m->ApplyDelta(delta.weights).ok());
+  const GatingModel live = learner.Snapshot();
+  EXPECT_EQ(m->Serialize(), live.Serialize());
+  EXPECT_EQ(std::memcmp(m->g_emb.data(), live.g_emb.data(), live.g_emb.size() * 4), 0);
+  EXPECT_EQ(std::memcmp(m->g_wide.data(), live.g_wide.data(), live.g_wide.size() * 4), 0);
+  // A delta is no whole model, and a whole one is no delta.
+  EXPECT_FALSE(GatingModel::Deserialize(delta.weights).ok());
+  EXPECT_FALSE(m->ApplyDelta(whole.weights).ok());
+}
+
 // The online step is one pass of the online options over the new outcome and the recent
 // ones the learner's seeded generator draws, each with the prior its decision recorded:
 // the learner must stay bit for bit equal to building that batch with MakeTrainSet and

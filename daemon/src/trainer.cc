@@ -85,13 +85,15 @@ json Trainer::Status_() {
           {"last_retrain", last_retrain_}};
 }
 
-std::vector<LoggedOutcome> Trainer::OutcomesAfter(long seq, size_t most) {
+std::vector<LoggedOutcome> Trainer::Read(bool events, long seq, size_t most) {
   std::vector<LoggedOutcome> out;
-  Status st = store_->ForEachOutcome(seq, [&](const LoggedOutcome& o) {
+  auto take = [&](const LoggedOutcome& o) {
     out.push_back(o);
     return out.size() < most;
-  });
-  if (!st.ok()) LogErrorRepeating("reading outcomes: {}", st.ToString());
+  };
+  Status st = events ? store_->ForEachLearnEvent(seq, take) : store_->ForEachOutcome(seq, take);
+  if (!st.ok())
+    LogErrorRepeating("reading {}: {}", events ? "learning events" : "outcomes", st.ToString());
   return out;
 }
 
@@ -100,26 +102,38 @@ void Trainer::SetRetention(int keep_versions, long checkpoint_every) {
   checkpoint_every_ = std::max(checkpoint_every, 1L);
 }
 
-std::vector<LoggedOutcome> Trainer::EventsAfter(long seq, size_t most) {
-  std::vector<LoggedOutcome> out;
-  Status st = store_->ForEachLearnEvent(seq, [&](const LoggedOutcome& o) {
-    out.push_back(o);
-    return out.size() < most;
-  });
-  if (!st.ok()) LogErrorRepeating("reading learning events: {}", st.ToString());
-  return out;
-}
-
-Result<OnlineState> Trainer::Rebuild(const Activation& a, long step, long* from_checkpoint) {
+Result<OnlineState> Trainer::Rebuild(const Activation& a, long step, long* from_checkpoint,
+                                     int* chain) {
   *from_checkpoint = 0;
+  if (chain) *chain = 0;
   OnlineState s;
   Checkpoint c;
   Status st = store_->LoadCheckpoint(a.id, step, &c);
   if (st.ok()) {
+    // A delta names the checkpoint it is relative to: down the chain to a whole one, then
+    // each delta applied on the way back up.
+    std::vector<std::string> deltas;
+    std::string blob = c.weights;
+    int64_t base = 0;
+    while (GatingModel::DeltaBase(blob, &base)) {
+      deltas.push_back(std::move(blob));
+      Checkpoint b;
+      CORTEX_RETURN_IF_ERROR(store_->LoadCheckpoint(a.id, base, &b));
+      if (b.step != base)
+        return Status::Corruption(fmt::format(
+            "the checkpoint at step {} is relative to step {}, which the store lacks", c.step,
+            base));
+      blob = std::move(b.weights);
+    }
+    auto m = GatingModel::Deserialize(blob);
+    if (!m.ok()) return m.status().WithContext(fmt::format("checkpoint at step {}", c.step));
+    for (auto d = deltas.rbegin(); d != deltas.rend(); ++d)
+      CORTEX_RETURN_IF_ERROR(m->ApplyDelta(*d));
+    if (chain) *chain = static_cast<int>(deltas.size());
     const long ring = std::min<long>(c.step, std::max(learner_->options().replay_buffer, 0));
     std::vector<LoggedOutcome> before;
     CORTEX_RETURN_IF_ERROR(store_->LearnEvents(a.after_seq, c.seq, ring, &before));
-    auto r = learner_->Resume(a, c, before);
+    auto r = learner_->Resume(a, c, std::move(m).value(), before);
     if (!r.ok()) return r.status();
     s = std::move(r).value();
     *from_checkpoint = c.step;
@@ -161,8 +175,10 @@ Status Trainer::LoadLiveModel() {
     return st;
   }
   long from = 0;
-  auto state = Rebuild(a, LONG_MAX, &from);
+  int chain = 0;
+  auto state = Rebuild(a, LONG_MAX, &from, &chain);
   if (!state.ok()) return state.status().WithContext("the live model");
+  deltas_since_full_ = chain;
   LogInfo(
       "model v{} is live (activation {}, step {}: {} from a checkpoint, learned through event {})",
       a.version, a.id, state->step, from, state->seq);
@@ -178,11 +194,18 @@ void Trainer::MaybeCheckpoint() {
   learner_->LiveStep(&a, &step, &seq);
   if (a.id != checkpointed_live_) checkpointed_live_ = a.id, checkpointed_step_ = 0;
   if (step - checkpointed_step_ < checkpoint_every_.load()) return;
-  Checkpoint c = learner_->MakeCheckpoint();
+  // Whole weights for an activation's first, and after every kDeltasPerWhole deltas (a
+  // rebuild reads one whole and at most that many deltas); a delta otherwise.
+  constexpr int kDeltasPerWhole = 7;
+  const bool whole = checkpointed_step_ == 0 || deltas_since_full_ >= kDeltasPerWhole;
+  Checkpoint c = learner_->MakeCheckpoint(whole ? -1 : checkpointed_step_);
   if (Status st = store_->SaveCheckpoint(c); !st.ok()) {
+    // The flags were cleared with it: the next one must be whole.
     LogWarn("saving a checkpoint of the live model: {}", st.message());
+    checkpointed_step_ = 0;
     return;
   }
+  deltas_since_full_ = whole ? 0 : deltas_since_full_ + 1;
   checkpointed_step_ = c.step;
 }
 
@@ -195,11 +218,14 @@ Status Trainer::Explain(const Task& t, json* out) {
                                            ? std::string("no model scored it")
                                            : "recorded by a cortex older than schema 4") +
                                       "): its weights cannot be rebuilt");
+  // One rebuild at a time: each holds a whole model (tens of MB) while it replays, and a
+  // burst of requests must not hold one each.
+  std::lock_guard<std::mutex> one(explain_mu_);
   const auto t0 = std::chrono::steady_clock::now();
   Activation a;
   CORTEX_RETURN_IF_ERROR(store_->GetActivation(d.model_live, &a));
   long from = 0;
-  auto state = Rebuild(a, d.model_step, &from);
+  auto state = Rebuild(a, d.model_step, &from, nullptr);
   if (!state.ok()) return state.status();
   if (state->step != d.model_step)
     return Status::Corruption(fmt::format(
@@ -268,7 +294,7 @@ void Trainer::Loop() {
     constexpr size_t kBatch = 4096;
     const long live_seq = learner_->trained_through();
     std::vector<LoggedOutcome> fresh =
-        EventsAfter(learner_->options().online_updates ? live_seq : newest_seq_, kBatch);
+        Read(/*events=*/true, learner_->options().online_updates ? live_seq : newest_seq_, kBatch);
     if (fresh.size() == kBatch) woken_ = true;
     long added = 0;
     for (const auto& o : fresh) {
@@ -344,7 +370,7 @@ Status Trainer::RetrainOnce(double now, json* summary) {
   long after = 0;
   CORTEX_RETURN_IF_ERROR(
       store_->OutcomeWindowStart(static_cast<long>(lo.max_examples) + lo.max_holdout, &after));
-  std::vector<LoggedOutcome> history = OutcomesAfter(after);
+  std::vector<LoggedOutcome> history = Read(/*events=*/false, after);
   std::vector<ModelRecord> models;
   CORTEX_RETURN_IF_ERROR(store_->ListModels(&models));
   // Nothing new since the last retrain: the same data would make the same candidate.

@@ -73,10 +73,11 @@ class Trainer {
   void Loop();
   void RunRetrain();
   Status RetrainOnce(double now, nlohmann::json* summary);
-  std::vector<LoggedOutcome> OutcomesAfter(long seq, size_t most = SIZE_MAX);
-  std::vector<LoggedOutcome> EventsAfter(long seq, size_t most);
+  // The learning events (`events`) or a retrain's outcomes after `seq`, at most `most`.
+  std::vector<LoggedOutcome> Read(bool events, long seq, size_t most = SIZE_MAX);
   // The state of activation `a` at step `step` (SIZE_MAX: every event logged so far).
-  Result<OnlineState> Rebuild(const Activation& a, long step, long* from_checkpoint);
+  // `chain`: how many deltas the checkpoint it started from had below it.
+  Result<OnlineState> Rebuild(const Activation& a, long step, long* from_checkpoint, int* chain);
   void MaybeCheckpoint();
 
   Store* const store_;
@@ -91,11 +92,14 @@ class Trainer {
   std::atomic<long> checkpoint_every_{5000};
   long checkpointed_step_ = 0;  // the live activation's last checkpoint (loop thread)
   long checkpointed_live_ = 0;
+  int deltas_since_full_ = 0;  // checkpoints since the last whole one (loop thread)
   std::atomic<bool> woken_{false};   // a Wake since the loop last read the outcomes
   std::atomic<bool> reload_{false};  // ReloadLive: load the live model from the store
   // A cluster (SetCluster): "" while this node is the trainer, else who is (or "none").
   std::function<std::string()> not_trainer_;
   std::function<void(int)> live_changed_;
+
+  std::mutex explain_mu_;  // one Explain at a time
 
   std::mutex mu_;  // guards the fields below
   std::condition_variable cv_;

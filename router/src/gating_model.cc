@@ -11,6 +11,7 @@ namespace cortex {
 namespace {
 
 constexpr char kMagic[4] = {'C', 'X', 'G', 'M'};
+constexpr char kDeltaMagic[4] = {'C', 'X', 'G', 'D'};  // rows changed since a base checkpoint
 constexpr uint32_t kFormat = 2;  // 2: Adagrad state stored beside each parameter
 
 uint64_t SplitMix(uint64_t x) {
@@ -30,6 +31,10 @@ float InitValue(uint64_t seed, size_t r, size_t c, int hidden) {
 void InitRow(const GatingShape& s, size_t r, float* row) {
   for (int c = 0; c < s.hidden; ++c) row[c] = InitValue(s.seed, r, c, s.hidden);
 }
+
+}  // namespace
+
+namespace blob {
 
 class Writer {
  public:
@@ -77,7 +82,10 @@ class Reader {
   size_t pos_ = 0;
 };
 
-}  // namespace
+}  // namespace blob
+
+using blob::Reader;
+using blob::Writer;
 
 uint64_t GatingModel::NextStamp() {
   static std::atomic<uint64_t> counter{0};
@@ -154,44 +162,37 @@ size_t GatingModel::TouchedRows() const {
   return n;
 }
 
-std::string GatingModel::Serialize() const {
-  Writer w;
-  w.out.append(kMagic, 4);
-  w.Put(kFormat);
-  w.Put(static_cast<int32_t>(shape_.bits));
-  w.Put(static_cast<int32_t>(shape_.hidden));
-  w.Put(static_cast<int32_t>(shape_.wide_bits));
-  w.Put(shape_.seed);
+void GatingModel::WriteHeader(Writer* w, const char* magic) const {
+  w->out.append(magic, 4);
+  w->Put(kFormat);
+  w->Put(static_cast<int32_t>(shape_.bits));
+  w->Put(static_cast<int32_t>(shape_.hidden));
+  w->Put(static_cast<int32_t>(shape_.wide_bits));
+  w->Put(shape_.seed);
+}
+
+// The parameters: the small ones whole, the embedding rows and wide entries listed.
+void GatingModel::WriteBody(Writer* wp, const std::vector<uint32_t>& rows_out,
+                            const std::vector<uint32_t>& wide_out) const {
+  Writer& w = *wp;
   w.Put(prior_w);
   w.Put(prior_b);
   w.Put(g_prior_w);
   w.Put(g_prior_b);
   w.PutFloats(b1.data(), b1.size());
   w.PutFloats(g_b1.data(), g_b1.size());
-  // Emb: changed rows only.
-  std::vector<float> init(shape_.hidden);
-  std::vector<uint32_t> touched;
-  for (size_t r = 0; r < rows(); ++r) {
-    InitRow(shape_, r, init.data());
-    if (std::memcmp(init.data(), &emb[r * shape_.hidden], shape_.hidden * sizeof(float)))
-      touched.push_back(static_cast<uint32_t>(r));
-  }
-  w.Put(static_cast<uint32_t>(touched.size()));
-  for (uint32_t r : touched) {
+  w.Put(static_cast<uint32_t>(rows_out.size()));
+  for (uint32_t r : rows_out) {
     w.Put(r);
     w.PutFloats(&emb[size_t{r} * shape_.hidden], shape_.hidden);
     w.PutFloats(&g_emb[size_t{r} * shape_.hidden], shape_.hidden);
   }
-  // Wide: non-zero entries only.
-  uint32_t nz = 0;
-  for (float v : wide) nz += v != 0.0f;
-  w.Put(nz);
-  for (size_t i = 0; i < wide.size(); ++i)
-    if (wide[i] != 0.0f) {
-      w.Put(static_cast<uint32_t>(i));
-      w.Put(wide[i]);
-      w.Put(g_wide[i]);
-    }
+  w.Put(static_cast<uint32_t>(wide_out.size()));
+  for (uint32_t i : wide_out) {
+    w.Put(i);
+    w.Put(wide[i]);
+    w.Put(g_wide[i]);
+  }
   w.Put(static_cast<uint32_t>(heads.size()));
   for (const auto& [name, h] : heads) {
     w.PutString(name);
@@ -202,64 +203,131 @@ std::string GatingModel::Serialize() const {
         g != g_heads.end() ? g->second : std::vector<float>(h.w.size() + 1, 0.1f);
     w.PutFloats(acc.data(), acc.size());
   }
-  return std::move(w.out);
 }
 
-Result<GatingModel> GatingModel::Deserialize(const std::string& blob) {
-  auto bad = [](const std::string& why) {
-    return Status::Corruption("model blob is not a Cortex gating model: " + why);
-  };
-  if (blob.size() < 4 || std::memcmp(blob.data(), kMagic, 4)) return bad("bad magic");
-  Reader r(blob);
-  char magic[4];
-  r.Get(&magic);
+std::string GatingModel::Serialize() const {
+  Writer w;
+  WriteHeader(&w, kMagic);
+  // Emb: changed rows only; wide: non-zero entries only.
+  std::vector<float> init(shape_.hidden);
+  std::vector<uint32_t> touched, nz;
+  for (size_t r = 0; r < rows(); ++r) {
+    InitRow(shape_, r, init.data());
+    if (std::memcmp(init.data(), &emb[r * shape_.hidden], shape_.hidden * sizeof(float)))
+      touched.push_back(static_cast<uint32_t>(r));
+  }
+  for (size_t i = 0; i < wide.size(); ++i)
+    if (wide[i] != 0.0f) nz.push_back(static_cast<uint32_t>(i));
+  WriteBody(&w, touched, nz);
+  return w.out;
+}
+
+std::string GatingModel::SerializeDelta(int64_t base_step, const std::vector<uint8_t>& emb_rows,
+                                        const std::vector<uint8_t>& wide_entries) const {
+  Writer w;
+  WriteHeader(&w, kDeltaMagic);
+  w.Put(base_step);
+  std::vector<uint32_t> rows_out, wide_out;
+  for (size_t r = 0; r < emb_rows.size(); ++r)
+    if (emb_rows[r]) rows_out.push_back(static_cast<uint32_t>(r));
+  for (size_t i = 0; i < wide_entries.size(); ++i)
+    if (wide_entries[i]) wide_out.push_back(static_cast<uint32_t>(i));
+  WriteBody(&w, rows_out, wide_out);
+  return w.out;
+}
+
+bool GatingModel::DeltaBase(const std::string& blob, int64_t* base_step) {
+  const size_t at = 4 + sizeof(uint32_t) + 3 * sizeof(int32_t) + sizeof(uint64_t);
+  if (blob.size() < at + sizeof(int64_t) || std::memcmp(blob.data(), kDeltaMagic, 4)) return false;
+  std::memcpy(base_step, blob.data() + at, sizeof(int64_t));
+  return true;
+}
+
+namespace {
+Status BadBlob(const std::string& why) {
+  return Status::Corruption("model blob is not a Cortex gating model: " + why);
+}
+
+// The header's shape, after checking its magic and format.
+Status ReadHeader(Reader* r, const char* magic, GatingShape* s) {
+  char m[4];
   uint32_t format;
   int32_t bits, hidden, wide_bits;
-  GatingShape s;
-  if (!r.Get(&format) || format != kFormat) return bad("unknown format version");
-  if (!r.Get(&bits) || !r.Get(&hidden) || !r.Get(&wide_bits) || !r.Get(&s.seed))
-    return bad("truncated header");
+  if (!r->Get(&m) || std::memcmp(m, magic, 4)) return BadBlob("bad magic");
+  if (!r->Get(&format) || format != kFormat) return BadBlob("unknown format version");
+  if (!r->Get(&bits) || !r->Get(&hidden) || !r->Get(&wide_bits) || !r->Get(&s->seed))
+    return BadBlob("truncated header");
   if (bits < 4 || bits > 24 || hidden < 1 || hidden > 1024 || wide_bits < 4 || wide_bits > 26)
-    return bad("shape out of range");
-  s.bits = bits;
-  s.hidden = hidden;
-  s.wide_bits = wide_bits;
-  GatingModel m(s);
-  if (!r.Get(&m.prior_w) || !r.Get(&m.prior_b) || !r.Get(&m.g_prior_w) || !r.Get(&m.g_prior_b) ||
-      !r.GetFloats(m.b1.data(), m.b1.size()) || !r.GetFloats(m.g_b1.data(), m.g_b1.size()))
-    return bad("truncated");
+    return BadBlob("shape out of range");
+  s->bits = bits;
+  s->hidden = hidden;
+  s->wide_bits = wide_bits;
+  return Status::OK();
+}
+}  // namespace
+
+// Reads WriteBody's parameters into the model: the small ones replaced, the listed rows and
+// entries overwritten, the rest left as they are.
+Status GatingModel::ReadBody(Reader* rp) {
+  Reader& r = *rp;
+  const int hidden = shape_.hidden;
+  if (!r.Get(&prior_w) || !r.Get(&prior_b) || !r.Get(&g_prior_w) || !r.Get(&g_prior_b) ||
+      !r.GetFloats(b1.data(), b1.size()) || !r.GetFloats(g_b1.data(), g_b1.size()))
+    return BadBlob("truncated");
   uint32_t n;
-  if (!r.Get(&n)) return bad("truncated");
+  if (!r.Get(&n)) return BadBlob("truncated");
   for (uint32_t k = 0; k < n; ++k) {
     uint32_t row;
-    if (!r.Get(&row) || row >= m.rows() || !r.GetFloats(&m.emb[size_t{row} * hidden], hidden) ||
-        !r.GetFloats(&m.g_emb[size_t{row} * hidden], hidden))
-      return bad("bad embedding row");
+    if (!r.Get(&row) || row >= rows() || !r.GetFloats(&emb[size_t{row} * hidden], hidden) ||
+        !r.GetFloats(&g_emb[size_t{row} * hidden], hidden))
+      return BadBlob("bad embedding row");
   }
-  if (!r.Get(&n)) return bad("truncated");
+  if (!r.Get(&n)) return BadBlob("truncated");
   for (uint32_t k = 0; k < n; ++k) {
     uint32_t i;
     float v;
     float g;
-    if (!r.Get(&i) || i >= m.wide.size() || !r.Get(&v) || !r.Get(&g)) return bad("bad wide entry");
-    m.wide[i] = v;
-    m.g_wide[i] = g;
+    if (!r.Get(&i) || i >= wide.size() || !r.Get(&v) || !r.Get(&g))
+      return BadBlob("bad wide entry");
+    wide[i] = v;
+    g_wide[i] = g;
   }
-  if (!r.Get(&n)) return bad("truncated");
+  if (!r.Get(&n)) return BadBlob("truncated");
   for (uint32_t k = 0; k < n; ++k) {
     std::string name;
     ExpertHead h;
     h.w.resize(hidden);
     if (!r.GetString(&name) || !r.Get(&h.bias) || !r.GetFloats(h.w.data(), h.w.size()))
-      return bad("bad expert head");
-    m.heads[name] = std::move(h);
-    std::vector<float>& acc = m.g_heads[name];
+      return BadBlob("bad expert head");
+    heads[name] = std::move(h);
+    std::vector<float>& acc = g_heads[name];
     acc.resize(hidden + 1);
-    if (!r.GetFloats(acc.data(), acc.size())) return bad("bad expert head state");
+    if (!r.GetFloats(acc.data(), acc.size())) return BadBlob("bad expert head state");
   }
-  if (!r.done()) return bad("trailing bytes");
-  m.stamp = NextStamp();
+  if (!r.done()) return BadBlob("trailing bytes");
+  stamp = NextStamp();
+  return Status::OK();
+}
+
+Result<GatingModel> GatingModel::Deserialize(const std::string& blob) {
+  Reader r(blob);
+  GatingShape s;
+  CORTEX_RETURN_IF_ERROR(ReadHeader(&r, kMagic, &s));
+  GatingModel m(s);
+  CORTEX_RETURN_IF_ERROR(m.ReadBody(&r));
   return m;
+}
+
+Status GatingModel::ApplyDelta(const std::string& blob) {
+  Reader r(blob);
+  GatingShape s;
+  CORTEX_RETURN_IF_ERROR(ReadHeader(&r, kDeltaMagic, &s));
+  if (s.bits != shape_.bits || s.hidden != shape_.hidden || s.wide_bits != shape_.wide_bits ||
+      s.seed != shape_.seed)
+    return BadBlob("a delta of another shape");
+  int64_t base;
+  if (!r.Get(&base)) return BadBlob("truncated header");
+  return ReadBody(&r);
 }
 
 void SparseBatch::Add(const SparseVector& v, uint32_t mask) {

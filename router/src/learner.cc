@@ -230,6 +230,16 @@ void Learner::StepLocked(OnlineState* s, OnlineRow row, bool feedback, TrainSet*
     else
       s->ring[static_cast<size_t>(s->step) % cap] = std::move(row);
   }
+  // What this step writes, for the next delta checkpoint.
+  if (s->dirty_emb.size() != s->model.rows()) s->dirty_emb.assign(s->model.rows(), 0);
+  if (s->dirty_wide.size() != s->model.wide_size()) s->dirty_wide.assign(s->model.wide_size(), 0);
+  for (const TrainRow& r : set->rows) {
+    const uint64_t key = GatingModel::ExpertKey(set->experts[static_cast<size_t>(r.expert)]);
+    for (int j = set->x.offsets[r.x]; j < set->x.offsets[r.x + 1]; ++j) {
+      s->dirty_emb[set->x.idx[j]] = 1;
+      s->dirty_wide[s->model.WideIndex(set->x.idx[j], key)] = 1;
+    }
+  }
   TrainOptions step = options_.online;
   step.lock = nullptr;  // the caller holds the state's lock for the whole step
   (void)engine->Train(&s->model, *set, step);
@@ -259,10 +269,9 @@ OnlineState Learner::Begin(GatingModel model, const Activation& live) const {
 }
 
 Result<OnlineState> Learner::Resume(const Activation& live, const Checkpoint& c,
+                                    GatingModel model,
                                     const std::vector<LoggedOutcome>& ring_events) const {
-  auto m = GatingModel::Deserialize(c.weights);
-  if (!m.ok()) return m.status().WithContext("checkpoint at step " + std::to_string(c.step));
-  OnlineState s = Begin(std::move(m).value(), live);
+  OnlineState s = Begin(std::move(model), live);
   s.step = c.step;
   s.seq = c.seq;
   s.rng = c.rng;
@@ -319,18 +328,25 @@ GatingModel Learner::Snapshot() const {
   return live_.model;
 }
 
-Checkpoint Learner::MakeCheckpoint() const {
+Checkpoint Learner::MakeCheckpoint(long delta_base) {
   Checkpoint c;
   GatingModel copy;
   {
-    std::shared_lock<std::shared_mutex> weights(model_mu_);
-    copy = live_.model;
+    // Exclusive: the copy (or delta) and the cleared flags are of one and the same step.
+    std::unique_lock<std::shared_mutex> weights(model_mu_);
     c.activation = live_.live.id;
     c.step = live_.step;
     c.seq = live_.seq;
     c.rng = live_.rng;
+    if (delta_base >= 0)
+      c.weights = live_.model.SerializeDelta(delta_base, live_.dirty_emb, live_.dirty_wide);
+    else
+      copy = live_.model;
+    std::fill(live_.dirty_emb.begin(), live_.dirty_emb.end(), 0);
+    std::fill(live_.dirty_wide.begin(), live_.dirty_wide.end(), 0);
   }
-  c.weights = copy.Serialize();  // outside the lock: it compares every row with its seed
+  // A whole one is serialized outside the lock: it compares every row with its seed.
+  if (delta_base < 0) c.weights = copy.Serialize();
   return c;
 }
 

@@ -27,6 +27,11 @@
 
 namespace cortex {
 
+namespace blob {  // gating_model.cc's byte writer and reader
+class Writer;
+class Reader;
+}  // namespace blob
+
 struct GatingShape {
   int bits = 18;       // input hash space of the MLP: 2^bits rows of Emb
   int hidden = 32;     // width of the hidden layer
@@ -82,10 +87,21 @@ class GatingModel {
   // Compact binary form: only Emb rows that differ from their seeded initial value.
   std::string Serialize() const;
   static Result<GatingModel> Deserialize(const std::string& blob);
+  // A delta: the small parameters whole and only the embedding rows and wide entries
+  // flagged (those an online step touched since the checkpoint at `base_step`); applied to
+  // that checkpoint's weights it gives these. DeltaBase: whether a blob is one, and its base.
+  std::string SerializeDelta(int64_t base_step, const std::vector<uint8_t>& emb_rows,
+                             const std::vector<uint8_t>& wide_entries) const;
+  static bool DeltaBase(const std::string& blob, int64_t* base_step);
+  Status ApplyDelta(const std::string& blob);
   size_t TouchedRows() const;
 
  private:
   void InitState();
+  void WriteHeader(blob::Writer* w, const char* magic) const;
+  void WriteBody(blob::Writer* w, const std::vector<uint32_t>& rows_out,
+                 const std::vector<uint32_t>& wide_out) const;
+  Status ReadBody(blob::Reader* r);
   GatingShape shape_;
 };
 

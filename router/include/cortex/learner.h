@@ -33,7 +33,7 @@ struct LearnerOptions {
   int max_examples = 50000;  // most recent outcomes a retrain learns from
   // A person's verdict weighs this many outcomes in its online step (and in each replay
   // of it): a few verdicts on an expert's tasks move its score without a retrain.
-  float feedback_weight = 8;
+  float feedback_weight = 16;
 };
 
 // One outcome or verdict as online steps learn from it: featurized once, kept so for replay.
@@ -58,6 +58,9 @@ struct OnlineState {
   long seq = 0;
   uint64_t rng = 0;
   std::vector<OnlineRow> ring;  // the event of step t sits in slot (t - 1) % replay_buffer
+  // What steps touched since the last checkpoint (one flag per embedding row and wide
+  // entry): a checkpoint after the first of an activation holds only those (a delta).
+  std::vector<uint8_t> dirty_emb, dirty_wide;
 };
 
 // One candidate of a decision, recomputed by `explain`: the score and what moved it.
@@ -128,14 +131,16 @@ class Learner {
 
   // A copy of the live model (for saving, or a final-policy evaluation).
   GatingModel Snapshot() const;
-  // The live state as a checkpoint (weights serialized), when it has taken steps.
-  Checkpoint MakeCheckpoint() const;
+  // The live state as a checkpoint: its weights whole (`delta_base` < 0), or what changed
+  // since the checkpoint at step `delta_base` (the one before this one).
+  Checkpoint MakeCheckpoint(long delta_base);
 
   // Rebuilding weights: a state at step 0 of `live` with `model`, or at a checkpoint
   // (`ring_events`: the newest min(step, replay_buffer) events up to its seq, oldest
   // first); then Step for each later event, in seq order.
   OnlineState Begin(GatingModel model, const Activation& live) const;
-  Result<OnlineState> Resume(const Activation& live, const Checkpoint& c,
+  // (`model`: the checkpoint's weights, its deltas applied.)
+  Result<OnlineState> Resume(const Activation& live, const Checkpoint& c, GatingModel model,
                              const std::vector<LoggedOutcome>& ring_events) const;
   void Step(OnlineState* s, const LoggedOutcome& o) const;
   // Each candidate's model score under `m` for the task, with the recorded priors, on the
