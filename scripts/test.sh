@@ -52,9 +52,12 @@ targets="" sanitized build-asan address,undefined -E "$plugin_suites|^BenchTest\
 # threads the tests kept here drive too (kill -9 under load, concurrent submits, reload).
 tsan_skip="AStopCancelsARetrain|ASecondNodeOfOneName|BadConfigRefusesToStart|NoTaskTextCanHang"
 tsan_skip="$tsan_skip|ACrashIsToldFromAKill|SocketIsPrivate|KillNineAtRandomMoments"
-targets="e2e_test store_test gating_test unix_test cli_test cluster_test cortex-test-pg" \
+# The learning suite runs on SQLite here (steps, checkpoints, explain and feedback on the
+# trainer's, the server's and the pipeline's threads); its PostgreSQL half adds no thread.
+targets="e2e_test store_test gating_test unix_test cli_test cluster_test learning_test cortex-test-pg" \
   sanitized build-tsan thread \
-  -R "E2E|StoreTest|Gating|Unix\\.Readiness|CliTest\\.WaitCancel|Cluster|PgServer" -E "$tsan_skip"
+  -R "E2E|StoreTest|Gating|Unix\\.Readiness|CliTest\\.WaitCancel|Cluster|PgServer|Learning\\..*/sqlite" \
+  -E "$tsan_skip"
 
 # libFuzzer (clang): each target from its seed corpus, for a bounded time; a finding
 # fails the run and leaves its input in build-fuzz/.
