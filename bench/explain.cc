@@ -132,7 +132,7 @@ int Explain(const ExplainOptions& opt) {
     if (step - checkpointed >= opt.checkpoint_every) {
       // As the trainer does: whole at first and after every 7 deltas.
       const bool whole = checkpointed == 0 || deltas >= 7;
-      Checkpoint c = learner->MakeCheckpoint(whole ? -1 : checkpointed);
+      Checkpoint c = learner->MakeCheckpoint(live.id, whole ? -1 : checkpointed);
       deltas = whole ? 0 : deltas + 1;
       (whole ? whole_bytes : delta_bytes) += static_cast<long>(c.weights.size());
       if (Status st = store->SaveCheckpoint(c); !st.ok())

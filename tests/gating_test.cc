@@ -249,10 +249,11 @@ TEST(GatingTest, ADeltaCheckpointOnItsBaseGivesTheLiveWeightsBitForBit) {
   Learner learner(lo, FeatureHasher(lo.shape.bits), MakeCpuEngine(), MakeCpuEngine());
   learner.Install(GatingModel(lo.shape), Activation{1, 0, 0, 0, "initial"});
   for (size_t i = 0; i < 100; ++i) learner.Observe(logged[i]);
-  Checkpoint whole = learner.MakeCheckpoint(-1);
+  Checkpoint whole = learner.MakeCheckpoint(1, -1);
   EXPECT_EQ(whole.step, 100);
   for (size_t i = 100; i < 300; ++i) learner.Observe(logged[i]);
-  Checkpoint delta = learner.MakeCheckpoint(whole.step);
+  Checkpoint delta = learner.MakeCheckpoint(1, whole.step);
+  EXPECT_TRUE(learner.MakeCheckpoint(2, -1).weights.empty());  // not the live activation
   int64_t base = -1;
   ASSERT_FALSE(GatingModel::DeltaBase(whole.weights, &base));
   ASSERT_TRUE(GatingModel::DeltaBase(delta.weights, &base));

@@ -164,7 +164,11 @@ TEST_P(Learning, RestartRollbackAndExplainAreBitForBit) {
   EXPECT_EQ(Scores(*d, "restart redis now"), v1);
   // Every decision still rebuilds: under v0 before and after the restart, under v1.
   for (const auto& id : ids) ExpectExplained(*d, id);
+  // router.seed draws exploration only: a new one changes no learned weight.
   ASSERT_EQ(d->Stop(), 0);
+  std::string cfg = test::ReadFile(d->config);
+  cfg.replace(cfg.find("seed: 1"), 7, "seed: 5");
+  test::WriteFile(d->config, cfg);
   ASSERT_TRUE(d->Start()) << d->Log();
   EXPECT_EQ(Scores(*d, "restart redis now"), v1);
   for (const auto& id : ids) ExpectExplained(*d, id);
@@ -227,6 +231,14 @@ TEST_P(Learning, FeedbackMovesRoutingAtOnceAttributedAndBounded) {
   EXPECT_NE(over.err.find("training.feedback_per_hour"), std::string::npos) << over.err;
   EXPECT_EQ(d->CtlJson({"show", ids[39]})["feedback"].size(), 0u);
 
+  // Nor has one whose only attempt was interrupted (cancelled while it ran).
+  const std::string cut = d->CtlJson({"submit", "nightly backup", "--no-repo"})["id"];
+  ASSERT_TRUE(test::Eventually([&] { return d->CtlJson({"show", cut})["state"] == "running"; }));
+  ASSERT_EQ(d->Ctl({"cancel", cut}).code, 0);
+  ASSERT_TRUE(test::Eventually([&] { return d->CtlJson({"show", cut})["state"] == "cancelled"; }));
+  test::Run cr = d->Ctl({"feedback", cut, "--good"});
+  EXPECT_EQ(cr.code, 1) << d->CtlJson({"show", cut}).dump();
+  EXPECT_NE(cr.err.find("nothing to judge"), std::string::npos) << cr.err;
   // A task that never ran an attempt has nothing to judge.
   const std::string held = d->CtlJson({"submit", "this waits forever", "--no-repo"})["id"];
   ASSERT_EQ(d->Ctl({"cancel", held}).code, 0);

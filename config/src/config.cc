@@ -537,7 +537,7 @@ Result<Config> Parse(const YAML::Node& root, const std::string& source,
       c.training.feedback_per_hour = static_cast<int>(v);
     }
     if (t["keep_versions"]) {
-      p.Keep(p.Int(t["keep_versions"], "training.keep_versions", 0, 100000, &v));
+      p.Keep(p.Int(t["keep_versions"], "training.keep_versions", 1, 100000, &v));
       c.training.keep_versions = static_cast<int>(v);
     }
     if (t["checkpoint_every"]) {

@@ -620,7 +620,9 @@ class DaemonImpl : public Daemon, public RequestHandler {
     // The learner over the gating model's two engines: one scores, one trains in the
     // background.
     LearnerOptions lo;
-    lo.shape.seed = config_.router.seed ? config_.router.seed : 1;
+    // (The model's own seed stays the default: router.seed only draws exploration. The
+    // untrained weights and the replay sampler must be the same at every start, or a
+    // changed seed would change the live weights and no decision could be rebuilt.)
     lo.online_updates = config_.training.online;
     lo.train.epochs = config_.training.epochs;
     lo.train.cancel = &stop_;  // a stop ends a retrain within one minibatch

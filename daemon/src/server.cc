@@ -1295,6 +1295,15 @@ json Server::Dispatch(const json& j, const std::function<bool(const std::string&
       if (!IsFinal(t.state))
         return fail(Status::FailedPrecondition("task " + id + " is " + ToString(t.state) +
                                                "; feedback applies to a finished task"));
+      // The attempt judged is the last that finished: one cortexd interrupted did no work
+      // to judge (the store refuses a task with none at all).
+      for (auto a = t.attempts.rbegin(); a != t.attempts.rend(); ++a)
+        if (a->outcome) {
+          if (a->outcome->kind == OutcomeKind::kInterrupted)
+            return fail(Status::FailedPrecondition(
+                "task " + id + "'s last attempt was interrupted: there is nothing to judge"));
+          break;
+        }
       json result;
       CHECK(h_->Feedback(id, {Env::Default()->NowUnix(), q, note, user}, &result));
       return wire::Ok(result);

@@ -98,7 +98,8 @@ std::vector<LoggedOutcome> Trainer::Read(bool events, long seq, size_t most) {
 }
 
 void Trainer::SetRetention(int keep_versions, long checkpoint_every) {
-  keep_versions_ = std::max(keep_versions, 0);
+  // At least one: the newest version is kept, so a number is never given twice.
+  keep_versions_ = std::max(keep_versions, 1);
   checkpoint_every_ = std::max(checkpoint_every, 1L);
 }
 
@@ -120,9 +121,9 @@ Result<OnlineState> Trainer::Rebuild(const Activation& a, long step, long* from_
       Checkpoint b;
       CORTEX_RETURN_IF_ERROR(store_->LoadCheckpoint(a.id, base, &b));
       if (b.step != base)
-        return Status::Corruption(fmt::format(
-            "the checkpoint at step {} is relative to step {}, which the store lacks", c.step,
-            base));
+        return Status::Corruption(
+            fmt::format("the checkpoint at step {} is relative to step {}, which the store lacks",
+                        c.step, base));
       blob = std::move(b.weights);
     }
     auto m = GatingModel::Deserialize(blob);
@@ -150,7 +151,9 @@ Result<OnlineState> Trainer::Rebuild(const Activation& a, long step, long* from_
   } else {
     return st;
   }
-  if (!learner_->options().online_updates) return s;  // no steps were taken
+  // With online updates off, a start takes no steps after the newest checkpoint (none were
+  // taken since, or they cannot be told from the log); `explain` replays what decisions say.
+  if (!learner_->options().online_updates && step == LONG_MAX) return s;
   // The steps after it, in the store's sequence, a page at a time.
   while (s.step < step) {
     const size_t want = static_cast<size_t>(std::min<long>(step - s.step, 4096));
@@ -198,7 +201,12 @@ void Trainer::MaybeCheckpoint() {
   // rebuild reads one whole and at most that many deltas); a delta otherwise.
   constexpr int kDeltasPerWhole = 7;
   const bool whole = checkpointed_step_ == 0 || deltas_since_full_ >= kDeltasPerWhole;
-  Checkpoint c = learner_->MakeCheckpoint(whole ? -1 : checkpointed_step_);
+  Checkpoint c = learner_->MakeCheckpoint(a.id, whole ? -1 : checkpointed_step_);
+  if (c.activation != a.id) {  // a rollback or promotion came in between: start over
+    checkpointed_live_ = c.activation;
+    checkpointed_step_ = 0;
+    return;
+  }
   if (Status st = store_->SaveCheckpoint(c); !st.ok()) {
     // The flags were cleared with it: the next one must be whole.
     LogWarn("saving a checkpoint of the live model: {}", st.message());

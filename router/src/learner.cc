@@ -268,8 +268,7 @@ OnlineState Learner::Begin(GatingModel model, const Activation& live) const {
   return s;
 }
 
-Result<OnlineState> Learner::Resume(const Activation& live, const Checkpoint& c,
-                                    GatingModel model,
+Result<OnlineState> Learner::Resume(const Activation& live, const Checkpoint& c, GatingModel model,
                                     const std::vector<LoggedOutcome>& ring_events) const {
   OnlineState s = Begin(std::move(model), live);
   s.step = c.step;
@@ -328,13 +327,14 @@ GatingModel Learner::Snapshot() const {
   return live_.model;
 }
 
-Checkpoint Learner::MakeCheckpoint(long delta_base) {
+Checkpoint Learner::MakeCheckpoint(long activation, long delta_base) {
   Checkpoint c;
   GatingModel copy;
   {
     // Exclusive: the copy (or delta) and the cleared flags are of one and the same step.
     std::unique_lock<std::shared_mutex> weights(model_mu_);
     c.activation = live_.live.id;
+    if (c.activation != activation) return c;
     c.step = live_.step;
     c.seq = live_.seq;
     c.rng = live_.rng;

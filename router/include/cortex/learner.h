@@ -132,8 +132,9 @@ class Learner {
   // A copy of the live model (for saving, or a final-policy evaluation).
   GatingModel Snapshot() const;
   // The live state as a checkpoint: its weights whole (`delta_base` < 0), or what changed
-  // since the checkpoint at step `delta_base` (the one before this one).
-  Checkpoint MakeCheckpoint(long delta_base);
+  // since the checkpoint at step `delta_base` (the one before this one). When `activation`
+  // is no longer live, only its id says which is (no weights, nothing cleared).
+  Checkpoint MakeCheckpoint(long activation, long delta_base);
 
   // Rebuilding weights: a state at step 0 of `live` with `model`, or at a checkpoint
   // (`ring_events`: the newest min(step, replay_buffer) events up to its seq, oldest
