@@ -318,6 +318,9 @@ void Learner::Install(GatingModel model, int version, long trained_through,
 void Learner::Restore(OnlineState state) {
   std::lock_guard<std::mutex> one(observe_mu_);
   std::unique_lock<std::shared_mutex> weights(model_mu_);
+  // A newer activation was installed while this one was being rebuilt (a rollback while a
+  // node reloaded the previous one): the newer stays. Activation ids only grow.
+  if (state.live.id < live_.live.id) return;
   live_cutoff_ = state.live.after_seq;
   live_ = std::move(state);
 }

@@ -125,7 +125,8 @@ class Learner {
   // after `trained_through`, then one step for each of `newer` after it.
   void Install(GatingModel model, int version, long trained_through,
                const std::vector<LoggedOutcome>& newer);
-  // Makes a rebuilt state live (a restart from a checkpoint).
+  // Makes a rebuilt state live (a restart from a checkpoint), unless a newer activation is
+  // live by now.
   void Restore(OnlineState state);
   long trained_through() const;  // the last learning event the live weights learned from
 
