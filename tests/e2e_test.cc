@@ -2181,9 +2181,15 @@ training:
 
   // On demand, with progress and the verdict (after a new outcome: a retrain with nothing
   // new is skipped).
-  ASSERT_LE(d.Ctl({"submit", "deploy the release again", "--wait"}).code, 1);
-  test::Run r = d.Ctl({"retrain", "--wait"});
-  ASSERT_EQ(r.code, 0) << r.err;
+  // (A scheduled retrain still due may take that outcome first, when the machine is slow:
+  // then another, until the one asked for trains.)
+  test::Run r;
+  for (int k = 0; k < 5; ++k) {
+    ASSERT_LE(d.Ctl({"submit", "deploy the release again", "--wait"}).code, 1);
+    r = d.Ctl({"retrain", "--wait"});
+    ASSERT_EQ(r.code, 0) << r.err;
+    if (r.out.find("retrain skipped") == std::string::npos) break;
+  }
   EXPECT_NE(r.out.find("training on cpu"), std::string::npos) << r.out;
   // The count announced while validating is the count reported, with the minimum. (A
   // scheduled retrain under way when asked streams its lines first: the last ones are of
@@ -2204,8 +2210,12 @@ training:
     }
     EXPECT_NE(r.out.find("at least 20 are needed"), std::string::npos) << r.out;
   }
-  ASSERT_LE(d.Ctl({"submit", "deploy the release once more", "--wait"}).code, 1);
-  json rj = d.CtlJson({"retrain", "--wait"});
+  json rj;
+  for (int k = 0; k < 5; ++k) {
+    ASSERT_LE(d.Ctl({"submit", "deploy the release once more", "--wait"}).code, 1);
+    rj = d.CtlJson({"retrain", "--wait"});
+    if (!rj.value("skipped", false)) break;
+  }
   // Policy values are estimates of a reward in [0,1], shown within it.
   // So are their intervals (a difference of two lies in [-1,1]), however few decisions.
   for (const char* k : {"candidate", "live", "diff"}) {
