@@ -554,7 +554,7 @@ Status Trainer::Rollback(int version, bool force, json* result) {
     if (!m.ok()) return m.status().WithContext("model v" + std::to_string(version));
     model = std::move(m).value();
   }
-  const int previous = learner_->live_version();
+  const int previous = live.version;
   // Exactly the saved weights, learning online from the events that come after now (the
   // trainer thread feeds them, as it does every step).
   long newest = 0, newest_outcome = 0;
