@@ -208,9 +208,10 @@ void Trainer::MaybeCheckpoint() {
     return;
   }
   if (Status st = store_->SaveCheckpoint(c); !st.ok()) {
-    // The flags were cleared with it: the next one must be whole.
+    // The flags were cleared with it: the next one, a grid point on, must be whole.
     LogWarn("saving a checkpoint of the live model: {}", st.message());
-    checkpointed_step_ = 0;
+    checkpointed_step_ = c.step;
+    deltas_since_full_ = kDeltasPerWhole;
     return;
   }
   deltas_since_full_ = whole ? 0 : deltas_since_full_ + 1;
@@ -289,7 +290,16 @@ void Trainer::Loop() {
       if (stop_->load()) return;
       requested = retrain_requests_ > requests_served_;
     }
-    woken_ = false;                 // a Wake from here on is for outcomes this read may not see
+    woken_ = false;  // a Wake from here on is for outcomes this read may not see
+    // A backstop for a notice lost with a broken connection (cluster only): every few
+    // seconds, is the store's live activation newer than this node's?
+    if (not_trainer_ && env_->NowUnix() >= next_live_check_) {
+      next_live_check_ = env_->NowUnix() + kLiveCheckS;
+      Activation store_live, mine;
+      long step, seq;
+      learner_->LiveStep(&mine, &step, &seq);
+      if (store_->LiveActivation(&store_live).ok() && store_live.id > mine.id) reload_ = true;
+    }
     if (reload_.exchange(false)) {  // another node's model is live: the same here
       if (Status st = LoadLiveModel(); !st.ok())
         LogError("loading the live model: {}", st.message());
@@ -305,14 +315,17 @@ void Trainer::Loop() {
         Read(/*events=*/true, learner_->options().online_updates ? live_seq : newest_seq_, kBatch);
     if (fresh.size() == kBatch) woken_ = true;
     long added = 0;
+    // A checkpoint is due after each event, not each batch: checkpoints fall on the
+    // `checkpoint_every` grid whatever the batches were, so `explain` replays the same.
     for (const auto& o : fresh) {
       learner_->Observe(o);
+      MaybeCheckpoint();
       if (o.seq > newest_seq_) {
         newest_seq_ = o.seq;
         if (!o.feedback) ++added;
       }
     }
-    MaybeCheckpoint();
+    MaybeCheckpoint();  // with no event: a model newly live, or a failed save
     bool due;
     {
       std::lock_guard<std::mutex> l(mu_);

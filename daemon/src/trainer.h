@@ -88,11 +88,13 @@ class Trainer {
   const std::atomic<bool>* const stop_;
   std::thread thread_;
   long newest_seq_ = 0;  // newest learning event seen (the loop's thread only)
+  static constexpr double kLiveCheckS = 5;
+  double next_live_check_ = 0;  // (loop thread)
   std::atomic<int> keep_versions_{20};
   std::atomic<long> checkpoint_every_{5000};
   long checkpointed_step_ = 0;  // the live activation's last checkpoint (loop thread)
   long checkpointed_live_ = 0;
-  int deltas_since_full_ = 0;  // checkpoints since the last whole one (loop thread)
+  int deltas_since_full_ = 0;        // checkpoints since the last whole one (loop thread)
   std::atomic<bool> woken_{false};   // a Wake since the loop last read the outcomes
   std::atomic<bool> reload_{false};  // ReloadLive: load the live model from the store
   // A cluster (SetCluster): "" while this node is the trainer, else who is (or "none").
