@@ -79,7 +79,7 @@ struct PrivateDaemon {
 
 struct ExplainOptions {
   long outcomes = 1000000;
-  long checkpoint_every = 5000;
+  long checkpoint_every = 3000;
   std::string corpus;  // task texts (TSV, text last); default: the shipped sample
   std::string cortexd;
   std::string json_out;

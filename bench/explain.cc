@@ -11,6 +11,7 @@
 #include <fmt/format.h>
 
 #include "bench.h"
+#include "cortex/checkpointer.h"
 #include "cortex/client.h"
 #include "cortex/router.h"
 #include "cortex/store.h"
@@ -79,11 +80,12 @@ int Explain(const ExplainOptions& opt) {
   std::mt19937_64 rng(7);
 
   const auto t0 = Clock::now();
-  long done = 0, seq = 0, checkpoints = 0, checkpoint_bytes = 0, checkpointed = 0, deltas = 0;
+  long done = 0, seq = 0, checkpoints = 0, checkpoint_bytes = 0;
+  Checkpointer checkpointer(opt.checkpoint_every);
   long whole_bytes = 0, delta_bytes = 0;
   double learn_s = 0;
   std::vector<std::string> ids;  // 200 tasks spread over the log, explained later
-  constexpr int kBatch = 1000;
+  constexpr int kBatch = 100;    // decisions a batch apart in steps: explains replay 0..every-100
   while (done < opt.outcomes) {
     const int n = static_cast<int>(std::min<long>(kBatch, opt.outcomes - done));
     std::vector<RouteRequest> reqs;
@@ -119,28 +121,24 @@ int Explain(const ExplainOptions& opt) {
     store->FinishAttempts(ends, &sts);
     for (const auto& s : sts)
       if (!s.ok()) return std::fprintf(stderr, "cortex-bench: %s\n", s.ToString().c_str()), 1;
-    // The trainer's loop: every event since the last look, then maybe a checkpoint.
+    // The trainer's loop: every event since the last look, a checkpoint when one is due.
     const auto tl = Clock::now();
+    Status saved;
     (void)store->ForEachLearnEvent(seq, [&](const LoggedOutcome& o) {
       learner->Observe(o);
       seq = o.seq;
-      return true;
+      if (auto c = checkpointer.Take(*learner)) {
+        saved = store->SaveCheckpoint(*c);
+        checkpointer.Saved(*c, saved.ok());
+        int64_t base;
+        (GatingModel::DeltaBase(c->weights, &base) ? delta_bytes : whole_bytes) +=
+            static_cast<long>(c->weights.size());
+        ++checkpoints;
+        checkpoint_bytes += static_cast<long>(c->weights.size());
+      }
+      return saved.ok();
     });
-    Activation a;
-    long step = 0, last = 0;
-    learner->LiveStep(&a, &step, &last);
-    if (step - checkpointed >= opt.checkpoint_every) {
-      // As the trainer does: whole at first and after every 7 deltas.
-      const bool whole = checkpointed == 0 || deltas >= 7;
-      Checkpoint c = learner->MakeCheckpoint(live.id, whole ? -1 : checkpointed);
-      deltas = whole ? 0 : deltas + 1;
-      (whole ? whole_bytes : delta_bytes) += static_cast<long>(c.weights.size());
-      if (Status st = store->SaveCheckpoint(c); !st.ok())
-        return std::fprintf(stderr, "cortex-bench: %s\n", st.ToString().c_str()), 1;
-      checkpointed = c.step;
-      ++checkpoints;
-      checkpoint_bytes += static_cast<long>(c.weights.size());
-    }
+    if (!saved.ok()) return std::fprintf(stderr, "cortex-bench: %s\n", saved.ToString().c_str()), 1;
     learn_s += Since(tl);
     done += n;
     if (done % 100000 == 0)
@@ -164,7 +162,7 @@ int Explain(const ExplainOptions& opt) {
   Client client;
   if (Status st = client.Connect(daemon.socket); !st.ok())
     return std::fprintf(stderr, "cortex-bench: %s\n", st.ToString().c_str()), 1;
-  std::vector<double> wall, inside;
+  std::vector<double> wall, inside, replayed;
   long unequal = 0, replayed_max = 0, replayed_sum = 0;
   for (const auto& id : ids) {
     nlohmann::json r;
@@ -180,6 +178,23 @@ int Explain(const ExplainOptions& opt) {
     unequal += !res.value("equal", false);
     replayed_max = std::max(replayed_max, res.value("replayed_steps", 0L));
     replayed_sum += res.value("replayed_steps", 0L);
+    replayed.push_back(res.value("replayed_steps", 0.0));
+  }
+  // Time inside cortexd as a line in the steps replayed (least squares): what reading the
+  // checkpoints costs, what a step costs, and so the slowest an explain can be, replaying
+  // checkpoint_every - 1 steps.
+  double fixed_s = 0, per_step_s = 0;
+  {
+    const double n = static_cast<double>(inside.size());
+    double sx = 0, sy = 0, sxx = 0, sxy = 0;
+    for (size_t i = 0; i < inside.size(); ++i)
+      sx += replayed[i], sy += inside[i], sxx += replayed[i] * replayed[i],
+          sxy += replayed[i] * inside[i];
+    const double den = n * sxx - sx * sx;
+    if (n > 1 && den > 0) {
+      per_step_s = (n * sxy - sx * sy) / den;
+      fixed_s = (sy - per_step_s * sx) / n;
+    }
   }
   nlohmann::json out = {
       {"outcomes", opt.outcomes},
@@ -202,7 +217,12 @@ int Explain(const ExplainOptions& opt) {
         {"p99", Percentile(wall, 0.99)},
         {"max", Percentile(wall, 1.0)}}},
       {"explain_inside_cortexd_s",
-       {{"p50", Percentile(inside, 0.5)}, {"max", Percentile(inside, 1.0)}}}};
+       {{"p50", Percentile(inside, 0.5)},
+        {"max", Percentile(inside, 1.0)},
+        {"fit_fixed", fixed_s},
+        {"fit_per_step", per_step_s},
+        {"fit_at_most_steps",
+         fixed_s + per_step_s * static_cast<double>(opt.checkpoint_every - 1)}}}};
   std::printf("%s\n", out.dump(2).c_str());
   WriteJson(opt.json_out, out);
   if (daemon.Stop() != 0)

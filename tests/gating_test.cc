@@ -5,6 +5,7 @@
 #include <cstring>
 #include <random>
 
+#include "cortex/checkpointer.h"
 #include "cortex/learner.h"
 #include "cortex/router.h"
 
@@ -269,6 +270,62 @@ TEST(GatingTest, ADeltaCheckpointOnItsBaseGivesTheLiveWeightsBitForBit) {
   // A delta is no whole model, and a whole one is no delta.
   EXPECT_FALSE(GatingModel::Deserialize(delta.weights).ok());
   EXPECT_FALSE(m->ApplyDelta(whole.weights).ok());
+}
+
+// The checkpoint policy: on the `every` grid however the steps came, whole first and
+// after kDeltasPerWhole deltas, each delta on the last whole one (a rebuild reads two),
+// and after a failed save of a whole one, whole again.
+TEST(GatingTest, CheckpointsFallOnTheGridAndEachDeltaIsOnTheLastWholeOne) {
+  World w;
+  std::vector<LoggedOutcome> logged = Logged(&w, 420);
+  LearnerOptions lo;
+  lo.shape = SmallShape();
+  Learner learner(lo, FeatureHasher(lo.shape.bits), MakeCpuEngine(), MakeCpuEngine());
+  learner.Install(GatingModel(lo.shape), Activation{1, 0, 0, 0, "initial"});
+  Checkpointer cp(10);
+  std::map<long, std::string> saved;  // step -> weights
+  std::vector<long> wholes;
+  for (size_t i = 0; i < 400; ++i) {
+    learner.Observe(logged[i]);
+    auto c = cp.Take(learner);
+    if (!c) continue;
+    EXPECT_EQ(c->step % 10, 0) << c->step;
+    int64_t base = -1;
+    if (GatingModel::DeltaBase(c->weights, &base)) {
+      ASSERT_FALSE(wholes.empty());
+      EXPECT_EQ(base, wholes.back()) << "at step " << c->step;
+      // Its whole one and it give the live weights bit for bit.
+      auto m = GatingModel::Deserialize(saved[base]);
+      ASSERT_TRUE(m.ok());
+      ASSERT_TRUE(m->ApplyDelta(c->weights).ok());
+      EXPECT_EQ(m->Serialize(), learner.Snapshot().Serialize()) << "at step " << c->step;
+    } else {
+      wholes.push_back(c->step);
+    }
+    // The save of the whole one at 90 fails: the next (100) is whole.
+    const bool ok = c->step != 90;
+    if (ok) saved[c->step] = c->weights;
+    cp.Saved(*c, ok);
+  }
+  EXPECT_EQ(wholes, (std::vector<long>{10, 90, 100, 180, 260, 340}));
+  // Rebuilt from a delta, the next one must be whole; from a whole one, a delta on it.
+  int64_t base = -1;
+  cp.Restored(1, 400, 2);
+  for (size_t i = 400; i < 410; ++i) learner.Observe(logged[i]);
+  auto c = cp.Take(learner);
+  ASSERT_TRUE(c.has_value());
+  EXPECT_EQ(c->step, 410);
+  EXPECT_FALSE(GatingModel::DeltaBase(c->weights, &base));
+  cp.Saved(*c, true);
+  cp.Restored(1, 410, 0);
+  for (size_t i = 410; i < 420; ++i) learner.Observe(logged[i]);
+  c = cp.Take(learner);
+  ASSERT_TRUE(c.has_value());
+  EXPECT_TRUE(GatingModel::DeltaBase(c->weights, &base));
+  EXPECT_EQ(base, 410);
+  // Another activation live: nothing of the old one's, and the new one's first is whole.
+  learner.Install(GatingModel(lo.shape), Activation{2, 0, 420, 0, "rollback"});
+  EXPECT_FALSE(cp.Take(learner).has_value());
 }
 
 // The online step is one pass of the online options over the new outcome and the recent

@@ -51,7 +51,7 @@ training:
   epochs: 4
   feedback_per_hour: 60
   keep_versions: 20
-  checkpoint_every: 5000
+  checkpoint_every: 3000
 rules:
   - name: security-terms
     match: ["cve", "vulnerab", "xss", "injection", "secret", "credential", "private key",

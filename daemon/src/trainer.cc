@@ -100,7 +100,7 @@ std::vector<LoggedOutcome> Trainer::Read(bool events, long seq, size_t most) {
 void Trainer::SetRetention(int keep_versions, long checkpoint_every) {
   // At least one: the newest version is kept, so a number is never given twice.
   keep_versions_ = std::max(keep_versions, 1);
-  checkpoint_every_ = std::max(checkpoint_every, 1L);
+  checkpointer_.set_every(checkpoint_every);
 }
 
 Result<OnlineState> Trainer::Rebuild(const Activation& a, long step, long* from_checkpoint,
@@ -181,41 +181,20 @@ Status Trainer::LoadLiveModel() {
   int chain = 0;
   auto state = Rebuild(a, LONG_MAX, &from, &chain);
   if (!state.ok()) return state.status().WithContext("the live model");
-  deltas_since_full_ = chain;
   LogInfo(
       "model v{} is live (activation {}, step {}: {} from a checkpoint, learned through event {})",
       a.version, a.id, state->step, from, state->seq);
-  checkpointed_live_ = a.id;
-  checkpointed_step_ = from;
+  checkpointer_.Restored(a.id, from, chain);
   learner_->Restore(std::move(state).value());
   return Status::OK();
 }
 
 void Trainer::MaybeCheckpoint() {
-  Activation a;
-  long step = 0, seq = 0;
-  learner_->LiveStep(&a, &step, &seq);
-  if (a.id != checkpointed_live_) checkpointed_live_ = a.id, checkpointed_step_ = 0;
-  if (step - checkpointed_step_ < checkpoint_every_.load()) return;
-  // Whole weights for an activation's first, and after every kDeltasPerWhole deltas (a
-  // rebuild reads one whole and at most that many deltas); a delta otherwise.
-  constexpr int kDeltasPerWhole = 7;
-  const bool whole = checkpointed_step_ == 0 || deltas_since_full_ >= kDeltasPerWhole;
-  Checkpoint c = learner_->MakeCheckpoint(a.id, whole ? -1 : checkpointed_step_);
-  if (c.activation != a.id) {  // a rollback or promotion came in between: start over
-    checkpointed_live_ = c.activation;
-    checkpointed_step_ = 0;
-    return;
-  }
-  if (Status st = store_->SaveCheckpoint(c); !st.ok()) {
-    // The flags were cleared with it: the next one, a grid point on, must be whole.
-    LogWarn("saving a checkpoint of the live model: {}", st.message());
-    checkpointed_step_ = c.step;
-    deltas_since_full_ = kDeltasPerWhole;
-    return;
-  }
-  deltas_since_full_ = whole ? 0 : deltas_since_full_ + 1;
-  checkpointed_step_ = c.step;
+  auto c = checkpointer_.Take(*learner_);
+  if (!c) return;
+  Status st = store_->SaveCheckpoint(*c);
+  if (!st.ok()) LogWarn("saving a checkpoint of the live model: {}", st.message());
+  checkpointer_.Saved(*c, st.ok());
 }
 
 Status Trainer::Explain(const Task& t, json* out) {

@@ -14,6 +14,7 @@
 #include <thread>
 #include <vector>
 
+#include "cortex/checkpointer.h"
 #include "cortex/env.h"
 #include "cortex/learner.h"
 #include "cortex/status.h"
@@ -91,10 +92,7 @@ class Trainer {
   static constexpr double kLiveCheckS = 5;
   double next_live_check_ = 0;  // (loop thread)
   std::atomic<int> keep_versions_{20};
-  std::atomic<long> checkpoint_every_{5000};
-  long checkpointed_step_ = 0;  // the live activation's last checkpoint (loop thread)
-  long checkpointed_live_ = 0;
-  int deltas_since_full_ = 0;        // checkpoints since the last whole one (loop thread)
+  Checkpointer checkpointer_{3000};  // (loop thread; its `every`: any)
   std::atomic<bool> woken_{false};   // a Wake since the loop last read the outcomes
   std::atomic<bool> reload_{false};  // ReloadLive: load the live model from the store
   // A cluster (SetCluster): "" while this node is the trainer, else who is (or "none").

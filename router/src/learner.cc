@@ -341,12 +341,14 @@ Checkpoint Learner::MakeCheckpoint(long activation, long delta_base) {
     c.step = live_.step;
     c.seq = live_.seq;
     c.rng = live_.rng;
-    if (delta_base >= 0)
+    if (delta_base >= 0) {
+      // The flags are kept: every delta is on the whole checkpoint (a rebuild reads two).
       c.weights = live_.model.SerializeDelta(delta_base, live_.dirty_emb, live_.dirty_wide);
-    else
+    } else {
       copy = live_.model;
-    std::fill(live_.dirty_emb.begin(), live_.dirty_emb.end(), 0);
-    std::fill(live_.dirty_wide.begin(), live_.dirty_wide.end(), 0);
+      std::fill(live_.dirty_emb.begin(), live_.dirty_emb.end(), 0);
+      std::fill(live_.dirty_wide.begin(), live_.dirty_wide.end(), 0);
+    }
   }
   // A whole one is serialized outside the lock: it compares every row with its seed.
   if (delta_base < 0) c.weights = copy.Serialize();

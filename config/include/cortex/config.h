@@ -76,7 +76,7 @@ struct TrainingConfig {
   int epochs = 4;                // passes over the history per retrain
   int feedback_per_hour = 60;    // verdicts one person may give in an hour
   int keep_versions = 20;        // refused versions kept (live and promoted ones always are)
-  long checkpoint_every = 5000;  // online steps between checkpoints of the live weights
+  long checkpoint_every = 3000;  // online steps between checkpoints of the live weights
 };
 
 struct RuleConfig {

@@ -132,8 +132,9 @@ class Learner {
 
   // A copy of the live model (for saving, or a final-policy evaluation).
   GatingModel Snapshot() const;
-  // The live state as a checkpoint: its weights whole (`delta_base` < 0), or what changed
-  // since the checkpoint at step `delta_base` (the one before this one). When `activation`
+  // The live state as a checkpoint: its weights whole (`delta_base` < 0; clears the flags
+  // of what the steps touch), or what changed since the whole checkpoint at step
+  // `delta_base` (the last whole one this state made or was rebuilt from). When `activation`
   // is no longer live, only its id says which is (no weights, nothing cleared).
   Checkpoint MakeCheckpoint(long activation, long delta_base);
 
