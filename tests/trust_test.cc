@@ -498,7 +498,9 @@ TEST(Trust, AClockSteppedBackHidesNoTaskAndMakesNoDurationNegative) {
   ASSERT_TRUE(rep.is_object()) << rep;
   for (const char* k : {"latency_mean_s", "latency_max_s"})
     for (const auto& v : rep["buckets"][k]) {
-      if (v.is_number()) EXPECT_GE(v.get<double>(), 0) << k << ": " << rep["buckets"];
+      if (v.is_number()) {
+        EXPECT_GE(v.get<double>(), 0) << k << ": " << rep["buckets"];
+      }
     }
 
   d->RequestStop();
