@@ -4,7 +4,10 @@
 
 #include <algorithm>
 #include <map>
+#include <random>
 
+#include "cortex/estimators.h"
+#include "cortex/explore.h"
 #include "cortex/router.h"
 
 namespace cortex {
@@ -207,6 +210,96 @@ TEST(RouterTest, NoExpertsIsUnavailable) {
   Router r(RouterOptions{}, RuleSet(), MakeManifestPriorScorer());
   std::vector<Decision> d;
   EXPECT_EQ(r.Route({{"x", {}}}, {}, true, 0, &d).code(), Status::Code::kUnavailable);
+}
+
+
+// The exploration policy against hand-computed answers (python, the same formula):
+// eps = rate * clamp(2 (1 - confidence), 0.1, 2); spread = 0.1 / E + 0.9 softmax(s / 0.1).
+TEST(ExploreTest, ProbabilitiesMatchHandComputedAnswers) {
+  ExploreOptions o;
+  o.rate = 0.05;
+  Exploration e = Explore({1.0, 0.0}, 0.5, o);
+  EXPECT_DOUBLE_EQ(e.epsilon, 0.05);
+  EXPECT_NEAR(e.spread[0], 0.9499591419181679, 1e-15);
+  EXPECT_NEAR(e.spread[1], 0.050040858081832194, 1e-15);
+  EXPECT_NEAR(e.Probability(0), 0.9974979570959084, 1e-15);
+  EXPECT_NEAR(e.Probability(1), 0.00250204290409161, 1e-15);
+  e = Explore({0.9, 0.8, 0.1}, 0.9, o);  // sure: a fifth of the rate
+  EXPECT_NEAR(e.epsilon, 0.01, 1e-15);
+  EXPECT_NEAR(e.Probability(0), 0.9969112473547405, 1e-15);
+  EXPECT_NEAR(e.Probability(1), 0.0027532126676024058, 1e-15);
+  EXPECT_NEAR(e.Probability(2), 0.00033553997765707133, 1e-15);
+  // The bounds of the doubt: a tenth of the rate at certainty, twice it at none, never
+  // above 1; no exploration at rate 0.
+  EXPECT_NEAR(Explore({1, 0}, 1.0, o).epsilon, 0.005, 1e-15);
+  EXPECT_NEAR(Explore({1, 0}, 0.0, o).epsilon, 0.1, 1e-15);
+  o.rate = 0.8;
+  EXPECT_EQ(Explore({1, 0}, 0.0, o).epsilon, 1.0);
+  o.rate = 0;
+  EXPECT_EQ(Explore({1, 0}, 0.0, o).Probability(0), 1.0);
+  // Every candidate's chance, and they sum to one.
+  o.rate = 0.05;
+  e = Explore({3, 2, 1, 0, -5}, 0.3, o);
+  double sum = 0;
+  for (size_t j = 0; j < 5; ++j) {
+    EXPECT_GT(e.Probability(j), 0);
+    sum += e.Probability(j);
+  }
+  EXPECT_NEAR(sum, 1.0, 1e-12);
+}
+
+// The sampler draws each candidate as often as its probability says (within 5 standard
+// errors over 200,000 draws), and draws nothing when there is nothing to explore.
+TEST(ExploreTest, TheSamplerDrawsAsTheProbabilitiesSay) {
+  ExploreOptions o;
+  o.rate = 0.3;
+  const Exploration e = Explore({0.5, 0.45, 0.0}, 0.2, o);
+  std::mt19937_64 rng(7);
+  const int n = 200000;
+  std::vector<int> count(3, 0);
+  int explored = 0;
+  for (int i = 0; i < n; ++i) {
+    bool x;
+    ++count[Sample(e, &rng, &x)];
+    explored += x;
+  }
+  for (size_t j = 0; j < 3; ++j) {
+    const double p = e.Probability(j);
+    EXPECT_NEAR(count[j] / double(n), p, 5 * std::sqrt(p * (1 - p) / n)) << j;
+  }
+  EXPECT_NEAR(explored / double(n), e.epsilon, 5 * std::sqrt(e.epsilon / n));
+  o.rate = 0;
+  std::mt19937_64 a(3), b(3);
+  bool x;
+  EXPECT_EQ(Sample(Explore({1, 0}, 0.5, o), &a, &x), 0u);
+  EXPECT_FALSE(x);
+  EXPECT_EQ(a(), b());  // no draw
+}
+
+// Estimators against hand-computed answers, and the doubly robust estimate's defining
+// property: unbiased with a wrong reward model when the propensities are right.
+TEST(EstimatorsTest, MeanCiAndDoublyRobustMatchKnownAnswers) {
+  PolicyEstimate m = MeanCi({1, 0, 1, 0});
+  EXPECT_DOUBLE_EQ(m.value, 0.5);
+  EXPECT_NEAR(m.ci, 0.5658032638058332, 1e-15);  // 1.96 sqrt(1/3) / 2
+  EXPECT_EQ(MeanCi({0.7}).ci, 0);
+  EXPECT_EQ(MeanCi({}).value, 0);
+  EXPECT_DOUBLE_EQ(DoublyRobust(0.3, true, 1, 0.3, 0.5), 1.7);
+  EXPECT_DOUBLE_EQ(DoublyRobust(0.6, false, 1, 0.3, 0.5), 0.6);
+  // Two actions; the logger picks action 1 with probability 0.2. The target policy always
+  // picks action 1, whose true mean reward is 0.7; the reward model says 0.1 for it.
+  std::mt19937_64 rng(11);
+  std::uniform_real_distribution<double> u(0, 1);
+  std::vector<double> dr;
+  for (int i = 0; i < 400000; ++i) {
+    const bool logged1 = u(rng) < 0.2;
+    const double reward = u(rng) < (logged1 ? 0.7 : 0.4) ? 1.0 : 0.0;
+    const double q_logged = logged1 ? 0.1 : 0.9;  // wrong for both actions
+    dr.push_back(DoublyRobust(0.1, logged1, reward, q_logged, logged1 ? 0.2 : 0.8));
+  }
+  const PolicyEstimate e = MeanCi(dr);
+  EXPECT_NEAR(e.value, 0.7, 3 * e.ci / 1.96) << "ci " << e.ci;
+  EXPECT_GT(std::fabs(0.1 - 0.7), 10 * e.ci);  // the model alone is far off
 }
 
 }  // namespace

@@ -1,5 +1,7 @@
 #include "cortex/learner.h"
 
+#include "cortex/estimators.h"
+
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -15,17 +17,6 @@ namespace {
 constexpr double kNotWorseTolerance = 1e-3;
 // Fewer held-out decisions than this give an interval too wide to decide on.
 constexpr size_t kMinValidationDecisions = 20;
-
-PolicyEstimate MeanCi(const std::vector<double>& v) {
-  PolicyEstimate e;
-  if (v.empty()) return e;
-  double s = 0, ss = 0;
-  for (double x : v) s += x;
-  e.value = s / v.size();
-  for (double x : v) ss += (x - e.value) * (x - e.value);
-  if (v.size() > 1) e.ci = 1.96 * std::sqrt(ss / (v.size() - 1) / v.size());
-  return e;
-}
 
 // The 95% interval as bounds too, clipped to what the quantity can be (a policy's mean
 // reward lies in [0, 1], a difference of two in [-1, 1]): a small holdout's half-width can
@@ -496,8 +487,9 @@ Result<RetrainResult> Learner::Retrain(const std::vector<LoggedOutcome>& history
       }
       return best;
     };
-    const double correction = (o.reward - qv(q, o.expert)) / o.propensity;
-    auto dr = [&](const std::string& a) { return qv(q, a) + (a == o.expert ? correction : 0.0); };
+    auto dr = [&](const std::string& a) {
+      return DoublyRobust(qv(q, a), a == o.expert, o.reward, qv(q, o.expert), o.propensity);
+    };
     dr_cand.push_back(dr(greedy(q)));
     dr_live.push_back(dr(greedy(q_live)));
     dr_diff.push_back(dr_cand.back() - dr_live.back());

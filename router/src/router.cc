@@ -1,20 +1,13 @@
 #include "cortex/router.h"
 
+#include "cortex/explore.h"
+
 #include <algorithm>
 #include <cmath>
 #include <numeric>
 #include <thread>
 
 namespace cortex {
-namespace {
-constexpr double kExploreTemp = 0.1;     // softmax temperature over scores when exploring
-constexpr double kExploreUniform = 0.1;  // share of the exploration spread uniformly
-// The exploration rate follows the model's doubt about its greedy pick: the configured
-// rate times 2 (1 - confidence), so a pick it rates at 0.5 explores at the configured rate,
-// one it is unsure of up to twice that, one it is sure of less, down to this share of it
-// (never none: a new expert or a drifting stream still gets tried).
-constexpr double kExploreFloor = 0.1;
-}  // namespace
 
 Router::Router(RouterOptions options, RuleSet rules, std::unique_ptr<Scorer> scorer,
                FeatureHasher hasher)
@@ -118,27 +111,18 @@ Status Router::Route(const std::vector<RouteRequest>& batch, const std::vector<E
       d.propensity = 1.0;
     } else {
       // The rate depends on this decision's scores only, so the logged propensity is exact.
-      const double doubt = std::clamp(2 * (1 - cands.front().confidence), kExploreFloor, 2.0);
-      const double eps = explore ? std::min(1.0, options_.exploration * doubt) : 0.0;
-      // Exploration draws from a mix of uniform and a softmax of the scores, so every
-      // expert keeps a known, non-zero propensity while plausible runners-up are tried
-      // more often than hopeless ones.
-      std::vector<double> pe(E);
-      double mx = -1e300, z = 0;
-      for (const auto& c : cands) mx = std::max(mx, c.score);
-      for (size_t j = 0; j < E; ++j) z += (pe[j] = std::exp((cands[j].score - mx) / kExploreTemp));
-      for (size_t j = 0; j < E; ++j)
-        pe[j] = kExploreUniform / static_cast<double>(E) + (1 - kExploreUniform) * pe[j] / z;
+      std::vector<double> in_order(E);
+      for (size_t j = 0; j < E; ++j) in_order[j] = cands[j].score;
+      ExploreOptions eo;
+      eo.rate = explore ? options_.exploration : 0.0;
+      const Exploration ex = Explore(in_order, cands.front().confidence, eo);
       size_t pick = 0;
-      if (eps > 0) {
+      if (ex.epsilon > 0) {
         std::lock_guard<std::mutex> l(rng_mu_);
-        if (std::uniform_real_distribution<double>(0, 1)(rng_) < eps) {
-          d.explored = true;
-          pick = std::discrete_distribution<size_t>(pe.begin(), pe.end())(rng_);
-        }
+        pick = Sample(ex, &rng_, &d.explored);
       }
       d.chosen = cands[pick].expert;
-      d.propensity = eps * pe[pick] + (pick == 0 ? 1.0 - eps : 0.0);
+      d.propensity = ex.Probability(pick);
       if (d.chosen != greedy) {
         auto it = std::find_if(cands.begin(), cands.end(),
                                [&](const Candidate& c) { return c.expert == d.chosen; });

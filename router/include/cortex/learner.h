@@ -13,6 +13,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "cortex/estimators.h"
 #include "cortex/gating.h"
 #include "cortex/scorer.h"
 #include "cortex/status.h"
@@ -71,12 +72,6 @@ struct ExplainedCandidate {
   // first: its linear weight plus what the hidden layer loses without it (leave one out).
   std::vector<std::pair<std::string, double>> features;
   double prior_part = 0;  // prior_w * prior + prior_b
-};
-
-// Off-policy estimate (doubly robust) of a policy's mean reward, with a 95% interval.
-struct PolicyEstimate {
-  double value = 0;
-  double ci = 0;  // half-width
 };
 
 struct RetrainResult {

@@ -37,7 +37,7 @@ class RuleSet {
  private:
   struct Compiled {
     RuleConfig cfg;
-    std::vector<std::string> substrings;  // lower-cased
+    std::vector<std::string> substrings;                   // lower-cased
     std::vector<std::shared_ptr<const re2::RE2>> regexes;  // immutable: shared by copies
   };
   std::vector<Compiled> rules_;
