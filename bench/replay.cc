@@ -101,6 +101,19 @@ Result<std::vector<Row>> ReadCorpus(const std::string& path) {
   return rows;
 }
 
+// The outcome of trying candidate `c` on row `r`: success exactly when it is the label.
+LoggedOutcome OutcomeOf(const Row& r, const Candidate& c, long seq) {
+  LoggedOutcome o;
+  o.seq = seq;
+  o.task_id = r.id;
+  o.time = r.time;
+  o.text = r.text;
+  o.expert = c.expert;
+  o.reward = c.expert == r.label ? 1.0 : 0.0;
+  o.prior = c.prior;
+  return o;
+}
+
 struct Policy {
   std::shared_ptr<Learner> learner;
   std::unique_ptr<Router> router;
@@ -265,14 +278,7 @@ int Replay(const ReplayOptions& opt) {
       oracle_ok += od[0].chosen == r.label;
       for (const auto& c : od[0].candidates) {
         if (c.model_score == 0 && c.confidence == 0) continue;  // forced, not loaded
-        LoggedOutcome f;
-        f.seq = ++oracle_seq;
-        f.task_id = r.id;
-        f.time = r.time;
-        f.text = r.text;
-        f.expert = c.expert;
-        f.reward = c.expert == r.label ? 1.0 : 0.0;
-        f.prior = c.prior;
+        LoggedOutcome f = OutcomeOf(r, c, ++oracle_seq);
         f.forced = true;  // weight 1: no propensity to correct for
         oracle.learner->Observe(f);
       }
@@ -282,15 +288,8 @@ int Replay(const ReplayOptions& opt) {
     success_at[i] = success;
     chosen_at[i] = d.chosen;
     to_late[i] = d.chosen == opt.late_expert;
-    LoggedOutcome o;
-    o.seq = ++seq;
-    o.task_id = r.id;
-    o.time = r.time;
-    o.text = r.text;
-    o.expert = d.chosen;
-    o.reward = success ? 1.0 : 0.0;
+    LoggedOutcome o = OutcomeOf(r, d.candidates.front(), ++seq);  // the chosen one leads
     o.propensity = d.propensity;
-    o.prior = d.candidates.front().prior;  // the chosen one leads
     o.forced = d.forced;
     for (const auto& c : d.candidates) o.candidates.emplace_back(c.expert, c.rule_score);
     o.greedy = d.greedy;

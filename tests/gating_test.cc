@@ -240,15 +240,24 @@ TEST(GatingTest, OnlineStepsMoveTheLiveModelAndRecordTheVersion) {
   EXPECT_EQ(d[0].model_version, "v7");
 }
 
+// A learner with a small model, live as activation 1 from step 0.
+struct SmallLiveLearner {
+  LearnerOptions lo = [] {
+    LearnerOptions o;
+    o.shape = SmallShape();
+    return o;
+  }();
+  Learner learner{lo, FeatureHasher(lo.shape.bits), MakeCpuEngine(), MakeCpuEngine()};
+  SmallLiveLearner() { learner.Install(GatingModel(lo.shape), Activation{1, 0, 0, 0, "initial"}); }
+};
+
 // A checkpoint after an activation's first holds only what steps touched since the one
 // before (a delta): the whole one with the delta applied is the live weights, bit for bit.
 TEST(GatingTest, ADeltaCheckpointOnItsBaseGivesTheLiveWeightsBitForBit) {
   World w;
   std::vector<LoggedOutcome> logged = Logged(&w, 300);
-  LearnerOptions lo;
-  lo.shape = SmallShape();
-  Learner learner(lo, FeatureHasher(lo.shape.bits), MakeCpuEngine(), MakeCpuEngine());
-  learner.Install(GatingModel(lo.shape), Activation{1, 0, 0, 0, "initial"});
+  SmallLiveLearner small;
+  Learner& learner = small.learner;
   for (size_t i = 0; i < 100; ++i) learner.Observe(logged[i]);
   Checkpoint whole = learner.MakeCheckpoint(1, -1);
   EXPECT_EQ(whole.step, 100);
@@ -278,10 +287,9 @@ TEST(GatingTest, ADeltaCheckpointOnItsBaseGivesTheLiveWeightsBitForBit) {
 TEST(GatingTest, CheckpointsFallOnTheGridAndEachDeltaIsOnTheLastWholeOne) {
   World w;
   std::vector<LoggedOutcome> logged = Logged(&w, 420);
-  LearnerOptions lo;
-  lo.shape = SmallShape();
-  Learner learner(lo, FeatureHasher(lo.shape.bits), MakeCpuEngine(), MakeCpuEngine());
-  learner.Install(GatingModel(lo.shape), Activation{1, 0, 0, 0, "initial"});
+  SmallLiveLearner small;
+  const LearnerOptions& lo = small.lo;
+  Learner& learner = small.learner;
   Checkpointer cp(10);
   std::map<long, std::string> saved;  // step -> weights
   std::vector<long> wholes;
