@@ -9,11 +9,14 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <chrono>
+#include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <mutex>
 #include <sstream>
+#include <thread>
 #include <vector>
 
 namespace cortex::test {
@@ -192,13 +195,28 @@ std::string PgServer::Url(const std::string& db) const {
 std::string PgServer::NewDatabase() {
   static std::atomic<int> n{0};
   const std::string db = "t" + std::to_string(getpid()) + "_" + std::to_string(++n);
-  PGconn* c = PQconnectdb(Url("postgres").c_str());
-  std::string sql = "CREATE DATABASE " + db;
-  PGresult* r = PQexec(c, sql.c_str());
-  const bool ok = PQresultStatus(r) == PGRES_COMMAND_OK;
-  PQclear(r);
-  PQfinish(c);
-  return ok ? Url(db) : "";
+  const std::string sql = "CREATE DATABASE " + db;
+  // Tests run side by side on one server: a busy moment (all connection slots taken by
+  // cluster tests, another CREATE DATABASE copying the template) fails a try, not the test.
+  std::string error;
+  for (int attempt = 0; attempt < 60; ++attempt) {
+    if (attempt > 0) std::this_thread::sleep_for(std::chrono::milliseconds(500));
+    PGconn* c = PQconnectdb(Url("postgres").c_str());
+    if (PQstatus(c) != CONNECTION_OK) {
+      error = PQerrorMessage(c);
+      PQfinish(c);
+      continue;
+    }
+    PGresult* r = PQexec(c, sql.c_str());
+    const bool ok = PQresultStatus(r) == PGRES_COMMAND_OK;
+    if (!ok) error = PQerrorMessage(c);
+    PQclear(r);
+    PQfinish(c);
+    if (ok) return Url(db);
+    if (error.find("already exists") != std::string::npos) return Url(db);  // a retried commit
+  }
+  std::fprintf(stderr, "PgServer: %s: %s\n", sql.c_str(), error.c_str());
+  return "";
 }
 
 }  // namespace cortex::test
