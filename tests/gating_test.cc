@@ -286,7 +286,7 @@ TEST(GatingTest, ADeltaCheckpointOnItsBaseGivesTheLiveWeightsBitForBit) {
 // and after a failed save of a whole one, whole again.
 TEST(GatingTest, CheckpointsFallOnTheGridAndEachDeltaIsOnTheLastWholeOne) {
   World w;
-  std::vector<LoggedOutcome> logged = Logged(&w, 420);
+  std::vector<LoggedOutcome> logged = Logged(&w, 430);
   SmallLiveLearner small;
   const LearnerOptions& lo = small.lo;
   Learner& learner = small.learner;
@@ -331,6 +331,17 @@ TEST(GatingTest, CheckpointsFallOnTheGridAndEachDeltaIsOnTheLastWholeOne) {
   ASSERT_TRUE(c.has_value());
   EXPECT_TRUE(GatingModel::DeltaBase(c->weights, &base));
   EXPECT_EQ(base, 410);
+  // One now (a clean stop), off the grid: the grid stays where it was.
+  cp.Saved(*c, true);
+  for (size_t i = 420; i < 423; ++i) learner.Observe(logged[i]);
+  EXPECT_FALSE(cp.Take(learner).has_value());
+  c = cp.Take(learner, /*now=*/true);
+  ASSERT_TRUE(c.has_value());
+  EXPECT_EQ(c->step, 423);
+  cp.Saved(*c, true);
+  EXPECT_FALSE(cp.Take(learner, /*now=*/true).has_value());  // nothing new since
+  for (size_t i = 423; i < 427; ++i) learner.Observe(logged[i]);
+  EXPECT_FALSE(cp.Take(learner).has_value());  // 427: the next is at 430
   // Another activation live: nothing of the old one's, and the new one's first is whole.
   learner.Install(GatingModel(lo.shape), Activation{2, 0, 420, 0, "rollback"});
   EXPECT_FALSE(cp.Take(learner).has_value());

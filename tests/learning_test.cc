@@ -172,6 +172,23 @@ TEST_P(Learning, RestartRollbackAndExplainAreBitForBit) {
   ASSERT_TRUE(d->Start()) << d->Log();
   EXPECT_EQ(Scores(*d, "restart redis now"), v1);
   for (const auto& id : ids) ExpectExplained(*d, id);
+  // Steps past the last checkpoint, then a start with online learning off: the same
+  // weights (a clean stop saves them), and no more steps.
+  ids.push_back(Submit(*d, "restart redis once more"));
+  Settle(*d, 1);
+  const auto stepped = Scores(*d, "restart redis now");
+  const json live_stepped = d->CtlJson({"models"})["live"];
+  EXPECT_NE(live_stepped["step"].get<long>() % 3, 0) << live_stepped.dump();  // off the grid
+  ASSERT_EQ(d->Stop(), 0);
+  cfg = test::ReadFile(d->config);
+  cfg.replace(cfg.find("training: {"), 11, "training: {online: false, ");
+  test::WriteFile(d->config, cfg);
+  ASSERT_TRUE(d->Start()) << d->Log();
+  EXPECT_EQ(Scores(*d, "restart redis now"), stepped);
+  EXPECT_EQ(d->CtlJson({"models"})["live"]["step"], live_stepped["step"]);
+  Submit(*d, "restart redis with online learning off");
+  EXPECT_EQ(Scores(*d, "restart redis now"), stepped);
+  for (const auto& id : ids) ExpectExplained(*d, id);
 
   // A forced decision is still scored (every loaded expert): it rebuilds too. An unknown
   // task is a clear error.
@@ -274,14 +291,18 @@ TEST_P(Learning, EmptyRetrainsAreSkippedAndRefusedVersionsPruned) {
   // Nothing new: skipped, nothing saved.
   test::Run r = d->Ctl({"retrain", "--wait"});
   ASSERT_EQ(r.code, 0) << r.err;
-  EXPECT_NE(r.out.find("skipped: no new outcome since v4"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("skipped: no new outcome or verdict since v4"), std::string::npos) << r.out;
   json models = d->CtlJson({"models"})["models"];
   std::vector<std::string> names;
   for (const auto& m : models) names.push_back(m["name"]);
   EXPECT_EQ(names, (std::vector<std::string>{"v0", "v3", "v4"})) << models.dump();
-  // A verdict is no new outcome either.
-  Submit(*d, "restart redis once more");
+  // A verdict changes the data (a reward): the next retrain is not skipped; then it is.
+  const std::string judged = Submit(*d, "restart redis once more");
   ASSERT_EQ(d->CtlJson({"retrain", "--wait"})["version"], 5);
+  ASSERT_EQ(d->Ctl({"feedback", judged, "--bad"}).code, 0);
+  ASSERT_EQ(d->CtlJson({"retrain", "--wait"})["version"], 6);
+  r = d->Ctl({"retrain", "--wait"});
+  EXPECT_NE(r.out.find("skipped: no new outcome or verdict since v6"), std::string::npos) << r.out;
 }
 
 INSTANTIATE_TEST_SUITE_P(Stores, Learning, ::testing::Values("sqlite", "postgresql"),

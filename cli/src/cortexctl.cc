@@ -1158,14 +1158,14 @@ static int RunCli(int argc, char** argv, Ctx& ctx) {
     if ((rc = Call(ctx, {{"op", OpName(Op::kExplain)}, {"id", id}}, &result)) != kOk) return rc;
     if (ctx.json_out) return PrintJson(result), kOk;
     const json a = result.value("activation", json::object());
-    std::printf("task %s: decided by %s at step %ld (live since %s, learning after event %ld)\n",
+    std::printf("task %s: decided by %s at step %ld (live by %s, learning after event %ld)\n",
                 Str(result, "id").c_str(), Str(result, "model_version").c_str(),
                 result.value("model_step", 0L), Str(a, "reason").c_str(), a.value("after_seq", 0L));
+    const long from = result.value("from_checkpoint", 0L);
     std::printf(
-        "  rebuilt from %s%ld, %ld step(s) replayed, in %.3fs: %s\n",
-        result.value("from_checkpoint", 0L) ? "the checkpoint at step " : "the saved weights ",
-        result.value("from_checkpoint", 0L), result.value("replayed_steps", 0L),
-        result.value("seconds", 0.0),
+        "  rebuilt from %s, %ld step(s) replayed, in %.3fs: %s\n",
+        from ? ("the checkpoint at step " + std::to_string(from)).c_str() : "the saved weights",
+        result.value("replayed_steps", 0L), result.value("seconds", 0.0),
         result.value("equal", false) ? "every score equals the recorded one, bit for bit"
                                      : "SCORES DIFFER from the recorded ones");
     for (const auto& c : result.value("candidates", json::array())) {
@@ -1463,7 +1463,10 @@ static int RunCli(int argc, char** argv, Ctx& ctx) {
           "%.2f%s\n",
           Str(result, "by", "?").c_str(), Str(result, "id", id).c_str(), result.value("attempt", 0),
           Str(result, "expert").c_str(), qv, result.value("reward", qv),
-          result.value("learned", false) ? ", the live model learns from it now" : "");
+          result.value("learned", false) ? ", the live model learns from it now"
+          : result.contains("learn_seq")
+              ? " (online learning is off: the next retrain learns from it)"
+              : "");
     return kOk;
   }
   if (reload->parsed()) {
@@ -1563,9 +1566,9 @@ static int RunCli(int argc, char** argv, Ctx& ctx) {
         "(* live; estimates are doubly robust on held-out logged decisions, with their 95%% "
         "interval)\n");
     const json live = result.value("live", json::object());
-    std::printf("live: %s since %s after learning event %ld, %ld online step(s) since\n",
-                Str(live, "name").c_str(), Str(live, "since").c_str(), live.value("after_seq", 0L),
-                live.value("step", 0L));
+    std::printf("live: %s since %s (%s) after learning event %ld, %ld online step(s) since\n",
+                Str(live, "name").c_str(), Str(live, "since").c_str(), Str(live, "reason").c_str(),
+                live.value("after_seq", 0L), live.value("step", 0L));
     return kOk;
   }
   if (status->parsed()) {

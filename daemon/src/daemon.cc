@@ -849,7 +849,8 @@ class DaemonImpl : public Daemon, public RequestHandler {
                {"attempt", r.attempt},
                {"expert", r.expert},
                {"reward", r.reward},
-               {"learned", r.learn_seq > 0}};
+               // With training.online off (a start-time setting), only a retrain learns.
+               {"learned", r.learn_seq > 0 && config_.training.online}};
     if (r.learn_seq > 0) (*result)["learn_seq"] = r.learn_seq;
     return Status::OK();
   }

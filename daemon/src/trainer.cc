@@ -49,7 +49,11 @@ void Trainer::Start() {
 
 void Trainer::Stop() {
   cv_.notify_all();
-  if (thread_.joinable()) thread_.join();
+  if (!thread_.joinable()) return;
+  thread_.join();
+  // The live weights as they are: a start with training.online turned off restores these,
+  // not an older checkpoint (it cannot tell from the log which later events were stepped).
+  if (learner_->options().online_updates) MaybeCheckpoint(/*now=*/true);
 }
 
 void Trainer::SetCluster(std::function<std::string()> trainer,
@@ -189,8 +193,8 @@ Status Trainer::LoadLiveModel() {
   return Status::OK();
 }
 
-void Trainer::MaybeCheckpoint() {
-  auto c = checkpointer_.Take(*learner_);
+void Trainer::MaybeCheckpoint(bool now) {
+  auto c = checkpointer_.Take(*learner_, now);
   if (!c) return;
   Status st = store_->SaveCheckpoint(*c);
   if (!st.ok()) LogWarn("saving a checkpoint of the live model: {}", st.message());
@@ -367,15 +371,18 @@ Status Trainer::RetrainOnce(double now, json* summary) {
   // Only the window a retrain uses (training examples plus the holdout), so memory and
   // time stay bounded however long the log grows.
   const LearnerOptions& lo = learner_->options();
+  // The newest learning event first: the outcomes read after it reflect every event up to
+  // it (a verdict's corrected reward included), and a later one has a higher number.
+  long newest_any = 0, newest_outcome = 0;
+  CORTEX_RETURN_IF_ERROR(store_->NewestLearnSeq(&newest_any, &newest_outcome));
   long after = 0;
   CORTEX_RETURN_IF_ERROR(
       store_->OutcomeWindowStart(static_cast<long>(lo.max_examples) + lo.max_holdout, &after));
   std::vector<LoggedOutcome> history = Read(/*events=*/false, after);
   std::vector<ModelRecord> models;
   CORTEX_RETURN_IF_ERROR(store_->ListModels(&models));
-  // Nothing new since the last retrain: the same data would make the same candidate.
-  long newest_any = 0, newest_outcome = 0;
-  CORTEX_RETURN_IF_ERROR(store_->NewestLearnSeq(&newest_any, &newest_outcome));
+  // Nothing new since the last retrain (no outcome, no verdict): the same data would make
+  // the same candidate.
   // (What a version saw: its training rows and its holdout, up to `data_through`; a
   // version from before that was recorded saw up to its cutoff at least.)
   long last_through = 0;
@@ -386,9 +393,9 @@ Status Trainer::RetrainOnce(double now, json* summary) {
         metrics.is_object() ? metrics.value("data_through", m.trained_through) : m.trained_through;
     if (saw >= last_through) last_through = saw, last_name = Learner::VersionName(m.version);
   }
-  if (!models.empty() && newest_outcome <= last_through) {
-    const std::string why = "skipped: no new outcome since " + last_name +
-                            " (which saw every outcome up to learning event " +
+  if (!models.empty() && newest_any <= last_through) {
+    const std::string why = "skipped: no new outcome or verdict since " + last_name +
+                            " (which saw every one up to learning event " +
                             std::to_string(last_through) + ")";
     {
       std::lock_guard<std::mutex> l(mu_);
@@ -411,7 +418,7 @@ Status Trainer::RetrainOnce(double now, json* summary) {
   if (stop_->load()) return Status::Unavailable("training was cancelled: cortexd is stopping");
   ModelRecord rec = res->record;
   if (json m = json::parse(rec.metrics, nullptr, false); m.is_object() && !history.empty()) {
-    m["data_through"] = history.back().seq;
+    m["data_through"] = std::max(newest_any, history.back().seq);
     rec.metrics = m.dump();
   }
   rec.weights = res->model.Serialize();
@@ -510,7 +517,8 @@ Status Trainer::Models(json* result) {
               {{"version", live.version},
                {"name", Learner::VersionName(live.version)},
                {"activation", live.id},
-               {"since", live.reason},
+               {"reason", live.reason},
+               {"since", live.time > 0 ? json(wire::IsoTime(live.time)) : json(nullptr)},
                {"after_seq", live.after_seq},
                {"step", step},
                {"learned_through", seq}}}};

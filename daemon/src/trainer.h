@@ -79,7 +79,7 @@ class Trainer {
   // The state of activation `a` at step `step` (SIZE_MAX: every event logged so far).
   // `chain`: how many deltas the checkpoint it started from had below it.
   Result<OnlineState> Rebuild(const Activation& a, long step, long* from_checkpoint, int* chain);
-  void MaybeCheckpoint();
+  void MaybeCheckpoint(bool now = false);  // now: see Checkpointer::Take
 
   Store* const store_;
   const std::shared_ptr<Learner> learner_;

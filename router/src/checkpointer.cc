@@ -11,12 +11,13 @@ void Checkpointer::Restored(long activation, long from, int chain) {
   whole_step_ = from > 0 && chain == 0 ? from : -1;
 }
 
-std::optional<Checkpoint> Checkpointer::Take(Learner& learner) {
+std::optional<Checkpoint> Checkpointer::Take(Learner& learner, bool now) {
   Activation a;
   long step = 0, seq = 0;
   learner.LiveStep(&a, &step, &seq);
   if (a.id != live_) live_ = a.id, last_step_ = 0, whole_step_ = -1;
-  if (step - last_step_ < every_.load()) return std::nullopt;
+  const long every = every_.load();
+  if (now ? step <= last_step_ : step / every <= last_step_ / every) return std::nullopt;
   whole_ = whole_step_ < 0 || deltas_ >= kDeltasPerWhole;
   Checkpoint c = learner.MakeCheckpoint(a.id, whole_ ? -1 : whole_step_);
   if (c.activation != a.id) {  // a rollback or promotion came in between: start over

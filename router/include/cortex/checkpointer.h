@@ -22,9 +22,11 @@ class Checkpointer {
   // The live state was rebuilt from the checkpoint at step `from` (0: none) of
   // `activation`, with `chain` deltas under it.
   void Restored(long activation, long from, int chain);
-  // After each step: the checkpoint due now, if one is. Steps fall on the `every` grid
-  // whatever the batches were, so `explain` replays the same wherever it runs.
-  std::optional<Checkpoint> Take(Learner& learner);
+  // After each step: the checkpoint due now, if one is. They fall on the `every` grid
+  // whatever the batches were, so `explain` replays the same wherever it runs. `now`: one
+  // of the live state as it is, if it took a step since the last (a clean stop: a start
+  // with online learning off then restores exactly these weights); the grid stays.
+  std::optional<Checkpoint> Take(Learner& learner, bool now = false);
   // Whether the store kept the one Take gave.
   void Saved(const Checkpoint& c, bool ok);
 
