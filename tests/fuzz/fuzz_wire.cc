@@ -34,7 +34,8 @@ class FakeDaemon : public cortex::RequestHandler {
   bool Stopping() const override { return false; }
   cortex::Status Route(const std::string&, const cortex::Tags&, cortex::Decision* d) override {
     d->chosen = "x";
-    d->candidates = {{"x", 0, 0.5, 0, 0.5, 0.5, {}}};
+    d->candidates.resize(1);
+    d->candidates[0].expert = "x";
     return cortex::Status::OK();
   }
   cortex::Status WaitDone(const std::string& id, double, cortex::Task* t, bool* done) override {
@@ -57,6 +58,16 @@ class FakeDaemon : public cortex::RequestHandler {
   }
   cortex::Status Models(json* r) override {
     *r = json::array();
+    return cortex::Status::OK();
+  }
+  cortex::Status Feedback(const std::string& id, const cortex::Feedback& f, json* r) override {
+    cortex::FeedbackResult out;
+    cortex::Status s = store_->AddFeedback(id, f, 0, &out);
+    if (s.ok()) *r = json::object();
+    return s;
+  }
+  cortex::Status Explain(const cortex::Task&, json* r) override {
+    *r = json::object();
     return cortex::Status::OK();
   }
   cortex::Status Rollback(int v, bool, json*) override {
