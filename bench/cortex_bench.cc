@@ -209,7 +209,8 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(0.0, 0.79));
   rp->add_option("--config", ro.config, "take router, training and rules from this config");
   rp->add_option("--seed", ro.seed, "random seed of the router's exploration (default 1)");
-  rp->add_option("--epochs", ro.learner.train.epochs, "passes over the history per retrain")
+  rp->add_option("--epochs", ro.learner.train.epochs,
+                 "passes over the history per retrain, at most (default 4)")
       ->check(CLI::Range(1, 100));
   rp->add_option("--hidden", ro.learner.shape.hidden, "hidden units of the gating MLP")
       ->check(CLI::Range(1, 1024));
@@ -218,6 +219,11 @@ int main(int argc, char** argv) {
   rp->add_option("--lr", ro.learner.train.lr, "learning rate of retrains (MLP)");
   rp->add_option("--lr-wide", ro.learner.train.lr_wide,
                  "learning rate of retrains (the wide, per-feature part)");
+  rp->add_option("--validation-fraction", ro.learner.validation_fraction,
+                 "newest share of a retrain's rows that chooses its epochs (0: all epochs)")
+      ->check(CLI::Range(0.0, 0.5));
+  rp->add_flag("--shuffle", ro.learner.train.shuffle,
+               "retrains pass over the history in a seeded shuffled order, not in time order");
   rp->add_option("--online-lr", ro.learner.online.lr, "learning rate of online updates (MLP)");
   rp->add_option("--online-lr-wide", ro.learner.online.lr_wide,
                  "learning rate of online updates (the wide part)");

@@ -252,14 +252,30 @@ int Replay(const ReplayOptions& opt) {
   // each greedy pick (progressive validation: each task is scored before it is learned).
   Policy oracle = MakePolicy(cfg, lo, opt.seed);
   long oracle_ok = 0, oracle_seq = 0;
-  double policy20 = 0;
+  double policy20 = 0, retrain20 = 0;
+  FitReport retrain_fit;
   for (size_t i = 0; i < N; ++i) {
     if (i % 500 == 0) progress(i);
     const Row& r = rows[i];
     // The policy figure: the greedy policy of the model as it is at the 80% point, on the
     // last 20%, which it has not learned from (Route without exploration draws nothing,
     // so the run goes on as if it had not been asked).
-    if (i == split80) policy20 = GreedyRate(live, rows, split80, N, slots_at(N));
+    if (i == split80) {
+      policy20 = GreedyRate(live, rows, split80, N, slots_at(N));
+      // The batch trainer on what the router logged (one expert's outcome per decision,
+      // importance-weighted), as a retrain uses it, at the same point: what a retrain
+      // could promote, out of sample.
+      Policy cand = MakePolicy(cfg, lo, opt.seed);
+      for (const auto& e : all) cand.learner->SetManifest(e.profile.name, e.profile.manifest);
+      const size_t from = history.size() > static_cast<size_t>(lo.max_examples)
+                              ? history.size() - lo.max_examples
+                              : 0;
+      TrainSet set = cand.learner->MakeTrainSet(history, from, history.size());
+      GatingModel m(lo.shape);
+      (void)cand.learner->Fit(&m, set, &retrain_fit);
+      cand.learner->Install(std::move(m), 1, history.back().seq, {});
+      retrain20 = GreedyRate(cand, rows, split80, N, slots_at(N));
+    }
     std::vector<Decision> ds;
     std::vector<ExpertSlot> slots = slots_at(i);
     Status st = live.router->Route({{r.text, {}}}, slots, true, r.time, &ds);
@@ -367,6 +383,7 @@ int Replay(const ReplayOptions& opt) {
   const double prior20 = GreedyRate(prior, rows, split80, N, slots_at(N));
   // Full information: every expert's reward known for the first 80%.
   Policy full = MakePolicy(cfg, lo, opt.seed);
+  FitReport full_fit;
   {
     std::vector<LoggedOutcome> labelled;
     for (size_t i = 0; i < split80; ++i)
@@ -382,7 +399,7 @@ int Replay(const ReplayOptions& opt) {
     for (const auto& e : all) full.learner->SetManifest(e.profile.name, e.profile.manifest);
     TrainSet set = full.learner->MakeTrainSet(labelled, 0, labelled.size());
     GatingModel m(lo.shape);
-    (void)MakeCpuEngine()->Train(&m, set, lo.train);
+    (void)full.learner->Fit(&m, set, &full_fit);  // the retrains' trainer, as they use it
     full.learner->Install(std::move(m), 1, static_cast<long>(labelled.size()), {});
   }
   const double full20 = GreedyRate(full, rows, split80, N, slots_at(N));
@@ -391,11 +408,14 @@ int Replay(const ReplayOptions& opt) {
                       {"rows", N},
                       {"online_success", online},
                       {"policy_last20", policy20},
+                      {"retrain_last20", retrain20},
+                      {"retrain_epochs", retrain_fit.epochs},
                       {"baselines",
                        {{"majority_last20", majority20},
                         {"majority_expert", majority},
                         {"prior_last20", prior20},
                         {"full_info_last20", full20},
+                        {"full_info_epochs", full_fit.epochs},
                         {"full_info_online", static_cast<double>(oracle_ok) / N}}},
                       {"online_success_by_decile", deciles},
                       {"retrains", retrains},
@@ -422,6 +442,9 @@ int Replay(const ReplayOptions& opt) {
   std::printf("\n");
   std::printf("  greedy policy at the 80%% point, on the last 20%% (out of sample): %.3f\n",
               policy20);
+  std::printf(
+      "  a retrain at the 80%% point on the logged outcomes, on the last 20%%: %.3f (%d epochs)\n",
+      retrain20, retrain_fit.epochs);
   std::printf(
       "  baselines, last 20%%: majority (%s) %.3f, rules+prior %.3f, full-information %.3f\n",
       majority.c_str(), majority20, prior20, full20);

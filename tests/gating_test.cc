@@ -143,6 +143,82 @@ TEST(GatingTest, CpuTrainingLearnsFromBanditFeedbackDeterministically) {
   EXPECT_LT(GreedyAccuracy(cpu.get(), untrained, &test, 600), 0.6);
 }
 
+TEST(GatingTest, EpochsRunOneCallAtATimeAreThoseOfOneCall) {
+  World w;
+  LearnerOptions lo;
+  TrainSet set = BanditSet(&w, &lo);
+  auto cpu = MakeCpuEngine();
+  TrainOptions three = lo.train;
+  three.epochs = 3;
+  three.shuffle = true;  // the epoch number seeds the order: each call must say which
+  GatingModel a(lo.shape), b(lo.shape);
+  ASSERT_TRUE(cpu->Train(&a, set, three).ok());
+  for (int e = 0; e < 3; ++e) {
+    TrainOptions one = three;
+    one.epochs = 1;
+    one.first_epoch = e;
+    ASSERT_TRUE(cpu->Train(&b, set, one).ok());
+  }
+  EXPECT_EQ(a.emb, b.emb);
+  EXPECT_EQ(a.wide, b.wide);
+  EXPECT_EQ(a.Head("docs")->w, b.Head("docs")->w);
+}
+
+// The newest rows of the set (the validation slice) say the opposite of the rest: every
+// pass on the rest makes the model surer of what the slice contradicts, so the first pass
+// is the best Fit can do; told the truth, the slice keeps improving to the last pass. Either
+// way the model kept is a fresh one trained that many passes on every row.
+TEST(GatingTest, FitStopsAtTheEpochTheNewestRowsScoreBestOn) {
+  LearnerOptions lo;
+  lo.train.epochs = 4;
+  lo.validation_fraction = 0.1;
+  World w;
+  TrainSet truthful = BanditSet(&w, &lo);
+  Learner learner(lo, FeatureHasher(lo.shape.bits), MakeCpuEngine(), MakeCpuEngine());
+  auto cpu = MakeCpuEngine();
+  auto fit_and_check = [&](const TrainSet& set, int want) {
+    FitReport rep;
+    GatingModel m(lo.shape);
+    ASSERT_TRUE(learner.Fit(&m, set, &rep).ok());
+    EXPECT_EQ(rep.epochs, want);
+    EXPECT_EQ(rep.validation_rows, 300);
+    // Scored after each pass until one did not improve (or the last), best at `epochs`.
+    ASSERT_EQ(rep.validation_loss.size(), static_cast<size_t>(std::min(lo.train.epochs, want + 1)));
+    for (int e = 1; e < want; ++e)
+      EXPECT_LT(rep.validation_loss[e], rep.validation_loss[e - 1]) << "pass " << e + 1;
+    if (want < lo.train.epochs) {
+      EXPECT_GE(rep.validation_loss[want], rep.validation_loss[want - 1]);
+    }
+    TrainOptions all = lo.train;
+    all.epochs = want;
+    GatingModel direct(lo.shape);
+    ASSERT_TRUE(cpu->Train(&direct, set, all).ok());
+    EXPECT_EQ(m.emb, direct.emb);
+    EXPECT_EQ(m.wide, direct.wide);
+    EXPECT_EQ(m.g_emb, direct.g_emb);
+    EXPECT_EQ(m.g_wide, direct.g_wide);
+    // Everything else too, Adagrad state included: what the passes on the older rows
+    // changed was all put back before the passes on every row.
+    EXPECT_TRUE(m.Serialize() == direct.Serialize());
+  };
+  fit_and_check(truthful, 4);
+  TrainSet contradicted = truthful;
+  for (size_t i = 2700; i < contradicted.rows.size(); ++i)
+    contradicted.rows[i].reward = 1 - contradicted.rows[i].reward;
+  fit_and_check(contradicted, 1);
+
+  // Too small a slice to judge by (or none asked for): every pass, as Train makes them.
+  lo.validation_fraction = 0;
+  Learner plain(lo, FeatureHasher(lo.shape.bits), MakeCpuEngine(), MakeCpuEngine());
+  FitReport rep;
+  GatingModel m(lo.shape), direct(lo.shape);
+  ASSERT_TRUE(plain.Fit(&m, contradicted, &rep).ok());
+  ASSERT_TRUE(cpu->Train(&direct, contradicted, lo.train).ok());
+  EXPECT_EQ(rep.epochs, 4);
+  EXPECT_EQ(rep.validation_rows, 0);
+  EXPECT_TRUE(m.Serialize() == direct.Serialize());
+}
+
 TEST(GatingTest, RetrainPromotesABetterCandidateAndRefusesAWorseOne) {
   World w;
   LearnerOptions lo;
@@ -516,6 +592,32 @@ TEST_F(CudaTest, TrainingIsDeterministicAndAgreesWithTheCpu) {
   for (int k = 0; k < lo.shape.hidden; ++k)
     max_head_diff = std::max(max_head_diff, std::abs(g1.Head("docs")->w[k] - c.Head("docs")->w[k]));
   EXPECT_LT(max_head_diff, 0.05);
+}
+
+// Fit's choice of passes rests on held-out losses the engines compute in their own
+// rounding: they must choose the same count.
+TEST_F(CudaTest, FitChoosesTheSameEpochsAsOnTheCpu) {
+  LearnerOptions lo;
+  lo.train.epochs = 4;
+  World w;
+  TrainSet truthful = BanditSet(&w, &lo);
+  TrainSet contradicted = truthful;
+  for (size_t i = 2700; i < contradicted.rows.size(); ++i)
+    contradicted.rows[i].reward = 1 - contradicted.rows[i].reward;
+  auto gpu = MakeCudaEngine();
+  ASSERT_TRUE(gpu.ok());
+  Learner on_gpu(lo, FeatureHasher(lo.shape.bits), MakeCpuEngine(), std::move(gpu).value());
+  Learner on_cpu(lo, FeatureHasher(lo.shape.bits), MakeCpuEngine(), MakeCpuEngine());
+  for (const TrainSet* set : {&truthful, &contradicted}) {
+    FitReport g, c;
+    GatingModel mg(lo.shape), mc(lo.shape);
+    ASSERT_TRUE(on_gpu.Fit(&mg, *set, &g).ok());
+    ASSERT_TRUE(on_cpu.Fit(&mc, *set, &c).ok());
+    EXPECT_EQ(g.epochs, c.epochs);
+    ASSERT_EQ(g.validation_loss.size(), c.validation_loss.size());
+    for (size_t e = 0; e < g.validation_loss.size(); ++e)
+      EXPECT_NEAR(g.validation_loss[e], c.validation_loss[e], 1e-3);
+  }
 }
 
 }  // namespace

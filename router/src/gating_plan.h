@@ -48,7 +48,8 @@ template <typename Fn>
 Status ForEachMinibatch(const GatingModel& m, const TrainSet& data, const TrainOptions& opt,
                         const std::vector<uint64_t>& keys, Fn fn) {
   for (int epoch = 0; epoch < opt.epochs; ++epoch) {
-    const std::vector<int> order = EpochOrder(data.rows.size(), m.shape().seed, epoch, opt.shuffle);
+    const std::vector<int> order =
+        EpochOrder(data.rows.size(), m.shape().seed, opt.first_epoch + epoch, opt.shuffle);
     for (size_t begin = 0; begin < order.size(); begin += static_cast<size_t>(opt.batch)) {
       if (opt.cancel && opt.cancel->load()) return Status::Unavailable("training was cancelled");
       const size_t end = std::min(order.size(), begin + static_cast<size_t>(opt.batch));

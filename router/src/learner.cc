@@ -17,6 +17,116 @@ namespace {
 constexpr double kNotWorseTolerance = 1e-3;
 // Fewer held-out decisions than this give an interval too wide to decide on.
 constexpr size_t kMinValidationDecisions = 20;
+// Fit: a validation slice smaller than this says too little to choose passes by.
+constexpr size_t kMinFitValidationRows = 100;
+// Fit: a pass counts as better only when it lowers the held-out loss by more than this
+// share, so that engines which differ in the last bits (CPU, CUDA) choose the same count.
+constexpr double kFitMinImprovement = 1e-4;
+
+// Rows [begin, end) of `s` with the task vectors they use.
+TrainSet SliceRows(const TrainSet& s, size_t begin, size_t end) {
+  TrainSet out;
+  out.experts = s.experts;
+  std::map<int, int> xrow;  // row of s.x -> row of out.x
+  for (size_t i = begin; i < end; ++i) {
+    TrainRow r = s.rows[i];
+    auto [it, added] = xrow.emplace(r.x, out.x.rows());
+    if (added) {
+      for (int j = s.x.offsets[r.x]; j < s.x.offsets[r.x + 1]; ++j) {
+        out.x.idx.push_back(s.x.idx[j]);
+        out.x.val.push_back(s.x.val[j]);
+      }
+      out.x.offsets.push_back(static_cast<int>(out.x.idx.size()));
+    }
+    r.x = it->second;
+    out.rows.push_back(r);
+  }
+  return out;
+}
+
+// What training on a set can change in a model, saved so that it can be put back: the Emb
+// rows and wide entries the set's rows index (each row's gradient reaches no others), the
+// heads and the small parameters, with their Adagrad state. A fraction of a whole copy
+// (tens of MB, most of a small retrain's time in page faults).
+class Undo {
+ public:
+  Undo(const GatingModel& m, const TrainSet& set)
+      : heads_(m.heads),
+        g_heads_(m.g_heads),
+        b1_(m.b1),
+        g_b1_(m.g_b1),
+        prior_{m.prior_w, m.prior_b, m.g_prior_w, m.g_prior_b} {
+    const uint32_t mask = static_cast<uint32_t>(m.rows() - 1);
+    const size_t H = static_cast<size_t>(m.hidden());
+    std::vector<uint64_t> keys;
+    for (const auto& e : set.experts) keys.push_back(GatingModel::ExpertKey(e));
+    std::vector<uint8_t> row_seen(m.rows(), 0), wide_seen(m.wide_size(), 0);
+    for (const TrainRow& r : set.rows)
+      for (int j = set.x.offsets[r.x]; j < set.x.offsets[r.x + 1]; ++j) {
+        const uint32_t i = set.x.idx[j] & mask;
+        if (!row_seen[i]) {
+          row_seen[i] = 1;
+          rows_.push_back(i);
+          emb_.insert(emb_.end(), m.emb.begin() + i * H, m.emb.begin() + (i + 1) * H);
+          g_emb_.insert(g_emb_.end(), m.g_emb.begin() + i * H, m.g_emb.begin() + (i + 1) * H);
+        }
+        const size_t w = m.WideIndex(i, keys[static_cast<size_t>(r.expert)]);
+        if (!wide_seen[w]) {
+          wide_seen[w] = 1;
+          wide_.push_back({w, m.wide[w], m.g_wide[w]});
+        }
+      }
+  }
+  void Restore(GatingModel* m) const {
+    const size_t H = static_cast<size_t>(m->hidden());
+    for (size_t k = 0; k < rows_.size(); ++k) {
+      std::copy_n(emb_.begin() + k * H, H, m->emb.begin() + rows_[k] * H);
+      std::copy_n(g_emb_.begin() + k * H, H, m->g_emb.begin() + rows_[k] * H);
+    }
+    for (const Wide& w : wide_) {
+      m->wide[w.index] = w.value;
+      m->g_wide[w.index] = w.acc;
+    }
+    m->heads = heads_;
+    m->g_heads = g_heads_;
+    m->b1 = b1_;
+    m->g_b1 = g_b1_;
+    m->prior_w = prior_[0];
+    m->prior_b = prior_[1];
+    m->g_prior_w = prior_[2];
+    m->g_prior_b = prior_[3];
+    m->stamp = GatingModel::NextStamp();
+  }
+
+ private:
+  struct Wide {
+    size_t index;
+    float value, acc;
+  };
+  std::map<std::string, ExpertHead> heads_;
+  std::map<std::string, std::vector<float>> g_heads_;
+  std::vector<float> b1_, g_b1_;
+  float prior_[4];
+  std::vector<uint32_t> rows_;
+  std::vector<float> emb_, g_emb_;
+  std::vector<Wide> wide_;
+};
+
+// The weighted log loss of `m`'s reward estimates on the rows of `s`.
+Result<double> HeldOutLoss(GatingEngine* engine, const GatingModel& m, const TrainSet& s) {
+  const size_t E = s.experts.size();
+  std::vector<float> prior(static_cast<size_t>(s.x.rows()) * E, 0.0f), p;
+  for (const TrainRow& r : s.rows) prior[static_cast<size_t>(r.x) * E + r.expert] = r.prior;
+  CORTEX_RETURN_IF_ERROR(engine->Score(m, s.x, s.experts, prior, &p));
+  double loss = 0, weight = 0;
+  for (const TrainRow& r : s.rows) {
+    const double q =
+        std::clamp(static_cast<double>(p[static_cast<size_t>(r.x) * E + r.expert]), 1e-7, 1 - 1e-7);
+    loss -= r.weight * (r.reward * std::log(q) + (1 - r.reward) * std::log(1 - q));
+    weight += r.weight;
+  }
+  return weight > 0 ? loss / weight : 0.0;
+}
 
 // The 95% interval as bounds too, clipped to what the quantity can be (a policy's mean
 // reward lies in [0, 1], a difference of two in [-1, 1]): a small holdout's half-width can
@@ -396,6 +506,51 @@ std::vector<ExplainedCandidate> Learner::Explain(
   return out;
 }
 
+Status Learner::Fit(GatingModel* m, const TrainSet& set, FitReport* report) {
+  std::lock_guard<std::mutex> one_at_a_time(train_mu_);
+  return FitLocked(m, set, report);
+}
+
+Status Learner::FitLocked(GatingModel* m, const TrainSet& set, FitReport* report) {
+  FitReport local;
+  FitReport& rep = report ? *report : local;
+  rep = FitReport();
+  const TrainOptions& opt = options_.train;
+  const size_t n = set.rows.size();
+  const size_t held = static_cast<size_t>(
+      std::floor(static_cast<double>(n) * std::clamp(options_.validation_fraction, 0.0, 0.5)));
+  if (held < kMinFitValidationRows || opt.epochs <= 1) {
+    rep.epochs = opt.epochs;
+    return train_engine_->Train(m, set, opt);
+  }
+  // Passes on the older rows, one call each so the slice is scored after each; the
+  // orders are those one call would have used (first_epoch).
+  const TrainSet fit = SliceRows(set, 0, n - held), check = SliceRows(set, n - held, n);
+  const Undo undo(*m, fit);
+  rep.validation_rows = static_cast<int>(held);
+  double best = 0;
+  for (int epoch = 0; epoch < opt.epochs; ++epoch) {
+    TrainOptions one = opt;
+    one.epochs = 1;
+    one.first_epoch = opt.first_epoch + epoch;
+    CORTEX_RETURN_IF_ERROR(train_engine_->Train(m, fit, one));
+    Result<double> held_loss = HeldOutLoss(train_engine_.get(), *m, check);
+    if (!held_loss.ok()) return held_loss.status();
+    const double loss = held_loss.value();
+    rep.validation_loss.push_back(loss);
+    if (epoch > 0 && !(loss < best * (1 - kFitMinImprovement))) break;
+    best = loss;
+    rep.epochs = epoch + 1;
+  }
+  // The newest rows are the most telling of what comes next (the stream drifts), so the
+  // model kept is not the one that never saw them: a fresh start makes the chosen count of
+  // passes on every row.
+  undo.Restore(m);
+  TrainOptions all = opt;
+  all.epochs = rep.epochs;
+  return train_engine_->Train(m, set, all);
+}
+
 Result<RetrainResult> Learner::Retrain(const std::vector<LoggedOutcome>& history, int version,
                                        double now,
                                        const std::function<void(const std::string&)>& progress) {
@@ -419,9 +574,9 @@ Result<RetrainResult> Learner::Retrain(const std::vector<LoggedOutcome>& history
   if (cancelled()) return Status::Unavailable("training was cancelled");
   res.train_rows = static_cast<long>(set.rows.size());
   res.model = GatingModel(options_.shape);
-  say("training on " + train_engine_->backend() + ", " + std::to_string(options_.train.epochs) +
-      " epochs");
-  CORTEX_RETURN_IF_ERROR(train_engine_->Train(&res.model, set, options_.train));
+  say("training on " + train_engine_->backend() + ", at most " +
+      std::to_string(options_.train.epochs) + " epochs");
+  CORTEX_RETURN_IF_ERROR(FitLocked(&res.model, set, &res.fit));
 
   // Off-policy validation on the held-out, most recent decisions: the candidate's greedy
   // policy against the live model's greedy policy as it is now, both estimated doubly
@@ -550,7 +705,10 @@ Result<RetrainResult> Learner::Retrain(const std::vector<LoggedOutcome>& history
                       {"min_holdout_rows", kMinValidationDecisions},
                       {"clipped", clipped},
                       {"backend", train_engine_->backend()},
-                      {"epochs", options_.train.epochs},
+                      {"epochs", res.fit.epochs},
+                      {"max_epochs", options_.train.epochs},
+                      {"fit_validation_rows", res.fit.validation_rows},
+                      {"fit_validation_loss", res.fit.validation_loss},
                       {"seconds", res.seconds},
                       {"live_version_at_training", live_version()},
                       {"live_cutoff", live_cutoff}};

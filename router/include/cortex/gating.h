@@ -135,6 +135,9 @@ struct TrainOptions {
   float lr = 0.2f;       // Adagrad step for the MLP
   float lr_wide = 1.0f;  // Adagrad step for the hashed linear part
   bool shuffle = true;   // seeded shuffle per epoch
+  // The number of the first epoch (its seeded order): a caller that runs epochs one call
+  // at a time (Learner::Fit, to validate after each) gets the orders of a single call.
+  int first_epoch = 0;
   // Set by the owner (cortexd, when it stops): training ends within one minibatch.
   const std::atomic<bool>* cancel = nullptr;
   // The model's lock, when it is scored while it trains (online steps on the live model):

@@ -23,7 +23,15 @@ namespace cortex {
 
 struct LearnerOptions {
   GatingShape shape;
-  TrainOptions train;                             // retraining from history
+  // Retraining from history (Fit): at most `epochs` passes in time order, so the newest
+  // outcomes are learned last (the streams drift; a shuffled order trains a model of the
+  // window's average). The hashed linear part learns at 8: its per-feature gradients are
+  // small (L2-normalised features, a minibatch mean, Adagrad accumulators from 0.1), and at
+  // 1 it was still underfitting after 12 passes.
+  TrainOptions train{4, 32, 0.2f, 8.0f, false};
+  // The newest share of a retrain's rows held out to choose its number of passes (by
+  // held-out log loss); then a fresh model makes that many on all rows. 0: always `epochs`.
+  double validation_fraction = 0.1;
   TrainOptions online{1, 1, 0.05f, 1.0f, false};  // one step per outcome between retrains
   bool online_updates = true;
   int online_replay = 8;          // past outcomes revisited with each new one
@@ -74,6 +82,13 @@ struct ExplainedCandidate {
   double prior_part = 0;  // prior_w * prior + prior_b
 };
 
+// What Fit did: the passes it chose and the held-out loss after each pass it tried.
+struct FitReport {
+  int epochs = 0;
+  int validation_rows = 0;  // 0: the slice was too small, so it made every pass
+  std::vector<double> validation_loss;
+};
+
 struct RetrainResult {
   GatingModel model;
   ModelRecord record;  // version, status, trained_through, metrics JSON (no weights)
@@ -81,6 +96,7 @@ struct RetrainResult {
   std::string reason;
   long train_rows = 0, holdout_rows = 0;
   PolicyEstimate candidate, live, diff;
+  FitReport fit;
   double seconds = 0;
 };
 
@@ -148,6 +164,14 @@ class Learner {
                                           const std::vector<std::pair<std::string, float>>& cands,
                                           size_t top) const;
 
+  // The batch trainer (retrains, and the replay's full-information baseline): trains `m`
+  // on `set`, rows oldest first, with options().train. The newest validation_fraction of
+  // the rows is held out while passes on the rest lower its weighted log loss (at most
+  // train.epochs, stopping at the first pass that does not); then `m`, as it was given,
+  // makes the best count of passes on all rows. Deterministic, as the engine. One at a
+  // time with Retrain (they share the training engine).
+  Status Fit(GatingModel* m, const TrainSet& set, FitReport* report = nullptr);
+
   // Builds training rows (features, priors, importance weights) from logged outcomes.
   TrainSet MakeTrainSet(const std::vector<LoggedOutcome>& outcomes, size_t begin, size_t end);
   void SetManifest(const std::string& expert, const SparseVector& manifest);
@@ -165,6 +189,7 @@ class Learner {
   void PutManifest(const std::string& expert, const SparseVector& manifest);  // under mu_
 
   OnlineRow RowOf(const LoggedOutcome& o) const;
+  Status FitLocked(GatingModel* m, const TrainSet& set, FitReport* report);  // under train_mu_
   // One online step on `s` (its owner holds whatever lock guards it), with `set` as scratch.
   void StepLocked(OnlineState* s, OnlineRow row, bool feedback, TrainSet* set,
                   GatingEngine* engine) const;
