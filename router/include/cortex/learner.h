@@ -123,8 +123,9 @@ class Learner {
   // A candidate's greedy pick on each of `decisions` (held out from history[split]), made
   // as the live system made its own had the candidate gone live after `trained_through`:
   // each pick before it learns from that decision, then one online step per held-out
-  // outcome in order (with online updates; else its weights as trained). The state it
-  // ends in is what catching up after its promotion computes.
+  // outcome in order (with online updates; else its weights as trained): the steps a
+  // catch-up after its promotion takes (save that verdicts come applied to the outcomes
+  // they judge, as a retrain reads them, rather than as steps of their own).
   Result<std::vector<std::string>> CandidatePicks(const GatingModel& model, long trained_through,
                                                   const std::vector<LoggedOutcome>& history,
                                                   size_t split,
