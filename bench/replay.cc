@@ -2,6 +2,7 @@
 // with simulated experts that succeed exactly when they are the task's mapped label. The
 // router never sees the label; it learns only from the chosen expert's outcome, retraining
 // on the daemon's cadence (training.interval on the corpus clock, training.min_new_outcomes).
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -254,9 +255,13 @@ int Replay(const ReplayOptions& opt) {
   long oracle_ok = 0, oracle_seq = 0;
   double policy20 = 0, retrain20 = 0;
   FitReport retrain_fit;
+  std::map<std::string, std::string> label_of;  // task id -> label, for the gate's check
+  long gate_checked = 0, truly_better = 0, promoted_truly_better = 0;
+  double gate_error = 0, gate_abs_error = 0;
   for (size_t i = 0; i < N; ++i) {
     if (i % 500 == 0) progress(i);
     const Row& r = rows[i];
+    label_of[r.id] = r.label;
     // The policy figure: the greedy policy of the model as it is at the 80% point, on the
     // last 20%, which it has not learned from (Route without exploration draws nothing,
     // so the run goes on as if it had not been asked).
@@ -307,7 +312,8 @@ int Replay(const ReplayOptions& opt) {
     LoggedOutcome o = OutcomeOf(r, d.candidates.front(), ++seq);  // the chosen one leads
     o.propensity = d.propensity;
     o.forced = d.forced;
-    for (const auto& c : d.candidates) o.candidates.emplace_back(c.expert, c.rule_score);
+    for (const auto& c : d.candidates)
+      o.candidates.push_back({c.expert, c.rule_score, c.model_score, c.prior});
     o.greedy = d.greedy;
     live.learner->Observe(o);
     history.push_back(o);
@@ -345,10 +351,29 @@ int Replay(const ReplayOptions& opt) {
       train_seconds += res->seconds;
       retrain_marks.push_back(
           {{"task", i + 1}, {"version", res->record.version}, {"promoted", res->promoted}});
+      // The gate's estimate beside the truth, which the replay knows (each task's label):
+      // the candidate's picks against the live system's on the held-out decisions.
+      std::vector<double> truth;
+      for (size_t k = 0; k < res->decisions.size(); ++k) {
+        const LoggedOutcome& o = history[res->decisions[k]];
+        const std::string& label = label_of[o.task_id];
+        truth.push_back((res->picks[k] == label) - (o.greedy == label) + 0.0);
+      }
+      const PolicyEstimate t = MeanCi(truth);
+      if (truth.size() >= kMinGateDecisions) {
+        ++gate_checked;
+        gate_error += res->diff.value - t.value;
+        gate_abs_error += std::fabs(res->diff.value - t.value);
+        truly_better += t.value > 0;
+        promoted_truly_better += res->promoted && t.value > 0;
+      }
       if (opt.verbose)
-        std::fprintf(stderr, "  [%zu] v%d: %s (cand %.3f live %.3f diff %+.3f±%.3f)\n", i + 1,
-                     res->record.version, res->promoted ? "promoted" : "refused",
-                     res->candidate.value, res->live.value, res->diff.value, res->diff.ci);
+        std::fprintf(stderr,
+                     "  [%zu] v%d: %s (cand %.3f live %.3f diff %+.4f±%.4f, same picks %.3f; "
+                     "true diff %+.4f)\n",
+                     i + 1, res->record.version, res->promoted ? "promoted" : "refused",
+                     res->candidate.value, res->live.value, res->diff.value, res->diff.ci,
+                     res->agreement, t.value);
       if (res->promoted) {
         ++promotions;
         std::vector<LoggedOutcome> newer;
@@ -424,6 +449,15 @@ int Replay(const ReplayOptions& opt) {
                       {"fallback_successes", fallback_ok},
                       {"explored", explored},
                       {"promotions", promotions},
+                      // The gate against the truth on its own held-out decisions: how many
+                      // candidates were better than the live system there, how many of
+                      // those it promoted, and its estimate's mean (signed) error.
+                      {"gate",
+                       {{"retrains_estimated", gate_checked},
+                        {"truly_better", truly_better},
+                        {"promoted_truly_better", promoted_truly_better},
+                        {"mean_error", gate_checked ? gate_error / gate_checked : 0.0},
+                        {"mean_abs_error", gate_checked ? gate_abs_error / gate_checked : 0.0}}},
                       {"live_version", live.learner->live_version()},
                       {"train_seconds", train_seconds},
                       {"exploration", cfg.router.exploration},
@@ -432,6 +466,12 @@ int Replay(const ReplayOptions& opt) {
                         {"min_new_outcomes", cfg.training.min_new_outcomes}}}};
   std::printf("replay %s: %zu tasks, %ld retrains (%ld promoted, live v%d)\n", opt.corpus.c_str(),
               N, retrains, promotions, live.learner->live_version());
+  std::printf(
+      "  gate: %ld of %ld estimated candidates truly better on their held-out decisions, %ld of "
+      "those promoted; estimate error %+.4f (mean), %.4f (mean absolute)\n",
+      truly_better, gate_checked, promoted_truly_better,
+      gate_checked ? gate_error / gate_checked : 0.0,
+      gate_checked ? gate_abs_error / gate_checked : 0.0);
   std::printf("  online success (exploration included): %.3f\n", online);
   std::printf("  explored first attempts: %ld (%.4f of tasks; router.exploration %.3f)\n", explored,
               static_cast<double>(explored) / N, cfg.router.exploration);

@@ -108,15 +108,15 @@ while [ "$done_n" -lt "$n" ]; do
   v=$(ctl status --json | jq -r .model_version)
   printf '  %5d/%d tasks  first-pick success %6s (%d/%d)  live model %s  %3ds\n' \
     "$done_n" "$n" "$(pct "$ok" "$k")" "$ok" "$k" "$v" "$(( $(date +%s) - start ))"
-  # Retrains finished since the last line: the verdict and the doubly robust estimates
-  # (95% intervals) on held-out decisions the candidate never saw.
+  # Retrains finished since the last line: the verdict and the estimates (95% intervals)
+  # on held-out decisions the candidate never saw, against what the live system did there.
   models=$(ctl models --json)  # read once: a retrain may finish meanwhile
   jq -r --argjson after "$seen_v" '
     def p: . * 100 | round | tostring;
     .models[] | select(.version > $after) | .metrics as $m |
     "      retrain \(.name): \(.status) (trained on \($m.train_rows), held out \($m.holdout_rows):" +
     " candidate \($m.candidate.value | p)% [\($m.candidate.low | p)-\($m.candidate.high | p)]" +
-    " vs live \($m.live.value | p)% [\($m.live.low | p)-\($m.live.high | p)]" +
+    " vs live then \($m.live.value | p)% [\($m.live.low | p)-\($m.live.high | p)]" +
     (if $m.clipped then ", too uncertain: clipped" else "" end) + ")"' <<<"$models"
   seen_v=$(jq '[.models[].version] | max' <<<"$models")
 done

@@ -8,6 +8,7 @@
 #include <pwd.h>
 #include <unistd.h>
 
+#include <filesystem>
 #include <string>
 #include <vector>
 
@@ -50,9 +51,11 @@ std::string Me() {
 class Learning : public ::testing::TestWithParam<std::string> {
  protected:
   // A daemon on this test's backend, learning online, never retraining on its own.
-  std::unique_ptr<Daemon> NewDaemon(const std::string& training) {
-    auto d = std::make_unique<Daemon>(dir_, std::string(kExperts) + training,
-                                      "router: {exploration: 0, seed: 1, max_attempts: 1}\n");
+  std::unique_ptr<Daemon> NewDaemon(
+      const std::string& training,
+      const std::string& router = "router: {exploration: 0, seed: 1, max_attempts: 1}\n",
+      const std::string& experts = kExperts) {
+    auto d = std::make_unique<Daemon>(dir_, experts + training, router);
     if (GetParam() == "postgresql") {
       std::string why;
       test::PgServer* pg = test::PgServer::Get(&why);
@@ -303,6 +306,80 @@ TEST_P(Learning, EmptyRetrainsAreSkippedAndRefusedVersionsPruned) {
   ASSERT_EQ(d->CtlJson({"retrain", "--wait"})["version"], 6);
   r = d->Ctl({"retrain", "--wait"});
   EXPECT_NE(r.out.find("skipped: no new outcome or verdict since v6"), std::string::npos) << r.out;
+}
+
+// The retrain gate end to end (issue 26): a candidate is promoted when it is estimated
+// better than what the live system did on the held-out decisions, and refused, saying
+// so, when it is worse; `retrain --wait` and `models` show both verdicts.
+TEST_P(Learning, ARetrainIsPromotedWhenBetterThanTheLiveSystemAndRefusedWhenWorse) {
+  // The manifests send deploy tasks to `bad`; `good` succeeds, unless the world is flipped.
+  const std::string flipped = dir_ / "flipped";
+  const std::string experts = R"(experts:
+  - name: bad
+    plugin: command
+    run: ["/bin/sh", "-c", "cat >/dev/null; test -e )" +
+                              flipped + R"("]
+    keywords: ["deploy", "release", "ship", "rollout"]
+  - name: good
+    plugin: command
+    run: ["/bin/sh", "-c", "cat >/dev/null; test ! -e )" +
+                              flipped + R"("]
+    keywords: ["maintenance"]
+)";
+  // First without online learning: the live system routes with v0's weights throughout.
+  auto d = NewDaemon("training: {online: false, interval: 1h, min_new_outcomes: 100000}\n",
+                     "router: {exploration: 0.5, seed: 1, max_attempts: 1}\n", experts);
+  ASSERT_TRUE(d && d->Start()) << (d ? d->Log() : "");
+  auto submit = [&](int n) {
+    for (int i = 0; i < n; ++i) Submit(*d, "deploy the release " + std::to_string(i % 7));
+  };
+  auto first = [&] {
+    return d->CtlJson({"route", "deploy the release 1", "--no-repo"})["candidates"][0]["expert"];
+  };
+  EXPECT_EQ(first(), "bad");
+  // v0 sends most tasks to `bad`, which fails, and explores `good`. A candidate trained on
+  // that picks `good` on the held-out decisions: better than what v0 did there.
+  submit(100);
+  test::Run r = d->Ctl({"retrain", "--wait"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_NE(r.out.find("PROMOTED"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("candidate estimated better than the live system"), std::string::npos)
+      << r.out;
+  json models = d->CtlJson({"models"})["models"];
+  ASSERT_EQ(models.size(), 2u) << models.dump();
+  const json& v1 = models[1]["metrics"];
+  EXPECT_GT(v1["diff"]["value"].get<double>(), 0) << v1.dump();
+  EXPECT_GE(v1["holdout_rows"].get<long>(), 20) << v1.dump();
+  EXPECT_NE(v1["baseline"].get<std::string>().find("the live system's greedy picks"),
+            std::string::npos);
+  EXPECT_EQ(first(), "good");
+
+  // Now learning online, and the world flips: v1 fails on `good`, explores `bad`, and
+  // learns within a few tasks to send them there. A candidate trained mostly on the old
+  // world picks `good` on the held-out decisions (until its own online steps turn it): it
+  // is worse than what the live system did there, and refused, saying so. (The stale
+  // rule stays out of it: the live cutoff is within the window.)
+  ASSERT_EQ(d->Stop(), 0);
+  std::string config = test::ReadFile(d->config);
+  config.replace(config.find("online: false"), 13, "online: true");
+  test::WriteFile(d->config, config);
+  ASSERT_TRUE(d->Start()) << d->Log();
+  test::WriteFile(flipped, "");
+  submit(100);
+  EXPECT_EQ(first(), "bad");
+  r = d->Ctl({"retrain", "--wait"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_NE(r.out.find("refused"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("candidate estimated worse than the live system"), std::string::npos)
+      << r.out;
+  EXPECT_NE(r.out.find("the candidate stepping online through them"), std::string::npos) << r.out;
+  models = d->CtlJson({"models"})["models"];
+  ASSERT_EQ(models.size(), 3u) << models.dump();
+  EXPECT_EQ(models[2]["status"], "refused");
+  EXPECT_LT(models[2]["metrics"]["diff"]["value"].get<double>(), 0) << models[2].dump();
+  EXPECT_TRUE(models[1]["live"].get<bool>()) << models.dump();
+  r = d->Ctl({"models"});
+  EXPECT_NE(r.out.find("v2    refused"), std::string::npos) << r.out;
 }
 
 INSTANTIATE_TEST_SUITE_P(Stores, Learning, ::testing::Values("sqlite", "postgresql"),

@@ -8,6 +8,7 @@
 
 #include "cortex/estimators.h"
 #include "cortex/explore.h"
+#include "cortex/gate.h"
 #include "cortex/router.h"
 
 namespace cortex {
@@ -212,7 +213,6 @@ TEST(RouterTest, NoExpertsIsUnavailable) {
   EXPECT_EQ(r.Route({{"x", {}}}, {}, true, 0, &d).code(), Status::Code::kUnavailable);
 }
 
-
 // The exploration policy against hand-computed answers (python, the same formula):
 // eps = rate * clamp(2 (1 - confidence), 0.1, 2); spread = 0.1 / E + 0.9 softmax(s / 0.1).
 TEST(ExploreTest, ProbabilitiesMatchHandComputedAnswers) {
@@ -300,6 +300,132 @@ TEST(EstimatorsTest, MeanCiAndDoublyRobustMatchKnownAnswers) {
   const PolicyEstimate e = MeanCi(dr);
   EXPECT_NEAR(e.value, 0.7, 3 * e.ci / 1.96) << "ci " << e.ci;
   EXPECT_GT(std::fabs(0.1 - 0.7), 10 * e.ci);  // the model alone is far off
+}
+
+TEST(EstimatorsTest, LoggedPickValueMatchesKnownAnswers) {
+  // The logged action: doubly robust around the reference, the weight 1/0.5 = 2 unclipped...
+  EXPECT_DOUBLE_EQ(LoggedPickValue(0.3, true, 1, 0.5, 10), 0.3 + 2 * 0.7);
+  // ... or clipped at 1.5.
+  EXPECT_DOUBLE_EQ(LoggedPickValue(0.3, true, 1, 0.5, 1.5), 0.3 + 1.5 * 0.7);
+  // Another pick: the reference alone, whatever the logged reward.
+  EXPECT_DOUBLE_EQ(LoggedPickValue(0.3, false, 1, 0.5, 2), 0.3);
+  // A clip of 1 is the observed reward itself.
+  EXPECT_DOUBLE_EQ(LoggedPickValue(0.3, true, 0, 0.9, 1), 0);
+  // Unbiased where the reference is wrong: three actions, the logger picks action 0 with
+  // probability 0.6 (weight 1/0.6 under the clip of 2); its true mean reward is 0.7, the
+  // reference says 0.2. The policy that always picks action 0 is worth 0.7.
+  std::mt19937_64 rng(7);
+  std::uniform_real_distribution<double> u(0, 1);
+  std::vector<double> v;
+  for (int i = 0; i < 400000; ++i) {
+    const bool logged0 = u(rng) < 0.6;
+    const double reward = logged0 ? (u(rng) < 0.7 ? 1.0 : 0.0) : 0.0;
+    v.push_back(LoggedPickValue(0.2, logged0, reward, 0.6, 2));
+  }
+  const PolicyEstimate e = MeanCi(v);
+  EXPECT_NEAR(e.value, 0.7, 3 * e.ci / 1.96) << "ci " << e.ci;
+}
+
+LoggedOutcome Decided(const std::string& task, const std::string& logged, const std::string& greedy,
+                      double reward, double propensity) {
+  LoggedOutcome o;
+  o.task_id = task;
+  o.expert = logged;
+  o.greedy = greedy;
+  o.reward = reward;
+  o.propensity = propensity;
+  o.candidates = {{"a", 0, 0.6, 0}, {"b", 0.25, 0.2, 0}, {"c", 0, 0.1, 0}};
+  return o;
+}
+
+TEST(GateTest, SplitHoldsOutTheNewestAndTrainsOnAWindowBeforeThem) {
+  RetrainSplit s = SplitOutcomes(1000, 0.2, 2000, 50000);
+  EXPECT_EQ(s.begin, 0u);
+  EXPECT_EQ(s.split, 800u);
+  EXPECT_EQ(s.end, 1000u);
+  s = SplitOutcomes(1000, 0.2, 150, 300);  // at most 150 held out, 300 trained on
+  EXPECT_EQ(s.split, 850u);
+  EXPECT_EQ(s.begin, 550u);
+}
+
+TEST(GateTest, HeldOutDecisionsAreTheRoutersFirstAttemptsAndGreedyPicksFollowRules) {
+  std::vector<LoggedOutcome> h;
+  h.push_back(Decided("t0", "a", "a", 0, 0.9));  // before the split
+  h.push_back(Decided("t1", "a", "a", 0, 0.9));
+  LoggedOutcome fb = h.back();
+  fb.attempt = 2, fb.expert = "b", fb.reward = 1, fb.propensity = 1;  // a fallback
+  h.push_back(fb);
+  LoggedOutcome forced = Decided("t2", "c", "a", 1, 1);
+  forced.forced = true;  // policy, not the router's decision
+  h.push_back(forced);
+  LoggedOutcome verdict = h[1];
+  verdict.feedback = true;
+  h.push_back(verdict);
+  h.push_back(Decided("t3", "b", "a", 1, 0.02));
+  EXPECT_EQ(HeldOutDecisions(h, 1), (std::vector<size_t>{1, 5}));
+  // Model scores plus rule scores: b's rule (0.25) makes 0.15 + 0.25 beat a's 0.2.
+  EXPECT_EQ(GreedyPick(h[1].candidates, {0.2f, 0.15f, 0.0f}), 1u);
+  EXPECT_EQ(GreedyPick(h[1].candidates, {0.5f, 0.15f, 0.0f}), 0u);
+  EXPECT_EQ(GreedyPick(h[1].candidates, {0.0f, 0.25f, 0.5f}), 1u) << "a tie goes to the name";
+}
+
+TEST(GateTest, TheEstimatePairsThePicksOnWhatTheLogObserved) {
+  std::vector<LoggedOutcome> h;
+  h.push_back(Decided("t1", "a", "a", 1, 0.9));  // both pick a
+  h.push_back(Decided("t2", "a", "a", 0, 0.9));  // a failed; the candidate picks b
+  LoggedOutcome fb = h.back();
+  fb.attempt = 2, fb.expert = "b", fb.reward = 1, fb.propensity = 1;  // not used
+  h.push_back(fb);
+  h.push_back(Decided("t3", "b", "a", 1, 0.05));  // explored b, which succeeded
+  h.push_back(Decided("t4", "a", "a", 1, 0.9));   // the candidate's c was never tried
+  const std::vector<size_t> d = HeldOutDecisions(h, 0);
+  ASSERT_EQ(d.size(), 4u);
+  const GateEstimate e = EstimateAgainstLogged(h, d, {"a", "b", "b", "c"}, 2);
+  // Per decision, candidate and live (the logged greedy a), the reference's scores being
+  // a 0.6, b 0.2, c 0.1:
+  const double a_ok = 0.6 + 0.4 / 0.9, a_failed = 0.6 - 0.6 / 0.9;
+  const std::vector<double> cand = {a_ok, 0.2, 0.2 + 2 * 0.8, 0.1};
+  const std::vector<double> live = {a_ok, a_failed, 0.6, a_ok};
+  std::vector<double> diff;
+  for (size_t k = 0; k < 4; ++k) diff.push_back(cand[k] - live[k]);
+  EXPECT_DOUBLE_EQ(e.candidate.value, MeanCi(cand).value);
+  EXPECT_DOUBLE_EQ(e.live.value, MeanCi(live).value);
+  EXPECT_DOUBLE_EQ(e.diff.value, MeanCi(diff).value);
+  EXPECT_DOUBLE_EQ(e.diff.ci, MeanCi(diff).ci);
+  EXPECT_DOUBLE_EQ(e.agreement, 0.25);
+}
+
+TEST(GateTest, PromotesOnlyABetterCandidateOnEnoughDecisionsOrAStaleLiveVersion) {
+  GateInputs in;
+  in.decisions = 19;
+  in.diff = 0.5;
+  GateVerdict v = DecidePromotion(in);
+  EXPECT_FALSE(v.promoted);
+  EXPECT_NE(v.reason.find("too few held-out decisions"), std::string::npos) << v.reason;
+  in.decisions = 20;
+  EXPECT_TRUE(DecidePromotion(in).promoted);
+  in.diff = 0;
+  v = DecidePromotion(in);
+  EXPECT_FALSE(v.promoted);
+  EXPECT_NE(v.reason.find("no better"), std::string::npos) << v.reason;
+  in.diff = -0.01;
+  v = DecidePromotion(in);
+  EXPECT_FALSE(v.promoted);
+  EXPECT_NE(v.reason.find("worse"), std::string::npos) << v.reason;
+  // The live version's cutoff lies before a whole window: promoted all the same ...
+  in.full_window = true;
+  in.live_cutoff = 100;
+  in.first_seq = 500;
+  v = DecidePromotion(in);
+  EXPECT_TRUE(v.promoted);
+  EXPECT_NE(v.reason.find("older than this retrain's outcomes"), std::string::npos) << v.reason;
+  // ... unless a start replays nothing (no online updates), or the window starts right
+  // after the cutoff.
+  in.online_updates = false;
+  EXPECT_FALSE(DecidePromotion(in).promoted);
+  in.online_updates = true;
+  in.first_seq = 101;
+  EXPECT_FALSE(DecidePromotion(in).promoted);
 }
 
 }  // namespace

@@ -145,6 +145,8 @@ TEST_P(StoreTest, DecisionsNameTheWeightsThatScored) {
   ASSERT_EQ(ev.size(), 1u);
   EXPECT_DOUBLE_EQ(ev[0].prior, 0.75);
   ASSERT_EQ(ev[0].candidates.size(), 2u);
+  EXPECT_DOUBLE_EQ(ev[0].candidates[0].prior, 0.75);
+  EXPECT_DOUBLE_EQ(ev[0].candidates[0].model_score, 0.2);
 }
 
 TEST_P(StoreTest, UnknownIdsAreNotFoundAndChangeNothing) {
@@ -414,7 +416,11 @@ TEST_P(StoreTest, LoggedOutcomesFeedTrainingWithFeedbackOverriding) {
   EXPECT_EQ(out[0].greedy, "other");
   EXPECT_EQ(out[0].text, "fix the login bug");
   ASSERT_EQ(out[0].candidates.size(), 2u);
-  EXPECT_DOUBLE_EQ(out[0].candidates[0].second, 0.3);
+  EXPECT_EQ(out[0].candidates[0].expert, "security");
+  EXPECT_DOUBLE_EQ(out[0].candidates[0].rule_score, 0.3);
+  // What the live model knew then, for the retrain gate's reference.
+  EXPECT_DOUBLE_EQ(out[0].candidates[0].model_score, 0.2);
+  EXPECT_DOUBLE_EQ(out[0].candidates[1].model_score, 0.1);
   EXPECT_EQ(out[1].expert, "other");
   EXPECT_DOUBLE_EQ(out[1].reward, 0.25);     // the person's verdict beats the expert's 0.9
   EXPECT_DOUBLE_EQ(out[1].propensity, 1.0);  // a fallback was not drawn

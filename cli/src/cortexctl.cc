@@ -1511,7 +1511,7 @@ static int RunCli(int argc, char** argv, Ctx& ctx) {
         m.value("train_rows", 0L), m.value("holdout_rows", 0L),
         m.value("holdout_rows", 0L) == 1 ? "" : "s", Str(m, "estimator").c_str(),
         m.value("min_holdout_rows", 0L));
-    std::printf("  candidate policy %s\n  live policy      %s\n  difference       %s\n",
+    std::printf("  candidate policy %s\n  live then        %s\n  difference       %s\n",
                 est("candidate").c_str(), est("live").c_str(), est("diff").c_str());
     if (m.value("clipped", false))
       std::printf(
@@ -1563,8 +1563,8 @@ static int RunCli(int argc, char** argv, Ctx& ctx) {
           est("candidate").c_str(), est("live").c_str(), est("diff").c_str());
     }
     std::printf(
-        "(* live; estimates are doubly robust on held-out logged decisions, with their 95%% "
-        "interval)\n");
+        "(* live; estimates on held-out decisions, with their 95%% interval: the candidate's "
+        "picks against the live system's as it made them)\n");
     const json live = result.value("live", json::object());
     std::printf("live: %s since %s (%s) after learning event %ld, %ld online step(s) since\n",
                 Str(live, "name").c_str(), Str(live, "since").c_str(), Str(live, "reason").c_str(),

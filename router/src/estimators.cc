@@ -1,5 +1,6 @@
 #include "cortex/estimators.h"
 
+#include <algorithm>
 #include <cmath>
 
 namespace cortex {
@@ -18,6 +19,11 @@ PolicyEstimate MeanCi(const std::vector<double>& v) {
 double DoublyRobust(double q_pick, bool pick_is_logged, double reward, double q_logged,
                     double propensity) {
   return q_pick + (pick_is_logged ? (reward - q_logged) / propensity : 0.0);
+}
+
+double LoggedPickValue(double q_pick, bool pick_is_logged, double reward, double propensity,
+                       double clip) {
+  return pick_is_logged ? q_pick + std::min(1.0 / propensity, clip) * (reward - q_pick) : q_pick;
 }
 
 }  // namespace cortex

@@ -6,17 +6,10 @@
 #include <chrono>
 #include <cmath>
 #include <cstring>
-#include <nlohmann/json.hpp>
-#include <set>
 
 namespace cortex {
 namespace {
 
-// "Not worse" allows for rounding: a candidate that makes the same choices as the live
-// policy can land a hair below it through float noise in the reward model.
-constexpr double kNotWorseTolerance = 1e-3;
-// Fewer held-out decisions than this give an interval too wide to decide on.
-constexpr size_t kMinValidationDecisions = 20;
 // Fit: a validation slice smaller than this says too little to choose passes by.
 constexpr size_t kMinFitValidationRows = 100;
 // Fit: a pass counts as better only when it lowers the held-out loss by more than this
@@ -126,19 +119,6 @@ Result<double> HeldOutLoss(GatingEngine* engine, const GatingModel& m, const Tra
     weight += r.weight;
   }
   return weight > 0 ? loss / weight : 0.0;
-}
-
-// The 95% interval as bounds too, clipped to what the quantity can be (a policy's mean
-// reward lies in [0, 1], a difference of two in [-1, 1]): a small holdout's half-width can
-// exceed the whole range, and an interval outside it would only mislead. `e` is the
-// unclipped estimate: the value shown is clipped, and the bounds are the clipped ends of
-// its own interval, so value and interval never disagree.
-nlohmann::json EstimateJson(const PolicyEstimate& e, double lo, double hi) {
-  // "+ 0.0": a -0.0 shows as 0.
-  return {{"value", std::clamp(e.value, lo, hi) + 0.0},
-          {"ci", e.ci},
-          {"low", std::clamp(e.value - e.ci, lo, hi) + 0.0},
-          {"high", std::clamp(e.value + e.ci, lo, hi) + 0.0}};
 }
 
 }  // namespace
@@ -551,6 +531,37 @@ Status Learner::FitLocked(GatingModel* m, const TrainSet& set, FitReport* report
   return train_engine_->Train(m, set, all);
 }
 
+Result<std::vector<std::string>> Learner::CandidatePicks(
+    const GatingModel& model, long trained_through, const std::vector<LoggedOutcome>& history,
+    size_t split, const std::vector<size_t>& decisions, const std::atomic<bool>* cancel) const {
+  OnlineState s = Begin(model, Activation{0, 0, trained_through, 0, "candidate"});
+  // Each decision alone on the CPU, with the priors it recorded: the bits Route gave.
+  auto engine = MakeCpuEngine();
+  const uint32_t mask = static_cast<uint32_t>(model.rows() - 1);
+  std::vector<std::string> picks, names;
+  std::vector<float> prior, scores;
+  picks.reserve(decisions.size());
+  size_t k = 0;
+  for (size_t i = split; i < history.size(); ++i) {
+    if ((i - split) % 256 == 255 && cancel && cancel->load())
+      return Status::Unavailable("training was cancelled");
+    const LoggedOutcome& o = history[i];
+    if (k < decisions.size() && decisions[k] == i) {
+      SparseBatch x;
+      x.Add(hasher_.Task(o.text, o.tags), mask);
+      names.clear();
+      prior.clear();
+      for (const auto& c : o.candidates)
+        names.push_back(c.expert), prior.push_back(static_cast<float>(c.prior));
+      CORTEX_RETURN_IF_ERROR(engine->Score(s.model, x, names, prior, &scores));
+      picks.push_back(o.candidates[GreedyPick(o.candidates, scores)].expert);
+      ++k;
+    }
+    if (options_.online_updates) Step(&s, o);
+  }
+  return picks;
+}
+
 Result<RetrainResult> Learner::Retrain(const std::vector<LoggedOutcome>& history, int version,
                                        double now,
                                        const std::function<void(const std::string&)>& progress) {
@@ -559,160 +570,89 @@ Result<RetrainResult> Learner::Retrain(const std::vector<LoggedOutcome>& history
   auto say = [&](const std::string& s) {
     if (progress) progress(s);
   };
-  RetrainResult res;
-  const size_t n = history.size();
-  const size_t holdout = std::min<size_t>(
-      options_.max_holdout, static_cast<size_t>(std::llround(n * options_.holdout_fraction)));
-  const size_t split = n - holdout;
-  const size_t begin =
-      split > static_cast<size_t>(options_.max_examples) ? split - options_.max_examples : 0;
-  if (split == 0) return Status::FailedPrecondition("no logged outcomes to train on");
-
   auto cancelled = [&] { return options_.train.cancel && options_.train.cancel->load(); };
-  say("featurizing " + std::to_string(split - begin) + " outcomes");
-  TrainSet set = MakeTrainSet(history, begin, split);
+  RetrainResult res;
+
+  // Split.
+  const RetrainSplit sp = SplitOutcomes(history.size(), options_.holdout_fraction,
+                                        static_cast<size_t>(std::max(options_.max_holdout, 0)),
+                                        static_cast<size_t>(std::max(options_.max_examples, 0)));
+  if (sp.split == 0) return Status::FailedPrecondition("no logged outcomes to train on");
+  const long trained_through = history[sp.split - 1].seq;
+
+  // Fit.
+  say("featurizing " + std::to_string(sp.split - sp.begin) + " outcomes");
+  TrainSet set = MakeTrainSet(history, sp.begin, sp.split);
   if (cancelled()) return Status::Unavailable("training was cancelled");
   res.train_rows = static_cast<long>(set.rows.size());
   res.model = GatingModel(options_.shape);
   say("training on " + train_engine_->backend() + ", at most " +
       std::to_string(options_.train.epochs) + " epochs");
   CORTEX_RETURN_IF_ERROR(FitLocked(&res.model, set, &res.fit));
-
-  // Off-policy validation on the held-out, most recent decisions: the candidate's greedy
-  // policy against the live model's greedy policy as it is now, both estimated doubly
-  // robustly with the candidate as reward model (it never saw these rows), paired per
-  // decision. Not against the logged greedy choices: those are the live model as it was
-  // when each decision was made, and it has learned online since, so a candidate that beat
-  // them was often worse than the model it replaced (on replay, such promotions cost online
-  // success). With online updates on, the live model has learned from these outcomes, so
-  // the comparison leans towards keeping it: a candidate must do as well as a model that
-  // has seen the holdout.
   if (cancelled()) return Status::Unavailable("training was cancelled");
-  // Only first attempts of decisions the router made (not forced by a rule) are evidence
-  // about the routing policy: the count said is the count used.
-  std::vector<size_t> eval;
-  for (size_t i = split; i < n; ++i) {
-    const LoggedOutcome& o = history[i];
-    if (o.attempt == 1 && !o.forced && o.propensity > 0 && !o.candidates.empty()) eval.push_back(i);
-  }
-  say("validating on " + std::to_string(eval.size()) + " held-out decisions (the first attempts " +
-      "among the " + std::to_string(holdout) + " newest outcomes)");
-  std::set<std::string> name_set;
-  for (size_t i : eval)
-    for (const auto& [name, rule] : history[i].candidates) name_set.insert(name);
-  std::vector<std::string> names(name_set.begin(), name_set.end());
-  std::map<std::string, int> col;
-  for (size_t e = 0; e < names.size(); ++e) col[names[e]] = static_cast<int>(e);
-  SparseBatch x;
-  std::vector<float> prior;
-  const uint32_t mask = static_cast<uint32_t>(res.model.rows() - 1);
-  const std::map<std::string, SparseVector> manifests = ManifestsOf(names);
-  for (size_t i : eval) {
-    SparseVector v = hasher_.Task(history[i].text, history[i].tags);
-    x.Add(v, mask);
-    for (const auto& name : names) prior.push_back(PriorOf(manifests, v, name));
-  }
-  std::vector<float> q, q_live;
-  CORTEX_RETURN_IF_ERROR(train_engine_->Score(res.model, x, names, prior, &q));
+
+  // Estimate: against what the live system did on the held-out decisions, never against
+  // the live model as it is now (it has learned from them online, so it nearly always won).
+  res.decisions = HeldOutDecisions(history, sp.split);
+  say("validating on " + std::to_string(res.decisions.size()) +
+      " held-out decisions (the first attempts among the " + std::to_string(sp.end - sp.split) +
+      " newest outcomes)" +
+      (options_.online_updates ? ", the candidate stepping online through them" : ""));
+  auto picks = CandidatePicks(res.model, trained_through, history, sp.split, res.decisions,
+                              options_.train.cancel);
+  if (!picks.ok()) return picks.status();
+  res.picks = std::move(picks).value();
+  const double clip = options_.ips_clip;
+  const GateEstimate est = EstimateAgainstLogged(history, res.decisions, res.picks, clip);
+
+  // Decide.
   long live_cutoff;
   {
-    {
-      std::shared_lock<std::shared_mutex> l(model_mu_);
-      live_cutoff = live_cutoff_;
-    }
-    // Online steps wait for this (one batch of at most max_holdout rows), not the reverse.
-    std::shared_lock<std::shared_mutex> weights(model_mu_);
-    CORTEX_RETURN_IF_ERROR(train_engine_->Score(live_.model, x, names, prior, &q_live));
+    std::shared_lock<std::shared_mutex> l(model_mu_);
+    live_cutoff = live_cutoff_;
   }
-  std::vector<double> dr_cand, dr_live, dr_diff;
-  const size_t E = names.size();
-  for (size_t k = 0; k < eval.size(); ++k) {
-    const LoggedOutcome& o = history[eval[k]];
-    auto qv = [&](const std::vector<float>& scores, const std::string& e) {
-      auto it = col.find(e);
-      return it == col.end() ? 0.0 : static_cast<double>(scores[k * E + it->second]);
-    };
-    // A model's greedy pick among the decision's candidates, rules included, as Route does.
-    auto greedy = [&](const std::vector<float>& scores) {
-      std::string best;
-      double best_s = -1e300;
-      for (const auto& [name, rule] : o.candidates) {
-        double s = qv(scores, name) + rule;
-        if (s > best_s || (s == best_s && name < best)) best_s = s, best = name;
-      }
-      return best;
-    };
-    auto dr = [&](const std::string& a) {
-      return DoublyRobust(qv(q, a), a == o.expert, o.reward, qv(q, o.expert), o.propensity);
-    };
-    dr_cand.push_back(dr(greedy(q)));
-    dr_live.push_back(dr(greedy(q_live)));
-    dr_diff.push_back(dr_cand.back() - dr_live.back());
-  }
-  res.holdout_rows = static_cast<long>(eval.size());
-  res.candidate = MeanCi(dr_cand);
-  res.live = MeanCi(dr_live);
-  res.diff = MeanCi(dr_diff);
-  // A doubly robust estimate can leave the reward range on few rows (the correction term
-  // divides by the propensity); a policy's value cannot, so it is shown clipped to [0,1]
-  // (the decision uses the unclipped difference).
-  const bool clipped = res.candidate.value < 0 || res.candidate.value > 1 || res.live.value < 0 ||
-                       res.live.value > 1;
-  const PolicyEstimate raw_candidate = res.candidate, raw_live = res.live;  // for the bounds
+  GateInputs in;
+  in.decisions = res.decisions.size();
+  in.diff = est.diff.value;
+  in.online_updates = options_.online_updates;
+  in.full_window =
+      history.size() >= static_cast<size_t>(options_.max_examples) + options_.max_holdout;
+  in.live_cutoff = live_cutoff;
+  in.first_seq = history.front().seq;
+  const GateVerdict verdict = DecidePromotion(in);
+
+  // Record.
+  res.holdout_rows = static_cast<long>(res.decisions.size());
+  res.candidate = est.candidate;
+  res.live = est.live;
+  res.diff = est.diff;
   res.candidate.value = std::clamp(res.candidate.value, 0.0, 1.0);
   res.live.value = std::clamp(res.live.value, 0.0, 1.0);
-  // The live version is caught up with online steps on every outcome after its cutoff when
-  // cortexd starts (or another node loads it). While candidates keep being refused that
-  // cutoff stays put, so once outcomes older than this retrain's window (the newest
-  // max_examples + max_holdout) lie after it, the candidate is promoted whatever its
-  // estimate: a start then replays about a window (as a retrain reads) at most. (Without
-  // online updates nothing is replayed.)
-  const bool full_window =
-      history.size() >= static_cast<size_t>(options_.max_examples) + options_.max_holdout;
-  const bool stale =
-      options_.online_updates && full_window && live_cutoff < history.front().seq - 1;
-  if (eval.size() < kMinValidationDecisions) {
-    res.reason = "too few held-out decisions to validate: " + std::to_string(eval.size()) +
-                 ", at least " + std::to_string(kMinValidationDecisions) + " are needed";
-  } else if (res.diff.value < -kNotWorseTolerance && !stale) {
-    res.reason = "candidate estimated worse than the live policy";
-  } else if (res.diff.value < -kNotWorseTolerance) {
-    res.promoted = true;
-    res.reason = "candidate estimated worse than the live policy, but the live version's cutoff (" +
-                 std::to_string(live_cutoff) + ") is older than this retrain's outcomes (from " +
-                 std::to_string(history.front().seq) +
-                 "): promoted, so that catching up after a restart stays within that window";
-  } else {
-    res.promoted = true;
-    res.reason = "candidate estimated not worse than the live policy";
-  }
+  res.agreement = est.agreement;
+  res.promoted = verdict.promoted;
+  res.reason = verdict.reason;
   res.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-
   ModelRecord& rec = res.record;
   rec.version = version;
   rec.created = now;
   rec.status = res.promoted ? "promoted" : "refused";
-  rec.trained_through = history[split - 1].seq;
-  nlohmann::json m = {{"train_rows", res.train_rows},
-                      {"holdout_rows", res.holdout_rows},
-                      {"estimator", "doubly robust, 95% interval"},
-                      {"baseline", "the live model's greedy policy at validation"},
-                      {"candidate", EstimateJson(raw_candidate, 0, 1)},
-                      {"live", EstimateJson(raw_live, 0, 1)},
-                      {"diff", EstimateJson(res.diff, -1, 1)},
-                      {"promoted", res.promoted},
-                      {"reason", res.reason},
-                      {"min_holdout_rows", kMinValidationDecisions},
-                      {"clipped", clipped},
-                      {"backend", train_engine_->backend()},
-                      {"epochs", res.fit.epochs},
-                      {"max_epochs", options_.train.epochs},
-                      {"fit_validation_rows", res.fit.validation_rows},
-                      {"fit_validation_loss", res.fit.validation_loss},
-                      {"seconds", res.seconds},
-                      {"live_version_at_training", live_version()},
-                      {"live_cutoff", live_cutoff}};
-  rec.metrics = m.dump();
+  rec.trained_through = trained_through;
+  RetrainFacts f;
+  f.train_rows = res.train_rows;
+  f.holdout_rows = res.holdout_rows;
+  f.estimate = est;
+  f.verdict = verdict;
+  f.progressive = options_.online_updates;
+  f.clip = clip;
+  f.backend = train_engine_->backend();
+  f.epochs = res.fit.epochs;
+  f.max_epochs = options_.train.epochs;
+  f.fit_validation_rows = res.fit.validation_rows;
+  f.fit_validation_loss = res.fit.validation_loss;
+  f.seconds = res.seconds;
+  f.live_version = live_version();
+  f.live_cutoff = live_cutoff;
+  rec.metrics = RetrainMetrics(f);
   say(res.reason);
   return res;
 }

@@ -60,23 +60,16 @@ std::vector<Candidate> ParseCandidates(const json& a) {
   return out;
 }
 
-std::vector<std::pair<std::string, double>> LoggedCandidates(const json& a) {
-  std::vector<std::pair<std::string, double>> out;
-  if (a.is_array())
-    for (const auto& c : a)
-      if (c.is_object()) out.emplace_back(c.value("expert", ""), c.value("rule_score", 0.0));
-  return out;
-}
-
 void ReadLoggedCandidates(const json& a, LoggedOutcome* o) {
   o->candidates.clear();
   o->prior = 0;
   if (!a.is_array()) return;
   for (const auto& c : a) {
     if (!c.is_object()) continue;
-    std::string name = c.value("expert", "");
-    if (name == o->expert) o->prior = c.value("prior", 0.0);
-    o->candidates.emplace_back(std::move(name), c.value("rule_score", 0.0));
+    LoggedCandidate x{c.value("expert", ""), c.value("rule_score", 0.0),
+                      c.value("model_score", 0.0), c.value("prior", 0.0)};
+    if (x.expert == o->expert) o->prior = x.prior;
+    o->candidates.push_back(std::move(x));
   }
 }
 

@@ -16,11 +16,8 @@ Tags ParseTags(const std::string& text);
 nlohmann::json CandidatesJson(const Decision& d);
 // The candidates of a stored decision (entries that are not objects are skipped).
 std::vector<Candidate> ParseCandidates(const nlohmann::json& a);
-// (expert, rule score) of each candidate, as training reads them.
-std::vector<std::pair<std::string, double>> LoggedCandidates(const nlohmann::json& a);
-
-// (expert, rule score) of each candidate into o->candidates, and the prior recorded for
-// o->expert into o->prior.
+// Each candidate (expert, rule score, recorded model score and prior) into o->candidates,
+// and the prior recorded for o->expert into o->prior.
 void ReadLoggedCandidates(const nlohmann::json& a, LoggedOutcome* o);
 // Whether an attempt that ended so is training data (not interrupted, not a crash: a crash
 // is a health signal), and the reward it earned before any verdict.

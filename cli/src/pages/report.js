@@ -128,7 +128,7 @@
                            y: {type: 'logarithmic', title: {display: true, text: 'seconds'}}}},
       }, 280);
 
-  // Retrains: each candidate's estimate against the live policy's, with 95% intervals.
+  // Retrains: each candidate's estimate against the live system's, with 95% intervals.
   // One with too few held-out decisions has no estimate worth drawing (its verdict says
   // so): it is in the table only.
   const trained = d.models.filter((m) => m.metrics && m.metrics.candidate);
@@ -139,13 +139,13 @@
   if (drawnRetrains.length) {
     retrainSection = Cortex.plot('retrains', 'Retrains and their verdicts',
         'Each retrain estimates, off-policy on held-out decisions, the success of the candidate ' +
-        'model and of the live policy (bars: 95% intervals; points: estimates). A candidate is ' +
-        'promoted only when not estimated worse.', {
+        'model and of the live system as it decided them (bars: 95% intervals; points: ' +
+        'estimates). A candidate is promoted only when estimated better.', {
           type: 'bar',
           data: {labels: drawnRetrains.map((m) => `v${m.version} ${m.status}`), datasets: [
             {label: 'candidate (95% interval)', data: drawnRetrains.map((m) => [est(m, 'candidate').low, est(m, 'candidate').high]),
              backgroundColor: Cortex.color(0, 0.35), borderColor: Cortex.color(0), borderWidth: 1},
-            {label: 'live policy (95% interval)', data: drawnRetrains.map((m) => [est(m, 'live').low, est(m, 'live').high]),
+            {label: 'live then (95% interval)', data: drawnRetrains.map((m) => [est(m, 'live').low, est(m, 'live').high]),
              backgroundColor: Cortex.color(2, 0.35), borderColor: Cortex.color(2), borderWidth: 1},
             {label: 'candidate estimate', type: 'line', showLine: false, pointRadius: 4,
              borderColor: Cortex.color(0), backgroundColor: Cortex.color(0),

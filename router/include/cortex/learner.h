@@ -1,9 +1,11 @@
 // The learning loop around the gating model: scores with the live version, learns from
 // each outcome as it arrives (one small step), retrains a candidate from logged history,
-// validates it off-policy on the most recent decisions and promotes it only when it is not
-// worse. The daemon and the replay benchmark drive the same Learner.
+// validates it off-policy on the most recent decisions against what the live system did
+// there and promotes it only when it is better (gate.h). The daemon and the replay
+// benchmark drive the same Learner.
 #pragma once
 
+#include <atomic>
 #include <functional>
 #include <map>
 #include <memory>
@@ -14,6 +16,7 @@
 #include <vector>
 
 #include "cortex/estimators.h"
+#include "cortex/gate.h"
 #include "cortex/gating.h"
 #include "cortex/scorer.h"
 #include "cortex/status.h"
@@ -95,8 +98,13 @@ struct RetrainResult {
   bool promoted = false;
   std::string reason;
   long train_rows = 0, holdout_rows = 0;
-  PolicyEstimate candidate, live, diff;
-  FitReport fit;
+  PolicyEstimate candidate, live, diff;  // values clipped to what they can be
+  double agreement = 0;                  // share of held-out decisions picked alike
+  // What was estimated: the held-out decisions and the candidate's pick on each (the
+  // replay benchmark checks the estimate against the rewards it knows).
+  std::vector<size_t> decisions;  // indices into the history
+  std::vector<std::string> picks;
+  FitReport fit;  // the passes the candidate was trained with
   double seconds = 0;
 };
 
@@ -123,11 +131,22 @@ class Learner {
   void LiveStep(Activation* live, long* step, long* seq) const;
 
   // Trains candidate `version` on `history` (oldest first, all outcomes known now) minus the
-  // holdout, estimates it and the live model (as it is now) on the holdout, and says
-  // whether it should be promoted. Runs without blocking Score; Observe waits only while
-  // the live model scores the holdout (one batch).
+  // holdout, estimates it against the live system's logged picks on the holdout, and says
+  // whether it should be promoted (gate.h: split, fit, estimate, decide, record). Runs
+  // without blocking Score or Observe.
   Result<RetrainResult> Retrain(const std::vector<LoggedOutcome>& history, int version, double now,
                                 const std::function<void(const std::string&)>& progress = {});
+  // A candidate's greedy pick on each of `decisions` (held out from history[split]), made
+  // as the live system made its own had the candidate gone live after `trained_through`:
+  // each pick before it learns from that decision, then one online step per held-out
+  // outcome in order (with online updates; else its weights as trained): the steps a
+  // catch-up after its promotion takes (save that verdicts come applied to the outcomes
+  // they judge, as a retrain reads them, rather than as steps of their own).
+  Result<std::vector<std::string>> CandidatePicks(const GatingModel& model, long trained_through,
+                                                  const std::vector<LoggedOutcome>& history,
+                                                  size_t split,
+                                                  const std::vector<size_t>& decisions,
+                                                  const std::atomic<bool>* cancel = nullptr) const;
 
   // Makes `model` live as activation `live`: step 0, an empty ring. The events after
   // live.after_seq are then fed by Observe.

@@ -157,6 +157,15 @@ struct ExpertEvent {
   std::string detail;
 };
 
+// One candidate of a logged decision as off-policy evaluation reads it: what the live
+// model knew when it decided (its score and the prior it scored with) and the rules.
+struct LoggedCandidate {
+  std::string expert;
+  double rule_score = 0;
+  double model_score = 0;  // the live model's estimate of the expert's reward, then
+  double prior = 0;
+};
+
 // One finished attempt as training data: what the router saw, what it chose, how likely
 // that choice was, and the reward (feedback overrides the expert's own quality).
 struct LoggedOutcome {
@@ -175,9 +184,9 @@ struct LoggedOutcome {
   double prior = 0;       // the manifest prior recorded with the decision for `expert`
   double propensity = 1;  // of the decision (first attempts); 1 for fallbacks
   bool forced = false;
-  // The decision's candidates (name, rule score) and its greedy pick, for off-policy
+  // The decision's candidates (in attempt order) and its greedy pick, for off-policy
   // evaluation of other policies on the same task.
-  std::vector<std::pair<std::string, double>> candidates;
+  std::vector<LoggedCandidate> candidates;
   std::string greedy;
 };
 
