@@ -483,6 +483,10 @@ TEST(CliTest, WaitCancelPrefixesAndFollow) {
   EXPECT_NE(r.err.find("still running"), std::string::npos) << r.err;
   // Prefixes: 4 characters or more; too short or unknown are errors.
   EXPECT_EQ(d.CtlJson({"show", a.substr(0, 4)})["id"], a);
+  // Copied in upper case (ids are lowercase hex), a prefix still finds its task.
+  std::string upper = a.substr(0, 6);
+  for (char& c : upper) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
+  EXPECT_EQ(d.CtlJson({"show", upper})["id"], a);
   r = d.Ctl({"show", a.substr(0, 3)});
   EXPECT_EQ(r.code, 2);  // usage: said before the daemon is asked
   EXPECT_NE(r.err.find("at least 4 characters"), std::string::npos) << r.err;

@@ -86,6 +86,10 @@ INSTANTIATE_TEST_SUITE_P(
     ::testing::Values(
         BadCase{"daemon:\n  workerz: 4\n", "bad.yaml:2: daemon.workerz: unknown key"},
         BadCase{"daemon:\n  workers: many\n", "bad.yaml:2: daemon.workers: expected an integer"},
+        // Not YAML 1.1's hexadecimal (nor octal: 010 is ten, below).
+        BadCase{"training:\n  keep_versions: 0x10\n",
+                "bad.yaml:2: training.keep_versions: expected an integer (decimal digits), got "
+                "'0x10'"},
         BadCase{"router:\n  exploration: 2\n", "router.exploration: must be between 0 and 1"},
         BadCase{"router:\n  backend: tpu\n", "router.backend: must be auto, cpu or cuda"},
         BadCase{"training:\n  interval: soon\n", "bad.yaml:2: training.interval: not a duration"},
@@ -130,6 +134,18 @@ TEST(ConfigTest, PluginSupervisionSettings) {
   EXPECT_EQ(ParseSize("64KiB").value(), size_t{64} << 10);
   EXPECT_FALSE(ParseSize("-1MiB").ok());
   EXPECT_FALSE(ParseSize("12 parsecs").ok());
+}
+
+// Integers are decimal, as YAML 1.2 reads them (yaml-cpp alone reads 010 as 8).
+TEST(ConfigTest, IntegersAreDecimal) {
+  Result<Config> c = LoadConfigString(
+      "training: {checkpoint_every: 010, keep_versions: +7, feedback_per_hour: '50'}\n", "x");
+  ASSERT_TRUE(c.ok()) << c.status().ToString();
+  EXPECT_EQ(c->training.checkpoint_every, 10);
+  EXPECT_EQ(c->training.keep_versions, 7);
+  EXPECT_EQ(c->training.feedback_per_hour, 50);
+  EXPECT_FALSE(LoadConfigString("training: {checkpoint_every: 1e3}\n", "x").ok());
+  EXPECT_FALSE(LoadConfigString("training: {checkpoint_every: ' 5'}\n", "x").ok());
 }
 
 TEST(ConfigTest, MissingFileIsNotFound) {

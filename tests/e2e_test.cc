@@ -101,7 +101,7 @@ TEST(E2E, SubmitWaitShowHistoryExpertsStatusFeedbackExport) {
   // Human output of show names the chosen expert and the attempt.
   r = d.Ctl({"show", id2});
   EXPECT_EQ(r.code, 0);
-  EXPECT_NE(r.out.find("decision: ok"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("decision: ok (model v0 step "), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("1. ok"), std::string::npos) << r.out;
 
   ASSERT_TRUE(test::Eventually([&] { return d.CtlJson({"show", id1})["state"] == "succeeded"; }));

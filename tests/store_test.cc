@@ -149,6 +149,29 @@ TEST_P(StoreTest, DecisionsNameTheWeightsThatScored) {
   EXPECT_DOUBLE_EQ(ev[0].candidates[0].model_score, 0.2);
 }
 
+// A verdict judges the last attempt that is training data: an interrupted or crashed one
+// after it says nothing about an answer, so the verdict goes to the one before; a task
+// with only such attempts has nothing to judge.
+TEST_P(StoreTest, AVerdictSkipsInterruptedAndCrashedAttempts) {
+  NewTask("v", 100);
+  ASSERT_TRUE(store_->RecordDecision("v", NewDecision("security", 0.8)).ok());
+  Run("v", 1, "security", OutcomeKind::kFailure, 0);
+  Run("v", 2, "other", OutcomeKind::kCrash, 0);
+  Run("v", 3, "third", OutcomeKind::kInterrupted, 0);
+  FeedbackResult res;
+  ASSERT_TRUE(Judge("v", 5, 1.0, "", "ann", 0, &res).ok());
+  EXPECT_EQ(res.attempt, 1);
+  EXPECT_EQ(res.expert, "security");
+  EXPECT_GT(res.learn_seq, 0);  // the failure became a success: a learning event
+
+  NewTask("w", 100);
+  ASSERT_TRUE(store_->RecordDecision("w", NewDecision("security", 0.8)).ok());
+  Run("w", 1, "security", OutcomeKind::kInterrupted, 0);
+  Status s = Judge("w", 5, 1.0);
+  EXPECT_EQ(s.code(), Status::Code::kFailedPrecondition) << s.message();
+  EXPECT_NE(s.message().find("nothing to judge"), std::string::npos) << s.message();
+}
+
 TEST_P(StoreTest, UnknownIdsAreNotFoundAndChangeNothing) {
   Task t;
   EXPECT_EQ(store_->GetTask("nope", &t).code(), Status::Code::kNotFound);

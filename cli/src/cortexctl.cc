@@ -491,9 +491,9 @@ void PrintTask(const json& t, bool full_output) {
   if (!Str(t, "error").empty()) std::printf("  error:    %s\n", Str(t, "error").c_str());
   const json& d = t["decision"];
   if (d.is_object()) {
-    std::printf("\ndecision: %s (model %s, propensity %.3f, %s)\n", Str(d, "chosen").c_str(),
-                Str(d, "model_version").c_str(), d.value("propensity", 0.0),
-                DecisionMode(d).c_str());
+    std::printf("\ndecision: %s (model %s step %ld, propensity %.3f, %s)\n",
+                Str(d, "chosen").c_str(), Str(d, "model_version").c_str(),
+                d.value("model_step", 0L), d.value("propensity", 0.0), DecisionMode(d).c_str());
     PrintCandidates(d["candidates"]);
   } else {
     std::printf("\ndecision: not routed yet\n");

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cctype>
 #include <cerrno>
+#include <charconv>
 #include <cmath>
 #include <cstring>
 #include <filesystem>
@@ -165,11 +166,14 @@ class Parser {
   }
   Status Int(const YAML::Node& n, const std::string& key, long lo, long hi, long* out) const {
     if (!n.IsScalar()) return Error(n, key, "expected an integer");
-    try {
-      *out = n.as<long>();
-    } catch (const YAML::Exception&) {
-      return Error(n, key, "expected an integer, got '" + n.Scalar() + "'");
-    }
+    // Decimal only, as YAML 1.2 reads it: yaml-cpp's YAML 1.1 would take 010 as 8 and 0x10
+    // as 16, which no one writing a count means.
+    const std::string& v = n.Scalar();
+    const char* b = v.data() + (!v.empty() && v[0] == '+' ? 1 : 0);
+    const char* e = v.data() + v.size();
+    auto [end, ec] = std::from_chars(b, e, *out, 10);
+    if (b == e || ec != std::errc() || end != e)
+      return Error(n, key, "expected an integer (decimal digits), got '" + v + "'");
     if (*out < lo || *out > hi)
       return Error(n, key, "must be between " + std::to_string(lo) + " and " + std::to_string(hi));
     return Status::OK();

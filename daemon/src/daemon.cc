@@ -774,8 +774,8 @@ class DaemonImpl : public Daemon, public RequestHandler {
     load_cv_.notify_all();
     if (loader_.joinable()) loader_.join();
     pipeline_->StopRouting();
-    trainer_->Stop();
     pipeline_->StopRunning();
+    trainer_->Stop();  // after the running tasks: it learns their outcomes, then checkpoints
     server_->CloseConnections();
     if (cluster_) {
       cluster_->Stop();  // what this node did not start goes to the others
@@ -831,7 +831,9 @@ class DaemonImpl : public Daemon, public RequestHandler {
 
   Status Retrain(bool wait, const std::function<bool(const std::string&)>& progress,
                  json* result) override {
-    return trainer_->Retrain(wait, progress, result);
+    Status st = trainer_->Retrain(wait, progress, result);
+    if (st.ok() && wait && !result->value("skipped", false)) pipeline_->StoreWritten();
+    return st;
   }
   Status Models(json* result) override { return trainer_->Models(result); }
   Status Feedback(const std::string& id, const cortex::Feedback& f, json* result) override {
@@ -842,6 +844,7 @@ class DaemonImpl : public Daemon, public RequestHandler {
     }
     FeedbackResult r;
     CORTEX_RETURN_IF_ERROR(store_->AddFeedback(id, f, per_hour, &r));
+    pipeline_->StoreWritten();
     if (r.learn_seq > 0) trainer_->Wake();  // the live model learns from it now
     *result = {{"id", id},
                {"quality", f.quality},
@@ -856,7 +859,9 @@ class DaemonImpl : public Daemon, public RequestHandler {
   }
   Status Explain(const Task& t, json* result) override { return trainer_->Explain(t, result); }
   Status Rollback(int version, bool force, json* result) override {
-    return trainer_->Rollback(version, force, result);
+    Status st = trainer_->Rollback(version, force, result);
+    if (st.ok()) pipeline_->StoreWritten();
+    return st;
   }
 
   Config config_;

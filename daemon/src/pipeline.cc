@@ -1519,6 +1519,7 @@ void Pipeline::SetLimits(size_t max_queued, int max_attempts, double shutdown_gr
 }
 size_t Pipeline::QueueDepth() { return impl_->QueueDepth(); }
 json Pipeline::StoreError() { return impl_->StoreError(); }
+void Pipeline::StoreWritten() { impl_->NoteStoreSuccess(); }
 void Pipeline::StopRouting() { impl_->StopRouting(); }
 void Pipeline::StopRunning() { impl_->StopRunning(); }
 size_t Pipeline::Left() { return impl_->Left(); }

@@ -101,6 +101,7 @@ class Pipeline {
 
   size_t QueueDepth();          // tasks waiting to run
   nlohmann::json StoreError();  // why writes fail now, or null
+  void StoreWritten();          // a write elsewhere (a verdict, a model) succeeded: clears it
   void StopRouting();           // after stop is set: the dispatcher ends
   void StopRunning();           // running attempts get the grace period
   size_t Left();                // tasks left in the store for the next start

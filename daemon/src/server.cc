@@ -1115,7 +1115,18 @@ json Server::Dispatch(const json& j, const std::function<bool(const std::string&
       return Bad("task id '" + Printable(*id) + "' is too short: give at least 4 characters of it");
     if (id->size() > 64)  // (and not echoed: it is not an id)
       return Bad("a task id of " + std::to_string(id->size()) + " bytes: ids are 12 characters");
-    return h_->store()->ResolveTaskId(*id, id);
+    const std::string given = *id;
+    Status s = h_->store()->ResolveTaskId(given, id);
+    if (s.ok()) return s;
+    // Ids are lowercase hex; one copied in upper case (from a report, a ticket) still finds
+    // its task. The exact spelling is tried first: an imported id may have capitals.
+    std::string lower = given;
+    for (char& c : lower) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+    if (s.code() == Status::Code::kNotFound && lower != given &&
+        h_->store()->ResolveTaskId(lower, id).ok())
+      return Status::OK();
+    *id = given;
+    return s;
   };
   // The task once it has ended, or as it is when `timeout_s` runs out ("waited").
   auto ended = [&](const std::string& id, double timeout_s, json* out) -> Status {

@@ -51,9 +51,33 @@ void Trainer::Stop() {
   cv_.notify_all();
   if (!thread_.joinable()) return;
   thread_.join();
-  // The live weights as they are: a start with training.online turned off restores these,
-  // not an older checkpoint (it cannot tell from the log which later events were stepped).
-  if (learner_->options().online_updates) MaybeCheckpoint(/*now=*/true);
+  if (!learner_->options().online_updates) return;
+  // The daemon stops the trainer after the running tasks have ended (or the grace ran
+  // out), so the outcomes they logged meanwhile are learned here, then the live weights are
+  // saved as they are: a start restores exactly these, with training.online on (nothing
+  // left to replay) or off (it cannot tell from the log which later events were stepped).
+  // Bounded, so a long backlog (learning trails a burst) cannot hold the stop: what is left
+  // is replayed by the next start with online updates on.
+  const double deadline = env_->NowUnix() + kStopCatchUpS;
+  long caught_up = 0;
+  for (;;) {
+    std::vector<LoggedOutcome> fresh = Read(/*events=*/true, learner_->trained_through(), 4096);
+    for (const auto& o : fresh) {
+      learner_->Observe(o);
+      MaybeCheckpoint();
+    }
+    caught_up += static_cast<long>(fresh.size());
+    if (fresh.empty()) break;
+    if (env_->NowUnix() > deadline) {
+      LogWarn(
+          "stopping: learning is still {}+ event(s) behind after {} s; the next start with "
+          "training.online on learns them",
+          fresh.size(), kStopCatchUpS);
+      break;
+    }
+  }
+  if (caught_up > 0) LogInfo("stopping: learned the last {} event(s)", caught_up);
+  MaybeCheckpoint(/*now=*/true);
 }
 
 void Trainer::SetCluster(std::function<std::string()> trainer,
@@ -188,6 +212,22 @@ Status Trainer::LoadLiveModel() {
   LogInfo(
       "model v{} is live (activation {}, step {}: {} from a checkpoint, learned through event {})",
       a.version, a.id, state->step, from, state->seq);
+  if (!learner_->options().online_updates) {
+    // Events after the restored point are not learned now. After a clean stop there are
+    // none but those logged since; after a crash, steps taken after the last checkpoint
+    // were lost with the process: say so rather than route on older weights in silence.
+    bool later = false;
+    (void)store_->ForEachLearnEvent(state->seq, [&](const LoggedOutcome&) {
+      later = true;
+      return false;
+    });
+    if (later)
+      LogWarn(
+          "training.online is off: learning events after event {} are not learned (after "
+          "an unclean stop, steps taken after the last checkpoint are among them); turn "
+          "training.online on to learn them",
+          state->seq);
+  }
   checkpointer_.Restored(a.id, from, chain);
   learner_->Restore(std::move(state).value());
   return Status::OK();

@@ -90,7 +90,8 @@ class Trainer {
   std::thread thread_;
   long newest_seq_ = 0;  // newest learning event seen (the loop's thread only)
   static constexpr double kLiveCheckS = 5;
-  double next_live_check_ = 0;  // (loop thread)
+  static constexpr double kStopCatchUpS = 10;  // Stop: the most it spends learning a backlog
+  double next_live_check_ = 0;                 // (loop thread)
   std::atomic<int> keep_versions_{20};
   Checkpointer checkpointer_{3000};  // (loop thread; its `every`: any)
   std::atomic<bool> woken_{false};   // a Wake since the loop last read the outcomes

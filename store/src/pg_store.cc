@@ -454,15 +454,18 @@ class PgStore : public Store {
       pg::Result t = write_.Query("SELECT 1 FROM tasks WHERE id=$1 FOR UPDATE", {id});
       CORTEX_RETURN_IF_ERROR(Done(t, "feedback"));
       if (!t.rows()) return Status::NotFound("no task with id '" + id + "'");
-      // The attempt judged: the task's last finished one.
+      // The attempt judged: the task's last finished one that is training data (an
+      // interrupted or crashed attempt says nothing about the expert's answer).
       pg::Result a = write_.Query(
           "SELECT n,expert,outcome FROM attempts WHERE task_id=$1 AND outcome IS NOT NULL "
-          "ORDER BY n DESC LIMIT 1",
+          "AND outcome NOT IN ('interrupted','crash') ORDER BY n DESC LIMIT 1",
           {id});
       CORTEX_RETURN_IF_ERROR(Done(a, "feedback"));
       if (!a.rows())
-        return Status::FailedPrecondition("task " + id +
-                                          " never finished an attempt: there is nothing to judge");
+        return Status::FailedPrecondition(
+            "task " + id +
+            " never finished an attempt (interrupted or crashed ones do not count): "
+            "there is nothing to judge");
       out->attempt = static_cast<int>(a.Long(0, 0));
       out->expert = a.Text(0, 1);
       const bool training = store::IsTrainingOutcome(a.Text(0, 2));

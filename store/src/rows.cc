@@ -85,9 +85,10 @@ bool IsTrainingOutcome(const std::string& kind) {
 double OutcomeReward(const Outcome& o) { return o.kind == OutcomeKind::kSuccess ? o.quality : 0.0; }
 
 std::string FeedbackBoundMessage(const std::string& by, int per_hour) {
-  return (by.empty() ? std::string("this user") : by) + " gave " + std::to_string(per_hour) +
-         " verdicts in the last hour, the most training.feedback_per_hour allows; try again "
-         "later";
+  // The count given may exceed the bound (it can be lowered by a reload): say the bound.
+  return (by.empty() ? std::string("this user") : by) + " reached the limit of " +
+         std::to_string(per_hour) +
+         " verdicts in the last hour (training.feedback_per_hour); try again later";
 }
 
 std::string PoisonError() {

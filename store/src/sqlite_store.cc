@@ -595,14 +595,17 @@ class SqliteStore : public Store {
       Stmt t = Prepare("SELECT 1 FROM tasks WHERE id=?");
       t.Bind(1, id);
       if (t.Step() != SQLITE_ROW) return Status::NotFound("no task with id '" + id + "'");
-      // The attempt judged: the task's last finished one.
+      // The attempt judged: the task's last finished one that is training data (an
+      // interrupted or crashed attempt says nothing about the expert's answer).
       Stmt a = Prepare(
-          "SELECT n,expert,outcome FROM attempts WHERE task_id=? AND outcome IS NOT NULL "
-          "ORDER BY n DESC LIMIT 1");
+          "SELECT n,expert,outcome FROM attempts WHERE task_id=? AND " CORTEX_TRAINING_ATTEMPT(
+              "") " ORDER BY n DESC LIMIT 1");
       a.Bind(1, id);
       if (a.Step() != SQLITE_ROW)
-        return Status::FailedPrecondition("task " + id +
-                                          " never finished an attempt: there is nothing to judge");
+        return Status::FailedPrecondition(
+            "task " + id +
+            " never finished an attempt (interrupted or crashed ones do not count): "
+            "there is nothing to judge");
       *out = FeedbackResult{};
       out->attempt = static_cast<int>(a.Long(0));
       out->expert = a.Text(1);
