@@ -50,6 +50,7 @@ struct SpeedOptions {
   int min_tasks = 200000;    // per batch size, for the scoring figure
   int examples = 100000;     // training
   int epochs = 2;
+  int population = 0;  // train: also fit this many candidates as a retrain's population does
   std::string json_out;
 };
 
@@ -62,8 +63,8 @@ int Score(const SpeedOptions& opt);
 struct PrivateDaemon {
   std::filesystem::path dir;
   std::string socket;
-  std::string store_url;   // set before Start: a node of the cluster on this database
-  std::string store_path;  // set before Start: this SQLite store instead of a new one
+  std::string store_url;        // set before Start: a node of the cluster on this database
+  std::string store_path;       // set before Start: this SQLite store instead of a new one
   double start_timeout_s = 10;  // how long Start waits for it to answer
   pid_t pid = -1;
   PrivateDaemon() = default;

@@ -177,6 +177,10 @@ int main(int argc, char** argv) {
   tr->add_option("--batch", so.batches, "minibatch size(s)")->check(CLI::Range(1, 1 << 20));
   tr->add_option("--backend", so.backend, "cpu, cuda or auto (default cpu)")
       ->check(CLI::IsMember({"cpu", "cuda", "auto"}));
+  tr->add_option("--population", so.population,
+                 "also fit a retrain's population of this many candidates (training.population) "
+                 "and report candidates/s")
+      ->check(CLI::Range(1, 4));
   tr->add_option("--json", so.json_out, "write the figures to this file");
   cortex::bench::SoakOptions sk;
   auto* soak = app.add_subcommand(
@@ -219,6 +223,9 @@ int main(int argc, char** argv) {
   rp->add_option("--lr", ro.learner.train.lr, "learning rate of retrains (MLP)");
   rp->add_option("--lr-wide", ro.learner.train.lr_wide,
                  "learning rate of retrains (the wide, per-feature part)");
+  rp->add_option("--population", ro.learner.population,
+                 "candidates each retrain fits, the best kept (training.population)")
+      ->check(CLI::Range(1, 4));
   rp->add_option("--validation-fraction", ro.learner.validation_fraction,
                  "newest share of a retrain's rows that chooses its epochs (0: all epochs)")
       ->check(CLI::Range(0.0, 0.5));

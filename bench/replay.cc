@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <optional>
 #include <sstream>
 
 #include <unistd.h>
@@ -253,6 +254,9 @@ int Replay(const ReplayOptions& opt) {
   // each greedy pick (progressive validation: each task is scored before it is learned).
   Policy oracle = MakePolicy(cfg, lo, opt.seed);
   long oracle_ok = 0, oracle_seq = 0;
+  std::optional<GatingModel> live_base;  // the live version's saved weights (none for v0)
+  long live_base_through = 0;
+  std::map<std::string, long> kept;  // population: how often each variant was kept
   double policy20 = 0, retrain20 = 0;
   FitReport retrain_fit;
   std::map<std::string, std::string> label_of;  // task id -> label, for the gate's check
@@ -342,13 +346,16 @@ int Replay(const ReplayOptions& opt) {
     if (schedule.Due(new_outcomes, r.time)) {
       schedule.Done(r.time);
       new_outcomes = 0;
-      auto res = live.learner->Retrain(history, static_cast<int>(retrains) + 1, r.time);
+      WarmStart warm;
+      if (live_base) warm = {&*live_base, live_base_through};
+      auto res = live.learner->Retrain(history, static_cast<int>(retrains) + 1, r.time, {}, warm);
       ++retrains;
       if (!res.ok()) {
         std::fprintf(stderr, "cortex-bench: retrain: %s\n", res.status().message().c_str());
         return 1;
       }
       train_seconds += res->seconds;
+      if (res->chosen < res->population.size()) ++kept[res->population[res->chosen].variant];
       retrain_marks.push_back(
           {{"task", i + 1}, {"version", res->record.version}, {"promoted", res->promoted}});
       // The gate's estimate beside the truth, which the replay knows (each task's label):
@@ -379,6 +386,8 @@ int Replay(const ReplayOptions& opt) {
         std::vector<LoggedOutcome> newer;
         for (const auto& h : history)
           if (h.seq > res->record.trained_through) newer.push_back(h);
+        live_base = res->model;  // its saved weights: the next warm start (population)
+        live_base_through = res->record.trained_through;
         live.learner->Install(std::move(res->model), res->record.version,
                               res->record.trained_through, newer);
       }
@@ -435,6 +444,8 @@ int Replay(const ReplayOptions& opt) {
                       {"policy_last20", policy20},
                       {"retrain_last20", retrain20},
                       {"retrain_epochs", retrain_fit.epochs},
+                      {"population", lo.population},
+                      {"population_kept", kept},
                       {"baselines",
                        {{"majority_last20", majority20},
                         {"majority_expert", majority},

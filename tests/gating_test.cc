@@ -8,6 +8,7 @@
 
 #include "cortex/checkpointer.h"
 #include "cortex/learner.h"
+#include "cortex/population.h"
 #include "cortex/router.h"
 
 namespace cortex {
@@ -244,6 +245,64 @@ std::vector<LoggedOutcome> Routed(World* w, Router* router, Learner* learner, in
     out.push_back(o);
   }
   return out;
+}
+
+// Population training: every variant is fitted, the one with the lowest loss on the
+// validation slice is kept (exactly the model Fit makes with that variant's options), and a
+// warm start is judged only on a slice newer than what its weights learned from.
+TEST(GatingTest, APopulationKeepsTheVariantThatScoresBestOnTheValidationSlice) {
+  World w;
+  LearnerOptions lo;
+  lo.shape = SmallShape();
+  lo.max_examples = 1600;
+  lo.max_holdout = 400;
+  lo.population = 4;
+  Learner learner(lo, FeatureHasher(lo.shape.bits), MakeCpuEngine(), MakeCpuEngine());
+  const std::vector<LoggedOutcome> logged = Logged(&w, 2000);
+  auto res = learner.Retrain(logged, 1, 0);
+  ASSERT_TRUE(res.ok()) << res.status().ToString();
+  ASSERT_EQ(res->population.size(), 4u);
+  EXPECT_FALSE(res->population[1].eligible);  // v0 is live: no saved weights to start from
+  EXPECT_NE(res->population[1].why_not.find("no saved live version"), std::string::npos);
+  double best = 1e9;
+  size_t arg = 0;
+  for (size_t k = 0; k < 4; ++k) {
+    const auto& f = res->population[k];
+    if (!f.eligible) continue;
+    EXPECT_EQ(f.fit.validation_rows, 160);
+    const double loss = f.fit.validation_loss[f.fit.epochs - 1];
+    if (loss < best) best = loss, arg = k;
+  }
+  EXPECT_EQ(res->chosen, arg);
+  // Each fitted variant is estimated against the live system too (reported); the kept
+  // one's estimate is the one the gate decides on.
+  for (size_t k : {0, 2, 3}) EXPECT_TRUE(res->population[k].estimated) << k;
+  EXPECT_FALSE(res->population[1].estimated);
+  EXPECT_EQ(res->population[arg].diff, res->diff.value);
+  // The kept model is the chosen variant's Fit, bit for bit.
+  LearnerOptions vo = lo;
+  vo.train = VariantOptions(lo.train, PopulationVariants(4)[arg]);
+  Learner alone(vo, FeatureHasher(lo.shape.bits), MakeCpuEngine(), MakeCpuEngine());
+  GatingModel direct(lo.shape);
+  ASSERT_TRUE(alone.Fit(&direct, alone.MakeTrainSet(logged, 0, 1600)).ok());
+  EXPECT_TRUE(direct.Serialize() == res->model.Serialize());
+  const std::string& metrics = res->record.metrics;
+  EXPECT_NE(metrics.find("\"population\":["), std::string::npos) << metrics;
+  EXPECT_NE(metrics.find("\"kept\":\"" + res->population[arg].variant + "\""), std::string::npos)
+      << metrics;
+
+  // A warm start from weights that learned up to event 1000: the validation slice (events
+  // 1441-1600) is newer, so it is judged; from weights that learned up to 1500, it is not.
+  const GatingModel base = res->model;
+  res = learner.Retrain(logged, 2, 0, {}, WarmStart{&base, 1000});
+  ASSERT_TRUE(res.ok());
+  EXPECT_TRUE(res->population[1].eligible) << res->population[1].why_not;
+  res = learner.Retrain(logged, 3, 0, {}, WarmStart{&base, 1500});
+  ASSERT_TRUE(res.ok());
+  EXPECT_FALSE(res->population[1].eligible);
+  EXPECT_NE(res->population[1].why_not.find("learned from part of the validation slice"),
+            std::string::npos);
+  EXPECT_NE(res->chosen, 1u);
 }
 
 TEST(GatingTest, RetrainPromotesABetterCandidateAndRefusesAWorseOne) {

@@ -423,6 +423,44 @@ TEST_P(Learning, ARetrainIsPromotedWhenBetterThanTheLiveSystemAndRefusedWhenWors
   EXPECT_NE(r.out.find("v2    refused"), std::string::npos) << r.out;
 }
 
+// Population training end to end: training.population candidates are fitted per retrain,
+// each reported (passes; its validation loss or why it was not judged), and one kept. Here
+// the window is too small for a validation slice (fewer than 1,000 training rows), so none
+// is judged and the trainer as configured is kept; choosing among judged ones is
+// GatingTest.APopulationKeepsTheVariantThatScoresBestOnTheValidationSlice.
+TEST_P(Learning, APopulationOfCandidatesIsFittedReportedAndOneKept) {
+  auto d = NewDaemon("training: {interval: 1h, min_new_outcomes: 100000, population: 4}\n",
+                     "router: {exploration: 0.3, seed: 1, max_attempts: 1}\n");
+  ASSERT_TRUE(d && d->Start()) << (d ? d->Log() : "");
+  for (int i = 0; i < 60; ++i)
+    Submit(*d, i % 2 ? "restart redis on host " + std::to_string(i)
+                     : "fix the web page " + std::to_string(i));
+  test::Run r = d->Ctl({"retrain", "--wait"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_NE(r.out.find("training a population of 4 candidates"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("warm: not fitted (no saved live version to start from)"), std::string::npos)
+      << r.out;
+  EXPECT_NE(r.out.find("fresh, double steps: 4 pass(es) (not judged: too few training rows"),
+            std::string::npos)
+      << r.out;
+  EXPECT_NE(r.out.find("kept the fresh candidate"), std::string::npos) << r.out;
+  const json m = d->CtlJson({"models"})["models"][1]["metrics"];
+  ASSERT_EQ(m["population"].size(), 4u) << m.dump();
+  EXPECT_EQ(m["population"][2]["variant"], "fresh, half steps");
+  EXPECT_FALSE(m["population"][2]["eligible"].get<bool>());
+  EXPECT_TRUE(m["population"][2].contains("diff")) << m.dump();  // estimated, reported
+  EXPECT_FALSE(m["population"][1].contains("diff")) << m.dump();  // warm: not fitted
+  EXPECT_EQ(m["kept"], "fresh");
+  // Out of range: a clear refusal at start.
+  ASSERT_EQ(d->Stop(), 0);
+  std::string cfg = test::ReadFile(d->config);
+  cfg.replace(cfg.find("population: 4"), 13, "population: 5");
+  test::WriteFile(d->config, cfg);
+  EXPECT_FALSE(d->Start());
+  EXPECT_NE(d->Log().find("training.population: must be between 1 and 4"), std::string::npos)
+      << d->Log();
+}
+
 INSTANTIATE_TEST_SUITE_P(Stores, Learning, ::testing::Values("sqlite", "postgresql"),
                          [](const auto& info) { return info.param; });
 

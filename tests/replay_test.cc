@@ -235,6 +235,23 @@ TEST(BenchTest, ThroughputSaysWhyItFailed) {
   EXPECT_EQ(r.out.rfind("cortex-bench ", 0), 0u) << r.out;
 }
 
+// `train --population K` fits a retrain's population on the chosen engine and says how
+// many candidates a second that is.
+TEST(BenchTest, TrainReportsAPopulationsCandidatesPerSecond) {
+  test::TempDir dir;
+  const std::string out = dir / "train.json";
+  test::Run r = test::RunCmd({test::BinDir() + "/cortex-bench", "train", "--examples", "2000",
+                              "--population", "3", "--json", out});
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_NE(r.out.find("a population of 3 candidates (cpu)"), std::string::npos) << r.out;
+  json j = json::parse(test::ReadFile(out), nullptr, false);
+  ASSERT_TRUE(j.is_object()) << r.out;
+  EXPECT_EQ(j["population"]["candidates"], 3) << j;
+  EXPECT_GT(j["population"]["candidates_per_s"].get<double>(), 0) << j;
+  r = test::RunCmd({test::BinDir() + "/cortex-bench", "train", "--population", "5"});
+  EXPECT_NE(r.code, 0);
+}
+
 // Every option of every cortex-bench subcommand says what it is.
 TEST(BenchTest, EveryOptionHasHelp) {
   for (const char* sub : {"replay", "throughput", "score", "train", "soak"}) {

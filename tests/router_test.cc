@@ -9,6 +9,7 @@
 #include "cortex/estimators.h"
 #include "cortex/explore.h"
 #include "cortex/gate.h"
+#include "cortex/population.h"
 #include "cortex/router.h"
 
 namespace cortex {
@@ -426,6 +427,31 @@ TEST(GateTest, PromotesOnlyABetterCandidateOnEnoughDecisionsOrAStaleLiveVersion)
   in.online_updates = true;
   in.first_seq = 101;
   EXPECT_FALSE(DecidePromotion(in).promoted);
+}
+
+// Population training's parts: the variants in order, their options, the choice.
+TEST(PopulationTest, VariantsOptionsAndChoice) {
+  std::vector<Variant> v = PopulationVariants(4);
+  ASSERT_EQ(v.size(), 4u);
+  EXPECT_EQ(v[0].name, "fresh");
+  EXPECT_FALSE(v[0].warm);
+  EXPECT_TRUE(v[1].warm);
+  EXPECT_EQ(PopulationVariants(1).size(), 1u);
+  EXPECT_EQ(PopulationVariants(0).size(), 1u);  // at least the trainer as configured
+  EXPECT_EQ(PopulationVariants(9).size(), 4u);
+  TrainOptions base;
+  base.lr = 0.2f;
+  base.lr_wide = 8;
+  const TrainOptions half = VariantOptions(base, v[2]);
+  EXPECT_FLOAT_EQ(half.lr, 0.1f);
+  EXPECT_FLOAT_EQ(half.lr_wide, 4);
+  EXPECT_EQ(half.epochs, base.epochs);
+  EXPECT_FLOAT_EQ(VariantOptions(base, v[3]).lr_wide, 16);
+  // The lowest loss among the eligible, the first of equals; none eligible: the first.
+  EXPECT_EQ(ChooseVariant({{true, 0.5}, {false, 0.1}, {true, 0.4}, {true, 0.4}}), 2u);
+  EXPECT_EQ(ChooseVariant({{false, 0}, {true, 0.7}}), 1u);
+  EXPECT_EQ(ChooseVariant({{false, 0}, {false, 0}}), 0u);
+  EXPECT_EQ(ChooseVariant({}), 0u);
 }
 
 }  // namespace

@@ -50,6 +50,7 @@ training:
   min_new_outcomes: 200
   online: true
   epochs: 4
+  population: 1
   feedback_per_hour: 60
   keep_versions: 20
   checkpoint_every: 3000
@@ -78,8 +79,8 @@ const std::map<std::string, std::set<std::string>>& Sections() {
         "restart_backoff", "env", "load_timeout"}},
       {"router", {"backend", "exploration", "load_bias", "health_bias", "max_attempts", "seed"}},
       {"training",
-       {"interval", "min_new_outcomes", "online", "epochs", "feedback_per_hour", "keep_versions",
-        "checkpoint_every"}},
+       {"interval", "min_new_outcomes", "online", "epochs", "population", "feedback_per_hour",
+        "keep_versions", "checkpoint_every"}},
   };
   return k;
 }
@@ -536,6 +537,10 @@ Result<Config> Parse(const YAML::Node& root, const std::string& source,
       p.Keep(p.Int(t["epochs"], "training.epochs", 1, 100, &v));
       c.training.epochs = static_cast<int>(v);
     }
+    if (t["population"]) {
+      p.Keep(p.Int(t["population"], "training.population", 1, 4, &v));
+      c.training.population = static_cast<int>(v);
+    }
     if (t["feedback_per_hour"]) {
       p.Keep(p.Int(t["feedback_per_hour"], "training.feedback_per_hour", 1, 1000000, &v));
       c.training.feedback_per_hour = static_cast<int>(v);
@@ -755,6 +760,7 @@ std::string ConfigToYaml(const Config& c) {
   kv("min_new_outcomes", t.min_new_outcomes);
   kv("online", t.online);
   kv("epochs", t.epochs);
+  kv("population", t.population);
   kv("feedback_per_hour", t.feedback_per_hour);
   kv("keep_versions", t.keep_versions);
   kv("checkpoint_every", t.checkpoint_every);
@@ -846,6 +852,7 @@ std::map<std::string, std::string> SettingsOf(const Config& c) {
           {"training.min_new_outcomes", num(t.min_new_outcomes)},
           {"training.online", num(t.online)},
           {"training.epochs", num(t.epochs)},
+          {"training.population", num(t.population)},
           {"training.feedback_per_hour", num(t.feedback_per_hour)},
           {"training.keep_versions", num(t.keep_versions)},
           {"training.checkpoint_every", num(static_cast<double>(t.checkpoint_every))}};

@@ -625,6 +625,7 @@ class DaemonImpl : public Daemon, public RequestHandler {
     // changed seed would change the live weights and no decision could be rebuilt.)
     lo.online_updates = config_.training.online;
     lo.train.epochs = config_.training.epochs;
+    lo.population = config_.training.population;
     lo.train.cancel = &stop_;  // a stop ends a retrain within one minibatch
     learner_ = std::make_shared<Learner>(lo, FeatureHasher(lo.shape.bits), std::move(score_engine),
                                          std::move(train_engine));

@@ -446,13 +446,31 @@ Status Trainer::RetrainOnce(double now, json* summary) {
     return Status::OK();
   }
   const int version = models.empty() ? 1 : models.back().version + 1;
-  auto res = learner_->Retrain(history, version, now, [this](const std::string& msg) {
-    {
-      std::lock_guard<std::mutex> l(mu_);
-      retrain_log_.push_back(msg);
+  // The population's warm start: the live version's saved weights (v0 has none: fresh).
+  GatingModel warm_model;
+  WarmStart warm;
+  if (lo.population > 1) {
+    Activation live;
+    long step, seq;
+    learner_->LiveStep(&live, &step, &seq);
+    ModelRecord rec;
+    if (live.version > 0 && store_->LoadModel(live.version, &rec).ok()) {
+      if (auto m = GatingModel::Deserialize(rec.weights); m.ok()) {
+        warm_model = std::move(m).value();
+        warm = {&warm_model, rec.trained_through};
+      }
     }
-    cv_.notify_all();
-  });
+  }
+  auto res = learner_->Retrain(
+      history, version, now,
+      [this](const std::string& msg) {
+        {
+          std::lock_guard<std::mutex> l(mu_);
+          retrain_log_.push_back(msg);
+        }
+        cv_.notify_all();
+      },
+      warm);
   if (!res.ok()) return res.status();
   // A stop asked for while training ends the retrain here: nothing is saved or promoted.
   if (stop_->load()) return Status::Unavailable("training was cancelled: cortexd is stopping");

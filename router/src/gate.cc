@@ -145,6 +145,20 @@ std::string RetrainMetrics(const RetrainFacts& f) {
       {"seconds", f.seconds},
       {"live_version_at_training", f.live_version},
       {"live_cutoff", f.live_cutoff}};
+  if (f.population.size() > 1) {
+    nlohmann::json pop = nlohmann::json::array();
+    for (const auto& p : f.population) {
+      nlohmann::json e = {{"variant", p.variant}, {"epochs", p.epochs}, {"eligible", p.eligible}};
+      if (p.eligible)
+        e["validation_loss"] = p.loss;
+      else
+        e["why_not"] = p.why_not;
+      if (p.estimated) e["diff"] = p.diff;
+      pop.push_back(std::move(e));
+    }
+    m["population"] = std::move(pop);
+    m["kept"] = f.population[f.chosen].variant;
+  }
   return m.dump();
 }
 

@@ -1,6 +1,7 @@
 #include "cortex/learner.h"
 
 #include "cortex/estimators.h"
+#include "cortex/population.h"
 
 #include <algorithm>
 #include <chrono>
@@ -488,14 +489,14 @@ std::vector<ExplainedCandidate> Learner::Explain(
 
 Status Learner::Fit(GatingModel* m, const TrainSet& set, FitReport* report) {
   std::lock_guard<std::mutex> one_at_a_time(train_mu_);
-  return FitLocked(m, set, report);
+  return FitLocked(m, set, options_.train, report);
 }
 
-Status Learner::FitLocked(GatingModel* m, const TrainSet& set, FitReport* report) {
+Status Learner::FitLocked(GatingModel* m, const TrainSet& set, const TrainOptions& opt,
+                          FitReport* report) {
   FitReport local;
   FitReport& rep = report ? *report : local;
   rep = FitReport();
-  const TrainOptions& opt = options_.train;
   const size_t n = set.rows.size();
   const size_t held = static_cast<size_t>(
       std::floor(static_cast<double>(n) * std::clamp(options_.validation_fraction, 0.0, 0.5)));
@@ -564,7 +565,8 @@ Result<std::vector<std::string>> Learner::CandidatePicks(
 
 Result<RetrainResult> Learner::Retrain(const std::vector<LoggedOutcome>& history, int version,
                                        double now,
-                                       const std::function<void(const std::string&)>& progress) {
+                                       const std::function<void(const std::string&)>& progress,
+                                       WarmStart warm) {
   std::lock_guard<std::mutex> one_at_a_time(train_mu_);
   const auto t0 = std::chrono::steady_clock::now();
   auto say = [&](const std::string& s) {
@@ -585,25 +587,79 @@ Result<RetrainResult> Learner::Retrain(const std::vector<LoggedOutcome>& history
   TrainSet set = MakeTrainSet(history, sp.begin, sp.split);
   if (cancelled()) return Status::Unavailable("training was cancelled");
   res.train_rows = static_cast<long>(set.rows.size());
-  res.model = GatingModel(options_.shape);
-  say("training on " + train_engine_->backend() + ", at most " +
-      std::to_string(options_.train.epochs) + " epochs");
-  CORTEX_RETURN_IF_ERROR(FitLocked(&res.model, set, &res.fit));
-  if (cancelled()) return Status::Unavailable("training was cancelled");
-
-  // Estimate: against what the live system did on the held-out decisions, never against
-  // the live model as it is now (it has learned from them online, so it nearly always won).
+  // Estimate (for each variant fitted): against what the live system did on the held-out
+  // decisions, never against the live model as it is now (it has learned from them online,
+  // so it nearly always won).
   res.decisions = HeldOutDecisions(history, sp.split);
+  const double clip = options_.ips_clip;
+  const std::vector<Variant> variants = PopulationVariants(options_.population);
+  std::vector<GateEstimate> estimates(variants.size());
+  std::vector<std::vector<std::string>> all_picks(variants.size());
+  say("training " +
+      (variants.size() > 1 ? "a population of " + std::to_string(variants.size()) + " candidates"
+                           : std::string("a candidate")) +
+      " on " + train_engine_->backend() + ", at most " + std::to_string(options_.train.epochs) +
+      " epochs");
+  std::vector<VariantFit> judged;
+  for (const Variant& v : variants) {
+    RetrainResult::Fitted f;
+    f.variant = v.name;
+    GatingModel m(options_.shape);
+    if (v.warm) {
+      // Its weights learned from events up to its cutoff: judged on the validation slice
+      // only when that slice is newer, else the choice would flatter it.
+      const GatingShape& a = warm.model ? warm.model->shape() : options_.shape;
+      if (!warm.model || a.bits != options_.shape.bits || a.hidden != options_.shape.hidden ||
+          a.wide_bits != options_.shape.wide_bits) {
+        f.why_not = warm.model ? "the live version has another shape"
+                               : "no saved live version to start from";
+        say("  " + v.name + ": not fitted (" + f.why_not + ")");
+        res.population.push_back(std::move(f));
+        judged.push_back({});
+        continue;
+      }
+      m = *warm.model;
+    }
+    CORTEX_RETURN_IF_ERROR(FitLocked(&m, set, VariantOptions(options_.train, v), &f.fit));
+    if (cancelled()) return Status::Unavailable("training was cancelled");
+    const size_t held = static_cast<size_t>(f.fit.validation_rows);
+    if (held == 0) {
+      f.why_not = "too few training rows for a validation slice";
+    } else if (v.warm && warm.trained_through >= history[sp.split - held].seq) {
+      f.why_not = "the live version learned from part of the validation slice";
+    } else {
+      f.eligible = true;
+    }
+    judged.push_back({f.eligible, f.eligible ? f.fit.validation_loss[f.fit.epochs - 1] : 0.0});
+    // Each variant's gate estimate is reported; only the one kept by validation loss is
+    // judged by it (the best of several estimates on one holdout would flatter itself).
+    const size_t k = res.population.size();
+    auto picks =
+        CandidatePicks(m, trained_through, history, sp.split, res.decisions, options_.train.cancel);
+    if (!picks.ok()) return picks.status();
+    all_picks[k] = std::move(picks).value();
+    estimates[k] = EstimateAgainstLogged(history, res.decisions, all_picks[k], clip);
+    f.diff = estimates[k].diff.value;
+    f.estimated = true;
+    if (variants.size() > 1)
+      say("  " + v.name + ": " + std::to_string(f.fit.epochs) + " pass(es)" +
+          (f.eligible ? ", validation loss " + std::to_string(judged.back().loss)
+                      : " (not judged: " + f.why_not + ")") +
+          ", estimated " + std::to_string(f.diff) + " against the live system");
+    res.population.push_back(std::move(f));
+    if (res.population.size() == 1 || ChooseVariant(judged) == judged.size() - 1)
+      res.model = std::move(m);
+  }
+  res.chosen = ChooseVariant(judged);
+  res.fit = res.population[res.chosen].fit;
+  if (variants.size() > 1) say("kept the " + res.population[res.chosen].variant + " candidate");
   say("validating on " + std::to_string(res.decisions.size()) +
       " held-out decisions (the first attempts among the " + std::to_string(sp.end - sp.split) +
       " newest outcomes)" +
       (options_.online_updates ? ", the candidate stepping online through them" : ""));
-  auto picks = CandidatePicks(res.model, trained_through, history, sp.split, res.decisions,
-                              options_.train.cancel);
-  if (!picks.ok()) return picks.status();
-  res.picks = std::move(picks).value();
-  const double clip = options_.ips_clip;
-  const GateEstimate est = EstimateAgainstLogged(history, res.decisions, res.picks, clip);
+
+  const GateEstimate est = estimates[res.chosen];
+  res.picks = std::move(all_picks[res.chosen]);
 
   // Decide.
   long live_cutoff;
@@ -650,6 +706,11 @@ Result<RetrainResult> Learner::Retrain(const std::vector<LoggedOutcome>& history
   f.fit_validation_rows = res.fit.validation_rows;
   f.fit_validation_loss = res.fit.validation_loss;
   f.seconds = res.seconds;
+  for (const auto& p : res.population)
+    f.population.push_back({p.variant, p.fit.epochs,
+                            p.eligible ? p.fit.validation_loss[p.fit.epochs - 1] : 0.0, p.eligible,
+                            p.why_not, p.estimated, p.diff});
+  f.chosen = res.chosen;
   f.live_version = live_version();
   f.live_cutoff = live_cutoff;
   rec.metrics = RetrainMetrics(f);

@@ -74,6 +74,7 @@ struct TrainingConfig {
   int min_new_outcomes = 200;
   bool online = true;            // learn from each outcome between retrains
   int epochs = 4;                // passes over the history per retrain, at most
+  int population = 1;            // candidates each retrain fits, the best kept (1-4)
   int feedback_per_hour = 60;    // verdicts one person may give in an hour
   int keep_versions = 20;        // refused versions kept (live and promoted ones always are)
   long checkpoint_every = 3000;  // online steps between checkpoints of the live weights

@@ -87,6 +87,18 @@ struct RetrainFacts {
   int epochs = 0, max_epochs = 0;           // the passes made (chosen by Learner::Fit), the bound
   int fit_validation_rows = 0;              // the newest training rows Fit chose the passes on
   std::vector<double> fit_validation_loss;  // their log loss after each pass it tried
+  // Population training (population.h): each variant fitted, and the one kept.
+  struct Member {
+    std::string variant;
+    int epochs = 0;
+    double loss = 0;  // on the validation slice, when eligible
+    bool eligible = false;
+    std::string why_not;
+    bool estimated = false;
+    double diff = 0;  // its gate estimate against the live system (reported only)
+  };
+  std::vector<Member> population;
+  size_t chosen = 0;
   double seconds = 0;
   int live_version = 0;
   long live_cutoff = 0;

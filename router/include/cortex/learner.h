@@ -35,6 +35,9 @@ struct LearnerOptions {
   // The newest share of a retrain's rows held out to choose its number of passes (by
   // held-out log loss); then a fresh model makes that many on all rows. 0: always `epochs`.
   double validation_fraction = 0.1;
+  // Candidates a retrain fits, variants of the trainer (population.h), keeping the one
+  // whose validation slice scores best; 1: the trainer as configured, alone.
+  int population = 1;
   TrainOptions online{1, 1, 0.05f, 1.0f, false};  // one step per outcome between retrains
   bool online_updates = true;
   int online_replay = 8;          // past outcomes revisited with each new one
@@ -105,7 +108,26 @@ struct RetrainResult {
   std::vector<size_t> decisions;  // indices into the history
   std::vector<std::string> picks;
   FitReport fit;  // the passes the candidate was trained with
+  // Population training: each variant fitted (name, passes, validation loss, eligible)
+  // and the one kept.
+  struct Fitted {
+    std::string variant;
+    FitReport fit;
+    bool eligible = false;
+    std::string why_not;     // when not eligible
+    bool estimated = false;  // fitted, and estimated by the gate (reported, not decided on)
+    double diff = 0;         // that estimate's difference against the live system
+  };
+  std::vector<Fitted> population;
+  size_t chosen = 0;
   double seconds = 0;
+};
+
+// The live version's saved weights (never stepped online) and the last event they learned
+// from: where a retrain's warm-start variant begins (population.h).
+struct WarmStart {
+  const GatingModel* model = nullptr;
+  long trained_through = 0;
 };
 
 class Learner {
@@ -134,8 +156,10 @@ class Learner {
   // holdout, estimates it against the live system's logged picks on the holdout, and says
   // whether it should be promoted (gate.h: split, fit, estimate, decide, record). Runs
   // without blocking Score or Observe.
+  // `warm`: for the population's warm-start variant; without, that variant is skipped.
   Result<RetrainResult> Retrain(const std::vector<LoggedOutcome>& history, int version, double now,
-                                const std::function<void(const std::string&)>& progress = {});
+                                const std::function<void(const std::string&)>& progress = {},
+                                WarmStart warm = {});
   // A candidate's greedy pick on each of `decisions` (held out from history[split]), made
   // as the live system made its own had the candidate gone live after `trained_through`:
   // each pick before it learns from that decision, then one online step per held-out
@@ -208,7 +232,8 @@ class Learner {
   void PutManifest(const std::string& expert, const SparseVector& manifest);  // under mu_
 
   OnlineRow RowOf(const LoggedOutcome& o) const;
-  Status FitLocked(GatingModel* m, const TrainSet& set, FitReport* report);  // under train_mu_
+  // (under train_mu_; `opt`: options().train or a population variant's)
+  Status FitLocked(GatingModel* m, const TrainSet& set, const TrainOptions& opt, FitReport* report);
   // One online step on `s` (its owner holds whatever lock guards it), with `set` as scratch.
   void StepLocked(OnlineState* s, OnlineRow row, bool feedback, TrainSet* set,
                   GatingEngine* engine) const;
