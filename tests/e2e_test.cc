@@ -2183,10 +2183,12 @@ training:
   // new is skipped).
   // (A scheduled retrain still due may take that outcome first, when the machine is slow:
   // then another, until the one asked for trains.)
+  // (The trainer runs at nice 19: beside a sanitized suite on two cores a retrain can take
+  // minutes, so the bound here is a backstop for a hang, not a speed test.)
   test::Run r;
   for (int k = 0; k < 5; ++k) {
     ASSERT_LE(d.Ctl({"submit", "deploy the release again", "--wait"}).code, 1);
-    r = d.Ctl({"retrain", "--wait"});
+    r = d.Ctl({"retrain", "--wait"}, 240);
     ASSERT_EQ(r.code, 0) << r.err;
     if (r.out.find("retrain skipped") == std::string::npos) break;
   }
@@ -2213,7 +2215,7 @@ training:
   json rj;
   for (int k = 0; k < 5; ++k) {
     ASSERT_LE(d.Ctl({"submit", "deploy the release once more", "--wait"}).code, 1);
-    rj = d.CtlJson({"retrain", "--wait"});
+    rj = d.Ctl({"retrain", "--wait", "--json"}, 240).Json();
     if (!rj.value("skipped", false)) break;
   }
   // Policy values are estimates of a reward in [0,1], shown within it.
