@@ -13,6 +13,21 @@
 #include "metrics.h"
 
 namespace cortex {
+namespace {
+
+#if defined(__SANITIZE_THREAD__) || defined(__SANITIZE_ADDRESS__)
+constexpr bool kSanitized = true;
+#elif defined(__has_feature)
+#if __has_feature(thread_sanitizer) || __has_feature(address_sanitizer)
+constexpr bool kSanitized = true;
+#else
+constexpr bool kSanitized = false;
+#endif
+#else
+constexpr bool kSanitized = false;
+#endif
+
+}  // namespace
 
 using json = nlohmann::json;
 
@@ -42,7 +57,10 @@ void Trainer::Start() {
     // live model's weights (Learner's model lock, taken exclusive for each update alone):
     // preempted anywhere else, it holds nothing routing needs. (Not SCHED_IDLE: it would
     // starve while holding even that.)
-    setpriority(PRIO_PROCESS, static_cast<id_t>(gettid()), 19);
+    // Not in a sanitized build: there every thread runs many times slower and the suite
+    // runs several daemons per core, so at nice 19 the trainer got a few percent of a core
+    // and retrains took minutes (a test build; the races it checks do not depend on it).
+    if (!kSanitized) setpriority(PRIO_PROCESS, static_cast<id_t>(gettid()), 19);
     Loop();
   });
 }
