@@ -820,6 +820,7 @@ TEST(E2E, ReloadAppliesOrNamesEveryChangedSetting) {
                                                       {"training.min_new_outcomes", "50"},
                                                       {"training.online", "true"},
                                                       {"training.epochs", "7"},
+                                                      {"training.population", "2"},
                                                       {"training.feedback_per_hour", "9"},
                                                       {"training.keep_versions", "3"},
                                                       {"training.checkpoint_every", "500"}};

@@ -445,7 +445,8 @@ TEST_P(Learning, APopulationOfCandidatesIsFittedReportedAndOneKept) {
                      : "fix the web page " + std::to_string(i));
   test::Run r = d->Ctl({"retrain", "--wait"});
   ASSERT_EQ(r.code, 0) << r.err;
-  EXPECT_NE(r.out.find("training a population of 4 candidates"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("at most 4 epochs, a population of 4 candidates"), std::string::npos)
+      << r.out;
   EXPECT_NE(r.out.find("warm: not fitted (no saved live version to start from)"), std::string::npos)
       << r.out;
   EXPECT_NE(r.out.find("fresh, double steps: 4 pass(es) (not judged: too few training rows"),

@@ -595,11 +595,10 @@ Result<RetrainResult> Learner::Retrain(const std::vector<LoggedOutcome>& history
   const std::vector<Variant> variants = PopulationVariants(options_.population);
   std::vector<GateEstimate> estimates(variants.size());
   std::vector<std::vector<std::string>> all_picks(variants.size());
-  say("training " +
-      (variants.size() > 1 ? "a population of " + std::to_string(variants.size()) + " candidates"
-                           : std::string("a candidate")) +
-      " on " + train_engine_->backend() + ", at most " + std::to_string(options_.train.epochs) +
-      " epochs");
+  say("training on " + train_engine_->backend() + ", at most " +
+      std::to_string(options_.train.epochs) + " epochs" +
+      (variants.size() > 1 ? ", a population of " + std::to_string(variants.size()) + " candidates"
+                           : std::string()));
   std::vector<VariantFit> judged;
   for (const Variant& v : variants) {
     RetrainResult::Fitted f;
