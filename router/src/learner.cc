@@ -705,10 +705,12 @@ Result<RetrainResult> Learner::Retrain(const std::vector<LoggedOutcome>& history
   f.fit_validation_rows = res.fit.validation_rows;
   f.fit_validation_loss = res.fit.validation_loss;
   f.seconds = res.seconds;
-  for (const auto& p : res.population)
-    f.population.push_back({p.variant, p.fit.epochs,
-                            p.eligible ? p.fit.validation_loss[p.fit.epochs - 1] : 0.0, p.eligible,
-                            p.why_not, p.estimated, p.diff});
+  // judged[i] holds variant i's validation loss as the choice read it (0: not judged).
+  for (size_t i = 0; i < res.population.size(); ++i) {
+    const auto& p = res.population[i];
+    f.population.push_back(
+        {p.variant, p.fit.epochs, judged[i].loss, p.eligible, p.why_not, p.estimated, p.diff});
+  }
   f.chosen = res.chosen;
   f.live_version = live_version();
   f.live_cutoff = live_cutoff;
